@@ -1,0 +1,53 @@
+//! Builds the eBPF object (mesh-ebpf) with the nightly toolchain for bpfel-unknown-none and
+//! hands its path to the agent through `MESH_EBPF_OBJECT`. Cargo's own fingerprinting of the
+//! eBPF crate keeps a rebuild instant when neither it nor mesh-common changed.
+
+use std::{env, path::PathBuf, process::Command};
+
+use anyhow::{bail, Context, Result};
+
+fn main() -> Result<()> {
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
+    let workspace = manifest_dir
+        .parent()
+        .context("mesh-agent has no parent directory")?;
+    let ebpf_dir = workspace.join("mesh-ebpf");
+    for watched in ["mesh-ebpf/src", "mesh-ebpf/Cargo.toml", "mesh-common/src"] {
+        println!("cargo:rerun-if-changed={}", workspace.join(watched).display());
+    }
+    let target_dir = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"))
+        .join("bpf");
+
+    let rustflags = ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f");
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", "nightly", "cargo", "build", "--locked", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--manifest-path")
+        .arg(ebpf_dir.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("CARGO_ENCODED_RUSTFLAGS", rustflags);
+    // Settings of the outer (stable, host) build must not leak into the eBPF build.
+    for key in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_TARGET_DIR",
+    ] {
+        cmd.env_remove(key);
+    }
+    let status = cmd
+        .status()
+        .context("running the nightly toolchain through rustup (run `cargo xtask setup`)")?;
+    if !status.success() {
+        bail!("building mesh-ebpf failed ({status}); `cargo xtask setup` installs rust-src and bpf-linker");
+    }
+    let object = target_dir.join("bpfel-unknown-none/release/mesh");
+    println!("cargo:rustc-env=MESH_EBPF_OBJECT={}", object.display());
+    Ok(())
+}

@@ -1,0 +1,356 @@
+//! The node agent's life: load the datapath, bind the listeners, then keep the kernel in
+//! line with the configuration directory (watched, hot reloaded) — enrolling local pods
+//! as they appear, detaching those that go — until told to stop.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context;
+use hyper::StatusCode;
+use mesh_common::{pins, ADMIN_PORT, METRICS_PORT, OUTBOUND_CAPTURE_PORT, READY_PORT, TUNNEL_PORT};
+use serde::Serialize;
+
+use crate::{
+    config::{self, Severity},
+    datapath::{self, Datapath, PodAttachment},
+    http::{self, Reply},
+    metrics::{KernelMaps, Metrics},
+    proxy::{inbound, outbound, socket, ConnTable},
+    state::{MeshState, SharedState},
+};
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub node: String,
+    pub config_dir: PathBuf,
+    pub bpffs: PathBuf,
+    pub cgroup_root: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EnrolledPod {
+    pub ip: Ipv4Addr,
+    pub veth: String,
+    pub ifindex: u32,
+    pub cgroup: PathBuf,
+}
+
+/// What `meshctl status` shows.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AgentStatus {
+    pub node: String,
+    pub ready: bool,
+    pub config_dir: PathBuf,
+    pub bpffs: PathBuf,
+    /// Increases with every accepted configuration.
+    pub generation: u64,
+    pub last_error: Option<String>,
+    pub workloads: usize,
+    pub services: usize,
+    pub enrolled: BTreeMap<String, EnrolledPod>,
+    /// Local pods not enrolled yet, with the reason.
+    pub pending: BTreeMap<String, String>,
+    pub warnings: Vec<String>,
+    pub proxied_connections: usize,
+}
+
+const POLL_INTERVAL: Duration = Duration::from_millis(300);
+
+pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
+    let shared = SharedState::default();
+    let conns = Arc::new(ConnTable::default());
+    let metrics = Arc::new(Metrics::new(shared.clone(), conns.clone()));
+    let status = Arc::new(Mutex::new(AgentStatus {
+        node: options.node.clone(),
+        config_dir: options.config_dir.clone(),
+        bpffs: options.bpffs.clone(),
+        ..AgentStatus::default()
+    }));
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let datapath = Datapath::load(&options.bpffs).context("loading the eBPF datapath")?;
+    datapath::install_capture_route()?;
+    let kernel_maps = take_kernel_maps(&options.bpffs)?;
+
+    let capture = socket::transparent_listener(SocketAddrV4::new(
+        Ipv4Addr::UNSPECIFIED,
+        OUTBOUND_CAPTURE_PORT,
+    ))
+    .with_context(|| format!("binding the capture listener on port {OUTBOUND_CAPTURE_PORT}"))?;
+    let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let metrics_listener = socket::listener(any(METRICS_PORT)).context("binding :15020")?;
+    let ready_listener = socket::listener(any(READY_PORT)).context("binding :15021")?;
+    let admin_listener = socket::listener(SocketAddr::from((Ipv4Addr::LOCALHOST, ADMIN_PORT)))
+        .context("binding 127.0.0.1:15000")?;
+    let tunnel_listener = socket::listener(any(TUNNEL_PORT)).context("binding :15008")?;
+
+    let mut reconciler = Reconciler {
+        options: options.clone(),
+        datapath,
+        enrolled: HashMap::new(),
+        fingerprint: Vec::new(),
+        shared: shared.clone(),
+        status: status.clone(),
+        metrics: metrics.clone(),
+        has_config: false,
+    };
+    reconciler.poll();
+
+    tokio::spawn(metrics.clone().run(kernel_maps));
+    tokio::spawn(outbound::serve(capture, shared.clone(), conns.clone()));
+    tokio::spawn(inbound::serve(tunnel_listener, shared.clone(), conns.clone()));
+    let scrape = metrics.clone();
+    tokio::spawn(http::serve(
+        metrics_listener,
+        Arc::new(move |path| match path {
+            "/metrics" | "/stats/prometheus" => Reply::ok(
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                scrape.encode(),
+            ),
+            _ => Reply::text(StatusCode::NOT_FOUND, "try /metrics\n".into()),
+        }),
+    ));
+    let is_ready = ready.clone();
+    tokio::spawn(http::serve(
+        ready_listener,
+        Arc::new(move |path| match (path, is_ready.load(Ordering::Relaxed)) {
+            ("/healthz/ready", true) => Reply::text(StatusCode::OK, "ready\n".into()),
+            ("/healthz/ready", false) => {
+                Reply::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
+            }
+            _ => Reply::text(StatusCode::NOT_FOUND, "try /healthz/ready\n".into()),
+        }),
+    ));
+    let admin_status = status.clone();
+    let admin_state = shared.clone();
+    let admin_conns = conns.clone();
+    tokio::spawn(http::serve(
+        admin_listener,
+        Arc::new(move |path| match path {
+            "/status" => {
+                let mut status = lock(&admin_status).clone();
+                status.proxied_connections = admin_conns.len();
+                Reply::json(&status)
+            }
+            "/config_dump" => Reply::json(&*admin_state.current()),
+            _ => Reply::text(StatusCode::NOT_FOUND, "try /status or /config_dump\n".into()),
+        }),
+    ));
+
+    ready.store(true, Ordering::Relaxed);
+    lock(&status).ready = true;
+    log::info!(
+        "node agent for {} ready: capture :{OUTBOUND_CAPTURE_PORT}, tunnel :{TUNNEL_PORT}, metrics :{METRICS_PORT}",
+        options.node
+    );
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut ticker = tokio::time::interval(POLL_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => reconciler.poll(),
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    log::info!("stopping; programs and maps stay pinned for the next agent");
+    Ok(())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The maps the metrics read, opened from their pins so the loaded object keeps its own.
+fn take_kernel_maps(bpffs: &Path) -> anyhow::Result<KernelMaps> {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf};
+    let dir = datapath::maps_dir(bpffs);
+    let open = |name: &str| {
+        MapData::from_pin(dir.join(name)).with_context(|| format!("opening pinned map {name}"))
+    };
+    Ok(KernelMaps {
+        flow_events: RingBuf::try_from(Map::RingBuf(open(pins::FLOW_EVENTS)?))?,
+        flows: BpfHashMap::try_from(Map::LruHashMap(open(pins::FLOWS)?))?,
+        verdicts: PerCpuArray::try_from(Map::PerCpuArray(open(pins::TC_VERDICTS)?))?,
+    })
+}
+
+/// Keeps the kernel and the shared state in line with the configuration directory.
+struct Reconciler {
+    options: AgentOptions,
+    datapath: Datapath,
+    enrolled: HashMap<String, PodAttachment>,
+    fingerprint: Vec<(PathBuf, SystemTime, u64)>,
+    shared: SharedState,
+    status: Arc<Mutex<AgentStatus>>,
+    metrics: Arc<Metrics>,
+    has_config: bool,
+}
+
+impl Reconciler {
+    fn poll(&mut self) {
+        let fingerprint = fingerprint(&self.options.config_dir);
+        if fingerprint != self.fingerprint {
+            self.fingerprint = fingerprint;
+            self.reload();
+        } else if !lock(&self.status).pending.is_empty() {
+            self.enroll();
+        }
+    }
+
+    fn reload(&mut self) {
+        let config = match config::load_path(&self.options.config_dir) {
+            Ok(config) => config,
+            Err(err) => {
+                self.reject(err.to_string());
+                return;
+            }
+        };
+        let errors: Vec<String> = config.errors().map(ToString::to_string).collect();
+        for error in &errors {
+            log::error!("{error}");
+        }
+        // The first configuration applies whatever is valid in it; later changes with an
+        // error are rejected as a whole so that the last good configuration keeps serving.
+        if !errors.is_empty() && self.has_config {
+            self.reject(errors.join("\n"));
+            return;
+        }
+        let state = MeshState::build(&self.options.node, &config);
+        let warnings: Vec<String> = config
+            .diagnostics
+            .iter()
+            .chain(&state.diagnostics)
+            .filter(|d| d.severity == Severity::Warning)
+            .map(ToString::to_string)
+            .collect();
+        for warning in &warnings {
+            log::warn!("{warning}");
+        }
+        {
+            let mut status = lock(&self.status);
+            status.generation += 1;
+            status.last_error = (!errors.is_empty()).then(|| errors.join("\n"));
+            status.workloads = state.workloads.len();
+            status.services = state.services.len();
+            status.warnings = warnings;
+            self.metrics.config_generation.set(status.generation as i64);
+        }
+        self.shared.replace(state);
+        self.has_config = true;
+        self.metrics.config_reload(true);
+        self.enroll();
+    }
+
+    fn reject(&mut self, error: String) {
+        log::error!("configuration change rejected; the last good configuration keeps serving");
+        self.metrics.config_reload(false);
+        lock(&self.status).last_error = Some(error);
+    }
+
+    /// Attaches the programs of local pods that need it, detaches those of pods that went
+    /// away, and refreshes the maps.
+    fn enroll(&mut self) {
+        let state = self.shared.current();
+        let mut pending = BTreeMap::new();
+        let mut desired = HashMap::new();
+        for workload in state.local_workloads() {
+            let key = workload.key();
+            let Some((veth, ifindex)) = datapath::find_pod_veth(workload.ip) else {
+                pending.insert(key, format!("no host route to {} yet", workload.ip));
+                continue;
+            };
+            let Some(cgroup) = datapath::find_pod_cgroup(&self.options.cgroup_root, &workload.uid)
+            else {
+                pending.insert(
+                    key,
+                    format!(
+                        "no cgroup for pod uid {:?} under {}",
+                        workload.uid,
+                        self.options.cgroup_root.display()
+                    ),
+                );
+                continue;
+            };
+            desired.insert(key, (workload.ip, PodAttachment { veth, ifindex, cgroup }));
+        }
+        for (key, (_, attachment)) in &desired {
+            if self.enrolled.get(key) == Some(attachment) {
+                continue;
+            }
+            match self.datapath.attach_pod(key, attachment) {
+                Ok(()) => {
+                    log::info!("enrolled {key} ({}, {})", attachment.veth, attachment.cgroup.display());
+                    self.enrolled.insert(key.clone(), attachment.clone());
+                }
+                Err(err) => {
+                    log::error!("enrolling {key}: {err}");
+                    pending.insert(key.clone(), err.to_string());
+                }
+            }
+        }
+        let mut gone: Vec<String> = self
+            .datapath
+            .attached_pods()
+            .into_iter()
+            .filter(|key| !desired.contains_key(key))
+            .collect();
+        gone.extend(self.enrolled.keys().filter(|k| !desired.contains_key(*k)).cloned());
+        gone.sort();
+        gone.dedup();
+        for key in gone {
+            self.datapath.detach_pod(&key);
+            self.enrolled.remove(&key);
+            log::info!("detached {key}");
+        }
+        let ifindexes: HashMap<Ipv4Addr, u32> = desired
+            .values()
+            .map(|(ip, attachment)| (*ip, attachment.ifindex))
+            .collect();
+        if let Err(err) = self.datapath.sync_maps(&state, &ifindexes) {
+            log::error!("updating the kernel maps: {err}");
+        }
+        self.metrics.enrolled_pods.set(self.enrolled.len() as i64);
+        let mut status = lock(&self.status);
+        status.pending = pending;
+        status.enrolled = self
+            .enrolled
+            .iter()
+            .filter_map(|(key, a)| {
+                let (ip, _) = desired.get(key)?;
+                Some((
+                    key.clone(),
+                    EnrolledPod {
+                        ip: *ip,
+                        veth: a.veth.clone(),
+                        ifindex: a.ifindex,
+                        cgroup: a.cgroup.clone(),
+                    },
+                ))
+            })
+            .collect();
+    }
+}
+
+/// Names, modification times and sizes of the YAML files: a change to any means reload.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            Some((e.path(), meta.modified().ok()?, meta.len()))
+        })
+        .collect();
+    files.sort();
+    files
+}

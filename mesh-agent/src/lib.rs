@@ -1,0 +1,12 @@
+//! The mesh's user space: the per-node agent (`mesh-agent`) and the CLI (`meshctl`),
+//! sharing the configuration model, the datapath driver and the map readers.
+
+pub mod agent;
+pub mod config;
+pub mod datapath;
+pub mod http;
+pub mod maps;
+pub mod meshctl;
+pub mod metrics;
+pub mod proxy;
+pub mod state;

@@ -1,0 +1,301 @@
+//! Read-only access to the pinned maps and links of a node, for meshctl and tests: opens
+//! them from the bpffs directory and decodes them into plain rows.
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
+    programs::{loaded_programs, links::PinnedLink},
+};
+use mesh_common::{
+    name_str, pins, verdict, FlowKey, FlowStats, ServiceInfo, ServiceKey, TrafficCounters,
+    TrafficKey, WorkloadInfo, DIRECTION_FROM_POD, FLOW_ROLE_CLIENT, WORKLOAD_FLAG_LOCAL,
+};
+use serde::Serialize;
+
+use crate::datapath::{ip_from_key, links_dir, maps_dir};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("no mesh maps at {0}: is the mesh agent running on this node? (see --bpffs)")]
+    Missing(PathBuf),
+    #[error("permission denied opening {0}: reading BPF maps needs root (CAP_BPF and CAP_SYS_ADMIN)")]
+    Permission(PathBuf),
+    #[error("{path}: {message}")]
+    Other { path: PathBuf, message: String },
+}
+
+type Result<T> = std::result::Result<T, MapsError>;
+
+fn open(dir: &Path, name: &str) -> Result<MapData> {
+    let path = dir.join(name);
+    MapData::from_pin(&path).map_err(|err| {
+        let io_kind = match &err {
+            aya::maps::MapError::SyscallError(e) => Some(e.io_error.kind()),
+            _ => None,
+        };
+        match io_kind {
+            Some(io::ErrorKind::NotFound) => MapsError::Missing(dir.to_owned()),
+            Some(io::ErrorKind::PermissionDenied) => MapsError::Permission(path),
+            _ => MapsError::Other {
+                path,
+                message: err.to_string(),
+            },
+        }
+    })
+}
+
+fn other(path: &Path, err: impl std::fmt::Display) -> MapsError {
+    MapsError::Other {
+        path: path.to_owned(),
+        message: err.to_string(),
+    }
+}
+
+/// The pinned maps of one node.
+pub struct NodeMaps {
+    dir: PathBuf,
+    bpffs: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadRow {
+    pub ip: Ipv4Addr,
+    pub namespace: String,
+    pub pod: String,
+    pub workload: String,
+    pub service_account: String,
+    pub local: bool,
+    pub ifindex: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceRow {
+    pub address: SocketAddrV4,
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FlowRow {
+    /// The pod's end of the connection.
+    pub local: SocketAddrV4,
+    pub remote: SocketAddrV4,
+    /// `client` when the pod opened the connection, `server` when it accepted it.
+    pub role: &'static str,
+    /// `namespace/pod` of the local end.
+    pub local_workload: String,
+    /// `namespace/pod`, or `Service namespace/name`, of the remote end; `-` if unknown.
+    pub remote_workload: String,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub srtt_us: u32,
+    pub retransmits: u32,
+    pub age_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrafficRow {
+    pub source: Ipv4Addr,
+    pub destination: Ipv4Addr,
+    /// `from-pod` or `to-pod`, relative to the veth's pod.
+    pub direction: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgramRow {
+    /// What the link attaches: `namespace/pod` and hook.
+    pub attachment: String,
+    pub program: String,
+    pub program_id: u32,
+    pub link_id: u32,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
+impl NodeMaps {
+    pub fn open(bpffs: &Path) -> Result<NodeMaps> {
+        let dir = maps_dir(bpffs);
+        match std::fs::metadata(&dir) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                return Err(MapsError::Permission(dir))
+            }
+            Err(_) => return Err(MapsError::Missing(dir)),
+        }
+        // Opening one map proves both presence and privilege before anything is printed.
+        open(&dir, pins::WORKLOADS)?;
+        Ok(NodeMaps {
+            dir,
+            bpffs: bpffs.to_owned(),
+        })
+    }
+
+    pub fn workloads(&self) -> Result<Vec<WorkloadRow>> {
+        let map: BpfHashMap<_, u32, WorkloadInfo> =
+            BpfHashMap::try_from(Map::HashMap(open(&self.dir, pins::WORKLOADS)?))
+                .map_err(|e| other(&self.dir, e))?;
+        let mut rows: Vec<WorkloadRow> = map
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .map(|(ip, info)| WorkloadRow {
+                ip: ip_from_key(ip),
+                namespace: name_str(&info.namespace).to_owned(),
+                pod: name_str(&info.name).to_owned(),
+                workload: name_str(&info.workload).to_owned(),
+                service_account: name_str(&info.service_account).to_owned(),
+                local: info.flags & WORKLOAD_FLAG_LOCAL != 0,
+                ifindex: info.ifindex,
+            })
+            .collect();
+        rows.sort_by_key(|r| r.ip);
+        Ok(rows)
+    }
+
+    pub fn services(&self) -> Result<Vec<ServiceRow>> {
+        let map: BpfHashMap<_, ServiceKey, ServiceInfo> =
+            BpfHashMap::try_from(Map::HashMap(open(&self.dir, pins::SERVICES)?))
+                .map_err(|e| other(&self.dir, e))?;
+        let mut rows: Vec<ServiceRow> = map
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .map(|(key, info)| ServiceRow {
+                address: SocketAddrV4::new(ip_from_key(key.ip), key.port),
+                namespace: name_str(&info.namespace).to_owned(),
+                name: name_str(&info.name).to_owned(),
+            })
+            .collect();
+        rows.sort_by_key(|r| r.address);
+        Ok(rows)
+    }
+
+    pub fn flows(&self) -> Result<Vec<FlowRow>> {
+        let workloads = self.workloads()?;
+        let services = self.services()?;
+        let name_of = |addr: SocketAddrV4| {
+            if let Some(w) = workloads.iter().find(|w| w.ip == *addr.ip()) {
+                format!("{}/{}", w.namespace, w.pod)
+            } else if let Some(s) = services.iter().find(|s| s.address == addr) {
+                format!("Service {}/{}", s.namespace, s.name)
+            } else {
+                "-".into()
+            }
+        };
+        let map: BpfHashMap<_, FlowKey, FlowStats> =
+            BpfHashMap::try_from(Map::LruHashMap(open(&self.dir, pins::FLOWS)?))
+                .map_err(|e| other(&self.dir, e))?;
+        let now = monotonic_ns();
+        let mut rows: Vec<FlowRow> = map
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .map(|(key, stats)| {
+                let local = SocketAddrV4::new(ip_from_key(key.local_ip), key.local_port);
+                let remote = SocketAddrV4::new(ip_from_key(key.remote_ip), key.remote_port);
+                FlowRow {
+                    local,
+                    remote,
+                    role: if stats.role == FLOW_ROLE_CLIENT {
+                        "client"
+                    } else {
+                        "server"
+                    },
+                    local_workload: name_of(local),
+                    remote_workload: name_of(remote),
+                    bytes_sent: stats.bytes_sent,
+                    bytes_received: stats.bytes_received,
+                    srtt_us: stats.srtt_us,
+                    retransmits: stats.total_retrans,
+                    age_seconds: now.saturating_sub(stats.opened_ns) as f64 / 1e9,
+                }
+            })
+            .collect();
+        rows.sort_by_key(|r| (r.local, r.remote));
+        Ok(rows)
+    }
+
+    pub fn traffic(&self) -> Result<Vec<TrafficRow>> {
+        let map: PerCpuHashMap<_, TrafficKey, TrafficCounters> =
+            PerCpuHashMap::try_from(Map::PerCpuLruHashMap(open(&self.dir, pins::TRAFFIC)?))
+                .map_err(|e| other(&self.dir, e))?;
+        let mut rows: Vec<TrafficRow> = map
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .map(|(key, per_cpu)| TrafficRow {
+                source: ip_from_key(key.src_ip),
+                destination: ip_from_key(key.dst_ip),
+                direction: if key.direction == DIRECTION_FROM_POD {
+                    "from-pod"
+                } else {
+                    "to-pod"
+                },
+                packets: per_cpu.iter().map(|c| c.packets).sum(),
+                bytes: per_cpu.iter().map(|c| c.bytes).sum(),
+            })
+            .collect();
+        rows.sort_by_key(|r| (r.source, r.destination, r.direction));
+        Ok(rows)
+    }
+
+    /// Packets by tc verdict, drops by reason included.
+    pub fn verdicts(&self) -> Result<Vec<(&'static str, u64)>> {
+        let map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(Map::PerCpuArray(open(&self.dir, pins::TC_VERDICTS)?))
+                .map_err(|e| other(&self.dir, e))?;
+        (0..verdict::COUNT)
+            .map(|i| {
+                let values = map.get(&i, 0).map_err(|e| other(&self.dir, e))?;
+                Ok((verdict::NAMES[i as usize], values.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// The programs attached through pinned links, with the kernel's run statistics
+    /// (non-zero while `kernel.bpf_stats_enabled` is 1).
+    pub fn programs(&self) -> Result<Vec<ProgramRow>> {
+        let dir = links_dir(&self.bpffs);
+        let entries = std::fs::read_dir(&dir).map_err(|e| other(&dir, e))?;
+        let programs: Vec<_> = loaded_programs().filter_map(|p| p.ok()).collect();
+        let mut rows = Vec::new();
+        for entry in entries.flatten() {
+            let pin = entry.path();
+            let link = PinnedLink::from_pin(&pin).map_err(|e| other(&pin, e))?;
+            let info = aya::programs::links::FdLink::from(link)
+                .info()
+                .map_err(|e| other(&pin, e))?;
+            let program = programs.iter().find(|p| p.id() == info.program_id());
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let (pod, hook) = file.split_once('.').unwrap_or((&file, ""));
+            let pod = pod.split('@').next().unwrap_or(pod).replacen('_', "/", 1);
+            rows.push(ProgramRow {
+                attachment: format!("{pod} {hook}"),
+                program: program
+                    .and_then(|p| p.name_as_str())
+                    .unwrap_or("?")
+                    .to_owned(),
+                program_id: info.program_id(),
+                link_id: info.id(),
+                run_count: program.map_or(0, |p| p.run_count()),
+                run_time_ns: program.map_or(0, |p| p.run_time().as_nanos() as u64),
+            });
+        }
+        rows.sort_by(|a, b| a.attachment.cmp(&b.attachment));
+        Ok(rows)
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,239 @@
+//! `meshctl`: inspects a node's mesh — the pinned BPF maps directly (`meshctl bpf …`) and
+//! the running agent through its localhost admin API (`meshctl status`). Tables by
+//! default, `-o json` for tools.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::maps::NodeMaps;
+
+#[derive(Parser)]
+#[command(name = "meshctl", version, about = "Inspect the mesh on this node")]
+pub struct Cli {
+    /// The node's bpffs directory (where the agent pins maps and links).
+    #[arg(long, global = true, env = "MESH_BPFFS", default_value = "/sys/fs/bpf/mesh")]
+    bpffs: PathBuf,
+    /// The agent's admin address.
+    #[arg(long, global = true, env = "MESH_ADMIN", default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Read the pinned BPF maps and links of this node.
+    Bpf {
+        #[command(subcommand)]
+        what: BpfCommand,
+    },
+    /// Ask the agent for its state: configuration generation, enrolled pods, last error.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum BpfCommand {
+    /// Programs attached to pods (tc on veths, sockops on cgroups) with run statistics.
+    Programs,
+    /// Workloads and Services the kernel programs know.
+    Workloads,
+    /// Open TCP connections of local pods: bytes, RTT, retransmits.
+    Flows,
+    /// Packets and bytes per address pair and direction, and tc verdicts.
+    Metrics,
+}
+
+pub fn main(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.output == Output::Json;
+    match cli.command {
+        Command::Status => status(cli.admin, json),
+        Command::Bpf { what } => {
+            let maps = NodeMaps::open(&cli.bpffs)?;
+            match what {
+                BpfCommand::Programs => {
+                    let rows = maps.programs()?;
+                    print(json, &rows, &["ATTACHMENT", "PROGRAM", "PROG ID", "LINK ID", "RUNS", "AVG NS"], |r| {
+                        vec![
+                            r.attachment.clone(),
+                            r.program.clone(),
+                            r.program_id.to_string(),
+                            r.link_id.to_string(),
+                            r.run_count.to_string(),
+                            if r.run_count == 0 { "-".into() } else { (r.run_time_ns / r.run_count).to_string() },
+                        ]
+                    })
+                }
+                BpfCommand::Workloads => {
+                    let workloads = maps.workloads()?;
+                    let services = maps.services()?;
+                    if json {
+                        return emit_json(&serde_json::json!({"workloads": workloads, "services": services}));
+                    }
+                    table(&["IP", "NAMESPACE", "POD", "WORKLOAD", "SERVICE ACCOUNT", "LOCAL", "IFINDEX"], workloads.iter().map(|w| {
+                        vec![
+                            w.ip.to_string(),
+                            w.namespace.clone(),
+                            w.pod.clone(),
+                            w.workload.clone(),
+                            w.service_account.clone(),
+                            if w.local { "yes" } else { "no" }.into(),
+                            w.ifindex.to_string(),
+                        ]
+                    }));
+                    println!();
+                    table(&["SERVICE ADDRESS", "NAMESPACE", "SERVICE"], services.iter().map(|s| {
+                        vec![s.address.to_string(), s.namespace.clone(), s.name.clone()]
+                    }));
+                    Ok(())
+                }
+                BpfCommand::Flows => {
+                    let rows = maps.flows()?;
+                    print(json, &rows, &["LOCAL", "REMOTE", "ROLE", "LOCAL WORKLOAD", "REMOTE WORKLOAD", "SENT", "RECEIVED", "SRTT US", "RETRANS", "AGE S"], |r| {
+                        vec![
+                            r.local.to_string(),
+                            r.remote.to_string(),
+                            r.role.into(),
+                            r.local_workload.clone(),
+                            r.remote_workload.clone(),
+                            r.bytes_sent.to_string(),
+                            r.bytes_received.to_string(),
+                            r.srtt_us.to_string(),
+                            r.retransmits.to_string(),
+                            format!("{:.1}", r.age_seconds),
+                        ]
+                    })
+                }
+                BpfCommand::Metrics => {
+                    let traffic = maps.traffic()?;
+                    let verdicts = maps.verdicts()?;
+                    if json {
+                        let verdicts: serde_json::Map<String, serde_json::Value> =
+                            verdicts.iter().map(|(k, v)| (k.to_string(), (*v).into())).collect();
+                        return emit_json(&serde_json::json!({"traffic": traffic, "verdicts": verdicts}));
+                    }
+                    table(&["SOURCE", "DESTINATION", "DIRECTION", "PACKETS", "BYTES"], traffic.iter().map(|t| {
+                        vec![
+                            t.source.to_string(),
+                            t.destination.to_string(),
+                            t.direction.into(),
+                            t.packets.to_string(),
+                            t.bytes.to_string(),
+                        ]
+                    }));
+                    println!();
+                    table(&["TC VERDICT", "PACKETS"], verdicts.iter().map(|(k, v)| vec![k.to_string(), v.to_string()]));
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
+    let body = admin_get(admin, "/status")?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let status: serde_json::Value = serde_json::from_str(&body).context("the agent's /status is not JSON")?;
+    let field = |name: &str| status.get(name).cloned().unwrap_or(serde_json::Value::Null);
+    println!("node:          {}", field("node").as_str().unwrap_or("?"));
+    println!("ready:         {}", field("ready"));
+    println!("generation:    {}", field("generation"));
+    println!("last error:    {}", field("last_error").as_str().unwrap_or("none"));
+    println!("workloads:     {} known, services: {}", field("workloads"), field("services"));
+    println!("connections:   {} proxied", field("proxied_connections"));
+    if let Some(enrolled) = status.get("enrolled").and_then(|e| e.as_object()) {
+        println!("enrolled pods: {}", enrolled.len());
+        for (pod, info) in enrolled {
+            println!(
+                "  {pod:<30} {:<15} {}",
+                info.get("ip").and_then(|v| v.as_str()).unwrap_or("?"),
+                info.get("veth").and_then(|v| v.as_str()).unwrap_or("?")
+            );
+        }
+    }
+    if let Some(pending) = status.get("pending").and_then(|e| e.as_object()) {
+        for (pod, reason) in pending {
+            println!("  pending {pod}: {}", reason.as_str().unwrap_or("?"));
+        }
+    }
+    Ok(())
+}
+
+/// A GET to the agent's admin API; the body on 200.
+fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(3)).with_context(|| {
+        format!("no mesh agent answers at {admin}: is it running on this node? (see --admin)")
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {admin}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response from the agent")?;
+    let status = head.lines().next().unwrap_or_default();
+    if !status.contains(" 200 ") {
+        bail!("the agent answered {status}: {body}");
+    }
+    Ok(body.to_owned())
+}
+
+fn emit_json(value: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn print<T: Serialize>(
+    json: bool,
+    rows: &[T],
+    headers: &[&str],
+    cells: impl Fn(&T) -> Vec<String>,
+) -> anyhow::Result<()> {
+    if json {
+        return emit_json(&rows);
+    }
+    table(headers, rows.iter().map(cells));
+    Ok(())
+}
+
+/// Prints left-aligned columns sized to their widest cell.
+fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows.collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(headers.to_vec());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

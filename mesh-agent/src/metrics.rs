@@ -1,0 +1,424 @@
+//! Prometheus metrics of the node agent. TCP metrics carry Istio's standard names and
+//! labels; their counts come from the kernel: the sockops program's flow events (ring
+//! buffer) and its per-connection map, joined with what the proxy decided for the
+//! connection (which endpoint and Service it reached).
+
+use std::{
+    collections::HashMap,
+    os::fd::AsRawFd,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use mesh_common::{
+    verdict, FlowEvent, FlowKey, FlowStats, FLOW_EVENT_CLOSE, FLOW_EVENT_OPEN, FLOW_ROLE_CLIENT,
+};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    datapath::ip_from_key,
+    proxy::ConnTable,
+    state::{MeshState, SharedState, Workload},
+};
+
+/// Istio's TCP metric labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub request_protocol: String,
+    pub connection_security_policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: String,
+}
+
+/// Flows older than this are labelled with what is known even if the proxy's record of
+/// them never appears (a connection the agent did not carry).
+const LABEL_WAIT: Duration = Duration::from_secs(2);
+
+struct LiveFlow {
+    seen: Instant,
+    labels: Option<TcpLabels>,
+    sent: u64,
+    received: u64,
+}
+
+/// The kernel maps the metrics read.
+pub struct KernelMaps {
+    pub flow_events: RingBuf<MapData>,
+    pub flows: BpfHashMap<MapData, FlowKey, FlowStats>,
+    pub verdicts: PerCpuArray<MapData, u64>,
+}
+
+struct Tracker {
+    live: HashMap<FlowKey, LiveFlow>,
+    flows: BpfHashMap<MapData, FlowKey, FlowStats>,
+    verdicts: PerCpuArray<MapData, u64>,
+    verdicts_reported: [u64; verdict::COUNT as usize],
+}
+
+pub struct Metrics {
+    registry: Registry,
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    sent: Family<TcpLabels, Counter>,
+    received: Family<TcpLabels, Counter>,
+    tc_packets: Family<VerdictLabels, Counter>,
+    config_reloads: Family<ReloadLabels, Counter>,
+    pub config_generation: Gauge,
+    pub enrolled_pods: Gauge,
+    tracker: Mutex<Option<Tracker>>,
+    state: SharedState,
+    conns: Arc<ConnTable>,
+}
+
+impl Metrics {
+    pub fn new(state: SharedState, conns: Arc<ConnTable>) -> Metrics {
+        let mut registry = Registry::default();
+        let opened = Family::<TcpLabels, Counter>::default();
+        let closed = Family::<TcpLabels, Counter>::default();
+        let sent = Family::<TcpLabels, Counter>::default();
+        let received = Family::<TcpLabels, Counter>::default();
+        let tc_packets = Family::<VerdictLabels, Counter>::default();
+        let config_reloads = Family::<ReloadLabels, Counter>::default();
+        let config_generation = Gauge::default();
+        let enrolled_pods = Gauge::default();
+        registry.register(
+            "istio_tcp_connections_opened",
+            "Total number of TCP connections opened",
+            opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "Total number of TCP connections closed",
+            closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent by the workload during TCP connections",
+            sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received by the workload during TCP connections",
+            received.clone(),
+        );
+        registry.register(
+            "mesh_tc_packets",
+            "Packets seen by the tc programs on pod veths, by verdict (drops by reason)",
+            tc_packets.clone(),
+        );
+        registry.register(
+            "mesh_config_reloads",
+            "Configuration loads, by result (rejected ones leave the last good configuration serving)",
+            config_reloads.clone(),
+        );
+        registry.register(
+            "mesh_config_generation",
+            "Generation of the configuration being served",
+            config_generation.clone(),
+        );
+        registry.register(
+            "mesh_enrolled_pods",
+            "Local pods with the mesh programs attached",
+            enrolled_pods.clone(),
+        );
+        Metrics {
+            registry,
+            opened,
+            closed,
+            sent,
+            received,
+            tc_packets,
+            config_reloads,
+            config_generation,
+            enrolled_pods,
+            tracker: Mutex::new(None),
+            state,
+            conns,
+        }
+    }
+
+    pub fn config_reload(&self, accepted: bool) {
+        let result = if accepted { "success" } else { "rejected" };
+        self.config_reloads
+            .get_or_create(&ReloadLabels {
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// Starts reading the kernel's flow events; returns when the ring buffer fails.
+    pub async fn run(self: Arc<Self>, maps: KernelMaps) {
+        let KernelMaps {
+            flow_events,
+            flows,
+            verdicts,
+        } = maps;
+        *self.lock() = Some(Tracker {
+            live: HashMap::new(),
+            flows,
+            verdicts,
+            verdicts_reported: [0; verdict::COUNT as usize],
+        });
+        // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring.
+        let registered = unsafe { AsyncFd::register(flow_events) };
+        let mut events = match registered {
+            Ok(fd) => fd,
+            Err(err) => {
+                log::error!("polling the flow event ring buffer: {err}");
+                return;
+            }
+        };
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                ready = events.readable_mut() => {
+                    let mut guard = match ready {
+                        Ok(guard) => guard,
+                        Err(err) => {
+                            log::error!("flow event ring buffer (fd {}): {err}", events.get_ref().as_raw_fd());
+                            return;
+                        }
+                    };
+                    let ring = guard.get_inner_mut();
+                    let mut batch = Vec::new();
+                    while let Some(item) = ring.next() {
+                        if item.len() >= std::mem::size_of::<FlowEvent>() {
+                            // SAFETY: the kernel wrote a whole FlowEvent (checked length);
+                            // read_unaligned copes with the ring's 8-byte alignment.
+                            batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FlowEvent) });
+                        }
+                    }
+                    guard.clear_ready();
+                    self.apply_events(&batch);
+                }
+                _ = tick.tick() => {
+                    self.refresh();
+                    self.conns.sweep();
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Tracker>> {
+        self.tracker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn apply_events(&self, events: &[FlowEvent]) {
+        let state = self.state.current();
+        let mut guard = self.lock();
+        let Some(tracker) = guard.as_mut() else {
+            return;
+        };
+        for event in events {
+            match event.kind {
+                FLOW_EVENT_OPEN => {
+                    tracker.live.insert(
+                        event.key,
+                        LiveFlow {
+                            seen: Instant::now(),
+                            labels: None,
+                            sent: 0,
+                            received: 0,
+                        },
+                    );
+                    self.settle(&state, &event.key, &event.stats, tracker, false);
+                }
+                FLOW_EVENT_CLOSE => {
+                    tracker.live.entry(event.key).or_insert(LiveFlow {
+                        seen: Instant::now(),
+                        labels: None,
+                        sent: 0,
+                        received: 0,
+                    });
+                    if let Some(labels) = self.settle(&state, &event.key, &event.stats, tracker, true) {
+                        self.closed.get_or_create(&labels).inc();
+                    }
+                    tracker.live.remove(&event.key);
+                    self.conns.remove(&event.key);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Labels the flow when that is possible and brings its byte counters up to `stats`.
+    fn settle(
+        &self,
+        state: &MeshState,
+        key: &FlowKey,
+        stats: &FlowStats,
+        tracker: &mut Tracker,
+        closing: bool,
+    ) -> Option<TcpLabels> {
+        let flow = tracker.live.get_mut(key)?;
+        if flow.labels.is_none() {
+            let record = self.conns.get(key);
+            let patient = !closing && flow.seen.elapsed() < LABEL_WAIT;
+            if record.is_none() && patient {
+                return None;
+            }
+            let labels = labels_for(state, key, stats, record.as_ref())?;
+            self.opened.get_or_create(&labels).inc();
+            flow.labels = Some(labels);
+        }
+        let labels = flow.labels.clone()?;
+        if stats.bytes_sent > flow.sent {
+            self.sent
+                .get_or_create(&labels)
+                .inc_by(stats.bytes_sent - flow.sent);
+            flow.sent = stats.bytes_sent;
+        }
+        if stats.bytes_received > flow.received {
+            self.received
+                .get_or_create(&labels)
+                .inc_by(stats.bytes_received - flow.received);
+            flow.received = stats.bytes_received;
+        }
+        Some(labels)
+    }
+
+    /// Brings live flows and the tc verdict counters up to the kernel's figures.
+    fn refresh(&self) {
+        let state = self.state.current();
+        let mut guard = self.lock();
+        let Some(tracker) = guard.as_mut() else {
+            return;
+        };
+        let keys: Vec<FlowKey> = tracker.live.keys().copied().collect();
+        for key in keys {
+            if let Ok(stats) = tracker.flows.get(&key, 0) {
+                self.settle(&state, &key, &stats, tracker, false);
+            }
+        }
+        for index in 0..verdict::COUNT {
+            let Ok(per_cpu) = tracker.verdicts.get(&index, 0) else {
+                continue;
+            };
+            let total: u64 = per_cpu.iter().sum();
+            let reported = &mut tracker.verdicts_reported[index as usize];
+            if total > *reported {
+                self.tc_packets
+                    .get_or_create(&VerdictLabels {
+                        verdict: verdict::NAMES[index as usize].into(),
+                    })
+                    .inc_by(total - *reported);
+                *reported = total;
+            }
+        }
+    }
+
+    /// The metrics in the text exposition format, current to this moment.
+    pub fn encode(&self) -> String {
+        self.refresh();
+        let mut out = String::new();
+        if let Err(err) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            log::error!("encoding metrics: {err}");
+        }
+        out
+    }
+}
+
+const UNKNOWN: &str = "unknown";
+
+struct Side {
+    workload: String,
+    namespace: String,
+    app: String,
+}
+
+impl Side {
+    fn of(workload: Option<&Workload>) -> Side {
+        match workload {
+            Some(w) => Side {
+                workload: w.workload.clone(),
+                namespace: w.namespace.clone(),
+                app: w.app.clone().unwrap_or_else(|| UNKNOWN.into()),
+            },
+            None => Side {
+                workload: UNKNOWN.into(),
+                namespace: UNKNOWN.into(),
+                app: UNKNOWN.into(),
+            },
+        }
+    }
+}
+
+/// Istio's labels for a pod connection, seen from the pod at the key's local end:
+/// `reporter="source"` for the client's socket, `"destination"` for the server's.
+fn labels_for(
+    state: &MeshState,
+    key: &FlowKey,
+    stats: &FlowStats,
+    record: Option<&crate::proxy::ConnRecord>,
+) -> Option<TcpLabels> {
+    let local = state.workloads.get(&ip_from_key(key.local_ip))?;
+    let remote_ip = ip_from_key(key.remote_ip);
+    let remote_addr = std::net::SocketAddrV4::new(remote_ip, key.remote_port);
+    let local_addr = std::net::SocketAddrV4::new(ip_from_key(key.local_ip), key.local_port);
+    let (reporter, source, destination, service) = if stats.role == FLOW_ROLE_CLIENT {
+        let destination = record
+            .map(|r| r.destination.clone())
+            .or_else(|| state.workloads.get(&remote_ip).cloned());
+        let service = record
+            .and_then(|r| r.service.clone())
+            .or_else(|| state.services.get(&remote_addr).map(|s| s.hostname()))
+            .or_else(|| state.service_of(remote_addr));
+        ("source", Some(local.clone()), destination, service)
+    } else {
+        let service = record
+            .and_then(|r| r.service.clone())
+            .or_else(|| state.service_of(local_addr));
+        let source = state.workloads.get(&remote_ip).cloned();
+        ("destination", source, Some(local.clone()), service)
+    };
+    let (src, dst) = (Side::of(source.as_deref()), Side::of(destination.as_deref()));
+    let (service_name, service_namespace) = match service.as_deref().and_then(|s| s.split_once('.')) {
+        Some((name, rest)) => (
+            name.to_owned(),
+            rest.split('.').next().unwrap_or(UNKNOWN).to_owned(),
+        ),
+        None => (UNKNOWN.into(), UNKNOWN.into()),
+    };
+    Some(TcpLabels {
+        reporter: reporter.into(),
+        source_workload: src.workload,
+        source_workload_namespace: src.namespace,
+        source_principal: UNKNOWN.into(),
+        source_app: src.app,
+        destination_workload: dst.workload,
+        destination_workload_namespace: dst.namespace,
+        destination_principal: UNKNOWN.into(),
+        destination_app: dst.app,
+        destination_service: service.unwrap_or_else(|| UNKNOWN.into()),
+        destination_service_name: service_name,
+        destination_service_namespace: service_namespace,
+        request_protocol: "tcp".into(),
+        connection_security_policy: "none".into(),
+    })
+}

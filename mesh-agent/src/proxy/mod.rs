@@ -1,0 +1,91 @@
+//! The node agent's proxy: connections captured leaving local pods (outbound), connections
+//! tunnelled in from other node agents (inbound), and the table that tells the metrics
+//! which workload and Service each pod connection really reached.
+
+pub mod inbound;
+pub mod outbound;
+pub mod socket;
+pub mod tunnel;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddrV4,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use mesh_common::FlowKey;
+
+use crate::{datapath::ip_key, state::Workload};
+
+/// A pod connection as its socket sees it: `local` is the pod's end.
+pub fn flow_key(local: SocketAddrV4, remote: SocketAddrV4) -> FlowKey {
+    FlowKey {
+        local_ip: ip_key(*local.ip()),
+        remote_ip: ip_key(*remote.ip()),
+        local_port: local.port(),
+        remote_port: remote.port(),
+    }
+}
+
+/// What the proxy decided for one pod connection.
+#[derive(Debug, Clone)]
+pub struct ConnRecord {
+    pub destination: Arc<Workload>,
+    pub service: Option<String>,
+    finished: Option<Instant>,
+}
+
+/// Pod connections the proxy carried, by the pod socket's [`FlowKey`]. The metrics take a
+/// record when the kernel reports the connection closed; records of connections that
+/// ended long ago without such a report are swept.
+#[derive(Default)]
+pub struct ConnTable {
+    records: Mutex<HashMap<FlowKey, ConnRecord>>,
+}
+
+const FINISHED_RECORD_TTL: Duration = Duration::from_secs(30);
+
+impl ConnTable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FlowKey, ConnRecord>> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn insert(&self, key: FlowKey, destination: Arc<Workload>, service: Option<String>) {
+        self.lock().insert(
+            key,
+            ConnRecord {
+                destination,
+                service,
+                finished: None,
+            },
+        );
+    }
+
+    pub fn finish(&self, key: &FlowKey) {
+        if let Some(record) = self.lock().get_mut(key) {
+            record.finished = Some(Instant::now());
+        }
+    }
+
+    pub fn get(&self, key: &FlowKey) -> Option<ConnRecord> {
+        self.lock().get(key).cloned()
+    }
+
+    pub fn remove(&self, key: &FlowKey) {
+        self.lock().remove(key);
+    }
+
+    pub fn sweep(&self) {
+        self.lock()
+            .retain(|_, r| r.finished.is_none_or(|t| t.elapsed() < FINISHED_RECORD_TTL));
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,205 @@
+//! Types shared by the kernel programs (mesh-ebpf) and user space (mesh-agent, meshctl):
+//! the keys and values of every BPF map, their pin names, and the mesh's fixed numbers.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding so that the kernel and user space
+//! agree byte for byte. IPv4 addresses are kept exactly as they appear on the wire (network
+//! byte order, read as a native `u32`); ports are kept in host byte order.
+#![no_std]
+
+/// Bumped whenever a map's key or value layout changes; maps live under
+/// `<bpffs dir>/maps-v<N>` so an agent of another layout never misreads them.
+pub const MAPS_LAYOUT_VERSION: u32 = 1;
+
+/// The agent's transparent listener for connections captured leaving a pod.
+pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
+/// The agent's listener for tunnelled connections from other node agents.
+pub const TUNNEL_PORT: u16 = 15008;
+/// The agent's Prometheus endpoint.
+pub const METRICS_PORT: u16 = 15020;
+/// The agent's readiness endpoint.
+pub const READY_PORT: u16 = 15021;
+/// The agent's admin endpoint (localhost only).
+pub const ADMIN_PORT: u16 = 15000;
+
+/// Packet mark set on steered packets; a policy route on the node delivers marked packets
+/// locally, where the socket assigned by the tc program receives them.
+pub const CAPTURE_MARK: u32 = 0x0539_0000;
+/// Routing table holding the `local 0.0.0.0/0 dev lo` route for marked packets.
+pub const CAPTURE_ROUTE_TABLE: u32 = 133;
+
+/// Length of the fixed, NUL-padded name fields in map values.
+pub const NAME_LEN: usize = 64;
+
+/// Pin names of the maps, as the eBPF object declares them.
+pub mod pins {
+    pub const WORKLOADS: &str = "MESH_WORKLOADS";
+    pub const SERVICES: &str = "MESH_SERVICES";
+    pub const TRAFFIC: &str = "MESH_TRAFFIC";
+    pub const TC_VERDICTS: &str = "MESH_TC_VERDICTS";
+    pub const FLOWS: &str = "MESH_FLOWS";
+    pub const FLOW_EVENTS: &str = "MESH_FLOW_EVENTS";
+}
+
+/// Names of the programs in the eBPF object.
+pub mod programs {
+    pub const TC_FROM_POD: &str = "tc_from_pod";
+    pub const TC_TO_POD: &str = "tc_to_pod";
+    pub const SOCKOPS: &str = "sockops_flows";
+}
+
+/// A workload (pod) known to the mesh, keyed by its IPv4 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkloadInfo {
+    pub namespace: [u8; NAME_LEN],
+    pub name: [u8; NAME_LEN],
+    pub workload: [u8; NAME_LEN],
+    pub service_account: [u8; NAME_LEN],
+    /// Host-side veth interface index when the pod runs on this node, else 0.
+    pub ifindex: u32,
+    /// `WORKLOAD_FLAG_*` bits.
+    pub flags: u32,
+}
+
+/// The workload runs on this node.
+pub const WORKLOAD_FLAG_LOCAL: u32 = 1;
+
+/// A Service port, keyed by its cluster IP and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub ip: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub namespace: [u8; NAME_LEN],
+    pub name: [u8; NAME_LEN],
+}
+
+/// Direction of a packet relative to the pod whose veth saw it.
+pub const DIRECTION_FROM_POD: u32 = 0;
+pub const DIRECTION_TO_POD: u32 = 1;
+
+/// Per-CPU packet and byte counters per address pair and direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TrafficKey {
+    pub src_ip: u32,
+    pub dst_ip: u32,
+    pub direction: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCounters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Indexes of the per-CPU `TC_VERDICTS` array: what the tc programs did with packets,
+/// drops by reason included.
+pub mod verdict {
+    /// A SYN towards a meshed destination handed to the agent's capture listener.
+    pub const STEERED_NEW: u32 = 0;
+    /// A packet of a flow the agent already owns, handed to its socket.
+    pub const STEERED_ESTABLISHED: u32 = 1;
+    /// Left to the kernel's normal forwarding.
+    pub const PASSED: u32 = 2;
+    /// Dropped: a new connection to a meshed destination while no agent listens.
+    pub const DROP_NO_PROXY: u32 = 3;
+    /// Dropped: a mid-stream packet to a meshed destination that no agent socket owns.
+    pub const DROP_NO_FLOW: u32 = 4;
+    /// Dropped: the kernel refused to assign the packet to the agent's socket.
+    pub const DROP_ASSIGN_FAILED: u32 = 5;
+    pub const COUNT: u32 = 6;
+
+    /// Names as reported by meshctl and the metrics (`reason` label).
+    pub const NAMES: [&str; COUNT as usize] = [
+        "steered_new",
+        "steered_established",
+        "passed",
+        "drop_no_proxy",
+        "drop_no_flow",
+        "drop_assign_failed",
+    ];
+}
+
+/// A TCP connection of a pod, as seen from the pod's socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub local_ip: u32,
+    pub remote_ip: u32,
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+/// The pod's socket opened the connection (client side).
+pub const FLOW_ROLE_CLIENT: u32 = 1;
+/// The pod's socket accepted the connection (server side).
+pub const FLOW_ROLE_SERVER: u32 = 2;
+
+/// L4 facts of one connection, gathered by the sockops program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    /// `bpf_ktime_get_ns()` when the connection was established.
+    pub opened_ns: u64,
+    /// `bpf_ktime_get_ns()` of the last update.
+    pub updated_ns: u64,
+    /// Bytes the peer acknowledged (sent by the pod).
+    pub bytes_sent: u64,
+    /// Bytes the pod received.
+    pub bytes_received: u64,
+    pub srtt_us: u32,
+    pub total_retrans: u32,
+    /// `FLOW_ROLE_*`.
+    pub role: u32,
+    pub _pad: u32,
+}
+
+pub const FLOW_EVENT_OPEN: u32 = 1;
+pub const FLOW_EVENT_CLOSE: u32 = 2;
+
+/// A record of the `FLOW_EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub key: FlowKey,
+    /// `FLOW_EVENT_*`.
+    pub kind: u32,
+    pub _pad: u32,
+    pub stats: FlowStats,
+}
+
+/// Writes `src` into a NUL-padded fixed field, truncating what does not fit.
+pub fn fill_name(dst: &mut [u8; NAME_LEN], src: &str) {
+    *dst = [0; NAME_LEN];
+    let len = src.len().min(NAME_LEN);
+    dst[..len].copy_from_slice(&src.as_bytes()[..len]);
+}
+
+/// Reads a NUL-padded fixed field back.
+pub fn name_str(src: &[u8; NAME_LEN]) -> &str {
+    let len = src.iter().position(|&b| b == 0).unwrap_or(NAME_LEN);
+    core::str::from_utf8(&src[..len]).unwrap_or("<invalid utf-8>")
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all types are `#[repr(C)]`, `Copy`, made only of integers with explicit
+    // padding fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for WorkloadInfo {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceInfo {}
+    unsafe impl aya::Pod for TrafficKey {}
+    unsafe impl aya::Pod for TrafficCounters {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowStats {}
+    unsafe impl aya::Pod for FlowEvent {}
+}

@@ -1,0 +1,21 @@
+//! The mesh's kernel programs, one file per attach point: `tc` on each meshed pod's
+//! host-side veth (capture towards the node agent, per-pod-pair accounting) and `sockops`
+//! on each meshed pod's cgroup (per-connection L4 facts and flow events).
+#![no_std]
+#![no_main]
+
+mod maps;
+mod packet;
+mod sockops;
+mod tc;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+// bpf_sk_assign and the socket lookup helpers are available to GPL-compatible programs.
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 4] = *b"GPL\0";

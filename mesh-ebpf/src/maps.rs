@@ -1,0 +1,44 @@
+//! Every map of the mesh, pinned by name under the agent's bpffs directory so that the
+//! agent, a restarted agent and meshctl all see the same maps. Layouts are in mesh-common.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+};
+use mesh_common::{
+    verdict, FlowKey, FlowStats, ServiceInfo, ServiceKey, TrafficCounters, TrafficKey,
+    WorkloadInfo,
+};
+
+/// Pod IPv4 → workload: every meshed pod of the cluster, local ones flagged.
+#[map]
+pub static MESH_WORKLOADS: HashMap<u32, WorkloadInfo> = HashMap::pinned(16384, 0);
+
+/// Service cluster IP and port → Service: captured like meshed pods.
+#[map]
+pub static MESH_SERVICES: HashMap<ServiceKey, ServiceInfo> = HashMap::pinned(16384, 0);
+
+/// Packets and bytes per address pair and direction, as seen on pod veths.
+#[map]
+pub static MESH_TRAFFIC: LruPerCpuHashMap<TrafficKey, TrafficCounters> =
+    LruPerCpuHashMap::pinned(65536, 0);
+
+/// What the tc programs did with packets, by `mesh_common::verdict` index.
+#[map]
+pub static MESH_TC_VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(verdict::COUNT, 0);
+
+/// Open TCP connections of meshed pods.
+#[map]
+pub static MESH_FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::pinned(65536, 0);
+
+/// Open and close events of pod connections, for the agent's metrics.
+#[map]
+pub static MESH_FLOW_EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
+
+#[inline(always)]
+pub fn count_verdict(index: u32) {
+    if let Some(counter) = MESH_TC_VERDICTS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no other writer while this program runs on this CPU.
+        unsafe { *counter += 1 };
+    }
+}

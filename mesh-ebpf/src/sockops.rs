@@ -1,0 +1,120 @@
+//! sockops on each meshed pod's cgroup: one `MESH_FLOWS` entry per TCP connection of the
+//! pod (bytes, RTT, retransmits, refreshed on every RTT sample) and an event in
+//! `MESH_FLOW_EVENTS` when it opens and when it closes.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG,
+    },
+    helpers::bpf_ktime_get_ns,
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use mesh_common::{
+    FlowEvent, FlowKey, FlowStats, FLOW_EVENT_CLOSE, FLOW_EVENT_OPEN, FLOW_ROLE_CLIENT,
+    FLOW_ROLE_SERVER,
+};
+
+use crate::maps::{MESH_FLOWS, MESH_FLOW_EVENTS};
+
+const AF_INET: u32 = 2;
+const TCP_CLOSE: u32 = 7;
+
+#[sock_ops]
+pub fn sockops_flows(ctx: SockOpsContext) -> u32 {
+    if ctx.family() == AF_INET {
+        on_event(&ctx);
+    }
+    1
+}
+
+#[inline(always)]
+fn on_event(ctx: &SockOpsContext) {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => open(ctx, FLOW_ROLE_CLIENT),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => open(ctx, FLOW_ROLE_SERVER),
+        BPF_SOCK_OPS_RTT_CB => refresh(ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => close(ctx),
+        _ => {}
+    }
+}
+
+#[inline(always)]
+fn flow_key(ctx: &SockOpsContext) -> FlowKey {
+    FlowKey {
+        local_ip: ctx.local_ip4(),
+        remote_ip: ctx.remote_ip4(),
+        local_port: ctx.local_port() as u16,
+        // The kernel exposes the remote port in network byte order in the upper half.
+        remote_port: u16::from_be((ctx.remote_port() >> 16) as u16),
+    }
+}
+
+#[inline(always)]
+fn fill(ctx: &SockOpsContext, stats: &mut FlowStats, now: u64) {
+    // SAFETY: the context pointer is valid for the duration of the program.
+    let ops = unsafe { &*ctx.ops };
+    stats.updated_ns = now;
+    stats.bytes_sent = ops.bytes_acked;
+    stats.bytes_received = ops.bytes_received;
+    // The kernel keeps the smoothed RTT scaled by 8.
+    stats.srtt_us = ops.srtt_us >> 3;
+    stats.total_retrans = ops.total_retrans;
+}
+
+#[inline(always)]
+fn open(ctx: &SockOpsContext, role: u32) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut stats = FlowStats {
+        opened_ns: now,
+        role,
+        ..FlowStats::default()
+    };
+    fill(ctx, &mut stats, now);
+    let key = flow_key(ctx);
+    let _ = MESH_FLOWS.insert(&key, &stats, 0);
+    let _ = ctx.set_cb_flags(
+        (ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG) as i32,
+    );
+    emit(key, FLOW_EVENT_OPEN, stats);
+}
+
+#[inline(always)]
+fn refresh(ctx: &SockOpsContext) {
+    let key = flow_key(ctx);
+    if let Some(stats) = MESH_FLOWS.get_ptr_mut(&key) {
+        let now = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: the map value stays valid while this program runs.
+        fill(ctx, unsafe { &mut *stats }, now);
+    }
+}
+
+#[inline(always)]
+fn close(ctx: &SockOpsContext) {
+    let key = flow_key(ctx);
+    let Some(stats) = MESH_FLOWS.get_ptr_mut(&key) else {
+        return;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the map value stays valid while this program runs.
+    let stats = unsafe { &mut *stats };
+    fill(ctx, stats, now);
+    let final_stats = *stats;
+    let _ = MESH_FLOWS.remove(&key);
+    emit(key, FLOW_EVENT_CLOSE, final_stats);
+}
+
+#[inline(always)]
+fn emit(key: FlowKey, kind: u32, stats: FlowStats) {
+    let _ = MESH_FLOW_EVENTS.output::<FlowEvent>(
+        &FlowEvent {
+            key,
+            kind,
+            _pad: 0,
+            stats,
+        },
+        0,
+    );
+}
