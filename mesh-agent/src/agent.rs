@@ -292,8 +292,9 @@ impl Reconciler {
                     self.enrolled.insert(key.clone(), attachment.clone());
                 }
                 Err(err) => {
-                    log::error!("enrolling {key}: {err}");
-                    pending.insert(key.clone(), err.to_string());
+                    let reason = datapath::describe(&err);
+                    log::error!("enrolling {key}: {reason}");
+                    pending.insert(key.clone(), reason);
                 }
             }
         }
@@ -316,7 +317,7 @@ impl Reconciler {
             .map(|(ip, attachment)| (*ip, attachment.ifindex))
             .collect();
         if let Err(err) = self.datapath.sync_maps(&state, &ifindexes) {
-            log::error!("updating the kernel maps: {err}");
+            log::error!("updating the kernel maps: {}", datapath::describe(&err));
         }
         self.metrics.enrolled_pods.set(self.enrolled.len() as i64);
         let mut status = lock(&self.status);

@@ -35,21 +35,21 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJE
 pub enum DatapathError {
     #[error("bpffs: {0}")]
     Bpffs(String),
-    #[error("loading the eBPF object: {0}")]
+    #[error("loading the eBPF object")]
     Load(#[from] aya::EbpfError),
-    #[error("eBPF program {name}: {source}")]
+    #[error("eBPF program {name}")]
     Program {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
     #[error("pinned link {path}: {message}")]
     Link { path: PathBuf, message: String },
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map {
         name: &'static str,
         source: MapError,
     },
-    #[error("cgroup {path}: {source}")]
+    #[error("cgroup {path}")]
     Cgroup {
         path: PathBuf,
         source: std::io::Error,
@@ -59,6 +59,18 @@ pub enum DatapathError {
 }
 
 type Result<T> = std::result::Result<T, DatapathError>;
+
+/// An error and its sources, as one line.
+pub fn describe(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
 
 /// Where one local pod's programs attach.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,7 +148,7 @@ impl Datapath {
             (programs::TC_FROM_POD, TcAttachType::Ingress, "tc-from"),
             (programs::TC_TO_POD, TcAttachType::Egress, "tc-to"),
         ] {
-            let pin = self.links_dir.join(format!("{base}.{suffix}"));
+            let pin = self.links_dir.join(format!("{base}@{suffix}"));
             let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
             let replaced = PinnedLink::from_pin(&pin)
                 .ok()
@@ -162,14 +174,15 @@ impl Datapath {
             pin_link(link, &pin)?;
         }
 
-        let pin = self.links_dir.join(format!("{base}.sockops"));
+        let pin = self.links_dir.join(format!("{base}@sockops"));
         let cgroup = fs::File::open(&at.cgroup).map_err(|source| DatapathError::Cgroup {
             path: at.cgroup.clone(),
             source,
         })?;
         let prog: &mut SockOps = program(&mut self.ebpf, programs::SOCKOPS)?;
         let id = prog
-            .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+            // cgroup links are always multi-attach; the kernel wants no flags for them.
+            .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(|source| DatapathError::Program {
                 name: programs::SOCKOPS,
                 source,
@@ -201,7 +214,7 @@ impl Datapath {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let kept = keep.is_some_and(|base| name.starts_with(&format!("{base}.")));
+            let kept = keep.is_some_and(|base| name.starts_with(&format!("{base}@")));
             if name.starts_with(&prefix) && !kept {
                 if let Err(err) = fs::remove_file(entry.path()) {
                     log::warn!("removing pinned link {}: {err}", entry.path().display());
@@ -315,7 +328,10 @@ fn pin_link(link: FdLink, pin: &Path) -> Result<()> {
     let _ = fs::remove_file(pin);
     link.pin(pin).map_err(|e| DatapathError::Link {
         path: pin.to_owned(),
-        message: e.to_string(),
+        message: match &e {
+            aya::pin::PinError::SyscallError(s) => format!("{e}: {}", s.io_error),
+            _ => e.to_string(),
+        },
     })?;
     Ok(())
 }

@@ -270,8 +270,10 @@ impl NodeMaps {
                 .map_err(|e| other(&pin, e))?;
             let program = programs.iter().find(|p| p.id() == info.program_id());
             let file = entry.file_name().to_string_lossy().into_owned();
-            let (pod, hook) = file.split_once('.').unwrap_or((&file, ""));
-            let pod = pod.split('@').next().unwrap_or(pod).replacen('_', "/", 1);
+            // Pins are named `<namespace>_<pod>@<ifindex>@<hook>` (bpffs refuses dots).
+            let mut parts = file.split('@');
+            let pod = parts.next().unwrap_or_default().replacen('_', "/", 1);
+            let hook = parts.nth(1).unwrap_or_default();
             rows.push(ProgramRow {
                 attachment: format!("{pod} {hook}"),
                 program: program

@@ -1,1 +1,180 @@
-fn main(){}
+//! The project's commands, run as `cargo xtask <command>`: `demo` and `test` (the README's
+//! two commands), `setup` (prerequisites), `build`, and `sandbox` (the local multi-node
+//! mesh the demo and the tests run on).
+
+mod demo;
+mod ns;
+mod sandbox;
+mod setup;
+mod test;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, demo, test and sandbox commands of the mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing (Debian packages, nightly rust-src, bpf-linker).
+    Setup,
+    /// Build the agent, meshctl and the eBPF object (release).
+    Build,
+    /// Set everything up, run a 2-node sandbox mesh with traffic, show what the mesh saw.
+    Demo,
+    /// Run every check and test: formatting, lints, unit, eBPF and sandbox tests.
+    Test,
+    /// Manage the local multi-node sandbox cluster.
+    Sandbox {
+        #[command(subcommand)]
+        command: SandboxCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SandboxCommand {
+    /// Create nodes and pods from Kubernetes-format YAML and start the agents.
+    Up {
+        /// Cluster description (file or directory).
+        #[arg(long, default_value = "deploy/sandbox")]
+        config: PathBuf,
+    },
+    /// Stop everything and remove every namespace, cgroup and pin of the sandbox.
+    Down,
+    /// Run a command in a pod (`name` or `namespace/name`) or, with --node, a node.
+    Exec {
+        /// Run in this node's network namespace instead of a pod.
+        #[arg(long)]
+        node: Option<String>,
+        /// The pod (omit with --node).
+        pod: Option<String>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Nodes and pods of the running sandbox.
+    Status {
+        #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+    /// Create or update objects, as `kubectl apply` would.
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Delete objects, as `kubectl delete` would.
+    Delete {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+}
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// A progress line on standard error.
+pub fn progress(message: &str) {
+    eprintln!("\x1b[1m==> {message}\x1b[0m");
+}
+
+/// Runs a command to completion; an error names the command and its output.
+pub fn run(command: &mut Command) -> Result<()> {
+    let output = command
+        .output()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed ({}): {}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim(),
+            String::from_utf8_lossy(&output.stdout).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Runs a command with its output on the terminal.
+pub fn run_visible(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed ({status})");
+    }
+    Ok(())
+}
+
+pub fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("this needs root (network namespaces, cgroups and eBPF)");
+    }
+    Ok(())
+}
+
+pub fn build() -> Result<()> {
+    progress("building mesh-agent, meshctl and the eBPF object (release)");
+    run_visible(
+        Command::new(env!("CARGO"))
+            .current_dir(workspace())
+            .args(["build", "--release", "-p", "mesh-agent"]),
+    )
+}
+
+fn main() {
+    if let Err(err) = dispatch(Cli::parse()) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Task::Setup => setup::ensure(),
+        Task::Build => {
+            setup::ensure()?;
+            build()
+        }
+        Task::Demo => demo::run(),
+        Task::Test => test::run(),
+        Task::Sandbox { command } => {
+            require_root()?;
+            let in_workspace = |p: PathBuf| {
+                if p.is_relative() && !p.exists() {
+                    workspace().join(p)
+                } else {
+                    p
+                }
+            };
+            match command {
+                SandboxCommand::Up { config } => sandbox::up(&in_workspace(config)),
+                SandboxCommand::Down => sandbox::down(),
+                SandboxCommand::Exec { node, pod, command } => {
+                    let target = match (node, pod) {
+                        (Some(node), None) => sandbox::ExecTarget::Node(node),
+                        (None, Some(pod)) => sandbox::ExecTarget::Pod(pod),
+                        _ => bail!("name either a pod or --node NODE"),
+                    };
+                    let code = sandbox::exec(&target, &command)?;
+                    std::process::exit(code);
+                }
+                SandboxCommand::Status { output } => sandbox::status(output == "json"),
+                SandboxCommand::Apply { file } => sandbox::apply(&file),
+                SandboxCommand::Delete { file } => sandbox::delete(&file),
+            }
+        }
+    }
+}

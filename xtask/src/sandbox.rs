@@ -1,0 +1,825 @@
+//! The sandbox: a real multi-node mesh on one machine, built from Kubernetes-format YAML.
+//!
+//! Nodes and pods are network namespaces; pods are wired to their node with a veth pair
+//! (host side `mp<N>` holding the pods' link-local gateway 169.254.1.1, a `/32` route to
+//! the pod: the way Calico does it)
+//! and nodes to each other through a bridge in a fabric namespace. No namespace has a
+//! route to the host or beyond. Each pod gets a cgroup v2 directory named after its UID
+//! (`pod<uid>`, as the kubelet names it); each node runs one mesh-agent. Every object is
+//! written, with the status a kubelet would add (pod IP, UID, node address, cluster IP),
+//! into the configuration directory the agents watch.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_yaml::Value;
+
+use crate::{
+    ns::{self, Placement},
+    progress, run, workspace,
+};
+
+const PREFIX: &str = "msb";
+const FABRIC_NETNS: &str = "msb-fabric";
+const RUN_DIR: &str = "/run/mesh-sandbox";
+const BPFFS_DIR: &str = "/sys/fs/bpf/mesh-sandbox";
+const CGROUP_DIR: &str = "mesh-sandbox";
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeState {
+    pub name: String,
+    pub index: u8,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub uplink: String,
+    pub agent_pid: u32,
+    pub bpffs: PathBuf,
+    pub cgroup: PathBuf,
+    /// Pod addresses handed out so far on this node.
+    pub pods_allocated: u8,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodState {
+    pub name: String,
+    pub namespace: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub netns: String,
+    pub veth: String,
+    pub uid: String,
+    pub cgroup: PathBuf,
+    pub pid: Option<u32>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct SandboxState {
+    pub nodes: Vec<NodeState>,
+    pub pods: Vec<PodState>,
+    /// Cluster IPs by `namespace/name`.
+    pub services: BTreeMap<String, Ipv4Addr>,
+    pub next_veth: u32,
+    pub next_service_ip: u8,
+}
+
+fn state_path() -> PathBuf {
+    Path::new(RUN_DIR).join("state.json")
+}
+
+pub fn config_dir() -> PathBuf {
+    Path::new(RUN_DIR).join("config")
+}
+
+fn logs_dir() -> PathBuf {
+    Path::new(RUN_DIR).join("logs")
+}
+
+impl SandboxState {
+    pub fn load() -> Result<SandboxState> {
+        let text = fs::read_to_string(state_path())
+            .context("no sandbox is running (`cargo xtask sandbox up` starts one)")?;
+        serde_json::from_str(&text).context("reading the sandbox state")
+    }
+
+    fn save(&self) -> Result<()> {
+        write_atomic(&state_path(), &serde_json::to_string_pretty(self)?)
+    }
+
+    pub fn pod(&self, spec: &str) -> Result<&PodState> {
+        let (namespace, name) = match spec.split_once('/') {
+            Some((ns, name)) => (Some(ns), name),
+            None => (None, spec),
+        };
+        let matches: Vec<&PodState> = self
+            .pods
+            .iter()
+            .filter(|p| p.name == name && namespace.is_none_or(|ns| ns == p.namespace))
+            .collect();
+        match matches.as_slice() {
+            [pod] => Ok(pod),
+            [] => bail!("no pod {spec} in the sandbox"),
+            _ => bail!("pod name {spec} is ambiguous: use namespace/name"),
+        }
+    }
+
+    pub fn node(&self, name: &str) -> Result<&NodeState> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .with_context(|| format!("no node {name} in the sandbox"))
+    }
+}
+
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// One Kubernetes object of the cluster description, kept whole.
+#[derive(Debug, Clone)]
+pub struct Object {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub value: Value,
+    pub source: PathBuf,
+}
+
+impl Object {
+    fn file_name(&self) -> String {
+        format!(
+            "{}-{}-{}.yaml",
+            self.kind.to_lowercase(),
+            self.namespace,
+            self.name
+        )
+    }
+
+    fn node_name(&self) -> Option<String> {
+        self.value
+            .get("spec")?
+            .get("nodeName")?
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    /// The first container's command and arguments.
+    fn command(&self) -> Vec<String> {
+        let Some(container) = self
+            .value
+            .get("spec")
+            .and_then(|s| s.get("containers"))
+            .and_then(|c| c.get(0))
+        else {
+            return Vec::new();
+        };
+        ["command", "args"]
+            .iter()
+            .filter_map(|key| container.get(*key)?.as_sequence())
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    }
+
+    fn set(&mut self, path: &[&str], value: Value) {
+        let mut node = &mut self.value;
+        for key in &path[..path.len() - 1] {
+            if node.get(*key).is_none_or(|v| !v.is_mapping()) {
+                node[*key] = Value::Mapping(Default::default());
+            }
+            node = &mut node[*key];
+        }
+        node[path[path.len() - 1]] = value;
+    }
+}
+
+/// Reads the objects of a file or of every YAML file of a directory.
+pub fn read_objects(path: &Path) -> Result<Vec<Object>> {
+    let files = if path.is_dir() {
+        let mut files: Vec<PathBuf> = fs::read_dir(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+            .collect();
+        files.sort();
+        files
+    } else {
+        vec![path.to_owned()]
+    };
+    let mut objects = Vec::new();
+    for file in files {
+        let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let value = Value::deserialize(document)
+                .with_context(|| format!("{}: document {}", file.display(), index + 1))?;
+            if value.is_null() {
+                continue;
+            }
+            let field = |v: &Value, key: &str| v.get(key).and_then(|x| x.as_str()).map(str::to_owned);
+            let kind = field(&value, "kind")
+                .with_context(|| format!("{}: document {} has no kind", file.display(), index + 1))?;
+            let meta = value.get("metadata").cloned().unwrap_or_default();
+            let name = field(&meta, "name").with_context(|| {
+                format!("{}: {kind} in document {} has no metadata.name", file.display(), index + 1)
+            })?;
+            objects.push(Object {
+                namespace: field(&meta, "namespace").unwrap_or_else(|| "default".into()),
+                kind,
+                name,
+                value,
+                source: file.clone(),
+            });
+        }
+    }
+    Ok(objects)
+}
+
+fn cgroup_root() -> Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts")?;
+    let mount = mounts
+        .lines()
+        .find_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            (cols.len() > 2 && cols[2] == "cgroup2").then(|| PathBuf::from(cols[1]))
+        })
+        .context("no cgroup v2 hierarchy in /proc/mounts")?;
+    Ok(mount.join(CGROUP_DIR))
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args))
+}
+
+fn sysctl(netns: &str, settings: &[&str]) -> Result<()> {
+    run(Command::new("ip")
+        .args(["netns", "exec", netns, "sysctl", "-qw"])
+        .args(settings))
+}
+
+fn ensure_bpffs() -> Result<()> {
+    let mounts = fs::read_to_string("/proc/mounts")?;
+    if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+        run(Command::new("mount").args(["-t", "bpf", "bpffs", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+fn new_uid() -> Result<String> {
+    Ok(fs::read_to_string("/proc/sys/kernel/random/uuid")?.trim().to_owned())
+}
+
+pub fn up(config: &Path) -> Result<()> {
+    let objects = read_objects(config)?;
+    let nodes: Vec<&Object> = objects.iter().filter(|o| o.kind == "Node").collect();
+    if nodes.is_empty() {
+        bail!("{}: the sandbox needs at least one Node object", config.display());
+    }
+    if nodes.len() > 200 {
+        bail!("the sandbox supports up to 200 nodes");
+    }
+    let binaries = workspace().join("target/release");
+    let agent = binaries.join("mesh-agent");
+    if !agent.exists() {
+        bail!("{} is missing: run `cargo build --release` first", agent.display());
+    }
+    if leftovers() {
+        progress("removing the leftovers of an earlier sandbox");
+        down()?;
+    }
+    progress(&format!("creating {} nodes", nodes.len()));
+    ensure_bpffs()?;
+    for dir in [config_dir(), logs_dir()] {
+        fs::create_dir_all(&dir)?;
+    }
+    let cgroups = cgroup_root()?;
+    let mut state = SandboxState {
+        next_service_ip: 10,
+        ..SandboxState::default()
+    };
+    ip(&["netns", "add", FABRIC_NETNS])?;
+    ip(&["-n", FABRIC_NETNS, "link", "set", "lo", "up"])?;
+    ip(&["-n", FABRIC_NETNS, "link", "add", "br0", "type", "bridge"])?;
+    ip(&["-n", FABRIC_NETNS, "link", "set", "br0", "up"])?;
+    for (index, node) in nodes.iter().enumerate() {
+        let index = index as u8;
+        let netns = format!("{PREFIX}-node-{}", node.name);
+        let node_ip = Ipv4Addr::new(10, 200, 0, index + 1);
+        let fabric_port = format!("up{index}");
+        ip(&["netns", "add", &netns])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        ip(&["link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &fabric_port, "netns", FABRIC_NETNS])?;
+        ip(&["-n", FABRIC_NETNS, "link", "set", &fabric_port, "master", "br0", "up"])?;
+        ip(&["-n", &netns, "addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
+        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        sysctl(&netns, &["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"])?;
+        let cgroup = cgroups.join(&node.name);
+        fs::create_dir_all(cgroup.join("agent"))
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        state.nodes.push(NodeState {
+            name: node.name.clone(),
+            index,
+            netns,
+            ip: node_ip,
+            uplink: "eth0".into(),
+            agent_pid: 0,
+            bpffs: Path::new(BPFFS_DIR).join(&node.name),
+            cgroup,
+            pods_allocated: 1,
+        });
+    }
+    for node in &state.nodes {
+        for other in &state.nodes {
+            if other.index != node.index {
+                let cidr = format!("10.244.{}.0/24", other.index + 1);
+                ip(&["-n", &node.netns, "route", "add", &cidr, "via", &other.ip.to_string()])?;
+            }
+        }
+    }
+    state.save()?;
+    // Nodes first, so that the agents start with their own address known.
+    for node in &nodes {
+        let mut node = (*node).clone();
+        let address = state.node(&node.name)?.ip;
+        node.set(&["status", "addresses"], serde_yaml::from_str(&format!("[{{type: InternalIP, address: \"{address}\"}}]"))?);
+        write_object(&node)?;
+    }
+    let mut pods = Vec::new();
+    for object in objects.iter().filter(|o| o.kind != "Node") {
+        if object.kind == "Pod" {
+            pods.push(add_pod(&mut state, object)?);
+        } else {
+            write_object(&admit(&mut state, object)?)?;
+        }
+    }
+    state.save()?;
+    progress("starting one mesh-agent per node");
+    for node in state.nodes.iter_mut() {
+        node.agent_pid = start_agent(node, &agent)?;
+    }
+    state.save()?;
+    for node in &state.nodes {
+        wait_ready(node)?;
+    }
+    progress(&format!("starting {} pods", pods.len()));
+    for (pod, command) in pods {
+        start_pod(&mut state, &pod, &command)?;
+    }
+    state.save()?;
+    progress("sandbox is up (`cargo xtask sandbox status`)");
+    Ok(())
+}
+
+/// The object as the API server would store it: a Service gets its cluster IP.
+fn admit(state: &mut SandboxState, object: &Object) -> Result<Object> {
+    let mut object = object.clone();
+    if object.kind == "Service" {
+        let key = format!("{}/{}", object.namespace, object.name);
+        let given = object
+            .value
+            .get("spec")
+            .and_then(|s| s.get("clusterIP"))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned);
+        let cluster_ip = match (given, state.services.get(&key)) {
+            (Some(ip), _) => ip
+                .parse()
+                .with_context(|| format!("Service {key}: spec.clusterIP {ip:?} is not an IPv4 address"))?,
+            (None, Some(ip)) => *ip,
+            (None, None) => {
+                let ip = Ipv4Addr::new(10, 96, 0, state.next_service_ip);
+                state.next_service_ip = state.next_service_ip.checked_add(1).context("out of service addresses")?;
+                ip
+            }
+        };
+        state.services.insert(key, cluster_ip);
+        object.set(&["spec", "clusterIP"], Value::String(cluster_ip.to_string()));
+    }
+    Ok(object)
+}
+
+fn write_object(object: &Object) -> Result<()> {
+    let path = config_dir().join(object.file_name());
+    write_atomic(&path, &serde_yaml::to_string(&object.value)?)
+}
+
+/// Wires a pod (namespace, veth, address, cgroup) and writes it; returns the pod and its
+/// command, started once its node's agent enrolled it.
+fn add_pod(state: &mut SandboxState, object: &Object) -> Result<(PodState, Vec<String>)> {
+    let node_name = object.node_name().with_context(|| {
+        format!("{}: Pod {}/{} has no spec.nodeName", object.source.display(), object.namespace, object.name)
+    })?;
+    let veth_index = state.next_veth;
+    let node = state
+        .nodes
+        .iter_mut()
+        .find(|n| n.name == node_name)
+        .with_context(|| format!("Pod {}/{}: node {node_name} is not in the sandbox", object.namespace, object.name))?;
+    node.pods_allocated = node.pods_allocated.checked_add(1).filter(|n| *n < 255).context("node is out of pod addresses")?;
+    let pod_ip = Ipv4Addr::new(10, 244, node.index + 1, node.pods_allocated);
+    let node_netns = node.netns.clone();
+    let cgroup = node.cgroup.clone();
+    state.next_veth += 1;
+    let uid = new_uid()?;
+    let pod = PodState {
+        name: object.name.clone(),
+        namespace: object.namespace.clone(),
+        node: node_name,
+        ip: pod_ip,
+        netns: format!("{PREFIX}-pod-{}-{}", object.namespace, object.name),
+        veth: format!("mp{veth_index}"),
+        cgroup: cgroup.join(format!("pod{uid}")),
+        uid,
+        pid: None,
+    };
+    ip(&["netns", "add", &pod.netns])?;
+    ip(&["-n", &pod.netns, "link", "set", "lo", "up"])?;
+    ip(&["-n", &node_netns, "link", "add", &pod.veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.netns])?;
+    ip(&["-n", &pod.netns, "addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
+    ip(&["-n", &pod.netns, "link", "set", "eth0", "up"])?;
+    ip(&["-n", &pod.netns, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
+    ip(&["-n", &pod.netns, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
+    ip(&["-n", &node_netns, "link", "set", &pod.veth, "up"])?;
+    ip(&["-n", &node_netns, "route", "add", &format!("{pod_ip}/32"), "dev", &pod.veth])?;
+    // The pod's gateway answers ARP on every pod veth of the node.
+    ip(&["-n", &node_netns, "addr", "add", "169.254.1.1/32", "dev", &pod.veth, "scope", "link"])?;
+    fs::create_dir_all(&pod.cgroup).with_context(|| format!("creating cgroup {}", pod.cgroup.display()))?;
+    fs::create_dir_all(pod_dir(&pod))?;
+
+    let mut stored = object.clone();
+    stored.set(&["metadata", "uid"], Value::String(pod.uid.clone()));
+    stored.set(&["status", "podIP"], Value::String(pod_ip.to_string()));
+    stored.set(&["status", "phase"], Value::String("Running".into()));
+    write_object(&stored)?;
+    state.pods.push(pod.clone());
+    Ok((pod, object.command()))
+}
+
+fn pod_dir(pod: &PodState) -> PathBuf {
+    Path::new(RUN_DIR).join("pods").join(format!("{}-{}", pod.namespace, pod.name))
+}
+
+fn path_with_binaries() -> String {
+    let binaries = workspace().join("target/release");
+    match std::env::var("PATH") {
+        Ok(path) => format!("{}:{path}", binaries.display()),
+        Err(_) => binaries.display().to_string(),
+    }
+}
+
+fn log_file(name: &str) -> Result<fs::File> {
+    let path = logs_dir().join(name);
+    fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
+}
+
+fn start_agent(node: &NodeState, agent: &Path) -> Result<u32> {
+    let log = log_file(&format!("agent-{}.log", node.name))?;
+    let mut command = Command::new(agent);
+    command
+        .args(["run", "--node", &node.name])
+        .arg("--config-dir")
+        .arg(config_dir())
+        .arg("--bpffs")
+        .arg(&node.bpffs)
+        .arg("--cgroup-root")
+        .arg(&node.cgroup)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let child = ns::spawn(
+        &mut command,
+        &Placement {
+            netns: node.netns.clone(),
+            cgroup: Some(node.cgroup.join("agent")),
+            detach: true,
+        },
+    )?;
+    Ok(child.id())
+}
+
+/// GET on a node-namespace address; the status code and body.
+pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let path = path.to_owned();
+    ns::within(netns, move || -> Result<(u16, String)> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        Ok((status, body))
+    })?
+}
+
+fn process_alive(pid: u32) -> bool {
+    // A zombie is dead for our purposes.
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+}
+
+fn wait_ready(node: &NodeState) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 15021));
+    loop {
+        if let Ok((200, _)) = http_get(&node.netns, addr, "/healthz/ready") {
+            return Ok(());
+        }
+        if !process_alive(node.agent_pid) || Instant::now() > deadline {
+            let log = fs::read_to_string(logs_dir().join(format!("agent-{}.log", node.name))).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            bail!(
+                "the agent of node {} did not become ready; its log ends with:\n{}",
+                node.name,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until the node agent pinned the pod's links, i.e. its traffic is captured.
+fn wait_enrolled(state: &SandboxState, pod: &PodState) -> Result<()> {
+    let node = state.node(&pod.node)?;
+    let links = node.bpffs.join("links-v1");
+    let prefix = format!("{}_{}@", pod.namespace, pod.name);
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let enrolled = fs::read_dir(&links).into_iter().flatten().flatten().any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(&prefix) && name.ends_with("@sockops")
+        });
+        if enrolled {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "node agent {} did not enroll pod {}/{} (see {}/agent-{}.log)",
+                node.name,
+                pod.namespace,
+                pod.name,
+                logs_dir().display(),
+                node.name
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn start_pod(state: &mut SandboxState, pod: &PodState, command: &[String]) -> Result<()> {
+    wait_enrolled(state, pod)?;
+    let Some((program, args)) = command.split_first() else {
+        return Ok(());
+    };
+    let log = log_file(&format!("pod-{}-{}.log", pod.namespace, pod.name))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .current_dir(pod_dir(pod))
+        .env("PATH", path_with_binaries())
+        .env("POD_NAME", &pod.name)
+        .env("POD_NAMESPACE", &pod.namespace)
+        .env("POD_IP", pod.ip.to_string())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let child = ns::spawn(
+        &mut cmd,
+        &Placement {
+            netns: pod.netns.clone(),
+            cgroup: Some(pod.cgroup.clone()),
+            detach: true,
+        },
+    )?;
+    if let Some(stored) = state.pods.iter_mut().find(|p| p.name == pod.name && p.namespace == pod.namespace) {
+        stored.pid = Some(child.id());
+    }
+    Ok(())
+}
+
+/// Whether anything of an earlier sandbox is left on the machine.
+fn leftovers() -> bool {
+    state_path().exists()
+        || Path::new(BPFFS_DIR).exists()
+        || cgroup_root().is_ok_and(|c| c.exists())
+        || sandbox_netns().is_ok_and(|n| !n.is_empty())
+}
+
+fn sandbox_netns() -> Result<Vec<String>> {
+    let entries = match fs::read_dir("/run/netns") {
+        Ok(entries) => entries,
+        Err(_) => return Ok(Vec::new()),
+    };
+    Ok(entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("{PREFIX}-")))
+        .collect())
+}
+
+/// Kills every process of a cgroup (the agent or pod, and anything they started).
+fn kill_cgroup(dir: &Path) {
+    let kill = dir.join("cgroup.kill");
+    if kill.exists() {
+        let _ = fs::write(&kill, "1");
+    } else if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+        for pid in procs.lines().filter_map(|p| p.parse::<i32>().ok()) {
+            // SAFETY: plain kill(2) on processes of a cgroup this sandbox created.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Removes a cgroup subtree, leaves first, after killing what runs in it.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    kill_cgroup(dir);
+    let _ = fs::remove_dir(dir);
+}
+
+pub fn down() -> Result<()> {
+    if let Ok(root) = cgroup_root() {
+        remove_cgroup_tree(&root);
+        if root.exists() {
+            bail!("could not remove cgroup {}", root.display());
+        }
+    }
+    for netns in sandbox_netns()? {
+        ip(&["netns", "del", &netns])?;
+    }
+    if Path::new(BPFFS_DIR).exists() {
+        fs::remove_dir_all(BPFFS_DIR).with_context(|| format!("removing {BPFFS_DIR}"))?;
+    }
+    if Path::new(RUN_DIR).exists() {
+        fs::remove_dir_all(RUN_DIR).with_context(|| format!("removing {RUN_DIR}"))?;
+    }
+    Ok(())
+}
+
+/// A command that will run inside a pod (its network namespace and cgroup) or a node,
+/// with the project's binaries on its PATH and meshctl pointed at the node's maps.
+pub fn command_in(target: &ExecTarget, program: &str, args: &[String]) -> Result<Command> {
+    let state = SandboxState::load()?;
+    let (placement, bpffs) = match target {
+        ExecTarget::Pod(spec) => {
+            let pod = state.pod(spec)?;
+            let placement = Placement {
+                netns: pod.netns.clone(),
+                cgroup: Some(pod.cgroup.clone()),
+                detach: false,
+            };
+            (placement, state.node(&pod.node)?.bpffs.clone())
+        }
+        ExecTarget::Node(name) => {
+            let node = state.node(name)?;
+            let placement = Placement {
+                netns: node.netns.clone(),
+                cgroup: None,
+                detach: false,
+            };
+            (placement, node.bpffs.clone())
+        }
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env("PATH", path_with_binaries())
+        .env("MESH_BPFFS", bpffs);
+    ns::place(&mut cmd, &placement)?;
+    Ok(cmd)
+}
+
+pub fn exec(target: &ExecTarget, command: &[String]) -> Result<i32> {
+    let (program, args) = command.split_first().context("exec needs a command")?;
+    let status = command_in(target, program, args)?
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    Ok(status.code().unwrap_or(128 + status.signal_number()))
+}
+
+trait SignalNumber {
+    fn signal_number(&self) -> i32;
+}
+
+impl SignalNumber for std::process::ExitStatus {
+    fn signal_number(&self) -> i32 {
+        use std::os::unix::process::ExitStatusExt;
+        self.signal().unwrap_or(0)
+    }
+}
+
+pub enum ExecTarget {
+    Pod(String),
+    Node(String),
+}
+
+pub fn status(json: bool) -> Result<()> {
+    let state = SandboxState::load()?;
+    let nodes: Vec<serde_json::Value> = state
+        .nodes
+        .iter()
+        .map(|n| {
+            serde_json::json!({
+                "name": n.name, "netns": n.netns, "ip": n.ip.to_string(), "uplink": n.uplink,
+                "agent": {"pid": n.agent_pid, "metrics": format!("http://{}:15020/metrics", n.ip)},
+            })
+        })
+        .collect();
+    let pods: Vec<serde_json::Value> = state
+        .pods
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "name": p.name, "namespace": p.namespace, "node": p.node,
+                "ip": p.ip.to_string(), "netns": p.netns,
+            })
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"nodes": nodes, "pods": pods}))?);
+        return Ok(());
+    }
+    println!("{:<10} {:<22} {:<12} {:<7} {:<8} METRICS", "NODE", "NETNS", "IP", "UPLINK", "AGENT");
+    for n in &state.nodes {
+        let alive = if process_alive(n.agent_pid) { n.agent_pid.to_string() } else { format!("{} (dead)", n.agent_pid) };
+        println!("{:<10} {:<22} {:<12} {:<7} {:<8} http://{}:15020/metrics", n.name, n.netns, n.ip, n.uplink, alive, n.ip);
+    }
+    println!();
+    println!("{:<20} {:<12} {:<10} {:<14} NETNS", "POD", "NAMESPACE", "NODE", "IP");
+    for p in &state.pods {
+        println!("{:<20} {:<12} {:<10} {:<14} {}", p.name, p.namespace, p.node, p.ip, p.netns);
+    }
+    if !state.services.is_empty() {
+        println!();
+        println!("{:<30} CLUSTER IP", "SERVICE");
+        for (name, ip) in &state.services {
+            println!("{name:<30} {ip}");
+        }
+    }
+    Ok(())
+}
+
+pub fn apply(path: &Path) -> Result<()> {
+    let mut state = SandboxState::load()?;
+    let objects = read_objects(path)?;
+    let mut started = Vec::new();
+    for object in &objects {
+        match object.kind.as_str() {
+            "Node" => bail!("{}: nodes are fixed when the sandbox starts (Node {})", object.source.display(), object.name),
+            "Pod" => {
+                let existing = state.pods.iter().find(|p| p.name == object.name && p.namespace == object.namespace).cloned();
+                match existing {
+                    Some(pod) => {
+                        let mut stored = object.clone();
+                        stored.set(&["metadata", "uid"], Value::String(pod.uid.clone()));
+                        stored.set(&["status", "podIP"], Value::String(pod.ip.to_string()));
+                        stored.set(&["status", "phase"], Value::String("Running".into()));
+                        write_object(&stored)?;
+                    }
+                    None => started.push(add_pod(&mut state, object)?),
+                }
+            }
+            _ => write_object(&admit(&mut state, object)?)?,
+        }
+        println!("{} {}/{} applied", object.kind.to_lowercase(), object.namespace, object.name);
+    }
+    state.save()?;
+    for (pod, command) in started {
+        start_pod(&mut state, &pod, &command)?;
+    }
+    state.save()
+}
+
+pub fn delete(path: &Path) -> Result<()> {
+    let mut state = SandboxState::load()?;
+    for object in read_objects(path)? {
+        let file = config_dir().join(object.file_name());
+        match fs::remove_file(&file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                println!("{} {}/{} not found", object.kind.to_lowercase(), object.namespace, object.name);
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("removing {}", file.display())),
+        }
+        if object.kind == "Pod" {
+            if let Some(index) = state.pods.iter().position(|p| p.name == object.name && p.namespace == object.namespace) {
+                let pod = state.pods.remove(index);
+                remove_cgroup_tree(&pod.cgroup);
+                ip(&["netns", "del", &pod.netns])?;
+                let _ = fs::remove_dir_all(pod_dir(&pod));
+            }
+        }
+        if object.kind == "Service" {
+            state.services.remove(&format!("{}/{}", object.namespace, object.name));
+        }
+        println!("{} {}/{} deleted", object.kind.to_lowercase(), object.namespace, object.name);
+    }
+    state.save()
+}

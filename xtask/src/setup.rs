@@ -1,0 +1,85 @@
+//! Prerequisites, installed idempotently: Debian packages, the nightly's rust-src and
+//! bpf-linker built against LLVM 22. Each step checks first, so a second run takes
+//! a fraction of a second.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::{progress, run};
+
+/// Debian packages: LLVM 22 for bpf-linker; iproute2, util-linux and procps for the
+/// sandbox; curl and python3 for the demo's pods; prometheus for `promtool`; python3-venv
+/// for the manifest validator.
+const APT_PACKAGES: [&str; 11] = [
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "iproute2",
+    "util-linux",
+    "procps",
+    "curl",
+    "python3",
+    "python3-venv",
+    "prometheus",
+    "ca-certificates",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn ensure() -> Result<()> {
+    ensure_apt_packages()?;
+    ensure_rust_src()?;
+    ensure_bpf_linker()
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn ensure_apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    progress(&format!("installing Debian packages: {}", missing.join(" ")));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn ensure_rust_src() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .context("running rustup (is Rust installed through rustup?)")?;
+    if !out.status.success() {
+        bail!("no nightly toolchain: `rustup toolchain install nightly` first");
+    }
+    if String::from_utf8_lossy(&out.stdout).contains("rust-src") {
+        return Ok(());
+    }
+    progress("adding rust-src to the nightly toolchain");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    let current = Command::new("bpf-linker").arg("--version").output();
+    if current.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)) {
+        return Ok(());
+    }
+    progress(&format!("building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"));
+    run(Command::new("cargo")
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features", "llvm-22"])
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
+}

@@ -1,0 +1,64 @@
+//! `cargo xtask test`: every check, in the order that fails fastest — formatting, lints,
+//! unit tests, the eBPF tests (BPF_PROG_TEST_RUN, real sockets in a cgroup, capture in
+//! namespaces), the sandbox integration tests, and the Kubernetes manifests against the
+//! Kubernetes schemas.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Result};
+
+use crate::{progress, require_root, run_visible, sandbox, setup, workspace};
+
+const KUBERNETES_VERSION: &str = "1.30";
+
+fn cargo() -> Command {
+    let mut command = Command::new(env!("CARGO"));
+    command.current_dir(workspace());
+    command
+}
+
+pub fn run() -> Result<()> {
+    require_root()?;
+    setup::ensure()?;
+    progress("cargo fmt --check");
+    run_visible(cargo().args(["fmt", "--all", "--check"]))?;
+    run_visible(cargo().args(["fmt", "--manifest-path", "mesh-ebpf/Cargo.toml", "--check"]))?;
+    progress("cargo clippy -D warnings");
+    run_visible(cargo().args(["clippy", "--release", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    progress("building");
+    run_visible(cargo().args(["build", "--release", "--workspace"]))?;
+    // The sandbox tests own the machine-wide sandbox; start from a clean slate.
+    sandbox::down()?;
+    progress("unit, eBPF and sandbox tests");
+    run_visible(cargo().args(["test", "--release", "--workspace", "--", "--test-threads=1"]))?;
+    progress("Kubernetes manifests against the Kubernetes schemas");
+    validate_manifests()?;
+    progress("all tests passed");
+    Ok(())
+}
+
+/// Validates deploy/*.yaml with kubernetes-validate (PyPI), in a virtualenv under target/.
+fn validate_manifests() -> Result<()> {
+    let venv = workspace().join("target/venv");
+    let validator = venv.join("bin/kubernetes-validate");
+    if !validator.exists() {
+        run_visible(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        run_visible(
+            Command::new(venv.join("bin/pip"))
+                .args(["install", "-q", "kubernetes-validate"]),
+        )?;
+    }
+    let manifests: Vec<_> = std::fs::read_dir(workspace().join("deploy"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    if manifests.is_empty() {
+        bail!("no manifests in deploy/");
+    }
+    let mut command = Command::new(&validator);
+    command
+        .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
+        .args(manifests.iter().map(|p| p.as_path()));
+    run_visible(&mut command).map_err(|e| e.context(format!("validating manifests in {}", Path::new("deploy").display())))
+}
