@@ -112,7 +112,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         metrics_listener,
         Arc::new(move |path| match path {
             "/metrics" | "/stats/prometheus" => Reply::ok(
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                "text/plain; version=0.0.4; charset=utf-8",
                 scrape.encode(),
             ),
             _ => Reply::text(StatusCode::NOT_FOUND, "try /metrics\n".into()),

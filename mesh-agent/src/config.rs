@@ -296,6 +296,13 @@ pub fn load_path(path: &Path) -> Result<ClusterConfig, ConfigError> {
     Ok(config)
 }
 
+/// Reads the objects of one YAML text, as if it were the file `file`.
+pub fn load_str(file: &Path, text: &str) -> ClusterConfig {
+    let mut config = ClusterConfig::default();
+    load_text(&mut config, &mut HashSet::new(), file, text);
+    config
+}
+
 /// Splits a multi-document YAML text, keeping the line each document starts on.
 fn documents(text: &str) -> Vec<(usize, String)> {
     let mut docs = Vec::new();
@@ -476,14 +483,7 @@ mod tests {
     use super::*;
 
     fn load(text: &str) -> ClusterConfig {
-        let mut config = ClusterConfig::default();
-        load_text(
-            &mut config,
-            &mut HashSet::new(),
-            Path::new("test.yaml"),
-            text,
-        );
-        config
+        load_str(Path::new("test.yaml"), text)
     }
 
     #[test]
@@ -516,7 +516,7 @@ mod tests {
         let errors: Vec<_> = config.errors().collect();
         assert_eq!(errors.len(), 1);
         assert!(errors[0].message.contains("YAML syntax"));
-        assert!(matches!(errors[0].line, Some(5..=7)), "{:?}", errors[0].line);
+        assert!(matches!(errors[0].line, Some(5..=8)), "{:?}", errors[0].line);
     }
 
     #[test]

@@ -333,14 +333,70 @@ impl Metrics {
         }
     }
 
-    /// The metrics in the text exposition format, current to this moment.
+    /// The metrics in Prometheus' text exposition format (0.0.4), current to this moment.
     pub fn encode(&self) -> String {
         self.refresh();
         let mut out = String::new();
         if let Err(err) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             log::error!("encoding metrics: {err}");
         }
-        out
+        openmetrics_to_prometheus_text(&out)
+    }
+}
+
+/// prometheus-client writes OpenMetrics, where a counter family `x` has samples `x_total`.
+/// Prometheus' classic text format (what `promtool check metrics` and every scraper
+/// accept) names the family after its samples and has no `# EOF` or `# UNIT` lines.
+fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let family = if kind == "counter" && !name.ends_with("_total") {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            };
+            if let Some(text) = help.take() {
+                let text = text.split_once(' ').map_or("", |(_, t)| t);
+                out.push_str(&format!("# HELP {family} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {family} {kind}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_renamed_for_the_prometheus_text_format() {
+        let text = openmetrics_to_prometheus_text(
+            "# HELP istio_tcp_sent_bytes Bytes sent.\n# TYPE istio_tcp_sent_bytes counter\n\
+             istio_tcp_sent_bytes_total{reporter=\"source\"} 5\n\
+             # HELP mesh_config_generation Generation.\n# TYPE mesh_config_generation gauge\n\
+             mesh_config_generation 2\n# EOF\n",
+        );
+        assert_eq!(
+            text,
+            "# HELP istio_tcp_sent_bytes_total Bytes sent.\n# TYPE istio_tcp_sent_bytes_total counter\n\
+             istio_tcp_sent_bytes_total{reporter=\"source\"} 5\n\
+             # HELP mesh_config_generation Generation.\n# TYPE mesh_config_generation gauge\n\
+             mesh_config_generation 2\n"
+        );
     }
 }
 

@@ -309,16 +309,10 @@ impl SharedState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::load_path;
+    use crate::config::load_str;
 
     fn state_from(yaml: &str) -> MeshState {
-        let dir = std::env::temp_dir().join(format!("mesh-state-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let file = dir.join(format!("{:x}.yaml", yaml.len() ^ yaml.as_ptr() as usize));
-        std::fs::write(&file, yaml).expect("write");
-        let config = load_path(&file).expect("load");
-        std::fs::remove_file(&file).expect("cleanup");
-        MeshState::build("node-1", &config)
+        MeshState::build("node-1", &load_str(std::path::Path::new("test.yaml"), yaml))
     }
 
     const CLUSTER: &str = "\

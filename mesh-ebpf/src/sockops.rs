@@ -20,7 +20,11 @@ use mesh_common::{
 use crate::maps::{MESH_FLOWS, MESH_FLOW_EVENTS};
 
 const AF_INET: u32 = 2;
+const TCP_FIN_WAIT2: u32 = 5;
+const TCP_TIME_WAIT: u32 = 6;
 const TCP_CLOSE: u32 = 7;
+const TCP_LAST_ACK: u32 = 9;
+const TCP_CLOSING: u32 = 11;
 
 #[sock_ops]
 pub fn sockops_flows(ctx: SockOpsContext) -> u32 {
@@ -57,7 +61,8 @@ fn fill(ctx: &SockOpsContext, stats: &mut FlowStats, now: u64) {
     // SAFETY: the context pointer is valid for the duration of the program.
     let ops = unsafe { &*ctx.ops };
     stats.updated_ns = now;
-    stats.bytes_sent = ops.bytes_acked;
+    // The peer's acknowledgement of our SYN counts as one byte acked.
+    stats.bytes_sent = ops.bytes_acked.saturating_sub(1);
     stats.bytes_received = ops.bytes_received;
     // The kernel keeps the smoothed RTT scaled by 8.
     stats.srtt_us = ops.srtt_us >> 3;
@@ -101,6 +106,15 @@ fn close(ctx: &SockOpsContext) {
     // SAFETY: the map value stays valid while this program runs.
     let stats = unsafe { &mut *stats };
     fill(ctx, stats, now);
+    // TCP counts the FIN in both byte counters; a connection that closed with FINs
+    // both ways carried one byte less of data in each direction than they say.
+    if matches!(
+        ctx.arg(0),
+        TCP_FIN_WAIT2 | TCP_TIME_WAIT | TCP_LAST_ACK | TCP_CLOSING
+    ) {
+        stats.bytes_sent = stats.bytes_sent.saturating_sub(1);
+        stats.bytes_received = stats.bytes_received.saturating_sub(1);
+    }
     let final_stats = *stats;
     let _ = MESH_FLOWS.remove(&key);
     emit(key, FLOW_EVENT_CLOSE, final_stats);
