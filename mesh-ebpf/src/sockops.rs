@@ -1,12 +1,13 @@
 //! sockops on each meshed pod's cgroup: one `MESH_FLOWS` entry per TCP connection of the
-//! pod (bytes, RTT, retransmits, refreshed on every RTT sample) and an event in
-//! `MESH_FLOW_EVENTS` when it opens and when it closes.
+//! pod (bytes, RTT, retransmits) and an event in `MESH_FLOW_EVENTS` when it opens and when
+//! it closes. The entry is refreshed from incoming segments (data for a receiver, ACKs for
+//! a sender) at most every `REFRESH_NS`, so long transfers show live byte counts.
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
+        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::bpf_ktime_get_ns,
     macros::sock_ops,
@@ -20,6 +21,8 @@ use mesh_common::{
 use crate::maps::{MESH_FLOWS, MESH_FLOW_EVENTS};
 
 const AF_INET: u32 = 2;
+/// How stale a live flow's counters may get.
+const REFRESH_NS: u64 = 100_000_000;
 const TCP_FIN_WAIT2: u32 = 5;
 const TCP_TIME_WAIT: u32 = 6;
 const TCP_CLOSE: u32 = 7;
@@ -39,7 +42,7 @@ fn on_event(ctx: &SockOpsContext) {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => open(ctx, FLOW_ROLE_CLIENT),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => open(ctx, FLOW_ROLE_SERVER),
-        BPF_SOCK_OPS_RTT_CB => refresh(ctx),
+        BPF_SOCK_OPS_PARSE_HDR_OPT_CB => refresh(ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => close(ctx),
         _ => {}
     }
@@ -81,7 +84,8 @@ fn open(ctx: &SockOpsContext, role: u32) {
     let key = flow_key(ctx);
     let _ = MESH_FLOWS.insert(&key, &stats, 0);
     let _ = ctx.set_cb_flags(
-        (ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG) as i32,
+        (ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
+            as i32,
     );
     emit(key, FLOW_EVENT_OPEN, stats);
 }
@@ -92,7 +96,10 @@ fn refresh(ctx: &SockOpsContext) {
     if let Some(stats) = MESH_FLOWS.get_ptr_mut(&key) {
         let now = unsafe { bpf_ktime_get_ns() };
         // SAFETY: the map value stays valid while this program runs.
-        fill(ctx, unsafe { &mut *stats }, now);
+        let stats = unsafe { &mut *stats };
+        if now.wrapping_sub(stats.updated_ns) >= REFRESH_NS {
+            fill(ctx, stats, now);
+        }
     }
 }
 

@@ -154,6 +154,20 @@ impl Object {
             .map(str::to_owned)
     }
 
+    /// The port of the first container's `readinessProbe.tcpSocket`, if it has one.
+    fn readiness_port(&self) -> Option<u16> {
+        let port = self
+            .value
+            .get("spec")?
+            .get("containers")?
+            .get(0)?
+            .get("readinessProbe")?
+            .get("tcpSocket")?
+            .get("port")?
+            .as_u64()?;
+        u16::try_from(port).ok()
+    }
+
     /// The first container's command and arguments.
     fn command(&self) -> Vec<String> {
         let Some(container) = self
@@ -353,8 +367,8 @@ pub fn up(config: &Path) -> Result<()> {
         wait_ready(node)?;
     }
     progress(&format!("starting {} pods", pods.len()));
-    for (pod, command) in pods {
-        start_pod(&mut state, &pod, &command)?;
+    for (pod, start) in pods {
+        start_pod(&mut state, &pod, &start)?;
     }
     state.save()?;
     progress("sandbox is up (`cargo xtask sandbox status`)");
@@ -394,9 +408,15 @@ fn write_object(object: &Object) -> Result<()> {
     write_atomic(&path, &serde_yaml::to_string(&object.value)?)
 }
 
-/// Wires a pod (namespace, veth, address, cgroup) and writes it; returns the pod and its
-/// command, started once its node's agent enrolled it.
-fn add_pod(state: &mut SandboxState, object: &Object) -> Result<(PodState, Vec<String>)> {
+/// How a pod starts: its command, and the port that answers once it is ready.
+pub struct PodStart {
+    command: Vec<String>,
+    readiness_port: Option<u16>,
+}
+
+/// Wires a pod (namespace, veth, address, cgroup) and writes it; returns the pod and how
+/// to start it once its node's agent enrolled it.
+fn add_pod(state: &mut SandboxState, object: &Object) -> Result<(PodState, PodStart)> {
     let node_name = object.node_name().with_context(|| {
         format!("{}: Pod {}/{} has no spec.nodeName", object.source.display(), object.namespace, object.name)
     })?;
@@ -443,7 +463,11 @@ fn add_pod(state: &mut SandboxState, object: &Object) -> Result<(PodState, Vec<S
     stored.set(&["status", "phase"], Value::String("Running".into()));
     write_object(&stored)?;
     state.pods.push(pod.clone());
-    Ok((pod, object.command()))
+    let start = PodStart {
+        command: object.command(),
+        readiness_port: object.readiness_port(),
+    };
+    Ok((pod, start))
 }
 
 fn pod_dir(pod: &PodState) -> PathBuf {
@@ -562,9 +586,9 @@ fn wait_enrolled(state: &SandboxState, pod: &PodState) -> Result<()> {
     }
 }
 
-fn start_pod(state: &mut SandboxState, pod: &PodState, command: &[String]) -> Result<()> {
+fn start_pod(state: &mut SandboxState, pod: &PodState, start: &PodStart) -> Result<()> {
     wait_enrolled(state, pod)?;
-    let Some((program, args)) = command.split_first() else {
+    let Some((program, args)) = start.command.split_first() else {
         return Ok(());
     };
     let log = log_file(&format!("pod-{}-{}.log", pod.namespace, pod.name))?;
@@ -586,10 +610,39 @@ fn start_pod(state: &mut SandboxState, pod: &PodState, command: &[String]) -> Re
             detach: true,
         },
     )?;
+    let pid = child.id();
     if let Some(stored) = state.pods.iter_mut().find(|p| p.name == pod.name && p.namespace == pod.namespace) {
-        stored.pid = Some(child.id());
+        stored.pid = Some(pid);
+    }
+    if let Some(port) = start.readiness_port {
+        wait_pod_ready(pod, pid, port)?;
     }
     Ok(())
+}
+
+/// Waits for the pod's readiness probe (a TCP connect to its port, inside the pod).
+fn wait_pod_ready(pod: &PodState, pid: u32, port: u16) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    loop {
+        let connected = ns::within(&pod.netns, move || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+        })?;
+        if connected {
+            return Ok(());
+        }
+        if !process_alive(pid) || Instant::now() > deadline {
+            bail!(
+                "pod {}/{} did not become ready on port {port} (see {}/pod-{}-{}.log)",
+                pod.namespace,
+                pod.name,
+                logs_dir().display(),
+                pod.namespace,
+                pod.name
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Whether anything of an earlier sandbox is left on the machine.
@@ -790,8 +843,8 @@ pub fn apply(path: &Path) -> Result<()> {
         println!("{} {}/{} applied", object.kind.to_lowercase(), object.namespace, object.name);
     }
     state.save()?;
-    for (pod, command) in started {
-        start_pod(&mut state, &pod, &command)?;
+    for (pod, start) in started {
+        start_pod(&mut state, &pod, &start)?;
     }
     state.save()
 }
