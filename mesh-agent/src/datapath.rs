@@ -354,7 +354,7 @@ pub fn service_key(addr: SocketAddrV4) -> ServiceKey {
 }
 
 /// Mounts bpffs at `/sys/fs/bpf` when nothing is mounted there yet.
-fn ensure_bpffs(bpffs: &Path) -> Result<()> {
+pub fn ensure_bpffs(bpffs: &Path) -> Result<()> {
     if !bpffs.starts_with("/sys/fs/bpf") {
         return Ok(());
     }

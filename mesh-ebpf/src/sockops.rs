@@ -64,8 +64,10 @@ fn fill(ctx: &SockOpsContext, stats: &mut FlowStats, now: u64) {
     // SAFETY: the context pointer is valid for the duration of the program.
     let ops = unsafe { &*ctx.ops };
     stats.updated_ns = now;
-    // The peer's acknowledgement of our SYN counts as one byte acked.
-    stats.bytes_sent = ops.bytes_acked.saturating_sub(1);
+    // On the side that connected, the peer's acknowledgement of the SYN counts as one
+    // byte acked; an accepted socket starts counting after the handshake.
+    let syn = (stats.role == FLOW_ROLE_CLIENT) as u64;
+    stats.bytes_sent = ops.bytes_acked.saturating_sub(syn);
     stats.bytes_received = ops.bytes_received;
     // The kernel keeps the smoothed RTT scaled by 8.
     stats.srtt_us = ops.srtt_us >> 3;

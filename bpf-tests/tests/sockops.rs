@@ -1,0 +1,211 @@
+//! The sockops program on real TCP connections of a process in a cgroup: a flow entry
+//! while the connection is open, open and close events with the exact bytes each way.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use aya::{
+    maps::{HashMap, MapData, RingBuf},
+    programs::{CgroupAttachMode, SockOps},
+};
+use bpf_tests::{load, Loaded};
+use mesh_agent::datapath::{cgroup2_mount, ip_key};
+use mesh_common::{
+    pins, programs, FlowEvent, FlowKey, FlowStats, FLOW_EVENT_CLOSE, FLOW_EVENT_OPEN, FLOW_ROLE_CLIENT,
+    FLOW_ROLE_SERVER,
+};
+
+/// A cgroup of its own for the test's client or server process.
+struct TestCgroup(PathBuf);
+
+impl TestCgroup {
+    fn new(name: &str) -> TestCgroup {
+        let root = cgroup2_mount().expect("a cgroup v2 hierarchy");
+        let dir = root.join(format!("mesh-tests-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("creating the test cgroup");
+        TestCgroup(dir)
+    }
+
+    /// A command whose process joins this cgroup before it runs.
+    fn command(&self, program: &str) -> Command {
+        let procs = self.0.join("cgroup.procs");
+        let mut command = Command::new(program);
+        // SAFETY: only writes to a file between fork and exec.
+        unsafe {
+            command.pre_exec(move || std::fs::write(&procs, b"0"));
+        }
+        command
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn attach(loaded: &mut Loaded, cgroup: &TestCgroup) {
+    let prog: &mut SockOps = loaded
+        .ebpf
+        .program_mut(programs::SOCKOPS)
+        .expect("program in the object")
+        .try_into()
+        .expect("a sockops program");
+    prog.load().expect("verifier accepts the sockops program");
+    let dir = std::fs::File::open(&cgroup.0).expect("cgroup directory");
+    prog.attach(dir, CgroupAttachMode::Single).expect("attach to the cgroup");
+}
+
+fn events(loaded: &mut Loaded) -> RingBuf<MapData> {
+    RingBuf::try_from(loaded.ebpf.take_map(pins::FLOW_EVENTS).expect("event ring")).expect("ring buffer")
+}
+
+/// Collects events for `key` until its close event arrives.
+fn wait_for_close(ring: &mut RingBuf<MapData>, key: FlowKey) -> Vec<FlowEvent> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        while let Some(item) = ring.next() {
+            // SAFETY: the program writes whole FlowEvent records.
+            let event = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FlowEvent) };
+            if event.key == key {
+                seen.push(event);
+            }
+        }
+        if seen.iter().any(|e| e.kind == FLOW_EVENT_CLOSE) {
+            return seen;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no close event for {key:?}; saw {seen:?}");
+}
+
+const CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+print(s.getsockname()[1], flush=True)
+s.sendall(b"x" * 300000)
+s.shutdown(socket.SHUT_WR)
+got = 0
+while chunk := s.recv(65536):
+    got += len(chunk)
+print(got, flush=True)
+"#;
+
+#[test]
+fn client_connection_reports_open_close_and_exact_bytes() {
+    let mut loaded = load();
+    let cgroup = TestCgroup::new("client");
+    attach(&mut loaded, &cgroup);
+    let mut ring = events(&mut loaded);
+
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let server_port = listener.local_addr().expect("addr").port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut received = Vec::new();
+        conn.read_to_end(&mut received).expect("read");
+        conn.write_all(&[7u8; 70000]).expect("write");
+        received.len()
+    });
+    let output = cgroup
+        .command("python3")
+        .args(["-c", CLIENT, &server_port.to_string()])
+        .output()
+        .expect("python3 client");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut lines = stdout.lines();
+    let client_port: u16 = lines.next().and_then(|l| l.parse().ok()).expect("client port");
+    assert_eq!(lines.next(), Some("70000"));
+    assert_eq!(server.join().expect("server"), 300000);
+
+    let localhost = ip_key("127.0.0.1".parse().expect("ip"));
+    let key = FlowKey {
+        local_ip: localhost,
+        remote_ip: localhost,
+        local_port: client_port,
+        remote_port: server_port,
+    };
+    let seen = wait_for_close(&mut ring, key);
+    let open = seen.iter().find(|e| e.kind == FLOW_EVENT_OPEN).expect("an open event");
+    let close = seen.iter().find(|e| e.kind == FLOW_EVENT_CLOSE).expect("a close event");
+    assert_eq!(open.stats.role, FLOW_ROLE_CLIENT);
+    assert_eq!(close.stats.role, FLOW_ROLE_CLIENT);
+    assert_eq!(close.stats.bytes_sent, 300000);
+    assert_eq!(close.stats.bytes_received, 70000);
+    assert!(close.stats.opened_ns <= close.stats.updated_ns);
+
+    let flows: HashMap<_, FlowKey, FlowStats> =
+        HashMap::try_from(loaded.ebpf.map(pins::FLOWS).expect("flow map")).expect("hash map");
+    assert!(flows.get(&key, 0).is_err(), "a closed flow leaves the map");
+}
+
+const SERVER: &str = r#"
+import socket
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen()
+print(l.getsockname()[1], flush=True)
+c, _ = l.accept()
+data = b""
+while len(data) < 5000:
+    data += c.recv(65536)
+c.sendall(data)
+while c.recv(65536):
+    pass
+c.close()
+"#;
+
+#[test]
+fn server_connection_is_tracked_while_open_and_reports_bytes_on_close() {
+    let mut loaded = load();
+    let cgroup = TestCgroup::new("server");
+    attach(&mut loaded, &cgroup);
+    let mut ring = events(&mut loaded);
+
+    let mut server = cgroup
+        .command("python3")
+        .args(["-c", SERVER])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 server");
+    let mut port_line = String::new();
+    BufReader::new(server.stdout.as_mut().expect("stdout"))
+        .read_line(&mut port_line)
+        .expect("server port");
+    let server_port: u16 = port_line.trim().parse().expect("port number");
+
+    let mut client = TcpStream::connect(("127.0.0.1", server_port)).expect("connect");
+    client.write_all(&[1u8; 5000]).expect("send");
+    let mut echoed = [0u8; 5000];
+    client.read_exact(&mut echoed).expect("echo");
+    let client_port = client.local_addr().expect("addr").port();
+    let localhost = ip_key("127.0.0.1".parse().expect("ip"));
+    let key = FlowKey {
+        local_ip: localhost,
+        remote_ip: localhost,
+        local_port: server_port,
+        remote_port: client_port,
+    };
+    {
+        let flows: HashMap<_, FlowKey, FlowStats> =
+            HashMap::try_from(loaded.ebpf.map(pins::FLOWS).expect("flow map")).expect("hash map");
+        let live = flows.get(&key, 0).expect("the open connection is in the flow map");
+        assert_eq!(live.role, FLOW_ROLE_SERVER);
+    }
+    drop(client);
+    assert!(server.wait().expect("server exit").success());
+
+    let seen = wait_for_close(&mut ring, key);
+    let close = seen.iter().find(|e| e.kind == FLOW_EVENT_CLOSE).expect("a close event");
+    assert_eq!(close.stats.role, FLOW_ROLE_SERVER);
+    assert_eq!(close.stats.bytes_received, 5000);
+    assert_eq!(close.stats.bytes_sent, 5000);
+}
