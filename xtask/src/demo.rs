@@ -18,19 +18,7 @@ use crate::{
 };
 
 /// Sends 2 MiB through a TCP echo server and checks the echo; prints `ok <bytes>`.
-pub const ECHO_CHECK: &str = r#"
-import hashlib, os, socket, sys, threading
-data = os.urandom(2 << 20)
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
-sender = threading.Thread(target=lambda: (s.sendall(data), s.shutdown(socket.SHUT_WR)))
-sender.start()
-echoed = bytearray()
-while chunk := s.recv(65536):
-    echoed += chunk
-sender.join()
-same = hashlib.sha256(data).digest() == hashlib.sha256(echoed).digest()
-print(("ok" if same else "corrupted"), len(echoed))
-"#;
+pub const ECHO_CHECK: &str = include_str!("../tests/echo_check.py");
 
 fn output(target: &ExecTarget, program: &str, args: &[&str]) -> Result<String> {
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
