@@ -13,14 +13,22 @@ fn main() -> Result<()> {
         .context("mesh-agent has no parent directory")?;
     let ebpf_dir = workspace.join("mesh-ebpf");
     for watched in ["mesh-ebpf/src", "mesh-ebpf/Cargo.toml", "mesh-common/src"] {
-        println!("cargo:rerun-if-changed={}", workspace.join(watched).display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            workspace.join(watched).display()
+        );
     }
     let target_dir = env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace.join("target"))
         .join("bpf");
 
-    let rustflags = ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f");
+    let rustflags = [
+        "--cfg=bpf_target_arch=\"x86_64\"",
+        "-Cdebuginfo=2",
+        "-Clink-arg=--btf",
+    ]
+    .join("\x1f");
     let mut cmd = Command::new("rustup");
     cmd.args(["run", "nightly", "cargo", "build", "--locked", "--release"])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])

@@ -17,8 +17,8 @@ use aya::{
 use bpf_tests::{load, Loaded};
 use mesh_agent::datapath::{cgroup2_mount, ip_key};
 use mesh_common::{
-    pins, programs, FlowEvent, FlowKey, FlowStats, FLOW_EVENT_CLOSE, FLOW_EVENT_OPEN, FLOW_ROLE_CLIENT,
-    FLOW_ROLE_SERVER,
+    pins, programs, FlowEvent, FlowKey, FlowStats, FLOW_EVENT_CLOSE, FLOW_EVENT_OPEN,
+    FLOW_ROLE_CLIENT, FLOW_ROLE_SERVER,
 };
 
 /// A cgroup of its own for the test's client or server process.
@@ -59,11 +59,13 @@ fn attach(loaded: &mut Loaded, cgroup: &TestCgroup) {
         .expect("a sockops program");
     prog.load().expect("verifier accepts the sockops program");
     let dir = std::fs::File::open(&cgroup.0).expect("cgroup directory");
-    prog.attach(dir, CgroupAttachMode::Single).expect("attach to the cgroup");
+    prog.attach(dir, CgroupAttachMode::Single)
+        .expect("attach to the cgroup");
 }
 
 fn events(loaded: &mut Loaded) -> RingBuf<MapData> {
-    RingBuf::try_from(loaded.ebpf.take_map(pins::FLOW_EVENTS).expect("event ring")).expect("ring buffer")
+    RingBuf::try_from(loaded.ebpf.take_map(pins::FLOW_EVENTS).expect("event ring"))
+        .expect("ring buffer")
 }
 
 /// Collects events for `key` until its close event arrives.
@@ -119,10 +121,17 @@ fn client_connection_reports_open_close_and_exact_bytes() {
         .args(["-c", CLIENT, &server_port.to_string()])
         .output()
         .expect("python3 client");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     let mut lines = stdout.lines();
-    let client_port: u16 = lines.next().and_then(|l| l.parse().ok()).expect("client port");
+    let client_port: u16 = lines
+        .next()
+        .and_then(|l| l.parse().ok())
+        .expect("client port");
     assert_eq!(lines.next(), Some("70000"));
     assert_eq!(server.join().expect("server"), 300000);
 
@@ -134,8 +143,14 @@ fn client_connection_reports_open_close_and_exact_bytes() {
         remote_port: server_port,
     };
     let seen = wait_for_close(&mut ring, key);
-    let open = seen.iter().find(|e| e.kind == FLOW_EVENT_OPEN).expect("an open event");
-    let close = seen.iter().find(|e| e.kind == FLOW_EVENT_CLOSE).expect("a close event");
+    let open = seen
+        .iter()
+        .find(|e| e.kind == FLOW_EVENT_OPEN)
+        .expect("an open event");
+    let close = seen
+        .iter()
+        .find(|e| e.kind == FLOW_EVENT_CLOSE)
+        .expect("a close event");
     assert_eq!(open.stats.role, FLOW_ROLE_CLIENT);
     assert_eq!(close.stats.role, FLOW_ROLE_CLIENT);
     assert_eq!(close.stats.bytes_sent, 300000);
@@ -197,14 +212,19 @@ fn server_connection_is_tracked_while_open_and_reports_bytes_on_close() {
     {
         let flows: HashMap<_, FlowKey, FlowStats> =
             HashMap::try_from(loaded.ebpf.map(pins::FLOWS).expect("flow map")).expect("hash map");
-        let live = flows.get(&key, 0).expect("the open connection is in the flow map");
+        let live = flows
+            .get(&key, 0)
+            .expect("the open connection is in the flow map");
         assert_eq!(live.role, FLOW_ROLE_SERVER);
     }
     drop(client);
     assert!(server.wait().expect("server exit").success());
 
     let seen = wait_for_close(&mut ring, key);
-    let close = seen.iter().find(|e| e.kind == FLOW_EVENT_CLOSE).expect("a close event");
+    let close = seen
+        .iter()
+        .find(|e| e.kind == FLOW_EVENT_CLOSE)
+        .expect("a close event");
     assert_eq!(close.stats.role, FLOW_ROLE_SERVER);
     assert_eq!(close.stats.bytes_received, 5000);
     assert_eq!(close.stats.bytes_sent, 5000);

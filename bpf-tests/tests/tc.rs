@@ -53,7 +53,11 @@ fn run(prog: &SchedClassifier, packet: &[u8]) -> Run {
             ..TestRunOptions::default()
         })
         .expect("BPF_PROG_TEST_RUN");
-    let mark = u32::from_ne_bytes(ctx_out[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4].try_into().expect("4 bytes"));
+    let mark = u32::from_ne_bytes(
+        ctx_out[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4]
+            .try_into()
+            .expect("4 bytes"),
+    );
     Run {
         action: result.return_value,
         mark,
@@ -62,7 +66,8 @@ fn run(prog: &SchedClassifier, packet: &[u8]) -> Run {
 
 fn verdicts(loaded: &Loaded) -> Vec<u64> {
     let map: PerCpuArray<_, u64> =
-        PerCpuArray::try_from(loaded.ebpf.map(pins::TC_VERDICTS).expect("verdict map")).expect("per-CPU array");
+        PerCpuArray::try_from(loaded.ebpf.map(pins::TC_VERDICTS).expect("verdict map"))
+            .expect("per-CPU array");
     (0..verdict::COUNT)
         .map(|i| map.get(&i, 0).expect("verdict").iter().sum())
         .collect()
@@ -70,7 +75,8 @@ fn verdicts(loaded: &Loaded) -> Vec<u64> {
 
 fn traffic(loaded: &Loaded, src: Ipv4Addr, dst: Ipv4Addr) -> TrafficCounters {
     let map: PerCpuHashMap<_, TrafficKey, TrafficCounters> =
-        PerCpuHashMap::try_from(loaded.ebpf.map(pins::TRAFFIC).expect("traffic map")).expect("per-CPU hash");
+        PerCpuHashMap::try_from(loaded.ebpf.map(pins::TRAFFIC).expect("traffic map"))
+            .expect("per-CPU hash");
     let key = TrafficKey {
         src_ip: ip_key(src),
         dst_ip: ip_key(dst),
@@ -86,7 +92,8 @@ fn traffic(loaded: &Loaded, src: Ipv4Addr, dst: Ipv4Addr) -> TrafficCounters {
 
 fn mesh_destinations(loaded: &mut Loaded) {
     let mut workloads: HashMap<_, u32, WorkloadInfo> =
-        HashMap::try_from(loaded.ebpf.map_mut(pins::WORKLOADS).expect("workload map")).expect("hash map");
+        HashMap::try_from(loaded.ebpf.map_mut(pins::WORKLOADS).expect("workload map"))
+            .expect("hash map");
     let info = WorkloadInfo {
         namespace: [0; NAME_LEN],
         name: [0; NAME_LEN],
@@ -95,9 +102,12 @@ fn mesh_destinations(loaded: &mut Loaded) {
         ifindex: 0,
         flags: 0,
     };
-    workloads.insert(ip_key(MESHED_POD), info, 0).expect("insert workload");
+    workloads
+        .insert(ip_key(MESHED_POD), info, 0)
+        .expect("insert workload");
     let mut services: HashMap<_, mesh_common::ServiceKey, ServiceInfo> =
-        HashMap::try_from(loaded.ebpf.map_mut(pins::SERVICES).expect("service map")).expect("hash map");
+        HashMap::try_from(loaded.ebpf.map_mut(pins::SERVICES).expect("service map"))
+            .expect("hash map");
     let info = ServiceInfo {
         namespace: [0; NAME_LEN],
         name: [0; NAME_LEN],
@@ -130,7 +140,11 @@ fn traffic_to_unmeshed_destinations_passes_and_is_counted() {
         let counted = traffic(&loaded, POD, OUTSIDE);
         assert_eq!(counted.packets, 1);
         assert_eq!(counted.bytes, syn.len() as u64);
-        assert_eq!(traffic(&loaded, POD, MESHED_POD).packets, 1, "UDP is counted too");
+        assert_eq!(
+            traffic(&loaded, POD, MESHED_POD).packets,
+            1,
+            "UDP is counted too"
+        );
     });
 }
 
@@ -142,7 +156,10 @@ fn new_connection_to_a_meshed_destination_without_agent_is_dropped() {
         let prog = program(&mut loaded);
         let to_pod = run(prog, &tcp_packet(POD, MESHED_POD, 40000, 8080, TCP_SYN));
         let to_service = run(prog, &tcp_packet(POD, SERVICE, 40001, 80, TCP_SYN));
-        assert_eq!((to_pod.action, to_service.action), (TC_ACT_SHOT, TC_ACT_SHOT));
+        assert_eq!(
+            (to_pod.action, to_service.action),
+            (TC_ACT_SHOT, TC_ACT_SHOT)
+        );
         let mid_stream = run(prog, &tcp_packet(POD, SERVICE, 40002, 80, TCP_ACK));
         assert_eq!(mid_stream.action, TC_ACT_SHOT);
         let counts = verdicts(&loaded);
@@ -164,7 +181,11 @@ fn new_connection_to_a_meshed_destination_finds_the_capture_listener() {
         // BPF_PROG_TEST_RUN does not run at a real tc ingress, where bpf_sk_assign is
         // allowed: the listener being found shows as a refused assignment, not as
         // "no proxy". The sandbox tests cover the real steering end to end.
-        assert_eq!(counts[verdict::DROP_NO_PROXY as usize], 0, "the capture listener was not found");
+        assert_eq!(
+            counts[verdict::DROP_NO_PROXY as usize],
+            0,
+            "the capture listener was not found"
+        );
         assert_eq!(
             counts[verdict::STEERED_NEW as usize] + counts[verdict::DROP_ASSIGN_FAILED as usize],
             1
@@ -183,7 +204,10 @@ fn tokio_free_listener() -> std::net::TcpListener {
         .build()
         .expect("runtime");
     let _guard = runtime.enter();
-    let listener = transparent_listener(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, OUTBOUND_CAPTURE_PORT))
-        .expect("capture listener");
+    let listener = transparent_listener(SocketAddrV4::new(
+        Ipv4Addr::UNSPECIFIED,
+        OUTBOUND_CAPTURE_PORT,
+    ))
+    .expect("capture listener");
     listener.into_std().expect("std listener")
 }

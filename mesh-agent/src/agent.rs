@@ -106,15 +106,18 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
 
     tokio::spawn(metrics.clone().run(kernel_maps));
     tokio::spawn(outbound::serve(capture, shared.clone(), conns.clone()));
-    tokio::spawn(inbound::serve(tunnel_listener, shared.clone(), conns.clone()));
+    tokio::spawn(inbound::serve(
+        tunnel_listener,
+        shared.clone(),
+        conns.clone(),
+    ));
     let scrape = metrics.clone();
     tokio::spawn(http::serve(
         metrics_listener,
         Arc::new(move |path| match path {
-            "/metrics" | "/stats/prometheus" => Reply::ok(
-                "text/plain; version=0.0.4; charset=utf-8",
-                scrape.encode(),
-            ),
+            "/metrics" | "/stats/prometheus" => {
+                Reply::ok("text/plain; version=0.0.4; charset=utf-8", scrape.encode())
+            }
             _ => Reply::text(StatusCode::NOT_FOUND, "try /metrics\n".into()),
         }),
     ));
@@ -141,7 +144,10 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 Reply::json(&status)
             }
             "/config_dump" => Reply::json(&*admin_state.current()),
-            _ => Reply::text(StatusCode::NOT_FOUND, "try /status or /config_dump\n".into()),
+            _ => Reply::text(
+                StatusCode::NOT_FOUND,
+                "try /status or /config_dump\n".into(),
+            ),
         }),
     ));
 
@@ -280,7 +286,17 @@ impl Reconciler {
                 );
                 continue;
             };
-            desired.insert(key, (workload.ip, PodAttachment { veth, ifindex, cgroup }));
+            desired.insert(
+                key,
+                (
+                    workload.ip,
+                    PodAttachment {
+                        veth,
+                        ifindex,
+                        cgroup,
+                    },
+                ),
+            );
         }
         for (key, (_, attachment)) in &desired {
             if self.enrolled.get(key) == Some(attachment) {
@@ -288,7 +304,11 @@ impl Reconciler {
             }
             match self.datapath.attach_pod(key, attachment) {
                 Ok(()) => {
-                    log::info!("enrolled {key} ({}, {})", attachment.veth, attachment.cgroup.display());
+                    log::info!(
+                        "enrolled {key} ({}, {})",
+                        attachment.veth,
+                        attachment.cgroup.display()
+                    );
                     self.enrolled.insert(key.clone(), attachment.clone());
                 }
                 Err(err) => {
@@ -304,7 +324,12 @@ impl Reconciler {
             .into_iter()
             .filter(|key| !desired.contains_key(key))
             .collect();
-        gone.extend(self.enrolled.keys().filter(|k| !desired.contains_key(*k)).cloned());
+        gone.extend(
+            self.enrolled
+                .keys()
+                .filter(|k| !desired.contains_key(*k))
+                .cloned(),
+        );
         gone.sort();
         gone.dedup();
         for key in gone {

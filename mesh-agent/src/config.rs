@@ -498,7 +498,10 @@ mod tests {
         );
         assert!(config.diagnostics.is_empty(), "{:?}", config.diagnostics);
         assert_eq!(config.namespaces.len(), 1);
-        assert_eq!(config.pods[0].spec.containers[0].ports[0].container_port, 8080);
+        assert_eq!(
+            config.pods[0].spec.containers[0].ports[0].container_port,
+            8080
+        );
         assert_eq!(
             config.services[0].spec.ports[0].target_port,
             Some(TargetPort::Name("http".into()))
@@ -516,7 +519,11 @@ mod tests {
         let errors: Vec<_> = config.errors().collect();
         assert_eq!(errors.len(), 1);
         assert!(errors[0].message.contains("YAML syntax"));
-        assert!(matches!(errors[0].line, Some(5..=8)), "{:?}", errors[0].line);
+        assert!(
+            matches!(errors[0].line, Some(5..=8)),
+            "{:?}",
+            errors[0].line
+        );
     }
 
     #[test]
@@ -551,7 +558,10 @@ mod tests {
         );
         let messages: Vec<String> = config.errors().map(|d| d.message.clone()).collect();
         assert!(messages[0].contains("clusterIP"), "{messages:?}");
-        assert!(messages[1].contains("defined more than once"), "{messages:?}");
+        assert!(
+            messages[1].contains("defined more than once"),
+            "{messages:?}"
+        );
         assert_eq!(config.namespaces.len(), 1);
     }
 }

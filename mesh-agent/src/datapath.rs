@@ -255,7 +255,8 @@ impl Datapath {
             .collect();
         sync(&mut workloads, pins::WORKLOADS, &desired)?;
 
-        let mut services: BpfHashMap<_, ServiceKey, ServiceInfo> = map(&mut self.ebpf, pins::SERVICES)?;
+        let mut services: BpfHashMap<_, ServiceKey, ServiceInfo> =
+            map(&mut self.ebpf, pins::SERVICES)?;
         let desired: HashMap<ServiceKey, ServiceInfo> = state
             .services
             .values()
@@ -385,9 +386,21 @@ pub fn install_capture_route() -> Result<()> {
     let table = CAPTURE_ROUTE_TABLE.to_string();
     let rules = run_ip(&["-4", "rule", "show", "table", &table])?;
     if !rules.contains("fwmark") {
-        run_ip(&["-4", "rule", "add", "fwmark", &mark, "lookup", &table, "priority", "100"])?;
+        run_ip(&[
+            "-4", "rule", "add", "fwmark", &mark, "lookup", &table, "priority", "100",
+        ])?;
     }
-    run_ip(&["-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table])?;
+    run_ip(&[
+        "-4",
+        "route",
+        "replace",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        &table,
+    ])?;
     Ok(())
 }
 
@@ -481,7 +494,8 @@ mod tests {
     fn pod_cgroup_is_found_by_uid_in_both_kubelet_layouts() {
         let root = std::env::temp_dir().join(format!("mesh-cg-test-{}", std::process::id()));
         let cgroupfs = root.join("kubepods/besteffort/pod1234-ab");
-        let systemd = root.join("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod99_cd.slice");
+        let systemd =
+            root.join("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod99_cd.slice");
         fs::create_dir_all(&cgroupfs).expect("mkdir");
         fs::create_dir_all(&systemd).expect("mkdir");
         assert_eq!(find_pod_cgroup(&root, "1234-ab"), Some(cgroupfs));

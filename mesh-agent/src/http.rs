@@ -5,7 +5,9 @@ use std::{convert::Infallible, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode};
+use hyper::{
+    body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode,
+};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
@@ -27,7 +29,10 @@ impl Reply {
     pub fn json(value: &impl serde::Serialize) -> Reply {
         match serde_json::to_string_pretty(value) {
             Ok(body) => Reply::ok("application/json", body),
-            Err(err) => Reply::text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding JSON: {err}\n")),
+            Err(err) => Reply::text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("encoding JSON: {err}\n"),
+            ),
         }
     }
 
@@ -59,7 +64,10 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
                     let reply = if request.method() == Method::GET {
                         handler(request.uri().path())
                     } else {
-                        Reply::text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n".into())
+                        Reply::text(
+                            StatusCode::METHOD_NOT_ALLOWED,
+                            "only GET is served\n".into(),
+                        )
                     };
                     let response = Response::builder()
                         .status(reply.status)

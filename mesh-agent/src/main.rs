@@ -10,7 +10,11 @@ use mesh_agent::{
 };
 
 #[derive(Parser)]
-#[command(name = "mesh-agent", version, about = "eBPF-accelerated sidecarless service mesh: the node agent")]
+#[command(
+    name = "mesh-agent",
+    version,
+    about = "eBPF-accelerated sidecarless service mesh: the node agent"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -9,7 +9,7 @@ use std::{
 
 use aya::{
     maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
-    programs::{loaded_programs, links::PinnedLink},
+    programs::{links::PinnedLink, loaded_programs},
 };
 use mesh_common::{
     name_str, pins, verdict, FlowKey, FlowStats, ServiceInfo, ServiceKey, TrafficCounters,
@@ -23,7 +23,9 @@ use crate::datapath::{ip_from_key, links_dir, maps_dir};
 pub enum MapsError {
     #[error("no mesh maps at {0}: is the mesh agent running on this node? (see --bpffs)")]
     Missing(PathBuf),
-    #[error("permission denied opening {0}: reading BPF maps needs root (CAP_BPF and CAP_SYS_ADMIN)")]
+    #[error(
+        "permission denied opening {0}: reading BPF maps needs root (CAP_BPF and CAP_SYS_ADMIN)"
+    )]
     Permission(PathBuf),
     #[error("{path}: {message}")]
     Other { path: PathBuf, message: String },

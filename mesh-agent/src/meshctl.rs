@@ -19,10 +19,20 @@ use crate::maps::NodeMaps;
 #[command(name = "meshctl", version, about = "Inspect the mesh on this node")]
 pub struct Cli {
     /// The node's bpffs directory (where the agent pins maps and links).
-    #[arg(long, global = true, env = "MESH_BPFFS", default_value = "/sys/fs/bpf/mesh")]
+    #[arg(
+        long,
+        global = true,
+        env = "MESH_BPFFS",
+        default_value = "/sys/fs/bpf/mesh"
+    )]
     bpffs: PathBuf,
     /// The agent's admin address.
-    #[arg(long, global = true, env = "MESH_ADMIN", default_value = "127.0.0.1:15000")]
+    #[arg(
+        long,
+        global = true,
+        env = "MESH_ADMIN",
+        default_value = "127.0.0.1:15000"
+    )]
     admin: SocketAddr,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
@@ -69,76 +79,134 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             match what {
                 BpfCommand::Programs => {
                     let rows = maps.programs()?;
-                    print(json, &rows, &["ATTACHMENT", "PROGRAM", "PROG ID", "LINK ID", "RUNS", "AVG NS"], |r| {
-                        vec![
-                            r.attachment.clone(),
-                            r.program.clone(),
-                            r.program_id.to_string(),
-                            r.link_id.to_string(),
-                            r.run_count.to_string(),
-                            if r.run_count == 0 { "-".into() } else { (r.run_time_ns / r.run_count).to_string() },
-                        ]
-                    })
+                    print(
+                        json,
+                        &rows,
+                        &[
+                            "ATTACHMENT",
+                            "PROGRAM",
+                            "PROG ID",
+                            "LINK ID",
+                            "RUNS",
+                            "AVG NS",
+                        ],
+                        |r| {
+                            vec![
+                                r.attachment.clone(),
+                                r.program.clone(),
+                                r.program_id.to_string(),
+                                r.link_id.to_string(),
+                                r.run_count.to_string(),
+                                r.run_time_ns
+                                    .checked_div(r.run_count)
+                                    .map_or("-".into(), |ns| ns.to_string()),
+                            ]
+                        },
+                    )
                 }
                 BpfCommand::Workloads => {
                     let workloads = maps.workloads()?;
                     let services = maps.services()?;
                     if json {
-                        return emit_json(&serde_json::json!({"workloads": workloads, "services": services}));
+                        return emit_json(
+                            &serde_json::json!({"workloads": workloads, "services": services}),
+                        );
                     }
-                    table(&["IP", "NAMESPACE", "POD", "WORKLOAD", "SERVICE ACCOUNT", "LOCAL", "IFINDEX"], workloads.iter().map(|w| {
-                        vec![
-                            w.ip.to_string(),
-                            w.namespace.clone(),
-                            w.pod.clone(),
-                            w.workload.clone(),
-                            w.service_account.clone(),
-                            if w.local { "yes" } else { "no" }.into(),
-                            w.ifindex.to_string(),
-                        ]
-                    }));
+                    table(
+                        &[
+                            "IP",
+                            "NAMESPACE",
+                            "POD",
+                            "WORKLOAD",
+                            "SERVICE ACCOUNT",
+                            "LOCAL",
+                            "IFINDEX",
+                        ],
+                        workloads.iter().map(|w| {
+                            vec![
+                                w.ip.to_string(),
+                                w.namespace.clone(),
+                                w.pod.clone(),
+                                w.workload.clone(),
+                                w.service_account.clone(),
+                                if w.local { "yes" } else { "no" }.into(),
+                                w.ifindex.to_string(),
+                            ]
+                        }),
+                    );
                     println!();
-                    table(&["SERVICE ADDRESS", "NAMESPACE", "SERVICE"], services.iter().map(|s| {
-                        vec![s.address.to_string(), s.namespace.clone(), s.name.clone()]
-                    }));
+                    table(
+                        &["SERVICE ADDRESS", "NAMESPACE", "SERVICE"],
+                        services.iter().map(|s| {
+                            vec![s.address.to_string(), s.namespace.clone(), s.name.clone()]
+                        }),
+                    );
                     Ok(())
                 }
                 BpfCommand::Flows => {
                     let rows = maps.flows()?;
-                    print(json, &rows, &["LOCAL", "REMOTE", "ROLE", "LOCAL WORKLOAD", "REMOTE WORKLOAD", "SENT", "RECEIVED", "SRTT US", "RETRANS", "AGE S"], |r| {
-                        vec![
-                            r.local.to_string(),
-                            r.remote.to_string(),
-                            r.role.into(),
-                            r.local_workload.clone(),
-                            r.remote_workload.clone(),
-                            r.bytes_sent.to_string(),
-                            r.bytes_received.to_string(),
-                            r.srtt_us.to_string(),
-                            r.retransmits.to_string(),
-                            format!("{:.1}", r.age_seconds),
-                        ]
-                    })
+                    print(
+                        json,
+                        &rows,
+                        &[
+                            "LOCAL",
+                            "REMOTE",
+                            "ROLE",
+                            "LOCAL WORKLOAD",
+                            "REMOTE WORKLOAD",
+                            "SENT",
+                            "RECEIVED",
+                            "SRTT US",
+                            "RETRANS",
+                            "AGE S",
+                        ],
+                        |r| {
+                            vec![
+                                r.local.to_string(),
+                                r.remote.to_string(),
+                                r.role.into(),
+                                r.local_workload.clone(),
+                                r.remote_workload.clone(),
+                                r.bytes_sent.to_string(),
+                                r.bytes_received.to_string(),
+                                r.srtt_us.to_string(),
+                                r.retransmits.to_string(),
+                                format!("{:.1}", r.age_seconds),
+                            ]
+                        },
+                    )
                 }
                 BpfCommand::Metrics => {
                     let traffic = maps.traffic()?;
                     let verdicts = maps.verdicts()?;
                     if json {
-                        let verdicts: serde_json::Map<String, serde_json::Value> =
-                            verdicts.iter().map(|(k, v)| (k.to_string(), (*v).into())).collect();
-                        return emit_json(&serde_json::json!({"traffic": traffic, "verdicts": verdicts}));
+                        let verdicts: serde_json::Map<String, serde_json::Value> = verdicts
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), (*v).into()))
+                            .collect();
+                        return emit_json(
+                            &serde_json::json!({"traffic": traffic, "verdicts": verdicts}),
+                        );
                     }
-                    table(&["SOURCE", "DESTINATION", "DIRECTION", "PACKETS", "BYTES"], traffic.iter().map(|t| {
-                        vec![
-                            t.source.to_string(),
-                            t.destination.to_string(),
-                            t.direction.into(),
-                            t.packets.to_string(),
-                            t.bytes.to_string(),
-                        ]
-                    }));
+                    table(
+                        &["SOURCE", "DESTINATION", "DIRECTION", "PACKETS", "BYTES"],
+                        traffic.iter().map(|t| {
+                            vec![
+                                t.source.to_string(),
+                                t.destination.to_string(),
+                                t.direction.into(),
+                                t.packets.to_string(),
+                                t.bytes.to_string(),
+                            ]
+                        }),
+                    );
                     println!();
-                    table(&["TC VERDICT", "PACKETS"], verdicts.iter().map(|(k, v)| vec![k.to_string(), v.to_string()]));
+                    table(
+                        &["TC VERDICT", "PACKETS"],
+                        verdicts
+                            .iter()
+                            .map(|(k, v)| vec![k.to_string(), v.to_string()]),
+                    );
                     Ok(())
                 }
             }
@@ -152,13 +220,21 @@ fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
         println!("{body}");
         return Ok(());
     }
-    let status: serde_json::Value = serde_json::from_str(&body).context("the agent's /status is not JSON")?;
+    let status: serde_json::Value =
+        serde_json::from_str(&body).context("the agent's /status is not JSON")?;
     let field = |name: &str| status.get(name).cloned().unwrap_or(serde_json::Value::Null);
     println!("node:          {}", field("node").as_str().unwrap_or("?"));
     println!("ready:         {}", field("ready"));
     println!("generation:    {}", field("generation"));
-    println!("last error:    {}", field("last_error").as_str().unwrap_or("none"));
-    println!("workloads:     {} known, services: {}", field("workloads"), field("services"));
+    println!(
+        "last error:    {}",
+        field("last_error").as_str().unwrap_or("none")
+    );
+    println!(
+        "workloads:     {} known, services: {}",
+        field("workloads"),
+        field("services")
+    );
     println!("connections:   {} proxied", field("proxied_connections"));
     if let Some(enrolled) = status.get("enrolled").and_then(|e| e.as_object()) {
         println!("enrolled pods: {}", enrolled.len());
@@ -180,9 +256,10 @@ fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
 
 /// A GET to the agent's admin API; the body on 200.
 fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(3)).with_context(|| {
-        format!("no mesh agent answers at {admin}: is it running on this node? (see --admin)")
-    })?;
+    let mut stream =
+        TcpStream::connect_timeout(&admin, Duration::from_secs(3)).with_context(|| {
+            format!("no mesh agent answers at {admin}: is it running on this node? (see --admin)")
+        })?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {admin}\r\n\r\n")?;
     let mut response = String::new();

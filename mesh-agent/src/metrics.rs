@@ -256,7 +256,9 @@ impl Metrics {
                         sent: 0,
                         received: 0,
                     });
-                    if let Some(labels) = self.settle(&state, &event.key, &event.stats, tracker, true) {
+                    if let Some(labels) =
+                        self.settle(&state, &event.key, &event.stats, tracker, true)
+                    {
                         self.closed.get_or_create(&labels).inc();
                     }
                     tracker.live.remove(&event.key);
@@ -378,27 +380,6 @@ fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counters_are_renamed_for_the_prometheus_text_format() {
-        let text = openmetrics_to_prometheus_text(
-            "# HELP istio_tcp_sent_bytes Bytes sent.\n# TYPE istio_tcp_sent_bytes counter\n\
-             istio_tcp_sent_bytes_total{reporter=\"source\"} 5\n\
-             # HELP mesh_config_generation Generation.\n# TYPE mesh_config_generation gauge\n\
-             mesh_config_generation 2\n# EOF\n",
-        );
-        assert_eq!(
-            text,
-            "# HELP istio_tcp_sent_bytes_total Bytes sent.\n# TYPE istio_tcp_sent_bytes_total counter\n\
-             istio_tcp_sent_bytes_total{reporter=\"source\"} 5\n\
-             # HELP mesh_config_generation Generation.\n# TYPE mesh_config_generation gauge\n\
-             mesh_config_generation 2\n"
-        );
-    }
-}
 
 const UNKNOWN: &str = "unknown";
 
@@ -453,8 +434,12 @@ fn labels_for(
         let source = state.workloads.get(&remote_ip).cloned();
         ("destination", source, Some(local.clone()), service)
     };
-    let (src, dst) = (Side::of(source.as_deref()), Side::of(destination.as_deref()));
-    let (service_name, service_namespace) = match service.as_deref().and_then(|s| s.split_once('.')) {
+    let (src, dst) = (
+        Side::of(source.as_deref()),
+        Side::of(destination.as_deref()),
+    );
+    let (service_name, service_namespace) = match service.as_deref().and_then(|s| s.split_once('.'))
+    {
         Some((name, rest)) => (
             name.to_owned(),
             rest.split('.').next().unwrap_or(UNKNOWN).to_owned(),
@@ -477,4 +462,26 @@ fn labels_for(
         request_protocol: "tcp".into(),
         connection_security_policy: "none".into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_renamed_for_the_prometheus_text_format() {
+        let text = openmetrics_to_prometheus_text(
+            "# HELP istio_tcp_sent_bytes Bytes sent.\n# TYPE istio_tcp_sent_bytes counter\n\
+             istio_tcp_sent_bytes_total{reporter=\"source\"} 5\n\
+             # HELP mesh_config_generation Generation.\n# TYPE mesh_config_generation gauge\n\
+             mesh_config_generation 2\n# EOF\n",
+        );
+        assert_eq!(
+            text,
+            "# HELP istio_tcp_sent_bytes_total Bytes sent.\n# TYPE istio_tcp_sent_bytes_total counter\n\
+             istio_tcp_sent_bytes_total{reporter=\"source\"} 5\n\
+             # HELP mesh_config_generation Generation.\n# TYPE mesh_config_generation gauge\n\
+             mesh_config_generation 2\n"
+        );
+    }
 }

@@ -236,7 +236,10 @@ impl MeshState {
 
     /// The Service whose endpoint `target` is, when exactly one claims it.
     pub fn service_of(&self, target: SocketAddrV4) -> Option<String> {
-        let mut owners = self.services.values().filter(|s| s.endpoints.contains(&target));
+        let mut owners = self
+            .services
+            .values()
+            .filter(|s| s.endpoints.contains(&target));
         let first = owners.next()?;
         owners.next().is_none().then(|| first.hostname())
     }
@@ -380,7 +383,9 @@ spec: {clusterIP: 10.96.0.11, selector: {app: nothing}, ports: [{port: 80}]}
             Resolved::NoEndpoints { .. }
         ));
         assert_eq!(state.diagnostics.len(), 1);
-        assert!(state.diagnostics[0].message.contains("matches no meshed pod"));
+        assert!(state.diagnostics[0]
+            .message
+            .contains("matches no meshed pod"));
     }
 
     #[test]

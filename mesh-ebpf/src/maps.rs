@@ -6,8 +6,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use mesh_common::{
-    verdict, FlowKey, FlowStats, ServiceInfo, ServiceKey, TrafficCounters, TrafficKey,
-    WorkloadInfo,
+    verdict, FlowKey, FlowStats, ServiceInfo, ServiceKey, TrafficCounters, TrafficKey, WorkloadInfo,
 };
 
 /// Pod IPv4 → workload: every meshed pod of the cluster, local ones flagged.

@@ -6,8 +6,8 @@
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
-        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::bpf_ktime_get_ns,
     macros::sock_ops,
@@ -84,7 +84,7 @@ fn open(ctx: &SockOpsContext, role: u32) {
     };
     fill(ctx, &mut stats, now);
     let key = flow_key(ctx);
-    let _ = MESH_FLOWS.insert(&key, &stats, 0);
+    let _ = MESH_FLOWS.insert(key, stats, 0);
     let _ = ctx.set_cb_flags(
         (ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
             as i32,
@@ -95,7 +95,7 @@ fn open(ctx: &SockOpsContext, role: u32) {
 #[inline(always)]
 fn refresh(ctx: &SockOpsContext) {
     let key = flow_key(ctx);
-    if let Some(stats) = MESH_FLOWS.get_ptr_mut(&key) {
+    if let Some(stats) = MESH_FLOWS.get_ptr_mut(key) {
         let now = unsafe { bpf_ktime_get_ns() };
         // SAFETY: the map value stays valid while this program runs.
         let stats = unsafe { &mut *stats };
@@ -108,7 +108,7 @@ fn refresh(ctx: &SockOpsContext) {
 #[inline(always)]
 fn close(ctx: &SockOpsContext) {
     let key = flow_key(ctx);
-    let Some(stats) = MESH_FLOWS.get_ptr_mut(&key) else {
+    let Some(stats) = MESH_FLOWS.get_ptr_mut(key) else {
         return;
     };
     let now = unsafe { bpf_ktime_get_ns() };
@@ -125,7 +125,7 @@ fn close(ctx: &SockOpsContext) {
         stats.bytes_received = stats.bytes_received.saturating_sub(1);
     }
     let final_stats = *stats;
-    let _ = MESH_FLOWS.remove(&key);
+    let _ = MESH_FLOWS.remove(key);
     emit(key, FLOW_EVENT_CLOSE, final_stats);
 }
 

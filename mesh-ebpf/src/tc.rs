@@ -159,7 +159,7 @@ fn account(src_ip: u32, dst_ip: u32, direction: u32, len: u32) {
         dst_ip,
         direction,
     };
-    match MESH_TRAFFIC.get_ptr_mut(&key) {
+    match MESH_TRAFFIC.get_ptr_mut(key) {
         Some(counters) => {
             // SAFETY: per-CPU value, no other writer while this program runs on this CPU.
             unsafe {
@@ -169,8 +169,8 @@ fn account(src_ip: u32, dst_ip: u32, direction: u32, len: u32) {
         }
         None => {
             let _ = MESH_TRAFFIC.insert(
-                &key,
-                &TrafficCounters {
+                key,
+                TrafficCounters {
                     packets: 1,
                     bytes: len as u64,
                 },

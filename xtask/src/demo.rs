@@ -42,8 +42,16 @@ fn node(name: &str) -> ExecTarget {
 
 /// Fetches /blob from `url` in `client` and compares it with the server pod's file.
 fn check_download(client: &str, url: &str, servers: &[&str]) -> Result<String> {
-    let fetched = output(&pod(client), "sh", &["-c", &format!("curl -sf --max-time 30 {url} | sha256sum")])?;
-    let fetched = fetched.split_whitespace().next().unwrap_or_default().to_owned();
+    let fetched = output(
+        &pod(client),
+        "sh",
+        &["-c", &format!("curl -sf --max-time 30 {url} | sha256sum")],
+    )?;
+    let fetched = fetched
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
     for server in servers {
         let file = format!("/run/mesh-sandbox/pods/demo-{server}/blob");
         let original = Command::new("sha256sum").arg(&file).output()?;
@@ -72,7 +80,11 @@ fn traffic() -> Result<()> {
     sandbox::status(false)?;
     let ip_of = |name: &str| state.pod(name).map(|p| p.ip);
     let (web_a, web_b, echo_b) = (ip_of("web-a")?, ip_of("web-b")?, ip_of("echo-b")?);
-    let echo_vip = state.services.get("demo/echo").copied().context("Service demo/echo has no address")?;
+    let echo_vip = state
+        .services
+        .get("demo/echo")
+        .copied()
+        .context("Service demo/echo has no address")?;
 
     progress("same node: client-a → web-a (4 MiB over HTTP)");
     check_download("client-a", &format!("http://{web_a}:8080/blob"), &["web-a"])?;
@@ -85,8 +97,14 @@ fn traffic() -> Result<()> {
         let server = check_download("client-a", "http://10.96.0.100/blob", &["web-a", "web-b"])?;
         println!("    served by {server}, 4 MiB intact");
     }
-    progress(&format!("raw TCP across nodes: client-a → echo.demo ({echo_vip}:9000) → echo-b ({echo_b})"));
-    let echoed = output(&pod("client-a"), "python3", &["-c", ECHO_CHECK, &echo_vip.to_string(), "9000"])?;
+    progress(&format!(
+        "raw TCP across nodes: client-a → echo.demo ({echo_vip}:9000) → echo-b ({echo_b})"
+    ));
+    let echoed = output(
+        &pod("client-a"),
+        "python3",
+        &["-c", ECHO_CHECK, &echo_vip.to_string(), "9000"],
+    )?;
     if !echoed.starts_with("ok") {
         bail!("echo through the mesh: {echoed}");
     }
@@ -96,7 +114,15 @@ fn traffic() -> Result<()> {
     let mut slow = command_in(
         &pod("client-a"),
         "curl",
-        &["-s", "--limit-rate", "256k", "-o", "/dev/null", &format!("http://{web_b}:8080/blob")].map(String::from),
+        &[
+            "-s",
+            "--limit-rate",
+            "256k",
+            "-o",
+            "/dev/null",
+            &format!("http://{web_b}:8080/blob"),
+        ]
+        .map(String::from),
     )?
     .spawn()?;
     std::thread::sleep(Duration::from_secs(2));
@@ -108,11 +134,21 @@ fn traffic() -> Result<()> {
     slow.kill()?;
     slow.wait()?;
     progress("meshctl bpf metrics on node-a (tc counters per address pair)");
-    println!("{}", output(&node("node-a"), "meshctl", &["bpf", "metrics"])?);
+    println!(
+        "{}",
+        output(&node("node-a"), "meshctl", &["bpf", "metrics"])?
+    );
     std::thread::sleep(Duration::from_millis(1500));
     for n in &state.nodes {
-        progress(&format!("Istio TCP metrics of the agent on {} (reporter, workloads, Service, bytes)", n.name));
-        let (_, body) = sandbox::http_get(&n.netns, SocketAddr::from((Ipv4Addr::LOCALHOST, 15020)), "/metrics")?;
+        progress(&format!(
+            "Istio TCP metrics of the agent on {} (reporter, workloads, Service, bytes)",
+            n.name
+        ));
+        let (_, body) = sandbox::http_get(
+            &n.netns,
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 15020)),
+            "/metrics",
+        )?;
         for line in body.lines().filter(|l| l.starts_with("istio_tcp_")) {
             println!("    {}", compact(line));
         }
@@ -131,9 +167,14 @@ fn compact(line: &str) -> String {
     let kept: Vec<&str> = labels
         .split(',')
         .filter(|l| {
-            ["reporter=", "source_workload=", "destination_workload=", "destination_service="]
-                .iter()
-                .any(|k| l.starts_with(k))
+            [
+                "reporter=",
+                "source_workload=",
+                "destination_workload=",
+                "destination_service=",
+            ]
+            .iter()
+            .any(|k| l.starts_with(k))
         })
         .collect();
     format!("{name}{{{}}}{value}", kept.join(","))

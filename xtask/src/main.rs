@@ -17,7 +17,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Build, demo, test and sandbox commands of the mesh")]
+#[command(
+    name = "cargo xtask",
+    about = "Build, demo, test and sandbox commands of the mesh"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Task,
@@ -127,11 +130,12 @@ pub fn require_root() -> Result<()> {
 
 pub fn build() -> Result<()> {
     progress("building mesh-agent, meshctl and the eBPF object (release)");
-    run_visible(
-        Command::new(env!("CARGO"))
-            .current_dir(workspace())
-            .args(["build", "--release", "-p", "mesh-agent"]),
-    )
+    run_visible(Command::new(env!("CARGO")).current_dir(workspace()).args([
+        "build",
+        "--release",
+        "-p",
+        "mesh-agent",
+    ]))
 }
 
 fn main() {

@@ -72,10 +72,7 @@ pub fn spawn(command: &mut Command, placement: &Placement) -> Result<Child> {
 }
 
 /// Runs `f` on a thread that joined the network namespace `name`.
-pub fn within<T: Send + 'static>(
-    name: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T> {
+pub fn within<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     let netns = netns_file(name)?;
     let thread = std::thread::spawn(move || {
         // SAFETY: setns on this thread only; the fd is valid for the call.

@@ -214,19 +214,26 @@ pub fn read_objects(path: &Path) -> Result<Vec<Object>> {
     };
     let mut objects = Vec::new();
     for file in files {
-        let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        let text =
+            fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
         for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
             let value = Value::deserialize(document)
                 .with_context(|| format!("{}: document {}", file.display(), index + 1))?;
             if value.is_null() {
                 continue;
             }
-            let field = |v: &Value, key: &str| v.get(key).and_then(|x| x.as_str()).map(str::to_owned);
-            let kind = field(&value, "kind")
-                .with_context(|| format!("{}: document {} has no kind", file.display(), index + 1))?;
+            let field =
+                |v: &Value, key: &str| v.get(key).and_then(|x| x.as_str()).map(str::to_owned);
+            let kind = field(&value, "kind").with_context(|| {
+                format!("{}: document {} has no kind", file.display(), index + 1)
+            })?;
             let meta = value.get("metadata").cloned().unwrap_or_default();
             let name = field(&meta, "name").with_context(|| {
-                format!("{}: {kind} in document {} has no metadata.name", file.display(), index + 1)
+                format!(
+                    "{}: {kind} in document {} has no metadata.name",
+                    file.display(),
+                    index + 1
+                )
             })?;
             objects.push(Object {
                 namespace: field(&meta, "namespace").unwrap_or_else(|| "default".into()),
@@ -264,21 +271,29 @@ fn sysctl(netns: &str, settings: &[&str]) -> Result<()> {
 
 fn ensure_bpffs() -> Result<()> {
     let mounts = fs::read_to_string("/proc/mounts")?;
-    if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
         run(Command::new("mount").args(["-t", "bpf", "bpffs", "/sys/fs/bpf"]))?;
     }
     Ok(())
 }
 
 fn new_uid() -> Result<String> {
-    Ok(fs::read_to_string("/proc/sys/kernel/random/uuid")?.trim().to_owned())
+    Ok(fs::read_to_string("/proc/sys/kernel/random/uuid")?
+        .trim()
+        .to_owned())
 }
 
 pub fn up(config: &Path) -> Result<()> {
     let objects = read_objects(config)?;
     let nodes: Vec<&Object> = objects.iter().filter(|o| o.kind == "Node").collect();
     if nodes.is_empty() {
-        bail!("{}: the sandbox needs at least one Node object", config.display());
+        bail!(
+            "{}: the sandbox needs at least one Node object",
+            config.display()
+        );
     }
     if nodes.len() > 200 {
         bail!("the sandbox supports up to 200 nodes");
@@ -286,7 +301,10 @@ pub fn up(config: &Path) -> Result<()> {
     let binaries = workspace().join("target/release");
     let agent = binaries.join("mesh-agent");
     if !agent.exists() {
-        bail!("{} is missing: run `cargo build --release` first", agent.display());
+        bail!(
+            "{} is missing: run `cargo build --release` first",
+            agent.display()
+        );
     }
     if leftovers() {
         progress("removing the leftovers of an earlier sandbox");
@@ -313,11 +331,48 @@ pub fn up(config: &Path) -> Result<()> {
         let fabric_port = format!("up{index}");
         ip(&["netns", "add", &netns])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        ip(&["link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &fabric_port, "netns", FABRIC_NETNS])?;
-        ip(&["-n", FABRIC_NETNS, "link", "set", &fabric_port, "master", "br0", "up"])?;
-        ip(&["-n", &netns, "addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
+        ip(&[
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &netns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &fabric_port,
+            "netns",
+            FABRIC_NETNS,
+        ])?;
+        ip(&[
+            "-n",
+            FABRIC_NETNS,
+            "link",
+            "set",
+            &fabric_port,
+            "master",
+            "br0",
+            "up",
+        ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{node_ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-        sysctl(&netns, &["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"])?;
+        sysctl(
+            &netns,
+            &[
+                "net.ipv4.ip_forward=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+            ],
+        )?;
         let cgroup = cgroups.join(&node.name);
         fs::create_dir_all(cgroup.join("agent"))
             .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
@@ -337,7 +392,15 @@ pub fn up(config: &Path) -> Result<()> {
         for other in &state.nodes {
             if other.index != node.index {
                 let cidr = format!("10.244.{}.0/24", other.index + 1);
-                ip(&["-n", &node.netns, "route", "add", &cidr, "via", &other.ip.to_string()])?;
+                ip(&[
+                    "-n",
+                    &node.netns,
+                    "route",
+                    "add",
+                    &cidr,
+                    "via",
+                    &other.ip.to_string(),
+                ])?;
             }
         }
     }
@@ -346,7 +409,10 @@ pub fn up(config: &Path) -> Result<()> {
     for node in &nodes {
         let mut node = (*node).clone();
         let address = state.node(&node.name)?.ip;
-        node.set(&["status", "addresses"], serde_yaml::from_str(&format!("[{{type: InternalIP, address: \"{address}\"}}]"))?);
+        node.set(
+            &["status", "addresses"],
+            serde_yaml::from_str(&format!("[{{type: InternalIP, address: \"{address}\"}}]"))?,
+        );
         write_object(&node)?;
     }
     let mut pods = Vec::new();
@@ -387,18 +453,24 @@ fn admit(state: &mut SandboxState, object: &Object) -> Result<Object> {
             .and_then(|v| v.as_str())
             .map(str::to_owned);
         let cluster_ip = match (given, state.services.get(&key)) {
-            (Some(ip), _) => ip
-                .parse()
-                .with_context(|| format!("Service {key}: spec.clusterIP {ip:?} is not an IPv4 address"))?,
+            (Some(ip), _) => ip.parse().with_context(|| {
+                format!("Service {key}: spec.clusterIP {ip:?} is not an IPv4 address")
+            })?,
             (None, Some(ip)) => *ip,
             (None, None) => {
                 let ip = Ipv4Addr::new(10, 96, 0, state.next_service_ip);
-                state.next_service_ip = state.next_service_ip.checked_add(1).context("out of service addresses")?;
+                state.next_service_ip = state
+                    .next_service_ip
+                    .checked_add(1)
+                    .context("out of service addresses")?;
                 ip
             }
         };
         state.services.insert(key, cluster_ip);
-        object.set(&["spec", "clusterIP"], Value::String(cluster_ip.to_string()));
+        object.set(
+            &["spec", "clusterIP"],
+            Value::String(cluster_ip.to_string()),
+        );
     }
     Ok(object)
 }
@@ -418,15 +490,29 @@ pub struct PodStart {
 /// to start it once its node's agent enrolled it.
 fn add_pod(state: &mut SandboxState, object: &Object) -> Result<(PodState, PodStart)> {
     let node_name = object.node_name().with_context(|| {
-        format!("{}: Pod {}/{} has no spec.nodeName", object.source.display(), object.namespace, object.name)
+        format!(
+            "{}: Pod {}/{} has no spec.nodeName",
+            object.source.display(),
+            object.namespace,
+            object.name
+        )
     })?;
     let veth_index = state.next_veth;
     let node = state
         .nodes
         .iter_mut()
         .find(|n| n.name == node_name)
-        .with_context(|| format!("Pod {}/{}: node {node_name} is not in the sandbox", object.namespace, object.name))?;
-    node.pods_allocated = node.pods_allocated.checked_add(1).filter(|n| *n < 255).context("node is out of pod addresses")?;
+        .with_context(|| {
+            format!(
+                "Pod {}/{}: node {node_name} is not in the sandbox",
+                object.namespace, object.name
+            )
+        })?;
+    node.pods_allocated = node
+        .pods_allocated
+        .checked_add(1)
+        .filter(|n| *n < 255)
+        .context("node is out of pod addresses")?;
     let pod_ip = Ipv4Addr::new(10, 244, node.index + 1, node.pods_allocated);
     let node_netns = node.netns.clone();
     let cgroup = node.cgroup.clone();
@@ -445,16 +531,76 @@ fn add_pod(state: &mut SandboxState, object: &Object) -> Result<(PodState, PodSt
     };
     ip(&["netns", "add", &pod.netns])?;
     ip(&["-n", &pod.netns, "link", "set", "lo", "up"])?;
-    ip(&["-n", &node_netns, "link", "add", &pod.veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.netns])?;
-    ip(&["-n", &pod.netns, "addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
+    ip(&[
+        "-n",
+        &node_netns,
+        "link",
+        "add",
+        &pod.veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &pod.netns,
+    ])?;
+    ip(&[
+        "-n",
+        &pod.netns,
+        "addr",
+        "add",
+        &format!("{pod_ip}/32"),
+        "dev",
+        "eth0",
+    ])?;
     ip(&["-n", &pod.netns, "link", "set", "eth0", "up"])?;
-    ip(&["-n", &pod.netns, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
-    ip(&["-n", &pod.netns, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
+    ip(&[
+        "-n",
+        &pod.netns,
+        "route",
+        "add",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ])?;
+    ip(&[
+        "-n",
+        &pod.netns,
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+    ])?;
     ip(&["-n", &node_netns, "link", "set", &pod.veth, "up"])?;
-    ip(&["-n", &node_netns, "route", "add", &format!("{pod_ip}/32"), "dev", &pod.veth])?;
+    ip(&[
+        "-n",
+        &node_netns,
+        "route",
+        "add",
+        &format!("{pod_ip}/32"),
+        "dev",
+        &pod.veth,
+    ])?;
     // The pod's gateway answers ARP on every pod veth of the node.
-    ip(&["-n", &node_netns, "addr", "add", "169.254.1.1/32", "dev", &pod.veth, "scope", "link"])?;
-    fs::create_dir_all(&pod.cgroup).with_context(|| format!("creating cgroup {}", pod.cgroup.display()))?;
+    ip(&[
+        "-n",
+        &node_netns,
+        "addr",
+        "add",
+        "169.254.1.1/32",
+        "dev",
+        &pod.veth,
+        "scope",
+        "link",
+    ])?;
+    fs::create_dir_all(&pod.cgroup)
+        .with_context(|| format!("creating cgroup {}", pod.cgroup.display()))?;
     fs::create_dir_all(pod_dir(&pod))?;
 
     let mut stored = object.clone();
@@ -471,7 +617,9 @@ fn add_pod(state: &mut SandboxState, object: &Object) -> Result<(PodState, PodSt
 }
 
 fn pod_dir(pod: &PodState) -> PathBuf {
-    Path::new(RUN_DIR).join("pods").join(format!("{}-{}", pod.namespace, pod.name))
+    Path::new(RUN_DIR)
+        .join("pods")
+        .join(format!("{}-{}", pod.namespace, pod.name))
 }
 
 fn path_with_binaries() -> String {
@@ -498,7 +646,10 @@ fn start_agent(node: &NodeState, agent: &Path) -> Result<u32> {
         .arg(&node.bpffs)
         .arg("--cgroup-root")
         .arg(&node.cgroup)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -527,15 +678,21 @@ pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> Result<(u16, Strin
             .nth(1)
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         Ok((status, body))
     })?
 }
 
 fn process_alive(pid: u32) -> bool {
     // A zombie is dead for our purposes.
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+    })
 }
 
 fn wait_ready(node: &NodeState) -> Result<()> {
@@ -546,7 +703,8 @@ fn wait_ready(node: &NodeState) -> Result<()> {
             return Ok(());
         }
         if !process_alive(node.agent_pid) || Instant::now() > deadline {
-            let log = fs::read_to_string(logs_dir().join(format!("agent-{}.log", node.name))).unwrap_or_default();
+            let log = fs::read_to_string(logs_dir().join(format!("agent-{}.log", node.name)))
+                .unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(20).collect();
             bail!(
                 "the agent of node {} did not become ready; its log ends with:\n{}",
@@ -565,10 +723,14 @@ fn wait_enrolled(state: &SandboxState, pod: &PodState) -> Result<()> {
     let prefix = format!("{}_{}@", pod.namespace, pod.name);
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        let enrolled = fs::read_dir(&links).into_iter().flatten().flatten().any(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.starts_with(&prefix) && name.ends_with("@sockops")
-        });
+        let enrolled = fs::read_dir(&links)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with(&prefix) && name.ends_with("@sockops")
+            });
         if enrolled {
             return Ok(());
         }
@@ -611,7 +773,11 @@ fn start_pod(state: &mut SandboxState, pod: &PodState, start: &PodStart) -> Resu
         },
     )?;
     let pid = child.id();
-    if let Some(stored) = state.pods.iter_mut().find(|p| p.name == pod.name && p.namespace == pod.namespace) {
+    if let Some(stored) = state
+        .pods
+        .iter_mut()
+        .find(|p| p.name == pod.name && p.namespace == pod.namespace)
+    {
         stored.pid = Some(pid);
     }
     if let Some(port) = start.readiness_port {
@@ -795,18 +961,37 @@ pub fn status(json: bool) -> Result<()> {
         })
         .collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"nodes": nodes, "pods": pods}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"nodes": nodes, "pods": pods}))?
+        );
         return Ok(());
     }
-    println!("{:<10} {:<22} {:<12} {:<7} {:<8} METRICS", "NODE", "NETNS", "IP", "UPLINK", "AGENT");
+    println!(
+        "{:<10} {:<22} {:<12} {:<7} {:<8} METRICS",
+        "NODE", "NETNS", "IP", "UPLINK", "AGENT"
+    );
     for n in &state.nodes {
-        let alive = if process_alive(n.agent_pid) { n.agent_pid.to_string() } else { format!("{} (dead)", n.agent_pid) };
-        println!("{:<10} {:<22} {:<12} {:<7} {:<8} http://{}:15020/metrics", n.name, n.netns, n.ip, n.uplink, alive, n.ip);
+        let alive = if process_alive(n.agent_pid) {
+            n.agent_pid.to_string()
+        } else {
+            format!("{} (dead)", n.agent_pid)
+        };
+        println!(
+            "{:<10} {:<22} {:<12} {:<7} {:<8} http://{}:15020/metrics",
+            n.name, n.netns, n.ip, n.uplink, alive, n.ip
+        );
     }
     println!();
-    println!("{:<20} {:<12} {:<10} {:<14} NETNS", "POD", "NAMESPACE", "NODE", "IP");
+    println!(
+        "{:<20} {:<12} {:<10} {:<14} NETNS",
+        "POD", "NAMESPACE", "NODE", "IP"
+    );
     for p in &state.pods {
-        println!("{:<20} {:<12} {:<10} {:<14} {}", p.name, p.namespace, p.node, p.ip, p.netns);
+        println!(
+            "{:<20} {:<12} {:<10} {:<14} {}",
+            p.name, p.namespace, p.node, p.ip, p.netns
+        );
     }
     if !state.services.is_empty() {
         println!();
@@ -824,9 +1009,17 @@ pub fn apply(path: &Path) -> Result<()> {
     let mut started = Vec::new();
     for object in &objects {
         match object.kind.as_str() {
-            "Node" => bail!("{}: nodes are fixed when the sandbox starts (Node {})", object.source.display(), object.name),
+            "Node" => bail!(
+                "{}: nodes are fixed when the sandbox starts (Node {})",
+                object.source.display(),
+                object.name
+            ),
             "Pod" => {
-                let existing = state.pods.iter().find(|p| p.name == object.name && p.namespace == object.namespace).cloned();
+                let existing = state
+                    .pods
+                    .iter()
+                    .find(|p| p.name == object.name && p.namespace == object.namespace)
+                    .cloned();
                 match existing {
                     Some(pod) => {
                         let mut stored = object.clone();
@@ -840,7 +1033,12 @@ pub fn apply(path: &Path) -> Result<()> {
             }
             _ => write_object(&admit(&mut state, object)?)?,
         }
-        println!("{} {}/{} applied", object.kind.to_lowercase(), object.namespace, object.name);
+        println!(
+            "{} {}/{} applied",
+            object.kind.to_lowercase(),
+            object.namespace,
+            object.name
+        );
     }
     state.save()?;
     for (pod, start) in started {
@@ -856,13 +1054,22 @@ pub fn delete(path: &Path) -> Result<()> {
         match fs::remove_file(&file) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                println!("{} {}/{} not found", object.kind.to_lowercase(), object.namespace, object.name);
+                println!(
+                    "{} {}/{} not found",
+                    object.kind.to_lowercase(),
+                    object.namespace,
+                    object.name
+                );
                 continue;
             }
             Err(e) => return Err(e).with_context(|| format!("removing {}", file.display())),
         }
         if object.kind == "Pod" {
-            if let Some(index) = state.pods.iter().position(|p| p.name == object.name && p.namespace == object.namespace) {
+            if let Some(index) = state
+                .pods
+                .iter()
+                .position(|p| p.name == object.name && p.namespace == object.namespace)
+            {
                 let pod = state.pods.remove(index);
                 remove_cgroup_tree(&pod.cgroup);
                 ip(&["netns", "del", &pod.netns])?;
@@ -870,9 +1077,16 @@ pub fn delete(path: &Path) -> Result<()> {
             }
         }
         if object.kind == "Service" {
-            state.services.remove(&format!("{}/{}", object.namespace, object.name));
+            state
+                .services
+                .remove(&format!("{}/{}", object.namespace, object.name));
         }
-        println!("{} {}/{} deleted", object.kind.to_lowercase(), object.namespace, object.name);
+        println!(
+            "{} {}/{} deleted",
+            object.kind.to_lowercase(),
+            object.namespace,
+            object.name
+        );
     }
     state.save()
 }

@@ -49,7 +49,10 @@ fn ensure_apt_packages() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    progress(&format!("installing Debian packages: {}", missing.join(" ")));
+    progress(&format!(
+        "installing Debian packages: {}",
+        missing.join(" ")
+    ));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
@@ -77,7 +80,9 @@ fn ensure_bpf_linker() -> Result<()> {
     if current.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)) {
         return Ok(());
     }
-    progress(&format!("building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"));
+    progress(&format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
+    ));
     run(Command::new("cargo")
         .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
         .args(["--no-default-features", "--features", "llvm-22"])

@@ -24,7 +24,28 @@ pub fn run() -> Result<()> {
     run_visible(cargo().args(["fmt", "--all", "--check"]))?;
     run_visible(cargo().args(["fmt", "--manifest-path", "mesh-ebpf/Cargo.toml", "--check"]))?;
     progress("cargo clippy -D warnings");
-    run_visible(cargo().args(["clippy", "--release", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run_visible(cargo().args([
+        "clippy",
+        "--release",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    progress("cargo clippy -D warnings (eBPF programs, nightly)");
+    run_visible(
+        Command::new("rustup")
+            .current_dir(workspace().join("mesh-ebpf"))
+            .args(["run", "nightly", "cargo", "clippy", "--locked", "--release"])
+            .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+            .arg("--target-dir")
+            .arg(workspace().join("target/bpf-clippy"))
+            .args(["--", "-D", "warnings"])
+            .env("CARGO_ENCODED_RUSTFLAGS", "--cfg=bpf_target_arch=\"x86_64\"")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO_TARGET_DIR"),
+    )?;
     progress("building");
     run_visible(cargo().args(["build", "--release", "--workspace"]))?;
     // The sandbox tests own the machine-wide sandbox; start from a clean slate.
@@ -43,10 +64,11 @@ fn validate_manifests() -> Result<()> {
     let validator = venv.join("bin/kubernetes-validate");
     if !validator.exists() {
         run_visible(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-        run_visible(
-            Command::new(venv.join("bin/pip"))
-                .args(["install", "-q", "kubernetes-validate"]),
-        )?;
+        run_visible(Command::new(venv.join("bin/pip")).args([
+            "install",
+            "-q",
+            "kubernetes-validate",
+        ]))?;
     }
     let manifests: Vec<_> = std::fs::read_dir(workspace().join("deploy"))?
         .flatten()
@@ -60,5 +82,10 @@ fn validate_manifests() -> Result<()> {
     command
         .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
         .args(manifests.iter().map(|p| p.as_path()));
-    run_visible(&mut command).map_err(|e| e.context(format!("validating manifests in {}", Path::new("deploy").display())))
+    run_visible(&mut command).map_err(|e| {
+        e.context(format!(
+            "validating manifests in {}",
+            Path::new("deploy").display()
+        ))
+    })
 }

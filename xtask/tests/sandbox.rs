@@ -50,7 +50,10 @@ fn on_node(node: &str, args: &[&str]) -> String {
 
 fn sha256_of_file(path: &str) -> String {
     let out = ok(
-        Command::new("sha256sum").arg(path).output().expect("sha256sum"),
+        Command::new("sha256sum")
+            .arg(path)
+            .output()
+            .expect("sha256sum"),
         "sha256sum",
     );
     out.split_whitespace().next().expect("digest").to_owned()
@@ -128,7 +131,9 @@ fn sandbox_mesh_end_to_end() {
             assert!(node[key].is_string(), "node {key} in {node}");
         }
         assert!(node["agent"]["pid"].as_u64().is_some_and(|pid| pid > 0));
-        assert!(node["agent"]["metrics"].as_str().is_some_and(|m| m.ends_with(":15020/metrics")));
+        assert!(node["agent"]["metrics"]
+            .as_str()
+            .is_some_and(|m| m.ends_with(":15020/metrics")));
     }
     assert!(status["pods"].as_array().expect("pods").len() >= 4);
     let (web_a, web_b) = (pod_ip(&status, "web-a"), pod_ip(&status, "web-b"));
@@ -136,17 +141,29 @@ fn sandbox_mesh_end_to_end() {
     let web_b_blob = sha256_of_file("/run/mesh-sandbox/pods/demo-web-b/blob");
 
     // Same node and across nodes, 4 MiB arrive intact.
-    assert_eq!(download_digest("client-a", &format!("http://{web_a}:8080/blob")), web_a_blob);
-    assert_eq!(download_digest("client-a", &format!("http://{web_b}:8080/blob")), web_b_blob);
+    assert_eq!(
+        download_digest("client-a", &format!("http://{web_a}:8080/blob")),
+        web_a_blob
+    );
+    assert_eq!(
+        download_digest("client-a", &format!("http://{web_b}:8080/blob")),
+        web_b_blob
+    );
 
     // A Service address reaches its endpoints, round robin.
     let mut served = Vec::new();
     for _ in 0..4 {
         let digest = download_digest("client-a", "http://10.96.0.100/blob");
-        assert!(digest == web_a_blob || digest == web_b_blob, "the Service reached a non-endpoint");
+        assert!(
+            digest == web_a_blob || digest == web_b_blob,
+            "the Service reached a non-endpoint"
+        );
         served.push(digest);
     }
-    assert!(served.contains(&web_a_blob) && served.contains(&web_b_blob), "round robin over both endpoints");
+    assert!(
+        served.contains(&web_a_blob) && served.contains(&web_b_blob),
+        "round robin over both endpoints"
+    );
 
     // Raw TCP through a Service to another node: 2 MiB echoed intact.
     let echo_vip = ok(xtask(&["sandbox", "status"]), "status")
@@ -157,7 +174,9 @@ fn sandbox_mesh_end_to_end() {
         .to_owned();
     let echo_check = include_str!("echo_check.py");
     let echoed = ok(
-        xtask(&["sandbox", "exec", "client-a", "--", "python3", "-c", echo_check, &echo_vip, "9000"]),
+        xtask(&[
+            "sandbox", "exec", "client-a", "--", "python3", "-c", echo_check, &echo_vip, "9000",
+        ]),
         "echo",
     );
     assert_eq!(echoed.trim(), "ok 2097152");
@@ -172,12 +191,25 @@ fn sandbox_mesh_end_to_end() {
         ("destination_service", "echo.demo.svc.cluster.local"),
     ];
     eventually("node-a reports the echo connection closed", || {
-        sample(&metrics("node-a"), "istio_tcp_connections_closed_total", &client_side) == Some(1.0)
+        sample(
+            &metrics("node-a"),
+            "istio_tcp_connections_closed_total",
+            &client_side,
+        ) == Some(1.0)
     });
     let node_a = metrics("node-a");
-    assert_eq!(sample(&node_a, "istio_tcp_connections_opened_total", &client_side), Some(1.0));
-    assert_eq!(sample(&node_a, "istio_tcp_sent_bytes_total", &client_side), Some(2097152.0));
-    assert_eq!(sample(&node_a, "istio_tcp_received_bytes_total", &client_side), Some(2097152.0));
+    assert_eq!(
+        sample(&node_a, "istio_tcp_connections_opened_total", &client_side),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&node_a, "istio_tcp_sent_bytes_total", &client_side),
+        Some(2097152.0)
+    );
+    assert_eq!(
+        sample(&node_a, "istio_tcp_received_bytes_total", &client_side),
+        Some(2097152.0)
+    );
     let server_side = [
         ("reporter", "destination"),
         ("source_workload", "client-a"),
@@ -185,9 +217,20 @@ fn sandbox_mesh_end_to_end() {
         ("destination_service", "echo.demo.svc.cluster.local"),
     ];
     eventually("node-b reports the echo connection closed", || {
-        sample(&metrics("node-b"), "istio_tcp_connections_closed_total", &server_side) == Some(1.0)
+        sample(
+            &metrics("node-b"),
+            "istio_tcp_connections_closed_total",
+            &server_side,
+        ) == Some(1.0)
     });
-    assert_eq!(sample(&metrics("node-b"), "istio_tcp_received_bytes_total", &server_side), Some(2097152.0));
+    assert_eq!(
+        sample(
+            &metrics("node-b"),
+            "istio_tcp_received_bytes_total",
+            &server_side
+        ),
+        Some(2097152.0)
+    );
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -195,12 +238,30 @@ fn sandbox_mesh_end_to_end() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("promtool (installed by cargo xtask setup)");
-    std::io::Write::write_all(&mut promtool.stdin.take().expect("stdin"), node_a.as_bytes()).expect("write");
-    ok(promtool.wait_with_output().expect("promtool"), "promtool check metrics");
+    std::io::Write::write_all(
+        &mut promtool.stdin.take().expect("stdin"),
+        node_a.as_bytes(),
+    )
+    .expect("write");
+    ok(
+        promtool.wait_with_output().expect("promtool"),
+        "promtool check metrics",
+    );
 
     // An open connection shows in the kernel's flow map with workloads and bytes.
     let slow = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["sandbox", "exec", "client-a", "--", "timeout", "6", "curl", "-s", "--limit-rate", "200k"])
+        .args([
+            "sandbox",
+            "exec",
+            "client-a",
+            "--",
+            "timeout",
+            "6",
+            "curl",
+            "-s",
+            "--limit-rate",
+            "200k",
+        ])
         .args(["-o", "/dev/null", &format!("http://{web_b}:8080/blob")])
         .current_dir(workspace())
         .stdout(Stdio::null())
@@ -208,8 +269,11 @@ fn sandbox_mesh_end_to_end() {
         .spawn()
         .expect("slow client");
     eventually("the open flow appears in meshctl bpf flows", || {
-        let flows: serde_json::Value =
-            serde_json::from_str(&on_node("node-a", &["meshctl", "bpf", "flows", "-o", "json"])).expect("JSON");
+        let flows: serde_json::Value = serde_json::from_str(&on_node(
+            "node-a",
+            &["meshctl", "bpf", "flows", "-o", "json"],
+        ))
+        .expect("JSON");
         flows.as_array().expect("rows").iter().any(|f| {
             f["local_workload"] == "demo/client-a"
                 && f["remote_workload"] == "demo/web-b"
@@ -221,9 +285,15 @@ fn sandbox_mesh_end_to_end() {
 
     // Programs and maps are visible to meshctl; the agent reports its state.
     let programs = on_node("node-a", &["meshctl", "bpf", "programs"]);
-    assert!(programs.contains("demo/client-a tc-from") && programs.contains("demo/web-a sockops"), "{programs}");
+    assert!(
+        programs.contains("demo/client-a tc-from") && programs.contains("demo/web-a sockops"),
+        "{programs}"
+    );
     let workloads = on_node("node-a", &["meshctl", "bpf", "workloads"]);
-    assert!(workloads.contains("10.96.0.100:80") && workloads.contains("echo-b"), "{workloads}");
+    assert!(
+        workloads.contains("10.96.0.100:80") && workloads.contains("echo-b"),
+        "{workloads}"
+    );
     let status = agent_status("node-a");
     assert!(status["generation"].as_u64().is_some_and(|g| g >= 1));
     assert_eq!(status["enrolled"].as_object().expect("enrolled").len(), 2);
@@ -232,15 +302,30 @@ fn sandbox_mesh_end_to_end() {
     // A broken configuration change is rejected; the last good one keeps serving.
     let config = Path::new("/run/mesh-sandbox/config");
     let generation = status["generation"].as_u64().expect("generation");
-    std::fs::write(config.join("zz-broken.yaml"), "apiVersion: v1\nkind: Pod\nmetadata: {name: x\n").expect("write");
+    std::fs::write(
+        config.join("zz-broken.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: x\n",
+    )
+    .expect("write");
     eventually("the agent reports the broken file", || {
         agent_status("node-a")["last_error"]
             .as_str()
             .is_some_and(|e| e.contains("zz-broken.yaml") && e.contains("YAML syntax"))
     });
-    assert_eq!(agent_status("node-a")["generation"].as_u64(), Some(generation));
-    assert!(sample(&metrics("node-a"), "mesh_config_reloads_total", &[("result", "rejected")]).is_some_and(|n| n >= 1.0));
-    assert_eq!(download_digest("client-a", &format!("http://{web_b}:8080/blob")), web_b_blob);
+    assert_eq!(
+        agent_status("node-a")["generation"].as_u64(),
+        Some(generation)
+    );
+    assert!(sample(
+        &metrics("node-a"),
+        "mesh_config_reloads_total",
+        &[("result", "rejected")]
+    )
+    .is_some_and(|n| n >= 1.0));
+    assert_eq!(
+        download_digest("client-a", &format!("http://{web_b}:8080/blob")),
+        web_b_blob
+    );
     std::fs::remove_file(config.join("zz-broken.yaml")).expect("remove");
     std::fs::write(
         config.join("zz-unknown.yaml"),
@@ -253,7 +338,9 @@ fn sandbox_mesh_end_to_end() {
             .is_some_and(|e| e.contains("Widget demo/w: unknown kind Widget"))
     });
     std::fs::remove_file(config.join("zz-unknown.yaml")).expect("remove");
-    eventually("a good configuration clears the error", || agent_status("node-a")["last_error"].is_null());
+    eventually("a good configuration clears the error", || {
+        agent_status("node-a")["last_error"].is_null()
+    });
 
     // apply adds a pod and a Service the mesh serves at once; delete takes them away.
     let extra = workspace().join("target/sandbox-test-extra.yaml");
@@ -261,22 +348,46 @@ fn sandbox_mesh_end_to_end() {
     let extra = extra.to_str().expect("path");
     ok(xtask(&["sandbox", "apply", "-f", extra]), "apply");
     let status = status_json();
-    assert!(status["pods"].as_array().expect("pods").iter().any(|p| p["name"] == "web-c" && p["node"] == "node-b"));
+    assert!(status["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .any(|p| p["name"] == "web-c" && p["node"] == "node-b"));
     let greeting = in_pod("client-a", "curl -sf --max-time 10 http://10.96.0.200/");
     assert!(greeting.contains("Directory listing"), "{greeting}");
     ok(xtask(&["sandbox", "delete", "-f", extra]), "delete");
-    assert!(!status_json()["pods"].as_array().expect("pods").iter().any(|p| p["name"] == "web-c"));
+    assert!(!status_json()["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .any(|p| p["name"] == "web-c"));
     eventually("the deleted Service is gone from the kernel maps", || {
         !on_node("node-a", &["meshctl", "bpf", "workloads"]).contains("10.96.0.200")
     });
-    let gone = xtask(&["sandbox", "exec", "client-a", "--", "curl", "-sf", "--max-time", "2", "http://10.96.0.200/"]);
+    let gone = xtask(&[
+        "sandbox",
+        "exec",
+        "client-a",
+        "--",
+        "curl",
+        "-sf",
+        "--max-time",
+        "2",
+        "http://10.96.0.200/",
+    ]);
     assert!(!gone.status.success(), "a deleted Service must not answer");
 
     // down leaves the machine as it was.
     ok(xtask(&["sandbox", "down"]), "sandbox down");
     std::mem::forget(sandbox);
-    let netns = Command::new("ip").args(["netns", "list"]).output().expect("ip netns");
-    assert!(!String::from_utf8_lossy(&netns.stdout).contains("msb-"), "namespaces left behind");
+    let netns = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns");
+    assert!(
+        !String::from_utf8_lossy(&netns.stdout).contains("msb-"),
+        "namespaces left behind"
+    );
     for path in ["/run/mesh-sandbox", "/sys/fs/bpf/mesh-sandbox"] {
         assert!(!Path::new(path).exists(), "{path} left behind");
     }
@@ -288,7 +399,10 @@ fn sandbox_mesh_end_to_end() {
             (cols[2] == "cgroup2").then(|| cols[1].to_owned())
         })
         .expect("cgroup2");
-    assert!(!Path::new(&cgroup2).join("mesh-sandbox").exists(), "cgroups left behind");
+    assert!(
+        !Path::new(&cgroup2).join("mesh-sandbox").exists(),
+        "cgroups left behind"
+    );
 }
 
 #[test]
@@ -300,7 +414,10 @@ fn meshctl_without_a_mesh_says_so() {
         .expect("meshctl");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("no mesh maps at /sys/fs/bpf/no-such-mesh"), "{stderr}");
+    assert!(
+        stderr.contains("no mesh maps at /sys/fs/bpf/no-such-mesh"),
+        "{stderr}"
+    );
     let out = Command::new(&meshctl)
         .args(["--admin", "127.0.0.1:9", "status"])
         .output()

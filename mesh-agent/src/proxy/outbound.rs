@@ -74,7 +74,11 @@ async fn handle(mut client: TcpStream, state: &SharedState, conns: &ConnTable) -
         let agent_ip = state.node_ip(&workload).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::NotFound,
-                format!("node {} of {} has no known address", workload.node, workload.key()),
+                format!(
+                    "node {} of {} has no known address",
+                    workload.node,
+                    workload.key()
+                ),
             )
         })?;
         let request = tunnel::TunnelRequest {

@@ -74,7 +74,10 @@ async fn read_head(reader: &mut BufReader<TcpStream>) -> io::Result<Vec<String>>
 
 /// Opens a tunnel through the agent at `agent`; returns the stream once the destination
 /// agent accepted.
-pub async fn open(agent: SocketAddrV4, request: &TunnelRequest) -> io::Result<BufReader<TcpStream>> {
+pub async fn open(
+    agent: SocketAddrV4,
+    request: &TunnelRequest,
+) -> io::Result<BufReader<TcpStream>> {
     let mut stream = super::socket::connect(agent).await?;
     stream.write_all(request.encode().as_bytes()).await?;
     let mut reader = BufReader::new(stream);
@@ -98,7 +101,9 @@ pub async fn accept(stream: TcpStream) -> io::Result<(TunnelRequest, BufReader<T
 }
 
 fn parse(head: &[String]) -> io::Result<TunnelRequest> {
-    let request_line = head.first().ok_or_else(|| invalid("empty tunnel request"))?;
+    let request_line = head
+        .first()
+        .ok_or_else(|| invalid("empty tunnel request"))?;
     let mut parts = request_line.split(' ');
     let (Some("CONNECT"), Some(target), Some("HTTP/1.1"), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -170,8 +175,14 @@ mod tests {
             ("GET / HTTP/1.1\r\n\r\n", "not a CONNECT"),
             ("CONNECT nowhere HTTP/1.1\r\n\r\n", "is not ip:port"),
             ("CONNECT 10.0.0.1:80 HTTP/1.1\r\n\r\n", "without Forwarded"),
-            ("CONNECT 10.0.0.1:80 HTTP/1.1\r\nForwarded: x\r\n\r\n", "malformed Forwarded"),
-            ("CONNECT 10.0.0.1:80 HTTP/1.1\r\nbogus\r\n\r\n", "malformed header"),
+            (
+                "CONNECT 10.0.0.1:80 HTTP/1.1\r\nForwarded: x\r\n\r\n",
+                "malformed Forwarded",
+            ),
+            (
+                "CONNECT 10.0.0.1:80 HTTP/1.1\r\nbogus\r\n\r\n",
+                "malformed header",
+            ),
         ] {
             let err = parse(&lines(head)).expect_err(head);
             assert!(err.to_string().contains(expected), "{head:?}: {err}");
