@@ -380,7 +380,6 @@ fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
     out
 }
 
-
 const UNKNOWN: &str = "unknown";
 
 struct Side {

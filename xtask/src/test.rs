@@ -42,7 +42,10 @@ pub fn run() -> Result<()> {
             .arg("--target-dir")
             .arg(workspace().join("target/bpf-clippy"))
             .args(["--", "-D", "warnings"])
-            .env("CARGO_ENCODED_RUSTFLAGS", "--cfg=bpf_target_arch=\"x86_64\"")
+            .env(
+                "CARGO_ENCODED_RUSTFLAGS",
+                "--cfg=bpf_target_arch=\"x86_64\"",
+            )
             .env_remove("RUSTUP_TOOLCHAIN")
             .env_remove("CARGO_TARGET_DIR"),
     )?;
