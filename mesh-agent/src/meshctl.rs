@@ -1,6 +1,6 @@
 //! `meshctl`: inspects a node's mesh — the pinned BPF maps directly (`meshctl bpf …`) and
-//! the running agent through its localhost admin API (`meshctl status`). Tables by
-//! default, `-o json` for tools.
+//! the running agent through its localhost admin API (`meshctl status`) — and checks
+//! configuration files (`meshctl validate`). Tables by default, `-o json` for tools.
 
 use std::{
     io::{Read, Write},
@@ -13,7 +13,10 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::maps::NodeMaps;
+use crate::{
+    config::{self, Severity},
+    maps::NodeMaps,
+};
 
 #[derive(Parser)]
 #[command(name = "meshctl", version, about = "Inspect the mesh on this node")]
@@ -56,6 +59,15 @@ enum Command {
     },
     /// Ask the agent for its state: configuration generation, enrolled pods, last error.
     Status,
+    /// Check configuration files (Kubernetes and Istio YAML) as the agent would load them.
+    Validate {
+        /// A YAML file or a directory of them.
+        #[arg(short = 'f', long = "filename")]
+        path: PathBuf,
+        /// Fail on warnings too.
+        #[arg(long)]
+        strict: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -74,6 +86,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
     let json = cli.output == Output::Json;
     match cli.command {
         Command::Status => status(cli.admin, json),
+        Command::Validate { path, strict } => validate(&path, strict, json),
         Command::Bpf { what } => {
             let maps = NodeMaps::open(&cli.bpffs)?;
             match what {
@@ -212,6 +225,31 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+fn validate(path: &std::path::Path, strict: bool, json: bool) -> anyhow::Result<()> {
+    let config = config::load_path(path)?;
+    let mut diagnostics = config.diagnostics.clone();
+    diagnostics.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+    let errors = diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .count();
+    let warnings = diagnostics.len() - errors;
+    if json {
+        emit_json(
+            &serde_json::json!({"errors": errors, "warnings": warnings, "diagnostics": diagnostics}),
+        )?;
+    } else {
+        for diagnostic in &diagnostics {
+            println!("{diagnostic}");
+        }
+        println!("{}: {errors} errors, {warnings} warnings", path.display());
+    }
+    if errors > 0 || (strict && warnings > 0) {
+        bail!("validation failed: {errors} errors, {warnings} warnings");
+    }
+    Ok(())
 }
 
 fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {

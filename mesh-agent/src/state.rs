@@ -157,6 +157,7 @@ impl MeshState {
                     file: PathBuf::new(),
                     line: None,
                     resource: Some(format!("Service {namespace}/{}", service.metadata.name)),
+                    field: Some("spec.selector".into()),
                     message: "the selector matches no meshed pod with an address".into(),
                 });
             }

@@ -1,0 +1,609 @@
+//! The cluster configuration: Kubernetes-format YAML files in a directory (the embedded
+//! default source; a Kubernetes API watch can feed the same model). Kubernetes objects the
+//! mesh uses ([`kube`]) and Istio's resource kinds ([`istio`]) are read into one typed
+//! [`ClusterConfig`]. Loading never stops at the first problem: every valid object is
+//! kept, and every problem becomes a [`Diagnostic`] naming file, line, object and field.
+
+pub mod istio;
+pub mod kube;
+pub mod validate;
+
+use std::{
+    collections::HashSet,
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+pub use kube::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+/// One problem found in the configuration, located as precisely as the input allows.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Diagnostic {
+    pub severity: Severity,
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    /// `Kind namespace/name`, when the object could be identified.
+    pub resource: Option<String>,
+    /// The field's path in the object, e.g. `spec.http[0].route[1].weight`.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let severity = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        write!(f, ": {severity}: ")?;
+        if let Some(resource) = &self.resource {
+            write!(f, "{resource}: ")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        write!(f, "{}", self.message)
+    }
+}
+
+/// Where an object was read from; not part of the object's identity.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub file: PathBuf,
+    /// The line its document starts on.
+    pub line: usize,
+    /// The document's text, to locate fields in it.
+    pub text: String,
+}
+
+impl PartialEq for Origin {
+    fn eq(&self, _: &Origin) -> bool {
+        true
+    }
+}
+
+/// An Istio resource: its metadata and its typed `spec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Resource<T> {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: T,
+    /// What a cluster reports back (e.g. from `kubectl get -o yaml`); not configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_yaml::Value>,
+    #[serde(skip)]
+    pub origin: Origin,
+}
+
+impl<T> Resource<T> {
+    pub fn namespace(&self) -> &str {
+        self.metadata.namespace()
+    }
+
+    /// `Kind namespace/name`, as diagnostics name objects.
+    pub fn describe(&self) -> String {
+        format!("{} {}/{}", self.kind, self.namespace(), self.metadata.name)
+    }
+}
+
+/// Istio's configuration, by kind.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct IstioConfig {
+    pub virtual_services: Vec<Resource<istio::VirtualService>>,
+    pub destination_rules: Vec<Resource<istio::DestinationRule>>,
+    pub gateways: Vec<Resource<istio::Gateway>>,
+    pub service_entries: Vec<Resource<istio::ServiceEntry>>,
+    pub sidecars: Vec<Resource<istio::Sidecar>>,
+    pub workload_entries: Vec<Resource<istio::WorkloadEntry>>,
+    pub workload_groups: Vec<Resource<istio::WorkloadGroup>>,
+    pub peer_authentications: Vec<Resource<istio::PeerAuthentication>>,
+    pub request_authentications: Vec<Resource<istio::RequestAuthentication>>,
+    pub authorization_policies: Vec<Resource<istio::AuthorizationPolicy>>,
+    pub telemetries: Vec<Resource<istio::Telemetry>>,
+}
+
+/// Everything read from the configuration sources.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClusterConfig {
+    pub nodes: Vec<Node>,
+    pub namespaces: Vec<MetaOnly>,
+    pub service_accounts: Vec<MetaOnly>,
+    pub pods: Vec<Pod>,
+    pub services: Vec<Service>,
+    pub istio: IstioConfig,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl ClusterConfig {
+    pub fn errors(&self) -> impl Iterator<Item = &Diagnostic> {
+        self.diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Standard Kubernetes kinds the mesh has no use for: skipped with a note.
+const IGNORED_KUBERNETES_KINDS: [&str; 14] = [
+    "Deployment",
+    "StatefulSet",
+    "DaemonSet",
+    "ReplicaSet",
+    "Job",
+    "CronJob",
+    "ConfigMap",
+    "Secret",
+    "Endpoints",
+    "EndpointSlice",
+    "Ingress",
+    "NetworkPolicy",
+    "PersistentVolumeClaim",
+    "HorizontalPodAutoscaler",
+];
+
+/// Reads every `*.yaml`/`*.yml` file of `path` (a file or a directory, not recursive) and
+/// checks the whole.
+pub fn load_path(path: &Path) -> Result<ClusterConfig, ConfigError> {
+    let read_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ConfigError::Read { path, source }
+    };
+    let meta = std::fs::metadata(path).map_err(read_error(path))?;
+    let mut files = Vec::new();
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path).map_err(read_error(path))?.flatten() {
+            let file = entry.path();
+            let is_yaml = matches!(
+                file.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml")
+            );
+            if is_yaml && file.is_file() {
+                files.push(file);
+            }
+        }
+        files.sort();
+    } else {
+        files.push(path.to_owned());
+    }
+    let mut config = ClusterConfig::default();
+    let mut seen = HashSet::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).map_err(read_error(&file))?;
+        load_text(&mut config, &mut seen, &file, &text);
+    }
+    validate::validate(&mut config);
+    Ok(config)
+}
+
+/// Reads and checks one YAML text, as if it were the file `file`.
+pub fn load_str(file: &Path, text: &str) -> ClusterConfig {
+    let mut config = ClusterConfig::default();
+    load_text(&mut config, &mut HashSet::new(), file, text);
+    validate::validate(&mut config);
+    config
+}
+
+/// Splits a multi-document YAML text, keeping the line each document starts on.
+fn documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    let mut start = 1;
+    for (index, line) in text.lines().enumerate() {
+        if line.trim_end() == "---" || line.starts_with("--- ") {
+            docs.push((start, std::mem::take(&mut current)));
+            start = index + 2;
+            continue;
+        }
+        current.push_str(line);
+        current.push('\n');
+    }
+    docs.push((start, current));
+    docs
+}
+
+/// Why a document was not taken: severity, field path, message and, when known, line.
+struct Rejection {
+    severity: Severity,
+    field: Option<String>,
+    message: String,
+    line: Option<usize>,
+}
+
+impl Rejection {
+    fn error(message: String) -> Rejection {
+        Rejection {
+            severity: Severity::Error,
+            field: None,
+            message,
+            line: None,
+        }
+    }
+
+    fn warning(message: String) -> Rejection {
+        Rejection {
+            severity: Severity::Warning,
+            ..Rejection::error(message)
+        }
+    }
+}
+
+fn load_text(
+    config: &mut ClusterConfig,
+    seen: &mut HashSet<(String, String, String)>,
+    file: &Path,
+    text: &str,
+) {
+    for (line, doc) in documents(text) {
+        let diag = |severity, resource: Option<String>, message: String| Diagnostic {
+            severity,
+            file: file.to_owned(),
+            line: Some(line),
+            resource,
+            field: None,
+            message,
+        };
+        let value: serde_yaml::Value = match serde_yaml::from_str(&doc) {
+            Ok(value) => value,
+            Err(err) => {
+                let at = err.location().map(|l| line + l.line() - 1).unwrap_or(line);
+                config.diagnostics.push(Diagnostic {
+                    line: Some(at),
+                    ..diag(Severity::Error, None, format!("YAML syntax: {err}"))
+                });
+                continue;
+            }
+        };
+        if value.is_null() {
+            continue;
+        }
+        let field = |name: &str| value.get(name).and_then(|v| v.as_str()).unwrap_or("");
+        let (api_version, kind) = (field("apiVersion").to_owned(), field("kind").to_owned());
+        let meta = value.get("metadata");
+        let name = meta
+            .and_then(|m| m.get("name"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        let namespace = meta
+            .and_then(|m| m.get("namespace"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        let cluster_scoped = matches!(kind.as_str(), "Node" | "Namespace");
+        let resource = if cluster_scoped {
+            format!("{kind} {name}")
+        } else {
+            format!("{kind} {namespace}/{name}")
+        };
+        if kind.is_empty() || api_version.is_empty() {
+            config.diagnostics.push(diag(
+                Severity::Error,
+                None,
+                "not a Kubernetes object: `apiVersion` and `kind` are required".into(),
+            ));
+            continue;
+        }
+        if name.is_empty() {
+            config.diagnostics.push(diag(
+                Severity::Error,
+                Some(resource),
+                "`metadata.name` is required".into(),
+            ));
+            continue;
+        }
+        if !seen.insert((kind.clone(), namespace.to_owned(), name.to_owned())) {
+            config.diagnostics.push(diag(
+                Severity::Error,
+                Some(resource),
+                "defined more than once; this definition is ignored".into(),
+            ));
+            continue;
+        }
+        let origin = Origin {
+            file: file.to_owned(),
+            line,
+            text: doc.clone(),
+        };
+        let (group, version) = api_version.split_once('/').unwrap_or(("", &api_version));
+        let istio = &mut config.istio;
+        let outcome = match (group, kind.as_str()) {
+            ("", "Pod") if version == "v1" => kube_object(value, |pod: Pod| {
+                validate_pod(&pod).map_err(Rejection::error)?;
+                let unscheduled = pod.spec.node_name.as_deref().unwrap_or_default().is_empty();
+                config.pods.push(pod);
+                if unscheduled {
+                    return Err(Rejection::warning(
+                        "pod without a node (`spec.nodeName` unset): not scheduled, so no agent serves it".into(),
+                    ));
+                }
+                Ok(())
+            }),
+            ("", "Service") if version == "v1" => kube_object(value, |service: Service| {
+                validate_service(&service).map_err(Rejection::error)?;
+                config.services.push(service);
+                Ok(())
+            }),
+            ("", "Node") if version == "v1" => kube_object(value, |node: Node| {
+                config.nodes.push(node);
+                Ok(())
+            }),
+            ("", "Namespace") if version == "v1" => kube_object(value, |ns: MetaOnly| {
+                config.namespaces.push(ns);
+                Ok(())
+            }),
+            ("", "ServiceAccount") if version == "v1" => kube_object(value, |sa: MetaOnly| {
+                config.service_accounts.push(sa);
+                Ok(())
+            }),
+            ("networking.istio.io", "EnvoyFilter") | ("extensions.istio.io", "WasmPlugin") => {
+                Err(Rejection::error(format!(
+                    "{kind} is not supported: this mesh has no Envoy to patch or extend"
+                )))
+            }
+            ("networking.istio.io", "VirtualService") => istio_object(
+                &NETWORKING,
+                version,
+                line,
+                origin,
+                &doc,
+                &mut istio.virtual_services,
+            ),
+            ("networking.istio.io", "DestinationRule") => istio_object(
+                &NETWORKING,
+                version,
+                line,
+                origin,
+                &doc,
+                &mut istio.destination_rules,
+            ),
+            ("networking.istio.io", "Gateway") => istio_object(
+                &NETWORKING,
+                version,
+                line,
+                origin,
+                &doc,
+                &mut istio.gateways,
+            ),
+            ("networking.istio.io", "ServiceEntry") => istio_object(
+                &NETWORKING,
+                version,
+                line,
+                origin,
+                &doc,
+                &mut istio.service_entries,
+            ),
+            ("networking.istio.io", "Sidecar") => istio_object(
+                &NETWORKING,
+                version,
+                line,
+                origin,
+                &doc,
+                &mut istio.sidecars,
+            ),
+            ("networking.istio.io", "WorkloadEntry") => istio_object(
+                &NETWORKING,
+                version,
+                line,
+                origin,
+                &doc,
+                &mut istio.workload_entries,
+            ),
+            ("networking.istio.io", "WorkloadGroup") => istio_object(
+                &NETWORKING,
+                version,
+                line,
+                origin,
+                &doc,
+                &mut istio.workload_groups,
+            ),
+            ("security.istio.io", "PeerAuthentication") => istio_object(
+                &SECURITY,
+                version,
+                line,
+                origin,
+                &doc,
+                &mut istio.peer_authentications,
+            ),
+            ("security.istio.io", "RequestAuthentication") => istio_object(
+                &SECURITY,
+                version,
+                line,
+                origin,
+                &doc,
+                &mut istio.request_authentications,
+            ),
+            ("security.istio.io", "AuthorizationPolicy") => istio_object(
+                &SECURITY,
+                version,
+                line,
+                origin,
+                &doc,
+                &mut istio.authorization_policies,
+            ),
+            ("telemetry.istio.io", "Telemetry") => istio_object(
+                &TELEMETRY,
+                version,
+                line,
+                origin,
+                &doc,
+                &mut istio.telemetries,
+            ),
+            (_, kind) if IGNORED_KUBERNETES_KINDS.contains(&kind) => Err(Rejection::warning(
+                format!("skipped: the mesh does not use {kind} objects"),
+            )),
+            _ => Err(Rejection::error(format!(
+                "unknown kind {kind} (apiVersion {api_version})"
+            ))),
+        };
+        if let Err(rejection) = outcome {
+            config.diagnostics.push(Diagnostic {
+                line: rejection.line.or(Some(line)),
+                field: rejection.field,
+                ..diag(rejection.severity, Some(resource), rejection.message)
+            });
+        }
+    }
+}
+
+const NETWORKING: [&str; 3] = ["v1alpha3", "v1beta1", "v1"];
+const SECURITY: [&str; 2] = ["v1beta1", "v1"];
+const TELEMETRY: [&str; 2] = ["v1alpha1", "v1"];
+
+fn kube_object<T: DeserializeOwned>(
+    value: serde_yaml::Value,
+    accept: impl FnOnce(T) -> Result<(), Rejection>,
+) -> Result<(), Rejection> {
+    let object: T = serde_yaml::from_value(value)
+        .map_err(|err| Rejection::error(format!("invalid object: {err}")))?;
+    accept(object)
+}
+
+/// Reads an Istio resource straight from its document text, so that an error knows the
+/// field's path and line.
+fn istio_object<T: DeserializeOwned + Default>(
+    versions: &[&str],
+    version: &str,
+    first_line: usize,
+    origin: Origin,
+    doc: &str,
+    into: &mut Vec<Resource<T>>,
+) -> Result<(), Rejection> {
+    if !versions.contains(&version) {
+        return Err(Rejection::error(format!(
+            "unsupported apiVersion {version}: this kind is served as {}",
+            versions.join(", ")
+        )));
+    }
+    let deserializer = serde_yaml::Deserializer::from_str(doc);
+    match serde_path_to_error::deserialize::<_, Resource<T>>(deserializer) {
+        Ok(mut resource) => {
+            resource.origin = origin;
+            into.push(resource);
+            Ok(())
+        }
+        Err(err) => {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            let line = inner.location().map(|l| first_line + l.line() - 1);
+            let mut message = inner.to_string();
+            // serde_yaml appends " at line L column C"; the diagnostic has its own line.
+            if let Some(at) = message.find(" at line ") {
+                message.truncate(at);
+            }
+            Err(Rejection {
+                severity: Severity::Error,
+                field: (path != ".").then_some(path),
+                message,
+                line,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> ClusterConfig {
+        load_str(Path::new("test.yaml"), text)
+    }
+
+    #[test]
+    fn multi_document_file_loads_every_kind() {
+        let config = load(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\n\
+             spec: {nodeName: node-1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}\n\
+             status: {podIP: 10.244.1.2}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80, targetPort: http}]}\n",
+        );
+        assert!(config.diagnostics.is_empty(), "{:?}", config.diagnostics);
+        assert_eq!(config.namespaces.len(), 1);
+        assert_eq!(
+            config.pods[0].spec.containers[0].ports[0].container_port,
+            8080
+        );
+        assert_eq!(
+            config.services[0].spec.ports[0].target_port,
+            Some(TargetPort::Name("http".into()))
+        );
+    }
+
+    #[test]
+    fn broken_document_is_reported_with_its_line_and_the_rest_still_loads() {
+        let config = load(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: x\n---\n\
+             apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n",
+        );
+        assert_eq!(config.namespaces.len(), 2);
+        let errors: Vec<_> = config.errors().collect();
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].message.contains("YAML syntax"));
+        assert!(
+            matches!(errors[0].line, Some(5..=8)),
+            "{:?}",
+            errors[0].line
+        );
+    }
+
+    #[test]
+    fn unknown_kind_is_an_error_and_an_unscheduled_pod_a_warning() {
+        let config = load(
+            "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w, namespace: ns}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: lost}\nspec: {containers: []}\n",
+        );
+        let messages: Vec<String> = config.diagnostics.iter().map(|d| d.to_string()).collect();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(messages[0].contains("error: Widget ns/w: unknown kind Widget"));
+        assert!(messages[1].contains("test.yaml:5: warning: Pod default/lost: pod without a node"));
+        assert_eq!(config.pods.len(), 1);
+    }
+
+    #[test]
+    fn unused_kubernetes_kinds_are_skipped_with_a_warning() {
+        let config = load("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n");
+        assert_eq!(config.errors().count(), 0);
+        assert_eq!(config.diagnostics.len(), 1);
+        assert!(config.diagnostics[0].message.contains("skipped"));
+    }
+
+    #[test]
+    fn bad_addresses_and_duplicates_are_rejected() {
+        let config = load(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}\n---\n\
+             apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n\
+             apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
+        );
+        let messages: Vec<String> = config.errors().map(|d| d.message.clone()).collect();
+        assert!(messages[0].contains("clusterIP"), "{messages:?}");
+        assert!(
+            messages[1].contains("defined more than once"),
+            "{messages:?}"
+        );
+        assert_eq!(config.namespaces.len(), 1);
+    }
+}

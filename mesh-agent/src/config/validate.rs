@@ -1,0 +1,702 @@
+//! Checks across objects, after every file is read, in the manner of `istioctl analyze`:
+//! route weights, subsets, StringMatch one-ofs (errors); unresolved hosts, subsets without
+//! a DestinationRule, selectors matching no pod, deprecated fields, and fields that are
+//! parsed but not enforced yet (warnings). Each diagnostic names the field and its line.
+
+use std::collections::{BTreeSet, HashSet};
+
+use serde::Serialize;
+
+use super::{istio::*, ClusterConfig, Diagnostic, Resource, Severity};
+
+/// Where `match_labels` select workloads, in `namespace` (the root namespace: all).
+const ROOT_NAMESPACE: &str = "istio-system";
+
+pub fn validate(config: &mut ClusterConfig) {
+    let mut found = Vec::new();
+    let known_hosts = known_hosts(config);
+    let istio = &config.istio;
+    for vs in &istio.virtual_services {
+        check_virtual_service(vs, config, &known_hosts, &mut found);
+    }
+    for dr in &istio.destination_rules {
+        let host = fqdn(&dr.spec.host, dr.namespace());
+        if !known_hosts.contains(&host) && !host.contains('*') {
+            found.push(warning(
+                dr,
+                "spec.host",
+                format!("host {host} is not a Service or ServiceEntry host of the given files"),
+            ));
+        }
+        if let Some(selector) = &dr.spec.workload_selector {
+            check_selector(
+                dr,
+                "spec.workloadSelector",
+                &selector.match_labels,
+                config,
+                &mut found,
+            );
+        }
+        deprecated_load_balancer(
+            dr,
+            "spec.trafficPolicy",
+            dr.spec.traffic_policy.as_ref(),
+            &mut found,
+        );
+        for (i, subset) in dr.spec.subsets.iter().enumerate() {
+            deprecated_load_balancer(
+                dr,
+                &format!("spec.subsets[{i}].trafficPolicy"),
+                subset.traffic_policy.as_ref(),
+                &mut found,
+            );
+        }
+    }
+    for gateway in &istio.gateways {
+        check_selector(
+            gateway,
+            "spec.selector",
+            &gateway.spec.selector,
+            config,
+            &mut found,
+        );
+    }
+    for se in &istio.service_entries {
+        if let Some(selector) = &se.spec.workload_selector {
+            check_selector(
+                se,
+                "spec.workloadSelector",
+                &selector.labels,
+                config,
+                &mut found,
+            );
+        }
+    }
+    for sidecar in &istio.sidecars {
+        if let Some(selector) = &sidecar.spec.workload_selector {
+            check_selector(
+                sidecar,
+                "spec.workloadSelector",
+                &selector.labels,
+                config,
+                &mut found,
+            );
+        }
+    }
+    for pa in &istio.peer_authentications {
+        if let Some(selector) = &pa.spec.selector {
+            check_selector(
+                pa,
+                "spec.selector",
+                &selector.match_labels,
+                config,
+                &mut found,
+            );
+        }
+    }
+    for ra in &istio.request_authentications {
+        if let Some(selector) = &ra.spec.selector {
+            check_selector(
+                ra,
+                "spec.selector",
+                &selector.match_labels,
+                config,
+                &mut found,
+            );
+        }
+    }
+    for ap in &istio.authorization_policies {
+        if let Some(selector) = &ap.spec.selector {
+            check_selector(
+                ap,
+                "spec.selector",
+                &selector.match_labels,
+                config,
+                &mut found,
+            );
+        }
+        if ap.spec.action == Some(AuthorizationAction::Custom) {
+            found.push(warning(ap, "spec.action", "CUSTOM (external authorizer) is not supported: the requests it selects will be denied".into()));
+        }
+    }
+    for telemetry in &istio.telemetries {
+        if let Some(selector) = &telemetry.spec.selector {
+            check_selector(
+                telemetry,
+                "spec.selector",
+                &selector.match_labels,
+                config,
+                &mut found,
+            );
+        }
+    }
+    not_enforced(config, &mut found);
+    config.diagnostics.extend(found);
+}
+
+fn diagnostic<T>(
+    severity: Severity,
+    resource: &Resource<T>,
+    field: &str,
+    message: String,
+) -> Diagnostic {
+    let line = locate(&resource.origin.text, field).map(|offset| resource.origin.line + offset);
+    Diagnostic {
+        severity,
+        file: resource.origin.file.clone(),
+        line: line.or(Some(resource.origin.line)),
+        resource: Some(resource.describe()),
+        field: Some(field.to_owned()),
+        message,
+    }
+}
+
+fn error<T>(resource: &Resource<T>, field: &str, message: String) -> Diagnostic {
+    diagnostic(Severity::Error, resource, field, message)
+}
+
+fn warning<T>(resource: &Resource<T>, field: &str, message: String) -> Diagnostic {
+    diagnostic(Severity::Warning, resource, field, message)
+}
+
+/// A host as Istio resolves it in `namespace`: a short name is a Service of that namespace.
+pub fn fqdn(host: &str, namespace: &str) -> String {
+    if host.contains('.') || host.contains('*') {
+        host.to_owned()
+    } else {
+        format!("{host}.{namespace}.svc.cluster.local")
+    }
+}
+
+fn known_hosts(config: &ClusterConfig) -> HashSet<String> {
+    let mut hosts: HashSet<String> = config
+        .services
+        .iter()
+        .map(|s| {
+            format!(
+                "{}.{}.svc.cluster.local",
+                s.metadata.name,
+                s.metadata.namespace()
+            )
+        })
+        .collect();
+    for se in &config.istio.service_entries {
+        hosts.extend(se.spec.hosts.iter().map(|h| fqdn(h, se.namespace())));
+    }
+    hosts
+}
+
+fn check_virtual_service(
+    vs: &Resource<VirtualService>,
+    config: &ClusterConfig,
+    known_hosts: &HashSet<String>,
+    found: &mut Vec<Diagnostic>,
+) {
+    let mut destinations: Vec<(String, &Destination)> = Vec::new();
+    for (i, route) in vs.spec.http.iter().enumerate() {
+        let base = format!("spec.http[{i}]");
+        check_weights(vs, &base, route.route.iter().map(|r| r.weight), found);
+        for (j, r) in route.route.iter().enumerate() {
+            destinations.push((format!("{base}.route[{j}].destination"), &r.destination));
+        }
+        if let Some(mirror) = &route.mirror {
+            destinations.push((format!("{base}.mirror"), mirror));
+        }
+        for (j, m) in route.mirrors.iter().enumerate() {
+            destinations.push((format!("{base}.mirrors[{j}].destination"), &m.destination));
+        }
+        for (j, m) in route.matches.iter().enumerate() {
+            let at = format!("{base}.match[{j}]");
+            for (field, value) in [
+                ("uri", &m.uri),
+                ("scheme", &m.scheme),
+                ("method", &m.method),
+                ("authority", &m.authority),
+            ] {
+                if let Some(value) = value {
+                    check_string_match(vs, &format!("{at}.{field}"), value, found);
+                }
+            }
+            for (field, map) in [
+                ("headers", &m.headers),
+                ("queryParams", &m.query_params),
+                ("withoutHeaders", &m.without_headers),
+            ] {
+                for (key, value) in map {
+                    check_string_match(vs, &format!("{at}.{field}.{key}"), value, found);
+                }
+            }
+        }
+        if route.mirror_percent.is_some() {
+            found.push(warning(
+                vs,
+                &format!("{base}.mirrorPercent"),
+                "deprecated: use mirrorPercentage".into(),
+            ));
+        }
+        if let Some(fault) = &route.fault {
+            if fault.delay.as_ref().is_some_and(|d| d.percent.is_some()) {
+                found.push(warning(
+                    vs,
+                    &format!("{base}.fault.delay.percent"),
+                    "deprecated: use percentage".into(),
+                ));
+            }
+            if fault.abort.as_ref().is_some_and(|a| a.percent.is_some()) {
+                found.push(warning(
+                    vs,
+                    &format!("{base}.fault.abort.percent"),
+                    "deprecated: use percentage".into(),
+                ));
+            }
+        }
+        if let Some(cors) = &route.cors_policy {
+            if !cors.allow_origin.is_empty() {
+                found.push(warning(
+                    vs,
+                    &format!("{base}.corsPolicy.allowOrigin"),
+                    "deprecated: use allowOrigins".into(),
+                ));
+            }
+            for (j, origin) in cors.allow_origins.iter().enumerate() {
+                check_string_match(
+                    vs,
+                    &format!("{base}.corsPolicy.allowOrigins[{j}]"),
+                    origin,
+                    found,
+                );
+            }
+        }
+    }
+    for (kind, routes) in [
+        (
+            "tcp",
+            vs.spec.tcp.iter().map(|r| &r.route).collect::<Vec<_>>(),
+        ),
+        ("tls", vs.spec.tls.iter().map(|r| &r.route).collect()),
+    ] {
+        for (i, route) in routes.into_iter().enumerate() {
+            let base = format!("spec.{kind}[{i}]");
+            check_weights(vs, &base, route.iter().map(|r| r.weight), found);
+            for (j, r) in route.iter().enumerate() {
+                destinations.push((format!("{base}.route[{j}].destination"), &r.destination));
+            }
+        }
+    }
+    for (field, destination) in destinations {
+        let host = fqdn(&destination.host, vs.namespace());
+        if !host.contains('*') && !known_hosts.contains(&host) {
+            found.push(warning(
+                vs,
+                &format!("{field}.host"),
+                format!("host {host} is not a Service or ServiceEntry host of the given files"),
+            ));
+        }
+        let Some(subset) = &destination.subset else {
+            continue;
+        };
+        let rules: Vec<&Resource<DestinationRule>> = config
+            .istio
+            .destination_rules
+            .iter()
+            .filter(|dr| fqdn(&dr.spec.host, dr.namespace()) == host)
+            .collect();
+        if rules.is_empty() {
+            found.push(warning(vs, &format!("{field}.subset"), format!("subset {subset} of {host}: no DestinationRule for this host in the given files")));
+        } else if !rules
+            .iter()
+            .any(|dr| dr.spec.subsets.iter().any(|s| &s.name == subset))
+        {
+            let names: Vec<String> = rules.iter().map(|dr| dr.describe()).collect();
+            found.push(error(
+                vs,
+                &format!("{field}.subset"),
+                format!(
+                    "subset {subset} is not defined for {host} (see {})",
+                    names.join(", ")
+                ),
+            ));
+        }
+    }
+}
+
+fn check_weights(
+    vs: &Resource<VirtualService>,
+    base: &str,
+    weights: impl Iterator<Item = Option<i32>>,
+    found: &mut Vec<Diagnostic>,
+) {
+    let weights: Vec<Option<i32>> = weights.collect();
+    for (j, weight) in weights.iter().enumerate() {
+        if weight.is_some_and(|w| !(0..=100).contains(&w)) {
+            found.push(error(
+                vs,
+                &format!("{base}.route[{j}].weight"),
+                "weight must be between 0 and 100".into(),
+            ));
+            return;
+        }
+    }
+    if weights.len() > 1 {
+        let total: i32 = weights.iter().map(|w| w.unwrap_or(0)).sum();
+        if total != 100 {
+            found.push(error(
+                vs,
+                &format!("{base}.route"),
+                format!("route weights sum to {total}, not 100"),
+            ));
+        }
+    }
+}
+
+fn check_string_match<T>(
+    resource: &Resource<T>,
+    field: &str,
+    value: &StringMatch,
+    found: &mut Vec<Diagnostic>,
+) {
+    let set = [
+        value.exact.is_some(),
+        value.prefix.is_some(),
+        value.regex.is_some(),
+    ]
+    .iter()
+    .filter(|s| **s)
+    .count();
+    if set > 1 {
+        found.push(error(
+            resource,
+            field,
+            "exactly one of exact, prefix and regex may be set".into(),
+        ));
+    }
+}
+
+fn check_selector<T>(
+    resource: &Resource<T>,
+    field: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+    config: &ClusterConfig,
+    found: &mut Vec<Diagnostic>,
+) {
+    if labels.is_empty() {
+        return;
+    }
+    let namespace = resource.namespace();
+    let matches_pod = config.pods.iter().any(|pod| {
+        (namespace == ROOT_NAMESPACE || pod.metadata.namespace() == namespace)
+            && labels
+                .iter()
+                .all(|(k, v)| pod.metadata.labels.get(k) == Some(v))
+    });
+    let matches_entry = config.istio.workload_entries.iter().any(|we| {
+        (namespace == ROOT_NAMESPACE || we.namespace() == namespace)
+            && labels.iter().all(|(k, v)| we.spec.labels.get(k) == Some(v))
+    });
+    if !matches_pod && !matches_entry {
+        found.push(warning(
+            resource,
+            field,
+            "the selector matches no pod or WorkloadEntry of the given files".into(),
+        ));
+    }
+}
+
+fn deprecated_load_balancer(
+    dr: &Resource<DestinationRule>,
+    base: &str,
+    policy: Option<&TrafficPolicy>,
+    found: &mut Vec<Diagnostic>,
+) {
+    let Some(policy) = policy else {
+        return;
+    };
+    if let Some(lb) = &policy.load_balancer {
+        if lb.simple == Some(SimpleLb::LeastConn) {
+            found.push(warning(
+                dr,
+                &format!("{base}.loadBalancer.simple"),
+                "LEAST_CONN is deprecated: use LEAST_REQUEST".into(),
+            ));
+        }
+        if lb
+            .consistent_hash
+            .as_ref()
+            .is_some_and(|c| c.minimum_ring_size.is_some())
+        {
+            found.push(warning(
+                dr,
+                &format!("{base}.loadBalancer.consistentHash.minimumRingSize"),
+                "deprecated: use ringHash.minimumRingSize".into(),
+            ));
+        }
+    }
+    if policy
+        .outlier_detection
+        .as_ref()
+        .is_some_and(|o| o.consecutive_errors.is_some())
+    {
+        found.push(warning(
+            dr,
+            &format!("{base}.outlierDetection.consecutiveErrors"),
+            "deprecated: use consecutive5xxErrors".into(),
+        ));
+    }
+}
+
+/// Fields this version of the mesh gives behaviour to, per kind (paths below `spec`, list
+/// indexes as `[]`). Everything else is parsed, kept, and reported as not enforced yet.
+fn enforced(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "DestinationRule" => &[
+            "host",
+            "trafficPolicy.loadBalancer.simple",
+            "trafficPolicy.loadBalancer.consistentHash.useSourceIp",
+            "subsets[].name",
+            "subsets[].labels",
+            "subsets[].trafficPolicy.loadBalancer.simple",
+            "subsets[].trafficPolicy.loadBalancer.consistentHash.useSourceIp",
+        ],
+        "ServiceEntry" => &[
+            "hosts",
+            "addresses",
+            "ports",
+            "endpoints[].address",
+            "endpoints[].ports",
+            "endpoints[].labels",
+            "workloadSelector",
+            "resolution",
+            "location",
+        ],
+        "WorkloadEntry" => &["address", "ports", "labels", "serviceAccount"],
+        _ => &[],
+    }
+}
+
+/// How deep below `spec` "not enforced" warnings go before they summarise a subtree.
+const REPORT_DEPTH: usize = 3;
+
+fn not_enforced(config: &ClusterConfig, found: &mut Vec<Diagnostic>) {
+    let istio = &config.istio;
+    report_unenforced(&istio.virtual_services, found);
+    report_unenforced(&istio.destination_rules, found);
+    report_unenforced(&istio.gateways, found);
+    report_unenforced(&istio.service_entries, found);
+    report_unenforced(&istio.sidecars, found);
+    report_unenforced(&istio.workload_entries, found);
+    report_unenforced(&istio.workload_groups, found);
+    report_unenforced(&istio.peer_authentications, found);
+    report_unenforced(&istio.request_authentications, found);
+    report_unenforced(&istio.authorization_policies, found);
+    report_unenforced(&istio.telemetries, found);
+}
+
+fn report_unenforced<T: Serialize>(resources: &[Resource<T>], found: &mut Vec<Diagnostic>) {
+    for resource in resources {
+        let Ok(spec) = serde_json::to_value(&resource.spec) else {
+            continue;
+        };
+        let allowed = enforced(&resource.kind);
+        let mut leaves = Vec::new();
+        leaf_paths(&spec, &mut Vec::new(), &mut Vec::new(), &mut leaves);
+        let mut reported = BTreeSet::new();
+        for (normalized, concrete) in leaves {
+            let is_enforced = allowed.iter().any(|a| {
+                let a: Vec<&str> = a.split('.').collect();
+                normalized.len() >= a.len() && normalized[..a.len()] == a[..]
+            });
+            if is_enforced {
+                continue;
+            }
+            let keys = REPORT_DEPTH.min(normalized.len());
+            let summary = normalized[..keys].join(".");
+            if reported.insert(summary.clone()) {
+                let concrete = format!("spec.{}", concrete[..keys].join("."));
+                found.push(warning(
+                    resource,
+                    &concrete,
+                    "parsed but not enforced yet by this version of the mesh".into(),
+                ));
+            }
+        }
+    }
+}
+
+/// Paths to every set leaf of `value`: normalised (`http[]`) and concrete (`http[0]`).
+fn leaf_paths(
+    value: &serde_json::Value,
+    normalized: &mut Vec<String>,
+    concrete: &mut Vec<String>,
+    out: &mut Vec<(Vec<String>, Vec<String>)>,
+) {
+    match value {
+        serde_json::Value::Null => {}
+        serde_json::Value::Object(map) if !map.is_empty() => {
+            for (key, child) in map {
+                normalized.push(key.clone());
+                concrete.push(key.clone());
+                leaf_paths(child, normalized, concrete, out);
+                normalized.pop();
+                concrete.pop();
+            }
+        }
+        serde_json::Value::Array(items) if !items.is_empty() => {
+            for (index, child) in items.iter().enumerate() {
+                let (Some(last_n), Some(last_c)) = (normalized.pop(), concrete.pop()) else {
+                    continue;
+                };
+                normalized.push(format!("{last_n}[]"));
+                concrete.push(format!("{last_c}[{index}]"));
+                leaf_paths(child, normalized, concrete, out);
+                normalized.pop();
+                concrete.pop();
+                normalized.push(last_n);
+                concrete.push(last_c);
+            }
+        }
+        serde_json::Value::Object(_) | serde_json::Value::Array(_) => {}
+        _ => out.push((normalized.clone(), concrete.clone())),
+    }
+}
+
+enum Segment<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+fn segments(path: &str) -> Vec<Segment<'_>> {
+    let mut out = Vec::new();
+    for part in path.split('.') {
+        let (key, rest) = part.split_once('[').unwrap_or((part, ""));
+        if !key.is_empty() {
+            out.push(Segment::Key(key));
+        }
+        for index in rest.split('[') {
+            if let Some(Ok(i)) = index.strip_suffix(']').map(str::parse) {
+                out.push(Segment::Index(i));
+            }
+        }
+    }
+    out
+}
+
+fn indent(line: &str) -> usize {
+    line.len() - line.trim_start().len()
+}
+
+/// The line (0-based, within the document) of a field given by its path, for YAML in block
+/// style; `None` when it cannot be followed (flow style, say).
+pub fn locate(text: &str, path: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut cursor = 0;
+    let mut parent_indent: Option<usize> = None;
+    let mut same_line_allowed = true;
+    for segment in segments(path) {
+        let within = |line: &str| {
+            let blank = line.trim().is_empty() || line.trim_start().starts_with('#');
+            blank || parent_indent.is_none_or(|p| indent(line) > p)
+        };
+        match segment {
+            Segment::Key(key) => {
+                let start = if same_line_allowed {
+                    cursor
+                } else {
+                    cursor + 1
+                };
+                let mut found = None;
+                for (i, line) in lines.iter().enumerate().skip(start) {
+                    if i > cursor && !within(line) {
+                        break;
+                    }
+                    let content = line.trim_start().trim_start_matches("- ");
+                    if content.starts_with(&format!("{key}:")) {
+                        let column = line.len() - content.len();
+                        found = Some((i, column));
+                        break;
+                    }
+                }
+                let (line, column) = found?;
+                cursor = line;
+                parent_indent = Some(column);
+                same_line_allowed = false;
+            }
+            Segment::Index(n) => {
+                let mut seen = 0;
+                let mut item_indent = None;
+                let mut found = None;
+                for (i, line) in lines.iter().enumerate().skip(cursor + 1) {
+                    let trimmed = line.trim_start();
+                    // Items of a block sequence may sit at their key's own indentation.
+                    let compact_item = trimmed.starts_with('-')
+                        && parent_indent.is_some_and(|p| indent(line) == p);
+                    if !within(line) && !compact_item {
+                        break;
+                    }
+                    if trimmed.starts_with("- ") || trimmed == "-" {
+                        let at = indent(line);
+                        if *item_indent.get_or_insert(at) == at {
+                            if seen == n {
+                                found = Some((i, at));
+                                break;
+                            }
+                            seen += 1;
+                        }
+                    }
+                }
+                let (line, at) = found?;
+                cursor = line;
+                parent_indent = Some(at);
+                same_line_allowed = true;
+            }
+        }
+    }
+    Some(cursor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOC: &str = "\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+spec:
+  hosts:
+  - reviews
+  http:
+  - match:
+    - uri:
+        prefix: /a
+    route:
+    - destination:
+        host: reviews
+        subset: v1
+      weight: 50
+    - destination:
+        host: reviews
+        subset: v2
+      weight: 20
+";
+
+    #[test]
+    fn fields_are_located_in_block_yaml() {
+        assert_eq!(locate(DOC, "spec.hosts"), Some(5));
+        assert_eq!(locate(DOC, "spec.http[0].route"), Some(11));
+        assert_eq!(locate(DOC, "spec.http[0].route[1].weight"), Some(19));
+        assert_eq!(
+            locate(DOC, "spec.http[0].route[1].destination.subset"),
+            Some(18)
+        );
+        assert_eq!(locate(DOC, "spec.http[0].match[0].uri.prefix"), Some(10));
+        assert_eq!(locate(DOC, "spec.tcp"), None);
+    }
+
+    #[test]
+    fn short_hosts_resolve_in_the_namespace() {
+        assert_eq!(fqdn("reviews", "shop"), "reviews.shop.svc.cluster.local");
+        assert_eq!(fqdn("api.example.com", "shop"), "api.example.com");
+        assert_eq!(fqdn("*.example.com", "shop"), "*.example.com");
+    }
+}
