@@ -4,7 +4,9 @@
 pub mod agent;
 pub mod config;
 pub mod datapath;
+pub mod discovery;
 pub mod http;
+pub mod lb;
 pub mod maps;
 pub mod meshctl;
 pub mod metrics;

@@ -418,12 +418,13 @@ fn labels_for(
     let remote_addr = std::net::SocketAddrV4::new(remote_ip, key.remote_port);
     let local_addr = std::net::SocketAddrV4::new(ip_from_key(key.local_ip), key.local_port);
     let (reporter, source, destination, service) = if stats.role == FLOW_ROLE_CLIENT {
-        let destination = record
-            .map(|r| r.destination.clone())
-            .or_else(|| state.workloads.get(&remote_ip).cloned());
+        let destination = match record {
+            Some(record) => record.destination.clone(),
+            None => state.workloads.get(&remote_ip).cloned(),
+        };
         let service = record
             .and_then(|r| r.service.clone())
-            .or_else(|| state.services.get(&remote_addr).map(|s| s.hostname()))
+            .or_else(|| state.services.get(&remote_addr).map(|s| s.hostname.clone()))
             .or_else(|| state.service_of(remote_addr));
         ("source", Some(local.clone()), destination, service)
     } else {

@@ -1,20 +1,21 @@
 //! The typed mesh state one agent works from, derived from the [`ClusterConfig`]: every
-//! meshed workload by address, every Service port by cluster IP with its ready endpoints,
-//! every node's address, and destination resolution (round robin over endpoints).
+//! meshed workload by address, every Service port (Kubernetes Services and ServiceEntries)
+//! by address with its endpoints, subsets and load-balancing policy, every node's address,
+//! and destination resolution.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
+    sync::Arc,
 };
 
 use serde::Serialize;
 
-use crate::config::{ClusterConfig, Diagnostic, Pod, Severity, TargetPort};
+use crate::{
+    config::{ClusterConfig, Diagnostic, Pod},
+    discovery,
+    lb::{ActiveGuard, Balancer, LbPolicy},
+};
 
 /// Label that takes a pod, or every pod of a namespace, out of the mesh (Istio ambient's).
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -41,44 +42,125 @@ impl Workload {
     }
 }
 
+/// One endpoint of a Service port.
+#[derive(Debug, Clone, Serialize)]
+pub struct Endpoint {
+    pub addr: SocketAddrV4,
+    /// The meshed pod behind it; `None` for a WorkloadEntry or ServiceEntry endpoint
+    /// outside the mesh, which the agent reaches directly.
+    #[serde(skip)]
+    pub workload: Option<Arc<Workload>>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A DestinationRule subset: the endpoints whose labels match, and its own policy.
+#[derive(Debug, Serialize)]
+pub struct SubsetState {
+    pub labels: BTreeMap<String, String>,
+    pub policy: LbPolicy,
+    #[serde(skip)]
+    balancer: Balancer,
+}
+
 #[derive(Debug, Serialize)]
 pub struct ServicePortState {
     pub namespace: String,
     pub name: String,
+    /// Istio's `destination_service`: `name.namespace.svc.cluster.local`, or the
+    /// ServiceEntry's host.
+    pub hostname: String,
     pub cluster_ip: Ipv4Addr,
     pub port: u16,
+    pub endpoints: Vec<Endpoint>,
+    pub policy: LbPolicy,
     #[serde(skip)]
-    pub target_port: Option<TargetPort>,
-    /// Ready endpoints: the selected pods and the port each serves this Service port on.
-    pub endpoints: Vec<SocketAddrV4>,
-    #[serde(skip)]
-    next: AtomicUsize,
+    balancer: Balancer,
+    pub subsets: BTreeMap<String, SubsetState>,
+}
+
+/// What the load balancer chose for a connection.
+#[derive(Debug)]
+pub enum Pick {
+    Endpoint(usize, ActiveGuard),
+    /// `PASSTHROUGH`: to the original destination.
+    Passthrough,
+    None,
+}
+
+/// A Service port's name: namespace, name and Istio hostname.
+pub struct ServiceName {
+    pub namespace: String,
+    pub name: String,
+    pub hostname: String,
 }
 
 impl ServicePortState {
-    /// Istio's `destination_service` form.
-    pub fn hostname(&self) -> String {
-        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+    pub fn new(
+        service: ServiceName,
+        address: SocketAddrV4,
+        endpoints: Vec<Endpoint>,
+        policy: LbPolicy,
+        subsets: BTreeMap<String, (BTreeMap<String, String>, LbPolicy)>,
+    ) -> ServicePortState {
+        let subsets = subsets
+            .into_iter()
+            .map(|(subset, (labels, policy))| {
+                let state = SubsetState {
+                    labels,
+                    policy,
+                    balancer: Balancer::new(policy, endpoints.len()),
+                };
+                (subset, state)
+            })
+            .collect();
+        ServicePortState {
+            namespace: service.namespace,
+            name: service.name,
+            hostname: service.hostname,
+            cluster_ip: *address.ip(),
+            port: address.port(),
+            balancer: Balancer::new(policy, endpoints.len()),
+            policy,
+            endpoints,
+            subsets,
+        }
     }
 
-    /// The next endpoint in round-robin order, if any is ready.
-    pub fn pick(&self) -> Option<SocketAddrV4> {
-        if self.endpoints.is_empty() {
-            return None;
+    /// The endpoint for a new connection from `client`, in `subset` if one is named.
+    pub fn pick(&self, client: Ipv4Addr, subset: Option<&str>) -> Pick {
+        let keys: Vec<SocketAddrV4> = self.endpoints.iter().map(|e| e.addr).collect();
+        let (balancer, labels) = match subset.map(|s| self.subsets.get(s)) {
+            Some(Some(subset)) => (&subset.balancer, Some(&subset.labels)),
+            Some(None) => return Pick::None,
+            None => (&self.balancer, None),
+        };
+        if balancer.policy == LbPolicy::Passthrough {
+            return Pick::Passthrough;
         }
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        Some(self.endpoints[index])
+        let eligible = |i: usize| {
+            labels.is_none_or(|labels| {
+                labels
+                    .iter()
+                    .all(|(k, v)| self.endpoints[i].labels.get(k) == Some(v))
+            })
+        };
+        match balancer.pick(client, &keys, eligible) {
+            Some((index, guard)) => Pick::Endpoint(index, guard),
+            None => Pick::None,
+        }
     }
 }
 
 /// Where a captured connection goes.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Resolved {
-    /// A meshed pod, reached directly or through a Service.
-    Workload {
+    /// An endpoint: a meshed pod (`workload`), or an address outside the mesh.
+    Endpoint {
         target: SocketAddrV4,
-        workload: Arc<Workload>,
+        workload: Option<Arc<Workload>>,
         service: Option<String>,
+        /// Counts the connection as active on the endpoint while held.
+        guard: Option<ActiveGuard>,
     },
     /// A Service port with no ready endpoint.
     NoEndpoints { service: String },
@@ -123,74 +205,7 @@ impl MeshState {
                 state.workloads.insert(workload.ip, Arc::new(workload));
             }
         }
-        for service in &config.services {
-            let Some(ip) = service
-                .spec
-                .cluster_ip
-                .as_deref()
-                .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
-            else {
-                continue;
-            };
-            let namespace = service.metadata.namespace();
-            let selected: Vec<&Arc<Workload>> = if service.spec.selector.is_empty() {
-                Vec::new()
-            } else {
-                let mut pods: Vec<_> = state
-                    .workloads
-                    .values()
-                    .filter(|w| {
-                        w.namespace == namespace
-                            && service
-                                .spec
-                                .selector
-                                .iter()
-                                .all(|(k, v)| w.labels.get(k) == Some(v))
-                    })
-                    .collect();
-                pods.sort_by_key(|w| w.ip);
-                pods
-            };
-            if selected.is_empty() && !service.spec.selector.is_empty() {
-                state.diagnostics.push(Diagnostic {
-                    severity: Severity::Warning,
-                    file: PathBuf::new(),
-                    line: None,
-                    resource: Some(format!("Service {namespace}/{}", service.metadata.name)),
-                    field: Some("spec.selector".into()),
-                    message: "the selector matches no meshed pod with an address".into(),
-                });
-            }
-            for port in &service.spec.ports {
-                let protocol = port.protocol.as_deref().unwrap_or("TCP");
-                if protocol != "TCP" {
-                    continue;
-                }
-                let endpoints = selected
-                    .iter()
-                    .filter_map(|w| {
-                        let target = match &port.target_port {
-                            None => port.port,
-                            Some(TargetPort::Number(n)) => *n,
-                            Some(TargetPort::Name(name)) => *w.named_ports.get(name)?,
-                        };
-                        Some(SocketAddrV4::new(w.ip, target))
-                    })
-                    .collect();
-                state.services.insert(
-                    SocketAddrV4::new(ip, port.port),
-                    Arc::new(ServicePortState {
-                        namespace: namespace.to_owned(),
-                        name: service.metadata.name.clone(),
-                        cluster_ip: ip,
-                        port: port.port,
-                        target_port: port.target_port.clone(),
-                        endpoints,
-                        next: AtomicUsize::new(0),
-                    }),
-                );
-            }
-        }
+        discovery::add_services(&mut state, config);
         state
     }
 
@@ -207,29 +222,37 @@ impl MeshState {
         self.nodes.get(&workload.node).copied()
     }
 
-    pub fn resolve(&self, original_dst: SocketAddrV4) -> Resolved {
+    /// Where a connection from `client` to `original_dst` goes: a Service port's endpoint
+    /// chosen by its load-balancing policy, or the pod addressed directly.
+    pub fn resolve(&self, original_dst: SocketAddrV4, client: Ipv4Addr) -> Resolved {
         if let Some(service) = self.services.get(&original_dst) {
-            return match service.pick() {
-                Some(target) => match self.workloads.get(target.ip()) {
-                    Some(workload) => Resolved::Workload {
-                        target,
-                        workload: workload.clone(),
-                        service: Some(service.hostname()),
-                    },
-                    None => Resolved::NoEndpoints {
-                        service: service.hostname(),
-                    },
+            return match service.pick(client, None) {
+                Pick::Endpoint(index, guard) => {
+                    let endpoint = &service.endpoints[index];
+                    Resolved::Endpoint {
+                        target: endpoint.addr,
+                        workload: endpoint.workload.clone(),
+                        service: Some(service.hostname.clone()),
+                        guard: Some(guard),
+                    }
+                }
+                Pick::Passthrough => Resolved::Endpoint {
+                    target: original_dst,
+                    workload: self.workloads.get(original_dst.ip()).cloned(),
+                    service: Some(service.hostname.clone()),
+                    guard: None,
                 },
-                None => Resolved::NoEndpoints {
-                    service: service.hostname(),
+                Pick::None => Resolved::NoEndpoints {
+                    service: service.hostname.clone(),
                 },
             };
         }
         match self.workloads.get(original_dst.ip()) {
-            Some(workload) => Resolved::Workload {
+            Some(workload) => Resolved::Endpoint {
                 target: original_dst,
-                workload: workload.clone(),
+                workload: Some(workload.clone()),
                 service: self.service_of(original_dst),
+                guard: None,
             },
             None => Resolved::Unknown,
         }
@@ -240,9 +263,9 @@ impl MeshState {
         let mut owners = self
             .services
             .values()
-            .filter(|s| s.endpoints.contains(&target));
+            .filter(|s| s.endpoints.iter().any(|e| e.addr == target));
         let first = owners.next()?;
-        owners.next().is_none().then(|| first.hostname())
+        owners.next().is_none().then(|| first.hostname.clone())
     }
 }
 
@@ -354,19 +377,28 @@ metadata: {name: empty, namespace: shop}
 spec: {clusterIP: 10.96.0.11, selector: {app: nothing}, ports: [{port: 80}]}
 ";
 
+    const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 50);
+
+    fn target(state: &MeshState, dst: &str) -> (SocketAddrV4, Option<String>, Option<String>) {
+        match state.resolve(dst.parse().expect("addr"), CLIENT) {
+            Resolved::Endpoint {
+                target,
+                workload,
+                service,
+                ..
+            } => (target, workload.map(|w| w.pod.clone()), service),
+            other => panic!("{dst}: unexpected {other:?}"),
+        }
+    }
+
     #[test]
     fn service_resolves_round_robin_over_named_target_ports() {
         let state = state_from(CLUSTER);
-        let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
         let picks: Vec<SocketAddrV4> = (0..4)
-            .map(|_| match state.resolve(vip) {
-                Resolved::Workload {
-                    target, service, ..
-                } => {
-                    assert_eq!(service.as_deref(), Some("web.shop.svc.cluster.local"));
-                    target
-                }
-                other => panic!("unexpected {other:?}"),
+            .map(|_| {
+                let (addr, _, service) = target(&state, "10.96.0.10:80");
+                assert_eq!(service.as_deref(), Some("web.shop.svc.cluster.local"));
+                addr
             })
             .collect();
         let a = "10.244.1.2:8080".parse().expect("addr");
@@ -380,7 +412,7 @@ spec: {clusterIP: 10.96.0.11, selector: {app: nothing}, ports: [{port: 80}]}
         assert!(!state.workloads.contains_key(&Ipv4Addr::new(10, 244, 1, 9)));
         assert_eq!(state.local_workloads().count(), 1);
         assert!(matches!(
-            state.resolve("10.96.0.11:80".parse().expect("addr")),
+            state.resolve("10.96.0.11:80".parse().expect("addr"), CLIENT),
             Resolved::NoEndpoints { .. }
         ));
         assert_eq!(state.diagnostics.len(), 1);
@@ -392,18 +424,150 @@ spec: {clusterIP: 10.96.0.11, selector: {app: nothing}, ports: [{port: 80}]}
     #[test]
     fn pod_address_resolves_to_itself_with_its_service() {
         let state = state_from(CLUSTER);
-        match state.resolve("10.244.2.2:8081".parse().expect("addr")) {
-            Resolved::Workload {
-                workload, service, ..
-            } => {
-                assert_eq!(workload.pod, "web-b");
-                assert_eq!(service.as_deref(), Some("web.shop.svc.cluster.local"));
-            }
-            other => panic!("unexpected {other:?}"),
-        }
+        let (_, pod, service) = target(&state, "10.244.2.2:8081");
+        assert_eq!(pod.as_deref(), Some("web-b"));
+        assert_eq!(service.as_deref(), Some("web.shop.svc.cluster.local"));
         assert!(matches!(
-            state.resolve("10.244.9.9:80".parse().expect("addr")),
+            state.resolve("10.244.9.9:80".parse().expect("addr"), CLIENT),
             Resolved::Unknown
         ));
+    }
+
+    const VERSIONS: &str = "
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-v1, namespace: shop, labels: {app: api, version: v1}}
+spec: {nodeName: node-1}
+status: {podIP: 10.244.1.20}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-v2, namespace: shop, labels: {app: api, version: v2}}
+spec: {nodeName: node-2}
+status: {podIP: 10.244.2.20}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: api-vm, namespace: shop}
+spec: {address: 10.200.0.99, labels: {app: api, version: v2}, ports: {http: 9090}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec: {clusterIP: 10.96.0.20, selector: {app: api}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api, namespace: shop}
+spec:
+  host: api
+  trafficPolicy:
+    loadBalancer:
+      consistentHash: {useSourceIp: true}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer: {simple: ROUND_ROBIN}
+";
+
+    #[test]
+    fn workload_entries_join_services_and_destination_rules_set_policy_and_subsets() {
+        let state = state_from(&format!("{CLUSTER}{VERSIONS}"));
+        let api = state
+            .services
+            .get(&"10.96.0.20:80".parse().expect("addr"))
+            .expect("api Service");
+        assert_eq!(api.policy, LbPolicy::SourceIpHash);
+        let endpoints: Vec<String> = api.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(
+            endpoints,
+            ["10.244.1.20:8080", "10.244.2.20:8080", "10.200.0.99:9090"]
+        );
+        assert!(
+            api.endpoints[2].workload.is_none(),
+            "a WorkloadEntry is outside the mesh"
+        );
+        let sticky = target(&state, "10.96.0.20:80").0;
+        for _ in 0..10 {
+            assert_eq!(
+                target(&state, "10.96.0.20:80").0,
+                sticky,
+                "source-IP hashing is sticky"
+            );
+        }
+        assert_eq!(api.subsets["v2"].policy, LbPolicy::RoundRobin);
+        let v2: Vec<usize> = (0..4)
+            .map(|_| match api.pick(CLIENT, Some("v2")) {
+                Pick::Endpoint(index, _) => index,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(v2, [1, 2, 1, 2]);
+        assert!(matches!(api.pick(CLIENT, Some("v3")), Pick::None));
+    }
+
+    #[test]
+    fn service_entries_capture_their_addresses() {
+        let state = state_from(&format!(
+            "{CLUSTER}{VERSIONS}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: db, namespace: shop}}
+spec:
+  hosts: [db.internal]
+  addresses: [10.97.0.5/32, 10.98.0.0/16]
+  ports: [{{number: 5432, name: tcp-db, protocol: TCP}}]
+  resolution: STATIC
+  endpoints:
+  - address: 10.200.0.50
+  - address: 10.200.0.51
+    ports: {{tcp-db: 6432}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: legacy, namespace: shop}}
+spec:
+  hosts: [legacy.internal]
+  addresses: [10.97.0.6]
+  ports: [{{number: 80, name: http}}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api-alias, namespace: shop}}
+spec:
+  hosts: [api.internal]
+  addresses: [10.97.0.7]
+  ports: [{{number: 80, name: http, targetPort: 8080}}]
+  workloadSelector: {{labels: {{app: api, version: v1}}}}
+"
+        ));
+        let picks: Vec<String> = (0..2)
+            .map(|_| target(&state, "10.97.0.5:5432").0.to_string())
+            .collect();
+        assert_eq!(picks, ["10.200.0.50:5432", "10.200.0.51:6432"]);
+        assert_eq!(
+            target(&state, "10.97.0.5:5432").2.as_deref(),
+            Some("db.internal")
+        );
+        assert!(state
+            .diagnostics
+            .iter()
+            .any(|d| d.message.contains("10.98.0.0/16 is not captured")));
+        let (passthrough, _, _) = target(&state, "10.97.0.6:80");
+        assert_eq!(
+            passthrough.to_string(),
+            "10.97.0.6:80",
+            "resolution NONE passes through"
+        );
+        let (selected, pod, _) = target(&state, "10.97.0.7:80");
+        assert_eq!(
+            (selected.to_string(), pod.as_deref()),
+            ("10.244.1.20:8080".into(), Some("api-v1"))
+        );
     }
 }

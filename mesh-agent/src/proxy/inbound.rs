@@ -51,7 +51,7 @@ async fn handle(stream: TcpStream, state: &SharedState, conns: &ConnTable) -> io
         }
     };
     let server_key = flow_key(request.target, socket::v4(upstream.local_addr()?)?);
-    conns.insert(server_key, workload, request.service);
+    conns.insert(server_key, Some(workload), request.service);
     tunnel::respond(&mut downstream, "200 OK").await?;
     let copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
     conns.finish(&server_key);

@@ -31,7 +31,8 @@ pub fn flow_key(local: SocketAddrV4, remote: SocketAddrV4) -> FlowKey {
 /// What the proxy decided for one pod connection.
 #[derive(Debug, Clone)]
 pub struct ConnRecord {
-    pub destination: Arc<Workload>,
+    /// The meshed pod reached; `None` for an endpoint outside the mesh.
+    pub destination: Option<Arc<Workload>>,
     pub service: Option<String>,
     finished: Option<Instant>,
 }
@@ -51,7 +52,12 @@ impl ConnTable {
         self.records.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn insert(&self, key: FlowKey, destination: Arc<Workload>, service: Option<String>) {
+    pub fn insert(
+        &self,
+        key: FlowKey,
+        destination: Option<Arc<Workload>>,
+        service: Option<String>,
+    ) {
         self.lock().insert(
             key,
             ConnRecord {

@@ -41,12 +41,16 @@ async fn handle(mut client: TcpStream, state: &SharedState, conns: &ConnTable) -
             format!("{client_addr} → {original_dst}: source is not a meshed pod of this node"),
         ));
     }
-    let (target, workload, service) = match state.resolve(original_dst) {
-        Resolved::Workload {
+    // The guard counts the connection as active on its endpoint (LEAST_REQUEST) until
+    // this function returns.
+    let (target, workload, service, _active) = match state.resolve(original_dst, *client_addr.ip())
+    {
+        Resolved::Endpoint {
             target,
             workload,
             service,
-        } => (target, workload, service),
+            guard,
+        } => (target, workload, service, guard),
         Resolved::NoEndpoints { service } => {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
@@ -63,31 +67,37 @@ async fn handle(mut client: TcpStream, state: &SharedState, conns: &ConnTable) -
     let client_key = flow_key(client_addr, original_dst);
     conns.insert(client_key, workload.clone(), service.clone());
 
-    let result = if workload.node == state.node {
-        let mut upstream = socket::connect_as(client_addr, target).await?;
-        let server_key = flow_key(target, socket::v4(upstream.local_addr()?)?);
-        conns.insert(server_key, workload.clone(), service.clone());
-        let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-        conns.finish(&server_key);
-        copied
-    } else {
-        let agent_ip = state.node_ip(&workload).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!(
-                    "node {} of {} has no known address",
-                    workload.node,
-                    workload.key()
-                ),
-            )
-        })?;
-        let request = tunnel::TunnelRequest {
-            target,
-            client: client_addr,
-            service,
-        };
-        let mut upstream = tunnel::open(SocketAddrV4::new(agent_ip, TUNNEL_PORT), &request).await?;
-        tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+    let result = match &workload {
+        Some(pod) if pod.node == state.node => {
+            let mut upstream = socket::connect_as(client_addr, target).await?;
+            let server_key = flow_key(target, socket::v4(upstream.local_addr()?)?);
+            conns.insert(server_key, workload.clone(), service.clone());
+            let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            conns.finish(&server_key);
+            copied
+        }
+        Some(pod) => {
+            let agent_ip = state.node_ip(pod).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("node {} of {} has no known address", pod.node, pod.key()),
+                )
+            })?;
+            let request = tunnel::TunnelRequest {
+                target,
+                client: client_addr,
+                service,
+            };
+            let mut upstream =
+                tunnel::open(SocketAddrV4::new(agent_ip, TUNNEL_PORT), &request).await?;
+            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+        }
+        // An endpoint outside the mesh (a WorkloadEntry, a ServiceEntry endpoint, a
+        // passthrough destination): reached from this node directly.
+        None => {
+            let mut upstream = socket::connect(target).await?;
+            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+        }
     };
     conns.finish(&client_key);
     result.map(|_| ())

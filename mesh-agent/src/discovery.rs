@@ -1,0 +1,309 @@
+//! Service discovery: the Service ports the mesh captures and their endpoints, from
+//! Kubernetes Services (selected pods and WorkloadEntries) and ServiceEntries (their
+//! addresses; inline endpoints or selected workloads), with the load-balancing policy and
+//! subsets of the DestinationRule for each host.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use crate::{
+    config::{
+        istio::{DestinationRule, Resolution, ServiceEntry, ServiceEntryPort, WorkloadEntry},
+        validate::fqdn,
+        ClusterConfig, Diagnostic, Resource, Service, ServicePort, Severity, TargetPort,
+    },
+    lb::LbPolicy,
+    state::{Endpoint, MeshState, ServiceName, ServicePortState},
+};
+
+pub fn add_services(state: &mut MeshState, config: &ClusterConfig) {
+    for service in &config.services {
+        add_kubernetes_service(state, config, service);
+    }
+    for entry in &config.istio.service_entries {
+        add_service_entry(state, config, entry);
+    }
+}
+
+fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn warn(state: &mut MeshState, resource: String, field: &str, message: String) {
+    state.diagnostics.push(Diagnostic {
+        severity: Severity::Warning,
+        file: PathBuf::new(),
+        line: None,
+        resource: Some(resource),
+        field: Some(field.into()),
+        message,
+    });
+}
+
+/// The DestinationRule for `hostname`: the one in the Service's namespace first (Istio's
+/// lookup order puts the rule beside the Service before any other).
+fn destination_rule<'a>(
+    config: &'a ClusterConfig,
+    hostname: &str,
+    namespace: &str,
+) -> Option<&'a Resource<DestinationRule>> {
+    let rules = config.istio.destination_rules.iter();
+    let mut matching: Vec<&Resource<DestinationRule>> = rules
+        .filter(|dr| fqdn(&dr.spec.host, dr.namespace()) == hostname)
+        .collect();
+    matching.sort_by_key(|dr| dr.namespace() != namespace);
+    matching.into_iter().next()
+}
+
+type Subsets = BTreeMap<String, (BTreeMap<String, String>, LbPolicy)>;
+
+fn policies(rule: Option<&Resource<DestinationRule>>, default: LbPolicy) -> (LbPolicy, Subsets) {
+    let Some(rule) = rule else {
+        return (default, Subsets::new());
+    };
+    let lb_of = |policy: Option<&crate::config::istio::TrafficPolicy>| {
+        policy
+            .and_then(|p| p.load_balancer.as_ref())
+            .and_then(LbPolicy::from_settings)
+    };
+    let policy = lb_of(rule.spec.traffic_policy.as_ref()).unwrap_or(default);
+    let subsets = rule
+        .spec
+        .subsets
+        .iter()
+        .map(|s| {
+            let subset_policy = lb_of(s.traffic_policy.as_ref()).unwrap_or(policy);
+            (s.name.clone(), (s.labels.clone(), subset_policy))
+        })
+        .collect();
+    (policy, subsets)
+}
+
+/// A WorkloadEntry as an endpoint on `port_name`/`default_port`; `None` when its address
+/// is not an IPv4 address.
+fn entry_endpoint(
+    state: &MeshState,
+    entry: &WorkloadEntry,
+    port_name: Option<&str>,
+    default_port: u16,
+) -> Option<Endpoint> {
+    let ip: Ipv4Addr = entry.address.as_deref()?.parse().ok()?;
+    let port = port_name
+        .and_then(|name| entry.ports.get(name))
+        .and_then(|p| u16::try_from(*p).ok())
+        .unwrap_or(default_port);
+    Some(Endpoint {
+        addr: SocketAddrV4::new(ip, port),
+        workload: state.workloads.get(&ip).cloned(),
+        labels: entry.labels.clone(),
+    })
+}
+
+fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service: &Service) {
+    let Some(ip) = service
+        .spec
+        .cluster_ip
+        .as_deref()
+        .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
+    else {
+        return;
+    };
+    let namespace = service.metadata.namespace();
+    let selector = &service.spec.selector;
+    let hostname = format!("{}.{namespace}.svc.cluster.local", service.metadata.name);
+    let mut pods: Vec<_> = state
+        .workloads
+        .values()
+        .filter(|w| {
+            !selector.is_empty() && w.namespace == namespace && labels_match(selector, &w.labels)
+        })
+        .cloned()
+        .collect();
+    pods.sort_by_key(|w| w.ip);
+    let entries: Vec<&Resource<WorkloadEntry>> = config
+        .istio
+        .workload_entries
+        .iter()
+        .filter(|we| {
+            !selector.is_empty()
+                && we.namespace() == namespace
+                && labels_match(selector, &we.spec.labels)
+        })
+        .collect();
+    let resource = format!("Service {namespace}/{}", service.metadata.name);
+    if pods.is_empty() && entries.is_empty() && !selector.is_empty() {
+        warn(
+            state,
+            resource,
+            "spec.selector",
+            "the selector matches no meshed pod with an address".into(),
+        );
+    }
+    let (policy, subsets) = policies(
+        destination_rule(config, &hostname, namespace),
+        LbPolicy::RoundRobin,
+    );
+    for port in service
+        .spec
+        .ports
+        .iter()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+    {
+        let mut endpoints: Vec<Endpoint> = pods
+            .iter()
+            .filter_map(|w| {
+                let target = target_port(port, &w.named_ports)?;
+                Some(Endpoint {
+                    addr: SocketAddrV4::new(w.ip, target),
+                    workload: Some(w.clone()),
+                    labels: w.labels.clone(),
+                })
+            })
+            .collect();
+        let default_port = match &port.target_port {
+            Some(TargetPort::Number(n)) => *n,
+            _ => port.port,
+        };
+        endpoints.extend(
+            entries.iter().filter_map(|we| {
+                entry_endpoint(state, &we.spec, port.name.as_deref(), default_port)
+            }),
+        );
+        let name = ServiceName {
+            namespace: namespace.to_owned(),
+            name: service.metadata.name.clone(),
+            hostname: hostname.clone(),
+        };
+        let address = SocketAddrV4::new(ip, port.port);
+        let port_state = ServicePortState::new(name, address, endpoints, policy, subsets.clone());
+        state.services.insert(address, Arc::new(port_state));
+    }
+}
+
+fn target_port(port: &ServicePort, named: &BTreeMap<String, u16>) -> Option<u16> {
+    match &port.target_port {
+        None => Some(port.port),
+        Some(TargetPort::Number(n)) => Some(*n),
+        Some(TargetPort::Name(name)) => named.get(name).copied(),
+    }
+}
+
+fn add_service_entry(
+    state: &mut MeshState,
+    config: &ClusterConfig,
+    entry: &Resource<ServiceEntry>,
+) {
+    let namespace = entry.namespace();
+    let spec = &entry.spec;
+    let Some(host) = spec.hosts.first() else {
+        return;
+    };
+    let hostname = fqdn(host, namespace);
+    let mut addresses = Vec::new();
+    for (i, block) in spec.addresses.iter().enumerate() {
+        let single = block.0.strip_suffix("/32").unwrap_or(&block.0);
+        match single.parse::<Ipv4Addr>() {
+            Ok(ip) => addresses.push(ip),
+            Err(_) => warn(
+                state,
+                entry.describe(),
+                &format!("spec.addresses[{i}]"),
+                format!(
+                    "{} is not captured: only single IPv4 addresses are",
+                    block.0
+                ),
+            ),
+        }
+    }
+    if addresses.is_empty() {
+        return;
+    }
+    let selected_pods: Vec<_> = match &spec.workload_selector {
+        Some(selector) => {
+            let mut pods: Vec<_> = state
+                .workloads
+                .values()
+                .filter(|w| w.namespace == namespace && labels_match(&selector.labels, &w.labels))
+                .cloned()
+                .collect();
+            pods.sort_by_key(|w| w.ip);
+            pods
+        }
+        None => Vec::new(),
+    };
+    let selected_entries: Vec<&WorkloadEntry> = match &spec.workload_selector {
+        Some(selector) => config
+            .istio
+            .workload_entries
+            .iter()
+            .filter(|we| {
+                we.namespace() == namespace && labels_match(&selector.labels, &we.spec.labels)
+            })
+            .map(|we| &we.spec)
+            .collect(),
+        None => spec.endpoints.iter().collect(),
+    };
+    for (i, we) in spec.endpoints.iter().enumerate() {
+        if we
+            .address
+            .as_deref()
+            .is_some_and(|a| a.parse::<Ipv4Addr>().is_err())
+        {
+            warn(
+                state,
+                entry.describe(),
+                &format!("spec.endpoints[{i}].address"),
+                "only IPv4 endpoint addresses are used; DNS names are not resolved".into(),
+            );
+        }
+    }
+    let no_endpoints = selected_pods.is_empty() && selected_entries.is_empty();
+    let default_policy = if no_endpoints && spec.resolution.unwrap_or_default() == Resolution::None
+    {
+        LbPolicy::Passthrough
+    } else {
+        LbPolicy::RoundRobin
+    };
+    let (policy, subsets) = policies(
+        destination_rule(config, &hostname, namespace),
+        default_policy,
+    );
+    for port in &spec.ports {
+        let Ok(number) = u16::try_from(port.number) else {
+            continue;
+        };
+        let default_port = target_of(port).unwrap_or(number);
+        let mut endpoints: Vec<Endpoint> = selected_pods
+            .iter()
+            .map(|w| Endpoint {
+                addr: SocketAddrV4::new(w.ip, default_port),
+                workload: Some(w.clone()),
+                labels: w.labels.clone(),
+            })
+            .collect();
+        endpoints.extend(
+            selected_entries
+                .iter()
+                .filter_map(|we| entry_endpoint(state, we, port.name.as_deref(), default_port)),
+        );
+        for ip in &addresses {
+            let name = ServiceName {
+                namespace: namespace.to_owned(),
+                name: host.clone(),
+                hostname: hostname.clone(),
+            };
+            let address = SocketAddrV4::new(*ip, number);
+            let port_state =
+                ServicePortState::new(name, address, endpoints.clone(), policy, subsets.clone());
+            state.services.insert(address, Arc::new(port_state));
+        }
+    }
+}
+
+fn target_of(port: &ServiceEntryPort) -> Option<u16> {
+    port.target_port.and_then(|p| u16::try_from(p).ok())
+}
