@@ -108,8 +108,21 @@ fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-/// Tears the sandbox down even when an assertion fails half-way.
-struct Sandbox;
+/// The sandbox is machine-wide: one test at a time owns it, and tears it down even when
+/// an assertion fails half-way.
+struct Sandbox {
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+static SANDBOX: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+impl Sandbox {
+    fn up() -> Sandbox {
+        let turn = SANDBOX.lock().unwrap_or_else(|e| e.into_inner());
+        ok(xtask(&["sandbox", "up"]), "sandbox up");
+        Sandbox { _turn: turn }
+    }
+}
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
@@ -117,10 +130,40 @@ impl Drop for Sandbox {
     }
 }
 
+/// Applies (or deletes) YAML through `cargo xtask sandbox apply|delete -f`.
+fn kubectl(verb: &str, name: &str, yaml: &str) {
+    let file = workspace().join(format!("target/sandbox-test-{name}.yaml"));
+    std::fs::write(&file, yaml).expect("write");
+    ok(
+        xtask(&["sandbox", verb, "-f", file.to_str().expect("path")]),
+        &format!("{verb} {name}"),
+    );
+}
+
+/// How many of `n` new connections to `url` (from client-a) each backend served; empty
+/// if a request failed.
+fn backends(url: &str, n: usize) -> std::collections::BTreeMap<String, usize> {
+    let script = include_str!("count_backends.py");
+    let out = xtask(&[
+        "sandbox",
+        "exec",
+        "client-a",
+        "--",
+        "python3",
+        "-c",
+        script,
+        url,
+        &n.to_string(),
+    ]);
+    if !out.status.success() {
+        return Default::default();
+    }
+    serde_json::from_slice(&out.stdout).expect("counts")
+}
+
 #[test]
 fn sandbox_mesh_end_to_end() {
-    let sandbox = Sandbox;
-    ok(xtask(&["sandbox", "up"]), "sandbox up");
+    let sandbox = Sandbox::up();
 
     // status -o json has the documented shape.
     let status = status_json();
@@ -424,4 +467,139 @@ fn meshctl_without_a_mesh_says_so() {
         .expect("meshctl");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no mesh agent answers at 127.0.0.1:9"));
+}
+
+const WEB_C: &str = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-c
+  namespace: demo
+  labels: {app: web, track: canary}
+spec:
+  nodeName: node-b
+  containers:
+    - name: web
+      command: [sh, -c, 'echo $POD_NAME > name && exec python3 -m http.server 8080']
+      ports: [{name: http, containerPort: 8080}]
+      readinessProbe: {tcpSocket: {port: 8080}}
+";
+
+fn web_service(selector: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\n\
+         spec:\n  clusterIP: 10.96.0.100\n  selector: {selector}\n  ports: [{{name: http, port: 80, targetPort: http}}]\n"
+    )
+}
+
+fn web_rule(load_balancer: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: demo}}\n\
+         spec:\n  host: web.demo.svc.cluster.local\n  trafficPolicy:\n    loadBalancer: {load_balancer}\n"
+    )
+}
+
+#[test]
+fn service_discovery_and_load_balancing_follow_configuration_changes() {
+    let _sandbox = Sandbox::up();
+    let url = "http://10.96.0.100/name";
+
+    // A third endpoint joins; round robin gives each a third of 300 connections.
+    kubectl("apply", "web-c", WEB_C);
+    eventually("web-c joins the Service", || {
+        backends(url, 6).contains_key("web-c")
+    });
+    let spread = backends(url, 300);
+    assert_eq!(
+        spread.keys().collect::<Vec<_>>(),
+        ["web-a", "web-b", "web-c"]
+    );
+    for (pod, count) in &spread {
+        assert!(
+            (95..=105).contains(count),
+            "round robin gave {pod} {count} of 300: {spread:?}"
+        );
+    }
+
+    // A long download runs through every change below, undisturbed.
+    let web_b = pod_ip(&status_json(), "web-b");
+    let web_b_blob = sha256_of_file("/run/mesh-sandbox/pods/demo-web-b/blob");
+    let download = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["sandbox", "exec", "client-a", "--", "sh", "-c"])
+        .arg(format!(
+            "curl -sf --limit-rate 800k http://{web_b}:8080/blob | sha256sum"
+        ))
+        .current_dir(workspace())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("slow download");
+
+    // consistentHash.useSourceIp: one client, one endpoint.
+    kubectl(
+        "apply",
+        "rule",
+        &web_rule("{consistentHash: {useSourceIp: true}}"),
+    );
+    eventually("source-IP hashing pins the client", || {
+        backends(url, 30).len() == 1
+    });
+    // RANDOM: everyone gets a share.
+    kubectl("apply", "rule", &web_rule("{simple: RANDOM}"));
+    eventually("RANDOM spreads connections", || {
+        let spread = backends(url, 150);
+        spread.len() == 3 && spread.values().all(|n| *n >= 25)
+    });
+    kubectl("delete", "rule", &web_rule("{simple: RANDOM}"));
+    eventually("round robin again", || {
+        backends(url, 30).values().all(|n| *n == 10)
+    });
+
+    // A selector change moves the Service to the canary only, and back.
+    kubectl(
+        "apply",
+        "service",
+        &web_service("{app: web, track: canary}"),
+    );
+    eventually("only the canary serves", || {
+        backends(url, 20).keys().collect::<Vec<_>>() == ["web-c"]
+    });
+    kubectl("apply", "service", &web_service("{app: web}"));
+    eventually("all three serve again", || backends(url, 30).len() == 3);
+
+    // A pod that goes away leaves the rotation within a second.
+    kubectl("delete", "web-c", WEB_C);
+    std::thread::sleep(Duration::from_secs(1));
+    let after = backends(url, 40);
+    assert!(
+        !after.contains_key("web-c"),
+        "a deleted pod still serves: {after:?}"
+    );
+    assert_eq!(after.values().sum::<usize>(), 40);
+
+    let digest = ok(
+        download.wait_with_output().expect("download"),
+        "slow download",
+    );
+    assert_eq!(
+        digest.split_whitespace().next(),
+        Some(web_b_blob.as_str()),
+        "the long download was disturbed"
+    );
+
+    // A ServiceEntry address is captured and reaches its endpoint.
+    let status = status_json();
+    let web_a = pod_ip(&status, "web-a");
+    kubectl(
+        "apply",
+        "entry",
+        &format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: legacy, namespace: demo}}\n\
+             spec:\n  hosts: [legacy.example.internal]\n  addresses: [10.97.0.10]\n  ports: [{{number: 80, name: http}}]\n  \
+             location: MESH_INTERNAL\n  resolution: STATIC\n  endpoints: [{{address: {web_a}, ports: {{http: 8080}}}}]\n"
+        ),
+    );
+    eventually("the ServiceEntry address answers", || {
+        backends("http://10.97.0.10/name", 3).get("web-a") == Some(&3)
+    });
 }
