@@ -422,7 +422,7 @@ fn sandbox_mesh_end_to_end() {
 
     // down leaves the machine as it was.
     ok(xtask(&["sandbox", "down"]), "sandbox down");
-    std::mem::forget(sandbox);
+    drop(sandbox);
     let netns = Command::new("ip")
         .args(["netns", "list"])
         .output()
