@@ -860,7 +860,11 @@ fn remove_cgroup_tree(dir: &Path) {
         }
     }
     kill_cgroup(dir);
-    let _ = fs::remove_dir(dir);
+    // Killed processes leave the cgroup once their parents reaped them: retry a while.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fs::remove_dir(dir).is_err() && dir.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 pub fn down() -> Result<()> {
