@@ -6,6 +6,7 @@ pub mod config;
 pub mod datapath;
 pub mod discovery;
 pub mod http;
+pub mod identity;
 pub mod lb;
 pub mod maps;
 pub mod meshctl;
