@@ -19,12 +19,19 @@ use mesh_common::{pins, ADMIN_PORT, METRICS_PORT, OUTBOUND_CAPTURE_PORT, READY_P
 use serde::Serialize;
 
 use crate::{
+    ca::CaClient,
+    certs::CertManager,
     config::{self, Severity},
     datapath::{self, Datapath, PodAttachment},
     http::{self, Reply},
     metrics::{KernelMaps, Metrics},
-    proxy::{inbound, outbound, socket, ConnTable},
+    proxy::{
+        hbone::{self, HbonePool},
+        outbound::{self, Outbound},
+        socket, ConnTable,
+    },
     state::{MeshState, SharedState},
+    tls::Identities,
 };
 
 #[derive(Debug, Clone)]
@@ -33,6 +40,12 @@ pub struct AgentOptions {
     pub config_dir: PathBuf,
     pub bpffs: PathBuf,
     pub cgroup_root: PathBuf,
+    pub trust_domain: String,
+    /// The mesh CA's address, its root certificate (the trust bundle) and this node's
+    /// bootstrap token.
+    pub ca_address: SocketAddr,
+    pub ca_root: PathBuf,
+    pub ca_token: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -67,7 +80,24 @@ const POLL_INTERVAL: Duration = Duration::from_millis(300);
 pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let shared = SharedState::default();
     let conns = Arc::new(ConnTable::default());
-    let metrics = Arc::new(Metrics::new(shared.clone(), conns.clone()));
+    let metrics = Arc::new(Metrics::new(shared.clone(), conns.clone(), &options.trust_domain));
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let root_pem = read(&options.ca_root)?;
+    let identities = Arc::new(Identities::new(&options.trust_domain, &root_pem)?);
+    let certificates_ready = Arc::new(AtomicBool::new(false));
+    let cert_manager = CertManager {
+        identities: identities.clone(),
+        client: CaClient {
+            address: options.ca_address,
+            node: options.node.clone(),
+            token: read(&options.ca_token)?.trim().to_owned(),
+            root_pem,
+        },
+        state: shared.clone(),
+        complete: certificates_ready.clone(),
+    };
     let status = Arc::new(Mutex::new(AgentStatus {
         node: options.node.clone(),
         config_dir: options.config_dir.clone(),
@@ -105,11 +135,20 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     reconciler.poll();
 
     tokio::spawn(metrics.clone().run(kernel_maps));
-    tokio::spawn(outbound::serve(capture, shared.clone(), conns.clone()));
-    tokio::spawn(inbound::serve(
+    tokio::spawn(cert_manager.run());
+    let outbound = Arc::new(Outbound {
+        state: shared.clone(),
+        conns: conns.clone(),
+        pool: HbonePool::new(identities.clone()),
+        identities: identities.clone(),
+    });
+    tokio::spawn(outbound::serve(capture, outbound));
+    tokio::spawn(hbone::serve(
         tunnel_listener,
+        identities.clone(),
         shared.clone(),
         conns.clone(),
+        metrics.clone(),
     ));
     let scrape = metrics.clone();
     tokio::spawn(http::serve(
@@ -135,6 +174,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let admin_status = status.clone();
     let admin_state = shared.clone();
     let admin_conns = conns.clone();
+    let admin_identities = identities.clone();
     tokio::spawn(http::serve(
         admin_listener,
         Arc::new(move |path| match path {
@@ -144,13 +184,20 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 Reply::json(&status)
             }
             "/config_dump" => Reply::json(&*admin_state.current()),
+            "/certs" => Reply::json(&certificates(&admin_identities)),
             _ => Reply::text(
                 StatusCode::NOT_FOUND,
-                "try /status or /config_dump\n".into(),
+                "try /status, /config_dump or /certs\n".into(),
             ),
         }),
     ));
 
+    // Ready once every local identity holds a certificate: before that, connections of
+    // this node's pods to other nodes would fail.
+    while !certificates_ready.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        reconciler.poll();
+    }
     ready.store(true, Ordering::Relaxed);
     lock(&status).ready = true;
     log::info!(
@@ -169,6 +216,38 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     }
     log::info!("stopping; programs and maps stay pinned for the next agent");
     Ok(())
+}
+
+/// What `meshctl certs` shows: each identity's certificate, and the trust root.
+#[derive(Serialize)]
+pub struct CertificateReport {
+    pub identity: String,
+    pub serial: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub issuer: String,
+}
+
+fn certificates(identities: &Identities) -> serde_json::Value {
+    let certs: Vec<CertificateReport> = identities
+        .all()
+        .into_iter()
+        .map(|(id, svid)| CertificateReport {
+            identity: id.to_string(),
+            serial: svid.facts.serial,
+            not_before: svid.facts.not_before,
+            not_after: svid.facts.not_after,
+            issuer: svid.facts.issuer,
+        })
+        .collect();
+    let root = rustls_pki_types::pem::PemObject::from_pem_slice(identities.root_pem.as_bytes())
+        .ok()
+        .and_then(|der: rustls_pki_types::CertificateDer| crate::identity::facts(&der).ok());
+    serde_json::json!({
+        "trust_domain": identities.trust_domain,
+        "trust_root": root.map(|r| serde_json::json!({"serial": r.serial, "not_after": r.not_after, "subject": r.issuer})),
+        "certificates": certs,
+    })
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

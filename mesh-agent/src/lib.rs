@@ -2,6 +2,8 @@
 //! sharing the configuration model, the datapath driver and the map readers.
 
 pub mod agent;
+pub mod ca;
+pub mod certs;
 pub mod config;
 pub mod datapath;
 pub mod discovery;
@@ -13,3 +15,4 @@ pub mod meshctl;
 pub mod metrics;
 pub mod proxy;
 pub mod state;
+pub mod tls;

@@ -56,6 +56,11 @@ struct ReloadLabels {
     result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
 /// Flows older than this are labelled with what is known even if the proxy's record of
 /// them never appears (a connection the agent did not carry).
 const LABEL_WAIT: Duration = Duration::from_secs(2);
@@ -89,15 +94,17 @@ pub struct Metrics {
     received: Family<TcpLabels, Counter>,
     tc_packets: Family<VerdictLabels, Counter>,
     config_reloads: Family<ReloadLabels, Counter>,
+    tunnel_refusals: Family<ReasonLabels, Counter>,
     pub config_generation: Gauge,
     pub enrolled_pods: Gauge,
     tracker: Mutex<Option<Tracker>>,
     state: SharedState,
     conns: Arc<ConnTable>,
+    trust_domain: String,
 }
 
 impl Metrics {
-    pub fn new(state: SharedState, conns: Arc<ConnTable>) -> Metrics {
+    pub fn new(state: SharedState, conns: Arc<ConnTable>, trust_domain: &str) -> Metrics {
         let mut registry = Registry::default();
         let opened = Family::<TcpLabels, Counter>::default();
         let closed = Family::<TcpLabels, Counter>::default();
@@ -105,6 +112,7 @@ impl Metrics {
         let received = Family::<TcpLabels, Counter>::default();
         let tc_packets = Family::<VerdictLabels, Counter>::default();
         let config_reloads = Family::<ReloadLabels, Counter>::default();
+        let tunnel_refusals = Family::<ReasonLabels, Counter>::default();
         let config_generation = Gauge::default();
         let enrolled_pods = Gauge::default();
         registry.register(
@@ -138,6 +146,11 @@ impl Metrics {
             config_reloads.clone(),
         );
         registry.register(
+            "mesh_tunnel_refusals",
+            "HBONE connections and streams refused by this agent, by reason",
+            tunnel_refusals.clone(),
+        );
+        registry.register(
             "mesh_config_generation",
             "Generation of the configuration being served",
             config_generation.clone(),
@@ -155,12 +168,22 @@ impl Metrics {
             received,
             tc_packets,
             config_reloads,
+            tunnel_refusals,
             config_generation,
             enrolled_pods,
             tracker: Mutex::new(None),
             state,
             conns,
+            trust_domain: trust_domain.to_owned(),
         }
+    }
+
+    pub fn tunnel_refused(&self, reason: &str) {
+        self.tunnel_refusals
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     pub fn config_reload(&self, accepted: bool) {
@@ -285,7 +308,7 @@ impl Metrics {
             if record.is_none() && patient {
                 return None;
             }
-            let labels = labels_for(state, key, stats, record.as_ref())?;
+            let labels = labels_for(state, key, stats, record.as_ref(), &self.trust_domain)?;
             self.opened.get_or_create(&labels).inc();
             flow.labels = Some(labels);
         }
@@ -386,20 +409,26 @@ struct Side {
     workload: String,
     namespace: String,
     app: String,
+    principal: String,
 }
 
 impl Side {
-    fn of(workload: Option<&Workload>) -> Side {
+    fn of(workload: Option<&Workload>, trust_domain: &str) -> Side {
         match workload {
             Some(w) => Side {
                 workload: w.workload.clone(),
                 namespace: w.namespace.clone(),
                 app: w.app.clone().unwrap_or_else(|| UNKNOWN.into()),
+                principal: format!(
+                    "spiffe://{trust_domain}/ns/{}/sa/{}",
+                    w.namespace, w.service_account
+                ),
             },
             None => Side {
                 workload: UNKNOWN.into(),
                 namespace: UNKNOWN.into(),
                 app: UNKNOWN.into(),
+                principal: UNKNOWN.into(),
             },
         }
     }
@@ -412,6 +441,7 @@ fn labels_for(
     key: &FlowKey,
     stats: &FlowStats,
     record: Option<&crate::proxy::ConnRecord>,
+    trust_domain: &str,
 ) -> Option<TcpLabels> {
     let local = state.workloads.get(&ip_from_key(key.local_ip))?;
     let remote_ip = ip_from_key(key.remote_ip);
@@ -435,9 +465,10 @@ fn labels_for(
         ("destination", source, Some(local.clone()), service)
     };
     let (src, dst) = (
-        Side::of(source.as_deref()),
-        Side::of(destination.as_deref()),
+        Side::of(source.as_deref(), trust_domain),
+        Side::of(destination.as_deref(), trust_domain),
     );
+    let mutual_tls = record.is_some_and(|r| r.mutual_tls);
     let (service_name, service_namespace) = match service.as_deref().and_then(|s| s.split_once('.'))
     {
         Some((name, rest)) => (
@@ -450,17 +481,17 @@ fn labels_for(
         reporter: reporter.into(),
         source_workload: src.workload,
         source_workload_namespace: src.namespace,
-        source_principal: UNKNOWN.into(),
+        source_principal: src.principal,
         source_app: src.app,
         destination_workload: dst.workload,
         destination_workload_namespace: dst.namespace,
-        destination_principal: UNKNOWN.into(),
+        destination_principal: dst.principal,
         destination_app: dst.app,
         destination_service: service.unwrap_or_else(|| UNKNOWN.into()),
         destination_service_name: service_name,
         destination_service_namespace: service_namespace,
         request_protocol: "tcp".into(),
-        connection_security_policy: "none".into(),
+        connection_security_policy: if mutual_tls { "mutual_tls" } else { "none" }.into(),
     })
 }
 

@@ -1,11 +1,10 @@
-//! The node agent's proxy: connections captured leaving local pods (outbound), connections
-//! tunnelled in from other node agents (inbound), and the table that tells the metrics
-//! which workload and Service each pod connection really reached.
+//! The node agent's proxy: connections captured leaving local pods (outbound), HBONE
+//! between node agents (both ends), and the table that tells the metrics which workload
+//! and Service each pod connection really reached, and how.
 
-pub mod inbound;
+pub mod hbone;
 pub mod outbound;
 pub mod socket;
-pub mod tunnel;
 
 use std::{
     collections::HashMap,
@@ -34,6 +33,8 @@ pub struct ConnRecord {
     /// The meshed pod reached; `None` for an endpoint outside the mesh.
     pub destination: Option<Arc<Workload>>,
     pub service: Option<String>,
+    /// Carried over mutual TLS between node agents (both identities verified).
+    pub mutual_tls: bool,
     finished: Option<Instant>,
 }
 
@@ -57,12 +58,14 @@ impl ConnTable {
         key: FlowKey,
         destination: Option<Arc<Workload>>,
         service: Option<String>,
+        mutual_tls: bool,
     ) {
         self.lock().insert(
             key,
             ConnRecord {
                 destination,
                 service,
+                mutual_tls,
                 finished: None,
             },
         );

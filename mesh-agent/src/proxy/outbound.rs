@@ -1,17 +1,33 @@
 //! Connections captured leaving a local pod (port 15001): the accepted socket's local
 //! address is the original destination; it is resolved (pod, or Service → endpoint) and
-//! carried either straight to a pod of this node or through the tunnel to the agent of
-//! the destination's node.
+//! carried straight to a pod of this node, over HBONE (mutual TLS, the source pod's
+//! identity) to the agent of the destination's node, or directly to an endpoint outside
+//! the mesh.
 
 use std::{io, net::SocketAddrV4, sync::Arc};
 
 use mesh_common::TUNNEL_PORT;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{flow_key, socket, tunnel, ConnTable};
-use crate::state::{Resolved, SharedState};
+use super::{
+    flow_key,
+    hbone::{self, HbonePool, TunnelRequest},
+    socket, ConnTable,
+};
+use crate::{
+    state::{Resolved, SharedState},
+    tls::Identities,
+};
 
-pub async fn serve(listener: TcpListener, state: SharedState, conns: Arc<ConnTable>) {
+/// What the outbound side needs beyond the connection itself.
+pub struct Outbound {
+    pub state: SharedState,
+    pub conns: Arc<ConnTable>,
+    pub pool: HbonePool,
+    pub identities: Arc<Identities>,
+}
+
+pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -20,21 +36,21 @@ pub async fn serve(listener: TcpListener, state: SharedState, conns: Arc<ConnTab
                 continue;
             }
         };
-        let state = state.clone();
-        let conns = conns.clone();
+        let outbound = outbound.clone();
         tokio::spawn(async move {
-            if let Err(err) = handle(stream, &state, &conns).await {
+            if let Err(err) = handle(stream, &outbound).await {
                 log::info!("outbound connection: {err}");
             }
         });
     }
 }
 
-async fn handle(mut client: TcpStream, state: &SharedState, conns: &ConnTable) -> io::Result<()> {
+async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
     client.set_nodelay(true)?;
     let client_addr = socket::v4(client.peer_addr()?)?;
     let original_dst = socket::v4(client.local_addr()?)?;
-    let state = state.current();
+    let conns = &outbound.conns;
+    let state = outbound.state.current();
     if !state.is_local(*client_addr.ip()) {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
@@ -65,13 +81,14 @@ async fn handle(mut client: TcpStream, state: &SharedState, conns: &ConnTable) -
         }
     };
     let client_key = flow_key(client_addr, original_dst);
-    conns.insert(client_key, workload.clone(), service.clone());
+    let remote = workload.as_ref().is_some_and(|pod| pod.node != state.node);
+    conns.insert(client_key, workload.clone(), service.clone(), remote);
 
     let result = match &workload {
         Some(pod) if pod.node == state.node => {
             let mut upstream = socket::connect_as(client_addr, target).await?;
             let server_key = flow_key(target, socket::v4(upstream.local_addr()?)?);
-            conns.insert(server_key, workload.clone(), service.clone());
+            conns.insert(server_key, workload.clone(), service.clone(), false);
             let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
             conns.finish(&server_key);
             copied
@@ -83,14 +100,26 @@ async fn handle(mut client: TcpStream, state: &SharedState, conns: &ConnTable) -
                     format!("node {} of {} has no known address", pod.node, pod.key()),
                 )
             })?;
-            let request = tunnel::TunnelRequest {
+            let request = TunnelRequest {
                 target,
                 client: client_addr,
                 service,
             };
-            let mut upstream =
-                tunnel::open(SocketAddrV4::new(agent_ip, TUNNEL_PORT), &request).await?;
-            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+            let source_pod = state.workloads.get(client_addr.ip()).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{client_addr} is not a meshed pod"),
+                )
+            })?;
+            let identities = &outbound.identities;
+            let source = identities.spiffe_id(&source_pod.namespace, &source_pod.service_account);
+            let destination = identities.spiffe_id(&pod.namespace, &pod.service_account);
+            let agent = SocketAddrV4::new(agent_ip, TUNNEL_PORT);
+            let (send, recv) = outbound
+                .pool
+                .open(agent, &source, &destination, &request)
+                .await?;
+            hbone::splice(&mut client, send, recv).await.map(|()| (0, 0))
         }
         // An endpoint outside the mesh (a WorkloadEntry, a ServiceEntry endpoint, a
         // passthrough destination): reached from this node directly.
