@@ -80,7 +80,11 @@ const POLL_INTERVAL: Duration = Duration::from_millis(300);
 pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let shared = SharedState::default();
     let conns = Arc::new(ConnTable::default());
-    let metrics = Arc::new(Metrics::new(shared.clone(), conns.clone(), &options.trust_domain));
+    let metrics = Arc::new(Metrics::new(
+        shared.clone(),
+        conns.clone(),
+        &options.trust_domain,
+    ));
     let read = |path: &Path| {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
     };

@@ -18,7 +18,9 @@ use std::{
 use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::{body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode};
+use hyper::{
+    body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode,
+};
 use hyper_util::rt::TokioIo;
 use rustls::{pki_types::PrivateKeyDer, ServerConfig};
 use rustls_pki_types::{pem::PemObject, CertificateDer, ServerName};
@@ -68,8 +70,10 @@ struct Ca {
 pub async fn run(options: CaOptions) -> anyhow::Result<()> {
     let keys = match (&options.root_cert, &options.root_key) {
         (Some(cert), Some(key)) => {
-            let cert = std::fs::read_to_string(cert).with_context(|| format!("reading {}", cert.display()))?;
-            let key = std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?;
+            let cert = std::fs::read_to_string(cert)
+                .with_context(|| format!("reading {}", cert.display()))?;
+            let key = std::fs::read_to_string(key)
+                .with_context(|| format!("reading {}", key.display()))?;
             CaKeys::from_pem(&cert, &key)?
         }
         (None, None) => CaKeys::load_or_create(&options.state_dir, &options.trust_domain)?,
@@ -89,7 +93,11 @@ pub async fn run(options: CaOptions) -> anyhow::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let listener = crate::proxy::socket::listener(options.listen)
         .with_context(|| format!("binding {}", options.listen))?;
-    log::info!("mesh CA for {} listening on {}", options.trust_domain, options.listen);
+    log::info!(
+        "mesh CA for {} listening on {}",
+        options.trust_domain,
+        options.listen
+    );
     let ca = Arc::new(Ca { keys, options });
     loop {
         let (stream, peer) = listener.accept().await?;
@@ -99,7 +107,7 @@ pub async fn run(options: CaOptions) -> anyhow::Result<()> {
             let stream = match acceptor.accept(stream).await {
                 Ok(stream) => stream,
                 Err(err) => {
-                    log::info!("CA handshake with {peer}: {err}");
+                    log::debug!("CA handshake with {peer}: {err}");
                     return;
                 }
             };
@@ -107,7 +115,10 @@ pub async fn run(options: CaOptions) -> anyhow::Result<()> {
                 let ca = ca.clone();
                 async move { Ok::<_, Infallible>(ca.handle(request).await) }
             });
-            if let Err(err) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            if let Err(err) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 log::debug!("CA connection from {peer}: {err}");
             }
         });
@@ -130,7 +141,10 @@ fn refuse(status: StatusCode, message: String) -> Response<Full<Bytes>> {
 impl Ca {
     async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         if request.method() != hyper::Method::POST || request.uri().path() != "/v1/certificates" {
-            return refuse(StatusCode::NOT_FOUND, "POST /v1/certificates is the only endpoint".into());
+            return refuse(
+                StatusCode::NOT_FOUND,
+                "POST /v1/certificates is the only endpoint".into(),
+            );
         }
         let header = |name: &str| {
             request
@@ -143,7 +157,10 @@ impl Ca {
         let node = header("x-mesh-node");
         let token = header("authorization");
         if !self.authenticated(&node, token.strip_prefix("Bearer ").unwrap_or_default()) {
-            return refuse(StatusCode::UNAUTHORIZED, format!("node {node:?}: bad or missing bootstrap token"));
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                format!("node {node:?}: bad or missing bootstrap token"),
+            );
         }
         let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
             Ok(body) => body.to_bytes(),
@@ -158,10 +175,16 @@ impl Ca {
             Err(err) => return refuse(StatusCode::BAD_REQUEST, err.to_string()),
         };
         if id.trust_domain != self.options.trust_domain {
-            return refuse(StatusCode::FORBIDDEN, format!("{id} is not in trust domain {}", self.options.trust_domain));
+            return refuse(
+                StatusCode::FORBIDDEN,
+                format!("{id} is not in trust domain {}", self.options.trust_domain),
+            );
         }
         if !self.hosts(&node, &id) {
-            return refuse(StatusCode::FORBIDDEN, format!("node {node} runs no pod of {id}"));
+            return refuse(
+                StatusCode::FORBIDDEN,
+                format!("node {node} runs no pod of {id}"),
+            );
         }
         match self.keys.sign_csr(&sign.csr, &id, self.options.cert_ttl) {
             Ok(certificate) => {
@@ -170,7 +193,10 @@ impl Ca {
                     certificate,
                     root: self.keys.root_pem.clone(),
                 };
-                reply(StatusCode::OK, serde_json::to_string(&response).unwrap_or_default())
+                reply(
+                    StatusCode::OK,
+                    serde_json::to_string(&response).unwrap_or_default(),
+                )
             }
             Err(err) => refuse(StatusCode::BAD_REQUEST, err.to_string()),
         }
@@ -180,7 +206,9 @@ impl Ca {
         if node.is_empty() || token.is_empty() {
             return false;
         }
-        read_tokens(&self.options.tokens).get(node).is_some_and(|t| t == token)
+        read_tokens(&self.options.tokens)
+            .get(node)
+            .is_some_and(|t| t == token)
     }
 
     /// Whether a pod of `id`'s namespace and service account runs on `node`.
@@ -191,7 +219,12 @@ impl Ca {
         cluster.pods.iter().any(|pod| {
             pod.spec.node_name.as_deref() == Some(node)
                 && pod.metadata.namespace() == id.namespace
-                && pod.spec.service_account_name.as_deref().unwrap_or("default") == id.service_account
+                && pod
+                    .spec
+                    .service_account_name
+                    .as_deref()
+                    .unwrap_or("default")
+                    == id.service_account
         })
     }
 }

@@ -73,7 +73,9 @@ impl CertManager {
                 }
             }
             for id in &desired {
-                if !self.needs_certificate(id) || retries.get(id).is_some_and(|r| Instant::now() < r.at) {
+                if !self.needs_certificate(id)
+                    || retries.get(id).is_some_and(|r| Instant::now() < r.at)
+                {
                     continue;
                 }
                 match self.issue(id).await {
@@ -84,10 +86,17 @@ impl CertManager {
                         let backoff = retries
                             .get(id)
                             .map_or(MIN_BACKOFF, |r| (r.backoff * 2).min(MAX_BACKOFF));
-                        let still_valid = self.identities.get(id).is_some_and(|s| s.facts.not_after > unix_now());
+                        let still_valid = self
+                            .identities
+                            .get(id)
+                            .is_some_and(|s| s.facts.not_after > unix_now());
                         log::warn!(
                             "certificate for {id}: {err:#}; retrying in {backoff:?}{}",
-                            if still_valid { " (the current one stays in use)" } else { "" }
+                            if still_valid {
+                                " (the current one stays in use)"
+                            } else {
+                                ""
+                            }
                         );
                         retries.insert(
                             id.clone(),
@@ -107,9 +116,14 @@ impl CertManager {
     async fn issue(&self, id: &SpiffeId) -> anyhow::Result<()> {
         let (key, csr) = new_csr(id)?;
         let certificate = self.client.sign(id, &csr).await?;
-        self.identities.install(id, &certificate, &key.serialize_pem())?;
+        self.identities
+            .install(id, &certificate, &key.serialize_pem())?;
         if let Some(svid) = self.identities.get(id) {
-            log::info!("certificate for {id}: serial {}, valid until {}", svid.facts.serial, svid.facts.not_after);
+            log::info!(
+                "certificate for {id}: serial {}, valid until {}",
+                svid.facts.serial,
+                svid.facts.not_after
+            );
         }
         Ok(())
     }

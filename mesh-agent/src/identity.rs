@@ -133,9 +133,7 @@ pub fn new_csr(id: &SpiffeId) -> Result<(KeyPair, String)> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(cert_error)?;
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names = vec![SanType::URI(
-        id.to_string().try_into().map_err(cert_error)?,
-    )];
+    params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(cert_error)?)];
     let csr = params.serialize_request(&key).map_err(cert_error)?;
     Ok((key, csr.pem().map_err(cert_error)?))
 }
@@ -152,7 +150,9 @@ impl CaKeys {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(cert_error)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::OrganizationName, trust_domain);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, trust_domain);
         params
             .distinguished_name
             .push(DnType::CommonName, "mesh root CA");
@@ -269,20 +269,24 @@ impl CaKeys {
         not_after: OffsetDateTime,
     ) -> Result<String> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(cert_error)?;
-        csr.params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(cert_error)?)];
+        csr.params.subject_alt_names =
+            vec![SanType::URI(id.to_string().try_into().map_err(cert_error)?)];
         csr.params.not_before = not_before;
         csr.params.not_after = not_after;
         csr.params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        Ok(csr.signed_by(&self.root, &self.key).map_err(cert_error)?.pem())
+        Ok(csr
+            .signed_by(&self.root, &self.key)
+            .map_err(cert_error)?
+            .pem())
     }
 }
 
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -298,10 +302,16 @@ mod tests {
 
     #[test]
     fn spiffe_ids_round_trip_and_bad_ones_are_refused() {
-        let id: SpiffeId = "spiffe://cluster.local/ns/demo/sa/web".parse().expect("valid");
+        let id: SpiffeId = "spiffe://cluster.local/ns/demo/sa/web"
+            .parse()
+            .expect("valid");
         assert_eq!(id, SpiffeId::new("cluster.local", "demo", "web"));
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/demo/sa/web");
-        for bad in ["spiffe://cluster.local/ns/demo", "http://x/ns/a/sa/b", "spiffe:///ns/a/sa/b"] {
+        for bad in [
+            "spiffe://cluster.local/ns/demo",
+            "http://x/ns/a/sa/b",
+            "spiffe:///ns/a/sa/b",
+        ] {
             assert!(bad.parse::<SpiffeId>().is_err(), "{bad}");
         }
     }
@@ -311,7 +321,9 @@ mod tests {
         let ca = CaKeys::generate("cluster.local").expect("root");
         let web = SpiffeId::new("cluster.local", "demo", "web");
         let (_key, csr) = new_csr(&web).expect("csr");
-        let pem = ca.sign_csr(&csr, &web, Duration::from_secs(3600)).expect("signed");
+        let pem = ca
+            .sign_csr(&csr, &web, Duration::from_secs(3600))
+            .expect("signed");
         let der = rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
             .map(|c: rustls_pki_types::CertificateDer| c.to_vec())
             .expect("pem");
@@ -333,7 +345,9 @@ mod tests {
         assert_eq!(first.root_pem, second.root_pem);
         let web = SpiffeId::new("cluster.local", "demo", "web");
         let (_key, csr) = new_csr(&web).expect("csr");
-        second.sign_csr(&csr, &web, Duration::from_secs(60)).expect("signs with the reloaded key");
+        second
+            .sign_csr(&csr, &web, Duration::from_secs(60))
+            .expect("signs with the reloaded key");
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

@@ -44,7 +44,11 @@ enum Command {
         #[arg(long, env = "MESH_CA_ADDRESS")]
         ca_address: SocketAddr,
         /// The mesh CA's root certificate (PEM): the trust bundle.
-        #[arg(long, env = "MESH_CA_ROOT", default_value = "/etc/mesh/ca/root-cert.pem")]
+        #[arg(
+            long,
+            env = "MESH_CA_ROOT",
+            default_value = "/etc/mesh/ca/root-cert.pem"
+        )]
         ca_root: PathBuf,
         /// This node's bootstrap token for the CA.
         #[arg(long, env = "MESH_CA_TOKEN", default_value = "/etc/mesh/token/token")]

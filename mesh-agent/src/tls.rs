@@ -66,7 +66,9 @@ impl Identities {
             found += 1;
         }
         if found == 0 {
-            return Err(TlsError::Bundle("no certificate in the trust bundle".into()));
+            return Err(TlsError::Bundle(
+                "no certificate in the trust bundle".into(),
+            ));
         }
         Ok(Identities {
             trust_domain: trust_domain.to_owned(),
@@ -83,15 +85,17 @@ impl Identities {
             id: id.to_string(),
             message,
         };
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(|e| bad(e.to_string()))?;
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad(e.to_string()))?;
         let leaf = chain.first().ok_or_else(|| bad("no certificate".into()))?;
         let facts = facts(leaf).map_err(|e| bad(e.to_string()))?;
         if spiffe_id_of(leaf).ok().as_ref() != Some(id) {
             return Err(bad(format!("it carries {:?}", facts.spiffe_id)));
         }
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
         let signing_key = provider()
             .key_provider
             .load_private_key(key)
@@ -100,20 +104,36 @@ impl Identities {
         self.current
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone(), Svid { key: certified, facts });
+            .insert(
+                id.clone(),
+                Svid {
+                    key: certified,
+                    facts,
+                },
+            );
         Ok(())
     }
 
     pub fn remove(&self, id: &SpiffeId) {
-        self.current.write().unwrap_or_else(|e| e.into_inner()).remove(id);
+        self.current
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 
     pub fn get(&self, id: &SpiffeId) -> Option<Svid> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
     }
 
     pub fn all(&self) -> BTreeMap<SpiffeId, Svid> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn spiffe_id(&self, namespace: &str, service_account: &str) -> SpiffeId {
@@ -276,17 +296,17 @@ pub fn refusal_reason(err: &std::io::Error) -> &'static str {
         .and_then(|e| e.downcast_ref::<rustls::Error>());
     match inner {
         Some(rustls::Error::NoCertificatesPresented) => "no_certificate",
-        Some(rustls::Error::InvalidCertificate(cert)) => match cert {
-            rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature => {
-                "untrusted_root"
+        Some(rustls::Error::InvalidCertificate(cert)) => {
+            match cert {
+                rustls::CertificateError::UnknownIssuer
+                | rustls::CertificateError::BadSignature => "untrusted_root",
+                rustls::CertificateError::Expired
+                | rustls::CertificateError::ExpiredContext { .. } => "expired",
+                rustls::CertificateError::NotValidYet
+                | rustls::CertificateError::NotValidYetContext { .. } => "not_yet_valid",
+                _ => "bad_certificate",
             }
-            rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. } => {
-                "expired"
-            }
-            rustls::CertificateError::NotValidYet
-            | rustls::CertificateError::NotValidYetContext { .. } => "not_yet_valid",
-            _ => "bad_certificate",
-        },
+        }
         Some(rustls::Error::PeerIncompatible(_)) | Some(rustls::Error::NoApplicationProtocol) => {
             "incompatible"
         }
@@ -305,7 +325,10 @@ mod tests {
     fn sni_names_the_destination_identity() {
         let id = SpiffeId::new("cluster.local", "demo", "web");
         assert_eq!(sni_for(&id), "web.demo.sa.mesh");
-        assert_eq!(identity_from_sni("web.demo.sa.mesh", "cluster.local"), Some(id));
+        assert_eq!(
+            identity_from_sni("web.demo.sa.mesh", "cluster.local"),
+            Some(id)
+        );
         assert_eq!(identity_from_sni("example.com", "cluster.local"), None);
     }
 }

@@ -30,6 +30,10 @@ use crate::{
 
 const PREFIX: &str = "msb";
 const FABRIC_NETNS: &str = "msb-fabric";
+const CA_NETNS: &str = "msb-ca";
+const CA_ADDRESS: &str = "10.200.0.254:15012";
+/// Lifetime of workload certificates in the sandbox; short values exercise rotation.
+const CERT_TTL_VARIABLE: &str = "MESH_SANDBOX_CERT_TTL";
 const RUN_DIR: &str = "/run/mesh-sandbox";
 const BPFFS_DIR: &str = "/sys/fs/bpf/mesh-sandbox";
 const CGROUP_DIR: &str = "mesh-sandbox";
@@ -82,6 +86,11 @@ pub fn config_dir() -> PathBuf {
 
 fn logs_dir() -> PathBuf {
     Path::new(RUN_DIR).join("logs")
+}
+
+/// The CA's state: its root (the trust bundle agents use) and the bootstrap tokens.
+pub fn ca_dir() -> PathBuf {
+    Path::new(RUN_DIR).join("ca")
 }
 
 impl SandboxState {
@@ -404,6 +413,7 @@ pub fn up(config: &Path) -> Result<()> {
             }
         }
     }
+    start_ca(&agent, &cgroups, &state)?;
     state.save()?;
     // Nodes first, so that the agents start with their own address known.
     for node in &nodes {
@@ -484,6 +494,7 @@ fn write_object(object: &Object) -> Result<()> {
 pub struct PodStart {
     command: Vec<String>,
     readiness_port: Option<u16>,
+    service_account: String,
 }
 
 /// Wires a pod (namespace, veth, address, cgroup) and writes it; returns the pod and how
@@ -612,6 +623,13 @@ fn add_pod(state: &mut SandboxState, object: &Object) -> Result<(PodState, PodSt
     let start = PodStart {
         command: object.command(),
         readiness_port: object.readiness_port(),
+        service_account: object
+            .value
+            .get("spec")
+            .and_then(|s| s.get("serviceAccountName"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("default")
+            .to_owned(),
     };
     Ok((pod, start))
 }
@@ -635,11 +653,105 @@ fn log_file(name: &str) -> Result<fs::File> {
     fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
 }
 
+/// Starts the mesh CA in its own namespace on the nodes' network, with one bootstrap
+/// token per node, and waits until it serves.
+fn start_ca(binary: &Path, cgroups: &Path, state: &SandboxState) -> Result<()> {
+    ip(&["netns", "add", CA_NETNS])?;
+    ip(&["-n", CA_NETNS, "link", "set", "lo", "up"])?;
+    ip(&[
+        "link",
+        "add",
+        "eth0",
+        "netns",
+        CA_NETNS,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "upca",
+        "netns",
+        FABRIC_NETNS,
+    ])?;
+    ip(&[
+        "-n",
+        FABRIC_NETNS,
+        "link",
+        "set",
+        "upca",
+        "master",
+        "br0",
+        "up",
+    ])?;
+    ip(&[
+        "-n",
+        CA_NETNS,
+        "addr",
+        "add",
+        "10.200.0.254/24",
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", CA_NETNS, "link", "set", "eth0", "up"])?;
+    let dir = ca_dir();
+    fs::create_dir_all(&dir)?;
+    let mut tokens = String::new();
+    for node in &state.nodes {
+        let token = new_uid()?.replace('-', "");
+        fs::write(dir.join(format!("token-{}", node.name)), &token)?;
+        tokens.push_str(&format!("{} {token}\n", node.name));
+    }
+    fs::write(dir.join("tokens"), tokens)?;
+    let cgroup = cgroups.join("ca");
+    fs::create_dir_all(&cgroup)?;
+    let log = log_file("ca.log")?;
+    let ttl = std::env::var(CERT_TTL_VARIABLE).unwrap_or_else(|_| "1h".into());
+    let mut command = Command::new(binary);
+    command
+        .args(["ca", "--listen", CA_ADDRESS, "--cert-ttl", &ttl])
+        .arg("--state-dir")
+        .arg(&dir)
+        .arg("--tokens")
+        .arg(dir.join("tokens"))
+        .arg("--config-dir")
+        .arg(config_dir())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let child = ns::spawn(
+        &mut command,
+        &Placement {
+            netns: CA_NETNS.into(),
+            cgroup: Some(cgroup),
+            detach: true,
+        },
+    )?;
+    let pid = child.id();
+    let addr: SocketAddr = CA_ADDRESS.parse()?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let up = ns::within(CA_NETNS, move || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })?;
+        if up && dir.join("root-cert.pem").exists() {
+            return Ok(());
+        }
+        if !process_alive(pid) || Instant::now() > deadline {
+            let log = fs::read_to_string(logs_dir().join("ca.log")).unwrap_or_default();
+            bail!("the mesh CA did not start:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn start_agent(node: &NodeState, agent: &Path) -> Result<u32> {
     let log = log_file(&format!("agent-{}.log", node.name))?;
     let mut command = Command::new(agent);
     command
-        .args(["run", "--node", &node.name])
+        .args(["run", "--node", &node.name, "--ca-address", CA_ADDRESS])
+        .arg("--ca-root")
+        .arg(ca_dir().join("root-cert.pem"))
+        .arg("--ca-token")
+        .arg(ca_dir().join(format!("token-{}", node.name)))
         .arg("--config-dir")
         .arg(config_dir())
         .arg("--bpffs")
@@ -748,8 +860,37 @@ fn wait_enrolled(state: &SandboxState, pod: &PodState) -> Result<()> {
     }
 }
 
+/// Waits until the node agent holds the certificate of the pod's identity, so that
+/// connections to the pod from other nodes can be authenticated from its first moment.
+fn wait_certificate(state: &SandboxState, pod: &PodState, service_account: &str) -> Result<()> {
+    let node = state.node(&pod.node)?;
+    let identity = format!(
+        "spiffe://cluster.local/ns/{}/sa/{service_account}",
+        pod.namespace
+    );
+    let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, 15000));
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok((200, body)) = http_get(&node.netns, admin, "/certs") {
+            if body.contains(&format!("\"{identity}\"")) {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "node agent {} has no certificate for {identity} (see {}/agent-{}.log)",
+                node.name,
+                logs_dir().display(),
+                node.name
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn start_pod(state: &mut SandboxState, pod: &PodState, start: &PodStart) -> Result<()> {
     wait_enrolled(state, pod)?;
+    wait_certificate(state, pod, &start.service_account)?;
     let Some((program, args)) = start.command.split_first() else {
         return Ok(());
     };

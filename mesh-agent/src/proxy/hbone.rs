@@ -97,7 +97,8 @@ impl HbonePool {
             .client_config(&key.source, &key.destination)
             .map_err(|e| other(e.to_string()))?;
         let tcp = socket::connect(key.agent).await?;
-        let name = ServerName::try_from(sni_for(&key.destination)).map_err(|e| other(e.to_string()))?;
+        let name =
+            ServerName::try_from(sni_for(&key.destination)).map_err(|e| other(e.to_string()))?;
         let tls = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
             .await?;
@@ -177,7 +178,10 @@ async fn send_connect(
         )),
         status => Err(io::Error::new(
             io::ErrorKind::ConnectionRefused,
-            format!("the destination agent answered {status} for {}", request.target),
+            format!(
+                "the destination agent answered {status} for {}",
+                request.target
+            ),
         )),
     }
 }
@@ -361,20 +365,43 @@ impl Stream {
             .get("x-mesh-service")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let (Some(target), Some(client), true) = (target, client, request.method() == Method::CONNECT) else {
-            return Err(self.refuse(&mut respond, StatusCode::BAD_REQUEST, "bad_request", "malformed CONNECT".into()));
+        let (Some(target), Some(client), true) =
+            (target, client, request.method() == Method::CONNECT)
+        else {
+            return Err(self.refuse(
+                &mut respond,
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "malformed CONNECT".into(),
+            ));
         };
         let state = self.state.current();
-        let identity_of = |w: &crate::state::Workload| SpiffeId::new(&self.local.trust_domain, &w.namespace, &w.service_account);
-        let Some(workload) = state.workloads.get(target.ip()).filter(|w| w.node == state.node).cloned() else {
-            return Err(self.refuse(&mut respond, StatusCode::NOT_FOUND, "unknown_destination", format!("{target} is not a meshed pod of this node")));
+        let identity_of = |w: &crate::state::Workload| {
+            SpiffeId::new(&self.local.trust_domain, &w.namespace, &w.service_account)
+        };
+        let Some(workload) = state
+            .workloads
+            .get(target.ip())
+            .filter(|w| w.node == state.node)
+            .cloned()
+        else {
+            return Err(self.refuse(
+                &mut respond,
+                StatusCode::NOT_FOUND,
+                "unknown_destination",
+                format!("{target} is not a meshed pod of this node"),
+            ));
         };
         if identity_of(&workload) != self.local {
             return Err(self.refuse(
                 &mut respond,
                 StatusCode::FORBIDDEN,
                 "wrong_destination_identity",
-                format!("{target} is {}, but the connection was made to {}", identity_of(&workload), self.local),
+                format!(
+                    "{target} is {}, but the connection was made to {}",
+                    identity_of(&workload),
+                    self.local
+                ),
             ));
         }
         // The peer's certificate must be the identity of the workload at the address it

@@ -119,7 +119,9 @@ async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
                 .pool
                 .open(agent, &source, &destination, &request)
                 .await?;
-            hbone::splice(&mut client, send, recv).await.map(|()| (0, 0))
+            hbone::splice(&mut client, send, recv)
+                .await
+                .map(|()| (0, 0))
         }
         // An endpoint outside the mesh (a WorkloadEntry, a ServiceEntry endpoint, a
         // passthrough destination): reached from this node directly.
