@@ -54,8 +54,8 @@ impl CertManager {
         match self.identities.get(id) {
             None => true,
             Some(svid) => {
-                let lifetime = svid.facts.not_after - svid.facts.not_before;
-                unix_now() >= svid.facts.not_before + lifetime / 2
+                let lifetime = svid.facts.not_after - svid.installed_at;
+                unix_now() >= svid.installed_at + lifetime / 2
             }
         }
     }

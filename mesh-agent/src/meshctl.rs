@@ -59,6 +59,8 @@ enum Command {
     },
     /// Ask the agent for its state: configuration generation, enrolled pods, last error.
     Status,
+    /// The workload certificates the agent holds: identity, serial, validity, trust root.
+    Certs,
     /// Check configuration files (Kubernetes and Istio YAML) as the agent would load them.
     Validate {
         /// A YAML file or a directory of them.
@@ -86,6 +88,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
     let json = cli.output == Output::Json;
     match cli.command {
         Command::Status => status(cli.admin, json),
+        Command::Certs => certs(cli.admin, json),
         Command::Validate { path, strict } => validate(&path, strict, json),
         Command::Bpf { what } => {
             let maps = NodeMaps::open(&cli.bpffs)?;
@@ -250,6 +253,51 @@ fn validate(path: &std::path::Path, strict: bool, json: bool) -> anyhow::Result<
         bail!("validation failed: {errors} errors, {warnings} warnings");
     }
     Ok(())
+}
+
+fn certs(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
+    let body = admin_get(admin, "/certs")?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&body).context("the agent's /certs is not JSON")?;
+    let root = &report["trust_root"];
+    println!(
+        "trust domain {}, trust root {} (serial {}, expires {})",
+        report["trust_domain"].as_str().unwrap_or("?"),
+        root["subject"].as_str().unwrap_or("?"),
+        root["serial"].as_str().unwrap_or("?"),
+        expiry(root["not_after"].as_i64()),
+    );
+    let rows = report["certificates"].as_array().cloned().unwrap_or_default();
+    table(
+        &["IDENTITY", "SERIAL", "EXPIRES", "ISSUER"],
+        rows.iter().map(|c| {
+            vec![
+                c["identity"].as_str().unwrap_or("?").to_owned(),
+                c["serial"].as_str().unwrap_or("?").to_owned(),
+                expiry(c["not_after"].as_i64()),
+                c["issuer"].as_str().unwrap_or("?").to_owned(),
+            ]
+        }),
+    );
+    Ok(())
+}
+
+/// A UNIX time as UTC and as time left.
+fn expiry(unix: Option<i64>) -> String {
+    let Some(unix) = unix else {
+        return "?".into();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let when = time::OffsetDateTime::from_unix_timestamp(unix)
+        .map(|t| format!("{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z", t.year(), t.month() as u8, t.day(), t.hour(), t.minute(), t.second()))
+        .unwrap_or_else(|_| unix.to_string());
+    format!("{when} (in {}s)", unix - now)
 }
 
 fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {

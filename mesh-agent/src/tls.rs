@@ -43,6 +43,9 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub struct Svid {
     pub key: Arc<CertifiedKey>,
     pub facts: CertificateFacts,
+    /// When it was installed (UNIX seconds): its lifetime counts from there, as its
+    /// `notBefore` carries slack for clocks that disagree.
+    pub installed_at: i64,
 }
 
 /// The trust bundle and the workload certificates of this node's identities.

@@ -10,8 +10,8 @@ use crate::{progress, run};
 
 /// Debian packages: LLVM 22 for bpf-linker; iproute2, util-linux and procps for the
 /// sandbox; curl and python3 for the demo's pods; prometheus for `promtool`; python3-venv
-/// for the manifest validator.
-const APT_PACKAGES: [&str; 11] = [
+/// for the manifest validator; tcpdump and openssl for the mTLS tests.
+const APT_PACKAGES: [&str; 13] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -23,6 +23,8 @@ const APT_PACKAGES: [&str; 11] = [
     "python3-venv",
     "prometheus",
     "ca-certificates",
+    "tcpdump",
+    "openssl",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
