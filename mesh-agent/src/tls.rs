@@ -112,6 +112,9 @@ impl Identities {
                 Svid {
                     key: certified,
                     facts,
+                    installed_at: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as i64),
                 },
             );
         Ok(())
