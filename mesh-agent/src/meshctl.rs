@@ -271,7 +271,10 @@ fn certs(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
         root["serial"].as_str().unwrap_or("?"),
         expiry(root["not_after"].as_i64()),
     );
-    let rows = report["certificates"].as_array().cloned().unwrap_or_default();
+    let rows = report["certificates"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     table(
         &["IDENTITY", "SERIAL", "EXPIRES", "ISSUER"],
         rows.iter().map(|c| {
@@ -295,7 +298,17 @@ fn expiry(unix: Option<i64>) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
     let when = time::OffsetDateTime::from_unix_timestamp(unix)
-        .map(|t| format!("{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z", t.year(), t.month() as u8, t.day(), t.hour(), t.minute(), t.second()))
+        .map(|t| {
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
+                t.year(),
+                t.month() as u8,
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
+        })
         .unwrap_or_else(|_| unix.to_string());
     format!("{when} (in {}s)", unix - now)
 }
