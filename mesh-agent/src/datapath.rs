@@ -22,11 +22,12 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use mesh_common::{
-    fill_name, pins, programs, ServiceInfo, ServiceKey, WorkloadInfo, CAPTURE_MARK,
-    CAPTURE_ROUTE_TABLE, MAPS_LAYOUT_VERSION, WORKLOAD_FLAG_LOCAL,
+    fill_name, pins, programs, PortKey, ServiceInfo, ServiceKey, WorkloadInfo, CAPTURE_MARK,
+    CAPTURE_ROUTE_TABLE, MAPS_LAYOUT_VERSION, PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT,
+    WORKLOAD_FLAG_LOCAL, WORKLOAD_FLAG_MTLS_STRICT,
 };
 
-use crate::state::MeshState;
+use crate::{peerauth::Effective, state::MeshState};
 
 /// The eBPF object, built by build.rs from mesh-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
@@ -250,6 +251,13 @@ impl Datapath {
                     info.flags |= WORKLOAD_FLAG_LOCAL;
                     info.ifindex = ifindexes.get(&w.ip).copied().unwrap_or(0);
                 }
+                if state
+                    .mtls
+                    .get(&w.ip)
+                    .is_some_and(|m| m.mode == Effective::Strict)
+                {
+                    info.flags |= WORKLOAD_FLAG_MTLS_STRICT;
+                }
                 (ip_key(w.ip), info)
             })
             .collect();
@@ -270,7 +278,29 @@ impl Datapath {
                 (service_key(SocketAddrV4::new(s.cluster_ip, s.port)), info)
             })
             .collect();
-        sync(&mut services, pins::SERVICES, &desired)
+        sync(&mut services, pins::SERVICES, &desired)?;
+
+        let mut ports: BpfHashMap<_, PortKey, u32> = map(&mut self.ebpf, pins::PORT_MTLS)?;
+        let desired: HashMap<PortKey, u32> = state
+            .local_workloads()
+            .filter_map(|w| Some((w.ip, state.mtls.get(&w.ip)?)))
+            .flat_map(|(ip, mtls)| {
+                mtls.ports.iter().map(move |(port, mode)| {
+                    let key = PortKey {
+                        ip: ip_key(ip),
+                        port: *port,
+                        _pad: 0,
+                    };
+                    let value = if *mode == Effective::Strict {
+                        PORT_MTLS_STRICT
+                    } else {
+                        PORT_MTLS_PERMISSIVE
+                    };
+                    (key, value)
+                })
+            })
+            .collect();
+        sync(&mut ports, pins::PORT_MTLS, &desired)
     }
 }
 

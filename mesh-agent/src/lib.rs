@@ -13,6 +13,7 @@ pub mod lb;
 pub mod maps;
 pub mod meshctl;
 pub mod metrics;
+pub mod peerauth;
 pub mod proxy;
 pub mod state;
 pub mod tls;

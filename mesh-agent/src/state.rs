@@ -15,6 +15,7 @@ use crate::{
     config::{ClusterConfig, Diagnostic, Pod},
     discovery,
     lb::{ActiveGuard, Balancer, LbPolicy},
+    peerauth::{self, WorkloadMtls},
 };
 
 /// Label that takes a pod, or every pod of a namespace, out of the mesh (Istio ambient's).
@@ -174,6 +175,8 @@ pub struct MeshState {
     pub nodes: BTreeMap<String, Ipv4Addr>,
     pub workloads: HashMap<Ipv4Addr, Arc<Workload>>,
     pub services: HashMap<SocketAddrV4, Arc<ServicePortState>>,
+    /// PeerAuthentication modes of every workload.
+    pub mtls: HashMap<Ipv4Addr, WorkloadMtls>,
     /// Problems found while deriving the state from a valid configuration.
     pub diagnostics: Vec<Diagnostic>,
 }
@@ -206,6 +209,11 @@ impl MeshState {
             }
         }
         discovery::add_services(&mut state, config);
+        state.mtls = state
+            .workloads
+            .values()
+            .map(|w| (w.ip, peerauth::modes(config, w)))
+            .collect();
         state
     }
 

@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map's key or value layout changes; maps live under
 /// `<bpffs dir>/maps-v<N>` so an agent of another layout never misreads them.
-pub const MAPS_LAYOUT_VERSION: u32 = 1;
+pub const MAPS_LAYOUT_VERSION: u32 = 2;
 
 /// The agent's transparent listener for connections captured leaving a pod.
 pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
@@ -26,6 +26,9 @@ pub const ADMIN_PORT: u16 = 15000;
 pub const CAPTURE_MARK: u32 = 0x0539_0000;
 /// Routing table holding the `local 0.0.0.0/0 dev lo` route for marked packets.
 pub const CAPTURE_ROUTE_TABLE: u32 = 133;
+/// `SO_MARK` of the agent's own sockets towards pods: how the tc program tells mesh
+/// traffic from plaintext that bypassed the mesh. No bit in common with `CAPTURE_MARK`.
+pub const AGENT_MARK: u32 = 0x0000_1539;
 
 /// Length of the fixed, NUL-padded name fields in map values.
 pub const NAME_LEN: usize = 64;
@@ -38,6 +41,7 @@ pub mod pins {
     pub const TC_VERDICTS: &str = "MESH_TC_VERDICTS";
     pub const FLOWS: &str = "MESH_FLOWS";
     pub const FLOW_EVENTS: &str = "MESH_FLOW_EVENTS";
+    pub const PORT_MTLS: &str = "MESH_PORT_MTLS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -63,6 +67,22 @@ pub struct WorkloadInfo {
 
 /// The workload runs on this node.
 pub const WORKLOAD_FLAG_LOCAL: u32 = 1;
+/// PeerAuthentication STRICT for the workload: plaintext that did not come through the
+/// agent is dropped (ports may override it in `PORT_MTLS`).
+pub const WORKLOAD_FLAG_MTLS_STRICT: u32 = 2;
+
+/// Values of `PORT_MTLS`, a port's PeerAuthentication mode overriding the workload's.
+pub const PORT_MTLS_PERMISSIVE: u32 = 1;
+pub const PORT_MTLS_STRICT: u32 = 2;
+
+/// A pod address and port (`PORT_MTLS` key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub ip: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
 
 /// A Service port, keyed by its cluster IP and port.
 #[repr(C)]
@@ -115,7 +135,9 @@ pub mod verdict {
     pub const DROP_NO_FLOW: u32 = 4;
     /// Dropped: the kernel refused to assign the packet to the agent's socket.
     pub const DROP_ASSIGN_FAILED: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Dropped: plaintext to a pod under PeerAuthentication STRICT, not from the mesh.
+    pub const DROP_PLAINTEXT_STRICT: u32 = 6;
+    pub const COUNT: u32 = 7;
 
     /// Names as reported by meshctl and the metrics (`reason` label).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -125,6 +147,7 @@ pub mod verdict {
         "drop_no_proxy",
         "drop_no_flow",
         "drop_assign_failed",
+        "drop_plaintext_strict",
     ];
 }
 
@@ -196,6 +219,7 @@ mod user {
     // padding fields, so every bit pattern is valid.
     unsafe impl aya::Pod for WorkloadInfo {}
     unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for ServiceInfo {}
     unsafe impl aya::Pod for TrafficKey {}
     unsafe impl aya::Pod for TrafficCounters {}

@@ -6,7 +6,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use mesh_common::{
-    verdict, FlowKey, FlowStats, ServiceInfo, ServiceKey, TrafficCounters, TrafficKey, WorkloadInfo,
+    verdict, FlowKey, FlowStats, PortKey, ServiceInfo, ServiceKey, TrafficCounters, TrafficKey,
+    WorkloadInfo,
 };
 
 /// Pod IPv4 → workload: every meshed pod of the cluster, local ones flagged.
@@ -16,6 +17,10 @@ pub static MESH_WORKLOADS: HashMap<u32, WorkloadInfo> = HashMap::pinned(16384, 0
 /// Service cluster IP and port → Service: captured like meshed pods.
 #[map]
 pub static MESH_SERVICES: HashMap<ServiceKey, ServiceInfo> = HashMap::pinned(16384, 0);
+
+/// Local pod address and port → PeerAuthentication mode overriding the workload's.
+#[map]
+pub static MESH_PORT_MTLS: HashMap<PortKey, u32> = HashMap::pinned(16384, 0);
 
 /// Packets and bytes per address pair and direction, as seen on pod veths.
 #[map]

@@ -7,7 +7,9 @@
 //! policy route deliver the packet locally, so the accepted socket's local address is
 //! the original destination: no NAT and no side table. Everything is counted.
 //!
-//! `tc_to_pod` (egress of the host veth, packets entering the pod) only counts for now.
+//! `tc_to_pod` (egress of the host veth, packets entering the pod) counts, and enforces
+//! PeerAuthentication STRICT: TCP to such a pod port that the agent did not send (its
+//! sockets carry `AGENT_MARK`) is plaintext that bypassed the mesh, and is dropped.
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_tuple, BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT},
@@ -16,12 +18,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use mesh_common::{
-    verdict, ServiceKey, TrafficCounters, TrafficKey, CAPTURE_MARK, DIRECTION_FROM_POD,
-    DIRECTION_TO_POD, OUTBOUND_CAPTURE_PORT,
+    verdict, PortKey, ServiceKey, TrafficCounters, TrafficKey, AGENT_MARK, CAPTURE_MARK,
+    DIRECTION_FROM_POD, DIRECTION_TO_POD, OUTBOUND_CAPTURE_PORT, PORT_MTLS_STRICT,
+    WORKLOAD_FLAG_MTLS_STRICT,
 };
 
 use crate::{
-    maps::{count_verdict, MESH_SERVICES, MESH_TRAFFIC, MESH_WORKLOADS},
+    maps::{count_verdict, MESH_PORT_MTLS, MESH_SERVICES, MESH_TRAFFIC, MESH_WORKLOADS},
     packet::{parse_ipv4, parse_tcp, IPPROTO_TCP, TCP_FLAG_ACK, TCP_FLAG_SYN},
 };
 
@@ -35,8 +38,34 @@ pub fn tc_from_pod(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn tc_to_pod(ctx: TcContext) -> i32 {
-    if let Some(ip) = parse_ipv4(&ctx) {
-        account(ip.saddr, ip.daddr, DIRECTION_TO_POD, ctx.len());
+    let Some(ip) = parse_ipv4(&ctx) else {
+        return TC_ACT_OK;
+    };
+    account(ip.saddr, ip.daddr, DIRECTION_TO_POD, ctx.len());
+    // SAFETY: reading a field of the context the kernel handed us.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if ip.protocol != IPPROTO_TCP || mark == AGENT_MARK {
+        return TC_ACT_OK;
+    }
+    let Some((_, dport, _)) = parse_tcp(&ctx, ip.l4_offset) else {
+        return TC_ACT_OK;
+    };
+    let Some(workload) = MESH_WORKLOADS.get_ptr(ip.daddr) else {
+        return TC_ACT_OK;
+    };
+    let key = PortKey {
+        ip: ip.daddr,
+        port: u16::from_be(dport),
+        _pad: 0,
+    };
+    // SAFETY: a map value pointer, valid while this program runs.
+    let strict = match unsafe { MESH_PORT_MTLS.get(&key) } {
+        Some(mode) => *mode == PORT_MTLS_STRICT,
+        None => (unsafe { (*workload).flags } & WORKLOAD_FLAG_MTLS_STRICT) != 0,
+    };
+    if strict {
+        count_verdict(verdict::DROP_PLAINTEXT_STRICT);
+        return TC_ACT_SHOT;
     }
     TC_ACT_OK
 }

@@ -831,12 +831,25 @@ fn wait_ready(node: &NodeState) -> Result<()> {
 /// Waits until the node agent pinned the pod's links, i.e. its traffic is captured.
 fn wait_enrolled(state: &SandboxState, pod: &PodState) -> Result<()> {
     let node = state.node(&pod.node)?;
-    let links = node.bpffs.join("links-v1");
+    // Links are pinned under links-v<layout version>; any version will do.
+    let link_dirs = || -> Vec<PathBuf> {
+        fs::read_dir(&node.bpffs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("links-v"))
+            })
+            .collect()
+    };
     let prefix = format!("{}_{}@", pod.namespace, pod.name);
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        let enrolled = fs::read_dir(&links)
-            .into_iter()
+        let enrolled = link_dirs()
+            .iter()
+            .flat_map(fs::read_dir)
             .flatten()
             .flatten()
             .any(|e| {

@@ -469,6 +469,7 @@ fn enforced(kind: &str) -> &'static [&'static str] {
             "location",
         ],
         "WorkloadEntry" => &["address", "ports", "labels", "serviceAccount"],
+        "PeerAuthentication" => &["selector", "mtls", "portLevelMtls"],
         _ => &[],
     }
 }

@@ -15,6 +15,7 @@ use super::{
     socket, ConnTable,
 };
 use crate::{
+    peerauth::Effective,
     state::{Resolved, SharedState},
     tls::Identities,
 };
@@ -92,6 +93,18 @@ async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
             let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
             conns.finish(&server_key);
             copied
+        }
+        // PeerAuthentication DISABLE: no mutual TLS to this workload; it is reached in
+        // plaintext, straight from this node.
+        Some(pod)
+            if state
+                .mtls
+                .get(&pod.ip)
+                .is_some_and(|m| m.for_port(target.port()) == Effective::Disable) =>
+        {
+            conns.insert(client_key, workload.clone(), service.clone(), false);
+            let mut upstream = socket::connect(target).await?;
+            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
         }
         Some(pod) => {
             let agent_ip = state.node_ip(pod).ok_or_else(|| {

@@ -8,6 +8,7 @@ use std::{
     net::{SocketAddr, SocketAddrV4},
 };
 
+use mesh_common::AGENT_MARK;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -23,6 +24,8 @@ pub fn transparent_listener(addr: SocketAddrV4) -> io::Result<TcpListener> {
     let socket = tcp_socket()?;
     socket.set_reuse_address(true)?;
     socket.set_ip_transparent_v4(true)?;
+    // Accepted sockets inherit the mark: replies to pods count as mesh traffic.
+    socket.set_mark(AGENT_MARK)?;
     socket.bind(&SocketAddr::V4(addr).into())?;
     socket.listen(1024)?;
     TcpListener::from_std(socket.into())
@@ -42,6 +45,7 @@ pub fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
 pub async fn connect_as(src: SocketAddrV4, dst: SocketAddrV4) -> io::Result<TcpStream> {
     let socket = tcp_socket()?;
     socket.set_ip_transparent_v4(true)?;
+    socket.set_mark(AGENT_MARK)?;
     if socket.bind(&SocketAddr::V4(src).into()).is_err() {
         socket.bind(&SocketAddr::V4(SocketAddrV4::new(*src.ip(), 0)).into())?;
     }
