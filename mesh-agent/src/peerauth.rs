@@ -55,9 +55,9 @@ fn mode_of(policy: Option<&Resource<PeerAuthentication>>) -> Option<Effective> {
 
 /// Policies are taken oldest-name-first when several apply at one level, so the choice is
 /// stable across reloads.
-fn first<'a>(
-    mut candidates: Vec<&'a Resource<PeerAuthentication>>,
-) -> Option<&'a Resource<PeerAuthentication>> {
+fn first(
+    mut candidates: Vec<&Resource<PeerAuthentication>>,
+) -> Option<&Resource<PeerAuthentication>> {
     candidates.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     candidates.into_iter().next()
 }
