@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: sets up and builds, starts the default sandbox (two nodes, pods on
-//! each, Services), sends real traffic through the mesh — same node, across nodes, to a
-//! Service address — checks every byte arrived, shows what the mesh saw (open flows from
-//! the kernel maps, tc counters, the agents' Istio metrics) and tears the sandbox down.
+//! each, Services, the mesh CA), sends real traffic through the mesh — same node, across
+//! nodes over mutual TLS, to a Service address — checks every byte arrived, shows what the
+//! mesh saw (open flows from the kernel maps, certificates, tc counters, the agents'
+//! Istio metrics) and tears the sandbox down.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -89,7 +90,7 @@ fn traffic() -> Result<()> {
     progress("same node: client-a → web-a (4 MiB over HTTP)");
     check_download("client-a", &format!("http://{web_a}:8080/blob"), &["web-a"])?;
     println!("    4 MiB intact");
-    progress("across nodes: client-a (node-a) → web-b (node-b)");
+    progress("across nodes, HBONE over mutual TLS: client-a (node-a) → web-b (node-b)");
     check_download("client-a", &format!("http://{web_b}:8080/blob"), &["web-b"])?;
     println!("    4 MiB intact");
     progress("through a Service: client-a → web.demo (10.96.0.100:80), four requests");
@@ -133,6 +134,8 @@ fn traffic() -> Result<()> {
     // The slow download is this process's own child.
     slow.kill()?;
     slow.wait()?;
+    progress("meshctl certs on node-b (workload certificates from the mesh CA)");
+    println!("{}", output(&node("node-b"), "meshctl", &["certs"])?);
     progress("meshctl bpf metrics on node-a (tc counters per address pair)");
     println!(
         "{}",
@@ -172,6 +175,7 @@ fn compact(line: &str) -> String {
                 "source_workload=",
                 "destination_workload=",
                 "destination_service=",
+                "connection_security_policy=",
             ]
             .iter()
             .any(|k| l.starts_with(k))
