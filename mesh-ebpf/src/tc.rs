@@ -59,7 +59,7 @@ pub fn tc_to_pod(ctx: TcContext) -> i32 {
         _pad: 0,
     };
     // SAFETY: a map value pointer, valid while this program runs.
-    let strict = match unsafe { MESH_PORT_MTLS.get(&key) } {
+    let strict = match unsafe { MESH_PORT_MTLS.get(key) } {
         Some(mode) => *mode == PORT_MTLS_STRICT,
         None => (unsafe { (*workload).flags } & WORKLOAD_FLAG_MTLS_STRICT) != 0,
     };

@@ -186,21 +186,24 @@ async fn send_connect(
     }
 }
 
-/// Copies between a TCP connection and an HBONE stream until both directions end.
+/// Copies between a TCP connection and an HBONE stream until both directions end;
+/// returns the bytes carried each way (TCP → stream, stream → TCP).
 pub async fn splice<T: AsyncRead + AsyncWrite + Unpin>(
     tcp: &mut T,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
-) -> io::Result<()> {
+) -> io::Result<(u64, u64)> {
     let (mut reader, mut writer) = tokio::io::split(tcp);
     let upstream = async {
         let mut buf = vec![0u8; CHUNK];
+        let mut total = 0u64;
         loop {
             let n = reader.read(&mut buf).await?;
             if n == 0 {
                 send.send_data(Bytes::new(), true).map_err(h2_error)?;
-                return Ok::<_, io::Error>(());
+                return Ok::<_, io::Error>(total);
             }
+            total += n as u64;
             let mut data = Bytes::copy_from_slice(&buf[..n]);
             while !data.is_empty() {
                 send.reserve_capacity(data.len());
@@ -214,14 +217,17 @@ pub async fn splice<T: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let downstream = async {
+        let mut total = 0u64;
         while let Some(chunk) = recv.data().await {
             let chunk = chunk.map_err(h2_error)?;
             writer.write_all(&chunk).await?;
+            total += chunk.len() as u64;
             let _ = recv.flow_control().release_capacity(chunk.len());
         }
-        writer.shutdown().await
+        writer.shutdown().await?;
+        Ok(total)
     };
-    tokio::try_join!(upstream, downstream).map(|_| ())
+    tokio::try_join!(upstream, downstream)
 }
 
 /// Serves HBONE on the tunnel port: TLS with the destination's certificate, then
@@ -431,6 +437,13 @@ impl Stream {
         let send = respond_with(&mut respond, StatusCode::OK)?;
         let result = splice(&mut upstream, send, request.into_body()).await;
         self.conns.finish(&server_key);
-        result
+        let (to_client, from_client) = result?;
+        log::info!(
+            target: "mesh::access",
+            "inbound {client} → {target} source_principal={} destination_principal={} connection_security_policy=mutual_tls received={from_client} sent={to_client}",
+            self.source,
+            self.local
+        );
+        Ok(())
     }
 }

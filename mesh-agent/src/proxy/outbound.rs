@@ -132,9 +132,7 @@ async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
                 .pool
                 .open(agent, &source, &destination, &request)
                 .await?;
-            hbone::splice(&mut client, send, recv)
-                .await
-                .map(|()| (0, 0))
+            hbone::splice(&mut client, send, recv).await
         }
         // An endpoint outside the mesh (a WorkloadEntry, a ServiceEntry endpoint, a
         // passthrough destination): reached from this node directly.
@@ -144,5 +142,28 @@ async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
         }
     };
     conns.finish(&client_key);
-    result.map(|_| ())
+    let (sent, received) = result?;
+    let principal = |w: Option<&Arc<crate::state::Workload>>| {
+        w.map_or("unknown".into(), |w| {
+            outbound
+                .identities
+                .spiffe_id(&w.namespace, &w.service_account)
+                .to_string()
+        })
+    };
+    let remote = workload.as_ref().is_some_and(|pod| pod.node != state.node);
+    let disabled = workload.as_ref().is_some_and(|pod| {
+        state
+            .mtls
+            .get(&pod.ip)
+            .is_some_and(|m| m.for_port(target.port()) == Effective::Disable)
+    });
+    log::info!(
+        target: "mesh::access",
+        "outbound {client_addr} → {original_dst} ({target}) source_principal={} destination_principal={} connection_security_policy={} sent={sent} received={received}",
+        principal(state.workloads.get(client_addr.ip())),
+        principal(workload.as_ref()),
+        if remote && !disabled { "mutual_tls" } else { "none" },
+    );
+    Ok(())
 }
