@@ -1,7 +1,8 @@
 //! The project's commands, run as `cargo xtask <command>`: `demo` and `test` (the README's
-//! two commands), `setup` (prerequisites), `build`, and `sandbox` (the local multi-node
-//! mesh the demo and the tests run on).
+//! two commands), `setup` (prerequisites), `build`, `bench`, and `sandbox` (the local
+//! multi-node mesh the demo, the tests and the benchmarks run on).
 
+mod bench;
 mod demo;
 mod ns;
 mod sandbox;
@@ -36,6 +37,14 @@ enum Task {
     Demo,
     /// Run every check and test: formatting, lints, unit, eBPF and sandbox tests.
     Test,
+    /// Measure the mesh against a no-mesh baseline of the same run.
+    Bench {
+        /// A second per measurement, once: proves the harness works (CI).
+        #[arg(long)]
+        quick: bool,
+        #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
     /// Manage the local multi-node sandbox cluster.
     Sandbox {
         #[command(subcommand)]
@@ -154,6 +163,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Task::Demo => demo::run(),
         Task::Test => test::run(),
+        Task::Bench { quick, output } => bench::run(quick, output == "json"),
         Task::Sandbox { command } => {
             require_root()?;
             let in_workspace = |p: PathBuf| {

@@ -495,6 +495,27 @@ pub struct PodStart {
     command: Vec<String>,
     readiness_port: Option<u16>,
     service_account: String,
+    /// Whether the mesh takes the pod in (no `istio.io/dataplane-mode: none` on it or its
+    /// namespace): only then is there an enrollment and a certificate to wait for.
+    meshed: bool,
+}
+
+fn opted_out(value: &Value) -> bool {
+    value
+        .get("metadata")
+        .and_then(|m| m.get("labels"))
+        .and_then(|l| l.get("istio.io/dataplane-mode"))
+        .and_then(|v| v.as_str())
+        == Some("none")
+}
+
+/// Whether the pod's namespace, as written to the configuration directory, opts out.
+fn namespace_opted_out(namespace: &str) -> bool {
+    let file = config_dir().join(format!("namespace-default-{namespace}.yaml"));
+    fs::read_to_string(file)
+        .ok()
+        .and_then(|text| serde_yaml::from_str::<Value>(&text).ok())
+        .is_some_and(|ns| opted_out(&ns))
 }
 
 /// Wires a pod (namespace, veth, address, cgroup) and writes it; returns the pod and how
@@ -630,6 +651,7 @@ fn add_pod(state: &mut SandboxState, object: &Object) -> Result<(PodState, PodSt
             .and_then(|v| v.as_str())
             .unwrap_or("default")
             .to_owned(),
+        meshed: !opted_out(&object.value) && !namespace_opted_out(&object.namespace),
     };
     Ok((pod, start))
 }
@@ -902,8 +924,10 @@ fn wait_certificate(state: &SandboxState, pod: &PodState, service_account: &str)
 }
 
 fn start_pod(state: &mut SandboxState, pod: &PodState, start: &PodStart) -> Result<()> {
-    wait_enrolled(state, pod)?;
-    wait_certificate(state, pod, &start.service_account)?;
+    if start.meshed {
+        wait_enrolled(state, pod)?;
+        wait_certificate(state, pod, &start.service_account)?;
+    }
     let Some((program, args)) = start.command.split_first() else {
         return Ok(());
     };

@@ -7,7 +7,7 @@ use std::{path::Path, process::Command};
 
 use anyhow::{bail, Result};
 
-use crate::{progress, require_root, run_visible, sandbox, setup, workspace};
+use crate::{bench, progress, require_root, run_visible, sandbox, setup, workspace};
 
 const KUBERNETES_VERSION: &str = "1.30";
 
@@ -57,6 +57,9 @@ pub fn run() -> Result<()> {
     run_visible(cargo().args(["test", "--release", "--workspace", "--", "--test-threads=1"]))?;
     progress("Kubernetes manifests against the Kubernetes schemas");
     validate_manifests()?;
+    progress("the benchmark harness, quick mode (no timing is asserted)");
+    bench::run(true, false)?;
+    check_bench_report()?;
     progress("all tests passed");
     Ok(())
 }
@@ -91,4 +94,38 @@ fn validate_manifests() -> Result<()> {
             Path::new("deploy").display()
         ))
     })
+}
+
+/// The quick benchmark's JSON has every scenario, with numbers where numbers belong.
+fn check_bench_report() -> Result<()> {
+    let text = std::fs::read_to_string(workspace().join("target/bench/latest.json"))?;
+    let report: serde_json::Value = serde_json::from_str(&text)?;
+    let results = report["results"].as_array().cloned().unwrap_or_default();
+    for scenario in [
+        "throughput-1-stream",
+        "throughput-8-streams",
+        "latency-http1",
+        "latency-http2",
+        "connection-churn",
+        "agent-cpu",
+        "agent-rss",
+        "bpf-program-cost",
+    ] {
+        if !results.iter().any(|r| r["scenario"] == scenario) {
+            bail!("the benchmark report has no {scenario} result");
+        }
+    }
+    for result in &results {
+        let mesh_is_number = result["mesh"].as_f64().is_some_and(f64::is_finite);
+        let labelled = ["path", "metric", "unit"]
+            .iter()
+            .all(|k| result[*k].is_string());
+        if !mesh_is_number || !labelled {
+            bail!("malformed benchmark result: {result}");
+        }
+    }
+    if !report["machine"]["cpus"].is_u64() {
+        bail!("the benchmark report does not describe the machine");
+    }
+    Ok(())
 }

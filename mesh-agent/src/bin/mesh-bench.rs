@@ -1,0 +1,272 @@
+//! `mesh-bench`: the benchmark's server and load generator, run inside sandbox pods by
+//! `cargo xtask bench`.
+//!
+//! - `serve`: HTTP/1.1 and HTTP/2 (prior knowledge) on one port, 1 KiB responses.
+//! - `load`: requests over N keep-alive connections, either at a constant total rate
+//!   (latency measured from each request's *scheduled* time, which corrects coordinated
+//!   omission as wrk2 does) or as fast as possible; or one new connection per request
+//!   (`--churn`). Prints one JSON object: requests, errors, seconds, rps, latency
+//!   percentiles in microseconds.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use http_body_util::Full;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+#[derive(Parser)]
+#[command(name = "mesh-bench", about = "Benchmark server and load generator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve 1 KiB responses over HTTP/1.1 and HTTP/2.
+    Serve {
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+    },
+    /// Generate load and print the measurement as JSON.
+    Load {
+        target: SocketAddr,
+        #[arg(long, value_enum, default_value_t = Protocol::Http1)]
+        protocol: Protocol,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Total requests per second; 0 means as fast as possible.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        #[arg(long, default_value = "5")]
+        seconds: f64,
+        /// A new TCP connection for every request (HTTP/1.1).
+        #[arg(long)]
+        churn: bool,
+    },
+}
+
+const BODY: [u8; 1024] = [b'x'; 1024];
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { listen } => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(serve(listen)),
+        Command::Load {
+            target,
+            protocol,
+            connections,
+            rate,
+            seconds,
+            churn,
+        } => {
+            let report = load(target, protocol, connections, rate, seconds, churn)?;
+            println!("{report}");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(|_: Request<hyper::body::Incoming>| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(&BODY))))
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// A client connection that sends one request at a time.
+enum Client {
+    Http1(TcpStream, Vec<u8>),
+    Http2(h2::client::SendRequest<Bytes>),
+}
+
+impl Client {
+    async fn connect(target: SocketAddr, protocol: Protocol) -> anyhow::Result<Client> {
+        let stream = TcpStream::connect(target).await?;
+        stream.set_nodelay(true)?;
+        Ok(match protocol {
+            Protocol::Http1 => Client::Http1(stream, Vec::with_capacity(4096)),
+            Protocol::Http2 => {
+                let (sender, connection) = h2::client::handshake(stream).await?;
+                tokio::spawn(connection);
+                Client::Http2(sender)
+            }
+        })
+    }
+
+    async fn request(&mut self, target: SocketAddr, close: bool) -> anyhow::Result<()> {
+        match self {
+            Client::Http1(stream, buf) => {
+                let connection = if close { "close" } else { "keep-alive" };
+                let head =
+                    format!("GET / HTTP/1.1\r\nHost: {target}\r\nConnection: {connection}\r\n\r\n");
+                stream.write_all(head.as_bytes()).await?;
+                buf.clear();
+                // The response: headers, then Content-Length bytes.
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = stream.read(&mut chunk).await?;
+                    if n == 0 {
+                        bail!("connection closed mid-response");
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .context("response without content-length")?;
+                        while buf.len() < end + 4 + length {
+                            let n = stream.read(&mut chunk).await?;
+                            if n == 0 {
+                                bail!("connection closed mid-body");
+                            }
+                            buf.extend_from_slice(&chunk[..n]);
+                        }
+                        return Ok(());
+                    }
+                }
+            }
+            Client::Http2(sender) => {
+                let request = Request::builder()
+                    .uri(format!("http://{target}/"))
+                    .body(())?;
+                let (response, _) = sender.clone().ready().await?.send_request(request, true)?;
+                let mut body = response.await?.into_body();
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk?;
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// One thread per connection, each with its own single-threaded runtime: the thread
+/// sleeps (with the OS timer's precision, not the runtime's millisecond wheel) until each
+/// request's scheduled time, then drives the request.
+fn load(
+    target: SocketAddr,
+    protocol: Protocol,
+    connections: usize,
+    rate: u64,
+    seconds: f64,
+    churn: bool,
+) -> anyhow::Result<serde_json::Value> {
+    let duration = Duration::from_secs_f64(seconds);
+    let start = Instant::now() + Duration::from_millis(50);
+    let per_connection_interval =
+        (rate > 0).then(|| Duration::from_secs_f64(connections as f64 / rate as f64));
+    let mut workers = Vec::new();
+    for worker in 0..connections {
+        workers.push(std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            let mut client = if churn {
+                None
+            } else {
+                Some(runtime.block_on(Client::connect(target, protocol))?)
+            };
+            // Stagger the connections' schedules across one interval.
+            let offset = per_connection_interval
+                .map_or(Duration::ZERO, |i| i * worker as u32 / connections as u32);
+            let mut sent = 0u32;
+            loop {
+                let scheduled = match per_connection_interval {
+                    Some(interval) => start + offset + interval * sent,
+                    None => Instant::now().max(start),
+                };
+                if scheduled >= start + duration {
+                    break;
+                }
+                if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                sent += 1;
+                let outcome = runtime.block_on(async {
+                    match &mut client {
+                        Some(client) => client.request(target, false).await,
+                        None => {
+                            let mut fresh = Client::connect(target, Protocol::Http1).await?;
+                            fresh.request(target, true).await
+                        }
+                    }
+                });
+                match outcome {
+                    Ok(()) => latencies.push(scheduled.elapsed().as_micros() as u64),
+                    Err(_) => {
+                        errors += 1;
+                        if !churn {
+                            client = runtime.block_on(Client::connect(target, protocol)).ok();
+                        }
+                    }
+                }
+            }
+            anyhow::Ok((latencies, errors))
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for worker in workers {
+        let (mut l, e) = worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("a load worker panicked"))??;
+        latencies.append(&mut l);
+        errors += e;
+    }
+    let elapsed = start.elapsed().as_secs_f64().max(1e-9);
+    latencies.sort_unstable();
+    let percentile = |p: f64| -> u64 {
+        if latencies.is_empty() {
+            return 0;
+        }
+        let index =
+            ((latencies.len() as f64 * p / 100.0).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[index]
+    };
+    Ok(serde_json::json!({
+        "requests": latencies.len(),
+        "errors": errors,
+        "seconds": elapsed,
+        "rps": latencies.len() as f64 / elapsed,
+        "p50_us": percentile(50.0),
+        "p90_us": percentile(90.0),
+        "p99_us": percentile(99.0),
+        "p999_us": percentile(99.9),
+    }))
+}

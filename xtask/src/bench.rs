@@ -1,0 +1,520 @@
+//! `cargo xtask bench [--quick] [-o json]`: the mesh's overhead, measured against a no-mesh
+//! baseline taken in the same run. The bench sandbox (`deploy/bench`) holds the same
+//! client and servers twice: in namespace `bench` (meshed) and `plain` (opted out, routed
+//! directly). Each scenario runs on both, for servers on the client's node
+//! (`same-node-l4`) and on the other node (`cross-node-mtls`), repeated to give a median
+//! and a spread. Results go to the terminal as a table and to `target/bench/` as JSON.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{
+    build, progress, require_root,
+    sandbox::{self, command_in, ExecTarget, SandboxState},
+    setup, workspace,
+};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Measurement {
+    pub scenario: &'static str,
+    pub path: &'static str,
+    pub metric: &'static str,
+    pub unit: &'static str,
+    pub baseline: Option<f64>,
+    pub mesh: f64,
+    /// mesh / baseline.
+    pub ratio: Option<f64>,
+    /// (max - min) / median of the repetitions.
+    pub baseline_spread: Option<f64>,
+    pub mesh_spread: f64,
+}
+
+struct Settings {
+    repetitions: usize,
+    seconds: f64,
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+fn spread(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    let mid = median(&mut sorted);
+    let (min, max) = (sorted[0], sorted[sorted.len() - 1]);
+    if mid == 0.0 {
+        0.0
+    } else {
+        (max - min) / mid
+    }
+}
+
+fn in_pod(pod: &str, program: &str, args: &[&str]) -> Result<String> {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = command_in(&ExecTarget::Pod(pod.into()), program, &args)?
+        .output()
+        .with_context(|| format!("running {program} in {pod}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} in {pod} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn pod_ip(state: &SandboxState, pod: &str) -> Result<String> {
+    Ok(state.pod(pod)?.ip.to_string())
+}
+
+/// CPU seconds a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|f| f.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / per_second)
+}
+
+fn rss_megabytes(pid: u32) -> Result<f64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")?;
+    Ok(kb / 1024.0)
+}
+
+/// Runs `measure` against the baseline and the mesh servers, `repetitions` times each,
+/// interleaved so that drift of the machine hits both alike.
+/// Per metric: the baseline's and the mesh's values over the repetitions.
+type Samples = BTreeMap<&'static str, (Vec<f64>, Vec<f64>)>;
+
+fn compare(
+    settings: &Settings,
+    mut measure: impl FnMut(&str) -> Result<BTreeMap<&'static str, f64>>,
+    baseline_server: &str,
+    mesh_server: &str,
+) -> Result<Samples> {
+    let mut out = Samples::new();
+    for _ in 0..settings.repetitions {
+        for (is_mesh, server) in [(false, baseline_server), (true, mesh_server)] {
+            for (metric, value) in measure(server)? {
+                let entry = out.entry(metric).or_default();
+                if is_mesh {
+                    entry.1.push(value);
+                } else {
+                    entry.0.push(value);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn push_comparison(
+    results: &mut Vec<Measurement>,
+    scenario: &'static str,
+    path: &'static str,
+    units: &[(&'static str, &'static str)],
+    mut values: Samples,
+) {
+    for (metric, unit) in units {
+        let Some((baseline, mesh)) = values.remove(metric) else {
+            continue;
+        };
+        let (mut b, mut m) = (baseline.clone(), mesh.clone());
+        let (b_median, m_median) = (median(&mut b), median(&mut m));
+        results.push(Measurement {
+            scenario,
+            path,
+            metric,
+            unit,
+            baseline: Some(b_median),
+            mesh: m_median,
+            ratio: (b_median != 0.0).then(|| m_median / b_median),
+            baseline_spread: Some(spread(&baseline)),
+            mesh_spread: spread(&mesh),
+        });
+    }
+}
+
+fn load(client: &str, target: &str, args: &[&str]) -> Result<Value> {
+    let mut all = vec!["load", target];
+    all.extend_from_slice(args);
+    let out = in_pod(client, "mesh-bench", &all)?;
+    let report: Value = serde_json::from_str(out.trim()).context("mesh-bench output")?;
+    if report["errors"].as_u64().unwrap_or(0) > 0 {
+        bail!("{client} → {target}: {} failed requests", report["errors"]);
+    }
+    Ok(report)
+}
+
+pub fn run(quick: bool, json: bool) -> Result<()> {
+    require_root()?;
+    setup::ensure()?;
+    build()?;
+    let settings = if quick {
+        Settings {
+            repetitions: 1,
+            seconds: 1.0,
+        }
+    } else {
+        Settings {
+            repetitions: 3,
+            seconds: 5.0,
+        }
+    };
+    sandbox::up(&workspace().join("deploy/bench"))?;
+    let stats = Path::new("/proc/sys/kernel/bpf_stats_enabled");
+    let stats_before = fs::read_to_string(stats).unwrap_or_else(|_| "0".into());
+    fs::write(stats, "1").context("enabling kernel.bpf_stats_enabled")?;
+    let outcome = measure_all(&settings);
+    let _ = fs::write(stats, stats_before.trim());
+    progress("tearing the bench sandbox down");
+    sandbox::down()?;
+    let results = outcome?;
+    report(&results, json, quick)
+}
+
+fn measure_all(settings: &Settings) -> Result<Vec<Measurement>> {
+    let state = SandboxState::load()?;
+    let agents: Vec<u32> = state.nodes.iter().map(|n| n.agent_pid).collect();
+    let mut results = Vec::new();
+    let idle_rss: f64 = agents
+        .iter()
+        .map(|pid| rss_megabytes(*pid))
+        .sum::<Result<f64>>()?
+        / agents.len() as f64;
+    let mut loaded_rss: f64 = 0.0;
+    let seconds = settings.seconds.to_string();
+    for (path, server) in [
+        ("same-node-l4", "server-near"),
+        ("cross-node-mtls", "server-far"),
+    ] {
+        let baseline = pod_ip(&state, &format!("plain/{server}"))?;
+        let mesh = pod_ip(&state, &format!("bench/{server}"))?;
+        let client_of = |ip: &str| {
+            if ip == baseline {
+                "plain/client"
+            } else {
+                "bench/client"
+            }
+        };
+
+        for (scenario, streams) in [("throughput-1-stream", "1"), ("throughput-8-streams", "8")] {
+            progress(&format!("{path}: {scenario}"));
+            let values = compare(
+                settings,
+                |ip| {
+                    let out = in_pod(
+                        client_of(ip),
+                        "iperf3",
+                        &["-c", ip, "-p", "5201", "-t", &seconds, "-P", streams, "-J"],
+                    )?;
+                    let report: Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+                    let bits = report["end"]["sum_received"]["bits_per_second"]
+                        .as_f64()
+                        .context("iperf3 result")?;
+                    loaded_rss = loaded_rss.max(
+                        agents
+                            .iter()
+                            .map(|p| rss_megabytes(*p).unwrap_or(0.0))
+                            .fold(0.0, f64::max),
+                    );
+                    Ok(BTreeMap::from([("throughput", bits / 1e9)]))
+                },
+                &baseline,
+                &mesh,
+            )?;
+            push_comparison(
+                &mut results,
+                scenario,
+                path,
+                &[("throughput", "Gbit/s")],
+                values,
+            );
+        }
+
+        for (scenario, protocol) in [("latency-http1", "http1"), ("latency-http2", "http2")] {
+            progress(&format!(
+                "{path}: {scenario} at 1000 rps over 4 connections"
+            ));
+            let values = compare(
+                settings,
+                |ip| {
+                    let report = load(
+                        client_of(ip),
+                        &format!("{ip}:8080"),
+                        &[
+                            "--protocol",
+                            protocol,
+                            "--connections",
+                            "4",
+                            "--rate",
+                            "1000",
+                            "--seconds",
+                            &seconds,
+                        ],
+                    )?;
+                    let ms = |key: &str| report[key].as_f64().unwrap_or(0.0) / 1000.0;
+                    Ok(BTreeMap::from([
+                        ("p50", ms("p50_us")),
+                        ("p90", ms("p90_us")),
+                        ("p99", ms("p99_us")),
+                        ("p99.9", ms("p999_us")),
+                    ]))
+                },
+                &baseline,
+                &mesh,
+            )?;
+            push_comparison(
+                &mut results,
+                scenario,
+                path,
+                &[("p50", "ms"), ("p90", "ms"), ("p99", "ms"), ("p99.9", "ms")],
+                values,
+            );
+        }
+
+        progress(&format!(
+            "{path}: keep-alive requests at the maximum rate, and the agents' CPU"
+        ));
+        let mut cpu_per_request = Vec::new();
+        let values = compare(
+            settings,
+            |ip| {
+                let before: f64 = agents
+                    .iter()
+                    .map(|p| cpu_seconds(*p))
+                    .sum::<Result<f64>>()?;
+                let report = load(
+                    client_of(ip),
+                    &format!("{ip}:8080"),
+                    &["--connections", "4", "--seconds", &seconds],
+                )?;
+                let after: f64 = agents
+                    .iter()
+                    .map(|p| cpu_seconds(*p))
+                    .sum::<Result<f64>>()?;
+                let requests = report["requests"].as_f64().unwrap_or(0.0);
+                if ip == mesh && requests > 0.0 {
+                    cpu_per_request.push((after - before) / requests * 1e6);
+                }
+                Ok(BTreeMap::from([(
+                    "requests-per-second",
+                    report["rps"].as_f64().unwrap_or(0.0),
+                )]))
+            },
+            &baseline,
+            &mesh,
+        )?;
+        push_comparison(
+            &mut results,
+            "requests-keep-alive",
+            path,
+            &[("requests-per-second", "req/s")],
+            values,
+        );
+        let mut cpu = cpu_per_request.clone();
+        results.push(Measurement {
+            scenario: "agent-cpu",
+            path,
+            metric: "cpu-per-request",
+            unit: "µs (all agents)",
+            baseline: None,
+            mesh: median(&mut cpu),
+            ratio: None,
+            baseline_spread: None,
+            mesh_spread: spread(&cpu_per_request),
+        });
+
+        progress(&format!(
+            "{path}: connection churn (a new connection per request)"
+        ));
+        let values = compare(
+            settings,
+            |ip| {
+                let report = load(
+                    client_of(ip),
+                    &format!("{ip}:8080"),
+                    &["--churn", "--connections", "4", "--seconds", &seconds],
+                )?;
+                Ok(BTreeMap::from([
+                    (
+                        "connections-per-second",
+                        report["rps"].as_f64().unwrap_or(0.0),
+                    ),
+                    ("p50", report["p50_us"].as_f64().unwrap_or(0.0) / 1000.0),
+                    ("p99", report["p99_us"].as_f64().unwrap_or(0.0) / 1000.0),
+                ]))
+            },
+            &baseline,
+            &mesh,
+        )?;
+        push_comparison(
+            &mut results,
+            "connection-churn",
+            path,
+            &[
+                ("connections-per-second", "conn/s"),
+                ("p50", "ms"),
+                ("p99", "ms"),
+            ],
+            values,
+        );
+    }
+    for (metric, value) in [("idle", idle_rss), ("under-load", loaded_rss)] {
+        results.push(Measurement {
+            scenario: "agent-rss",
+            path: "per-agent",
+            metric,
+            unit: "MB",
+            baseline: None,
+            mesh: value,
+            ratio: None,
+            baseline_spread: None,
+            mesh_spread: 0.0,
+        });
+    }
+    results.extend(program_costs(&state)?);
+    Ok(results)
+}
+
+/// Nanoseconds per run of each kernel program, from the kernel's own statistics.
+fn program_costs(state: &SandboxState) -> Result<Vec<Measurement>> {
+    let mut totals: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    let mut seen_ids = std::collections::BTreeSet::new();
+    for node in &state.nodes {
+        let out = command_in(
+            &ExecTarget::Node(node.name.clone()),
+            "meshctl",
+            &["bpf".into(), "programs".into(), "-o".into(), "json".into()],
+        )?
+        .output()?;
+        let rows: Value = serde_json::from_slice(&out.stdout).context("meshctl bpf programs")?;
+        for row in rows.as_array().cloned().unwrap_or_default() {
+            let id = row["program_id"].as_u64().unwrap_or(0);
+            if !seen_ids.insert(id) {
+                continue;
+            }
+            let entry = totals
+                .entry(row["program"].as_str().unwrap_or("?").to_owned())
+                .or_default();
+            entry.0 += row["run_time_ns"].as_f64().unwrap_or(0.0);
+            entry.1 += row["run_count"].as_f64().unwrap_or(0.0);
+        }
+    }
+    Ok(totals
+        .into_iter()
+        .filter(|(_, (_, runs))| *runs > 0.0)
+        .map(|(program, (ns, runs))| Measurement {
+            scenario: "bpf-program-cost",
+            path: match program.as_str() {
+                "tc_from_pod" => "tc_from_pod",
+                "tc_to_pod" => "tc_to_pod",
+                "sockops_flows" => "sockops_flows",
+                _ => "other",
+            },
+            metric: "ns-per-run",
+            unit: "ns",
+            baseline: None,
+            mesh: ns / runs,
+            ratio: None,
+            baseline_spread: None,
+            mesh_spread: 0.0,
+        })
+        .collect())
+}
+
+fn machine() -> Value {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_owned())
+        .unwrap_or_default();
+    let kernel = Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let memory_gb = fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kb| (kb / 1024.0 / 1024.0).round());
+    serde_json::json!({
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "cpu_model": model,
+        "memory_gb": memory_gb,
+        "kernel": kernel,
+    })
+}
+
+fn report(results: &[Measurement], json: bool, quick: bool) -> Result<()> {
+    let document = serde_json::json!({
+        "machine": machine(),
+        "quick": quick,
+        "results": results,
+    });
+    let dir = workspace().join("target/bench");
+    fs::create_dir_all(&dir)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
+    let text = serde_json::to_string_pretty(&document)?;
+    for name in [format!("bench-{stamp}.json"), "latest.json".into()] {
+        let file: PathBuf = dir.join(name);
+        fs::write(&file, &text).with_context(|| format!("writing {}", file.display()))?;
+    }
+    if json {
+        println!("{text}");
+        return Ok(());
+    }
+    println!(
+        "{:<22} {:<16} {:<24} {:>12} {:>12} {:>9}  UNIT",
+        "SCENARIO", "PATH", "METRIC", "BASELINE", "MESH", "RATIO"
+    );
+    for m in results {
+        println!(
+            "{:<22} {:<16} {:<24} {:>12} {:>12.3} {:>9}  {}",
+            m.scenario,
+            m.path,
+            m.metric,
+            m.baseline.map_or("-".into(), |b| format!("{b:.3}")),
+            m.mesh,
+            m.ratio.map_or("-".into(), |r| format!("{r:.2}×")),
+            m.unit
+        );
+    }
+    println!("(saved to {})", dir.join("latest.json").display());
+    Ok(())
+}
