@@ -438,7 +438,7 @@ impl Stream {
         let result = splice(&mut upstream, send, request.into_body()).await;
         self.conns.finish(&server_key);
         let (to_client, from_client) = result?;
-        log::info!(
+        log::debug!(
             target: "mesh::access",
             "inbound {client} → {target} source_principal={} destination_principal={} connection_security_policy=mutual_tls received={from_client} sent={to_client}",
             self.source,

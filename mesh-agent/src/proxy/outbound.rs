@@ -158,7 +158,7 @@ async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
             .get(&pod.ip)
             .is_some_and(|m| m.for_port(target.port()) == Effective::Disable)
     });
-    log::info!(
+    log::debug!(
         target: "mesh::access",
         "outbound {client_addr} → {original_dst} ({target}) source_principal={} destination_principal={} connection_security_policy={} sent={sent} received={received}",
         principal(state.workloads.get(client_addr.ip())),
