@@ -338,42 +338,7 @@ pub fn up(config: &Path) -> Result<()> {
         let netns = format!("{PREFIX}-node-{}", node.name);
         let node_ip = Ipv4Addr::new(10, 200, 0, index + 1);
         let fabric_port = format!("up{index}");
-        ip(&["netns", "add", &netns])?;
-        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            &netns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &fabric_port,
-            "netns",
-            FABRIC_NETNS,
-        ])?;
-        ip(&[
-            "-n",
-            FABRIC_NETNS,
-            "link",
-            "set",
-            &fabric_port,
-            "master",
-            "br0",
-            "up",
-        ])?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{node_ip}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        join_fabric(&netns, &fabric_port, node_ip)?;
         sysctl(
             &netns,
             &[
@@ -675,22 +640,22 @@ fn log_file(name: &str) -> Result<fs::File> {
     fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
 }
 
-/// Starts the mesh CA in its own namespace on the nodes' network, with one bootstrap
-/// token per node, and waits until it serves.
-fn start_ca(binary: &Path, cgroups: &Path, state: &SandboxState) -> Result<()> {
-    ip(&["netns", "add", CA_NETNS])?;
-    ip(&["-n", CA_NETNS, "link", "set", "lo", "up"])?;
+/// Creates network namespace `netns` with an `eth0` at `address`/24 on the bridge that
+/// links the nodes (its other end, `port`, in the fabric namespace).
+fn join_fabric(netns: &str, port: &str, address: Ipv4Addr) -> Result<()> {
+    ip(&["netns", "add", netns])?;
+    ip(&["-n", netns, "link", "set", "lo", "up"])?;
     ip(&[
         "link",
         "add",
         "eth0",
         "netns",
-        CA_NETNS,
+        netns,
         "type",
         "veth",
         "peer",
         "name",
-        "upca",
+        port,
         "netns",
         FABRIC_NETNS,
     ])?;
@@ -699,21 +664,27 @@ fn start_ca(binary: &Path, cgroups: &Path, state: &SandboxState) -> Result<()> {
         FABRIC_NETNS,
         "link",
         "set",
-        "upca",
+        port,
         "master",
         "br0",
         "up",
     ])?;
     ip(&[
         "-n",
-        CA_NETNS,
+        netns,
         "addr",
         "add",
-        "10.200.0.254/24",
+        &format!("{address}/24"),
         "dev",
         "eth0",
     ])?;
-    ip(&["-n", CA_NETNS, "link", "set", "eth0", "up"])?;
+    ip(&["-n", netns, "link", "set", "eth0", "up"])
+}
+
+/// Starts the mesh CA in its own namespace on the nodes' network, with one bootstrap
+/// token per node, and waits until it serves.
+fn start_ca(binary: &Path, cgroups: &Path, state: &SandboxState) -> Result<()> {
+    join_fabric(CA_NETNS, "upca", Ipv4Addr::new(10, 200, 0, 254))?;
     let dir = ca_dir();
     fs::create_dir_all(&dir)?;
     let mut tokens = String::new();

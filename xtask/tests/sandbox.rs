@@ -445,14 +445,7 @@ fn sandbox_mesh_end_to_end() {
     for path in ["/run/mesh-sandbox", "/sys/fs/bpf/mesh-sandbox"] {
         assert!(!Path::new(path).exists(), "{path} left behind");
     }
-    let mounts = std::fs::read_to_string("/proc/mounts").expect("mounts");
-    let cgroup2 = mounts
-        .lines()
-        .find_map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            (cols[2] == "cgroup2").then(|| cols[1].to_owned())
-        })
-        .expect("cgroup2");
+    let cgroup2 = cgroup2_mount();
     assert!(
         !Path::new(&cgroup2).join("mesh-sandbox").exists(),
         "cgroups left behind"
@@ -615,6 +608,18 @@ fn service_discovery_and_load_balancing_follow_configuration_changes() {
     });
 }
 
+/// Where the cgroup v2 hierarchy is mounted, from /proc/mounts.
+fn cgroup2_mount() -> String {
+    let mounts = std::fs::read_to_string("/proc/mounts").expect("mounts");
+    mounts
+        .lines()
+        .find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols[2] == "cgroup2").then(|| cols[1].to_owned())
+        })
+        .expect("cgroup2")
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -763,14 +768,7 @@ fn traffic_between_nodes_is_mutual_tls_1_3_and_bad_peers_are_refused() {
     );
 
     // The CA going away does not break traffic while certificates are valid.
-    let mounts = std::fs::read_to_string("/proc/mounts").expect("mounts");
-    let cgroup2 = mounts
-        .lines()
-        .find_map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            (cols[2] == "cgroup2").then(|| cols[1].to_owned())
-        })
-        .expect("cgroup2");
+    let cgroup2 = cgroup2_mount();
     std::fs::write(Path::new(&cgroup2).join("mesh-sandbox/ca/cgroup.kill"), "1")
         .expect("stop the CA");
     for _ in 0..3 {
