@@ -83,7 +83,15 @@ async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
     };
     let client_key = flow_key(client_addr, original_dst);
     let remote = workload.as_ref().is_some_and(|pod| pod.node != state.node);
-    conns.insert(client_key, workload.clone(), service.clone(), remote);
+    // PeerAuthentication DISABLE: no mutual TLS to this workload.
+    let disabled = workload.as_ref().is_some_and(|pod| {
+        state
+            .mtls
+            .get(&pod.ip)
+            .is_some_and(|m| m.for_port(target.port()) == Effective::Disable)
+    });
+    let mutual_tls = remote && !disabled;
+    conns.insert(client_key, workload.clone(), service.clone(), mutual_tls);
 
     let result = match &workload {
         Some(pod) if pod.node == state.node => {
@@ -94,15 +102,8 @@ async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
             conns.finish(&server_key);
             copied
         }
-        // PeerAuthentication DISABLE: no mutual TLS to this workload; it is reached in
-        // plaintext, straight from this node.
-        Some(pod)
-            if state
-                .mtls
-                .get(&pod.ip)
-                .is_some_and(|m| m.for_port(target.port()) == Effective::Disable) =>
-        {
-            conns.insert(client_key, workload.clone(), service.clone(), false);
+        // DISABLE: reached in plaintext, straight from this node.
+        Some(_) if disabled => {
             let mut upstream = socket::connect(target).await?;
             tokio::io::copy_bidirectional(&mut client, &mut upstream).await
         }
@@ -151,19 +152,12 @@ async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
                 .to_string()
         })
     };
-    let remote = workload.as_ref().is_some_and(|pod| pod.node != state.node);
-    let disabled = workload.as_ref().is_some_and(|pod| {
-        state
-            .mtls
-            .get(&pod.ip)
-            .is_some_and(|m| m.for_port(target.port()) == Effective::Disable)
-    });
     log::debug!(
         target: "mesh::access",
         "outbound {client_addr} → {original_dst} ({target}) source_principal={} destination_principal={} connection_security_policy={} sent={sent} received={received}",
         principal(state.workloads.get(client_addr.ip())),
         principal(workload.as_ref()),
-        if remote && !disabled { "mutual_tls" } else { "none" },
+        if mutual_tls { "mutual_tls" } else { "none" },
     );
     Ok(())
 }
