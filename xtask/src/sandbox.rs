@@ -640,6 +640,30 @@ fn log_file(name: &str) -> Result<fs::File> {
     fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
 }
 
+/// Starts `command` in its own session inside `netns` and `cgroup`, its output in the
+/// log `log_name`; returns its pid.
+fn start_daemon(
+    command: &mut Command,
+    log_name: &str,
+    netns: &str,
+    cgroup: PathBuf,
+) -> Result<u32> {
+    let log = log_file(log_name)?;
+    command
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let child = ns::spawn(
+        command,
+        &Placement {
+            netns: netns.to_owned(),
+            cgroup: Some(cgroup),
+            detach: true,
+        },
+    )?;
+    Ok(child.id())
+}
+
 /// Creates network namespace `netns` with an `eth0` at `address`/24 on the bridge that
 /// links the nodes (its other end, `port`, in the fabric namespace).
 fn join_fabric(netns: &str, port: &str, address: Ipv4Addr) -> Result<()> {
@@ -696,7 +720,6 @@ fn start_ca(binary: &Path, cgroups: &Path, state: &SandboxState) -> Result<()> {
     fs::write(dir.join("tokens"), tokens)?;
     let cgroup = cgroups.join("ca");
     fs::create_dir_all(&cgroup)?;
-    let log = log_file("ca.log")?;
     let ttl = std::env::var(CERT_TTL_VARIABLE).unwrap_or_else(|_| "1h".into());
     let mut command = Command::new(binary);
     command
@@ -706,19 +729,8 @@ fn start_ca(binary: &Path, cgroups: &Path, state: &SandboxState) -> Result<()> {
         .arg("--tokens")
         .arg(dir.join("tokens"))
         .arg("--config-dir")
-        .arg(config_dir())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    let child = ns::spawn(
-        &mut command,
-        &Placement {
-            netns: CA_NETNS.into(),
-            cgroup: Some(cgroup),
-            detach: true,
-        },
-    )?;
-    let pid = child.id();
+        .arg(config_dir());
+    let pid = start_daemon(&mut command, "ca.log", CA_NETNS, cgroup)?;
     let addr: SocketAddr = CA_ADDRESS.parse()?;
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
@@ -737,7 +749,6 @@ fn start_ca(binary: &Path, cgroups: &Path, state: &SandboxState) -> Result<()> {
 }
 
 fn start_agent(node: &NodeState, agent: &Path) -> Result<u32> {
-    let log = log_file(&format!("agent-{}.log", node.name))?;
     let mut command = Command::new(agent);
     command
         .args(["run", "--node", &node.name, "--ca-address", CA_ADDRESS])
@@ -754,19 +765,9 @@ fn start_agent(node: &NodeState, agent: &Path) -> Result<u32> {
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    let child = ns::spawn(
-        &mut command,
-        &Placement {
-            netns: node.netns.clone(),
-            cgroup: Some(node.cgroup.join("agent")),
-            detach: true,
-        },
-    )?;
-    Ok(child.id())
+        );
+    let log = format!("agent-{}.log", node.name);
+    start_daemon(&mut command, &log, &node.netns, node.cgroup.join("agent"))
 }
 
 /// GET on a node-namespace address; the status code and body.
@@ -902,26 +903,15 @@ fn start_pod(state: &mut SandboxState, pod: &PodState, start: &PodStart) -> Resu
     let Some((program, args)) = start.command.split_first() else {
         return Ok(());
     };
-    let log = log_file(&format!("pod-{}-{}.log", pod.namespace, pod.name))?;
     let mut cmd = Command::new(program);
     cmd.args(args)
         .current_dir(pod_dir(pod))
         .env("PATH", path_with_binaries())
         .env("POD_NAME", &pod.name)
         .env("POD_NAMESPACE", &pod.namespace)
-        .env("POD_IP", pod.ip.to_string())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    let child = ns::spawn(
-        &mut cmd,
-        &Placement {
-            netns: pod.netns.clone(),
-            cgroup: Some(pod.cgroup.clone()),
-            detach: true,
-        },
-    )?;
-    let pid = child.id();
+        .env("POD_IP", pod.ip.to_string());
+    let log = format!("pod-{}-{}.log", pod.namespace, pod.name);
+    let pid = start_daemon(&mut cmd, &log, &pod.netns, pod.cgroup.clone())?;
     if let Some(stored) = state
         .pods
         .iter_mut()

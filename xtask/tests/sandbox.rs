@@ -689,8 +689,10 @@ fn traffic_between_nodes_is_mutual_tls_1_3_and_bad_peers_are_refused() {
         "tcpdump dropped packets: {report}"
     );
     let captured = std::fs::read(&pcap).expect("capture");
+    // Most of the 4 MiB must be there (frames merged beyond tcpdump's snapshot length of
+    // 256 KiB lose their tail).
     assert!(
-        captured.len() > 4 << 20,
+        captured.len() > 3 << 20,
         "the capture missed the transfer: {} bytes",
         captured.len()
     );
