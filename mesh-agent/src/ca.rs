@@ -37,17 +37,36 @@ use crate::{
 pub const CA_SERVER_NAME: &str = "mesh-ca";
 const MAX_BODY: usize = 64 * 1024;
 
-#[derive(Debug, Clone)]
+/// `mesh-agent ca` options.
+#[derive(Debug, Clone, clap::Args)]
 pub struct CaOptions {
+    /// Address of the CA's TLS API.
+    #[arg(long, env = "MESH_CA_LISTEN", default_value = "0.0.0.0:15012")]
     pub listen: SocketAddr,
+    /// Where the root is kept (created on first start).
+    #[arg(long, env = "MESH_CA_STATE_DIR", default_value = "/var/lib/mesh-ca")]
     pub state_dir: PathBuf,
+    /// An operator-supplied root (or intermediate) certificate, instead of the kept one.
+    #[arg(long, requires = "root_key")]
     pub root_cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, requires = "root_cert")]
     pub root_key: Option<PathBuf>,
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// Lifetime of workload certificates (e.g. 24h, 10m, 8s).
+    #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = parse_ttl)]
     pub cert_ttl: Duration,
-    /// `node token` lines.
+    /// Bootstrap tokens: one `node token` line per node.
+    #[arg(long, env = "MESH_CA_TOKENS")]
     pub tokens: PathBuf,
+    /// The cluster configuration, to know which pods run on which node.
+    #[arg(long, env = "MESH_CONFIG_DIR", default_value = "/etc/mesh/config")]
     pub config_dir: PathBuf,
+}
+
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    crate::config::istio::parse_duration(text)
 }
 
 #[derive(Debug, Serialize, Deserialize)]

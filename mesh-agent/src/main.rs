@@ -1,7 +1,7 @@
 //! `mesh-agent`: the node agent of the mesh, one per node (`mesh-agent run`), and the mesh
 //! CA (`mesh-agent ca`).
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -55,35 +55,7 @@ enum Command {
         ca_token: PathBuf,
     },
     /// Run the mesh CA.
-    Ca {
-        /// Address of the CA's TLS API.
-        #[arg(long, env = "MESH_CA_LISTEN", default_value = "0.0.0.0:15012")]
-        listen: SocketAddr,
-        /// Where the root is kept (created on first start).
-        #[arg(long, env = "MESH_CA_STATE_DIR", default_value = "/var/lib/mesh-ca")]
-        state_dir: PathBuf,
-        /// An operator-supplied root (or intermediate) certificate, instead of the kept one.
-        #[arg(long, requires = "root_key")]
-        root_cert: Option<PathBuf>,
-        /// Its private key.
-        #[arg(long, requires = "root_cert")]
-        root_key: Option<PathBuf>,
-        #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
-        trust_domain: String,
-        /// Lifetime of workload certificates (e.g. 24h, 10m, 8s).
-        #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = parse_ttl)]
-        cert_ttl: Duration,
-        /// Bootstrap tokens: one `node token` line per node.
-        #[arg(long, env = "MESH_CA_TOKENS")]
-        tokens: PathBuf,
-        /// The cluster configuration, to know which pods run on which node.
-        #[arg(long, env = "MESH_CONFIG_DIR", default_value = "/etc/mesh/config")]
-        config_dir: PathBuf,
-    },
-}
-
-fn parse_ttl(text: &str) -> Result<Duration, String> {
-    mesh_agent::config::istio::parse_duration(text)
+    Ca(ca::CaOptions),
 }
 
 /// A runtime with one worker per core of the node.
@@ -99,25 +71,7 @@ fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Ca {
-            listen,
-            state_dir,
-            root_cert,
-            root_key,
-            trust_domain,
-            cert_ttl,
-            tokens,
-            config_dir,
-        } => runtime()?.block_on(ca::run(ca::CaOptions {
-            listen,
-            state_dir,
-            root_cert,
-            root_key,
-            trust_domain,
-            cert_ttl,
-            tokens,
-            config_dir,
-        })),
+        Command::Ca(options) => runtime()?.block_on(ca::run(options)),
         Command::Run {
             node,
             config_dir,

@@ -64,6 +64,16 @@ fn download_digest(client: &str, url: &str) -> String {
     out.split_whitespace().next().expect("digest").to_owned()
 }
 
+/// The cluster IP the sandbox gave a Service (`namespace/name`).
+fn service_address(service: &str) -> String {
+    ok(xtask(&["sandbox", "status"]), "status")
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(service))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_else(|| panic!("no address for Service {service}"))
+        .to_owned()
+}
+
 fn status_json() -> serde_json::Value {
     serde_json::from_str(&ok(xtask(&["sandbox", "status", "-o", "json"]), "status")).expect("JSON")
 }
@@ -220,12 +230,7 @@ fn sandbox_mesh_end_to_end() {
     );
 
     // Raw TCP through a Service to another node: 2 MiB echoed intact.
-    let echo_vip = ok(xtask(&["sandbox", "status"]), "status")
-        .lines()
-        .find(|l| l.starts_with("demo/echo"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .expect("echo Service address")
-        .to_owned();
+    let echo_vip = service_address("demo/echo");
     let echo_check = include_str!("echo_check.py");
     let echoed = ok(
         xtask(&[
@@ -893,12 +898,7 @@ fn peer_authentication_strict_drops_plaintext_in_the_kernel() {
             "  selector: {matchLabels: {app: echo}}\n  mtls: {mode: DISABLE}\n",
         ),
     );
-    let echo_vip = ok(xtask(&["sandbox", "status"]), "status")
-        .lines()
-        .find(|l| l.starts_with("demo/echo"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .expect("echo Service address")
-        .to_owned();
+    let echo_vip = service_address("demo/echo");
     eventually("echo answers without mTLS", || {
         xtask(&[
             "sandbox",
