@@ -124,8 +124,16 @@ impl Balancer {
             }
             LbPolicy::Random => candidates[random(candidates.len())],
             LbPolicy::LeastRequest => {
-                let a = candidates[random(candidates.len())];
-                let b = candidates[random(candidates.len())];
+                // Two *different* candidates when there are two: comparing an endpoint
+                // with itself would waste the choice.
+                let n = candidates.len();
+                let first = random(n);
+                let second = if n > 1 {
+                    (first + 1 + random(n - 1)) % n
+                } else {
+                    first
+                };
+                let (a, b) = (candidates[first], candidates[second]);
                 let load = |i: usize| self.active[i].load(Ordering::Relaxed);
                 if load(b) < load(a) {
                     b
