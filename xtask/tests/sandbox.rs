@@ -307,7 +307,9 @@ fn sandbox_mesh_end_to_end() {
         "promtool check metrics",
     );
 
-    // An open connection shows in the kernel's flow map with workloads and bytes.
+    // An open connection shows in the kernel's flow map with its workloads. (Its byte
+    // counts refresh on incoming segments and may lag on a quiet connection; exact
+    // counts are checked above, from the close events.)
     let slow = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .args([
             "sandbox",
@@ -337,7 +339,6 @@ fn sandbox_mesh_end_to_end() {
             f["local_workload"] == "demo/client-a"
                 && f["remote_workload"] == "demo/web-b"
                 && f["role"] == "client"
-                && f["bytes_sent"].as_u64().is_some_and(|b| b > 0)
         })
     });
     drop(slow);
