@@ -24,9 +24,11 @@ use crate::{
     config::{self, Severity},
     datapath::{self, Datapath, PodAttachment},
     http::{self, Reply},
+    jwt::{self, JwksCache},
     metrics::{KernelMaps, Metrics},
     proxy::{
         hbone::{self, HbonePool},
+        inbound::Guard,
         outbound::{self, Outbound},
         socket, ConnTable,
     },
@@ -41,6 +43,7 @@ pub struct AgentOptions {
     pub bpffs: PathBuf,
     pub cgroup_root: PathBuf,
     pub trust_domain: String,
+    pub root_namespace: String,
     /// The mesh CA's address, its root certificate (the trust bundle) and this node's
     /// bootstrap token.
     pub ca_address: SocketAddr,
@@ -140,7 +143,14 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
 
     tokio::spawn(metrics.clone().run(kernel_maps));
     tokio::spawn(cert_manager.run());
+    let jwks = Arc::new(JwksCache::default());
+    tokio::spawn(jwt::keep_fresh(shared.clone(), jwks.clone()));
+    let guard = Arc::new(Guard {
+        jwks,
+        metrics: metrics.clone(),
+    });
     let outbound = Arc::new(Outbound {
+        guard: guard.clone(),
         state: shared.clone(),
         conns: conns.clone(),
         pool: HbonePool::new(identities.clone()),
@@ -153,6 +163,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         shared.clone(),
         conns.clone(),
         metrics.clone(),
+        guard.clone(),
     ));
     let scrape = metrics.clone();
     tokio::spawn(http::serve(
@@ -313,7 +324,8 @@ impl Reconciler {
             self.reject(errors.join("\n"));
             return;
         }
-        let state = MeshState::build(&self.options.node, &config);
+        let state =
+            MeshState::build_with_root(&self.options.node, &config, &self.options.root_namespace);
         let warnings: Vec<String> = config
             .diagnostics
             .iter()

@@ -4,7 +4,7 @@
 //! subsets of the DestinationRule for each host.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
     sync::Arc,
@@ -17,7 +17,7 @@ use crate::{
         ClusterConfig, Diagnostic, Resource, Service, ServicePort, Severity, TargetPort,
     },
     lb::LbPolicy,
-    state::{Endpoint, MeshState, ServiceName, ServicePortState},
+    state::{Endpoint, MeshState, ServiceName, ServicePortState, Workload},
 };
 
 pub fn add_services(state: &mut MeshState, config: &ClusterConfig) {
@@ -190,6 +190,40 @@ fn target_port(port: &ServicePort, named: &BTreeMap<String, u16>) -> Option<u16>
         Some(TargetPort::Number(n)) => Some(*n),
         Some(TargetPort::Name(name)) => named.get(name).copied(),
     }
+}
+
+/// Istio's explicit protocol selection: `appProtocol`, else the port name's prefix.
+fn is_http(port: &ServicePort) -> bool {
+    let declared = port
+        .app_protocol
+        .as_deref()
+        .or(port.name.as_deref())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let protocol = declared.split('-').next().unwrap_or_default();
+    matches!(
+        protocol,
+        "http" | "http2" | "grpc" | "grpc_web" | "kubernetes.io/h2c"
+    )
+}
+
+/// The ports of `workload` that Services declare as HTTP, HTTP/2 or gRPC.
+pub fn http_ports(config: &ClusterConfig, workload: &Workload) -> BTreeSet<u16> {
+    let mut ports = BTreeSet::new();
+    for service in &config.services {
+        let selects = service.metadata.namespace() == workload.namespace
+            && !service.spec.selector.is_empty()
+            && labels_match(&service.spec.selector, &workload.labels);
+        if !selects {
+            continue;
+        }
+        for port in service.spec.ports.iter().filter(|p| is_http(p)) {
+            if let Some(target) = target_port(port, &workload.named_ports) {
+                ports.insert(target);
+            }
+        }
+    }
+    ports
 }
 
 fn add_service_entry(

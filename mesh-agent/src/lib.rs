@@ -2,6 +2,7 @@
 //! sharing the configuration model, the datapath driver and the map readers.
 
 pub mod agent;
+pub mod authz;
 pub mod ca;
 pub mod certs;
 pub mod config;
@@ -9,6 +10,7 @@ pub mod datapath;
 pub mod discovery;
 pub mod http;
 pub mod identity;
+pub mod jwt;
 pub mod lb;
 pub mod maps;
 pub mod meshctl;

@@ -40,6 +40,10 @@ enum Command {
         /// The SPIFFE trust domain.
         #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
         trust_domain: String,
+        /// Istio's `rootNamespace`: its PeerAuthentications, AuthorizationPolicies and
+        /// RequestAuthentications without a selector apply mesh wide.
+        #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = "istio-system")]
+        root_namespace: String,
         /// The mesh CA's address.
         #[arg(long, env = "MESH_CA_ADDRESS")]
         ca_address: SocketAddr,
@@ -78,6 +82,7 @@ fn main() -> anyhow::Result<()> {
             bpffs,
             cgroup_root,
             trust_domain,
+            root_namespace,
             ca_address,
             ca_root,
             ca_token,
@@ -93,6 +98,7 @@ fn main() -> anyhow::Result<()> {
                 bpffs,
                 cgroup_root,
                 trust_domain,
+                root_namespace,
                 ca_address,
                 ca_root,
                 ca_token,

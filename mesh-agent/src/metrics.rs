@@ -57,6 +57,21 @@ struct ReloadLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthzLabels {
+    decision: String,
+    policy: String,
+    layer: String,
+    destination_workload: String,
+    destination_workload_namespace: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JwtLabels {
+    result: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
 }
@@ -95,6 +110,8 @@ pub struct Metrics {
     tc_packets: Family<VerdictLabels, Counter>,
     config_reloads: Family<ReloadLabels, Counter>,
     tunnel_refusals: Family<ReasonLabels, Counter>,
+    authz_decisions: Family<AuthzLabels, Counter>,
+    jwt_validations: Family<JwtLabels, Counter>,
     pub config_generation: Gauge,
     pub enrolled_pods: Gauge,
     tracker: Mutex<Option<Tracker>>,
@@ -113,6 +130,8 @@ impl Metrics {
         let tc_packets = Family::<VerdictLabels, Counter>::default();
         let config_reloads = Family::<ReloadLabels, Counter>::default();
         let tunnel_refusals = Family::<ReasonLabels, Counter>::default();
+        let authz_decisions = Family::<AuthzLabels, Counter>::default();
+        let jwt_validations = Family::<JwtLabels, Counter>::default();
         let config_generation = Gauge::default();
         let enrolled_pods = Gauge::default();
         registry.register(
@@ -151,6 +170,16 @@ impl Metrics {
             tunnel_refusals.clone(),
         );
         registry.register(
+            "mesh_authz_decisions",
+            "AuthorizationPolicy decisions on connections (layer=connection, kernel) and HTTP requests (layer=request), by decision (allow, deny, audit) and deciding policy (- for the defaults)",
+            authz_decisions.clone(),
+        );
+        registry.register(
+            "mesh_jwt_validations",
+            "Request tokens checked against RequestAuthentication rules, by result and reason",
+            jwt_validations.clone(),
+        );
+        registry.register(
             "mesh_config_generation",
             "Generation of the configuration being served",
             config_generation.clone(),
@@ -169,6 +198,8 @@ impl Metrics {
             tc_packets,
             config_reloads,
             tunnel_refusals,
+            authz_decisions,
+            jwt_validations,
             config_generation,
             enrolled_pods,
             tracker: Mutex::new(None),
@@ -181,6 +212,34 @@ impl Metrics {
     pub fn tunnel_refused(&self, reason: &str) {
         self.tunnel_refusals
             .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// Counts one authorization decision on `destination`.
+    pub fn authz_decision(
+        &self,
+        decision: &str,
+        policy: &str,
+        layer: &str,
+        destination: &Workload,
+    ) {
+        self.authz_decisions
+            .get_or_create(&AuthzLabels {
+                decision: decision.into(),
+                policy: policy.into(),
+                layer: layer.into(),
+                destination_workload: destination.workload.clone(),
+                destination_workload_namespace: destination.namespace.clone(),
+            })
+            .inc();
+    }
+
+    pub fn jwt_validation(&self, result: &str, reason: &str) {
+        self.jwt_validations
+            .get_or_create(&JwtLabels {
+                result: result.into(),
                 reason: reason.into(),
             })
             .inc();

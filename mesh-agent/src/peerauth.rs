@@ -14,9 +14,6 @@ use crate::{
     state::Workload,
 };
 
-/// The mesh-wide namespace, as Istio's `rootNamespace`.
-pub const ROOT_NAMESPACE: &str = "istio-system";
-
 /// A workload's effective modes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct WorkloadMtls {
@@ -62,7 +59,7 @@ fn first(
     candidates.into_iter().next()
 }
 
-pub fn modes(config: &ClusterConfig, workload: &Workload) -> WorkloadMtls {
+pub fn modes(config: &ClusterConfig, workload: &Workload, root_namespace: &str) -> WorkloadMtls {
     let policies = &config.istio.peer_authentications;
     let selects = |pa: &Resource<PeerAuthentication>| {
         pa.spec.selector.as_ref().is_some_and(|s| {
@@ -93,7 +90,7 @@ pub fn modes(config: &ClusterConfig, workload: &Workload) -> WorkloadMtls {
     let mesh = first(
         policies
             .iter()
-            .filter(|pa| pa.namespace() == ROOT_NAMESPACE && unselected(pa))
+            .filter(|pa| pa.namespace() == root_namespace && unselected(pa))
             .collect(),
     );
     let mode = mode_of(own)
@@ -126,7 +123,7 @@ mod tests {
             .values()
             .find(|w| w.pod == pod)
             .expect("pod");
-        modes(&config, workload)
+        modes(&config, workload, crate::authz::DEFAULT_ROOT_NAMESPACE)
     }
 
     const PODS: &str = "\

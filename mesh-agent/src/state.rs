@@ -12,6 +12,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
+    authz::{self, SecurityConfig, WorkloadSecurity},
     config::{ClusterConfig, Diagnostic, Pod},
     discovery,
     lb::{ActiveGuard, Balancer, LbPolicy},
@@ -177,14 +178,24 @@ pub struct MeshState {
     pub services: HashMap<SocketAddrV4, Arc<ServicePortState>>,
     /// PeerAuthentication modes of every workload.
     pub mtls: HashMap<Ipv4Addr, WorkloadMtls>,
+    /// AuthorizationPolicies and RequestAuthentication rules of every workload.
+    #[serde(serialize_with = "security_summary")]
+    pub security: HashMap<Ipv4Addr, Arc<WorkloadSecurity>>,
+    /// Istio's `rootNamespace`: its policies apply mesh wide.
+    pub root_namespace: String,
     /// Problems found while deriving the state from a valid configuration.
     pub diagnostics: Vec<Diagnostic>,
 }
 
 impl MeshState {
     pub fn build(node: &str, config: &ClusterConfig) -> MeshState {
+        MeshState::build_with_root(node, config, authz::DEFAULT_ROOT_NAMESPACE)
+    }
+
+    pub fn build_with_root(node: &str, config: &ClusterConfig, root_namespace: &str) -> MeshState {
         let mut state = MeshState {
             node: node.to_owned(),
+            root_namespace: root_namespace.to_owned(),
             ..MeshState::default()
         };
         for n in &config.nodes {
@@ -212,9 +223,20 @@ impl MeshState {
         state.mtls = state
             .workloads
             .values()
-            .map(|w| (w.ip, peerauth::modes(config, w)))
+            .map(|w| (w.ip, peerauth::modes(config, w, root_namespace)))
+            .collect();
+        let security = SecurityConfig::compile(config, root_namespace);
+        state.security = state
+            .workloads
+            .values()
+            .map(|w| (w.ip, Arc::new(security.for_workload(config, w))))
             .collect();
         state
+    }
+
+    /// The policies of the workload at `ip` (none for an address outside the mesh).
+    pub fn security_of(&self, ip: Ipv4Addr) -> Arc<WorkloadSecurity> {
+        self.security.get(&ip).cloned().unwrap_or_default()
     }
 
     pub fn local_workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
@@ -578,4 +600,28 @@ spec:
             ("10.244.1.20:8080".into(), Some("api-v1"))
         );
     }
+}
+
+/// `config_dump` shows, per workload, the names of the policies that apply.
+fn security_summary<S: serde::Serializer>(
+    security: &HashMap<Ipv4Addr, Arc<WorkloadSecurity>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let summary: BTreeMap<String, serde_json::Value> = security
+        .iter()
+        .filter(|(_, s)| !s.is_empty())
+        .map(|(ip, s)| {
+            let policies: Vec<String> = s
+                .policies
+                .iter()
+                .map(|p| format!("{:?} {}", p.action, p.name))
+                .collect();
+            let jwt: Vec<String> = s.jwt_rules.iter().map(|r| r.issuer.clone()).collect();
+            (
+                ip.to_string(),
+                serde_json::json!({ "authorization": policies, "jwt_issuers": jwt, "http_ports": s.http_ports }),
+            )
+        })
+        .collect();
+    summary.serialize(serializer)
 }

@@ -14,9 +14,11 @@ use mesh_agent::{
     ca::{self, CaClient, CaOptions},
     config::load_str,
     identity::{new_csr, CaKeys, SpiffeId},
+    jwt::JwksCache,
     metrics::Metrics,
     proxy::{
         hbone::{self, HbonePool, TunnelRequest},
+        inbound::Guard,
         socket, ConnTable,
     },
     state::{MeshState, SharedState},
@@ -106,6 +108,10 @@ async fn destination_agent(ca: &CaKeys) -> Agent {
         state,
         conns,
         metrics.clone(),
+        Arc::new(Guard {
+            jwks: Arc::new(JwksCache::default()),
+            metrics: metrics.clone(),
+        }),
     ));
     Agent {
         tunnel,

@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::{istio::*, ClusterConfig, Diagnostic, Resource, Severity};
 
 /// Where `match_labels` select workloads, in `namespace` (the root namespace: all).
-const ROOT_NAMESPACE: &str = "istio-system";
+use crate::authz::DEFAULT_ROOT_NAMESPACE as ROOT_NAMESPACE;
 
 pub fn validate(config: &mut ClusterConfig) {
     let mut found = Vec::new();

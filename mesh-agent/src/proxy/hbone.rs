@@ -20,7 +20,11 @@ use tokio::{
     net::TcpListener,
 };
 
-use super::{flow_key, socket, ConnTable};
+use super::{
+    flow_key,
+    inbound::{Admission, Arrival, Guard},
+    socket, ConnTable,
+};
 use crate::{
     identity::SpiffeId,
     metrics::Metrics,
@@ -238,6 +242,7 @@ pub async fn serve(
     state: SharedState,
     conns: Arc<ConnTable>,
     metrics: Arc<Metrics>,
+    guard: Arc<Guard>,
 ) {
     let config = match identities.server_config() {
         Ok(config) => config,
@@ -255,12 +260,13 @@ pub async fn serve(
                 continue;
             }
         };
-        let (acceptor, identities, state, conns, metrics) = (
+        let (acceptor, identities, state, conns, metrics, guard) = (
             acceptor.clone(),
             identities.clone(),
             state.clone(),
             conns.clone(),
             metrics.clone(),
+            guard.clone(),
         );
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
@@ -275,8 +281,9 @@ pub async fn serve(
             };
             let (_, session) = tls.get_ref();
             let source = peer_identity(session.peer_certificates());
-            let local = session
-                .server_name()
+            let sni = session.server_name().map(str::to_owned);
+            let local = sni
+                .as_deref()
                 .and_then(|sni| identity_from_sni(sni, &identities.trust_domain));
             let (Some(source), Some(local)) = (source, local) else {
                 metrics.tunnel_refused("bad_certificate");
@@ -302,6 +309,8 @@ pub async fn serve(
                 let context = Stream {
                     source: source.clone(),
                     local: local.clone(),
+                    sni: sni.clone(),
+                    guard: guard.clone(),
                     state: state.clone(),
                     conns: conns.clone(),
                     metrics: metrics.clone(),
@@ -316,9 +325,15 @@ pub async fn serve(
     }
 }
 
+/// Buffer between the tunnel stream and the HTTP server of a connection judged per
+/// request.
+const HTTP_PIPE_BYTES: usize = 64 * 1024;
+
 struct Stream {
     source: SpiffeId,
     local: SpiffeId,
+    sni: Option<String>,
+    guard: Arc<Guard>,
     state: SharedState,
     conns: Arc<ConnTable>,
     metrics: Arc<Metrics>,
@@ -425,6 +440,23 @@ impl Stream {
                 ),
             ));
         }
+        let arrival = Arc::new(Arrival::new(
+            workload.clone(),
+            state.security_of(workload.ip),
+            client,
+            target,
+            Some(self.source.to_string()),
+            self.sni.clone(),
+        ));
+        let admission = self.guard.admit(&arrival);
+        if let Admission::Deny(decision) = &admission {
+            return Err(self.refuse(
+                &mut respond,
+                StatusCode::FORBIDDEN,
+                "policy_denied",
+                format!("{client} → {target}: {}", decision.reason()),
+            ));
+        }
         let mut upstream = match socket::connect_as(client, target).await {
             Ok(upstream) => upstream,
             Err(err) => {
@@ -435,7 +467,19 @@ impl Stream {
         let server_key = flow_key(target, socket::v4(upstream.local_addr()?)?);
         self.conns.insert(server_key, Some(workload), service, true);
         let send = respond_with(&mut respond, StatusCode::OK)?;
-        let result = splice(&mut upstream, send, request.into_body()).await;
+        let result = match admission {
+            Admission::Http => {
+                let (mut tunnel_end, http_end) = tokio::io::duplex(HTTP_PIPE_BYTES);
+                let guard = self.guard.clone();
+                let serving = tokio::spawn(guard.serve_http(http_end, upstream, arrival));
+                let spliced = splice(&mut tunnel_end, send, request.into_body()).await;
+                if let Ok(Err(err)) = serving.await {
+                    log::info!("HTTP from {client} to {target}: {err}");
+                }
+                spliced
+            }
+            _ => splice(&mut upstream, send, request.into_body()).await,
+        };
         self.conns.finish(&server_key);
         let (to_client, from_client) = result?;
         log::debug!(

@@ -3,6 +3,7 @@
 //! and Service each pod connection really reached, and how.
 
 pub mod hbone;
+pub mod inbound;
 pub mod outbound;
 pub mod socket;
 

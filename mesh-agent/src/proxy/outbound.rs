@@ -4,7 +4,7 @@
 //! identity) to the agent of the destination's node, or directly to an endpoint outside
 //! the mesh.
 
-use std::{io, net::SocketAddrV4, sync::Arc};
+use std::{io, net::SocketAddrV4, sync::Arc, time::Duration};
 
 use mesh_common::TUNNEL_PORT;
 use tokio::net::{TcpListener, TcpStream};
@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{
     flow_key,
     hbone::{self, HbonePool, TunnelRequest},
+    inbound::{Admission, Arrival, Guard},
     socket, ConnTable,
 };
 use crate::{
@@ -26,6 +27,21 @@ pub struct Outbound {
     pub conns: Arc<ConnTable>,
     pub pool: HbonePool,
     pub identities: Arc<Identities>,
+    pub guard: Arc<Guard>,
+}
+
+/// Refuses a connection the destination's policies deny: reset, not closed, so the
+/// client sees at once that it was refused.
+fn reset(client: &TcpStream, arrival: &Arrival) -> io::Error {
+    let _ = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO));
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!(
+            "{} → {}: denied by policy",
+            arrival.facts.source_ip,
+            arrival.workload.key()
+        ),
+    )
 }
 
 pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
@@ -93,19 +109,71 @@ async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
     let mutual_tls = remote && !disabled;
     conns.insert(client_key, workload.clone(), service.clone(), mutual_tls);
 
+    let source_principal = || {
+        state.workloads.get(client_addr.ip()).map(|w| {
+            outbound
+                .identities
+                .spiffe_id(&w.namespace, &w.service_account)
+                .to_string()
+        })
+    };
+    let guard = &outbound.guard;
     let result = match &workload {
+        // Same node: the destination's policies are applied here, with the source's
+        // identity known from its address.
         Some(pod) if pod.node == state.node => {
+            let arrival = Arc::new(Arrival::new(
+                pod.clone(),
+                state.security_of(pod.ip),
+                client_addr,
+                target,
+                source_principal(),
+                None,
+            ));
+            let admission = guard.admit(&arrival);
+            if let Admission::Deny(_) = admission {
+                conns.finish(&client_key);
+                return Err(reset(&client, &arrival));
+            }
             let mut upstream = socket::connect_as(client_addr, target).await?;
             let server_key = flow_key(target, socket::v4(upstream.local_addr()?)?);
             conns.insert(server_key, workload.clone(), service.clone(), false);
-            let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            let delivered = match admission {
+                Admission::Http => guard
+                    .clone()
+                    .serve_http(client, upstream, arrival)
+                    .await
+                    .map(|()| (0, 0)),
+                _ => tokio::io::copy_bidirectional(&mut client, &mut upstream).await,
+            };
             conns.finish(&server_key);
-            copied
+            delivered
         }
-        // DISABLE: reached in plaintext, straight from this node.
-        Some(_) if disabled => {
+        // DISABLE: reached in plaintext, straight from this node, so this node applies
+        // the destination's policies (the peer has no mTLS identity).
+        Some(pod) if disabled => {
+            let arrival = Arc::new(Arrival::new(
+                pod.clone(),
+                state.security_of(pod.ip),
+                client_addr,
+                target,
+                None,
+                None,
+            ));
+            let admission = guard.admit(&arrival);
+            if let Admission::Deny(_) = admission {
+                conns.finish(&client_key);
+                return Err(reset(&client, &arrival));
+            }
             let mut upstream = socket::connect(target).await?;
-            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+            match admission {
+                Admission::Http => guard
+                    .clone()
+                    .serve_http(client, upstream, arrival)
+                    .await
+                    .map(|()| (0, 0)),
+                _ => tokio::io::copy_bidirectional(&mut client, &mut upstream).await,
+            }
         }
         Some(pod) => {
             let agent_ip = state.node_ip(pod).ok_or_else(|| {
@@ -129,10 +197,19 @@ async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
             let source = identities.spiffe_id(&source_pod.namespace, &source_pod.service_account);
             let destination = identities.spiffe_id(&pod.namespace, &pod.service_account);
             let agent = SocketAddrV4::new(agent_ip, TUNNEL_PORT);
-            let (send, recv) = outbound
+            let (send, recv) = match outbound
                 .pool
                 .open(agent, &source, &destination, &request)
-                .await?;
+                .await
+            {
+                Ok(stream) => stream,
+                Err(err) => {
+                    // Refused (policy) or unreachable: the client sees a reset.
+                    let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                    conns.finish(&client_key);
+                    return Err(err);
+                }
+            };
             hbone::splice(&mut client, send, recv).await
         }
         // An endpoint outside the mesh (a WorkloadEntry, a ServiceEntry endpoint, a

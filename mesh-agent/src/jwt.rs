@@ -1,0 +1,705 @@
+//! RequestAuthentication: JSON Web Tokens found where `jwtRules` say (by default the
+//! `Authorization: Bearer` header and the `access_token` parameter), verified against the
+//! rule's JWKS (inline, or fetched from `jwksUri` and cached by [`JwksCache`]) with
+//! RS256/384/512, PS256/384/512, ES256/384 or EdDSA; symmetric and `none` algorithms are
+//! refused. A request without a token passes with no `request.auth` facts; a request with
+//! a token that does not verify is refused (401).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant, SystemTime},
+};
+
+use base64::Engine;
+use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{
+    authz::AuthFacts,
+    config::istio::{JwtRule, RequestAuthentication},
+    config::Resource,
+};
+
+/// Tokens longer than this are refused without being parsed.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// Tolerated clock difference for `exp` and `nbf`, as Envoy's default.
+const CLOCK_SKEW_SECONDS: u64 = 60;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwtError {
+    #[error("the token is larger than {MAX_TOKEN_BYTES} bytes")]
+    TooLarge,
+    #[error("the token is not a well-formed JWT: {0}")]
+    Malformed(String),
+    #[error("algorithm {0:?} is not accepted")]
+    Algorithm(String),
+    #[error("no issuer {0:?} is configured for this workload")]
+    UnknownIssuer(String),
+    #[error("no key of the issuer's JWKS matches kid {kid:?} and alg {alg}")]
+    UnknownKey { kid: Option<String>, alg: String },
+    #[error("the issuer's JWKS is not available yet")]
+    NoKeys,
+    #[error("the signature does not verify")]
+    BadSignature,
+    #[error("the token expired at {0}")]
+    Expired(u64),
+    #[error("the token is not valid before {0}")]
+    NotYetValid(u64),
+    #[error("the token's audiences {0:?} are not accepted")]
+    Audience(Vec<String>),
+}
+
+impl JwtError {
+    /// The `reason` label of `mesh_jwt_validations_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            JwtError::TooLarge => "too_large",
+            JwtError::Malformed(_) => "malformed",
+            JwtError::Algorithm(_) => "bad_algorithm",
+            JwtError::UnknownIssuer(_) => "unknown_issuer",
+            JwtError::UnknownKey { .. } => "unknown_key",
+            JwtError::NoKeys => "no_keys",
+            JwtError::BadSignature => "bad_signature",
+            JwtError::Expired(_) => "expired",
+            JwtError::NotYetValid(_) => "not_yet_valid",
+            JwtError::Audience(_) => "wrong_audience",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum KeyMaterial {
+    Rsa { n: Vec<u8>, e: Vec<u8> },
+    Ec { p384: bool, point: Vec<u8> },
+    Ed25519(Vec<u8>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Jwk {
+    kid: Option<String>,
+    alg: Option<String>,
+    key: KeyMaterial,
+}
+
+/// A JSON Web Key Set; keys of unsupported types are left out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Jwks {
+    keys: Vec<Jwk>,
+}
+
+impl Jwks {
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+fn b64(text: &str) -> Result<Vec<u8>, String> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text.trim_end_matches('='))
+        .map_err(|e| format!("invalid base64url: {e}"))
+}
+
+pub fn parse_jwks(text: &str) -> Result<Jwks, String> {
+    let value: Value = serde_json::from_str(text).map_err(|e| format!("JWKS is not JSON: {e}"))?;
+    let keys = value
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or("JWKS has no \"keys\" array")?;
+    let mut jwks = Jwks::default();
+    for (index, key) in keys.iter().enumerate() {
+        let field = |name: &str| -> Result<Vec<u8>, String> {
+            let text = key
+                .get(name)
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("keys[{index}] has no {name:?}"))?;
+            b64(text).map_err(|e| format!("keys[{index}].{name}: {e}"))
+        };
+        let text = |name: &str| key.get(name).and_then(Value::as_str).map(str::to_owned);
+        let material = match (text("kty").as_deref(), text("crv").as_deref()) {
+            (Some("RSA"), _) => KeyMaterial::Rsa {
+                n: field("n")?,
+                e: field("e")?,
+            },
+            (Some("EC"), Some(curve @ ("P-256" | "P-384"))) => {
+                let mut point = vec![4];
+                point.extend(field("x")?);
+                point.extend(field("y")?);
+                KeyMaterial::Ec {
+                    p384: curve == "P-384",
+                    point,
+                }
+            }
+            (Some("OKP"), Some("Ed25519")) => KeyMaterial::Ed25519(field("x")?),
+            _ => continue,
+        };
+        if text("use").is_some_and(|u| u != "sig") {
+            continue;
+        }
+        jwks.keys.push(Jwk {
+            kid: text("kid"),
+            alg: text("alg"),
+            key: material,
+        });
+    }
+    Ok(jwks)
+}
+
+fn verify_with(jwk: &Jwk, alg: &str, message: &[u8], sig: &[u8]) -> Option<bool> {
+    let rsa = |params: &'static signature::RsaParameters, n: &[u8], e: &[u8]| {
+        RsaPublicKeyComponents { n, e }
+            .verify(params, message, sig)
+            .is_ok()
+    };
+    let unparsed = |alg: &'static dyn signature::VerificationAlgorithm, key: &[u8]| {
+        UnparsedPublicKey::new(alg, key)
+            .verify(message, sig)
+            .is_ok()
+    };
+    Some(match (&jwk.key, alg) {
+        (KeyMaterial::Rsa { n, e }, "RS256") => rsa(&signature::RSA_PKCS1_2048_8192_SHA256, n, e),
+        (KeyMaterial::Rsa { n, e }, "RS384") => rsa(&signature::RSA_PKCS1_2048_8192_SHA384, n, e),
+        (KeyMaterial::Rsa { n, e }, "RS512") => rsa(&signature::RSA_PKCS1_2048_8192_SHA512, n, e),
+        (KeyMaterial::Rsa { n, e }, "PS256") => rsa(&signature::RSA_PSS_2048_8192_SHA256, n, e),
+        (KeyMaterial::Rsa { n, e }, "PS384") => rsa(&signature::RSA_PSS_2048_8192_SHA384, n, e),
+        (KeyMaterial::Rsa { n, e }, "PS512") => rsa(&signature::RSA_PSS_2048_8192_SHA512, n, e),
+        (KeyMaterial::Ec { p384: false, point }, "ES256") => {
+            unparsed(&signature::ECDSA_P256_SHA256_FIXED, point)
+        }
+        (KeyMaterial::Ec { p384: true, point }, "ES384") => {
+            unparsed(&signature::ECDSA_P384_SHA384_FIXED, point)
+        }
+        (KeyMaterial::Ed25519(key), "EdDSA") => unparsed(&signature::ED25519, key),
+        _ => return None,
+    })
+}
+
+const ALGORITHMS: [&str; 9] = [
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
+
+/// A token's parts, decoded but not yet trusted.
+struct Token<'a> {
+    signed: &'a str,
+    signature: Vec<u8>,
+    alg: String,
+    kid: Option<String>,
+    payload_b64: &'a str,
+    claims: Value,
+}
+
+fn decode(token: &str) -> Result<Token<'_>, JwtError> {
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(JwtError::TooLarge);
+    }
+    let malformed = |what: &str| JwtError::Malformed(what.to_owned());
+    let mut parts = token.split('.');
+    let (Some(header), Some(payload), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(malformed("expected three dot-separated parts"));
+    };
+    let header: Value = serde_json::from_slice(&b64(header).map_err(|e| malformed(&e))?)
+        .map_err(|_| malformed("the header is not JSON"))?;
+    let claims: Value = serde_json::from_slice(&b64(payload).map_err(|e| malformed(&e))?)
+        .map_err(|_| malformed("the payload is not JSON"))?;
+    if !claims.is_object() {
+        return Err(malformed("the payload is not a JSON object"));
+    }
+    let alg = header
+        .get("alg")
+        .and_then(Value::as_str)
+        .ok_or_else(|| malformed("the header has no alg"))?
+        .to_owned();
+    Ok(Token {
+        signed: &token[..token.len() - signature.len() - 1],
+        signature: b64(signature).map_err(|e| malformed(&e))?,
+        kid: header.get("kid").and_then(Value::as_str).map(str::to_owned),
+        alg,
+        payload_b64: payload,
+        claims,
+    })
+}
+
+fn audiences(claims: &Value) -> Vec<String> {
+    match claims.get("aud") {
+        Some(Value::String(aud)) => vec![aud.clone()],
+        Some(Value::Array(auds)) => auds
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Checks `token`'s signature with `jwks` and its time and audience claims.
+fn verify(token: &Token, jwks: &Jwks, rule: &Rule, now: u64) -> Result<(), JwtError> {
+    if !ALGORITHMS.contains(&token.alg.as_str()) {
+        return Err(JwtError::Algorithm(token.alg.clone()));
+    }
+    if jwks.is_empty() {
+        return Err(JwtError::NoKeys);
+    }
+    let candidates: Vec<&Jwk> = jwks
+        .keys
+        .iter()
+        .filter(|k| token.kid.is_none() || k.kid == token.kid)
+        .filter(|k| k.alg.as_ref().is_none_or(|a| *a == token.alg))
+        .collect();
+    let mut tried = false;
+    let mut verified = false;
+    for jwk in candidates {
+        if let Some(ok) = verify_with(jwk, &token.alg, token.signed.as_bytes(), &token.signature) {
+            tried = true;
+            if ok {
+                verified = true;
+                break;
+            }
+        }
+    }
+    if !tried {
+        return Err(JwtError::UnknownKey {
+            kid: token.kid.clone(),
+            alg: token.alg.clone(),
+        });
+    }
+    if !verified {
+        return Err(JwtError::BadSignature);
+    }
+    let time = |name: &str| token.claims.get(name).and_then(Value::as_f64);
+    if let Some(exp) = time("exp") {
+        if (now as f64) > exp + CLOCK_SKEW_SECONDS as f64 {
+            return Err(JwtError::Expired(exp as u64));
+        }
+    }
+    if let Some(nbf) = time("nbf") {
+        if ((now + CLOCK_SKEW_SECONDS) as f64) < nbf {
+            return Err(JwtError::NotYetValid(nbf as u64));
+        }
+    }
+    if !rule.audiences.is_empty() {
+        let aud = audiences(&token.claims);
+        if !aud.iter().any(|a| rule.audiences.contains(a)) {
+            return Err(JwtError::Audience(aud));
+        }
+    }
+    Ok(())
+}
+
+/// Where a rule looks for its token.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub enum Location {
+    Header { name: String, prefix: String },
+    Param(String),
+    Cookie(String),
+}
+
+/// Where a rule's keys come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeySource {
+    Inline(Arc<Jwks>),
+    Uri {
+        uri: String,
+        timeout: Duration,
+    },
+    /// Inline keys that did not parse (a validation error): every token fails.
+    Invalid,
+}
+
+/// One `jwtRules` entry, ready to use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    /// `namespace/name` of the RequestAuthentication.
+    pub policy: String,
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub keys: KeySource,
+    pub locations: Vec<Location>,
+    pub output_payload_to_header: Option<String>,
+    pub output_claim_to_headers: Vec<(String, String)>,
+    pub forward_original_token: bool,
+}
+
+/// The default timeout of a `jwksUri` fetch, as Istio's.
+const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Rule {
+    pub fn compile(resource: &Resource<RequestAuthentication>, rule: &JwtRule) -> Rule {
+        let mut locations: Vec<Location> = rule
+            .from_headers
+            .iter()
+            .map(|h| Location::Header {
+                name: h.name.to_ascii_lowercase(),
+                prefix: h.prefix.clone().unwrap_or_default(),
+            })
+            .chain(rule.from_params.iter().cloned().map(Location::Param))
+            .chain(rule.from_cookies.iter().cloned().map(Location::Cookie))
+            .collect();
+        if locations.is_empty() {
+            locations = vec![
+                Location::Header {
+                    name: "authorization".into(),
+                    prefix: "Bearer ".into(),
+                },
+                Location::Param("access_token".into()),
+            ];
+        }
+        let keys = match (&rule.jwks, &rule.jwks_uri) {
+            (Some(inline), _) => parse_jwks(inline)
+                .map(|k| KeySource::Inline(Arc::new(k)))
+                .unwrap_or(KeySource::Invalid),
+            (None, Some(uri)) => KeySource::Uri {
+                uri: uri.clone(),
+                timeout: rule
+                    .timeout
+                    .as_ref()
+                    .map_or(DEFAULT_FETCH_TIMEOUT, |t| t.value),
+            },
+            (None, None) => KeySource::Invalid,
+        };
+        Rule {
+            policy: format!("{}/{}", resource.namespace(), resource.metadata.name),
+            issuer: rule.issuer.clone(),
+            audiences: rule.audiences.clone(),
+            keys,
+            locations,
+            output_payload_to_header: rule.output_payload_to_header.clone(),
+            output_claim_to_headers: rule
+                .output_claim_to_headers
+                .iter()
+                .map(|c| (c.header.clone(), c.claim.clone()))
+                .collect(),
+            forward_original_token: rule.forward_original_token.unwrap_or(false),
+        }
+    }
+}
+
+/// What the request carries, as the token extraction needs it.
+pub struct RequestParts<'a> {
+    pub headers: &'a http::HeaderMap,
+    pub query: Option<&'a str>,
+}
+
+fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+fn param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+fn extract<'a>(location: &Location, request: &RequestParts<'a>) -> Option<&'a str> {
+    match location {
+        Location::Header { name, prefix } => {
+            let value = request.headers.get(name.as_str())?.to_str().ok()?;
+            let token = if prefix.is_empty() {
+                value
+            } else {
+                let head = value.get(..prefix.len())?;
+                if !head.eq_ignore_ascii_case(prefix) {
+                    return None;
+                }
+                &value[prefix.len()..]
+            };
+            Some(token.trim())
+        }
+        Location::Param(name) => param(request.query, name),
+        Location::Cookie(name) => cookie(request.headers, name),
+    }
+}
+
+/// A verified token and what the rule asks done to the request.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub facts: AuthFacts,
+    pub issuer: String,
+    /// Headers to set on the forwarded request.
+    pub set_headers: Vec<(String, String)>,
+    /// The header carrying the token, removed unless `forwardOriginalToken`.
+    pub remove_header: Option<String>,
+}
+
+/// Keys fetched from `jwksUri`s, by URI; the last good keys stay when a refresh fails.
+#[derive(Default)]
+pub struct JwksCache {
+    entries: RwLock<HashMap<String, CachedKeys>>,
+}
+
+struct CachedKeys {
+    keys: Arc<Jwks>,
+    fetched: Instant,
+}
+
+impl JwksCache {
+    pub fn get(&self, uri: &str) -> Option<Arc<Jwks>> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries.get(uri).map(|c| c.keys.clone())
+    }
+
+    pub fn store(&self, uri: &str, keys: Jwks) {
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        entries.insert(
+            uri.to_owned(),
+            CachedKeys {
+                keys: Arc::new(keys),
+                fetched: Instant::now(),
+            },
+        );
+    }
+
+    /// How long ago `uri` was last fetched successfully.
+    pub fn age(&self, uri: &str) -> Option<Duration> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries.get(uri).map(|c| c.fetched.elapsed())
+    }
+}
+
+pub fn now_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Applies `rules` to a request: `Ok(None)` when it carries no token any rule looks for,
+/// `Ok(Some(..))` for a token that verifies, an error for any other token.
+pub fn authenticate(
+    rules: &[Arc<Rule>],
+    cache: &JwksCache,
+    request: &RequestParts,
+    now: u64,
+) -> Result<Option<Authenticated>, JwtError> {
+    let mut presented: Option<JwtError> = None;
+    for rule in rules {
+        for location in &rule.locations {
+            let Some(raw) = extract(location, request) else {
+                continue;
+            };
+            let token = decode(raw)?;
+            let issuer = token
+                .claims
+                .get("iss")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if issuer != rule.issuer {
+                presented.get_or_insert(JwtError::UnknownIssuer(issuer.to_owned()));
+                continue;
+            }
+            let jwks = match &rule.keys {
+                KeySource::Inline(keys) => Some(keys.clone()),
+                KeySource::Uri { uri, .. } => cache.get(uri),
+                KeySource::Invalid => None,
+            };
+            let jwks = jwks.unwrap_or_default();
+            verify(&token, &jwks, rule, now)?;
+            return Ok(Some(accepted(rule, location, &token)));
+        }
+    }
+    presented.map_or(Ok(None), Err)
+}
+
+fn accepted(rule: &Rule, location: &Location, token: &Token) -> Authenticated {
+    let claim = |name: &str| token.claims.get(name).and_then(Value::as_str);
+    let issuer = claim("iss").unwrap_or_default().to_owned();
+    let facts = AuthFacts {
+        principal: format!("{issuer}/{}", claim("sub").unwrap_or_default()),
+        audiences: audiences(&token.claims),
+        presenter: claim("azp").map(str::to_owned),
+        claims: token.claims.clone(),
+    };
+    let mut set_headers = Vec::new();
+    if let Some(header) = &rule.output_payload_to_header {
+        set_headers.push((header.clone(), token.payload_b64.to_owned()));
+    }
+    for (header, name) in &rule.output_claim_to_headers {
+        let value = match token.claims.get(name) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
+                .collect::<Vec<_>>()
+                .join(","),
+            Some(other) => other.to_string(),
+            None => continue,
+        };
+        set_headers.push((header.clone(), value));
+    }
+    let remove_header = match location {
+        Location::Header { name, .. } if !rule.forward_original_token => Some(name.clone()),
+        _ => None,
+    };
+    Authenticated {
+        facts,
+        issuer,
+        set_headers,
+        remove_header,
+    }
+}
+
+/// Headers a verified token would set: removed from requests without one, so a client
+/// cannot pose as authenticated by sending them itself.
+pub fn output_headers(rules: &[Arc<Rule>]) -> Vec<String> {
+    rules
+        .iter()
+        .flat_map(|r| {
+            r.output_payload_to_header
+                .iter()
+                .cloned()
+                .chain(r.output_claim_to_headers.iter().map(|(h, _)| h.clone()))
+        })
+        .collect()
+}
+
+/// Every `jwksUri` of the rules, with its fetch timeout.
+pub fn uris(rules: &[Arc<Rule>]) -> Vec<(String, Duration)> {
+    rules
+        .iter()
+        .filter_map(|r| match &r.keys {
+            KeySource::Uri { uri, timeout } => Some((uri.clone(), *timeout)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// How often fetched keys are refreshed (Istio's default), and how soon a failed fetch
+/// is tried again (doubling up to the last figure).
+const REFRESH_INTERVAL: Duration = Duration::from_secs(20 * 60);
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+/// A JWKS document larger than this is refused.
+const MAX_JWKS_BYTES: usize = 1 << 20;
+
+/// The system's trust store, for `https` JWKS URIs.
+fn system_roots() -> anyhow::Result<rustls::RootCertStore> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer};
+    let path = std::env::var("SSL_CERT_FILE")
+        .unwrap_or_else(|_| "/etc/ssl/certs/ca-certificates.crt".into());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&path)? {
+        roots.add(cert?)?;
+    }
+    Ok(roots)
+}
+
+async fn get_over<I>(io: I, uri: &http::Uri, host: &str) -> anyhow::Result<String>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::{BodyExt, Empty, Limited};
+    let (mut send, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
+    tokio::spawn(connection);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let request = http::Request::get(path)
+        .header(http::header::HOST, host)
+        .header(http::header::ACCEPT, "application/json")
+        .body(Empty::<bytes::Bytes>::new())?;
+    let response = send.send_request(request).await?;
+    let status = response.status();
+    let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
+        .collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the body: {e}"))?
+        .to_bytes();
+    if !status.is_success() {
+        anyhow::bail!("answered {status}");
+    }
+    Ok(String::from_utf8(body.to_vec())?)
+}
+
+/// Fetches a JWKS document over `http` or `https` (verified against the system's trust
+/// store).
+pub async fn fetch(uri: &str) -> anyhow::Result<Jwks> {
+    let parsed: http::Uri = uri.parse()?;
+    let host = parsed
+        .host()
+        .ok_or_else(|| anyhow::anyhow!("no host in {uri:?}"))?
+        .to_owned();
+    let authority = parsed.authority().map_or(host.clone(), |a| a.to_string());
+    let text = match parsed.scheme_str() {
+        Some("http") => {
+            let port = parsed.port_u16().unwrap_or(80);
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            get_over(tcp, &parsed, &authority).await?
+        }
+        Some("https") => {
+            let port = parsed.port_u16().unwrap_or(443);
+            let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(system_roots()?)
+                .with_no_client_auth();
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            let name = rustls_pki_types::ServerName::try_from(host.clone())?;
+            let stream = connector.connect(name, tcp).await?;
+            get_over(stream, &parsed, &authority).await?
+        }
+        _ => anyhow::bail!("{uri:?}: only http and https are supported"),
+    };
+    parse_jwks(&text).map_err(|e| anyhow::anyhow!(e))
+}
+
+/// Keeps the keys of every `jwksUri` in the live configuration fetched: new URIs at
+/// once, then every [`REFRESH_INTERVAL`]; a failed fetch keeps the last good keys and is
+/// retried with backoff.
+pub async fn keep_fresh(state: crate::state::SharedState, cache: Arc<JwksCache>) {
+    let mut retry: HashMap<String, (Duration, Instant)> = HashMap::new();
+    loop {
+        let current = state.current();
+        let mut wanted: Vec<(String, Duration)> = current
+            .security
+            .values()
+            .flat_map(|s| uris(&s.jwt_rules))
+            .collect();
+        wanted.sort();
+        wanted.dedup_by(|a, b| a.0 == b.0);
+        for (uri, timeout) in wanted {
+            let fresh = cache.age(&uri).is_some_and(|age| age < REFRESH_INTERVAL);
+            let waiting = retry.get(&uri).is_some_and(|(_, at)| Instant::now() < *at);
+            if fresh || waiting {
+                continue;
+            }
+            match tokio::time::timeout(timeout, fetch(&uri)).await {
+                Ok(Ok(keys)) => {
+                    log::info!("JWKS {uri}: {} keys", keys.len());
+                    cache.store(&uri, keys);
+                    retry.remove(&uri);
+                }
+                outcome => {
+                    let error = match outcome {
+                        Ok(Err(err)) => err.to_string(),
+                        _ => format!("no answer within {timeout:?}"),
+                    };
+                    let delay = retry
+                        .get(&uri)
+                        .map_or(RETRY_FIRST, |(d, _)| (*d * 2).min(RETRY_MAX));
+                    let kept = if cache.get(&uri).is_some() {
+                        "keeping the last fetched keys"
+                    } else {
+                        "tokens of this issuer are refused until it answers"
+                    };
+                    log::warn!("JWKS {uri}: {error}; {kept}; retrying in {delay:?}");
+                    retry.insert(uri, (delay, Instant::now() + delay));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
