@@ -16,6 +16,7 @@ pub mod maps;
 pub mod meshctl;
 pub mod metrics;
 pub mod peerauth;
+pub mod policycheck;
 pub mod proxy;
 pub mod state;
 pub mod tls;
