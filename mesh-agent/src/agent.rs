@@ -26,6 +26,7 @@ use crate::{
     http::{self, Reply},
     jwt::{self, JwksCache},
     metrics::{KernelMaps, Metrics},
+    policycheck,
     proxy::{
         hbone::{self, HbonePool},
         inbound::Guard,
@@ -168,7 +169,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let scrape = metrics.clone();
     tokio::spawn(http::serve(
         metrics_listener,
-        Arc::new(move |path| match path {
+        Arc::new(move |path, _| match path {
             "/metrics" | "/stats/prometheus" => {
                 Reply::ok("text/plain; version=0.0.4; charset=utf-8", scrape.encode())
             }
@@ -178,31 +179,51 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let is_ready = ready.clone();
     tokio::spawn(http::serve(
         ready_listener,
-        Arc::new(move |path| match (path, is_ready.load(Ordering::Relaxed)) {
-            ("/healthz/ready", true) => Reply::text(StatusCode::OK, "ready\n".into()),
-            ("/healthz/ready", false) => {
-                Reply::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
-            }
-            _ => Reply::text(StatusCode::NOT_FOUND, "try /healthz/ready\n".into()),
-        }),
+        Arc::new(
+            move |path, _| match (path, is_ready.load(Ordering::Relaxed)) {
+                ("/healthz/ready", true) => Reply::text(StatusCode::OK, "ready\n".into()),
+                ("/healthz/ready", false) => {
+                    Reply::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
+                }
+                _ => Reply::text(StatusCode::NOT_FOUND, "try /healthz/ready\n".into()),
+            },
+        ),
     ));
     let admin_status = status.clone();
     let admin_state = shared.clone();
     let admin_conns = conns.clone();
     let admin_identities = identities.clone();
+    let admin_jwks = guard.jwks.clone();
     tokio::spawn(http::serve(
         admin_listener,
-        Arc::new(move |path| match path {
-            "/status" => {
+        Arc::new(move |path, body| match (path, body) {
+            ("/status", None) => {
                 let mut status = lock(&admin_status).clone();
                 status.proxied_connections = admin_conns.len();
                 Reply::json(&status)
             }
-            "/config_dump" => Reply::json(&*admin_state.current()),
-            "/certs" => Reply::json(&certificates(&admin_identities)),
+            ("/config_dump", None) => Reply::json(&*admin_state.current()),
+            ("/certs", None) => Reply::json(&certificates(&admin_identities)),
+            ("/policy/check", Some(body)) => {
+                match serde_json::from_slice::<policycheck::CheckRequest>(body) {
+                    Ok(request) => match policycheck::check(
+                        &admin_state.current(),
+                        &admin_identities.trust_domain,
+                        &admin_jwks,
+                        &request,
+                    ) {
+                        Ok(report) => Reply::json(&report),
+                        Err(err) => Reply::text(StatusCode::NOT_FOUND, format!("{err}\n")),
+                    },
+                    Err(err) => Reply::text(
+                        StatusCode::BAD_REQUEST,
+                        format!("malformed policy check: {err}\n"),
+                    ),
+                }
+            }
             _ => Reply::text(
                 StatusCode::NOT_FOUND,
-                "try /status, /config_dump or /certs\n".into(),
+                "try GET /status, /config_dump, /certs or POST /policy/check\n".into(),
             ),
         }),
     ));

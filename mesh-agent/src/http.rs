@@ -1,10 +1,11 @@
 //! The agent's small HTTP/1.1 servers: Prometheus metrics (15020), readiness (15021) and
-//! the localhost admin API (15000). Each maps a GET path to a response.
+//! the localhost admin API (15000). Each maps a GET path, or a POST path and its JSON
+//! body, to a response.
 
 use std::{convert::Infallible, sync::Arc};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::{
     body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode,
 };
@@ -45,7 +46,11 @@ impl Reply {
     }
 }
 
-pub type Handler = Arc<dyn Fn(&str) -> Reply + Send + Sync>;
+/// Called with the path, and the body of a POST (`None` for a GET).
+pub type Handler = Arc<dyn Fn(&str, Option<&[u8]>) -> Reply + Send + Sync>;
+
+/// Request bodies larger than this are refused.
+const MAX_BODY_BYTES: usize = 1 << 20;
 
 pub async fn serve(listener: TcpListener, handler: Handler) {
     loop {
@@ -61,13 +66,25 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
             let service = service_fn(move |request: Request<Incoming>| {
                 let handler = handler.clone();
                 async move {
-                    let reply = if request.method() == Method::GET {
-                        handler(request.uri().path())
-                    } else {
-                        Reply::text(
+                    let path = request.uri().path().to_owned();
+                    let reply = match *request.method() {
+                        Method::GET => handler(&path, None),
+                        Method::POST => {
+                            match Limited::new(request.into_body(), MAX_BODY_BYTES)
+                                .collect()
+                                .await
+                            {
+                                Ok(body) => handler(&path, Some(&body.to_bytes())),
+                                Err(err) => Reply::text(
+                                    StatusCode::BAD_REQUEST,
+                                    format!("reading the request body: {err}\n"),
+                                ),
+                            }
+                        }
+                        _ => Reply::text(
                             StatusCode::METHOD_NOT_ALLOWED,
-                            "only GET is served\n".into(),
-                        )
+                            "only GET and POST are served\n".into(),
+                        ),
                     };
                     let response = Response::builder()
                         .status(reply.status)

@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::{
     config::{self, Severity},
     maps::NodeMaps,
+    policycheck::CheckRequest,
 };
 
 #[derive(Parser)]
@@ -61,6 +62,12 @@ enum Command {
     Status,
     /// The workload certificates the agent holds: identity, serial, validity, trust root.
     Certs,
+    /// Authorization: what the destination's policies decide, from the agent's live
+    /// configuration.
+    Policy {
+        #[command(subcommand)]
+        what: PolicyCommand,
+    },
     /// Check configuration files (Kubernetes and Istio YAML) as the agent would load them.
     Validate {
         /// A YAML file or a directory of them.
@@ -70,6 +77,47 @@ enum Command {
         #[arg(long)]
         strict: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Would a connection (and a request) from one pod to a pod or Service be allowed?
+    /// Answers allow or deny, the policy and rule that decided, and why the others did
+    /// not match.
+    Check {
+        /// The client pod: `namespace/name` (or `name` in `default`).
+        #[arg(long)]
+        from: String,
+        /// The destination: a pod (`namespace/name`) or a Service (`namespace/name`,
+        /// `name.namespace` or its hostname).
+        #[arg(long)]
+        to: String,
+        /// The destination port (the Service's port for a Service).
+        #[arg(long)]
+        port: u16,
+        /// The request's method (an HTTP request is assumed when the policies need one).
+        #[arg(long)]
+        method: Option<String>,
+        /// The request's path, with its query if any.
+        #[arg(long)]
+        path: Option<String>,
+        /// A request header, `name=value`; repeatable.
+        #[arg(long = "header", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+        /// A file holding a JWT, sent as `Authorization: Bearer`.
+        #[arg(long)]
+        jwt: Option<PathBuf>,
+    },
+}
+
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected name=value"))?;
+    if name.trim().is_empty() {
+        return Err(format!("{text:?}: the header name is empty"));
+    }
+    Ok((name.trim().to_owned(), value.to_owned()))
 }
 
 #[derive(Subcommand)]
@@ -90,6 +138,38 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Status => status(cli.admin, json),
         Command::Certs => certs(cli.admin, json),
         Command::Validate { path, strict } => validate(&path, strict, json),
+        Command::Policy {
+            what:
+                PolicyCommand::Check {
+                    from,
+                    to,
+                    port,
+                    method,
+                    path,
+                    headers,
+                    jwt,
+                },
+        } => {
+            let jwt = match jwt {
+                Some(file) => Some(
+                    std::fs::read_to_string(&file)
+                        .with_context(|| format!("--jwt {}", file.display()))?
+                        .trim()
+                        .to_owned(),
+                ),
+                None => None,
+            };
+            let request = CheckRequest {
+                from,
+                to,
+                port,
+                method,
+                path,
+                headers,
+                jwt,
+            };
+            policy_check(cli.admin, &request, json)
+        }
         Command::Bpf { what } => {
             let maps = NodeMaps::open(&cli.bpffs)?;
             match what {
@@ -353,14 +433,101 @@ fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn policy_check(admin: SocketAddr, request: &CheckRequest, json: bool) -> anyhow::Result<()> {
+    let body = serde_json::to_string(request)?;
+    let answer = admin_request(admin, "POST", "/policy/check", &body)?;
+    if json {
+        println!("{}", answer.trim_end());
+        return Ok(());
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&answer).context("malformed answer from the agent")?;
+    let text = |v: &serde_json::Value, key: &str| {
+        v.get(key)
+            .and_then(|s| s.as_str())
+            .unwrap_or("-")
+            .to_owned()
+    };
+    println!(
+        "{}: {} ({}) → {}",
+        text(&report, "decision").to_uppercase(),
+        text(&report, "source"),
+        text(&report, "source_principal"),
+        text(&report, "destination")
+    );
+    let empty = Vec::new();
+    for endpoint in report
+        .get("endpoints")
+        .and_then(|e| e.as_array())
+        .unwrap_or(&empty)
+    {
+        println!(
+            "  {} {}: {} ({}, decided per {}) — {}",
+            text(endpoint, "workload"),
+            text(endpoint, "address"),
+            text(endpoint, "decision"),
+            text(endpoint, "outcome"),
+            text(endpoint, "layer"),
+            text(endpoint, "reason")
+        );
+        if let Some(auth) = endpoint.get("authentication").and_then(|a| a.as_str()) {
+            println!("    authentication: {auth}");
+        }
+        for audit in endpoint
+            .get("audited")
+            .and_then(|a| a.as_array())
+            .unwrap_or(&empty)
+        {
+            println!(
+                "    audited by {} rules[{}]",
+                text(audit, "policy"),
+                audit.get("rule").map_or("?".into(), |r| r.to_string())
+            );
+        }
+        for miss in endpoint
+            .get("not_matched")
+            .and_then(|a| a.as_array())
+            .unwrap_or(&empty)
+        {
+            println!(
+                "    {} {} did not match:",
+                text(miss, "action"),
+                text(miss, "policy")
+            );
+            for reason in miss
+                .get("reasons")
+                .and_then(|r| r.as_array())
+                .unwrap_or(&empty)
+            {
+                println!("      {}", reason.as_str().unwrap_or("?"));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A GET to the agent's admin API; the body on 200.
 fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
+    admin_request(admin, "GET", path, "")
+}
+
+/// A request to the agent's admin API; the body on 200.
+fn admin_request(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<String> {
     let mut stream =
         TcpStream::connect_timeout(&admin, Duration::from_secs(3)).with_context(|| {
             format!("no mesh agent answers at {admin}: is it running on this node? (see --admin)")
         })?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {admin}\r\n\r\n")?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: {admin}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response

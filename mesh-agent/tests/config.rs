@@ -357,3 +357,44 @@ fn meshctl_validate_exit_status_and_json() {
     );
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+#[test]
+fn authorization_conditions_and_ports_are_checked() {
+    let config = check(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  rules:\n  - to:\n    - operation:\n        ports: [\"http\"]\n    when:\n    - key: source.user\n      values: [x]\n    - key: request.headers[x-a]\n",
+    );
+    let d = only(
+        &config,
+        Severity::Error,
+        "unknown condition key \"source.user\"",
+    );
+    assert_eq!(d.field.as_deref(), Some("spec.rules[0].when[0].key"));
+    assert_eq!(d.line, Some(10));
+    let d = only(&config, Severity::Error, "needs values or notValues");
+    assert_eq!(d.field.as_deref(), Some("spec.rules[0].when[1]"));
+    let d = only(&config, Severity::Error, "is not a port number");
+    assert_eq!(
+        d.field.as_deref(),
+        Some("spec.rules[0].to[0].operation.ports[0]")
+    );
+}
+
+#[test]
+fn jwt_rules_need_usable_keys() {
+    let config = check(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: j, namespace: shop}\nspec:\n  jwtRules:\n  - issuer: a\n    jwks: '{\"no\": []}'\n  - issuer: b\n    jwksUri: ftp://keys\n  - issuer: c\n",
+    );
+    let d = only(&config, Severity::Error, "JWKS has no \"keys\" array");
+    assert_eq!(d.field.as_deref(), Some("spec.jwtRules[0].jwks"));
+    assert_eq!(d.line, Some(7));
+    only(
+        &config,
+        Severity::Error,
+        "\"ftp://keys\" is not an http or https URL",
+    );
+    only(
+        &config,
+        Severity::Error,
+        "one of jwks or jwksUri is required",
+    );
+}

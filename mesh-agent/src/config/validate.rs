@@ -95,6 +95,7 @@ pub fn validate(config: &mut ClusterConfig) {
         }
     }
     for ra in &istio.request_authentications {
+        check_jwt_rules(ra, &mut found);
         if let Some(selector) = &ra.spec.selector {
             check_selector(
                 ra,
@@ -118,6 +119,7 @@ pub fn validate(config: &mut ClusterConfig) {
         if ap.spec.action == Some(AuthorizationAction::Custom) {
             found.push(warning(ap, "spec.action", "CUSTOM (external authorizer) is not supported: the requests it selects will be denied".into()));
         }
+        check_authorization_rules(ap, &mut found);
     }
     for telemetry in &istio.telemetries {
         if let Some(selector) = &telemetry.spec.selector {
@@ -444,6 +446,96 @@ fn deprecated_load_balancer(
     }
 }
 
+fn check_authorization_rules(
+    ap: &Resource<crate::config::istio::AuthorizationPolicy>,
+    found: &mut Vec<Diagnostic>,
+) {
+    for (r, rule) in ap.spec.rules.iter().enumerate() {
+        for (c, condition) in rule.when.iter().enumerate() {
+            let field = format!("spec.rules[{r}].when[{c}]");
+            if let Err(message) = crate::authz::ConditionKey::parse(&condition.key) {
+                found.push(error(ap, &format!("{field}.key"), message));
+            }
+            if condition.values.is_empty() && condition.not_values.is_empty() {
+                found.push(error(
+                    ap,
+                    &field,
+                    "a condition needs values or notValues".into(),
+                ));
+            }
+        }
+        for (t, to) in rule.to.iter().enumerate() {
+            let operation = &to.operation;
+            for (list, name) in [
+                (&operation.ports, "ports"),
+                (&operation.not_ports, "notPorts"),
+            ] {
+                for (i, port) in list.iter().enumerate() {
+                    if port.trim().parse::<u16>().is_err() {
+                        found.push(error(
+                            ap,
+                            &format!("spec.rules[{r}].to[{t}].operation.{name}[{i}]"),
+                            format!("{port:?} is not a port number"),
+                        ));
+                    }
+                }
+            }
+            for (list, name) in [
+                (&operation.paths, "paths"),
+                (&operation.not_paths, "notPaths"),
+            ] {
+                for (i, path) in list.iter().enumerate() {
+                    if path != "*" && !path.starts_with('/') && !path.starts_with('*') {
+                        found.push(error(
+                            ap,
+                            &format!("spec.rules[{r}].to[{t}].operation.{name}[{i}]"),
+                            format!("{path:?} must start with '/' (or be a '*' suffix match)"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn check_jwt_rules(
+    ra: &Resource<crate::config::istio::RequestAuthentication>,
+    found: &mut Vec<Diagnostic>,
+) {
+    for (index, rule) in ra.spec.jwt_rules.iter().enumerate() {
+        let field = format!("spec.jwtRules[{index}]");
+        if rule.issuer.is_empty() {
+            found.push(error(
+                ra,
+                &format!("{field}.issuer"),
+                "issuer is required".into(),
+            ));
+        }
+        match (&rule.jwks, &rule.jwks_uri) {
+            (Some(jwks), _) => {
+                if let Err(message) = crate::jwt::parse_jwks(jwks) {
+                    found.push(error(ra, &format!("{field}.jwks"), message));
+                }
+            }
+            (None, Some(uri)) => {
+                let scheme = uri.split_once("://").map(|(s, _)| s);
+                if !matches!(scheme, Some("http" | "https")) {
+                    found.push(error(
+                        ra,
+                        &format!("{field}.jwksUri"),
+                        format!("{uri:?} is not an http or https URL"),
+                    ));
+                }
+            }
+            (None, None) => found.push(error(
+                ra,
+                &field,
+                "one of jwks or jwksUri is required".into(),
+            )),
+        }
+    }
+}
+
 /// Fields this version of the mesh gives behaviour to, per kind (paths below `spec`, list
 /// indexes as `[]`). Everything else is parsed, kept, and reported as not enforced yet.
 fn enforced(kind: &str) -> &'static [&'static str] {
@@ -470,6 +562,23 @@ fn enforced(kind: &str) -> &'static [&'static str] {
         ],
         "WorkloadEntry" => &["address", "ports", "labels", "serviceAccount"],
         "PeerAuthentication" => &["selector", "mtls", "portLevelMtls"],
+        "AuthorizationPolicy" => &["selector", "targetRef", "targetRefs", "rules", "action"],
+        "RequestAuthentication" => &[
+            "selector",
+            "targetRef",
+            "targetRefs",
+            "jwtRules[].issuer",
+            "jwtRules[].audiences",
+            "jwtRules[].jwksUri",
+            "jwtRules[].jwks",
+            "jwtRules[].fromHeaders",
+            "jwtRules[].fromParams",
+            "jwtRules[].fromCookies",
+            "jwtRules[].outputPayloadToHeader",
+            "jwtRules[].outputClaimToHeaders",
+            "jwtRules[].forwardOriginalToken",
+            "jwtRules[].timeout",
+        ],
         _ => &[],
     }
 }
