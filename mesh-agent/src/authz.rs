@@ -499,77 +499,65 @@ fn source_matches(source: &Source, facts: &Facts, at: &str, why: &mut Why) -> Tr
     let exact = |p: &str, v: &String| string_matches(p, v);
     let ip = |p: &str, v: &Ipv4Addr| ip_matches(p, *v);
     let request_principal = || auth_attribute(facts, |a| Some(a.principal.clone()));
-    let checks: [(&str, Box<dyn Fn() -> Tri + '_>); 6] = [
+    let checks: [(&str, Tri); 6] = [
         (
             "principals",
-            Box::new(|| {
-                attribute(
-                    &source.principals,
-                    &source.not_principals,
-                    clone_known(&principal),
-                    exact,
-                )
-            }),
+            attribute(
+                &source.principals,
+                &source.not_principals,
+                clone_known(&principal),
+                exact,
+            ),
         ),
         (
             "requestPrincipals",
-            Box::new(|| {
-                attribute(
-                    &source.request_principals,
-                    &source.not_request_principals,
-                    request_principal(),
-                    exact,
-                )
-            }),
+            attribute(
+                &source.request_principals,
+                &source.not_request_principals,
+                request_principal(),
+                exact,
+            ),
         ),
         (
             "namespaces",
-            Box::new(|| {
-                attribute(
-                    &source.namespaces,
-                    &source.not_namespaces,
-                    clone_known(&namespace),
-                    exact,
-                )
-            }),
+            attribute(
+                &source.namespaces,
+                &source.not_namespaces,
+                clone_known(&namespace),
+                exact,
+            ),
         ),
         (
             "serviceAccounts",
-            Box::new(|| {
-                attribute(
-                    &source.service_accounts,
-                    &source.not_service_accounts,
-                    Known::from_option(facts.source_service_account()),
-                    exact,
-                )
-            }),
+            attribute(
+                &source.service_accounts,
+                &source.not_service_accounts,
+                Known::from_option(facts.source_service_account()),
+                exact,
+            ),
         ),
         (
             "ipBlocks",
-            Box::new(|| {
-                attribute(
-                    &blocks(&source.ip_blocks),
-                    &blocks(&source.not_ip_blocks),
-                    Known::Value(facts.source_ip),
-                    ip,
-                )
-            }),
+            attribute(
+                &blocks(&source.ip_blocks),
+                &blocks(&source.not_ip_blocks),
+                Known::Value(facts.source_ip),
+                ip,
+            ),
         ),
         (
             "remoteIpBlocks",
-            Box::new(|| {
-                attribute(
-                    &blocks(&source.remote_ip_blocks),
-                    &blocks(&source.not_remote_ip_blocks),
-                    Known::Value(facts.remote_ip),
-                    ip,
-                )
-            }),
+            attribute(
+                &blocks(&source.remote_ip_blocks),
+                &blocks(&source.not_remote_ip_blocks),
+                Known::Value(facts.remote_ip),
+                ip,
+            ),
         ),
     ];
     let mut result = Tri::Yes;
-    for (field, check) in checks {
-        let outcome = why.check(check(), || {
+    for (field, outcome) in checks {
+        let outcome = why.check(outcome, || {
             format!(
                 "{at}.{field}: the source ({}) does not match",
                 describe_source(facts)

@@ -70,15 +70,23 @@ fn find_pod(state: &MeshState, name: &str) -> Result<Arc<Workload>, String> {
         .ok_or_else(|| format!("no meshed pod {namespace}/{pod}"))
 }
 
-/// The workloads and ports `to` stands for at `port`.
-fn destinations(
-    state: &MeshState,
-    to: &str,
-    port: u16,
-) -> Result<(String, Vec<(Arc<Workload>, SocketAddrV4, String)>), String> {
+/// One workload `to` stands for: where it is reached, and the `Host` a client would use.
+struct Target {
+    workload: Arc<Workload>,
+    address: SocketAddrV4,
+    host: String,
+}
+
+/// The workloads and ports `to` stands for at `port`, and how to name it.
+fn destinations(state: &MeshState, to: &str, port: u16) -> Result<(String, Vec<Target>), String> {
     if let Ok(pod) = find_pod(state, to) {
-        let target = SocketAddrV4::new(pod.ip, port);
-        return Ok((pod.key(), vec![(pod.clone(), target, target.to_string())]));
+        let address = SocketAddrV4::new(pod.ip, port);
+        let target = Target {
+            workload: pod.clone(),
+            address,
+            host: address.to_string(),
+        };
+        return Ok((pod.key(), vec![target]));
     }
     let service = state
         .services
@@ -93,7 +101,13 @@ fn destinations(
     let endpoints = service
         .endpoints
         .iter()
-        .filter_map(|e| Some((e.workload.clone()?, e.addr, service.hostname.clone())))
+        .filter_map(|e| {
+            Some(Target {
+                workload: e.workload.clone()?,
+                address: e.addr,
+                host: service.hostname.clone(),
+            })
+        })
         .collect::<Vec<_>>();
     if endpoints.is_empty() {
         return Err(format!(
@@ -121,7 +135,12 @@ pub fn check(
     );
     let client = SocketAddrV4::new(source.ip, 40000);
     let mut endpoints = Vec::new();
-    for (workload, target, host) in targets {
+    for Target {
+        workload,
+        address: target,
+        host,
+    } in targets
+    {
         let plaintext = state
             .mtls
             .get(&workload.ip)

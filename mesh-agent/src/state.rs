@@ -363,6 +363,30 @@ impl SharedState {
     }
 }
 
+/// `config_dump` shows, per workload, the names of the policies that apply.
+fn security_summary<S: serde::Serializer>(
+    security: &HashMap<Ipv4Addr, Arc<WorkloadSecurity>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let summary: BTreeMap<String, serde_json::Value> = security
+        .iter()
+        .filter(|(_, s)| !s.is_empty())
+        .map(|(ip, s)| {
+            let policies: Vec<String> = s
+                .policies
+                .iter()
+                .map(|p| format!("{:?} {}", p.action, p.name))
+                .collect();
+            let jwt: Vec<String> = s.jwt_rules.iter().map(|r| r.issuer.clone()).collect();
+            (
+                ip.to_string(),
+                serde_json::json!({ "authorization": policies, "jwt_issuers": jwt, "http_ports": s.http_ports }),
+            )
+        })
+        .collect();
+    summary.serialize(serializer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -600,28 +624,4 @@ spec:
             ("10.244.1.20:8080".into(), Some("api-v1"))
         );
     }
-}
-
-/// `config_dump` shows, per workload, the names of the policies that apply.
-fn security_summary<S: serde::Serializer>(
-    security: &HashMap<Ipv4Addr, Arc<WorkloadSecurity>>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    let summary: BTreeMap<String, serde_json::Value> = security
-        .iter()
-        .filter(|(_, s)| !s.is_empty())
-        .map(|(ip, s)| {
-            let policies: Vec<String> = s
-                .policies
-                .iter()
-                .map(|p| format!("{:?} {}", p.action, p.name))
-                .collect();
-            let jwt: Vec<String> = s.jwt_rules.iter().map(|r| r.issuer.clone()).collect();
-            (
-                ip.to_string(),
-                serde_json::json!({ "authorization": policies, "jwt_issuers": jwt, "http_ports": s.http_ports }),
-            )
-        })
-        .collect();
-    summary.serialize(serializer)
 }
