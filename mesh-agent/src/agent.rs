@@ -457,7 +457,10 @@ impl Reconciler {
             .values()
             .map(|(ip, attachment)| (*ip, attachment.ifindex))
             .collect();
-        if let Err(err) = self.datapath.sync_maps(&state, &ifindexes) {
+        if let Err(err) = self
+            .datapath
+            .sync_maps(&state, &ifindexes, &self.options.trust_domain)
+        {
             log::error!("updating the kernel maps: {}", datapath::describe(&err));
         }
         self.metrics.enrolled_pods.set(self.enrolled.len() as i64);

@@ -22,12 +22,12 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use mesh_common::{
-    fill_name, pins, programs, PortKey, ServiceInfo, ServiceKey, WorkloadInfo, CAPTURE_MARK,
-    CAPTURE_ROUTE_TABLE, MAPS_LAYOUT_VERSION, PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT,
-    WORKLOAD_FLAG_LOCAL, WORKLOAD_FLAG_MTLS_STRICT,
+    fill_name, pins, programs, PolicyKey, PortKey, ServiceInfo, ServiceKey, WorkloadInfo,
+    CAPTURE_MARK, CAPTURE_ROUTE_TABLE, MAPS_LAYOUT_VERSION, POLICY_ALLOW, POLICY_DENY,
+    PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT, WORKLOAD_FLAG_LOCAL, WORKLOAD_FLAG_MTLS_STRICT,
 };
 
-use crate::{peerauth::Effective, state::MeshState};
+use crate::{authz, peerauth::Effective, state::MeshState};
 
 /// The eBPF object, built by build.rs from mesh-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
@@ -229,6 +229,7 @@ impl Datapath {
         &mut self,
         state: &MeshState,
         ifindexes: &HashMap<Ipv4Addr, u32>,
+        trust_domain: &str,
     ) -> Result<()> {
         let mut workloads: BpfHashMap<_, u32, WorkloadInfo> = map(&mut self.ebpf, pins::WORKLOADS)?;
         let desired: HashMap<u32, WorkloadInfo> = state
@@ -300,7 +301,31 @@ impl Datapath {
                 })
             })
             .collect();
-        sync(&mut ports, pins::PORT_MTLS, &desired)
+        sync(&mut ports, pins::PORT_MTLS, &desired)?;
+
+        let mut policy: BpfHashMap<_, PolicyKey, u32> = map(&mut self.ebpf, pins::POLICY)?;
+        let verdicts = authz::kernel_verdicts(state, trust_domain);
+        if verdicts.len() > authz::KERNEL_VERDICTS_MAX {
+            log::warn!(
+                "{} L4 policy verdicts for the kernel; the first {} are loaded, the agent enforces all",
+                verdicts.len(),
+                authz::KERNEL_VERDICTS_MAX
+            );
+        }
+        let desired: HashMap<PolicyKey, u32> = verdicts
+            .iter()
+            .take(authz::KERNEL_VERDICTS_MAX)
+            .map(|v| {
+                let key = PolicyKey {
+                    src_ip: ip_key(v.source),
+                    dst_ip: ip_key(v.destination),
+                    dst_port: v.port,
+                    _pad: 0,
+                };
+                (key, if v.deny { POLICY_DENY } else { POLICY_ALLOW })
+            })
+            .collect();
+        sync(&mut policy, pins::POLICY, &desired)
     }
 }
 

@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map's key or value layout changes; maps live under
 /// `<bpffs dir>/maps-v<N>` so an agent of another layout never misreads them.
-pub const MAPS_LAYOUT_VERSION: u32 = 2;
+pub const MAPS_LAYOUT_VERSION: u32 = 3;
 
 /// The agent's transparent listener for connections captured leaving a pod.
 pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
@@ -42,6 +42,7 @@ pub mod pins {
     pub const FLOWS: &str = "MESH_FLOWS";
     pub const FLOW_EVENTS: &str = "MESH_FLOW_EVENTS";
     pub const PORT_MTLS: &str = "MESH_PORT_MTLS";
+    pub const POLICY: &str = "MESH_POLICY";
 }
 
 /// Names of the programs in the eBPF object.
@@ -83,6 +84,21 @@ pub struct PortKey {
     pub port: u16,
     pub _pad: u16,
 }
+
+/// A new connection from a local pod to a destination (`POLICY` key); `dst_port` 0 stands
+/// for every port without an entry of its own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyKey {
+    pub src_ip: u32,
+    pub dst_ip: u32,
+    pub dst_port: u16,
+    pub _pad: u16,
+}
+
+/// `POLICY` values: the destination's AuthorizationPolicies decide on L4 facts alone.
+pub const POLICY_DENY: u32 = 1;
+pub const POLICY_ALLOW: u32 = 2;
 
 /// A Service port, keyed by its cluster IP and port.
 #[repr(C)]
@@ -137,7 +153,9 @@ pub mod verdict {
     pub const DROP_ASSIGN_FAILED: u32 = 5;
     /// Dropped: plaintext to a pod under PeerAuthentication STRICT, not from the mesh.
     pub const DROP_PLAINTEXT_STRICT: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// A new connection an AuthorizationPolicy denies on L4 facts alone (same-node source).
+    pub const DROP_POLICY_DENIED: u32 = 7;
+    pub const COUNT: u32 = 8;
 
     /// Names as reported by meshctl and the metrics (`reason` label).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -148,6 +166,7 @@ pub mod verdict {
         "drop_no_flow",
         "drop_assign_failed",
         "drop_plaintext_strict",
+        "drop_policy_denied",
     ];
 }
 
@@ -220,6 +239,7 @@ mod user {
     unsafe impl aya::Pod for WorkloadInfo {}
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for ServiceInfo {}
     unsafe impl aya::Pod for TrafficKey {}
     unsafe impl aya::Pod for TrafficCounters {}

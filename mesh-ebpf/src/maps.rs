@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use mesh_common::{
-    verdict, FlowKey, FlowStats, PortKey, ServiceInfo, ServiceKey, TrafficCounters, TrafficKey,
-    WorkloadInfo,
+    verdict, FlowKey, FlowStats, PolicyKey, PortKey, ServiceInfo, ServiceKey, TrafficCounters,
+    TrafficKey, WorkloadInfo,
 };
 
 /// Pod IPv4 → workload: every meshed pod of the cluster, local ones flagged.
@@ -21,6 +21,10 @@ pub static MESH_SERVICES: HashMap<ServiceKey, ServiceInfo> = HashMap::pinned(163
 /// Local pod address and port → PeerAuthentication mode overriding the workload's.
 #[map]
 pub static MESH_PORT_MTLS: HashMap<PortKey, u32> = HashMap::pinned(16384, 0);
+
+/// Local pod → destination (and port): what AuthorizationPolicies decide on L4 facts.
+#[map]
+pub static MESH_POLICY: HashMap<PolicyKey, u32> = HashMap::pinned(65536, 0);
 
 /// Packets and bytes per address pair and direction, as seen on pod veths.
 #[map]

@@ -3,7 +3,8 @@
 //! `tc_from_pod` (ingress of the host veth, i.e. packets leaving the pod): a packet that
 //! belongs to a socket the node agent owns goes to that socket; a new TCP connection
 //! towards a meshed destination (a pod of the mesh or a Service port) is handed to the
-//! agent's transparent capture listener with `bpf_sk_assign`. The mark makes the node's
+//! agent's transparent capture listener with `bpf_sk_assign`, unless the destination's
+//! AuthorizationPolicies deny this source on L4 facts alone (then the SYN is dropped). The mark makes the node's
 //! policy route deliver the packet locally, so the accepted socket's local address is
 //! the original destination: no NAT and no side table. Everything is counted.
 //!
@@ -18,13 +19,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use mesh_common::{
-    verdict, PortKey, ServiceKey, TrafficCounters, TrafficKey, AGENT_MARK, CAPTURE_MARK,
-    DIRECTION_FROM_POD, DIRECTION_TO_POD, OUTBOUND_CAPTURE_PORT, PORT_MTLS_STRICT,
+    verdict, PolicyKey, PortKey, ServiceKey, TrafficCounters, TrafficKey, AGENT_MARK, CAPTURE_MARK,
+    DIRECTION_FROM_POD, DIRECTION_TO_POD, OUTBOUND_CAPTURE_PORT, POLICY_DENY, PORT_MTLS_STRICT,
     WORKLOAD_FLAG_MTLS_STRICT,
 };
 
 use crate::{
-    maps::{count_verdict, MESH_PORT_MTLS, MESH_SERVICES, MESH_TRAFFIC, MESH_WORKLOADS},
+    maps::{
+        count_verdict, MESH_POLICY, MESH_PORT_MTLS, MESH_SERVICES, MESH_TRAFFIC, MESH_WORKLOADS,
+    },
     packet::{parse_ipv4, parse_tcp, IPPROTO_TCP, TCP_FLAG_ACK, TCP_FLAG_SYN},
 };
 
@@ -107,6 +110,10 @@ fn from_pod(ctx: &TcContext) -> i32 {
         count_verdict(verdict::DROP_NO_FLOW);
         return TC_ACT_SHOT;
     }
+    if policy_denies(ip.saddr, ip.daddr, u16::from_be(dport)) {
+        count_verdict(verdict::DROP_POLICY_DENIED);
+        return TC_ACT_SHOT;
+    }
     match lookup(
         ctx,
         ip.saddr,
@@ -121,6 +128,27 @@ fn from_pod(ctx: &TcContext) -> i32 {
             TC_ACT_SHOT
         }
     }
+}
+
+/// Whether the destination's policies deny this source on L4 facts: the port's own entry
+/// if there is one, else the destination's entry for every other port.
+#[inline(always)]
+fn policy_denies(src: u32, dst: u32, port: u16) -> bool {
+    let exact = PolicyKey {
+        src_ip: src,
+        dst_ip: dst,
+        dst_port: port,
+        _pad: 0,
+    };
+    // SAFETY: map value pointers, valid while this program runs.
+    if let Some(value) = unsafe { MESH_POLICY.get(&exact) } {
+        return *value == POLICY_DENY;
+    }
+    let other_ports = PolicyKey {
+        dst_port: 0,
+        ..exact
+    };
+    unsafe { MESH_POLICY.get(&other_ports) }.is_some_and(|value| *value == POLICY_DENY)
 }
 
 /// Looks a socket up in the node's network namespace by the packet's 4-tuple. With
