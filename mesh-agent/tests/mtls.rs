@@ -81,10 +81,15 @@ struct Agent {
 
 /// The HBONE server of the node `here`, where `web` runs (a TCP echo on 127.0.0.2).
 async fn destination_agent(ca: &CaKeys) -> Agent {
+    destination_agent_with(ca, "").await
+}
+
+/// The same, with more configuration (policies).
+async fn destination_agent_with(ca: &CaKeys, extra: &str) -> Agent {
     let state = SharedState::default();
     state.replace(MeshState::build(
         "here",
-        &load_str(Path::new("cluster.yaml"), &cluster()),
+        &load_str(Path::new("cluster.yaml"), &format!("{}{extra}", cluster())),
     ));
     let conns = Arc::new(ConnTable::default());
     let metrics = Arc::new(Metrics::new(state.clone(), conns.clone(), TD));
@@ -395,4 +400,31 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+#[tokio::test]
+async fn a_connection_the_destination_policy_denies_is_refused_before_the_workload() {
+    let ca = CaKeys::generate(TD).expect("root");
+    let agent = destination_agent_with(
+        &ca,
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-client, namespace: demo}\nspec: {action: DENY, rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/client]}}]}]}\n",
+    )
+    .await;
+    let pool = HbonePool::new(valid(&ca, "client"));
+    let err = pool
+        .open(
+            agent.tunnel,
+            &id("client"),
+            &id("web"),
+            &request(&agent, CLIENT_IP),
+        )
+        .await
+        .expect_err("refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+    eventually_refused(&agent, "policy_denied").await;
+    let text = agent.metrics.encode();
+    assert!(
+        text.contains("mesh_authz_decisions_total{decision=\"deny\",policy=\"demo/no-client\",layer=\"connection\",destination_workload=\"web\",destination_workload_namespace=\"demo\"} 1"),
+        "{text}"
+    );
 }
