@@ -141,14 +141,14 @@ fn policy_denies(src: u32, dst: u32, port: u16) -> bool {
         _pad: 0,
     };
     // SAFETY: map value pointers, valid while this program runs.
-    if let Some(value) = unsafe { MESH_POLICY.get(&exact) } {
+    if let Some(value) = unsafe { MESH_POLICY.get(exact) } {
         return *value == POLICY_DENY;
     }
     let other_ports = PolicyKey {
         dst_port: 0,
         ..exact
     };
-    unsafe { MESH_POLICY.get(&other_ports) }.is_some_and(|value| *value == POLICY_DENY)
+    unsafe { MESH_POLICY.get(other_ports) }.is_some_and(|value| *value == POLICY_DENY)
 }
 
 /// Looks a socket up in the node's network namespace by the packet's 4-tuple. With
