@@ -2,7 +2,8 @@
 //! baseline taken in the same run. The bench sandbox (`deploy/bench`) holds the same
 //! client and servers twice: in namespace `bench` (meshed) and `plain` (opted out, routed
 //! directly). Each scenario runs on both, for servers on the client's node
-//! (`same-node-l4`) and on the other node (`cross-node-mtls`), repeated to give a median
+//! (`same-node-l4`), on the other node (`cross-node-mtls`), and on the other node behind
+//! an L7 AuthorizationPolicy (`l7-policy`, HTTP scenarios only), repeated to give a median
 //! and a spread. Results go to the terminal as a table and to `target/bench/` as JSON.
 
 use std::{
@@ -212,12 +213,15 @@ fn measure_all(settings: &Settings) -> Result<Vec<Measurement>> {
         / agents.len() as f64;
     let mut loaded_rss: f64 = 0.0;
     let seconds = settings.seconds.to_string();
-    for (path, server) in [
-        ("same-node-l4", "server-near"),
-        ("cross-node-mtls", "server-far"),
+    // `l7-policy`: the server across nodes behind an AuthorizationPolicy that needs the
+    // request (method and path), so the destination agent parses and judges each one.
+    for (path, server, mesh_server) in [
+        ("same-node-l4", "server-near", "server-near"),
+        ("cross-node-mtls", "server-far", "server-far"),
+        ("l7-policy", "server-far", "server-l7"),
     ] {
         let baseline = pod_ip(&state, &format!("plain/{server}"))?;
-        let mesh = pod_ip(&state, &format!("bench/{server}"))?;
+        let mesh = pod_ip(&state, &format!("bench/{mesh_server}"))?;
         let client_of = |ip: &str| {
             if ip == baseline {
                 "plain/client"
@@ -226,7 +230,12 @@ fn measure_all(settings: &Settings) -> Result<Vec<Measurement>> {
             }
         };
 
-        for (scenario, streams) in [("throughput-1-stream", "1"), ("throughput-8-streams", "8")] {
+        let streams_scenarios: &[(&str, &str)] = if path == "l7-policy" {
+            &[]
+        } else {
+            &[("throughput-1-stream", "1"), ("throughput-8-streams", "8")]
+        };
+        for &(scenario, streams) in streams_scenarios {
             progress(&format!("{path}: {scenario}"));
             let values = compare(
                 settings,

@@ -1154,7 +1154,31 @@ fn authorization_policies_and_jwt_are_enforced_across_nodes() {
         "401 2"
     );
 
-    // The JWKS server goes away: the fetched keys are kept.
+    // Every agent fetches the keys (meshctl on node-a answers from node-a's agent); then
+    // the JWKS server goes away: the fetched keys are kept.
+    let jwt_check = || {
+        on_node(
+            "node-a",
+            &[
+                "meshctl",
+                "policy",
+                "check",
+                "--from",
+                "demo/web-a",
+                "--to",
+                "demo/api",
+                "--port",
+                "80",
+                "--path",
+                "/private/x",
+                "--jwt",
+                token_file.to_str().expect("path"),
+            ],
+        )
+    };
+    eventually("node-a's agent has the keys", || {
+        jwt_check().starts_with("ALLOW")
+    });
     kubectl("delete", "jwks", &jwks_server());
     assert_eq!(
         http(
@@ -1262,24 +1286,7 @@ fn authorization_policies_and_jwt_are_enforced_across_nodes() {
         "demo/api-deny-admin"
     );
     assert_eq!(report["endpoints"][0]["outcome"], "403");
-    let text = on_node(
-        "node-a",
-        &[
-            "meshctl",
-            "policy",
-            "check",
-            "--from",
-            "demo/web-a",
-            "--to",
-            "demo/api",
-            "--port",
-            "80",
-            "--path",
-            "/private/x",
-            "--jwt",
-            token_file.to_str().expect("path"),
-        ],
-    );
+    let text = jwt_check();
     assert!(text.starts_with("ALLOW"), "{text}");
     assert!(text.contains("ALLOW demo/api-allow rules[1]"), "{text}");
     assert!(
