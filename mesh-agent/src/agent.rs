@@ -45,6 +45,9 @@ pub struct AgentOptions {
     pub cgroup_root: PathBuf,
     pub trust_domain: String,
     pub root_namespace: String,
+    /// Splice same-node flows that need no L7 work in the kernel (sockhash + stream
+    /// verdict) instead of copying them.
+    pub kernel_splice: bool,
     /// The mesh CA's address, its root certificate (the trust bundle) and this node's
     /// bootstrap token.
     pub ca_address: SocketAddr,
@@ -114,7 +117,21 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     }));
     let ready = Arc::new(AtomicBool::new(false));
 
-    let datapath = Datapath::load(&options.bpffs).context("loading the eBPF datapath")?;
+    let mut datapath = Datapath::load(&options.bpffs).context("loading the eBPF datapath")?;
+    let splicer = if options.kernel_splice {
+        match datapath.splicer() {
+            Ok(splicer) => Some(Arc::new(splicer)),
+            Err(err) => {
+                log::warn!(
+                    "in-kernel splicing unavailable, same-node flows are copied: {}",
+                    datapath::describe(&err)
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
     datapath::install_capture_route()?;
     let kernel_maps = take_kernel_maps(&options.bpffs)?;
 
@@ -152,6 +169,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     });
     let outbound = Arc::new(Outbound {
         guard: guard.clone(),
+        splicer,
         state: shared.clone(),
         conns: conns.clone(),
         pool: HbonePool::new(identities.clone()),

@@ -1,8 +1,8 @@
 //! The kernel side, as the agent drives it: loading the eBPF object with its maps pinned
 //! under the node's bpffs directory, attaching the programs to each local pod's veth and
 //! cgroup with links pinned beside the maps (so a restarted agent replaces them in place),
-//! filling the workload and service maps, and the policy route that delivers steered
-//! packets to the agent's sockets.
+//! filling the workload, service and policy maps, the policy route that delivers steered
+//! packets to the agent's sockets, and the splice program of same-node flows.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -13,11 +13,11 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap as BpfHashMap, MapError},
+    maps::{HashMap as BpfHashMap, MapData, MapError, SockHash},
     programs::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
-        CgroupAttachMode, LinkOrder, SchedClassifier, SockOps, TcAttachType,
+        CgroupAttachMode, LinkOrder, SchedClassifier, SkSkb, SockOps, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
@@ -27,7 +27,7 @@ use mesh_common::{
     PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT, WORKLOAD_FLAG_LOCAL, WORKLOAD_FLAG_MTLS_STRICT,
 };
 
-use crate::{authz, peerauth::Effective, state::MeshState};
+use crate::{authz, peerauth::Effective, proxy::splice::Splicer, state::MeshState};
 
 /// The eBPF object, built by build.rs from mesh-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
@@ -123,6 +123,39 @@ impl Datapath {
             ebpf,
             links_dir: links,
         })
+    }
+
+    /// Loads the stream verdict program of spliced flows and attaches it to the sockhash
+    /// (both maps belong to this agent: they go when it goes).
+    pub fn splicer(&mut self) -> Result<Splicer> {
+        let map = |name: &'static str, ebpf: &mut Ebpf| {
+            ebpf.take_map(name).ok_or(DatapathError::Map {
+                name,
+                source: MapError::InvalidName { name: name.into() },
+            })
+        };
+        let sockhash = |name: &'static str, ebpf: &mut Ebpf| {
+            SockHash::<MapData, u64>::try_from(map(name, ebpf)?)
+                .map_err(|source| DatapathError::Map { name, source })
+        };
+        let sources = sockhash(pins::SPLICE_SOURCES, &mut self.ebpf)?;
+        let targets = sockhash(pins::SPLICE_TARGETS, &mut self.ebpf)?;
+        let peers: BpfHashMap<MapData, u64, u64> =
+            BpfHashMap::try_from(map(pins::SPLICE_PEERS, &mut self.ebpf)?).map_err(|source| {
+                DatapathError::Map {
+                    name: pins::SPLICE_PEERS,
+                    source,
+                }
+            })?;
+        let name = programs::SPLICE_VERDICT;
+        let verdict: &mut SkSkb = program(&mut self.ebpf, name)?;
+        verdict
+            .load()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        verdict
+            .attach(sources.fd())
+            .map_err(|source| DatapathError::Program { name, source })?;
+        Ok(Splicer::new(sources, targets, peers))
     }
 
     /// Pods with programs attached, by `namespace/name`, from the pinned links.

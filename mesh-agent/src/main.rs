@@ -44,6 +44,10 @@ enum Command {
         /// RequestAuthentications without a selector apply mesh wide.
         #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = "istio-system")]
         root_namespace: String,
+        /// Splice same-node flows that need no L7 work in the kernel instead of copying
+        /// them through the agent.
+        #[arg(long, env = "MESH_KERNEL_SPLICE", default_value_t = true, action = clap::ArgAction::Set)]
+        kernel_splice: bool,
         /// The mesh CA's address.
         #[arg(long, env = "MESH_CA_ADDRESS")]
         ca_address: SocketAddr,
@@ -83,6 +87,7 @@ fn main() -> anyhow::Result<()> {
             cgroup_root,
             trust_domain,
             root_namespace,
+            kernel_splice,
             ca_address,
             ca_root,
             ca_token,
@@ -99,6 +104,7 @@ fn main() -> anyhow::Result<()> {
                 cgroup_root,
                 trust_domain,
                 root_namespace,
+                kernel_splice,
                 ca_address,
                 ca_root,
                 ca_token,

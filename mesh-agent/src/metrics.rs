@@ -66,6 +66,11 @@ struct AuthzLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CarriedLabels {
+    how: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct JwtLabels {
     result: String,
     reason: String,
@@ -112,6 +117,7 @@ pub struct Metrics {
     tunnel_refusals: Family<ReasonLabels, Counter>,
     authz_decisions: Family<AuthzLabels, Counter>,
     jwt_validations: Family<JwtLabels, Counter>,
+    carried: Family<CarriedLabels, Counter>,
     pub config_generation: Gauge,
     pub enrolled_pods: Gauge,
     tracker: Mutex<Option<Tracker>>,
@@ -132,6 +138,7 @@ impl Metrics {
         let tunnel_refusals = Family::<ReasonLabels, Counter>::default();
         let authz_decisions = Family::<AuthzLabels, Counter>::default();
         let jwt_validations = Family::<JwtLabels, Counter>::default();
+        let carried = Family::<CarriedLabels, Counter>::default();
         let config_generation = Gauge::default();
         let enrolled_pods = Gauge::default();
         registry.register(
@@ -180,6 +187,11 @@ impl Metrics {
             jwt_validations.clone(),
         );
         registry.register(
+            "mesh_connections_carried",
+            "Pod connections this agent carried, by how: spliced (in the kernel), copied (through the agent), http (parsed per request), tunnel (HBONE to another node), direct (outside the mesh or DISABLE)",
+            carried.clone(),
+        );
+        registry.register(
             "mesh_config_generation",
             "Generation of the configuration being served",
             config_generation.clone(),
@@ -200,6 +212,7 @@ impl Metrics {
             tunnel_refusals,
             authz_decisions,
             jwt_validations,
+            carried,
             config_generation,
             enrolled_pods,
             tracker: Mutex::new(None),
@@ -233,6 +246,13 @@ impl Metrics {
                 destination_workload: destination.workload.clone(),
                 destination_workload_namespace: destination.namespace.clone(),
             })
+            .inc();
+    }
+
+    /// Counts a pod connection by how it was carried.
+    pub fn carried(&self, how: &str) {
+        self.carried
+            .get_or_create(&CarriedLabels { how: how.into() })
             .inc();
     }
 

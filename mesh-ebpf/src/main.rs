@@ -1,12 +1,14 @@
 //! The mesh's kernel programs, one file per attach point: `tc` on each meshed pod's
-//! host-side veth (capture towards the node agent, per-pod-pair accounting) and `sockops`
-//! on each meshed pod's cgroup (per-connection L4 facts and flow events).
+//! host-side veth (capture towards the node agent, per-pod-pair accounting), `sockops`
+//! on each meshed pod's cgroup (per-connection L4 facts and flow events) and `splice`,
+//! the stream verdict of the agent's spliced same-node flows.
 #![no_std]
 #![no_main]
 
 mod maps;
 mod packet;
 mod sockops;
+mod splice;
 mod tc;
 
 #[cfg(not(test))]

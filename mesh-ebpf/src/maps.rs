@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
     verdict, FlowKey, FlowStats, PolicyKey, PortKey, ServiceInfo, ServiceKey, TrafficCounters,
@@ -25,6 +25,20 @@ pub static MESH_PORT_MTLS: HashMap<PortKey, u32> = HashMap::pinned(16384, 0);
 /// Local pod → destination (and port): what AuthorizationPolicies decide on L4 facts.
 #[map]
 pub static MESH_POLICY: HashMap<PolicyKey, u32> = HashMap::pinned(65536, 0);
+
+/// The agent's sockets of spliced flows whose received bytes the verdict redirects, by
+/// socket cookie. Not pinned: the sockets live and die with the agent that owns them.
+#[map]
+pub static MESH_SPLICE_SOURCES: SockHash<u64> = SockHash::with_max_entries(65536, 0);
+
+/// The same sockets as redirect targets (no program on this map, so joining it leaves a
+/// socket's receive path alone).
+#[map]
+pub static MESH_SPLICE_TARGETS: SockHash<u64> = SockHash::with_max_entries(65536, 0);
+
+/// Socket cookie → the cookie of the socket its bytes go out of.
+#[map]
+pub static MESH_SPLICE_PEERS: HashMap<u64, u64> = HashMap::with_max_entries(65536, 0);
 
 /// Packets and bytes per address pair and direction, as seen on pod veths.
 #[map]

@@ -2,7 +2,8 @@
 //! baseline taken in the same run. The bench sandbox (`deploy/bench`) holds the same
 //! client and servers twice: in namespace `bench` (meshed) and `plain` (opted out, routed
 //! directly). Each scenario runs on both, for servers on the client's node
-//! (`same-node-l4`), on the other node (`cross-node-mtls`), and on the other node behind
+//! (`same-node-l4`, spliced in the kernel; `same-node-l4-copied`, through the agent), on
+//! the other node (`cross-node-mtls`), and on the other node behind
 //! an L7 AuthorizationPolicy (`l7-policy`, HTTP scenarios only), repeated to give a median
 //! and a spread. Results go to the terminal as a table and to `target/bench/` as JSON.
 
@@ -215,8 +216,11 @@ fn measure_all(settings: &Settings) -> Result<Vec<Measurement>> {
     let seconds = settings.seconds.to_string();
     // `l7-policy`: the server across nodes behind an AuthorizationPolicy that needs the
     // request (method and path), so the destination agent parses and judges each one.
+    // `same-node-l4-copied`: the same-node server labelled `mesh/splice: "false"`, so its
+    // flows are copied through the agent: the spliced and copied paths side by side.
     for (path, server, mesh_server) in [
         ("same-node-l4", "server-near", "server-near"),
+        ("same-node-l4-copied", "server-near", "server-near-copied"),
         ("cross-node-mtls", "server-far", "server-far"),
         ("l7-policy", "server-far", "server-l7"),
     ] {

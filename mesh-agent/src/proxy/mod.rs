@@ -1,11 +1,13 @@
 //! The node agent's proxy: connections captured leaving local pods (outbound), HBONE
-//! between node agents (both ends), and the table that tells the metrics which workload
+//! between node agents (both ends), delivery under the destination's policies (inbound),
+//! in-kernel splicing of same-node flows (splice), and the table that tells the metrics which workload
 //! and Service each pod connection really reached, and how.
 
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 pub mod socket;
+pub mod splice;
 
 use std::{
     collections::HashMap,

@@ -1,6 +1,7 @@
 //! Connections captured leaving a local pod (port 15001): the accepted socket's local
 //! address is the original destination; it is resolved (pod, or Service → endpoint) and
-//! carried straight to a pod of this node, over HBONE (mutual TLS, the source pod's
+//! carried straight to a pod of this node (spliced in the kernel when no L7 work is
+//! needed), over HBONE (mutual TLS, the source pod's
 //! identity) to the agent of the destination's node, or directly to an endpoint outside
 //! the mesh.
 
@@ -13,11 +14,13 @@ use super::{
     flow_key,
     hbone::{self, HbonePool, TunnelRequest},
     inbound::{Admission, Arrival, Guard},
-    socket, ConnTable,
+    socket,
+    splice::Splicer,
+    ConnTable,
 };
 use crate::{
     peerauth::Effective,
-    state::{Resolved, SharedState},
+    state::{Resolved, SharedState, Workload},
     tls::Identities,
 };
 
@@ -28,6 +31,35 @@ pub struct Outbound {
     pub pool: HbonePool,
     pub identities: Arc<Identities>,
     pub guard: Arc<Guard>,
+    /// In-kernel splicing of same-node flows, when enabled and loaded.
+    pub splicer: Option<Arc<Splicer>>,
+}
+
+/// A destination pod labelled `mesh/splice: "false"` has its same-node flows copied
+/// through the agent instead of spliced in the kernel.
+pub const SPLICE_LABEL: &str = "mesh/splice";
+
+/// Carries a same-node flow: spliced in the kernel when possible, else copied.
+async fn carry_local(
+    outbound: &Outbound,
+    destination: &Workload,
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+) -> io::Result<(u64, u64)> {
+    let splice_allowed = destination.labels.get(SPLICE_LABEL).map(String::as_str) != Some("false");
+    let metrics = &outbound.guard.metrics;
+    if let (Some(splicer), true) = (&outbound.splicer, splice_allowed) {
+        match splicer.splice(client, upstream) {
+            Ok(spliced) => {
+                let (sent, received, both) = spliced.run().await?;
+                metrics.carried(if both { "spliced" } else { "copied" });
+                return Ok((sent, received));
+            }
+            Err(err) => log::debug!("splicing {}: {err}; copying instead", destination.key()),
+        }
+    }
+    metrics.carried("copied");
+    tokio::io::copy_bidirectional(client, upstream).await
 }
 
 /// Refuses a connection the destination's policies deny: reset, not closed, so the
@@ -139,12 +171,15 @@ async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
             let server_key = flow_key(target, socket::v4(upstream.local_addr()?)?);
             conns.insert(server_key, workload.clone(), service.clone(), false);
             let delivered = match admission {
-                Admission::Http => guard
-                    .clone()
-                    .serve_http(client, upstream, arrival)
-                    .await
-                    .map(|()| (0, 0)),
-                _ => tokio::io::copy_bidirectional(&mut client, &mut upstream).await,
+                Admission::Http => {
+                    guard.metrics.carried("http");
+                    guard
+                        .clone()
+                        .serve_http(client, upstream, arrival)
+                        .await
+                        .map(|()| (0, 0))
+                }
+                _ => carry_local(outbound, pod, &mut client, &mut upstream).await,
             };
             conns.finish(&server_key);
             delivered
@@ -167,12 +202,18 @@ async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
             }
             let mut upstream = socket::connect(target).await?;
             match admission {
-                Admission::Http => guard
-                    .clone()
-                    .serve_http(client, upstream, arrival)
-                    .await
-                    .map(|()| (0, 0)),
-                _ => tokio::io::copy_bidirectional(&mut client, &mut upstream).await,
+                Admission::Http => {
+                    guard.metrics.carried("http");
+                    guard
+                        .clone()
+                        .serve_http(client, upstream, arrival)
+                        .await
+                        .map(|()| (0, 0))
+                }
+                _ => {
+                    guard.metrics.carried("direct");
+                    tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                }
             }
         }
         Some(pod) => {
@@ -210,12 +251,14 @@ async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
                     return Err(err);
                 }
             };
+            guard.metrics.carried("tunnel");
             hbone::splice(&mut client, send, recv).await
         }
         // An endpoint outside the mesh (a WorkloadEntry, a ServiceEntry endpoint, a
         // passthrough destination): reached from this node directly.
         None => {
             let mut upstream = socket::connect(target).await?;
+            guard.metrics.carried("direct");
             tokio::io::copy_bidirectional(&mut client, &mut upstream).await
         }
     };
