@@ -17,7 +17,7 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the helper reads the cookie of the socket the skb arrived on.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     // SAFETY: a map value pointer, valid while this program runs.
-    if let Some(peer) = unsafe { MESH_SPLICE_PEERS.get(&cookie) } {
+    if let Some(peer) = unsafe { MESH_SPLICE_PEERS.get(cookie) } {
         let mut peer = *peer;
         // On success the skb is queued for sending on the peer; on failure (the peer is
         // gone) the bytes stay on this socket for the agent.
