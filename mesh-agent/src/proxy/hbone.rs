@@ -11,7 +11,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use h2::{client::SendRequest, RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use rustls::pki_types::ServerName;
@@ -199,16 +199,19 @@ pub async fn splice<T: AsyncRead + AsyncWrite + Unpin>(
 ) -> io::Result<(u64, u64)> {
     let (mut reader, mut writer) = tokio::io::split(tcp);
     let upstream = async {
-        let mut buf = vec![0u8; CHUNK];
+        // Read straight into a buffer whose filled part is handed to h2 without a copy;
+        // once h2 has written a chunk, `reserve` takes the same allocation back.
+        let mut buf = BytesMut::with_capacity(CHUNK);
         let mut total = 0u64;
         loop {
-            let n = reader.read(&mut buf).await?;
+            buf.reserve(CHUNK);
+            let n = reader.read_buf(&mut buf).await?;
             if n == 0 {
                 send.send_data(Bytes::new(), true).map_err(h2_error)?;
                 return Ok::<_, io::Error>(total);
             }
             total += n as u64;
-            let mut data = Bytes::copy_from_slice(&buf[..n]);
+            let mut data = buf.split().freeze();
             while !data.is_empty() {
                 send.reserve_capacity(data.len());
                 let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))

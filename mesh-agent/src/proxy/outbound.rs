@@ -39,6 +39,14 @@ pub struct Outbound {
 /// through the agent instead of spliced in the kernel.
 pub const SPLICE_LABEL: &str = "mesh/splice";
 
+/// Buffer per direction of a copied flow: one read fills a typical socket's burst, so a
+/// bulk flow costs few system calls; allocated once per flow and reused.
+const COPY_BUFFER: usize = 64 * 1024;
+
+async fn copy(client: &mut TcpStream, upstream: &mut TcpStream) -> io::Result<(u64, u64)> {
+    tokio::io::copy_bidirectional_with_sizes(client, upstream, COPY_BUFFER, COPY_BUFFER).await
+}
+
 /// Carries a same-node flow: spliced in the kernel when possible, else copied.
 async fn carry_local(
     outbound: &Outbound,
@@ -59,7 +67,7 @@ async fn carry_local(
         }
     }
     metrics.carried("copied");
-    tokio::io::copy_bidirectional(client, upstream).await
+    copy(client, upstream).await
 }
 
 /// Refuses a connection the destination's policies deny: reset, not closed, so the
@@ -212,7 +220,7 @@ async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
                 }
                 _ => {
                     guard.metrics.carried("direct");
-                    tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                    copy(&mut client, &mut upstream).await
                 }
             }
         }
@@ -259,7 +267,7 @@ async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
         None => {
             let mut upstream = socket::connect(target).await?;
             guard.metrics.carried("direct");
-            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+            copy(&mut client, &mut upstream).await
         }
     };
     conns.finish(&client_key);
