@@ -1371,7 +1371,9 @@ fn same_node_flows_are_spliced_in_the_kernel() {
     };
     let (spliced, copied) = (carried("spliced"), carried("copied"));
 
-    // Bytes both ways, each direction ended by its own FIN, intact whatever the size.
+    // Bytes both ways, each direction ended by its own FIN, intact whatever the size. (A
+    // client that has sent everything and closed before the agent pairs the sockets —
+    // likely with small payloads — is copied instead; 3 MiB cannot be sent that fast.)
     let echo_spliced = format!("{}:9000", pod_ip(&status, "echo-spliced"));
     for size in [1, 70_000, 3 << 20] {
         assert_eq!(
@@ -1386,11 +1388,14 @@ fn same_node_flows_are_spliced_in_the_kernel() {
         download_digest("client-a", &format!("http://{web_a}:8080/blob")),
         sha256_of_file("/run/mesh-sandbox/pods/demo-web-a/blob")
     );
-    assert!(carried("spliced") >= spliced + 4.0, "spliced in the kernel");
-    assert_eq!(carried("copied"), copied, "nothing copied");
+    let spliced_now = carried("spliced");
+    assert!(spliced_now >= spliced + 2.0, "spliced in the kernel");
+    assert!(carried("copied") <= copied + 2.0);
 
     // A pod labelled mesh/splice: "false" has its flows copied by the agent instead.
     let echo_copied = format!("{}:9000", pod_ip(&status, "echo-copied"));
+    let copied_before = carried("copied");
     assert_eq!(echo_round_trip(&echo_copied, 3 << 20), "intact");
-    assert!(carried("copied") >= copied + 1.0);
+    assert!(carried("copied") >= copied_before + 1.0);
+    assert_eq!(carried("spliced"), spliced_now);
 }
