@@ -43,22 +43,6 @@ pub fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
 /// Connects to `dst` from `src` (an address of another host: the client pod's), keeping
 /// the client's port when it is free and any port otherwise.
 pub async fn connect_as(src: SocketAddrV4, dst: SocketAddrV4) -> io::Result<TcpStream> {
-    match connect_from(src, dst).await {
-        // The same four addresses are still held by an earlier connection in TIME_WAIT
-        // on this node: the client's address with another port will do.
-        Err(err)
-            if matches!(
-                err.kind(),
-                io::ErrorKind::AddrNotAvailable | io::ErrorKind::AddrInUse
-            ) =>
-        {
-            connect_from(SocketAddrV4::new(*src.ip(), 0), dst).await
-        }
-        connected => connected,
-    }
-}
-
-async fn connect_from(src: SocketAddrV4, dst: SocketAddrV4) -> io::Result<TcpStream> {
     let socket = tcp_socket()?;
     socket.set_ip_transparent_v4(true)?;
     socket.set_mark(AGENT_MARK)?;
