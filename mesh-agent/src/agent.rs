@@ -140,9 +140,6 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         OUTBOUND_CAPTURE_PORT,
     ))
     .with_context(|| format!("binding the capture listener on port {OUTBOUND_CAPTURE_PORT}"))?;
-    datapath
-        .attach_capture_lookup(&capture)
-        .context("attaching the capture socket lookup")?;
     let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
     let metrics_listener = socket::listener(any(METRICS_PORT)).context("binding :15020")?;
     let ready_listener = socket::listener(any(READY_PORT)).context("binding :15021")?;

@@ -8,17 +8,16 @@ use std::{
     collections::{HashMap, HashSet},
     fs,
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::Command,
 };
 
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, MapError, SockHash, SockMap},
+    maps::{HashMap as BpfHashMap, MapData, MapError, SockHash},
     programs::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
-        CgroupAttachMode, LinkOrder, SchedClassifier, SkLookup, SkSkb, SockOps, TcAttachType,
+        CgroupAttachMode, LinkOrder, SchedClassifier, SkSkb, SockOps, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
@@ -85,8 +84,6 @@ pub struct PodAttachment {
 pub struct Datapath {
     ebpf: Ebpf,
     links_dir: PathBuf,
-    /// Holds the capture listener for `capture_lookup` while the agent runs.
-    capture_listeners: Option<SockMap<MapData>>,
 }
 
 /// The pinned-map directory of a node's bpffs directory.
@@ -125,36 +122,7 @@ impl Datapath {
         Ok(Datapath {
             ebpf,
             links_dir: links,
-            capture_listeners: None,
         })
-    }
-
-    /// Attaches `capture_lookup` to this network namespace with `listener` (the capture
-    /// listener) as its target, so a SYN that meets a TIME_WAIT socket of the same
-    /// addresses reaches the listener. Both live as long as this agent.
-    pub fn attach_capture_lookup(&mut self, listener: &impl AsRawFd) -> Result<()> {
-        let name = pins::CAPTURE_LISTENER;
-        let map = self.ebpf.take_map(name).ok_or(DatapathError::Map {
-            name,
-            source: MapError::InvalidName { name: name.into() },
-        })?;
-        let mut listeners =
-            SockMap::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
-        listeners
-            .set(0, listener, 0)
-            .map_err(|source| DatapathError::Map { name, source })?;
-        let netns = fs::File::open("/proc/self/ns/net")
-            .map_err(|e| DatapathError::Bpffs(format!("opening /proc/self/ns/net: {e}")))?;
-        let name = programs::CAPTURE_LOOKUP;
-        let lookup: &mut SkLookup = program(&mut self.ebpf, name)?;
-        lookup
-            .load()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        lookup
-            .attach(netns)
-            .map_err(|source| DatapathError::Program { name, source })?;
-        self.capture_listeners = Some(listeners);
-        Ok(())
     }
 
     /// Loads the stream verdict program of spliced flows and attaches it to the sockhash

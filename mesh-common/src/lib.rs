@@ -43,7 +43,6 @@ pub mod pins {
     pub const FLOW_EVENTS: &str = "MESH_FLOW_EVENTS";
     pub const PORT_MTLS: &str = "MESH_PORT_MTLS";
     pub const POLICY: &str = "MESH_POLICY";
-    pub const CAPTURE_LISTENER: &str = "MESH_CAPTURE_LISTENER";
     pub const SPLICE_SOURCES: &str = "MESH_SPLICE_SOURCES";
     pub const SPLICE_TARGETS: &str = "MESH_SPLICE_TARGETS";
     pub const SPLICE_PEERS: &str = "MESH_SPLICE_PEERS";
@@ -55,7 +54,6 @@ pub mod programs {
     pub const TC_TO_POD: &str = "tc_to_pod";
     pub const SOCKOPS: &str = "sockops_flows";
     pub const SPLICE_VERDICT: &str = "splice_verdict";
-    pub const CAPTURE_LOOKUP: &str = "capture_lookup";
 }
 
 /// A workload (pod) known to the mesh, keyed by its IPv4 address.

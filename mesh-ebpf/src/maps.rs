@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, SockHash, SockMap},
+    maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
     verdict, FlowKey, FlowStats, PolicyKey, PortKey, ServiceInfo, ServiceKey, TrafficCounters,
@@ -25,11 +25,6 @@ pub static MESH_PORT_MTLS: HashMap<PortKey, u32> = HashMap::pinned(16384, 0);
 /// Local pod → destination (and port): what AuthorizationPolicies decide on L4 facts.
 #[map]
 pub static MESH_POLICY: HashMap<PolicyKey, u32> = HashMap::pinned(65536, 0);
-
-/// The agent's capture listener (index 0), for `capture_lookup`. Not pinned: it is the
-/// socket of the running agent.
-#[map]
-pub static MESH_CAPTURE_LISTENER: SockMap = SockMap::with_max_entries(1, 0);
 
 /// The agent's sockets of spliced flows whose received bytes the verdict redirects, by
 /// socket cookie. Not pinned: the sockets live and die with the agent that owns them.
