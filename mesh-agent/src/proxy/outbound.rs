@@ -47,6 +47,21 @@ async fn copy(client: &mut TcpStream, upstream: &mut TcpStream) -> io::Result<(u
     tokio::io::copy_bidirectional_with_sizes(client, upstream, COPY_BUFFER, COPY_BUFFER).await
 }
 
+/// Serves a connection whose requests the destination's policies judge one by one.
+async fn serve_http(
+    guard: &Arc<Guard>,
+    client: TcpStream,
+    upstream: TcpStream,
+    arrival: Arc<Arrival>,
+) -> io::Result<(u64, u64)> {
+    guard.metrics.carried("http");
+    guard
+        .clone()
+        .serve_http(client, upstream, arrival)
+        .await
+        .map(|()| (0, 0))
+}
+
 /// Carries a same-node flow: spliced in the kernel when possible, else copied.
 async fn carry_local(
     outbound: &Outbound,
@@ -158,35 +173,35 @@ async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
         })
     };
     let guard = &outbound.guard;
+    // The destination's policies on this connection, delivered from this node; a
+    // denied client is reset.
+    let admit = |pod: &Arc<Workload>, principal: Option<String>| {
+        let arrival = Arc::new(Arrival::new(
+            pod.clone(),
+            state.security_of(pod.ip),
+            client_addr,
+            target,
+            principal,
+            None,
+        ));
+        match guard.admit(&arrival) {
+            Admission::Deny(_) => {
+                conns.finish(&client_key);
+                Err(reset(&client, &arrival))
+            }
+            admission => Ok((arrival, admission)),
+        }
+    };
     let result = match &workload {
         // Same node: the destination's policies are applied here, with the source's
         // identity known from its address.
         Some(pod) if pod.node == state.node => {
-            let arrival = Arc::new(Arrival::new(
-                pod.clone(),
-                state.security_of(pod.ip),
-                client_addr,
-                target,
-                source_principal(),
-                None,
-            ));
-            let admission = guard.admit(&arrival);
-            if let Admission::Deny(_) = admission {
-                conns.finish(&client_key);
-                return Err(reset(&client, &arrival));
-            }
+            let (arrival, admission) = admit(pod, source_principal())?;
             let mut upstream = socket::connect_as(client_addr, target).await?;
             let server_key = flow_key(target, socket::v4(upstream.local_addr()?)?);
             conns.insert(server_key, workload.clone(), service.clone(), false);
             let delivered = match admission {
-                Admission::Http => {
-                    guard.metrics.carried("http");
-                    guard
-                        .clone()
-                        .serve_http(client, upstream, arrival)
-                        .await
-                        .map(|()| (0, 0))
-                }
+                Admission::Http => serve_http(guard, client, upstream, arrival).await,
                 _ => carry_local(outbound, pod, &mut client, &mut upstream).await,
             };
             conns.finish(&server_key);
@@ -195,29 +210,10 @@ async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
         // DISABLE: reached in plaintext, straight from this node, so this node applies
         // the destination's policies (the peer has no mTLS identity).
         Some(pod) if disabled => {
-            let arrival = Arc::new(Arrival::new(
-                pod.clone(),
-                state.security_of(pod.ip),
-                client_addr,
-                target,
-                None,
-                None,
-            ));
-            let admission = guard.admit(&arrival);
-            if let Admission::Deny(_) = admission {
-                conns.finish(&client_key);
-                return Err(reset(&client, &arrival));
-            }
+            let (arrival, admission) = admit(pod, None)?;
             let mut upstream = socket::connect(target).await?;
             match admission {
-                Admission::Http => {
-                    guard.metrics.carried("http");
-                    guard
-                        .clone()
-                        .serve_http(client, upstream, arrival)
-                        .await
-                        .map(|()| (0, 0))
-                }
+                Admission::Http => serve_http(guard, client, upstream, arrival).await,
                 _ => {
                     guard.metrics.carried("direct");
                     copy(&mut client, &mut upstream).await
