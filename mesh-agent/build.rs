@@ -12,7 +12,12 @@ fn main() -> Result<()> {
         .parent()
         .context("mesh-agent has no parent directory")?;
     let ebpf_dir = workspace.join("mesh-ebpf");
-    for watched in ["mesh-ebpf/src", "mesh-ebpf/Cargo.toml", "mesh-common/src"] {
+    for watched in [
+        "mesh-ebpf/src",
+        "mesh-ebpf/Cargo.toml",
+        "mesh-ebpf/rust-toolchain.toml",
+        "mesh-common/src",
+    ] {
         println!(
             "cargo:rerun-if-changed={}",
             workspace.join(watched).display()
@@ -29,8 +34,9 @@ fn main() -> Result<()> {
         "-Clink-arg=--btf",
     ]
     .join("\x1f");
+    let toolchain = ebpf_toolchain(&ebpf_dir)?;
     let mut cmd = Command::new("rustup");
-    cmd.args(["run", "nightly", "cargo", "build", "--locked", "--release"])
+    cmd.args(["run", &toolchain, "cargo", "build", "--locked", "--release"])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .arg("--manifest-path")
         .arg(ebpf_dir.join("Cargo.toml"))
@@ -58,4 +64,17 @@ fn main() -> Result<()> {
     let object = target_dir.join("bpfel-unknown-none/release/mesh");
     println!("cargo:rustc-env=MESH_EBPF_OBJECT={}", object.display());
     Ok(())
+}
+
+/// The pinned nightly named by mesh-ebpf/rust-toolchain.toml.
+fn ebpf_toolchain(ebpf_dir: &std::path::Path) -> Result<String> {
+    let file = ebpf_dir.join("rust-toolchain.toml");
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("channel"))
+        .filter_map(|rest| rest.trim().strip_prefix('='))
+        .map(|value| value.trim().trim_matches('"').to_string())
+        .next()
+        .with_context(|| format!("{} names no channel", file.display()))
 }

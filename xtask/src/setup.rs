@@ -1,4 +1,4 @@
-//! Prerequisites, installed idempotently: Debian packages, the nightly's rust-src and
+//! Prerequisites, installed idempotently: Debian packages, the pinned nightly with rust-src and
 //! bpf-linker built against LLVM 22. Each step checks first, so a second run takes
 //! a fraction of a second.
 
@@ -31,9 +31,12 @@ const APT_PACKAGES: [&str; 14] = [
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// What the eBPF build (`-Z build-std=core`) and its lint need from the nightly.
+const NIGHTLY_COMPONENTS: [&str; 3] = ["rust-src", "clippy", "rustfmt"];
+
 pub fn ensure() -> Result<()> {
     ensure_apt_packages()?;
-    ensure_rust_src()?;
+    ensure_nightly()?;
     ensure_bpf_linker()
 }
 
@@ -64,19 +67,42 @@ fn ensure_apt_packages() -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-fn ensure_rust_src() -> Result<()> {
+/// The pinned nightly that builds the eBPF object, named by mesh-ebpf/rust-toolchain.toml.
+pub fn ebpf_toolchain() -> Result<String> {
+    let file = crate::workspace().join("mesh-ebpf/rust-toolchain.toml");
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("channel"))
+        .filter_map(|rest| rest.trim().strip_prefix('='))
+        .map(|value| value.trim().trim_matches('"').to_string())
+        .next()
+        .with_context(|| format!("{} names no channel", file.display()))
+}
+
+/// Installs the pinned nightly with the components the eBPF build and lint need.
+fn ensure_nightly() -> Result<()> {
+    let toolchain = ebpf_toolchain()?;
     let out = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            &toolchain,
+        ])
         .output()
         .context("running rustup (is Rust installed through rustup?)")?;
-    if !out.status.success() {
-        bail!("no nightly toolchain: `rustup toolchain install nightly` first");
-    }
-    if String::from_utf8_lossy(&out.stdout).contains("rust-src") {
+    let installed = String::from_utf8_lossy(&out.stdout);
+    if out.status.success() && NIGHTLY_COMPONENTS.iter().all(|c| installed.contains(c)) {
         return Ok(());
     }
-    progress("adding rust-src to the nightly toolchain");
-    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    progress(&format!(
+        "installing the {toolchain} toolchain for the eBPF programs"
+    ));
+    run(Command::new("rustup")
+        .args(["toolchain", "install", &toolchain, "--profile", "minimal"])
+        .args(["--component", &NIGHTLY_COMPONENTS.join(",")]))
 }
 
 fn ensure_bpf_linker() -> Result<()> {

@@ -37,7 +37,14 @@ pub fn run() -> Result<()> {
     run_visible(
         Command::new("rustup")
             .current_dir(workspace().join("mesh-ebpf"))
-            .args(["run", "nightly", "cargo", "clippy", "--locked", "--release"])
+            .args([
+                "run",
+                &setup::ebpf_toolchain()?,
+                "cargo",
+                "clippy",
+                "--locked",
+                "--release",
+            ])
             .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
             .arg("--target-dir")
             .arg(workspace().join("target/bpf-clippy"))
