@@ -1,22 +1,16 @@
-//! The mesh's user space: the per-node agent (`mesh-agent`) and the CLI (`meshctl`),
-//! sharing the configuration model, the datapath driver and the map readers.
+//! The mesh's user space: the per-node agent (`mesh-agent`) and the CLI (`meshctl`).
+//!
+//! Layers depend one way, lower to higher: `http` (plumbing) ← `config` (resource kinds,
+//! parsed and validated) ← `model` (the typed mesh state) ← `identity`, `policy` ←
+//! `datapath`, `telemetry` ← `proxy` ← `app` (the agent's wiring); `cli` is meshctl.
 
-pub mod agent;
-pub mod authz;
-pub mod ca;
-pub mod certs;
+pub mod app;
+pub mod cli;
 pub mod config;
 pub mod datapath;
-pub mod discovery;
 pub mod http;
 pub mod identity;
-pub mod jwt;
-pub mod lb;
-pub mod maps;
-pub mod meshctl;
-pub mod metrics;
-pub mod peerauth;
-pub mod policycheck;
+pub mod model;
+pub mod policy;
 pub mod proxy;
-pub mod state;
-pub mod tls;
+pub mod telemetry;

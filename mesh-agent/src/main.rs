@@ -6,8 +6,9 @@ use std::{net::SocketAddr, path::PathBuf};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mesh_agent::{
-    agent::{self, AgentOptions},
-    ca, datapath,
+    app::{self, AgentOptions},
+    datapath,
+    identity::ca,
 };
 
 #[derive(Parser)]
@@ -97,7 +98,7 @@ fn main() -> anyhow::Result<()> {
                 None => datapath::cgroup2_mount()
                     .context("no cgroup v2 hierarchy in /proc/mounts; pass --cgroup-root")?,
             };
-            runtime()?.block_on(agent::run(AgentOptions {
+            runtime()?.block_on(app::run(AgentOptions {
                 node,
                 config_dir,
                 bpffs,

@@ -9,9 +9,12 @@ use std::{path::Path, sync::Arc};
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64, Engine};
 use mesh_agent::{
     config::load_str,
-    jwt::{self, JwksCache},
-    policycheck::{check, CheckRequest},
-    state::MeshState,
+    model::MeshState,
+    policy::{
+        check::{check, CheckRequest},
+        jwks,
+        jwt::{self, JwksCache},
+    },
 };
 use ring::{
     rand::SystemRandom,
@@ -533,10 +536,10 @@ fn jwks_is_fetched_and_kept_when_the_server_goes_down() {
             Path::new("ra.yaml"),
             &format!("{CLUSTER}---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: default}}\nspec: {{jwtRules: [{{issuer: \"{ISSUER}\", jwksUri: \"{uri}\"}}]}}\n{REQUIRE_JWT}"),
         );
-        let shared = mesh_agent::state::SharedState::default();
+        let shared = mesh_agent::model::SharedState::default();
         shared.replace(MeshState::build("node-1", &config));
         let cache = Arc::new(JwksCache::default());
-        let fresh = tokio::spawn(jwt::keep_fresh(shared.clone(), cache.clone()));
+        let fresh = tokio::spawn(jwks::keep_fresh(shared.clone(), cache.clone()));
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         while cache.get(&uri).is_none() {
             assert!(tokio::time::Instant::now() < deadline, "JWKS not fetched from {uri}");
@@ -554,7 +557,7 @@ fn jwks_is_fetched_and_kept_when_the_server_goes_down() {
         };
         let report = check(&shared.current(), "cluster.local", &cache, &request).expect("check");
         assert_eq!(report.decision, "allow", "{report:?}");
-        assert!(jwt::fetch(&uri).await.is_err(), "the server is down");
+        assert!(jwks::fetch(&uri).await.is_err(), "the server is down");
         let report = check(&shared.current(), "cluster.local", &cache, &request).expect("check");
         assert_eq!(report.decision, "allow", "the last fetched keys are kept: {report:?}");
         fresh.abort();

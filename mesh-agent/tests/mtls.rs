@@ -11,18 +11,20 @@ use std::{
 };
 
 use mesh_agent::{
-    ca::{self, CaClient, CaOptions},
     config::load_str,
-    identity::{new_csr, CaKeys, SpiffeId},
-    jwt::JwksCache,
-    metrics::Metrics,
+    identity::{
+        ca::{self, CaClient, CaOptions},
+        spiffe::{new_csr, CaKeys, SpiffeId},
+        tls::{provider, sni_for, Identities},
+    },
+    model::{MeshState, SharedState},
+    policy::jwt::JwksCache,
     proxy::{
         hbone::{self, HbonePool, TunnelRequest},
         inbound::Guard,
-        socket, ConnTable,
+        socket,
     },
-    state::{MeshState, SharedState},
-    tls::{provider, sni_for, Identities},
+    telemetry::{conns::ConnTable, metrics::Metrics},
 };
 use rustls::pki_types::ServerName;
 use time::OffsetDateTime;

@@ -3,8 +3,8 @@
 use clap::Parser;
 
 fn main() {
-    let cli = mesh_agent::meshctl::Cli::parse();
-    if let Err(err) = mesh_agent::meshctl::main(cli) {
+    let cli = mesh_agent::cli::Cli::parse();
+    if let Err(err) = mesh_agent::cli::main(cli) {
         eprintln!("meshctl: {err:#}");
         std::process::exit(1);
     }

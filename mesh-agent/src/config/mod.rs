@@ -4,7 +4,9 @@
 //! [`ClusterConfig`]. Loading never stops at the first problem: every valid object is
 //! kept, and every problem becomes a [`Diagnostic`] naming file, line, object and field.
 
+pub mod condition;
 pub mod istio;
+pub mod jwks;
 pub mod kube;
 pub mod validate;
 
@@ -17,6 +19,9 @@ use std::{
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 pub use kube::*;
+
+/// Istio's `rootNamespace` default: policies there apply mesh wide.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

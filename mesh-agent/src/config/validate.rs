@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::{istio::*, ClusterConfig, Diagnostic, Resource, Severity};
 
 /// Where `match_labels` select workloads, in `namespace` (the root namespace: all).
-use crate::authz::DEFAULT_ROOT_NAMESPACE as ROOT_NAMESPACE;
+use crate::config::DEFAULT_ROOT_NAMESPACE as ROOT_NAMESPACE;
 
 pub fn validate(config: &mut ClusterConfig) {
     let mut found = Vec::new();
@@ -453,7 +453,7 @@ fn check_authorization_rules(
     for (r, rule) in ap.spec.rules.iter().enumerate() {
         for (c, condition) in rule.when.iter().enumerate() {
             let field = format!("spec.rules[{r}].when[{c}]");
-            if let Err(message) = crate::authz::ConditionKey::parse(&condition.key) {
+            if let Err(message) = crate::config::condition::ConditionKey::parse(&condition.key) {
                 found.push(error(ap, &format!("{field}.key"), message));
             }
             if condition.values.is_empty() && condition.not_values.is_empty() {
@@ -513,7 +513,7 @@ fn check_jwt_rules(
         }
         match (&rule.jwks, &rule.jwks_uri) {
             (Some(jwks), _) => {
-                if let Err(message) = crate::jwt::parse_jwks(jwks) {
+                if let Err(message) = crate::config::jwks::parse_jwks(jwks) {
                     found.push(error(ra, &format!("{field}.jwks"), message));
                 }
             }

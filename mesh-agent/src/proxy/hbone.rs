@@ -21,15 +21,19 @@ use tokio::{
 };
 
 use super::{
-    flow_key,
     inbound::{Admission, Arrival, Guard},
-    socket, ConnTable,
+    socket,
 };
 use crate::{
-    identity::SpiffeId,
-    metrics::Metrics,
-    state::SharedState,
-    tls::{identity_from_sni, peer_identity, refusal_reason, sni_for, Identities},
+    identity::{
+        spiffe::SpiffeId,
+        tls::{identity_from_sni, peer_identity, refusal_reason, sni_for, Identities},
+    },
+    model::SharedState,
+    telemetry::{
+        conns::{flow_key, ConnTable},
+        metrics::Metrics,
+    },
 };
 
 /// Flow-control windows sized for bulk transfers across a node boundary.
@@ -400,7 +404,7 @@ impl Stream {
             ));
         };
         let state = self.state.current();
-        let identity_of = |w: &crate::state::Workload| {
+        let identity_of = |w: &crate::model::Workload| {
             SpiffeId::new(&self.local.trust_domain, &w.namespace, &w.service_account)
         };
         let Some(workload) = state

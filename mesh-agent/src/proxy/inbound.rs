@@ -28,10 +28,13 @@ use tokio::{
 };
 
 use crate::{
-    authz::{self, Decision, Facts, RequestFacts, Verdict, WorkloadSecurity},
-    jwt::{self, JwksCache, RequestParts},
-    metrics::Metrics,
-    state::Workload,
+    model::{security::WorkloadSecurity, Workload},
+    policy::{
+        authz::{self, Decision, Facts, RequestFacts, Verdict},
+        jwt::{self, JwksCache, RequestParts},
+        path::normalize_path,
+    },
+    telemetry::metrics::Metrics,
 };
 
 /// What every delivery shares: the fetched keys and the counters.
@@ -285,7 +288,7 @@ impl Guard {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_owned();
-        let Some((path, query)) = authz::normalize_path(&raw_path) else {
+        let Some((path, query)) = normalize_path(&raw_path) else {
             drain(body).await;
             return local_reply(StatusCode::BAD_REQUEST, "Bad Request: invalid path");
         };

@@ -11,17 +11,15 @@ use mesh_common::TUNNEL_PORT;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    flow_key,
     hbone::{self, HbonePool, TunnelRequest},
     inbound::{Admission, Arrival, Guard},
     socket,
-    splice::Splicer,
-    ConnTable,
 };
 use crate::{
-    peerauth::Effective,
-    state::{Resolved, SharedState, Workload},
-    tls::Identities,
+    datapath::splice::Splicer,
+    identity::tls::Identities,
+    model::{peerauth::Effective, Resolved, SharedState, Workload},
+    telemetry::conns::{flow_key, ConnTable},
 };
 
 /// What the outbound side needs beyond the connection itself.
@@ -268,7 +266,7 @@ async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
     };
     conns.finish(&client_key);
     let (sent, received) = result?;
-    let principal = |w: Option<&Arc<crate::state::Workload>>| {
+    let principal = |w: Option<&Arc<crate::model::Workload>>| {
         w.map_or("unknown".into(), |w| {
             outbound
                 .identities

@@ -22,7 +22,7 @@ use rustls::{
 };
 use rustls_pki_types::pem::PemObject;
 
-use crate::identity::{facts, spiffe_id_of, CertificateFacts, SpiffeId};
+use crate::identity::spiffe::{facts, spiffe_id_of, CertificateFacts, SpiffeId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

@@ -9,8 +9,7 @@
 //! the connection is parsed as HTTP and each request judged with every fact known.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr},
     sync::Arc,
 };
 
@@ -18,277 +17,14 @@ use serde::Serialize;
 
 use crate::{
     config::{
-        istio::{
-            parse_ip_block, AuthorizationAction, AuthorizationPolicy, Condition, IpBlock,
-            Operation, PolicyTargetReference, Rule, Source,
-        },
-        ClusterConfig, Resource,
+        condition::ConditionKey,
+        istio::{parse_ip_block, Condition, IpBlock, Operation, Rule, Source},
     },
-    discovery, jwt,
-    peerauth::Effective,
-    state::{MeshState, Workload},
+    model::security::{Action, Policy},
 };
-
-/// Istio's `rootNamespace` default: policies there apply mesh wide.
-pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 
 /// The body Envoy and ztunnel answer a denied HTTP request with.
 pub const DENIED_BODY: &str = "RBAC: access denied";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum Action {
-    Allow,
-    Deny,
-    Audit,
-    Custom,
-}
-
-impl Action {
-    fn of(action: Option<AuthorizationAction>) -> Action {
-        match action.unwrap_or_default() {
-            AuthorizationAction::Allow => Action::Allow,
-            AuthorizationAction::Deny => Action::Deny,
-            AuthorizationAction::Audit => Action::Audit,
-            AuthorizationAction::Custom => Action::Custom,
-        }
-    }
-}
-
-/// Which workloads a policy applies to.
-#[derive(Debug, Clone, PartialEq)]
-enum Scope {
-    /// Every workload of the mesh (root namespace, no selector).
-    Mesh,
-    /// Workloads of `namespace` (any namespace when `None`) whose labels include these;
-    /// empty labels select every workload of the namespace.
-    Labels {
-        namespace: Option<String>,
-        labels: BTreeMap<String, String>,
-    },
-    /// Several scopes (one per `targetRefs` entry); a workload in any of them.
-    Any(Vec<Scope>),
-    /// Nothing (a `targetRef` to something that selects no workload).
-    Nothing,
-}
-
-impl Scope {
-    fn selects(&self, workload: &Workload) -> bool {
-        match self {
-            Scope::Mesh => true,
-            Scope::Labels { namespace, labels } => {
-                namespace
-                    .as_ref()
-                    .is_none_or(|ns| *ns == workload.namespace)
-                    && labels
-                        .iter()
-                        .all(|(k, v)| workload.labels.get(k) == Some(v))
-            }
-            Scope::Any(scopes) => scopes.iter().any(|s| s.selects(workload)),
-            Scope::Nothing => false,
-        }
-    }
-}
-
-/// A condition key of `when`, as Istio spells them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConditionKey {
-    RequestHeader(String),
-    SourceIp,
-    RemoteIp,
-    SourceNamespace,
-    SourcePrincipal,
-    AuthPrincipal,
-    AuthAudiences,
-    AuthPresenter,
-    /// `request.auth.claims[a][b]`: the path into nested claims.
-    AuthClaims(Vec<String>),
-    DestinationIp,
-    DestinationPort,
-    ConnectionSni,
-}
-
-impl ConditionKey {
-    pub fn parse(key: &str) -> Result<ConditionKey, String> {
-        let bracketed = |rest: &str| -> Option<Vec<String>> {
-            let mut parts = Vec::new();
-            let mut rest = rest;
-            while !rest.is_empty() {
-                let inner = rest.strip_prefix('[')?;
-                let end = inner.find(']')?;
-                if end == 0 {
-                    return None;
-                }
-                parts.push(inner[..end].to_owned());
-                rest = &inner[end + 1..];
-            }
-            (!parts.is_empty()).then_some(parts)
-        };
-        let key = key.trim();
-        if let Some(rest) = key.strip_prefix("request.headers") {
-            return match bracketed(rest).as_deref() {
-                Some([name]) => Ok(ConditionKey::RequestHeader(name.to_ascii_lowercase())),
-                _ => Err(format!(
-                    "invalid condition key {key:?}: expected request.headers[<name>]"
-                )),
-            };
-        }
-        if let Some(rest) = key.strip_prefix("request.auth.claims") {
-            return bracketed(rest).map(ConditionKey::AuthClaims).ok_or_else(|| {
-                format!("invalid condition key {key:?}: expected request.auth.claims[<name>] (nested: [a][b])")
-            });
-        }
-        Ok(match key {
-            "source.ip" => ConditionKey::SourceIp,
-            "remote.ip" => ConditionKey::RemoteIp,
-            "source.namespace" => ConditionKey::SourceNamespace,
-            "source.principal" => ConditionKey::SourcePrincipal,
-            "request.auth.principal" => ConditionKey::AuthPrincipal,
-            "request.auth.audiences" => ConditionKey::AuthAudiences,
-            "request.auth.presenter" => ConditionKey::AuthPresenter,
-            "destination.ip" => ConditionKey::DestinationIp,
-            "destination.port" => ConditionKey::DestinationPort,
-            "connection.sni" => ConditionKey::ConnectionSni,
-            _ => return Err(format!("unknown condition key {key:?} (supported: request.headers[..], source.ip, remote.ip, source.namespace, source.principal, request.auth.principal, request.auth.audiences, request.auth.presenter, request.auth.claims[..], destination.ip, destination.port, connection.sni)")),
-        })
-    }
-}
-
-/// One AuthorizationPolicy, ready to evaluate.
-#[derive(Debug)]
-pub struct Policy {
-    /// `namespace/name`.
-    pub name: String,
-    pub action: Action,
-    scope: Scope,
-    rules: Vec<Rule>,
-    /// Parsed `when` keys, by rule and condition (checked by validation).
-    keys: Vec<Vec<Option<ConditionKey>>>,
-}
-
-impl Policy {
-    pub fn compile(
-        resource: &Resource<AuthorizationPolicy>,
-        config: &ClusterConfig,
-        root_namespace: &str,
-    ) -> Policy {
-        let spec = &resource.spec;
-        let namespace = resource.namespace();
-        let scope = scope_of(
-            namespace,
-            spec.selector.as_ref().map(|s| &s.match_labels),
-            spec.target_ref.iter().chain(&spec.target_refs),
-            config,
-            root_namespace,
-        );
-        let keys = spec
-            .rules
-            .iter()
-            .map(|r| {
-                r.when
-                    .iter()
-                    .map(|c| ConditionKey::parse(&c.key).ok())
-                    .collect()
-            })
-            .collect();
-        Policy {
-            name: format!("{namespace}/{}", resource.metadata.name),
-            action: Action::of(spec.action),
-            scope,
-            rules: spec.rules.clone(),
-            keys,
-        }
-    }
-
-    /// Ports the policy names (operations and `destination.port` conditions).
-    fn named_ports(&self) -> impl Iterator<Item = u16> + '_ {
-        let operations = self
-            .rules
-            .iter()
-            .flat_map(|r| &r.to)
-            .flat_map(|t| t.operation.ports.iter().chain(&t.operation.not_ports));
-        let conditions = self
-            .rules
-            .iter()
-            .zip(&self.keys)
-            .flat_map(|(rule, keys)| rule.when.iter().zip(keys))
-            .filter(|(_, key)| *key == &Some(ConditionKey::DestinationPort))
-            .flat_map(|(c, _)| c.values.iter().chain(&c.not_values));
-        operations
-            .chain(conditions)
-            .filter_map(|p| p.trim().parse().ok())
-    }
-
-    pub fn applies_to(&self, workload: &Workload) -> bool {
-        self.scope.selects(workload)
-    }
-
-    /// Whether some rule matches, with the first reason each rule did not.
-    fn matches(&self, facts: &Facts) -> (Tri, Option<usize>, Vec<String>) {
-        let mut reasons = Vec::new();
-        let mut unknown = false;
-        for (index, rule) in self.rules.iter().enumerate() {
-            let mut why = Why::default();
-            match rule_matches(rule, &self.keys[index], facts, &mut why) {
-                Tri::Yes => return (Tri::Yes, Some(index), reasons),
-                Tri::Unknown => unknown = true,
-                Tri::No => {}
-            }
-            reasons.push(format!(
-                "rules[{index}]: {}",
-                why.0.unwrap_or_else(|| "needs request attributes".into())
-            ));
-        }
-        if self.rules.is_empty() {
-            reasons.push("no rules: matches nothing".into());
-        }
-        (if unknown { Tri::Unknown } else { Tri::No }, None, reasons)
-    }
-}
-
-/// The workloads a security policy of `namespace` applies to.
-fn scope_of<'a>(
-    namespace: &str,
-    selector: Option<&BTreeMap<String, String>>,
-    target_refs: impl Iterator<Item = &'a PolicyTargetReference>,
-    config: &ClusterConfig,
-    root_namespace: &str,
-) -> Scope {
-    let refs: Vec<&PolicyTargetReference> = target_refs.collect();
-    if !refs.is_empty() {
-        return Scope::Any(
-            refs.iter()
-                .map(|r| target_scope(r, namespace, config))
-                .collect(),
-        );
-    }
-    let labels = selector.cloned().unwrap_or_default();
-    if namespace == root_namespace && labels.is_empty() {
-        Scope::Mesh
-    } else {
-        Scope::Labels {
-            namespace: (namespace != root_namespace).then(|| namespace.to_owned()),
-            labels,
-        }
-    }
-}
-
-fn target_scope(target: &PolicyTargetReference, namespace: &str, config: &ClusterConfig) -> Scope {
-    let target_namespace = target.namespace.as_deref().unwrap_or(namespace);
-    if target.kind != "Service" || target_namespace != namespace {
-        return Scope::Nothing;
-    }
-    config
-        .services
-        .iter()
-        .find(|s| s.metadata.namespace() == namespace && s.metadata.name == target.name)
-        .map(|s| s.spec.selector.clone())
-        .filter(|labels| !labels.is_empty())
-        .map_or(Scope::Nothing, |labels| Scope::Labels {
-            namespace: Some(namespace.to_owned()),
-            labels,
-        })
-}
 
 /// The result of a JWT accepted by RequestAuthentication.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -876,7 +612,7 @@ pub fn evaluate(policies: &[Arc<Policy>], facts: &Facts) -> Decision {
             if action == Action::Allow {
                 any_allow = true;
             }
-            let (result, rule, reasons) = policy.matches(facts);
+            let (result, rule, reasons) = policy_matches(policy, facts);
             match (result, rule) {
                 (Tri::Yes, Some(rule)) => {
                     let matched = Match {
@@ -934,307 +670,31 @@ pub fn evaluate(policies: &[Arc<Policy>], facts: &Facts) -> Decision {
     }
 }
 
-/// What the destination's policies decide for new connections from a local pod, on L4
-/// facts alone: for the kernel, which drops denied SYNs before the agent sees them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KernelVerdict {
-    pub source: Ipv4Addr,
-    pub destination: Ipv4Addr,
-    /// 0: every port without an entry of its own.
-    pub port: u16,
-    pub deny: bool,
-}
-
-/// Entries beyond this many are left to the agent, which enforces the same decisions.
-pub const KERNEL_VERDICTS_MAX: usize = 65536;
-
-/// The verdicts of every local pod towards every workload with policies (per port the
-/// policies name, and for all other ports), and towards Service ports all of whose
-/// endpoints deny it.
-pub fn kernel_verdicts(state: &MeshState, trust_domain: &str) -> Vec<KernelVerdict> {
-    let sources: Vec<&Arc<Workload>> = state.local_workloads().collect();
-    let mut denied: HashSet<(Ipv4Addr, Ipv4Addr, u16)> = HashSet::new();
-    let mut other_ports_denied: HashSet<(Ipv4Addr, Ipv4Addr)> = HashSet::new();
-    let mut verdicts = Vec::new();
-    for destination in state.workloads.values() {
-        let security = state.security_of(destination.ip);
-        if security.policies.is_empty() {
-            continue;
+/// Whether some rule of `policy` matches, with the first reason each rule did not.
+fn policy_matches(policy: &Policy, facts: &Facts) -> (Tri, Option<usize>, Vec<String>) {
+    let mut reasons = Vec::new();
+    let mut unknown = false;
+    for (index, rule) in policy.rules.iter().enumerate() {
+        let mut why = Why::default();
+        match rule_matches(rule, &policy.keys[index], facts, &mut why) {
+            Tri::Yes => return (Tri::Yes, Some(index), reasons),
+            Tri::Unknown => unknown = true,
+            Tri::No => {}
         }
-        let mut ports: BTreeSet<u16> = security
-            .policies
-            .iter()
-            .flat_map(|p| p.named_ports())
-            .collect();
-        ports.extend(destination.named_ports.values());
-        ports.extend(&security.http_ports);
-        let mtls = state.mtls.get(&destination.ip);
-        for source in sources.iter().filter(|s| s.ip != destination.ip) {
-            let principal = format!(
-                "{trust_domain}/ns/{}/sa/{}",
-                source.namespace, source.service_account
-            );
-            let denies = |port: u16| {
-                let plaintext = mtls.is_some_and(|m| m.for_port(port) == Effective::Disable);
-                let facts = Facts {
-                    source_ip: source.ip,
-                    remote_ip: source.ip,
-                    source_principal: (!plaintext).then(|| principal.clone()),
-                    destination_ip: destination.ip,
-                    destination_port: port,
-                    sni: None,
-                    request: None,
-                };
-                evaluate(&security.policies, &facts).verdict == Verdict::Deny
-            };
-            let other = denies(0);
-            if other {
-                other_ports_denied.insert((source.ip, destination.ip));
-                verdicts.push(KernelVerdict {
-                    source: source.ip,
-                    destination: destination.ip,
-                    port: 0,
-                    deny: true,
-                });
-            }
-            for &port in &ports {
-                let deny = denies(port);
-                if deny {
-                    denied.insert((source.ip, destination.ip, port));
-                }
-                if deny != other {
-                    verdicts.push(KernelVerdict {
-                        source: source.ip,
-                        destination: destination.ip,
-                        port,
-                        deny,
-                    });
-                }
-            }
-        }
+        reasons.push(format!(
+            "rules[{index}]: {}",
+            why.0.unwrap_or_else(|| "needs request attributes".into())
+        ));
     }
-    let denies = |source: Ipv4Addr, target: &SocketAddrV4| {
-        denied.contains(&(source, *target.ip(), target.port()))
-            || (other_ports_denied.contains(&(source, *target.ip()))
-                && !verdicts.iter().any(|v| {
-                    v.source == source
-                        && v.destination == *target.ip()
-                        && v.port == target.port()
-                        && !v.deny
-                }))
-    };
-    let mut service_verdicts = Vec::new();
-    for service in state.services.values() {
-        let all_meshed =
-            !service.endpoints.is_empty() && service.endpoints.iter().all(|e| e.workload.is_some());
-        if !all_meshed {
-            continue;
-        }
-        for source in &sources {
-            if service.endpoints.iter().all(|e| denies(source.ip, &e.addr)) {
-                service_verdicts.push(KernelVerdict {
-                    source: source.ip,
-                    destination: service.cluster_ip,
-                    port: service.port,
-                    deny: true,
-                });
-            }
-        }
+    if policy.rules.is_empty() {
+        reasons.push("no rules: matches nothing".into());
     }
-    verdicts.extend(service_verdicts);
-    verdicts
-}
-
-/// The path as policies see it and the workload receives it: percent-encoded unreserved
-/// characters and `/` `\` decoded, `\` turned into `/`, repeated slashes merged, dot
-/// segments removed, remaining escapes in upper case. So `/a/../b`, `/a%2Fb`, `//a` and
-/// `/A%2e%2E/b` cannot pass a rule written for their normal form. The query is kept
-/// apart. `None` for a path that is not a valid origin-form path.
-pub fn normalize_path(raw: &str) -> Option<(String, Option<String>)> {
-    let raw = raw.split('#').next().unwrap_or_default();
-    let (path, query) = match raw.split_once('?') {
-        Some((p, q)) => (p, Some(q.to_owned())),
-        None => (raw, None),
-    };
-    if !path.starts_with('/') && !path.starts_with('\\') && !path.starts_with('%') {
-        return None;
-    }
-    let bytes = path.as_bytes();
-    let mut decoded = String::with_capacity(path.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = path.get(i + 1..i + 3)?;
-                let byte = u8::from_str_radix(hex, 16).ok()?;
-                match byte {
-                    0 => return None,
-                    b'/' | b'\\' => decoded.push('/'),
-                    b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => {
-                        decoded.push(char::from(b))
-                    }
-                    b => decoded.push_str(&format!("%{b:02X}")),
-                }
-                i += 3;
-            }
-            b'\\' => {
-                decoded.push('/');
-                i += 1;
-            }
-            b if b.is_ascii_graphic() => {
-                decoded.push(char::from(b));
-                i += 1;
-            }
-            _ => return None,
-        }
-    }
-    if !decoded.starts_with('/') {
-        return None;
-    }
-    let mut segments: Vec<&str> = Vec::new();
-    let parts: Vec<&str> = decoded.split('/').skip(1).collect();
-    let last = parts.len().saturating_sub(1);
-    let mut trailing_slash = false;
-    for (index, segment) in parts.iter().enumerate() {
-        match *segment {
-            "" => trailing_slash = index == last,
-            "." => trailing_slash = index == last,
-            ".." => {
-                segments.pop();
-                trailing_slash = index == last;
-            }
-            s => {
-                segments.push(s);
-                trailing_slash = false;
-            }
-        }
-    }
-    let mut normal = String::with_capacity(decoded.len());
-    for segment in &segments {
-        normal.push('/');
-        normal.push_str(segment);
-    }
-    if trailing_slash || normal.is_empty() {
-        normal.push('/');
-    }
-    Some((normal, query))
-}
-
-/// The AuthorizationPolicies and RequestAuthentication rules of one workload.
-#[derive(Debug, Default)]
-pub struct WorkloadSecurity {
-    pub policies: Vec<Arc<Policy>>,
-    pub jwt_rules: Vec<Arc<jwt::Rule>>,
-    /// Ports Services declare as HTTP: where RequestAuthentication applies.
-    pub http_ports: BTreeSet<u16>,
-}
-
-impl WorkloadSecurity {
-    /// No policy and no token rule: connections are not judged at all.
-    pub fn is_empty(&self) -> bool {
-        self.policies.is_empty() && self.jwt_rules.is_empty()
-    }
-
-    /// Whether requests to `port` are checked for tokens.
-    pub fn authenticates(&self, port: u16) -> bool {
-        !self.jwt_rules.is_empty() && self.http_ports.contains(&port)
-    }
-}
-
-/// Every AuthorizationPolicy and RequestAuthentication rule of the configuration,
-/// compiled, to be handed to the workloads they apply to.
-pub struct SecurityConfig {
-    policies: Vec<Arc<Policy>>,
-    jwt_rules: Vec<(Scope, Arc<jwt::Rule>)>,
-}
-
-impl SecurityConfig {
-    pub fn compile(config: &ClusterConfig, root_namespace: &str) -> SecurityConfig {
-        let policies = config
-            .istio
-            .authorization_policies
-            .iter()
-            .map(|p| Arc::new(Policy::compile(p, config, root_namespace)))
-            .collect();
-        let mut jwt_rules = Vec::new();
-        for ra in &config.istio.request_authentications {
-            let scope = scope_of(
-                ra.namespace(),
-                ra.spec.selector.as_ref().map(|s| &s.match_labels),
-                ra.spec.target_ref.iter().chain(&ra.spec.target_refs),
-                config,
-                root_namespace,
-            );
-            for rule in &ra.spec.jwt_rules {
-                jwt_rules.push((scope.clone(), Arc::new(jwt::Rule::compile(ra, rule))));
-            }
-        }
-        SecurityConfig {
-            policies,
-            jwt_rules,
-        }
-    }
-
-    pub fn for_workload(&self, config: &ClusterConfig, workload: &Workload) -> WorkloadSecurity {
-        WorkloadSecurity {
-            http_ports: discovery::http_ports(config, workload),
-            policies: self
-                .policies
-                .iter()
-                .filter(|p| p.applies_to(workload))
-                .cloned()
-                .collect(),
-            jwt_rules: self
-                .jwt_rules
-                .iter()
-                .filter(|(scope, _)| scope.selects(workload))
-                .map(|(_, rule)| rule.clone())
-                .collect(),
-        }
-    }
+    (if unknown { Tri::Unknown } else { Tri::No }, None, reasons)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn paths_are_normalised_before_matching() {
-        let n = |p: &str| normalize_path(p).map(|(p, _)| p);
-        assert_eq!(n("/a/../b").as_deref(), Some("/b"));
-        assert_eq!(n("/a/./b/").as_deref(), Some("/a/b/"));
-        assert_eq!(n("//admin//x").as_deref(), Some("/admin/x"));
-        assert_eq!(n("/admin%2Fx").as_deref(), Some("/admin/x"));
-        assert_eq!(n("/admin%2fx").as_deref(), Some("/admin/x"));
-        assert_eq!(n("/%61dmin").as_deref(), Some("/admin"));
-        assert_eq!(n("/a%2e%2E/admin").as_deref(), Some("/a../admin"));
-        assert_eq!(n("/x/%2e%2e/admin").as_deref(), Some("/admin"));
-        assert_eq!(n("\\admin\\x").as_deref(), Some("/admin/x"));
-        assert_eq!(n("/a%3fb?q=1").as_deref(), Some("/a%3Fb"));
-        assert_eq!(n("/../..").as_deref(), Some("/"));
-        assert_eq!(n("/a%zz"), None);
-        assert_eq!(n("/a%00b"), None);
-        assert_eq!(n("relative"), None);
-        assert_eq!(
-            normalize_path("/p?x=1&y").map(|(_, q)| q),
-            Some(Some("x=1&y".into()))
-        );
-    }
-
-    #[test]
-    fn condition_keys_parse_as_istio_spells_them() {
-        assert_eq!(
-            ConditionKey::parse("request.headers[X-Token]"),
-            Ok(ConditionKey::RequestHeader("x-token".into()))
-        );
-        assert_eq!(
-            ConditionKey::parse("request.auth.claims[a][b]"),
-            Ok(ConditionKey::AuthClaims(vec!["a".into(), "b".into()]))
-        );
-        assert!(ConditionKey::parse("request.headers").is_err());
-        assert!(ConditionKey::parse("request.auth.claims[]").is_err());
-        assert!(ConditionKey::parse("source.user").is_err());
-    }
 
     #[test]
     fn path_templates_match_segments() {

@@ -11,15 +11,13 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use base64::Engine;
 use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
-use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
-    authz::AuthFacts,
-    config::istio::{JwtRule, RequestAuthentication},
-    config::Resource,
+    config::jwks::{b64, Jwk, Jwks, KeyMaterial},
+    model::security::{KeySource, Location, TokenRule},
+    policy::authz::AuthFacts,
 };
 
 /// Tokens longer than this are refused without being parsed.
@@ -68,87 +66,6 @@ impl JwtError {
             JwtError::Audience(_) => "wrong_audience",
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-enum KeyMaterial {
-    Rsa { n: Vec<u8>, e: Vec<u8> },
-    Ec { p384: bool, point: Vec<u8> },
-    Ed25519(Vec<u8>),
-}
-
-#[derive(Debug, Clone, PartialEq)]
-struct Jwk {
-    kid: Option<String>,
-    alg: Option<String>,
-    key: KeyMaterial,
-}
-
-/// A JSON Web Key Set; keys of unsupported types are left out.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Jwks {
-    keys: Vec<Jwk>,
-}
-
-impl Jwks {
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
-}
-
-fn b64(text: &str) -> Result<Vec<u8>, String> {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(text.trim_end_matches('='))
-        .map_err(|e| format!("invalid base64url: {e}"))
-}
-
-pub fn parse_jwks(text: &str) -> Result<Jwks, String> {
-    let value: Value = serde_json::from_str(text).map_err(|e| format!("JWKS is not JSON: {e}"))?;
-    let keys = value
-        .get("keys")
-        .and_then(Value::as_array)
-        .ok_or("JWKS has no \"keys\" array")?;
-    let mut jwks = Jwks::default();
-    for (index, key) in keys.iter().enumerate() {
-        let field = |name: &str| -> Result<Vec<u8>, String> {
-            let text = key
-                .get(name)
-                .and_then(Value::as_str)
-                .ok_or_else(|| format!("keys[{index}] has no {name:?}"))?;
-            b64(text).map_err(|e| format!("keys[{index}].{name}: {e}"))
-        };
-        let text = |name: &str| key.get(name).and_then(Value::as_str).map(str::to_owned);
-        let material = match (text("kty").as_deref(), text("crv").as_deref()) {
-            (Some("RSA"), _) => KeyMaterial::Rsa {
-                n: field("n")?,
-                e: field("e")?,
-            },
-            (Some("EC"), Some(curve @ ("P-256" | "P-384"))) => {
-                let mut point = vec![4];
-                point.extend(field("x")?);
-                point.extend(field("y")?);
-                KeyMaterial::Ec {
-                    p384: curve == "P-384",
-                    point,
-                }
-            }
-            (Some("OKP"), Some("Ed25519")) => KeyMaterial::Ed25519(field("x")?),
-            _ => continue,
-        };
-        if text("use").is_some_and(|u| u != "sig") {
-            continue;
-        }
-        jwks.keys.push(Jwk {
-            kid: text("kid"),
-            alg: text("alg"),
-            key: material,
-        });
-    }
-    Ok(jwks)
 }
 
 fn verify_with(jwk: &Jwk, alg: &str, message: &[u8], sig: &[u8]) -> Option<bool> {
@@ -240,7 +157,7 @@ fn audiences(claims: &Value) -> Vec<String> {
 }
 
 /// Checks `token`'s signature with `jwks` and its time and audience claims.
-fn verify(token: &Token, jwks: &Jwks, rule: &Rule, now: u64) -> Result<(), JwtError> {
+fn verify(token: &Token, jwks: &Jwks, rule: &TokenRule, now: u64) -> Result<(), JwtError> {
     if !ALGORITHMS.contains(&token.alg.as_str()) {
         return Err(JwtError::Algorithm(token.alg.clone()));
     }
@@ -291,94 +208,6 @@ fn verify(token: &Token, jwks: &Jwks, rule: &Rule, now: u64) -> Result<(), JwtEr
         }
     }
     Ok(())
-}
-
-/// Where a rule looks for its token.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
-pub enum Location {
-    Header { name: String, prefix: String },
-    Param(String),
-    Cookie(String),
-}
-
-/// Where a rule's keys come from.
-#[derive(Debug, Clone, PartialEq)]
-pub enum KeySource {
-    Inline(Arc<Jwks>),
-    Uri {
-        uri: String,
-        timeout: Duration,
-    },
-    /// Inline keys that did not parse (a validation error): every token fails.
-    Invalid,
-}
-
-/// One `jwtRules` entry, ready to use.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rule {
-    /// `namespace/name` of the RequestAuthentication.
-    pub policy: String,
-    pub issuer: String,
-    pub audiences: Vec<String>,
-    pub keys: KeySource,
-    pub locations: Vec<Location>,
-    pub output_payload_to_header: Option<String>,
-    pub output_claim_to_headers: Vec<(String, String)>,
-    pub forward_original_token: bool,
-}
-
-/// The default timeout of a `jwksUri` fetch, as Istio's.
-const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
-
-impl Rule {
-    pub fn compile(resource: &Resource<RequestAuthentication>, rule: &JwtRule) -> Rule {
-        let mut locations: Vec<Location> = rule
-            .from_headers
-            .iter()
-            .map(|h| Location::Header {
-                name: h.name.to_ascii_lowercase(),
-                prefix: h.prefix.clone().unwrap_or_default(),
-            })
-            .chain(rule.from_params.iter().cloned().map(Location::Param))
-            .chain(rule.from_cookies.iter().cloned().map(Location::Cookie))
-            .collect();
-        if locations.is_empty() {
-            locations = vec![
-                Location::Header {
-                    name: "authorization".into(),
-                    prefix: "Bearer ".into(),
-                },
-                Location::Param("access_token".into()),
-            ];
-        }
-        let keys = match (&rule.jwks, &rule.jwks_uri) {
-            (Some(inline), _) => parse_jwks(inline)
-                .map(|k| KeySource::Inline(Arc::new(k)))
-                .unwrap_or(KeySource::Invalid),
-            (None, Some(uri)) => KeySource::Uri {
-                uri: uri.clone(),
-                timeout: rule
-                    .timeout
-                    .as_ref()
-                    .map_or(DEFAULT_FETCH_TIMEOUT, |t| t.value),
-            },
-            (None, None) => KeySource::Invalid,
-        };
-        Rule {
-            policy: format!("{}/{}", resource.namespace(), resource.metadata.name),
-            issuer: rule.issuer.clone(),
-            audiences: rule.audiences.clone(),
-            keys,
-            locations,
-            output_payload_to_header: rule.output_payload_to_header.clone(),
-            output_claim_to_headers: rule
-                .output_claim_to_headers
-                .iter()
-                .map(|c| (c.header.clone(), c.claim.clone()))
-                .collect(),
-            forward_original_token: rule.forward_original_token.unwrap_or(false),
-        }
-    }
 }
 
 /// What the request carries, as the token extraction needs it.
@@ -481,7 +310,7 @@ pub fn now_seconds() -> u64 {
 /// Applies `rules` to a request: `Ok(None)` when it carries no token any rule looks for,
 /// `Ok(Some(..))` for a token that verifies, an error for any other token.
 pub fn authenticate(
-    rules: &[Arc<Rule>],
+    rules: &[Arc<TokenRule>],
     cache: &JwksCache,
     request: &RequestParts,
     now: u64,
@@ -515,7 +344,7 @@ pub fn authenticate(
     presented.map_or(Ok(None), Err)
 }
 
-fn accepted(rule: &Rule, location: &Location, token: &Token) -> Authenticated {
+fn accepted(rule: &TokenRule, location: &Location, token: &Token) -> Authenticated {
     let claim = |name: &str| token.claims.get(name).and_then(Value::as_str);
     let issuer = claim("iss").unwrap_or_default().to_owned();
     let facts = AuthFacts {
@@ -555,7 +384,7 @@ fn accepted(rule: &Rule, location: &Location, token: &Token) -> Authenticated {
 
 /// Headers a verified token would set: removed from requests without one, so a client
 /// cannot pose as authenticated by sending them itself.
-pub fn output_headers(rules: &[Arc<Rule>]) -> Vec<String> {
+pub fn output_headers(rules: &[Arc<TokenRule>]) -> Vec<String> {
     rules
         .iter()
         .flat_map(|r| {
@@ -568,7 +397,7 @@ pub fn output_headers(rules: &[Arc<Rule>]) -> Vec<String> {
 }
 
 /// Every `jwksUri` of the rules, with its fetch timeout.
-pub fn uris(rules: &[Arc<Rule>]) -> Vec<(String, Duration)> {
+pub fn uris(rules: &[Arc<TokenRule>]) -> Vec<(String, Duration)> {
     rules
         .iter()
         .filter_map(|r| match &r.keys {
@@ -576,130 +405,4 @@ pub fn uris(rules: &[Arc<Rule>]) -> Vec<(String, Duration)> {
             _ => None,
         })
         .collect()
-}
-
-/// How often fetched keys are refreshed (Istio's default), and how soon a failed fetch
-/// is tried again (doubling up to the last figure).
-const REFRESH_INTERVAL: Duration = Duration::from_secs(20 * 60);
-const RETRY_FIRST: Duration = Duration::from_secs(1);
-const RETRY_MAX: Duration = Duration::from_secs(60);
-/// A JWKS document larger than this is refused.
-const MAX_JWKS_BYTES: usize = 1 << 20;
-
-/// The system's trust store, for `https` JWKS URIs.
-fn system_roots() -> anyhow::Result<rustls::RootCertStore> {
-    use rustls_pki_types::{pem::PemObject, CertificateDer};
-    let path = std::env::var("SSL_CERT_FILE")
-        .unwrap_or_else(|_| "/etc/ssl/certs/ca-certificates.crt".into());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(&path)? {
-        roots.add(cert?)?;
-    }
-    Ok(roots)
-}
-
-async fn get_over<I>(io: I, uri: &http::Uri, host: &str) -> anyhow::Result<String>
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    use http_body_util::{BodyExt, Empty, Limited};
-    let (mut send, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
-    tokio::spawn(connection);
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let request = http::Request::get(path)
-        .header(http::header::HOST, host)
-        .header(http::header::ACCEPT, "application/json")
-        .body(Empty::<bytes::Bytes>::new())?;
-    let response = send.send_request(request).await?;
-    let status = response.status();
-    let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
-        .collect()
-        .await
-        .map_err(|e| anyhow::anyhow!("reading the body: {e}"))?
-        .to_bytes();
-    if !status.is_success() {
-        anyhow::bail!("answered {status}");
-    }
-    Ok(String::from_utf8(body.to_vec())?)
-}
-
-/// Fetches a JWKS document over `http` or `https` (verified against the system's trust
-/// store).
-pub async fn fetch(uri: &str) -> anyhow::Result<Jwks> {
-    let parsed: http::Uri = uri.parse()?;
-    let host = parsed
-        .host()
-        .ok_or_else(|| anyhow::anyhow!("no host in {uri:?}"))?
-        .to_owned();
-    let authority = parsed.authority().map_or(host.clone(), |a| a.to_string());
-    let text = match parsed.scheme_str() {
-        Some("http") => {
-            let port = parsed.port_u16().unwrap_or(80);
-            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-            get_over(tcp, &parsed, &authority).await?
-        }
-        Some("https") => {
-            let port = parsed.port_u16().unwrap_or(443);
-            let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-                .with_safe_default_protocol_versions()?
-                .with_root_certificates(system_roots()?)
-                .with_no_client_auth();
-            let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-            let name = rustls_pki_types::ServerName::try_from(host.clone())?;
-            let stream = connector.connect(name, tcp).await?;
-            get_over(stream, &parsed, &authority).await?
-        }
-        _ => anyhow::bail!("{uri:?}: only http and https are supported"),
-    };
-    parse_jwks(&text).map_err(|e| anyhow::anyhow!(e))
-}
-
-/// Keeps the keys of every `jwksUri` in the live configuration fetched: new URIs at
-/// once, then every [`REFRESH_INTERVAL`]; a failed fetch keeps the last good keys and is
-/// retried with backoff.
-pub async fn keep_fresh(state: crate::state::SharedState, cache: Arc<JwksCache>) {
-    let mut retry: HashMap<String, (Duration, Instant)> = HashMap::new();
-    loop {
-        let current = state.current();
-        let mut wanted: Vec<(String, Duration)> = current
-            .security
-            .values()
-            .flat_map(|s| uris(&s.jwt_rules))
-            .collect();
-        wanted.sort();
-        wanted.dedup_by(|a, b| a.0 == b.0);
-        for (uri, timeout) in wanted {
-            let fresh = cache.age(&uri).is_some_and(|age| age < REFRESH_INTERVAL);
-            let waiting = retry.get(&uri).is_some_and(|(_, at)| Instant::now() < *at);
-            if fresh || waiting {
-                continue;
-            }
-            match tokio::time::timeout(timeout, fetch(&uri)).await {
-                Ok(Ok(keys)) => {
-                    log::info!("JWKS {uri}: {} keys", keys.len());
-                    cache.store(&uri, keys);
-                    retry.remove(&uri);
-                }
-                outcome => {
-                    let error = match outcome {
-                        Ok(Err(err)) => err.to_string(),
-                        _ => format!("no answer within {timeout:?}"),
-                    };
-                    let delay = retry
-                        .get(&uri)
-                        .map_or(RETRY_FIRST, |(d, _)| (*d * 2).min(RETRY_MAX));
-                    let kept = if cache.get(&uri).is_some() {
-                        "keeping the last fetched keys"
-                    } else {
-                        "tokens of this issuer are refused until it answers"
-                    };
-                    log::warn!("JWKS {uri}: {error}; {kept}; retrying in {delay:?}");
-                    retry.insert(uri, (delay, Instant::now() + delay));
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
 }

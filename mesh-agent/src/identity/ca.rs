@@ -29,8 +29,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
     config,
-    identity::{CaKeys, SpiffeId},
-    tls::provider,
+    identity::{
+        spiffe::{CaKeys, SpiffeId},
+        tls::provider,
+    },
 };
 
 /// The API's TLS server name; agents verify the CA under this name.

@@ -19,22 +19,22 @@ use mesh_common::{pins, ADMIN_PORT, METRICS_PORT, OUTBOUND_CAPTURE_PORT, READY_P
 use serde::Serialize;
 
 use crate::{
-    ca::CaClient,
-    certs::CertManager,
     config::{self, Severity},
     datapath::{self, Datapath, PodAttachment},
-    http::{self, Reply},
-    jwt::{self, JwksCache},
-    metrics::{KernelMaps, Metrics},
-    policycheck,
+    http::server::{self as http, Reply},
+    identity::{ca::CaClient, certs::CertManager, tls::Identities},
+    model::{MeshState, SharedState},
+    policy::{check as policycheck, jwks, jwt::JwksCache},
     proxy::{
         hbone::{self, HbonePool},
         inbound::Guard,
         outbound::{self, Outbound},
-        socket, ConnTable,
+        socket,
     },
-    state::{MeshState, SharedState},
-    tls::Identities,
+    telemetry::{
+        conns::ConnTable,
+        metrics::{KernelMaps, Metrics},
+    },
 };
 
 #[derive(Debug, Clone)]
@@ -162,7 +162,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     tokio::spawn(metrics.clone().run(kernel_maps));
     tokio::spawn(cert_manager.run());
     let jwks = Arc::new(JwksCache::default());
-    tokio::spawn(jwt::keep_fresh(shared.clone(), jwks.clone()));
+    tokio::spawn(jwks::keep_fresh(shared.clone(), jwks.clone()));
     let guard = Arc::new(Guard {
         jwks,
         metrics: metrics.clone(),
@@ -296,7 +296,9 @@ fn certificates(identities: &Identities) -> serde_json::Value {
         .collect();
     let root = rustls_pki_types::pem::PemObject::from_pem_slice(identities.root_pem.as_bytes())
         .ok()
-        .and_then(|der: rustls_pki_types::CertificateDer| crate::identity::facts(&der).ok());
+        .and_then(|der: rustls_pki_types::CertificateDer| {
+            crate::identity::spiffe::facts(&der).ok()
+        });
     serde_json::json!({
         "trust_domain": identities.trust_domain,
         "trust_root": root.map(|r| serde_json::json!({"serial": r.serial, "not_after": r.not_after, "subject": r.issuer})),

@@ -11,7 +11,7 @@ use crate::{
         istio::{MtlsMode, PeerAuthentication},
         ClusterConfig, Resource,
     },
-    state::Workload,
+    model::Workload,
 };
 
 /// A workload's effective modes.
@@ -113,7 +113,7 @@ pub fn modes(config: &ClusterConfig, workload: &Workload, root_namespace: &str) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::load_str, state::MeshState};
+    use crate::{config::load_str, model::MeshState};
 
     fn modes_of(yaml: &str, pod: &str) -> WorkloadMtls {
         let config = load_str(std::path::Path::new("t.yaml"), yaml);
@@ -123,7 +123,7 @@ mod tests {
             .values()
             .find(|w| w.pod == pod)
             .expect("pod");
-        modes(&config, workload, crate::authz::DEFAULT_ROOT_NAMESPACE)
+        modes(&config, workload, crate::config::DEFAULT_ROOT_NAMESPACE)
     }
 
     const PODS: &str = "\

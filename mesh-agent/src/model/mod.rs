@@ -3,6 +3,11 @@
 //! by address with its endpoints, subsets and load-balancing policy, every node's address,
 //! and destination resolution.
 
+pub mod discovery;
+pub mod lb;
+pub mod peerauth;
+pub mod security;
+
 use std::{
     collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
@@ -11,12 +16,12 @@ use std::{
 
 use serde::Serialize;
 
-use crate::{
-    authz::{self, SecurityConfig, WorkloadSecurity},
-    config::{ClusterConfig, Diagnostic, Pod},
-    discovery,
+use crate::config::{ClusterConfig, Diagnostic, Pod, DEFAULT_ROOT_NAMESPACE};
+
+use self::{
     lb::{ActiveGuard, Balancer, LbPolicy},
-    peerauth::{self, WorkloadMtls},
+    peerauth::WorkloadMtls,
+    security::{SecurityConfig, WorkloadSecurity},
 };
 
 /// Label that takes a pod, or every pod of a namespace, out of the mesh (Istio ambient's).
@@ -189,7 +194,7 @@ pub struct MeshState {
 
 impl MeshState {
     pub fn build(node: &str, config: &ClusterConfig) -> MeshState {
-        MeshState::build_with_root(node, config, authz::DEFAULT_ROOT_NAMESPACE)
+        MeshState::build_with_root(node, config, DEFAULT_ROOT_NAMESPACE)
     }
 
     pub fn build_with_root(node: &str, config: &ClusterConfig, root_namespace: &str) -> MeshState {

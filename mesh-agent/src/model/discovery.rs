@@ -16,8 +16,7 @@ use crate::{
         validate::fqdn,
         ClusterConfig, Diagnostic, Resource, Service, ServicePort, Severity, TargetPort,
     },
-    lb::LbPolicy,
-    state::{Endpoint, MeshState, ServiceName, ServicePortState, Workload},
+    model::{lb::LbPolicy, Endpoint, MeshState, ServiceName, ServicePortState, Workload},
 };
 
 pub fn add_services(state: &mut MeshState, config: &ClusterConfig) {

@@ -7,11 +7,13 @@ use std::{net::SocketAddrV4, sync::Arc};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    authz::{self, AuthFacts, Decision, Match, Miss, RequestFacts, Verdict},
-    jwt::{self, JwksCache, RequestParts},
-    peerauth::Effective,
+    model::{peerauth::Effective, MeshState, Workload},
+    policy::{
+        authz::{self, AuthFacts, Decision, Match, Miss, RequestFacts, Verdict},
+        jwt::{self, JwksCache, RequestParts},
+        path::normalize_path,
+    },
     proxy::inbound::Arrival,
-    state::{MeshState, Workload},
 };
 
 /// What to check.
@@ -208,7 +210,7 @@ fn check_endpoint(
         return Ok(report(&connection, "connection", outcome.into()));
     }
     let raw_path = request.path.clone().unwrap_or_else(|| "/".into());
-    let (path, query) = authz::normalize_path(&raw_path)
+    let (path, query) = normalize_path(&raw_path)
         .ok_or_else(|| format!("--path {raw_path:?} is not a valid request path"))?;
     let mut headers = http::HeaderMap::new();
     for (name, value) in &request.headers {

@@ -4,6 +4,9 @@
 //! filling the workload, service and policy maps, the policy route that delivers steered
 //! packets to the agent's sockets, and the splice program of same-node flows.
 
+pub mod maps;
+pub mod splice;
+
 use std::{
     collections::{HashMap, HashSet},
     fs,
@@ -27,7 +30,12 @@ use mesh_common::{
     PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT, WORKLOAD_FLAG_LOCAL, WORKLOAD_FLAG_MTLS_STRICT,
 };
 
-use crate::{authz, peerauth::Effective, proxy::splice::Splicer, state::MeshState};
+use crate::{
+    model::{peerauth::Effective, MeshState},
+    policy::kernel,
+};
+
+use self::splice::Splicer;
 
 /// The eBPF object, built by build.rs from mesh-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
@@ -337,17 +345,17 @@ impl Datapath {
         sync(&mut ports, pins::PORT_MTLS, &desired)?;
 
         let mut policy: BpfHashMap<_, PolicyKey, u32> = map(&mut self.ebpf, pins::POLICY)?;
-        let verdicts = authz::kernel_verdicts(state, trust_domain);
-        if verdicts.len() > authz::KERNEL_VERDICTS_MAX {
+        let verdicts = kernel::kernel_verdicts(state, trust_domain);
+        if verdicts.len() > kernel::KERNEL_VERDICTS_MAX {
             log::warn!(
                 "{} L4 policy verdicts for the kernel; the first {} are loaded, the agent enforces all",
                 verdicts.len(),
-                authz::KERNEL_VERDICTS_MAX
+                kernel::KERNEL_VERDICTS_MAX
             );
         }
         let desired: HashMap<PolicyKey, u32> = verdicts
             .iter()
-            .take(authz::KERNEL_VERDICTS_MAX)
+            .take(kernel::KERNEL_VERDICTS_MAX)
             .map(|v| {
                 let key = PolicyKey {
                     src_ip: ip_key(v.source),

@@ -23,8 +23,8 @@ use tokio::io::unix::AsyncFd;
 
 use crate::{
     datapath::ip_from_key,
-    proxy::ConnTable,
-    state::{MeshState, SharedState, Workload},
+    model::{MeshState, SharedState, Workload},
+    telemetry::conns::ConnTable,
 };
 
 /// Istio's TCP metric labels.
@@ -519,7 +519,7 @@ fn labels_for(
     state: &MeshState,
     key: &FlowKey,
     stats: &FlowStats,
-    record: Option<&crate::proxy::ConnRecord>,
+    record: Option<&crate::telemetry::conns::ConnRecord>,
     trust_domain: &str,
 ) -> Option<TcpLabels> {
     let local = state.workloads.get(&ip_from_key(key.local_ip))?;

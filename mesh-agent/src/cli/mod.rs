@@ -15,8 +15,8 @@ use serde::Serialize;
 
 use crate::{
     config::{self, Severity},
-    maps::NodeMaps,
-    policycheck::CheckRequest,
+    datapath::maps::NodeMaps,
+    policy::check::CheckRequest,
 };
 
 #[derive(Parser)]

@@ -13,10 +13,12 @@ use std::{
 };
 
 use crate::{
-    ca::CaClient,
-    identity::{new_csr, SpiffeId},
-    state::SharedState,
-    tls::Identities,
+    identity::{
+        ca::CaClient,
+        spiffe::{new_csr, SpiffeId},
+        tls::Identities,
+    },
+    model::SharedState,
 };
 
 const MIN_BACKOFF: Duration = Duration::from_secs(1);

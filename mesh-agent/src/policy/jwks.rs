@@ -1,0 +1,141 @@
+//! Fetching the JWKS documents that RequestAuthentication's `jwksUri`s name, and keeping
+//! them fresh: new URIs at once, then on a refresh interval, with the last good keys kept
+//! while a fetch fails.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    config::jwks::{parse_jwks, Jwks},
+    model::SharedState,
+    policy::jwt::{uris, JwksCache},
+};
+
+/// How often fetched keys are refreshed (Istio's default), and how soon a failed fetch
+/// is tried again (doubling up to the last figure).
+const REFRESH_INTERVAL: Duration = Duration::from_secs(20 * 60);
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+/// A JWKS document larger than this is refused.
+const MAX_JWKS_BYTES: usize = 1 << 20;
+
+/// The system's trust store, for `https` JWKS URIs.
+fn system_roots() -> anyhow::Result<rustls::RootCertStore> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer};
+    let path = std::env::var("SSL_CERT_FILE")
+        .unwrap_or_else(|_| "/etc/ssl/certs/ca-certificates.crt".into());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&path)? {
+        roots.add(cert?)?;
+    }
+    Ok(roots)
+}
+
+async fn get_over<I>(io: I, uri: &http::Uri, host: &str) -> anyhow::Result<String>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::{BodyExt, Empty, Limited};
+    let (mut send, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
+    tokio::spawn(connection);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let request = http::Request::get(path)
+        .header(http::header::HOST, host)
+        .header(http::header::ACCEPT, "application/json")
+        .body(Empty::<bytes::Bytes>::new())?;
+    let response = send.send_request(request).await?;
+    let status = response.status();
+    let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
+        .collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the body: {e}"))?
+        .to_bytes();
+    if !status.is_success() {
+        anyhow::bail!("answered {status}");
+    }
+    Ok(String::from_utf8(body.to_vec())?)
+}
+
+/// Fetches a JWKS document over `http` or `https` (verified against the system's trust
+/// store).
+pub async fn fetch(uri: &str) -> anyhow::Result<Jwks> {
+    let parsed: http::Uri = uri.parse()?;
+    let host = parsed
+        .host()
+        .ok_or_else(|| anyhow::anyhow!("no host in {uri:?}"))?
+        .to_owned();
+    let authority = parsed.authority().map_or(host.clone(), |a| a.to_string());
+    let text = match parsed.scheme_str() {
+        Some("http") => {
+            let port = parsed.port_u16().unwrap_or(80);
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            get_over(tcp, &parsed, &authority).await?
+        }
+        Some("https") => {
+            let port = parsed.port_u16().unwrap_or(443);
+            let tls = rustls::ClientConfig::builder_with_provider(crate::identity::tls::provider())
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(system_roots()?)
+                .with_no_client_auth();
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            let name = rustls_pki_types::ServerName::try_from(host.clone())?;
+            let stream = connector.connect(name, tcp).await?;
+            get_over(stream, &parsed, &authority).await?
+        }
+        _ => anyhow::bail!("{uri:?}: only http and https are supported"),
+    };
+    parse_jwks(&text).map_err(|e| anyhow::anyhow!(e))
+}
+
+/// Keeps the keys of every `jwksUri` in the live configuration fetched: new URIs at
+/// once, then every [`REFRESH_INTERVAL`]; a failed fetch keeps the last good keys and is
+/// retried with backoff.
+pub async fn keep_fresh(state: SharedState, cache: Arc<JwksCache>) {
+    let mut retry: HashMap<String, (Duration, Instant)> = HashMap::new();
+    loop {
+        let current = state.current();
+        let mut wanted: Vec<(String, Duration)> = current
+            .security
+            .values()
+            .flat_map(|s| uris(&s.jwt_rules))
+            .collect();
+        wanted.sort();
+        wanted.dedup_by(|a, b| a.0 == b.0);
+        for (uri, timeout) in wanted {
+            let fresh = cache.age(&uri).is_some_and(|age| age < REFRESH_INTERVAL);
+            let waiting = retry.get(&uri).is_some_and(|(_, at)| Instant::now() < *at);
+            if fresh || waiting {
+                continue;
+            }
+            match tokio::time::timeout(timeout, fetch(&uri)).await {
+                Ok(Ok(keys)) => {
+                    log::info!("JWKS {uri}: {} keys", keys.len());
+                    cache.store(&uri, keys);
+                    retry.remove(&uri);
+                }
+                outcome => {
+                    let error = match outcome {
+                        Ok(Err(err)) => err.to_string(),
+                        _ => format!("no answer within {timeout:?}"),
+                    };
+                    let delay = retry
+                        .get(&uri)
+                        .map_or(RETRY_FIRST, |(d, _)| (*d * 2).min(RETRY_MAX));
+                    let kept = if cache.get(&uri).is_some() {
+                        "keeping the last fetched keys"
+                    } else {
+                        "tokens of this issuer are refused until it answers"
+                    };
+                    log::warn!("JWKS {uri}: {error}; {kept}; retrying in {delay:?}");
+                    retry.insert(uri, (delay, Instant::now() + delay));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -1,0 +1,5 @@
+//! What the agent reports about the traffic it sees: Istio's metrics from the kernel's
+//! flow events joined with the proxy's connection records.
+
+pub mod conns;
+pub mod metrics;
