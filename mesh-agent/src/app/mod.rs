@@ -141,11 +141,11 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     ))
     .with_context(|| format!("binding the capture listener on port {OUTBOUND_CAPTURE_PORT}"))?;
     let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    let metrics_listener = socket::listener(any(METRICS_PORT)).context("binding :15020")?;
-    let ready_listener = socket::listener(any(READY_PORT)).context("binding :15021")?;
-    let admin_listener = socket::listener(SocketAddr::from((Ipv4Addr::LOCALHOST, ADMIN_PORT)))
+    let metrics_listener = crate::http::listener(any(METRICS_PORT)).context("binding :15020")?;
+    let ready_listener = crate::http::listener(any(READY_PORT)).context("binding :15021")?;
+    let admin_listener = crate::http::listener(SocketAddr::from((Ipv4Addr::LOCALHOST, ADMIN_PORT)))
         .context("binding 127.0.0.1:15000")?;
-    let tunnel_listener = socket::listener(any(TUNNEL_PORT)).context("binding :15008")?;
+    let tunnel_listener = crate::http::listener(any(TUNNEL_PORT)).context("binding :15008")?;
 
     let mut reconciler = Reconciler {
         options: options.clone(),

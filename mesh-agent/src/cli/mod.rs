@@ -2,12 +2,7 @@
 //! the running agent through its localhost admin API (`meshctl status`) — and checks
 //! configuration files (`meshctl validate`). Tables by default, `-o json` for tools.
 
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -16,6 +11,7 @@ use serde::Serialize;
 use crate::{
     config::{self, Severity},
     datapath::maps::NodeMaps,
+    http::client::{self, ClientError, Transport},
     policy::check::CheckRequest,
 };
 
@@ -518,26 +514,31 @@ fn admin_request(
     path: &str,
     body: &str,
 ) -> anyhow::Result<String> {
-    let mut stream =
-        TcpStream::connect_timeout(&admin, Duration::from_secs(3)).with_context(|| {
-            format!("no mesh agent answers at {admin}: is it running on this node? (see --admin)")
-        })?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.0\r\nHost: {admin}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response from the agent")?;
-    let status = head.lines().next().unwrap_or_default();
-    if !status.contains(" 200 ") {
-        bail!("the agent answered {status}: {body}");
+    let mut request = match method {
+        "POST" => client::Request::post_json(admin.to_string(), path, body.to_owned()),
+        _ => client::Request::get(admin.to_string(), path),
+    };
+    request.max_body = 64 << 20;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let response = match runtime.block_on(client::send(&Transport::Plain, request)) {
+        Ok(response) => response,
+        Err(err @ ClientError::Connect { .. }) => {
+            return Err(anyhow::Error::new(err).context(format!(
+                "no mesh agent answers at {admin}: is it running on this node? (see --admin)"
+            )))
+        }
+        Err(err) => return Err(err.into()),
+    };
+    if response.status != http::StatusCode::OK {
+        bail!(
+            "the agent answered {}: {}",
+            response.status,
+            response.text()
+        );
     }
-    Ok(body.to_owned())
+    Ok(response.text())
 }
 
 fn emit_json(value: &impl Serialize) -> anyhow::Result<()> {

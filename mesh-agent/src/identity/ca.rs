@@ -17,6 +17,7 @@ use std::{
 
 use anyhow::Context;
 use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{
     body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode,
@@ -25,10 +26,10 @@ use hyper_util::rt::TokioIo;
 use rustls::{pki_types::PrivateKeyDer, ServerConfig};
 use rustls_pki_types::{pem::PemObject, CertificateDer, ServerName};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
     config,
+    http::client::{self, Transport},
     identity::{
         spiffe::{CaKeys, SpiffeId},
         tls::provider,
@@ -112,7 +113,7 @@ pub async fn run(options: CaOptions) -> anyhow::Result<()> {
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let listener = crate::proxy::socket::listener(options.listen)
+    let listener = crate::http::listener(options.listen)
         .with_context(|| format!("binding {}", options.listen))?;
     log::info!(
         "mesh CA for {} listening on {}",
@@ -281,40 +282,37 @@ impl CaClient {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-        let exchange = async {
-            let tcp = tokio::net::TcpStream::connect(self.address).await?;
-            let name = ServerName::try_from(CA_SERVER_NAME)?;
-            let mut stream = connector.connect(name, tcp).await?;
-            let body = serde_json::to_string(&SignRequest {
-                identity: id.to_string(),
-                csr: csr.to_owned(),
-            })?;
-            let head = format!(
-                "POST /v1/certificates HTTP/1.1\r\nHost: {CA_SERVER_NAME}\r\nAuthorization: Bearer {}\r\n\
-                 X-Mesh-Node: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                self.token,
-                self.node,
-                body.len()
-            );
-            stream.write_all(head.as_bytes()).await?;
-            stream.write_all(body.as_bytes()).await?;
-            let mut response = Vec::new();
-            // The CA closes after its answer; a TLS close without notify is not an error here.
-            let _ = stream.read_to_end(&mut response).await;
-            anyhow::Ok(String::from_utf8_lossy(&response).into_owned())
+        let transport = Transport::Tls {
+            config: Arc::new(tls),
+            server_name: ServerName::try_from(CA_SERVER_NAME)?,
         };
-        let response = tokio::time::timeout(Duration::from_secs(10), exchange)
-            .await
-            .context("the CA did not answer within 10 s")??;
-        let (head, body) = response
-            .split_once("\r\n\r\n")
-            .context("malformed answer from the CA")?;
-        let status = head.lines().next().unwrap_or_default();
-        if !status.contains(" 200 ") {
-            anyhow::bail!("the CA refused {id}: {status} {body}");
+        let body = serde_json::to_string(&SignRequest {
+            identity: id.to_string(),
+            csr: csr.to_owned(),
+        })?;
+        let mut request =
+            client::Request::post_json(self.address.to_string(), "/v1/certificates", body);
+        request.host = CA_SERVER_NAME.into();
+        request.headers.push((
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {}", self.token))
+                .context("the CA token is not a valid header value")?,
+        ));
+        request.headers.push((
+            HeaderName::from_static("x-mesh-node"),
+            HeaderValue::from_str(&self.node)
+                .context("the node name is not a valid header value")?,
+        ));
+        let response = client::send(&transport, request).await?;
+        if response.status != StatusCode::OK {
+            anyhow::bail!(
+                "the CA refused {id}: {} {}",
+                response.status,
+                response.text()
+            );
         }
-        let signed: SignResponse = serde_json::from_str(body).context("the CA's answer")?;
+        let signed: SignResponse =
+            serde_json::from_slice(&response.body).context("the CA's answer")?;
         Ok(signed.certificate)
     }
 }

@@ -10,6 +10,7 @@ use std::{
 
 use crate::{
     config::jwks::{parse_jwks, Jwks},
+    http::client::{self, Request, Transport},
     model::SharedState,
     policy::jwt::{uris, JwksCache},
 };
@@ -34,32 +35,6 @@ fn system_roots() -> anyhow::Result<rustls::RootCertStore> {
     Ok(roots)
 }
 
-async fn get_over<I>(io: I, uri: &http::Uri, host: &str) -> anyhow::Result<String>
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    use http_body_util::{BodyExt, Empty, Limited};
-    let (mut send, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
-    tokio::spawn(connection);
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let request = http::Request::get(path)
-        .header(http::header::HOST, host)
-        .header(http::header::ACCEPT, "application/json")
-        .body(Empty::<bytes::Bytes>::new())?;
-    let response = send.send_request(request).await?;
-    let status = response.status();
-    let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
-        .collect()
-        .await
-        .map_err(|e| anyhow::anyhow!("reading the body: {e}"))?
-        .to_bytes();
-    if !status.is_success() {
-        anyhow::bail!("answered {status}");
-    }
-    Ok(String::from_utf8(body.to_vec())?)
-}
-
 /// Fetches a JWKS document over `http` or `https` (verified against the system's trust
 /// store).
 pub async fn fetch(uri: &str) -> anyhow::Result<Jwks> {
@@ -68,28 +43,42 @@ pub async fn fetch(uri: &str) -> anyhow::Result<Jwks> {
         .host()
         .ok_or_else(|| anyhow::anyhow!("no host in {uri:?}"))?
         .to_owned();
-    let authority = parsed.authority().map_or(host.clone(), |a| a.to_string());
-    let text = match parsed.scheme_str() {
-        Some("http") => {
-            let port = parsed.port_u16().unwrap_or(80);
-            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-            get_over(tcp, &parsed, &authority).await?
-        }
+    let transport = match parsed.scheme_str() {
+        Some("http") => Transport::Plain,
         Some("https") => {
-            let port = parsed.port_u16().unwrap_or(443);
-            let tls = rustls::ClientConfig::builder_with_provider(crate::identity::tls::provider())
-                .with_safe_default_protocol_versions()?
-                .with_root_certificates(system_roots()?)
-                .with_no_client_auth();
-            let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-            let name = rustls_pki_types::ServerName::try_from(host.clone())?;
-            let stream = connector.connect(name, tcp).await?;
-            get_over(stream, &parsed, &authority).await?
+            let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(system_roots()?)
+            .with_no_client_auth();
+            Transport::Tls {
+                config: Arc::new(tls),
+                server_name: rustls_pki_types::ServerName::try_from(host.clone())?,
+            }
         }
         _ => anyhow::bail!("{uri:?}: only http and https are supported"),
     };
-    parse_jwks(&text).map_err(|e| anyhow::anyhow!(e))
+    let port = parsed
+        .port_u16()
+        .unwrap_or(if parsed.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    let path = parsed.path_and_query().map_or("/", |p| p.as_str());
+    let mut request = Request::get(format!("{host}:{port}"), path);
+    request.host = parsed.authority().map_or(host, |a| a.to_string());
+    request.max_body = MAX_JWKS_BYTES;
+    request.headers.push((
+        http::header::ACCEPT,
+        http::HeaderValue::from_static("application/json"),
+    ));
+    let response = client::send(&transport, request).await?;
+    if !response.status.is_success() {
+        anyhow::bail!("answered {}", response.status);
+    }
+    parse_jwks(&response.text()).map_err(|e| anyhow::anyhow!(e))
 }
 
 /// Keeps the keys of every `jwksUri` in the live configuration fetched: new URIs at

@@ -31,15 +31,6 @@ pub fn transparent_listener(addr: SocketAddrV4) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// A plain listener with `SO_REUSEADDR`, so a restarted agent binds at once.
-pub fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = tcp_socket()?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
-}
-
 /// Connects to `dst` from `src` (an address of another host: the client pod's), keeping
 /// the client's port when it is free and any port otherwise.
 pub async fn connect_as(src: SocketAddrV4, dst: SocketAddrV4) -> io::Result<TcpStream> {
