@@ -46,6 +46,15 @@ pub struct TcpPorts {
     pub flags: u8,
 }
 
+/// An ICMP header (type, code, checksum and the four bytes every message has).
+#[repr(C)]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub checksum: u16,
+    pub rest: u32,
+}
+
 /// The fields of an IPv4 packet the programs decide on; addresses as on the wire.
 pub struct Ipv4Packet {
     pub saddr: u32,
@@ -133,7 +142,9 @@ pub fn icmp_type(ctx: &TcContext, offset: usize) -> Option<u8> {
     if offset > ETH_HDR_LEN + IPV4_MAX_HDR_LEN {
         return None;
     }
-    let icmp_type: *const u8 = ptr_at(ctx, offset)?;
+    // The whole 8-byte header, which every ICMP message has (a one-byte read would also
+    // be checked in a form the verifier does not credit with a range).
+    let icmp: *const IcmpHdr = ptr_at(ctx, offset)?;
     // SAFETY: bounds checked by ptr_at.
-    Some(unsafe { *icmp_type })
+    Some(unsafe { (*icmp).kind })
 }
