@@ -68,7 +68,7 @@ fn ipv4_header(
     shape: Ipv4Shape,
 ) -> Vec<u8> {
     assert!(
-        shape.options.len() % 4 == 0 && shape.options.len() <= 40,
+        shape.options.len().is_multiple_of(4) && shape.options.len() <= 40,
         "IP options are whole words, at most 40 bytes"
     );
     let header_len = 20 + shape.options.len();
