@@ -49,13 +49,45 @@ pub fn load() -> Loaded {
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 
-fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, payload_len: usize) -> Vec<u8> {
-    let total = (20 + payload_len) as u16;
-    let mut ip = vec![0x45, 0];
+/// How an IPv4 header is laid out beyond its addresses and protocol.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Ipv4Shape<'a> {
+    /// IP options, padded to a multiple of 4 bytes by the caller (ihl = 5 + len / 4).
+    pub options: &'a [u8],
+    /// Fragment offset in units of 8 bytes.
+    pub fragment_offset: u16,
+    /// The "more fragments" flag.
+    pub more_fragments: bool,
+}
+
+fn ipv4_header(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    payload_len: usize,
+    shape: Ipv4Shape,
+) -> Vec<u8> {
+    assert!(
+        shape.options.len().is_multiple_of(4) && shape.options.len() <= 40,
+        "IP options are whole words, at most 40 bytes"
+    );
+    let header_len = 20 + shape.options.len();
+    let total = (header_len + payload_len) as u16;
+    let mut frag_off = shape.fragment_offset & 0x1fff;
+    if shape.more_fragments {
+        frag_off |= 0x2000;
+    } else if shape.fragment_offset == 0 {
+        // Don't fragment, as a TCP stack sends it.
+        frag_off |= 0x4000;
+    }
+    let mut ip = vec![0x40 | (header_len / 4) as u8, 0];
     ip.extend_from_slice(&total.to_be_bytes());
-    ip.extend_from_slice(&[0, 1, 0x40, 0, 64, protocol, 0, 0]);
+    ip.extend_from_slice(&[0, 1]);
+    ip.extend_from_slice(&frag_off.to_be_bytes());
+    ip.extend_from_slice(&[64, protocol, 0, 0]);
     ip.extend_from_slice(&src.octets());
     ip.extend_from_slice(&dst.octets());
+    ip.extend_from_slice(shape.options);
     let sum = ip
         .chunks(2)
         .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
@@ -66,28 +98,99 @@ fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, payload_len: usize) -
     ip
 }
 
-fn ethernet(ether_type: u16) -> Vec<u8> {
+/// An Ethernet header with the given EtherType.
+pub fn ethernet(ether_type: u16) -> Vec<u8> {
     let mut frame = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
     frame.extend_from_slice(&ether_type.to_be_bytes());
     frame
 }
 
+/// The 20 bytes of a TCP header without options (checksum not filled in).
+fn tcp_header(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut tcp = Vec::with_capacity(20);
+    tcp.extend_from_slice(&sport.to_be_bytes());
+    tcp.extend_from_slice(&dport.to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    tcp
+}
+
 /// An Ethernet + IPv4 + TCP segment (checksums of TCP are not checked by the programs).
 pub fn tcp_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    tcp_packet_shaped(src, dst, sport, dport, flags, Ipv4Shape::default())
+}
+
+/// A TCP segment whose IPv4 header has the given options and fragment fields.
+pub fn tcp_packet_shaped(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    shape: Ipv4Shape,
+) -> Vec<u8> {
     let mut frame = ethernet(0x0800);
-    frame.extend(ipv4_header(src, dst, 6, 20));
-    frame.extend_from_slice(&sport.to_be_bytes());
-    frame.extend_from_slice(&dport.to_be_bytes());
-    frame.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    frame.extend(ipv4_header(src, dst, 6, 20, shape));
+    frame.extend(tcp_header(sport, dport, flags));
     frame
+}
+
+/// One fragment of an IPv4 datagram of `protocol`: the IPv4 header and `payload`, the
+/// datagram's bytes from `offset * 8` on.
+pub fn ipv4_fragment(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    offset: u16,
+    more_fragments: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut frame = ethernet(0x0800);
+    let shape = Ipv4Shape {
+        options: &[],
+        fragment_offset: offset,
+        more_fragments,
+    };
+    frame.extend(ipv4_header(src, dst, protocol, payload.len(), shape));
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The two fragments of a TCP SYN split after the first 8 bytes of its header (the
+/// smallest fragment payload): the first carries only the ports and the sequence number,
+/// the second the flags.
+pub fn fragmented_syn(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> [Vec<u8>; 2] {
+    let tcp = tcp_header(sport, dport, TCP_SYN);
+    [
+        ipv4_fragment(src, dst, 6, 0, true, &tcp[..8]),
+        ipv4_fragment(src, dst, 6, 1, false, &tcp[8..]),
+    ]
 }
 
 pub fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     let mut frame = ethernet(0x0800);
-    frame.extend(ipv4_header(src, dst, 17, 8));
+    frame.extend(ipv4_header(src, dst, 17, 8, Ipv4Shape::default()));
     frame.extend_from_slice(&sport.to_be_bytes());
     frame.extend_from_slice(&dport.to_be_bytes());
     frame.extend_from_slice(&[0, 8, 0, 0]);
+    frame
+}
+
+/// An ICMP message of the given type and code with 8 bytes of body.
+pub fn icmp_packet(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8) -> Vec<u8> {
+    let mut frame = ethernet(0x0800);
+    frame.extend(ipv4_header(src, dst, 1, 8, Ipv4Shape::default()));
+    frame.extend_from_slice(&[kind, code, 0, 0, 0, 0, 0, 0]);
+    frame
+}
+
+/// An ARP request (who has `target`, tell `sender`).
+pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut frame = ethernet(0x0806);
+    frame.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 2]);
+    frame.extend_from_slice(&sender.octets());
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&target.octets());
     frame
 }
 
@@ -95,6 +198,18 @@ pub fn ipv6_frame() -> Vec<u8> {
     let mut frame = ethernet(0x86dd);
     frame.extend_from_slice(&[0x60; 40]);
     frame
+}
+
+/// Creates a veth pair in the current network namespace and returns the index of its
+/// first end: an interface other than `lo` for the programs' view of "the pod's veth".
+pub fn veth_interface(name: &str) -> u32 {
+    let peer = format!("{name}p");
+    let status = std::process::Command::new("ip")
+        .args(["link", "add", name, "type", "veth", "peer", "name", &peer])
+        .status()
+        .expect("running ip");
+    assert!(status.success(), "ip link add {name} type veth");
+    mesh_agent::datapath::ifindex(name).expect("the interface's index")
 }
 
 /// Runs `f` on a thread inside a new, empty network namespace.

@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map's key or value layout changes; maps live under
 /// `<bpffs dir>/maps-v<N>` so an agent of another layout never misreads them.
-pub const MAPS_LAYOUT_VERSION: u32 = 3;
+pub const MAPS_LAYOUT_VERSION: u32 = 4;
 
 /// The agent's transparent listener for connections captured leaving a pod.
 pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
@@ -37,6 +37,7 @@ pub const NAME_LEN: usize = 64;
 pub mod pins {
     pub const WORKLOADS: &str = "MESH_WORKLOADS";
     pub const SERVICES: &str = "MESH_SERVICES";
+    pub const SERVICE_IPS: &str = "MESH_SERVICE_IPS";
     pub const TRAFFIC: &str = "MESH_TRAFFIC";
     pub const TC_VERDICTS: &str = "MESH_TC_VERDICTS";
     pub const FLOWS: &str = "MESH_FLOWS";
@@ -75,6 +76,9 @@ pub const WORKLOAD_FLAG_LOCAL: u32 = 1;
 /// PeerAuthentication STRICT for the workload: plaintext that did not come through the
 /// agent is dropped (ports may override it in `PORT_MTLS`).
 pub const WORKLOAD_FLAG_MTLS_STRICT: u32 = 2;
+/// At least one port of the workload is STRICT in `PORT_MTLS`: a TCP fragment, whose port
+/// the kernel programs cannot see, may be for it.
+pub const WORKLOAD_FLAG_MTLS_STRICT_PORTS: u32 = 4;
 
 /// Values of `PORT_MTLS`, a port's PeerAuthentication mode overriding the workload's.
 pub const PORT_MTLS_PERMISSIVE: u32 = 1;
@@ -159,7 +163,24 @@ pub mod verdict {
     pub const DROP_PLAINTEXT_STRICT: u32 = 6;
     /// A new connection an AuthorizationPolicy denies on L4 facts alone (same-node source).
     pub const DROP_POLICY_DENIED: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// Dropped: an IPv4 fragment of TCP from a pod towards a meshed destination, or any
+    /// fragment to a pod with a STRICT port not sent by the agent. A fragment may not carry
+    /// the TCP header the decision needs, so it is never judged by one.
+    pub const DROP_FRAGMENT: u32 = 8;
+    /// Dropped: headers that cannot be read even after pulling them into the linear data
+    /// (a truncated packet), or an IPv4 header with a bad version or length.
+    pub const DROP_MALFORMED: u32 = 9;
+    /// Dropped: IPv6 leaving or entering a meshed pod (the mesh is IPv4-only).
+    pub const DROP_IPV6: u32 = 10;
+    /// Dropped: a frame leaving or entering a meshed pod that is neither IPv4, ARP nor IPv6.
+    pub const DROP_UNKNOWN_ETHERTYPE: u32 = 11;
+    /// Dropped: an IPv4 packet leaving a pod with a source address that is not the
+    /// address of the pod on that interface.
+    pub const DROP_SPOOFED_SOURCE: u32 = 12;
+    /// Dropped: non-TCP IPv4 to a pod under workload-wide STRICT that the agent did not
+    /// send (ICMP errors excepted: they belong to the pod's own connections).
+    pub const DROP_NON_TCP_STRICT: u32 = 13;
+    pub const COUNT: u32 = 14;
 
     /// Names as reported by meshctl and the metrics (`reason` label).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -171,6 +192,12 @@ pub mod verdict {
         "drop_assign_failed",
         "drop_plaintext_strict",
         "drop_policy_denied",
+        "drop_fragment",
+        "drop_malformed",
+        "drop_ipv6",
+        "drop_unknown_ethertype",
+        "drop_spoofed_source",
+        "drop_non_tcp_strict",
     ];
 }
 

@@ -18,6 +18,11 @@ pub static MESH_WORKLOADS: HashMap<u32, WorkloadInfo> = HashMap::pinned(16384, 0
 #[map]
 pub static MESH_SERVICES: HashMap<ServiceKey, ServiceInfo> = HashMap::pinned(16384, 0);
 
+/// Service cluster IP → how many of its ports are in `MESH_SERVICES`: an IPv4 fragment
+/// carries no port, so it is judged by its destination address alone.
+#[map]
+pub static MESH_SERVICE_IPS: HashMap<u32, u32> = HashMap::pinned(16384, 0);
+
 /// Local pod address and port → PeerAuthentication mode overriding the workload's.
 #[map]
 pub static MESH_PORT_MTLS: HashMap<PortKey, u32> = HashMap::pinned(16384, 0);

@@ -1,12 +1,25 @@
-//! Bounds-checked access to the Ethernet, IPv4 and TCP headers of a tc packet.
+//! Bounds-checked access to the Ethernet, IPv4, TCP and ICMP headers of a tc packet.
+//!
+//! A header that is not in the linear data is pulled in (`bpf_skb_pull_data`) and looked
+//! at again before it is given up on: how the kernel happened to lay a packet out must
+//! never decide whether it is judged. `None` from here means the packet really is too
+//! short or malformed, and the programs drop it.
 
 use aya_ebpf::programs::TcContext;
 
 pub const ETH_HDR_LEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_ACK: u8 = 0x10;
+/// IPv4 "more fragments" flag and fragment offset, in host order of `frag_off`.
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
+/// The longest IPv4 header (ihl 15).
+const IPV4_MAX_HDR_LEN: usize = 60;
 
 #[repr(C)]
 pub struct Ipv4Hdr {
@@ -22,6 +35,7 @@ pub struct Ipv4Hdr {
     pub daddr: u32,
 }
 
+/// The first 14 bytes of a TCP header: the ports, sequence numbers and flags.
 #[repr(C)]
 pub struct TcpPorts {
     pub source: u16,
@@ -32,16 +46,31 @@ pub struct TcpPorts {
     pub flags: u8,
 }
 
-/// The fields of an IPv4 packet the programs decide on; addresses and ports as on the wire.
+/// An ICMP header (type, code, checksum and the four bytes every message has).
+#[repr(C)]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub checksum: u16,
+    pub rest: u32,
+}
+
+/// The fields of an IPv4 packet the programs decide on; addresses as on the wire.
 pub struct Ipv4Packet {
     pub saddr: u32,
     pub daddr: u32,
     pub protocol: u8,
+    /// Where the L4 header starts: after the Ethernet header and every IP option.
     pub l4_offset: usize,
+    /// A fragment, first or not (Cilium's `ipv4_is_fragment`): a non-first fragment
+    /// carries no L4 header, a first one may carry a truncated one, so its L4 header is
+    /// never read.
+    pub fragment: bool,
 }
 
+/// A pointer to a `T` at `offset` when it lies in the linear data.
 #[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+fn linear<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -50,17 +79,37 @@ fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     Some((start + offset) as *const T)
 }
 
-/// Parses Ethernet + IPv4; `None` for anything else or a truncated packet.
+/// A pointer to a `T` at `offset`, pulling the packet's first `offset + size_of::<T>()`
+/// bytes into the linear data when they are not there yet.
 #[inline(always)]
-pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4Packet> {
+fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+    if let Some(ptr) = linear(ctx, offset) {
+        return Some(ptr);
+    }
+    // Fails when the packet is shorter than that: nothing to judge, then.
+    ctx.pull_data((offset + core::mem::size_of::<T>()) as u32)
+        .ok()?;
+    linear(ctx, offset)
+}
+
+/// The EtherType of the frame (host order); `None` for a frame shorter than its header.
+#[inline(always)]
+pub fn ether_type(ctx: &TcContext) -> Option<u16> {
     let ether_type: *const u16 = ptr_at(ctx, 12)?;
     // SAFETY: bounds checked by ptr_at.
-    if u16::from_be(unsafe { *ether_type }) != ETH_P_IP {
-        return None;
-    }
+    Some(u16::from_be(unsafe { *ether_type }))
+}
+
+/// Parses the IPv4 header of a frame whose EtherType is IPv4; `None` when it is cut short
+/// or is not a valid IPv4 header (version, header length).
+#[inline(always)]
+pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4Packet> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HDR_LEN)?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
+    if ip.version_ihl >> 4 != 4 {
+        return None;
+    }
     let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
     if ihl < 20 {
         return None;
@@ -70,6 +119,7 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4Packet> {
         daddr: ip.daddr,
         protocol: ip.protocol,
         l4_offset: ETH_HDR_LEN + ihl,
+        fragment: u16::from_be(ip.frag_off) & (IP_MF | IP_OFFSET) != 0,
     })
 }
 
@@ -77,11 +127,24 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4Packet> {
 #[inline(always)]
 pub fn parse_tcp(ctx: &TcContext, offset: usize) -> Option<(u16, u16, u8)> {
     // The verifier needs a constant bound on the variable IPv4 header length.
-    if offset > ETH_HDR_LEN + 60 {
+    if offset > ETH_HDR_LEN + IPV4_MAX_HDR_LEN {
         return None;
     }
     let tcp: *const TcpPorts = ptr_at(ctx, offset)?;
     // SAFETY: bounds checked by ptr_at.
     let tcp = unsafe { &*tcp };
     Some((tcp.source, tcp.dest, tcp.flags))
+}
+
+/// The type of an ICMP message.
+#[inline(always)]
+pub fn icmp_type(ctx: &TcContext, offset: usize) -> Option<u8> {
+    if offset > ETH_HDR_LEN + IPV4_MAX_HDR_LEN {
+        return None;
+    }
+    // The whole 8-byte header, which every ICMP message has (a one-byte read would also
+    // be checked in a form the verifier does not credit with a range).
+    let icmp: *const IcmpHdr = ptr_at(ctx, offset)?;
+    // SAFETY: bounds checked by ptr_at.
+    Some(unsafe { (*icmp).kind })
 }

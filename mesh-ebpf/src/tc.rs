@@ -11,6 +11,15 @@
 //! `tc_to_pod` (egress of the host veth, packets entering the pod) counts, and enforces
 //! PeerAuthentication STRICT: TCP to such a pod port that the agent did not send (its
 //! sockets carry `AGENT_MARK`) is plaintext that bypassed the mesh, and is dropped.
+//!
+//! Both fail closed on what they cannot judge, since a hostile pod chooses its packets'
+//! shape: the same-node identity rests on the source address, so a pod may only send
+//! from its own; IPv6 and other non-IPv4 frames (ARP excepted) are dropped, the mesh
+//! being IPv4-only; a TCP fragment, which may not carry the header a decision needs, is
+//! dropped wherever that decision matters; headers are pulled into the linear data when
+//! they are not there, and a packet still too short to judge is dropped. Under
+//! workload-wide STRICT, only TCP (judged per port) and ICMP errors enter the pod
+//! without the agent.
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_tuple, BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT},
@@ -21,18 +30,27 @@ use aya_ebpf::{
 use mesh_common::{
     verdict, PolicyKey, PortKey, ServiceKey, TrafficCounters, TrafficKey, AGENT_MARK, CAPTURE_MARK,
     DIRECTION_FROM_POD, DIRECTION_TO_POD, OUTBOUND_CAPTURE_PORT, POLICY_DENY, PORT_MTLS_STRICT,
-    WORKLOAD_FLAG_MTLS_STRICT,
+    WORKLOAD_FLAG_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT_PORTS,
 };
 
 use crate::{
     maps::{
-        count_verdict, MESH_POLICY, MESH_PORT_MTLS, MESH_SERVICES, MESH_TRAFFIC, MESH_WORKLOADS,
+        count_verdict, MESH_POLICY, MESH_PORT_MTLS, MESH_SERVICES, MESH_SERVICE_IPS, MESH_TRAFFIC,
+        MESH_WORKLOADS,
     },
-    packet::{parse_ipv4, parse_tcp, IPPROTO_TCP, TCP_FLAG_ACK, TCP_FLAG_SYN},
+    packet::{
+        ether_type, icmp_type, parse_ipv4, parse_tcp, Ipv4Packet, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6,
+        IPPROTO_ICMP, IPPROTO_TCP, TCP_FLAG_ACK, TCP_FLAG_SYN,
+    },
 };
 
 const TCP_LISTEN: u32 = 10;
 const BPF_NOEXIST: u64 = 1;
+/// ICMP errors, which concern a connection or datagram of the pod: destination
+/// unreachable (path MTU discovery among them), time exceeded, parameter problem.
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETERPROB: u8 = 12;
 
 #[classifier]
 pub fn tc_from_pod(ctx: TcContext) -> i32 {
@@ -41,51 +59,120 @@ pub fn tc_from_pod(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn tc_to_pod(ctx: TcContext) -> i32 {
-    let Some(ip) = parse_ipv4(&ctx) else {
-        return TC_ACT_OK;
+    to_pod(&ctx)
+}
+
+/// The IPv4 header of a frame, or the verdict on a frame that is not IPv4: ARP passes
+/// (`passed` counted when `count_passed`), everything else is dropped and counted.
+#[inline(always)]
+fn ipv4_or_verdict(ctx: &TcContext, count_passed: bool) -> Result<Ipv4Packet, i32> {
+    let Some(ether_type) = ether_type(ctx) else {
+        return Err(drop_counted(verdict::DROP_MALFORMED));
+    };
+    match ether_type {
+        ETH_P_IP => parse_ipv4(ctx).ok_or_else(|| drop_counted(verdict::DROP_MALFORMED)),
+        ETH_P_ARP => {
+            if count_passed {
+                count_verdict(verdict::PASSED);
+            }
+            Err(TC_ACT_OK)
+        }
+        ETH_P_IPV6 => Err(drop_counted(verdict::DROP_IPV6)),
+        _ => Err(drop_counted(verdict::DROP_UNKNOWN_ETHERTYPE)),
+    }
+}
+
+#[inline(always)]
+fn to_pod(ctx: &TcContext) -> i32 {
+    let ip = match ipv4_or_verdict(ctx, false) {
+        Ok(ip) => ip,
+        Err(action) => return action,
     };
     account(ip.saddr, ip.daddr, DIRECTION_TO_POD, ctx.len());
     // SAFETY: reading a field of the context the kernel handed us.
     let mark = unsafe { (*ctx.skb.skb).mark };
-    if ip.protocol != IPPROTO_TCP || mark == AGENT_MARK {
+    if mark == AGENT_MARK {
         return TC_ACT_OK;
     }
-    let Some((_, dport, _)) = parse_tcp(&ctx, ip.l4_offset) else {
-        return TC_ACT_OK;
-    };
     let Some(workload) = MESH_WORKLOADS.get_ptr(ip.daddr) else {
         return TC_ACT_OK;
     };
-    let key = PortKey {
-        ip: ip.daddr,
-        port: u16::from_be(dport),
-        _pad: 0,
-    };
     // SAFETY: a map value pointer, valid while this program runs.
-    let strict = match unsafe { MESH_PORT_MTLS.get(key) } {
-        Some(mode) => *mode == PORT_MTLS_STRICT,
-        None => (unsafe { (*workload).flags } & WORKLOAD_FLAG_MTLS_STRICT) != 0,
-    };
-    if strict {
-        count_verdict(verdict::DROP_PLAINTEXT_STRICT);
-        return TC_ACT_SHOT;
+    let flags = unsafe { (*workload).flags };
+    if flags & (WORKLOAD_FLAG_MTLS_STRICT | WORKLOAD_FLAG_MTLS_STRICT_PORTS) == 0 {
+        return TC_ACT_OK;
     }
-    TC_ACT_OK
+    let workload_strict = flags & WORKLOAD_FLAG_MTLS_STRICT != 0;
+    if ip.protocol == IPPROTO_TCP {
+        // Its port is unknown: it may be for a STRICT one.
+        if ip.fragment {
+            return drop_counted(verdict::DROP_FRAGMENT);
+        }
+        let Some((_, dport, _)) = parse_tcp(ctx, ip.l4_offset) else {
+            return drop_counted(verdict::DROP_MALFORMED);
+        };
+        let key = PortKey {
+            ip: ip.daddr,
+            port: u16::from_be(dport),
+            _pad: 0,
+        };
+        // SAFETY: a map value pointer, valid while this program runs.
+        let strict = match unsafe { MESH_PORT_MTLS.get(key) } {
+            Some(mode) => *mode == PORT_MTLS_STRICT,
+            None => workload_strict,
+        };
+        if strict {
+            return drop_counted(verdict::DROP_PLAINTEXT_STRICT);
+        }
+        return TC_ACT_OK;
+    }
+    if !workload_strict {
+        return TC_ACT_OK;
+    }
+    if ip.fragment {
+        return drop_counted(verdict::DROP_FRAGMENT);
+    }
+    if ip.protocol == IPPROTO_ICMP {
+        let Some(kind) = icmp_type(ctx, ip.l4_offset) else {
+            return drop_counted(verdict::DROP_MALFORMED);
+        };
+        if matches!(
+            kind,
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
+        ) {
+            return TC_ACT_OK;
+        }
+    }
+    drop_counted(verdict::DROP_NON_TCP_STRICT)
 }
 
 #[inline(always)]
 fn from_pod(ctx: &TcContext) -> i32 {
-    let Some(ip) = parse_ipv4(ctx) else {
-        return TC_ACT_OK;
+    let ip = match ipv4_or_verdict(ctx, true) {
+        Ok(ip) => ip,
+        Err(action) => return action,
     };
+    if !sent_by_interface_owner(ctx, ip.saddr) {
+        return drop_counted(verdict::DROP_SPOOFED_SOURCE);
+    }
     account(ip.saddr, ip.daddr, DIRECTION_FROM_POD, ctx.len());
     if ip.protocol != IPPROTO_TCP {
         count_verdict(verdict::PASSED);
         return TC_ACT_OK;
     }
-    let Some((sport, dport, flags)) = parse_tcp(ctx, ip.l4_offset) else {
+    if ip.fragment {
+        // Any port of a meshed address may be captured: a fragment towards one would
+        // reach it uncaptured once reassembled.
+        let meshed = MESH_WORKLOADS.get_ptr(ip.daddr).is_some()
+            || MESH_SERVICE_IPS.get_ptr(ip.daddr).is_some();
+        if meshed {
+            return drop_counted(verdict::DROP_FRAGMENT);
+        }
         count_verdict(verdict::PASSED);
         return TC_ACT_OK;
+    }
+    let Some((sport, dport, flags)) = parse_tcp(ctx, ip.l4_offset) else {
+        return drop_counted(verdict::DROP_MALFORMED);
     };
 
     // A segment of a connection the agent already holds (its accepted socket, or its
@@ -107,12 +194,10 @@ fn from_pod(ctx: &TcContext) -> i32 {
         return TC_ACT_OK;
     }
     if flags & TCP_FLAG_SYN == 0 || flags & TCP_FLAG_ACK != 0 {
-        count_verdict(verdict::DROP_NO_FLOW);
-        return TC_ACT_SHOT;
+        return drop_counted(verdict::DROP_NO_FLOW);
     }
     if policy_denies(ip.saddr, ip.daddr, u16::from_be(dport)) {
-        count_verdict(verdict::DROP_POLICY_DENIED);
-        return TC_ACT_SHOT;
+        return drop_counted(verdict::DROP_POLICY_DENIED);
     }
     match lookup(
         ctx,
@@ -123,10 +208,7 @@ fn from_pod(ctx: &TcContext) -> i32 {
         true,
     ) {
         Some(listener) => steer(ctx, listener, verdict::STEERED_NEW),
-        None => {
-            count_verdict(verdict::DROP_NO_PROXY);
-            TC_ACT_SHOT
-        }
+        None => drop_counted(verdict::DROP_NO_PROXY),
     }
 }
 
@@ -194,6 +276,25 @@ fn lookup(
     }
 }
 
+/// Whether `saddr` is the address of the local pod whose host veth this packet came in
+/// on (the agent records each local pod's veth index in its workload entry).
+#[inline(always)]
+fn sent_by_interface_owner(ctx: &TcContext, saddr: u32) -> bool {
+    // SAFETY: reading a field of the context the kernel handed us; at tc ingress of the
+    // host veth, `ifindex` is that veth's index.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: a map value pointer, valid while this program runs.
+    MESH_WORKLOADS
+        .get_ptr(saddr)
+        .is_some_and(|workload| unsafe { (*workload).ifindex } == ifindex)
+}
+
+#[inline(always)]
+fn drop_counted(reason: u32) -> i32 {
+    count_verdict(reason);
+    TC_ACT_SHOT
+}
+
 #[inline(always)]
 fn steer(ctx: &TcContext, sk: *mut bpf_sock, outcome: u32) -> i32 {
     // SAFETY: `sk` came from the lookup helper and is released right after.
@@ -201,8 +302,7 @@ fn steer(ctx: &TcContext, sk: *mut bpf_sock, outcome: u32) -> i32 {
     // SAFETY: releasing the reference the lookup took.
     unsafe { bpf_sk_release(sk as *mut _) };
     if assigned != 0 {
-        count_verdict(verdict::DROP_ASSIGN_FAILED);
-        return TC_ACT_SHOT;
+        return drop_counted(verdict::DROP_ASSIGN_FAILED);
     }
     ctx.set_mark(CAPTURE_MARK);
     count_verdict(outcome);

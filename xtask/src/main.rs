@@ -97,6 +97,15 @@ pub fn workspace() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// Where the release binaries are: beside this xtask binary, which `cargo xtask` builds
+/// in the same profile and target directory (so a `CARGO_TARGET_DIR` is followed).
+pub fn release_binaries() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| workspace().join("target/release"))
+}
+
 /// A progress line on standard error.
 pub fn progress(message: &str) {
     eprintln!("\x1b[1m==> {message}\x1b[0m");

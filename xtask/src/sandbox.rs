@@ -25,7 +25,7 @@ use serde_yaml::Value;
 
 use crate::{
     ns::{self, Placement},
-    progress, run, workspace,
+    progress, release_binaries, run,
 };
 
 const PREFIX: &str = "msb";
@@ -307,7 +307,7 @@ pub fn up(config: &Path) -> Result<()> {
     if nodes.len() > 200 {
         bail!("the sandbox supports up to 200 nodes");
     }
-    let binaries = workspace().join("target/release");
+    let binaries = release_binaries();
     let agent = binaries.join("mesh-agent");
     if !agent.exists() {
         bail!(
@@ -628,7 +628,7 @@ fn pod_dir(pod: &PodState) -> PathBuf {
 }
 
 fn path_with_binaries() -> String {
-    let binaries = workspace().join("target/release");
+    let binaries = release_binaries();
     match std::env::var("PATH") {
         Ok(path) => format!("{}:{path}", binaries.display()),
         Err(_) => binaries.display().to_string(),

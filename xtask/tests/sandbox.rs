@@ -153,7 +153,7 @@ impl Drop for Sandbox {
 
 /// Applies (or deletes) YAML through `cargo xtask sandbox apply|delete -f`.
 fn kubectl(verb: &str, name: &str, yaml: &str) {
-    let file = workspace().join(format!("target/sandbox-test-{name}.yaml"));
+    let file = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("sandbox-test-{name}.yaml"));
     std::fs::write(&file, yaml).expect("write");
     ok(
         xtask(&["sandbox", verb, "-f", file.to_str().expect("path")]),
@@ -403,7 +403,7 @@ fn sandbox_mesh_end_to_end() {
     });
 
     // apply adds a pod and a Service the mesh serves at once; delete takes them away.
-    let extra = workspace().join("target/sandbox-test-extra.yaml");
+    let extra = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sandbox-test-extra.yaml");
     std::fs::write(&extra, include_str!("extra.yaml")).expect("write");
     let extra = extra.to_str().expect("path");
     ok(xtask(&["sandbox", "apply", "-f", extra]), "apply");
@@ -460,7 +460,7 @@ fn sandbox_mesh_end_to_end() {
 
 #[test]
 fn meshctl_without_a_mesh_says_so() {
-    let meshctl = workspace().join("target/release/meshctl");
+    let meshctl = Path::new(env!("CARGO_BIN_EXE_xtask")).with_file_name("meshctl");
     let out = Command::new(&meshctl)
         .args(["--bpffs", "/sys/fs/bpf/no-such-mesh", "bpf", "flows"])
         .output()
@@ -641,7 +641,7 @@ fn traffic_between_nodes_is_mutual_tls_1_3_and_bad_peers_are_refused() {
         .to_owned();
 
     // Capture everything on the link between the nodes while pods talk across it.
-    let pcap = workspace().join("target/sandbox-between-nodes.pcap");
+    let pcap = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sandbox-between-nodes.pcap");
     let capture = Command::new("ip")
         .args([
             "netns",
@@ -1398,4 +1398,153 @@ fn same_node_flows_are_spliced_in_the_kernel() {
     assert_eq!(echo_round_trip(&echo_copied, 3 << 20), "intact");
     assert!(carried("copied") >= copied_before + 1.0);
     assert_eq!(carried("spliced"), spliced_now);
+}
+
+/// A watcher on a pod's eth0 (sniff.py), capturing by the time `sniff` returns.
+struct Sniffer {
+    pod: String,
+    child: std::process::Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+fn sniff(pod: &str, sentinel: &str) -> Sniffer {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["sandbox", "exec", pod, "--", "python3", "-c"])
+        .arg(include_str!("sniff.py"))
+        .arg(sentinel)
+        .current_dir(workspace())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting the sniffer");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("reading the sniffer");
+    assert_eq!(line.trim(), "ready", "the sniffer in {pod} did not start");
+    Sniffer {
+        pod: pod.to_owned(),
+        child,
+        stdout,
+    }
+}
+
+impl Sniffer {
+    /// Waits for the sentinel and returns what the attacker got through to the pod.
+    fn seen(mut self) -> Vec<serde_json::Value> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .expect("reading the sniffer");
+        let status = self.child.wait().expect("sniffer");
+        let report: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("sniffer in {}: {e}: {line:?}", self.pod));
+        assert!(
+            status.success() && report["sentinel"] == true,
+            "the sentinel request never reached {}: {report}",
+            self.pod
+        );
+        report["seen"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// The node's `mesh_tc_packets_total` for one verdict (absent: none yet).
+fn tc_packets(node: &str, verdict: &str) -> u64 {
+    sample(
+        &metrics(node),
+        "mesh_tc_packets_total",
+        &[("verdict", verdict)],
+    )
+    .unwrap_or(0.0) as u64
+}
+
+/// Sends the sentinel request through the mesh from client-a (HTTP to `ip`:8080, the
+/// sentinel in the query string, which the server ignores): it reaches the pod after
+/// any attack packet sent before it, and it must still work.
+fn sentinel_request(ip: &str, sentinel: &str, expected_name: &str) {
+    assert_eq!(
+        in_pod(
+            "client-a",
+            &format!("curl -sf -m 10 'http://{ip}:8080/name?{sentinel}'")
+        )
+        .trim(),
+        expected_name,
+        "meshed traffic to {ip} still works"
+    );
+}
+
+#[test]
+fn a_hostile_pod_cannot_slip_past_the_kernel_with_fragments_or_forged_addresses() {
+    let _sandbox = Sandbox::up();
+    let status = status_json();
+    let (web_a, web_b) = (pod_ip(&status, "web-a"), pod_ip(&status, "web-b"));
+    kubectl(
+        "apply",
+        "pa-strict-attack",
+        &peer_authentication("default", "  mtls: {mode: STRICT}\n"),
+    );
+    eventually("plaintext to web-b is refused under STRICT", || {
+        !xtask(&[
+            "sandbox",
+            "exec",
+            "--node",
+            "node-b",
+            "--",
+            "curl",
+            "-sf",
+            "-m",
+            "2",
+            &format!("http://{web_b}:8080/name"),
+        ])
+        .status
+        .success()
+    });
+    let attack = include_str!("raw_attack.py");
+    let sent = |target: &[&str], args: &[&str]| -> u64 {
+        let mut all = vec!["sandbox", "exec"];
+        all.extend_from_slice(target);
+        all.extend_from_slice(&["--", "python3", "-c", attack]);
+        all.extend_from_slice(args);
+        ok(xtask(&all), &format!("raw_attack.py {args:?}"))
+            .trim()
+            .parse()
+            .expect("packets sent")
+    };
+
+    // (a) A SYN to a meshed, STRICT pod, in fragments: from a meshed pod (tc_from_pod on
+    // node-a) and from the node next to the pod, outside the mesh (tc_to_pod on node-b).
+    let fragments_a = tc_packets("node-a", "drop_fragment");
+    let fragments_b = tc_packets("node-b", "drop_fragment");
+    let target = sniff("web-b", "sentinel-fragments");
+    let from_pod = sent(&["client-a"], &["fragments", &web_b, "8080", "3"]);
+    let from_node = sent(&["--node", "node-b"], &["fragments", &web_b, "8080", "2"]);
+    assert_eq!((from_pod, from_node), (6, 4));
+    sentinel_request(&web_b, "sentinel-fragments", "web-b");
+    assert_eq!(target.seen(), Vec::<serde_json::Value>::new());
+    eventually("node-a counts the pod's fragments", || {
+        tc_packets("node-a", "drop_fragment") == fragments_a + from_pod
+    });
+    eventually("node-b counts the node's fragments", || {
+        tc_packets("node-b", "drop_fragment") == fragments_b + from_node
+    });
+
+    // (b) SYNs with another pod's address: web-a's (same node) towards web-b, and web-b's
+    // (the other node) towards web-a. Each of the two pods is a target once and the pod
+    // whose address was forged (which would get the answers) once: neither sees anything.
+    let spoofed = tc_packets("node-a", "drop_spoofed_source");
+    let at_web_b = sniff("web-b", "sentinel-spoof-b");
+    let at_web_a = sniff("web-a", "sentinel-spoof-a");
+    let forged = sent(&["client-a"], &["spoof", &web_a, &web_b, "8080", "3"])
+        + sent(&["client-a"], &["spoof", &web_b, &web_a, "8080", "2"]);
+    assert_eq!(forged, 5);
+    sentinel_request(&web_b, "sentinel-spoof-b", "web-b");
+    sentinel_request(&web_a, "sentinel-spoof-a", "web-a");
+    assert_eq!(at_web_b.seen(), Vec::<serde_json::Value>::new());
+    assert_eq!(at_web_a.seen(), Vec::<serde_json::Value>::new());
+    eventually("node-a counts the forged packets", || {
+        tc_packets("node-a", "drop_spoofed_source") == spoofed + forged
+    });
+    // What the attacker sent never got further than its own veth.
+    assert_eq!(tc_packets("node-b", "drop_spoofed_source"), 0);
 }

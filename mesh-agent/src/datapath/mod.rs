@@ -28,6 +28,7 @@ use mesh_common::{
     fill_name, pins, programs, PolicyKey, PortKey, ServiceInfo, ServiceKey, WorkloadInfo,
     CAPTURE_MARK, CAPTURE_ROUTE_TABLE, MAPS_LAYOUT_VERSION, POLICY_ALLOW, POLICY_DENY,
     PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT, WORKLOAD_FLAG_LOCAL, WORKLOAD_FLAG_MTLS_STRICT,
+    WORKLOAD_FLAG_MTLS_STRICT_PORTS,
 };
 
 use crate::{
@@ -265,7 +266,7 @@ impl Datapath {
         }
     }
 
-    /// Makes the workload and service maps match `state`.
+    /// Makes the workload, service, port mTLS and policy maps match `state`.
     pub fn sync_maps(
         &mut self,
         state: &MeshState,
@@ -293,12 +294,13 @@ impl Datapath {
                     info.flags |= WORKLOAD_FLAG_LOCAL;
                     info.ifindex = ifindexes.get(&w.ip).copied().unwrap_or(0);
                 }
-                if state
-                    .mtls
-                    .get(&w.ip)
-                    .is_some_and(|m| m.mode == Effective::Strict)
-                {
-                    info.flags |= WORKLOAD_FLAG_MTLS_STRICT;
+                if let Some(mtls) = state.mtls.get(&w.ip) {
+                    if mtls.mode == Effective::Strict {
+                        info.flags |= WORKLOAD_FLAG_MTLS_STRICT;
+                    }
+                    if mtls.ports.values().any(|mode| *mode == Effective::Strict) {
+                        info.flags |= WORKLOAD_FLAG_MTLS_STRICT_PORTS;
+                    }
                 }
                 (ip_key(w.ip), info)
             })
@@ -321,6 +323,13 @@ impl Datapath {
             })
             .collect();
         sync(&mut services, pins::SERVICES, &desired)?;
+
+        let mut service_ips: BpfHashMap<_, u32, u32> = map(&mut self.ebpf, pins::SERVICE_IPS)?;
+        let mut desired: HashMap<u32, u32> = HashMap::new();
+        for service in state.services.values() {
+            *desired.entry(ip_key(service.cluster_ip)).or_default() += 1;
+        }
+        sync(&mut service_ips, pins::SERVICE_IPS, &desired)?;
 
         let mut ports: BpfHashMap<_, PortKey, u32> = map(&mut self.ebpf, pins::PORT_MTLS)?;
         let desired: HashMap<PortKey, u32> = state
