@@ -557,6 +557,11 @@ fn under_strict_only_tcp_judged_per_port_and_icmp_errors_enter_without_the_agent
             ("non-first fragment", rest, TC_ACT_SHOT),
             ("UDP", udp_packet(MESHED_POD, POD, 5353, 5353), TC_ACT_SHOT),
             (
+                "a DNS answer (UDP from port 53)",
+                udp_packet(OUTSIDE, POD, 53, 5353),
+                TC_ACT_OK,
+            ),
+            (
                 "ICMP echo request",
                 icmp_packet(MESHED_POD, POD, ICMP_ECHO_REQUEST, 0),
                 TC_ACT_SHOT,

@@ -13,6 +13,9 @@ pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+/// The DNS port: answers from the cluster's resolver come from it.
+pub const DNS_PORT: u16 = 53;
 pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_ACK: u8 = 0x10;
 /// IPv4 "more fragments" flag and fragment offset, in host order of `frag_off`.
@@ -53,6 +56,15 @@ pub struct IcmpHdr {
     pub code: u8,
     pub checksum: u16,
     pub rest: u32,
+}
+
+/// A UDP header.
+#[repr(C)]
+pub struct UdpHdr {
+    pub source: u16,
+    pub dest: u16,
+    pub len: u16,
+    pub check: u16,
 }
 
 /// The fields of an IPv4 packet the programs decide on; addresses as on the wire.
@@ -147,4 +159,15 @@ pub fn icmp_type(ctx: &TcContext, offset: usize) -> Option<u8> {
     let icmp: *const IcmpHdr = ptr_at(ctx, offset)?;
     // SAFETY: bounds checked by ptr_at.
     Some(unsafe { (*icmp).kind })
+}
+
+/// The source port of a UDP datagram, in host order.
+#[inline(always)]
+pub fn udp_source_port(ctx: &TcContext, offset: usize) -> Option<u16> {
+    if offset > ETH_HDR_LEN + IPV4_MAX_HDR_LEN {
+        return None;
+    }
+    let udp: *const UdpHdr = ptr_at(ctx, offset)?;
+    // SAFETY: bounds checked by ptr_at.
+    Some(u16::from_be(unsafe { (*udp).source }))
 }

@@ -39,8 +39,9 @@ use crate::{
         MESH_WORKLOADS,
     },
     packet::{
-        ether_type, icmp_type, parse_ipv4, parse_tcp, Ipv4Packet, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6,
-        IPPROTO_ICMP, IPPROTO_TCP, TCP_FLAG_ACK, TCP_FLAG_SYN,
+        ether_type, icmp_type, parse_ipv4, parse_tcp, udp_source_port, Ipv4Packet, DNS_PORT,
+        ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_FLAG_ACK,
+        TCP_FLAG_SYN,
     },
 };
 
@@ -142,6 +143,12 @@ fn to_pod(ctx: &TcContext) -> i32 {
         ) {
             return TC_ACT_OK;
         }
+    }
+    // DNS answers: a pod must resolve names under STRICT too, and the node's resolver
+    // answers from port 53 outside the mesh. A datagram forged to look like one reaches
+    // only a UDP socket, which mutual TLS never protected.
+    if ip.protocol == IPPROTO_UDP && udp_source_port(ctx, ip.l4_offset) == Some(DNS_PORT) {
+        return TC_ACT_OK;
     }
     drop_counted(verdict::DROP_NON_TCP_STRICT)
 }
