@@ -437,7 +437,9 @@ fn cases(keys: &Keys) -> Vec<Case> {
         case("custom header only: Authorization is not read", format!("{}{REQUIRE_JWT}", request_authentication(&keys.jwks, ", fromHeaders: [{name: x-jwt}]")), "403").get("/").jwt(valid.clone()),
         case("token in the access_token parameter", format!("{ra}{REQUIRE_JWT}"), "allow").get("/?access_token=PLACEHOLDER"),
         case("token in a cookie", format!("{}{REQUIRE_JWT}", request_authentication(&keys.jwks, ", fromCookies: [session]")), "allow").get("/").header("cookie", "a=b; session=PLACEHOLDER"),
-        case("tokens are read on HTTP ports only", format!("{ra}{REQUIRE_JWT}"), "403").to("default/httpbin", 81).jwt(valid.clone()),
+        // Port 81 is declared by no Service as HTTP: no request is parsed there, so the
+        // ALLOW rule on requestPrincipals cannot match and the connection is refused.
+        case("tokens are read on HTTP ports only", format!("{ra}{REQUIRE_JWT}"), "deny").to("default/httpbin", 81).jwt(valid.clone()),
     ]
 }
 
@@ -465,7 +467,7 @@ fn evaluate(case: &Case, jwks: &JwksCache, valid: &str) -> Result<(String, Strin
         headers,
         jwt: case.jwt.clone(),
     };
-    let report = check(&state, "cluster.local", jwks, &request)?;
+    let report = check(&state, "cluster.local", jwks, &request).map_err(|e| e.to_string())?;
     let endpoint = report.endpoints.first().ok_or("no endpoint")?;
     let outcome = match endpoint.outcome.as_str() {
         "401" | "403" => endpoint.outcome.clone(),

@@ -12,6 +12,7 @@ use std::{
 
 use mesh_agent::{
     config::load_str,
+    http::listener,
     identity::{
         ca::{self, CaClient, CaOptions},
         spiffe::{new_csr, CaKeys, SpiffeId},
@@ -20,9 +21,12 @@ use mesh_agent::{
     model::{MeshState, SharedState},
     policy::jwt::JwksCache,
     proxy::{
-        hbone::{self, HbonePool, TunnelRequest},
-        inbound::Guard,
-        socket,
+        copy::copy_to_tunnel,
+        inbound,
+        plan::{PlanSettings, TunnelRequest},
+        pool::{HbonePool, PoolError},
+        requests::Guard,
+        socket, Proxy,
     },
     telemetry::{conns::ConnTable, metrics::Metrics},
 };
@@ -107,19 +111,25 @@ async fn destination_agent_with(ca: &CaKeys, extra: &str) -> Agent {
             });
         }
     });
-    let listener = socket::listener(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).expect("listener");
+    let listener = listener(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).expect("listener");
     let tunnel = socket::v4(listener.local_addr().expect("addr")).expect("v4");
-    tokio::spawn(hbone::serve(
-        listener,
-        valid(ca, "web"),
+    let identities = valid(ca, "web");
+    let proxy = Proxy {
         state,
-        conns,
-        metrics.clone(),
-        Arc::new(Guard {
+        settings: PlanSettings {
+            trust_domain: TD.into(),
+            kernel_splice: false,
+        },
+        pool: HbonePool::new(identities.clone()),
+        identities,
+        guard: Arc::new(Guard {
             jwks: Arc::new(JwksCache::default()),
             metrics: metrics.clone(),
         }),
-    ));
+        conns,
+        splicer: None,
+    };
+    tokio::spawn(inbound::serve(listener, Arc::new(proxy)));
     Agent {
         tunnel,
         metrics,
@@ -160,7 +170,7 @@ async fn a_stream_crosses_with_both_identities_verified() {
             .await
             .expect("the stream opens");
         let (mut near, mut far) = tokio::io::duplex(1 << 16);
-        let carried = tokio::spawn(async move { hbone::splice(&mut far, send, recv).await });
+        let carried = tokio::spawn(async move { copy_to_tunnel(&mut far, send, recv).await });
         let payload = vec![round as u8; 300_000];
         near.write_all(&payload).await.expect("write");
         near.shutdown().await.expect("shutdown");
@@ -275,7 +285,10 @@ async fn an_identity_that_is_not_the_workload_behind_the_address_is_refused() {
         )
         .await
         .expect_err("refused");
-    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+    assert!(
+        matches!(err, PoolError::Refused { status, .. } if status == 403),
+        "{err}"
+    );
     eventually_refused(&agent, "wrong_source_identity").await;
 }
 
@@ -422,7 +435,10 @@ async fn a_connection_the_destination_policy_denies_is_refused_before_the_worklo
         )
         .await
         .expect_err("refused");
-    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+    assert!(
+        matches!(err, PoolError::Refused { status, .. } if status == 403),
+        "{err}"
+    );
     eventually_refused(&agent, "policy_denied").await;
     let text = agent.metrics.encode();
     assert!(

@@ -8,6 +8,7 @@ pub mod condition;
 pub mod istio;
 pub mod jwks;
 pub mod kube;
+pub mod source;
 pub mod validate;
 
 use std::{

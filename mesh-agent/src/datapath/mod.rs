@@ -70,18 +70,6 @@ pub enum DatapathError {
 
 type Result<T> = std::result::Result<T, DatapathError>;
 
-/// An error and its sources, as one line.
-pub fn describe(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// Where one local pod's programs attach.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodAttachment {
@@ -260,7 +248,7 @@ impl Datapath {
             let kept = keep.is_some_and(|base| name.starts_with(&format!("{base}@")));
             if name.starts_with(&prefix) && !kept {
                 if let Err(err) = fs::remove_file(entry.path()) {
-                    log::warn!("removing pinned link {}: {err}", entry.path().display());
+                    tracing::warn!("removing pinned link {}: {err}", entry.path().display());
                 }
             }
         }
@@ -356,7 +344,7 @@ impl Datapath {
         let mut policy: BpfHashMap<_, PolicyKey, u32> = map(&mut self.ebpf, pins::POLICY)?;
         let verdicts = kernel::kernel_verdicts(state, trust_domain);
         if verdicts.len() > kernel::KERNEL_VERDICTS_MAX {
-            log::warn!(
+            tracing::warn!(
                 "{} L4 policy verdicts for the kernel; the first {} are loaded, the agent enforces all",
                 verdicts.len(),
                 kernel::KERNEL_VERDICTS_MAX

@@ -57,7 +57,7 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(err) => {
-                log::warn!("http accept: {err}");
+                tracing::warn!("http accept: {err}");
                 continue;
             }
         };
@@ -98,7 +98,7 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
-                log::debug!("http connection: {err}");
+                tracing::debug!("http connection: {err}");
             }
         });
     }

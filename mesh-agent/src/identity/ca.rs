@@ -115,7 +115,7 @@ pub async fn run(options: CaOptions) -> anyhow::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let listener = crate::http::listener(options.listen)
         .with_context(|| format!("binding {}", options.listen))?;
-    log::info!(
+    tracing::info!(
         "mesh CA for {} listening on {}",
         options.trust_domain,
         options.listen
@@ -129,7 +129,7 @@ pub async fn run(options: CaOptions) -> anyhow::Result<()> {
             let stream = match acceptor.accept(stream).await {
                 Ok(stream) => stream,
                 Err(err) => {
-                    log::debug!("CA handshake with {peer}: {err}");
+                    tracing::debug!("CA handshake with {peer}: {err}");
                     return;
                 }
             };
@@ -141,7 +141,7 @@ pub async fn run(options: CaOptions) -> anyhow::Result<()> {
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
-                log::debug!("CA connection from {peer}: {err}");
+                tracing::debug!("CA connection from {peer}: {err}");
             }
         });
     }
@@ -156,7 +156,7 @@ fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 }
 
 fn refuse(status: StatusCode, message: String) -> Response<Full<Bytes>> {
-    log::warn!("CA refused a request: {message}");
+    tracing::warn!("CA refused a request: {message}");
     reply(status, serde_json::json!({ "error": message }).to_string())
 }
 
@@ -210,7 +210,7 @@ impl Ca {
         }
         match self.keys.sign_csr(&sign.csr, &id, self.options.cert_ttl) {
             Ok(certificate) => {
-                log::info!("signed {id} for node {node}");
+                tracing::info!("signed {id} for node {node}");
                 let response = SignResponse {
                     certificate,
                     root: self.keys.root_pem.clone(),

@@ -70,7 +70,9 @@ impl CertManager {
             let desired = self.desired();
             for (id, _) in self.identities.all() {
                 if !desired.contains(&id) {
-                    log::info!("dropping the certificate of {id}: no pod of it left on this node");
+                    tracing::info!(
+                        "dropping the certificate of {id}: no pod of it left on this node"
+                    );
                     self.identities.remove(&id);
                 }
             }
@@ -92,7 +94,7 @@ impl CertManager {
                             .identities
                             .get(id)
                             .is_some_and(|s| s.facts.not_after > unix_now());
-                        log::warn!(
+                        tracing::warn!(
                             "certificate for {id}: {err:#}; retrying in {backoff:?}{}",
                             if still_valid {
                                 " (the current one stays in use)"
@@ -121,7 +123,7 @@ impl CertManager {
         self.identities
             .install(id, &certificate, &key.serialize_pem())?;
         if let Some(svid) = self.identities.get(id) {
-            log::info!(
+            tracing::info!(
                 "certificate for {id}: serial {}, valid until {}",
                 svid.facts.serial,
                 svid.facts.not_after

@@ -178,7 +178,14 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
             hostname: hostname.clone(),
         };
         let address = SocketAddrV4::new(ip, port.port);
-        let port_state = ServicePortState::new(name, address, endpoints, policy, subsets.clone());
+        let port_state = ServicePortState::new(
+            name,
+            address,
+            endpoints,
+            policy,
+            subsets.clone(),
+            &state.balancers,
+        );
         state.services.insert(address, Arc::new(port_state));
     }
 }
@@ -330,8 +337,14 @@ fn add_service_entry(
                 hostname: hostname.clone(),
             };
             let address = SocketAddrV4::new(*ip, number);
-            let port_state =
-                ServicePortState::new(name, address, endpoints.clone(), policy, subsets.clone());
+            let port_state = ServicePortState::new(
+                name,
+                address,
+                endpoints.clone(),
+                policy,
+                subsets.clone(),
+                &state.balancers,
+            );
             state.services.insert(address, Arc::new(port_state));
         }
     }

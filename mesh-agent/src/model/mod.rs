@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::config::{ClusterConfig, Diagnostic, Pod, DEFAULT_ROOT_NAMESPACE};
 
 use self::{
-    lb::{ActiveGuard, Balancer, LbPolicy},
+    lb::{ActiveGuard, Balancer, LbPolicy, LbRegistry},
     peerauth::WorkloadMtls,
     security::{SecurityConfig, WorkloadSecurity},
 };
@@ -108,25 +108,29 @@ impl ServicePortState {
         endpoints: Vec<Endpoint>,
         policy: LbPolicy,
         subsets: BTreeMap<String, (BTreeMap<String, String>, LbPolicy)>,
+        balancers: &LbRegistry,
     ) -> ServicePortState {
+        let addresses: Vec<SocketAddrV4> = endpoints.iter().map(|e| e.addr).collect();
+        let key = |subset: &str| format!("{}|{address}|{subset}", service.hostname);
         let subsets = subsets
             .into_iter()
             .map(|(subset, (labels, policy))| {
                 let state = SubsetState {
                     labels,
                     policy,
-                    balancer: Balancer::new(policy, endpoints.len()),
+                    balancer: balancers.balancer(key(&subset), policy, &addresses),
                 };
                 (subset, state)
             })
             .collect();
+        let balancer = balancers.balancer(key(""), policy, &addresses);
         ServicePortState {
             namespace: service.namespace,
             name: service.name,
             hostname: service.hostname,
             cluster_ip: *address.ip(),
             port: address.port(),
-            balancer: Balancer::new(policy, endpoints.len()),
+            balancer,
             policy,
             endpoints,
             subsets,
@@ -135,7 +139,7 @@ impl ServicePortState {
 
     /// The endpoint for a new connection from `client`, in `subset` if one is named.
     pub fn pick(&self, client: Ipv4Addr, subset: Option<&str>) -> Pick {
-        let keys: Vec<SocketAddrV4> = self.endpoints.iter().map(|e| e.addr).collect();
+        let addresses: Vec<SocketAddrV4> = self.endpoints.iter().map(|e| e.addr).collect();
         let (balancer, labels) = match subset.map(|s| self.subsets.get(s)) {
             Some(Some(subset)) => (&subset.balancer, Some(&subset.labels)),
             Some(None) => return Pick::None,
@@ -151,7 +155,7 @@ impl ServicePortState {
                     .all(|(k, v)| self.endpoints[i].labels.get(k) == Some(v))
             })
         };
-        match balancer.pick(client, &keys, eligible) {
+        match balancer.pick(client, &addresses, eligible) {
             Some((index, guard)) => Pick::Endpoint(index, guard),
             None => Pick::None,
         }
@@ -190,17 +194,30 @@ pub struct MeshState {
     pub root_namespace: String,
     /// Problems found while deriving the state from a valid configuration.
     pub diagnostics: Vec<Diagnostic>,
+    /// Where the balancers' state lives across configurations.
+    #[serde(skip)]
+    pub balancers: LbRegistry,
 }
 
 impl MeshState {
+    /// The state of a fresh agent (no balancer state to carry over), with Istio's
+    /// default root namespace.
     pub fn build(node: &str, config: &ClusterConfig) -> MeshState {
-        MeshState::build_with_root(node, config, DEFAULT_ROOT_NAMESPACE)
+        MeshState::build_with(node, config, DEFAULT_ROOT_NAMESPACE, &LbRegistry::default())
     }
 
-    pub fn build_with_root(node: &str, config: &ClusterConfig, root_namespace: &str) -> MeshState {
+    /// The state `node`'s agent works from; balancers take their state from `balancers`,
+    /// so it carries over from the previous configuration.
+    pub fn build_with(
+        node: &str,
+        config: &ClusterConfig,
+        root_namespace: &str,
+        balancers: &LbRegistry,
+    ) -> MeshState {
         let mut state = MeshState {
             node: node.to_owned(),
             root_namespace: root_namespace.to_owned(),
+            balancers: balancers.clone(),
             ..MeshState::default()
         };
         for n in &config.nodes {
@@ -236,6 +253,7 @@ impl MeshState {
             .values()
             .map(|w| (w.ip, Arc::new(security.for_workload(config, w))))
             .collect();
+        balancers.prune();
         state
     }
 

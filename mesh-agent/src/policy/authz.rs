@@ -598,6 +598,18 @@ fn action_word(action: Action) -> &'static str {
 
 /// The decision of `policies` (those applying to the destination workload) for `facts`.
 pub fn evaluate(policies: &[Arc<Policy>], facts: &Facts) -> Decision {
+    evaluate_with(policies, facts, true)
+}
+
+/// The decision for a connection on a port that does not speak HTTP, where no request
+/// will be seen: a rule that needs request attributes is settled as Istio settles it for
+/// TCP traffic — in an ALLOW policy it does not match, in a DENY (or CUSTOM) policy it
+/// does, so the connection fails closed.
+pub fn evaluate_tcp(policies: &[Arc<Policy>], facts: &Facts) -> Decision {
+    evaluate_with(policies, facts, false)
+}
+
+fn evaluate_with(policies: &[Arc<Policy>], facts: &Facts, request_follows: bool) -> Decision {
     let mut not_matched = Vec::new();
     let mut audited = Vec::new();
     let mut pending = false;
@@ -630,10 +642,21 @@ pub fn evaluate(policies: &[Arc<Policy>], facts: &Facts) -> Decision {
                         Action::Audit => audited.push(matched),
                     }
                 }
-                (Tri::Unknown, _) => {
+                (Tri::Unknown, Some(rule))
+                    if !request_follows && matches!(action, Action::Custom | Action::Deny) =>
+                {
+                    deny_match.get_or_insert(Match {
+                        policy: policy.name.clone(),
+                        action,
+                        rule,
+                    });
+                }
+                (Tri::Unknown, _) if request_follows => {
+                    // AUDIT only records: it never makes a connection be parsed.
                     match action {
                         Action::Allow => allow_pending = true,
-                        _ => pending = true,
+                        Action::Custom | Action::Deny => pending = true,
+                        Action::Audit => {}
                     }
                     not_matched.push(Miss {
                         policy: policy.name.clone(),
@@ -673,12 +696,14 @@ pub fn evaluate(policies: &[Arc<Policy>], facts: &Facts) -> Decision {
 /// Whether some rule of `policy` matches, with the first reason each rule did not.
 fn policy_matches(policy: &Policy, facts: &Facts) -> (Tri, Option<usize>, Vec<String>) {
     let mut reasons = Vec::new();
-    let mut unknown = false;
+    let mut unknown = None;
     for (index, rule) in policy.rules.iter().enumerate() {
         let mut why = Why::default();
         match rule_matches(rule, &policy.keys[index], facts, &mut why) {
             Tri::Yes => return (Tri::Yes, Some(index), reasons),
-            Tri::Unknown => unknown = true,
+            Tri::Unknown => {
+                unknown.get_or_insert(index);
+            }
             Tri::No => {}
         }
         reasons.push(format!(
@@ -689,7 +714,10 @@ fn policy_matches(policy: &Policy, facts: &Facts) -> (Tri, Option<usize>, Vec<St
     if policy.rules.is_empty() {
         reasons.push("no rules: matches nothing".into());
     }
-    (if unknown { Tri::Unknown } else { Tri::No }, None, reasons)
+    match unknown {
+        Some(index) => (Tri::Unknown, Some(index), reasons),
+        None => (Tri::No, None, reasons),
+    }
 }
 
 #[cfg(test)]

@@ -7,14 +7,37 @@ use std::{net::SocketAddrV4, sync::Arc};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    model::{peerauth::Effective, MeshState, Workload},
+    model::{MeshState, Workload},
     policy::{
-        authz::{self, AuthFacts, Decision, Match, Miss, RequestFacts, Verdict},
-        jwt::{self, JwksCache, RequestParts},
+        authz::{self, Decision, Match, Miss, Verdict},
+        facts::{
+            admit, judge_request, principal_of, Admission, Arrival, Peer, RequestHead,
+            RequestVerdict,
+        },
+        jwt::{self, Authenticated, JwksCache},
         path::normalize_path,
     },
-    proxy::inbound::Arrival,
 };
+
+/// Why a check could not be answered: the request names something the agent does not
+/// know, or carries input that is not valid.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("no meshed pod {0}")]
+    NoPod(String),
+    #[error("{to:?} is neither a meshed pod nor a Service with port {port}")]
+    NoDestination { to: String, port: u16 },
+    #[error("Service {service} port {port} has no meshed endpoint")]
+    NoEndpoint { service: String, port: u16 },
+    #[error("--path {0:?} is not a valid request path")]
+    Path(String),
+    #[error("--header {0:?}: invalid header name")]
+    HeaderName(String),
+    #[error("--header {0}: invalid header value")]
+    HeaderValue(String),
+    #[error("--jwt: the token is not a valid header value")]
+    Token,
+}
 
 /// What to check.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -62,14 +85,14 @@ pub struct CheckReport {
     pub endpoints: Vec<EndpointReport>,
 }
 
-fn find_pod(state: &MeshState, name: &str) -> Result<Arc<Workload>, String> {
+fn find_pod(state: &MeshState, name: &str) -> Result<Arc<Workload>, CheckError> {
     let (namespace, pod) = name.split_once('/').unwrap_or(("default", name));
     state
         .workloads
         .values()
         .find(|w| w.namespace == namespace && w.pod == pod)
         .cloned()
-        .ok_or_else(|| format!("no meshed pod {namespace}/{pod}"))
+        .ok_or_else(|| CheckError::NoPod(format!("{namespace}/{pod}")))
 }
 
 /// One workload `to` stands for: where it is reached, and the `Host` a client would use.
@@ -80,7 +103,11 @@ struct Target {
 }
 
 /// The workloads and ports `to` stands for at `port`, and how to name it.
-fn destinations(state: &MeshState, to: &str, port: u16) -> Result<(String, Vec<Target>), String> {
+fn destinations(
+    state: &MeshState,
+    to: &str,
+    port: u16,
+) -> Result<(String, Vec<Target>), CheckError> {
     if let Ok(pod) = find_pod(state, to) {
         let address = SocketAddrV4::new(pod.ip, port);
         let target = Target {
@@ -99,7 +126,10 @@ fn destinations(state: &MeshState, to: &str, port: u16) -> Result<(String, Vec<T
                     || format!("{}.{}", s.name, s.namespace) == to
                     || s.hostname == to)
         })
-        .ok_or_else(|| format!("{to:?} is neither a meshed pod nor a Service with port {port}"))?;
+        .ok_or_else(|| CheckError::NoDestination {
+            to: to.to_owned(),
+            port,
+        })?;
     let endpoints = service
         .endpoints
         .iter()
@@ -112,10 +142,10 @@ fn destinations(state: &MeshState, to: &str, port: u16) -> Result<(String, Vec<T
         })
         .collect::<Vec<_>>();
     if endpoints.is_empty() {
-        return Err(format!(
-            "Service {}/{} port {port} has no meshed endpoint",
-            service.namespace, service.name
-        ));
+        return Err(CheckError::NoEndpoint {
+            service: format!("{}/{}", service.namespace, service.name),
+            port,
+        });
     }
     Ok((
         format!("{}/{}:{port}", service.namespace, service.name),
@@ -128,14 +158,9 @@ pub fn check(
     trust_domain: &str,
     jwks: &JwksCache,
     request: &CheckRequest,
-) -> Result<CheckReport, String> {
+) -> Result<CheckReport, CheckError> {
     let source = find_pod(state, &request.from)?;
     let (destination, targets) = destinations(state, &request.to, request.port)?;
-    let principal = format!(
-        "{trust_domain}/ns/{}/sa/{}",
-        source.namespace, source.service_account
-    );
-    let client = SocketAddrV4::new(source.ip, 40000);
     let mut endpoints = Vec::new();
     for Target {
         workload,
@@ -143,16 +168,13 @@ pub fn check(
         host,
     } in targets
     {
-        let plaintext = state
-            .mtls
-            .get(&workload.ip)
-            .is_some_and(|m| m.for_port(target.port()) == Effective::Disable);
         let arrival = Arrival::new(
-            workload.clone(),
-            state.security_of(workload.ip),
-            client,
+            state,
+            trust_domain,
+            source.ip,
+            Peer::Pod(&source),
+            workload,
             target,
-            (!plaintext).then(|| principal.clone()),
             None,
         );
         endpoints.push(check_endpoint(&arrival, jwks, request, &host)?);
@@ -164,35 +186,26 @@ pub fn check(
     };
     Ok(CheckReport {
         source: source.key(),
-        source_principal: Some(principal),
+        source_principal: Some(principal_of(trust_domain, &source)),
         destination,
         decision: decision.into(),
         endpoints,
     })
 }
 
-fn check_endpoint(
-    arrival: &Arrival,
-    jwks: &JwksCache,
-    request: &CheckRequest,
-    host: &str,
-) -> Result<EndpointReport, String> {
-    let security = &arrival.security;
-    let connection = authz::evaluate(&security.policies, &arrival.facts);
-    let port = arrival.facts.destination_port;
-    // As the proxy decides: per request only when the connection's facts do not settle it
-    // or tokens are checked on this port.
-    let per_request = connection.verdict == Verdict::NeedsRequest
-        || (connection.verdict == Verdict::Allow && security.authenticates(port));
-    let report = |decision: &Decision, layer: &str, outcome: String| EndpointReport {
+fn report(arrival: &Arrival, decision: &Decision, layer: &str, outcome: &str) -> EndpointReport {
+    EndpointReport {
         workload: arrival.workload.key(),
-        address: format!("{}:{port}", arrival.facts.destination_ip),
+        address: format!(
+            "{}:{}",
+            arrival.facts.destination_ip, arrival.facts.destination_port
+        ),
         decision: if decision.verdict == Verdict::Allow {
             "allow".into()
         } else {
             "deny".into()
         },
-        outcome,
+        outcome: outcome.into(),
         layer: layer.into(),
         decided_by: decision.decided_by.clone(),
         reason: decision.reason(),
@@ -200,77 +213,85 @@ fn check_endpoint(
         not_matched: decision.not_matched.clone(),
         authentication: None,
         request_principal: None,
-    };
-    if !per_request {
-        let outcome = if connection.verdict == Verdict::Allow {
-            "connected"
-        } else {
-            "reset"
-        };
-        return Ok(report(&connection, "connection", outcome.into()));
+    }
+}
+
+/// Judges one endpoint as the proxy would: [`admit`] on the connection, then
+/// [`judge_request`] on the request when the connection is served as HTTP.
+fn check_endpoint(
+    arrival: &Arrival,
+    jwks: &JwksCache,
+    request: &CheckRequest,
+    host: &str,
+) -> Result<EndpointReport, CheckError> {
+    let (admission, decision) = admit(arrival);
+    let connection = decision.unwrap_or_else(|| authz::evaluate(&[], &arrival.facts));
+    match admission {
+        Admission::Deny => return Ok(report(arrival, &connection, "connection", "reset")),
+        Admission::Tcp => return Ok(report(arrival, &connection, "connection", "connected")),
+        Admission::Http => {}
     }
     let raw_path = request.path.clone().unwrap_or_else(|| "/".into());
-    let (path, query) = normalize_path(&raw_path)
-        .ok_or_else(|| format!("--path {raw_path:?} is not a valid request path"))?;
+    let (path, query) =
+        normalize_path(&raw_path).ok_or_else(|| CheckError::Path(raw_path.clone()))?;
     let mut headers = http::HeaderMap::new();
     for (name, value) in &request.headers {
-        let name = http::HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| format!("--header {name:?}: invalid header name"))?;
+        let header = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| CheckError::HeaderName(name.clone()))?;
         let value = http::HeaderValue::from_str(value)
-            .map_err(|_| format!("--header {name}: invalid header value"))?;
-        headers.append(name, value);
+            .map_err(|_| CheckError::HeaderValue(name.clone()))?;
+        headers.append(header, value);
     }
     if let Some(token) = &request.jwt {
         let value = http::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
-            .map_err(|_| "--jwt: the token is not a valid header value".to_owned())?;
+            .map_err(|_| CheckError::Token)?;
         headers.insert(http::header::AUTHORIZATION, value);
     }
-    let mut authentication = None;
-    let mut auth: Option<AuthFacts> = None;
-    if security.authenticates(port) {
-        let parts = RequestParts {
-            headers: &headers,
-            query: query.as_deref(),
-        };
-        match jwt::authenticate(&security.jwt_rules, jwks, &parts, jwt::now_seconds()) {
-            Ok(Some(found)) => {
-                authentication = Some(format!("token of {} accepted", found.issuer));
-                auth = Some(found.facts);
-            }
-            Ok(None) => authentication = Some("no token".into()),
-            Err(err) => {
-                let mut refused = report(&connection, "request", "401".into());
-                refused.decision = "deny".into();
-                refused.decided_by = None;
-                refused.reason = format!("RequestAuthentication: {err}");
-                refused.authentication = Some(format!("rejected: {err}"));
-                return Ok(refused);
-            }
-        }
-    }
-    let mut facts = arrival.facts.clone();
-    facts.request = Some(RequestFacts {
-        method: request.method.clone().unwrap_or_else(|| "GET".into()),
-        host: headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or(host)
-            .to_owned(),
-        path,
-        headers: headers
-            .iter()
-            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-            .collect(),
-        auth: auth.clone(),
-    });
-    let decision = authz::evaluate(&security.policies, &facts);
-    let outcome = if decision.verdict == Verdict::Allow {
-        "forwarded"
-    } else {
-        "403"
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or(host)
+        .to_owned();
+    let method = request.method.clone().unwrap_or_else(|| "GET".into());
+    let head = RequestHead {
+        method: &method,
+        host: &host,
+        path: &path,
+        query: query.as_deref(),
     };
-    let mut result = report(&decision, "request", outcome.into());
-    result.authentication = authentication;
-    result.request_principal = auth.map(|a| a.principal);
-    Ok(result)
+    let authenticates = arrival
+        .security
+        .authenticates(arrival.facts.destination_port);
+    let describe = |authenticated: &Option<Authenticated>| match authenticated {
+        Some(found) => Some(format!("token of {} accepted", found.issuer)),
+        None if authenticates => Some("no token".into()),
+        None => None,
+    };
+    Ok(
+        match judge_request(arrival, jwks, &head, &mut headers, jwt::now_seconds()) {
+            RequestVerdict::Forward {
+                decision,
+                authenticated,
+            } => EndpointReport {
+                authentication: describe(&authenticated),
+                request_principal: authenticated.map(|a| a.facts.principal),
+                ..report(arrival, &decision, "request", "forwarded")
+            },
+            RequestVerdict::Forbidden {
+                decision,
+                authenticated,
+            } => EndpointReport {
+                authentication: describe(&authenticated),
+                request_principal: authenticated.map(|a| a.facts.principal),
+                ..report(arrival, &decision, "request", "403")
+            },
+            RequestVerdict::Unauthenticated(err) => EndpointReport {
+                decision: "deny".into(),
+                decided_by: None,
+                reason: format!("RequestAuthentication: {err}"),
+                authentication: Some(format!("rejected: {err}")),
+                ..report(arrival, &connection, "request", "401")
+            },
+        },
+    )
 }

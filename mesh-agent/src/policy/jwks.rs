@@ -103,7 +103,7 @@ pub async fn keep_fresh(state: SharedState, cache: Arc<JwksCache>) {
             }
             match tokio::time::timeout(timeout, fetch(&uri)).await {
                 Ok(Ok(keys)) => {
-                    log::info!("JWKS {uri}: {} keys", keys.len());
+                    tracing::info!("JWKS {uri}: {} keys", keys.len());
                     cache.store(&uri, keys);
                     retry.remove(&uri);
                 }
@@ -120,7 +120,7 @@ pub async fn keep_fresh(state: SharedState, cache: Arc<JwksCache>) {
                     } else {
                         "tokens of this issuer are refused until it answers"
                     };
-                    log::warn!("JWKS {uri}: {error}; {kept}; retrying in {delay:?}");
+                    tracing::warn!("JWKS {uri}: {error}; {kept}; retrying in {delay:?}");
                     retry.insert(uri, (delay, Instant::now() + delay));
                 }
             }

@@ -9,8 +9,8 @@ use std::{
 };
 
 use crate::{
-    model::{peerauth::Effective, MeshState, Workload},
-    policy::authz::{evaluate, Facts, Verdict},
+    model::{MeshState, Workload},
+    policy::facts::{admit, Admission, Arrival, Peer},
 };
 
 /// What the destination's policies decide for new connections from a local pod, on L4
@@ -47,24 +47,18 @@ pub fn kernel_verdicts(state: &MeshState, trust_domain: &str) -> Vec<KernelVerdi
             .collect();
         ports.extend(destination.named_ports.values());
         ports.extend(&security.http_ports);
-        let mtls = state.mtls.get(&destination.ip);
         for source in sources.iter().filter(|s| s.ip != destination.ip) {
-            let principal = format!(
-                "{trust_domain}/ns/{}/sa/{}",
-                source.namespace, source.service_account
-            );
             let denies = |port: u16| {
-                let plaintext = mtls.is_some_and(|m| m.for_port(port) == Effective::Disable);
-                let facts = Facts {
-                    source_ip: source.ip,
-                    remote_ip: source.ip,
-                    source_principal: (!plaintext).then(|| principal.clone()),
-                    destination_ip: destination.ip,
-                    destination_port: port,
-                    sni: None,
-                    request: None,
-                };
-                evaluate(&security.policies, &facts).verdict == Verdict::Deny
+                let arrival = Arrival::new(
+                    state,
+                    trust_domain,
+                    source.ip,
+                    Peer::Pod(source),
+                    destination.clone(),
+                    SocketAddrV4::new(destination.ip, port),
+                    None,
+                );
+                admit(&arrival).0 == Admission::Deny
             };
             let other = denies(0);
             if other {

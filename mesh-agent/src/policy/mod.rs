@@ -4,6 +4,7 @@
 
 pub mod authz;
 pub mod check;
+pub mod facts;
 pub mod jwks;
 pub mod jwt;
 pub mod kernel;

@@ -1,246 +1,156 @@
 //! Connections captured leaving a local pod (port 15001): the accepted socket's local
-//! address is the original destination; it is resolved (pod, or Service → endpoint) and
-//! carried straight to a pod of this node (spliced in the kernel when no L7 work is
-//! needed), over HBONE (mutual TLS, the source pod's
-//! identity) to the agent of the destination's node, or directly to an endpoint outside
-//! the mesh.
+//! address is the original destination. [`plan_outbound`] decides where it goes; this
+//! module carries the plan out — delivered here (same node, or a DISABLE workload), over
+//! HBONE to the destination's node, straight to an endpoint outside the mesh, or reset
+//! when the destination's policies refuse it.
 
-use std::{io, net::SocketAddrV4, sync::Arc, time::Duration};
+use std::{net::SocketAddrV4, sync::Arc, time::Duration};
 
-use mesh_common::TUNNEL_PORT;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{
-    hbone::{self, HbonePool, TunnelRequest},
-    inbound::{Admission, Arrival, Guard},
-    socket,
-};
 use crate::{
-    datapath::splice::Splicer,
-    identity::tls::Identities,
-    model::{peerauth::Effective, Resolved, SharedState, Workload},
-    telemetry::conns::{flow_key, ConnTable},
+    identity::spiffe::SpiffeId,
+    proxy::{
+        accept_loop,
+        copy::{copy_streams, copy_to_tunnel, Counted},
+        deliver::{self, Downstream},
+        error::ProxyError,
+        plan::{plan_outbound, Carry, Route, TunnelRequest},
+        socket, Proxy,
+    },
+    telemetry::{
+        conns::flow_key,
+        result::{Carried, ConnResult, Side},
+    },
 };
 
-/// What the outbound side needs beyond the connection itself.
-pub struct Outbound {
-    pub state: SharedState,
-    pub conns: Arc<ConnTable>,
-    pub pool: HbonePool,
-    pub identities: Arc<Identities>,
-    pub guard: Arc<Guard>,
-    /// In-kernel splicing of same-node flows, when enabled and loaded.
-    pub splicer: Option<Arc<Splicer>>,
-}
-
-/// A destination pod labelled `mesh/splice: "false"` has its same-node flows copied
-/// through the agent instead of spliced in the kernel.
-pub const SPLICE_LABEL: &str = "mesh/splice";
-
-/// Buffer per direction of a copied flow: one read fills a typical socket's burst, so a
-/// bulk flow costs few system calls; allocated once per flow and reused.
-const COPY_BUFFER: usize = 64 * 1024;
-
-async fn copy(client: &mut TcpStream, upstream: &mut TcpStream) -> io::Result<(u64, u64)> {
-    tokio::io::copy_bidirectional_with_sizes(client, upstream, COPY_BUFFER, COPY_BUFFER).await
-}
-
-/// Serves a connection whose requests the destination's policies judge one by one.
-async fn serve_http(
-    guard: &Arc<Guard>,
-    client: TcpStream,
-    upstream: TcpStream,
-    arrival: Arc<Arrival>,
-) -> io::Result<(u64, u64)> {
-    guard.metrics.carried("http");
-    guard
-        .clone()
-        .serve_http(client, upstream, arrival)
-        .await
-        .map(|()| (0, 0))
-}
-
-/// Carries a same-node flow: spliced in the kernel when possible, else copied.
-async fn carry_local(
-    outbound: &Outbound,
-    destination: &Workload,
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
-) -> io::Result<(u64, u64)> {
-    let splice_allowed = destination.labels.get(SPLICE_LABEL).map(String::as_str) != Some("false");
-    let metrics = &outbound.guard.metrics;
-    if let (Some(splicer), true) = (&outbound.splicer, splice_allowed) {
-        match splicer.splice(client, upstream) {
-            Ok(spliced) => {
-                let (sent, received, both) = spliced.run().await?;
-                metrics.carried(if both { "spliced" } else { "copied" });
-                return Ok((sent, received));
+/// Accepts captured connections until the listener fails.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
+    accept_loop("outbound", listener, move |client, _| {
+        let proxy = proxy.clone();
+        async move {
+            if let Err(err) = handle(&proxy, client).await {
+                tracing::info!("outbound connection: {}", crate::errors::describe(&err));
             }
-            Err(err) => log::debug!("splicing {}: {err}; copying instead", destination.key()),
         }
-    }
-    metrics.carried("copied");
-    copy(client, upstream).await
+    })
+    .await;
 }
 
-/// Refuses a connection the destination's policies deny: reset, not closed, so the
-/// client sees at once that it was refused.
-fn reset(client: &TcpStream, arrival: &Arrival) -> io::Error {
+/// Refuses a connection: reset, not closed, so the client sees at once that it was
+/// refused.
+fn reset(client: &TcpStream) {
     let _ = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO));
-    io::Error::new(
-        io::ErrorKind::PermissionDenied,
-        format!(
-            "{} → {}: denied by policy",
-            arrival.facts.source_ip,
-            arrival.workload.key()
-        ),
-    )
 }
 
-pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                log::warn!("outbound accept: {err}");
-                continue;
-            }
-        };
-        let outbound = outbound.clone();
-        tokio::spawn(async move {
-            if let Err(err) = handle(stream, &outbound).await {
-                log::info!("outbound connection: {err}");
-            }
-        });
-    }
-}
-
-async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
+async fn handle(proxy: &Proxy, client: TcpStream) -> Result<(), ProxyError> {
     client.set_nodelay(true)?;
     let client_addr = socket::v4(client.peer_addr()?)?;
     let original_dst = socket::v4(client.local_addr()?)?;
-    let conns = &outbound.conns;
-    let state = outbound.state.current();
-    if !state.is_local(*client_addr.ip()) {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("{client_addr} → {original_dst}: source is not a meshed pod of this node"),
-        ));
+    let mut result = ConnResult::new(
+        proxy.conns.clone(),
+        proxy.guard.metrics.clone(),
+        Side::Outbound,
+        client_addr,
+        original_dst,
+    );
+    let outcome = carry_out(proxy, client, client_addr, original_dst, &mut result).await;
+    if let Err(err) = &outcome {
+        result.fail(crate::errors::describe(err));
     }
-    // The guard counts the connection as active on its endpoint (LEAST_REQUEST) until
-    // this function returns.
-    let (target, workload, service, _active) = match state.resolve(original_dst, *client_addr.ip())
-    {
-        Resolved::Endpoint {
-            target,
-            workload,
-            service,
-            guard,
-        } => (target, workload, service, guard),
-        Resolved::NoEndpoints { service } => {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionRefused,
-                format!("{client_addr} → {original_dst}: Service {service} has no ready endpoint"),
-            ));
-        }
-        Resolved::Unknown => {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionRefused,
-                format!("{client_addr} → {original_dst}: not a meshed destination"),
-            ));
-        }
-    };
-    let client_key = flow_key(client_addr, original_dst);
-    let remote = workload.as_ref().is_some_and(|pod| pod.node != state.node);
-    // PeerAuthentication DISABLE: no mutual TLS to this workload.
-    let disabled = workload.as_ref().is_some_and(|pod| {
-        state
-            .mtls
-            .get(&pod.ip)
-            .is_some_and(|m| m.for_port(target.port()) == Effective::Disable)
-    });
-    let mutual_tls = remote && !disabled;
-    conns.insert(client_key, workload.clone(), service.clone(), mutual_tls);
+    outcome
+}
 
-    let source_principal = || {
-        state.workloads.get(client_addr.ip()).map(|w| {
-            outbound
-                .identities
-                .spiffe_id(&w.namespace, &w.service_account)
-                .to_string()
-        })
-    };
-    let guard = &outbound.guard;
-    // The destination's policies on this connection, delivered from this node; a
-    // denied client is reset.
-    let admit = |pod: &Arc<Workload>, principal: Option<String>| {
-        let arrival = Arc::new(Arrival::new(
-            pod.clone(),
-            state.security_of(pod.ip),
-            client_addr,
-            target,
-            principal,
-            None,
-        ));
-        match guard.admit(&arrival) {
-            Admission::Deny(_) => {
-                conns.finish(&client_key);
-                Err(reset(&client, &arrival))
-            }
-            admission => Ok((arrival, admission)),
+async fn carry_out(
+    proxy: &Proxy,
+    client: TcpStream,
+    client_addr: SocketAddrV4,
+    original_dst: SocketAddrV4,
+    result: &mut ConnResult,
+) -> Result<(), ProxyError> {
+    let state = proxy.state.current();
+    let plan = match plan_outbound(&state, &proxy.settings, client_addr, original_dst) {
+        Ok(plan) => plan,
+        Err(err) => {
+            reset(&client);
+            return Err(err.into());
         }
     };
-    let result = match &workload {
-        // Same node: the destination's policies are applied here, with the source's
-        // identity known from its address.
-        Some(pod) if pod.node == state.node => {
-            let (arrival, admission) = admit(pod, source_principal())?;
-            let mut upstream = socket::connect_as(client_addr, target).await?;
-            let server_key = flow_key(target, socket::v4(upstream.local_addr()?)?);
-            conns.insert(server_key, workload.clone(), service.clone(), false);
-            let delivered = match admission {
-                Admission::Http => serve_http(guard, client, upstream, arrival).await,
-                _ => carry_local(outbound, pod, &mut client, &mut upstream).await,
-            };
-            conns.finish(&server_key);
-            delivered
-        }
-        // DISABLE: reached in plaintext, straight from this node, so this node applies
-        // the destination's policies (the peer has no mTLS identity).
-        Some(pod) if disabled => {
-            let (arrival, admission) = admit(pod, None)?;
-            let mut upstream = socket::connect(target).await?;
-            match admission {
-                Admission::Http => serve_http(guard, client, upstream, arrival).await,
-                _ => {
-                    guard.metrics.carried("direct");
-                    copy(&mut client, &mut upstream).await
-                }
+    let trust_domain = &proxy.settings.trust_domain;
+    let spiffe = |w: &crate::model::Workload| {
+        SpiffeId::new(trust_domain, &w.namespace, &w.service_account).to_string()
+    };
+    result.set_target(plan.target);
+    result.set_principals(
+        Some(spiffe(&plan.source)),
+        plan.destination.as_deref().map(spiffe),
+    );
+    result.track(
+        flow_key(client_addr, original_dst),
+        plan.destination.clone(),
+        plan.service.clone(),
+        plan.mutual_tls(),
+    );
+    match plan.route {
+        Route::Deny { arrival } => {
+            if let Some(decision) = &plan.decision {
+                proxy.guard.count(decision, "connection", &arrival);
             }
+            reset(&client);
+            Err(ProxyError::Denied(arrival.describe()))
         }
-        Some(pod) => {
-            let agent_ip = state.node_ip(pod).ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("node {} of {} has no known address", pod.node, pod.key()),
-                )
-            })?;
+        Route::Local { arrival, carry } => {
+            if let Some(decision) = &plan.decision {
+                proxy.guard.count(decision, "connection", &arrival);
+            }
+            let upstream = deliver::dial(
+                &arrival,
+                plan.service.clone(),
+                false,
+                Some(client_addr),
+                result,
+            )
+            .await?;
+            deliver::carry(
+                proxy,
+                arrival,
+                carry,
+                Downstream::Socket(client),
+                upstream,
+                result,
+            )
+            .await
+        }
+        Route::Plaintext { arrival, carry } => {
+            if let Some(decision) = &plan.decision {
+                proxy.guard.count(decision, "connection", &arrival);
+            }
+            let upstream = deliver::dial(&arrival, None, false, None, result).await?;
+            let carried = deliver::carry(
+                proxy,
+                arrival,
+                carry,
+                Downstream::Socket(client),
+                upstream,
+                result,
+            )
+            .await;
+            if carry != Carry::Http {
+                result.set_carried(Carried::Direct);
+            }
+            carried
+        }
+        Route::Tunnel {
+            agent,
+            source,
+            destination,
+        } => {
             let request = TunnelRequest {
-                target,
+                target: plan.target,
                 client: client_addr,
-                service,
+                service: plan.service.clone(),
             };
-            let source_pod = state.workloads.get(client_addr.ip()).ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("{client_addr} is not a meshed pod"),
-                )
-            })?;
-            let identities = &outbound.identities;
-            let source = identities.spiffe_id(&source_pod.namespace, &source_pod.service_account);
-            let destination = identities.spiffe_id(&pod.namespace, &pod.service_account);
-            let agent = SocketAddrV4::new(agent_ip, TUNNEL_PORT);
-            let (send, recv) = match outbound
+            let (send, recv) = match proxy
                 .pool
                 .open(agent, &source, &destination, &request)
                 .await
@@ -248,38 +158,25 @@ async fn handle(mut client: TcpStream, outbound: &Outbound) -> io::Result<()> {
                 Ok(stream) => stream,
                 Err(err) => {
                     // Refused (policy) or unreachable: the client sees a reset.
-                    let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
-                    conns.finish(&client_key);
-                    return Err(err);
+                    reset(&client);
+                    return Err(err.into());
                 }
             };
-            guard.metrics.carried("tunnel");
-            hbone::splice(&mut client, send, recv).await
+            result.set_carried(Carried::Tunnel);
+            let mut client = Counted::client(client, result.bytes());
+            copy_to_tunnel(&mut client, send, recv).await
         }
-        // An endpoint outside the mesh (a WorkloadEntry, a ServiceEntry endpoint, a
-        // passthrough destination): reached from this node directly.
-        None => {
-            let mut upstream = socket::connect(target).await?;
-            guard.metrics.carried("direct");
-            copy(&mut client, &mut upstream).await
+        Route::Direct => {
+            let mut upstream =
+                socket::connect(plan.target)
+                    .await
+                    .map_err(|source| ProxyError::Connect {
+                        target: plan.target,
+                        source,
+                    })?;
+            result.set_carried(Carried::Direct);
+            let mut client = Counted::client(client, result.bytes());
+            copy_streams(&mut client, &mut upstream).await
         }
-    };
-    conns.finish(&client_key);
-    let (sent, received) = result?;
-    let principal = |w: Option<&Arc<crate::model::Workload>>| {
-        w.map_or("unknown".into(), |w| {
-            outbound
-                .identities
-                .spiffe_id(&w.namespace, &w.service_account)
-                .to_string()
-        })
-    };
-    log::debug!(
-        target: "mesh::access",
-        "outbound {client_addr} → {original_dst} ({target}) source_principal={} destination_principal={} connection_security_policy={} sent={sent} received={received}",
-        principal(state.workloads.get(client_addr.ip())),
-        principal(workload.as_ref()),
-        if mutual_tls { "mutual_tls" } else { "none" },
-    );
-    Ok(())
+    }
 }

@@ -292,7 +292,7 @@ impl Metrics {
         let mut events = match registered {
             Ok(fd) => fd,
             Err(err) => {
-                log::error!("polling the flow event ring buffer: {err}");
+                tracing::error!("polling the flow event ring buffer: {err}");
                 return;
             }
         };
@@ -303,7 +303,7 @@ impl Metrics {
                     let mut guard = match ready {
                         Ok(guard) => guard,
                         Err(err) => {
-                            log::error!("flow event ring buffer (fd {}): {err}", events.get_ref().as_raw_fd());
+                            tracing::error!("flow event ring buffer (fd {}): {err}", events.get_ref().as_raw_fd());
                             return;
                         }
                     };
@@ -442,7 +442,7 @@ impl Metrics {
         self.refresh();
         let mut out = String::new();
         if let Err(err) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            log::error!("encoding metrics: {err}");
+            tracing::error!("encoding metrics: {err}");
         }
         openmetrics_to_prometheus_text(&out)
     }

@@ -3,3 +3,4 @@
 
 pub mod conns;
 pub mod metrics;
+pub mod result;

@@ -1,0 +1,112 @@
+//! The agent's small HTTP servers: Prometheus metrics (15020), readiness (15021) and the
+//! localhost admin API (15000: status, configuration dump, certificates, policy check).
+
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
+};
+
+use hyper::StatusCode;
+use serde::Serialize;
+
+use crate::{
+    app::reconcile::{lock, SharedStatus},
+    http::server::{Handler, Reply},
+    identity::{spiffe::facts, tls::Identities},
+    model::SharedState,
+    policy::{check, jwt::JwksCache},
+    telemetry::{conns::ConnTable, metrics::Metrics},
+};
+
+pub fn metrics(metrics: Arc<Metrics>) -> Handler {
+    Arc::new(move |path, _| match path {
+        "/metrics" | "/stats/prometheus" => {
+            Reply::ok("text/plain; version=0.0.4; charset=utf-8", metrics.encode())
+        }
+        _ => Reply::text(StatusCode::NOT_FOUND, "try /metrics\n".into()),
+    })
+}
+
+pub fn readiness(ready: Arc<AtomicBool>) -> Handler {
+    Arc::new(move |path, _| match (path, ready.load(Ordering::Relaxed)) {
+        ("/healthz/ready", true) => Reply::text(StatusCode::OK, "ready\n".into()),
+        ("/healthz/ready", false) => {
+            Reply::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
+        }
+        _ => Reply::text(StatusCode::NOT_FOUND, "try /healthz/ready\n".into()),
+    })
+}
+
+/// What the admin API reads.
+pub struct AdminView {
+    pub status: SharedStatus,
+    pub state: SharedState,
+    pub conns: Arc<ConnTable>,
+    pub identities: Arc<Identities>,
+    pub jwks: Arc<JwksCache>,
+}
+
+pub fn admin(view: AdminView) -> Handler {
+    Arc::new(move |path, body| match (path, body) {
+        ("/status", None) => {
+            let mut status = lock(&view.status).clone();
+            status.proxied_connections = view.conns.len();
+            Reply::json(&status)
+        }
+        ("/config_dump", None) => Reply::json(&*view.state.current()),
+        ("/certs", None) => Reply::json(&certificates(&view.identities)),
+        ("/policy/check", Some(body)) => {
+            match serde_json::from_slice::<check::CheckRequest>(body) {
+                Ok(request) => match check::check(
+                    &view.state.current(),
+                    &view.identities.trust_domain,
+                    &view.jwks,
+                    &request,
+                ) {
+                    Ok(report) => Reply::json(&report),
+                    Err(err) => Reply::text(StatusCode::NOT_FOUND, format!("{err}\n")),
+                },
+                Err(err) => Reply::text(
+                    StatusCode::BAD_REQUEST,
+                    format!("malformed policy check: {err}\n"),
+                ),
+            }
+        }
+        _ => Reply::text(
+            StatusCode::NOT_FOUND,
+            "try GET /status, /config_dump, /certs or POST /policy/check\n".into(),
+        ),
+    })
+}
+
+/// What `meshctl certs` shows: each identity's certificate, and the trust root.
+#[derive(Serialize)]
+struct CertificateReport {
+    identity: String,
+    serial: String,
+    not_before: i64,
+    not_after: i64,
+    issuer: String,
+}
+
+fn certificates(identities: &Identities) -> serde_json::Value {
+    let certs: Vec<CertificateReport> = identities
+        .all()
+        .into_iter()
+        .map(|(id, svid)| CertificateReport {
+            identity: id.to_string(),
+            serial: svid.facts.serial,
+            not_before: svid.facts.not_before,
+            not_after: svid.facts.not_after,
+            issuer: svid.facts.issuer,
+        })
+        .collect();
+    let root = rustls_pki_types::pem::PemObject::from_pem_slice(identities.root_pem.as_bytes())
+        .ok()
+        .and_then(|der: rustls_pki_types::CertificateDer| facts(&der).ok());
+    serde_json::json!({
+        "trust_domain": identities.trust_domain,
+        "trust_root": root.map(|r| serde_json::json!({"serial": r.serial, "not_after": r.not_after, "subject": r.issuer})),
+        "certificates": certs,
+    })
+}

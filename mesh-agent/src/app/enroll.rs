@@ -1,0 +1,150 @@
+//! Enrollment: the kernel programs attached to each local pod (its host veth and its
+//! cgroup) as pods appear, detached as they go, and the kernel maps kept in line with
+//! the mesh state.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+    path::PathBuf,
+};
+
+use serde::Serialize;
+
+use crate::{
+    datapath::{self, Datapath, PodAttachment},
+    errors::describe,
+    model::MeshState,
+};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EnrolledPod {
+    pub ip: Ipv4Addr,
+    pub veth: String,
+    pub ifindex: u32,
+    pub cgroup: PathBuf,
+}
+
+/// What one pass of enrollment left: the enrolled pods, and those still waiting with
+/// the reason.
+#[derive(Debug, Default)]
+pub struct Enrollment {
+    pub enrolled: BTreeMap<String, EnrolledPod>,
+    pub pending: BTreeMap<String, String>,
+}
+
+pub struct Enroller {
+    datapath: Datapath,
+    cgroup_root: PathBuf,
+    trust_domain: String,
+    attached: HashMap<String, PodAttachment>,
+}
+
+impl Enroller {
+    pub fn new(datapath: Datapath, cgroup_root: PathBuf, trust_domain: String) -> Enroller {
+        Enroller {
+            datapath,
+            cgroup_root,
+            trust_domain,
+            attached: HashMap::new(),
+        }
+    }
+
+    /// Attaches the programs of local pods that need it, detaches those of pods that
+    /// went away, and refreshes the maps.
+    pub fn enroll(&mut self, state: &MeshState) -> Enrollment {
+        let mut pending = BTreeMap::new();
+        let mut desired = HashMap::new();
+        for workload in state.local_workloads() {
+            let key = workload.key();
+            let Some((veth, ifindex)) = datapath::find_pod_veth(workload.ip) else {
+                pending.insert(key, format!("no host route to {} yet", workload.ip));
+                continue;
+            };
+            let Some(cgroup) = datapath::find_pod_cgroup(&self.cgroup_root, &workload.uid) else {
+                pending.insert(
+                    key,
+                    format!(
+                        "no cgroup for pod uid {:?} under {}",
+                        workload.uid,
+                        self.cgroup_root.display()
+                    ),
+                );
+                continue;
+            };
+            let attachment = PodAttachment {
+                veth,
+                ifindex,
+                cgroup,
+            };
+            desired.insert(key, (workload.ip, attachment));
+        }
+        // The maps first: tc judges a pod's packets by the veth the maps record for it,
+        // so they must name the veth before the programs are attached to it.
+        let ifindexes: HashMap<Ipv4Addr, u32> = desired
+            .values()
+            .map(|(ip, attachment)| (*ip, attachment.ifindex))
+            .collect();
+        if let Err(err) = self
+            .datapath
+            .sync_maps(state, &ifindexes, &self.trust_domain)
+        {
+            tracing::error!("updating the kernel maps: {}", describe(&err));
+        }
+        for (key, (_, attachment)) in &desired {
+            if self.attached.get(key) == Some(attachment) {
+                continue;
+            }
+            match self.datapath.attach_pod(key, attachment) {
+                Ok(()) => {
+                    tracing::info!(
+                        "enrolled {key} ({}, {})",
+                        attachment.veth,
+                        attachment.cgroup.display()
+                    );
+                    self.attached.insert(key.clone(), attachment.clone());
+                }
+                Err(err) => {
+                    let reason = describe(&err);
+                    tracing::error!("enrolling {key}: {reason}");
+                    pending.insert(key.clone(), reason);
+                }
+            }
+        }
+        let mut gone: Vec<String> = self
+            .datapath
+            .attached_pods()
+            .into_iter()
+            .filter(|key| !desired.contains_key(key))
+            .collect();
+        gone.extend(
+            self.attached
+                .keys()
+                .filter(|k| !desired.contains_key(*k))
+                .cloned(),
+        );
+        gone.sort();
+        gone.dedup();
+        for key in gone {
+            self.datapath.detach_pod(&key);
+            self.attached.remove(&key);
+            tracing::info!("detached {key}");
+        }
+        let enrolled = self
+            .attached
+            .iter()
+            .filter_map(|(key, a)| {
+                let (ip, _) = desired.get(key)?;
+                Some((
+                    key.clone(),
+                    EnrolledPod {
+                        ip: *ip,
+                        veth: a.veth.clone(),
+                        ifindex: a.ifindex,
+                        cgroup: a.cgroup.clone(),
+                    },
+                ))
+            })
+            .collect();
+        Enrollment { enrolled, pending }
+    }
+}

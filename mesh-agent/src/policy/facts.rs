@@ -1,0 +1,253 @@
+//! The one builder of the facts a destination's policies judge a connection on, used by
+//! the proxy (same-node, DISABLE and HBONE arrivals), the kernel's verdicts and `meshctl
+//! policy check`, so the three can never judge the same flow differently; and the
+//! admission decision taken on those facts before any byte of the connection.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::{
+    model::{peerauth::Effective, security::WorkloadSecurity, MeshState, Workload},
+    policy::{
+        authz::{self, Decision, Facts, RequestFacts, Verdict},
+        jwt::{self, Authenticated, JwksCache, JwtError, RequestParts},
+    },
+};
+
+/// Who is on the other end of a connection, as far as the destination can tell.
+#[derive(Debug, Clone, Copy)]
+pub enum Peer<'a> {
+    /// A meshed pod, known by its address. Its identity counts unless the destination
+    /// port has mutual TLS disabled: the connection is then plaintext, and the
+    /// destination knows no more of it than of any other client.
+    Pod(&'a Workload),
+    /// A peer that proved its SPIFFE ID with mutual TLS (HBONE).
+    MutualTls(&'a str),
+    /// A client outside the mesh.
+    Unknown,
+}
+
+/// `trust-domain/ns/<ns>/sa/<sa>`: a principal as Istio's policies spell it.
+pub fn principal_of(trust_domain: &str, workload: &Workload) -> String {
+    format!(
+        "{trust_domain}/ns/{}/sa/{}",
+        workload.namespace, workload.service_account
+    )
+}
+
+/// The facts of a connection from `client` (`peer`) to `target` on `destination`.
+pub fn connection_facts(
+    state: &MeshState,
+    trust_domain: &str,
+    client: Ipv4Addr,
+    peer: Peer,
+    target: SocketAddrV4,
+    sni: Option<String>,
+) -> Facts {
+    let plaintext = state
+        .mtls
+        .get(target.ip())
+        .is_some_and(|m| m.for_port(target.port()) == Effective::Disable);
+    let source_principal = match peer {
+        Peer::Pod(workload) if !plaintext => Some(principal_of(trust_domain, workload)),
+        Peer::MutualTls(spiffe_id) => Some(spiffe_id.trim_start_matches("spiffe://").to_owned()),
+        Peer::Pod(_) | Peer::Unknown => None,
+    };
+    Facts {
+        source_ip: client,
+        remote_ip: client,
+        source_principal,
+        destination_ip: *target.ip(),
+        destination_port: target.port(),
+        sni,
+        request: None,
+    }
+}
+
+/// A connection arriving at `workload`, as its policies see it.
+#[derive(Debug)]
+pub struct Arrival {
+    pub facts: Facts,
+    pub workload: Arc<Workload>,
+    pub security: Arc<WorkloadSecurity>,
+}
+
+impl Arrival {
+    pub fn new(
+        state: &MeshState,
+        trust_domain: &str,
+        client: Ipv4Addr,
+        peer: Peer,
+        workload: Arc<Workload>,
+        target: SocketAddrV4,
+        sni: Option<String>,
+    ) -> Arrival {
+        Arrival {
+            facts: connection_facts(state, trust_domain, client, peer, target, sni),
+            security: state.security_of(workload.ip),
+            workload,
+        }
+    }
+
+    /// `client (principal) → ip:port (namespace/pod)`, for logs.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({}) → {}:{} ({})",
+            self.facts.source_ip,
+            self.facts
+                .source_principal
+                .as_deref()
+                .unwrap_or("no identity"),
+            self.facts.destination_ip,
+            self.facts.destination_port,
+            self.workload.key()
+        )
+    }
+
+    /// Whether the destination port speaks HTTP (a Service declares it so): only there
+    /// can requests be parsed and judged one by one.
+    pub fn speaks_http(&self) -> bool {
+        self.security
+            .http_ports
+            .contains(&self.facts.destination_port)
+    }
+}
+
+/// What to do with a connection, decided before any byte of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Refused: reset (or 403 on an HBONE CONNECT).
+    Deny,
+    /// Carried as bytes.
+    Tcp,
+    /// Served as HTTP: each request authenticated and judged.
+    Http,
+}
+
+/// The connection-time decision for `arrival`: its policies on L4 facts; per request when
+/// the outcome needs request attributes or tokens are checked on the port. On a port that
+/// does not speak HTTP no request will ever be seen, so rules that need one are settled
+/// as Istio settles them for TCP: an ALLOW rule does not match, a DENY rule does.
+pub fn admit(arrival: &Arrival) -> (Admission, Option<Decision>) {
+    if arrival.security.is_empty() {
+        return (Admission::Tcp, None);
+    }
+    let http = arrival.speaks_http();
+    let decision = if http {
+        authz::evaluate(&arrival.security.policies, &arrival.facts)
+    } else {
+        authz::evaluate_tcp(&arrival.security.policies, &arrival.facts)
+    };
+    let admission = match decision.verdict {
+        Verdict::Deny => Admission::Deny,
+        Verdict::NeedsRequest => Admission::Http,
+        Verdict::Allow
+            if http
+                && arrival
+                    .security
+                    .authenticates(arrival.facts.destination_port) =>
+        {
+            Admission::Http
+        }
+        Verdict::Allow => Admission::Tcp,
+    };
+    (admission, Some(decision))
+}
+
+/// One request, as the destination's policies are asked to judge it.
+pub struct RequestHead<'a> {
+    pub method: &'a str,
+    /// `:authority` or `Host`.
+    pub host: &'a str,
+    /// Normalised (see [`crate::policy::path::normalize_path`]), without the query.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+}
+
+/// What the destination's policies make of one request.
+#[derive(Debug)]
+pub enum RequestVerdict {
+    /// Forwarded; `authenticated` names the issuer of the token that verified.
+    Forward {
+        decision: Decision,
+        authenticated: Option<Authenticated>,
+    },
+    /// A token that does not verify: 401.
+    Unauthenticated(JwtError),
+    /// Denied by authorization: 403.
+    Forbidden {
+        decision: Decision,
+        authenticated: Option<Authenticated>,
+    },
+}
+
+/// Authenticates and judges one request on a connection admitted for HTTP. `headers` are
+/// those forwarded: output headers of RequestAuthentication are removed from a request
+/// without a verified token (a client cannot forge them), set from a verified one, and
+/// the token's header is removed unless the rule forwards it. What is judged is what is
+/// forwarded.
+pub fn judge_request(
+    arrival: &Arrival,
+    jwks: &JwksCache,
+    head: &RequestHead,
+    headers: &mut HeaderMap,
+    now: u64,
+) -> RequestVerdict {
+    let security = &arrival.security;
+    let mut authenticated = None;
+    if security.authenticates(arrival.facts.destination_port) {
+        let parts = RequestParts {
+            headers,
+            query: head.query,
+        };
+        match jwt::authenticate(&security.jwt_rules, jwks, &parts, now) {
+            Ok(found) => {
+                for name in jwt::output_headers(&security.jwt_rules) {
+                    headers.remove(name.as_str());
+                }
+                if let Some(found) = found {
+                    if let Some(name) = &found.remove_header {
+                        headers.remove(name.as_str());
+                    }
+                    for (name, value) in &found.set_headers {
+                        if let (Ok(name), Ok(value)) = (
+                            HeaderName::from_bytes(name.as_bytes()),
+                            HeaderValue::from_str(value),
+                        ) {
+                            headers.insert(name, value);
+                        }
+                    }
+                    authenticated = Some(found);
+                }
+            }
+            Err(err) => return RequestVerdict::Unauthenticated(err),
+        }
+    }
+    let mut facts = arrival.facts.clone();
+    facts.request = Some(RequestFacts {
+        method: head.method.to_owned(),
+        host: head.host.to_owned(),
+        path: head.path.to_owned(),
+        headers: headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect(),
+        auth: authenticated.as_ref().map(|a| a.facts.clone()),
+    });
+    let decision = authz::evaluate(&security.policies, &facts);
+    if decision.verdict == Verdict::Allow {
+        RequestVerdict::Forward {
+            decision,
+            authenticated,
+        }
+    } else {
+        RequestVerdict::Forbidden {
+            decision,
+            authenticated,
+        }
+    }
+}

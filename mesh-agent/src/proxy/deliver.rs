@@ -1,0 +1,137 @@
+//! Delivery to a workload, written once for every arm that delivers: a same-node pod
+//! (from the outbound capture), a DISABLE workload reached in plaintext, and a pod of
+//! this node reached over HBONE. The workload is dialled (as the original client when it
+//! is on this node), then the bytes are spliced in the kernel, copied, or served request
+//! by request, as the plan says.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use tokio::net::TcpStream;
+
+use crate::{
+    policy::facts::Arrival,
+    proxy::{
+        copy::{copy_streams, copy_to_tunnel, Counted, COPY_BUFFER},
+        error::ProxyError,
+        plan::Carry,
+        socket, Proxy,
+    },
+    telemetry::{
+        conns::flow_key,
+        result::{Carried, ConnResult},
+    },
+};
+
+/// The client's side of a delivered connection.
+pub enum Downstream {
+    /// The pod's socket, accepted by the capture listener.
+    Socket(TcpStream),
+    /// An HBONE stream from another node's agent.
+    Tunnel {
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+    },
+}
+
+/// Dials the workload of `arrival`: as the original client (its address as the source)
+/// when the workload is on this node, so it sees who called; from this node otherwise.
+/// The socket's flow is recorded for the metrics to label.
+pub async fn dial(
+    arrival: &Arrival,
+    service: Option<String>,
+    mutual_tls: bool,
+    as_client: Option<std::net::SocketAddrV4>,
+    result: &mut ConnResult,
+) -> Result<TcpStream, ProxyError> {
+    let target =
+        std::net::SocketAddrV4::new(arrival.facts.destination_ip, arrival.facts.destination_port);
+    let connected = match as_client {
+        Some(client) => socket::connect_as(client, target).await,
+        None => socket::connect(target).await,
+    };
+    let upstream = connected.map_err(|source| ProxyError::Connect { target, source })?;
+    if as_client.is_some() {
+        let local = socket::v4(upstream.local_addr()?)?;
+        result.track(
+            flow_key(target, local),
+            Some(arrival.workload.clone()),
+            service,
+            mutual_tls,
+        );
+    }
+    Ok(upstream)
+}
+
+/// Carries `downstream` to the workload on `upstream` as `carry` says.
+pub async fn carry(
+    proxy: &Proxy,
+    arrival: Arc<Arrival>,
+    carry: Carry,
+    downstream: Downstream,
+    mut upstream: TcpStream,
+    result: &mut ConnResult,
+) -> Result<(), ProxyError> {
+    let counts = result.bytes();
+    match (carry, downstream) {
+        (Carry::Http, Downstream::Socket(client)) => {
+            result.set_carried(Carried::Http);
+            let client = Counted::client(client, counts);
+            proxy
+                .guard
+                .clone()
+                .serve_http(client, upstream, arrival)
+                .await
+        }
+        (Carry::Http, Downstream::Tunnel { send, recv }) => {
+            result.set_carried(Carried::Http);
+            // The HTTP server reads the tunnel's bytes through an in-memory pipe.
+            let (mut tunnel_end, http_end) = tokio::io::duplex(COPY_BUFFER);
+            let serving = tokio::spawn(proxy.guard.clone().serve_http(
+                Counted::client(http_end, counts),
+                upstream,
+                arrival,
+            ));
+            let carried = copy_to_tunnel(&mut tunnel_end, send, recv).await;
+            drop(tunnel_end);
+            match serving.await {
+                Ok(Err(err)) => Err(err),
+                _ => carried,
+            }
+        }
+        (Carry::Splice, Downstream::Socket(mut client)) => {
+            if let Some(splicer) = &proxy.splicer {
+                match splicer.splice(&client, &upstream) {
+                    Ok(spliced) => {
+                        let (sent, received, both) = spliced.run().await?;
+                        counts.add(sent, received);
+                        result.set_carried(if both {
+                            Carried::Spliced
+                        } else {
+                            Carried::Copied
+                        });
+                        return Ok(());
+                    }
+                    Err(err) => tracing::debug!(
+                        "splicing {}: {err}; copying instead",
+                        arrival.workload.key()
+                    ),
+                }
+            }
+            result.set_carried(Carried::Copied);
+            let mut client = Counted::client(&mut client, counts);
+            copy_streams(&mut client, &mut upstream).await
+        }
+        (Carry::Copy, Downstream::Socket(client)) => {
+            result.set_carried(Carried::Copied);
+            let mut client = Counted::client(client, counts);
+            copy_streams(&mut client, &mut upstream).await
+        }
+        (Carry::Copy | Carry::Splice, Downstream::Tunnel { send, recv }) => {
+            result.set_carried(Carried::Copied);
+            let mut workload = Counted::workload(upstream, counts);
+            copy_to_tunnel(&mut workload, send, recv).await
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! The proxy's one error type: what went wrong with a connection, with its source kept,
+//! for the log line and the connection's recorded outcome.
+
+use std::{io, net::SocketAddrV4};
+
+use crate::{
+    identity::tls::TlsError,
+    proxy::{plan::PlanError, pool::PoolError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("{0}: denied by policy")]
+    Denied(String),
+    #[error("connecting to {target}")]
+    Connect {
+        target: SocketAddrV4,
+        source: io::Error,
+    },
+    #[error("carrying the connection")]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Tunnel(#[from] PoolError),
+    #[error("HBONE stream")]
+    Stream(#[from] h2::Error),
+    #[error("serving HTTP")]
+    Http(#[from] hyper::Error),
+    #[error("TLS configuration")]
+    Tls(#[from] TlsError),
+}

@@ -1,0 +1,788 @@
+//! The proxy's decisions, apart from its I/O: for a connection captured leaving a local
+//! pod, or an HBONE `CONNECT` arriving from another agent, and the mesh state of the
+//! moment, what to do — which endpoint, which workload, how to carry the bytes (spliced
+//! in the kernel, copied, served as HTTP, tunnelled, straight), and the facts and decision
+//! of the destination's policies. The functions here read the state and the load
+//! balancers and nothing else; `outbound` and `inbound` carry the plans out.
+
+use std::{net::SocketAddrV4, sync::Arc};
+
+use http::{Method, Request, StatusCode};
+use mesh_common::TUNNEL_PORT;
+
+use crate::{
+    identity::spiffe::SpiffeId,
+    model::{lb::ActiveGuard, peerauth::Effective, MeshState, Resolved, Workload},
+    policy::{
+        authz::Decision,
+        facts::{admit, Admission, Arrival, Peer},
+    },
+};
+
+/// A destination pod labelled `mesh/splice: "false"` has its same-node flows copied
+/// through the agent instead of spliced in the kernel.
+pub const SPLICE_LABEL: &str = "mesh/splice";
+
+/// Why a captured connection cannot be carried anywhere.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("{client} → {original_dst}: the source is not a meshed pod of this node")]
+    NotLocalSource {
+        client: SocketAddrV4,
+        original_dst: SocketAddrV4,
+    },
+    #[error("{client} → {original_dst}: Service {service} has no ready endpoint")]
+    NoEndpoints {
+        client: SocketAddrV4,
+        original_dst: SocketAddrV4,
+        service: String,
+    },
+    #[error("{client} → {original_dst}: not a meshed destination")]
+    UnknownDestination {
+        client: SocketAddrV4,
+        original_dst: SocketAddrV4,
+    },
+    #[error("node {node} of {pod} has no known address")]
+    NoNodeAddress { pod: String, node: String },
+}
+
+/// How the bytes of a connection delivered on this node are carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carry {
+    /// Spliced in the kernel (same node, no L7 work, splicing allowed).
+    Splice,
+    /// Copied through the agent.
+    Copy,
+    /// Served as HTTP, each request judged.
+    Http,
+}
+
+/// What the source agent does with a captured connection.
+#[derive(Debug)]
+pub enum Route {
+    /// A pod of this node, reached as the original client under its policies.
+    Local { arrival: Arc<Arrival>, carry: Carry },
+    /// PeerAuthentication DISABLE: the workload is reached in plaintext from this node,
+    /// which applies its policies (it would see no mesh identity).
+    Plaintext { arrival: Arc<Arrival>, carry: Carry },
+    /// Over HBONE to the agent of the destination's node, as the source's identity.
+    Tunnel {
+        agent: SocketAddrV4,
+        source: SpiffeId,
+        destination: SpiffeId,
+    },
+    /// An endpoint outside the mesh, reached directly from this node.
+    Direct,
+    /// Refused on L4 facts: the client is reset.
+    Deny { arrival: Arc<Arrival> },
+}
+
+/// The plan for one captured connection.
+#[derive(Debug)]
+pub struct OutboundPlan {
+    /// The endpoint: the original destination, or the Service endpoint chosen.
+    pub target: SocketAddrV4,
+    /// The meshed pod at `target`; `None` outside the mesh.
+    pub destination: Option<Arc<Workload>>,
+    /// The Service (hostname) the client addressed or whose endpoint it reached.
+    pub service: Option<String>,
+    pub source: Arc<Workload>,
+    pub route: Route,
+    /// The connection-time decision of the destination's policies, when it has any.
+    pub decision: Option<Decision>,
+    /// Counts the connection as active on its endpoint (LEAST_REQUEST) while held.
+    pub active: Option<ActiveGuard>,
+}
+
+impl OutboundPlan {
+    /// Whether the connection crosses nodes over mutual TLS.
+    pub fn mutual_tls(&self) -> bool {
+        matches!(self.route, Route::Tunnel { .. })
+    }
+}
+
+/// Settings of this agent that plans depend on.
+#[derive(Debug, Clone)]
+pub struct PlanSettings {
+    pub trust_domain: String,
+    /// In-kernel splicing is enabled and loaded.
+    pub kernel_splice: bool,
+}
+
+fn spiffe_id(trust_domain: &str, workload: &Workload) -> SpiffeId {
+    SpiffeId::new(trust_domain, &workload.namespace, &workload.service_account)
+}
+
+/// Plans a connection from `client` (a pod of this node) to `original_dst`.
+pub fn plan_outbound(
+    state: &MeshState,
+    settings: &PlanSettings,
+    client: SocketAddrV4,
+    original_dst: SocketAddrV4,
+) -> Result<OutboundPlan, PlanError> {
+    let source = state
+        .workloads
+        .get(client.ip())
+        .filter(|w| w.node == state.node)
+        .cloned()
+        .ok_or(PlanError::NotLocalSource {
+            client,
+            original_dst,
+        })?;
+    let (target, destination, service, active) = match state.resolve(original_dst, *client.ip()) {
+        Resolved::Endpoint {
+            target,
+            workload,
+            service,
+            guard,
+        } => (target, workload, service, guard),
+        Resolved::NoEndpoints { service } => {
+            return Err(PlanError::NoEndpoints {
+                client,
+                original_dst,
+                service,
+            })
+        }
+        Resolved::Unknown => {
+            return Err(PlanError::UnknownDestination {
+                client,
+                original_dst,
+            })
+        }
+    };
+    let trust_domain = settings.trust_domain.as_str();
+    let mut decision = None;
+    let route = match &destination {
+        None => Route::Direct,
+        Some(pod) => {
+            let local = pod.node == state.node;
+            let disabled = state
+                .mtls
+                .get(&pod.ip)
+                .is_some_and(|m| m.for_port(target.port()) == Effective::Disable);
+            if local || disabled {
+                let arrival = Arc::new(Arrival::new(
+                    state,
+                    trust_domain,
+                    *client.ip(),
+                    Peer::Pod(&source),
+                    pod.clone(),
+                    target,
+                    None,
+                ));
+                let (admission, judged) = admit(&arrival);
+                decision = judged;
+                let splice = local
+                    && settings.kernel_splice
+                    && pod.labels.get(SPLICE_LABEL).map(String::as_str) != Some("false");
+                let carry = match admission {
+                    Admission::Deny => Carry::Copy,
+                    Admission::Http => Carry::Http,
+                    Admission::Tcp if splice => Carry::Splice,
+                    Admission::Tcp => Carry::Copy,
+                };
+                match (admission, local) {
+                    (Admission::Deny, _) => Route::Deny { arrival },
+                    (_, true) => Route::Local { arrival, carry },
+                    (_, false) => Route::Plaintext { arrival, carry },
+                }
+            } else {
+                let agent_ip = state.node_ip(pod).ok_or_else(|| PlanError::NoNodeAddress {
+                    pod: pod.key(),
+                    node: pod.node.clone(),
+                })?;
+                Route::Tunnel {
+                    agent: SocketAddrV4::new(agent_ip, TUNNEL_PORT),
+                    source: spiffe_id(trust_domain, &source),
+                    destination: spiffe_id(trust_domain, pod),
+                }
+            }
+        }
+    };
+    Ok(OutboundPlan {
+        target,
+        destination,
+        service,
+        source,
+        route,
+        decision,
+        active,
+    })
+}
+
+/// What a source agent asks of a destination agent in an HBONE `CONNECT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelRequest {
+    /// The pod address and port to reach.
+    pub target: SocketAddrV4,
+    /// The original client, whose address the destination pod must see.
+    pub client: SocketAddrV4,
+    /// The Service the client addressed, when it addressed one.
+    pub service: Option<String>,
+}
+
+impl TunnelRequest {
+    /// Reads a `CONNECT`: `:authority` is the target, `Forwarded: for="ip:port"` the
+    /// client, `X-Mesh-Service` the Service. `None` for anything else.
+    pub fn parse<B>(request: &Request<B>) -> Option<TunnelRequest> {
+        if request.method() != Method::CONNECT {
+            return None;
+        }
+        let target = request.uri().authority()?.as_str().parse().ok()?;
+        let client = request
+            .headers()
+            .get("forwarded")?
+            .to_str()
+            .ok()?
+            .strip_prefix("for=\"")?
+            .strip_suffix('"')?
+            .parse()
+            .ok()?;
+        let service = request
+            .headers()
+            .get("x-mesh-service")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Some(TunnelRequest {
+            target,
+            client,
+            service,
+        })
+    }
+}
+
+/// An HBONE stream the destination agent refuses, and how it answers.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: StatusCode,
+    /// The `reason` label of `mesh_tunnel_refusals_total`.
+    pub reason: &'static str,
+    pub message: String,
+    /// The policies' decision, when they refused it.
+    pub denied: Option<Box<(Arc<Arrival>, Decision)>>,
+}
+
+/// The plan for an HBONE stream this agent accepts.
+#[derive(Debug)]
+pub struct InboundPlan {
+    pub arrival: Arc<Arrival>,
+    /// `Copy` or `Http` (splicing is for same-node flows).
+    pub carry: Carry,
+    pub decision: Option<Decision>,
+}
+
+/// Plans an HBONE stream from a peer agent that proved `peer` over a TLS session made to
+/// `local` (the identity its SNI named).
+pub fn plan_inbound(
+    state: &MeshState,
+    trust_domain: &str,
+    local: &SpiffeId,
+    peer: &SpiffeId,
+    sni: Option<String>,
+    request: &TunnelRequest,
+) -> Result<InboundPlan, Refusal> {
+    let TunnelRequest { target, client, .. } = *request;
+    let workload = state
+        .workloads
+        .get(target.ip())
+        .filter(|w| w.node == state.node)
+        .cloned()
+        .ok_or_else(|| Refusal {
+            status: StatusCode::NOT_FOUND,
+            reason: "unknown_destination",
+            message: format!("{target} is not a meshed pod of this node"),
+            denied: None,
+        })?;
+    let identity = spiffe_id(trust_domain, &workload);
+    if identity != *local {
+        return Err(Refusal {
+            status: StatusCode::FORBIDDEN,
+            reason: "wrong_destination_identity",
+            message: format!("{target} is {identity}, but the connection was made to {local}"),
+            denied: None,
+        });
+    }
+    // The peer's certificate must be the identity of the workload at the address it
+    // claims to connect from.
+    let claimed = state
+        .workloads
+        .get(client.ip())
+        .map(|w| spiffe_id(trust_domain, w));
+    if claimed.as_ref() != Some(peer) {
+        return Err(Refusal {
+            status: StatusCode::FORBIDDEN,
+            reason: "wrong_source_identity",
+            message: format!(
+                "peer {peer} claims to carry {client}, which is {}",
+                claimed.map_or("no meshed workload".into(), |c| c.to_string())
+            ),
+            denied: None,
+        });
+    }
+    let peer_id = peer.to_string();
+    let arrival = Arc::new(Arrival::new(
+        state,
+        trust_domain,
+        *client.ip(),
+        Peer::MutualTls(&peer_id),
+        workload,
+        target,
+        sni,
+    ));
+    let (admission, decision) = admit(&arrival);
+    let carry = match admission {
+        Admission::Deny => {
+            let reason = decision.as_ref().map_or_else(String::new, Decision::reason);
+            return Err(Refusal {
+                status: StatusCode::FORBIDDEN,
+                reason: "policy_denied",
+                message: format!("{client} → {target}: {reason}"),
+                denied: decision.map(|decision| Box::new((arrival, decision))),
+            });
+        }
+        Admission::Http => Carry::Http,
+        Admission::Tcp => Carry::Copy,
+    };
+    Ok(InboundPlan {
+        arrival,
+        carry,
+        decision,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load_str;
+
+    const TD: &str = "cluster.local";
+
+    const CLUSTER: &str = "\
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+status: {addresses: [{type: InternalIP, address: 10.200.0.1}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b}
+status: {addresses: [{type: InternalIP, address: 10.200.0.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop}
+spec: {nodeName: node-a, serviceAccountName: client}
+status: {podIP: 10.244.1.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: near, namespace: shop, labels: {app: near}}
+spec: {nodeName: node-a, serviceAccountName: near}
+status: {podIP: 10.244.1.20}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: near-copied, namespace: shop, labels: {app: near-copied, mesh/splice: \"false\"}}
+spec: {nodeName: node-a}
+status: {podIP: 10.244.1.21}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: far, namespace: shop, labels: {app: far}}
+spec: {nodeName: node-b, serviceAccountName: far}
+status: {podIP: 10.244.2.20}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: remote-client, namespace: shop}
+spec: {nodeName: node-b, serviceAccountName: client}
+status: {podIP: 10.244.2.10}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: far, namespace: shop}
+spec: {clusterIP: 10.96.0.20, selector: {app: far}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: near, namespace: shop}
+spec: {clusterIP: 10.96.0.21, selector: {app: near}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: legacy, namespace: shop}
+spec:
+  hosts: [legacy.internal]
+  addresses: [10.97.0.6]
+  ports: [{number: 80, name: http}]
+  resolution: NONE
+";
+
+    const CLIENT: &str = "10.244.1.10:40000";
+
+    fn mesh(extra: &str) -> MeshState {
+        let yaml = format!("{CLUSTER}{extra}");
+        let config = load_str(std::path::Path::new("plan.yaml"), &yaml);
+        assert!(config.errors().next().is_none(), "{:?}", config.diagnostics);
+        MeshState::build("node-a", &config)
+    }
+
+    fn settings(kernel_splice: bool) -> PlanSettings {
+        PlanSettings {
+            trust_domain: TD.into(),
+            kernel_splice,
+        }
+    }
+
+    fn plan_to(state: &MeshState, dst: &str) -> Result<OutboundPlan, PlanError> {
+        plan_outbound(
+            state,
+            &settings(true),
+            CLIENT.parse().expect("client"),
+            dst.parse().expect("destination"),
+        )
+    }
+
+    fn carry_of(plan: &OutboundPlan) -> Option<Carry> {
+        match &plan.route {
+            Route::Local { carry, .. } | Route::Plaintext { carry, .. } => Some(*carry),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_same_node_pod_without_policies_is_spliced_unless_labelled_or_disabled() {
+        let state = mesh("");
+        let plan = plan_to(&state, "10.244.1.20:8080").expect("plan");
+        assert!(matches!(plan.route, Route::Local { .. }));
+        assert_eq!(carry_of(&plan), Some(Carry::Splice));
+        assert_eq!(plan.target.to_string(), "10.244.1.20:8080");
+        assert!(!plan.mutual_tls());
+
+        let copied = plan_to(&state, "10.244.1.21:8080").expect("plan");
+        assert_eq!(carry_of(&copied), Some(Carry::Copy), "mesh/splice: false");
+
+        let no_splicing = plan_outbound(
+            &state,
+            &settings(false),
+            CLIENT.parse().expect("client"),
+            "10.244.1.20:8080".parse().expect("destination"),
+        )
+        .expect("plan");
+        assert_eq!(carry_of(&no_splicing), Some(Carry::Copy));
+    }
+
+    #[test]
+    fn a_pod_on_another_node_is_tunnelled_as_the_source_identity() {
+        let state = mesh("");
+        let plan = plan_to(&state, "10.244.2.20:8080").expect("plan");
+        match &plan.route {
+            Route::Tunnel {
+                agent,
+                source,
+                destination,
+            } => {
+                assert_eq!(agent.to_string(), "10.200.0.2:15008");
+                assert_eq!(
+                    source.to_string(),
+                    "spiffe://cluster.local/ns/shop/sa/client"
+                );
+                assert_eq!(
+                    destination.to_string(),
+                    "spiffe://cluster.local/ns/shop/sa/far"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(plan.mutual_tls());
+        assert_eq!(plan.service.as_deref(), Some("far.shop.svc.cluster.local"));
+    }
+
+    #[test]
+    fn a_service_address_resolves_to_an_endpoint_and_keeps_the_service() {
+        let state = mesh("");
+        let plan = plan_to(&state, "10.96.0.20:80").expect("plan");
+        assert_eq!(plan.target.to_string(), "10.244.2.20:8080");
+        assert_eq!(
+            plan.destination.as_ref().map(|w| w.pod.as_str()),
+            Some("far")
+        );
+        assert_eq!(plan.service.as_deref(), Some("far.shop.svc.cluster.local"));
+        assert!(plan.active.is_some(), "the endpoint counts the connection");
+        assert!(matches!(plan.route, Route::Tunnel { .. }));
+
+        let local = plan_to(&state, "10.96.0.21:80").expect("plan");
+        assert_eq!(local.target.to_string(), "10.244.1.20:8080");
+        assert_eq!(carry_of(&local), Some(Carry::Splice));
+    }
+
+    #[test]
+    fn a_service_entry_without_endpoints_passes_through_directly() {
+        let state = mesh("");
+        let plan = plan_to(&state, "10.97.0.6:80").expect("plan");
+        assert!(matches!(plan.route, Route::Direct));
+        assert_eq!(plan.target.to_string(), "10.97.0.6:80");
+        assert!(plan.destination.is_none());
+        assert_eq!(plan.service.as_deref(), Some("legacy.internal"));
+    }
+
+    #[test]
+    fn peer_authentication_disable_reaches_the_workload_in_plaintext_without_identity() {
+        let state = mesh(
+            "---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: off, namespace: shop}
+spec: {selector: {matchLabels: {app: far}}, mtls: {mode: DISABLE}}
+",
+        );
+        let plan = plan_to(&state, "10.244.2.20:8080").expect("plan");
+        match &plan.route {
+            Route::Plaintext { arrival, carry } => {
+                assert_eq!(*carry, Carry::Copy, "never spliced across nodes");
+                assert_eq!(
+                    arrival.facts.source_principal, None,
+                    "plaintext has no identity"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!plan.mutual_tls());
+    }
+
+    #[test]
+    fn a_same_node_source_is_judged_with_its_identity() {
+        let state = mesh(
+            "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-client, namespace: shop}
+spec:
+  selector: {matchLabels: {app: near}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]
+",
+        );
+        let plan = plan_to(&state, "10.244.1.20:8080").expect("plan");
+        match &plan.route {
+            Route::Local { arrival, carry } => {
+                assert_eq!(*carry, Carry::Splice);
+                assert_eq!(
+                    arrival.facts.source_principal.as_deref(),
+                    Some("cluster.local/ns/shop/sa/client")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let decided = plan.decision.and_then(|d| d.decided_by).expect("decided");
+        assert_eq!(decided.policy, "shop/only-client");
+    }
+
+    #[test]
+    fn a_connection_denied_on_l4_facts_is_refused_before_any_byte() {
+        let state = mesh(
+            "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-client, namespace: shop}
+spec:
+  selector: {matchLabels: {app: near}}
+  action: DENY
+  rules: [{from: [{source: {namespaces: [shop]}}]}]
+",
+        );
+        let plan = plan_to(&state, "10.96.0.21:80").expect("plan");
+        assert!(matches!(plan.route, Route::Deny { .. }), "{:?}", plan.route);
+        let decided = plan.decision.and_then(|d| d.decided_by).expect("decided");
+        assert_eq!(decided.policy, "shop/no-client");
+    }
+
+    const NEEDS_METHOD: &str = "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: get-only, namespace: shop}
+spec:
+  selector: {matchLabels: {app: near}}
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+";
+
+    #[test]
+    fn a_policy_on_request_attributes_makes_an_http_port_be_served_as_http() {
+        let state = mesh(NEEDS_METHOD);
+        let plan = plan_to(&state, "10.244.1.20:8080").expect("plan");
+        assert_eq!(carry_of(&plan), Some(Carry::Http));
+    }
+
+    #[test]
+    fn request_attributes_on_a_port_that_is_not_http_settle_the_connection_as_tcp() {
+        let state = mesh(NEEDS_METHOD);
+        // 9000 is declared by no Service: no request will be parsed there, so the ALLOW
+        // rule on GET cannot match and nothing else allows: denied, not parsed.
+        let plan = plan_to(&state, "10.244.1.20:9000").expect("plan");
+        assert!(matches!(plan.route, Route::Deny { .. }), "{:?}", plan.route);
+
+        let deny = mesh(
+            "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-post, namespace: shop}
+spec:
+  selector: {matchLabels: {app: near}}
+  action: DENY
+  rules: [{to: [{operation: {methods: [POST]}}]}]
+",
+        );
+        let plan = plan_to(&deny, "10.244.1.20:9000").expect("plan");
+        assert!(
+            matches!(plan.route, Route::Deny { .. }),
+            "a DENY rule needing a request fails closed on TCP"
+        );
+        let plan = plan_to(&deny, "10.244.1.20:8080").expect("plan");
+        assert_eq!(carry_of(&plan), Some(Carry::Http));
+    }
+
+    #[test]
+    fn an_audit_rule_on_request_attributes_does_not_make_a_connection_be_parsed() {
+        let state = mesh(
+            "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: audit-posts, namespace: shop}
+spec:
+  selector: {matchLabels: {app: near}}
+  action: AUDIT
+  rules: [{to: [{operation: {methods: [POST]}}]}]
+",
+        );
+        let plan = plan_to(&state, "10.244.1.20:8080").expect("plan");
+        assert_eq!(carry_of(&plan), Some(Carry::Splice));
+    }
+
+    #[test]
+    fn connections_that_cannot_be_carried_say_why() {
+        let state = mesh(
+            "---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: shop}
+spec: {clusterIP: 10.96.0.30, selector: {app: nothing}, ports: [{port: 80}]}
+",
+        );
+        assert!(matches!(
+            plan_to(&state, "10.96.0.30:80"),
+            Err(PlanError::NoEndpoints { .. })
+        ));
+        assert!(matches!(
+            plan_to(&state, "10.9.9.9:80"),
+            Err(PlanError::UnknownDestination { .. })
+        ));
+        let from_elsewhere = plan_outbound(
+            &state,
+            &settings(true),
+            "10.244.2.10:40000".parse().expect("client"),
+            "10.244.1.20:8080".parse().expect("destination"),
+        );
+        assert!(matches!(
+            from_elsewhere,
+            Err(PlanError::NotLocalSource { .. })
+        ));
+    }
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new(TD, "shop", sa)
+    }
+
+    fn connect(target: &str, client: &str) -> TunnelRequest {
+        TunnelRequest {
+            target: target.parse().expect("target"),
+            client: client.parse().expect("client"),
+            service: None,
+        }
+    }
+
+    #[test]
+    fn an_hbone_stream_is_checked_against_both_identities() {
+        let state = mesh("");
+        let request = connect("10.244.1.20:8080", "10.244.2.10:5000");
+        let plan =
+            plan_inbound(&state, TD, &id("near"), &id("client"), None, &request).expect("accepted");
+        assert_eq!(plan.carry, Carry::Copy);
+        assert_eq!(
+            plan.arrival.facts.source_principal.as_deref(),
+            Some("cluster.local/ns/shop/sa/client")
+        );
+        let refused = |local: &str, peer: &str, request: &TunnelRequest| {
+            plan_inbound(&state, TD, &id(local), &id(peer), None, request)
+                .expect_err("refused")
+                .reason
+        };
+        assert_eq!(
+            refused("far", "client", &request),
+            "wrong_destination_identity"
+        );
+        assert_eq!(refused("near", "far", &request), "wrong_source_identity");
+        assert_eq!(
+            refused(
+                "far",
+                "client",
+                &connect("10.244.2.20:8080", "10.244.2.10:5000")
+            ),
+            "unknown_destination",
+            "a pod of another node is not delivered from here"
+        );
+    }
+
+    #[test]
+    fn an_hbone_stream_denied_by_policy_is_refused_with_403() {
+        let state = mesh(
+            "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: nobody, namespace: shop}
+spec: {selector: {matchLabels: {app: near}}}
+",
+        );
+        let refusal = plan_inbound(
+            &state,
+            TD,
+            &id("near"),
+            &id("client"),
+            None,
+            &connect("10.244.1.20:8080", "10.244.2.10:5000"),
+        )
+        .expect_err("denied");
+        assert_eq!(
+            (refusal.status, refusal.reason),
+            (StatusCode::FORBIDDEN, "policy_denied")
+        );
+    }
+
+    #[test]
+    fn connect_requests_are_read_from_authority_and_forwarded() {
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri("10.244.1.20:8080")
+            .header("forwarded", "for=\"10.244.2.10:5000\"")
+            .header("x-mesh-service", "near.shop.svc.cluster.local")
+            .body(())
+            .expect("request");
+        let parsed = TunnelRequest::parse(&request).expect("parsed");
+        assert_eq!(parsed.target.to_string(), "10.244.1.20:8080");
+        assert_eq!(parsed.client.to_string(), "10.244.2.10:5000");
+        assert_eq!(
+            parsed.service.as_deref(),
+            Some("near.shop.svc.cluster.local")
+        );
+        let get = Request::builder()
+            .method(Method::GET)
+            .uri("http://10.244.1.20:8080/")
+            .body(())
+            .expect("request");
+        assert_eq!(TunnelRequest::parse(&get), None);
+        let unnamed = Request::builder()
+            .method(Method::CONNECT)
+            .uri("10.244.1.20:8080")
+            .body(())
+            .expect("request");
+        assert_eq!(TunnelRequest::parse(&unnamed), None, "no Forwarded");
+    }
+}

@@ -1,0 +1,187 @@
+//! The outcome of one proxied connection, recorded once: the proxy fills a
+//! [`ConnResult`] as it goes (the flows it opened, how the bytes were carried, the bytes
+//! both ways, the reason of a failure) and, when it is dropped — whatever path the
+//! connection took, success or error — the records in the connection table are marked
+//! finished, the carrying mode is counted and the access log line is written. Nothing is
+//! counted twice or missed.
+
+use std::{
+    net::SocketAddrV4,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+
+use mesh_common::FlowKey;
+
+use crate::{
+    model::Workload,
+    telemetry::{conns::ConnTable, metrics::Metrics},
+};
+
+/// How a connection's bytes were carried (`mesh_connections_carried_total{how}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carried {
+    /// Spliced in the kernel.
+    Spliced,
+    /// Copied through the agent.
+    Copied,
+    /// Parsed and judged request by request.
+    Http,
+    /// Over HBONE to another node.
+    Tunnel,
+    /// Straight from this node: outside the mesh, or PeerAuthentication DISABLE.
+    Direct,
+}
+
+impl Carried {
+    pub fn label(self) -> &'static str {
+        match self {
+            Carried::Spliced => "spliced",
+            Carried::Copied => "copied",
+            Carried::Http => "http",
+            Carried::Tunnel => "tunnel",
+            Carried::Direct => "direct",
+        }
+    }
+}
+
+/// Bytes carried each way, counted where the bytes pass (shared with the copier or the
+/// HTTP connection while it runs).
+#[derive(Debug, Default)]
+pub struct ByteCounts {
+    /// From the client towards the workload.
+    pub sent: AtomicU64,
+    /// From the workload back to the client.
+    pub received: AtomicU64,
+}
+
+impl ByteCounts {
+    pub fn add(&self, sent: u64, received: u64) {
+        self.sent.fetch_add(sent, Ordering::Relaxed);
+        self.received.fetch_add(received, Ordering::Relaxed);
+    }
+}
+
+/// Where a connection was seen: captured leaving a local pod, or arriving over HBONE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Outbound,
+    Inbound,
+}
+
+/// One proxied connection's outcome, recorded when dropped.
+pub struct ConnResult {
+    conns: Arc<ConnTable>,
+    metrics: Arc<Metrics>,
+    side: Side,
+    client: SocketAddrV4,
+    target: SocketAddrV4,
+    source_principal: Option<String>,
+    destination_principal: Option<String>,
+    mutual_tls: bool,
+    flows: Vec<FlowKey>,
+    carried: Option<Carried>,
+    bytes: Arc<ByteCounts>,
+    failure: Option<String>,
+    started: Instant,
+}
+
+impl ConnResult {
+    pub fn new(
+        conns: Arc<ConnTable>,
+        metrics: Arc<Metrics>,
+        side: Side,
+        client: SocketAddrV4,
+        target: SocketAddrV4,
+    ) -> ConnResult {
+        ConnResult {
+            conns,
+            metrics,
+            side,
+            client,
+            target,
+            source_principal: None,
+            destination_principal: None,
+            mutual_tls: false,
+            flows: Vec::new(),
+            carried: None,
+            bytes: Arc::default(),
+            failure: None,
+            started: Instant::now(),
+        }
+    }
+
+    /// The identities on both ends, as the access log names them.
+    pub fn set_principals(&mut self, source: Option<String>, destination: Option<String>) {
+        self.source_principal = source;
+        self.destination_principal = destination;
+    }
+
+    /// Where the connection went once resolved.
+    pub fn set_target(&mut self, target: SocketAddrV4) {
+        self.target = target;
+    }
+
+    /// Records what the proxy decided for a pod socket's flow, for the metrics to label
+    /// the kernel's report of it; marked finished when this result is dropped.
+    pub fn track(
+        &mut self,
+        flow: FlowKey,
+        destination: Option<Arc<Workload>>,
+        service: Option<String>,
+        mutual_tls: bool,
+    ) {
+        self.mutual_tls |= mutual_tls;
+        self.conns.insert(flow, destination, service, mutual_tls);
+        self.flows.push(flow);
+    }
+
+    pub fn set_carried(&mut self, carried: Carried) {
+        self.carried = Some(carried);
+    }
+
+    /// The byte counters the carrying code adds to.
+    pub fn bytes(&self) -> Arc<ByteCounts> {
+        self.bytes.clone()
+    }
+
+    /// Records why the connection failed or was refused.
+    pub fn fail(&mut self, reason: impl std::fmt::Display) {
+        self.failure = Some(reason.to_string());
+    }
+}
+
+impl Drop for ConnResult {
+    fn drop(&mut self) {
+        for flow in &self.flows {
+            self.conns.finish(flow);
+        }
+        // Counted where the connection was captured: a delivery over HBONE was already
+        // counted (`tunnel`) by the source's agent.
+        if let (Some(carried), Side::Outbound) = (self.carried, self.side) {
+            self.metrics.carried(carried.label());
+        }
+        let side = match self.side {
+            Side::Outbound => "outbound",
+            Side::Inbound => "inbound",
+        };
+        let principal = |p: &Option<String>| p.clone().unwrap_or_else(|| "unknown".into());
+        tracing::debug!(
+            target: "mesh::access",
+            "{side} {} → {} source_principal={} destination_principal={} connection_security_policy={} carried={} sent={} received={} duration_ms={} outcome={}",
+            self.client,
+            self.target,
+            principal(&self.source_principal),
+            principal(&self.destination_principal),
+            if self.mutual_tls { "mutual_tls" } else { "none" },
+            self.carried.map_or("-", Carried::label),
+            self.bytes.sent.load(Ordering::Relaxed),
+            self.bytes.received.load(Ordering::Relaxed),
+            self.started.elapsed().as_millis(),
+            self.failure.as_deref().unwrap_or("ok"),
+        );
+    }
+}
