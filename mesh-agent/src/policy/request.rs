@@ -20,7 +20,7 @@
 //! cheap, so the module holds on its own for any `Parts` it is given. A `#fragment` in
 //! the target is dropped by the `http` crate's URI parser before the head reaches us,
 //! so the judged and the forwarded path are both the path without it (Envoy rejects
-//! such targets since 1.19.1, `http_reject_path_with_fragment`; we cannot see the
+//! such targets since its August 2021 releases, `http_reject_path_with_fragment`; we cannot see the
 //! fragment any more, and nothing after the parser does either).
 
 use http::{
@@ -329,9 +329,9 @@ fn authority_h1(parts: &mut Parts) -> Result<String, Rejection> {
 /// The authority of an HTTP/2 request: `:authority`, or `host` when there is no
 /// `:authority` (RFC 9113 §8.3.1). When both are present they must name the same host:
 /// RFC 9113 §8.3.1 says clients MUST NOT send them different and a server SHOULD treat
-/// such a request as malformed. (Envoy since 1.29 drops `host` when `:authority` is
-/// present, `http2_discard_host_header`; refusing is stricter, and only a client that
-/// breaks the MUST NOT is refused.) The forwarded request carries the authority once, as
+/// such a request as malformed. (Envoy instead drops `host` when `:authority` is present,
+/// envoyproxy/envoy#30005, runtime guard `http2_discard_host_header`; refusing is
+/// stricter, and only a client that breaks the MUST NOT is refused.) The forwarded request carries the authority once, as
 /// `:authority`: `host` is removed.
 fn authority_h2(parts: &mut Parts) -> Result<String, Rejection> {
     let hosts = parts.headers.get_all(header::HOST).iter().count();
