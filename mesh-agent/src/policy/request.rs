@@ -10,18 +10,17 @@
 //! so that the head the proxy forwards is the head the policies judge, and answers what is
 //! ambiguous with a [`Rejection`] (400) instead of guessing. It does no I/O.
 //!
-//! What hyper (h1 and h2) already refuses before a head reaches us, and so is not
-//! repeated here: `Content-Length` together with `Transfer-Encoding` (hyper's h1 parser
-//! keeps the chunked framing, drops `Content-Length` and closes the connection after the
-//! response, RFC 9112 §6.3), `Transfer-Encoding` whose last coding is not `chunked` or on
-//! HTTP/1.0, differing `Content-Length`s, CR/LF/NUL in header values, and on HTTP/2 the
-//! connection-specific headers and a `te` other than `trailers` (RFC 9113 §8.2.2, the
-//! `h2` crate marks such a stream malformed). The checks are repeated here anyway where
-//! cheap, so the module holds on its own for any `Parts` it is given. A `#fragment` in
-//! the target is dropped by the `http` crate's URI parser before the head reaches us,
-//! so the judged and the forwarded path are both the path without it (Envoy rejects
-//! such targets since its August 2021 releases, `http_reject_path_with_fragment`; we cannot see the
-//! fragment any more, and nothing after the parser does either).
+//! What hyper (h1 and h2) settles before a head reaches us is left to it: `Content-Length`
+//! together with `Transfer-Encoding` (hyper's h1 parser keeps the chunked framing, drops
+//! `Content-Length` and closes the connection after the response, as RFC 9112 §6.3
+//! allows), `Transfer-Encoding` whose last coding is not `chunked` or on HTTP/1.0 and
+//! differing `Content-Length`s (400), CR/LF/NUL in header values (refused by
+//! `http::HeaderValue` itself). HTTP/2's connection-specific headers and a `te` other than
+//! `trailers` (RFC 9113 §8.2.2) are refused by the `h2` crate and again here, so no such
+//! head is judged whatever built it. A `#fragment` in the target is dropped by the `http`
+//! crate's URI parser, so the judged and the forwarded path are both the path without it;
+//! Envoy answers such targets 400 (`http_reject_path_with_fragment`, since its August 2021
+//! releases), which we cannot do as the fragment is gone before the head reaches us.
 
 use http::{
     header::{self, HeaderName},
@@ -112,8 +111,8 @@ impl RequestView {
     /// The facts a request is judged on, read from `headers` as they will be forwarded:
     /// call it after RequestAuthentication edited the head (token header removed, output
     /// headers set), so that the policy sees exactly what the workload receives. The
-    /// authority appears once, under both `:authority` and `host` (Envoy's header map
-    /// answers `host` with `:authority`), whatever the HTTP version.
+    /// normalised authority is listed under both `:authority` and `host` (Envoy's header
+    /// map answers `host` with `:authority`), whatever the HTTP version.
     pub fn into_facts(self, headers: &HeaderMap, auth: Option<AuthFacts>) -> RequestFacts {
         let mut list: Vec<(String, String)> = headers
             .iter()
@@ -197,7 +196,8 @@ pub fn normalise(parts: &mut Parts) -> Result<RequestView, Rejection> {
 
 /// CONNECT (authority-form on HTTP/1, and HTTP/2's CONNECT and extended CONNECT) asks for
 /// a tunnel: its bytes would pass without any request being judged, so it is refused
-/// (Envoy refuses it too unless an `upgrade_configs` entry asks for it).
+/// (Envoy does not tunnel it either unless CONNECT is configured for the route; its FAQ
+/// "Why is Envoy sending 404s to CONNECT requests?").
 ///
 /// Methods are case-sensitive (RFC 9110 §9.1): a rule for `GET` does not match `get`,
 /// while some backends treat the two alike. Every registered method is upper case, so a
