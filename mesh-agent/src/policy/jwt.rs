@@ -48,6 +48,11 @@ pub enum JwtError {
     NotYetValid(u64),
     #[error("the token's audiences {0:?} are not accepted")]
     Audience(Vec<String>),
+    /// More than one token where the rules look: two `Authorization` headers, a parameter
+    /// given twice, or a header and a parameter. Which one the workload reads is its own
+    /// choice, so verifying one of them proves nothing about the other.
+    #[error("the request carries {0} tokens where one is expected")]
+    Ambiguous(usize),
 }
 
 impl JwtError {
@@ -64,6 +69,7 @@ impl JwtError {
             JwtError::Expired(_) => "expired",
             JwtError::NotYetValid(_) => "not_yet_valid",
             JwtError::Audience(_) => "wrong_audience",
+            JwtError::Ambiguous(_) => "ambiguous_token",
         }
     }
 }
@@ -216,43 +222,108 @@ pub struct RequestParts<'a> {
     pub query: Option<&'a str>,
 }
 
-fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+/// Where in the request a token was found: the same place read by two rules (or by two
+/// locations of one rule, such as one header with two prefixes) is one token, two places
+/// are two.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Place {
+    /// The `index`th value of header `name`.
+    Header { name: String, index: usize },
+    /// The `index`th `&`-separated pair of the query.
+    Param(usize),
+    /// The `index`th `;`-separated pair of all `Cookie` headers.
+    Cookie(usize),
 }
 
-fn param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
-    query?
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+/// A header value as text. `policy::request::normalise` refuses values that are not UTF-8
+/// before authentication runs; should one come here anyway, a token place the rules read
+/// but cannot is refused rather than taken as "no token" (that would forward a token
+/// nobody verified).
+fn text(value: &http::HeaderValue) -> Result<&str, JwtError> {
+    std::str::from_utf8(value.as_bytes())
+        .map_err(|_| JwtError::Malformed("the token's header value is not UTF-8".into()))
 }
 
-fn extract<'a>(location: &Location, request: &RequestParts<'a>) -> Option<&'a str> {
+/// A query parameter's name with its percent-escapes decoded: `access%5Ftoken` is the
+/// `access_token` a backend decoding its query reads (RFC 3986 §6.2.2.2), so it must count
+/// as one. An invalid escape leaves the name as it is.
+fn param_name(raw: &str) -> std::borrow::Cow<'_, str> {
+    if !raw.contains('%') {
+        return raw.into();
+    }
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| raw.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_or(raw.into(), Into::into)
+}
+
+/// Every token `location` finds in `request`, with where it was found.
+fn tokens<'a>(
+    location: &Location,
+    request: &RequestParts<'a>,
+) -> Result<Vec<(Place, &'a str)>, JwtError> {
+    let mut found = Vec::new();
     match location {
         Location::Header { name, prefix } => {
-            let value = request.headers.get(name.as_str())?.to_str().ok()?;
-            let token = if prefix.is_empty() {
-                value
-            } else {
-                let head = value.get(..prefix.len())?;
-                if !head.eq_ignore_ascii_case(prefix) {
-                    return None;
-                }
-                &value[prefix.len()..]
-            };
-            Some(token.trim())
+            for (index, value) in request.headers.get_all(name.as_str()).iter().enumerate() {
+                let value = text(value)?;
+                let token = if prefix.is_empty() {
+                    value
+                } else {
+                    match value.get(..prefix.len()) {
+                        Some(head) if head.eq_ignore_ascii_case(prefix) => &value[prefix.len()..],
+                        // Another scheme (`Basic ...`): not a token for this location.
+                        _ => continue,
+                    }
+                };
+                let place = Place::Header {
+                    name: name.clone(),
+                    index,
+                };
+                found.push((place, token.trim()));
+            }
         }
-        Location::Param(name) => param(request.query, name),
-        Location::Cookie(name) => cookie(request.headers, name),
+        Location::Param(name) => {
+            let pairs = request.query.into_iter().flat_map(|q| q.split('&'));
+            for (index, pair) in pairs.enumerate() {
+                if let Some((key, value)) = pair.split_once('=') {
+                    if param_name(key) == name.as_str() {
+                        found.push((Place::Param(index), value));
+                    }
+                }
+            }
+        }
+        Location::Cookie(name) => {
+            let mut index = 0;
+            for value in request.headers.get_all(http::header::COOKIE) {
+                for pair in text(value)?.split(';') {
+                    if let Some((key, value)) = pair.trim().split_once('=') {
+                        if key == name {
+                            found.push((Place::Cookie(index), value));
+                        }
+                    }
+                    index += 1;
+                }
+            }
+        }
     }
+    Ok(found)
 }
 
 /// A verified token and what the rule asks done to the request.
@@ -308,17 +379,35 @@ pub fn now_seconds() -> u64 {
 }
 
 /// Applies `rules` to a request: `Ok(None)` when it carries no token any rule looks for,
-/// `Ok(Some(..))` for a token that verifies, an error for any other token.
+/// `Ok(Some(..))` for a token that verifies, an error for any other token and for more
+/// than one token ([`JwtError::Ambiguous`]).
 pub fn authenticate(
     rules: &[Arc<TokenRule>],
     cache: &JwksCache,
     request: &RequestParts,
     now: u64,
 ) -> Result<Option<Authenticated>, JwtError> {
+    // One token at most, wherever the rules look: Istio leaves requests with several
+    // undefined ("requests with more than one token are not supported, the output
+    // principal of such requests is undefined", istio/api#2220), and Envoy's jwt_authn
+    // verifies all of them since envoyproxy/envoy#12089 because a valid token beside an
+    // invalid one let the backend read the invalid one. Refusing the request is the same
+    // answer (401) for the attack and needs no guess at which token the principal is.
+    let mut places: Vec<Place> = Vec::new();
+    for location in rules.iter().flat_map(|r| &r.locations) {
+        for (place, _) in tokens(location, request)? {
+            if !places.contains(&place) {
+                places.push(place);
+            }
+        }
+    }
+    if places.len() > 1 {
+        return Err(JwtError::Ambiguous(places.len()));
+    }
     let mut presented: Option<JwtError> = None;
     for rule in rules {
         for location in &rule.locations {
-            let Some(raw) = extract(location, request) else {
+            let Some(&(_, raw)) = tokens(location, request)?.first() else {
                 continue;
             };
             let token = decode(raw)?;
@@ -405,4 +494,203 @@ pub fn uris(rules: &[Arc<TokenRule>]) -> Vec<(String, Duration)> {
             _ => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rule reading `locations`; its keys never matter here: every case below is settled
+    /// before a signature is checked.
+    fn rule(issuer: &str, locations: Vec<Location>) -> Arc<TokenRule> {
+        Arc::new(TokenRule {
+            policy: "default/ra".into(),
+            issuer: issuer.into(),
+            audiences: Vec::new(),
+            keys: KeySource::Invalid,
+            locations,
+            output_payload_to_header: None,
+            output_claim_to_headers: Vec::new(),
+            forward_original_token: false,
+        })
+    }
+
+    fn authorization() -> Location {
+        Location::Header {
+            name: "authorization".into(),
+            prefix: "Bearer ".into(),
+        }
+    }
+
+    /// Istio's default locations.
+    fn defaults(issuer: &str) -> Arc<TokenRule> {
+        rule(
+            issuer,
+            vec![authorization(), Location::Param("access_token".into())],
+        )
+    }
+
+    fn run(
+        rules: &[Arc<TokenRule>],
+        headers: &[(&str, &str)],
+        query: Option<&str>,
+    ) -> Result<Option<Authenticated>, JwtError> {
+        let mut map = http::HeaderMap::new();
+        for (name, value) in headers {
+            map.append(
+                http::HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                http::HeaderValue::from_str(value).expect("value"),
+            );
+        }
+        let request = RequestParts {
+            headers: &map,
+            query,
+        };
+        authenticate(rules, &JwksCache::default(), &request, 0)
+    }
+
+    fn ambiguous(result: Result<Option<Authenticated>, JwtError>) -> Option<usize> {
+        match result {
+            Err(JwtError::Ambiguous(n)) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// A well-formed token of issuer `iss` (unsigned: it fails at the keys, which shows it
+    /// was found and taken alone).
+    fn token(iss: &str) -> String {
+        use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256"}"#);
+        let claims = URL_SAFE_NO_PAD.encode(format!(r#"{{"iss":"{iss}","sub":"alice"}}"#));
+        format!("{header}.{claims}.c2ln")
+    }
+
+    #[test]
+    fn two_authorization_headers_are_ambiguous() {
+        let (a, b) = (token("a"), token("a"));
+        let rules = [defaults("a")];
+        let headers = [
+            ("authorization", format!("Bearer {a}")),
+            ("authorization", format!("Bearer {b}")),
+        ];
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(ambiguous(run(&rules, &headers, None)), Some(2));
+        assert_eq!(JwtError::Ambiguous(2).reason(), "ambiguous_token");
+    }
+
+    #[test]
+    fn a_parameter_given_twice_is_ambiguous_even_when_encoded() {
+        let rules = [defaults("a")];
+        let t = token("a");
+        let twice = format!("access_token={t}&x=1&access_token={t}");
+        assert_eq!(ambiguous(run(&rules, &[], Some(&twice))), Some(2));
+        let encoded = format!("access_token={t}&access%5Ftoken=other");
+        assert_eq!(ambiguous(run(&rules, &[], Some(&encoded))), Some(2));
+    }
+
+    #[test]
+    fn a_header_and_a_parameter_are_ambiguous() {
+        let rules = [defaults("a")];
+        let t = token("a");
+        let bearer = format!("Bearer {t}");
+        let query = format!("access_token={t}");
+        assert_eq!(
+            ambiguous(run(&rules, &[("authorization", &bearer)], Some(&query))),
+            Some(2)
+        );
+        // A token in a place one rule reads and one in a place another rule reads.
+        let rules = [
+            rule("a", vec![authorization()]),
+            rule("b", vec![Location::Cookie("session".into())]),
+        ];
+        let cookie = format!("theme=dark; session={t}");
+        assert_eq!(
+            ambiguous(run(
+                &rules,
+                &[("authorization", &bearer), ("cookie", &cookie)],
+                None
+            )),
+            Some(2)
+        );
+        let cookies = [
+            ("cookie", format!("session={t}")),
+            ("cookie", format!("session={t}")),
+        ];
+        let cookies: Vec<(&str, &str)> = cookies.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(ambiguous(run(&rules, &cookies, None)), Some(2));
+    }
+
+    #[test]
+    fn one_place_read_by_several_rules_is_one_token() {
+        // Two issuers with the default locations both read `Authorization`: one token, and
+        // it is judged by the rule of its issuer (here it fails at the keys, not before).
+        let rules = [defaults("a"), defaults("b")];
+        let bearer = format!("Bearer {}", token("b"));
+        assert_eq!(
+            run(&rules, &[("authorization", &bearer)], None).map(|_| ()),
+            Err(JwtError::NoKeys)
+        );
+        // One header read with two prefixes is still one place.
+        let rules = [rule(
+            "b",
+            vec![
+                authorization(),
+                Location::Header {
+                    name: "authorization".into(),
+                    prefix: String::new(),
+                },
+            ],
+        )];
+        assert_eq!(
+            run(&rules, &[("authorization", &bearer)], None).map(|_| ()),
+            Err(JwtError::NoKeys)
+        );
+    }
+
+    #[test]
+    fn a_value_of_another_scheme_is_not_a_token() {
+        // `Basic` first and `Bearer` second: the bearer token is found (it used to be
+        // missed, the first value only was read, and forwarded unverified).
+        let rules = [defaults("a")];
+        let bearer = format!("Bearer {}", token("a"));
+        assert_eq!(
+            run(
+                &rules,
+                &[
+                    ("authorization", "Basic YWxpY2U6cHc="),
+                    ("authorization", &bearer)
+                ],
+                None
+            )
+            .map(|_| ()),
+            Err(JwtError::NoKeys)
+        );
+        assert!(matches!(
+            run(&rules, &[("authorization", "Basic YWxpY2U6cHc=")], None),
+            Ok(None)
+        ));
+        // Parameters other rules do not read are no tokens either.
+        assert!(matches!(
+            run(&rules, &[], Some("token=x&access_tokens=y")),
+            Ok(None)
+        ));
+    }
+
+    #[test]
+    fn a_token_header_that_is_not_utf8_is_refused() {
+        let rules = [defaults("a")];
+        let mut map = http::HeaderMap::new();
+        map.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_bytes(b"Bearer \xff").expect("value"),
+        );
+        let request = RequestParts {
+            headers: &map,
+            query: None,
+        };
+        assert!(matches!(
+            authenticate(&rules, &JwksCache::default(), &request, 0),
+            Err(JwtError::Malformed(_))
+        ));
+    }
 }
