@@ -10,12 +10,9 @@ use crate::{
     model::{MeshState, Workload},
     policy::{
         authz::{self, Decision, Match, Miss, Verdict},
-        facts::{
-            admit, judge_request, principal_of, Admission, Arrival, Peer, RequestHead,
-            RequestVerdict,
-        },
+        facts::{admit, judge_request, principal_of, Admission, Arrival, Peer, RequestVerdict},
         jwt::{self, Authenticated, JwksCache},
-        path::normalize_path,
+        request::normalise,
     },
 };
 
@@ -29,8 +26,9 @@ pub enum CheckError {
     NoDestination { to: String, port: u16 },
     #[error("Service {service} port {port} has no meshed endpoint")]
     NoEndpoint { service: String, port: u16 },
-    #[error("--path {0:?} is not a valid request path")]
-    Path(String),
+    #[error("--method/--path: {0}")]
+    Request(String),
+
     #[error("--header {0:?}: invalid header name")]
     HeaderName(String),
     #[error("--header {0}: invalid header value")]
@@ -231,34 +229,43 @@ fn check_endpoint(
         Admission::Tcp => return Ok(report(arrival, &connection, "connection", "connected")),
         Admission::Http => {}
     }
-    let raw_path = request.path.clone().unwrap_or_else(|| "/".into());
-    let (path, query) =
-        normalize_path(&raw_path).ok_or_else(|| CheckError::Path(raw_path.clone()))?;
-    let mut headers = http::HeaderMap::new();
+    // The request as a client would send it, normalised as the proxy normalises it.
+    let mut builder = http::Request::builder()
+        .method(request.method.as_deref().unwrap_or("GET"))
+        .uri(request.path.as_deref().unwrap_or("/"));
+    let mut has_host = false;
     for (name, value) in &request.headers {
         let header = http::HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| CheckError::HeaderName(name.clone()))?;
         let value = http::HeaderValue::from_str(value)
             .map_err(|_| CheckError::HeaderValue(name.clone()))?;
-        headers.append(header, value);
+        has_host |= header == http::header::HOST;
+        builder = builder.header(header, value);
+    }
+    if !has_host {
+        builder = builder.header(http::header::HOST, host);
     }
     if let Some(token) = &request.jwt {
         let value = http::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
             .map_err(|_| CheckError::Token)?;
-        headers.insert(http::header::AUTHORIZATION, value);
+        builder = builder.header(http::header::AUTHORIZATION, value);
     }
-    let host = headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or(host)
-        .to_owned();
-    let method = request.method.clone().unwrap_or_else(|| "GET".into());
-    let head = RequestHead {
-        method: &method,
-        host: &host,
-        path: &path,
-        query: query.as_deref(),
+    let (mut parts, ()) = builder
+        .body(())
+        .map_err(|err| CheckError::Request(err.to_string()))?
+        .into_parts();
+    let view = match normalise(&mut parts) {
+        Ok(view) => view,
+        Err(rejection) => {
+            return Ok(EndpointReport {
+                decision: "deny".into(),
+                decided_by: None,
+                reason: format!("the request is refused before any policy: {rejection}"),
+                ..report(arrival, &connection, "request", "400")
+            })
+        }
     };
+    let mut headers = parts.headers;
     let authenticates = arrival
         .security
         .authenticates(arrival.facts.destination_port);
@@ -268,7 +275,7 @@ fn check_endpoint(
         None => None,
     };
     Ok(
-        match judge_request(arrival, jwks, &head, &mut headers, jwt::now_seconds()) {
+        match judge_request(arrival, jwks, view, &mut headers, jwt::now_seconds()) {
             RequestVerdict::Forward {
                 decision,
                 authenticated,

@@ -13,8 +13,9 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use crate::{
     model::{peerauth::Effective, security::WorkloadSecurity, MeshState, Workload},
     policy::{
-        authz::{self, Decision, Facts, RequestFacts, Verdict},
+        authz::{self, Decision, Facts, Verdict},
         jwt::{self, Authenticated, JwksCache, JwtError, RequestParts},
+        request::RequestView,
     },
 };
 
@@ -158,16 +159,6 @@ pub fn admit(arrival: &Arrival) -> (Admission, Option<Decision>) {
     (admission, Some(decision))
 }
 
-/// One request, as the destination's policies are asked to judge it.
-pub struct RequestHead<'a> {
-    pub method: &'a str,
-    /// `:authority` or `Host`.
-    pub host: &'a str,
-    /// Normalised (see [`crate::policy::path::normalize_path`]), without the query.
-    pub path: &'a str,
-    pub query: Option<&'a str>,
-}
-
 /// What the destination's policies make of one request.
 #[derive(Debug)]
 pub enum RequestVerdict {
@@ -185,15 +176,15 @@ pub enum RequestVerdict {
     },
 }
 
-/// Authenticates and judges one request on a connection admitted for HTTP. `headers` are
-/// those forwarded: output headers of RequestAuthentication are removed from a request
+/// Authenticates and judges one request on a connection admitted for HTTP, as
+/// [`crate::policy::request::normalise`] left it (`view`, and the forwarded `headers`): output headers of RequestAuthentication are removed from a request
 /// without a verified token (a client cannot forge them), set from a verified one, and
 /// the token's header is removed unless the rule forwards it. What is judged is what is
 /// forwarded.
 pub fn judge_request(
     arrival: &Arrival,
     jwks: &JwksCache,
-    head: &RequestHead,
+    view: RequestView,
     headers: &mut HeaderMap,
     now: u64,
 ) -> RequestVerdict {
@@ -202,7 +193,7 @@ pub fn judge_request(
     if security.authenticates(arrival.facts.destination_port) {
         let parts = RequestParts {
             headers,
-            query: head.query,
+            query: view.query.as_deref(),
         };
         match jwt::authenticate(&security.jwt_rules, jwks, &parts, now) {
             Ok(found) => {
@@ -228,16 +219,7 @@ pub fn judge_request(
         }
     }
     let mut facts = arrival.facts.clone();
-    facts.request = Some(RequestFacts {
-        method: head.method.to_owned(),
-        host: head.host.to_owned(),
-        path: head.path.to_owned(),
-        headers: headers
-            .iter()
-            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-            .collect(),
-        auth: authenticated.as_ref().map(|a| a.facts.clone()),
-    });
+    facts.request = Some(view.into_facts(headers, authenticated.as_ref().map(|a| a.facts.clone())));
     let decision = authz::evaluate(&security.policies, &facts);
     if decision.verdict == Verdict::Allow {
         RequestVerdict::Forward {

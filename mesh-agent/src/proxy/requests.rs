@@ -1,5 +1,6 @@
 //! A connection served request by request under the destination's policies: HTTP/1.1 or
-//! HTTP/2 (whichever the client speaks), each request's path normalised, authenticated
+//! HTTP/2 (whichever the client speaks), each request's head normalised once (ambiguous
+//! forms refused with 400), authenticated
 //! (RequestAuthentication) and judged (AuthorizationPolicy), then forwarded on the one
 //! connection made to the workload as the original client. A denied request gets `403
 //! RBAC: access denied` (an invalid token 401) and the connection carries the next one.
@@ -10,7 +11,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::{
     body::Incoming,
@@ -26,9 +27,9 @@ use tokio::{
 use crate::{
     policy::{
         authz::{self, Decision, Verdict},
-        facts::{judge_request, Arrival, RequestHead, RequestVerdict},
+        facts::{judge_request, Arrival, RequestVerdict},
         jwt::{self, JwksCache},
-        path::normalize_path,
+        request::normalise,
     },
     proxy::error::ProxyError,
     telemetry::metrics::Metrics,
@@ -106,37 +107,23 @@ impl Guard {
         upstream: &Upstream,
     ) -> Response<Body> {
         let (mut parts, body) = request.into_parts();
-        let raw_path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        let Some((path, query)) = normalize_path(&raw_path) else {
-            drain(body).await;
-            return local_reply(StatusCode::BAD_REQUEST, "Bad Request: invalid path");
+        let view = match normalise(&mut parts) {
+            Ok(view) => view,
+            Err(rejection) => {
+                tracing::info!(
+                    target: "mesh::authz",
+                    "400 {}: {rejection}",
+                    arrival.describe()
+                );
+                drain(body).await;
+                return local_reply(rejection.status(), rejection.body());
+            }
         };
-        let host = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_default();
-        let head = RequestHead {
-            method: parts.method.as_str(),
-            host: &host,
-            path: &path,
-            query: query.as_deref(),
-        };
+        let (method, path) = (view.method.clone(), view.path.clone());
         let verdict = judge_request(
             arrival,
             &self.jwks,
-            &head,
+            view,
             &mut parts.headers,
             jwt::now_seconds(),
         );
@@ -145,10 +132,8 @@ impl Guard {
                 self.metrics.jwt_validation("rejected", err.reason());
                 tracing::info!(
                     target: "mesh::authz",
-                    "401 {} {} {}: {err}",
+                    "401 {} {method} {path}: {err}",
                     arrival.describe(),
-                    parts.method,
-                    path
                 );
                 drain(body).await;
                 let mut reply = local_reply(StatusCode::UNAUTHORIZED, "Jwt verification fails");
@@ -180,21 +165,7 @@ impl Guard {
             }
         };
         self.count(&decision, "request", arrival);
-        let path_and_query = match &query {
-            Some(q) => format!("{path}?{q}"),
-            None => path,
-        };
-        let mut uri = parts.uri.clone().into_parts();
-        if parts.version != Version::HTTP_2 {
-            uri.scheme = None;
-            uri.authority = None;
-        }
-        uri.path_and_query = path_and_query.parse().ok();
-        match Uri::from_parts(uri) {
-            Ok(uri) => parts.uri = uri,
-            Err(_) => return local_reply(StatusCode::BAD_REQUEST, "Bad Request: invalid URI"),
-        }
-        strip_hop_by_hop(&mut parts.headers);
+        // `normalise` left the head as it is judged: forwarded as it is.
         match upstream.send(Request::from_parts(parts, body)).await {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
@@ -236,6 +207,7 @@ const HOP_BY_HOP: [&str; 7] = [
     "trailer",
 ];
 
+/// On responses: requests are cleaned by `normalise` before they are judged.
 fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
