@@ -107,7 +107,8 @@ async fn destination_agent_with(ca: &CaKeys, extra: &str) -> Agent {
             });
         }
     });
-    let listener = socket::listener(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).expect("listener");
+    let listener =
+        mesh_agent::http::listener(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).expect("listener");
     let tunnel = socket::v4(listener.local_addr().expect("addr")).expect("v4");
     tokio::spawn(hbone::serve(
         listener,
