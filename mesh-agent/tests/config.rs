@@ -73,7 +73,7 @@ fn serialise(config: &ClusterConfig) -> String {
     macro_rules! push {
         ($($kind:ident),*) => {$(
             for resource in &istio.$kind {
-                docs.push(serde_yaml::to_string(resource).expect("serialise"));
+                docs.push(serde_norway::to_string(resource).expect("serialise"));
             }
         )*};
     }

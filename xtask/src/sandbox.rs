@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use serde_yaml::Value;
+use serde_norway::Value;
 
 use crate::{
     ns::{self, Placement},
@@ -225,7 +225,7 @@ pub fn read_objects(path: &Path) -> Result<Vec<Object>> {
     for file in files {
         let text =
             fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-        for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        for (index, document) in serde_norway::Deserializer::from_str(&text).enumerate() {
             let value = Value::deserialize(document)
                 .with_context(|| format!("{}: document {}", file.display(), index + 1))?;
             if value.is_null() {
@@ -386,7 +386,7 @@ pub fn up(config: &Path) -> Result<()> {
         let address = state.node(&node.name)?.ip;
         node.set(
             &["status", "addresses"],
-            serde_yaml::from_str(&format!("[{{type: InternalIP, address: \"{address}\"}}]"))?,
+            serde_norway::from_str(&format!("[{{type: InternalIP, address: \"{address}\"}}]"))?,
         );
         write_object(&node)?;
     }
@@ -452,7 +452,7 @@ fn admit(state: &mut SandboxState, object: &Object) -> Result<Object> {
 
 fn write_object(object: &Object) -> Result<()> {
     let path = config_dir().join(object.file_name());
-    write_atomic(&path, &serde_yaml::to_string(&object.value)?)
+    write_atomic(&path, &serde_norway::to_string(&object.value)?)
 }
 
 /// How a pod starts: its command, and the port that answers once it is ready.
@@ -479,7 +479,7 @@ fn namespace_opted_out(namespace: &str) -> bool {
     let file = config_dir().join(format!("namespace-default-{namespace}.yaml"));
     fs::read_to_string(file)
         .ok()
-        .and_then(|text| serde_yaml::from_str::<Value>(&text).ok())
+        .and_then(|text| serde_norway::from_str::<Value>(&text).ok())
         .is_some_and(|ns| opted_out(&ns))
 }
 

@@ -92,7 +92,7 @@ pub struct Resource<T> {
     pub spec: T,
     /// What a cluster reports back (e.g. from `kubectl get -o yaml`); not configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<serde_yaml::Value>,
+    pub status: Option<serde_norway::Value>,
     #[serde(skip)]
     pub origin: Origin,
 }
@@ -272,7 +272,7 @@ fn load_text(
             field: None,
             message,
         };
-        let value: serde_yaml::Value = match serde_yaml::from_str(&doc) {
+        let value: serde_norway::Value = match serde_norway::from_str(&doc) {
             Ok(value) => value,
             Err(err) => {
                 let at = err.location().map(|l| line + l.line() - 1).unwrap_or(line);
@@ -478,10 +478,10 @@ const SECURITY: [&str; 2] = ["v1beta1", "v1"];
 const TELEMETRY: [&str; 2] = ["v1alpha1", "v1"];
 
 fn kube_object<T: DeserializeOwned>(
-    value: serde_yaml::Value,
+    value: serde_norway::Value,
     accept: impl FnOnce(T) -> Result<(), Rejection>,
 ) -> Result<(), Rejection> {
-    let object: T = serde_yaml::from_value(value)
+    let object: T = serde_norway::from_value(value)
         .map_err(|err| Rejection::error(format!("invalid object: {err}")))?;
     accept(object)
 }
@@ -502,7 +502,7 @@ fn istio_object<T: DeserializeOwned + Default>(
             versions.join(", ")
         )));
     }
-    let deserializer = serde_yaml::Deserializer::from_str(doc);
+    let deserializer = serde_norway::Deserializer::from_str(doc);
     match serde_path_to_error::deserialize::<_, Resource<T>>(deserializer) {
         Ok(mut resource) => {
             resource.origin = origin;
@@ -514,7 +514,7 @@ fn istio_object<T: DeserializeOwned + Default>(
             let inner = err.into_inner();
             let line = inner.location().map(|l| first_line + l.line() - 1);
             let mut message = inner.to_string();
-            // serde_yaml appends " at line L column C"; the diagnostic has its own line.
+            // The YAML error appends " at line L column C"; the diagnostic has its own line.
             if let Some(at) = message.find(" at line ") {
                 message.truncate(at);
             }

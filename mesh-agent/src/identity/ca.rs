@@ -5,14 +5,21 @@
 //! SPIFFE ID; the CA signs it only if a pod of that namespace and service account runs on
 //! that node, according to the cluster configuration it reads. Private keys stay with the
 //! agents.
+//!
+//! Against a hostile or broken client: tokens are compared in constant time, each node
+//! has a budget of requests (a token bucket; over it the answer is 429 with
+//! `Retry-After`, which the agent's certificate manager backs off from like any refusal),
+//! and a connection has a deadline for its handshake, its headers and its exchange, so
+//! idle or slow connections cannot hold the CA.
 
 use std::{
     collections::HashMap,
     convert::Infallible,
-    net::SocketAddr,
+    hash::Hash,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
@@ -22,10 +29,13 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::{
     body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use ring::digest::{digest, SHA256};
 use rustls::{pki_types::PrivateKeyDer, ServerConfig};
 use rustls_pki_types::{pem::PemObject, CertificateDer, ServerName};
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::TlsAcceptor;
 
 use crate::{
     config,
@@ -39,6 +49,34 @@ use crate::{
 /// The API's TLS server name; agents verify the CA under this name.
 pub const CA_SERVER_NAME: &str = "mesh-ca";
 const MAX_BODY: usize = 64 * 1024;
+
+/// Requests a node may make at once: a node starting with many identities, or renewing
+/// them together, gets them in one go.
+const NODE_BURST: u32 = 20;
+/// Requests a node may make per second once its burst is spent: renewal needs one per
+/// identity per half lifetime, so this only slows a node that is broken or taken over.
+const NODE_PER_SECOND: u32 = 5;
+
+/// How long a client may take over each step of a connection.
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    handshake: Duration,
+    headers: Duration,
+    /// The whole HTTP exchange: headers, body, signing and answer.
+    exchange: Duration,
+}
+
+/// Generous for an agent across a busy cluster, short enough that a flood of idle
+/// connections is let go before it adds up.
+const TIMEOUTS: Timeouts = Timeouts {
+    handshake: Duration::from_secs(10),
+    headers: Duration::from_secs(10),
+    exchange: Duration::from_secs(30),
+};
+
+/// The pause after a failed `accept` (out of file descriptors, mostly): connections must
+/// close before another can be taken, and retrying at once would spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// `mesh-agent ca` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -87,6 +125,18 @@ pub struct SignResponse {
 struct Ca {
     keys: CaKeys,
     options: CaOptions,
+    /// By authenticated node, so that nobody can spend another node's budget.
+    per_node: RateLimits<String>,
+}
+
+impl Ca {
+    fn new(keys: CaKeys, options: CaOptions) -> Ca {
+        Ca {
+            keys,
+            options,
+            per_node: RateLimits::new(NODE_BURST, NODE_PER_SECOND),
+        }
+    }
 }
 
 pub async fn run(options: CaOptions) -> anyhow::Result<()> {
@@ -104,15 +154,7 @@ pub async fn run(options: CaOptions) -> anyhow::Result<()> {
     // The bundle agents trust, next to the persisted root.
     std::fs::create_dir_all(&options.state_dir)?;
     std::fs::write(options.state_dir.join("root-cert.pem"), &keys.root_pem)?;
-    let (cert, key) = keys.server_certificate(CA_SERVER_NAME, options.listen.ip())?;
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<_, _>>()?;
-    let key = PrivateKeyDer::from_pem_slice(key.as_bytes())?;
-    let tls = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let acceptor = tls_acceptor(&keys, options.listen.ip())?;
     let listener = crate::http::listener(options.listen)
         .with_context(|| format!("binding {}", options.listen))?;
     tracing::info!(
@@ -120,30 +162,74 @@ pub async fn run(options: CaOptions) -> anyhow::Result<()> {
         options.trust_domain,
         options.listen
     );
-    let ca = Arc::new(Ca { keys, options });
+    let ca = Arc::new(Ca::new(keys, options));
     loop {
-        let (stream, peer) = listener.accept().await?;
-        let acceptor = acceptor.clone();
-        let ca = ca.clone();
-        tokio::spawn(async move {
-            let stream = match acceptor.accept(stream).await {
-                Ok(stream) => stream,
-                Err(err) => {
-                    tracing::debug!("CA handshake with {peer}: {err}");
-                    return;
-                }
-            };
-            let service = service_fn(move |request| {
-                let ca = ca.clone();
-                async move { Ok::<_, Infallible>(ca.handle(request).await) }
-            });
-            if let Err(err) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!("CA connection from {peer}: {err}");
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                tracing::warn!("CA accept: {err}; pausing {ACCEPT_BACKOFF:?}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
             }
-        });
+        };
+        tokio::spawn(serve(stream, peer, acceptor.clone(), ca.clone(), TIMEOUTS));
+    }
+}
+
+/// The CA's TLS side, with a server certificate for [`CA_SERVER_NAME`] and `ip`.
+fn tls_acceptor(keys: &CaKeys, ip: IpAddr) -> anyhow::Result<TlsAcceptor> {
+    let (cert, key) = keys.server_certificate(CA_SERVER_NAME, ip)?;
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<_, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes())?;
+    let tls = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    Ok(TlsAcceptor::from(Arc::new(tls)))
+}
+
+/// One connection: TLS, then one request (agents open a connection per request, so
+/// keep-alive would only let a connection linger), each step within its deadline.
+async fn serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    ca: Arc<Ca>,
+    timeouts: Timeouts,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let stream = match tokio::time::timeout(timeouts.handshake, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            tracing::debug!("CA handshake with {peer}: {err}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(
+                "CA handshake with {peer}: none within {:?}",
+                timeouts.handshake
+            );
+            return;
+        }
+    };
+    let service = service_fn(move |request| {
+        let ca = ca.clone();
+        async move { Ok::<_, Infallible>(ca.handle(request).await) }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeouts.headers)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    match tokio::time::timeout(timeouts.exchange, connection).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::debug!("CA connection from {peer}: {err}"),
+        Err(_) => tracing::debug!(
+            "CA connection from {peer}: not done within {:?}",
+            timeouts.exchange
+        ),
     }
 }
 
@@ -158,6 +244,21 @@ fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 fn refuse(status: StatusCode, message: String) -> Response<Full<Bytes>> {
     tracing::warn!("CA refused a request: {message}");
     reply(status, serde_json::json!({ "error": message }).to_string())
+}
+
+/// 429 with `Retry-After` in whole seconds, rounded up. Logged quietly: a node over its
+/// budget would otherwise flood the log at the rate it is refused.
+fn too_many(node: &str, wait: Duration) -> Response<Full<Bytes>> {
+    tracing::debug!("CA: node {node} over its request budget");
+    let seconds = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+    let mut response = reply(
+        StatusCode::TOO_MANY_REQUESTS,
+        serde_json::json!({ "error": format!("node {node}: too many requests") }).to_string(),
+    );
+    response
+        .headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
+    response
 }
 
 impl Ca {
@@ -183,6 +284,10 @@ impl Ca {
                 StatusCode::UNAUTHORIZED,
                 format!("node {node:?}: bad or missing bootstrap token"),
             );
+        }
+        // Before the body is read, the configuration loaded and a certificate signed.
+        if let Err(wait) = self.per_node.take(node.clone(), Instant::now()) {
+            return too_many(&node, wait);
         }
         let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
             Ok(body) => body.to_bytes(),
@@ -230,7 +335,7 @@ impl Ca {
         }
         read_tokens(&self.options.tokens)
             .get(node)
-            .is_some_and(|t| t == token)
+            .is_some_and(|t| secrets_equal(t, token))
     }
 
     /// Whether a pod of `id`'s namespace and service account runs on `node`.
@@ -248,6 +353,64 @@ impl Ca {
                     .unwrap_or("default")
                     == id.service_account
         })
+    }
+}
+
+/// Whether two secrets are equal, in a time that tells nothing of where they differ: both
+/// are hashed (so their lengths do not show either) and every byte of the digests is
+/// compared. ring's own `constant_time` is deprecated as not meant for outside use.
+fn secrets_equal(a: &str, b: &str) -> bool {
+    let (a, b) = (digest(&SHA256, a.as_bytes()), digest(&SHA256, b.as_bytes()));
+    let difference = a
+        .as_ref()
+        .iter()
+        .zip(b.as_ref())
+        .fold(0u8, |difference, (x, y)| difference | (x ^ y));
+    // Keeps the compiler from turning the fold into an early exit.
+    std::hint::black_box(difference) == 0
+}
+
+/// Token buckets by key: `burst` requests at once, then `per_second`.
+struct RateLimits<K> {
+    burst: f64,
+    per_second: f64,
+    buckets: Mutex<HashMap<K, Bucket>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl<K: Eq + Hash> RateLimits<K> {
+    fn new(burst: u32, per_second: u32) -> RateLimits<K> {
+        RateLimits {
+            burst: f64::from(burst),
+            per_second: f64::from(per_second),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Spends one request of `key` at `now` (the caller's clock, so tests can move it),
+    /// or says how long until one is available.
+    fn take(&self, key: K, now: Instant) -> Result<(), Duration> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let bucket = buckets.entry(key).or_insert(Bucket {
+            tokens: self.burst,
+            at: now,
+        });
+        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * self.per_second).min(self.burst);
+        bucket.at = bucket.at.max(now);
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (1.0 - bucket.tokens) / self.per_second,
+            ))
+        }
     }
 }
 
@@ -314,5 +477,207 @@ impl CaClient {
         let signed: SignResponse =
             serde_json::from_slice(&response.body).context("the CA's answer")?;
         Ok(signed.certificate)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio_rustls::client::TlsStream;
+
+    use super::*;
+
+    #[test]
+    fn tokens_are_equal_only_when_identical() {
+        assert!(secrets_equal("secret-here", "secret-here"));
+        for other in [
+            "secret-herE",
+            "secret-her",
+            "secret-here ",
+            "Secret-here",
+            "",
+            "x",
+        ] {
+            assert!(!secrets_equal("secret-here", other), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn a_node_gets_its_burst_then_a_few_requests_per_second() {
+        let limits = RateLimits::new(20, 5);
+        let start = Instant::now();
+        for _ in 0..20 {
+            assert_eq!(limits.take("node-a", start), Ok(()));
+        }
+        let wait = limits.take("node-a", start).expect_err("burst spent");
+        assert!(
+            (Duration::from_millis(199)..=Duration::from_millis(200)).contains(&wait),
+            "{wait:?}"
+        );
+        assert_eq!(limits.take("node-b", start), Ok(()), "a budget per node");
+        let later = start + Duration::from_millis(200);
+        assert_eq!(limits.take("node-a", later), Ok(()), "one back per 200 ms");
+        assert!(limits.take("node-a", later).is_err());
+        // A clock read before an earlier caller's (threads racing) refills nothing.
+        assert!(limits.take("node-a", start).is_err());
+        let much_later = later + Duration::from_secs(3600);
+        for _ in 0..20 {
+            assert_eq!(limits.take("node-a", much_later), Ok(()));
+        }
+        assert!(
+            limits.take("node-a", much_later).is_err(),
+            "an idle hour refills the burst, no more"
+        );
+    }
+
+    #[test]
+    fn retry_after_is_in_whole_seconds_rounded_up() {
+        for (wait, seconds) in [(0, "1"), (200, "1"), (1000, "1"), (1001, "2"), (2500, "3")] {
+            let response = too_many("node-a", Duration::from_millis(wait));
+            assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(
+                response.headers().get(http::header::RETRY_AFTER),
+                Some(&HeaderValue::from_static(seconds)),
+                "{wait} ms"
+            );
+        }
+    }
+
+    const NO_LIMIT: Duration = Duration::from_secs(600);
+
+    /// A CA whose node `node-a` has the token `token-a`, its TLS side, and a client of it.
+    fn test_ca(name: &str) -> (Arc<Ca>, TlsAcceptor, tokio_rustls::TlsConnector, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("mesh-ca-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("tokens"), "node-a token-a\n").expect("tokens");
+        let keys = CaKeys::generate("cluster.local").expect("root");
+        let acceptor = tls_acceptor(&keys, IpAddr::V4(Ipv4Addr::LOCALHOST)).expect("acceptor");
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(keys.root_pem.as_bytes()) {
+            roots.add(cert.expect("root pem")).expect("root");
+        }
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let options = CaOptions {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            state_dir: dir.join("state"),
+            root_cert: None,
+            root_key: None,
+            trust_domain: "cluster.local".into(),
+            cert_ttl: Duration::from_secs(60),
+            tokens: dir.join("tokens"),
+            config_dir: dir.join("config"),
+        };
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        (Arc::new(Ca::new(keys, options)), acceptor, connector, dir)
+    }
+
+    /// Serves one connection in the background; the test holds the client end.
+    fn connect(
+        ca: &Arc<Ca>,
+        acceptor: &TlsAcceptor,
+        timeouts: Timeouts,
+    ) -> (DuplexStream, tokio::task::JoinHandle<()>) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let peer = SocketAddr::from((Ipv4Addr::LOCALHOST, 40000));
+        let served = tokio::spawn(serve(server, peer, acceptor.clone(), ca.clone(), timeouts));
+        (client, served)
+    }
+
+    async fn handshake(
+        connector: &tokio_rustls::TlsConnector,
+        client: DuplexStream,
+    ) -> TlsStream<DuplexStream> {
+        let name = ServerName::try_from(CA_SERVER_NAME).expect("name");
+        connector.connect(name, client).await.expect("handshake")
+    }
+
+    async fn let_go(served: tokio::task::JoinHandle<()>) {
+        tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("the CA let the connection go")
+            .expect("served");
+    }
+
+    #[tokio::test]
+    async fn idle_and_slow_connections_are_let_go() {
+        let (ca, acceptor, connector, dir) = test_ca("timeouts");
+        let short = Duration::from_millis(100);
+
+        // Connected, then silent: no handshake.
+        let timeouts = Timeouts {
+            handshake: short,
+            headers: NO_LIMIT,
+            exchange: NO_LIMIT,
+        };
+        let (_client, served) = connect(&ca, &acceptor, timeouts);
+        let_go(served).await;
+
+        // Handshake done, then no request.
+        let timeouts = Timeouts {
+            handshake: NO_LIMIT,
+            headers: short,
+            exchange: NO_LIMIT,
+        };
+        let (client, served) = connect(&ca, &acceptor, timeouts);
+        let _tls = handshake(&connector, client).await;
+        let_go(served).await;
+
+        // An authenticated request that never sends the body it announces.
+        let timeouts = Timeouts {
+            handshake: NO_LIMIT,
+            headers: NO_LIMIT,
+            exchange: short,
+        };
+        let (client, served) = connect(&ca, &acceptor, timeouts);
+        let mut tls = handshake(&connector, client).await;
+        tls.write_all(
+            b"POST /v1/certificates HTTP/1.1\r\nhost: mesh-ca\r\n\
+              authorization: Bearer token-a\r\nx-mesh-node: node-a\r\n\
+              content-length: 100\r\n\r\n{",
+        )
+        .await
+        .expect("write");
+        let_go(served).await;
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[tokio::test]
+    async fn a_node_over_its_budget_is_answered_429_with_retry_after() {
+        let (ca, acceptor, connector, dir) = test_ca("limits");
+        let timeouts = Timeouts {
+            handshake: NO_LIMIT,
+            headers: NO_LIMIT,
+            exchange: NO_LIMIT,
+        };
+        let mut answers = Vec::new();
+        for _ in 0..=NODE_BURST {
+            let (client, served) = connect(&ca, &acceptor, timeouts);
+            let mut tls = handshake(&connector, client).await;
+            tls.write_all(
+                b"POST /v1/certificates HTTP/1.1\r\nhost: mesh-ca\r\n\
+                  authorization: Bearer token-a\r\nx-mesh-node: node-a\r\n\
+                  content-length: 2\r\n\r\n{}",
+            )
+            .await
+            .expect("write");
+            let mut answer = String::new();
+            tls.read_to_string(&mut answer).await.expect("answer");
+            let_go(served).await;
+            answers.push(answer.to_ascii_lowercase());
+        }
+        let (last, within) = answers.split_last().expect("answers");
+        for answer in within {
+            // Within the budget the request reaches the body's check.
+            assert!(answer.starts_with("http/1.1 400"), "{answer}");
+        }
+        assert!(last.starts_with("http/1.1 429"), "{last}");
+        assert!(last.contains("retry-after: 1\r\n"), "{last}");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

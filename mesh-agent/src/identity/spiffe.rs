@@ -9,6 +9,7 @@ use rcgen::{
     DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
     PKCS_ECDSA_P256_SHA256,
 };
+use ring::rand::{SecureRandom, SystemRandom};
 use time::OffsetDateTime;
 
 #[derive(Debug, thiserror::Error)]
@@ -113,19 +114,17 @@ pub fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId> {
         .parse()
 }
 
-fn random_serial() -> SerialNumber {
+/// A certificate serial: 16 random bytes with the top bit cleared, so a positive DER
+/// integer of at most 16 octets (RFC 5280 asks for positive and at most 20) that nobody
+/// can predict, as the CA/Browser Forum asks of public CAs (64 random bits at least) so
+/// that a chosen-prefix collision cannot be aimed at a certificate before it is signed.
+fn random_serial() -> Result<SerialNumber> {
     let mut bytes = [0u8; 16];
-    for chunk in bytes.chunks_mut(8) {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        let mixed = nanos.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ std::process::id() as u64;
-        chunk.copy_from_slice(&mixed.to_be_bytes());
-        std::thread::yield_now();
-    }
-    // A positive DER integer.
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| cert_error("the system has no randomness for a serial"))?;
     bytes[0] &= 0x7f;
-    SerialNumber::from(bytes.to_vec())
+    Ok(SerialNumber::from(bytes.to_vec()))
 }
 
 /// A new key and a CSR for `id`; the key never leaves the caller.
@@ -158,7 +157,7 @@ impl CaKeys {
             .push(DnType::CommonName, "mesh root CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.serial_number = Some(random_serial());
+        params.serial_number = Some(random_serial()?);
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + time::Duration::days(3650);
@@ -235,7 +234,7 @@ impl CaKeys {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        params.serial_number = Some(random_serial());
+        params.serial_number = Some(random_serial()?);
         params.use_authority_key_identifier_extension = true;
         // A minute of slack for clocks that disagree a little.
         params.not_before = now - time::Duration::minutes(1);
@@ -249,7 +248,7 @@ impl CaKeys {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(cert_error)?;
         let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(cert_error)?;
         params.subject_alt_names.push(SanType::IpAddress(ip));
-        params.serial_number = Some(random_serial());
+        params.serial_number = Some(random_serial()?);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
@@ -271,6 +270,7 @@ impl CaKeys {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(cert_error)?;
         csr.params.subject_alt_names =
             vec![SanType::URI(id.to_string().try_into().map_err(cert_error)?)];
+        csr.params.serial_number = Some(random_serial()?);
         csr.params.not_before = not_before;
         csr.params.not_after = not_after;
         csr.params.extended_key_usages = vec![
@@ -335,6 +335,42 @@ mod tests {
             ca.sign_csr(&csr, &other, Duration::from_secs(60)),
             Err(IdentityError::WrongIdentity { .. })
         ));
+    }
+
+    #[test]
+    fn serials_are_random_positive_and_at_most_16_octets() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let serial = random_serial().expect("serial");
+            let bytes = serial.as_ref();
+            assert_eq!(bytes.len(), 16);
+            assert_eq!(bytes[0] & 0x80, 0, "{serial}");
+            assert!(seen.insert(bytes.to_vec()), "{serial} twice");
+        }
+    }
+
+    #[test]
+    fn signed_certificates_carry_distinct_positive_serials() {
+        let ca = CaKeys::generate("cluster.local").expect("root");
+        let web = SpiffeId::new("cluster.local", "demo", "web");
+        let (_key, csr) = new_csr(&web).expect("csr");
+        let serials: Vec<Vec<u8>> = (0..2)
+            .map(|_| {
+                let pem = ca
+                    .sign_csr(&csr, &web, Duration::from_secs(60))
+                    .expect("signed");
+                let der: rustls_pki_types::CertificateDer =
+                    rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes()).expect("pem");
+                let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("x509");
+                cert.raw_serial().to_vec()
+            })
+            .collect();
+        for serial in &serials {
+            // DER content octets: a positive integer, minimal, within RFC 5280's 20.
+            assert!((1..=20).contains(&serial.len()), "{serial:?}");
+            assert_eq!(serial[0] & 0x80, 0, "{serial:?}");
+        }
+        assert_ne!(serials[0], serials[1], "the same CSR signed twice");
     }
 
     #[test]

@@ -184,15 +184,41 @@ impl Identities {
     }
 }
 
-/// The SNI naming a destination identity: `<sa>.<ns>.sa.mesh` (DNS labels both).
+/// What every SNI naming a workload identity ends with.
+const SNI_SUFFIX: &str = ".sa.mesh";
+
+/// The SNI naming a destination identity: `<sa>.<ns>.sa.mesh`. A namespace is a DNS label
+/// (no dot) while a service account name is a DNS subdomain (dots allowed), so the label
+/// right before the suffix is the namespace and all before it the service account: the
+/// pair decodes unambiguously ([`identity_from_sni`]). Names longer than 244 characters
+/// together make an SNI longer than DNS allows (253), which the client refuses to send:
+/// such a connection fails closed rather than naming another identity.
 pub fn sni_for(id: &SpiffeId) -> String {
-    format!("{}.{}.sa.mesh", id.service_account, id.namespace)
+    format!("{}.{}{SNI_SUFFIX}", id.service_account, id.namespace)
 }
 
+/// The identity an SNI made by [`sni_for`] names; `None` for any other name, including
+/// ones Kubernetes could not have given (empty, upper-case or over-long labels).
 pub fn identity_from_sni(sni: &str, trust_domain: &str) -> Option<SpiffeId> {
-    let rest = sni.strip_suffix(".sa.mesh")?;
-    let (sa, ns) = rest.split_once('.')?;
-    Some(SpiffeId::new(trust_domain, ns, sa))
+    let (sa, ns) = sni.strip_suffix(SNI_SUFFIX)?.rsplit_once('.')?;
+    (is_dns_label(ns) && is_dns_subdomain(sa)).then(|| SpiffeId::new(trust_domain, ns, sa))
+}
+
+/// An RFC 1123 label as Kubernetes checks a namespace: 1 to 63 of `a-z`, `0-9` and `-`,
+/// alphanumeric at both ends.
+fn is_dns_label(text: &str) -> bool {
+    let alphanumeric = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = text.as_bytes();
+    (1..=63).contains(&bytes.len())
+        && bytes.first().is_some_and(alphanumeric)
+        && bytes.last().is_some_and(alphanumeric)
+        && bytes.iter().all(|b| alphanumeric(b) || *b == b'-')
+}
+
+/// An RFC 1123 subdomain as Kubernetes checks a service account name: labels joined by
+/// dots, 253 characters at most.
+fn is_dns_subdomain(text: &str) -> bool {
+    text.len() <= 253 && text.split('.').all(is_dns_label)
 }
 
 /// The SPIFFE ID of the peer of an established TLS connection.
@@ -336,5 +362,61 @@ mod tests {
             Some(id)
         );
         assert_eq!(identity_from_sni("example.com", "cluster.local"), None);
+    }
+
+    #[test]
+    fn service_accounts_with_dots_and_dashes_round_trip() {
+        let longest_label = "a".repeat(63);
+        let many_labels = ["x1"; 60].join(".");
+        for (ns, sa) in [
+            ("shop", "api.v1"),
+            ("payments-prod", "svc.payments-v2.internal"),
+            ("a", "b"),
+            ("0-9", "1.2.3"),
+            ("sa", "mesh.sa"),
+            ("mesh", "x.sa.mesh"),
+            (longest_label.as_str(), "web"),
+            ("ns", many_labels.as_str()),
+        ] {
+            let id = SpiffeId::new("cluster.local", ns, sa);
+            let sni = sni_for(&id);
+            assert!(ServerName::try_from(sni.as_str()).is_ok(), "{sni}");
+            assert_eq!(identity_from_sni(&sni, "cluster.local"), Some(id), "{sni}");
+        }
+        // Split at the first dot, this would have named `spiffe://.../ns/v1.shop/sa/api`.
+        assert_eq!(
+            identity_from_sni("api.v1.shop.sa.mesh", "cluster.local"),
+            Some(SpiffeId::new("cluster.local", "shop", "api.v1"))
+        );
+    }
+
+    #[test]
+    fn an_sni_kubernetes_names_could_not_make_is_refused() {
+        let long_namespace = format!("web.{}.sa.mesh", "n".repeat(64));
+        let long_account = format!("{}.ns.sa.mesh", ["a"; 128].join("."));
+        for sni in [
+            "sa.mesh",
+            ".sa.mesh",
+            "demo.sa.mesh",
+            ".demo.sa.mesh",
+            "web..demo.sa.mesh",
+            "web.demo..sa.mesh",
+            "web.-demo.sa.mesh",
+            "web-.demo.sa.mesh",
+            "Web.demo.sa.mesh",
+            "web_1.demo.sa.mesh",
+            "web.demo.sa.mesh.evil",
+            "web.demo.sa.mesh.",
+            long_namespace.as_str(),
+            long_account.as_str(),
+        ] {
+            assert_eq!(identity_from_sni(sni, "cluster.local"), None, "{sni}");
+        }
+    }
+
+    #[test]
+    fn names_too_long_for_an_sni_fail_closed_at_the_client() {
+        let id = SpiffeId::new("cluster.local", "demo", &["a"; 125].join("."));
+        assert!(ServerName::try_from(sni_for(&id)).is_err());
     }
 }
