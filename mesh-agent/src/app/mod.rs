@@ -42,21 +42,44 @@ use crate::{
     },
 };
 
-#[derive(Debug, Clone)]
+/// The node agent's settings: its command-line flags, each also an environment variable.
+#[derive(Debug, Clone, clap::Args)]
 pub struct AgentOptions {
+    /// This node's name, as in the Pods' `spec.nodeName`.
+    #[arg(long, env = "MESH_NODE_NAME")]
     pub node: String,
+    /// Directory of Kubernetes-format YAML files, watched for changes.
+    #[arg(long, env = "MESH_CONFIG_DIR", default_value = "/etc/mesh/config")]
     pub config_dir: PathBuf,
+    /// bpffs directory where maps and links are pinned.
+    #[arg(long, env = "MESH_BPFFS", default_value = "/sys/fs/bpf/mesh")]
     pub bpffs: PathBuf,
-    pub cgroup_root: PathBuf,
+    /// Where to look for pod cgroups (default: the cgroup v2 mount).
+    #[arg(long, env = "MESH_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+    /// The SPIFFE trust domain.
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// Istio's `rootNamespace`: its PeerAuthentications, AuthorizationPolicies and
+    /// RequestAuthentications without a selector apply mesh wide.
+    #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = "istio-system")]
     pub root_namespace: String,
-    /// Splice same-node flows that need no L7 work in the kernel (sockhash + stream
-    /// verdict) instead of copying them.
+    /// Splice same-node flows that need no L7 work in the kernel instead of copying
+    /// them through the agent.
+    #[arg(long, env = "MESH_KERNEL_SPLICE", default_value_t = true, action = clap::ArgAction::Set)]
     pub kernel_splice: bool,
-    /// The mesh CA's address, its root certificate (the trust bundle) and this node's
-    /// bootstrap token.
+    /// The mesh CA's address.
+    #[arg(long, env = "MESH_CA_ADDRESS")]
     pub ca_address: SocketAddr,
+    /// The mesh CA's root certificate (PEM): the trust bundle.
+    #[arg(
+        long,
+        env = "MESH_CA_ROOT",
+        default_value = "/etc/mesh/ca/root-cert.pem"
+    )]
     pub ca_root: PathBuf,
+    /// This node's bootstrap token for the CA.
+    #[arg(long, env = "MESH_CA_TOKEN", default_value = "/etc/mesh/token/token")]
     pub ca_token: PathBuf,
 }
 
@@ -125,15 +148,16 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         .context("binding 127.0.0.1:15000")?;
     let tunnel_listener = listener(any(TUNNEL_PORT)).context("binding :15008")?;
 
+    let cgroup_root = match &options.cgroup_root {
+        Some(root) => root.clone(),
+        None => datapath::cgroup2_mount()
+            .context("no cgroup v2 hierarchy in /proc/mounts; pass --cgroup-root")?,
+    };
     let mut reconciler = Reconciler {
         node: options.node.clone(),
         root_namespace: options.root_namespace.clone(),
         source: Box::new(DirectorySource::new(&options.config_dir)),
-        enroller: Enroller::new(
-            datapath,
-            options.cgroup_root.clone(),
-            options.trust_domain.clone(),
-        ),
+        enroller: Enroller::new(datapath, cgroup_root, options.trust_domain.clone()),
         shared: shared.clone(),
         balancers: LbRegistry::default(),
         status: status.clone(),

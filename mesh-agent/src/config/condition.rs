@@ -20,8 +20,19 @@ pub enum ConditionKey {
     ConnectionSni,
 }
 
+/// A `when` key Istio does not define, or one whose brackets are malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConditionKeyError {
+    #[error("invalid condition key {0:?}: expected request.headers[<name>]")]
+    Header(String),
+    #[error("invalid condition key {0:?}: expected request.auth.claims[<name>] (nested: [a][b])")]
+    Claims(String),
+    #[error("unknown condition key {0:?} (supported: request.headers[..], source.ip, remote.ip, source.namespace, source.principal, request.auth.principal, request.auth.audiences, request.auth.presenter, request.auth.claims[..], destination.ip, destination.port, connection.sni)")]
+    Unknown(String),
+}
+
 impl ConditionKey {
-    pub fn parse(key: &str) -> Result<ConditionKey, String> {
+    pub fn parse(key: &str) -> Result<ConditionKey, ConditionKeyError> {
         let bracketed = |rest: &str| -> Option<Vec<String>> {
             let mut parts = Vec::new();
             let mut rest = rest;
@@ -40,15 +51,13 @@ impl ConditionKey {
         if let Some(rest) = key.strip_prefix("request.headers") {
             return match bracketed(rest).as_deref() {
                 Some([name]) => Ok(ConditionKey::RequestHeader(name.to_ascii_lowercase())),
-                _ => Err(format!(
-                    "invalid condition key {key:?}: expected request.headers[<name>]"
-                )),
+                _ => Err(ConditionKeyError::Header(key.to_owned())),
             };
         }
         if let Some(rest) = key.strip_prefix("request.auth.claims") {
-            return bracketed(rest).map(ConditionKey::AuthClaims).ok_or_else(|| {
-                format!("invalid condition key {key:?}: expected request.auth.claims[<name>] (nested: [a][b])")
-            });
+            return bracketed(rest)
+                .map(ConditionKey::AuthClaims)
+                .ok_or_else(|| ConditionKeyError::Claims(key.to_owned()));
         }
         Ok(match key {
             "source.ip" => ConditionKey::SourceIp,
@@ -61,7 +70,7 @@ impl ConditionKey {
             "destination.ip" => ConditionKey::DestinationIp,
             "destination.port" => ConditionKey::DestinationPort,
             "connection.sni" => ConditionKey::ConnectionSni,
-            _ => return Err(format!("unknown condition key {key:?} (supported: request.headers[..], source.ip, remote.ip, source.namespace, source.principal, request.auth.principal, request.auth.audiences, request.auth.presenter, request.auth.claims[..], destination.ip, destination.port, connection.sni)")),
+            _ => return Err(ConditionKeyError::Unknown(key.to_owned())),
         })
     }
 }

@@ -34,26 +34,50 @@ impl Jwks {
     }
 }
 
-pub fn b64(text: &str) -> Result<Vec<u8>, String> {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(text.trim_end_matches('='))
-        .map_err(|e| format!("invalid base64url: {e}"))
+/// Why a JWKS document was not accepted, naming the key and field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    #[error("JWKS is not JSON")]
+    Json(#[source] serde_json::Error),
+    #[error("JWKS has no \"keys\" array")]
+    NoKeys,
+    #[error("keys[{index}] has no {field:?}")]
+    Missing { index: usize, field: String },
+    #[error("keys[{index}].{field}: invalid base64url")]
+    Base64 {
+        index: usize,
+        field: String,
+        #[source]
+        source: base64::DecodeError,
+    },
 }
 
-pub fn parse_jwks(text: &str) -> Result<Jwks, String> {
-    let value: Value = serde_json::from_str(text).map_err(|e| format!("JWKS is not JSON: {e}"))?;
+/// Decodes base64url, with or without padding.
+pub fn b64(text: &str) -> Result<Vec<u8>, base64::DecodeError> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text.trim_end_matches('='))
+}
+
+pub fn parse_jwks(text: &str) -> Result<Jwks, JwksError> {
+    let value: Value = serde_json::from_str(text).map_err(JwksError::Json)?;
     let keys = value
         .get("keys")
         .and_then(Value::as_array)
-        .ok_or("JWKS has no \"keys\" array")?;
+        .ok_or(JwksError::NoKeys)?;
     let mut jwks = Jwks::default();
     for (index, key) in keys.iter().enumerate() {
-        let field = |name: &str| -> Result<Vec<u8>, String> {
+        let field = |name: &str| -> Result<Vec<u8>, JwksError> {
             let text = key
                 .get(name)
                 .and_then(Value::as_str)
-                .ok_or_else(|| format!("keys[{index}] has no {name:?}"))?;
-            b64(text).map_err(|e| format!("keys[{index}].{name}: {e}"))
+                .ok_or_else(|| JwksError::Missing {
+                    index,
+                    field: name.to_owned(),
+                })?;
+            b64(text).map_err(|source| JwksError::Base64 {
+                index,
+                field: name.to_owned(),
+                source,
+            })
         };
         let text = |name: &str| key.get(name).and_then(Value::as_str).map(str::to_owned);
         let material = match (text("kty").as_deref(), text("crv").as_deref()) {

@@ -453,8 +453,8 @@ fn check_authorization_rules(
     for (r, rule) in ap.spec.rules.iter().enumerate() {
         for (c, condition) in rule.when.iter().enumerate() {
             let field = format!("spec.rules[{r}].when[{c}]");
-            if let Err(message) = crate::config::condition::ConditionKey::parse(&condition.key) {
-                found.push(error(ap, &format!("{field}.key"), message));
+            if let Err(err) = crate::config::condition::ConditionKey::parse(&condition.key) {
+                found.push(error(ap, &format!("{field}.key"), err.to_string()));
             }
             if condition.values.is_empty() && condition.not_values.is_empty() {
                 found.push(error(
@@ -513,8 +513,12 @@ fn check_jwt_rules(
         }
         match (&rule.jwks, &rule.jwks_uri) {
             (Some(jwks), _) => {
-                if let Err(message) = crate::config::jwks::parse_jwks(jwks) {
-                    found.push(error(ra, &format!("{field}.jwks"), message));
+                if let Err(err) = crate::config::jwks::parse_jwks(jwks) {
+                    found.push(error(
+                        ra,
+                        &format!("{field}.jwks"),
+                        crate::errors::describe(&err),
+                    ));
                 }
             }
             (None, Some(uri)) => {

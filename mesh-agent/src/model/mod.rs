@@ -311,6 +311,14 @@ impl MeshState {
         }
     }
 
+    /// A Service port of the Service (or ServiceEntry host) named `hostname`.
+    pub fn service_by_host(&self, hostname: &str) -> Option<&ServicePortState> {
+        self.services
+            .values()
+            .find(|s| s.hostname == hostname)
+            .map(|s| s.as_ref())
+    }
+
     /// The Service whose endpoint `target` is, when exactly one claims it.
     pub fn service_of(&self, target: SocketAddrV4) -> Option<String> {
         let mut owners = self

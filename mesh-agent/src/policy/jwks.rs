@@ -78,7 +78,7 @@ pub async fn fetch(uri: &str) -> anyhow::Result<Jwks> {
     if !response.status.is_success() {
         anyhow::bail!("answered {}", response.status);
     }
-    parse_jwks(&response.text()).map_err(|e| anyhow::anyhow!(e))
+    Ok(parse_jwks(&response.text())?)
 }
 
 /// Keeps the keys of every `jwksUri` in the live configuration fetched: new URIs at

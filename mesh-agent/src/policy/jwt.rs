@@ -128,10 +128,12 @@ fn decode(token: &str) -> Result<Token<'_>, JwtError> {
     else {
         return Err(malformed("expected three dot-separated parts"));
     };
-    let header: Value = serde_json::from_slice(&b64(header).map_err(|e| malformed(&e))?)
-        .map_err(|_| malformed("the header is not JSON"))?;
-    let claims: Value = serde_json::from_slice(&b64(payload).map_err(|e| malformed(&e))?)
-        .map_err(|_| malformed("the payload is not JSON"))?;
+    let header: Value =
+        serde_json::from_slice(&b64(header).map_err(|e| malformed(&format!("the header: {e}")))?)
+            .map_err(|_| malformed("the header is not JSON"))?;
+    let claims: Value =
+        serde_json::from_slice(&b64(payload).map_err(|e| malformed(&format!("the payload: {e}")))?)
+            .map_err(|_| malformed("the payload is not JSON"))?;
     if !claims.is_object() {
         return Err(malformed("the payload is not a JSON object"));
     }
@@ -142,7 +144,7 @@ fn decode(token: &str) -> Result<Token<'_>, JwtError> {
         .to_owned();
     Ok(Token {
         signed: &token[..token.len() - signature.len() - 1],
-        signature: b64(signature).map_err(|e| malformed(&e))?,
+        signature: b64(signature).map_err(|e| malformed(&format!("the signature: {e}")))?,
         kid: header.get("kid").and_then(Value::as_str).map(str::to_owned),
         alg,
         payload_b64: payload,

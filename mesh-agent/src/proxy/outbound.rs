@@ -91,18 +91,19 @@ async fn carry_out(
         plan.service.clone(),
         plan.mutual_tls(),
     );
+    if let (
+        Some(decision),
+        Route::Deny { arrival } | Route::Local { arrival, .. } | Route::Plaintext { arrival, .. },
+    ) = (&plan.decision, &plan.route)
+    {
+        proxy.guard.count(decision, "connection", arrival);
+    }
     match plan.route {
         Route::Deny { arrival } => {
-            if let Some(decision) = &plan.decision {
-                proxy.guard.count(decision, "connection", &arrival);
-            }
             reset(&client);
             Err(ProxyError::Denied(arrival.describe()))
         }
         Route::Local { arrival, carry } => {
-            if let Some(decision) = &plan.decision {
-                proxy.guard.count(decision, "connection", &arrival);
-            }
             let upstream = deliver::dial(
                 &arrival,
                 plan.service.clone(),
@@ -122,9 +123,6 @@ async fn carry_out(
             .await
         }
         Route::Plaintext { arrival, carry } => {
-            if let Some(decision) = &plan.decision {
-                proxy.guard.count(decision, "connection", &arrival);
-            }
             let upstream = deliver::dial(&arrival, None, false, None, result).await?;
             let carried = deliver::carry(
                 proxy,

@@ -420,6 +420,15 @@ spec:
 
     const CLIENT: &str = "10.244.1.10:40000";
 
+    /// An AuthorizationPolicy of the `shop` namespace on the `near` pod.
+    fn policy_on_near(name: &str, rules: &str) -> String {
+        format!(
+            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+             metadata: {{name: {name}, namespace: shop}}\n\
+             spec:\n  selector: {{matchLabels: {{app: near}}}}\n{rules}"
+        )
+    }
+
     fn mesh(extra: &str) -> MeshState {
         let yaml = format!("{CLUSTER}{extra}");
         let config = load_str(std::path::Path::new("plan.yaml"), &yaml);
@@ -552,16 +561,10 @@ spec: {selector: {matchLabels: {app: far}}, mtls: {mode: DISABLE}}
 
     #[test]
     fn a_same_node_source_is_judged_with_its_identity() {
-        let state = mesh(
-            "---
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: only-client, namespace: shop}
-spec:
-  selector: {matchLabels: {app: near}}
-  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]
-",
-        );
+        let state = mesh(&policy_on_near(
+            "only-client",
+            "  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]\n",
+        ));
         let plan = plan_to(&state, "10.244.1.20:8080").expect("plan");
         match &plan.route {
             Route::Local { arrival, carry } => {
@@ -579,58 +582,42 @@ spec:
 
     #[test]
     fn a_connection_denied_on_l4_facts_is_refused_before_any_byte() {
-        let state = mesh(
-            "---
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: no-client, namespace: shop}
-spec:
-  selector: {matchLabels: {app: near}}
-  action: DENY
-  rules: [{from: [{source: {namespaces: [shop]}}]}]
-",
-        );
+        let state = mesh(&policy_on_near(
+            "no-client",
+            "  action: DENY\n  rules: [{from: [{source: {namespaces: [shop]}}]}]\n",
+        ));
         let plan = plan_to(&state, "10.96.0.21:80").expect("plan");
         assert!(matches!(plan.route, Route::Deny { .. }), "{:?}", plan.route);
         let decided = plan.decision.and_then(|d| d.decided_by).expect("decided");
         assert_eq!(decided.policy, "shop/no-client");
     }
 
-    const NEEDS_METHOD: &str = "---
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: get-only, namespace: shop}
-spec:
-  selector: {matchLabels: {app: near}}
-  rules: [{to: [{operation: {methods: [GET]}}]}]
-";
+    fn needs_method() -> String {
+        policy_on_near(
+            "get-only",
+            "  rules: [{to: [{operation: {methods: [GET]}}]}]\n",
+        )
+    }
 
     #[test]
     fn a_policy_on_request_attributes_makes_an_http_port_be_served_as_http() {
-        let state = mesh(NEEDS_METHOD);
+        let state = mesh(&needs_method());
         let plan = plan_to(&state, "10.244.1.20:8080").expect("plan");
         assert_eq!(carry_of(&plan), Some(Carry::Http));
     }
 
     #[test]
     fn request_attributes_on_a_port_that_is_not_http_settle_the_connection_as_tcp() {
-        let state = mesh(NEEDS_METHOD);
+        let state = mesh(&needs_method());
         // 9000 is declared by no Service: no request will be parsed there, so the ALLOW
         // rule on GET cannot match and nothing else allows: denied, not parsed.
         let plan = plan_to(&state, "10.244.1.20:9000").expect("plan");
         assert!(matches!(plan.route, Route::Deny { .. }), "{:?}", plan.route);
 
-        let deny = mesh(
-            "---
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: no-post, namespace: shop}
-spec:
-  selector: {matchLabels: {app: near}}
-  action: DENY
-  rules: [{to: [{operation: {methods: [POST]}}]}]
-",
-        );
+        let deny = mesh(&policy_on_near(
+            "no-post",
+            "  action: DENY\n  rules: [{to: [{operation: {methods: [POST]}}]}]\n",
+        ));
         let plan = plan_to(&deny, "10.244.1.20:9000").expect("plan");
         assert!(
             matches!(plan.route, Route::Deny { .. }),
@@ -642,17 +629,10 @@ spec:
 
     #[test]
     fn an_audit_rule_on_request_attributes_does_not_make_a_connection_be_parsed() {
-        let state = mesh(
-            "---
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: audit-posts, namespace: shop}
-spec:
-  selector: {matchLabels: {app: near}}
-  action: AUDIT
-  rules: [{to: [{operation: {methods: [POST]}}]}]
-",
-        );
+        let state = mesh(&policy_on_near(
+            "audit-posts",
+            "  action: AUDIT\n  rules: [{to: [{operation: {methods: [POST]}}]}]\n",
+        ));
         let plan = plan_to(&state, "10.244.1.20:8080").expect("plan");
         assert_eq!(carry_of(&plan), Some(Carry::Splice));
     }

@@ -548,14 +548,13 @@ fn labels_for(
         Side::of(destination.as_deref(), trust_domain),
     );
     let mutual_tls = record.is_some_and(|r| r.mutual_tls);
-    let (service_name, service_namespace) = match service.as_deref().and_then(|s| s.split_once('.'))
-    {
-        Some((name, rest)) => (
-            name.to_owned(),
-            rest.split('.').next().unwrap_or(UNKNOWN).to_owned(),
-        ),
-        None => (UNKNOWN.into(), UNKNOWN.into()),
-    };
+    // The Service's own name and namespace: for a ServiceEntry the host and the
+    // entry's namespace, which its host name need not contain.
+    let (service_name, service_namespace) =
+        match service.as_deref().and_then(|h| state.service_by_host(h)) {
+            Some(found) => (found.name.clone(), found.namespace.clone()),
+            None => (UNKNOWN.into(), UNKNOWN.into()),
+        };
     Some(TcpLabels {
         reporter: reporter.into(),
         source_workload: src.workload,
@@ -593,5 +592,45 @@ mod tests {
              # HELP mesh_config_generation Generation.\n# TYPE mesh_config_generation gauge\n\
              mesh_config_generation 2\n"
         );
+    }
+
+    #[test]
+    fn a_service_entry_is_labelled_with_its_own_namespace_not_its_host() {
+        let config = crate::config::load_str(
+            std::path::Path::new("se.yaml"),
+            "apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop}
+spec: {nodeName: node-1, serviceAccountName: client}
+status: {podIP: 10.244.1.10}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: payments}
+spec:
+  hosts: [db.internal]
+  addresses: [10.97.0.5]
+  ports: [{number: 5432, name: tcp-db, protocol: TCP}]
+  resolution: STATIC
+  endpoints: [{address: 10.200.0.50}]
+",
+        );
+        let state = MeshState::build("node-1", &config);
+        let key = FlowKey {
+            local_ip: crate::datapath::ip_key("10.244.1.10".parse().expect("ip")),
+            remote_ip: crate::datapath::ip_key("10.97.0.5".parse().expect("ip")),
+            local_port: 40000,
+            remote_port: 5432,
+        };
+        let stats = FlowStats {
+            role: FLOW_ROLE_CLIENT,
+            ..FlowStats::default()
+        };
+        let labels = labels_for(&state, &key, &stats, None, "cluster.local").expect("labels");
+        assert_eq!(labels.destination_service, "db.internal");
+        assert_eq!(labels.destination_service_name, "db.internal");
+        assert_eq!(labels.destination_service_namespace, "payments");
+        assert_eq!(labels.source_workload, "client");
+        assert_eq!(labels.reporter, "source");
     }
 }
