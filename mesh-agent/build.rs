@@ -34,9 +34,14 @@ fn main() -> Result<()> {
         "-Clink-arg=--btf",
     ]
     .join("\x1f");
-    let toolchain = ebpf_toolchain(&ebpf_dir)?;
+    // The pinned nightly named by mesh-ebpf/rust-toolchain.toml.
+    let toolchain_file = ebpf_dir.join("rust-toolchain.toml");
+    let toolchain_toml = std::fs::read_to_string(&toolchain_file)
+        .with_context(|| format!("reading {}", toolchain_file.display()))?;
+    let toolchain = mesh_common::toolchain_channel(&toolchain_toml)
+        .with_context(|| format!("{} names no channel", toolchain_file.display()))?;
     let mut cmd = Command::new("rustup");
-    cmd.args(["run", &toolchain, "cargo", "build", "--locked", "--release"])
+    cmd.args(["run", toolchain, "cargo", "build", "--locked", "--release"])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .arg("--manifest-path")
         .arg(ebpf_dir.join("Cargo.toml"))
@@ -64,17 +69,4 @@ fn main() -> Result<()> {
     let object = target_dir.join("bpfel-unknown-none/release/mesh");
     println!("cargo:rustc-env=MESH_EBPF_OBJECT={}", object.display());
     Ok(())
-}
-
-/// The pinned nightly named by mesh-ebpf/rust-toolchain.toml.
-fn ebpf_toolchain(ebpf_dir: &std::path::Path) -> Result<String> {
-    let file = ebpf_dir.join("rust-toolchain.toml");
-    let text =
-        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    text.lines()
-        .filter_map(|line| line.trim().strip_prefix("channel"))
-        .filter_map(|rest| rest.trim().strip_prefix('='))
-        .map(|value| value.trim().trim_matches('"').to_string())
-        .next()
-        .with_context(|| format!("{} names no channel", file.display()))
 }

@@ -278,3 +278,14 @@ mod user {
     unsafe impl aya::Pod for FlowStats {}
     unsafe impl aya::Pod for FlowEvent {}
 }
+
+/// The channel a `rust-toolchain.toml` names (`channel = "…"`): mesh-ebpf's pins the
+/// nightly that builds the eBPF object, read by mesh-agent's build script and by xtask.
+pub fn toolchain_channel(toolchain_toml: &str) -> Option<&str> {
+    toolchain_toml
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("channel"))
+        .filter_map(|rest| rest.trim().strip_prefix('='))
+        .map(|value| value.trim().trim_matches('"'))
+        .next()
+}

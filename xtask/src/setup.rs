@@ -72,11 +72,8 @@ pub fn ebpf_toolchain() -> Result<String> {
     let file = crate::workspace().join("mesh-ebpf/rust-toolchain.toml");
     let text =
         std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    text.lines()
-        .filter_map(|line| line.trim().strip_prefix("channel"))
-        .filter_map(|rest| rest.trim().strip_prefix('='))
-        .map(|value| value.trim().trim_matches('"').to_string())
-        .next()
+    mesh_common::toolchain_channel(&text)
+        .map(str::to_owned)
         .with_context(|| format!("{} names no channel", file.display()))
 }
 
