@@ -11,12 +11,12 @@ use http::{Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
+    http::accept_loop,
     identity::{
         spiffe::SpiffeId,
         tls::{identity_from_sni, peer_identity, refusal_reason},
     },
     proxy::{
-        accept_loop,
         deliver::{self, Downstream},
         error::ProxyError,
         plan::{plan_inbound, Refusal, TunnelRequest},

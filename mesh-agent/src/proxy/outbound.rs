@@ -9,9 +9,9 @@ use std::{net::SocketAddrV4, sync::Arc, time::Duration};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
+    http::accept_loop,
     identity::spiffe::SpiffeId,
     proxy::{
-        accept_loop,
         copy::{copy_streams, copy_to_tunnel, Counted},
         deliver::{self, Downstream},
         error::ProxyError,
