@@ -2,12 +2,14 @@
 //! stream + mesh state → what to do), then the I/O that carries it out — `outbound`
 //! (connections captured leaving local pods), `inbound` (HBONE from other agents),
 //! `deliver` (to a workload of this node, once for every arm), `requests` (HTTP judged
-//! request by request), `pool` (HBONE to other agents), `copy` and `socket`.
+//! request by request), `pool` (HBONE to other agents), `limits` (connections per
+//! source), `copy` and `socket`.
 
 pub mod copy;
 pub mod deliver;
 pub mod error;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
 pub mod plan;
 pub mod pool;
