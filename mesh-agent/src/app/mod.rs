@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod enroll;
+pub mod fdlimit;
 pub mod reconcile;
 
 use std::{
@@ -86,6 +87,21 @@ pub struct AgentOptions {
 const POLL_INTERVAL: Duration = Duration::from_millis(300);
 
 pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
+    // Before any listener: every connection carried costs descriptors, and running out
+    // would stop the agent serving every pod of the node, not only the busy one.
+    match fdlimit::raise() {
+        Ok(limit) if limit.is_low() => tracing::warn!(
+            "file-descriptor limit is only {} (hard limit reached): a few thousand concurrent connections will exhaust it; raise the hard RLIMIT_NOFILE (LimitNOFILE=, ulimit -Hn) to at least {}",
+            limit.after,
+            fdlimit::LOW_FD_LIMIT
+        ),
+        Ok(limit) => tracing::info!(
+            "file-descriptor limit {} (was {})",
+            limit.after,
+            limit.before
+        ),
+        Err(err) => tracing::warn!("raising the file-descriptor limit: {err}"),
+    }
     let shared = SharedState::default();
     let conns = Arc::new(ConnTable::default());
     let metrics = Arc::new(Metrics::new(

@@ -1,13 +1,14 @@
 //! The agent's HTTP plumbing: the one HTTP client (CA, JWKS, meshctl), the small servers
-//! for metrics, readiness and admin, and the plain listener they bind.
+//! for metrics, readiness and admin, the plain listener they bind, and the accept loop
+//! every server of the agent and the CA runs.
 
 pub mod client;
 pub mod server;
 
-use std::{io, net::SocketAddr};
+use std::{future::Future, io, net::SocketAddr, time::Duration};
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 /// A plain listener with `SO_REUSEADDR`, so a restarted agent binds at once.
 pub fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -17,4 +18,94 @@ pub fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     TcpListener::from_std(socket.into())
+}
+
+/// Where an accept loop takes its connections from: a [`TcpListener`], or a stand-in
+/// that fails on demand in tests.
+pub trait Accept: Send + Sync {
+    type Stream;
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, SocketAddr)>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Stream = TcpStream;
+    fn accept(&self) -> impl Future<Output = io::Result<(TcpStream, SocketAddr)>> + Send {
+        TcpListener::accept(self)
+    }
+}
+
+/// How long an accept loop waits after the kernel refused an accept (out of file
+/// descriptors, mostly) before trying again: connections must close before another can
+/// be taken, and retrying at once would spin a core while the backlog stays full.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Accepts connections on `listener` and hands each to `handle` on its own task; a
+/// failed accept is logged and retried after [`ACCEPT_BACKOFF`], never fatal.
+pub async fn accept_loop<L, F, Fut>(name: &'static str, listener: L, handle: F)
+where
+    L: Accept,
+    F: Fn(L::Stream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(stream, peer));
+            }
+            Err(err) => {
+                tracing::warn!("{name} accept: {err}; pausing {ACCEPT_BACKOFF:?}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{Arc, Mutex},
+        time::Instant,
+    };
+
+    use super::*;
+
+    /// Fails its first `failures` accepts as the kernel does out of descriptors, then
+    /// waits for ever; records when it was asked.
+    struct Exhausted {
+        failures: usize,
+        calls: Arc<Mutex<Vec<Instant>>>,
+    }
+
+    impl Accept for Exhausted {
+        type Stream = ();
+        async fn accept(&self) -> io::Result<((), SocketAddr)> {
+            let call = {
+                let mut calls = self.calls.lock().expect("calls");
+                calls.push(Instant::now());
+                calls.len()
+            };
+            if call <= self.failures {
+                return Err(io::Error::from_raw_os_error(libc::EMFILE));
+            }
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_accept_is_retried_after_a_pause_not_at_once() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let listener = Exhausted {
+            failures: 3,
+            calls: calls.clone(),
+        };
+        let looping = tokio::spawn(accept_loop("test", listener, |(), _| async {}));
+        tokio::time::sleep(ACCEPT_BACKOFF * 6).await;
+        looping.abort();
+        let calls = calls.lock().expect("calls").clone();
+        // Three failures, then the fourth accept waits: the loop kept going.
+        assert_eq!(calls.len(), 4, "{calls:?}");
+        for pair in calls.windows(2) {
+            assert!(pair[1] - pair[0] >= ACCEPT_BACKOFF, "{calls:?}");
+        }
+    }
 }

@@ -74,10 +74,6 @@ const TIMEOUTS: Timeouts = Timeouts {
     exchange: Duration::from_secs(30),
 };
 
-/// The pause after a failed `accept` (out of file descriptors, mostly): connections must
-/// close before another can be taken, and retrying at once would spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-
 /// `mesh-agent ca` options.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CaOptions {
@@ -163,17 +159,11 @@ pub async fn run(options: CaOptions) -> anyhow::Result<()> {
         options.listen
     );
     let ca = Arc::new(Ca::new(keys, options));
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                tracing::warn!("CA accept: {err}; pausing {ACCEPT_BACKOFF:?}");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-                continue;
-            }
-        };
-        tokio::spawn(serve(stream, peer, acceptor.clone(), ca.clone(), TIMEOUTS));
-    }
+    crate::http::accept_loop("CA", listener, move |stream, peer| {
+        serve(stream, peer, acceptor.clone(), ca.clone(), TIMEOUTS)
+    })
+    .await;
+    Ok(())
 }
 
 /// The CA's TLS side, with a server certificate for [`CA_SERVER_NAME`] and `ip`.

@@ -11,14 +11,15 @@ use http::{Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
+    http::accept_loop,
     identity::{
         spiffe::SpiffeId,
         tls::{identity_from_sni, peer_identity, refusal_reason},
     },
     proxy::{
-        accept_loop,
         deliver::{self, Downstream},
         error::ProxyError,
+        limits::PerSource,
         plan::{plan_inbound, Refusal, TunnelRequest},
         pool::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW},
         Proxy,
@@ -31,6 +32,10 @@ use crate::{
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Streams one peer agent may have open at once on one connection.
 const MAX_STREAMS_PER_CONNECTION: u32 = 4096;
+/// TLS connections one peer address may have open (or half open) at once. A peer agent
+/// pools one connection per pair of identities it carries, so even a busy node stays far
+/// below this; a client holding handshakes open stops here, not at the fd limit.
+const MAX_CONNECTIONS_PER_PEER: usize = 4096;
 /// The largest header list a `CONNECT` needs, with room to spare.
 const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
@@ -44,9 +49,18 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
         }
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let peers = PerSource::new(MAX_CONNECTIONS_PER_PEER);
     accept_loop("tunnel", listener, move |stream, peer| {
         let (acceptor, proxy) = (acceptor.clone(), proxy.clone());
-        async move { connection(acceptor, proxy, stream, peer).await }
+        let permit = peers.acquire(peer.ip());
+        async move {
+            // Held for the connection's life, streams included.
+            let Some(_permit) = permit else {
+                proxy.guard.metrics.tunnel_refused("peer_limit");
+                return;
+            };
+            connection(acceptor, proxy, stream, peer).await
+        }
     })
     .await;
 }

@@ -9,12 +9,13 @@ use std::{net::SocketAddrV4, sync::Arc, time::Duration};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
+    http::accept_loop,
     identity::spiffe::SpiffeId,
     proxy::{
-        accept_loop,
         copy::{copy_streams, copy_to_tunnel, Counted},
         deliver::{self, Downstream},
         error::ProxyError,
+        limits::PerSource,
         plan::{plan_outbound, Carry, Route, TunnelRequest},
         socket, Proxy,
     },
@@ -24,11 +25,27 @@ use crate::{
     },
 };
 
+/// Captured connections one pod may have open at once. Each costs the agent two file
+/// descriptors and two buffers; a busy gateway pod rarely holds more than a few hundred
+/// (Envoy's default circuit breaker allows 1024 per upstream cluster), so 4096 leaves a
+/// legitimate pod room while a flood stops at 8192 descriptors, a fraction of the raised
+/// limit, and the node's other pods keep being served.
+const MAX_CONNECTIONS_PER_SOURCE: usize = 4096;
+
 /// Accepts captured connections until the listener fails.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
-    accept_loop("outbound", listener, move |client, _| {
+    let sources = PerSource::new(MAX_CONNECTIONS_PER_SOURCE);
+    accept_loop("outbound", listener, move |client, peer| {
         let proxy = proxy.clone();
+        let permit = sources.acquire(peer.ip());
         async move {
+            // Held until the connection is done with.
+            let Some(_permit) = permit else {
+                proxy.guard.metrics.connection_refused("source_limit");
+                tracing::debug!("outbound connection from {peer}: over the per-source limit");
+                reset(&client);
+                return;
+            };
             if let Err(err) = handle(&proxy, client).await {
                 tracing::info!("outbound connection: {}", crate::errors::describe(&err));
             }

@@ -8,6 +8,7 @@
 use std::{
     convert::Infallible,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -18,7 +19,10 @@ use hyper::{
     client::conn::{http1, http2},
     service::service_fn,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -91,7 +95,7 @@ impl Guard {
             let (guard, arrival, upstream) = (self.clone(), arrival.clone(), upstream.clone());
             async move { Ok::<_, Infallible>(guard.handle(request, &arrival, &upstream).await) }
         });
-        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        server(HEADER_READ_TIMEOUT)
             .serve_connection(TokioIo::new(downstream), service)
             .await
             .map_err(|err| match err.downcast::<hyper::Error>() {
@@ -181,6 +185,35 @@ impl Guard {
             }
         }
     }
+}
+
+/// How long a client may take to send a request head (and, kept alive, the next one):
+/// a pod that opens connections and never finishes a head would otherwise hold two
+/// descriptors and a task each for ever. Generous for a slow client, as Envoy's
+/// `request_headers_timeout` would be if set.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/2 streams a client may have open at once on one connection. Envoy allows 2^31-1
+/// and hyper 200; every open stream costs a task and buffers here, and one pod's
+/// connection is judged request by request, so 1024 lets a gRPC client multiplex freely
+/// while bounding what one connection can make the agent hold.
+const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// The largest HTTP/2 header list (decoded) a request may carry: Envoy's default is 60
+/// KiB (`max_request_headers_kb`), hyper's 16 MiB, which one pod could make the agent
+/// decode and hold per stream. Larger heads are refused with 431.
+const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+
+/// The server side of a judged connection, HTTP/1.1 or HTTP/2, with its bounds.
+fn server(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder
+        .http2()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST_BYTES);
+    builder
 }
 
 type Body = Either<Incoming, Full<Bytes>>;
@@ -288,5 +321,72 @@ async fn drain(body: Incoming) {
             Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
             _ => break,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncWriteExt, DuplexStream};
+
+    use super::*;
+
+    /// Serves `io` with [`server`], answering every request 200.
+    fn serve(io: DuplexStream, header_read_timeout: Duration) -> tokio::task::JoinHandle<()> {
+        let service = service_fn(|_: Request<Incoming>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        });
+        tokio::spawn(async move {
+            let _ = server(header_read_timeout)
+                .serve_connection(TokioIo::new(io), service)
+                .await;
+        })
+    }
+
+    #[tokio::test]
+    async fn an_http1_client_that_never_finishes_its_head_is_let_go() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let served = serve(server, Duration::from_millis(100));
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: web\r\n")
+            .await
+            .expect("write");
+        tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("the connection was let go")
+            .expect("served");
+    }
+
+    #[tokio::test]
+    async fn http2_streams_and_header_lists_are_bounded() {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let _served = serve(server, Duration::from_secs(600));
+        let (mut send, connection) = h2::client::handshake(client).await.expect("h2");
+        tokio::spawn(connection);
+        let get = |extra: Option<String>| {
+            let mut request = Request::get("http://web/");
+            if let Some(value) = extra {
+                request = request.header("x-big", value);
+            }
+            request.body(()).expect("request")
+        };
+
+        // A first exchange: the server's SETTINGS have arrived by its end.
+        let (response, _) = send.send_request(get(None), true).expect("send");
+        assert_eq!(response.await.expect("response").status(), StatusCode::OK);
+        assert_eq!(
+            send.current_max_send_streams(),
+            MAX_CONCURRENT_STREAMS as usize
+        );
+
+        // A header list over the bound is not served.
+        let big = "a".repeat(MAX_HEADER_LIST_BYTES as usize + 1024);
+        let refused = match send.send_request(get(Some(big)), true) {
+            Err(_) => true,
+            Ok((response, _)) => match response.await {
+                Err(_) => true,
+                Ok(response) => response.status() == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            },
+        };
+        assert!(refused);
     }
 }

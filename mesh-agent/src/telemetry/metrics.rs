@@ -115,6 +115,7 @@ pub struct Metrics {
     tc_packets: Family<VerdictLabels, Counter>,
     config_reloads: Family<ReloadLabels, Counter>,
     tunnel_refusals: Family<ReasonLabels, Counter>,
+    connection_refusals: Family<ReasonLabels, Counter>,
     authz_decisions: Family<AuthzLabels, Counter>,
     jwt_validations: Family<JwtLabels, Counter>,
     carried: Family<CarriedLabels, Counter>,
@@ -136,6 +137,7 @@ impl Metrics {
         let tc_packets = Family::<VerdictLabels, Counter>::default();
         let config_reloads = Family::<ReloadLabels, Counter>::default();
         let tunnel_refusals = Family::<ReasonLabels, Counter>::default();
+        let connection_refusals = Family::<ReasonLabels, Counter>::default();
         let authz_decisions = Family::<AuthzLabels, Counter>::default();
         let jwt_validations = Family::<JwtLabels, Counter>::default();
         let carried = Family::<CarriedLabels, Counter>::default();
@@ -177,6 +179,11 @@ impl Metrics {
             tunnel_refusals.clone(),
         );
         registry.register(
+            "mesh_connections_refused",
+            "Captured pod connections reset before any plan, by reason (source_limit: the pod holds its limit of concurrent connections)",
+            connection_refusals.clone(),
+        );
+        registry.register(
             "mesh_authz_decisions",
             "AuthorizationPolicy decisions on connections (layer=connection, kernel) and HTTP requests (layer=request), by decision (allow, deny, audit) and deciding policy (- for the defaults)",
             authz_decisions.clone(),
@@ -210,6 +217,7 @@ impl Metrics {
             tc_packets,
             config_reloads,
             tunnel_refusals,
+            connection_refusals,
             authz_decisions,
             jwt_validations,
             carried,
@@ -224,6 +232,15 @@ impl Metrics {
 
     pub fn tunnel_refused(&self, reason: &str) {
         self.tunnel_refusals
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// Counts a captured connection reset before it was planned.
+    pub fn connection_refused(&self, reason: &str) {
+        self.connection_refusals
             .get_or_create(&ReasonLabels {
                 reason: reason.into(),
             })
@@ -632,5 +649,17 @@ spec:
         assert_eq!(labels.destination_service_namespace, "payments");
         assert_eq!(labels.source_workload, "client");
         assert_eq!(labels.reporter, "source");
+    }
+
+    #[test]
+    fn refused_connections_are_counted_by_reason() {
+        let metrics = Metrics::new(SharedState::default(), Arc::default(), "cluster.local");
+        metrics.connection_refused("source_limit");
+        metrics.connection_refused("source_limit");
+        let text = metrics.encode();
+        assert!(
+            text.contains("mesh_connections_refused_total{reason=\"source_limit\"} 2\n"),
+            "{text}"
+        );
     }
 }
