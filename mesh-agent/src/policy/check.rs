@@ -269,29 +269,28 @@ fn check_endpoint(
     let authenticates = arrival
         .security
         .authenticates(arrival.facts.destination_port);
-    let describe = |authenticated: &Option<Authenticated>| match authenticated {
+    let describe = |authenticated: &Option<Box<Authenticated>>| match authenticated {
         Some(found) => Some(format!("token of {} accepted", found.issuer)),
         None if authenticates => Some("no token".into()),
         None => None,
     };
     Ok(
         match judge_request(arrival, jwks, view, &mut headers, jwt::now_seconds()) {
-            RequestVerdict::Forward {
+            RequestVerdict::Judged {
                 decision,
                 authenticated,
-            } => EndpointReport {
-                authentication: describe(&authenticated),
-                request_principal: authenticated.map(|a| a.facts.principal),
-                ..report(arrival, &decision, "request", "forwarded")
-            },
-            RequestVerdict::Forbidden {
-                decision,
-                authenticated,
-            } => EndpointReport {
-                authentication: describe(&authenticated),
-                request_principal: authenticated.map(|a| a.facts.principal),
-                ..report(arrival, &decision, "request", "403")
-            },
+            } => {
+                let outcome = if decision.verdict == Verdict::Allow {
+                    "forwarded"
+                } else {
+                    "403"
+                };
+                EndpointReport {
+                    authentication: describe(&authenticated),
+                    request_principal: authenticated.map(|a| a.facts.principal),
+                    ..report(arrival, &decision, "request", outcome)
+                }
+            }
             RequestVerdict::Unauthenticated(err) => EndpointReport {
                 decision: "deny".into(),
                 decided_by: None,

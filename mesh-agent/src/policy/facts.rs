@@ -28,8 +28,6 @@ pub enum Peer<'a> {
     Pod(&'a Workload),
     /// A peer that proved its SPIFFE ID with mutual TLS (HBONE).
     MutualTls(&'a str),
-    /// A client outside the mesh.
-    Unknown,
 }
 
 /// `trust-domain/ns/<ns>/sa/<sa>`: a principal as Istio's policies spell it.
@@ -56,7 +54,7 @@ pub fn connection_facts(
     let source_principal = match peer {
         Peer::Pod(workload) if !plaintext => Some(principal_of(trust_domain, workload)),
         Peer::MutualTls(spiffe_id) => Some(spiffe_id.trim_start_matches("spiffe://").to_owned()),
-        Peer::Pod(_) | Peer::Unknown => None,
+        Peer::Pod(_) => None,
     };
     Facts {
         source_ip: client,
@@ -162,17 +160,13 @@ pub fn admit(arrival: &Arrival) -> (Admission, Option<Decision>) {
 /// What the destination's policies make of one request.
 #[derive(Debug)]
 pub enum RequestVerdict {
-    /// Forwarded; `authenticated` names the issuer of the token that verified.
-    Forward {
-        decision: Decision,
-        authenticated: Option<Authenticated>,
-    },
     /// A token that does not verify: 401.
     Unauthenticated(JwtError),
-    /// Denied by authorization: 403.
-    Forbidden {
+    /// Judged by authorization: forwarded when `decision` allows, else 403.
+    /// `authenticated` is the token that verified, if any.
+    Judged {
         decision: Decision,
-        authenticated: Option<Authenticated>,
+        authenticated: Option<Box<Authenticated>>,
     },
 }
 
@@ -212,7 +206,7 @@ pub fn judge_request(
                             headers.insert(name, value);
                         }
                     }
-                    authenticated = Some(found);
+                    authenticated = Some(Box::new(found));
                 }
             }
             Err(err) => return RequestVerdict::Unauthenticated(err),
@@ -220,16 +214,8 @@ pub fn judge_request(
     }
     let mut facts = arrival.facts.clone();
     facts.request = Some(view.into_facts(headers, authenticated.as_ref().map(|a| a.facts.clone())));
-    let decision = authz::evaluate(&security.policies, &facts);
-    if decision.verdict == Verdict::Allow {
-        RequestVerdict::Forward {
-            decision,
-            authenticated,
-        }
-    } else {
-        RequestVerdict::Forbidden {
-            decision,
-            authenticated,
-        }
+    RequestVerdict::Judged {
+        decision: authz::evaluate(&security.policies, &facts),
+        authenticated,
     }
 }

@@ -47,6 +47,15 @@ pub fn kernel_verdicts(state: &MeshState, trust_domain: &str) -> Vec<KernelVerdi
             .collect();
         ports.extend(destination.named_ports.values());
         ports.extend(&security.http_ports);
+        // Ports whose mutual TLS mode differs from the workload's: the source's identity
+        // may count there and not on the other ports.
+        ports.extend(
+            state
+                .mtls
+                .get(&destination.ip)
+                .into_iter()
+                .flat_map(|m| m.ports.keys().copied()),
+        );
         for source in sources.iter().filter(|s| s.ip != destination.ip) {
             let denies = |port: u16| {
                 let arrival = Arrival::new(
@@ -116,4 +125,69 @@ pub fn kernel_verdicts(state: &MeshState, trust_domain: &str) -> Vec<KernelVerdi
     }
     verdicts.extend(service_verdicts);
     verdicts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load_str;
+
+    #[test]
+    fn a_port_level_mtls_mode_gets_its_own_verdict() {
+        // db is DISABLE but STRICT on 9000, and allows only the client's identity: on
+        // 9000 the identity counts (mutual TLS), on the other ports it cannot.
+        let config = load_str(
+            std::path::Path::new("kernel.yaml"),
+            "apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop}
+spec: {nodeName: node-1, serviceAccountName: client}
+status: {podIP: 10.244.1.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: shop, labels: {app: db}}
+spec: {nodeName: node-1}
+status: {podIP: 10.244.1.20}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: db, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  mtls: {mode: DISABLE}
+  portLevelMtls: {9000: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]
+",
+        );
+        assert!(config.errors().next().is_none(), "{:?}", config.diagnostics);
+        let state = MeshState::build("node-1", &config);
+        let mut verdicts = kernel_verdicts(&state, "cluster.local");
+        verdicts.sort_by_key(|v| v.port);
+        let client = Ipv4Addr::new(10, 244, 1, 10);
+        let db = Ipv4Addr::new(10, 244, 1, 20);
+        assert_eq!(
+            verdicts,
+            [
+                KernelVerdict {
+                    source: client,
+                    destination: db,
+                    port: 0,
+                    deny: true
+                },
+                KernelVerdict {
+                    source: client,
+                    destination: db,
+                    port: 9000,
+                    deny: false
+                },
+            ]
+        );
+    }
 }

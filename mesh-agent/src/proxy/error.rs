@@ -3,10 +3,7 @@
 
 use std::{io, net::SocketAddrV4};
 
-use crate::{
-    identity::tls::TlsError,
-    proxy::{plan::PlanError, pool::PoolError},
-};
+use crate::proxy::{plan::PlanError, pool::PoolError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -27,6 +24,4 @@ pub enum ProxyError {
     Stream(#[from] h2::Error),
     #[error("serving HTTP")]
     Http(#[from] hyper::Error),
-    #[error("TLS configuration")]
-    Tls(#[from] TlsError),
 }

@@ -86,13 +86,8 @@ async fn carry_out(
     result: &mut ConnResult,
 ) -> Result<(), ProxyError> {
     let state = proxy.state.current();
-    let plan = match plan_outbound(&state, &proxy.settings, client_addr, original_dst) {
-        Ok(plan) => plan,
-        Err(err) => {
-            reset(&client);
-            return Err(err.into());
-        }
-    };
+    // Nowhere to carry it: the client's connection is closed, as before any policy.
+    let plan = plan_outbound(&state, &proxy.settings, client_addr, original_dst)?;
     let trust_domain = &proxy.settings.trust_domain;
     let spiffe = |w: &crate::model::Workload| {
         SpiffeId::new(trust_domain, &w.namespace, &w.service_account).to_string()

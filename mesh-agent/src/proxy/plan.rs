@@ -123,7 +123,7 @@ pub fn plan_outbound(
     let source = state
         .workloads
         .get(client.ip())
-        .filter(|w| w.node == state.node)
+        .filter(|_| state.is_local(*client.ip()))
         .cloned()
         .ok_or(PlanError::NotLocalSource {
             client,

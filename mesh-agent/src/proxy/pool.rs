@@ -8,7 +8,11 @@
 use std::{
     collections::HashMap,
     net::SocketAddrV4,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -48,6 +52,11 @@ pub enum PoolError {
         agent: SocketAddrV4,
         source: h2::Error,
     },
+    #[error("the agent at {agent} did not complete a connection within {timeout:?}")]
+    Timeout {
+        agent: SocketAddrV4,
+        timeout: Duration,
+    },
     #[error("CONNECT to {target}")]
     Request {
         target: SocketAddrV4,
@@ -77,24 +86,43 @@ struct PoolKey {
 }
 
 /// One key's pooled connection, and the lock that makes its handshake happen once.
+/// Each connection put in the slot gets a new generation, so a caller clears only the
+/// connection it saw fail (not one a concurrent caller has just made), and the task
+/// driving a connection clears it when the connection ends.
 #[derive(Default)]
 struct Slot {
-    sender: Mutex<Option<SendRequest<Bytes>>>,
+    sender: Mutex<Option<(u64, SendRequest<Bytes>)>>,
+    generation: AtomicU64,
     connecting: tokio::sync::Mutex<()>,
 }
 
 impl Slot {
-    fn cached(&self) -> Option<SendRequest<Bytes>> {
+    fn cached(&self) -> Option<(u64, SendRequest<Bytes>)> {
         self.sender
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    fn set(&self, sender: Option<SendRequest<Bytes>>) {
-        *self.sender.lock().unwrap_or_else(|e| e.into_inner()) = sender;
+    fn put(&self, sender: SendRequest<Bytes>) -> u64 {
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        *self.sender.lock().unwrap_or_else(|e| e.into_inner()) = Some((generation, sender));
+        generation
+    }
+
+    /// Forgets the connection of `generation`, if it is still the pooled one.
+    fn clear(&self, generation: u64) {
+        let mut sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
+        if sender.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *sender = None;
+        }
     }
 }
+
+/// How long a new connection to another agent may take (TCP, TLS and HTTP/2
+/// handshakes), so that an agent that drops SYNs fails its callers quickly instead of
+/// after the kernel's connect timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Pooled, multiplexed HBONE connections to other node agents.
 pub struct HbonePool {
@@ -121,20 +149,46 @@ impl HbonePool {
 
     /// The slot's connection, made now unless one is pooled (or made by a concurrent
     /// caller while this one waited).
-    async fn sender(&self, key: &PoolKey, slot: &Slot) -> Result<SendRequest<Bytes>, PoolError> {
-        if let Some(sender) = slot.cached() {
-            return Ok(sender);
+    async fn sender(
+        &self,
+        key: &PoolKey,
+        slot: &Arc<Slot>,
+    ) -> Result<(u64, SendRequest<Bytes>), PoolError> {
+        if let Some(cached) = slot.cached() {
+            return Ok(cached);
         }
         let _connecting = slot.connecting.lock().await;
-        if let Some(sender) = slot.cached() {
-            return Ok(sender);
+        if let Some(cached) = slot.cached() {
+            return Ok(cached);
         }
-        let sender = self.connect(key).await?;
-        slot.set(Some(sender.clone()));
-        Ok(sender)
+        let agent = key.agent;
+        let (sender, connection) = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(key))
+            .await
+            .map_err(|_| PoolError::Timeout {
+                agent,
+                timeout: CONNECT_TIMEOUT,
+            })??;
+        let generation = slot.put(sender.clone());
+        let driver = slot.clone();
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!("HBONE connection to {agent}: {err}");
+            }
+            driver.clear(generation);
+        });
+        Ok((generation, sender))
     }
 
-    async fn connect(&self, key: &PoolKey) -> Result<SendRequest<Bytes>, PoolError> {
+    async fn connect(
+        &self,
+        key: &PoolKey,
+    ) -> Result<
+        (
+            SendRequest<Bytes>,
+            h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Bytes>,
+        ),
+        PoolError,
+    > {
         let agent = key.agent;
         let config = self
             .identities
@@ -151,19 +205,13 @@ impl HbonePool {
             .connect(name, tcp)
             .await
             .map_err(|source| PoolError::Connect { agent, source })?;
-        let (sender, connection) = h2::client::Builder::new()
+        h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
             .handshake(tls)
             .await
-            .map_err(|source| PoolError::Handshake { agent, source })?;
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!("HBONE connection to {agent}: {err}");
-            }
-        });
-        Ok(sender)
+            .map_err(|source| PoolError::Handshake { agent, source })
     }
 
     /// Opens a stream to `request.target` through the agent at `agent`, as `source`,
@@ -181,13 +229,13 @@ impl HbonePool {
             agent,
         };
         let slot = self.slot(&key);
-        let sender = self.sender(&key, &slot).await?;
+        let (generation, sender) = self.sender(&key, &slot).await?;
         match send_connect(agent, sender, request).await {
             Err(err) if !err.is_answer() => {
                 // The pooled connection went away since it was last used: one fresh try.
                 tracing::debug!("HBONE to {agent}: {err}; reconnecting");
-                slot.set(None);
-                let sender = self.sender(&key, &slot).await?;
+                slot.clear(generation);
+                let (_, sender) = self.sender(&key, &slot).await?;
                 send_connect(agent, sender, request).await
             }
             opened => opened,

@@ -147,18 +147,7 @@ impl Guard {
                 );
                 return reply;
             }
-            RequestVerdict::Forbidden {
-                decision,
-                authenticated,
-            } => {
-                if authenticated.is_some() {
-                    self.metrics.jwt_validation("accepted", "-");
-                }
-                self.count(&decision, "request", arrival);
-                drain(body).await;
-                return local_reply(StatusCode::FORBIDDEN, authz::DENIED_BODY);
-            }
-            RequestVerdict::Forward {
+            RequestVerdict::Judged {
                 decision,
                 authenticated,
             } => {
@@ -169,6 +158,10 @@ impl Guard {
             }
         };
         self.count(&decision, "request", arrival);
+        if decision.verdict != Verdict::Allow {
+            drain(body).await;
+            return local_reply(StatusCode::FORBIDDEN, authz::DENIED_BODY);
+        }
         // `normalise` left the head as it is judged: forwarded as it is.
         match upstream.send(Request::from_parts(parts, body)).await {
             Ok(response) => {

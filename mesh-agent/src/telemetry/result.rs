@@ -78,6 +78,9 @@ pub struct ConnResult {
     metrics: Arc<Metrics>,
     side: Side,
     client: SocketAddrV4,
+    /// Where the client connected (a Service address, say).
+    original_dst: SocketAddrV4,
+    /// The endpoint it reached.
     target: SocketAddrV4,
     source_principal: Option<String>,
     destination_principal: Option<String>,
@@ -102,6 +105,7 @@ impl ConnResult {
             metrics,
             side,
             client,
+            original_dst: target,
             target,
             source_principal: None,
             destination_principal: None,
@@ -171,8 +175,9 @@ impl Drop for ConnResult {
         let principal = |p: &Option<String>| p.clone().unwrap_or_else(|| "unknown".into());
         tracing::debug!(
             target: "mesh::access",
-            "{side} {} → {} source_principal={} destination_principal={} connection_security_policy={} carried={} sent={} received={} duration_ms={} outcome={}",
+            "{side} {} → {} ({}) source_principal={} destination_principal={} connection_security_policy={} carried={} sent={} received={} duration_ms={} outcome={}",
             self.client,
+            self.original_dst,
             self.target,
             principal(&self.source_principal),
             principal(&self.destination_principal),
