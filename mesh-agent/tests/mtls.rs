@@ -121,6 +121,7 @@ async fn destination_agent_with(ca: &CaKeys, extra: &str) -> Agent {
             kernel_splice: false,
         },
         pool: HbonePool::new(identities.clone()),
+        upstreams: Arc::default(),
         identities,
         guard: Arc::new(Guard {
             jwks: Arc::new(JwksCache::default()),

@@ -199,9 +199,11 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         }),
         conns: conns.clone(),
         pool: HbonePool::new(identities.clone()),
+        upstreams: Arc::default(),
         splicer,
     });
     tokio::spawn(outbound::serve(capture, proxy.clone()));
+    tokio::spawn(expire_idle_upstreams(proxy.upstreams.clone()));
     tokio::spawn(inbound::serve(tunnel_listener, proxy));
     tokio::spawn(server::serve(metrics_listener, admin::metrics(metrics)));
     tokio::spawn(server::serve(
@@ -257,4 +259,14 @@ fn take_kernel_maps(bpffs: &Path) -> anyhow::Result<KernelMaps> {
         flows: BpfHashMap::try_from(Map::LruHashMap(open(pins::FLOWS)?))?,
         verdicts: PerCpuArray::try_from(Map::PerCpuArray(open(pins::TC_VERDICTS)?))?,
     })
+}
+
+/// Lets routed requests' idle upstream connections go once they are past their idle
+/// timeout, whether or not another request comes for them.
+async fn expire_idle_upstreams(upstreams: Arc<crate::proxy::upstream::Upstreams>) {
+    let mut ticker = tokio::time::interval(crate::proxy::upstream::IDLE_TIMEOUT / 2);
+    loop {
+        ticker.tick().await;
+        upstreams.expire();
+    }
 }

@@ -178,7 +178,7 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
             hostname: hostname.clone(),
         };
         let address = SocketAddrV4::new(ip, port.port);
-        let port_state = ServicePortState::new(
+        let mut port_state = ServicePortState::new(
             name,
             address,
             endpoints,
@@ -186,6 +186,7 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
             subsets.clone(),
             &state.balancers,
         );
+        port_state.http = is_http(port);
         state.services.insert(address, Arc::new(port_state));
     }
 }
@@ -337,7 +338,7 @@ fn add_service_entry(
                 hostname: hostname.clone(),
             };
             let address = SocketAddrV4::new(*ip, number);
-            let port_state = ServicePortState::new(
+            let mut port_state = ServicePortState::new(
                 name,
                 address,
                 endpoints.clone(),
@@ -345,9 +346,22 @@ fn add_service_entry(
                 subsets.clone(),
                 &state.balancers,
             );
+            port_state.http = entry_port_is_http(port);
             state.services.insert(address, Arc::new(port_state));
         }
     }
+}
+
+/// A ServiceEntry port's `protocol` (HTTP, HTTP2, GRPC), else its name's prefix.
+fn entry_port_is_http(port: &ServiceEntryPort) -> bool {
+    let declared = port
+        .protocol
+        .as_deref()
+        .or(port.name.as_deref())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let protocol = declared.split('-').next().unwrap_or_default();
+    matches!(protocol, "http" | "http2" | "grpc" | "grpc-web")
 }
 
 fn target_of(port: &ServiceEntryPort) -> Option<u16> {

@@ -156,7 +156,7 @@ fn seed() -> u64 {
 }
 
 /// xorshift64*: plenty for spreading connections, and no dependency.
-fn random(bound: usize) -> usize {
+pub fn random(bound: usize) -> usize {
     RNG.with(|state| {
         let mut x = state.get();
         x ^= x >> 12;

@@ -6,6 +6,7 @@
 pub mod discovery;
 pub mod lb;
 pub mod peerauth;
+pub mod routing;
 pub mod security;
 
 use std::{
@@ -21,6 +22,7 @@ use crate::config::{ClusterConfig, Diagnostic, Pod, DEFAULT_ROOT_NAMESPACE};
 use self::{
     lb::{ActiveGuard, Balancer, LbPolicy, LbRegistry},
     peerauth::WorkloadMtls,
+    routing::RouteTable,
     security::{SecurityConfig, WorkloadSecurity},
 };
 
@@ -79,6 +81,9 @@ pub struct ServicePortState {
     pub cluster_ip: Ipv4Addr,
     pub port: u16,
     pub endpoints: Vec<Endpoint>,
+    /// Declared HTTP, HTTP/2 or gRPC (`appProtocol` or the port name): requests to it can
+    /// be routed.
+    pub http: bool,
     pub policy: LbPolicy,
     #[serde(skip)]
     balancer: Balancer,
@@ -133,12 +138,31 @@ impl ServicePortState {
             balancer,
             policy,
             endpoints,
+            http: false,
             subsets,
         }
     }
 
     /// The endpoint for a new connection from `client`, in `subset` if one is named.
     pub fn pick(&self, client: Ipv4Addr, subset: Option<&str>) -> Pick {
+        self.pick_where(client, subset, |_| true)
+    }
+
+    /// As [`pick`](Self::pick), but not one of `avoid` while another is eligible: a retry
+    /// goes to another endpoint when there is one (Istio's `previous_hosts` predicate).
+    pub fn pick_avoiding(&self, client: Ipv4Addr, subset: Option<&str>, avoid: &[SocketAddrV4]) -> Pick {
+        match self.pick_where(client, subset, |addr| !avoid.contains(&addr)) {
+            Pick::None if !avoid.is_empty() => self.pick(client, subset),
+            picked => picked,
+        }
+    }
+
+    fn pick_where(
+        &self,
+        client: Ipv4Addr,
+        subset: Option<&str>,
+        allowed: impl Fn(SocketAddrV4) -> bool,
+    ) -> Pick {
         let addresses: Vec<SocketAddrV4> = self.endpoints.iter().map(|e| e.addr).collect();
         let (balancer, labels) = match subset.map(|s| self.subsets.get(s)) {
             Some(Some(subset)) => (&subset.balancer, Some(&subset.labels)),
@@ -149,7 +173,8 @@ impl ServicePortState {
             return Pick::Passthrough;
         }
         let eligible = |i: usize| {
-            labels.is_none_or(|labels| {
+            allowed(self.endpoints[i].addr)
+                && labels.is_none_or(|labels| {
                 labels
                     .iter()
                     .all(|(k, v)| self.endpoints[i].labels.get(k) == Some(v))
@@ -190,6 +215,8 @@ pub struct MeshState {
     /// AuthorizationPolicies and RequestAuthentication rules of every workload.
     #[serde(serialize_with = "security_summary")]
     pub security: HashMap<Ipv4Addr, Arc<WorkloadSecurity>>,
+    /// VirtualService routes by host.
+    pub routes: RouteTable,
     /// Istio's `rootNamespace`: its policies apply mesh wide.
     pub root_namespace: String,
     /// Problems found while deriving the state from a valid configuration.
@@ -253,6 +280,18 @@ impl MeshState {
             .values()
             .map(|w| (w.ip, Arc::new(security.for_workload(config, w))))
             .collect();
+        let (routes, unroutable) = RouteTable::build(config);
+        state.routes = routes;
+        state
+            .diagnostics
+            .extend(unroutable.into_iter().map(|e| Diagnostic {
+                severity: crate::config::Severity::Warning,
+                file: std::path::PathBuf::new(),
+                line: None,
+                resource: Some(format!("VirtualService {}", e.virtual_service)),
+                field: None,
+                message: format!("{}; its routes are not used", e.message),
+            }));
         balancers.prune();
         state
     }
@@ -317,6 +356,27 @@ impl MeshState {
             .values()
             .find(|s| s.hostname == hostname)
             .map(|s| s.as_ref())
+    }
+
+    /// The port of the Service (or ServiceEntry host) `hostname` a route destination
+    /// names: its `port`, else the only port, else the port the client addressed.
+    pub fn service_port(
+        &self,
+        hostname: &str,
+        port: Option<u16>,
+        addressed: u16,
+    ) -> Option<&Arc<ServicePortState>> {
+        let mut ports: Vec<&Arc<ServicePortState>> = self
+            .services
+            .values()
+            .filter(|s| s.hostname == hostname)
+            .collect();
+        ports.sort_by_key(|s| (s.port, s.cluster_ip));
+        match port {
+            Some(port) => ports.into_iter().find(|s| s.port == port),
+            None if ports.iter().all(|s| s.port == ports[0].port) => ports.first().copied(),
+            None => ports.into_iter().find(|s| s.port == addressed),
+        }
     }
 
     /// The Service whose endpoint `target` is, when exactly one claims it.

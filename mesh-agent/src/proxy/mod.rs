@@ -2,7 +2,8 @@
 //! stream + mesh state → what to do), then the I/O that carries it out — `outbound`
 //! (connections captured leaving local pods), `inbound` (HBONE from other agents),
 //! `deliver` (to a workload of this node, once for every arm), `requests` (HTTP judged
-//! request by request), `pool` (HBONE to other agents), `limits` (connections per
+//! request by request), `router` (requests a VirtualService routes, sent on `upstream`
+//! connections), `pool` (HBONE to other agents), `limits` (connections per
 //! source), `copy` and `socket`.
 
 pub mod copy;
@@ -14,7 +15,9 @@ pub mod outbound;
 pub mod plan;
 pub mod pool;
 pub mod requests;
+pub mod router;
 pub mod socket;
+pub mod upstream;
 
 use std::sync::Arc;
 
@@ -22,7 +25,7 @@ use crate::{
     datapath::splice::Splicer,
     identity::tls::Identities,
     model::SharedState,
-    proxy::{plan::PlanSettings, pool::HbonePool, requests::Guard},
+    proxy::{plan::PlanSettings, pool::HbonePool, requests::Guard, upstream::Upstreams},
     telemetry::conns::ConnTable,
 };
 
@@ -34,6 +37,8 @@ pub struct Proxy {
     pub guard: Arc<Guard>,
     pub conns: Arc<ConnTable>,
     pub pool: HbonePool,
+    /// HTTP connections of routed requests.
+    pub upstreams: Arc<Upstreams>,
     /// In-kernel splicing of same-node flows, when enabled and loaded.
     pub splicer: Option<Arc<Splicer>>,
 }

@@ -17,7 +17,7 @@ use crate::{
         error::ProxyError,
         limits::PerSource,
         plan::{plan_outbound, Carry, Route, TunnelRequest},
-        socket, Proxy,
+        router, socket, Proxy,
     },
     telemetry::{
         conns::flow_key,
@@ -60,7 +60,7 @@ fn reset(client: &TcpStream) {
     let _ = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO));
 }
 
-async fn handle(proxy: &Proxy, client: TcpStream) -> Result<(), ProxyError> {
+async fn handle(proxy: &Arc<Proxy>, client: TcpStream) -> Result<(), ProxyError> {
     client.set_nodelay(true)?;
     let client_addr = socket::v4(client.peer_addr()?)?;
     let original_dst = socket::v4(client.local_addr()?)?;
@@ -79,7 +79,7 @@ async fn handle(proxy: &Proxy, client: TcpStream) -> Result<(), ProxyError> {
 }
 
 async fn carry_out(
-    proxy: &Proxy,
+    proxy: &Arc<Proxy>,
     client: TcpStream,
     client_addr: SocketAddrV4,
     original_dst: SocketAddrV4,
@@ -175,6 +175,18 @@ async fn carry_out(
             result.set_carried(Carried::Tunnel);
             let mut client = Counted::client(client, result.bytes());
             copy_to_tunnel(&mut client, send, recv).await
+        }
+        Route::Routed { service, .. } => {
+            result.set_carried(Carried::Routed);
+            let client = Counted::client(client, result.bytes());
+            router::serve(
+                proxy.clone(),
+                client,
+                plan.source.clone(),
+                client_addr,
+                service,
+            )
+            .await
         }
         Route::Direct => {
             let mut upstream =

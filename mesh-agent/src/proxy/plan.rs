@@ -12,7 +12,12 @@ use mesh_common::TUNNEL_PORT;
 
 use crate::{
     identity::spiffe::SpiffeId,
-    model::{lb::ActiveGuard, peerauth::Effective, MeshState, Resolved, Workload},
+    model::{
+        lb::ActiveGuard,
+        peerauth::Effective,
+        routing::{choose_random, HostRoutes},
+        MeshState, Pick, Resolved, ServicePortState, Workload,
+    },
     policy::{
         authz::Decision,
         facts::{admit, Admission, Arrival, Peer},
@@ -75,6 +80,12 @@ pub enum Route {
     Direct,
     /// Refused on L4 facts: the client is reset.
     Deny { arrival: Arc<Arrival> },
+    /// An HTTP port of a Service a VirtualService routes: served request by request, each
+    /// routed on its own.
+    Routed {
+        service: Arc<ServicePortState>,
+        routes: Arc<HostRoutes>,
+    },
 }
 
 /// The plan for one captured connection.
@@ -129,6 +140,9 @@ pub fn plan_outbound(
             client,
             original_dst,
         })?;
+    if let Some(routed) = routed(state, settings, &source, client, original_dst)? {
+        return Ok(routed);
+    }
     let (target, destination, service, active) = match state.resolve(original_dst, *client.ip()) {
         Resolved::Endpoint {
             target,
@@ -150,9 +164,108 @@ pub fn plan_outbound(
             })
         }
     };
+    let (route, decision) = plan_endpoint(
+        state,
+        settings,
+        &source,
+        *client.ip(),
+        target,
+        destination.as_ref(),
+    )?;
+    Ok(OutboundPlan {
+        target,
+        destination,
+        service,
+        source,
+        route,
+        decision,
+        active,
+    })
+}
+
+/// A connection to a Service a VirtualService routes: an HTTP port is served request by
+/// request ([`Route::Routed`]); a `tcp` route that matches picks the connection's
+/// destination by weight. `None` when no VirtualService applies.
+fn routed(
+    state: &MeshState,
+    settings: &PlanSettings,
+    source: &Arc<Workload>,
+    client: SocketAddrV4,
+    original_dst: SocketAddrV4,
+) -> Result<Option<OutboundPlan>, PlanError> {
+    let Some(service) = state.services.get(&original_dst) else {
+        return Ok(None);
+    };
+    let Some(routes) = state.routes.for_host(&service.hostname, &source.namespace) else {
+        return Ok(None);
+    };
+    if service.http && !routes.http.is_empty() {
+        return Ok(Some(OutboundPlan {
+            target: original_dst,
+            destination: None,
+            service: Some(service.hostname.clone()),
+            source: source.clone(),
+            route: Route::Routed {
+                service: service.clone(),
+                routes: routes.clone(),
+            },
+            decision: None,
+            active: None,
+        }));
+    }
+    let Some(destination) = routes
+        .select_tcp(source, original_dst)
+        .and_then(|rule| choose_random(&rule.destinations))
+    else {
+        return Ok(None);
+    };
+    let no_endpoints = || PlanError::NoEndpoints {
+        client,
+        original_dst,
+        service: destination.host.clone(),
+    };
+    let chosen = state
+        .service_port(&destination.host, destination.port, original_dst.port())
+        .ok_or_else(no_endpoints)?;
+    match chosen.pick(*client.ip(), destination.subset.as_deref()) {
+        Pick::Endpoint(index, guard) => {
+            let endpoint = &chosen.endpoints[index];
+            let (route, decision) = plan_endpoint(
+                state,
+                settings,
+                source,
+                *client.ip(),
+                endpoint.addr,
+                endpoint.workload.as_ref(),
+            )?;
+            Ok(Some(OutboundPlan {
+                target: endpoint.addr,
+                destination: endpoint.workload.clone(),
+                service: Some(chosen.hostname.clone()),
+                source: source.clone(),
+                route,
+                decision,
+                active: Some(guard),
+            }))
+        }
+        Pick::Passthrough | Pick::None => Err(no_endpoints()),
+    }
+}
+
+/// How the source agent reaches `target` (the meshed pod `destination`, or an address
+/// outside the mesh) for `source`, and the connection-time decision of the destination's
+/// policies when they are judged here.
+pub fn plan_endpoint(
+    state: &MeshState,
+    settings: &PlanSettings,
+    source: &Workload,
+    client_ip: std::net::Ipv4Addr,
+    target: SocketAddrV4,
+    destination: Option<&Arc<Workload>>,
+) -> Result<(Route, Option<Decision>), PlanError> {
     let trust_domain = settings.trust_domain.as_str();
     let mut decision = None;
-    let route = match &destination {
+    let route = match destination {
         None => Route::Direct,
         Some(pod) => {
             let local = pod.node == state.node;
@@ -164,8 +277,8 @@ pub fn plan_outbound(
                 let arrival = Arc::new(Arrival::new(
                     state,
                     trust_domain,
-                    *client.ip(),
-                    Peer::Pod(&source),
+                    client_ip,
+                    Peer::Pod(source),
                     pod.clone(),
                     target,
                     None,
@@ -193,21 +306,13 @@ pub fn plan_outbound(
                 })?;
                 Route::Tunnel {
                     agent: SocketAddrV4::new(agent_ip, TUNNEL_PORT),
-                    source: spiffe_id(trust_domain, &source),
+                    source: spiffe_id(trust_domain, source),
                     destination: spiffe_id(trust_domain, pod),
                 }
             }
         }
     };
-    Ok(OutboundPlan {
-        target,
-        destination,
-        service,
-        source,
-        route,
-        decision,
-        active,
-    })
+    Ok((route, decision))
 }
 
 /// What a source agent asks of a destination agent in an HBONE `CONNECT`.

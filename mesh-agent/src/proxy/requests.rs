@@ -184,7 +184,7 @@ impl Guard {
 /// a pod that opens connections and never finishes a head would otherwise hold two
 /// descriptors and a task each for ever. Generous for a slow client, as Envoy's
 /// `request_headers_timeout` would be if set.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// HTTP/2 streams a client may have open at once on one connection. Envoy allows 2^31-1
 /// and hyper 200; every open stream costs a task and buffers here, and one pod's
 /// connection is judged request by request, so 1024 lets a gRPC client multiplex freely
@@ -196,7 +196,7 @@ const MAX_CONCURRENT_STREAMS: u32 = 1024;
 const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 
 /// The server side of a judged connection, HTTP/1.1 or HTTP/2, with its bounds.
-fn server(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
+pub fn server(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -209,9 +209,10 @@ fn server(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-type Body = Either<Incoming, Full<Bytes>>;
+/// A body the proxy sends: one it received, or one it wrote.
+pub type Body = Either<Incoming, Full<Bytes>>;
 
-fn local_reply(status: StatusCode, text: &'static str) -> Response<Body> {
+pub fn local_reply(status: StatusCode, text: &'static str) -> Response<Body> {
     let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
         text.as_bytes(),
     ))));
@@ -234,7 +235,7 @@ const HOP_BY_HOP: [&str; 7] = [
 ];
 
 /// On responses: requests are cleaned by `normalise` before they are judged.
-fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

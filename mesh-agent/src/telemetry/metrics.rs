@@ -24,7 +24,7 @@ use tokio::io::unix::AsyncFd;
 use crate::{
     datapath::ip_from_key,
     model::{MeshState, SharedState, Workload},
-    telemetry::conns::ConnTable,
+    telemetry::{conns::ConnTable, request::RequestRecord},
 };
 
 /// Istio's TCP metric labels.
@@ -77,6 +77,14 @@ struct JwtLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoutedLabels {
+    destination_service: String,
+    route: String,
+    response_code: String,
+    response_flags: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
 }
@@ -119,6 +127,7 @@ pub struct Metrics {
     authz_decisions: Family<AuthzLabels, Counter>,
     jwt_validations: Family<JwtLabels, Counter>,
     carried: Family<CarriedLabels, Counter>,
+    routed: Family<RoutedLabels, Counter>,
     pub config_generation: Gauge,
     pub enrolled_pods: Gauge,
     tracker: Mutex<Option<Tracker>>,
@@ -141,6 +150,7 @@ impl Metrics {
         let authz_decisions = Family::<AuthzLabels, Counter>::default();
         let jwt_validations = Family::<JwtLabels, Counter>::default();
         let carried = Family::<CarriedLabels, Counter>::default();
+        let routed = Family::<RoutedLabels, Counter>::default();
         let config_generation = Gauge::default();
         let enrolled_pods = Gauge::default();
         registry.register(
@@ -199,6 +209,11 @@ impl Metrics {
             carried.clone(),
         );
         registry.register(
+            "mesh_routed_requests",
+            "Requests routed by a VirtualService in the source pod's agent, by Service, route, response code and Envoy response flags",
+            routed.clone(),
+        );
+        registry.register(
             "mesh_config_generation",
             "Generation of the configuration being served",
             config_generation.clone(),
@@ -221,6 +236,7 @@ impl Metrics {
             authz_decisions,
             jwt_validations,
             carried,
+            routed,
             config_generation,
             enrolled_pods,
             tracker: Mutex::new(None),
@@ -239,6 +255,18 @@ impl Metrics {
     }
 
     /// Counts a captured connection reset before it was planned.
+    /// Counts a routed request by its outcome.
+    pub fn request_routed(&self, record: &RequestRecord) {
+        self.routed
+            .get_or_create(&RoutedLabels {
+                destination_service: record.service.clone(),
+                route: record.route.clone().unwrap_or_else(|| "-".into()),
+                response_code: record.status.map_or("0".into(), |s| s.as_u16().to_string()),
+                response_flags: record.flags().to_string(),
+            })
+            .inc();
+    }
+
     pub fn connection_refused(&self, reason: &str) {
         self.connection_refusals
             .get_or_create(&ReasonLabels {

@@ -1,6 +1,8 @@
 //! What the agent reports about the traffic it sees: Istio's metrics from the kernel's
-//! flow events joined with the proxy's connection records.
+//! flow events joined with the proxy's connection records, and the outcome of every
+//! routed request.
 
 pub mod conns;
 pub mod metrics;
+pub mod request;
 pub mod result;

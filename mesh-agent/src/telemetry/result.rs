@@ -32,6 +32,8 @@ pub enum Carried {
     Http,
     /// Over HBONE to another node.
     Tunnel,
+    /// Routed request by request by a VirtualService.
+    Routed,
     /// Straight from this node: outside the mesh, or PeerAuthentication DISABLE.
     Direct,
 }
@@ -43,6 +45,7 @@ impl Carried {
             Carried::Copied => "copied",
             Carried::Http => "http",
             Carried::Tunnel => "tunnel",
+            Carried::Routed => "routed",
             Carried::Direct => "direct",
         }
     }

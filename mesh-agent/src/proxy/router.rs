@@ -1,0 +1,696 @@
+//! Requests to a Service a VirtualService routes, served in the source pod's agent as a
+//! sidecar would: each request is normalised, matched against the routes (404 `NR` when
+//! none matches), faulted, redirected or answered directly as its route says, or sent to
+//! a destination chosen by weight, then to an endpoint of its subset — over the same
+//! paths a connection takes (this node's pod under its policies, HBONE to another node,
+//! plaintext, or outside the mesh) — with the route's rewrite, header changes, timeout
+//! and retries, and copies to its mirrors. Every request's outcome is recorded once
+//! ([`RequestRecord`]).
+
+use std::{
+    convert::Infallible,
+    net::SocketAddrV4,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{header, request::Parts, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::{
+    model::{
+        routing::{
+            choose_random, AbortWith, Action, Fault, HttpRule, RequestFacts, RetryPolicy, Selected,
+            TryOutcome, WeightedDestination,
+        },
+        MeshState, Pick, ServicePortState, Workload,
+    },
+    policy::request::normalise,
+    proxy::{
+        copy::{copy_to_tunnel, COPY_BUFFER},
+        error::ProxyError,
+        plan::{plan_endpoint, Carry, Route, TunnelRequest},
+        requests::{local_reply, server, strip_hop_by_hop, Body, HEADER_READ_TIMEOUT},
+        socket,
+        upstream::{Key, Returning, Sender, Stream},
+        Proxy,
+    },
+    telemetry::request::{RequestRecord, ResponseFlag},
+};
+
+/// A request body is kept for retries and mirrors up to this size (Envoy's default
+/// per-request buffer limit is 1 MiB; retried requests are rarely large).
+const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
+
+type RoutedBody = Either<Returning, Full<Bytes>>;
+
+/// Serves `client` (a pod of this node that connected to `service`) request by request.
+pub async fn serve<S>(
+    proxy: Arc<Proxy>,
+    client: S,
+    source: Arc<Workload>,
+    client_addr: SocketAddrV4,
+    service: Arc<ServicePortState>,
+) -> Result<(), ProxyError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let router = Arc::new(Router {
+        proxy,
+        source,
+        client: client_addr,
+        addressed: SocketAddrV4::new(service.cluster_ip, service.port),
+        hostname: service.hostname.clone(),
+    });
+    let service = service_fn(move |request| {
+        let router = router.clone();
+        async move { Ok::<_, Infallible>(router.handle(request).await) }
+    });
+    server(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(client), service)
+        .await
+        .map_err(|err| match err.downcast::<hyper::Error>() {
+            Ok(err) => ProxyError::Http(*err),
+            Err(err) => ProxyError::Io(std::io::Error::other(err)),
+        })
+}
+
+struct Router {
+    proxy: Arc<Proxy>,
+    source: Arc<Workload>,
+    client: SocketAddrV4,
+    /// The Service address the client connected to.
+    addressed: SocketAddrV4,
+    hostname: String,
+}
+
+/// A request's body: as it arrives, or read whole so it can be sent again.
+enum RequestBody {
+    Streamed(Option<Incoming>),
+    Buffered(Bytes),
+}
+
+impl RequestBody {
+    /// The body for the next try; `None` when a streamed body was already sent.
+    fn next(&mut self) -> Option<Body> {
+        match self {
+            RequestBody::Streamed(body) => body.take().map(Either::Left),
+            RequestBody::Buffered(bytes) => Some(Either::Right(Full::new(bytes.clone()))),
+        }
+    }
+}
+
+/// Why a try produced no response.
+#[derive(Debug)]
+enum TryFailure {
+    Connect(String),
+    Reset(String),
+    RefusedStream,
+    Denied,
+}
+
+impl Router {
+    async fn handle(&self, request: Request<Incoming>) -> Response<RoutedBody> {
+        let started = Instant::now();
+        let mut record = RequestRecord::new(&self.hostname);
+        let response = self.route(request, &mut record).await;
+        record.finish(response.status(), started.elapsed());
+        self.proxy.guard.metrics.request_routed(&record);
+        tracing::debug!(
+            target: "mesh::access",
+            "{} → {} route={} upstream={} {} flags={} attempts={} {:?}",
+            self.client,
+            self.hostname,
+            record.route.as_deref().unwrap_or("-"),
+            record.upstream.map_or("-".into(), |u| u.to_string()),
+            response.status().as_u16(),
+            record.flags(),
+            record.attempts,
+            record.duration,
+        );
+        response
+    }
+
+    async fn route(
+        &self,
+        request: Request<Incoming>,
+        record: &mut RequestRecord,
+    ) -> Response<RoutedBody> {
+        let (mut parts, body) = request.into_parts();
+        let view = match normalise(&mut parts) {
+            Ok(view) => view,
+            Err(rejection) => return reply(rejection.status(), rejection.body()),
+        };
+        let state = self.proxy.state.current();
+        let Some(routes) = state
+            .routes
+            .for_host(&self.hostname, &self.source.namespace)
+            .cloned()
+        else {
+            record.flag(ResponseFlag::NoRoute);
+            return reply(StatusCode::NOT_FOUND, "");
+        };
+        let facts = RequestFacts {
+            method: &view.method,
+            scheme: "http",
+            authority: &view.host,
+            path: &view.path,
+            query: view.query.as_deref(),
+            headers: &parts.headers,
+            port: self.addressed.port(),
+            source: &self.source,
+        };
+        let Some(Selected {
+            rule,
+            matched_prefix,
+        }) = routes.select(&facts)
+        else {
+            record.flag(ResponseFlag::NoRoute);
+            return reply(StatusCode::NOT_FOUND, "");
+        };
+        record.route = Some(rule.name.clone());
+        let grpc = is_grpc(&parts);
+        if let Some((delay, percent)) = rule.fault.delay {
+            if Fault::rolls(percent) {
+                record.flag(ResponseFlag::DelayInjected);
+                tokio::time::sleep(delay).await;
+            }
+        }
+        if let Some((abort, percent)) = rule.fault.abort {
+            if Fault::rolls(percent) {
+                record.flag(ResponseFlag::FaultInjected);
+                return aborted(abort);
+            }
+        }
+        let destinations = match &rule.action {
+            Action::Redirect(redirect) => {
+                let mut response = reply(redirect.status, "");
+                if let Ok(location) = HeaderValue::from_str(&redirect.location(&facts)) {
+                    response.headers_mut().insert(header::LOCATION, location);
+                }
+                return response;
+            }
+            Action::DirectResponse { status, body } => {
+                let mut response = Response::new(Either::Right(Full::new(body.clone())));
+                *response.status_mut() = *status;
+                return response;
+            }
+            Action::Route(destinations) => destinations,
+        };
+        let Some(destination) = choose_random(destinations) else {
+            record.flag(ResponseFlag::NoHealthyUpstream);
+            return reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        };
+        if let Some(rewrite) = &rule.rewrite {
+            let path = rewrite.path(&view.path, matched_prefix);
+            let authority = rewrite.authority.as_deref().unwrap_or(&view.host);
+            set_target(&mut parts, &path, view.query.as_deref(), authority);
+        }
+        rule.headers.request.apply(&mut parts.headers);
+        destination.headers.request.apply(&mut parts.headers);
+        let timeout = grpc_timeout(&parts).or(rule.timeout);
+        let retries = &rule.retries;
+        let mut body = if retries.attempts > 0 || !rule.mirrors.is_empty() {
+            buffer(body).await
+        } else {
+            RequestBody::Streamed(Some(body))
+        };
+        if let RequestBody::Buffered(bytes) = &body {
+            self.mirror(&state, rule, &parts, bytes);
+        }
+        let forwarded = self.forward(&state, destination, &parts, &mut body, retries, grpc, record);
+        let response = match timeout {
+            Some(limit) => match tokio::time::timeout(limit, forwarded).await {
+                Ok(response) => response,
+                Err(_) => {
+                    record.flag(ResponseFlag::UpstreamTimeout);
+                    return reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
+                }
+            },
+            None => forwarded.await,
+        };
+        let (mut head, body) = response.into_parts();
+        strip_hop_by_hop(&mut head.headers);
+        rule.headers.response.apply(&mut head.headers);
+        destination.headers.response.apply(&mut head.headers);
+        Response::from_parts(head, body)
+    }
+
+    /// Tries `destination` as the retry policy allows; each retry picks another endpoint
+    /// when there is one (Istio's `previous_hosts` predicate).
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        state: &MeshState,
+        destination: &WeightedDestination,
+        parts: &Parts,
+        body: &mut RequestBody,
+        retries: &RetryPolicy,
+        grpc: bool,
+        record: &mut RequestRecord,
+    ) -> Response<RoutedBody> {
+        let Some(service) =
+            state.service_port(&destination.host, destination.port, self.addressed.port())
+        else {
+            record.flag(ResponseFlag::NoHealthyUpstream);
+            return reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        };
+        let mut tried = Vec::new();
+        loop {
+            let endpoint = match service.pick_avoiding(
+                *self.client.ip(),
+                destination.subset.as_deref(),
+                &tried,
+            ) {
+                Pick::Endpoint(index, _guard) => service.endpoints[index].clone(),
+                Pick::Passthrough | Pick::None => {
+                    record.flag(ResponseFlag::NoHealthyUpstream);
+                    return reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+                }
+            };
+            tried.push(endpoint.addr);
+            record.attempts += 1;
+            record.upstream = Some(endpoint.addr);
+            let Some(request_body) = body.next() else {
+                record.flag(ResponseFlag::UpstreamRetryLimitExceeded);
+                return reply(StatusCode::SERVICE_UNAVAILABLE, "upstream reset");
+            };
+            let request = Request::from_parts(clone_head(parts), request_body);
+            let attempt = self.send(
+                state,
+                endpoint.addr,
+                endpoint.workload.as_ref(),
+                &service.hostname,
+                request,
+            );
+            let outcome = match retries.per_try_timeout {
+                Some(limit) => tokio::time::timeout(limit, attempt).await.ok(),
+                None => Some(attempt.await),
+            };
+            let retries_left = record.attempts <= retries.attempts;
+            let (response, try_outcome) = match outcome {
+                None => (None, TryOutcome::Timeout),
+                Some(Ok(response)) => {
+                    let status = response.status().as_u16();
+                    let code = grpc.then(|| grpc_status(response.headers())).flatten();
+                    let outcome = TryOutcome::Response { status, grpc: code };
+                    (Some(response), outcome)
+                }
+                Some(Err(TryFailure::Denied)) => {
+                    return reply(StatusCode::FORBIDDEN, crate::policy::authz::DENIED_BODY)
+                }
+                Some(Err(TryFailure::Connect(why))) => {
+                    tracing::debug!("{} → {}: {why}", self.client, endpoint.addr);
+                    (None, TryOutcome::ConnectFailure)
+                }
+                Some(Err(TryFailure::Reset(why))) => {
+                    tracing::debug!("{} → {}: {why}", self.client, endpoint.addr);
+                    (None, TryOutcome::Reset)
+                }
+                Some(Err(TryFailure::RefusedStream)) => (None, TryOutcome::RefusedStream),
+            };
+            let again = retries_left && retries.retries(try_outcome) && body.can_resend();
+            if !again {
+                return match (response, try_outcome) {
+                    (Some(response), _) => response,
+                    (None, outcome) => {
+                        let exhausted = record.attempts > 1;
+                        if exhausted {
+                            record.flag(ResponseFlag::UpstreamRetryLimitExceeded);
+                        }
+                        failure_reply(outcome, record)
+                    }
+                };
+            }
+            tokio::time::sleep(RetryPolicy::backoff(record.attempts)).await;
+        }
+    }
+
+    /// One try: a pooled connection to `endpoint` (or a new one), the request, its
+    /// response head.
+    async fn send(
+        &self,
+        state: &MeshState,
+        endpoint: SocketAddrV4,
+        workload: Option<&Arc<Workload>>,
+        hostname: &str,
+        request: Request<Body>,
+    ) -> Result<Response<RoutedBody>, TryFailure> {
+        let key = Key {
+            source: *self.client.ip(),
+            endpoint,
+            http2: request.version() == Version::HTTP_2,
+        };
+        let upstreams = &self.proxy.upstreams;
+        let mut sender = match upstreams.take(&key) {
+            Some(sender) => sender,
+            None => self.connect(state, key, workload, hostname).await?,
+        };
+        if let Sender::Http1(send) = &mut sender {
+            if send.ready().await.is_err() {
+                sender = self.connect(state, key, workload, hostname).await?;
+            }
+        }
+        match sender {
+            Sender::Http2(mut send) => {
+                upstreams.put(key, Sender::Http2(send.clone()));
+                let response = send.send_request(request).await.map_err(reset_or_refused)?;
+                Ok(response.map(|b| Either::Left(Returning::new(b, None))))
+            }
+            Sender::Http1(mut send) => {
+                let response = send.send_request(request).await.map_err(reset_or_refused)?;
+                let back = Some((upstreams.clone(), key, Sender::Http1(send)));
+                Ok(response.map(|b| Either::Left(Returning::new(b, back))))
+            }
+        }
+    }
+
+    /// A new connection to `key.endpoint` the way a connection from the source pod would
+    /// go: this node's pod under its policies (each request judged when they need it),
+    /// HBONE to the endpoint's node, plaintext for DISABLE, or straight outside the mesh.
+    async fn connect(
+        &self,
+        state: &MeshState,
+        key: Key,
+        workload: Option<&Arc<Workload>>,
+        hostname: &str,
+    ) -> Result<Sender, TryFailure> {
+        let connect_failure = |e: &dyn std::fmt::Display| TryFailure::Connect(e.to_string());
+        let (route, decision) = plan_endpoint(
+            state,
+            &self.proxy.settings,
+            &self.source,
+            *self.client.ip(),
+            key.endpoint,
+            workload,
+        )
+        .map_err(|e| connect_failure(&e))?;
+        let as_client = SocketAddrV4::new(*self.client.ip(), 0);
+        let io: Box<dyn Stream> = match route {
+            Route::Deny { arrival } => {
+                if let Some(decision) = &decision {
+                    self.proxy.guard.count(decision, "connection", &arrival);
+                }
+                return Err(TryFailure::Denied);
+            }
+            Route::Local { arrival, carry } | Route::Plaintext { arrival, carry } => {
+                if let Some(decision) = &decision {
+                    self.proxy.guard.count(decision, "connection", &arrival);
+                }
+                let local = arrival.workload.node == state.node;
+                let socket = if local {
+                    socket::connect_as(as_client, key.endpoint).await
+                } else {
+                    socket::connect(key.endpoint).await
+                }
+                .map_err(|e| connect_failure(&e))?;
+                if carry == Carry::Http {
+                    // The destination's per-request policies judge what goes on it.
+                    let (ours, judged) = tokio::io::duplex(COPY_BUFFER);
+                    let guard = self.proxy.guard.clone();
+                    tokio::spawn(async move {
+                        if let Err(err) = guard.serve_http(judged, socket, arrival).await {
+                            tracing::debug!("routed request judge: {err}");
+                        }
+                    });
+                    Box::new(ours)
+                } else {
+                    Box::new(socket)
+                }
+            }
+            Route::Tunnel {
+                agent,
+                source,
+                destination,
+            } => {
+                let request = TunnelRequest {
+                    target: key.endpoint,
+                    client: self.client,
+                    service: Some(hostname.to_owned()),
+                };
+                let (send, recv) = self
+                    .proxy
+                    .pool
+                    .open(agent, &source, &destination, &request)
+                    .await
+                    .map_err(|e| match e {
+                        crate::proxy::pool::PoolError::Refused { status, .. }
+                            if status == StatusCode::FORBIDDEN =>
+                        {
+                            TryFailure::Denied
+                        }
+                        other => connect_failure(&crate::errors::describe(&other)),
+                    })?;
+                let (mut ours, theirs) = tokio::io::duplex(COPY_BUFFER);
+                tokio::spawn(async move {
+                    if let Err(err) = copy_to_tunnel(&mut ours, send, recv).await {
+                        tracing::debug!("routed request tunnel: {err}");
+                    }
+                });
+                Box::new(theirs)
+            }
+            Route::Direct => Box::new(
+                socket::connect(key.endpoint)
+                    .await
+                    .map_err(|e| connect_failure(&e))?,
+            ),
+            Route::Routed { .. } => {
+                return Err(TryFailure::Connect(format!(
+                    "{} is a Service address, not an endpoint",
+                    key.endpoint
+                )))
+            }
+        };
+        Sender::handshake(io, key.http2)
+            .await
+            .map_err(|e| connect_failure(&e))
+    }
+
+    /// Sends a copy of the request to each mirror its percentage picks, and forgets it:
+    /// the client sees only the primary's answer. The copy's authority gets `-shadow`, as
+    /// Envoy marks mirrored requests.
+    fn mirror(&self, state: &MeshState, rule: &HttpRule, parts: &Parts, body: &Bytes) {
+        for mirror in &rule.mirrors {
+            if !Fault::rolls(mirror.percent) {
+                continue;
+            }
+            let Some(service) = state.service_port(&mirror.host, mirror.port, self.addressed.port())
+            else {
+                continue;
+            };
+            let Pick::Endpoint(index, _) =
+                service.pick(*self.client.ip(), mirror.subset.as_deref())
+            else {
+                continue;
+            };
+            let endpoint = service.endpoints[index].clone();
+            let mut head = clone_head(parts);
+            shadow_authority(&mut head);
+            let request = Request::from_parts(head, Either::Right(Full::new(body.clone())));
+            let router = Router {
+                proxy: self.proxy.clone(),
+                source: self.source.clone(),
+                client: self.client,
+                addressed: self.addressed,
+                hostname: service.hostname.clone(),
+            };
+            let state = self.proxy.state.current();
+            tokio::spawn(async move {
+                let sent = router
+                    .send(
+                        &state,
+                        endpoint.addr,
+                        endpoint.workload.as_ref(),
+                        &router.hostname,
+                        request,
+                    )
+                    .await;
+                if let Ok(response) = sent {
+                    // Read to the end so the connection returns to the pool.
+                    let _ = response.into_body().collect().await;
+                }
+            });
+        }
+    }
+}
+
+impl RequestBody {
+    fn can_resend(&self) -> bool {
+        matches!(self, RequestBody::Buffered(_))
+    }
+}
+
+/// Reads a body whole when it is small enough to send again; a larger one is streamed
+/// once (and not retried), as Envoy does past its buffer limit.
+async fn buffer(body: Incoming) -> RequestBody {
+    use hyper::body::Body as _;
+    let small = body
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= RETRY_BUFFER_LIMIT);
+    if !small {
+        return RequestBody::Streamed(Some(body));
+    }
+    match Limited::new(body, RETRY_BUFFER_LIMIT as usize).collect().await {
+        Ok(collected) => RequestBody::Buffered(collected.to_bytes()),
+        Err(_) => RequestBody::Buffered(Bytes::new()),
+    }
+}
+
+fn reset_or_refused(err: hyper::Error) -> TryFailure {
+    let refused = std::error::Error::source(&err)
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .and_then(h2::Error::reason)
+        == Some(h2::Reason::REFUSED_STREAM);
+    if refused {
+        TryFailure::RefusedStream
+    } else {
+        TryFailure::Reset(err.to_string())
+    }
+}
+
+/// The answer when no try produced a response.
+fn failure_reply(outcome: TryOutcome, record: &mut RequestRecord) -> Response<RoutedBody> {
+    match outcome {
+        TryOutcome::Timeout => {
+            record.flag(ResponseFlag::UpstreamTimeout);
+            reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+        }
+        TryOutcome::ConnectFailure => {
+            record.flag(ResponseFlag::UpstreamConnectionFailure);
+            reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+            )
+        }
+        TryOutcome::Reset | TryOutcome::RefusedStream | TryOutcome::Response { .. } => {
+            record.flag(ResponseFlag::UpstreamConnectionTermination);
+            reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+            )
+        }
+    }
+}
+
+fn reply(status: StatusCode, text: &'static str) -> Response<RoutedBody> {
+    local_reply(status, text).map(|body| match body {
+        Either::Right(full) => Either::Right(full),
+        Either::Left(_) => Either::Right(Full::new(Bytes::new())),
+    })
+}
+
+/// An injected abort: an HTTP status, or a gRPC status in a trailers-only response.
+fn aborted(abort: AbortWith) -> Response<RoutedBody> {
+    match abort {
+        AbortWith::Http(status) => reply(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            "fault filter abort",
+        ),
+        AbortWith::Grpc(code) => {
+            let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert("grpc-status", HeaderValue::from(code));
+            headers.insert("grpc-message", HeaderValue::from_static("fault filter abort"));
+            response
+        }
+    }
+}
+
+fn is_grpc(parts: &Parts) -> bool {
+    parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// gRPC's `grpc-timeout` (`<digits><unit>`), which Istio lets override the route timeout.
+fn grpc_timeout(parts: &Parts) -> Option<Duration> {
+    let value = parts.headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The head of a request, again (for a retry or a mirror).
+fn clone_head(parts: &Parts) -> Parts {
+    let mut request = Request::new(());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    request.into_parts().0
+}
+
+/// Points the request at `path?query` on `authority` (`:authority` on HTTP/2, `Host` on
+/// HTTP/1.1, as `normalise` left them).
+fn set_target(parts: &mut Parts, path: &str, query: Option<&str>, authority: &str) {
+    let target = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    let uri = if parts.version >= Version::HTTP_2 {
+        format!("http://{authority}{target}").parse::<Uri>()
+    } else {
+        target.parse::<Uri>()
+    };
+    if let Ok(uri) = uri {
+        parts.uri = uri;
+    }
+    if parts.version < Version::HTTP_2 {
+        if let Ok(host) = HeaderValue::from_str(authority) {
+            parts.headers.insert(header::HOST, host);
+        }
+    }
+}
+
+/// `host` → `host-shadow` (keeping the port).
+fn shadow_authority(parts: &mut Parts) {
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let shadowed = match authority.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => format!("{host}-shadow:{port}"),
+        _ => format!("{authority}-shadow"),
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let (path, query) = match path.split_once('?') {
+        Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+        None => (path, None),
+    };
+    set_target(parts, &path, query.as_deref(), &shadowed);
+}
