@@ -1548,3 +1548,279 @@ fn a_hostile_pod_cannot_slip_past_the_kernel_with_fragments_or_forged_addresses(
     // What the attacker sent never got further than its own veth.
     assert_eq!(tc_packets("node-b", "drop_spoofed_source"), 0);
 }
+
+/// A `reviews` pod of `version` on `node`, serving `l7_server.py` on 9080.
+fn reviews_pod(version: &str, node: &str) -> String {
+    let server = workspace().join("xtask/tests/l7_server.py");
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: reviews-{version}\n  namespace: demo\n  \
+         labels: {{app: reviews, version: {version}}}\nspec:\n  nodeName: {node}\n  containers:\n  \
+         - name: reviews\n    command: [python3, {}, '9080']\n    ports: [{{name: http, containerPort: 9080}}]\n",
+        server.display()
+    )
+}
+
+const REVIEWS: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: demo}
+spec:
+  clusterIP: 10.96.0.110
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: demo}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+  - {name: v3, labels: {version: v3}}
+";
+
+/// What `l7_client.py` saw making `count` requests to `path` of the reviews Service.
+struct Answers {
+    /// Answers by "status pod".
+    counts: std::collections::BTreeMap<String, u64>,
+    slowest_ms: f64,
+    first: serde_json::Value,
+}
+
+impl Answers {
+    fn count(&self, key: &str) -> u64 {
+        self.counts.get(key).copied().unwrap_or(0)
+    }
+
+    fn total(&self) -> u64 {
+        self.counts.values().sum()
+    }
+
+    /// The JSON the backend answered the first request with.
+    fn first_echo(&self) -> serde_json::Value {
+        let body = self.first["body"].as_str().expect("a body");
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"))
+    }
+}
+
+fn reviews(path: &str, count: usize, headers: &str, connections: &str) -> Answers {
+    let script = include_str!("l7_client.py");
+    let url = format!("http://10.96.0.110:9080{path}");
+    let out = ok(
+        xtask(&[
+            "sandbox",
+            "exec",
+            "client-a",
+            "--",
+            "python3",
+            "-c",
+            script,
+            &url,
+            &count.to_string(),
+            headers,
+            connections,
+        ]),
+        &format!("{count} requests to {path}"),
+    );
+    let value: serde_json::Value = serde_json::from_str(&out).expect("client JSON");
+    Answers {
+        counts: serde_json::from_value(value["counts"].clone()).expect("counts"),
+        slowest_ms: value["slowest_ms"].as_f64().expect("slowest"),
+        first: value["first"].clone(),
+    }
+}
+
+fn reviews_routes(http: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: demo}}\n\
+         spec:\n  hosts: [reviews]\n  http:\n{http}"
+    )
+}
+
+#[test]
+fn virtual_services_route_requests_in_the_source_agent() {
+    let _sandbox = Sandbox::up();
+    kubectl("apply", "reviews-v1", &reviews_pod("v1", "node-a"));
+    kubectl("apply", "reviews-v2", &reviews_pod("v2", "node-b"));
+    kubectl("apply", "reviews-v3", &reviews_pod("v3", "node-b"));
+    kubectl("apply", "reviews", REVIEWS);
+    eventually("the three reviews pods answer", || {
+        let answers = reviews("/", 30, "{}", "new");
+        ["v1", "v2", "v3"]
+            .iter()
+            .all(|v| answers.count(&format!("200 reviews-{v}")) > 0)
+    });
+
+    // The canary: a header match goes to v2, everything else 90/10 to v1 and v3, decided
+    // request by request on one keep-alive connection.
+    kubectl(
+        "apply",
+        "routes",
+        &reviews_routes(
+            "  - name: jason\n    match: [{headers: {end-user: {exact: jason}}}]\n    \
+             route: [{destination: {host: reviews, subset: v2}}]\n  \
+             - name: split\n    route:\n    - {destination: {host: reviews, subset: v1}, weight: 90}\n    \
+             - {destination: {host: reviews, subset: v3}, weight: 10}\n",
+        ),
+    );
+    eventually("the header match goes to v2", || {
+        reviews("/", 5, r#"{"end-user": "jason"}"#, "keepalive").count("200 reviews-v2") == 5
+    });
+    let split = reviews("/", 1000, "{}", "keepalive");
+    let (v1, v3) = (split.count("200 reviews-v1"), split.count("200 reviews-v3"));
+    assert_eq!(v1 + v3, 1000, "{:?}", split.counts);
+    assert!((870..=930).contains(&v1), "90/10 gave {v1}/{v3}");
+    let jason = reviews("/", 50, r#"{"end-user": "jason"}"#, "new");
+    assert_eq!(jason.count("200 reviews-v2"), 50, "{:?}", jason.counts);
+    let agent_a = metrics("node-a");
+    let routed = |route: &str, code: &str| {
+        sample(
+            &agent_a,
+            "mesh_routed_requests_total",
+            &[
+                ("destination_service", "reviews.demo.svc.cluster.local"),
+                ("route", route),
+                ("response_code", code),
+                ("response_flags", "-"),
+            ],
+        )
+    };
+    assert_eq!(routed("split", "200"), Some(1000.0));
+    assert_eq!(routed("jason", "200"), Some(55.0));
+
+    // Rewrite and header changes: the backend sees the new path and headers, the client
+    // the response header; no route for other paths answers 404.
+    kubectl(
+        "apply",
+        "routes",
+        &reviews_routes(
+            "  - name: api\n    match: [{uri: {prefix: /old}}]\n    rewrite: {uri: /new}\n    \
+             headers:\n      request: {set: {x-route: api}, remove: [x-secret]}\n      \
+             response: {add: {x-routed: 'yes'}}\n    \
+             route: [{destination: {host: reviews, subset: v2}}]\n",
+        ),
+    );
+    eventually("the rewrite applies", || {
+        reviews("/old/items?page=2", 1, r#"{"x-secret": "s"}"#, "new")
+            .first_echo()
+            .get("path")
+            .and_then(|p| p.as_str())
+            == Some("/new/items?page=2")
+    });
+    let rewritten = reviews("/old/items", 1, r#"{"x-secret": "s"}"#, "new");
+    let echo = rewritten.first_echo();
+    assert_eq!(echo["headers"]["x-route"], "api");
+    assert!(echo["headers"].get("x-secret").is_none(), "{echo}");
+    assert_eq!(rewritten.first["headers"]["x-routed"], "yes");
+    assert_eq!(reviews("/other", 3, "{}", "new").count("404 -"), 3);
+
+    // A flaky backend (every other request of a key fails with 500) made reliable by
+    // retries on 5xx, and failing without them.
+    kubectl(
+        "apply",
+        "routes",
+        &reviews_routes(
+            "  - name: no-retries\n    match: [{uri: {prefix: /flaky/plain}}]\n    retries: {attempts: 0}\n    \
+             route: [{destination: {host: reviews, subset: v2}}]\n  \
+             - name: retried\n    retries: {attempts: 3, retryOn: 5xx}\n    \
+             route: [{destination: {host: reviews, subset: v2}}]\n",
+        ),
+    );
+    eventually("the retry route applies", || {
+        reviews("/flaky/probe", 4, "{}", "new").count("200 reviews-v2") == 4
+    });
+    let retried = reviews("/flaky/retried", 100, "{}", "keepalive");
+    assert_eq!(retried.count("200 reviews-v2"), 100, "{:?}", retried.counts);
+    let plain = reviews("/flaky/plain", 100, "{}", "keepalive");
+    assert_eq!(plain.count("500 reviews-v2"), 50, "{:?}", plain.counts);
+    assert_eq!(plain.count("200 reviews-v2"), 50, "{:?}", plain.counts);
+
+    // A timeout answers 504 on time; a fault delays or aborts its share of requests.
+    kubectl(
+        "apply",
+        "routes",
+        &reviews_routes(
+            "  - name: slow\n    match: [{uri: {prefix: /delay}}]\n    timeout: 500ms\n    \
+             route: [{destination: {host: reviews, subset: v1}}]\n  \
+             - name: faulty\n    fault: {abort: {httpStatus: 418, percentage: {value: 25}}}\n    \
+             route: [{destination: {host: reviews, subset: v1}}]\n",
+        ),
+    );
+    eventually("the timeout applies", || {
+        reviews("/delay/3000", 1, "{}", "new").count("504 -") == 1
+    });
+    let timed_out = reviews("/delay/3000", 3, "{}", "new");
+    assert_eq!(timed_out.count("504 -"), 3);
+    assert!(
+        timed_out.slowest_ms < 1500.0,
+        "504 after {} ms",
+        timed_out.slowest_ms
+    );
+    assert_eq!(
+        reviews("/delay/10", 3, "{}", "new").count("200 reviews-v1"),
+        3
+    );
+    let faulted = reviews("/", 800, "{}", "keepalive");
+    let aborted = faulted.count("418 -");
+    assert_eq!(aborted + faulted.count("200 reviews-v1"), 800);
+    assert!(
+        (150..=250).contains(&aborted),
+        "25% aborts gave {aborted}/800"
+    );
+
+    // A mirror gets a copy of every request, its Host marked -shadow; the client sees
+    // only the primary's answers.
+    kubectl(
+        "apply",
+        "routes",
+        &reviews_routes(
+            "  - name: mirrored\n    mirror: {host: reviews, subset: v3}\n    \
+             route: [{destination: {host: reviews, subset: v1}}]\n",
+        ),
+    );
+    eventually("the mirror route applies", || {
+        reviews("/", 1, "{}", "new").count("200 reviews-v1") == 1
+    });
+    // v3 is asked directly: a request to the Service would itself be mirrored.
+    let v3 = pod_ip(&status_json(), "reviews-v3");
+    let shadowed = || -> u64 {
+        let seen = in_pod("client-a", &format!("curl -s http://{v3}:9080/seen"));
+        let seen: serde_json::Value = serde_json::from_str(&seen).unwrap_or_default();
+        seen["10.96.0.110:9080-shadow"].as_u64().unwrap_or(0)
+    };
+    eventually("the first copy arrived", || shadowed() >= 1);
+    let before = shadowed();
+    let mirrored = reviews("/", 40, "{}", "keepalive");
+    assert_eq!(
+        mirrored.count("200 reviews-v1"),
+        40,
+        "{:?}",
+        mirrored.counts
+    );
+    eventually("v3 received a copy of each of the 40", || {
+        shadowed() == before + 40
+    });
+
+    // Redirect and direct response.
+    kubectl(
+        "apply",
+        "routes",
+        &reviews_routes(
+            "  - name: moved\n    match: [{uri: {exact: /moved}}]\n    redirect: {uri: /here, authority: reviews.demo}\n  \
+             - name: teapot\n    directResponse: {status: 418, body: {string: short and stout}}\n",
+        ),
+    );
+    eventually("the redirect applies", || {
+        reviews("/moved", 1, "{}", "new").count("301 -") == 1
+    });
+    let moved = reviews("/moved", 1, "{}", "new");
+    assert_eq!(
+        moved.first["headers"]["location"],
+        "http://reviews.demo/here"
+    );
+    let teapot = reviews("/anything", 1, "{}", "new");
+    assert_eq!(teapot.count("418 -"), 1);
+    assert_eq!(teapot.first["body"], "short and stout");
+    assert_eq!(teapot.total(), 1);
+}

@@ -332,6 +332,86 @@ message! {
     }
 }
 
+/// Envoy's `retry_on` conditions a route retries on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RetryOn {
+    pub five_xx: bool,
+    pub gateway_error: bool,
+    pub reset: bool,
+    pub connect_failure: bool,
+    pub refused_stream: bool,
+    pub retriable_4xx: bool,
+    pub status_codes: Vec<u16>,
+    /// gRPC status codes (`cancelled` 1, `deadline-exceeded` 4, `resource-exhausted` 8,
+    /// `internal` 13, `unavailable` 14).
+    pub grpc: Vec<u32>,
+}
+
+impl RetryOn {
+    /// Reads Istio's `retryOn`: Envoy condition names and bare status codes (which Istio
+    /// turns into `retriable-status-codes`).
+    pub fn parse(text: &str) -> Result<RetryOn, String> {
+        let mut on = RetryOn::default();
+        let mut status_codes_enabled = false;
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match item {
+                "5xx" => on.five_xx = true,
+                "gateway-error" => on.gateway_error = true,
+                "reset" | "reset-before-request" => on.reset = true,
+                "connect-failure" => on.connect_failure = true,
+                "refused-stream" => on.refused_stream = true,
+                "retriable-4xx" => on.retriable_4xx = true,
+                "retriable-status-codes" => status_codes_enabled = true,
+                "cancelled" => on.grpc.push(1),
+                "deadline-exceeded" => on.grpc.push(4),
+                "resource-exhausted" => on.grpc.push(8),
+                "internal" => on.grpc.push(13),
+                "unavailable" => on.grpc.push(14),
+                "envoy-ratelimited" | "retriable-headers" | "http3-post-connect-failure" => {}
+                code => match code.parse::<u16>() {
+                    Ok(code) if (100..600).contains(&code) => {
+                        on.status_codes.push(code);
+                        status_codes_enabled = true;
+                    }
+                    _ => return Err(format!("{code:?} is not a retry condition")),
+                },
+            }
+        }
+        if !status_codes_enabled {
+            on.status_codes.clear();
+        }
+        Ok(on)
+    }
+}
+
+/// gRPC status codes by their names, as `abort.grpcStatus` spells them.
+pub fn grpc_code(name: &str) -> Option<u32> {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    NAMES
+        .iter()
+        .position(|n| n.eq_ignore_ascii_case(name))
+        .map(|i| i as u32)
+        .or_else(|| name.parse().ok().filter(|c| *c < 17))
+}
+
 message! {
     pub struct Delay {
         pub fixed_delay: Option<Duration>,

@@ -229,6 +229,7 @@ fn check_virtual_service(
                 }
             }
         }
+        check_route_actions(vs, &base, route, found);
         if route.mirror_percent.is_some() {
             found.push(warning(
                 vs,
@@ -318,6 +319,121 @@ fn check_virtual_service(
                     names.join(", ")
                 ),
             ));
+        }
+    }
+}
+
+/// What an `http` route asks of the proxy, checked as the router will read it: retry
+/// conditions, statuses, header names and values.
+fn check_route_actions(
+    vs: &Resource<VirtualService>,
+    base: &str,
+    route: &HttpRoute,
+    found: &mut Vec<Diagnostic>,
+) {
+    if let Some(retries) = &route.retries {
+        if let Some(text) = &retries.retry_on {
+            if let Err(e) = RetryOn::parse(text) {
+                found.push(error(vs, &format!("{base}.retries.retryOn"), e));
+            }
+        }
+        if retries.attempts.unwrap_or(0) <= 0 && retries.per_try_timeout.is_some() {
+            found.push(error(
+                vs,
+                &format!("{base}.retries.perTryTimeout"),
+                "a per-try timeout needs attempts of at least 1".into(),
+            ));
+        }
+    }
+    let set_actions = [
+        !route.route.is_empty(),
+        route.redirect.is_some(),
+        route.direct_response.is_some(),
+        route.delegate.is_some(),
+    ]
+    .iter()
+    .filter(|s| **s)
+    .count();
+    if set_actions > 1 {
+        found.push(error(
+            vs,
+            base,
+            "only one of route, redirect, directResponse and delegate may be set".into(),
+        ));
+    }
+    if let Some(code) = route.redirect.as_ref().and_then(|r| r.redirect_code) {
+        if !(300..400).contains(&code) {
+            found.push(error(
+                vs,
+                &format!("{base}.redirect.redirectCode"),
+                format!("{code} is not a redirection status (3xx)"),
+            ));
+        }
+    }
+    if let Some(direct) = &route.direct_response {
+        if !(200..600).contains(&direct.status) {
+            found.push(error(
+                vs,
+                &format!("{base}.directResponse.status"),
+                format!("{} is not an HTTP status", direct.status),
+            ));
+        }
+    }
+    if let Some(abort) = route.fault.as_ref().and_then(|f| f.abort.as_ref()) {
+        let field = format!("{base}.fault.abort");
+        match (abort.http_status, abort.grpc_status.as_deref()) {
+            (Some(status), _) if !(200..600).contains(&status) => found.push(error(
+                vs,
+                &format!("{field}.httpStatus"),
+                format!("{status} is not an HTTP status"),
+            )),
+            (None, Some(name)) if grpc_code(name).is_none() => found.push(error(
+                vs,
+                &format!("{field}.grpcStatus"),
+                format!("{name:?} is not a gRPC status"),
+            )),
+            (None, None) if abort.http2_error.is_none() => found.push(error(
+                vs,
+                &field,
+                "an abort needs httpStatus or grpcStatus".into(),
+            )),
+            _ => {}
+        }
+    }
+    let mut operations = vec![(format!("{base}.headers"), route.headers.as_ref())];
+    for (j, r) in route.route.iter().enumerate() {
+        operations.push((format!("{base}.route[{j}].headers"), r.headers.as_ref()));
+    }
+    for (field, headers) in operations {
+        let Some(headers) = headers else { continue };
+        for (side, ops) in [
+            ("request", &headers.request),
+            ("response", &headers.response),
+        ] {
+            let Some(ops) = ops else { continue };
+            let names = ops
+                .set
+                .keys()
+                .chain(ops.add.keys())
+                .chain(ops.remove.iter());
+            for name in names {
+                if http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).is_err() {
+                    found.push(error(
+                        vs,
+                        &format!("{field}.{side}"),
+                        format!("{name:?} is not a header name"),
+                    ));
+                }
+            }
+            for value in ops.set.values().chain(ops.add.values()) {
+                if http::HeaderValue::from_str(value).is_err() {
+                    found.push(error(
+                        vs,
+                        &format!("{field}.{side}"),
+                        format!("{value:?} is not a header value"),
+                    ));
+                }
+            }
         }
     }
 }
@@ -544,6 +660,48 @@ fn check_jwt_rules(
 /// indexes as `[]`). Everything else is parsed, kept, and reported as not enforced yet.
 fn enforced(kind: &str) -> &'static [&'static str] {
     match kind {
+        "VirtualService" => &[
+            "hosts",
+            "gateways",
+            "exportTo",
+            "http[].name",
+            "http[].match[].name",
+            "http[].match[].uri",
+            "http[].match[].scheme",
+            "http[].match[].method",
+            "http[].match[].authority",
+            "http[].match[].headers",
+            "http[].match[].withoutHeaders",
+            "http[].match[].queryParams",
+            "http[].match[].port",
+            "http[].match[].sourceLabels",
+            "http[].match[].sourceNamespace",
+            "http[].match[].ignoreUriCase",
+            "http[].route",
+            "http[].redirect",
+            "http[].directResponse",
+            "http[].rewrite",
+            "http[].timeout",
+            "http[].retries.attempts",
+            "http[].retries.perTryTimeout",
+            "http[].retries.retryOn",
+            "http[].fault.delay.fixedDelay",
+            "http[].fault.delay.percentage",
+            "http[].fault.delay.percent",
+            "http[].fault.abort.httpStatus",
+            "http[].fault.abort.grpcStatus",
+            "http[].fault.abort.percentage",
+            "http[].fault.abort.percent",
+            "http[].mirror",
+            "http[].mirrors",
+            "http[].mirrorPercentage",
+            "http[].mirrorPercent",
+            "http[].headers",
+            "tcp[].match[].port",
+            "tcp[].match[].sourceLabels",
+            "tcp[].match[].destinationSubnets",
+            "tcp[].route",
+        ],
         "DestinationRule" => &[
             "host",
             "trafficPolicy.loadBalancer.simple",

@@ -150,7 +150,12 @@ impl ServicePortState {
 
     /// As [`pick`](Self::pick), but not one of `avoid` while another is eligible: a retry
     /// goes to another endpoint when there is one (Istio's `previous_hosts` predicate).
-    pub fn pick_avoiding(&self, client: Ipv4Addr, subset: Option<&str>, avoid: &[SocketAddrV4]) -> Pick {
+    pub fn pick_avoiding(
+        &self,
+        client: Ipv4Addr,
+        subset: Option<&str>,
+        avoid: &[SocketAddrV4],
+    ) -> Pick {
         match self.pick_where(client, subset, |addr| !avoid.contains(&addr)) {
             Pick::None if !avoid.is_empty() => self.pick(client, subset),
             picked => picked,
@@ -175,10 +180,10 @@ impl ServicePortState {
         let eligible = |i: usize| {
             allowed(self.endpoints[i].addr)
                 && labels.is_none_or(|labels| {
-                labels
-                    .iter()
-                    .all(|(k, v)| self.endpoints[i].labels.get(k) == Some(v))
-            })
+                    labels
+                        .iter()
+                        .all(|(k, v)| self.endpoints[i].labels.get(k) == Some(v))
+                })
         };
         match balancer.pick(client, &addresses, eligible) {
             Some((index, guard)) => Pick::Endpoint(index, guard),

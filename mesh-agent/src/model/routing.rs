@@ -6,12 +6,7 @@
 //! `tcp` route a connection takes. Everything here is a pure decision; the proxy's router
 //! carries it out.
 
-use std::{
-    collections::BTreeMap,
-    net::Ipv4Addr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -20,8 +15,8 @@ use serde::Serialize;
 use crate::{
     config::{
         istio::{
-            self, Headers, HttpMatchRequest, HttpRetry, RedirectPortSelection, StringMatch,
-            VirtualService,
+            self, grpc_code, Headers, HttpMatchRequest, HttpRetry, RedirectPortSelection, RetryOn,
+            StringMatch, VirtualService,
         },
         validate::fqdn,
         ClusterConfig, Resource,
@@ -216,7 +211,12 @@ fn header_pairs<S: serde::Serializer>(
 ) -> Result<S::Ok, S::Error> {
     let map: BTreeMap<&str, String> = pairs
         .iter()
-        .map(|(k, v)| (k.as_str(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.as_str(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     map.serialize(serializer)
 }
@@ -405,58 +405,6 @@ fn envoy_substitution(text: &str) -> String {
     out
 }
 
-/// Envoy's `retry_on` conditions a route retries on.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct RetryOn {
-    pub five_xx: bool,
-    pub gateway_error: bool,
-    pub reset: bool,
-    pub connect_failure: bool,
-    pub refused_stream: bool,
-    pub retriable_4xx: bool,
-    pub status_codes: Vec<u16>,
-    /// gRPC status codes (`cancelled` 1, `deadline-exceeded` 4, `resource-exhausted` 8,
-    /// `internal` 13, `unavailable` 14).
-    pub grpc: Vec<u32>,
-}
-
-impl RetryOn {
-    /// Reads Istio's `retryOn`: Envoy condition names and bare status codes (which Istio
-    /// turns into `retriable-status-codes`).
-    pub fn parse(text: &str) -> Result<RetryOn, String> {
-        let mut on = RetryOn::default();
-        let mut status_codes_enabled = false;
-        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            match item {
-                "5xx" => on.five_xx = true,
-                "gateway-error" => on.gateway_error = true,
-                "reset" | "reset-before-request" => on.reset = true,
-                "connect-failure" => on.connect_failure = true,
-                "refused-stream" => on.refused_stream = true,
-                "retriable-4xx" => on.retriable_4xx = true,
-                "retriable-status-codes" => status_codes_enabled = true,
-                "cancelled" => on.grpc.push(1),
-                "deadline-exceeded" => on.grpc.push(4),
-                "resource-exhausted" => on.grpc.push(8),
-                "internal" => on.grpc.push(13),
-                "unavailable" => on.grpc.push(14),
-                "envoy-ratelimited" | "retriable-headers" | "http3-post-connect-failure" => {}
-                code => match code.parse::<u16>() {
-                    Ok(code) if (100..600).contains(&code) => {
-                        on.status_codes.push(code);
-                        status_codes_enabled = true;
-                    }
-                    _ => return Err(format!("{code:?} is not a retry condition")),
-                },
-            }
-        }
-        if !status_codes_enabled {
-            on.status_codes.clear();
-        }
-        Ok(on)
-    }
-}
-
 /// How a route retries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RetryPolicy {
@@ -560,41 +508,13 @@ fn percentage(value: Option<&istio::Percent>, deprecated: Option<i32>) -> f64 {
         .clamp(0.0, 100.0)
 }
 
-/// gRPC status codes by their names, as `abort.grpcStatus` spells them.
-fn grpc_code(name: &str) -> Option<u32> {
-    const NAMES: [&str; 17] = [
-        "OK",
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-    ];
-    NAMES
-        .iter()
-        .position(|n| n.eq_ignore_ascii_case(name))
-        .map(|i| i as u32)
-        .or_else(|| name.parse().ok().filter(|c| *c < 17))
-}
-
 impl Fault {
     fn compile(fault: Option<&istio::HttpFaultInjection>) -> Result<Fault, String> {
         let Some(fault) = fault else {
             return Ok(Fault::default());
         };
         let delay = fault.delay.as_ref().and_then(|d| {
-            let fixed = d.fixed_delay.as_ref().or(d.exponential_delay.as_ref())?;
+            let fixed = d.fixed_delay.as_ref()?;
             Some((fixed.value, percentage(d.percentage.as_ref(), d.percent)))
         });
         let abort = match &fault.abort {
@@ -815,7 +735,11 @@ impl RouteTable {
     /// namespace first, then any other visible to it; an exact host before a wildcard
     /// (the longest wildcard first).
     pub fn for_host(&self, host: &str, source_namespace: &str) -> Option<&Arc<HostRoutes>> {
-        if let Some(found) = self.by_host.get(host).and_then(|c| preferred(c, source_namespace)) {
+        if let Some(found) = self
+            .by_host
+            .get(host)
+            .and_then(|c| preferred(c, source_namespace))
+        {
             return Some(found);
         }
         let mut wildcards: Vec<(&String, &Vec<Arc<HostRoutes>>)> = self
@@ -845,7 +769,10 @@ impl RouteTable {
 
 /// Of the VirtualServices of one host visible from `namespace`, the one of that namespace,
 /// else the first.
-fn preferred<'a>(candidates: &'a [Arc<HostRoutes>], namespace: &str) -> Option<&'a Arc<HostRoutes>> {
+fn preferred<'a>(
+    candidates: &'a [Arc<HostRoutes>],
+    namespace: &str,
+) -> Option<&'a Arc<HostRoutes>> {
     let visible: Vec<&Arc<HostRoutes>> = candidates
         .iter()
         .filter(|r| r.visible_from(namespace))
@@ -992,16 +919,18 @@ fn compile(vs: &Resource<VirtualService>) -> Result<HostRoutes, String> {
                 ),
             })
             .collect();
-        mirrors.extend(route.mirrors.iter().map(|m| Mirror {
-            host: fqdn(&m.destination.host, namespace),
-            subset: m.destination.subset.clone(),
-            port: m
-                .destination
-                .port
-                .as_ref()
-                .and_then(|p| p.number)
-                .and_then(|n| u16::try_from(n).ok()),
-            percent: percentage(m.percentage.as_ref(), None),
+        mirrors.extend(route.mirrors.iter().map(|m| {
+            Mirror {
+                host: fqdn(&m.destination.host, namespace),
+                subset: m.destination.subset.clone(),
+                port: m
+                    .destination
+                    .port
+                    .as_ref()
+                    .and_then(|p| p.number)
+                    .and_then(|n| u16::try_from(n).ok()),
+                percent: percentage(m.percentage.as_ref(), None),
+            }
         }));
         http.push(HttpRule {
             name: route
@@ -1064,12 +993,18 @@ fn compile(vs: &Resource<VirtualService>) -> Result<HostRoutes, String> {
             }
         })
         .collect();
-    let exported_to = (!vs.spec.export_to.is_empty() && !vs.spec.export_to.iter().any(|e| e == "*"))
-        .then(|| {
+    let exported_to =
+        (!vs.spec.export_to.is_empty() && !vs.spec.export_to.iter().any(|e| e == "*")).then(|| {
             vs.spec
                 .export_to
                 .iter()
-                .map(|e| if e == "." { namespace.to_owned() } else { e.clone() })
+                .map(|e| {
+                    if e == "." {
+                        namespace.to_owned()
+                    } else {
+                        e.clone()
+                    }
+                })
                 .collect()
         });
     Ok(HostRoutes {
@@ -1139,8 +1074,7 @@ mod tests {
 
     impl Req {
         fn header(mut self, name: &'static str, value: &'static str) -> Req {
-            self.headers
-                .insert(name, HeaderValue::from_static(value));
+            self.headers.insert(name, HeaderValue::from_static(value));
             self
         }
 
@@ -1220,9 +1154,7 @@ spec:
         assert_eq!(subset(99).as_deref(), Some("v3"));
         assert_eq!(subset(100), None);
         let v3 = (0..10_000)
-            .filter(|_| {
-                choose_random(destinations).and_then(|d| d.subset.as_deref()) == Some("v3")
-            })
+            .filter(|_| choose_random(destinations).and_then(|d| d.subset.as_deref()) == Some("v3"))
             .count();
         assert!((800..=1200).contains(&v3), "{v3} of 10000 to v3");
     }
@@ -1285,11 +1217,7 @@ spec:
 ",
         );
         let host = "reviews.shop.svc.cluster.local";
-        let name = |ns: &str| {
-            table
-                .for_host(host, ns)
-                .map(|r| r.virtual_service.clone())
-        };
+        let name = |ns: &str| table.for_host(host, ns).map(|r| r.virtual_service.clone());
         assert_eq!(name("other").as_deref(), Some("other/a-private"));
         assert_eq!(name("shop").as_deref(), Some("shop/public"));
         assert_eq!(name("third").as_deref(), Some("shop/public"));
@@ -1355,7 +1283,10 @@ spec:
             )),
             authority: None,
         };
-        assert_eq!(regex.path("/service/foo/v1/api", None), "/v1/api/instance/foo");
+        assert_eq!(
+            regex.path("/service/foo/v1/api", None),
+            "/v1/api/instance/foo"
+        );
     }
 
     #[test]

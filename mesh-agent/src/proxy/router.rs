@@ -222,7 +222,15 @@ impl Router {
         if let RequestBody::Buffered(bytes) = &body {
             self.mirror(&state, rule, &parts, bytes);
         }
-        let forwarded = self.forward(&state, destination, &parts, &mut body, retries, grpc, record);
+        let forwarded = self.forward(
+            &state,
+            destination,
+            &parts,
+            &mut body,
+            retries,
+            grpc,
+            record,
+        );
         let response = match timeout {
             Some(limit) => match tokio::time::timeout(limit, forwarded).await {
                 Ok(response) => response,
@@ -478,7 +486,8 @@ impl Router {
             if !Fault::rolls(mirror.percent) {
                 continue;
             }
-            let Some(service) = state.service_port(&mirror.host, mirror.port, self.addressed.port())
+            let Some(service) =
+                state.service_port(&mirror.host, mirror.port, self.addressed.port())
             else {
                 continue;
             };
@@ -535,7 +544,10 @@ async fn buffer(body: Incoming) -> RequestBody {
     if !small {
         return RequestBody::Streamed(Some(body));
     }
-    match Limited::new(body, RETRY_BUFFER_LIMIT as usize).collect().await {
+    match Limited::new(body, RETRY_BUFFER_LIMIT as usize)
+        .collect()
+        .await
+    {
         Ok(collected) => RequestBody::Buffered(collected.to_bytes()),
         Err(_) => RequestBody::Buffered(Bytes::new()),
     }
@@ -599,7 +611,10 @@ fn aborted(abort: AbortWith) -> Response<RoutedBody> {
                 HeaderValue::from_static("application/grpc"),
             );
             headers.insert("grpc-status", HeaderValue::from(code));
-            headers.insert("grpc-message", HeaderValue::from_static("fault filter abort"));
+            headers.insert(
+                "grpc-message",
+                HeaderValue::from_static("fault filter abort"),
+            );
             response
         }
     }
