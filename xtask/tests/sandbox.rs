@@ -1769,7 +1769,8 @@ fn virtual_services_route_requests_in_the_source_agent() {
         "25% aborts gave {aborted}/800"
     );
 
-    // A mirror gets a copy of every request, its Host marked -shadow; the client sees
+    // A mirror gets a copy of every request, its Host marked -shadow (before the port, as
+    // Envoy does); the client sees
     // only the primary's answers.
     kubectl(
         "apply",
@@ -1787,7 +1788,7 @@ fn virtual_services_route_requests_in_the_source_agent() {
     let shadowed = || -> u64 {
         let seen = in_pod("client-a", &format!("curl -s http://{v3}:9080/seen"));
         let seen: serde_json::Value = serde_json::from_str(&seen).unwrap_or_default();
-        seen["10.96.0.110:9080-shadow"].as_u64().unwrap_or(0)
+        seen["10.96.0.110-shadow:9080"].as_u64().unwrap_or(0)
     };
     eventually("the first copy arrived", || shadowed() >= 1);
     let before = shadowed();
