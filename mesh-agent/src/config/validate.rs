@@ -743,7 +743,12 @@ fn check_local_rate_limit(
             "no total, identity or overrides: the policy limits nothing".into(),
         ));
     }
-    let total = spec.total.as_ref().map(|t| t.requests_per_second);
+    // Only a valid total bounds the others (an invalid one has its own error).
+    let total = spec
+        .total
+        .as_ref()
+        .map(|t| t.requests_per_second)
+        .filter(|rate| *rate >= 1);
     let mut check_rate = |field: String, requests_per_second: i64, burst: Option<i64>| {
         if requests_per_second < 1 {
             found.push(error(
@@ -1106,6 +1111,172 @@ spec:
         );
         assert_eq!(locate(DOC, "spec.http[0].match[0].uri.prefix"), Some(10));
         assert_eq!(locate(DOC, "spec.tcp"), None);
+    }
+
+    fn load(text: &str) -> Vec<String> {
+        crate::config::load_str(std::path::Path::new("test.yaml"), text)
+            .diagnostics
+            .iter()
+            .map(|d| d.to_string())
+            .collect()
+    }
+
+    const SERVICE: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+---
+";
+
+    #[test]
+    fn rate_limit_policies_are_checked_field_by_field_with_lines() {
+        let messages = load(&format!(
+            "{SERVICE}\
+apiVersion: policy.mesh.dev/v1alpha1
+kind: HTTPLocalRateLimitPolicy
+metadata: {{name: web, namespace: shop}}
+spec:
+  targetRef:
+    kind: Service
+    name: web
+  total:
+    requestsPerSecond: 0
+  identity:
+    requestsPerSecond: 5
+    burst: 0
+  overrides:
+  - requestsPerSecond: -3
+    clientRefs:
+    - kind: Group
+      name: admins
+  - requestsPerSecond: 1
+    clientRefs: []
+---
+apiVersion: policy.mesh.dev/v1alpha1
+kind: HTTPLocalRateLimitPolicy
+metadata: {{name: again, namespace: shop}}
+spec:
+  targetRef: {{kind: Service, name: web}}
+  total:
+    requestsPerSecond: 10
+  identity:
+    requestsPerSecond: 20
+---
+apiVersion: policy.mesh.dev/v1alpha1
+kind: HTTPLocalRateLimitPolicy
+metadata: {{name: nowhere, namespace: shop}}
+spec:
+  targetRef:
+    kind: Service
+    name: missing
+  total: {{requestsPerSecond: 10}}
+"
+        ));
+        assert!(
+            !messages
+                .iter()
+                .any(|m| m.contains("is above total") && m.contains("shop/web:")),
+            "an invalid total bounds nothing: {messages:#?}"
+        );
+        let expected = [
+            "test.yaml:14: error: HTTPLocalRateLimitPolicy shop/web: spec.total.requestsPerSecond: 0 is not a rate: it must be at least 1",
+            "test.yaml:17: error: HTTPLocalRateLimitPolicy shop/web: spec.identity.burst: 0 is not a burst: it must be at least 1 (and at most 4294967295)",
+            "test.yaml:19: error: HTTPLocalRateLimitPolicy shop/web: spec.overrides[0].requestsPerSecond: -3 is not a rate: it must be at least 1",
+            "test.yaml:24: error: HTTPLocalRateLimitPolicy shop/web: spec.overrides[1].clientRefs: an override needs at least one client",
+            "test.yaml:21: error: HTTPLocalRateLimitPolicy shop/web: spec.overrides[0].clientRefs[0].kind: \"Group\": only ServiceAccount clients can be named",
+            "test.yaml:30: error: HTTPLocalRateLimitPolicy shop/again: spec.targetRef: Service shop/web is already the target of another HTTPLocalRateLimitPolicy; this one is ignored",
+            "test.yaml:34: error: HTTPLocalRateLimitPolicy shop/again: spec.identity.requestsPerSecond: 20 is above total.requestsPerSecond",
+            "test.yaml:42: error: HTTPLocalRateLimitPolicy shop/nowhere: spec.targetRef.name: Service shop/missing is not defined in the given files",
+        ];
+        for line in expected {
+            assert!(
+                messages.iter().any(|m| m == line),
+                "missing {line}\nin {messages:#?}"
+            );
+        }
+        let unenforced = messages
+            .iter()
+            .filter(|m| m.contains("not enforced yet"))
+            .count();
+        assert!(
+            unenforced > 0,
+            "reported as not enforced until the router uses it"
+        );
+    }
+
+    #[test]
+    fn a_rate_limit_policy_needs_one_target_and_unknown_fields_are_errors() {
+        let messages = load(
+            "apiVersion: policy.mesh.dev/v1alpha1
+kind: HTTPLocalRateLimitPolicy
+metadata: {name: none, namespace: shop}
+spec:
+  total: {requestsPerSecond: 10}
+---
+apiVersion: policy.mesh.dev/v1alpha1
+kind: HTTPLocalRateLimitPolicy
+metadata: {name: typo, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  total:
+    requestsPerSecnd: 10
+---
+apiVersion: policy.mesh.dev/v1beta1
+kind: HTTPLocalRateLimitPolicy
+metadata: {name: version, namespace: shop}
+spec: {}
+",
+        );
+        let expected = [
+            "test.yaml:4: error: HTTPLocalRateLimitPolicy shop/none: spec: a target is required: targetRef (a Service) or selector",
+            "test.yaml:13: error: HTTPLocalRateLimitPolicy shop/typo: spec.total.requestsPerSecnd: spec.total: unknown field `requestsPerSecnd`, expected `requestsPerSecond` or `burst`",
+            "test.yaml:15: error: HTTPLocalRateLimitPolicy shop/version: unsupported apiVersion v1beta1: this kind is served as v1alpha1",
+        ];
+        for line in expected {
+            assert!(
+                messages.iter().any(|m| m == line),
+                "missing {line}\nin {messages:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn destination_rule_limits_the_model_cannot_use_are_errors() {
+        let messages = load(&format!(
+            "{SERVICE}\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: web, namespace: shop}}
+spec:
+  host: web
+  trafficPolicy:
+    outlierDetection:
+      maxEjectionPercent: 150
+    portLevelSettings:
+    - port: {{number: 80}}
+      connectionPool:
+        http:
+          maxRetries: -1
+  subsets:
+  - name: v1
+    labels: {{version: v1}}
+    trafficPolicy:
+      outlierDetection:
+        baseEjectionTime: 0s
+"
+        ));
+        let expected = [
+            "test.yaml:13: error: DestinationRule shop/web: spec.trafficPolicy.outlierDetection.maxEjectionPercent: 150 is not a percentage (0 to 100)",
+            "test.yaml:18: error: DestinationRule shop/web: spec.trafficPolicy.portLevelSettings[0].connectionPool.http.maxRetries: -1 is negative",
+            "test.yaml:24: error: DestinationRule shop/web: spec.subsets[0].trafficPolicy.outlierDetection.baseEjectionTime: \"0s\" is shorter than 1ms",
+        ];
+        for line in expected {
+            assert!(
+                messages.iter().any(|m| m == line),
+                "missing {line}\nin {messages:#?}"
+            );
+        }
     }
 
     #[test]
