@@ -186,8 +186,8 @@ impl std::fmt::Display for Overflow {
     }
 }
 
-/// Whose budget: a source pod (`namespace/name`) towards a destination cluster (e.g.
-/// `reviews.shop.svc.cluster.local|v2|9080`).
+/// Whose budget: a source pod (`namespace/name`) towards a destination cluster
+/// ([`super::destination_policy::cluster_name`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BudgetKey {
@@ -400,7 +400,7 @@ mod tests {
     fn key(source: &str) -> BudgetKey {
         BudgetKey {
             source: source.into(),
-            cluster: "reviews.shop.svc.cluster.local||9080".into(),
+            cluster: "outbound|9080||reviews.shop.svc.cluster.local".into(),
         }
     }
 

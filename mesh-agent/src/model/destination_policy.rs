@@ -4,11 +4,19 @@
 //! `trafficPolicy` field by field, then the subset's `portLevelSettings` for the port.
 //! A port-level entry replaces all four settings it can carry, set or not: Istio documents
 //! that port-level settings do not inherit, unset ones fall back to the defaults.
+//! Also the name of such a destination cluster ([`cluster_name`]).
 
 use crate::config::istio::{
     ClientTlsSettings, ConnectionPoolSettings, DestinationRule, LoadBalancerSettings,
     OutlierDetection, TrafficPolicy,
 };
+
+/// The name of a destination cluster, as Istio names Envoy's clusters (and as its
+/// metrics and `istioctl proxy-config` show them): `outbound|9080|v2|reviews.shop.svc.cluster.local`,
+/// the subset empty for the whole host. Outlier trackers and pool budgets are keyed by it.
+pub fn cluster_name(hostname: &str, subset: Option<&str>, port: u16) -> String {
+    format!("outbound|{port}|{}|{hostname}", subset.unwrap_or_default())
+}
 
 /// The settings in force for one destination; `None` where nothing is configured (the
 /// built-in default applies).
@@ -102,6 +110,18 @@ subsets:
             .connection_pool
             .and_then(|p| p.tcp.as_ref())
             .and_then(|t| t.max_connections)
+    }
+
+    #[test]
+    fn clusters_are_named_as_istio_names_them() {
+        assert_eq!(
+            cluster_name("reviews.shop.svc.cluster.local", Some("v2"), 9080),
+            "outbound|9080|v2|reviews.shop.svc.cluster.local"
+        );
+        assert_eq!(
+            cluster_name("api.example.com", None, 443),
+            "outbound|443||api.example.com"
+        );
     }
 
     #[test]
