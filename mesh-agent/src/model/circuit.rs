@@ -145,9 +145,13 @@ impl PoolLimits {
     }
 }
 
-/// The limit a request, retry or connection ran into. The router answers 503 with the
-/// response flag `UO` ([`Overflow::RESPONSE_FLAG`]), except for [`Overflow::Retries`]:
-/// the retry is not made and the last attempt's response stands.
+/// The limit a request, retry or connection ran into, and what Envoy does then:
+/// - `Requests`, `PendingRequests`: the request is answered 503 with the response flag
+///   `UO` ([`Overflow::RESPONSE_FLAG`]);
+/// - `Connections`: for HTTP, no new connection is opened and the request waits for one
+///   of the pool's (as a pending request, so `PendingRequests` decides whether it may
+///   wait); for an opaque TCP connection, the client's connection is closed (`UO`);
+/// - `Retries`: the retry is not made and the last attempt's response stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Overflow {
@@ -282,7 +286,8 @@ impl Budget {
         self.try_acquire(Overflow::Retries)
     }
 
-    /// An upstream connection (`maxConnections`), held while it is open.
+    /// An upstream connection (`maxConnections`), held while it is open. For HTTP, an
+    /// overflow means "wait for a pooled connection" (see [`Overflow`]), not a 503.
     pub fn try_connection(self: &Arc<Self>) -> Result<Permit, Overflow> {
         self.try_acquire(Overflow::Connections)
     }
@@ -484,6 +489,30 @@ mod tests {
             budgets.try_request(&key("shop/web-1"), &limits).is_ok(),
             "freed on drop"
         );
+    }
+
+    #[test]
+    fn concurrent_requests_get_exactly_the_limit() {
+        let budgets = Budgets::default();
+        let limits = limits("{http: {http2MaxRequests: 50}}");
+        let budget = budgets.budget(&key("shop/web-1"), &limits);
+        let granted: Vec<Permit> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        (0..100)
+                            .filter_map(|_| budget.try_request().ok())
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("worker"))
+                .collect()
+        });
+        assert_eq!(granted.len(), 50);
+        assert_eq!(budget.snapshot().requests.overflows, 350);
     }
 
     #[test]
