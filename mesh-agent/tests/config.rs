@@ -107,11 +107,15 @@ fn every_outlier_detection_and_connection_pool_of_the_corpus_translates() {
             for subset in subsets {
                 let effective = EffectivePolicy::resolve(&rule.spec, subset, 80);
                 if let Some(detection) = effective.outlier_detection {
-                    OutlierSettings::from_istio(detection).expect(&file.display().to_string());
+                    if let Err(invalid) = OutlierSettings::from_istio(detection) {
+                        panic!("{}: {invalid}", file.display());
+                    }
                     translated += 1;
                 }
                 if let Some(pool) = effective.connection_pool {
-                    PoolLimits::from_istio(pool).expect(&file.display().to_string());
+                    if let Err(invalid) = PoolLimits::from_istio(pool) {
+                        panic!("{}: {invalid}", file.display());
+                    }
                     translated += 1;
                 }
             }
