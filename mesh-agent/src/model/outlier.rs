@@ -166,6 +166,32 @@ pub enum Outcome {
     Timeout,
 }
 
+impl Outcome {
+    /// A gRPC response's outcome: Envoy's router counts its `grpc-status` as the HTTP
+    /// status gRPC maps it to (UNAVAILABLE → 503, DEADLINE_EXCEEDED → 504, INTERNAL → 500,
+    /// …) unless the HTTP status itself is already a 5xx.
+    pub fn grpc(http_status: u16, grpc_status: u32) -> Outcome {
+        if (500..600).contains(&http_status) {
+            return Outcome::Status(http_status);
+        }
+        Outcome::Status(match grpc_status {
+            0 => 200,
+            1 => 499,
+            3 | 9 | 11 => 400,
+            4 => 504,
+            5 => 404,
+            6 | 10 => 409,
+            7 => 403,
+            8 => 429,
+            12 => 501,
+            14 => 503,
+            16 => 401,
+            // UNKNOWN, INTERNAL, DATA_LOSS and codes gRPC does not define.
+            _ => 500,
+        })
+    }
+}
+
 /// Why an endpoint was ejected; serialised as Envoy names the ejection types in its stats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -722,6 +748,29 @@ mod tests {
         // 4xx are not server errors.
         fail(&tracker, eps[1], 10, 404, t0);
         assert!(!tracker.is_ejected(eps[1], t0));
+    }
+
+    #[test]
+    fn grpc_statuses_count_as_the_http_status_they_map_to() {
+        assert_eq!(Outcome::grpc(200, 0), Outcome::Status(200));
+        assert_eq!(Outcome::grpc(200, 14), Outcome::Status(503));
+        assert_eq!(Outcome::grpc(200, 4), Outcome::Status(504));
+        assert_eq!(Outcome::grpc(200, 13), Outcome::Status(500));
+        assert_eq!(Outcome::grpc(200, 5), Outcome::Status(404));
+        assert_eq!(
+            Outcome::grpc(502, 0),
+            Outcome::Status(502),
+            "an HTTP 5xx stands"
+        );
+        let (tracker, eps, t0) = new_tracker(
+            "{consecutive5xxErrors: 0, consecutiveGatewayErrors: 2, maxEjectionPercent: 100}",
+            1,
+        );
+        tracker.record(eps[0], Outcome::grpc(200, 14), t0);
+        assert_eq!(
+            tracker.record(eps[0], Outcome::grpc(200, 4), t0),
+            Some(EjectionReason::ConsecutiveGatewayFailure)
+        );
     }
 
     #[test]
