@@ -28,7 +28,7 @@
 //! ([`OutlierRegistry`]).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddrV4,
     sync::{Arc, Mutex, MutexGuard, Weak},
     time::{Duration, Instant},
@@ -432,11 +432,13 @@ impl OutlierTracker {
     }
 
     /// Takes a new configuration: new settings, and the cluster's endpoints now. Endpoints
-    /// that stay keep their state; departed ones are forgotten.
+    /// that stay keep their state; departed ones are forgotten. Meant for configuration
+    /// time (it visits every endpoint), not for each request.
     pub fn update(&self, settings: OutlierSettings, endpoints: &[SocketAddrV4]) {
+        let current: HashSet<&SocketAddrV4> = endpoints.iter().collect();
         let mut state = self.lock();
         state.settings = settings;
-        state.monitors.retain(|addr, _| endpoints.contains(addr));
+        state.monitors.retain(|addr, _| current.contains(addr));
         for addr in endpoints {
             state.monitors.entry(*addr).or_default();
         }

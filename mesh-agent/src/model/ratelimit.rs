@@ -104,13 +104,15 @@ impl LocalRateLimit {
         let spec = &resource.spec;
         let namespace = resource.namespace().to_owned();
         let target = match (&spec.target_ref, &spec.selector) {
-            (Some(target), None) if target.kind == "Service" => RateLimitTarget::Service {
-                namespace: target
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| namespace.clone()),
-                name: target.name.clone(),
-            },
+            (Some(target), None)
+                if target.kind == "Service"
+                    && target.namespace.as_ref().is_none_or(|n| *n == namespace) =>
+            {
+                RateLimitTarget::Service {
+                    namespace: namespace.clone(),
+                    name: target.name.clone(),
+                }
+            }
             (None, Some(selector)) => RateLimitTarget::Workloads {
                 namespace: namespace.clone(),
                 labels: selector.match_labels.clone(),
@@ -179,14 +181,23 @@ impl LocalRateLimit {
     }
 }
 
-/// Every valid `HTTPLocalRateLimitPolicy` of the configuration.
+/// Every valid `HTTPLocalRateLimitPolicy` of the configuration; of several targeting one
+/// Service, the first read (the validator reports the others as ignored).
 pub fn local_rate_limits(config: &ClusterConfig) -> Vec<LocalRateLimit> {
-    config
+    let mut limits: Vec<LocalRateLimit> = Vec::new();
+    for policy in config
         .mesh
         .http_local_rate_limits
         .iter()
         .filter_map(LocalRateLimit::from_config)
-        .collect()
+    {
+        let taken = matches!(policy.target, RateLimitTarget::Service { .. })
+            && limits.iter().any(|l| l.target == policy.target);
+        if !taken {
+            limits.push(policy);
+        }
+    }
+    limits
 }
 
 /// Which of a policy's buckets.
@@ -504,6 +515,29 @@ mod tests {
     fn load_policy(yaml: &str) -> LocalRateLimit {
         let config = crate::config::load_str(Path::new("test.yaml"), yaml);
         local_rate_limits(&config).pop().expect("a valid policy")
+    }
+
+    #[test]
+    fn the_first_policy_for_a_service_wins_and_invalid_ones_are_left_out() {
+        let config = crate::config::load_str(
+            Path::new("test.yaml"),
+            &format!(
+                "{POLICY}---\n{}---\n{}",
+                POLICY.replace(
+                    "name: web, namespace: shop",
+                    "name: second, namespace: shop"
+                ),
+                POLICY
+                    .replace("name: web, namespace: shop", "name: bad, namespace: shop")
+                    .replace("{kind: Service, name: web}", "{kind: Service, name: api}")
+                    .replace("requestsPerSecond: 10", "requestsPerSecond: 0"),
+            ),
+        );
+        let names: Vec<String> = local_rate_limits(&config)
+            .into_iter()
+            .map(|l| l.policy)
+            .collect();
+        assert_eq!(names, vec!["shop/web"]);
     }
 
     const POLICY: &str = "\
