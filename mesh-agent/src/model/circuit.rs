@@ -366,6 +366,11 @@ impl Budgets {
         self.budget(key, limits).try_request()
     }
 
+    /// A request waiting for a connection for `key` under `limits`.
+    pub fn try_pending(&self, key: &BudgetKey, limits: &PoolLimits) -> Result<Permit, Overflow> {
+        self.budget(key, limits).try_pending()
+    }
+
     /// A retry in flight for `key` under `limits`.
     pub fn try_retry(&self, key: &BudgetKey, limits: &PoolLimits) -> Result<Permit, Overflow> {
         self.budget(key, limits).try_retry()
