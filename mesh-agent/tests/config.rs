@@ -94,6 +94,61 @@ fn serialise(config: &ClusterConfig) -> String {
 }
 
 #[test]
+fn every_outlier_detection_and_connection_pool_of_the_corpus_translates() {
+    use mesh_agent::model::{
+        circuit::PoolLimits, destination_policy::EffectivePolicy, outlier::OutlierSettings,
+    };
+    let mut translated = 0;
+    for file in corpus() {
+        let config = load_path(&file).expect("readable");
+        for rule in &config.istio.destination_rules {
+            let subsets = std::iter::once(None)
+                .chain(rule.spec.subsets.iter().map(|s| Some(s.name.as_str())));
+            for subset in subsets {
+                let effective = EffectivePolicy::resolve(&rule.spec, subset, 80);
+                if let Some(detection) = effective.outlier_detection {
+                    if let Err(invalid) = OutlierSettings::from_istio(detection) {
+                        panic!("{}: {invalid}", file.display());
+                    }
+                    translated += 1;
+                }
+                if let Some(pool) = effective.connection_pool {
+                    if let Err(invalid) = PoolLimits::from_istio(pool) {
+                        panic!("{}: {invalid}", file.display());
+                    }
+                    translated += 1;
+                }
+            }
+        }
+    }
+    assert!(translated >= 4, "only {translated} blocks translated");
+    // Istio's circuit-breaking task, as the model reads it.
+    let config = load_path(Path::new(
+        "tests/testdata/istio/docs/circuit-breaking-1.yaml",
+    ))
+    .expect("readable");
+    let policy = EffectivePolicy::resolve(&config.istio.destination_rules[0].spec, None, 8000);
+    let limits = PoolLimits::from_istio(policy.connection_pool.expect("a pool")).expect("valid");
+    assert_eq!(
+        (
+            limits.max_connections,
+            limits.max_pending_requests,
+            limits.max_requests_per_connection
+        ),
+        (1, 1, 1)
+    );
+    let outlier =
+        OutlierSettings::from_istio(policy.outlier_detection.expect("detection")).expect("valid");
+    assert_eq!(outlier.consecutive_5xx, 1);
+    assert_eq!(outlier.interval, std::time::Duration::from_secs(1));
+    assert_eq!(
+        outlier.base_ejection_time,
+        std::time::Duration::from_secs(180)
+    );
+    assert_eq!(outlier.max_ejection_percent, 100);
+}
+
+#[test]
 fn the_corpus_round_trips_through_the_model() {
     for file in corpus() {
         let first = load_path(&file).expect("readable");

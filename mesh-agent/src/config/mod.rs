@@ -8,6 +8,7 @@ pub mod condition;
 pub mod istio;
 pub mod jwks;
 pub mod kube;
+pub mod mesh_policy;
 pub mod source;
 pub mod validate;
 
@@ -133,6 +134,8 @@ pub struct ClusterConfig {
     pub pods: Vec<Pod>,
     pub services: Vec<Service>,
     pub istio: IstioConfig,
+    /// The mesh's own kinds (`policy.mesh.dev`).
+    pub mesh: mesh_policy::MeshPolicies,
     pub diagnostics: Vec<Diagnostic>,
 }
 
@@ -456,6 +459,14 @@ fn load_text(
                 &doc,
                 &mut istio.telemetries,
             ),
+            (mesh_policy::GROUP, "HTTPLocalRateLimitPolicy") => istio_object(
+                &mesh_policy::VERSIONS,
+                version,
+                line,
+                origin,
+                &doc,
+                &mut config.mesh.http_local_rate_limits,
+            ),
             (_, kind) if IGNORED_KUBERNETES_KINDS.contains(&kind) => Err(Rejection::warning(
                 format!("skipped: the mesh does not use {kind} objects"),
             )),
@@ -486,7 +497,7 @@ fn kube_object<T: DeserializeOwned>(
     accept(object)
 }
 
-/// Reads an Istio resource straight from its document text, so that an error knows the
+/// Reads an Istio resource (or one of the mesh's own) straight from its document text, so that an error knows the
 /// field's path and line.
 fn istio_object<T: DeserializeOwned + Default>(
     versions: &[&str],

@@ -7,7 +7,9 @@ use std::collections::{BTreeSet, HashSet};
 
 use serde::Serialize;
 
-use super::{istio::*, ClusterConfig, Diagnostic, Resource, Severity};
+use super::{
+    istio::*, mesh_policy::HttpLocalRateLimitPolicy, ClusterConfig, Diagnostic, Resource, Severity,
+};
 
 /// Where `match_labels` select workloads, in `namespace` (the root namespace: all).
 use crate::config::DEFAULT_ROOT_NAMESPACE as ROOT_NAMESPACE;
@@ -131,6 +133,13 @@ pub fn validate(config: &mut ClusterConfig) {
                 &mut found,
             );
         }
+    }
+    for dr in &istio.destination_rules {
+        check_destination_limits(dr, &mut found);
+    }
+    let mut rate_limited_targets = HashSet::new();
+    for policy in &config.mesh.http_local_rate_limits {
+        check_local_rate_limit(policy, config, &mut rate_limited_targets, &mut found);
     }
     not_enforced(config, &mut found);
     config.diagnostics.extend(found);
@@ -656,6 +665,302 @@ fn check_jwt_rules(
     }
 }
 
+/// A value the mesh cannot use: its field, below the block that holds it, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidSetting {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for InvalidSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+fn check_percent(value: Option<i32>, field: &'static str) -> Result<(), InvalidSetting> {
+    match value {
+        Some(v) if !(0..=100).contains(&v) => Err(InvalidSetting {
+            field,
+            message: format!("{v} is not a percentage (0 to 100)"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Istio's lower bound for `interval`, `baseEjectionTime` and `connectTimeout`.
+fn check_at_least_1ms(value: Option<&Duration>, field: &'static str) -> Result<(), InvalidSetting> {
+    match value {
+        Some(d) if d.value < std::time::Duration::from_millis(1) => Err(InvalidSetting {
+            field,
+            message: format!("{:?} is shorter than 1ms", d.text),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn check_not_negative(value: Option<i32>, field: &'static str) -> Result<(), InvalidSetting> {
+    match value {
+        Some(n) if n < 0 => Err(InvalidSetting {
+            field,
+            message: format!("{n} is negative"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// An `outlierDetection` block's values, as Istio's validation checks them.
+pub fn check_outlier_detection(detection: &OutlierDetection) -> Result<(), InvalidSetting> {
+    check_not_negative(detection.consecutive_errors, "consecutiveErrors")?;
+    check_at_least_1ms(detection.interval.as_ref(), "interval")?;
+    check_at_least_1ms(detection.base_ejection_time.as_ref(), "baseEjectionTime")?;
+    check_percent(detection.max_ejection_percent, "maxEjectionPercent")?;
+    check_percent(detection.min_health_percent, "minHealthPercent")
+}
+
+/// A `connectionPool` block's values, as Istio's validation checks them.
+pub fn check_connection_pool(pool: &ConnectionPoolSettings) -> Result<(), InvalidSetting> {
+    if let Some(tcp) = &pool.tcp {
+        check_not_negative(tcp.max_connections, "tcp.maxConnections")?;
+        check_at_least_1ms(tcp.connect_timeout.as_ref(), "tcp.connectTimeout")?;
+    }
+    if let Some(http) = &pool.http {
+        check_not_negative(
+            http.http1_max_pending_requests,
+            "http.http1MaxPendingRequests",
+        )?;
+        check_not_negative(http.http2_max_requests, "http.http2MaxRequests")?;
+        check_not_negative(
+            http.max_requests_per_connection,
+            "http.maxRequestsPerConnection",
+        )?;
+        check_not_negative(http.max_retries, "http.maxRetries")?;
+        check_not_negative(http.max_concurrent_streams, "http.maxConcurrentStreams")?;
+    }
+    Ok(())
+}
+
+/// `outlierDetection` and `connectionPool` values the model cannot use (negative counts,
+/// percentages over 100, durations under 1 ms), wherever a DestinationRule sets them.
+fn check_destination_limits(dr: &Resource<DestinationRule>, found: &mut Vec<Diagnostic>) {
+    let mut policies: Vec<(String, &TrafficPolicy)> = Vec::new();
+    if let Some(policy) = &dr.spec.traffic_policy {
+        policies.push(("spec.trafficPolicy".into(), policy));
+    }
+    for (i, subset) in dr.spec.subsets.iter().enumerate() {
+        if let Some(policy) = &subset.traffic_policy {
+            policies.push((format!("spec.subsets[{i}].trafficPolicy"), policy));
+        }
+    }
+    for (base, policy) in policies {
+        let port_levels = policy.port_level_settings.iter().enumerate().map(|(j, p)| {
+            (
+                format!("{base}.portLevelSettings[{j}]"),
+                p.outlier_detection.as_ref(),
+                p.connection_pool.as_ref(),
+            )
+        });
+        let own = std::iter::once((
+            base.clone(),
+            policy.outlier_detection.as_ref(),
+            policy.connection_pool.as_ref(),
+        ));
+        for (at, outlier, pool) in own.chain(port_levels) {
+            if let Some(Err(invalid)) = outlier.map(check_outlier_detection) {
+                let field = format!("{at}.outlierDetection.{}", invalid.field);
+                found.push(error(dr, &field, invalid.message));
+            }
+            if let Some(Err(invalid)) = pool.map(check_connection_pool) {
+                let field = format!("{at}.connectionPool.{}", invalid.field);
+                found.push(error(dr, &field, invalid.message));
+            }
+        }
+    }
+}
+
+/// An `HTTPLocalRateLimitPolicy`: one target (an existing Service, or a selector), each
+/// at most once; positive rates and bursts, client limits within the total; overrides
+/// naming service accounts.
+fn check_local_rate_limit(
+    policy: &Resource<HttpLocalRateLimitPolicy>,
+    config: &ClusterConfig,
+    targets: &mut HashSet<String>,
+    found: &mut Vec<Diagnostic>,
+) {
+    let spec = &policy.spec;
+    let namespace = policy.namespace();
+    match (&spec.target_ref, &spec.selector) {
+        (Some(_), Some(_)) => found.push(error(
+            policy,
+            "spec.selector",
+            "set targetRef or selector, not both".into(),
+        )),
+        (None, None) => found.push(error(
+            policy,
+            "spec",
+            "a target is required: targetRef (a Service) or selector".into(),
+        )),
+        (Some(target), None) => {
+            let service_namespace = target.namespace.as_deref().unwrap_or(namespace);
+            if target.kind != "Service"
+                || !matches!(target.group.as_deref(), None | Some("" | "core"))
+            {
+                found.push(error(
+                    policy,
+                    "spec.targetRef.kind",
+                    format!(
+                        "{:?} cannot be limited: the target must be a Service",
+                        target.kind
+                    ),
+                ));
+            } else if service_namespace != namespace {
+                found.push(error(
+                    policy,
+                    "spec.targetRef.namespace",
+                    "the Service must be in the policy's namespace".into(),
+                ));
+            } else if !config
+                .services
+                .iter()
+                .any(|s| s.metadata.name == target.name && s.metadata.namespace() == namespace)
+            {
+                found.push(error(
+                    policy,
+                    "spec.targetRef.name",
+                    format!(
+                        "Service {namespace}/{} is not defined in the given files",
+                        target.name
+                    ),
+                ));
+            }
+            let key = format!("Service {namespace}/{}", target.name);
+            if !targets.insert(key.clone()) {
+                found.push(error(
+                    policy,
+                    "spec.targetRef",
+                    format!("{key} is already the target of another HTTPLocalRateLimitPolicy; this one is ignored"),
+                ));
+            }
+        }
+        (None, Some(selector)) => {
+            check_selector(
+                policy,
+                "spec.selector",
+                &selector.match_labels,
+                config,
+                found,
+            );
+        }
+    }
+    if spec.total.is_none() && spec.identity.is_none() && spec.overrides.is_empty() {
+        found.push(warning(
+            policy,
+            "spec",
+            "no total, identity or overrides: the policy limits nothing".into(),
+        ));
+    }
+    // Only a valid total bounds the others (an invalid one has its own error).
+    let total = spec
+        .total
+        .as_ref()
+        .map(|t| t.requests_per_second)
+        .filter(|rate| *rate >= 1);
+    let mut check_rate = |field: String, requests_per_second: i64, burst: Option<i64>| {
+        if requests_per_second < 1 {
+            found.push(error(
+                policy,
+                &format!("{field}.requestsPerSecond"),
+                format!("{requests_per_second} is not a rate: it must be at least 1"),
+            ));
+        } else if requests_per_second > i64::from(u32::MAX) {
+            found.push(error(
+                policy,
+                &format!("{field}.requestsPerSecond"),
+                format!("{requests_per_second} is more than {}", u32::MAX),
+            ));
+        } else if total.is_some_and(|total| requests_per_second > total) {
+            found.push(error(
+                policy,
+                &format!("{field}.requestsPerSecond"),
+                format!("{requests_per_second} is above total.requestsPerSecond"),
+            ));
+        }
+        if let Some(burst) = burst.filter(|b| !(1..=i64::from(u32::MAX)).contains(b)) {
+            found.push(error(
+                policy,
+                &format!("{field}.burst"),
+                format!(
+                    "{burst} is not a burst: it must be at least 1 (and at most {})",
+                    u32::MAX
+                ),
+            ));
+        }
+    };
+    if let Some(limit) = &spec.total {
+        check_rate("spec.total".into(), limit.requests_per_second, limit.burst);
+    }
+    if let Some(limit) = &spec.identity {
+        check_rate(
+            "spec.identity".into(),
+            limit.requests_per_second,
+            limit.burst,
+        );
+    }
+    for (i, entry) in spec.overrides.iter().enumerate() {
+        check_rate(
+            format!("spec.overrides[{i}]"),
+            entry.requests_per_second,
+            entry.burst,
+        );
+    }
+    for (i, entry) in spec.overrides.iter().enumerate() {
+        if entry.client_refs.is_empty() {
+            found.push(error(
+                policy,
+                &format!("spec.overrides[{i}].clientRefs"),
+                "an override needs at least one client".into(),
+            ));
+        }
+        for (j, client) in entry.client_refs.iter().enumerate() {
+            let field = format!("spec.overrides[{i}].clientRefs[{j}]");
+            if client.kind != "ServiceAccount" {
+                found.push(error(
+                    policy,
+                    &format!("{field}.kind"),
+                    format!(
+                        "{:?}: only ServiceAccount clients can be named",
+                        client.kind
+                    ),
+                ));
+                continue;
+            }
+            let sa_namespace = client.namespace.as_deref().unwrap_or(namespace);
+            let declared = config.service_accounts.iter().any(|sa| {
+                sa.metadata.name == client.name && sa.metadata.namespace() == sa_namespace
+            });
+            let used = config.pods.iter().any(|pod| {
+                pod.metadata.namespace() == sa_namespace
+                    && pod
+                        .spec
+                        .service_account_name
+                        .as_deref()
+                        .unwrap_or("default")
+                        == client.name
+            });
+            if !declared && !used {
+                found.push(warning(
+                    policy,
+                    &format!("{field}.name"),
+                    format!(
+                        "ServiceAccount {sa_namespace}/{} is not defined or used by a pod in the given files",
+                        client.name
+                    ),
+                ));
+            }
+        }
+    }
+}
+
 /// Fields this version of the mesh gives behaviour to, per kind (paths below `spec`, list
 /// indexes as `[]`). Everything else is parsed, kept, and reported as not enforced yet.
 fn enforced(kind: &str) -> &'static [&'static str] {
@@ -761,6 +1066,7 @@ fn not_enforced(config: &ClusterConfig, found: &mut Vec<Diagnostic>) {
     report_unenforced(&istio.request_authentications, found);
     report_unenforced(&istio.authorization_policies, found);
     report_unenforced(&istio.telemetries, found);
+    report_unenforced(&config.mesh.http_local_rate_limits, found);
 }
 
 fn report_unenforced<T: Serialize>(resources: &[Resource<T>], found: &mut Vec<Diagnostic>) {
@@ -963,6 +1269,172 @@ spec:
         );
         assert_eq!(locate(DOC, "spec.http[0].match[0].uri.prefix"), Some(10));
         assert_eq!(locate(DOC, "spec.tcp"), None);
+    }
+
+    fn load(text: &str) -> Vec<String> {
+        crate::config::load_str(std::path::Path::new("test.yaml"), text)
+            .diagnostics
+            .iter()
+            .map(|d| d.to_string())
+            .collect()
+    }
+
+    const SERVICE: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+---
+";
+
+    #[test]
+    fn rate_limit_policies_are_checked_field_by_field_with_lines() {
+        let messages = load(&format!(
+            "{SERVICE}\
+apiVersion: policy.mesh.dev/v1alpha1
+kind: HTTPLocalRateLimitPolicy
+metadata: {{name: web, namespace: shop}}
+spec:
+  targetRef:
+    kind: Service
+    name: web
+  total:
+    requestsPerSecond: 0
+  identity:
+    requestsPerSecond: 5
+    burst: 0
+  overrides:
+  - requestsPerSecond: -3
+    clientRefs:
+    - kind: Group
+      name: admins
+  - requestsPerSecond: 1
+    clientRefs: []
+---
+apiVersion: policy.mesh.dev/v1alpha1
+kind: HTTPLocalRateLimitPolicy
+metadata: {{name: again, namespace: shop}}
+spec:
+  targetRef: {{kind: Service, name: web}}
+  total:
+    requestsPerSecond: 10
+  identity:
+    requestsPerSecond: 20
+---
+apiVersion: policy.mesh.dev/v1alpha1
+kind: HTTPLocalRateLimitPolicy
+metadata: {{name: nowhere, namespace: shop}}
+spec:
+  targetRef:
+    kind: Service
+    name: missing
+  total: {{requestsPerSecond: 10}}
+"
+        ));
+        assert!(
+            !messages
+                .iter()
+                .any(|m| m.contains("is above total") && m.contains("shop/web:")),
+            "an invalid total bounds nothing: {messages:#?}"
+        );
+        let expected = [
+            "test.yaml:14: error: HTTPLocalRateLimitPolicy shop/web: spec.total.requestsPerSecond: 0 is not a rate: it must be at least 1",
+            "test.yaml:17: error: HTTPLocalRateLimitPolicy shop/web: spec.identity.burst: 0 is not a burst: it must be at least 1 (and at most 4294967295)",
+            "test.yaml:19: error: HTTPLocalRateLimitPolicy shop/web: spec.overrides[0].requestsPerSecond: -3 is not a rate: it must be at least 1",
+            "test.yaml:24: error: HTTPLocalRateLimitPolicy shop/web: spec.overrides[1].clientRefs: an override needs at least one client",
+            "test.yaml:21: error: HTTPLocalRateLimitPolicy shop/web: spec.overrides[0].clientRefs[0].kind: \"Group\": only ServiceAccount clients can be named",
+            "test.yaml:30: error: HTTPLocalRateLimitPolicy shop/again: spec.targetRef: Service shop/web is already the target of another HTTPLocalRateLimitPolicy; this one is ignored",
+            "test.yaml:34: error: HTTPLocalRateLimitPolicy shop/again: spec.identity.requestsPerSecond: 20 is above total.requestsPerSecond",
+            "test.yaml:42: error: HTTPLocalRateLimitPolicy shop/nowhere: spec.targetRef.name: Service shop/missing is not defined in the given files",
+        ];
+        for line in expected {
+            assert!(
+                messages.iter().any(|m| m == line),
+                "missing {line}\nin {messages:#?}"
+            );
+        }
+        let unenforced = messages
+            .iter()
+            .filter(|m| m.contains("not enforced yet"))
+            .count();
+        assert!(
+            unenforced > 0,
+            "reported as not enforced until the router uses it"
+        );
+    }
+
+    #[test]
+    fn a_rate_limit_policy_needs_one_target_and_unknown_fields_are_errors() {
+        let messages = load(
+            "apiVersion: policy.mesh.dev/v1alpha1
+kind: HTTPLocalRateLimitPolicy
+metadata: {name: none, namespace: shop}
+spec:
+  total: {requestsPerSecond: 10}
+---
+apiVersion: policy.mesh.dev/v1alpha1
+kind: HTTPLocalRateLimitPolicy
+metadata: {name: typo, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  total:
+    requestsPerSecnd: 10
+---
+apiVersion: policy.mesh.dev/v1beta1
+kind: HTTPLocalRateLimitPolicy
+metadata: {name: version, namespace: shop}
+spec: {}
+",
+        );
+        let expected = [
+            "test.yaml:4: error: HTTPLocalRateLimitPolicy shop/none: spec: a target is required: targetRef (a Service) or selector",
+            "test.yaml:13: error: HTTPLocalRateLimitPolicy shop/typo: spec.total.requestsPerSecnd: spec.total: unknown field `requestsPerSecnd`, expected `requestsPerSecond` or `burst`",
+            "test.yaml:15: error: HTTPLocalRateLimitPolicy shop/version: unsupported apiVersion v1beta1: this kind is served as v1alpha1",
+        ];
+        for line in expected {
+            assert!(
+                messages.iter().any(|m| m == line),
+                "missing {line}\nin {messages:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn destination_rule_limits_the_model_cannot_use_are_errors() {
+        let messages = load(&format!(
+            "{SERVICE}\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: web, namespace: shop}}
+spec:
+  host: web
+  trafficPolicy:
+    outlierDetection:
+      maxEjectionPercent: 150
+    portLevelSettings:
+    - port: {{number: 80}}
+      connectionPool:
+        http:
+          maxRetries: -1
+  subsets:
+  - name: v1
+    labels: {{version: v1}}
+    trafficPolicy:
+      outlierDetection:
+        baseEjectionTime: 0s
+"
+        ));
+        let expected = [
+            "test.yaml:13: error: DestinationRule shop/web: spec.trafficPolicy.outlierDetection.maxEjectionPercent: 150 is not a percentage (0 to 100)",
+            "test.yaml:18: error: DestinationRule shop/web: spec.trafficPolicy.portLevelSettings[0].connectionPool.http.maxRetries: -1 is negative",
+            "test.yaml:24: error: DestinationRule shop/web: spec.subsets[0].trafficPolicy.outlierDetection.baseEjectionTime: \"0s\" is shorter than 1ms",
+        ];
+        for line in expected {
+            assert!(
+                messages.iter().any(|m| m == line),
+                "missing {line}\nin {messages:#?}"
+            );
+        }
     }
 
     #[test]

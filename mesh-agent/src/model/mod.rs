@@ -3,9 +3,13 @@
 //! by address with its endpoints, subsets and load-balancing policy, every node's address,
 //! and destination resolution.
 
+pub mod circuit;
+pub mod destination_policy;
 pub mod discovery;
 pub mod lb;
+pub mod outlier;
 pub mod peerauth;
+pub mod ratelimit;
 pub mod routing;
 pub mod security;
 
