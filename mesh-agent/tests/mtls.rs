@@ -122,6 +122,7 @@ async fn destination_agent_with(ca: &CaKeys, extra: &str) -> Agent {
         },
         pool: HbonePool::new(identities.clone()),
         upstreams: Arc::default(),
+        budgets: Default::default(),
         identities,
         guard: Arc::new(Guard {
             jwks: Arc::new(JwksCache::default()),

@@ -3,6 +3,7 @@
 #   /status/<code>        answers <code>
 #   /delay/<ms>           answers after <ms> milliseconds
 #   /flaky/<key>          answers 500 on every other request of <key> (first one fails)
+#   /failon/<pod>         answers 503 when this pod is <pod>, 200 otherwise
 #   /seen                 how many requests with each Host this pod has served
 import collections, json, os, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +31,8 @@ class Handler(BaseHTTPRequestHandler):
             status = int(parts[1])
         elif parts[0] == "delay" and len(parts) > 1:
             time.sleep(int(parts[1]) / 1000)
+        elif parts[0] == "failon" and len(parts) > 1:
+            status = 503 if parts[1] == POD else 200
         elif parts[0] == "flaky" and len(parts) > 1:
             with lock:
                 flaky[parts[1]] += 1

@@ -1824,4 +1824,79 @@ fn virtual_services_route_requests_in_the_source_agent() {
     assert_eq!(teapot.count("418 -"), 1);
     assert_eq!(teapot.first["body"], "short and stout");
     assert_eq!(teapot.total(), 1);
+
+    // Outlier detection: the endpoint answering 503 is ejected after three in a row, and
+    // returns once its ejection time is over (to be ejected again, as it still fails).
+    kubectl(
+        "apply",
+        "reviews",
+        &format!(
+            "{REVIEWS}  trafficPolicy:\n    outlierDetection: {{consecutive5xxErrors: 3, interval: 1s, \
+             baseEjectionTime: 3s, maxEjectionPercent: 100}}\n"
+        ),
+    );
+    kubectl(
+        "apply",
+        "routes",
+        &reviews_routes(
+            "  - name: all\n    retries: {attempts: 0}\n    route: [{destination: {host: reviews}}]\n",
+        ),
+    );
+    eventually("the whole host is routed", || {
+        reviews("/", 6, "{}", "new").count("200 reviews-v2") >= 1
+            && reviews("/moved", 1, "{}", "new").count("301 -") == 0
+    });
+    let ejecting = reviews("/failon/reviews-v3", 60, "{}", "keepalive");
+    assert_eq!(ejecting.count("503 reviews-v3"), 3, "{:?}", ejecting.counts);
+    assert_eq!(
+        ejecting.count("200 reviews-v1") + ejecting.count("200 reviews-v2"),
+        57
+    );
+    eventually("the ejected endpoint returns and is ejected again", || {
+        reviews("/failon/reviews-v3", 6, "{}", "keepalive").count("503 reviews-v3") >= 1
+    });
+
+    // Connection pool limits: one connection and one pending request; of five concurrent
+    // slow requests two are served and three are refused at once with 503.
+    kubectl(
+        "apply",
+        "reviews",
+        &format!(
+            "{REVIEWS}  trafficPolicy:\n    connectionPool:\n      tcp: {{maxConnections: 1}}\n      \
+             http: {{http1MaxPendingRequests: 1}}\n"
+        ),
+    );
+    eventually("the pool limits apply", || {
+        let timings = in_pod(
+            "client-a",
+            "for i in 1 2 3 4 5; do curl -s -o /dev/null -w '%{http_code} %{time_total}\\n' \
+             http://10.96.0.110:9080/delay/1000 & done; wait",
+        );
+        let lines: Vec<(&str, f64)> = timings
+            .lines()
+            .filter_map(|l| {
+                let (code, time) = l.split_once(' ')?;
+                Some((code, time.parse().ok()?))
+            })
+            .collect();
+        let refused_fast = lines
+            .iter()
+            .filter(|(code, time)| *code == "503" && *time < 0.5)
+            .count();
+        let served = lines.iter().filter(|(code, _)| *code == "200").count();
+        refused_fast == 3 && served == 2
+    });
+    assert!(
+        sample(
+            &metrics("node-a"),
+            "mesh_routed_requests_total",
+            &[
+                ("route", "all"),
+                ("response_code", "503"),
+                ("response_flags", "UO")
+            ],
+        )
+        .is_some_and(|n| n >= 3.0),
+        "overflows are counted with the UO flag"
+    );
 }

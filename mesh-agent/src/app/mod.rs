@@ -200,6 +200,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         conns: conns.clone(),
         pool: HbonePool::new(identities.clone()),
         upstreams: Arc::default(),
+        budgets: Default::default(),
         splicer,
     });
     tokio::spawn(outbound::serve(capture, proxy.clone()));

@@ -1,7 +1,8 @@
 //! Service discovery: the Service ports the mesh captures and their endpoints, from
 //! Kubernetes Services (selected pods and WorkloadEntries) and ServiceEntries (their
 //! addresses; inline endpoints or selected workloads), with the load-balancing policy and
-//! subsets of the DestinationRule for each host.
+//! subsets of the DestinationRule for each host, and its outlier detection and pool
+//! limits per cluster.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -16,7 +17,13 @@ use crate::{
         validate::fqdn,
         ClusterConfig, Diagnostic, Resource, Service, ServicePort, Severity, TargetPort,
     },
-    model::{lb::LbPolicy, Endpoint, MeshState, ServiceName, ServicePortState, Workload},
+    model::{
+        circuit::PoolLimits,
+        destination_policy::{cluster_name, EffectivePolicy},
+        lb::LbPolicy,
+        outlier::OutlierSettings,
+        ClusterPolicy, Endpoint, MeshState, ServiceName, ServicePortState, Workload,
+    },
 };
 
 pub fn add_services(state: &mut MeshState, config: &ClusterConfig) {
@@ -82,6 +89,48 @@ fn policies(rule: Option<&Resource<DestinationRule>>, default: LbPolicy) -> (LbP
     (policy, subsets)
 }
 
+/// The outlier detection and pool limits `rule` gives the host and each of its subsets on
+/// this port; trackers carry their state over from the previous configuration. Values the
+/// validator refuses never get here; a setting that does not translate is left out.
+fn cluster_policies(
+    state: &MeshState,
+    rule: Option<&Resource<DestinationRule>>,
+    port: &ServicePortState,
+) -> BTreeMap<String, ClusterPolicy> {
+    let Some(rule) = rule else {
+        return BTreeMap::new();
+    };
+    let addresses: Vec<SocketAddrV4> = port.endpoints.iter().map(|e| e.addr).collect();
+    let now = std::time::Instant::now();
+    std::iter::once(None)
+        .chain(rule.spec.subsets.iter().map(|s| Some(s.name.as_str())))
+        .filter_map(|subset| {
+            let effective = EffectivePolicy::resolve(&rule.spec, subset, port.port);
+            let name = cluster_name(&port.hostname, subset, port.port);
+            let outliers = effective
+                .outlier_detection
+                .and_then(|d| OutlierSettings::from_istio(d).ok())
+                .map(|settings| {
+                    state
+                        .balancers
+                        .outliers
+                        .tracker(&name, settings, &addresses, now)
+                });
+            let limits = effective
+                .connection_pool
+                .and_then(|p| PoolLimits::from_istio(p).ok());
+            (outliers.is_some() || limits.is_some()).then(|| {
+                let policy = ClusterPolicy {
+                    name,
+                    outliers,
+                    limits,
+                };
+                (subset.unwrap_or_default().to_owned(), policy)
+            })
+        })
+        .collect()
+}
+
 /// A WorkloadEntry as an endpoint on `port_name`/`default_port`; `None` when its address
 /// is not an IPv4 address.
 fn entry_endpoint(
@@ -142,10 +191,8 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
             "the selector matches no meshed pod with an address".into(),
         );
     }
-    let (policy, subsets) = policies(
-        destination_rule(config, &hostname, namespace),
-        LbPolicy::RoundRobin,
-    );
+    let rule = destination_rule(config, &hostname, namespace);
+    let (policy, subsets) = policies(rule, LbPolicy::RoundRobin);
     for port in service
         .spec
         .ports
@@ -187,6 +234,7 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
             &state.balancers,
         );
         port_state.http = is_http(port);
+        port_state.clusters = cluster_policies(state, rule, &port_state);
         state.services.insert(address, Arc::new(port_state));
     }
 }
@@ -309,10 +357,8 @@ fn add_service_entry(
     } else {
         LbPolicy::RoundRobin
     };
-    let (policy, subsets) = policies(
-        destination_rule(config, &hostname, namespace),
-        default_policy,
-    );
+    let rule = destination_rule(config, &hostname, namespace);
+    let (policy, subsets) = policies(rule, default_policy);
     for port in &spec.ports {
         let Ok(number) = u16::try_from(port.number) else {
             continue;
@@ -347,6 +393,7 @@ fn add_service_entry(
                 &state.balancers,
             );
             port_state.http = entry_port_is_http(port);
+            port_state.clusters = cluster_policies(state, rule, &port_state);
             state.services.insert(address, Arc::new(port_state));
         }
     }

@@ -71,6 +71,8 @@ impl EndpointStats {
 #[derive(Debug, Default, Clone)]
 pub struct LbRegistry {
     inner: Arc<Mutex<Registry>>,
+    /// Outlier detection's view of endpoints, kept across configurations the same way.
+    pub outliers: crate::model::outlier::OutlierRegistry,
 }
 
 #[derive(Debug, Default)]
@@ -115,6 +117,8 @@ impl LbRegistry {
         registry
             .cursors
             .retain(|_, cursor| cursor.strong_count() > 0);
+        drop(registry);
+        self.outliers.prune();
     }
 
     /// The stats of the endpoint at `addr`, if a balancer has it.

@@ -24,7 +24,9 @@ use serde::Serialize;
 use crate::config::{ClusterConfig, Diagnostic, Pod, DEFAULT_ROOT_NAMESPACE};
 
 use self::{
+    circuit::PoolLimits,
     lb::{ActiveGuard, Balancer, LbPolicy, LbRegistry},
+    outlier::OutlierTracker,
     peerauth::WorkloadMtls,
     routing::RouteTable,
     security::{SecurityConfig, WorkloadSecurity},
@@ -75,6 +77,17 @@ pub struct SubsetState {
     balancer: Balancer,
 }
 
+/// What a DestinationRule asks of one cluster (the host, or one subset) on one port:
+/// outlier detection and connection pool limits.
+#[derive(Debug, Serialize)]
+pub struct ClusterPolicy {
+    /// Istio's cluster name, `outbound|port|subset|host`.
+    pub name: String,
+    #[serde(skip)]
+    pub outliers: Option<Arc<OutlierTracker>>,
+    pub limits: Option<PoolLimits>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct ServicePortState {
     pub namespace: String,
@@ -92,6 +105,9 @@ pub struct ServicePortState {
     #[serde(skip)]
     balancer: Balancer,
     pub subsets: BTreeMap<String, SubsetState>,
+    /// Outlier detection and pool limits by subset ("" for the whole host), where a
+    /// DestinationRule sets them.
+    pub clusters: BTreeMap<String, ClusterPolicy>,
 }
 
 /// What the load balancer chose for a connection.
@@ -144,7 +160,13 @@ impl ServicePortState {
             endpoints,
             http: false,
             subsets,
+            clusters: BTreeMap::new(),
         }
+    }
+
+    /// The DestinationRule's outlier detection and limits for `subset` (or the host).
+    pub fn cluster(&self, subset: Option<&str>) -> Option<&ClusterPolicy> {
+        self.clusters.get(subset.unwrap_or_default())
     }
 
     /// The endpoint for a new connection from `client`, in `subset` if one is named.
@@ -154,14 +176,18 @@ impl ServicePortState {
 
     /// As [`pick`](Self::pick), but not one of `avoid` while another is eligible: a retry
     /// goes to another endpoint when there is one (Istio's `previous_hosts` predicate).
+    /// Only endpoints `allowed` says yes to are eligible.
     pub fn pick_avoiding(
         &self,
         client: Ipv4Addr,
         subset: Option<&str>,
         avoid: &[SocketAddrV4],
+        allowed: impl Fn(SocketAddrV4) -> bool,
     ) -> Pick {
-        match self.pick_where(client, subset, |addr| !avoid.contains(&addr)) {
-            Pick::None if !avoid.is_empty() => self.pick(client, subset),
+        match self.pick_where(client, subset, |addr| {
+            !avoid.contains(&addr) && allowed(addr)
+        }) {
+            Pick::None if !avoid.is_empty() => self.pick_where(client, subset, allowed),
             picked => picked,
         }
     }

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use crate::{
     datapath::splice::Splicer,
     identity::tls::Identities,
+    model::circuit::Budgets,
     model::SharedState,
     proxy::{plan::PlanSettings, pool::HbonePool, requests::Guard, upstream::Upstreams},
     telemetry::conns::ConnTable,
@@ -39,6 +40,8 @@ pub struct Proxy {
     pub pool: HbonePool,
     /// HTTP connections of routed requests.
     pub upstreams: Arc<Upstreams>,
+    /// Connection pool budgets of routed requests, per source pod and cluster.
+    pub budgets: Budgets,
     /// In-kernel splicing of same-node flows, when enabled and loaded.
     pub splicer: Option<Arc<Splicer>>,
 }

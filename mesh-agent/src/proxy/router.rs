@@ -23,6 +23,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{
     model::{
+        circuit::{Budget, BudgetKey, Overflow, Permit},
+        outlier::Outcome,
         routing::{
             choose_random, AbortWith, Action, Fault, HttpRule, RequestFacts, RetryPolicy, Selected,
             TryOutcome, WeightedDestination,
@@ -267,12 +269,49 @@ impl Router {
             record.flag(ResponseFlag::NoHealthyUpstream);
             return reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         };
+        let cluster = service.cluster(destination.subset.as_deref());
+        let budget = cluster.and_then(|c| {
+            let limits = c.limits.as_ref()?;
+            let key = BudgetKey {
+                source: self.source.key(),
+                cluster: c.name.clone(),
+            };
+            Some(self.proxy.budgets.budget(&key, limits))
+        });
+        // Held until the response head is back: the request, and its place on a
+        // connection (waiting as a pending request while all are busy).
+        let _request = match budget.as_ref().map(|b| b.try_request()) {
+            Some(Err(overflow)) => return overflowed(overflow, record),
+            Some(Ok(permit)) => Some(permit),
+            None => None,
+        };
+        let _connection = match &budget {
+            Some(budget) => match connection_permit(budget).await {
+                Ok(permit) => Some(permit),
+                Err(overflow) => return overflowed(overflow, record),
+            },
+            None => None,
+        };
+        let tracker = cluster.and_then(|c| c.outliers.clone());
+        let addresses: Vec<SocketAddrV4> = service.endpoints.iter().map(|e| e.addr).collect();
+        let eligible = tracker
+            .as_ref()
+            .map(|t| t.eligible(&addresses, Instant::now()));
+        let allowed = |addr: SocketAddrV4| match &eligible {
+            None => true,
+            Some(flags) => addresses
+                .iter()
+                .position(|a| *a == addr)
+                .is_none_or(|i| flags[i]),
+        };
         let mut tried = Vec::new();
+        let mut _retry = None;
         loop {
             let endpoint = match service.pick_avoiding(
                 *self.client.ip(),
                 destination.subset.as_deref(),
                 &tried,
+                allowed,
             ) {
                 Pick::Endpoint(index, _guard) => service.endpoints[index].clone(),
                 Pick::Passthrough | Pick::None => {
@@ -321,7 +360,26 @@ impl Router {
                 }
                 Some(Err(TryFailure::RefusedStream)) => (None, TryOutcome::RefusedStream),
             };
-            let again = retries_left && retries.retries(try_outcome) && body.can_resend();
+            if let Some(tracker) = &tracker {
+                if let Some(reason) =
+                    tracker.record(endpoint.addr, outlier_outcome(try_outcome), Instant::now())
+                {
+                    tracing::info!(
+                        "outlier detection ejected {} from {}: {reason:?}",
+                        endpoint.addr,
+                        tracker.cluster()
+                    );
+                }
+            }
+            let mut again = retries_left && retries.retries(try_outcome) && body.can_resend();
+            if again {
+                // `maxRetries`: past it the last answer stands.
+                match budget.as_ref().map(|b| b.try_retry()) {
+                    Some(Err(_)) => again = false,
+                    Some(Ok(permit)) => _retry = Some(permit),
+                    None => {}
+                }
+            }
             if !again {
                 return match (response, try_outcome) {
                     (Some(response), _) => response,
@@ -562,6 +620,51 @@ fn reset_or_refused(err: hyper::Error) -> TryFailure {
         TryFailure::RefusedStream
     } else {
         TryFailure::Reset(err.to_string())
+    }
+}
+
+/// A place on a connection: one of `maxConnections`, or a wait as one of
+/// `http1MaxPendingRequests` until one is free (Envoy queues requests, it does not fail
+/// them, while connections are all busy).
+async fn connection_permit(budget: &Arc<Budget>) -> Result<Permit, Overflow> {
+    if let Ok(permit) = budget.try_connection() {
+        return Ok(permit);
+    }
+    let _pending = budget.try_pending()?;
+    loop {
+        tokio::time::sleep(PENDING_POLL).await;
+        if let Ok(permit) = budget.try_connection() {
+            return Ok(permit);
+        }
+    }
+}
+
+/// How often a pending request looks for a free connection.
+const PENDING_POLL: Duration = Duration::from_millis(1);
+
+/// A request over a connection pool limit: failed fast with 503, as Envoy's circuit
+/// breakers answer.
+fn overflowed(overflow: Overflow, record: &mut RequestRecord) -> Response<RoutedBody> {
+    record.flag(ResponseFlag::UpstreamOverflow);
+    tracing::debug!("circuit breaker: {overflow}");
+    reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+    )
+}
+
+/// What outlier detection learns from a try.
+fn outlier_outcome(outcome: TryOutcome) -> Outcome {
+    match outcome {
+        TryOutcome::Response {
+            status,
+            grpc: Some(code),
+        } => Outcome::grpc(status, code),
+        TryOutcome::Response { status, grpc: None } => Outcome::Status(status),
+        TryOutcome::ConnectFailure | TryOutcome::Reset | TryOutcome::RefusedStream => {
+            Outcome::ConnectFailure
+        }
+        TryOutcome::Timeout => Outcome::Timeout,
     }
 }
 
