@@ -4,7 +4,9 @@
 //! directly). Each scenario runs on both, for servers on the client's node
 //! (`same-node-l4`, spliced in the kernel; `same-node-l4-copied`, through the agent), on
 //! the other node (`cross-node-mtls`), and on the other node behind
-//! an L7 AuthorizationPolicy (`l7-policy`, HTTP scenarios only), repeated to give a median
+//! an L7 AuthorizationPolicy (`l7-policy`, HTTP scenarios only), and on the other node
+//! through a Service whose VirtualService the client's agent applies to every request
+//! (`l7-routing`: a header match, a weighted split, retries), repeated to give a median
 //! and a spread. Results go to the terminal as a table and to `target/bench/` as JSON.
 
 use std::{
@@ -44,6 +46,10 @@ struct Settings {
     repetitions: usize,
     seconds: f64,
 }
+
+/// The cluster IP of `bench/server-routed` (`deploy/bench/cluster.yaml`): the
+/// `l7-routing` path addresses the Service, as routing needs.
+const ROUTED_SERVICE_IP: &str = "10.96.60.8";
 
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
@@ -223,9 +229,14 @@ fn measure_all(settings: &Settings) -> Result<Vec<Measurement>> {
         ("same-node-l4-copied", "server-near", "server-near-copied"),
         ("cross-node-mtls", "server-far", "server-far"),
         ("l7-policy", "server-far", "server-l7"),
+        ("l7-routing", "server-far", "server-routed"),
     ] {
         let baseline = pod_ip(&state, &format!("plain/{server}"))?;
-        let mesh = pod_ip(&state, &format!("bench/{mesh_server}"))?;
+        let mesh = if path == "l7-routing" {
+            ROUTED_SERVICE_IP.to_owned()
+        } else {
+            pod_ip(&state, &format!("bench/{mesh_server}"))?
+        };
         let client_of = |ip: &str| {
             if ip == baseline {
                 "plain/client"
@@ -234,7 +245,7 @@ fn measure_all(settings: &Settings) -> Result<Vec<Measurement>> {
             }
         };
 
-        let streams_scenarios: &[(&str, &str)] = if path == "l7-policy" {
+        let streams_scenarios: &[(&str, &str)] = if path.starts_with("l7-") {
             &[]
         } else {
             &[("throughput-1-stream", "1"), ("throughput-8-streams", "8")]

@@ -1673,6 +1673,14 @@ fn virtual_services_route_requests_in_the_source_agent() {
     assert!((870..=930).contains(&v1), "90/10 gave {v1}/{v3}");
     let jason = reviews("/", 50, r#"{"end-user": "jason"}"#, "new");
     assert_eq!(jason.count("200 reviews-v2"), 50, "{:?}", jason.counts);
+    // An HTTP/2 client is routed the same way; the HTTP/1.1 backend gets HTTP/1.1.
+    let h2 = in_pod(
+        "client-a",
+        "curl -s --http2-prior-knowledge -H 'end-user: jason' -D - -o /dev/null \
+         -w '%{http_version}' http://10.96.0.110:9080/",
+    );
+    assert!(h2.contains("x-served-by: reviews-v2"), "{h2}");
+    assert!(h2.trim_end().ends_with('2'), "not HTTP/2: {h2}");
     let agent_a = metrics("node-a");
     let routed = |route: &str, code: &str| {
         sample(
@@ -1687,7 +1695,7 @@ fn virtual_services_route_requests_in_the_source_agent() {
         )
     };
     assert_eq!(routed("split", "200"), Some(1000.0));
-    assert_eq!(routed("jason", "200"), Some(55.0));
+    assert_eq!(routed("jason", "200"), Some(56.0));
 
     // Rewrite and header changes: the backend sees the new path and headers, the client
     // the response header; no route for other paths answers 404.

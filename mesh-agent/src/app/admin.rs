@@ -13,7 +13,7 @@ use crate::{
     app::reconcile::{lock, SharedStatus},
     http::server::{Handler, Reply},
     identity::{spiffe::facts, tls::Identities},
-    model::SharedState,
+    model::{routes_report::routes_report, SharedState},
     policy::{check, jwt::JwksCache},
     telemetry::{conns::ConnTable, metrics::Metrics},
 };
@@ -44,6 +44,7 @@ pub struct AdminView {
     pub conns: Arc<ConnTable>,
     pub identities: Arc<Identities>,
     pub jwks: Arc<JwksCache>,
+    pub budgets: crate::model::circuit::Budgets,
 }
 
 pub fn admin(view: AdminView) -> Handler {
@@ -55,6 +56,16 @@ pub fn admin(view: AdminView) -> Handler {
         }
         ("/config_dump", None) => Reply::json(&*view.state.current()),
         ("/certs", None) => Reply::json(&certificates(&view.identities)),
+        (path, None) if path.starts_with("/routes/") => {
+            let host = &path["/routes/".len()..];
+            match routes_report(&view.state.current(), &view.budgets, host) {
+                Some(report) => Reply::json(&report),
+                None => Reply::text(
+                    StatusCode::NOT_FOUND,
+                    format!("no Service or ServiceEntry host {host} in the mesh\n"),
+                ),
+            }
+        }
         ("/policy/check", Some(body)) => {
             match serde_json::from_slice::<check::CheckRequest>(body) {
                 Ok(request) => match check::check(
@@ -74,7 +85,7 @@ pub fn admin(view: AdminView) -> Handler {
         }
         _ => Reply::text(
             StatusCode::NOT_FOUND,
-            "try GET /status, /config_dump, /certs or POST /policy/check\n".into(),
+            "try GET /status, /config_dump, /certs, /routes/HOST or POST /policy/check\n".into(),
         ),
     })
 }

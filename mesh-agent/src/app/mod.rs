@@ -186,6 +186,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     tokio::spawn(cert_manager.run());
     let jwks_cache = Arc::new(JwksCache::default());
     tokio::spawn(jwks::keep_fresh(shared.clone(), jwks_cache.clone()));
+    let budgets = crate::model::circuit::Budgets::default();
     let proxy = Arc::new(Proxy {
         state: shared.clone(),
         settings: PlanSettings {
@@ -200,7 +201,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         conns: conns.clone(),
         pool: HbonePool::new(identities.clone()),
         upstreams: Arc::default(),
-        budgets: Default::default(),
+        budgets: budgets.clone(),
         splicer,
     });
     tokio::spawn(outbound::serve(capture, proxy.clone()));
@@ -219,6 +220,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             conns,
             identities,
             jwks: jwks_cache,
+            budgets,
         }),
     ));
 

@@ -64,6 +64,13 @@ enum Command {
         #[command(subcommand)]
         what: PolicyCommand,
     },
+    /// A Service's traffic management, from the agent's live state: its VirtualService
+    /// routes and weighted destinations, its endpoints with their subsets and outlier state,
+    /// and the connection pool occupancy of each cluster.
+    Routes {
+        /// The Service: `namespace/name`, `name.namespace`, or a hostname.
+        service: String,
+    },
     /// Check configuration files (Kubernetes and Istio YAML) as the agent would load them.
     Validate {
         /// A YAML file or a directory of them.
@@ -134,6 +141,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Status => status(cli.admin, json),
         Command::Certs => certs(cli.admin, json),
         Command::Validate { path, strict } => validate(&path, strict, json),
+        Command::Routes { service } => routes(cli.admin, &service, json),
         Command::Policy {
             what:
                 PolicyCommand::Check {
@@ -387,6 +395,116 @@ fn expiry(unix: Option<i64>) -> String {
         })
         .unwrap_or_else(|_| unix.to_string());
     format!("{when} (in {}s)", unix - now)
+}
+
+/// The hostname a user means: `namespace/name` and `name.namespace` name a Kubernetes
+/// Service; anything else is taken as a hostname as it is.
+fn service_hostname(service: &str) -> anyhow::Result<String> {
+    if let Some((namespace, name)) = service.split_once('/') {
+        if namespace.is_empty() || name.is_empty() || name.contains('/') {
+            anyhow::bail!("{service:?}: expected namespace/name, name.namespace or a hostname");
+        }
+        return Ok(format!("{name}.{namespace}.svc.cluster.local"));
+    }
+    match service.matches('.').count() {
+        0 => {
+            anyhow::bail!("{service:?}: name the namespace too (namespace/name or name.namespace)")
+        }
+        1 => Ok(format!("{service}.svc.cluster.local")),
+        _ => Ok(service.to_owned()),
+    }
+}
+
+fn routes(admin: SocketAddr, service: &str, json: bool) -> anyhow::Result<()> {
+    let host = service_hostname(service)?;
+    let body = admin_get(admin, &format!("/routes/{host}"))?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&body).context("the agent's /routes is not JSON")?;
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    println!(
+        "{host}  VirtualService: {}",
+        report["virtual_service"]
+            .as_str()
+            .unwrap_or("none (balanced per connection)")
+    );
+    for rule in report["http"].as_array().into_iter().flatten() {
+        let action = &rule["action"];
+        let what = if let Some(destinations) = action["route"].as_array() {
+            destinations
+                .iter()
+                .map(|d| {
+                    let subset = d["subset"]
+                        .as_str()
+                        .map(|s| format!(" subset {s}"))
+                        .unwrap_or_default();
+                    format!("{}{subset} {}%", text(&d["host"]), d["weight"])
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        } else if action.get("redirect").is_some() {
+            format!("redirect {}", action["redirect"]["status"])
+        } else {
+            format!("direct response {}", action["direct_response"]["status"])
+        };
+        println!(
+            "  route {:<16} → {what}  (retries {}, timeout {})",
+            text(&rule["name"]),
+            rule["retries"]["attempts"],
+            duration_text(&rule["timeout"])
+        );
+    }
+    for port in report["ports"].as_array().into_iter().flatten() {
+        println!(
+            "port {} ({}{})",
+            port["port"],
+            text(&port["address"]),
+            if port["http"] == true { ", HTTP" } else { "" }
+        );
+        let clusters = port["clusters"].as_array().cloned().unwrap_or_default();
+        for endpoint in port["endpoints"].as_array().into_iter().flatten() {
+            let address = text(&endpoint["address"]);
+            let ejected = clusters
+                .iter()
+                .flat_map(|c| c["outliers"].as_array().cloned().unwrap_or_default())
+                .find(|o| o["address"] == endpoint["address"] && o["ejected"] == true)
+                .map(|o| format!("  EJECTED (returns in {} ms)", o["returnsInMs"]))
+                .unwrap_or_default();
+            println!(
+                "  {address:<22} {:<28} subsets {}{ejected}",
+                text(&endpoint["pod"]),
+                endpoint["subsets"]
+            );
+        }
+        for cluster in &clusters {
+            for pool in cluster["pools"].as_array().into_iter().flatten() {
+                println!(
+                    "  pool {} from {}: connections {}/{}, pending {}/{}, overflows {}",
+                    text(&cluster["name"]),
+                    text(&pool["source"]),
+                    pool["connections"]["inUse"],
+                    pool["connections"]["limit"],
+                    pool["pendingRequests"]["inUse"],
+                    pool["pendingRequests"]["limit"],
+                    pool["connections"]["overflows"].as_u64().unwrap_or(0)
+                        + pool["pendingRequests"]["overflows"].as_u64().unwrap_or(0)
+                        + pool["requests"]["overflows"].as_u64().unwrap_or(0)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A serialised `Duration` (`{"secs", "nanos"}`) as `1.5s`; `none` when absent.
+fn duration_text(value: &serde_json::Value) -> String {
+    match (value["secs"].as_u64(), value["nanos"].as_u64()) {
+        (Some(secs), Some(nanos)) => format!("{}s", secs as f64 + nanos as f64 / 1e9),
+        _ => "none".into(),
+    }
 }
 
 fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {

@@ -234,6 +234,7 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
             &state.balancers,
         );
         port_state.http = is_http(port);
+        port_state.http2 = is_http2(port);
         port_state.clusters = cluster_policies(state, rule, &port_state);
         state.services.insert(address, Arc::new(port_state));
     }
@@ -248,17 +249,30 @@ fn target_port(port: &ServicePort, named: &BTreeMap<String, u16>) -> Option<u16>
 }
 
 /// Istio's explicit protocol selection: `appProtocol`, else the port name's prefix.
-fn is_http(port: &ServicePort) -> bool {
+fn declared_protocol(port: &ServicePort) -> String {
     let declared = port
         .app_protocol
         .as_deref()
         .or(port.name.as_deref())
         .unwrap_or_default()
         .to_ascii_lowercase();
-    let protocol = declared.split('-').next().unwrap_or_default();
+    declared.split('-').next().unwrap_or_default().to_owned()
+}
+
+fn is_http(port: &ServicePort) -> bool {
     matches!(
-        protocol,
+        declared_protocol(port).as_str(),
         "http" | "http2" | "grpc" | "grpc_web" | "kubernetes.io/h2c"
+    )
+}
+
+/// Ports whose servers speak HTTP/2 (gRPC, h2c): routed requests reach them over HTTP/2,
+/// whatever the client spoke; other HTTP ports get HTTP/1.1, as Istio's default
+/// `h2UpgradePolicy` does.
+fn is_http2(port: &ServicePort) -> bool {
+    matches!(
+        declared_protocol(port).as_str(),
+        "http2" | "grpc" | "kubernetes.io/h2c"
     )
 }
 
@@ -393,6 +407,9 @@ fn add_service_entry(
                 &state.balancers,
             );
             port_state.http = entry_port_is_http(port);
+            port_state.http2 = entry_port_protocol(port) != "http"
+                && port_state.http
+                && entry_port_protocol(port) != "grpc-web";
             port_state.clusters = cluster_policies(state, rule, &port_state);
             state.services.insert(address, Arc::new(port_state));
         }
@@ -400,15 +417,21 @@ fn add_service_entry(
 }
 
 /// A ServiceEntry port's `protocol` (HTTP, HTTP2, GRPC), else its name's prefix.
-fn entry_port_is_http(port: &ServiceEntryPort) -> bool {
+fn entry_port_protocol(port: &ServiceEntryPort) -> String {
     let declared = port
         .protocol
         .as_deref()
         .or(port.name.as_deref())
         .unwrap_or_default()
         .to_ascii_lowercase();
-    let protocol = declared.split('-').next().unwrap_or_default();
-    matches!(protocol, "http" | "http2" | "grpc" | "grpc-web")
+    declared.split('-').next().unwrap_or_default().to_owned()
+}
+
+fn entry_port_is_http(port: &ServiceEntryPort) -> bool {
+    matches!(
+        entry_port_protocol(port).as_str(),
+        "http" | "http2" | "grpc" | "grpc-web"
+    )
 }
 
 fn target_of(port: &ServiceEntryPort) -> Option<u16> {

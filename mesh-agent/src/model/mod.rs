@@ -10,6 +10,7 @@ pub mod lb;
 pub mod outlier;
 pub mod peerauth;
 pub mod ratelimit;
+pub mod routes_report;
 pub mod routing;
 pub mod security;
 
@@ -101,6 +102,8 @@ pub struct ServicePortState {
     /// Declared HTTP, HTTP/2 or gRPC (`appProtocol` or the port name): requests to it can
     /// be routed.
     pub http: bool,
+    /// Declared HTTP/2 or gRPC: routed requests reach it over HTTP/2.
+    pub http2: bool,
     pub policy: LbPolicy,
     #[serde(skip)]
     balancer: Balancer,
@@ -159,6 +162,7 @@ impl ServicePortState {
             policy,
             endpoints,
             http: false,
+            http2: false,
             subsets,
             clusters: BTreeMap::new(),
         }

@@ -326,7 +326,9 @@ impl Router {
                 record.flag(ResponseFlag::UpstreamRetryLimitExceeded);
                 return reply(StatusCode::SERVICE_UNAVAILABLE, "upstream reset");
             };
-            let request = Request::from_parts(clone_head(parts), request_body);
+            let mut head = clone_head(parts);
+            for_upstream(&mut head, service.http2);
+            let request = Request::from_parts(head, request_body);
             let attempt = self.send(
                 state,
                 endpoint.addr,
@@ -412,25 +414,44 @@ impl Router {
             http2: request.version() == Version::HTTP_2,
         };
         let upstreams = &self.proxy.upstreams;
-        let mut sender = match upstreams.take(&key) {
-            Some(sender) => sender,
-            None => self.connect(state, key, workload, hostname).await?,
+        let (mut sender, mut reused) = match upstreams.take(&key) {
+            Some(sender) => (sender, true),
+            None => (self.connect(state, key, workload, hostname).await?, false),
         };
-        if let Sender::Http1(send) = &mut sender {
-            if send.ready().await.is_err() {
-                sender = self.connect(state, key, workload, hostname).await?;
+        let mut request = request;
+        loop {
+            if let Sender::Http1(send) = &mut sender {
+                if send.ready().await.is_err() {
+                    sender = self.connect(state, key, workload, hostname).await?;
+                    reused = false;
+                }
             }
-        }
-        match sender {
-            Sender::Http2(mut send) => {
-                upstreams.put(key, Sender::Http2(send.clone()));
-                let response = send.send_request(request).await.map_err(reset_or_refused)?;
-                Ok(response.map(|b| Either::Left(Returning::new(b, None))))
-            }
-            Sender::Http1(mut send) => {
-                let response = send.send_request(request).await.map_err(reset_or_refused)?;
-                let back = Some((upstreams.clone(), key, Sender::Http1(send)));
-                Ok(response.map(|b| Either::Left(Returning::new(b, back))))
+            let sent = match &mut sender {
+                Sender::Http2(send) => {
+                    upstreams.put(key, Sender::Http2(send.clone()));
+                    send.try_send_request(request).await
+                }
+                Sender::Http1(send) => send.try_send_request(request).await,
+            };
+            match sent {
+                Ok(response) => {
+                    let back = match sender {
+                        Sender::Http1(send) => Some((upstreams.clone(), key, Sender::Http1(send))),
+                        Sender::Http2(_) => None,
+                    };
+                    return Ok(response.map(|b| Either::Left(Returning::new(b, back))));
+                }
+                // A pooled connection the upstream closed before the request went out:
+                // nothing was sent, so it goes out again on a new connection (Envoy
+                // does the same for a connection that closes while idle).
+                Err(mut failed) => match failed.take_message() {
+                    Some(unsent) if reused => {
+                        request = unsent;
+                        sender = self.connect(state, key, workload, hostname).await?;
+                        reused = false;
+                    }
+                    _ => return Err(reset_or_refused(failed.into_error())),
+                },
             }
         }
     }
@@ -557,6 +578,7 @@ impl Router {
             let endpoint = service.endpoints[index].clone();
             let mut head = clone_head(parts);
             shadow_authority(&mut head);
+            for_upstream(&mut head, service.http2);
             let request = Request::from_parts(head, Either::Right(Full::new(body.clone())));
             let router = Router {
                 proxy: self.proxy.clone(),
@@ -779,6 +801,47 @@ fn set_target(parts: &mut Parts, path: &str, query: Option<&str>, authority: &st
     if parts.version < Version::HTTP_2 {
         if let Ok(host) = HeaderValue::from_str(authority) {
             parts.headers.insert(header::HOST, host);
+        }
+    }
+}
+
+/// The head in the HTTP version the upstream speaks: HTTP/1.1 carries the authority in
+/// `Host` and an origin-form target, HTTP/2 in `:authority` (the URI).
+fn for_upstream(parts: &mut Parts, http2: bool) {
+    let was_http2 = parts.version >= Version::HTTP_2;
+    if was_http2 == http2 {
+        return;
+    }
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    if http2 {
+        parts.version = Version::HTTP_2;
+        parts.headers.remove(header::HOST);
+        if let Ok(uri) = format!("http://{authority}{target}").parse() {
+            parts.uri = uri;
+        }
+    } else {
+        parts.version = Version::HTTP_11;
+        if let Ok(host) = HeaderValue::from_str(&authority) {
+            parts.headers.insert(header::HOST, host);
+        }
+        if let Ok(uri) = target.parse() {
+            parts.uri = uri;
         }
     }
 }
