@@ -205,7 +205,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         splicer,
     });
     tokio::spawn(outbound::serve(capture, proxy.clone()));
-    tokio::spawn(expire_idle_upstreams(proxy.upstreams.clone()));
+    tokio::spawn(expire_idle_routing_state(proxy.clone()));
     tokio::spawn(inbound::serve(tunnel_listener, proxy));
     tokio::spawn(server::serve(metrics_listener, admin::metrics(metrics)));
     tokio::spawn(server::serve(
@@ -265,11 +265,16 @@ fn take_kernel_maps(bpffs: &Path) -> anyhow::Result<KernelMaps> {
 }
 
 /// Lets routed requests' idle upstream connections go once they are past their idle
-/// timeout, whether or not another request comes for them.
-async fn expire_idle_upstreams(upstreams: Arc<crate::proxy::upstream::Upstreams>) {
+/// timeout, whether or not another request comes for them, and forgets the pool budgets
+/// of pods that left the node.
+async fn expire_idle_routing_state(proxy: Arc<Proxy>) {
     let mut ticker = tokio::time::interval(crate::proxy::upstream::IDLE_TIMEOUT / 2);
     loop {
         ticker.tick().await;
-        upstreams.expire();
+        proxy.upstreams.expire();
+        let state = proxy.state.current();
+        let pods: std::collections::HashSet<String> =
+            state.local_workloads().map(|w| w.key()).collect();
+        proxy.budgets.prune(|key| pods.contains(&key.source));
     }
 }

@@ -23,7 +23,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{
     model::{
-        circuit::{Budget, BudgetKey, Overflow, Permit},
+        circuit::{Budget, BudgetKey, Overflow, Permit, PoolLimits},
+        destination_policy::cluster_name,
         outlier::Outcome,
         routing::{
             choose_random, AbortWith, Action, Fault, HttpRule, RequestFacts, RetryPolicy, Selected,
@@ -270,27 +271,32 @@ impl Router {
             return reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         };
         let cluster = service.cluster(destination.subset.as_deref());
-        let budget = cluster.and_then(|c| {
-            let limits = c.limits.as_ref()?;
-            let key = BudgetKey {
-                source: self.source.key(),
-                cluster: c.name.clone(),
-            };
-            Some(self.proxy.budgets.budget(&key, limits))
-        });
+        let key = BudgetKey {
+            source: self.source.key(),
+            cluster: cluster.map_or_else(
+                || {
+                    cluster_name(
+                        &service.hostname,
+                        destination.subset.as_deref(),
+                        service.port,
+                    )
+                },
+                |c| c.name.clone(),
+            ),
+        };
+        let limits = cluster
+            .and_then(|c| c.limits.as_ref())
+            .unwrap_or(&UNCONFIGURED_LIMITS);
+        let budget = self.proxy.budgets.budget(&key, limits);
         // Held until the response head is back: the request, and its place on a
         // connection (waiting as a pending request while all are busy).
-        let _request = match budget.as_ref().map(|b| b.try_request()) {
-            Some(Err(overflow)) => return overflowed(overflow, record),
-            Some(Ok(permit)) => Some(permit),
-            None => None,
+        let _request = match budget.try_request() {
+            Ok(permit) => permit,
+            Err(overflow) => return overflowed(overflow, record),
         };
-        let _connection = match &budget {
-            Some(budget) => match connection_permit(budget).await {
-                Ok(permit) => Some(permit),
-                Err(overflow) => return overflowed(overflow, record),
-            },
-            None => None,
+        let _connection = match connection_permit(&budget).await {
+            Ok(permit) => permit,
+            Err(overflow) => return overflowed(overflow, record),
         };
         let tracker = cluster.and_then(|c| c.outliers.clone());
         let addresses: Vec<SocketAddrV4> = service.endpoints.iter().map(|e| e.addr).collect();
@@ -376,10 +382,9 @@ impl Router {
             let mut again = retries_left && retries.retries(try_outcome) && body.can_resend();
             if again {
                 // `maxRetries`: past it the last answer stands.
-                match budget.as_ref().map(|b| b.try_retry()) {
-                    Some(Err(_)) => again = false,
-                    Some(Ok(permit)) => _retry = Some(permit),
-                    None => {}
+                match budget.try_retry() {
+                    Err(_) => again = false,
+                    Ok(permit) => _retry = Some(permit),
                 }
             }
             if !again {
@@ -660,6 +665,16 @@ async fn connection_permit(budget: &Arc<Budget>) -> Result<Permit, Overflow> {
         }
     }
 }
+
+/// What one source pod may have in flight to one cluster when no DestinationRule sets
+/// limits. Istio lifts Envoy's defaults (1024 each) to 2^32-1 for sidecars, where one
+/// pod's proxy only hurts that pod; here a pod's requests cost the node agent every other
+/// pod relies on, so Envoy's 1024 concurrent requests stay as a bound.
+static UNCONFIGURED_LIMITS: std::sync::LazyLock<PoolLimits> =
+    std::sync::LazyLock::new(|| PoolLimits {
+        max_requests: 1024,
+        ..PoolLimits::default()
+    });
 
 /// How often a pending request looks for a free connection.
 const PENDING_POLL: Duration = Duration::from_millis(1);
