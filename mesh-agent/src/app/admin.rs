@@ -1,5 +1,6 @@
 //! The agent's small HTTP servers: Prometheus metrics (15020), readiness (15021) and the
-//! localhost admin API (15000: status, configuration dump, certificates, policy check).
+//! localhost admin API (15000: status, configuration dump, certificates, JWKS fetches,
+//! policy check).
 
 use std::sync::{
     atomic::{AtomicBool, Ordering},
@@ -55,6 +56,7 @@ pub fn admin(view: AdminView) -> Handler {
         }
         ("/config_dump", None) => Reply::json(&*view.state.current()),
         ("/certs", None) => Reply::json(&certificates(&view.identities)),
+        ("/jwks", None) => Reply::json(&view.jwks.statuses()),
         ("/policy/check", Some(body)) => {
             match serde_json::from_slice::<check::CheckRequest>(body) {
                 Ok(request) => match check::check(
@@ -74,7 +76,7 @@ pub fn admin(view: AdminView) -> Handler {
         }
         _ => Reply::text(
             StatusCode::NOT_FOUND,
-            "try GET /status, /config_dump, /certs or POST /policy/check\n".into(),
+            "try GET /status, /config_dump, /certs, /jwks or POST /policy/check\n".into(),
         ),
     })
 }

@@ -82,6 +82,23 @@ pub struct AgentOptions {
     /// This node's bootstrap token for the CA.
     #[arg(long, env = "MESH_CA_TOKEN", default_value = "/etc/mesh/token/token")]
     pub ca_token: PathBuf,
+    /// How often keys fetched from RequestAuthentication `jwksUri`s are refreshed (e.g.
+    /// 20m, Istio's default; 30s).
+    #[arg(
+        long,
+        env = "MESH_JWKS_REFRESH_INTERVAL",
+        default_value = "20m",
+        value_parser = parse_refresh_interval
+    )]
+    pub jwks_refresh_interval: Duration,
+}
+
+/// A positive duration: a zero interval would fetch every key set on every tick.
+fn parse_refresh_interval(text: &str) -> Result<Duration, String> {
+    match crate::config::istio::parse_duration(text)? {
+        interval if interval.is_zero() => Err(format!("{text:?}: the interval must be positive")),
+        interval => Ok(interval),
+    }
 }
 
 const POLL_INTERVAL: Duration = Duration::from_millis(300);
@@ -185,7 +202,11 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     tokio::spawn(metrics.clone().run(kernel_maps));
     tokio::spawn(cert_manager.run());
     let jwks_cache = Arc::new(JwksCache::default());
-    tokio::spawn(jwks::keep_fresh(shared.clone(), jwks_cache.clone()));
+    tokio::spawn(jwks::keep_fresh(
+        shared.clone(),
+        jwks_cache.clone(),
+        options.jwks_refresh_interval,
+    ));
     let proxy = Arc::new(Proxy {
         state: shared.clone(),
         settings: PlanSettings {
