@@ -210,15 +210,22 @@ async fn handshake_with(agent: &Agent, identities: Option<Arc<Identities>>) {
     }
 }
 
+/// Waits (up to 10 s: a loaded machine) for the one attempt of the test to be refused
+/// for `reason`, then checks it was counted exactly once.
 async fn eventually_refused(agent: &Agent, reason: &str) {
-    for _ in 0..50 {
-        if refusals(&agent.metrics, reason) >= 1 {
-            return;
-        }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while refusals(&agent.metrics, reason) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no refusal counted as {reason}:\n{}",
+            agent.metrics.encode()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!(
-        "no refusal counted as {reason}:\n{}",
+    assert_eq!(
+        refusals(&agent.metrics, reason),
+        1,
+        "{reason}:\n{}",
         agent.metrics.encode()
     );
 }
