@@ -25,7 +25,7 @@ use crate::{
     app::{
         admin::AdminView,
         enroll::Enroller,
-        reconcile::{lock, AgentStatus, Reconciler},
+        reconcile::{lock, AgentStatus, Reconciler, Reload},
     },
     config::source::DirectorySource,
     datapath::{self, Datapath},
@@ -187,15 +187,17 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             .context("no cgroup v2 hierarchy in /proc/mounts; pass --cgroup-root")?,
     };
     let mut reconciler = Reconciler {
-        node: options.node.clone(),
-        root_namespace: options.root_namespace.clone(),
-        source: Box::new(DirectorySource::new(&options.config_dir)),
+        reload: Reload {
+            node: options.node.clone(),
+            root_namespace: options.root_namespace.clone(),
+            source: Box::new(DirectorySource::new(&options.config_dir)),
+            shared: shared.clone(),
+            balancers: LbRegistry::default(),
+            status: status.clone(),
+            metrics: metrics.clone(),
+            has_config: false,
+        },
         enroller: Enroller::new(datapath, cgroup_root, options.trust_domain.clone()),
-        shared: shared.clone(),
-        balancers: LbRegistry::default(),
-        status: status.clone(),
-        metrics: metrics.clone(),
-        has_config: false,
     };
     reconciler.poll();
 
