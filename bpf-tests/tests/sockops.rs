@@ -231,13 +231,15 @@ fn server_connection_is_tracked_while_open_and_reports_bytes_on_close() {
     assert_eq!(close.stats.bytes_sent, 5000);
 }
 
-/// Connects, sends 1000 bytes, then waits for the server's reset (its 2000 bytes are
-/// received whether or not they are read).
+/// Connects, sends 1000 bytes, half-closes when `argv[2]` is "half-close", then waits
+/// for the server's reset (its 2000 bytes are received whether or not they are read).
 const RESET_CLIENT: &str = r#"
 import socket, sys
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
 print(s.getsockname()[1], flush=True)
 s.sendall(b"x" * 1000)
+if sys.argv[2] == "half-close":
+    s.shutdown(socket.SHUT_WR)
 try:
     while s.recv(65536):
         pass
@@ -245,18 +247,27 @@ except ConnectionResetError:
     pass
 "#;
 
-#[test]
-fn a_connection_ended_by_a_reset_reports_exact_bytes_with_no_fin_taken_off() {
+/// A connection the server ends with a reset after reading the client's 1000 bytes (to
+/// the client's FIN when it half-closes) and sending 2000: the client's (bytes sent,
+/// bytes received) in its close event.
+fn reset_flow(half_close: bool) -> (u64, u64) {
     let mut loaded = load();
-    let cgroup = TestCgroup::new("reset");
+    let cgroup = TestCgroup::new(if half_close { "reset-half" } else { "reset" });
     attach(&mut loaded, &cgroup);
     let mut ring = events(&mut loaded);
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let server_port = listener.local_addr().expect("addr").port();
     let server = std::thread::spawn(move || {
         let (mut conn, _) = listener.accept().expect("accept");
-        let mut request = [0u8; 1000];
-        conn.read_exact(&mut request).expect("read");
+        let mut request = Vec::new();
+        if half_close {
+            // To the client's FIN: the client is in FIN_WAIT2 when reset.
+            conn.read_to_end(&mut request).expect("read");
+        } else {
+            request.resize(1000, 0);
+            conn.read_exact(&mut request).expect("read");
+        }
+        assert_eq!(request.len(), 1000);
         conn.write_all(&[7u8; 2000]).expect("write");
         // Close with a reset (SO_LINGER 0) instead of a FIN.
         let linger = libc::linger {
@@ -278,6 +289,7 @@ fn a_connection_ended_by_a_reset_reports_exact_bytes_with_no_fin_taken_off() {
     let mut client = cgroup
         .command("python3")
         .args(["-c", RESET_CLIENT, &server_port.to_string()])
+        .arg(if half_close { "half-close" } else { "open" })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -306,9 +318,17 @@ fn a_connection_ended_by_a_reset_reports_exact_bytes_with_no_fin_taken_off() {
         .iter()
         .find(|e| e.kind == FLOW_EVENT_CLOSE)
         .expect("a close event");
-    // No FIN either way: nothing is taken off the kernel's counts.
-    assert_eq!(
-        (close.stats.bytes_sent, close.stats.bytes_received),
-        (1000, 2000)
-    );
+    (close.stats.bytes_sent, close.stats.bytes_received)
+}
+
+#[test]
+fn a_connection_ended_by_a_reset_reports_exact_bytes_with_no_fin_taken_off() {
+    // No FIN either way.
+    assert_eq!(reset_flow(false), (1000, 2000));
+}
+
+#[test]
+fn a_half_closed_connection_then_reset_takes_off_only_its_own_fin() {
+    // The client's FIN was sent and acknowledged; the server's never came.
+    assert_eq!(reset_flow(true), (1000, 2000));
 }
