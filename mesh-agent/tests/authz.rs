@@ -1,8 +1,9 @@
 //! AuthorizationPolicy and RequestAuthentication, table-driven: each case is a policy set
 //! and a connection or request from one pod to another, and the decision a user would
 //! see (allowed, reset, 403, 401) with the policy that made it. Evaluated by
-//! `policycheck::check`, the code path of `meshctl policy check`, which runs the proxy's
-//! own evaluation.
+//! `policy::check::check`, the code path of `meshctl policy check`, which judges through
+//! the proxy's own steps (`facts::admit`, `request::normalise`, `facts::judge_request`).
+//! Then JWKS fetching: keys kept through a failed refresh, retried, refreshed.
 
 use std::{
     path::Path,

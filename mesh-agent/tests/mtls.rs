@@ -346,10 +346,13 @@ async fn the_ca_signs_only_identities_the_node_hosts() {
         config_dir: config_dir.clone(),
     }));
     let root = dir.join("state/root-cert.pem");
-    for _ in 0..100 {
-        if root.exists() && std::net::TcpStream::connect(listen).is_ok() {
-            break;
-        }
+    // The CA is up once its root is written and it listens (10 s: a loaded machine).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !(root.exists() && std::net::TcpStream::connect(listen).is_ok()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the CA did not start on {listen}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let client = |node: &str, token: &str| CaClient {
