@@ -1,5 +1,6 @@
 //! The sockops program on real TCP connections of a process in a cgroup: a flow entry
-//! while the connection is open, open and close events with the exact bytes each way.
+//! while the connection is open, open and close events with the exact bytes each way,
+//! for connections closed with FINs and with a reset.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -228,4 +229,106 @@ fn server_connection_is_tracked_while_open_and_reports_bytes_on_close() {
     assert_eq!(close.stats.role, FLOW_ROLE_SERVER);
     assert_eq!(close.stats.bytes_received, 5000);
     assert_eq!(close.stats.bytes_sent, 5000);
+}
+
+/// Connects, sends 1000 bytes, half-closes when `argv[2]` is "half-close", then waits
+/// for the server's reset (its 2000 bytes are received whether or not they are read).
+const RESET_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+print(s.getsockname()[1], flush=True)
+s.sendall(b"x" * 1000)
+if sys.argv[2] == "half-close":
+    s.shutdown(socket.SHUT_WR)
+try:
+    while s.recv(65536):
+        pass
+except ConnectionResetError:
+    pass
+"#;
+
+/// A connection the server ends with a reset after reading the client's 1000 bytes (to
+/// the client's FIN when it half-closes) and sending 2000: the client's (bytes sent,
+/// bytes received) in its close event.
+fn reset_flow(half_close: bool) -> (u64, u64) {
+    let mut loaded = load();
+    let cgroup = TestCgroup::new(if half_close { "reset-half" } else { "reset" });
+    attach(&mut loaded, &cgroup);
+    let mut ring = events(&mut loaded);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let server_port = listener.local_addr().expect("addr").port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut request = Vec::new();
+        if half_close {
+            // To the client's FIN: the client is in FIN_WAIT2 when reset.
+            conn.read_to_end(&mut request).expect("read");
+        } else {
+            request.resize(1000, 0);
+            conn.read_exact(&mut request).expect("read");
+        }
+        assert_eq!(request.len(), 1000);
+        conn.write_all(&[7u8; 2000]).expect("write");
+        // Close with a reset (SO_LINGER 0) instead of a FIN.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: the option value is one `linger`, valid for the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&conn),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    });
+    let mut client = cgroup
+        .command("python3")
+        .args(["-c", RESET_CLIENT, &server_port.to_string()])
+        .arg(if half_close { "half-close" } else { "open" })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 client");
+    let mut port_line = String::new();
+    BufReader::new(client.stdout.as_mut().expect("stdout"))
+        .read_line(&mut port_line)
+        .expect("client port");
+    let client_port: u16 = port_line.trim().parse().expect("port number");
+    server.join().expect("server");
+    let output = client.wait_with_output().expect("client exit");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let localhost = ip_key("127.0.0.1".parse().expect("ip"));
+    let key = FlowKey {
+        local_ip: localhost,
+        remote_ip: localhost,
+        local_port: client_port,
+        remote_port: server_port,
+    };
+    let seen = wait_for_close(&mut ring, key);
+    let close = seen
+        .iter()
+        .find(|e| e.kind == FLOW_EVENT_CLOSE)
+        .expect("a close event");
+    (close.stats.bytes_sent, close.stats.bytes_received)
+}
+
+#[test]
+fn a_connection_ended_by_a_reset_reports_exact_bytes_with_no_fin_taken_off() {
+    // No FIN either way.
+    assert_eq!(reset_flow(false), (1000, 2000));
+}
+
+#[test]
+fn a_half_closed_connection_then_reset_takes_off_only_its_own_fin() {
+    // The client's FIN was sent and acknowledged; the server's never came.
+    assert_eq!(reset_flow(true), (1000, 2000));
 }

@@ -20,9 +20,9 @@ use mesh_agent::{
 };
 use mesh_common::{
     pins, programs, verdict, PolicyKey, PortKey, ServiceInfo, TrafficCounters, TrafficKey,
-    WorkloadInfo, AGENT_MARK, DIRECTION_FROM_POD, NAME_LEN, OUTBOUND_CAPTURE_PORT, POLICY_DENY,
-    PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT, WORKLOAD_FLAG_LOCAL, WORKLOAD_FLAG_MTLS_STRICT,
-    WORKLOAD_FLAG_MTLS_STRICT_PORTS,
+    WorkloadInfo, AGENT_MARK, CAPTURE_MARK, DIRECTION_FROM_POD, NAME_LEN, OUTBOUND_CAPTURE_PORT,
+    POLICY_ALLOW, POLICY_DENY, PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT, WORKLOAD_FLAG_LOCAL,
+    WORKLOAD_FLAG_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT_PORTS,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -676,6 +676,200 @@ fn one_strict_port_makes_tcp_fragments_to_the_pod_unjudgeable() {
             counted(&loaded),
             [("drop_plaintext_strict", 1), ("drop_fragment", 2)]
         );
+    });
+}
+
+/// `MESH_POLICY` entries, as the agent's `sync_maps` writes `kernel_verdicts`.
+fn set_policy(loaded: &mut Loaded, entries: &[(Ipv4Addr, Ipv4Addr, u16, u32)]) {
+    let mut policy: HashMap<_, PolicyKey, u32> =
+        HashMap::try_from(loaded.ebpf.map_mut(pins::POLICY).expect("policy map"))
+            .expect("hash map");
+    for &(src, dst, port, verdict) in entries {
+        let key = PolicyKey {
+            src_ip: ip_key(src),
+            dst_ip: ip_key(dst),
+            dst_port: port,
+            _pad: 0,
+        };
+        policy.insert(key, verdict, 0).expect("insert policy");
+    }
+}
+
+#[test]
+fn a_port_entry_of_the_policy_map_wins_over_the_all_ports_entry() {
+    in_new_netns(|| {
+        let mut loaded = load();
+        let pod = mesh(&mut loaded);
+        // Port 0 is "every other port" of the destination.
+        set_policy(
+            &mut loaded,
+            &[
+                (POD, MESHED_POD, 0, POLICY_DENY),
+                (POD, MESHED_POD, 8080, POLICY_ALLOW),
+                (POD, NEIGHBOUR, 0, POLICY_ALLOW),
+                (POD, NEIGHBOUR, 9090, POLICY_DENY),
+                (POD, SERVICE, 80, POLICY_DENY),
+                // Another source's entry never judges this pod's SYNs.
+                (NEIGHBOUR, MESHED_POD, 8080, POLICY_DENY),
+            ],
+        );
+        let prog = program(&mut loaded, programs::TC_FROM_POD);
+        // No capture listener here: a SYN the policy lets through is dropped as
+        // `drop_no_proxy`, one it denies as `drop_policy_denied`, both unmarked.
+        let cases = [
+            (
+                "the port's ALLOW over the all-ports DENY",
+                MESHED_POD,
+                8080,
+                "drop_no_proxy",
+            ),
+            (
+                "another port of that destination: the all-ports DENY",
+                MESHED_POD,
+                9090,
+                "drop_policy_denied",
+            ),
+            (
+                "the port's DENY over the all-ports ALLOW",
+                NEIGHBOUR,
+                9090,
+                "drop_policy_denied",
+            ),
+            (
+                "another port of that destination: the all-ports ALLOW",
+                NEIGHBOUR,
+                8080,
+                "drop_no_proxy",
+            ),
+            ("a denied Service port", SERVICE, 80, "drop_policy_denied"),
+        ];
+        for (sport, (what, dst, port, reason)) in (40000..).zip(cases) {
+            let before = counted(&loaded);
+            let outcome = run(
+                &loaded,
+                prog,
+                &tcp_packet(POD, dst, sport, port, TCP_SYN),
+                pod,
+            );
+            assert_eq!(
+                outcome,
+                Run {
+                    action: TC_ACT_SHOT,
+                    mark: 0
+                },
+                "{what}"
+            );
+            let moved: Vec<_> = counted(&loaded)
+                .into_iter()
+                .filter(|c| !before.contains(c))
+                .map(|(name, _)| name)
+                .collect();
+            assert_eq!(moved, [reason], "{what}");
+        }
+        assert_eq!(
+            counted(&loaded),
+            [("drop_no_proxy", 2), ("drop_policy_denied", 3)]
+        );
+
+        // With the agent listening, the allowed SYN reaches the capture listener (the
+        // refused assignment BPF_PROG_TEST_RUN always gives), the denied one never does.
+        let listener = tokio_free_listener();
+        let allowed = run(
+            &loaded,
+            prog,
+            &tcp_packet(POD, MESHED_POD, 40010, 8080, TCP_SYN),
+            pod,
+        );
+        let denied = run(
+            &loaded,
+            prog,
+            &tcp_packet(POD, MESHED_POD, 40011, 9090, TCP_SYN),
+            pod,
+        );
+        assert_eq!((allowed.action, denied.action), (TC_ACT_SHOT, TC_ACT_SHOT));
+        assert_eq!(
+            counted(&loaded),
+            [
+                ("drop_no_proxy", 2),
+                ("drop_assign_failed", 1),
+                ("drop_policy_denied", 4)
+            ]
+        );
+        drop(listener);
+    });
+}
+
+#[test]
+fn under_strict_only_the_agents_exact_mark_lets_plaintext_tcp_in() {
+    in_new_netns(|| {
+        let mut loaded = load();
+        let pod = mesh(&mut loaded);
+        add_workload(
+            &mut loaded,
+            POD,
+            workload(pod.ifindex, WORKLOAD_FLAG_LOCAL | WORKLOAD_FLAG_MTLS_STRICT),
+        );
+        let prog = program(&mut loaded, programs::TC_TO_POD);
+        let syn = tcp_packet(MESHED_POD, POD, 40000, 9090, TCP_SYN);
+        let mid_stream = tcp_packet(MESHED_POD, POD, 40000, 9090, TCP_ACK);
+        // The capture mark, the agent's mark with another bit, no mark: none is the
+        // agent's socket, so all of it is plaintext that bypassed the mesh.
+        for mark in [0, CAPTURE_MARK, AGENT_MARK | 0x0001_0000, AGENT_MARK << 1] {
+            for packet in [&syn, &mid_stream] {
+                let outcome = run(&loaded, prog, packet, Context { ifindex: 1, mark });
+                assert_eq!(
+                    outcome,
+                    Run {
+                        action: TC_ACT_SHOT,
+                        mark
+                    },
+                    "mark {mark:#x}"
+                );
+            }
+        }
+        assert_eq!(counted(&loaded), [("drop_plaintext_strict", 8)]);
+        for packet in [&syn, &mid_stream] {
+            let outcome = run(
+                &loaded,
+                prog,
+                packet,
+                Context {
+                    ifindex: 1,
+                    mark: AGENT_MARK,
+                },
+            );
+            assert_eq!(
+                outcome,
+                Run {
+                    action: TC_ACT_OK,
+                    mark: AGENT_MARK
+                }
+            );
+        }
+        assert_eq!(
+            counted(&loaded),
+            [("drop_plaintext_strict", 8)],
+            "the agent's packets pass uncounted"
+        );
+        // A PERMISSIVE pod takes plaintext from anyone.
+        add_workload(&mut loaded, POD, workload(pod.ifindex, WORKLOAD_FLAG_LOCAL));
+        let outcome = run(
+            &loaded,
+            prog,
+            &syn,
+            Context {
+                ifindex: 1,
+                mark: 0,
+            },
+        );
+        assert_eq!(
+            outcome,
+            Run {
+                action: TC_ACT_OK,
+                mark: 0
+            }
+        );
+        assert_eq!(counted(&loaded), [("drop_plaintext_strict", 8)]);
     });
 }
 

@@ -1,15 +1,20 @@
 //! AuthorizationPolicy and RequestAuthentication, table-driven: each case is a policy set
 //! and a connection or request from one pod to another, and the decision a user would
 //! see (allowed, reset, 403, 401) with the policy that made it. Evaluated by
-//! `policycheck::check`, the code path of `meshctl policy check`, which runs the proxy's
-//! own evaluation.
+//! `policy::check::check`, the code path of `meshctl policy check`, which judges through
+//! the proxy's own steps (`facts::admit`, `request::normalise`, `facts::judge_request`).
+//! Then JWKS fetching: keys kept through a failed refresh, retried, refreshed.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64, Engine};
 use mesh_agent::{
     config::load_str,
-    model::MeshState,
+    model::{MeshState, SharedState},
     policy::{
         check::{check, CheckRequest},
         jwks,
@@ -488,7 +493,7 @@ fn authorization_and_authentication_table() {
     let jwks = JwksCache::default();
     let valid = keys.rs256(json!({}));
     let cases = cases(&keys);
-    assert!(cases.len() >= 60, "only {} cases", cases.len());
+    assert_eq!(cases.len(), 106, "the cases written below");
     let mut failures = Vec::new();
     for case in &cases {
         match evaluate(case, &jwks, &valid) {
@@ -513,57 +518,180 @@ fn authorization_and_authentication_table() {
     );
 }
 
-#[test]
-fn jwks_is_fetched_and_kept_when_the_server_goes_down() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+/// Serves `body` (read at each request, so a test can publish new keys) as a JWKS
+/// document on `listener` until aborted; aborting closes the listener.
+fn serve_jwks(
+    listener: tokio::net::TcpListener,
+    body: Arc<Mutex<String>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buffer = [0u8; 4096];
+            let _ = stream.read(&mut buffer).await;
+            let body = body.lock().expect("JWKS body").clone();
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(reply.as_bytes()).await;
+        }
+    })
+}
+
+/// The live state of an agent on node-1 whose RequestAuthentication for every workload
+/// fetches its keys from `uri`, with `keep_fresh` refreshing them every 200 ms.
+fn fetching_from(uri: &str) -> (SharedState, Arc<JwksCache>, tokio::task::JoinHandle<()>) {
+    let config = load_str(
+        Path::new("ra.yaml"),
+        &format!("{CLUSTER}---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: default}}\nspec: {{jwtRules: [{{issuer: \"{ISSUER}\", jwksUri: \"{uri}\"}}]}}\n{REQUIRE_JWT}"),
+    );
+    let shared = SharedState::default();
+    shared.replace(MeshState::build("node-1", &config));
+    let cache = Arc::new(JwksCache::default());
+    let fresh = tokio::spawn(jwks::keep_fresh(
+        shared.clone(),
+        cache.clone(),
+        Duration::from_millis(200),
+    ));
+    (shared, cache, fresh)
+}
+
+/// What a GET of httpbin from sleep carrying `token` gets: `allow`, `401` or `403`.
+fn outcome(shared: &SharedState, cache: &JwksCache, token: &str) -> String {
+    let request = CheckRequest {
+        from: "sleep".into(),
+        to: "default/httpbin".into(),
+        port: 80,
+        method: Some("GET".into()),
+        path: Some("/".into()),
+        jwt: Some(token.into()),
+        ..CheckRequest::default()
+    };
+    let report = check(&shared.current(), "cluster.local", cache, &request).expect("check");
+    let endpoint = report.endpoints.first().expect("one endpoint");
+    match endpoint.outcome.as_str() {
+        "400" | "401" | "403" => endpoint.outcome.clone(),
+        _ => endpoint.decision.clone(),
+    }
+}
+
+/// The cache's account of `uri`: (keys held, fetches failed since the last success).
+fn fetches(cache: &JwksCache, uri: &str) -> (usize, u32) {
+    cache
+        .statuses()
+        .into_iter()
+        .find(|s| s.uri == uri)
+        .map_or((0, 0), |s| (s.keys, s.failed_fetches))
+}
+
+/// Polls `condition` until it holds; a loaded 2-core machine gets 30 s.
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let address = listener.local_addr().expect("addr");
-        let body = testdata("jwks.json");
-        let server = tokio::spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let mut buffer = [0u8; 4096];
-                let _ = stream.read(&mut buffer).await;
-                let reply = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(reply.as_bytes()).await;
-            }
-        });
-        let uri = format!("http://{address}/jwks.json");
-        let config = load_str(
-            Path::new("ra.yaml"),
-            &format!("{CLUSTER}---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: default}}\nspec: {{jwtRules: [{{issuer: \"{ISSUER}\", jwksUri: \"{uri}\"}}]}}\n{REQUIRE_JWT}"),
-        );
-        let shared = mesh_agent::model::SharedState::default();
-        shared.replace(MeshState::build("node-1", &config));
-        let cache = Arc::new(JwksCache::default());
-        let fresh = tokio::spawn(jwks::keep_fresh(shared.clone(), cache.clone()));
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-        while cache.get(&uri).is_none() {
-            assert!(tokio::time::Instant::now() < deadline, "JWKS not fetched from {uri}");
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        .expect("runtime")
+}
+
+/// Keys in Istio's published JWKS (testdata/jwt/jwks.json): the one that signs `demo.jwt`.
+const ISTIO_KEYS: usize = 1;
+
+#[test]
+fn jwks_is_fetched_and_kept_when_the_server_goes_down() {
+    runtime().block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let uri = format!("http://{}/jwks.json", listener.local_addr().expect("addr"));
+        let server = serve_jwks(listener, Arc::new(Mutex::new(testdata("jwks.json"))));
+        let (shared, cache, fresh) = fetching_from(&uri);
+        let demo = testdata("demo.jwt").trim().to_owned();
+        eventually("the keys fetched", || cache.get(&uri).is_some()).await;
+        assert_eq!(fetches(&cache, &uri), (ISTIO_KEYS, 0));
+        assert_eq!(outcome(&shared, &cache, &demo), "allow");
+
         server.abort();
-        let request = CheckRequest {
-            from: "sleep".into(),
-            to: "default/httpbin".into(),
-            port: 80,
-            method: Some("GET".into()),
-            path: Some("/".into()),
-            jwt: Some(testdata("demo.jwt").trim().into()),
-            ..CheckRequest::default()
-        };
-        let report = check(&shared.current(), "cluster.local", &cache, &request).expect("check");
-        assert_eq!(report.decision, "allow", "{report:?}");
-        assert!(jwks::fetch(&uri).await.is_err(), "the server is down");
-        let report = check(&shared.current(), "cluster.local", &cache, &request).expect("check");
-        assert_eq!(report.decision, "allow", "the last fetched keys are kept: {report:?}");
+        assert!(
+            server.await.is_err_and(|e| e.is_cancelled()),
+            "server stopped"
+        );
+        // A refresh is due every 200 ms: it runs, fails, and the keys stay.
+        eventually("a refresh attempted and failed", || {
+            fetches(&cache, &uri).1 >= 1
+        })
+        .await;
+        assert_eq!(
+            fetches(&cache, &uri).0,
+            ISTIO_KEYS,
+            "the last fetched keys are kept"
+        );
+        assert_eq!(
+            outcome(&shared, &cache, &demo),
+            "allow",
+            "tokens still verify with the kept keys"
+        );
+        fresh.abort();
+    });
+}
+
+#[test]
+fn jwks_fetch_is_retried_and_refreshed_keys_are_used() {
+    let keys = keys();
+    runtime().block_on(async {
+        // Nothing listens at the URI yet: the first fetch fails.
+        let address = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let uri = format!("http://{address}/jwks.json");
+        let (shared, cache, fresh) = fetching_from(&uri);
+        let demo = testdata("demo.jwt").trim().to_owned();
+        let rotated = keys.rs256(json!({}));
+        eventually("the first fetch failed", || fetches(&cache, &uri).1 >= 1).await;
+        assert_eq!(fetches(&cache, &uri).0, 0);
+        assert_eq!(
+            outcome(&shared, &cache, &demo),
+            "401",
+            "no keys yet: tokens of the issuer are refused"
+        );
+
+        // The server comes up: the retry (after its backoff) fetches the keys.
+        let listener = tokio::net::TcpListener::bind(address).await.expect("bind");
+        let body = Arc::new(Mutex::new(testdata("jwks.json")));
+        let server = serve_jwks(listener, body.clone());
+        eventually("the retry fetched the keys", || {
+            fetches(&cache, &uri) == (ISTIO_KEYS, 0)
+        })
+        .await;
+        assert_eq!(outcome(&shared, &cache, &demo), "allow");
+        assert_eq!(
+            outcome(&shared, &cache, &rotated),
+            "401",
+            "a token signed with a key not yet published"
+        );
+
+        // The issuer publishes its new keys: the next refresh brings them.
+        *body.lock().expect("JWKS body") = keys.jwks.clone();
+        let published = serde_json::from_str::<Value>(&keys.jwks).expect("JWKS")["keys"]
+            .as_array()
+            .map_or(0, Vec::len);
+        eventually("the refresh fetched the new keys", || {
+            fetches(&cache, &uri).0 == published
+        })
+        .await;
+        assert_eq!(outcome(&shared, &cache, &rotated), "allow");
+        assert_eq!(outcome(&shared, &cache, &demo), "allow");
+        server.abort();
         fresh.abort();
     });
 }

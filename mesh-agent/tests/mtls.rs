@@ -212,15 +212,22 @@ async fn handshake_with(agent: &Agent, identities: Option<Arc<Identities>>) {
     }
 }
 
+/// Waits (up to 10 s: a loaded machine) for the one attempt of the test to be refused
+/// for `reason`, then checks it was counted exactly once.
 async fn eventually_refused(agent: &Agent, reason: &str) {
-    for _ in 0..50 {
-        if refusals(&agent.metrics, reason) >= 1 {
-            return;
-        }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while refusals(&agent.metrics, reason) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no refusal counted as {reason}:\n{}",
+            agent.metrics.encode()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!(
-        "no refusal counted as {reason}:\n{}",
+    assert_eq!(
+        refusals(&agent.metrics, reason),
+        1,
+        "{reason}:\n{}",
         agent.metrics.encode()
     );
 }
@@ -341,10 +348,13 @@ async fn the_ca_signs_only_identities_the_node_hosts() {
         config_dir: config_dir.clone(),
     }));
     let root = dir.join("state/root-cert.pem");
-    for _ in 0..100 {
-        if root.exists() && std::net::TcpStream::connect(listen).is_ok() {
-            break;
-        }
+    // The CA is up once its root is written and it listens (10 s: a loaded machine).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !(root.exists() && std::net::TcpStream::connect(listen).is_ok()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the CA did not start on {listen}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let client = |node: &str, token: &str| CaClient {

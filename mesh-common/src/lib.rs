@@ -232,8 +232,12 @@ pub struct FlowStats {
     pub total_retrans: u32,
     /// `FLOW_ROLE_*`.
     pub role: u32,
-    pub _pad: u32,
+    /// `FLOW_FLAG_*` (formerly padding: zero in entries older agents made).
+    pub flags: u32,
 }
+
+/// The peer's FIN arrived: it is counted in `bytes_received` and taken off at close.
+pub const FLOW_FLAG_FIN_RECEIVED: u32 = 1;
 
 pub const FLOW_EVENT_OPEN: u32 = 1;
 pub const FLOW_EVENT_CLOSE: u32 = 2;

@@ -14,8 +14,8 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use mesh_common::{
-    FlowEvent, FlowKey, FlowStats, FLOW_EVENT_CLOSE, FLOW_EVENT_OPEN, FLOW_ROLE_CLIENT,
-    FLOW_ROLE_SERVER,
+    FlowEvent, FlowKey, FlowStats, FLOW_EVENT_CLOSE, FLOW_EVENT_OPEN, FLOW_FLAG_FIN_RECEIVED,
+    FLOW_ROLE_CLIENT, FLOW_ROLE_SERVER,
 };
 
 use crate::maps::{MESH_FLOWS, MESH_FLOW_EVENTS};
@@ -23,11 +23,14 @@ use crate::maps::{MESH_FLOWS, MESH_FLOW_EVENTS};
 const AF_INET: u32 = 2;
 /// How stale a live flow's counters may get.
 const REFRESH_NS: u64 = 100_000_000;
+const TCP_FIN_WAIT1: u32 = 4;
 const TCP_FIN_WAIT2: u32 = 5;
 const TCP_TIME_WAIT: u32 = 6;
 const TCP_CLOSE: u32 = 7;
+const TCP_CLOSE_WAIT: u32 = 8;
 const TCP_LAST_ACK: u32 = 9;
 const TCP_CLOSING: u32 = 11;
+const TCP_FLAG_FIN: u32 = 0x01;
 
 #[sock_ops]
 pub fn sockops_flows(ctx: SockOpsContext) -> u32 {
@@ -99,6 +102,13 @@ fn refresh(ctx: &SockOpsContext) {
         let now = unsafe { bpf_ktime_get_ns() };
         // SAFETY: the map value stays valid while this program runs.
         let stats = unsafe { &mut *stats };
+        // SAFETY: the context pointer is valid for the duration of the program.
+        let tcp_flags = unsafe { (*ctx.ops).skb_tcp_flags };
+        // Remembered because the state at close does not always tell: FIN_WAIT2 closes
+        // alike after the peer's FIN and after a reset.
+        if tcp_flags & TCP_FLAG_FIN != 0 {
+            stats.flags |= FLOW_FLAG_FIN_RECEIVED;
+        }
         if now.wrapping_sub(stats.updated_ns) >= REFRESH_NS {
             fill(ctx, stats, now);
         }
@@ -115,13 +125,26 @@ fn close(ctx: &SockOpsContext) {
     // SAFETY: the map value stays valid while this program runs.
     let stats = unsafe { &mut *stats };
     fill(ctx, stats, now);
-    // TCP counts the FIN in both byte counters; a connection that closed with FINs
-    // both ways carried one byte less of data in each direction than they say.
-    if matches!(
-        ctx.arg(0),
-        TCP_FIN_WAIT2 | TCP_TIME_WAIT | TCP_LAST_ACK | TCP_CLOSING
-    ) {
+    // TCP counts a FIN as one byte: ours in `bytes_acked` once the peer acknowledged
+    // it, the peer's in `bytes_received`. Take off only the FINs that were: a connection
+    // ended by a reset may have sent or received none.
+    let old_state = ctx.arg(0);
+    // SAFETY: the context pointer is valid for the duration of the program.
+    let ops = unsafe { &*ctx.ops };
+    let fin_sent = matches!(
+        old_state,
+        TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK | TCP_TIME_WAIT
+    );
+    // Everything sent, the FIN last, is acknowledged.
+    if fin_sent && ops.snd_una == ops.snd_nxt {
         stats.bytes_sent = stats.bytes_sent.saturating_sub(1);
+    }
+    // These states are only reached after the peer's FIN.
+    let fin_received = matches!(
+        old_state,
+        TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_TIME_WAIT
+    ) || stats.flags & FLOW_FLAG_FIN_RECEIVED != 0;
+    if fin_received {
         stats.bytes_received = stats.bytes_received.saturating_sub(1);
     }
     let final_stats = *stats;

@@ -27,6 +27,62 @@ use crate::{
     setup, workspace,
 };
 
+/// The paths each scenario runs on: (path, baseline server in `plain`, mesh server in
+/// `bench`). `l7-policy`: the server across nodes behind an AuthorizationPolicy that
+/// needs the request (method and path), so the destination agent parses and judges each
+/// one. `same-node-l4-copied`: the same-node server labelled `mesh/splice: "false"`, so
+/// its flows are copied through the agent: the spliced and copied paths side by side.
+/// `l7-routing`: the server across nodes through a Service whose VirtualService (a header
+/// match, a weighted split, retries) the client's agent applies to every request.
+const PATHS: [(&str, &str, &str); 5] = [
+    ("same-node-l4", "server-near", "server-near"),
+    ("same-node-l4-copied", "server-near", "server-near-copied"),
+    ("cross-node-mtls", "server-far", "server-far"),
+    ("l7-policy", "server-far", "server-l7"),
+    ("l7-routing", "server-far", "server-routed"),
+];
+/// Throughput is measured on the L4 paths only: iperf3 does not speak HTTP.
+const THROUGHPUT: [(&str, &str); 2] = [("throughput-1-stream", "1"), ("throughput-8-streams", "8")];
+const LATENCY: [(&str, &str); 2] = [("latency-http1", "http1"), ("latency-http2", "http2")];
+const LATENCY_METRICS: [(&str, &str); 4] =
+    [("p50", "ms"), ("p90", "ms"), ("p99", "ms"), ("p99.9", "ms")];
+const CHURN_METRICS: [(&str, &str); 3] = [
+    ("connections-per-second", "conn/s"),
+    ("p50", "ms"),
+    ("p99", "ms"),
+];
+/// The kernel programs whose cost per run is reported: every one runs in any scenario.
+const PROGRAMS: [&str; 3] = ["tc_from_pod", "tc_to_pod", "sockops_flows"];
+
+/// Every figure a complete run reports, as (scenario, path, metric): `cargo xtask test`
+/// checks the quick run's report against it.
+pub fn expected_figures() -> Vec<(&'static str, &'static str, &'static str)> {
+    let mut figures = Vec::new();
+    for (path, _, _) in PATHS {
+        if !path.starts_with("l7-") {
+            for (scenario, _) in THROUGHPUT {
+                figures.push((scenario, path, "throughput"));
+            }
+        }
+        for (scenario, _) in LATENCY {
+            for (metric, _) in LATENCY_METRICS {
+                figures.push((scenario, path, metric));
+            }
+        }
+        figures.push(("requests-keep-alive", path, "requests-per-second"));
+        figures.push(("agent-cpu", path, "cpu-per-request"));
+        for (metric, _) in CHURN_METRICS {
+            figures.push(("connection-churn", path, metric));
+        }
+    }
+    figures.push(("agent-rss", "per-agent", "idle"));
+    figures.push(("agent-rss", "per-agent", "under-load"));
+    for program in PROGRAMS {
+        figures.push(("bpf-program-cost", program, "ns-per-run"));
+    }
+    figures
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Measurement {
     pub scenario: &'static str,
@@ -51,6 +107,7 @@ struct Settings {
 /// `l7-routing` path addresses the Service, as routing needs.
 const ROUTED_SERVICE_IP: &str = "10.96.60.8";
 
+/// The median; callers never pass an empty list (every scenario runs at least once).
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
@@ -93,14 +150,14 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
         .rsplit_once(')')
         .map(|(_, rest)| rest.split_whitespace().collect())
         .unwrap_or_default();
-    let ticks: f64 = fields
-        .get(11)
-        .and_then(|f| f.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        + fields
-            .get(12)
+    // utime and stime (fields 14 and 15 of the line, 12 and 13 after the name).
+    let field = |index: usize, name: &str| -> Result<f64> {
+        fields
+            .get(index)
             .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0);
+            .with_context(|| format!("/proc/{pid}/stat has no {name}"))
+    };
+    let ticks = field(11, "utime")? + field(12, "stime")?;
     // SAFETY: sysconf has no preconditions.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Ok(ticks / per_second)
@@ -144,17 +201,24 @@ fn compare(
     Ok(out)
 }
 
+/// Adds the medians of each metric of `units`; a metric measured on neither side, or on
+/// one only, is an error naming it (a broken scenario must not pass as a zero).
 fn push_comparison(
     results: &mut Vec<Measurement>,
     scenario: &'static str,
     path: &'static str,
     units: &[(&'static str, &'static str)],
     mut values: Samples,
-) {
+) -> Result<()> {
     for (metric, unit) in units {
-        let Some((baseline, mesh)) = values.remove(metric) else {
-            continue;
-        };
+        let (baseline, mesh) = values.remove(metric).unwrap_or_default();
+        if baseline.is_empty() || mesh.is_empty() {
+            bail!(
+                "{path}: {scenario}: {metric} was not measured (baseline: {} runs, mesh: {} runs)",
+                baseline.len(),
+                mesh.len()
+            );
+        }
         let (mut b, mut m) = (baseline.clone(), mesh.clone());
         let (b_median, m_median) = (median(&mut b), median(&mut m));
         results.push(Measurement {
@@ -169,6 +233,16 @@ fn push_comparison(
             mesh_spread: spread(&mesh),
         });
     }
+    Ok(())
+}
+
+/// The number `key` of a mesh-bench or iperf3 report; missing or not a finite number is
+/// an error naming the field.
+fn figure(report: &Value, key: &str) -> Result<f64> {
+    report[key]
+        .as_f64()
+        .filter(|v| v.is_finite())
+        .with_context(|| format!("the report has no number {key}: {report}"))
 }
 
 fn load(client: &str, target: &str, args: &[&str]) -> Result<Value> {
@@ -220,17 +294,7 @@ fn measure_all(settings: &Settings) -> Result<Vec<Measurement>> {
         / agents.len() as f64;
     let mut loaded_rss: f64 = 0.0;
     let seconds = settings.seconds.to_string();
-    // `l7-policy`: the server across nodes behind an AuthorizationPolicy that needs the
-    // request (method and path), so the destination agent parses and judges each one.
-    // `same-node-l4-copied`: the same-node server labelled `mesh/splice: "false"`, so its
-    // flows are copied through the agent: the spliced and copied paths side by side.
-    for (path, server, mesh_server) in [
-        ("same-node-l4", "server-near", "server-near"),
-        ("same-node-l4-copied", "server-near", "server-near-copied"),
-        ("cross-node-mtls", "server-far", "server-far"),
-        ("l7-policy", "server-far", "server-l7"),
-        ("l7-routing", "server-far", "server-routed"),
-    ] {
+    for (path, server, mesh_server) in PATHS {
         let baseline = pod_ip(&state, &format!("plain/{server}"))?;
         let mesh = if path == "l7-routing" {
             ROUTED_SERVICE_IP.to_owned()
@@ -248,7 +312,7 @@ fn measure_all(settings: &Settings) -> Result<Vec<Measurement>> {
         let streams_scenarios: &[(&str, &str)] = if path.starts_with("l7-") {
             &[]
         } else {
-            &[("throughput-1-stream", "1"), ("throughput-8-streams", "8")]
+            &THROUGHPUT
         };
         for &(scenario, streams) in streams_scenarios {
             progress(&format!("{path}: {scenario}"));
@@ -261,30 +325,26 @@ fn measure_all(settings: &Settings) -> Result<Vec<Measurement>> {
                         &["-c", ip, "-p", "5201", "-t", &seconds, "-P", streams, "-J"],
                     )?;
                     let report: Value = serde_json::from_str(&out).context("iperf3 JSON")?;
-                    let bits = report["end"]["sum_received"]["bits_per_second"]
-                        .as_f64()
-                        .context("iperf3 result")?;
-                    loaded_rss = loaded_rss.max(
-                        agents
-                            .iter()
-                            .map(|p| rss_megabytes(*p).unwrap_or(0.0))
-                            .fold(0.0, f64::max),
-                    );
+                    let bits = figure(&report["end"]["sum_received"], "bits_per_second")?;
+                    for pid in &agents {
+                        loaded_rss = loaded_rss.max(rss_megabytes(*pid)?);
+                    }
                     Ok(BTreeMap::from([("throughput", bits / 1e9)]))
                 },
                 &baseline,
                 &mesh,
-            )?;
+            )
+            .with_context(|| format!("{path}: {scenario}"))?;
             push_comparison(
                 &mut results,
                 scenario,
                 path,
                 &[("throughput", "Gbit/s")],
                 values,
-            );
+            )?;
         }
 
-        for (scenario, protocol) in [("latency-http1", "http1"), ("latency-http2", "http2")] {
+        for (scenario, protocol) in LATENCY {
             progress(&format!(
                 "{path}: {scenario} at 1000 rps over 4 connections"
             ));
@@ -305,24 +365,19 @@ fn measure_all(settings: &Settings) -> Result<Vec<Measurement>> {
                             &seconds,
                         ],
                     )?;
-                    let ms = |key: &str| report[key].as_f64().unwrap_or(0.0) / 1000.0;
+                    let ms = |key: &str| figure(&report, key).map(|us| us / 1000.0);
                     Ok(BTreeMap::from([
-                        ("p50", ms("p50_us")),
-                        ("p90", ms("p90_us")),
-                        ("p99", ms("p99_us")),
-                        ("p99.9", ms("p999_us")),
+                        ("p50", ms("p50_us")?),
+                        ("p90", ms("p90_us")?),
+                        ("p99", ms("p99_us")?),
+                        ("p99.9", ms("p999_us")?),
                     ]))
                 },
                 &baseline,
                 &mesh,
-            )?;
-            push_comparison(
-                &mut results,
-                scenario,
-                path,
-                &[("p50", "ms"), ("p90", "ms"), ("p99", "ms"), ("p99.9", "ms")],
-                values,
-            );
+            )
+            .with_context(|| format!("{path}: {scenario}"))?;
+            push_comparison(&mut results, scenario, path, &LATENCY_METRICS, values)?;
         }
 
         progress(&format!(
@@ -345,25 +400,31 @@ fn measure_all(settings: &Settings) -> Result<Vec<Measurement>> {
                     .iter()
                     .map(|p| cpu_seconds(*p))
                     .sum::<Result<f64>>()?;
-                let requests = report["requests"].as_f64().unwrap_or(0.0);
-                if ip == mesh && requests > 0.0 {
+                let requests = figure(&report, "requests")?;
+                if requests < 1.0 {
+                    bail!("no request completed");
+                }
+                if ip == mesh {
                     cpu_per_request.push((after - before) / requests * 1e6);
                 }
                 Ok(BTreeMap::from([(
                     "requests-per-second",
-                    report["rps"].as_f64().unwrap_or(0.0),
+                    figure(&report, "rps")?,
                 )]))
             },
             &baseline,
             &mesh,
-        )?;
+        )
+        .with_context(|| format!("{path}: requests-keep-alive"))?;
         push_comparison(
             &mut results,
             "requests-keep-alive",
             path,
             &[("requests-per-second", "req/s")],
             values,
-        );
+        )?;
+        // Filled on each mesh run of the comparison above, which ran at least once or
+        // failed.
         let mut cpu = cpu_per_request.clone();
         results.push(Measurement {
             scenario: "agent-cpu",
@@ -389,28 +450,22 @@ fn measure_all(settings: &Settings) -> Result<Vec<Measurement>> {
                     &["--churn", "--connections", "4", "--seconds", &seconds],
                 )?;
                 Ok(BTreeMap::from([
-                    (
-                        "connections-per-second",
-                        report["rps"].as_f64().unwrap_or(0.0),
-                    ),
-                    ("p50", report["p50_us"].as_f64().unwrap_or(0.0) / 1000.0),
-                    ("p99", report["p99_us"].as_f64().unwrap_or(0.0) / 1000.0),
+                    ("connections-per-second", figure(&report, "rps")?),
+                    ("p50", figure(&report, "p50_us")? / 1000.0),
+                    ("p99", figure(&report, "p99_us")? / 1000.0),
                 ]))
             },
             &baseline,
             &mesh,
-        )?;
+        )
+        .with_context(|| format!("{path}: connection-churn"))?;
         push_comparison(
             &mut results,
             "connection-churn",
             path,
-            &[
-                ("connections-per-second", "conn/s"),
-                ("p50", "ms"),
-                ("p99", "ms"),
-            ],
+            &CHURN_METRICS,
             values,
-        );
+        )?;
     }
     for (metric, value) in [("idle", idle_rss), ("under-load", loaded_rss)] {
         results.push(Measurement {
@@ -441,16 +496,22 @@ fn program_costs(state: &SandboxState) -> Result<Vec<Measurement>> {
         )?
         .output()?;
         let rows: Value = serde_json::from_slice(&out.stdout).context("meshctl bpf programs")?;
-        for row in rows.as_array().cloned().unwrap_or_default() {
-            let id = row["program_id"].as_u64().unwrap_or(0);
+        let rows = rows
+            .as_array()
+            .with_context(|| format!("meshctl bpf programs on {}: not a list", node.name))?;
+        for row in rows {
+            let id = row["program_id"]
+                .as_u64()
+                .with_context(|| format!("bpf-program-cost: no program_id in {row}"))?;
             if !seen_ids.insert(id) {
                 continue;
             }
-            let entry = totals
-                .entry(row["program"].as_str().unwrap_or("?").to_owned())
-                .or_default();
-            entry.0 += row["run_time_ns"].as_f64().unwrap_or(0.0);
-            entry.1 += row["run_count"].as_f64().unwrap_or(0.0);
+            let program = row["program"]
+                .as_str()
+                .with_context(|| format!("bpf-program-cost: no program in {row}"))?;
+            let entry = totals.entry(program.to_owned()).or_default();
+            entry.0 += figure(row, "run_time_ns").context("bpf-program-cost")?;
+            entry.1 += figure(row, "run_count").context("bpf-program-cost")?;
         }
     }
     Ok(totals
@@ -458,12 +519,10 @@ fn program_costs(state: &SandboxState) -> Result<Vec<Measurement>> {
         .filter(|(_, (_, runs))| *runs > 0.0)
         .map(|(program, (ns, runs))| Measurement {
             scenario: "bpf-program-cost",
-            path: match program.as_str() {
-                "tc_from_pod" => "tc_from_pod",
-                "tc_to_pod" => "tc_to_pod",
-                "sockops_flows" => "sockops_flows",
-                _ => "other",
-            },
+            path: PROGRAMS
+                .into_iter()
+                .find(|p| *p == program)
+                .unwrap_or("other"),
             metric: "ns-per-run",
             unit: "ns",
             baseline: None,

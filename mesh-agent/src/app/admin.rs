@@ -1,5 +1,6 @@
 //! The agent's small HTTP servers: Prometheus metrics (15020), readiness (15021) and the
-//! localhost admin API (15000: status, configuration dump, certificates, policy check).
+//! localhost admin API (15000: status, configuration dump, certificates, JWKS fetches,
+//! policy check).
 
 use std::sync::{
     atomic::{AtomicBool, Ordering},
@@ -56,6 +57,7 @@ pub fn admin(view: AdminView) -> Handler {
         }
         ("/config_dump", None) => Reply::json(&*view.state.current()),
         ("/certs", None) => Reply::json(&certificates(&view.identities)),
+        ("/jwks", None) => Reply::json(&view.jwks.statuses()),
         (path, None) if path.starts_with("/routes/") => {
             let host = &path["/routes/".len()..];
             match routes_report(&view.state.current(), &view.budgets, host) {
@@ -85,7 +87,8 @@ pub fn admin(view: AdminView) -> Handler {
         }
         _ => Reply::text(
             StatusCode::NOT_FOUND,
-            "try GET /status, /config_dump, /certs, /routes/HOST or POST /policy/check\n".into(),
+            "try GET /status, /config_dump, /certs, /jwks, /routes/HOST or POST /policy/check\n"
+                .into(),
         ),
     })
 }

@@ -25,7 +25,7 @@ use crate::{
     app::{
         admin::AdminView,
         enroll::Enroller,
-        reconcile::{lock, AgentStatus, Reconciler},
+        reconcile::{lock, AgentStatus, Reconciler, Reload},
     },
     config::source::DirectorySource,
     datapath::{self, Datapath},
@@ -82,6 +82,23 @@ pub struct AgentOptions {
     /// This node's bootstrap token for the CA.
     #[arg(long, env = "MESH_CA_TOKEN", default_value = "/etc/mesh/token/token")]
     pub ca_token: PathBuf,
+    /// How often keys fetched from RequestAuthentication `jwksUri`s are refreshed (e.g.
+    /// 20m, Istio's default; 30s).
+    #[arg(
+        long,
+        env = "MESH_JWKS_REFRESH_INTERVAL",
+        default_value = "20m",
+        value_parser = parse_refresh_interval
+    )]
+    pub jwks_refresh_interval: Duration,
+}
+
+/// A positive duration: a zero interval would fetch every key set on every tick.
+fn parse_refresh_interval(text: &str) -> Result<Duration, String> {
+    match crate::config::istio::parse_duration(text)? {
+        interval if interval.is_zero() => Err(format!("{text:?}: the interval must be positive")),
+        interval => Ok(interval),
+    }
 }
 
 const POLL_INTERVAL: Duration = Duration::from_millis(300);
@@ -170,22 +187,28 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             .context("no cgroup v2 hierarchy in /proc/mounts; pass --cgroup-root")?,
     };
     let mut reconciler = Reconciler {
-        node: options.node.clone(),
-        root_namespace: options.root_namespace.clone(),
-        source: Box::new(DirectorySource::new(&options.config_dir)),
+        reload: Reload {
+            node: options.node.clone(),
+            root_namespace: options.root_namespace.clone(),
+            source: Box::new(DirectorySource::new(&options.config_dir)),
+            shared: shared.clone(),
+            balancers: LbRegistry::default(),
+            status: status.clone(),
+            metrics: metrics.clone(),
+            has_config: false,
+        },
         enroller: Enroller::new(datapath, cgroup_root, options.trust_domain.clone()),
-        shared: shared.clone(),
-        balancers: LbRegistry::default(),
-        status: status.clone(),
-        metrics: metrics.clone(),
-        has_config: false,
     };
     reconciler.poll();
 
     tokio::spawn(metrics.clone().run(kernel_maps));
     tokio::spawn(cert_manager.run());
     let jwks_cache = Arc::new(JwksCache::default());
-    tokio::spawn(jwks::keep_fresh(shared.clone(), jwks_cache.clone()));
+    tokio::spawn(jwks::keep_fresh(
+        shared.clone(),
+        jwks_cache.clone(),
+        options.jwks_refresh_interval,
+    ));
     let budgets = crate::model::circuit::Budgets::default();
     let proxy = Arc::new(Proxy {
         state: shared.clone(),

@@ -44,11 +44,13 @@ pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-pub struct Reconciler {
+/// Taking configurations from the source: each is validated, turned into the mesh state
+/// and swapped in, or rejected whole (the last good one serving on); the status and the
+/// reload metrics follow. No kernel work: [`Reconciler`] enrolls pods after it.
+pub struct Reload {
     pub node: String,
     pub root_namespace: String,
     pub source: Box<dyn ConfigSource>,
-    pub enroller: Enroller,
     pub shared: SharedState,
     /// Balancer and endpoint state that outlives each configuration swap.
     pub balancers: LbRegistry,
@@ -57,18 +59,25 @@ pub struct Reconciler {
     pub has_config: bool,
 }
 
-impl Reconciler {
-    /// Takes a new configuration if there is one; enrolls pods still pending.
-    pub fn poll(&mut self) {
+/// What one poll of the source did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reloaded {
+    Unchanged,
+    Applied,
+    Rejected,
+}
+
+impl Reload {
+    /// Takes a new configuration if the source has one.
+    pub fn poll(&mut self) -> Reloaded {
         match self.source.poll() {
             Some(Ok(config)) => self.apply(config),
             Some(Err(err)) => self.reject(crate::errors::describe(&err)),
-            None if !lock(&self.status).pending.is_empty() => self.enroll(),
-            None => {}
+            None => Reloaded::Unchanged,
         }
     }
 
-    fn apply(&mut self, config: crate::config::ClusterConfig) {
+    fn apply(&mut self, config: crate::config::ClusterConfig) -> Reloaded {
         let errors: Vec<String> = config.errors().map(ToString::to_string).collect();
         for error in &errors {
             tracing::error!("{error}");
@@ -76,8 +85,7 @@ impl Reconciler {
         // The first configuration applies whatever is valid in it; later changes with an
         // error are rejected as a whole so that the last good configuration keeps serving.
         if !errors.is_empty() && self.has_config {
-            self.reject(errors.join("\n"));
-            return;
+            return self.reject(errors.join("\n"));
         }
         let state =
             MeshState::build_with(&self.node, &config, &self.root_namespace, &self.balancers);
@@ -103,25 +111,166 @@ impl Reconciler {
         self.shared.replace(state);
         self.has_config = true;
         self.metrics.config_reload(true);
-        self.enroll();
+        Reloaded::Applied
     }
 
-    fn reject(&mut self, error: String) {
+    fn reject(&mut self, error: String) -> Reloaded {
         tracing::error!(
             "configuration change from {} rejected; the last good configuration keeps serving",
             self.source.describe()
         );
         self.metrics.config_reload(false);
         lock(&self.status).last_error = Some(error);
+        Reloaded::Rejected
+    }
+}
+
+/// The agent in line with its configuration: reloads, then the local pods enrolled in
+/// the kernel programs and maps.
+pub struct Reconciler {
+    pub reload: Reload,
+    pub enroller: Enroller,
+}
+
+impl Reconciler {
+    /// Takes a new configuration if there is one; enrolls pods still pending.
+    pub fn poll(&mut self) {
+        match self.reload.poll() {
+            Reloaded::Applied => self.enroll(),
+            Reloaded::Unchanged if !lock(&self.reload.status).pending.is_empty() => self.enroll(),
+            Reloaded::Unchanged | Reloaded::Rejected => {}
+        }
     }
 
     fn enroll(&mut self) {
-        let enrollment = self.enroller.enroll(&self.shared.current());
-        self.metrics
+        let enrollment = self.enroller.enroll(&self.reload.shared.current());
+        self.reload
+            .metrics
             .enrolled_pods
             .set(enrollment.enrolled.len() as i64);
-        let mut status = lock(&self.status);
+        let mut status = lock(&self.reload.status);
         status.pending = enrollment.pending;
         status.enrolled = enrollment.enrolled;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::source::DirectorySource;
+
+    const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n";
+
+    fn pod(name: &str, ip: &str) -> String {
+        format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{nodeName: node-1}}\nstatus: {{podIP: {ip}}}\n")
+    }
+
+    /// The reload lines of the metrics, sorted: generation and loads by result.
+    fn reload_metrics(metrics: &Metrics) -> Vec<String> {
+        let mut lines: Vec<String> = metrics
+            .encode()
+            .lines()
+            .filter(|l| {
+                l.starts_with("mesh_config_generation ")
+                    || l.starts_with("mesh_config_reloads_total{")
+            })
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    #[test]
+    fn a_change_with_a_broken_file_is_rejected_whole_and_its_valid_edit_does_not_apply() {
+        let dir = std::env::temp_dir().join(format!("mesh-reload-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).expect("write");
+        write(
+            "a.yaml",
+            &format!("{NAMESPACE}{}", pod("web", "10.244.1.2")),
+        );
+        let shared = SharedState::default();
+        let metrics = Arc::new(Metrics::new(
+            shared.clone(),
+            Arc::default(),
+            "cluster.local",
+        ));
+        let mut reload = Reload {
+            node: "node-1".into(),
+            root_namespace: "istio-system".into(),
+            source: Box::new(DirectorySource::new(&dir)),
+            shared: shared.clone(),
+            balancers: LbRegistry::default(),
+            status: SharedStatus::default(),
+            metrics: metrics.clone(),
+            has_config: false,
+        };
+        let pods = || {
+            let mut names: Vec<String> = shared
+                .current()
+                .workloads
+                .values()
+                .map(|w| w.pod.clone())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(reload.poll(), Reloaded::Applied);
+        assert_eq!(pods(), ["web"]);
+        assert_eq!(reload.poll(), Reloaded::Unchanged);
+
+        // One change: a valid edit (a second pod) beside a file with an error.
+        write(
+            "a.yaml",
+            &format!(
+                "{NAMESPACE}{}{}",
+                pod("web", "10.244.1.2"),
+                pod("db", "10.244.1.3")
+            ),
+        );
+        write(
+            "b.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\nspec: {action: MAYBE}\n",
+        );
+        assert_eq!(reload.poll(), Reloaded::Rejected);
+        assert_eq!(pods(), ["web"], "the valid edit did not apply either");
+        {
+            let status = lock(&reload.status);
+            assert_eq!(status.generation, 1);
+            assert_eq!(status.workloads, 1);
+            let error = status.last_error.as_deref().unwrap_or_default();
+            assert!(
+                error.contains("b.yaml") && error.contains("MAYBE"),
+                "{error}"
+            );
+        }
+        assert_eq!(
+            reload_metrics(&metrics),
+            [
+                "mesh_config_generation 1",
+                "mesh_config_reloads_total{result=\"rejected\"} 1",
+                "mesh_config_reloads_total{result=\"success\"} 1",
+            ]
+        );
+
+        // The broken file fixed: the whole change applies.
+        std::fs::remove_file(dir.join("b.yaml")).expect("remove");
+        assert_eq!(reload.poll(), Reloaded::Applied);
+        assert_eq!(pods(), ["db", "web"]);
+        {
+            let status = lock(&reload.status);
+            assert_eq!((status.generation, status.workloads), (2, 2));
+            assert_eq!(status.last_error, None);
+        }
+        assert_eq!(
+            reload_metrics(&metrics),
+            [
+                "mesh_config_generation 2",
+                "mesh_config_reloads_total{result=\"rejected\"} 1",
+                "mesh_config_reloads_total{result=\"success\"} 2",
+            ]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -99,10 +99,19 @@ mod tests {
             calls: calls.clone(),
         };
         let looping = tokio::spawn(accept_loop("test", listener, |(), _| async {}));
-        tokio::time::sleep(ACCEPT_BACKOFF * 6).await;
+        // Three failures, then the fourth accept waits for ever: the loop kept going.
+        // Waited for, not timed: a loaded machine may take longer than three pauses.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while calls.lock().expect("calls").len() < 4 {
+            assert!(
+                Instant::now() < deadline,
+                "{:?}",
+                calls.lock().expect("calls")
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         looping.abort();
         let calls = calls.lock().expect("calls").clone();
-        // Three failures, then the fourth accept waits: the loop kept going.
         assert_eq!(calls.len(), 4, "{calls:?}");
         for pair in calls.windows(2) {
             assert!(pair[1] - pair[0] >= ACCEPT_BACKOFF, "{calls:?}");

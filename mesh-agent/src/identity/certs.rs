@@ -4,7 +4,7 @@
 //! and removal when the identity's last pod leaves.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -32,9 +32,66 @@ pub struct CertManager {
     pub complete: Arc<AtomicBool>,
 }
 
+#[derive(Debug, Clone, Copy)]
 struct Retry {
     at: Instant,
     backoff: Duration,
+}
+
+/// A held certificate's lifetime, in Unix seconds, as the renewal decision sees it.
+#[derive(Debug, Clone, Copy)]
+struct Lifetime {
+    /// When it was installed: its lifetime counts from there, as its `notBefore` carries
+    /// slack for clocks that disagree.
+    installed_at: i64,
+    not_after: i64,
+}
+
+impl Lifetime {
+    /// Renewal is due at half the lifetime: the other half covers a CA outage.
+    fn renewal_due(&self, now: i64) -> bool {
+        now >= self.installed_at + (self.not_after - self.installed_at) / 2
+    }
+}
+
+/// What one pass of the manager does, decided from the facts alone (no clock read, no
+/// CA) so that it can be checked as such.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Pass {
+    /// Certificates of identities with no pod left on this node.
+    drop: Vec<SpiffeId>,
+    /// Identities to ask the CA for a certificate now: none held yet, or past half its
+    /// lifetime, and not waiting out the backoff of a failed request. A held
+    /// certificate is never dropped for a failed request: it serves until replaced.
+    request: Vec<SpiffeId>,
+}
+
+fn decide(
+    desired: &BTreeSet<SpiffeId>,
+    held: &BTreeMap<SpiffeId, Lifetime>,
+    retries: &HashMap<SpiffeId, Retry>,
+    unix_now: i64,
+    now: Instant,
+) -> Pass {
+    Pass {
+        drop: held
+            .keys()
+            .filter(|id| !desired.contains(*id))
+            .cloned()
+            .collect(),
+        request: desired
+            .iter()
+            .filter(|id| held.get(*id).is_none_or(|l| l.renewal_due(unix_now)))
+            .filter(|id| retries.get(*id).is_none_or(|r| now >= r.at))
+            .cloned()
+            .collect(),
+    }
+}
+
+/// The wait after a failed request: 1 s, doubling with each failure in a row, at most
+/// 30 s.
+fn backoff_after(previous: Option<&Retry>) -> Duration {
+    previous.map_or(MIN_BACKOFF, |r| (r.backoff * 2).min(MAX_BACKOFF))
 }
 
 fn unix_now() -> i64 {
@@ -52,14 +109,18 @@ impl CertManager {
             .collect()
     }
 
-    fn needs_certificate(&self, id: &SpiffeId) -> bool {
-        match self.identities.get(id) {
-            None => true,
-            Some(svid) => {
-                let lifetime = svid.facts.not_after - svid.installed_at;
-                unix_now() >= svid.installed_at + lifetime / 2
-            }
-        }
+    fn held(&self) -> BTreeMap<SpiffeId, Lifetime> {
+        self.identities
+            .all()
+            .into_iter()
+            .map(|(id, svid)| {
+                let lifetime = Lifetime {
+                    installed_at: svid.installed_at,
+                    not_after: svid.facts.not_after,
+                };
+                (id, lifetime)
+            })
+            .collect()
     }
 
     pub async fn run(self) {
@@ -68,32 +129,22 @@ impl CertManager {
         loop {
             tick.tick().await;
             let desired = self.desired();
-            for (id, _) in self.identities.all() {
-                if !desired.contains(&id) {
-                    tracing::info!(
-                        "dropping the certificate of {id}: no pod of it left on this node"
-                    );
-                    self.identities.remove(&id);
-                }
+            let held = self.held();
+            // A pod of an identity that left and came back starts without backoff.
+            retries.retain(|id, _| desired.contains(id));
+            let pass = decide(&desired, &held, &retries, unix_now(), Instant::now());
+            for id in &pass.drop {
+                tracing::info!("dropping the certificate of {id}: no pod of it left on this node");
+                self.identities.remove(id);
             }
-            for id in &desired {
-                if !self.needs_certificate(id)
-                    || retries.get(id).is_some_and(|r| Instant::now() < r.at)
-                {
-                    continue;
-                }
-                match self.issue(id).await {
+            for id in pass.request {
+                match self.issue(&id).await {
                     Ok(()) => {
-                        retries.remove(id);
+                        retries.remove(&id);
                     }
                     Err(err) => {
-                        let backoff = retries
-                            .get(id)
-                            .map_or(MIN_BACKOFF, |r| (r.backoff * 2).min(MAX_BACKOFF));
-                        let still_valid = self
-                            .identities
-                            .get(id)
-                            .is_some_and(|s| s.facts.not_after > unix_now());
+                        let backoff = backoff_after(retries.get(&id));
+                        let still_valid = held.get(&id).is_some_and(|l| l.not_after > unix_now());
                         tracing::warn!(
                             "certificate for {id}: {err:#}; retrying in {backoff:?}{}",
                             if still_valid {
@@ -103,7 +154,7 @@ impl CertManager {
                             }
                         );
                         retries.insert(
-                            id.clone(),
+                            id,
                             Retry {
                                 at: Instant::now() + backoff,
                                 backoff,
@@ -130,5 +181,120 @@ impl CertManager {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(service_account: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", "shop", service_account)
+    }
+
+    /// A one-hour certificate installed at Unix time 1000: renewal due at 2800.
+    const INSTALLED: i64 = 1000;
+    const HOUR: Lifetime = Lifetime {
+        installed_at: INSTALLED,
+        not_after: INSTALLED + 3600,
+    };
+
+    fn ids(names: &[&str]) -> BTreeSet<SpiffeId> {
+        names.iter().map(|n| id(n)).collect()
+    }
+
+    fn held(names: &[&str]) -> BTreeMap<SpiffeId, Lifetime> {
+        names.iter().map(|n| (id(n), HOUR)).collect()
+    }
+
+    #[test]
+    fn a_certificate_is_requested_for_a_new_identity_and_renewed_at_half_life() {
+        let now = Instant::now();
+        let none = HashMap::new();
+        let pass = |unix_now| decide(&ids(&["web", "db"]), &held(&["web"]), &none, unix_now, now);
+        assert_eq!(
+            pass(INSTALLED + 1799),
+            Pass {
+                drop: vec![],
+                request: vec![id("db")]
+            },
+            "web's certificate is not half-way through its hour"
+        );
+        assert_eq!(pass(INSTALLED + 1800).request, [id("db"), id("web")]);
+        assert_eq!(pass(INSTALLED + 7200).request, [id("db"), id("web")]);
+    }
+
+    #[test]
+    fn failed_requests_back_off_from_1_to_30_seconds() {
+        let mut previous: Option<Retry> = None;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            let backoff = backoff_after(previous.as_ref());
+            waits.push(backoff.as_secs());
+            previous = Some(Retry {
+                at: Instant::now() + backoff,
+                backoff,
+            });
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+    }
+
+    #[test]
+    fn while_the_ca_is_down_the_current_certificate_stays_and_is_retried_after_the_backoff() {
+        // web's certificate is due; its last request failed 4 s ago with an 8 s backoff.
+        let failed_at = Instant::now();
+        let retries = HashMap::from([(
+            id("web"),
+            Retry {
+                at: failed_at + Duration::from_secs(8),
+                backoff: Duration::from_secs(8),
+            },
+        )]);
+        let due = INSTALLED + 3000;
+        let pass = |now| decide(&ids(&["web"]), &held(&["web"]), &retries, due, now);
+        assert_eq!(
+            pass(failed_at + Duration::from_secs(4)),
+            Pass::default(),
+            "waiting: nothing requested, and the certificate is not dropped"
+        );
+        assert_eq!(
+            pass(failed_at + Duration::from_secs(8)),
+            Pass {
+                drop: vec![],
+                request: vec![id("web")]
+            }
+        );
+        // Past its expiry with the CA still down it is still not dropped: only a new
+        // certificate replaces it.
+        let expired = INSTALLED + 4000;
+        let pass = decide(
+            &ids(&["web"]),
+            &held(&["web"]),
+            &retries,
+            expired,
+            failed_at,
+        );
+        assert_eq!(pass, Pass::default());
+    }
+
+    #[test]
+    fn a_certificate_is_dropped_when_the_last_pod_of_its_identity_leaves() {
+        let now = Instant::now();
+        let none = HashMap::new();
+        let fresh = INSTALLED + 10;
+        assert_eq!(
+            decide(&ids(&["web"]), &held(&["web", "db"]), &none, fresh, now),
+            Pass {
+                drop: vec![id("db")],
+                request: vec![]
+            }
+        );
+        assert_eq!(
+            decide(&ids(&[]), &held(&["web", "db"]), &none, fresh, now),
+            Pass {
+                drop: vec![id("db"), id("web")],
+                request: vec![]
+            }
+        );
     }
 }

@@ -15,11 +15,11 @@ use crate::{
     policy::jwt::{uris, JwksCache},
 };
 
-/// How often fetched keys are refreshed (Istio's default), and how soon a failed fetch
-/// is tried again (doubling up to the last figure).
-const REFRESH_INTERVAL: Duration = Duration::from_secs(20 * 60);
+/// How soon a failed fetch is tried again (doubling up to the last figure).
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
+/// How often the configuration is looked at for new URIs and due refreshes.
+const TICK: Duration = Duration::from_millis(500);
 /// A JWKS document larger than this is refused.
 const MAX_JWKS_BYTES: usize = 1 << 20;
 
@@ -82,9 +82,12 @@ pub async fn fetch(uri: &str) -> anyhow::Result<Jwks> {
 }
 
 /// Keeps the keys of every `jwksUri` in the live configuration fetched: new URIs at
-/// once, then every [`REFRESH_INTERVAL`]; a failed fetch keeps the last good keys and is
-/// retried with backoff.
-pub async fn keep_fresh(state: SharedState, cache: Arc<JwksCache>) {
+/// once, then every `refresh` (the agent's `--jwks-refresh-interval`); a failed fetch keeps
+/// the last good keys, is recorded in the cache (the admin API's `/jwks`) and is retried
+/// with backoff.
+pub async fn keep_fresh(state: SharedState, cache: Arc<JwksCache>, refresh: Duration) {
+    // An interval shorter than the tick would otherwise be stretched to the tick.
+    let tick = TICK.min(refresh);
     let mut retry: HashMap<String, (Duration, Instant)> = HashMap::new();
     loop {
         let current = state.current();
@@ -96,7 +99,7 @@ pub async fn keep_fresh(state: SharedState, cache: Arc<JwksCache>) {
         wanted.sort();
         wanted.dedup_by(|a, b| a.0 == b.0);
         for (uri, timeout) in wanted {
-            let fresh = cache.age(&uri).is_some_and(|age| age < REFRESH_INTERVAL);
+            let fresh = cache.age(&uri).is_some_and(|age| age < refresh);
             let waiting = retry.get(&uri).is_some_and(|(_, at)| Instant::now() < *at);
             if fresh || waiting {
                 continue;
@@ -121,10 +124,11 @@ pub async fn keep_fresh(state: SharedState, cache: Arc<JwksCache>) {
                         "tokens of this issuer are refused until it answers"
                     };
                     tracing::warn!("JWKS {uri}: {error}; {kept}; retrying in {delay:?}");
+                    cache.record_failure(&uri, error);
                     retry.insert(uri, (delay, Instant::now() + delay));
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(tick).await;
     }
 }

@@ -345,32 +345,86 @@ pub struct JwksCache {
     entries: RwLock<HashMap<String, CachedKeys>>,
 }
 
+#[derive(Default)]
 struct CachedKeys {
-    keys: Arc<Jwks>,
-    fetched: Instant,
+    /// The keys of the last successful fetch, and when it happened.
+    keys: Option<(Arc<Jwks>, Instant)>,
+    /// Fetches that failed since then, and why the last one did: an operator reading
+    /// `/jwks` on the admin port sees that keys are going stale before tokens fail.
+    failed_fetches: u32,
+    last_error: Option<String>,
+}
+
+/// One `jwksUri` as the admin API shows it (`GET /jwks`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct JwksStatus {
+    pub uri: String,
+    /// Keys of the last successful fetch, used while later fetches fail.
+    pub keys: usize,
+    /// Seconds since that fetch; `None` before the first success.
+    pub fetched_seconds_ago: Option<u64>,
+    /// Fetches that failed since the last success.
+    pub failed_fetches: u32,
+    pub last_error: Option<String>,
 }
 
 impl JwksCache {
     pub fn get(&self, uri: &str) -> Option<Arc<Jwks>> {
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-        entries.get(uri).map(|c| c.keys.clone())
+        entries
+            .get(uri)
+            .and_then(|c| c.keys.as_ref())
+            .map(|(keys, _)| keys.clone())
     }
 
+    /// Keeps `keys` as `uri`'s, fetched now.
     pub fn store(&self, uri: &str, keys: Jwks) {
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         entries.insert(
             uri.to_owned(),
             CachedKeys {
-                keys: Arc::new(keys),
-                fetched: Instant::now(),
+                keys: Some((Arc::new(keys), Instant::now())),
+                failed_fetches: 0,
+                last_error: None,
             },
         );
+    }
+
+    /// Records a failed fetch of `uri`; its last good keys, if any, stay.
+    pub fn record_failure(&self, uri: &str, error: String) {
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        let entry = entries.entry(uri.to_owned()).or_default();
+        entry.failed_fetches = entry.failed_fetches.saturating_add(1);
+        entry.last_error = Some(error);
     }
 
     /// How long ago `uri` was last fetched successfully.
     pub fn age(&self, uri: &str) -> Option<Duration> {
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-        entries.get(uri).map(|c| c.fetched.elapsed())
+        entries
+            .get(uri)
+            .and_then(|c| c.keys.as_ref())
+            .map(|(_, fetched)| fetched.elapsed())
+    }
+
+    /// Every URI fetched or tried, by URI.
+    pub fn statuses(&self) -> Vec<JwksStatus> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let mut statuses: Vec<JwksStatus> = entries
+            .iter()
+            .map(|(uri, c)| JwksStatus {
+                uri: uri.clone(),
+                keys: c.keys.as_ref().map_or(0, |(keys, _)| keys.len()),
+                fetched_seconds_ago: c
+                    .keys
+                    .as_ref()
+                    .map(|(_, fetched)| fetched.elapsed().as_secs()),
+                failed_fetches: c.failed_fetches,
+                last_error: c.last_error.clone(),
+            })
+            .collect();
+        statuses.sort_by(|a, b| a.uri.cmp(&b.uri));
+        statuses
     }
 }
 

@@ -132,6 +132,189 @@ mod tests {
     use super::*;
     use crate::config::load_str;
 
+    const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+    const INTRUDER: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
+
+    /// Two local sources, `shop/client` and `other/intruder`, beside `cluster`.
+    fn verdicts(cluster: &str) -> Vec<KernelVerdict> {
+        let config = load_str(
+            std::path::Path::new("kernel.yaml"),
+            &format!(
+                "apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: shop}}
+spec: {{nodeName: node-1, serviceAccountName: client}}
+status: {{podIP: 10.244.1.10}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: intruder, namespace: other}}
+spec: {{nodeName: node-1, serviceAccountName: intruder}}
+status: {{podIP: 10.244.1.11}}
+---
+{cluster}"
+            ),
+        );
+        assert!(config.errors().next().is_none(), "{:?}", config.diagnostics);
+        let state = MeshState::build("node-1", &config);
+        let mut verdicts = kernel_verdicts(&state, "cluster.local");
+        verdicts.sort_by_key(|v| (v.source, v.destination, v.port));
+        verdicts
+    }
+
+    fn verdict(source: Ipv4Addr, destination: [u8; 4], port: u16, deny: bool) -> KernelVerdict {
+        KernelVerdict {
+            source,
+            destination: destination.into(),
+            port,
+            deny,
+        }
+    }
+
+    #[test]
+    fn a_port_specific_allow_is_kept_over_the_all_ports_deny() {
+        // Only shop may reach web, and only on 8080: every other port of web is denied
+        // to everyone, 8080 is allowed to the client alone.
+        let verdicts = verdicts(
+            "apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.244.1.20}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules: [{from: [{source: {namespaces: [shop]}}], to: [{operation: {ports: [\"8080\"]}}]}]
+",
+        );
+        let web = [10, 244, 1, 20];
+        assert_eq!(
+            verdicts,
+            [
+                verdict(CLIENT, web, 0, true),
+                verdict(CLIENT, web, 8080, false),
+                verdict(INTRUDER, web, 0, true),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_service_port_is_denied_where_every_endpoint_denies() {
+        // web's two endpoints both deny the intruder: its SYNs to the Service address
+        // are dropped too. mixed has an endpoint without policies: the kernel cannot
+        // tell which endpoint a connection will reach, so it leaves the Service alone.
+        let verdicts = verdicts(
+            "apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-1}
+status: {podIP: 10.244.1.21}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-1}
+status: {podIP: 10.244.1.22}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: mixed-1, namespace: shop, labels: {app: mixed, guarded: \"yes\"}}
+spec: {nodeName: node-1}
+status: {podIP: 10.244.1.31}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: mixed-2, namespace: shop, labels: {app: mixed}}
+spec: {nodeName: node-1}
+status: {podIP: 10.244.1.32}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: mixed, namespace: shop}
+spec: {clusterIP: 10.96.0.11, selector: {app: mixed}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-intruders, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules: [{from: [{source: {namespaces: [other]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-intruders-guarded, namespace: shop}
+spec:
+  selector: {matchLabels: {guarded: \"yes\"}}
+  action: DENY
+  rules: [{from: [{source: {namespaces: [other]}}]}]
+",
+        );
+        assert_eq!(
+            verdicts,
+            [
+                verdict(INTRUDER, [10, 96, 0, 10], 80, true),
+                verdict(INTRUDER, [10, 244, 1, 21], 0, true),
+                verdict(INTRUDER, [10, 244, 1, 22], 0, true),
+                verdict(INTRUDER, [10, 244, 1, 31], 0, true),
+            ]
+        );
+    }
+
+    #[test]
+    fn under_disable_no_principal_is_known_so_a_principal_rule_denies_everyone() {
+        // The same policy on two workloads: on db the client's identity is known from
+        // its address on this node (mutual TLS), on plain-db (DISABLE) traffic arrives
+        // in plaintext and carries no principal, so even the client is denied. (db and
+        // plain-db, local pods too, are not the client: each denies the other.)
+        let verdicts = verdicts(
+            "apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: shop, labels: {app: db}}
+spec: {nodeName: node-1}
+status: {podIP: 10.244.1.40}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain-db, namespace: shop, labels: {app: db, plain: \"yes\"}}
+spec: {nodeName: node-1}
+status: {podIP: 10.244.1.41}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: plain, namespace: shop}
+spec:
+  selector: {matchLabels: {plain: \"yes\"}}
+  mtls: {mode: DISABLE}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]
+",
+        );
+        assert_eq!(
+            verdicts,
+            [
+                verdict(CLIENT, [10, 244, 1, 41], 0, true),
+                verdict(INTRUDER, [10, 244, 1, 40], 0, true),
+                verdict(INTRUDER, [10, 244, 1, 41], 0, true),
+                verdict([10, 244, 1, 40].into(), [10, 244, 1, 41], 0, true),
+                verdict([10, 244, 1, 41].into(), [10, 244, 1, 40], 0, true),
+            ]
+        );
+    }
+
     #[test]
     fn a_port_level_mtls_mode_gets_its_own_verdict() {
         // db is DISABLE but STRICT on 9000, and allows only the client's identity: on

@@ -1,0 +1,288 @@
+//! A connection served request by request (`Guard::serve_http`), end to end on a real
+//! upstream socket: the workload receives the head as it was judged — the normalised
+//! path, the query untouched — a request whose path cannot be normalised is answered
+//! 400 by the agent and never reaches the workload, and each decision is counted once;
+//! a verified token is removed (unless `forwardOriginalToken`) and its payload and
+//! claims are set as headers, which a client can never forge.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use mesh_agent::{
+    config::load_str,
+    model::{MeshState, SharedState, Workload},
+    policy::{
+        facts::{Arrival, Peer},
+        jwt::JwksCache,
+    },
+    proxy::requests::Guard,
+    telemetry::{conns::ConnTable, metrics::Metrics},
+};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+const CLUSTER: &str = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: sleep, namespace: default, labels: {app: sleep}}
+spec: {nodeName: node-1, serviceAccountName: sleep, containers: [{name: c}]}
+status: {podIP: 10.244.1.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: httpbin, namespace: default, labels: {app: httpbin}}
+spec: {nodeName: node-1, serviceAccountName: httpbin, containers: [{name: c, ports: [{name: http, containerPort: 80}]}]}
+status: {podIP: 10.244.1.20}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: httpbin, namespace: default}
+spec: {clusterIP: 10.96.0.20, selector: {app: httpbin}, ports: [{name: http, port: 8000, targetPort: http}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: default}
+spec: {selector: {matchLabels: {app: httpbin}}, action: DENY, rules: [{to: [{operation: {paths: [\"/admin/*\"]}}]}]}
+";
+
+/// A workload that records the head of each request it receives (the request line,
+/// then the header lines sorted) and answers each with 200 `ok`, on one kept-alive
+/// connection.
+async fn workload(listener: tokio::net::TcpListener, heads: Heads) {
+    let (stream, _) = listener.accept().await.expect("the agent connects");
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let mut head: Vec<String> = Vec::new();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if !line.is_empty() {
+            head.push(line);
+            continue;
+        }
+        head[1..].sort();
+        heads.lock().expect("heads").push(std::mem::take(&mut head));
+        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        if write.write_all(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+type Heads = Arc<Mutex<Vec<Vec<String>>>>;
+
+/// httpbin's agent serving one connection from sleep request by request, under
+/// `CLUSTER` and `extra` (policies), towards the recording workload.
+struct Served {
+    send: SendRequest<Empty<Bytes>>,
+    heads: Heads,
+    metrics: Arc<Metrics>,
+    httpbin: Arc<Workload>,
+}
+
+async fn serve(extra: &str) -> Served {
+    let config = load_str(Path::new("cluster.yaml"), &format!("{CLUSTER}{extra}"));
+    assert!(config.errors().next().is_none(), "{:?}", config.diagnostics);
+    let state = MeshState::build("node-1", &config);
+    let sleep = state.workloads[&Ipv4Addr::new(10, 244, 1, 10)].clone();
+    let httpbin = state.workloads[&Ipv4Addr::new(10, 244, 1, 20)].clone();
+    let arrival = Arc::new(Arrival::new(
+        &state,
+        "cluster.local",
+        sleep.ip,
+        Peer::Pod(&sleep),
+        httpbin.clone(),
+        SocketAddrV4::new(httpbin.ip, 80),
+        None,
+    ));
+    let shared = SharedState::default();
+    shared.replace(state);
+    let metrics = Arc::new(Metrics::new(
+        shared,
+        Arc::new(ConnTable::default()),
+        "cluster.local",
+    ));
+    let guard = Arc::new(Guard {
+        jwks: Arc::new(JwksCache::default()),
+        metrics: metrics.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream = tokio::net::TcpStream::connect(listener.local_addr().expect("address"))
+        .await
+        .expect("connect");
+    let heads = Heads::default();
+    tokio::spawn(workload(listener, heads.clone()));
+    let (client, agent_side) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(guard.serve_http(agent_side, upstream, arrival));
+    let (send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(client))
+        .await
+        .expect("HTTP/1.1 handshake");
+    tokio::spawn(connection);
+    Served {
+        send,
+        heads,
+        metrics,
+        httpbin,
+    }
+}
+
+impl Served {
+    /// GETs `target` with `headers` (and httpbin's Host): the status and the body.
+    async fn get(&mut self, target: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        let mut request = http::Request::get(target).header("host", "httpbin.default:8000");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Empty::<Bytes>::new()).expect("request");
+        let response = self.send.send_request(request).await.expect("a response");
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    fn heads(&self) -> Vec<Vec<String>> {
+        self.heads.lock().expect("heads").clone()
+    }
+
+    /// The metric lines of `name` (`mesh_authz_decisions_total`, ...).
+    fn counted(&self, name: &str) -> Vec<String> {
+        let prefix = format!("{name}{{");
+        self.metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn the_workload_receives_the_normalised_path_and_never_an_unnormalisable_one() {
+    let mut served = serve("").await;
+    // An escape that decodes to no byte: no path to judge it by.
+    let (status, body) = served.get("/a%zz", &[]).await;
+    assert_eq!(status, 400);
+    assert!(body.starts_with("Bad Request: "), "{body}");
+    assert_eq!(
+        served.get("/public/./x/..//y?q=%2e%2e", &[]).await,
+        (200, "ok".to_owned())
+    );
+    // Judged as /admin/x, whatever the client wrote.
+    assert_eq!(
+        served.get("/public/../admin/x", &[]).await,
+        (403, "RBAC: access denied".to_owned())
+    );
+    assert_eq!(
+        served.heads(),
+        [[
+            "GET /public/y?q=%2e%2e HTTP/1.1",
+            "host: httpbin.default:8000"
+        ]],
+        "only the allowed request reached the workload, with its normalised path"
+    );
+    let labels = |decision: &str, policy: &str| {
+        format!(
+            "mesh_authz_decisions_total{{decision=\"{decision}\",policy=\"{policy}\",layer=\"request\",destination_workload=\"{}\",destination_workload_namespace=\"default\"}} 1",
+            served.httpbin.workload
+        )
+    };
+    let mut decisions = served.counted("mesh_authz_decisions_total");
+    decisions.sort();
+    assert_eq!(
+        decisions,
+        [labels("allow", "-"), labels("deny", "default/deny-admin")],
+        "one allowed and one denied request; the 400 is no decision"
+    );
+}
+
+fn testdata(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/testdata/jwt")
+        .join(name);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .to_owned()
+}
+
+/// A RequestAuthentication on httpbin for Istio's demo issuer (inline keys) that copies
+/// the payload and the `sub` claim into headers; `extra` adds fields to the rule.
+fn request_authentication(extra: &str) -> String {
+    let jwks = testdata("jwks.json").replace('\'', "''");
+    format!("---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: default}}\nspec: {{selector: {{matchLabels: {{app: httpbin}}}}, jwtRules: [{{issuer: testing@secure.istio.io, jwks: '{jwks}', outputPayloadToHeader: x-jwt-payload, outputClaimToHeaders: [{{header: x-jwt-sub, claim: sub}}]{extra}}}]}}\n")
+}
+
+#[tokio::test]
+async fn a_verified_token_is_removed_and_its_claims_forwarded_and_forged_claim_headers_never_pass()
+{
+    let mut served = serve(&request_authentication("")).await;
+    let token = testdata("demo.jwt");
+    let payload = token.split('.').nth(1).expect("a payload").to_owned();
+    let bearer = format!("Bearer {token}");
+    let ok = (200, "ok".to_owned());
+    assert_eq!(
+        served
+            .get("/", &[("authorization", &bearer), ("x-jwt-sub", "admin")])
+            .await,
+        ok
+    );
+    // No token: the client's own claim headers are stripped, not forwarded as facts.
+    assert_eq!(
+        served
+            .get("/", &[("x-jwt-sub", "admin"), ("x-jwt-payload", "e30")])
+            .await,
+        ok
+    );
+    assert_eq!(
+        served.heads(),
+        [
+            vec![
+                "GET / HTTP/1.1".to_owned(),
+                "host: httpbin.default:8000".to_owned(),
+                format!("x-jwt-payload: {payload}"),
+                "x-jwt-sub: testing@secure.istio.io".to_owned(),
+            ],
+            vec![
+                "GET / HTTP/1.1".to_owned(),
+                "host: httpbin.default:8000".to_owned(),
+            ],
+        ]
+    );
+    assert_eq!(
+        served.counted("mesh_jwt_validations_total"),
+        ["mesh_jwt_validations_total{result=\"accepted\",reason=\"-\"} 1"]
+    );
+}
+
+#[tokio::test]
+async fn forward_original_token_keeps_the_token_for_the_workload() {
+    let mut served = serve(&request_authentication(", forwardOriginalToken: true")).await;
+    let token = testdata("demo.jwt");
+    let payload = token.split('.').nth(1).expect("a payload").to_owned();
+    let bearer = format!("Bearer {token}");
+    assert_eq!(
+        served.get("/", &[("authorization", &bearer)]).await,
+        (200, "ok".to_owned())
+    );
+    assert_eq!(
+        served.heads(),
+        [[
+            "GET / HTTP/1.1".to_owned(),
+            format!("authorization: {bearer}"),
+            "host: httpbin.default:8000".to_owned(),
+            format!("x-jwt-payload: {payload}"),
+            "x-jwt-sub: testing@secure.istio.io".to_owned(),
+        ]]
+    );
+}
