@@ -127,6 +127,7 @@ async fn destination_agent_with(ca: &CaKeys, extra: &str) -> Agent {
         guard: Arc::new(Guard {
             jwks: Arc::new(JwksCache::default()),
             metrics: metrics.clone(),
+            limiter: Default::default(),
         }),
         conns,
         splicer: None,

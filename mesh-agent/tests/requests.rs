@@ -109,6 +109,7 @@ async fn serve(extra: &str) -> Served {
     let guard = Arc::new(Guard {
         jwks: Arc::new(JwksCache::default()),
         metrics: metrics.clone(),
+        limiter: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

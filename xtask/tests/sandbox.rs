@@ -1907,4 +1907,35 @@ fn virtual_services_route_requests_in_the_source_agent() {
         .is_some_and(|n| n >= 3.0),
         "overflows are counted with the UO flag"
     );
+
+    // Local rate limiting at the destination: a burst of 5, one more a second; 20 quick
+    // requests get 5 answers and 15 times 429 with Retry-After.
+    kubectl(
+        "apply",
+        "routes",
+        &reviews_routes(
+            "  - name: v1-only\n    route: [{destination: {host: reviews, subset: v1}}]\n",
+        ),
+    );
+    eventually("v1 alone serves", || {
+        reviews("/", 6, "{}", "new").count("200 reviews-v1") == 6
+    });
+    kubectl(
+        "apply",
+        "ratelimit",
+        "apiVersion: policy.mesh.dev/v1alpha1\nkind: HTTPLocalRateLimitPolicy\n\
+         metadata: {name: reviews, namespace: demo}\n\
+         spec:\n  targetRef: {kind: Service, name: reviews}\n  total: {requestsPerSecond: 1, burst: 5}\n",
+    );
+    eventually("the rate limit applies", || {
+        reviews("/", 10, "{}", "keepalive").count("429 -") > 0
+    });
+    // Let the bucket fill again (5 tokens at one a second).
+    std::thread::sleep(Duration::from_secs(6));
+    let limited = reviews("/", 20, "{}", "keepalive");
+    assert_eq!(limited.count("200 reviews-v1"), 5, "{:?}", limited.counts);
+    assert_eq!(limited.count("429 -"), 15, "{:?}", limited.counts);
+    let refused = reviews("/", 1, "{}", "new");
+    assert_eq!(refused.first["status"], 429);
+    assert_eq!(refused.first["headers"]["retry-after"], "1");
 }

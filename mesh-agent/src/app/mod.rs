@@ -220,6 +220,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         guard: Arc::new(Guard {
             jwks: jwks_cache.clone(),
             metrics: metrics.clone(),
+            limiter: Default::default(),
         }),
         conns: conns.clone(),
         pool: HbonePool::new(identities.clone()),

@@ -965,6 +965,7 @@ fn check_local_rate_limit(
 /// indexes as `[]`). Everything else is parsed, kept, and reported as not enforced yet.
 fn enforced(kind: &str) -> &'static [&'static str] {
     match kind {
+        "HTTPLocalRateLimitPolicy" => &["targetRef", "selector", "total", "identity", "overrides"],
         "VirtualService" => &[
             "hosts",
             "gateways",

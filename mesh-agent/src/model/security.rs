@@ -21,7 +21,11 @@ use crate::{
         jwks::{parse_jwks, Jwks},
         ClusterConfig, Resource,
     },
-    model::{discovery, Workload},
+    model::{
+        discovery,
+        ratelimit::{local_rate_limits, LocalRateLimit},
+        Workload,
+    },
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -200,12 +204,19 @@ pub struct WorkloadSecurity {
     pub jwt_rules: Vec<Arc<TokenRule>>,
     /// Ports Services declare as HTTP: where RequestAuthentication applies.
     pub http_ports: BTreeSet<u16>,
+    /// The HTTPLocalRateLimitPolicy limiting requests to the workload's HTTP ports.
+    pub rate_limit: Option<Arc<LocalRateLimit>>,
 }
 
 impl WorkloadSecurity {
     /// No policy and no token rule: connections are not judged at all.
     pub fn is_empty(&self) -> bool {
-        self.policies.is_empty() && self.jwt_rules.is_empty()
+        self.policies.is_empty() && self.jwt_rules.is_empty() && self.rate_limit.is_none()
+    }
+
+    /// Whether requests to `port` are counted against a rate limit.
+    pub fn limits_rate(&self, port: u16) -> bool {
+        self.rate_limit.is_some() && self.http_ports.contains(&port)
     }
 
     /// Whether requests to `port` are checked for tokens.
@@ -219,6 +230,7 @@ impl WorkloadSecurity {
 pub struct SecurityConfig {
     policies: Vec<Arc<Policy>>,
     jwt_rules: Vec<(Scope, Arc<TokenRule>)>,
+    rate_limits: Vec<Arc<LocalRateLimit>>,
 }
 
 impl SecurityConfig {
@@ -245,6 +257,10 @@ impl SecurityConfig {
         SecurityConfig {
             policies,
             jwt_rules,
+            rate_limits: local_rate_limits(config)
+                .into_iter()
+                .map(Arc::new)
+                .collect(),
         }
     }
 
@@ -263,8 +279,30 @@ impl SecurityConfig {
                 .filter(|(scope, _)| scope.selects(workload))
                 .map(|(_, rule)| rule.clone())
                 .collect(),
+            rate_limit: self
+                .rate_limits
+                .iter()
+                .find(|limit| limits_workload(limit, config, workload))
+                .cloned(),
         }
     }
+}
+
+/// Whether `limit` applies to `workload`: it selects the workload's labels, or targets a
+/// Service that selects the workload (the limit then holds for each of its pods).
+fn limits_workload(limit: &LocalRateLimit, config: &ClusterConfig, workload: &Workload) -> bool {
+    if limit.applies_to_workload(&workload.namespace, &workload.labels) {
+        return true;
+    }
+    config.services.iter().any(|service| {
+        let selector = &service.spec.selector;
+        service.metadata.namespace() == workload.namespace
+            && limit.applies_to_service(&workload.namespace, &service.metadata.name)
+            && !selector.is_empty()
+            && selector
+                .iter()
+                .all(|(k, v)| workload.labels.get(k) == Some(v))
+    })
 }
 
 /// Where a rule looks for its token.

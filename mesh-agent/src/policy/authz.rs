@@ -82,6 +82,14 @@ impl Facts {
         rest.split('/').next()
     }
 
+    /// The client's service account (`namespace`, `name`), from its mutual TLS or
+    /// same-node identity.
+    pub fn source_account(&self) -> Option<(&str, &str)> {
+        let principal = self.source_principal.as_deref()?;
+        let (_, rest) = principal.split_once("/ns/")?;
+        rest.split_once("/sa/")
+    }
+
     fn source_service_account(&self) -> Option<String> {
         let principal = self.source_principal.as_deref()?;
         let (_, rest) = principal.split_once("/ns/")?;

@@ -146,9 +146,10 @@ pub fn admit(arrival: &Arrival) -> (Admission, Option<Decision>) {
         Verdict::NeedsRequest => Admission::Http,
         Verdict::Allow
             if http
-                && arrival
+                && (arrival
                     .security
-                    .authenticates(arrival.facts.destination_port) =>
+                    .authenticates(arrival.facts.destination_port)
+                    || arrival.security.limits_rate(arrival.facts.destination_port)) =>
         {
             Admission::Http
         }

@@ -733,6 +733,27 @@ spec: {selector: {matchLabels: {app: far}}, mtls: {mode: DISABLE}}
     }
 
     #[test]
+    fn a_rate_limited_http_port_is_served_as_http_and_other_ports_are_not() {
+        let state = mesh(
+            "---
+apiVersion: policy.mesh.dev/v1alpha1
+kind: HTTPLocalRateLimitPolicy
+metadata: {name: near, namespace: shop}
+spec: {targetRef: {kind: Service, name: near}, total: {requestsPerSecond: 10}}
+",
+        );
+        let plan = plan_to(&state, "10.244.1.20:8080").expect("plan");
+        assert_eq!(carry_of(&plan), Some(Carry::Http));
+        let plan = plan_to(&state, "10.244.1.20:9000").expect("plan");
+        assert_eq!(carry_of(&plan), Some(Carry::Splice), "not an HTTP port");
+        let plan = plan_to(&state, "10.244.2.20:8080").expect("plan");
+        assert!(
+            matches!(plan.route, Route::Tunnel { .. }),
+            "far is not limited"
+        );
+    }
+
+    #[test]
     fn an_audit_rule_on_request_attributes_does_not_make_a_connection_be_parsed() {
         let state = mesh(&policy_on_near(
             "audit-posts",

@@ -29,6 +29,7 @@ use tokio::{
 };
 
 use crate::{
+    model::ratelimit::{RateLimiter, RetryAfter, ServiceAccountRef},
     policy::{
         authz::{self, Decision, Verdict},
         facts::{judge_request, Arrival, RequestVerdict},
@@ -43,6 +44,8 @@ use crate::{
 pub struct Guard {
     pub jwks: Arc<JwksCache>,
     pub metrics: Arc<Metrics>,
+    /// The token buckets of HTTPLocalRateLimitPolicies, for the node's workloads.
+    pub limiter: Arc<RateLimiter>,
 }
 
 impl Guard {
@@ -74,6 +77,43 @@ impl Guard {
                 decision.reason()
             );
         }
+    }
+
+    /// Takes a token for a request to `arrival`'s workload from its HTTPLocalRateLimitPolicy,
+    /// if one limits the port: one `total` bucket per pod (as Linkerd limits each server),
+    /// the client's bucket by its service account.
+    fn check_rate(&self, arrival: &Arrival) -> Result<(), RetryAfter> {
+        let security = &arrival.security;
+        let Some(limit) = security
+            .rate_limit
+            .as_ref()
+            .filter(|_| security.limits_rate(arrival.facts.destination_port))
+        else {
+            return Ok(());
+        };
+        let client = arrival
+            .facts
+            .source_account()
+            .map(|(namespace, name)| ServiceAccountRef {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            });
+        let checked = self.limiter.check_request(
+            limit,
+            &arrival.workload.key(),
+            client.as_ref(),
+            std::time::Instant::now(),
+        );
+        if checked.is_err() {
+            self.metrics.rate_limited(&limit.policy);
+            tracing::info!(
+                target: "mesh::authz",
+                "429 {}: over {}",
+                arrival.describe(),
+                limit.policy
+            );
+        }
+        checked
     }
 
     /// Serves `downstream` as HTTP, judging each request and forwarding allowed ones on
@@ -161,6 +201,14 @@ impl Guard {
         if decision.verdict != Verdict::Allow {
             drain(body).await;
             return local_reply(StatusCode::FORBIDDEN, authz::DENIED_BODY);
+        }
+        if let Err(wait) = self.check_rate(arrival) {
+            drain(body).await;
+            let mut reply = local_reply(StatusCode::TOO_MANY_REQUESTS, "local_rate_limited");
+            reply
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(wait.seconds()));
+            return reply;
         }
         // `normalise` left the head as it is judged: forwarded as it is.
         match upstream.send(Request::from_parts(parts, body)).await {

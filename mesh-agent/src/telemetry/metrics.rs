@@ -85,6 +85,11 @@ struct RoutedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
 }
@@ -128,6 +133,7 @@ pub struct Metrics {
     jwt_validations: Family<JwtLabels, Counter>,
     carried: Family<CarriedLabels, Counter>,
     routed: Family<RoutedLabels, Counter>,
+    rate_limited: Family<PolicyLabels, Counter>,
     pub config_generation: Gauge,
     pub enrolled_pods: Gauge,
     tracker: Mutex<Option<Tracker>>,
@@ -151,6 +157,7 @@ impl Metrics {
         let jwt_validations = Family::<JwtLabels, Counter>::default();
         let carried = Family::<CarriedLabels, Counter>::default();
         let routed = Family::<RoutedLabels, Counter>::default();
+        let rate_limited = Family::<PolicyLabels, Counter>::default();
         let config_generation = Gauge::default();
         let enrolled_pods = Gauge::default();
         registry.register(
@@ -214,6 +221,11 @@ impl Metrics {
             routed.clone(),
         );
         registry.register(
+            "mesh_rate_limited_requests",
+            "Requests answered 429 by an HTTPLocalRateLimitPolicy, by policy",
+            rate_limited.clone(),
+        );
+        registry.register(
             "mesh_config_generation",
             "Generation of the configuration being served",
             config_generation.clone(),
@@ -237,6 +249,7 @@ impl Metrics {
             jwt_validations,
             carried,
             routed,
+            rate_limited,
             config_generation,
             enrolled_pods,
             tracker: Mutex::new(None),
@@ -263,6 +276,15 @@ impl Metrics {
                 route: record.route.clone().unwrap_or_else(|| "-".into()),
                 response_code: record.status.map_or("0".into(), |s| s.as_u16().to_string()),
                 response_flags: record.flags().to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a request an HTTPLocalRateLimitPolicy refused.
+    pub fn rate_limited(&self, policy: &str) {
+        self.rate_limited
+            .get_or_create(&PolicyLabels {
+                policy: policy.to_owned(),
             })
             .inc();
     }
