@@ -1860,6 +1860,13 @@ fn virtual_services_route_requests_in_the_source_agent() {
         ejecting.count("200 reviews-v1") + ejecting.count("200 reviews-v2"),
         57
     );
+    let routes = on_node("node-a", &["meshctl", "routes", "demo/reviews"]);
+    assert!(
+        routes
+            .lines()
+            .any(|l| l.contains("demo/reviews-v3") && l.contains("EJECTED")),
+        "meshctl routes shows the ejection:\n{routes}"
+    );
     eventually("the ejected endpoint returns and is ejected again", || {
         reviews("/failon/reviews-v3", 6, "{}", "keepalive").count("503 reviews-v3") >= 1
     });

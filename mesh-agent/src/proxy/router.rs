@@ -39,7 +39,7 @@ use crate::{
         plan::{plan_endpoint, Carry, Route, TunnelRequest},
         requests::{local_reply, server, strip_hop_by_hop, Body, HEADER_READ_TIMEOUT},
         socket,
-        upstream::{Key, Returning, Sender, Stream},
+        upstream::{GiveBack, Key, Returning, Sender, Stream},
         Proxy,
     },
     telemetry::request::{RequestRecord, ResponseFlag},
@@ -256,7 +256,7 @@ impl Router {
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
-        state: &MeshState,
+        state: &Arc<MeshState>,
         destination: &WeightedDestination,
         parts: &Parts,
         body: &mut RequestBody,
@@ -407,19 +407,20 @@ impl Router {
     /// response head.
     async fn send(
         &self,
-        state: &MeshState,
+        state: &Arc<MeshState>,
         endpoint: SocketAddrV4,
         workload: Option<&Arc<Workload>>,
         hostname: &str,
         request: Request<Body>,
     ) -> Result<Response<RoutedBody>, TryFailure> {
+        let planned = Arc::downgrade(state);
         let key = Key {
             source: *self.client.ip(),
             endpoint,
             http2: request.version() == Version::HTTP_2,
         };
         let upstreams = &self.proxy.upstreams;
-        let (mut sender, mut reused) = match upstreams.take(&key) {
+        let (mut sender, mut reused) = match upstreams.take(&key, state) {
             Some(sender) => (sender, true),
             None => (self.connect(state, key, workload, hostname).await?, false),
         };
@@ -433,7 +434,7 @@ impl Router {
             }
             let sent = match &mut sender {
                 Sender::Http2(send) => {
-                    upstreams.put(key, Sender::Http2(send.clone()));
+                    upstreams.put(key, planned.clone(), Sender::Http2(send.clone()));
                     send.try_send_request(request).await
                 }
                 Sender::Http1(send) => send.try_send_request(request).await,
@@ -441,7 +442,12 @@ impl Router {
             match sent {
                 Ok(response) => {
                     let back = match sender {
-                        Sender::Http1(send) => Some((upstreams.clone(), key, Sender::Http1(send))),
+                        Sender::Http1(send) => Some(GiveBack {
+                            pool: upstreams.clone(),
+                            key,
+                            planned,
+                            sender: Sender::Http1(send),
+                        }),
                         Sender::Http2(_) => None,
                     };
                     return Ok(response.map(|b| Either::Left(Returning::new(b, back))));
@@ -565,7 +571,7 @@ impl Router {
     /// Sends a copy of the request to each mirror its percentage picks, and forgets it:
     /// the client sees only the primary's answer. The copy's authority gets `-shadow`, as
     /// Envoy marks mirrored requests.
-    fn mirror(&self, state: &MeshState, rule: &HttpRule, parts: &Parts, body: &Bytes) {
+    fn mirror(&self, state: &Arc<MeshState>, rule: &HttpRule, parts: &Parts, body: &Bytes) {
         for mirror in &rule.mirrors {
             if !Fault::rolls(mirror.percent) {
                 continue;

@@ -2,13 +2,16 @@
 //! that keep-alive survives the client's connections (as a sidecar's pool does): an
 //! HTTP/1.1 connection goes back to the pool when its response has been read to the end;
 //! an HTTP/2 connection is shared by every request. Idle connections are dropped after
-//! [`IDLE_TIMEOUT`], and a pool keeps at most [`MAX_IDLE_PER_KEY`] of them.
+//! [`IDLE_TIMEOUT`], and a pool keeps at most [`MAX_IDLE_PER_KEY`] of them. A connection
+//! is reused only under the configuration it was planned under: a new policy (say, one
+//! that makes the destination judge each request) must not be walked around on a
+//! connection opened before it.
 
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, Weak},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -21,7 +24,7 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::proxy::requests::Body;
+use crate::{model::MeshState, proxy::requests::Body};
 
 /// Envoy's default idle timeout for upstream connections is one hour; a node agent holds
 /// connections for every pod of its node, so it lets them go sooner.
@@ -70,28 +73,36 @@ impl Sender {
     }
 }
 
+/// A pooled connection: when it went idle, the configuration it was planned under, and
+/// the connection.
+type Idle = (Instant, Weak<MeshState>, Sender);
+
 #[derive(Default)]
 pub struct Upstreams {
-    idle: Mutex<HashMap<Key, Vec<(Instant, Sender)>>>,
+    idle: Mutex<HashMap<Key, Vec<Idle>>>,
 }
 
 impl Upstreams {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<(Instant, Sender)>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<Idle>>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A pooled connection for `key`, if one is open and fresh.
-    pub fn take(&self, key: &Key) -> Option<Sender> {
+    /// A pooled connection for `key`, if one is open, fresh and was planned under
+    /// `current` (the others are dropped).
+    pub fn take(&self, key: &Key, current: &Arc<MeshState>) -> Option<Sender> {
         let mut idle = self.lock();
         let list = idle.get_mut(key)?;
         let now = Instant::now();
-        list.retain(|(since, sender)| {
-            !sender.is_closed() && now.duration_since(*since) < IDLE_TIMEOUT
+        let current = Arc::downgrade(current);
+        list.retain(|(since, planned, sender)| {
+            !sender.is_closed()
+                && now.duration_since(*since) < IDLE_TIMEOUT
+                && Weak::ptr_eq(planned, &current)
         });
         let taken = match list.last() {
             // HTTP/2 is shared: it stays in the pool.
-            Some((_, Sender::Http2(send))) => Some(Sender::Http2(send.clone())),
-            Some((_, Sender::Http1(_))) => list.pop().map(|(_, sender)| sender),
+            Some((_, _, Sender::Http2(send))) => Some(Sender::Http2(send.clone())),
+            Some((_, _, Sender::Http1(_))) => list.pop().map(|(_, _, sender)| sender),
             None => None,
         };
         if list.is_empty() {
@@ -100,8 +111,8 @@ impl Upstreams {
         taken
     }
 
-    /// Keeps `sender` for the next request of `key`.
-    pub fn put(&self, key: Key, sender: Sender) {
+    /// Keeps `sender` (planned under `planned`) for the next request of `key`.
+    pub fn put(&self, key: Key, planned: Weak<MeshState>, sender: Sender) {
         if sender.is_closed() {
             return;
         }
@@ -111,7 +122,7 @@ impl Upstreams {
             list.clear();
         }
         if list.len() < MAX_IDLE_PER_KEY {
-            list.push((Instant::now(), sender));
+            list.push((Instant::now(), planned, sender));
         }
     }
 
@@ -119,8 +130,10 @@ impl Upstreams {
     pub fn expire(&self) {
         let now = Instant::now();
         self.lock().retain(|_, list| {
-            list.retain(|(since, sender)| {
-                !sender.is_closed() && now.duration_since(*since) < IDLE_TIMEOUT
+            list.retain(|(since, planned, sender)| {
+                !sender.is_closed()
+                    && now.duration_since(*since) < IDLE_TIMEOUT
+                    && planned.strong_count() > 0
             });
             !list.is_empty()
         });
@@ -132,17 +145,25 @@ impl Upstreams {
 /// dropped with it (hyper closes it), as it cannot carry another request.
 pub struct Returning {
     body: Incoming,
-    back: Option<(Arc<Upstreams>, Key, Sender)>,
+    back: Option<GiveBack>,
+}
+
+/// Where a connection goes back to when its response has been read.
+pub struct GiveBack {
+    pub pool: Arc<Upstreams>,
+    pub key: Key,
+    pub planned: Weak<MeshState>,
+    pub sender: Sender,
 }
 
 impl Returning {
-    pub fn new(body: Incoming, back: Option<(Arc<Upstreams>, Key, Sender)>) -> Returning {
+    pub fn new(body: Incoming, back: Option<GiveBack>) -> Returning {
         Returning { body, back }
     }
 
     fn give_back(&mut self) {
-        if let Some((pool, key, sender)) = self.back.take() {
-            pool.put(key, sender);
+        if let Some(back) = self.back.take() {
+            back.pool.put(back.key, back.planned, back.sender);
         }
     }
 }
