@@ -11,11 +11,13 @@ use crate::{progress, run, run_visible, setup, workspace};
 
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
-/// A fuzz target and the directories (from the workspace root) its corpus is seeded from;
-/// libFuzzer reads them recursively and never writes to them.
+/// A fuzz target, the directories (from the workspace root) its corpus is seeded from
+/// (libFuzzer reads them recursively and never writes to them), and the dictionary of
+/// tokens its mutations splice in, in mesh-agent/fuzz/dicts.
 struct Target {
     name: &'static str,
     seeds: &'static [&'static str],
+    dict: Option<&'static str>,
 }
 
 const TARGETS: [Target; 6] = [
@@ -26,14 +28,17 @@ const TARGETS: [Target; 6] = [
             "deploy",
             "mesh-agent/fuzz/seeds/config_loader",
         ],
+        dict: Some("config_loader.dict"),
     },
     Target {
         name: "request",
         seeds: &["mesh-agent/fuzz/seeds/request"],
+        dict: Some("request.dict"),
     },
     Target {
         name: "jwt",
         seeds: &["mesh-agent/tests/testdata/jwt", "mesh-agent/fuzz/seeds/jwt"],
+        dict: Some("jwt.dict"),
     },
     Target {
         name: "jwks",
@@ -41,14 +46,17 @@ const TARGETS: [Target; 6] = [
             "mesh-agent/tests/testdata/jwt",
             "mesh-agent/fuzz/seeds/jwks",
         ],
+        dict: None,
     },
     Target {
         name: "tunnel",
         seeds: &["mesh-agent/fuzz/seeds/tunnel"],
+        dict: Some("request.dict"),
     },
     Target {
         name: "ca_csr",
         seeds: &["mesh-agent/fuzz/seeds/ca_csr"],
+        dict: None,
     },
 ];
 
@@ -124,13 +132,16 @@ pub fn run_targets(seconds: u64, only: Option<&str>) -> Result<()> {
         let mut command = cargo_fuzz("run")?;
         command.arg(target.name).arg(&corpus);
         command.args(target.seeds.iter().map(|s| workspace().join(s)));
-        command.args([
-            "--",
-            &format!("-max_total_time={seconds}"),
-            // An input that takes this long is a finding (a hang), not a slow run.
-            "-timeout=10",
-            "-print_final_stats=1",
-        ]);
+        command.arg("--");
+        if let Some(dict) = target.dict {
+            command.arg(format!(
+                "-dict={}",
+                fuzz_dir().join("dicts").join(dict).display()
+            ));
+        }
+        command.arg(format!("-max_total_time={seconds}"));
+        // An input that takes this long is a finding (a hang), not a slow run.
+        command.args(["-timeout=10", "-print_final_stats=1"]);
         run_visible(&mut command).with_context(|| {
             format!(
                 "fuzz target {} failed; the input is in mesh-agent/fuzz/artifacts/{}/",

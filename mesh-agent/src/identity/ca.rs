@@ -526,6 +526,56 @@ mod tests {
     }
 
     #[test]
+    fn a_signing_request_is_answered_or_refused_with_its_status() {
+        use crate::identity::spiffe::{new_csr, spiffe_id_of};
+        let keys = CaKeys::generate("cluster.local").expect("root");
+        let web = SpiffeId::new("cluster.local", "demo", "web");
+        let (_key, csr) = new_csr(&web).expect("csr");
+        let body = |identity: &str, csr: &str| {
+            serde_json::to_vec(&SignRequest {
+                identity: identity.into(),
+                csr: csr.into(),
+            })
+            .expect("json")
+        };
+        let answer = |body: &[u8]| {
+            sign_request(
+                &keys,
+                "cluster.local",
+                Duration::from_secs(60),
+                body,
+                |id| id.namespace == "demo",
+            )
+        };
+        let (id, response) = answer(&body(&web.to_string(), &csr)).expect("signed");
+        assert_eq!(id, web);
+        let der = CertificateDer::from_pem_slice(response.certificate.as_bytes()).expect("pem");
+        assert_eq!(spiffe_id_of(&der).expect("id"), web);
+        assert_eq!(response.root, keys.root_pem);
+        let status = |body: &[u8]| answer(body).expect_err("refused").status;
+        assert_eq!(status(b"{"), StatusCode::BAD_REQUEST, "not JSON");
+        assert_eq!(status(&body("web", &csr)), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            status(&body("spiffe://other.domain/ns/demo/sa/web", &csr)),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            status(&body("spiffe://cluster.local/ns/prod/sa/web", &csr)),
+            StatusCode::FORBIDDEN,
+            "no pod of it on the node"
+        );
+        assert_eq!(
+            status(&body("spiffe://cluster.local/ns/demo/sa/admin", &csr)),
+            StatusCode::BAD_REQUEST,
+            "the CSR asks for another identity"
+        );
+        assert_eq!(
+            status(&body(&web.to_string(), "-----BEGIN")),
+            StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[test]
     fn a_node_gets_its_burst_then_a_few_requests_per_second() {
         let limits = RateLimits::new(20, 5);
         let start = Instant::now();
