@@ -15,9 +15,19 @@ fuzz_target!(|data: &[u8]| {
     let Some(mut parts) = head(data) else {
         return;
     };
+    let raw_path = parts.uri.path().to_owned();
     let Ok(view) = normalise(&mut parts) else {
         return;
     };
+    // RFC 3986 §2.1: an escape is `%` and two hex digits; a path with anything else after a
+    // `%` is refused, as the backend could decode it another way.
+    for (at, _) in raw_path.match_indices('%') {
+        let hex = raw_path.as_bytes().get(at + 1..at + 3);
+        assert!(
+            hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)),
+            "accepted the escape at {at} of {raw_path:?}"
+        );
+    }
     // The judged path is in normal form, and it is the path forwarded, with the query.
     assert_eq!(
         normalize_path(&view.path),
