@@ -1,9 +1,11 @@
 //! The project's commands, run as `cargo xtask <command>`: `demo` and `test` (the README's
-//! two commands), `setup` (prerequisites), `build`, `bench`, and `sandbox` (the local
-//! multi-node mesh the demo, the tests and the benchmarks run on).
+//! two commands), `setup` (prerequisites), `build`, `bench`, `fuzz` (the parsers' fuzz
+//! targets), and `sandbox` (the local multi-node mesh the demo, the tests and the
+//! benchmarks run on).
 
 mod bench;
 mod demo;
+mod fuzz;
 mod ns;
 mod sandbox;
 mod setup;
@@ -44,6 +46,15 @@ enum Task {
         quick: bool,
         #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
+    },
+    /// Fuzz the parsers of untrusted input (cargo-fuzz, pinned nightly), each target on its
+    /// corpus seeded from the repository's test data.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// One target (config_loader, request, jwt, jwks, tunnel, ca_csr); all by default.
+        target: Option<String>,
     },
     /// Manage the local multi-node sandbox cluster.
     Sandbox {
@@ -173,6 +184,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Task::Demo => demo::run(),
         Task::Test => test::run(),
         Task::Bench { quick, output } => bench::run(quick, output == "json"),
+        Task::Fuzz { seconds, target } => fuzz::run_targets(seconds, target.as_deref()),
         Task::Sandbox { command } => {
             require_root()?;
             let in_workspace = |p: PathBuf| {

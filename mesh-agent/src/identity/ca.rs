@@ -41,7 +41,7 @@ use crate::{
     config,
     http::client::{self, Transport},
     identity::{
-        spiffe::{CaKeys, SpiffeId},
+        spiffe::{CaKeys, IdentityError, SpiffeId},
         tls::provider,
     },
 };
@@ -251,6 +251,54 @@ fn too_many(node: &str, wait: Duration) -> Response<Full<Bytes>> {
     response
 }
 
+/// A signing request the CA refuses: the status and the message it answers with.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+/// The CA's answer to an authenticated node's request `body` (a [`SignRequest`] in JSON):
+/// the identity must be a SPIFFE ID of `trust_domain` that `hosts` says the node runs a pod
+/// of, and the CSR must ask for exactly that identity; the certificate is valid for `ttl`.
+/// Everything in `body` comes from the network, so every way it can be wrong is a
+/// [`Refusal`].
+pub fn sign_request(
+    keys: &CaKeys,
+    trust_domain: &str,
+    ttl: Duration,
+    body: &[u8],
+    hosts: impl FnOnce(&SpiffeId) -> bool,
+) -> Result<(SpiffeId, SignResponse), Refusal> {
+    let refused = |status, message| Refusal { status, message };
+    let sign: SignRequest = serde_json::from_slice(body)
+        .map_err(|err| refused(StatusCode::BAD_REQUEST, format!("body: {err}")))?;
+    let id: SpiffeId = sign
+        .identity
+        .parse()
+        .map_err(|err: IdentityError| refused(StatusCode::BAD_REQUEST, err.to_string()))?;
+    if id.trust_domain != trust_domain {
+        return Err(refused(
+            StatusCode::FORBIDDEN,
+            format!("{id} is not in trust domain {trust_domain}"),
+        ));
+    }
+    if !hosts(&id) {
+        return Err(refused(
+            StatusCode::FORBIDDEN,
+            format!("runs no pod of {id}"),
+        ));
+    }
+    let certificate = keys
+        .sign_csr(&sign.csr, &id, ttl)
+        .map_err(|err| refused(StatusCode::BAD_REQUEST, err.to_string()))?;
+    let response = SignResponse {
+        certificate,
+        root: keys.root_pem.clone(),
+    };
+    Ok((id, response))
+}
+
 impl Ca {
     async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         if request.method() != hyper::Method::POST || request.uri().path() != "/v1/certificates" {
@@ -283,39 +331,22 @@ impl Ca {
             Ok(body) => body.to_bytes(),
             Err(err) => return refuse(StatusCode::BAD_REQUEST, format!("body: {err}")),
         };
-        let sign: SignRequest = match serde_json::from_slice(&body) {
-            Ok(sign) => sign,
-            Err(err) => return refuse(StatusCode::BAD_REQUEST, format!("body: {err}")),
-        };
-        let id: SpiffeId = match sign.identity.parse() {
-            Ok(id) => id,
-            Err(err) => return refuse(StatusCode::BAD_REQUEST, err.to_string()),
-        };
-        if id.trust_domain != self.options.trust_domain {
-            return refuse(
-                StatusCode::FORBIDDEN,
-                format!("{id} is not in trust domain {}", self.options.trust_domain),
-            );
-        }
-        if !self.hosts(&node, &id) {
-            return refuse(
-                StatusCode::FORBIDDEN,
-                format!("node {node} runs no pod of {id}"),
-            );
-        }
-        match self.keys.sign_csr(&sign.csr, &id, self.options.cert_ttl) {
-            Ok(certificate) => {
+        let answer = sign_request(
+            &self.keys,
+            &self.options.trust_domain,
+            self.options.cert_ttl,
+            &body,
+            |id| self.hosts(&node, id),
+        );
+        match answer {
+            Ok((id, response)) => {
                 tracing::info!("signed {id} for node {node}");
-                let response = SignResponse {
-                    certificate,
-                    root: self.keys.root_pem.clone(),
-                };
                 reply(
                     StatusCode::OK,
                     serde_json::to_string(&response).unwrap_or_default(),
                 )
             }
-            Err(err) => refuse(StatusCode::BAD_REQUEST, err.to_string()),
+            Err(refusal) => refuse(refusal.status, format!("node {node}: {}", refusal.message)),
         }
     }
 
@@ -492,6 +523,56 @@ mod tests {
         ] {
             assert!(!secrets_equal("secret-here", other), "{other:?}");
         }
+    }
+
+    #[test]
+    fn a_signing_request_is_answered_or_refused_with_its_status() {
+        use crate::identity::spiffe::{new_csr, spiffe_id_of};
+        let keys = CaKeys::generate("cluster.local").expect("root");
+        let web = SpiffeId::new("cluster.local", "demo", "web");
+        let (_key, csr) = new_csr(&web).expect("csr");
+        let body = |identity: &str, csr: &str| {
+            serde_json::to_vec(&SignRequest {
+                identity: identity.into(),
+                csr: csr.into(),
+            })
+            .expect("json")
+        };
+        let answer = |body: &[u8]| {
+            sign_request(
+                &keys,
+                "cluster.local",
+                Duration::from_secs(60),
+                body,
+                |id| id.namespace == "demo",
+            )
+        };
+        let (id, response) = answer(&body(&web.to_string(), &csr)).expect("signed");
+        assert_eq!(id, web);
+        let der = CertificateDer::from_pem_slice(response.certificate.as_bytes()).expect("pem");
+        assert_eq!(spiffe_id_of(&der).expect("id"), web);
+        assert_eq!(response.root, keys.root_pem);
+        let status = |body: &[u8]| answer(body).expect_err("refused").status;
+        assert_eq!(status(b"{"), StatusCode::BAD_REQUEST, "not JSON");
+        assert_eq!(status(&body("web", &csr)), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            status(&body("spiffe://other.domain/ns/demo/sa/web", &csr)),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            status(&body("spiffe://cluster.local/ns/prod/sa/web", &csr)),
+            StatusCode::FORBIDDEN,
+            "no pod of it on the node"
+        );
+        assert_eq!(
+            status(&body("spiffe://cluster.local/ns/demo/sa/admin", &csr)),
+            StatusCode::BAD_REQUEST,
+            "the CSR asks for another identity"
+        );
+        assert_eq!(
+            status(&body(&web.to_string(), "-----BEGIN")),
+            StatusCode::BAD_REQUEST
+        );
     }
 
     #[test]

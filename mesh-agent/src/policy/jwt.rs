@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::{
     config::jwks::{b64, Jwk, Jwks, KeyMaterial},
     model::security::{KeySource, Location, TokenRule},
-    policy::authz::AuthFacts,
+    policy::{authz::AuthFacts, path::escaped_byte},
 };
 
 /// Tokens longer than this are refused without being parsed.
@@ -258,9 +258,8 @@ fn param_name(raw: &str) -> std::borrow::Cow<'_, str> {
     let mut i = 0;
     while i < bytes.len() {
         let escaped = (bytes[i] == b'%')
-            .then(|| raw.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+            .then(|| escaped_byte(&bytes[i + 1..]))
+            .flatten();
         match escaped {
             Some(byte) => {
                 out.push(byte);
@@ -642,6 +641,20 @@ mod tests {
         assert_eq!(ambiguous(run(&rules, &[], Some(&twice))), Some(2));
         let encoded = format!("access_token={t}&access%5Ftoken=other");
         assert_eq!(ambiguous(run(&rules, &[], Some(&encoded))), Some(2));
+    }
+
+    #[test]
+    fn parameter_names_decode_only_valid_escapes() {
+        assert_eq!(param_name("access%5ftoken"), "access_token");
+        // Not escapes (a sign is not a hex digit): the name stays as it is.
+        for raw in [
+            "access%+5Ftoken",
+            "access%-5token",
+            "access_token%",
+            "access%5",
+        ] {
+            assert_eq!(param_name(raw), raw, "{raw:?}");
+        }
     }
 
     #[test]

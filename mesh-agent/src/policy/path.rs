@@ -20,8 +20,7 @@ pub fn normalize_path(raw: &str) -> Option<(String, Option<String>)> {
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
-                let hex = path.get(i + 1..i + 3)?;
-                let byte = u8::from_str_radix(hex, 16).ok()?;
+                let byte = escaped_byte(&bytes[i + 1..])?;
                 match byte {
                     0 => return None,
                     b'/' | b'\\' => decoded.push('/'),
@@ -75,6 +74,17 @@ pub fn normalize_path(raw: &str) -> Option<(String, Option<String>)> {
     Some((normal, query))
 }
 
+/// The byte a percent-escape names, from what follows its `%`: `None` unless that starts
+/// with two hex digits (RFC 3986 §2.1). `u8::from_str_radix` alone would also take a sign
+/// and read `%+1` as byte 1, an escape no backend decodes that way.
+pub fn escaped_byte(after_percent: &[u8]) -> Option<u8> {
+    let digit = |b: &u8| char::from(*b).to_digit(16);
+    match after_percent {
+        [high, low, ..] => u8::try_from(digit(high)? * 16 + digit(low)?).ok(),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,10 +105,23 @@ mod tests {
         assert_eq!(n("/../..").as_deref(), Some("/"));
         assert_eq!(n("/a%zz"), None);
         assert_eq!(n("/a%00b"), None);
+        // Found by the `request` fuzz target: a sign is not a hex digit.
+        for bad in ["/a%+1", "/a%-1", "/%+2e%+2e/admin", "/a%+", "/a%1", "/a%"] {
+            assert_eq!(n(bad), None, "{bad:?}");
+        }
         assert_eq!(n("relative"), None);
         assert_eq!(
             normalize_path("/p?x=1&y").map(|(_, q)| q),
             Some(Some("x=1&y".into()))
         );
+    }
+
+    #[test]
+    fn escapes_are_exactly_two_hex_digits() {
+        assert_eq!(escaped_byte(b"2f"), Some(b'/'));
+        assert_eq!(escaped_byte(b"FFx"), Some(0xff));
+        for bad in [&b"+1"[..], b"-1", b" 1", b"1", b"", b"g0", b"0x"] {
+            assert_eq!(escaped_byte(bad), None, "{bad:?}");
+        }
     }
 }

@@ -377,7 +377,8 @@ fn check_scheme(scheme: Option<&Scheme>) -> Result<(), Rejection> {
 /// of unreserved characters, or a bracketed IPv6 address; a decimal port of at most 65535.
 /// Lower-cased (hosts are case-insensitive, RFC 9110 §4.2.3), one trailing dot dropped
 /// (`a.example.` is the same DNS name as `a.example`; Envoy's `strip_trailing_host_dot`),
-/// the port without leading zeros. `http::uri::Authority` alone accepts userinfo, an empty
+/// the port without leading zeros; a name with an empty label (`a..b`, `.a`, `a..`) is
+/// refused. `http::uri::Authority` alone accepts userinfo, an empty
 /// port and `h:99999`, hence the stricter check here. Userinfo is refused as RFC 9110
 /// §4.2.4 asks of an untrusted `http` URI.
 fn normal_host(raw: &str) -> Result<String, Rejection> {
@@ -402,7 +403,9 @@ fn normal_host(raw: &str) -> Result<String, Rejection> {
         };
         let name = name.strip_suffix('.').unwrap_or(name);
         let unreserved = |b: u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
-        if name.is_empty() || !name.bytes().all(unreserved) {
+        // Every label non-empty: `a.example..` would be judged as `a.example.` (one dot
+        // dropped) and read by the workload as `a.example`, two hosts for one request.
+        if name.split('.').any(str::is_empty) || !name.bytes().all(unreserved) {
             return Err(invalid());
         }
         (name.to_ascii_lowercase(), port)
@@ -589,8 +592,27 @@ mod tests {
             Err(Rejection::DuplicateHost(2))
         );
         for bad in [
-            "", " ", "a b", "a:", "a:b", "a:99999", "a:123456", "a,b", "[::1", "[zz]:80", "a/b",
-            "%61dmin", "a:80:80", ".", "[::1]x",
+            "",
+            " ",
+            "a b",
+            "a:",
+            "a:b",
+            "a:99999",
+            "a:123456",
+            "a,b",
+            "[::1",
+            "[zz]:80",
+            "a/b",
+            "%61dmin",
+            "a:80:80",
+            ".",
+            "[::1]x",
+            "a..",
+            "a.example..",
+            "a..b",
+            ".a",
+            "..",
+            "a..:80",
         ] {
             assert_eq!(
                 normalise(&mut h1("/", &[("host", bad.as_bytes())])),
