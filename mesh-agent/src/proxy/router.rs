@@ -218,7 +218,10 @@ impl Router {
         let timeout = grpc_timeout(&parts).or(rule.timeout);
         let retries = &rule.retries;
         let mut body = if retries.attempts > 0 || !rule.mirrors.is_empty() {
-            buffer(body).await
+            match buffer(body).await {
+                Some(body) => body,
+                None => return reply(StatusCode::BAD_REQUEST, "invalid request body"),
+            }
         } else {
             RequestBody::Streamed(Some(body))
         };
@@ -625,23 +628,22 @@ impl RequestBody {
 }
 
 /// Reads a body whole when it is small enough to send again; a larger one is streamed
-/// once (and not retried), as Envoy does past its buffer limit.
-async fn buffer(body: Incoming) -> RequestBody {
+/// once (and not retried), as Envoy does past its buffer limit. `None` when the client's
+/// body breaks off or outgrows its announced length: nothing of it is forwarded.
+async fn buffer(body: Incoming) -> Option<RequestBody> {
     use hyper::body::Body as _;
     let small = body
         .size_hint()
         .upper()
         .is_some_and(|n| n <= RETRY_BUFFER_LIMIT);
     if !small {
-        return RequestBody::Streamed(Some(body));
+        return Some(RequestBody::Streamed(Some(body)));
     }
-    match Limited::new(body, RETRY_BUFFER_LIMIT as usize)
+    let collected = Limited::new(body, RETRY_BUFFER_LIMIT as usize)
         .collect()
         .await
-    {
-        Ok(collected) => RequestBody::Buffered(collected.to_bytes()),
-        Err(_) => RequestBody::Buffered(Bytes::new()),
-    }
+        .ok()?;
+    Some(RequestBody::Buffered(collected.to_bytes()))
 }
 
 fn reset_or_refused(err: hyper::Error) -> TryFailure {
