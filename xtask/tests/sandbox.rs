@@ -1681,6 +1681,33 @@ fn virtual_services_route_requests_in_the_source_agent() {
     );
     assert!(h2.contains("x-served-by: reviews-v2"), "{h2}");
     assert!(h2.trim_end().ends_with('2'), "not HTTP/2: {h2}");
+    // meshctl says which route a request would take, and where it would go.
+    let check = |header: &str| {
+        on_node(
+            "node-a",
+            &[
+                "meshctl",
+                "route",
+                "check",
+                "--from",
+                "demo/client-a",
+                "--to",
+                "demo/reviews",
+                "--header",
+                header,
+            ],
+        )
+    };
+    let jason_route = check("end-user=jason");
+    assert!(jason_route.contains("route jason matches"), "{jason_route}");
+    assert!(jason_route.contains("subset v2: 100%"), "{jason_route}");
+    let split_route = check("end-user=someone");
+    assert!(
+        split_route.contains("route jason does not match"),
+        "{split_route}"
+    );
+    assert!(split_route.contains("subset v1: 90%"), "{split_route}");
+    assert!(split_route.contains("subset v3: 10%"), "{split_route}");
     let agent_a = metrics("node-a");
     let routed = |route: &str, code: &str| {
         sample(

@@ -14,7 +14,10 @@ use crate::{
     app::reconcile::{lock, SharedStatus},
     http::server::{Handler, Reply},
     identity::{spiffe::facts, tls::Identities},
-    model::{routes_report::routes_report, SharedState},
+    model::{
+        routes_report::{route_check, routes_report, RouteQuery},
+        SharedState,
+    },
     policy::{check, jwt::JwksCache},
     telemetry::{conns::ConnTable, metrics::Metrics},
 };
@@ -49,7 +52,8 @@ pub struct AdminView {
 }
 
 pub fn admin(view: AdminView) -> Handler {
-    Arc::new(move |path, body| match (path, body) {
+    Arc::new(move |path, body| {
+        match (path, body) {
         ("/status", None) => {
             let mut status = lock(&view.status).clone();
             status.proxied_connections = view.conns.len();
@@ -68,6 +72,16 @@ pub fn admin(view: AdminView) -> Handler {
                 ),
             }
         }
+        ("/routes/check", Some(body)) => match serde_json::from_slice::<RouteQuery>(body) {
+            Ok(query) => match route_check(&view.state.current(), &query) {
+                Ok(answer) => Reply::json(&answer),
+                Err(err) => Reply::text(StatusCode::NOT_FOUND, format!("{err}\n")),
+            },
+            Err(err) => Reply::text(
+                StatusCode::BAD_REQUEST,
+                format!("malformed route check: {err}\n"),
+            ),
+        },
         ("/policy/check", Some(body)) => {
             match serde_json::from_slice::<check::CheckRequest>(body) {
                 Ok(request) => match check::check(
@@ -87,9 +101,10 @@ pub fn admin(view: AdminView) -> Handler {
         }
         _ => Reply::text(
             StatusCode::NOT_FOUND,
-            "try GET /status, /config_dump, /certs, /jwks, /routes/HOST or POST /policy/check\n"
+            "try GET /status, /config_dump, /certs, /jwks, /routes/HOST or POST /policy/check, /routes/check\n"
                 .into(),
         ),
+    }
     })
 }
 

@@ -12,6 +12,7 @@ use crate::{
     config::{self, Severity},
     datapath::maps::NodeMaps,
     http::client::{self, ClientError, Transport},
+    model::routes_report::RouteQuery,
     policy::check::CheckRequest,
 };
 
@@ -71,6 +72,11 @@ enum Command {
         /// The Service: `namespace/name`, `name.namespace`, or a hostname.
         service: String,
     },
+    /// Traffic management: which route and destinations a request would take.
+    Route {
+        #[command(subcommand)]
+        what: RouteCommand,
+    },
     /// Check configuration files (Kubernetes and Istio YAML) as the agent would load them.
     Validate {
         /// A YAML file or a directory of them.
@@ -79,6 +85,31 @@ enum Command {
         /// Fail on warnings too.
         #[arg(long)]
         strict: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RouteCommand {
+    /// Which VirtualService route a request from a pod to a Service would take, where it
+    /// would go (destinations and weights), and why the routes before it did not match.
+    Check {
+        /// The client pod: `namespace/name` (or `name` in `default`).
+        #[arg(long)]
+        from: String,
+        /// The Service: `namespace/name`, `name.namespace`, or a hostname.
+        #[arg(long)]
+        to: String,
+        /// The Service port (needed when the Service has several).
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// The request's path, with its query if any.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// A request header, `name=value`; repeatable.
+        #[arg(long = "header", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
     },
 }
 
@@ -142,6 +173,27 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Certs => certs(cli.admin, json),
         Command::Validate { path, strict } => validate(&path, strict, json),
         Command::Routes { service } => routes(cli.admin, &service, json),
+        Command::Route {
+            what:
+                RouteCommand::Check {
+                    from,
+                    to,
+                    port,
+                    method,
+                    path,
+                    headers,
+                },
+        } => {
+            let query = RouteQuery {
+                from,
+                host: service_hostname(&to)?,
+                port,
+                method,
+                path,
+                headers,
+            };
+            route_check(cli.admin, &query, json)
+        }
         Command::Policy {
             what:
                 PolicyCommand::Check {
@@ -495,6 +547,46 @@ fn routes(admin: SocketAddr, service: &str, json: bool) -> anyhow::Result<()> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+fn route_check(admin: SocketAddr, query: &RouteQuery, json: bool) -> anyhow::Result<()> {
+    let answer = admin_request(
+        admin,
+        "POST",
+        "/routes/check",
+        &serde_json::to_string(query)?,
+    )?;
+    if json {
+        println!("{}", answer.trim_end());
+        return Ok(());
+    }
+    let answer: serde_json::Value =
+        serde_json::from_str(&answer).context("malformed answer from the agent")?;
+    println!(
+        "{} → {}:{}  VirtualService: {}",
+        query.from,
+        query.host,
+        answer["port"],
+        answer["virtual_service"].as_str().unwrap_or("none")
+    );
+    for reason in answer["why"].as_array().into_iter().flatten() {
+        println!("  {}", reason.as_str().unwrap_or_default());
+    }
+    for destination in answer["destinations"].as_array().into_iter().flatten() {
+        let subset = destination["subset"]
+            .as_str()
+            .map(|s| format!(" subset {s}"))
+            .unwrap_or_default();
+        println!(
+            "  → {}{subset}: {}%",
+            destination["host"].as_str().unwrap_or("?"),
+            destination["weight"]
+        );
+    }
+    if let Some(text) = answer["answer"].as_str() {
+        println!("  → {text}");
     }
     Ok(())
 }

@@ -1,15 +1,17 @@
 //! What `meshctl routes HOST` shows, read from the live state: the VirtualService of a
 //! host with its routes and weighted destinations, and each port of the host with its
-//! endpoints, their outlier state and the connection pool occupancy of each cluster.
+//! endpoints, their outlier state and the connection pool occupancy of each cluster; and
+//! what `meshctl route check` answers: which route a given request would take, and why.
 
 use std::{sync::Arc, time::Instant};
 
-use serde::Serialize;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde::{Deserialize, Serialize};
 
 use crate::model::{
     circuit::{BudgetSnapshot, Budgets},
     outlier::EndpointOutlierState,
-    routing::{HttpRule, TcpRule},
+    routing::{Action, HttpRule, RequestFacts, TcpRule, WeightedDestination},
     MeshState,
 };
 
@@ -109,6 +111,145 @@ pub fn routes_report(state: &MeshState, budgets: &Budgets, host: &str) -> Option
         tcp: routes.as_ref().map(|r| r.tcp.clone()).unwrap_or_default(),
         ports,
     })
+}
+
+/// A request `meshctl route check` asks about.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteQuery {
+    /// The client pod, `namespace/name`.
+    pub from: String,
+    /// The destination hostname.
+    pub host: String,
+    /// The Service port; the host's only port when absent.
+    pub port: Option<u16>,
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+}
+
+/// Which route the request takes and where it goes.
+#[derive(Debug, Serialize)]
+pub struct RouteAnswer {
+    pub host: String,
+    pub port: u16,
+    /// `None`: no VirtualService applies; the request goes to the Service as it is,
+    /// balanced per connection.
+    pub virtual_service: Option<String>,
+    /// The route that matched (`None` with a VirtualService: 404 `NR`).
+    pub route: Option<String>,
+    /// Why: the routes before it that did not match, and the one that did.
+    pub why: Vec<String>,
+    /// Where a routed request would go, with each destination's share.
+    pub destinations: Vec<WeightedDestination>,
+    /// A redirect or direct response instead of a destination.
+    pub answer: Option<String>,
+}
+
+/// Answers `query` from `state`; an error names what could not be found.
+pub fn route_check(state: &MeshState, query: &RouteQuery) -> Result<RouteAnswer, String> {
+    let (namespace, pod) = query
+        .from
+        .split_once('/')
+        .unwrap_or(("default", query.from.as_str()));
+    let source = state
+        .workloads
+        .values()
+        .find(|w| w.namespace == namespace && w.pod == pod)
+        .ok_or_else(|| format!("no meshed pod {namespace}/{pod}"))?;
+    let mut ports: Vec<_> = state
+        .services
+        .values()
+        .filter(|s| s.hostname == query.host)
+        .collect();
+    ports.sort_by_key(|s| s.port);
+    let port = match query.port {
+        Some(port) => ports.into_iter().find(|s| s.port == port),
+        None if ports.len() == 1 => ports.pop(),
+        None => {
+            let known: Vec<String> = ports.iter().map(|s| s.port.to_string()).collect();
+            return Err(format!(
+                "{} has ports {}: say which with --port",
+                query.host,
+                known.join(", ")
+            ));
+        }
+    }
+    .ok_or_else(|| format!("no Service port {:?} of {}", query.port, query.host))?;
+    let mut answer = RouteAnswer {
+        host: query.host.clone(),
+        port: port.port,
+        virtual_service: None,
+        route: None,
+        why: Vec::new(),
+        destinations: Vec::new(),
+        answer: None,
+    };
+    let Some(routes) = state.routes.for_host(&query.host, &source.namespace) else {
+        answer
+            .why
+            .push("no VirtualService for this host is visible from the client's namespace".into());
+        return Ok(answer);
+    };
+    answer.virtual_service = Some(routes.virtual_service.clone());
+    if !port.http {
+        answer.why.push(format!(
+            "port {} is not declared HTTP: requests are not routed (tcp routes apply)",
+            port.port
+        ));
+        return Ok(answer);
+    }
+    let mut headers = HeaderMap::new();
+    for (name, value) in &query.headers {
+        let name = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+            .map_err(|_| format!("{name:?} is not a header name"))?;
+        let value =
+            HeaderValue::from_str(value).map_err(|_| format!("{value:?} is not a header value"))?;
+        headers.append(name, value);
+    }
+    let (path, query_string) = match query.path.split_once('?') {
+        Some((path, q)) => (path, Some(q)),
+        None => (query.path.as_str(), None),
+    };
+    let authority = headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map_or_else(|| format!("{}:{}", query.host, port.port), str::to_owned);
+    let facts = RequestFacts {
+        method: &query.method,
+        scheme: "http",
+        authority: &authority,
+        path,
+        query: query_string,
+        headers: &headers,
+        port: port.port,
+        source,
+    };
+    for rule in &routes.http {
+        if routes.select_rule(rule, &facts) {
+            answer.route = Some(rule.name.clone());
+            answer.why.push(format!("route {} matches", rule.name));
+            match &rule.action {
+                Action::Route(destinations) => answer.destinations = destinations.clone(),
+                Action::Redirect(redirect) => {
+                    answer.answer = Some(format!(
+                        "{} redirect to {}",
+                        redirect.status.as_u16(),
+                        redirect.location(&facts)
+                    ))
+                }
+                Action::DirectResponse { status, .. } => {
+                    answer.answer = Some(format!("{} direct response", status.as_u16()))
+                }
+            }
+            return Ok(answer);
+        }
+        answer
+            .why
+            .push(format!("route {} does not match", rule.name));
+    }
+    answer.answer = Some("404 no route matched (NR)".into());
+    Ok(answer)
 }
 
 #[cfg(test)]

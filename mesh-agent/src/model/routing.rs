@@ -629,6 +629,11 @@ impl HostRoutes {
         })
     }
 
+    /// Whether `rule` (one of these routes) takes `request`.
+    pub fn select_rule(&self, rule: &HttpRule, request: &RequestFacts) -> bool {
+        rule.matches.is_empty() || rule.matches.iter().any(|m| m.matches(request))
+    }
+
     /// The `tcp` route a connection from `source` to `destination` takes.
     pub fn select_tcp(
         &self,
