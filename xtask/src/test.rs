@@ -1,18 +1,15 @@
 //! `cargo xtask test`: every check, in the order that fails fastest — formatting, lints,
 //! unit tests, the eBPF tests (BPF_PROG_TEST_RUN, real sockets in a cgroup, capture in
-//! namespaces), the sandbox integration tests, each fuzz target for a few seconds (so that
-//! they keep building), and the Kubernetes manifests against the Kubernetes schemas.
+//! namespaces), the sandbox integration tests, and the Kubernetes manifests against the
+//! Kubernetes schemas.
 
 use std::{path::Path, process::Command};
 
 use anyhow::{bail, Result};
 
-use crate::{bench, fuzz, progress, require_root, run_visible, sandbox, setup, workspace};
+use crate::{bench, progress, require_root, run_visible, sandbox, setup, workspace};
 
 const KUBERNETES_VERSION: &str = "1.30";
-
-/// How long `test` runs each fuzz target: enough to load its corpus and mutate a while.
-const FUZZ_SECONDS: u64 = 5;
 
 fn cargo() -> Command {
     let mut command = Command::new(env!("CARGO"));
@@ -71,8 +68,6 @@ pub fn run() -> Result<()> {
     sandbox::down()?;
     progress("unit, eBPF and sandbox tests");
     run_visible(cargo().args(["test", "--release", "--workspace", "--", "--test-threads=1"]))?;
-    progress("each fuzz target briefly (they keep building; `cargo xtask fuzz` fuzzes)");
-    fuzz::run_targets(FUZZ_SECONDS, None)?;
     progress("Kubernetes manifests against the Kubernetes schemas");
     validate_manifests()?;
     progress("the benchmark harness, quick mode (no timing is asserted)");

@@ -1825,7 +1825,12 @@ fn virtual_services_route_requests_in_the_source_agent() {
         let seen: serde_json::Value = serde_json::from_str(&seen).unwrap_or_default();
         seen["10.96.0.110-shadow:9080"].as_u64().unwrap_or(0)
     };
-    eventually("the first copy arrived", || shadowed() >= 1);
+    // Each poll sends a request: the one that showed the route may have been served by
+    // the previous configuration, which mirrored nothing.
+    eventually("the first copy arrived", || {
+        reviews("/", 1, "{}", "new");
+        shadowed() >= 1
+    });
     let before = shadowed();
     let mirrored = reviews("/", 40, "{}", "keepalive");
     assert_eq!(
