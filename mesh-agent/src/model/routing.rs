@@ -258,15 +258,17 @@ impl HeaderOps {
         })
     }
 
+    /// Removes first, then sets and adds, as Envoy's header parser does (a header both
+    /// removed and set ends up set).
     pub fn apply(&self, headers: &mut HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
         for (name, value) in &self.set {
             headers.insert(name.clone(), value.clone());
         }
         for (name, value) in &self.add {
             headers.append(name.clone(), value.clone());
-        }
-        for name in &self.remove {
-            headers.remove(name);
         }
     }
 }
