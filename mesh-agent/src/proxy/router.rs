@@ -828,14 +828,9 @@ fn set_target(parts: &mut Parts, path: &str, query: Option<&str>, authority: &st
     }
 }
 
-/// The head in the HTTP version the upstream speaks: HTTP/1.1 carries the authority in
-/// `Host` and an origin-form target, HTTP/2 in `:authority` (the URI).
-fn for_upstream(parts: &mut Parts, http2: bool) {
-    let was_http2 = parts.version >= Version::HTTP_2;
-    if was_http2 == http2 {
-        return;
-    }
-    let authority = parts
+/// The request's authority: the URI's (HTTP/2), else `Host` (HTTP/1.1).
+fn authority_of(parts: &Parts) -> String {
+    parts
         .uri
         .authority()
         .map(|a| a.as_str().to_owned())
@@ -846,7 +841,17 @@ fn for_upstream(parts: &mut Parts, http2: bool) {
                 .and_then(|h| h.to_str().ok())
                 .map(str::to_owned)
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// The head in the HTTP version the upstream speaks: HTTP/1.1 carries the authority in
+/// `Host` and an origin-form target, HTTP/2 in `:authority` (the URI).
+fn for_upstream(parts: &mut Parts, http2: bool) {
+    let was_http2 = parts.version >= Version::HTTP_2;
+    if was_http2 == http2 {
+        return;
+    }
+    let authority = authority_of(parts);
     let target = parts
         .uri
         .path_and_query()
@@ -871,18 +876,7 @@ fn for_upstream(parts: &mut Parts, http2: bool) {
 
 /// `host` → `host-shadow` (keeping the port).
 fn shadow_authority(parts: &mut Parts) {
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
+    let authority = authority_of(parts);
     let shadowed = match authority.rsplit_once(':') {
         Some((host, port)) if port.parse::<u16>().is_ok() => format!("{host}-shadow:{port}"),
         _ => format!("{authority}-shadow"),
