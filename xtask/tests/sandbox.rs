@@ -1018,13 +1018,13 @@ spec:
 }
 
 /// `status body` of one curl request from `pod`.
+/// What curl in `pod` reports: the body (unless redirected), the status and the HTTP
+/// version; `000 0` when no response came (refused, reset or timed out), so a test can
+/// wait for a Service that is still starting.
 fn http(pod: &str, args: &str) -> String {
-    in_pod(
-        pod,
-        &format!("curl -s -m 5 -w ' %{{http_code}} %{{http_version}}' {args}"),
-    )
-    .trim()
-    .to_owned()
+    let script = format!("curl -s -m 5 -w ' %{{http_code}} %{{http_version}}' {args}");
+    let output = xtask(&["sandbox", "exec", pod, "--", "sh", "-c", &script]);
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
 /// What a client sees sending "ping" over TCP: the echo, or the error.
