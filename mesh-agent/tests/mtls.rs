@@ -28,7 +28,11 @@ use mesh_agent::{
         requests::Guard,
         socket, Proxy,
     },
-    telemetry::{conns::ConnTable, metrics::Metrics},
+    telemetry::{
+        conns::ConnTable,
+        metrics::Metrics,
+        request_metrics::{LabelSettings, RequestMetrics},
+    },
 };
 use rustls::pki_types::ServerName;
 use time::OffsetDateTime;
@@ -98,7 +102,12 @@ async fn destination_agent_with(ca: &CaKeys, extra: &str) -> Agent {
         &load_str(Path::new("cluster.yaml"), &format!("{}{extra}", cluster())),
     ));
     let conns = Arc::new(ConnTable::default());
-    let metrics = Arc::new(Metrics::new(state.clone(), conns.clone(), TD));
+    let settings = LabelSettings {
+        trust_domain: TD.into(),
+        cluster: "Kubernetes".into(),
+    };
+    let requests = RequestMetrics::new(settings, std::time::Duration::from_secs(600));
+    let metrics = Arc::new(Metrics::new(state.clone(), conns.clone(), requests));
     let echo = tokio::net::TcpListener::bind((WEB_IP, 0))
         .await
         .expect("echo");
@@ -115,7 +124,7 @@ async fn destination_agent_with(ca: &CaKeys, extra: &str) -> Agent {
     let tunnel = socket::v4(listener.local_addr().expect("addr")).expect("v4");
     let identities = valid(ca, "web");
     let proxy = Proxy {
-        state,
+        state: state.clone(),
         settings: PlanSettings {
             trust_domain: TD.into(),
             kernel_splice: false,
@@ -127,6 +136,7 @@ async fn destination_agent_with(ca: &CaKeys, extra: &str) -> Agent {
         guard: Arc::new(Guard {
             jwks: Arc::new(JwksCache::default()),
             metrics: metrics.clone(),
+            state,
             limiter: Default::default(),
         }),
         conns,

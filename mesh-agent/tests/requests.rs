@@ -22,8 +22,12 @@ use mesh_agent::{
         facts::{Arrival, Peer},
         jwt::JwksCache,
     },
-    proxy::requests::Guard,
-    telemetry::{conns::ConnTable, metrics::Metrics},
+    proxy::requests::{Exchange, Guard},
+    telemetry::{
+        conns::ConnTable,
+        metrics::Metrics,
+        request_metrics::{LabelSettings, RequestMetrics},
+    },
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -102,13 +106,14 @@ async fn serve(extra: &str) -> Served {
     let shared = SharedState::default();
     shared.replace(state);
     let metrics = Arc::new(Metrics::new(
-        shared,
+        shared.clone(),
         Arc::new(ConnTable::default()),
-        "cluster.local",
+        request_metrics("cluster.local"),
     ));
     let guard = Arc::new(Guard {
         jwks: Arc::new(JwksCache::default()),
         metrics: metrics.clone(),
+        state: shared,
         limiter: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -120,7 +125,11 @@ async fn serve(extra: &str) -> Served {
     let heads = Heads::default();
     tokio::spawn(workload(listener, heads.clone()));
     let (client, agent_side) = tokio::io::duplex(64 * 1024);
-    tokio::spawn(guard.serve_http(agent_side, upstream, arrival));
+    let exchange = Exchange {
+        service: Some("httpbin.default.svc.cluster.local".into()),
+        mutual_tls: true,
+    };
+    tokio::spawn(guard.serve_http(agent_side, upstream, arrival, exchange));
     let (send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(client))
         .await
         .expect("HTTP/1.1 handshake");
@@ -207,6 +216,89 @@ async fn the_workload_receives_the_normalised_path_and_never_an_unnormalisable_o
     );
 }
 
+/// The value of the series of `name` whose labels include every one of `labels`.
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .find(|line| labels.iter().all(|label| line.contains(label)))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test]
+async fn every_request_is_counted_by_the_destination_with_istios_labels() {
+    let mut served = serve("").await;
+    for _ in 0..3 {
+        assert_eq!(served.get("/status", &[]).await.0, 200);
+    }
+    assert_eq!(served.get("/admin/x", &[]).await.0, 403);
+    let peers = [
+        "reporter=\"destination\"",
+        "source_workload=\"sleep\"",
+        "source_workload_namespace=\"default\"",
+        "source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\"",
+        "source_app=\"sleep\"",
+        "source_canonical_service=\"sleep\"",
+        "source_canonical_revision=\"latest\"",
+        "source_cluster=\"Kubernetes\"",
+        "destination_principal=\"spiffe://cluster.local/ns/default/sa/httpbin\"",
+        "destination_app=\"httpbin\"",
+        "destination_version=\"unknown\"",
+        "destination_service=\"httpbin.default.svc.cluster.local\"",
+        "destination_service_name=\"httpbin\"",
+        "destination_service_namespace=\"default\"",
+        "request_protocol=\"http\"",
+        "grpc_response_status=\"\"",
+        "response_flags=\"-\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    let with = |code: &'static str| {
+        let mut labels = peers.to_vec();
+        labels.push(code);
+        labels
+    };
+    let (ok, denied) = (with("response_code=\"200\""), with("response_code=\"403\""));
+    // A response is counted once its last byte has gone out, which may be a moment after
+    // the client has it.
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = served.metrics.encode();
+        if sample(&text, "istio_requests_total", &ok) == Some(3.0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        sample(&text, "istio_requests_total", &ok),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "istio_requests_total", &denied),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "istio_request_duration_milliseconds_count", &ok),
+        Some(3.0)
+    );
+    let mut le = ok.clone();
+    le.push("le=\"+Inf\"");
+    assert_eq!(
+        sample(&text, "istio_request_duration_milliseconds_bucket", &le),
+        Some(3.0)
+    );
+    // Each answer is `HTTP/1.1 200 OK`, `content-length: 2` and `ok`: 40 bytes as
+    // HTTP/1.1 writes them.
+    assert_eq!(sample(&text, "istio_response_bytes_sum", &ok), Some(120.0));
+    assert_eq!(
+        sample(&text, "istio_response_bytes_sum", &denied),
+        Some(
+            (b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\n\r\nRBAC: access denied".len())
+                as f64
+        )
+    );
+}
+
 fn testdata(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/testdata/jwt")
@@ -286,4 +378,12 @@ async fn forward_original_token_keeps_the_token_for_the_workload() {
             "x-jwt-sub: testing@secure.istio.io".to_owned(),
         ]]
     );
+}
+
+fn request_metrics(trust_domain: &str) -> RequestMetrics {
+    let settings = LabelSettings {
+        trust_domain: trust_domain.into(),
+        cluster: "Kubernetes".into(),
+    };
+    RequestMetrics::new(settings, std::time::Duration::from_secs(600))
 }

@@ -40,6 +40,7 @@ use crate::{
     telemetry::{
         conns::ConnTable,
         metrics::{KernelMaps, Metrics},
+        request_metrics::{LabelSettings, RequestMetrics},
     },
 };
 
@@ -88,15 +89,28 @@ pub struct AgentOptions {
         long,
         env = "MESH_JWKS_REFRESH_INTERVAL",
         default_value = "20m",
-        value_parser = parse_refresh_interval
+        value_parser = parse_positive_duration
     )]
     pub jwks_refresh_interval: Duration,
+    /// The cluster's ID: Istio's `source_cluster` and `destination_cluster` labels.
+    #[arg(long, env = "MESH_CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    /// How long the request metrics of a workload that left the mesh are still reported
+    /// after its last request (bounds the series as pods come and go).
+    #[arg(
+        long,
+        env = "MESH_METRICS_SERIES_EXPIRY",
+        default_value = "10m",
+        value_parser = parse_positive_duration
+    )]
+    pub metrics_series_expiry: Duration,
 }
 
-/// A positive duration: a zero interval would fetch every key set on every tick.
-fn parse_refresh_interval(text: &str) -> Result<Duration, String> {
+/// A positive duration: a zero refresh interval would fetch every key set on every tick,
+/// a zero expiry would forget series between scrapes.
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
     match crate::config::istio::parse_duration(text)? {
-        interval if interval.is_zero() => Err(format!("{text:?}: the interval must be positive")),
+        interval if interval.is_zero() => Err(format!("{text:?}: the duration must be positive")),
         interval => Ok(interval),
     }
 }
@@ -124,7 +138,13 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(
         shared.clone(),
         conns.clone(),
-        &options.trust_domain,
+        RequestMetrics::new(
+            LabelSettings {
+                trust_domain: options.trust_domain.clone(),
+                cluster: options.cluster_id.clone(),
+            },
+            options.metrics_series_expiry,
+        ),
     ));
     let read = |path: &Path| {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
@@ -220,6 +240,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         guard: Arc::new(Guard {
             jwks: jwks_cache.clone(),
             metrics: metrics.clone(),
+            state: shared.clone(),
             limiter: Default::default(),
         }),
         conns: conns.clone(),

@@ -194,7 +194,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new(
             shared.clone(),
             Arc::default(),
-            "cluster.local",
+            crate::telemetry::metrics::test_requests(),
         ));
         let mut reload = Reload {
             node: "node-1".into(),

@@ -16,6 +16,7 @@ use crate::{
         copy::{copy_streams, copy_to_tunnel, Counted, COPY_BUFFER},
         error::ProxyError,
         plan::Carry,
+        requests::Exchange,
         socket, Proxy,
     },
     telemetry::{
@@ -64,13 +65,15 @@ pub async fn dial(
     Ok(upstream)
 }
 
-/// Carries `downstream` to the workload on `upstream` as `carry` says.
+/// Carries `downstream` (a connection to `service`, when known) to the workload on
+/// `upstream` as `carry` says.
 pub async fn carry(
     proxy: &Proxy,
     arrival: Arc<Arrival>,
     carry: Carry,
     downstream: Downstream,
     mut upstream: TcpStream,
+    service: Option<String>,
     result: &mut ConnResult,
 ) -> Result<(), ProxyError> {
     let counts = result.bytes();
@@ -78,20 +81,29 @@ pub async fn carry(
         (Carry::Http, Downstream::Socket(client)) => {
             result.set_carried(Carried::Http);
             let client = Counted::client(client, counts);
+            let exchange = Exchange {
+                service,
+                mutual_tls: false,
+            };
             proxy
                 .guard
                 .clone()
-                .serve_http(client, upstream, arrival)
+                .serve_http(client, upstream, arrival, exchange)
                 .await
         }
         (Carry::Http, Downstream::Tunnel { send, recv }) => {
             result.set_carried(Carried::Http);
             // The HTTP server reads the tunnel's bytes through an in-memory pipe.
             let (mut tunnel_end, http_end) = tokio::io::duplex(COPY_BUFFER);
+            let exchange = Exchange {
+                service,
+                mutual_tls: true,
+            };
             let serving = tokio::spawn(proxy.guard.clone().serve_http(
                 Counted::client(http_end, counts),
                 upstream,
                 arrival,
+                exchange,
             ));
             let carried = copy_to_tunnel(&mut tunnel_end, send, recv).await;
             drop(tunnel_end);

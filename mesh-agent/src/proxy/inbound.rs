@@ -216,6 +216,7 @@ async fn stream_of(
             plan.carry,
             Downstream::Tunnel { send, recv },
             upstream,
+            tunnel.service.clone(),
             &mut result,
         )
         .await

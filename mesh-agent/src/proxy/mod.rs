@@ -11,6 +11,7 @@ pub mod deliver;
 pub mod error;
 pub mod inbound;
 pub mod limits;
+pub mod metered;
 pub mod outbound;
 pub mod plan;
 pub mod pool;

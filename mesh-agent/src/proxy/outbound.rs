@@ -130,6 +130,7 @@ async fn carry_out(
                 carry,
                 Downstream::Socket(client),
                 upstream,
+                plan.service.clone(),
                 result,
             )
             .await
@@ -142,6 +143,7 @@ async fn carry_out(
                 carry,
                 Downstream::Socket(client),
                 upstream,
+                plan.service.clone(),
                 result,
             )
             .await;

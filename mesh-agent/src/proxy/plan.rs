@@ -269,11 +269,7 @@ pub fn plan_endpoint(
         None => Route::Direct,
         Some(pod) => {
             let local = pod.node == state.node;
-            let disabled = state
-                .mtls
-                .get(&pod.ip)
-                .is_some_and(|m| m.for_port(target.port()) == Effective::Disable);
-            if local || disabled {
+            if !tunnelled(state, pod, target.port()) {
                 let arrival = Arc::new(Arrival::new(
                     state,
                     trust_domain,
@@ -313,6 +309,16 @@ pub fn plan_endpoint(
         }
     };
     Ok((route, decision))
+}
+
+/// Whether a connection to `pod`'s `port` crosses to its node over HBONE (mutual TLS):
+/// not when the pod is on this node, nor when its PeerAuthentication disables mutual TLS.
+pub fn tunnelled(state: &MeshState, pod: &Workload, port: u16) -> bool {
+    let disabled = state
+        .mtls
+        .get(&pod.ip)
+        .is_some_and(|m| m.for_port(port) == Effective::Disable);
+    pod.node != state.node && !disabled
 }
 
 /// What a source agent asks of a destination agent in an HBONE `CONNECT`.

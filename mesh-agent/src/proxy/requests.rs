@@ -7,8 +7,11 @@
 
 use std::{
     convert::Infallible,
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -29,21 +32,33 @@ use tokio::{
 };
 
 use crate::{
-    model::ratelimit::{RateLimiter, RetryAfter, ServiceAccountRef},
+    model::{
+        ratelimit::{RateLimiter, RetryAfter, ServiceAccountRef},
+        MeshState, SharedState, Workload,
+    },
     policy::{
         authz::{self, Decision, Verdict},
         facts::{judge_request, Arrival, RequestVerdict},
         jwt::{self, JwksCache},
         request::normalise,
     },
-    proxy::error::ProxyError,
-    telemetry::metrics::Metrics,
+    proxy::{
+        error::ProxyError,
+        metered::{grpc_status, head_size, BodyEnd, Metered, Reported},
+    },
+    telemetry::{
+        metrics::Metrics,
+        request::ResponseFlags,
+        request_metrics::{ConnectionTally, Measures, PeerLabels, Peers, Reporter, RequestEnd},
+    },
 };
 
-/// What judging requests needs beyond the connection: the fetched keys and the counters.
+/// What judging requests needs beyond the connection: the fetched keys, the counters and
+/// the mesh's state (to label the request metrics).
 pub struct Guard {
     pub jwks: Arc<JwksCache>,
     pub metrics: Arc<Metrics>,
+    pub state: SharedState,
     /// The token buckets of HTTPLocalRateLimitPolicies, for the node's workloads.
     pub limiter: Arc<RateLimiter>,
 }
@@ -123,6 +138,7 @@ impl Guard {
         downstream: S,
         upstream: TcpStream,
         arrival: Arc<Arrival>,
+        exchange: Exchange,
     ) -> Result<(), ProxyError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -131,9 +147,27 @@ impl Guard {
             socket: Mutex::new(Some(upstream)),
             sender: tokio::sync::Mutex::new(None),
         });
-        let service = service_fn(move |request| {
+        let reporting = Arc::new(self.reporting(&arrival, &exchange));
+        let service = service_fn(move |request: Request<Incoming>| {
             let (guard, arrival, upstream) = (self.clone(), arrival.clone(), upstream.clone());
-            async move { Ok::<_, Infallible>(guard.handle(request, &arrival, &upstream).await) }
+            let reporting = reporting.clone();
+            async move {
+                let started = Instant::now();
+                let grpc = is_grpc(request.headers());
+                let (parts, body) = request.into_parts();
+                let request_head = request_head_size(&parts);
+                let request_bytes = Arc::new(AtomicU64::new(0));
+                let body = Metered::new(body, request_bytes.clone());
+                let request = Request::from_parts(parts, body);
+                let response = guard.handle(request, &arrival, &upstream).await;
+                Ok::<_, Infallible>(reporting.report(
+                    response,
+                    grpc,
+                    started,
+                    request_head,
+                    request_bytes,
+                ))
+            }
         });
         server(HEADER_READ_TIMEOUT)
             .serve_connection(TokioIo::new(downstream), service)
@@ -144,9 +178,33 @@ impl Guard {
             })
     }
 
+    /// The request metrics of a connection to `arrival`'s workload.
+    fn reporting(&self, arrival: &Arrival, exchange: &Exchange) -> Reporting {
+        let tally = self.metrics.requests.connection();
+        let state = self.state.current();
+        let principal = arrival.facts.source_principal.as_deref();
+        let source = source_workload(&state, arrival.facts.source_ip, principal);
+        let peers = PeerLabels::new(
+            &state,
+            &Peers {
+                reporter: Reporter::Destination,
+                source: source.as_deref(),
+                source_principal: principal,
+                destination: Some(&arrival.workload),
+                service: exchange.service.as_deref(),
+                mutual_tls: exchange.mutual_tls,
+            },
+            tally.settings(),
+        );
+        Reporting {
+            tally,
+            peers: Arc::new(peers),
+        }
+    }
+
     async fn handle(
         &self,
-        request: Request<Incoming>,
+        request: Request<Metered<Incoming>>,
         arrival: &Arrival,
         upstream: &Upstream,
     ) -> Response<Body> {
@@ -260,6 +318,94 @@ pub fn server(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
 /// A body the proxy sends: one it received, or one it wrote.
 pub type Body = Either<Incoming, Full<Bytes>>;
 
+/// A request body the proxy sends on: one it received (counted as it passes), or one it
+/// holds whole.
+pub type Outgoing = Either<Metered<Incoming>, Full<Bytes>>;
+
+/// Where the requests of a judged connection were headed, for their metrics.
+pub struct Exchange {
+    /// The Service host the client addressed, when known.
+    pub service: Option<String>,
+    /// The requests arrived over HBONE (mutual TLS).
+    pub mutual_tls: bool,
+}
+
+/// A judged connection's request metrics: its tally and the labels of its peers.
+struct Reporting {
+    tally: ConnectionTally,
+    peers: Arc<PeerLabels>,
+}
+
+impl Reporting {
+    /// `response`, reporting its request when its body has gone out.
+    fn report(
+        self: &Arc<Self>,
+        response: Response<Body>,
+        grpc: bool,
+        started: Instant,
+        request_head: u64,
+        request_bytes: Arc<AtomicU64>,
+    ) -> Response<Reported<Body>> {
+        let (parts, body) = response.into_parts();
+        let code = parts.status.as_u16();
+        let response_head = response_head_size(&parts);
+        let reporting = self.clone();
+        let report = Box::new(move |end: BodyEnd| {
+            let outcome = RequestEnd {
+                grpc,
+                response_code: code,
+                grpc_status: end.grpc_status,
+                flags: ResponseFlags::default(),
+            };
+            let measures = Measures {
+                duration: started.elapsed(),
+                request_bytes: request_head + request_bytes.load(Ordering::Relaxed),
+                response_bytes: response_head + end.bytes,
+            };
+            reporting.tally.record(&reporting.peers, outcome, &measures);
+        });
+        let head_status = grpc.then(|| grpc_status(&parts.headers)).flatten();
+        Response::from_parts(parts, Reported::new(body, head_status, report))
+    }
+}
+
+/// Whether a request is gRPC (its content type says so).
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// The size of a request head as HTTP/1.1 writes it.
+pub fn request_head_size(parts: &http::request::Parts) -> u64 {
+    let target = parts.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    head_size(&parts.headers, parts.method.as_str().len() + target + 10)
+}
+
+/// The size of a response head as HTTP/1.1 writes it.
+pub fn response_head_size(parts: &http::response::Parts) -> u64 {
+    let reason = parts.status.canonical_reason().map_or(0, str::len);
+    head_size(&parts.headers, 13 + reason)
+}
+
+/// The client's workload, when its address and its identity agree: a request's source
+/// address alone names nobody unless it came with that pod's identity.
+pub fn source_workload(
+    state: &MeshState,
+    ip: std::net::Ipv4Addr,
+    principal: Option<&str>,
+) -> Option<Arc<Workload>> {
+    let workload = state.workloads.get(&ip)?;
+    let (_, account) = principal?.split_once("/ns/")?;
+    (account.split_once("/sa/")?
+        == (
+            workload.namespace.as_str(),
+            workload.service_account.as_str(),
+        ))
+        .then(|| workload.clone())
+}
+
 pub fn local_reply(status: StatusCode, text: &'static str) -> Response<Body> {
     let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
         text.as_bytes(),
@@ -306,8 +452,8 @@ struct Upstream {
 }
 
 enum Sender {
-    H1(http1::SendRequest<Incoming>),
-    H2(http2::SendRequest<Incoming>),
+    H1(http1::SendRequest<Metered<Incoming>>),
+    H2(http2::SendRequest<Metered<Incoming>>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -319,7 +465,10 @@ enum UpstreamError {
 }
 
 impl Upstream {
-    async fn send(&self, request: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+    async fn send(
+        &self,
+        request: Request<Metered<Incoming>>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let mut sender = self.sender.lock().await;
         if sender.is_none() {
             let socket = self
@@ -355,7 +504,7 @@ impl Upstream {
 /// the connection can carry the next request.
 const DRAIN_LIMIT: usize = 1 << 20;
 
-async fn drain(body: Incoming) {
+async fn drain(body: Metered<Incoming>) {
     let mut body = body;
     let mut read = 0;
     while read < DRAIN_LIMIT {

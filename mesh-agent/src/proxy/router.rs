@@ -10,7 +10,10 @@
 use std::{
     convert::Infallible,
     net::SocketAddrV4,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -36,13 +39,21 @@ use crate::{
     proxy::{
         copy::{copy_to_tunnel, COPY_BUFFER},
         error::ProxyError,
+        metered::{grpc_status, BodyEnd, Metered, Reported},
+        plan::tunnelled,
         plan::{plan_endpoint, Carry, Route, TunnelRequest},
-        requests::{local_reply, server, strip_hop_by_hop, Body, HEADER_READ_TIMEOUT},
+        requests::{
+            is_grpc, local_reply, request_head_size, response_head_size, server, strip_hop_by_hop,
+            Exchange, Outgoing, HEADER_READ_TIMEOUT,
+        },
         socket,
         upstream::{GiveBack, Key, Returning, Sender, Stream},
         Proxy,
     },
-    telemetry::request::{RequestRecord, ResponseFlag},
+    telemetry::{
+        request::{RequestRecord, ResponseFlag},
+        request_metrics::{ConnectionTally, Measures, PeerLabels, Peers, Reporter, RequestEnd},
+    },
 };
 
 /// A request body is kept for retries and mirrors up to this size (Envoy's default
@@ -62,6 +73,7 @@ pub async fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let tally = proxy.guard.metrics.requests.connection();
     let router = Arc::new(Router {
         proxy,
         source,
@@ -69,9 +81,13 @@ where
         addressed: SocketAddrV4::new(service.cluster_ip, service.port),
         hostname: service.hostname.clone(),
     });
+    let reporting = Arc::new(SourceReporting {
+        tally,
+        peers: Mutex::default(),
+    });
     let service = service_fn(move |request| {
-        let router = router.clone();
-        async move { Ok::<_, Infallible>(router.handle(request).await) }
+        let (router, reporting) = (router.clone(), reporting.clone());
+        async move { Ok::<_, Infallible>(router.handle(request, &reporting).await) }
     });
     server(HEADER_READ_TIMEOUT)
         .serve_connection(TokioIo::new(client), service)
@@ -91,15 +107,64 @@ struct Router {
     hostname: String,
 }
 
+/// A routed connection's request metrics: its tally and the labels of each pod its
+/// requests reached (computed once per pod).
+struct SourceReporting {
+    tally: ConnectionTally,
+    peers: Mutex<Vec<KnownPeers>>,
+}
+
+/// The labels of requests to a pod (`None`: outside the mesh), in mutual TLS or not.
+type KnownPeers = (Option<Arc<Workload>>, bool, Arc<PeerLabels>);
+
+impl SourceReporting {
+    fn peers(&self, router: &Router, record: &RequestRecord) -> Arc<PeerLabels> {
+        let mut known = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let same = |pod: &Option<Arc<Workload>>| match (pod, &record.destination) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if let Some((_, _, peers)) = known
+            .iter()
+            .find(|(pod, tls, _)| same(pod) && *tls == record.mutual_tls)
+        {
+            return peers.clone();
+        }
+        let peers = Arc::new(PeerLabels::new(
+            &router.proxy.state.current(),
+            &Peers {
+                reporter: Reporter::Source,
+                source: Some(&router.source),
+                source_principal: None,
+                destination: record.destination.as_deref(),
+                service: Some(&record.service),
+                mutual_tls: record.mutual_tls,
+            },
+            self.tally.settings(),
+        ));
+        // A connection's requests reach a handful of pods; a bound keeps a long-lived
+        // one from growing this without end as pods come and go.
+        if known.len() >= MAX_PEERS_PER_CONNECTION {
+            known.remove(0);
+        }
+        known.push((record.destination.clone(), record.mutual_tls, peers.clone()));
+        peers
+    }
+}
+
+/// Labels a routed connection keeps for the pods its requests reached.
+const MAX_PEERS_PER_CONNECTION: usize = 32;
+
 /// A request's body: as it arrives, or read whole so it can be sent again.
 enum RequestBody {
-    Streamed(Option<Incoming>),
+    Streamed(Option<Metered<Incoming>>),
     Buffered(Bytes),
 }
 
 impl RequestBody {
     /// The body for the next try; `None` when a streamed body was already sent.
-    fn next(&mut self) -> Option<Body> {
+    fn next(&mut self) -> Option<Outgoing> {
         match self {
             RequestBody::Streamed(body) => body.take().map(Either::Left),
             RequestBody::Buffered(bytes) => Some(Either::Right(Full::new(bytes.clone()))),
@@ -117,8 +182,17 @@ enum TryFailure {
 }
 
 impl Router {
-    async fn handle(&self, request: Request<Incoming>) -> Response<RoutedBody> {
+    async fn handle(
+        &self,
+        request: Request<Incoming>,
+        reporting: &Arc<SourceReporting>,
+    ) -> Response<Reported<RoutedBody>> {
         let started = Instant::now();
+        let grpc = is_grpc(request.headers());
+        let (parts, body) = request.into_parts();
+        let request_head = request_head_size(&parts);
+        let request_bytes = Arc::new(AtomicU64::new(0));
+        let request = Request::from_parts(parts, Metered::new(body, request_bytes.clone()));
         let mut record = RequestRecord::new(&self.hostname);
         let response = self.route(request, &mut record).await;
         record.finish(response.status(), started.elapsed());
@@ -131,16 +205,36 @@ impl Router {
             record.route.as_deref().unwrap_or("-"),
             record.upstream.map_or("-".into(), |u| u.to_string()),
             response.status().as_u16(),
-            record.flags(),
+            record.flags,
             record.attempts,
             record.duration,
         );
-        response
+        let peers = reporting.peers(self, &record);
+        let (parts, body) = response.into_parts();
+        let response_head = response_head_size(&parts);
+        let (code, flags) = (parts.status.as_u16(), record.flags);
+        let reporting = reporting.clone();
+        let report = Box::new(move |end: BodyEnd| {
+            let outcome = RequestEnd {
+                grpc,
+                response_code: code,
+                grpc_status: end.grpc_status,
+                flags,
+            };
+            let measures = Measures {
+                duration: started.elapsed(),
+                request_bytes: request_head + request_bytes.load(Ordering::Relaxed),
+                response_bytes: response_head + end.bytes,
+            };
+            reporting.tally.record(&peers, outcome, &measures);
+        });
+        let head_status = grpc.then(|| grpc_status(&parts.headers)).flatten();
+        Response::from_parts(parts, Reported::new(body, head_status, report))
     }
 
     async fn route(
         &self,
-        request: Request<Incoming>,
+        request: Request<Metered<Incoming>>,
         record: &mut RequestRecord,
     ) -> Response<RoutedBody> {
         let (mut parts, body) = request.into_parts();
@@ -176,7 +270,7 @@ impl Router {
             return reply(StatusCode::NOT_FOUND, "");
         };
         record.route = Some(rule.name.clone());
-        let grpc = is_grpc(&parts);
+        let grpc = is_grpc(&parts.headers);
         if let Some((delay, percent)) = rule.fault.delay {
             if Fault::rolls(percent) {
                 record.flag(ResponseFlag::DelayInjected);
@@ -331,6 +425,11 @@ impl Router {
             tried.push(endpoint.addr);
             record.attempts += 1;
             record.upstream = Some(endpoint.addr);
+            record.mutual_tls = endpoint
+                .workload
+                .as_ref()
+                .is_some_and(|pod| tunnelled(state, pod, endpoint.addr.port()));
+            record.destination = endpoint.workload.clone();
             let Some(request_body) = body.next() else {
                 record.flag(ResponseFlag::UpstreamRetryLimitExceeded);
                 return reply(StatusCode::SERVICE_UNAVAILABLE, "upstream reset");
@@ -414,7 +513,7 @@ impl Router {
         endpoint: SocketAddrV4,
         workload: Option<&Arc<Workload>>,
         hostname: &str,
-        request: Request<Body>,
+        request: Request<Outgoing>,
     ) -> Result<Response<RoutedBody>, TryFailure> {
         let planned = Arc::downgrade(state);
         let key = Key {
@@ -513,8 +612,13 @@ impl Router {
                     // The destination's per-request policies judge what goes on it.
                     let (ours, judged) = tokio::io::duplex(COPY_BUFFER);
                     let guard = self.proxy.guard.clone();
+                    let exchange = Exchange {
+                        service: Some(hostname.to_owned()),
+                        mutual_tls: false,
+                    };
                     tokio::spawn(async move {
-                        if let Err(err) = guard.serve_http(judged, socket, arrival).await {
+                        let served = guard.serve_http(judged, socket, arrival, exchange);
+                        if let Err(err) = served.await {
                             tracing::debug!("routed request judge: {err}");
                         }
                     });
@@ -630,7 +734,7 @@ impl RequestBody {
 /// Reads a body whole when it is small enough to send again; a larger one is streamed
 /// once (and not retried), as Envoy does past its buffer limit. `None` when the client's
 /// body breaks off or outgrows its announced length: nothing of it is forwarded.
-async fn buffer(body: Incoming) -> Option<RequestBody> {
+async fn buffer(body: Metered<Incoming>) -> Option<RequestBody> {
     use hyper::body::Body as _;
     let small = body
         .size_hint()
@@ -766,18 +870,6 @@ fn aborted(abort: AbortWith) -> Response<RoutedBody> {
             response
         }
     }
-}
-
-fn is_grpc(parts: &Parts) -> bool {
-    parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
-}
-
-fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
 /// gRPC's `grpc-timeout` (`<digits><unit>`), which Istio lets override the route timeout.

@@ -24,7 +24,7 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::{model::MeshState, proxy::requests::Body};
+use crate::{model::MeshState, proxy::requests::Outgoing};
 
 /// Envoy's default idle timeout for upstream connections is one hour; a node agent holds
 /// connections for every pod of its node, so it lets them go sooner.
@@ -46,8 +46,8 @@ pub struct Key {
 }
 
 pub enum Sender {
-    Http1(http1::SendRequest<Body>),
-    Http2(http2::SendRequest<Body>),
+    Http1(http1::SendRequest<Outgoing>),
+    Http2(http2::SendRequest<Outgoing>),
 }
 
 impl Sender {

@@ -24,7 +24,7 @@ use tokio::io::unix::AsyncFd;
 use crate::{
     datapath::ip_from_key,
     model::{MeshState, SharedState, Workload},
-    telemetry::{conns::ConnTable, request::RequestRecord},
+    telemetry::{conns::ConnTable, request::RequestRecord, request_metrics::RequestMetrics},
 };
 
 /// Istio's TCP metric labels.
@@ -105,6 +105,9 @@ struct LiveFlow {
     received: u64,
 }
 
+/// How often request series are checked for expiry: each check walks every series.
+const EXPIRY_SWEEP: Duration = Duration::from_secs(10);
+
 /// The kernel maps the metrics read.
 pub struct KernelMaps {
     pub flow_events: RingBuf<MapData>,
@@ -137,14 +140,18 @@ pub struct Metrics {
     pub config_generation: Gauge,
     pub enrolled_pods: Gauge,
     tracker: Mutex<Option<Tracker>>,
+    /// Istio's request metrics, tallied per connection.
+    pub requests: RequestMetrics,
     state: SharedState,
     conns: Arc<ConnTable>,
     trust_domain: String,
+    expired: Mutex<Instant>,
 }
 
 impl Metrics {
-    pub fn new(state: SharedState, conns: Arc<ConnTable>, trust_domain: &str) -> Metrics {
+    pub fn new(state: SharedState, conns: Arc<ConnTable>, requests: RequestMetrics) -> Metrics {
         let mut registry = Registry::default();
+        registry.register_collector(Box::new(requests.clone()));
         let opened = Family::<TcpLabels, Counter>::default();
         let closed = Family::<TcpLabels, Counter>::default();
         let sent = Family::<TcpLabels, Counter>::default();
@@ -253,9 +260,11 @@ impl Metrics {
             config_generation,
             enrolled_pods,
             tracker: Mutex::new(None),
+            trust_domain: requests.settings.trust_domain.clone(),
+            requests,
             state,
             conns,
-            trust_domain: trust_domain.to_owned(),
+            expired: Mutex::new(Instant::now()),
         }
     }
 
@@ -275,7 +284,7 @@ impl Metrics {
                 destination_service: record.service.clone(),
                 route: record.route.clone().unwrap_or_else(|| "-".into()),
                 response_code: record.status.map_or("0".into(), |s| s.as_u16().to_string()),
-                response_flags: record.flags().to_string(),
+                response_flags: record.flags.to_string(),
             })
             .inc();
     }
@@ -389,8 +398,19 @@ impl Metrics {
                 _ = tick.tick() => {
                     self.refresh();
                     self.conns.sweep();
+                    self.expire_series();
                 }
             }
+        }
+    }
+
+    /// Forgets request series of workloads that left, every [`EXPIRY_SWEEP`].
+    fn expire_series(&self) {
+        let mut last = self.expired.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if now.duration_since(*last) >= EXPIRY_SWEEP {
+            *last = now;
+            self.requests.expire(&self.state.current(), now);
         }
     }
 
@@ -641,6 +661,17 @@ fn labels_for(
 }
 
 #[cfg(test)]
+pub fn test_requests() -> RequestMetrics {
+    RequestMetrics::new(
+        crate::telemetry::request_metrics::LabelSettings {
+            trust_domain: "cluster.local".into(),
+            cluster: "Kubernetes".into(),
+        },
+        Duration::from_secs(600),
+    )
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -703,7 +734,7 @@ spec:
 
     #[test]
     fn refused_connections_are_counted_by_reason() {
-        let metrics = Metrics::new(SharedState::default(), Arc::default(), "cluster.local");
+        let metrics = Metrics::new(SharedState::default(), Arc::default(), test_requests());
         metrics.connection_refused("source_limit");
         metrics.connection_refused("source_limit");
         let text = metrics.encode();

@@ -5,4 +5,5 @@
 pub mod conns;
 pub mod metrics;
 pub mod request;
+pub mod request_metrics;
 pub mod result;

@@ -1,10 +1,12 @@
-//! The outcome of one routed request, recorded in one place for the metrics, the access
-//! log and (later) the request telemetry: its route, the endpoint that served it, the
-//! response code, Envoy's response flags, the number of tries and the duration.
+//! The outcome of one routed request, recorded in one place for the metrics and the
+//! access log: its route, the endpoint (and pod) that served it, the response code,
+//! Envoy's response flags, the number of tries and the duration.
 
-use std::{fmt, net::SocketAddrV4, time::Duration};
+use std::{fmt, net::SocketAddrV4, sync::Arc, time::Duration};
 
 use http::StatusCode;
+
+use crate::model::Workload;
 
 /// Envoy's response flags, as its access logs spell them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +34,20 @@ pub enum ResponseFlag {
 }
 
 impl ResponseFlag {
+    /// In the order Envoy writes them.
+    const ALL: [ResponseFlag; 10] = [
+        ResponseFlag::NoHealthyUpstream,
+        ResponseFlag::UpstreamTimeout,
+        ResponseFlag::UpstreamConnectionFailure,
+        ResponseFlag::UpstreamConnectionTermination,
+        ResponseFlag::UpstreamOverflow,
+        ResponseFlag::NoRoute,
+        ResponseFlag::DelayInjected,
+        ResponseFlag::FaultInjected,
+        ResponseFlag::RateLimited,
+        ResponseFlag::UpstreamRetryLimitExceeded,
+    ];
+
     pub fn code(self) -> &'static str {
         match self {
             ResponseFlag::NoHealthyUpstream => "UH",
@@ -46,6 +62,36 @@ impl ResponseFlag {
             ResponseFlag::UpstreamConnectionTermination => "UC",
         }
     }
+
+    fn bit(self) -> u16 {
+        1 << self as u16
+    }
+}
+
+/// A request's response flags: a set, written as Envoy writes it (comma-separated in
+/// Envoy's order, `-` for none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct ResponseFlags(u16);
+
+impl ResponseFlags {
+    pub fn insert(&mut self, flag: ResponseFlag) {
+        self.0 |= flag.bit();
+    }
+}
+
+impl fmt::Display for ResponseFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut set = ResponseFlag::ALL
+            .iter()
+            .filter(|flag| self.0 & flag.bit() != 0);
+        match set.next() {
+            None => f.write_str("-"),
+            Some(first) => {
+                f.write_str(first.code())?;
+                set.try_for_each(|flag| write!(f, ",{}", flag.code()))
+            }
+        }
+    }
 }
 
 /// One routed request's outcome.
@@ -55,10 +101,13 @@ pub struct RequestRecord {
     pub service: String,
     /// The route that took it (`None` when none did).
     pub route: Option<String>,
-    /// The endpoint of the last try.
+    /// The endpoint of the last try, and the meshed pod behind it.
     pub upstream: Option<SocketAddrV4>,
+    pub destination: Option<Arc<Workload>>,
+    /// The last try crossed nodes over mutual TLS.
+    pub mutual_tls: bool,
     pub status: Option<StatusCode>,
-    flags: Vec<ResponseFlag>,
+    pub flags: ResponseFlags,
     /// Tries made (the first one and the retries).
     pub attempts: u32,
     pub duration: Duration,
@@ -70,44 +119,22 @@ impl RequestRecord {
             service: service.to_owned(),
             route: None,
             upstream: None,
+            destination: None,
+            mutual_tls: false,
             status: None,
-            flags: Vec::new(),
+            flags: ResponseFlags::default(),
             attempts: 0,
             duration: Duration::ZERO,
         }
     }
 
     pub fn flag(&mut self, flag: ResponseFlag) {
-        if !self.flags.contains(&flag) {
-            self.flags.push(flag);
-        }
+        self.flags.insert(flag);
     }
 
     pub fn finish(&mut self, status: StatusCode, duration: Duration) {
         self.status = Some(status);
         self.duration = duration;
-    }
-
-    /// The flags as Envoy writes them: comma-separated, `-` for none.
-    pub fn flags(&self) -> Flags<'_> {
-        Flags(&self.flags)
-    }
-}
-
-pub struct Flags<'a>(&'a [ResponseFlag]);
-
-impl fmt::Display for Flags<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.is_empty() {
-            return f.write_str("-");
-        }
-        for (i, flag) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            f.write_str(flag.code())?;
-        }
-        Ok(())
     }
 }
 
@@ -118,10 +145,12 @@ mod tests {
     #[test]
     fn flags_are_written_as_envoy_writes_them() {
         let mut record = RequestRecord::new("reviews.shop.svc.cluster.local");
-        assert_eq!(record.flags().to_string(), "-");
+        assert_eq!(record.flags.to_string(), "-");
         record.flag(ResponseFlag::UpstreamConnectionFailure);
         record.flag(ResponseFlag::UpstreamRetryLimitExceeded);
         record.flag(ResponseFlag::UpstreamConnectionFailure);
-        assert_eq!(record.flags().to_string(), "UF,URX");
+        assert_eq!(record.flags.to_string(), "UF,URX");
+        record.flag(ResponseFlag::NoHealthyUpstream);
+        assert_eq!(record.flags.to_string(), "UH,UF,URX");
     }
 }
