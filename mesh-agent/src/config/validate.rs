@@ -966,6 +966,15 @@ fn check_local_rate_limit(
 fn enforced(kind: &str) -> &'static [&'static str] {
     match kind {
         "HTTPLocalRateLimitPolicy" => &["targetRef", "selector", "total", "identity", "overrides"],
+        "Telemetry" => &[
+            "selector",
+            "targetRef",
+            "targetRefs",
+            "metrics[].providers",
+            "metrics[].overrides[].match.metric",
+            "metrics[].overrides[].match.mode",
+            "metrics[].overrides[].disabled",
+        ],
         "VirtualService" => &[
             "hosts",
             "gateways",

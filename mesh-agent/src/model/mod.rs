@@ -13,6 +13,7 @@ pub mod ratelimit;
 pub mod routes_report;
 pub mod routing;
 pub mod security;
+pub mod telemetry;
 
 use std::{
     collections::{BTreeMap, HashMap},

@@ -1,7 +1,8 @@
 //! The security configuration of each workload, compiled from AuthorizationPolicy and
 //! RequestAuthentication resources: which policies and token rules apply to a workload
 //! (root namespace, namespace, `selector`, `targetRef(s)` to a Service), ready for the
-//! policy engine to evaluate.
+//! policy engine to evaluate — with the other reasons its agent serves it request by
+//! request (rate limits, request telemetry).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -24,6 +25,7 @@ use crate::{
     model::{
         discovery,
         ratelimit::{local_rate_limits, LocalRateLimit},
+        telemetry::{Reporting, TelemetryConfig, WorkloadTelemetry},
         Workload,
     },
 };
@@ -154,7 +156,7 @@ impl Policy {
 }
 
 /// The workloads a security policy of `namespace` applies to.
-fn scope_of<'a>(
+pub(crate) fn scope_of<'a>(
     namespace: &str,
     selector: Option<&BTreeMap<String, String>>,
     target_refs: impl Iterator<Item = &'a PolicyTargetReference>,
@@ -206,12 +208,23 @@ pub struct WorkloadSecurity {
     pub http_ports: BTreeSet<u16>,
     /// The HTTPLocalRateLimitPolicy limiting requests to the workload's HTTP ports.
     pub rate_limit: Option<Arc<LocalRateLimit>>,
+    /// What the Telemetry API asks to be reported of its requests.
+    pub telemetry: WorkloadTelemetry,
 }
 
 impl WorkloadSecurity {
-    /// No policy and no token rule: connections are not judged at all.
+    /// No policy, no token rule and no request to report: connections are not judged
+    /// at all.
     pub fn is_empty(&self) -> bool {
-        self.policies.is_empty() && self.jwt_rules.is_empty() && self.rate_limit.is_none()
+        self.policies.is_empty()
+            && self.jwt_rules.is_empty()
+            && self.rate_limit.is_none()
+            && self.telemetry.server != Reporting::Always
+    }
+
+    /// Whether every request to `port` is to be reported (so served one by one).
+    pub fn reports_requests(&self, port: u16) -> bool {
+        self.telemetry.server == Reporting::Always && self.http_ports.contains(&port)
     }
 
     /// Whether requests to `port` are counted against a rate limit.
@@ -231,6 +244,7 @@ pub struct SecurityConfig {
     policies: Vec<Arc<Policy>>,
     jwt_rules: Vec<(Scope, Arc<TokenRule>)>,
     rate_limits: Vec<Arc<LocalRateLimit>>,
+    telemetry: TelemetryConfig,
 }
 
 impl SecurityConfig {
@@ -261,6 +275,7 @@ impl SecurityConfig {
                 .into_iter()
                 .map(Arc::new)
                 .collect(),
+            telemetry: TelemetryConfig::compile(config, root_namespace),
         }
     }
 
@@ -284,6 +299,7 @@ impl SecurityConfig {
                 .iter()
                 .find(|limit| limits_workload(limit, config, workload))
                 .cloned(),
+            telemetry: self.telemetry.for_workload(workload),
         }
     }
 }

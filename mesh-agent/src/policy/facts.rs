@@ -135,6 +135,7 @@ pub fn admit(arrival: &Arrival) -> (Admission, Option<Decision>) {
     if arrival.security.is_empty() {
         return (Admission::Tcp, None);
     }
+    let (security, port) = (&arrival.security, arrival.facts.destination_port);
     let http = arrival.speaks_http();
     let decision = if http {
         authz::evaluate(&arrival.security.policies, &arrival.facts)
@@ -146,10 +147,9 @@ pub fn admit(arrival: &Arrival) -> (Admission, Option<Decision>) {
         Verdict::NeedsRequest => Admission::Http,
         Verdict::Allow
             if http
-                && (arrival
-                    .security
-                    .authenticates(arrival.facts.destination_port)
-                    || arrival.security.limits_rate(arrival.facts.destination_port)) =>
+                && (security.authenticates(port)
+                    || security.limits_rate(port)
+                    || security.reports_requests(port)) =>
         {
             Admission::Http
         }

@@ -83,6 +83,18 @@ impl<B> Reported<B> {
         }
     }
 
+    /// A body nobody reports on (request metrics are off).
+    pub fn unreported(inner: B) -> Reported<B> {
+        Reported {
+            inner,
+            end: BodyEnd {
+                bytes: 0,
+                grpc_status: None,
+            },
+            report: None,
+        }
+    }
+
     fn finish(&mut self) {
         if let Some(report) = self.report.take() {
             report(self.end);

@@ -34,7 +34,7 @@ use tokio::{
 use crate::{
     model::{
         ratelimit::{RateLimiter, RetryAfter, ServiceAccountRef},
-        MeshState, SharedState, Workload,
+        telemetry, MeshState, SharedState, Workload,
     },
     policy::{
         authz::{self, Decision, Verdict},
@@ -147,7 +147,7 @@ impl Guard {
             socket: Mutex::new(Some(upstream)),
             sender: tokio::sync::Mutex::new(None),
         });
-        let reporting = Arc::new(self.reporting(&arrival, &exchange));
+        let reporting = self.reporting(&arrival, &exchange).map(Arc::new);
         let service = service_fn(move |request: Request<Incoming>| {
             let (guard, arrival, upstream) = (self.clone(), arrival.clone(), upstream.clone());
             let reporting = reporting.clone();
@@ -160,13 +160,12 @@ impl Guard {
                 let body = Metered::new(body, request_bytes.clone());
                 let request = Request::from_parts(parts, body);
                 let response = guard.handle(request, &arrival, &upstream).await;
-                Ok::<_, Infallible>(reporting.report(
-                    response,
-                    grpc,
-                    started,
-                    request_head,
-                    request_bytes,
-                ))
+                Ok::<_, Infallible>(match &reporting {
+                    Some(reporting) => {
+                        reporting.report(response, grpc, started, request_head, request_bytes)
+                    }
+                    None => response.map(Reported::unreported),
+                })
             }
         });
         server(HEADER_READ_TIMEOUT)
@@ -178,8 +177,12 @@ impl Guard {
             })
     }
 
-    /// The request metrics of a connection to `arrival`'s workload.
-    fn reporting(&self, arrival: &Arrival, exchange: &Exchange) -> Reporting {
+    /// The request metrics of a connection to `arrival`'s workload; `None` when a
+    /// Telemetry turns them off.
+    fn reporting(&self, arrival: &Arrival, exchange: &Exchange) -> Option<Reporting> {
+        if arrival.security.telemetry.server == telemetry::Reporting::Never {
+            return None;
+        }
         let tally = self.metrics.requests.connection();
         let state = self.state.current();
         let principal = arrival.facts.source_principal.as_deref();
@@ -196,10 +199,10 @@ impl Guard {
             },
             tally.settings(),
         );
-        Reporting {
+        Some(Reporting {
             tally,
             peers: Arc::new(peers),
-        }
+        })
     }
 
     async fn handle(

@@ -33,6 +33,7 @@ use crate::{
             choose_random, AbortWith, Action, Fault, HttpRule, RequestFacts, RetryPolicy, Selected,
             TryOutcome, WeightedDestination,
         },
+        telemetry::Reporting,
         MeshState, Pick, ServicePortState, Workload,
     },
     policy::request::normalise,
@@ -73,7 +74,14 @@ pub async fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let tally = proxy.guard.metrics.requests.connection();
+    let reported = proxy
+        .state
+        .current()
+        .security_of(*client_addr.ip())
+        .telemetry
+        .client
+        != Reporting::Never;
+    let tally = reported.then(|| proxy.guard.metrics.requests.connection());
     let router = Arc::new(Router {
         proxy,
         source,
@@ -110,7 +118,8 @@ struct Router {
 /// A routed connection's request metrics: its tally and the labels of each pod its
 /// requests reached (computed once per pod).
 struct SourceReporting {
-    tally: ConnectionTally,
+    /// `None` when a Telemetry turns the source's request metrics off.
+    tally: Option<ConnectionTally>,
     peers: Mutex<Vec<KnownPeers>>,
 }
 
@@ -118,7 +127,12 @@ struct SourceReporting {
 type KnownPeers = (Option<Arc<Workload>>, bool, Arc<PeerLabels>);
 
 impl SourceReporting {
-    fn peers(&self, router: &Router, record: &RequestRecord) -> Arc<PeerLabels> {
+    fn peers(
+        &self,
+        router: &Router,
+        record: &RequestRecord,
+        tally: &ConnectionTally,
+    ) -> Arc<PeerLabels> {
         let mut known = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         let same = |pod: &Option<Arc<Workload>>| match (pod, &record.destination) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -141,7 +155,7 @@ impl SourceReporting {
                 service: Some(&record.service),
                 mutual_tls: record.mutual_tls,
             },
-            self.tally.settings(),
+            tally.settings(),
         ));
         // A connection's requests reach a handful of pods; a bound keeps a long-lived
         // one from growing this without end as pods come and go.
@@ -209,7 +223,10 @@ impl Router {
             record.attempts,
             record.duration,
         );
-        let peers = reporting.peers(self, &record);
+        let Some(tally) = &reporting.tally else {
+            return response.map(Reported::unreported);
+        };
+        let peers = reporting.peers(self, &record, tally);
         let (parts, body) = response.into_parts();
         let response_head = response_head_size(&parts);
         let (code, flags) = (parts.status.as_u16(), record.flags);
@@ -226,7 +243,9 @@ impl Router {
                 request_bytes: request_head + request_bytes.load(Ordering::Relaxed),
                 response_bytes: response_head + end.bytes,
             };
-            reporting.tally.record(&peers, outcome, &measures);
+            if let Some(tally) = &reporting.tally {
+                tally.record(&peers, outcome, &measures);
+            }
         });
         let head_status = grpc.then(|| grpc_status(&parts.headers)).flatten();
         Response::from_parts(parts, Reported::new(body, head_status, report))
