@@ -101,6 +101,41 @@ fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     })
 }
 
+/// The sum of every series of `name` whose labels include `labels`.
+fn total(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+            let (set, value) = rest.rsplit_once("} ")?;
+            labels
+                .iter()
+                .all(|(k, v)| set.split(',').any(|pair| pair == format!("{k}=\"{v}\"")))
+                .then(|| value.trim().parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// Prometheus' own linter accepts the exposition.
+fn promtool_check(metrics: &str) {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (installed by cargo xtask setup)");
+    std::io::Write::write_all(
+        &mut promtool.stdin.take().expect("stdin"),
+        metrics.as_bytes(),
+    )
+    .expect("write");
+    ok(
+        promtool.wait_with_output().expect("promtool"),
+        "promtool check metrics",
+    );
+}
+
 fn metrics(node: &str) -> String {
     on_node(node, &["curl", "-sf", "http://127.0.0.1:15020/metrics"])
 }
@@ -290,22 +325,7 @@ fn sandbox_mesh_end_to_end() {
         ),
         Some(2097152.0)
     );
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (installed by cargo xtask setup)");
-    std::io::Write::write_all(
-        &mut promtool.stdin.take().expect("stdin"),
-        node_a.as_bytes(),
-    )
-    .expect("write");
-    ok(
-        promtool.wait_with_output().expect("promtool"),
-        "promtool check metrics",
-    );
+    promtool_check(&node_a);
 
     // An open connection shows in the kernel's flow map with its workloads. (Its byte
     // counts refresh on incoming segments and may lag on a quiet connection; exact
@@ -1981,4 +2001,150 @@ fn virtual_services_route_requests_in_the_source_agent() {
     let refused = reviews("/", 1, "{}", "new");
     assert_eq!(refused.first["status"], 429);
     assert_eq!(refused.first["headers"]["retry-after"], "1");
+}
+
+const MESH_REQUEST_METRICS: &str = "\
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  metrics:
+  - providers: [{name: prometheus}]
+";
+
+#[test]
+fn request_metrics_are_reported_by_the_source_and_the_destination_agent() {
+    let _sandbox = Sandbox::up();
+    kubectl("apply", "reviews-v1", &reviews_pod("v1", "node-a"));
+    kubectl("apply", "reviews-v2", &reviews_pod("v2", "node-b"));
+    kubectl("apply", "reviews", REVIEWS);
+    kubectl(
+        "apply",
+        "routes",
+        &reviews_routes(
+            "  - name: halves\n    route:\n    - {destination: {host: reviews, subset: v1}, weight: 50}\n    \
+             - {destination: {host: reviews, subset: v2}, weight: 50}\n",
+        ),
+    );
+    kubectl("apply", "telemetry", MESH_REQUEST_METRICS);
+    let service = ("destination_service", "reviews.demo.svc.cluster.local");
+    let source = |version: &str| -> f64 {
+        total(
+            &metrics("node-a"),
+            "istio_requests_total",
+            &[
+                ("reporter", "source"),
+                ("source_workload", "client-a"),
+                service,
+                ("destination_workload", &format!("reviews-{version}")),
+                ("destination_version", version),
+                ("response_code", "200"),
+            ],
+        )
+    };
+    let destination = |node: &str, version: &str, security: &str| -> f64 {
+        total(
+            &metrics(node),
+            "istio_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("source_workload", "client-a"),
+                (
+                    "source_principal",
+                    "spiffe://cluster.local/ns/demo/sa/default",
+                ),
+                service,
+                ("destination_workload", &format!("reviews-{version}")),
+                ("connection_security_policy", security),
+                ("response_code", "200"),
+            ],
+        )
+    };
+    // Both pods answer, routed, and each destination agent reports what it serves.
+    eventually(
+        "both versions answer and are reported where they run",
+        || {
+            let answers = reviews("/", 20, "{}", "new");
+            answers.count("200 reviews-v1") > 0
+                && answers.count("200 reviews-v2") > 0
+                && destination("node-a", "v1", "none") > 0.0
+                && destination("node-b", "v2", "mutual_tls") > 0.0
+        },
+    );
+
+    let before = [
+        source("v1"),
+        source("v2"),
+        destination("node-a", "v1", "none"),
+        destination("node-b", "v2", "mutual_tls"),
+    ];
+    let answers = reviews("/", 200, "{}", "keepalive");
+    let (v1, v2) = (
+        answers.count("200 reviews-v1") as f64,
+        answers.count("200 reviews-v2") as f64,
+    );
+    assert_eq!(v1 + v2, 200.0, "{:?}", answers.counts);
+    // The last response is counted once its last byte is out: a moment after the client
+    // has it.
+    let counted = || {
+        [
+            source("v1") - before[0],
+            source("v2") - before[1],
+            destination("node-a", "v1", "none") - before[2],
+            destination("node-b", "v2", "mutual_tls") - before[3],
+        ]
+    };
+    eventually("every request is counted once by each reporter", || {
+        counted() == [v1, v2, v1, v2]
+    });
+    let node_a = metrics("node-a");
+    let latency = total(
+        &node_a,
+        "istio_request_duration_milliseconds_count",
+        &[
+            ("reporter", "source"),
+            service,
+            ("destination_workload", "reviews-v1"),
+        ],
+    );
+    assert_eq!(latency, source("v1"), "one duration per request");
+    assert!(
+        sample(
+            &node_a,
+            "istio_response_bytes_sum",
+            &[
+                ("reporter", "source"),
+                ("destination_workload", "reviews-v1")
+            ],
+        )
+        .is_some_and(|bytes| bytes > 0.0),
+        "response sizes are recorded"
+    );
+    promtool_check(&node_a);
+
+    // A Telemetry that turns the server side off for the namespace: the destination
+    // agents stop counting, the source agent goes on.
+    kubectl(
+        "apply",
+        "telemetry-demo",
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: no-server, namespace: demo}\n\
+         spec:\n  metrics:\n  - overrides:\n    - match: {mode: SERVER}\n      disabled: true\n",
+    );
+    let quiet = |node: &str| {
+        on_node(node, &["curl", "-sf", "http://127.0.0.1:15000/config_dump"])
+            .contains("demo/no-server")
+    };
+    eventually("both agents serve the new Telemetry", || {
+        quiet("node-a") && quiet("node-b")
+    });
+    let (server_before, source_before) = (
+        destination("node-b", "v2", "mutual_tls"),
+        source("v1") + source("v2"),
+    );
+    let answers = reviews("/", 40, "{}", "new");
+    assert_eq!(answers.total(), 40, "{:?}", answers.counts);
+    eventually("the source still counts", || {
+        source("v1") + source("v2") == source_before + 40.0
+    });
+    assert_eq!(destination("node-b", "v2", "mutual_tls"), server_before);
 }

@@ -32,6 +32,7 @@ use self::{
     peerauth::WorkloadMtls,
     routing::RouteTable,
     security::{SecurityConfig, WorkloadSecurity},
+    telemetry::WorkloadTelemetry,
 };
 
 /// Label that takes a pod, or every pod of a namespace, out of the mesh (Istio ambient's).
@@ -501,7 +502,7 @@ fn security_summary<S: serde::Serializer>(
 ) -> Result<S::Ok, S::Error> {
     let summary: BTreeMap<String, serde_json::Value> = security
         .iter()
-        .filter(|(_, s)| !s.is_empty())
+        .filter(|(_, s)| !s.is_empty() || s.telemetry != WorkloadTelemetry::default())
         .map(|(ip, s)| {
             let policies: Vec<String> = s
                 .policies
@@ -511,7 +512,12 @@ fn security_summary<S: serde::Serializer>(
             let jwt: Vec<String> = s.jwt_rules.iter().map(|r| r.issuer.clone()).collect();
             (
                 ip.to_string(),
-                serde_json::json!({ "authorization": policies, "jwt_issuers": jwt, "http_ports": s.http_ports }),
+                serde_json::json!({
+                    "authorization": policies,
+                    "jwt_issuers": jwt,
+                    "http_ports": s.http_ports,
+                    "telemetry": s.telemetry,
+                }),
             )
         })
         .collect();
