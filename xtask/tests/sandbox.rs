@@ -130,9 +130,20 @@ fn promtool_check(metrics: &str) {
         metrics.as_bytes(),
     )
     .expect("write");
-    ok(
-        promtool.wait_with_output().expect("promtool"),
-        "promtool check metrics",
+    let output = promtool.wait_with_output().expect("promtool");
+    // Istio's own name breaks one style rule (exit code 3: lint problems only); dashboards
+    // query it by that name, so it stays.
+    let istio_name =
+        "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\"";
+    let problems = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    let only_istio_names = output.status.code() == Some(3)
+        && problems
+            .lines()
+            .all(|line| line.trim().is_empty() || line.trim() == istio_name);
+    assert!(
+        output.status.success() || only_istio_names,
+        "promtool check metrics: {problems}"
     );
 }
 
@@ -2051,7 +2062,7 @@ fn request_metrics_are_reported_by_the_source_and_the_destination_agent() {
                 ("source_workload", "client-a"),
                 (
                     "source_principal",
-                    "spiffe://cluster.local/ns/demo/sa/default",
+                    "spiffe://cluster.local/ns/demo/sa/client",
                 ),
                 service,
                 ("destination_workload", &format!("reviews-{version}")),
