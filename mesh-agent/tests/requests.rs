@@ -127,6 +127,7 @@ async fn serve(extra: &str) -> Served {
     let (client, agent_side) = tokio::io::duplex(64 * 1024);
     let exchange = Exchange {
         service: Some("httpbin.default.svc.cluster.local".into()),
+        client: Some(SocketAddrV4::new(sleep.ip, 40000)),
         mutual_tls: true,
     };
     tokio::spawn(guard.serve_http(agent_side, upstream, arrival, exchange));
@@ -297,6 +298,66 @@ async fn every_request_is_counted_by_the_destination_with_istios_labels() {
                 as f64
         )
     );
+}
+
+#[tokio::test]
+async fn an_access_log_filter_keeps_only_the_errors_as_json_lines() {
+    let log = std::env::temp_dir().join(format!("mesh-access-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let extra = format!(
+        "---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: istio, namespace: istio-system}}
+data:
+  mesh: |
+    accessLogFile: {}
+    accessLogEncoding: JSON
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: errors, namespace: default}}
+spec:
+  accessLogging:
+  - providers: [{{name: envoy}}]
+    filter: {{expression: 'response.code >= 400'}}
+",
+        log.display()
+    );
+    let mut served = serve(&extra).await;
+    assert_eq!(
+        served.get("/status", &[("user-agent", "probe/1")]).await.0,
+        200
+    );
+    assert_eq!(
+        served.get("/admin/x", &[("user-agent", "probe/2")]).await.0,
+        403
+    );
+    let mut text = String::new();
+    for _ in 0..200 {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().count() >= 1
+            && served
+                .metrics
+                .encode()
+                .contains("mesh_access_log_lines_written_total 1")
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "only the 403 is kept: {text}");
+    let line: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON line");
+    assert_eq!(line["response_code"], 403);
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["path"], "/admin/x");
+    assert_eq!(line["user_agent"], "probe/2");
+    assert_eq!(line["authority"], "httpbin.default:8000");
+    assert_eq!(line["upstream_cluster"], "inbound|80||");
+    assert_eq!(line["bytes_sent"], 19);
+    assert_eq!(line["downstream_remote_address"], "10.244.1.10:40000");
+    let _ = std::fs::remove_file(&log);
 }
 
 fn testdata(name: &str) -> String {

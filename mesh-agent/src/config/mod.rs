@@ -8,6 +8,8 @@ pub mod condition;
 pub mod istio;
 pub mod jwks;
 pub mod kube;
+pub mod log_format;
+pub mod mesh_config;
 pub mod mesh_policy;
 pub mod source;
 pub mod validate;
@@ -136,6 +138,8 @@ pub struct ClusterConfig {
     pub istio: IstioConfig,
     /// The mesh's own kinds (`policy.mesh.dev`).
     pub mesh: mesh_policy::MeshPolicies,
+    /// Istio's MeshConfig (the `istio` ConfigMap of `istio-system`), when there is one.
+    pub mesh_config: mesh_config::MeshConfig,
     pub diagnostics: Vec<Diagnostic>,
 }
 
@@ -366,6 +370,20 @@ fn load_text(
                 config.service_accounts.push(sa);
                 Ok(())
             }),
+            ("", "ConfigMap")
+                if version == "v1"
+                    && name == mesh_config::CONFIG_MAP
+                    && namespace == DEFAULT_ROOT_NAMESPACE =>
+            {
+                let text = value
+                    .get("data")
+                    .and_then(|data| data.get(mesh_config::MESH_KEY))
+                    .and_then(|mesh| mesh.as_str())
+                    .unwrap_or_default();
+                mesh_config::parse(text)
+                    .map(|mesh| config.mesh_config = mesh)
+                    .map_err(Rejection::error)
+            }
             ("networking.istio.io", "EnvoyFilter") | ("extensions.istio.io", "WasmPlugin") => {
                 Err(Rejection::error(format!(
                     "{kind} is not supported: this mesh has no Envoy to patch or extend"

@@ -133,6 +133,7 @@ pub fn validate(config: &mut ClusterConfig) {
                 &mut found,
             );
         }
+        check_access_logging(telemetry, config, &mut found);
     }
     for dr in &istio.destination_rules {
         check_destination_limits(dr, &mut found);
@@ -781,6 +782,39 @@ fn check_destination_limits(dr: &Resource<DestinationRule>, found: &mut Vec<Diag
 /// An `HTTPLocalRateLimitPolicy`: one target (an existing Service, or a selector), each
 /// at most once; positive rates and bursts, client limits within the total; overrides
 /// naming service accounts.
+/// An access log filter must be CEL; a provider must be one MeshConfig defines.
+fn check_access_logging(
+    telemetry: &Resource<Telemetry>,
+    config: &ClusterConfig,
+    found: &mut Vec<Diagnostic>,
+) {
+    let known = config.mesh_config.access_log_providers();
+    for (i, entry) in telemetry.spec.access_logging.iter().enumerate() {
+        for (j, provider) in entry.providers.iter().enumerate() {
+            if !known.contains(&provider.name.as_str()) {
+                found.push(warning(
+                    telemetry,
+                    &format!("spec.accessLogging[{i}].providers[{j}].name"),
+                    format!(
+                        "no access log provider {:?} in the MeshConfig (ConfigMap istio-system/istio; known: {}): nothing is logged for it",
+                        provider.name,
+                        if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                    ),
+                ));
+            }
+        }
+        if let Some(filter) = &entry.filter {
+            if let Err(err) = cel_interpreter::Program::compile(&filter.expression) {
+                found.push(error(
+                    telemetry,
+                    &format!("spec.accessLogging[{i}].filter.expression"),
+                    format!("{:?} is not a CEL expression: {err}", filter.expression),
+                ));
+            }
+        }
+    }
+}
+
 fn check_local_rate_limit(
     policy: &Resource<HttpLocalRateLimitPolicy>,
     config: &ClusterConfig,
@@ -970,6 +1004,10 @@ fn enforced(kind: &str) -> &'static [&'static str] {
             "selector",
             "targetRef",
             "targetRefs",
+            "accessLogging[].providers",
+            "accessLogging[].disabled",
+            "accessLogging[].filter",
+            "accessLogging[].match.mode",
             "metrics[].providers",
             "metrics[].overrides[].match.metric",
             "metrics[].overrides[].match.mode",

@@ -3,6 +3,7 @@
 //! by address with its endpoints, subsets and load-balancing policy, every node's address,
 //! and destination resolution.
 
+pub mod access_log;
 pub mod circuit;
 pub mod destination_policy;
 pub mod discovery;

@@ -219,12 +219,18 @@ impl WorkloadSecurity {
         self.policies.is_empty()
             && self.jwt_rules.is_empty()
             && self.rate_limit.is_none()
-            && self.telemetry.server != Reporting::Always
+            && !self.observes_every_request()
     }
 
-    /// Whether every request to `port` is to be reported (so served one by one).
+    /// Every request it serves is counted or logged.
+    fn observes_every_request(&self) -> bool {
+        self.telemetry.server == Reporting::Always || self.telemetry.server_logs.is_some()
+    }
+
+    /// Whether every request to `port` is to be reported or logged (so served one by
+    /// one).
     pub fn reports_requests(&self, port: u16) -> bool {
-        self.telemetry.server == Reporting::Always && self.http_ports.contains(&port)
+        self.observes_every_request() && self.http_ports.contains(&port)
     }
 
     /// Whether requests to `port` are counted against a rate limit.

@@ -65,15 +65,15 @@ pub async fn dial(
     Ok(upstream)
 }
 
-/// Carries `downstream` (a connection to `service`, when known) to the workload on
-/// `upstream` as `carry` says.
+/// Carries `downstream` (`exchange` says where it came from and was headed) to the
+/// workload on `upstream` as `carry` says.
 pub async fn carry(
     proxy: &Proxy,
     arrival: Arc<Arrival>,
     carry: Carry,
     downstream: Downstream,
     mut upstream: TcpStream,
-    service: Option<String>,
+    exchange: Exchange,
     result: &mut ConnResult,
 ) -> Result<(), ProxyError> {
     let counts = result.bytes();
@@ -81,10 +81,6 @@ pub async fn carry(
         (Carry::Http, Downstream::Socket(client)) => {
             result.set_carried(Carried::Http);
             let client = Counted::client(client, counts);
-            let exchange = Exchange {
-                service,
-                mutual_tls: false,
-            };
             proxy
                 .guard
                 .clone()
@@ -95,10 +91,6 @@ pub async fn carry(
             result.set_carried(Carried::Http);
             // The HTTP server reads the tunnel's bytes through an in-memory pipe.
             let (mut tunnel_end, http_end) = tokio::io::duplex(COPY_BUFFER);
-            let exchange = Exchange {
-                service,
-                mutual_tls: true,
-            };
             let serving = tokio::spawn(proxy.guard.clone().serve_http(
                 Counted::client(http_end, counts),
                 upstream,

@@ -22,6 +22,7 @@ use crate::{
         limits::PerSource,
         plan::{plan_inbound, Refusal, TunnelRequest},
         pool::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW},
+        requests::Exchange,
         Proxy,
     },
     telemetry::result::{ConnResult, Side},
@@ -216,7 +217,11 @@ async fn stream_of(
             plan.carry,
             Downstream::Tunnel { send, recv },
             upstream,
-            tunnel.service.clone(),
+            Exchange {
+                service: tunnel.service.clone(),
+                client: Some(tunnel.client),
+                mutual_tls: true,
+            },
             &mut result,
         )
         .await

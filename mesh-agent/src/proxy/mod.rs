@@ -6,6 +6,7 @@
 //! connections), `pool` (HBONE to other agents), `limits` (connections per
 //! source), `copy` and `socket`.
 
+pub mod access;
 pub mod copy;
 pub mod deliver;
 pub mod error;

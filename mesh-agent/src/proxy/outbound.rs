@@ -17,6 +17,7 @@ use crate::{
         error::ProxyError,
         limits::PerSource,
         plan::{plan_outbound, Carry, Route, TunnelRequest},
+        requests::Exchange,
         router, socket, Proxy,
     },
     telemetry::{
@@ -130,7 +131,11 @@ async fn carry_out(
                 carry,
                 Downstream::Socket(client),
                 upstream,
-                plan.service.clone(),
+                Exchange {
+                    service: plan.service.clone(),
+                    client: Some(client_addr),
+                    mutual_tls: false,
+                },
                 result,
             )
             .await
@@ -143,7 +148,11 @@ async fn carry_out(
                 carry,
                 Downstream::Socket(client),
                 upstream,
-                plan.service.clone(),
+                Exchange {
+                    service: plan.service.clone(),
+                    client: Some(client_addr),
+                    mutual_tls: false,
+                },
                 result,
             )
             .await;

@@ -7,6 +7,7 @@
 
 use std::{
     convert::Infallible,
+    net::SocketAddrV4,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -43,6 +44,7 @@ use crate::{
         request::normalise,
     },
     proxy::{
+        access::{Addresses, Handled, PendingLine},
         error::ProxyError,
         metered::{grpc_status, head_size, BodyEnd, Metered, Reported},
     },
@@ -148,24 +150,39 @@ impl Guard {
             sender: tokio::sync::Mutex::new(None),
         });
         let reporting = self.reporting(&arrival, &exchange).map(Arc::new);
+        let workload =
+            SocketAddrV4::new(arrival.facts.destination_ip, arrival.facts.destination_port);
+        let addresses = Addresses {
+            local: Some(workload),
+            remote: exchange.client,
+            mutual_tls: exchange.mutual_tls,
+        };
         let service = service_fn(move |request: Request<Incoming>| {
             let (guard, arrival, upstream) = (self.clone(), arrival.clone(), upstream.clone());
             let reporting = reporting.clone();
             async move {
-                let started = Instant::now();
-                let grpc = is_grpc(request.headers());
                 let (parts, body) = request.into_parts();
-                let request_head = request_head_size(&parts);
-                let request_bytes = Arc::new(AtomicU64::new(0));
-                let body = Metered::new(body, request_bytes.clone());
+                let logs = arrival.security.telemetry.server_logs.as_ref();
+                let mut observed = Observed {
+                    reporting,
+                    line: logs.map(|logs| PendingLine::capture(logs, &parts, addresses)),
+                    started: Instant::now(),
+                    grpc: is_grpc(&parts.headers),
+                    request_head: request_head_size(&parts),
+                    request_bytes: Arc::new(AtomicU64::new(0)),
+                };
+                let body = Metered::new(body, observed.request_bytes.clone());
                 let request = Request::from_parts(parts, body);
                 let response = guard.handle(request, &arrival, &upstream).await;
-                Ok::<_, Infallible>(match &reporting {
-                    Some(reporting) => {
-                        reporting.report(response, grpc, started, request_head, request_bytes)
-                    }
-                    None => response.map(Reported::unreported),
-                })
+                let handled = Handled {
+                    upstream: Some(workload),
+                    cluster: Some(format!("inbound|{}||", workload.port())),
+                    ..Handled::default()
+                };
+                if let Some(line) = &mut observed.line {
+                    line.respond(&response, ResponseFlags::default(), handled);
+                }
+                Ok::<_, Infallible>(observed.report(response, &guard.metrics))
             }
         });
         server(HEADER_READ_TIMEOUT)
@@ -325,10 +342,13 @@ pub type Body = Either<Incoming, Full<Bytes>>;
 /// holds whole.
 pub type Outgoing = Either<Metered<Incoming>, Full<Bytes>>;
 
-/// Where the requests of a judged connection were headed, for their metrics.
+/// Where the requests of a judged connection came from and were headed, for their
+/// metrics and logs.
 pub struct Exchange {
     /// The Service host the client addressed, when known.
     pub service: Option<String>,
+    /// The client's address, when known.
+    pub client: Option<SocketAddrV4>,
     /// The requests arrived over HBONE (mutual TLS).
     pub mutual_tls: bool,
 }
@@ -339,35 +359,49 @@ struct Reporting {
     peers: Arc<PeerLabels>,
 }
 
-impl Reporting {
-    /// `response`, reporting its request when its body has gone out.
-    fn report(
-        self: &Arc<Self>,
-        response: Response<Body>,
-        grpc: bool,
-        started: Instant,
-        request_head: u64,
-        request_bytes: Arc<AtomicU64>,
-    ) -> Response<Reported<Body>> {
+/// What is observed of one request: counted, logged, or both.
+struct Observed {
+    reporting: Option<Arc<Reporting>>,
+    line: Option<PendingLine>,
+    started: Instant,
+    grpc: bool,
+    request_head: u64,
+    /// The request body's bytes, counted as they pass.
+    request_bytes: Arc<AtomicU64>,
+}
+
+impl Observed {
+    /// `response`, counting and logging its request when its body has gone out.
+    fn report(self, response: Response<Body>, metrics: &Arc<Metrics>) -> Response<Reported<Body>> {
+        if self.reporting.is_none() && self.line.is_none() {
+            return response.map(Reported::unreported);
+        }
         let (parts, body) = response.into_parts();
         let code = parts.status.as_u16();
         let response_head = response_head_size(&parts);
-        let reporting = self.clone();
+        let head_status = self.grpc.then(|| grpc_status(&parts.headers)).flatten();
+        let metrics = metrics.clone();
         let report = Box::new(move |end: BodyEnd| {
-            let outcome = RequestEnd {
-                grpc,
-                response_code: code,
-                grpc_status: end.grpc_status,
-                flags: ResponseFlags::default(),
-            };
-            let measures = Measures {
-                duration: started.elapsed(),
-                request_bytes: request_head + request_bytes.load(Ordering::Relaxed),
-                response_bytes: response_head + end.bytes,
-            };
-            reporting.tally.record(&reporting.peers, outcome, &measures);
+            let took = self.started.elapsed();
+            let body_bytes = self.request_bytes.load(Ordering::Relaxed);
+            if let Some(reporting) = &self.reporting {
+                let outcome = RequestEnd {
+                    grpc: self.grpc,
+                    response_code: code,
+                    grpc_status: end.grpc_status,
+                    flags: ResponseFlags::default(),
+                };
+                let measures = Measures {
+                    duration: took,
+                    request_bytes: self.request_head + body_bytes,
+                    response_bytes: response_head + end.bytes,
+                };
+                reporting.tally.record(&reporting.peers, outcome, &measures);
+            }
+            if let Some(line) = self.line {
+                line.finish(&metrics.access_logs, end, body_bytes, took);
+            }
         });
-        let head_status = grpc.then(|| grpc_status(&parts.headers)).flatten();
         Response::from_parts(parts, Reported::new(body, head_status, report))
     }
 }

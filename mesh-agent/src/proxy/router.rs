@@ -33,11 +33,12 @@ use crate::{
             choose_random, AbortWith, Action, Fault, HttpRule, RequestFacts, RetryPolicy, Selected,
             TryOutcome, WeightedDestination,
         },
-        telemetry::Reporting,
+        telemetry::{AccessLogs, Reporting},
         MeshState, Pick, ServicePortState, Workload,
     },
     policy::request::normalise,
     proxy::{
+        access::{Addresses, Handled, PendingLine},
         copy::{copy_to_tunnel, COPY_BUFFER},
         error::ProxyError,
         metered::{grpc_status, BodyEnd, Metered, Reported},
@@ -74,14 +75,15 @@ pub async fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let reported = proxy
+    let telemetry = proxy
         .state
         .current()
         .security_of(*client_addr.ip())
         .telemetry
-        .client
-        != Reporting::Never;
-    let tally = reported.then(|| proxy.guard.metrics.requests.connection());
+        .clone();
+    let tally =
+        (telemetry.client != Reporting::Never).then(|| proxy.guard.metrics.requests.connection());
+    let logs = telemetry.client_logs;
     let router = Arc::new(Router {
         proxy,
         source,
@@ -91,6 +93,7 @@ where
     });
     let reporting = Arc::new(SourceReporting {
         tally,
+        logs,
         peers: Mutex::default(),
     });
     let service = service_fn(move |request| {
@@ -120,6 +123,8 @@ struct Router {
 struct SourceReporting {
     /// `None` when a Telemetry turns the source's request metrics off.
     tally: Option<ConnectionTally>,
+    /// Where its requests are logged, if anywhere.
+    logs: Option<Arc<AccessLogs>>,
     peers: Mutex<Vec<KnownPeers>>,
 }
 
@@ -205,46 +210,59 @@ impl Router {
         let grpc = is_grpc(request.headers());
         let (parts, body) = request.into_parts();
         let request_head = request_head_size(&parts);
+        let addresses = Addresses {
+            local: Some(self.addressed),
+            remote: Some(self.client),
+            mutual_tls: false,
+        };
+        let mut line = reporting
+            .logs
+            .as_ref()
+            .map(|logs| PendingLine::capture(logs, &parts, addresses));
         let request_bytes = Arc::new(AtomicU64::new(0));
         let request = Request::from_parts(parts, Metered::new(body, request_bytes.clone()));
         let mut record = RequestRecord::new(&self.hostname);
         let response = self.route(request, &mut record).await;
         record.finish(response.status(), started.elapsed());
         self.proxy.guard.metrics.request_routed(&record);
-        tracing::debug!(
-            target: "mesh::access",
-            "{} → {} route={} upstream={} {} flags={} attempts={} {:?}",
-            self.client,
-            self.hostname,
-            record.route.as_deref().unwrap_or("-"),
-            record.upstream.map_or("-".into(), |u| u.to_string()),
-            response.status().as_u16(),
-            record.flags,
-            record.attempts,
-            record.duration,
-        );
-        let Some(tally) = &reporting.tally else {
+        let tally = reporting.tally.as_ref();
+        if tally.is_none() && line.is_none() {
             return response.map(Reported::unreported);
-        };
-        let peers = reporting.peers(self, &record, tally);
+        }
+        let peers = tally.map(|tally| reporting.peers(self, &record, tally));
+        if let Some(line) = &mut line {
+            let handled = Handled {
+                upstream: record.upstream,
+                cluster: record.cluster.clone(),
+                route: record.route.clone(),
+                details: None,
+            };
+            line.respond(&response, record.flags, handled);
+        }
         let (parts, body) = response.into_parts();
         let response_head = response_head_size(&parts);
         let (code, flags) = (parts.status.as_u16(), record.flags);
         let reporting = reporting.clone();
+        let metrics = self.proxy.guard.metrics.clone();
         let report = Box::new(move |end: BodyEnd| {
-            let outcome = RequestEnd {
-                grpc,
-                response_code: code,
-                grpc_status: end.grpc_status,
-                flags,
-            };
-            let measures = Measures {
-                duration: started.elapsed(),
-                request_bytes: request_head + request_bytes.load(Ordering::Relaxed),
-                response_bytes: response_head + end.bytes,
-            };
-            if let Some(tally) = &reporting.tally {
-                tally.record(&peers, outcome, &measures);
+            let took = started.elapsed();
+            let body_bytes = request_bytes.load(Ordering::Relaxed);
+            if let (Some(tally), Some(peers)) = (&reporting.tally, &peers) {
+                let outcome = RequestEnd {
+                    grpc,
+                    response_code: code,
+                    grpc_status: end.grpc_status,
+                    flags,
+                };
+                let measures = Measures {
+                    duration: took,
+                    request_bytes: request_head + body_bytes,
+                    response_bytes: response_head + end.bytes,
+                };
+                tally.record(peers, outcome, &measures);
+            }
+            if let Some(line) = line {
+                line.finish(&metrics.access_logs, end, body_bytes, took);
             }
         });
         let head_status = grpc.then(|| grpc_status(&parts.headers)).flatten();
@@ -404,6 +422,7 @@ impl Router {
             .and_then(|c| c.limits.as_ref())
             .unwrap_or(&UNCONFIGURED_LIMITS);
         let budget = self.proxy.budgets.budget(&key, limits);
+        record.cluster = Some(key.cluster.clone());
         // Held until the response head is back: the request, and its place on a
         // connection (waiting as a pending request while all are busy).
         let _request = match budget.try_request() {
@@ -633,6 +652,7 @@ impl Router {
                     let guard = self.proxy.guard.clone();
                     let exchange = Exchange {
                         service: Some(hostname.to_owned()),
+                        client: Some(self.client),
                         mutual_tls: false,
                     };
                     tokio::spawn(async move {

@@ -24,7 +24,10 @@ use tokio::io::unix::AsyncFd;
 use crate::{
     datapath::ip_from_key,
     model::{MeshState, SharedState, Workload},
-    telemetry::{conns::ConnTable, request::RequestRecord, request_metrics::RequestMetrics},
+    telemetry::{
+        access_log::LogWriters, conns::ConnTable, request::RequestRecord,
+        request_metrics::RequestMetrics,
+    },
 };
 
 /// Istio's TCP metric labels.
@@ -142,6 +145,8 @@ pub struct Metrics {
     tracker: Mutex<Option<Tracker>>,
     /// Istio's request metrics, tallied per connection.
     pub requests: RequestMetrics,
+    /// The access logs' writers.
+    pub access_logs: LogWriters,
     state: SharedState,
     conns: Arc<ConnTable>,
     trust_domain: String,
@@ -152,6 +157,17 @@ impl Metrics {
     pub fn new(state: SharedState, conns: Arc<ConnTable>, requests: RequestMetrics) -> Metrics {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(requests.clone()));
+        let access_logs = LogWriters::default();
+        registry.register(
+            "mesh_access_log_lines_written",
+            "Access log lines written",
+            access_logs.written.clone(),
+        );
+        registry.register(
+            "mesh_access_log_lines_dropped",
+            "Access log lines dropped because their writer was behind (a slow disk never slows requests)",
+            access_logs.dropped.clone(),
+        );
         let opened = Family::<TcpLabels, Counter>::default();
         let closed = Family::<TcpLabels, Counter>::default();
         let sent = Family::<TcpLabels, Counter>::default();
@@ -262,6 +278,7 @@ impl Metrics {
             tracker: Mutex::new(None),
             trust_domain: requests.settings.trust_domain.clone(),
             requests,
+            access_logs,
             state,
             conns,
             expired: Mutex::new(Instant::now()),

@@ -2,6 +2,7 @@
 //! flow events joined with the proxy's connection records, and the outcome of every
 //! routed request.
 
+pub mod access_log;
 pub mod conns;
 pub mod metrics;
 pub mod request;

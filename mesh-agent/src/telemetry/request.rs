@@ -106,6 +106,8 @@ pub struct RequestRecord {
     pub destination: Option<Arc<Workload>>,
     /// The last try crossed nodes over mutual TLS.
     pub mutual_tls: bool,
+    /// Envoy's name of the cluster it was sent to (`outbound|port|subset|host`).
+    pub cluster: Option<String>,
     pub status: Option<StatusCode>,
     pub flags: ResponseFlags,
     /// Tries made (the first one and the retries).
@@ -121,6 +123,7 @@ impl RequestRecord {
             upstream: None,
             destination: None,
             mutual_tls: false,
+            cluster: None,
             status: None,
             flags: ResponseFlags::default(),
             attempts: 0,
