@@ -257,6 +257,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     });
     tokio::spawn(outbound::serve(capture, proxy.clone()));
     tokio::spawn(expire_idle_routing_state(proxy.clone()));
+    tokio::spawn(retire_stale_tunnels(proxy.clone()));
     tokio::spawn(inbound::serve(tunnel_listener, proxy));
     tokio::spawn(server::serve(metrics_listener, admin::metrics(metrics)));
     tokio::spawn(server::serve(
@@ -330,5 +331,24 @@ async fn expire_idle_routing_state(proxy: Arc<Proxy>) {
         let pods: std::collections::HashSet<String> =
             state.local_workloads().map(|w| w.key()).collect();
         proxy.budgets.prune(|key| pods.contains(&key.source));
+    }
+}
+
+/// Closes pooled HBONE connections whose identities a new configuration no longer places
+/// where they go (a certificate's expiry closes them on its own).
+async fn retire_stale_tunnels(proxy: Arc<Proxy>) {
+    let mut ticker = tokio::time::interval(POLL_INTERVAL);
+    let mut seen = proxy.state.current();
+    loop {
+        ticker.tick().await;
+        let state = proxy.state.current();
+        if Arc::ptr_eq(&state, &seen) {
+            continue;
+        }
+        let trust_domain = &proxy.settings.trust_domain;
+        proxy.pool.retire_stale(|source, destination, agent| {
+            crate::proxy::pool::identities_hold(&state, trust_domain, source, destination, agent)
+        });
+        seen = state;
     }
 }
