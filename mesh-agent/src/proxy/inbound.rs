@@ -175,50 +175,6 @@ async fn connection(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_connection_holds_while_both_identities_have_pods_this_side_needs() {
-        let yaml = "\
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: shop}
-spec: {nodeName: node-a, serviceAccountName: client}
-status: {podIP: 10.244.1.10}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web, namespace: shop}
-spec: {nodeName: node-b, serviceAccountName: web}
-status: {podIP: 10.244.2.10}
-";
-        let config = crate::config::load_str(std::path::Path::new("test.yaml"), yaml);
-        let id = |sa: &str| SpiffeId::new("cluster.local", "shop", sa);
-        let node_b = MeshState::build("node-b", &config);
-        assert!(identities_hold(
-            &node_b,
-            "cluster.local",
-            &id("client"),
-            &id("web")
-        ));
-        assert!(
-            !identities_hold(&node_b, "cluster.local", &id("client"), &id("client")),
-            "no pod of node-b runs as the identity the peer connected to"
-        );
-        assert!(
-            !identities_hold(&node_b, "cluster.local", &id("gone"), &id("web")),
-            "no pod runs as the peer's identity"
-        );
-        let node_a = MeshState::build("node-a", &config);
-        assert!(
-            !identities_hold(&node_a, "cluster.local", &id("client"), &id("web")),
-            "web is not on node-a"
-        );
-    }
-}
-
 fn respond_with(
     respond: &mut SendResponse<Bytes>,
     status: StatusCode,
@@ -315,4 +271,48 @@ async fn stream_of(
         result.fail(crate::errors::describe(err));
     }
     delivered
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_holds_while_both_identities_have_pods_this_side_needs() {
+        let yaml = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop}
+spec: {nodeName: node-a, serviceAccountName: client}
+status: {podIP: 10.244.1.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop}
+spec: {nodeName: node-b, serviceAccountName: web}
+status: {podIP: 10.244.2.10}
+";
+        let config = crate::config::load_str(std::path::Path::new("test.yaml"), yaml);
+        let id = |sa: &str| SpiffeId::new("cluster.local", "shop", sa);
+        let node_b = MeshState::build("node-b", &config);
+        assert!(identities_hold(
+            &node_b,
+            "cluster.local",
+            &id("client"),
+            &id("web")
+        ));
+        assert!(
+            !identities_hold(&node_b, "cluster.local", &id("client"), &id("client")),
+            "no pod of node-b runs as the identity the peer connected to"
+        );
+        assert!(
+            !identities_hold(&node_b, "cluster.local", &id("gone"), &id("web")),
+            "no pod runs as the peer's identity"
+        );
+        let node_a = MeshState::build("node-a", &config);
+        assert!(
+            !identities_hold(&node_a, "cluster.local", &id("client"), &id("web")),
+            "web is not on node-a"
+        );
+    }
 }
