@@ -17,7 +17,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use serde::Serialize;
 
 /// The size of each map the agent fills, set at load time (`--max-*` flags).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capacities {
     /// `MESH_WORKLOADS`: pods of the whole mesh.
     pub workloads: u32,
@@ -105,7 +105,7 @@ pub struct MapUsage {
 }
 
 /// What a sync of the maps left, and who fails closed because of it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MapsReport {
     pub maps: Vec<MapUsage>,
     /// Local pods (`namespace/name`) with a reduced datapath, and how it fails closed.

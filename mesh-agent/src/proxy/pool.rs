@@ -127,7 +127,7 @@ pub fn identities_hold(
     source_here && destination_there
 }
 
-pub fn unix_now() -> i64 {
+fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
