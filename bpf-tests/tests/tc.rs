@@ -6,7 +6,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::{
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use bpf_tests::{
@@ -21,8 +21,9 @@ use mesh_agent::{
 use mesh_common::{
     pins, programs, verdict, PolicyKey, PortKey, ServiceInfo, TrafficCounters, TrafficKey,
     WorkloadInfo, AGENT_MARK, CAPTURE_MARK, DIRECTION_FROM_POD, NAME_LEN, OUTBOUND_CAPTURE_PORT,
-    POLICY_ALLOW, POLICY_DENY, PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT, WORKLOAD_FLAG_LOCAL,
-    WORKLOAD_FLAG_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT_PORTS,
+    POLICY_ALLOW, POLICY_DENY, PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT, SETTINGS_KEY,
+    SETTING_CAPTURE_UNKNOWN, WORKLOAD_FLAG_LOCAL, WORKLOAD_FLAG_MTLS_STRICT,
+    WORKLOAD_FLAG_MTLS_STRICT_PORTS,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -327,6 +328,82 @@ fn tcp_fragments_towards_meshed_destinations_are_dropped() {
             assert_eq!(run(&loaded, prog, packet, pod).action, TC_ACT_OK);
         }
         assert_eq!(counted(&loaded), [("passed", 3), ("drop_fragment", 3)]);
+    });
+}
+
+fn set_capture_unknown(loaded: &mut Loaded) {
+    let mut settings: Array<_, u32> =
+        Array::try_from(loaded.ebpf.map_mut(pins::SETTINGS).expect("settings map")).expect("array");
+    settings
+        .set(SETTINGS_KEY, SETTING_CAPTURE_UNKNOWN, 0)
+        .expect("set the capture bit");
+}
+
+#[test]
+fn with_incomplete_maps_new_connections_to_unknown_destinations_go_to_the_agent() {
+    in_new_netns(|| {
+        let mut loaded = load();
+        let pod = mesh(&mut loaded);
+        set_capture_unknown(&mut loaded);
+        let prog = program(&mut loaded, programs::TC_FROM_POD);
+        // A SYN to an address the maps do not hold may be for a pod that did not fit: no
+        // agent listens here, so it is dropped where it used to pass.
+        let syn = run(
+            &loaded,
+            prog,
+            &tcp_packet(POD, OUTSIDE, 40000, 443, TCP_SYN),
+            pod,
+        );
+        assert_eq!(syn.action, TC_ACT_SHOT);
+        // Other segments to unknown destinations (replies of connections into the pod)
+        // pass; TCP fragments towards them may carry a SYN and are dropped.
+        let reply = tcp_packet(POD, OUTSIDE, 8080, 40000, TCP_SYN | TCP_ACK);
+        assert_eq!(run(&loaded, prog, &reply, pod).action, TC_ACT_OK);
+        let [first, rest] = fragmented_syn(POD, OUTSIDE, 40001, 443);
+        assert_eq!(run(&loaded, prog, &first, pod).action, TC_ACT_SHOT);
+        assert_eq!(run(&loaded, prog, &rest, pod).action, TC_ACT_SHOT);
+        assert_eq!(
+            counted(&loaded),
+            [("passed", 1), ("drop_no_proxy", 1), ("drop_fragment", 2)]
+        );
+    });
+}
+
+#[test]
+fn a_pod_missing_from_the_workload_map_is_reached_only_by_the_agent() {
+    in_new_netns(|| {
+        let mut loaded = load();
+        let pod = mesh(&mut loaded);
+        let missing = Ipv4Addr::new(10, 244, 1, 99);
+        let prog = program(&mut loaded, programs::TC_TO_POD);
+        let plaintext = run(
+            &loaded,
+            prog,
+            &tcp_packet(MESHED_POD, missing, 40000, 8080, TCP_SYN),
+            pod,
+        );
+        let udp = run(
+            &loaded,
+            prog,
+            &udp_packet(MESHED_POD, missing, 5353, 53),
+            pod,
+        );
+        assert_eq!((plaintext.action, udp.action), (TC_ACT_SHOT, TC_ACT_SHOT));
+        let from_agent = Context {
+            mark: AGENT_MARK,
+            ..pod
+        };
+        let judged = run(
+            &loaded,
+            prog,
+            &tcp_packet(MESHED_POD, missing, 40001, 8080, TCP_SYN),
+            from_agent,
+        );
+        assert_eq!(
+            judged.action, TC_ACT_OK,
+            "the agent judged what it delivers"
+        );
+        assert_eq!(counted(&loaded), [("drop_no_workload", 2)]);
     });
 }
 

@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map's key or value layout changes; maps live under
 /// `<bpffs dir>/maps-v<N>` so an agent of another layout never misreads them.
-pub const MAPS_LAYOUT_VERSION: u32 = 4;
+pub const MAPS_LAYOUT_VERSION: u32 = 5;
 
 /// The agent's transparent listener for connections captured leaving a pod.
 pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
@@ -44,6 +44,7 @@ pub mod pins {
     pub const FLOW_EVENTS: &str = "MESH_FLOW_EVENTS";
     pub const PORT_MTLS: &str = "MESH_PORT_MTLS";
     pub const POLICY: &str = "MESH_POLICY";
+    pub const SETTINGS: &str = "MESH_SETTINGS";
     pub const SPLICE_SOURCES: &str = "MESH_SPLICE_SOURCES";
     pub const SPLICE_TARGETS: &str = "MESH_SPLICE_TARGETS";
     pub const SPLICE_PEERS: &str = "MESH_SPLICE_PEERS";
@@ -79,6 +80,14 @@ pub const WORKLOAD_FLAG_MTLS_STRICT: u32 = 2;
 /// At least one port of the workload is STRICT in `PORT_MTLS`: a TCP fragment, whose port
 /// the kernel programs cannot see, may be for it.
 pub const WORKLOAD_FLAG_MTLS_STRICT_PORTS: u32 = 4;
+
+/// Index of the one `SETTINGS` entry.
+pub const SETTINGS_KEY: u32 = 0;
+/// `SETTINGS` bit: some workloads or Service ports did not fit in their maps, so a
+/// destination missing from them may still be meshed. `tc_from_pod` then hands every new
+/// TCP connection to the agent (which knows the whole mesh and reaches destinations
+/// outside it directly) instead of letting the unknown ones pass uncaptured.
+pub const SETTING_CAPTURE_UNKNOWN: u32 = 1;
 
 /// Values of `PORT_MTLS`, a port's PeerAuthentication mode overriding the workload's.
 pub const PORT_MTLS_PERMISSIVE: u32 = 1;
@@ -180,7 +189,11 @@ pub mod verdict {
     /// Dropped: non-TCP IPv4 to a pod under workload-wide STRICT that the agent did not
     /// send (ICMP errors excepted: they belong to the pod's own connections).
     pub const DROP_NON_TCP_STRICT: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// Dropped: a packet entering a pod that has no entry in `WORKLOADS` (the map was
+    /// full when the agent filled it) and that the agent did not send: such a pod is
+    /// reached only through the agent, which judges what it delivers.
+    pub const DROP_NO_WORKLOAD: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     /// Names as reported by meshctl and the metrics (`reason` label).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -198,6 +211,7 @@ pub mod verdict {
         "drop_unknown_ethertype",
         "drop_spoofed_source",
         "drop_non_tcp_strict",
+        "drop_no_workload",
     ];
 }
 

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, SockHash},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
     verdict, FlowKey, FlowStats, PolicyKey, PortKey, ServiceInfo, ServiceKey, TrafficCounters,
@@ -30,6 +30,11 @@ pub static MESH_PORT_MTLS: HashMap<PortKey, u32> = HashMap::pinned(16384, 0);
 /// Local pod → destination (and port): what AuthorizationPolicies decide on L4 facts.
 #[map]
 pub static MESH_POLICY: HashMap<PolicyKey, u32> = HashMap::pinned(65536, 0);
+
+/// Settings of the datapath the agent sets (`mesh_common::SETTING_*` bits at
+/// `SETTINGS_KEY`): today whether the maps are incomplete.
+#[map]
+pub static MESH_SETTINGS: Array<u32> = Array::pinned(1, 0);
 
 /// The agent's sockets of spliced flows whose received bytes the verdict redirects, by
 /// socket cookie. Not pinned: the sockets live and die with the agent that owns them.
@@ -68,4 +73,13 @@ pub fn count_verdict(index: u32) {
         // SAFETY: per-CPU slot, no other writer while this program runs on this CPU.
         unsafe { *counter += 1 };
     }
+}
+
+/// Whether some workloads or Service ports did not fit in their maps: a destination
+/// missing from them may be meshed all the same.
+#[inline(always)]
+pub fn capture_unknown() -> bool {
+    MESH_SETTINGS
+        .get(mesh_common::SETTINGS_KEY)
+        .is_some_and(|bits| bits & mesh_common::SETTING_CAPTURE_UNKNOWN != 0)
 }

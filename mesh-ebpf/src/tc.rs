@@ -12,6 +12,10 @@
 //! PeerAuthentication STRICT: TCP to such a pod port that the agent did not send (its
 //! sockets carry `AGENT_MARK`) is plaintext that bypassed the mesh, and is dropped.
 //!
+//! Kernel maps are bounded: when a pod did not fit in `MESH_WORKLOADS` nothing but the
+//! agent reaches it and it cannot send (its source is unknown), and when any workload or
+//! Service port did not fit, every new connection is handed to the agent.
+//!
 //! Both fail closed on what they cannot judge, since a hostile pod chooses its packets'
 //! shape: the same-node identity rests on the source address, so a pod may only send
 //! from its own; IPv6 and other non-IPv4 frames (ARP excepted) are dropped, the mesh
@@ -35,7 +39,7 @@ use mesh_common::{
 
 use crate::{
     maps::{
-        count_verdict, MESH_POLICY, MESH_PORT_MTLS, MESH_SERVICES, MESH_SERVICE_IPS, MESH_TRAFFIC,
+        capture_unknown, count_verdict, MESH_POLICY, MESH_PORT_MTLS, MESH_SERVICES, MESH_SERVICE_IPS, MESH_TRAFFIC,
         MESH_WORKLOADS,
     },
     packet::{
@@ -95,8 +99,10 @@ fn to_pod(ctx: &TcContext) -> i32 {
     if mark == AGENT_MARK {
         return TC_ACT_OK;
     }
+    // This program runs only on the veths of meshed pods, so the destination is one: a
+    // pod the agent could not write into the full map is reached only through the agent.
     let Some(workload) = MESH_WORKLOADS.get_ptr(ip.daddr) else {
-        return TC_ACT_OK;
+        return drop_counted(verdict::DROP_NO_WORKLOAD);
     };
     // SAFETY: a map value pointer, valid while this program runs.
     let flags = unsafe { (*workload).flags };
@@ -169,9 +175,10 @@ fn from_pod(ctx: &TcContext) -> i32 {
     }
     if ip.fragment {
         // Any port of a meshed address may be captured: a fragment towards one would
-        // reach it uncaptured once reassembled.
+        // reach it uncaptured once reassembled. With incomplete maps any address may be.
         let meshed = MESH_WORKLOADS.get_ptr(ip.daddr).is_some()
-            || MESH_SERVICE_IPS.get_ptr(ip.daddr).is_some();
+            || MESH_SERVICE_IPS.get_ptr(ip.daddr).is_some()
+            || capture_unknown();
         if meshed {
             return drop_counted(verdict::DROP_FRAGMENT);
         }
@@ -196,11 +203,15 @@ fn from_pod(ctx: &TcContext) -> i32 {
                 _pad: 0,
             })
             .is_some();
-    if !meshed {
+    let new_connection = flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0;
+    // With incomplete maps an unknown destination may be a meshed pod or Service that did
+    // not fit: its new connections go to the agent, which knows. Other segments to unknown
+    // destinations (replies of connections into the pod) pass as before.
+    if !meshed && !(new_connection && capture_unknown()) {
         count_verdict(verdict::PASSED);
         return TC_ACT_OK;
     }
-    if flags & TCP_FLAG_SYN == 0 || flags & TCP_FLAG_ACK != 0 {
+    if !new_connection {
         return drop_counted(verdict::DROP_NO_FLOW);
     }
     if policy_denies(ip.saddr, ip.daddr, u16::from_be(dport)) {

@@ -2159,3 +2159,203 @@ fn request_metrics_are_reported_by_the_source_and_the_destination_agent() {
     });
     assert_eq!(destination("node-b", "v2", "mutual_tls"), server_before);
 }
+
+/// `count` pods `spare-1`… on node-a serving HTTP on 8080, outside every Service.
+fn spare_pods(count: usize) -> String {
+    (1..=count)
+        .map(|n| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: spare-{n}, namespace: demo, labels: {{app: spare}}}}\n\
+                 spec:\n  nodeName: node-a\n  serviceAccountName: web\n  containers:\n  \
+                 - name: web\n    command: [sh, -c, 'echo $POD_NAME > name && exec python3 -m http.server 8080']\n    \
+                 readinessProbe: {{tcpSocket: {{port: 8080}}}}\n"
+            )
+        })
+        .collect()
+}
+
+/// The HTTP status and body of the readiness endpoint of `node`'s agent.
+fn readiness(node: &str) -> String {
+    on_node(
+        node,
+        &[
+            "curl",
+            "-s",
+            "-w",
+            " %{http_code}",
+            "http://127.0.0.1:15021/healthz/ready",
+        ],
+    )
+}
+
+/// Whether `url` answers within two seconds, fetched from `pod` or, with `--node`, from a
+/// node namespace.
+fn reachable(target: &[&str], url: &str) -> bool {
+    let mut all = vec!["sandbox", "exec"];
+    all.extend_from_slice(target);
+    all.extend_from_slice(&["--", "curl", "-sf", "-m", "2", url]);
+    xtask(&all).status.success()
+}
+
+#[test]
+fn kernel_maps_that_fill_up_fail_closed_for_the_pods_that_do_not_fit() {
+    // Four workload entries per node: the default cluster's four pods fit exactly.
+    let _sandbox = Sandbox::up_with(&[("MESH_MAX_WORKLOADS", "4")]);
+    let workloads_map =
+        |node: &str, name: &str| sample(&metrics(node), name, &[("map", "MESH_WORKLOADS")]);
+    assert_eq!(workloads_map("node-a", "mesh_map_capacity"), Some(4.0));
+    assert_eq!(workloads_map("node-a", "mesh_map_entries"), Some(4.0));
+    assert_eq!(
+        workloads_map("node-a", "mesh_map_refused_entries"),
+        Some(0.0)
+    );
+    assert!(readiness("node-a").ends_with(" 200"));
+
+    // Three more pods on node-a: it needs 7 entries (5 local pods, 2 on node-b). The 4
+    // lowest local addresses fit; spare-3 (the highest) and both remote pods do not.
+    kubectl("apply", "spares", &spare_pods(3));
+    eventually("node-a reports its full workload map", || {
+        workloads_map("node-a", "mesh_map_refused_entries") == Some(3.0)
+    });
+    assert_eq!(workloads_map("node-a", "mesh_map_entries"), Some(4.0));
+    let status = agent_status("node-a");
+    assert_eq!(status["ready"], false);
+    let reason = "MESH_WORKLOADS full: 3 of 7 entries refused (capacity 4)";
+    assert_eq!(status["not_ready_reason"], reason);
+    assert_eq!(status["capture_unknown"], true);
+    let failing: Vec<&String> = status["failing_closed"]
+        .as_object()
+        .expect("failing_closed")
+        .keys()
+        .collect();
+    assert_eq!(failing, ["demo/spare-3"]);
+    assert_eq!(readiness("node-a"), format!("not ready: {reason}\n 503"));
+    let text = on_node("node-a", &["meshctl", "status"]);
+    assert!(
+        text.contains("FULL: 3 refused") && text.contains("failing closed demo/spare-3"),
+        "{text}"
+    );
+    // node-b needs the same 7 entries (2 local, 5 on node-a): full too, its pods first.
+    eventually("node-b reports its full workload map", || {
+        workloads_map("node-b", "mesh_map_refused_entries") == Some(3.0)
+    });
+
+    let status = status_json();
+    let (spare_2, spare_3) = (pod_ip(&status, "spare-2"), pod_ip(&status, "spare-3"));
+    let web_b = pod_ip(&status, "web-b");
+
+    // The pod that did not fit cannot send (its source is no one's: dropped at its veth)…
+    let spoofed = tc_packets("node-a", "drop_spoofed_source");
+    assert!(!reachable(
+        &["spare-3"],
+        &format!("http://{web_b}:8080/name")
+    ));
+    assert!(tc_packets("node-a", "drop_spoofed_source") > spoofed);
+    // …and plaintext from its node cannot reach it, while it reaches spare-2 (PERMISSIVE)
+    // next to it: the difference is the map entry.
+    let no_workload = tc_packets("node-a", "drop_no_workload");
+    assert!(reachable(
+        &["--node", "node-a"],
+        &format!("http://{spare_2}:8080/name")
+    ));
+    assert!(!reachable(
+        &["--node", "node-a"],
+        &format!("http://{spare_3}:8080/name")
+    ));
+    assert!(tc_packets("node-a", "drop_no_workload") > no_workload);
+
+    // The others keep working, judged: web-b is not in node-a's map, yet client-a's
+    // connection to it is captured and tunnelled (not passed in plaintext).
+    let tunnelled = || {
+        sample(
+            &metrics("node-a"),
+            "mesh_connections_carried_total",
+            &[("how", "tunnel")],
+        )
+        .unwrap_or(0.0)
+    };
+    let before = tunnelled();
+    assert_eq!(
+        in_pod(
+            "client-a",
+            &format!("curl -sf -m 10 http://{web_b}:8080/name")
+        )
+        .trim(),
+        "web-b"
+    );
+    eventually("the connection to web-b was tunnelled", || {
+        tunnelled() == before + 1.0
+    });
+    assert_eq!(
+        in_pod(
+            "client-a",
+            &format!("curl -sf -m 10 http://{spare_2}:8080/name")
+        )
+        .trim(),
+        "spare-2"
+    );
+
+    // Back within capacity: everything fits again and the agent is ready.
+    kubectl("delete", "spares", &spare_pods(3));
+    eventually("node-a's maps hold everything again", || {
+        workloads_map("node-a", "mesh_map_refused_entries") == Some(0.0)
+    });
+    assert!(readiness("node-a").ends_with(" 200"));
+    let status = agent_status("node-a");
+    assert_eq!(status["capture_unknown"], false);
+    assert_eq!(status["failing_closed"], serde_json::json!({}));
+}
+
+/// The (local, peer) ends of `node`'s established connections whose `filter` (`sport`
+/// or `dport`) is the tunnel port, as `address:port` pairs.
+fn tunnel_ends(node: &str, filter: &str) -> std::collections::BTreeSet<(String, String)> {
+    on_node(
+        node,
+        &["ss", "-Htn", "state", "established", filter, "=", ":15008"],
+    )
+    .lines()
+    .filter_map(|line| {
+        let mut ends = line.split_whitespace().filter(|f| f.contains(':'));
+        Some((ends.next()?.to_owned(), ends.next()?.to_owned()))
+    })
+    .collect()
+}
+
+#[test]
+fn a_certificate_that_expires_under_a_pooled_connection_closes_it() {
+    // Certificates live 4 s (renewed every 2 s): a pooled connection stands at most that.
+    let _sandbox = Sandbox::up_with(&[("MESH_SANDBOX_CERT_TTL", "4s")]);
+    let web_b = pod_ip(&status_json(), "web-b");
+    let fetch = || {
+        in_pod(
+            "client-a",
+            &format!("curl -sf -m 10 http://{web_b}:8080/name"),
+        )
+    };
+    assert_eq!(fetch().trim(), "web-b");
+    // node-a's ends (local, peer) of the pooled connection, and node-b's view of them.
+    let first = tunnel_ends("node-a", "dport");
+    assert!(
+        !first.is_empty(),
+        "no pooled HBONE connection after a request"
+    );
+    let seen_from_b: std::collections::BTreeSet<(String, String)> = first
+        .iter()
+        .map(|(local, peer)| (peer.clone(), local.clone()))
+        .collect();
+    assert!(tunnel_ends("node-b", "sport").is_superset(&seen_from_b));
+
+    // No traffic from here on: the connection must end on its own, at both ends, once the
+    // earlier of its certificates expires.
+    eventually("the pooled connection closes at node-a", || {
+        tunnel_ends("node-a", "dport").is_disjoint(&first)
+    });
+    eventually("and at node-b", || {
+        tunnel_ends("node-b", "sport").is_disjoint(&seen_from_b)
+    });
+
+    // The next request makes a new connection, with the current certificates.
+    assert_eq!(fetch().trim(), "web-b");
+    let second = tunnel_ends("node-a", "dport");
+    assert!(!second.is_empty() && second.is_disjoint(&first));
+}

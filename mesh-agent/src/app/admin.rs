@@ -2,10 +2,7 @@
 //! localhost admin API (15000: status, configuration dump, certificates, JWKS fetches,
 //! policy check).
 
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    Arc,
-};
+use std::sync::Arc;
 
 use hyper::StatusCode;
 use serde::Serialize;
@@ -31,13 +28,21 @@ pub fn metrics(metrics: Arc<Metrics>) -> Handler {
     })
 }
 
-pub fn readiness(ready: Arc<AtomicBool>) -> Handler {
-    Arc::new(move |path, _| match (path, ready.load(Ordering::Relaxed)) {
-        ("/healthz/ready", true) => Reply::text(StatusCode::OK, "ready\n".into()),
-        ("/healthz/ready", false) => {
-            Reply::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
+/// Ready once every local identity holds a certificate and every entry fits in the kernel
+/// maps; otherwise 503 with the reason.
+pub fn readiness(status: SharedStatus) -> Handler {
+    Arc::new(move |path, _| {
+        if path != "/healthz/ready" {
+            return Reply::text(StatusCode::NOT_FOUND, "try /healthz/ready\n".into());
         }
-        _ => Reply::text(StatusCode::NOT_FOUND, "try /healthz/ready\n".into()),
+        let status = lock(&status);
+        match (&status.not_ready_reason, status.ready) {
+            (None, true) => Reply::text(StatusCode::OK, "ready\n".into()),
+            (reason, _) => Reply::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {}\n", reason.as_deref().unwrap_or("starting")),
+            ),
+        }
     })
 }
 

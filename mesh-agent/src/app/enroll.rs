@@ -11,7 +11,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    datapath::{self, Datapath, PodAttachment},
+    datapath::{self, capacity::MapsReport, Datapath, PodAttachment},
     errors::describe,
     model::MeshState,
 };
@@ -24,12 +24,13 @@ pub struct EnrolledPod {
     pub cgroup: PathBuf,
 }
 
-/// What one pass of enrollment left: the enrolled pods, and those still waiting with
-/// the reason.
-#[derive(Debug, Default)]
+/// What one pass of enrollment left: the enrolled pods, those still waiting with the
+/// reason, and what the kernel maps hold (or why they could not be written).
+#[derive(Debug)]
 pub struct Enrollment {
     pub enrolled: BTreeMap<String, EnrolledPod>,
     pub pending: BTreeMap<String, String>,
+    pub maps: Result<MapsReport, String>,
 }
 
 pub struct Enroller {
@@ -84,12 +85,16 @@ impl Enroller {
             .values()
             .map(|(ip, attachment)| (*ip, attachment.ifindex))
             .collect();
-        if let Err(err) = self
+        // Pods left out of a full map still get their programs below: with no entry of
+        // their own, the programs let nothing but the agent reach them (fail closed).
+        let maps = self
             .datapath
             .sync_maps(state, &ifindexes, &self.trust_domain)
-        {
-            tracing::error!("updating the kernel maps: {}", describe(&err));
-        }
+            .map_err(|err| {
+                let reason = describe(&err);
+                tracing::error!("updating the kernel maps: {reason}");
+                reason
+            });
         for (key, (_, attachment)) in &desired {
             if self.attached.get(key) == Some(attachment) {
                 continue;
@@ -145,6 +150,10 @@ impl Enroller {
                 ))
             })
             .collect();
-        Enrollment { enrolled, pending }
+        Enrollment {
+            enrolled,
+            pending,
+            maps,
+        }
     }
 }

@@ -28,7 +28,7 @@ use crate::{
         reconcile::{lock, AgentStatus, Reconciler, Reload},
     },
     config::source::DirectorySource,
-    datapath::{self, Datapath},
+    datapath::{self, capacity::Capacities, Datapath},
     errors::describe,
     http::{listener, server},
     identity::{ca::CaClient, certs::CertManager, tls::Identities},
@@ -104,6 +104,33 @@ pub struct AgentOptions {
         value_parser = parse_positive_duration
     )]
     pub metrics_series_expiry: Duration,
+    /// Entries of the kernel's workload map (`MESH_WORKLOADS`): pods of the whole mesh.
+    /// Pods beyond it fail closed (see README, Limits).
+    #[arg(long, env = "MESH_MAX_WORKLOADS", default_value_t = Capacities::default().workloads, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_workloads: u32,
+    /// Entries of the kernel's Service maps (`MESH_SERVICES`: cluster IP and port;
+    /// `MESH_SERVICE_IPS`: cluster IP).
+    #[arg(long, env = "MESH_MAX_SERVICES", default_value_t = Capacities::default().services, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_services: u32,
+    /// Entries of the kernel's per-port PeerAuthentication map (`MESH_PORT_MTLS`).
+    #[arg(long, env = "MESH_MAX_PORT_OVERRIDES", default_value_t = Capacities::default().port_overrides, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_port_overrides: u32,
+    /// Entries of the kernel's L4 policy map (`MESH_POLICY`); verdicts beyond it are left
+    /// to the agent.
+    #[arg(long, env = "MESH_MAX_POLICY_ENTRIES", default_value_t = Capacities::default().policy, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_policy_entries: u32,
+}
+
+impl AgentOptions {
+    /// The sizes of the maps the agent fills.
+    pub fn capacities(&self) -> Capacities {
+        Capacities {
+            workloads: self.max_workloads,
+            services: self.max_services,
+            port_overrides: self.max_port_overrides,
+            policy: self.max_policy_entries,
+        }
+    }
 }
 
 /// A positive duration: a zero refresh interval would fetch every key set on every tick,
@@ -169,9 +196,9 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         bpffs: options.bpffs.clone(),
         ..AgentStatus::default()
     }));
-    let ready = Arc::new(AtomicBool::new(false));
 
-    let mut datapath = Datapath::load(&options.bpffs).context("loading the eBPF datapath")?;
+    let mut datapath = Datapath::load(&options.bpffs, options.capacities())
+        .context("loading the eBPF datapath")?;
     let splicer = if options.kernel_splice {
         match datapath.splicer() {
             Ok(splicer) => Some(Arc::new(splicer)),
@@ -251,11 +278,12 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     });
     tokio::spawn(outbound::serve(capture, proxy.clone()));
     tokio::spawn(expire_idle_routing_state(proxy.clone()));
+    tokio::spawn(retire_stale_tunnels(proxy.clone()));
     tokio::spawn(inbound::serve(tunnel_listener, proxy));
     tokio::spawn(server::serve(metrics_listener, admin::metrics(metrics)));
     tokio::spawn(server::serve(
         ready_listener,
-        admin::readiness(ready.clone()),
+        admin::readiness(status.clone()),
     ));
     tokio::spawn(server::serve(
         admin_listener,
@@ -275,8 +303,11 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
         reconciler.poll();
     }
-    ready.store(true, Ordering::Relaxed);
-    lock(&status).ready = true;
+    {
+        let mut status = lock(&status);
+        status.certificates_ready = true;
+        status.refresh_readiness();
+    }
     tracing::info!(
         "node agent for {} ready: capture :{OUTBOUND_CAPTURE_PORT}, tunnel :{TUNNEL_PORT}, metrics :{METRICS_PORT}",
         options.node
@@ -321,5 +352,24 @@ async fn expire_idle_routing_state(proxy: Arc<Proxy>) {
         let pods: std::collections::HashSet<String> =
             state.local_workloads().map(|w| w.key()).collect();
         proxy.budgets.prune(|key| pods.contains(&key.source));
+    }
+}
+
+/// Closes pooled HBONE connections whose identities a new configuration no longer places
+/// where they go (a certificate's expiry closes them on its own).
+async fn retire_stale_tunnels(proxy: Arc<Proxy>) {
+    let mut ticker = tokio::time::interval(POLL_INTERVAL);
+    let mut seen = proxy.state.current();
+    loop {
+        ticker.tick().await;
+        let state = proxy.state.current();
+        if Arc::ptr_eq(&state, &seen) {
+            continue;
+        }
+        let trust_domain = &proxy.settings.trust_domain;
+        proxy.pool.retire_stale(|source, destination, agent| {
+            crate::proxy::pool::identities_hold(&state, trust_domain, source, destination, agent)
+        });
+        seen = state;
     }
 }

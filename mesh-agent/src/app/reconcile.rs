@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::{
     app::enroll::{EnrolledPod, Enroller},
     config::{source::ConfigSource, Severity},
+    datapath::capacity::MapUsage,
     model::{lb::LbRegistry, MeshState, SharedState},
     telemetry::metrics::Metrics,
 };
@@ -22,7 +23,12 @@ use crate::{
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct AgentStatus {
     pub node: String,
+    /// Every local identity holds a certificate and every entry fits in the kernel maps.
     pub ready: bool,
+    /// Why the agent is not ready.
+    pub not_ready_reason: Option<String>,
+    #[serde(skip)]
+    pub certificates_ready: bool,
     /// Where the configuration comes from.
     pub config_dir: PathBuf,
     pub bpffs: PathBuf,
@@ -36,6 +42,32 @@ pub struct AgentStatus {
     pub pending: BTreeMap<String, String>,
     pub warnings: Vec<String>,
     pub proxied_connections: usize,
+    /// What each kernel map the agent fills holds, against its capacity.
+    pub maps: Vec<MapUsage>,
+    /// Why the kernel maps could not be written at all, if they could not.
+    #[serde(skip)]
+    pub maps_error: Option<String>,
+    /// Local pods whose entries did not fit, and how their traffic fails closed.
+    pub failing_closed: BTreeMap<String, String>,
+    /// Some entries did not fit: every new connection of the node's pods goes to the agent.
+    pub capture_unknown: bool,
+}
+
+impl AgentStatus {
+    /// Sets `ready` and its reason from the certificates and the kernel maps.
+    pub fn refresh_readiness(&mut self) {
+        let full = self
+            .maps_error
+            .clone()
+            .map(|err| format!("kernel maps not written: {err}"))
+            .or_else(|| crate::datapath::capacity::problem(&self.maps));
+        self.not_ready_reason = if !self.certificates_ready {
+            Some("waiting for workload certificates".into())
+        } else {
+            full
+        };
+        self.ready = self.not_ready_reason.is_none();
+    }
 }
 
 pub type SharedStatus = Arc<Mutex<AgentStatus>>;
@@ -148,9 +180,23 @@ impl Reconciler {
             .metrics
             .enrolled_pods
             .set(enrollment.enrolled.len() as i64);
+        let metrics = &self.reload.metrics;
         let mut status = lock(&self.reload.status);
         status.pending = enrollment.pending;
         status.enrolled = enrollment.enrolled;
+        match enrollment.maps {
+            Ok(report) => {
+                for usage in &report.maps {
+                    metrics.map_usage(usage.map, usage.entries, usage.capacity, usage.refused);
+                }
+                status.maps = report.maps;
+                status.failing_closed = report.failing_closed;
+                status.capture_unknown = report.capture_unknown;
+                status.maps_error = None;
+            }
+            Err(err) => status.maps_error = Some(err),
+        }
+        status.refresh_readiness();
     }
 }
 

@@ -609,7 +609,10 @@ fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
         serde_json::from_str(&body).context("the agent's /status is not JSON")?;
     let field = |name: &str| status.get(name).cloned().unwrap_or(serde_json::Value::Null);
     println!("node:          {}", field("node").as_str().unwrap_or("?"));
-    println!("ready:         {}", field("ready"));
+    match field("not_ready_reason").as_str() {
+        Some(reason) => println!("ready:         {} ({reason})", field("ready")),
+        None => println!("ready:         {}", field("ready")),
+    }
     println!("generation:    {}", field("generation"));
     println!(
         "last error:    {}",
@@ -634,6 +637,32 @@ fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
     if let Some(pending) = status.get("pending").and_then(|e| e.as_object()) {
         for (pod, reason) in pending {
             println!("  pending {pod}: {}", reason.as_str().unwrap_or("?"));
+        }
+    }
+    if let Some(maps) = status.get("maps").and_then(|m| m.as_array()) {
+        println!("kernel maps:");
+        for map in maps {
+            let number = |key: &str| map.get(key).and_then(|v| v.as_u64()).unwrap_or(0);
+            let refused = number("refused");
+            println!(
+                "  {:<18} {:>7} / {:<7}{}",
+                map.get("map").and_then(|v| v.as_str()).unwrap_or("?"),
+                number("entries"),
+                number("capacity"),
+                if refused > 0 {
+                    format!(" FULL: {refused} refused")
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+    if field("capture_unknown").as_bool() == Some(true) {
+        println!("  maps incomplete: every new connection of the node's pods goes to the agent");
+    }
+    if let Some(failing) = status.get("failing_closed").and_then(|e| e.as_object()) {
+        for (pod, how) in failing {
+            println!("  failing closed {pod}: {}", how.as_str().unwrap_or("?"));
         }
     }
     Ok(())

@@ -1,14 +1,16 @@
 //! The kernel side, as the agent drives it: loading the eBPF object with its maps pinned
 //! under the node's bpffs directory, attaching the programs to each local pod's veth and
 //! cgroup with links pinned beside the maps (so a restarted agent replaces them in place),
-//! filling the workload, service and policy maps, the policy route that delivers steered
+//! filling the workload, service and policy maps (sized at load time, filled as far as
+//! they hold, failing closed beyond: `capacity`), the policy route that delivers steered
 //! packets to the agent's sockets, and the splice program of same-node flows.
 
+pub mod capacity;
 pub mod maps;
 pub mod splice;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fs,
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
@@ -16,7 +18,7 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, MapError, SockHash},
+    maps::{Array as BpfArray, HashMap as BpfHashMap, MapData, MapError, MapInfo, SockHash},
     programs::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
@@ -27,8 +29,8 @@ use aya::{
 use mesh_common::{
     fill_name, pins, programs, PolicyKey, PortKey, ServiceInfo, ServiceKey, WorkloadInfo,
     CAPTURE_MARK, CAPTURE_ROUTE_TABLE, MAPS_LAYOUT_VERSION, POLICY_ALLOW, POLICY_DENY,
-    PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT, WORKLOAD_FLAG_LOCAL, WORKLOAD_FLAG_MTLS_STRICT,
-    WORKLOAD_FLAG_MTLS_STRICT_PORTS,
+    PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT, SETTINGS_KEY, SETTING_CAPTURE_UNKNOWN,
+    WORKLOAD_FLAG_LOCAL, WORKLOAD_FLAG_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT_PORTS,
 };
 
 use crate::{
@@ -36,7 +38,10 @@ use crate::{
     policy::kernel,
 };
 
-use self::splice::Splicer;
+use self::{
+    capacity::{Capacities, MapUsage, MapsReport},
+    splice::Splicer,
+};
 
 /// The eBPF object, built by build.rs from mesh-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
@@ -81,6 +86,7 @@ pub struct PodAttachment {
 pub struct Datapath {
     ebpf: Ebpf,
     links_dir: PathBuf,
+    capacities: Capacities,
 }
 
 /// The pinned-map directory of a node's bpffs directory.
@@ -94,8 +100,9 @@ pub fn links_dir(bpffs: &Path) -> PathBuf {
 }
 
 impl Datapath {
-    /// Loads the programs, creating the pinned maps or reusing those a previous agent left.
-    pub fn load(bpffs: &Path) -> Result<Datapath> {
+    /// Loads the programs, creating the pinned maps or reusing those a previous agent left;
+    /// the maps the agent fills get the sizes of `capacities`.
+    pub fn load(bpffs: &Path, capacities: Capacities) -> Result<Datapath> {
         ensure_bpffs(bpffs)?;
         let maps = maps_dir(bpffs);
         let links = links_dir(bpffs);
@@ -103,9 +110,19 @@ impl Datapath {
             fs::create_dir_all(dir)
                 .map_err(|e| DatapathError::Bpffs(format!("creating {}: {e}", dir.display())))?;
         }
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&maps)
-            .load(EBPF_OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&maps);
+        for (name, size) in [
+            (pins::WORKLOADS, capacities.workloads),
+            (pins::SERVICES, capacities.services),
+            (pins::SERVICE_IPS, capacities.services),
+            (pins::PORT_MTLS, capacities.port_overrides),
+            (pins::POLICY, capacities.policy),
+        ] {
+            unpin_if_resized(&maps.join(name), size)?;
+            loader.map_max_entries(name, size);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in [programs::TC_FROM_POD, programs::TC_TO_POD] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load()
@@ -119,6 +136,7 @@ impl Datapath {
         Ok(Datapath {
             ebpf,
             links_dir: links,
+            capacities,
         })
     }
 
@@ -254,105 +272,209 @@ impl Datapath {
         }
     }
 
-    /// Makes the workload, service, port mTLS and policy maps match `state`.
+    /// Makes the workload, service, port mTLS and policy maps match `state` as far as they
+    /// hold (`capacity` decides what is written and how the rest fails closed), and says
+    /// what they hold.
     pub fn sync_maps(
         &mut self,
         state: &MeshState,
         ifindexes: &HashMap<Ipv4Addr, u32>,
         trust_domain: &str,
-    ) -> Result<()> {
-        let mut workloads: BpfHashMap<_, u32, WorkloadInfo> = map(&mut self.ebpf, pins::WORKLOADS)?;
-        let desired: HashMap<u32, WorkloadInfo> = state
+    ) -> Result<MapsReport> {
+        let caps = self.capacities;
+        let mut report = MapsReport::default();
+
+        let workloads: Vec<(Ipv4Addr, bool)> = state
             .workloads
             .values()
-            .map(|w| {
-                let mut info = WorkloadInfo {
-                    namespace: [0; mesh_common::NAME_LEN],
-                    name: [0; mesh_common::NAME_LEN],
-                    workload: [0; mesh_common::NAME_LEN],
-                    service_account: [0; mesh_common::NAME_LEN],
-                    ifindex: 0,
-                    flags: 0,
-                };
-                fill_name(&mut info.namespace, &w.namespace);
-                fill_name(&mut info.name, &w.pod);
-                fill_name(&mut info.workload, &w.workload);
-                fill_name(&mut info.service_account, &w.service_account);
-                if w.node == state.node {
-                    info.flags |= WORKLOAD_FLAG_LOCAL;
-                    info.ifindex = ifindexes.get(&w.ip).copied().unwrap_or(0);
-                }
-                if let Some(mtls) = state.mtls.get(&w.ip) {
-                    if mtls.mode == Effective::Strict {
-                        info.flags |= WORKLOAD_FLAG_MTLS_STRICT;
-                    }
-                    if mtls.ports.values().any(|mode| *mode == Effective::Strict) {
-                        info.flags |= WORKLOAD_FLAG_MTLS_STRICT_PORTS;
-                    }
-                }
-                (ip_key(w.ip), info)
+            .map(|w| (w.ip, w.node == state.node))
+            .collect();
+        let fit_workloads = capacity::fit_workloads(&workloads, caps.workloads);
+        let overrides: BTreeMap<Ipv4Addr, Vec<(PortKey, u32)>> = state
+            .local_workloads()
+            .filter_map(|w| Some((w.ip, state.mtls.get(&w.ip)?)))
+            .filter(|(_, mtls)| !mtls.ports.is_empty())
+            .map(|(ip, mtls)| {
+                let entries = mtls
+                    .ports
+                    .iter()
+                    .map(|(port, mode)| {
+                        let key = PortKey {
+                            ip: ip_key(ip),
+                            port: *port,
+                            _pad: 0,
+                        };
+                        let value = if *mode == Effective::Strict {
+                            PORT_MTLS_STRICT
+                        } else {
+                            PORT_MTLS_PERMISSIVE
+                        };
+                        (key, value)
+                    })
+                    .collect();
+                (ip, entries)
             })
             .collect();
-        sync(&mut workloads, pins::WORKLOADS, &desired)?;
+        let fit_overrides = capacity::fit_port_overrides(&overrides, caps.port_overrides);
+        let all_strict: HashSet<Ipv4Addr> = fit_overrides.refused.iter().copied().collect();
 
-        let mut services: BpfHashMap<_, ServiceKey, ServiceInfo> =
-            map(&mut self.ebpf, pins::SERVICES)?;
-        let desired: HashMap<ServiceKey, ServiceInfo> = state
+        let mut service_keys: Vec<(u8, (Ipv4Addr, u16))> = state
             .services
             .values()
-            .map(|s| {
+            .map(|s| (0, (s.cluster_ip, s.port)))
+            .collect();
+        service_keys.sort();
+        service_keys.dedup();
+        let fit_services = capacity::fit(service_keys, caps.services);
+        let mut ports_per_ip: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+        for service in state.services.values() {
+            *ports_per_ip.entry(service.cluster_ip).or_default() += 1;
+        }
+        let fit_service_ips = capacity::fit(
+            ports_per_ip.keys().map(|ip| (0, *ip)).collect(),
+            caps.services,
+        );
+
+        // Before any write: a destination about to be left out of its map is captured all
+        // the same from the moment it is missing.
+        if capacity::must_capture_unknown(
+            fit_workloads.refused.len(),
+            fit_services.refused.len(),
+            fit_service_ips.refused.len(),
+        ) {
+            self.set_capture_unknown(true)?;
+        }
+
+        let mut desired: HashMap<u32, WorkloadInfo> = HashMap::new();
+        for ip in &fit_workloads.admitted {
+            let Some(w) = state.workloads.get(ip) else {
+                continue;
+            };
+            let mut info = WorkloadInfo {
+                namespace: [0; mesh_common::NAME_LEN],
+                name: [0; mesh_common::NAME_LEN],
+                workload: [0; mesh_common::NAME_LEN],
+                service_account: [0; mesh_common::NAME_LEN],
+                ifindex: 0,
+                flags: 0,
+            };
+            fill_name(&mut info.namespace, &w.namespace);
+            fill_name(&mut info.name, &w.pod);
+            fill_name(&mut info.workload, &w.workload);
+            fill_name(&mut info.service_account, &w.service_account);
+            if w.node == state.node {
+                info.flags |= WORKLOAD_FLAG_LOCAL;
+                info.ifindex = ifindexes.get(&w.ip).copied().unwrap_or(0);
+            }
+            if let Some(mtls) = state.mtls.get(&w.ip) {
+                if mtls.mode == Effective::Strict || all_strict.contains(&w.ip) {
+                    info.flags |= WORKLOAD_FLAG_MTLS_STRICT;
+                }
+                if mtls.ports.values().any(|mode| *mode == Effective::Strict) {
+                    info.flags |= WORKLOAD_FLAG_MTLS_STRICT_PORTS;
+                }
+            }
+            desired.insert(ip_key(w.ip), info);
+        }
+        let failed_workloads = self.sync_map(pins::WORKLOADS, &desired)?;
+        let mut refused_workloads = fit_workloads.refused.clone();
+        refused_workloads.extend(failed_workloads.iter().map(|key| ip_from_key(*key)));
+        for ip in &refused_workloads {
+            if let Some(w) = state.workloads.get(ip).filter(|w| w.node == state.node) {
+                report.failing_closed.insert(
+                    w.key(),
+                    format!(
+                        "no room in {}: reached only through the agent, cannot send",
+                        pins::WORKLOADS
+                    ),
+                );
+            }
+        }
+        report.maps.push(MapUsage {
+            map: pins::WORKLOADS,
+            capacity: caps.workloads,
+            entries: desired.len() - failed_workloads.len(),
+            refused: refused_workloads.len(),
+        });
+
+        let desired: HashMap<ServiceKey, ServiceInfo> = fit_services
+            .admitted
+            .iter()
+            .filter_map(|(ip, port)| {
+                let addr = SocketAddrV4::new(*ip, *port);
+                let s = state.services.get(&addr)?;
                 let mut info = ServiceInfo {
                     namespace: [0; mesh_common::NAME_LEN],
                     name: [0; mesh_common::NAME_LEN],
                 };
                 fill_name(&mut info.namespace, &s.namespace);
                 fill_name(&mut info.name, &s.name);
-                (service_key(SocketAddrV4::new(s.cluster_ip, s.port)), info)
+                Some((service_key(addr), info))
             })
             .collect();
-        sync(&mut services, pins::SERVICES, &desired)?;
+        let failed_services = self.sync_map(pins::SERVICES, &desired)?.len();
+        report.maps.push(MapUsage {
+            map: pins::SERVICES,
+            capacity: caps.services,
+            entries: desired.len() - failed_services,
+            refused: fit_services.refused.len() + failed_services,
+        });
 
-        let mut service_ips: BpfHashMap<_, u32, u32> = map(&mut self.ebpf, pins::SERVICE_IPS)?;
-        let mut desired: HashMap<u32, u32> = HashMap::new();
-        for service in state.services.values() {
-            *desired.entry(ip_key(service.cluster_ip)).or_default() += 1;
+        let desired: HashMap<u32, u32> = fit_service_ips
+            .admitted
+            .iter()
+            .map(|ip| (ip_key(*ip), ports_per_ip.get(ip).copied().unwrap_or(0)))
+            .collect();
+        let failed_service_ips = self.sync_map(pins::SERVICE_IPS, &desired)?.len();
+        report.maps.push(MapUsage {
+            map: pins::SERVICE_IPS,
+            capacity: caps.services,
+            entries: desired.len() - failed_service_ips,
+            refused: fit_service_ips.refused.len() + failed_service_ips,
+        });
+
+        let desired: HashMap<PortKey, u32> = fit_overrides
+            .admitted
+            .iter()
+            .filter_map(|ip| overrides.get(ip))
+            .flatten()
+            .copied()
+            .collect();
+        let failed_overrides = self.sync_map(pins::PORT_MTLS, &desired)?;
+        // A pod whose override could not be written has lost it: STRICT everywhere then.
+        let mut strict_fallback = fit_overrides.refused.clone();
+        strict_fallback.extend(failed_overrides.iter().map(|key| ip_from_key(key.ip)));
+        strict_fallback.sort();
+        strict_fallback.dedup();
+        let refused_overrides: usize = strict_fallback
+            .iter()
+            .filter_map(|ip| overrides.get(ip))
+            .map(Vec::len)
+            .sum();
+        for ip in &strict_fallback {
+            if !all_strict.contains(ip) {
+                self.force_strict(*ip)?;
+            }
+            if let Some(w) = state.workloads.get(ip) {
+                report.failing_closed.entry(w.key()).or_insert_with(|| {
+                    format!("no room in {}: STRICT on every port", pins::PORT_MTLS)
+                });
+            }
         }
-        sync(&mut service_ips, pins::SERVICE_IPS, &desired)?;
+        report.maps.push(MapUsage {
+            map: pins::PORT_MTLS,
+            capacity: caps.port_overrides,
+            entries: desired.len() - failed_overrides.len(),
+            refused: refused_overrides,
+        });
 
-        let mut ports: BpfHashMap<_, PortKey, u32> = map(&mut self.ebpf, pins::PORT_MTLS)?;
-        let desired: HashMap<PortKey, u32> = state
-            .local_workloads()
-            .filter_map(|w| Some((w.ip, state.mtls.get(&w.ip)?)))
-            .flat_map(|(ip, mtls)| {
-                mtls.ports.iter().map(move |(port, mode)| {
-                    let key = PortKey {
-                        ip: ip_key(ip),
-                        port: *port,
-                        _pad: 0,
-                    };
-                    let value = if *mode == Effective::Strict {
-                        PORT_MTLS_STRICT
-                    } else {
-                        PORT_MTLS_PERMISSIVE
-                    };
-                    (key, value)
-                })
-            })
-            .collect();
-        sync(&mut ports, pins::PORT_MTLS, &desired)?;
-
-        let mut policy: BpfHashMap<_, PolicyKey, u32> = map(&mut self.ebpf, pins::POLICY)?;
+        // The policy map only spares the agent work: a SYN without a verdict is captured and
+        // judged by the agent, so a verdict left out fails safe.
         let verdicts = kernel::kernel_verdicts(state, trust_domain);
-        if verdicts.len() > kernel::KERNEL_VERDICTS_MAX {
-            tracing::warn!(
-                "{} L4 policy verdicts for the kernel; the first {} are loaded, the agent enforces all",
-                verdicts.len(),
-                kernel::KERNEL_VERDICTS_MAX
-            );
-        }
+        let room = usize::try_from(caps.policy).unwrap_or(usize::MAX);
         let desired: HashMap<PolicyKey, u32> = verdicts
             .iter()
-            .take(kernel::KERNEL_VERDICTS_MAX)
+            .take(room)
             .map(|v| {
                 let key = PolicyKey {
                     src_ip: ip_key(v.source),
@@ -363,8 +485,93 @@ impl Datapath {
                 (key, if v.deny { POLICY_DENY } else { POLICY_ALLOW })
             })
             .collect();
-        sync(&mut policy, pins::POLICY, &desired)
+        let failed_policy = self.sync_map(pins::POLICY, &desired)?.len();
+        report.maps.push(MapUsage {
+            map: pins::POLICY,
+            capacity: caps.policy,
+            entries: desired.len() - failed_policy,
+            refused: verdicts.len().saturating_sub(room) + failed_policy,
+        });
+
+        report.capture_unknown = capacity::must_capture_unknown(
+            refused_workloads.len(),
+            fit_services.refused.len() + failed_services,
+            fit_service_ips.refused.len() + failed_service_ips,
+        );
+        self.set_capture_unknown(report.capture_unknown)?;
+        for usage in report.maps.iter().filter(|m| m.refused > 0) {
+            tracing::error!(
+                "{} is full: {} entries refused (capacity {}); failing closed for them",
+                usage.map,
+                usage.refused,
+                usage.capacity
+            );
+        }
+        Ok(report)
     }
+
+    fn sync_map<K, V>(&mut self, name: &'static str, desired: &HashMap<K, V>) -> Result<Vec<K>>
+    where
+        K: aya::Pod + Eq + std::hash::Hash,
+        V: aya::Pod + PartialEq,
+    {
+        let mut map: BpfHashMap<_, K, V> = map(&mut self.ebpf, name)?;
+        Ok(sync(&mut map, name, desired))
+    }
+
+    /// Sets or clears `SETTING_CAPTURE_UNKNOWN`.
+    fn set_capture_unknown(&mut self, on: bool) -> Result<()> {
+        let name = pins::SETTINGS;
+        let m = self.ebpf.map_mut(name).ok_or(DatapathError::Map {
+            name,
+            source: MapError::InvalidName { name: name.into() },
+        })?;
+        let mut settings: BpfArray<_, u32> =
+            BpfArray::try_from(m).map_err(|source| DatapathError::Map { name, source })?;
+        let bits = settings.get(&SETTINGS_KEY, 0).unwrap_or(0);
+        let bits = if on {
+            bits | SETTING_CAPTURE_UNKNOWN
+        } else {
+            bits & !SETTING_CAPTURE_UNKNOWN
+        };
+        settings
+            .set(SETTINGS_KEY, bits, 0)
+            .map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// Makes the workload at `ip` STRICT on every port, its overrides having been lost.
+    fn force_strict(&mut self, ip: Ipv4Addr) -> Result<()> {
+        let mut workloads: BpfHashMap<_, u32, WorkloadInfo> = map(&mut self.ebpf, pins::WORKLOADS)?;
+        if let Ok(mut info) = workloads.get(&ip_key(ip), 0) {
+            info.flags |= WORKLOAD_FLAG_MTLS_STRICT;
+            workloads
+                .insert(ip_key(ip), info, 0)
+                .map_err(|source| DatapathError::Map {
+                    name: pins::WORKLOADS,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes the pin of a map whose size differs from `size`, so that the load creates it
+/// anew at that size (aya reuses a pinned map as it is). Programs still attached keep the
+/// old map until the new agent replaces them, right after it fills the new one.
+fn unpin_if_resized(pin: &Path, size: u32) -> Result<()> {
+    let Ok(info) = MapInfo::from_pin(pin) else {
+        return Ok(());
+    };
+    if info.max_entries() == size {
+        return Ok(());
+    }
+    tracing::info!(
+        "resizing {} from {} to {size} entries",
+        pin.display(),
+        info.max_entries()
+    );
+    fs::remove_file(pin)
+        .map_err(|e| DatapathError::Bpffs(format!("removing {}: {e}", pin.display())))
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
@@ -390,11 +597,13 @@ fn map<'a, K: aya::Pod, V: aya::Pod>(
     BpfHashMap::try_from(m).map_err(|source| DatapathError::Map { name, source })
 }
 
+/// Writes `desired` into `map`, stale entries removed first to make room; every write is
+/// tried, and the keys the kernel refused are returned (the caller fails closed for them).
 fn sync<K, V>(
     map: &mut BpfHashMap<&mut aya::maps::MapData, K, V>,
     name: &'static str,
     desired: &HashMap<K, V>,
-) -> Result<()>
+) -> Vec<K>
 where
     K: aya::Pod + Eq + std::hash::Hash,
     V: aya::Pod + PartialEq,
@@ -405,16 +614,20 @@ where
         .filter(|k| !desired.contains_key(k))
         .collect();
     for key in stale {
-        map.remove(&key)
-            .map_err(|source| DatapathError::Map { name, source })?;
-    }
-    for (key, value) in desired {
-        if map.get(key, 0).ok().as_ref() != Some(value) {
-            map.insert(key, value, 0)
-                .map_err(|source| DatapathError::Map { name, source })?;
+        if let Err(err) = map.remove(&key) {
+            tracing::warn!("removing a stale entry of {name}: {err}");
         }
     }
-    Ok(())
+    let mut failed = Vec::new();
+    for (key, value) in desired {
+        if map.get(key, 0).ok().as_ref() != Some(value) {
+            if let Err(err) = map.insert(key, value, 0) {
+                tracing::warn!("writing an entry of {name}: {err}");
+                failed.push(*key);
+            }
+        }
+    }
+    failed
 }
 
 fn pin_link(link: FdLink, pin: &Path) -> Result<()> {

@@ -436,8 +436,21 @@ fn opted_out(labels: &BTreeMap<String, String>) -> bool {
     labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some("none")
 }
 
+/// The workload a pod is, while it runs: its address stands for its identity only then.
+/// A pod that has finished (`Succeeded`, `Failed`) keeps its `podIP` in its status while
+/// the address goes to another pod, and one not running yet (`Pending`, `Unknown`) may
+/// never hold it. A status without a phase (a hand-written configuration file) counts as
+/// running.
 fn workload_of(pod: &Pod) -> Option<Workload> {
-    let ip = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+    let status = pod.status.as_ref()?;
+    if status
+        .phase
+        .as_deref()
+        .is_some_and(|phase| phase != "Running")
+    {
+        return None;
+    }
+    let ip = status.pod_ip.as_deref()?.parse().ok()?;
     let labels = pod.metadata.labels.clone();
     let named_ports = pod
         .spec
@@ -532,6 +545,30 @@ mod tests {
 
     fn state_from(yaml: &str) -> MeshState {
         MeshState::build("node-1", &load_str(std::path::Path::new("test.yaml"), yaml))
+    }
+
+    #[test]
+    fn only_a_running_pod_is_a_workload() {
+        let pod = |name: &str, ip: &str, phase: &str| {
+            format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{nodeName: node-1}}\nstatus: {{podIP: {ip}{phase}}}\n")
+        };
+        let yaml = [
+            pod("running", "10.244.1.2", ", phase: Running"),
+            pod("done", "10.244.1.3", ", phase: Succeeded"),
+            pod("failed", "10.244.1.4", ", phase: Failed"),
+            pod("starting", "10.244.1.5", ", phase: Pending"),
+            pod("unknown", "10.244.1.6", ", phase: Unknown"),
+            pod("hand-written", "10.244.1.7", ""),
+        ]
+        .concat();
+        let state = state_from(&yaml);
+        let mut pods: Vec<&str> = state.workloads.values().map(|w| w.pod.as_str()).collect();
+        pods.sort();
+        assert_eq!(pods, ["hand-written", "running"]);
+        assert!(
+            !state.workloads.contains_key(&Ipv4Addr::new(10, 244, 1, 3)),
+            "a finished pod's address is no one's identity"
+        );
     }
 
     const CLUSTER: &str = "\

@@ -24,9 +24,6 @@ pub struct KernelVerdict {
     pub deny: bool,
 }
 
-/// Entries beyond this many are left to the agent, which enforces the same decisions.
-pub const KERNEL_VERDICTS_MAX: usize = 65536;
-
 /// The verdicts of every local pod towards every workload with policies (per port the
 /// policies name, and for all other ports), and towards Service ports all of whose
 /// endpoints deny it.

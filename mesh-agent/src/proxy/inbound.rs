@@ -1,7 +1,9 @@
 //! The destination side of HBONE (port 15008): mutual TLS with the certificate of the
 //! identity the SNI names, then one HTTP/2 `CONNECT` stream per proxied connection.
 //! [`plan_inbound`] checks both identities and the destination's policies; an accepted
-//! stream is delivered to the local pod as the original client.
+//! stream is delivered to the local pod as the original client. A connection lives no
+//! longer than the peer's certificate, nor past a configuration in which its identities
+//! no longer hold ([`identities_hold`]): then it is closed, streams and all.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -13,15 +15,16 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::{
     http::accept_loop,
     identity::{
-        spiffe::SpiffeId,
+        spiffe::{facts, SpiffeId},
         tls::{identity_from_sni, peer_identity, refusal_reason},
     },
+    model::{MeshState, Workload},
     proxy::{
         deliver::{self, Downstream},
         error::ProxyError,
         limits::PerSource,
         plan::{plan_inbound, Refusal, TunnelRequest},
-        pool::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW},
+        pool::{time_until, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW},
         requests::Exchange,
         Proxy,
     },
@@ -39,6 +42,22 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 4096;
 const MAX_CONNECTIONS_PER_PEER: usize = 4096;
 /// The largest header list a `CONNECT` needs, with room to spare.
 const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// How often a connection's identities are checked against the current configuration.
+const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Whether the current configuration still gives the connection's identities a place:
+/// a pod of this node runs as `local` (the identity the peer connected to), and some
+/// pod of the mesh runs as `source` (the peer's certificate).
+pub fn identities_hold(
+    state: &MeshState,
+    trust_domain: &str,
+    source: &SpiffeId,
+    local: &SpiffeId,
+) -> bool {
+    let identity = |w: &Workload| SpiffeId::new(trust_domain, &w.namespace, &w.service_account);
+    state.local_workloads().any(|w| identity(w) == *local)
+        && state.workloads.values().any(|w| identity(w) == *source)
+}
 
 /// Serves HBONE until the listener fails.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
@@ -89,6 +108,12 @@ async fn connection(
     };
     let (_, session) = tls.get_ref();
     let source = peer_identity(session.peer_certificates());
+    // A verified certificate parses; were it not to, the connection closes at once.
+    let peer_not_after = session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| facts(leaf).ok())
+        .map_or(0, |f| f.not_after);
     let sni = session.server_name().map(str::to_owned);
     let local = sni
         .as_deref()
@@ -113,8 +138,29 @@ async fn connection(
         }
     };
     let peers = Arc::new((source, local, sni));
-    while let Some(stream) = connection.accept().await {
-        let Ok((request, respond)) = stream else {
+    let expiry = tokio::time::sleep(time_until(peer_not_after));
+    tokio::pin!(expiry);
+    let mut recheck = tokio::time::interval(RECHECK_INTERVAL);
+    // Returning drops the connection: its socket closes and its streams end with it.
+    loop {
+        let stream = tokio::select! {
+            stream = connection.accept() => stream,
+            () = &mut expiry => {
+                tracing::info!("closing HBONE from {peer} ({}): its certificate expired", peers.0);
+                return;
+            }
+            _ = recheck.tick() => {
+                let (source, local, _) = &*peers;
+                if !identities_hold(&proxy.state.current(), &proxy.settings.trust_domain, source, local) {
+                    tracing::info!(
+                        "closing HBONE from {peer}: the configuration no longer has {source} reaching {local} here"
+                    );
+                    return;
+                }
+                continue;
+            }
+        };
+        let Some(Ok((request, respond))) = stream else {
             break;
         };
         let (proxy, peers) = (proxy.clone(), peers.clone());
@@ -231,4 +277,48 @@ async fn stream_of(
         result.fail(crate::errors::describe(err));
     }
     delivered
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_holds_while_both_identities_have_pods_this_side_needs() {
+        let yaml = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop}
+spec: {nodeName: node-a, serviceAccountName: client}
+status: {podIP: 10.244.1.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop}
+spec: {nodeName: node-b, serviceAccountName: web}
+status: {podIP: 10.244.2.10}
+";
+        let config = crate::config::load_str(std::path::Path::new("test.yaml"), yaml);
+        let id = |sa: &str| SpiffeId::new("cluster.local", "shop", sa);
+        let node_b = MeshState::build("node-b", &config);
+        assert!(identities_hold(
+            &node_b,
+            "cluster.local",
+            &id("client"),
+            &id("web")
+        ));
+        assert!(
+            !identities_hold(&node_b, "cluster.local", &id("client"), &id("client")),
+            "no pod of node-b runs as the identity the peer connected to"
+        );
+        assert!(
+            !identities_hold(&node_b, "cluster.local", &id("gone"), &id("web")),
+            "no pod runs as the peer's identity"
+        );
+        let node_a = MeshState::build("node-a", &config);
+        assert!(
+            !identities_hold(&node_a, "cluster.local", &id("client"), &id("web")),
+            "web is not on node-a"
+        );
+    }
 }

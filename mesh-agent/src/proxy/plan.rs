@@ -42,11 +42,6 @@ pub enum PlanError {
         original_dst: SocketAddrV4,
         service: String,
     },
-    #[error("{client} → {original_dst}: not a meshed destination")]
-    UnknownDestination {
-        client: SocketAddrV4,
-        original_dst: SocketAddrV4,
-    },
     #[error("node {node} of {pod} has no known address")]
     NoNodeAddress { pod: String, node: String },
 }
@@ -157,12 +152,9 @@ pub fn plan_outbound(
                 service,
             })
         }
-        Resolved::Unknown => {
-            return Err(PlanError::UnknownDestination {
-                client,
-                original_dst,
-            })
-        }
+        // Outside the mesh: the kernel hands such connections over only when its maps are
+        // incomplete (`SETTING_CAPTURE_UNKNOWN`), and they go on as they would have.
+        Resolved::Unknown => (original_dst, None, None, None),
     };
     let (route, decision) = plan_endpoint(
         state,
@@ -770,7 +762,7 @@ spec: {targetRef: {kind: Service, name: near}, total: {requestsPerSecond: 10}}
     }
 
     #[test]
-    fn connections_that_cannot_be_carried_say_why() {
+    fn connections_that_cannot_be_carried_say_why_and_those_outside_the_mesh_go_direct() {
         let state = mesh(
             "---
 apiVersion: v1
@@ -783,10 +775,10 @@ spec: {clusterIP: 10.96.0.30, selector: {app: nothing}, ports: [{port: 80}]}
             plan_to(&state, "10.96.0.30:80"),
             Err(PlanError::NoEndpoints { .. })
         ));
-        assert!(matches!(
-            plan_to(&state, "10.9.9.9:80"),
-            Err(PlanError::UnknownDestination { .. })
-        ));
+        let outside = plan_to(&state, "10.9.9.9:80").expect("a destination outside the mesh");
+        assert!(matches!(outside.route, Route::Direct));
+        assert_eq!(outside.target, "10.9.9.9:80".parse().expect("address"));
+        assert!(outside.destination.is_none() && outside.decision.is_none());
         let from_elsewhere = plan_outbound(
             &state,
             &settings(true),

@@ -4,6 +4,12 @@
 //! for="ip:port"` names the original client and `X-Mesh-Service` the Service it
 //! addressed. TLS connections are pooled per (source identity, destination identity,
 //! destination agent), multiplexed, and made once per key even under a burst.
+//!
+//! A connection is an identity claim that lasts only as long as both certificates: it is
+//! not reused past [`usable_until`] (the earlier notAfter, less a margin) and is closed
+//! when that instant comes, and [`HbonePool::retire_stale`] closes those whose identities
+//! the current configuration no longer places there (the source's pods left this node,
+//! the destination identity left that agent's node).
 
 use std::{
     collections::HashMap,
@@ -12,7 +18,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
@@ -22,9 +28,10 @@ use rustls::pki_types::ServerName;
 
 use crate::{
     identity::{
-        spiffe::SpiffeId,
+        spiffe::{facts, SpiffeId},
         tls::{sni_for, Identities, TlsError},
     },
+    model::MeshState,
     proxy::{plan::TunnelRequest, socket},
 };
 
@@ -85,36 +92,105 @@ struct PoolKey {
     agent: SocketAddrV4,
 }
 
+/// A stream opened this close to the end of a connection's certificates would be cut
+/// almost at once: such a connection is no longer reused.
+pub const REUSE_MARGIN_SECS: i64 = 1;
+
+/// Until when (UNIX seconds) a connection may stand for its identities: the earlier
+/// notAfter of the certificate this end presented and of the one the peer presented.
+pub fn usable_until(own_not_after: Option<i64>, peer_not_after: i64) -> i64 {
+    own_not_after.map_or(peer_not_after, |own| own.min(peer_not_after))
+}
+
+/// Whether a pooled connection usable until `until` may carry a new stream at `now`.
+pub fn reusable(now: i64, until: i64) -> bool {
+    now + REUSE_MARGIN_SECS < until
+}
+
+/// Whether the current configuration still places the pooled connection's identities
+/// where it goes: a local pod runs as `source`, and a pod of `destination` runs on the
+/// node whose agent is `agent`.
+pub fn identities_hold(
+    state: &MeshState,
+    trust_domain: &str,
+    source: &SpiffeId,
+    destination: &SpiffeId,
+    agent: SocketAddrV4,
+) -> bool {
+    let identity =
+        |w: &crate::model::Workload| SpiffeId::new(trust_domain, &w.namespace, &w.service_account);
+    let source_here = state.local_workloads().any(|w| identity(w) == *source);
+    let destination_there = state
+        .workloads
+        .values()
+        .any(|w| identity(w) == *destination && state.node_ip(w) == Some(*agent.ip()));
+    source_here && destination_there
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// How long from now until the UNIX second `until` (zero if it is past).
+pub fn time_until(until: i64) -> Duration {
+    let at = UNIX_EPOCH + Duration::from_secs(u64::try_from(until).unwrap_or(0));
+    at.duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
+}
+
+/// A pooled connection: its generation, its sender, until when it stands for its
+/// identities, and the task driving it (aborting it closes the connection).
+#[derive(Clone)]
+struct Pooled {
+    generation: u64,
+    sender: SendRequest<Bytes>,
+    until: i64,
+    driver: tokio::task::AbortHandle,
+}
+
 /// One key's pooled connection, and the lock that makes its handshake happen once.
 /// Each connection put in the slot gets a new generation, so a caller clears only the
 /// connection it saw fail (not one a concurrent caller has just made), and the task
 /// driving a connection clears it when the connection ends.
 #[derive(Default)]
 struct Slot {
-    sender: Mutex<Option<(u64, SendRequest<Bytes>)>>,
+    pooled: Mutex<Option<Pooled>>,
     generation: AtomicU64,
     connecting: tokio::sync::Mutex<()>,
 }
 
 impl Slot {
+    /// The pooled connection, if its certificates leave it time to carry a stream.
     fn cached(&self) -> Option<(u64, SendRequest<Bytes>)> {
-        self.sender
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        let pooled = self.pooled.lock().unwrap_or_else(|e| e.into_inner());
+        pooled
+            .as_ref()
+            .filter(|p| reusable(unix_now(), p.until))
+            .map(|p| (p.generation, p.sender.clone()))
     }
 
-    fn put(&self, sender: SendRequest<Bytes>) -> u64 {
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        *self.sender.lock().unwrap_or_else(|e| e.into_inner()) = Some((generation, sender));
-        generation
+    fn next_generation(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn put(&self, pooled: Pooled) {
+        *self.pooled.lock().unwrap_or_else(|e| e.into_inner()) = Some(pooled);
     }
 
     /// Forgets the connection of `generation`, if it is still the pooled one.
     fn clear(&self, generation: u64) {
-        let mut sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
-        if sender.as_ref().is_some_and(|(g, _)| *g == generation) {
-            *sender = None;
+        let mut pooled = self.pooled.lock().unwrap_or_else(|e| e.into_inner());
+        if pooled.as_ref().is_some_and(|p| p.generation == generation) {
+            *pooled = None;
+        }
+    }
+
+    /// Closes the pooled connection, streams and all.
+    fn retire(&self) {
+        if let Some(pooled) = self.pooled.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            pooled.driver.abort();
         }
     }
 }
@@ -162,21 +238,51 @@ impl HbonePool {
             return Ok(cached);
         }
         let agent = key.agent;
-        let (sender, connection) = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(key))
+        let (sender, connection, until) = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(key))
             .await
             .map_err(|_| PoolError::Timeout {
                 agent,
                 timeout: CONNECT_TIMEOUT,
             })??;
-        let generation = slot.put(sender.clone());
+        let generation = slot.next_generation();
         let driver = slot.clone();
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!("HBONE connection to {agent}: {err}");
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                ended = connection => if let Err(err) = ended {
+                    tracing::debug!("HBONE connection to {agent}: {err}");
+                },
+                () = tokio::time::sleep(time_until(until)) => tracing::debug!(
+                    "HBONE connection to {agent} closed: a certificate it was made with expired"
+                ),
             }
             driver.clear(generation);
         });
+        slot.put(Pooled {
+            generation,
+            sender: sender.clone(),
+            until,
+            driver: task.abort_handle(),
+        });
         Ok((generation, sender))
+    }
+
+    /// Closes the pooled connections whose identities `hold` no longer accepts (source,
+    /// destination, agent), streams and all.
+    pub fn retire_stale(&self, hold: impl Fn(&SpiffeId, &SpiffeId, SocketAddrV4) -> bool) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.retain(|key, slot| {
+            let keep = hold(&key.source, &key.destination, key.agent);
+            if !keep {
+                tracing::info!(
+                    "closing HBONE connections to {} as {} for {}: the configuration no longer places these identities there",
+                    key.agent,
+                    key.source,
+                    key.destination
+                );
+                slot.retire();
+            }
+            keep
+        });
     }
 
     async fn connect(
@@ -186,10 +292,15 @@ impl HbonePool {
         (
             SendRequest<Bytes>,
             h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Bytes>,
+            i64,
         ),
         PoolError,
     > {
         let agent = key.agent;
+        // The certificate presented is the one current during the handshake: the earlier
+        // notAfter of those current before and after it bounds it even across a rotation.
+        let own = || self.identities.get(&key.source).map(|s| s.facts.not_after);
+        let own_before = own();
         let config = self
             .identities
             .client_config(&key.source, &key.destination)
@@ -205,13 +316,27 @@ impl HbonePool {
             .connect(name, tcp)
             .await
             .map_err(|source| PoolError::Connect { agent, source })?;
-        h2::client::Builder::new()
+        let own_not_after = match (own_before, own()) {
+            (Some(before), Some(after)) => Some(before.min(after)),
+            (before, after) => before.or(after),
+        };
+        // A certificate that verified parses; were it not to, the connection is not used.
+        let peer_not_after = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| facts(leaf).ok())
+            .map_or(0, |f| f.not_after);
+        let until = usable_until(own_not_after, peer_not_after);
+        let (sender, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
             .handshake(tls)
             .await
-            .map_err(|source| PoolError::Handshake { agent, source })
+            .map_err(|source| PoolError::Handshake { agent, source })?;
+        Ok((sender, connection, until))
     }
 
     /// Opens a stream to `request.target` through the agent at `agent`, as `source`,
@@ -270,5 +395,102 @@ async fn send_connect(
             target: request.target,
             status,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TD: &str = "cluster.local";
+
+    fn state(node: &str) -> MeshState {
+        let yaml = "\
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+status: {addresses: [{type: InternalIP, address: 10.200.0.1}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b}
+status: {addresses: [{type: InternalIP, address: 10.200.0.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop}
+spec: {nodeName: node-a, serviceAccountName: client}
+status: {podIP: 10.244.1.10, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop}
+spec: {nodeName: node-b, serviceAccountName: web}
+status: {podIP: 10.244.2.10, phase: Running}
+";
+        let config = crate::config::load_str(std::path::Path::new("test.yaml"), yaml);
+        MeshState::build(node, &config)
+    }
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new(TD, "shop", sa)
+    }
+
+    const NODE_B: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 200, 0, 2), 15008);
+    const NODE_A: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 200, 0, 1), 15008);
+
+    #[test]
+    fn a_connection_stands_until_the_earlier_certificate_expires() {
+        assert_eq!(usable_until(Some(1_000), 2_000), 1_000, "ours first");
+        assert_eq!(usable_until(Some(3_000), 2_000), 2_000, "the peer's first");
+        assert_eq!(
+            usable_until(None, 2_000),
+            2_000,
+            "no certificate of ours known: the peer's bounds it"
+        );
+    }
+
+    #[test]
+    fn a_pooled_connection_is_not_reused_in_its_last_second() {
+        assert!(reusable(100, 102));
+        assert!(
+            !reusable(101, 102),
+            "a stream would be cut within the second"
+        );
+        assert!(!reusable(102, 102));
+        assert!(!reusable(200, 102), "expired");
+    }
+
+    #[test]
+    fn time_until_a_past_instant_is_zero() {
+        assert_eq!(time_until(0), Duration::ZERO);
+        assert_eq!(time_until(unix_now() - 10), Duration::ZERO);
+        let ahead = time_until(unix_now() + 100);
+        assert!(ahead > Duration::from_secs(98) && ahead <= Duration::from_secs(100));
+    }
+
+    #[test]
+    fn identities_hold_while_the_configuration_places_them_there() {
+        let here = state("node-a");
+        assert!(identities_hold(
+            &here,
+            TD,
+            &id("client"),
+            &id("web"),
+            NODE_B
+        ));
+        assert!(
+            !identities_hold(&here, TD, &id("client"), &id("web"), NODE_A),
+            "web runs on node-b, not behind node-a's agent"
+        );
+        assert!(
+            !identities_hold(&here, TD, &id("web"), &id("web"), NODE_B),
+            "no pod of node-a runs as web"
+        );
+        let elsewhere = state("node-b");
+        assert!(
+            !identities_hold(&elsewhere, TD, &id("client"), &id("web"), NODE_B),
+            "the client's pod is not on this node"
+        );
     }
 }

@@ -93,6 +93,11 @@ struct PolicyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
 }
@@ -142,6 +147,9 @@ pub struct Metrics {
     rate_limited: Family<PolicyLabels, Counter>,
     pub config_generation: Gauge,
     pub enrolled_pods: Gauge,
+    map_entries: Family<MapLabels, Gauge>,
+    map_capacity: Family<MapLabels, Gauge>,
+    map_refused: Family<MapLabels, Gauge>,
     tracker: Mutex<Option<Tracker>>,
     /// Istio's request metrics, tallied per connection.
     pub requests: RequestMetrics,
@@ -183,6 +191,9 @@ impl Metrics {
         let rate_limited = Family::<PolicyLabels, Counter>::default();
         let config_generation = Gauge::default();
         let enrolled_pods = Gauge::default();
+        let map_entries = Family::<MapLabels, Gauge>::default();
+        let map_capacity = Family::<MapLabels, Gauge>::default();
+        let map_refused = Family::<MapLabels, Gauge>::default();
         registry.register(
             "istio_tcp_connections_opened",
             "Total number of TCP connections opened",
@@ -258,6 +269,21 @@ impl Metrics {
             "Local pods with the mesh programs attached",
             enrolled_pods.clone(),
         );
+        registry.register(
+            "mesh_map_entries",
+            "Entries the agent wrote into a kernel map",
+            map_entries.clone(),
+        );
+        registry.register(
+            "mesh_map_capacity",
+            "Entries a kernel map holds at most",
+            map_capacity.clone(),
+        );
+        registry.register(
+            "mesh_map_refused_entries",
+            "Entries the mesh needs that are not in a kernel map (it is full); the datapath fails closed for them",
+            map_refused.clone(),
+        );
         Metrics {
             registry,
             opened,
@@ -275,6 +301,9 @@ impl Metrics {
             rate_limited,
             config_generation,
             enrolled_pods,
+            map_entries,
+            map_capacity,
+            map_refused,
             tracker: Mutex::new(None),
             trust_domain: requests.settings.trust_domain.clone(),
             requests,
@@ -283,6 +312,17 @@ impl Metrics {
             conns,
             expired: Mutex::new(Instant::now()),
         }
+    }
+
+    /// What a kernel map holds after the last sync.
+    pub fn map_usage(&self, map: &str, entries: usize, capacity: u32, refused: usize) {
+        let labels = MapLabels { map: map.into() };
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.map_entries.get_or_create(&labels).set(gauge(entries));
+        self.map_capacity
+            .get_or_create(&labels)
+            .set(i64::from(capacity));
+        self.map_refused.get_or_create(&labels).set(gauge(refused));
     }
 
     pub fn tunnel_refused(&self, reason: &str) {
