@@ -2133,6 +2133,71 @@ fn request_metrics_are_reported_by_the_source_and_the_destination_agent() {
     );
     promtool_check(&node_a);
 
+    // Access logs: Istio's MeshConfig names the file and JSON, a Telemetry keeps only
+    // the 5xx. Both ends of each request write a line.
+    let log = "/run/mesh-sandbox/access.log";
+    let _ = std::fs::remove_file(log);
+    kubectl(
+        "apply",
+        "mesh-config",
+        &format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\n\
+             data:\n  mesh: |\n    accessLogFile: {log}\n    accessLogEncoding: JSON\n"
+        ),
+    );
+    kubectl(
+        "apply",
+        "telemetry-logs",
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: errors, namespace: demo}\n\
+         spec:\n  accessLogging:\n  - providers: [{name: envoy}]\n    filter: {expression: 'response.code >= 500'}\n",
+    );
+    let filtering = |node: &str| {
+        on_node(node, &["curl", "-sf", "http://127.0.0.1:15000/config_dump"])
+            .contains("response.code >= 500")
+    };
+    eventually("both agents log with the filter", || {
+        filtering("node-a") && filtering("node-b")
+    });
+    let ok = reviews("/status/200", 10, "{}", "keepalive");
+    let failed = reviews("/status/503", 4, "{}", "keepalive");
+    assert_eq!((ok.total(), failed.total()), (10, 4));
+    let lines = || {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("a JSON line"))
+            .collect::<Vec<_>>()
+    };
+    // Istio's default retry policy tries a 503 three times: each client request is one
+    // line at the source and three at the destination.
+    eventually("the 503s, from both ends", || lines().len() >= 16);
+    let logged = lines();
+    assert_eq!(logged.len(), 16, "{logged:?}");
+    let cluster =
+        |line: &serde_json::Value| line["upstream_cluster"].as_str().unwrap_or("").to_owned();
+    for line in &logged {
+        assert_eq!(line["response_code"], 503, "{line}");
+        assert_eq!(line["path"], "/status/503", "{line}");
+        assert_eq!(line["method"], "GET", "{line}");
+    }
+    let outbound: Vec<_> = logged
+        .iter()
+        .filter(|l| cluster(l).starts_with("outbound|9080|v"))
+        .collect();
+    let inbound = logged
+        .iter()
+        .filter(|l| cluster(l) == "inbound|9080||")
+        .count();
+    assert_eq!((outbound.len(), inbound), (4, 12), "{logged:?}");
+    for line in outbound {
+        assert_eq!(line["response_flags"], "URX", "{line}");
+        assert_eq!(line["route_name"], "halves", "{line}");
+        assert_eq!(
+            line["downstream_local_address"], "10.96.0.110:9080",
+            "{line}"
+        );
+    }
+
     // A Telemetry that turns the server side off for the namespace: the destination
     // agents stop counting, the source agent goes on.
     kubectl(

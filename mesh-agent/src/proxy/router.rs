@@ -529,7 +529,14 @@ impl Router {
             }
             if !again {
                 return match (response, try_outcome) {
-                    (Some(response), _) => response,
+                    (Some(response), outcome) => {
+                        // A retriable answer that stands because the tries ran out: Envoy
+                        // flags it as it flags a failed last try.
+                        if record.attempts > 1 && retries.retries(outcome) {
+                            record.flag(ResponseFlag::UpstreamRetryLimitExceeded);
+                        }
+                        response
+                    }
                     (None, outcome) => {
                         let exhausted = record.attempts > 1;
                         if exhausted {
