@@ -6,13 +6,13 @@
 //! connections), `pool` (HBONE to other agents), `limits` (connections per
 //! source), `copy` and `socket`.
 
-pub mod access;
 pub mod copy;
 pub mod deliver;
 pub mod error;
 pub mod inbound;
 pub mod limits;
 pub mod metered;
+pub mod observe;
 pub mod outbound;
 pub mod plan;
 pub mod pool;

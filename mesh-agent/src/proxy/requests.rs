@@ -8,11 +8,8 @@
 use std::{
     convert::Infallible,
     net::SocketAddrV4,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
-    time::{Duration, Instant},
+    sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -44,14 +41,14 @@ use crate::{
         request::normalise,
     },
     proxy::{
-        access::{Addresses, Handled, PendingLine},
         error::ProxyError,
-        metered::{grpc_status, head_size, BodyEnd, Metered, Reported},
+        metered::{head_size, Metered},
+        observe::{Addresses, Counting, Handled, Observed},
     },
     telemetry::{
         metrics::Metrics,
         request::ResponseFlags,
-        request_metrics::{ConnectionTally, Measures, PeerLabels, Peers, Reporter, RequestEnd},
+        request_metrics::{ConnectionTally, PeerLabels, Peers, Reporter},
     },
 };
 
@@ -163,15 +160,7 @@ impl Guard {
             async move {
                 let (parts, body) = request.into_parts();
                 let logs = arrival.security.telemetry.server_logs.as_ref();
-                let mut observed = Observed {
-                    reporting,
-                    line: logs.map(|logs| PendingLine::capture(logs, &parts, addresses)),
-                    started: Instant::now(),
-                    grpc: is_grpc(&parts.headers),
-                    request_head: request_head_size(&parts),
-                    request_bytes: Arc::new(AtomicU64::new(0)),
-                };
-                let body = Metered::new(body, observed.request_bytes.clone());
+                let (mut observed, body) = Observed::start(&parts, body, logs, addresses);
                 let request = Request::from_parts(parts, body);
                 let response = guard.handle(request, &arrival, &upstream).await;
                 let handled = Handled {
@@ -179,9 +168,11 @@ impl Guard {
                     cluster: Some(format!("inbound|{}||", workload.port())),
                     ..Handled::default()
                 };
-                if let Some(line) = &mut observed.line {
-                    line.respond(&response, ResponseFlags::default(), handled);
-                }
+                let counting = reporting.as_deref().map(|(tally, peers)| Counting {
+                    tally: tally.clone(),
+                    peers: peers.clone(),
+                });
+                observed.respond(&response, counting, ResponseFlags::default(), handled);
                 Ok::<_, Infallible>(observed.report(response, &guard.metrics))
             }
         });
@@ -196,7 +187,11 @@ impl Guard {
 
     /// The request metrics of a connection to `arrival`'s workload; `None` when a
     /// Telemetry turns them off.
-    fn reporting(&self, arrival: &Arrival, exchange: &Exchange) -> Option<Reporting> {
+    fn reporting(
+        &self,
+        arrival: &Arrival,
+        exchange: &Exchange,
+    ) -> Option<(Arc<ConnectionTally>, Arc<PeerLabels>)> {
         if arrival.security.telemetry.server == telemetry::Reporting::Never {
             return None;
         }
@@ -216,10 +211,7 @@ impl Guard {
             },
             tally.settings(),
         );
-        Some(Reporting {
-            tally,
-            peers: Arc::new(peers),
-        })
+        Some((Arc::new(tally), Arc::new(peers)))
     }
 
     async fn handle(
@@ -351,59 +343,6 @@ pub struct Exchange {
     pub client: Option<SocketAddrV4>,
     /// The requests arrived over HBONE (mutual TLS).
     pub mutual_tls: bool,
-}
-
-/// A judged connection's request metrics: its tally and the labels of its peers.
-struct Reporting {
-    tally: ConnectionTally,
-    peers: Arc<PeerLabels>,
-}
-
-/// What is observed of one request: counted, logged, or both.
-struct Observed {
-    reporting: Option<Arc<Reporting>>,
-    line: Option<PendingLine>,
-    started: Instant,
-    grpc: bool,
-    request_head: u64,
-    /// The request body's bytes, counted as they pass.
-    request_bytes: Arc<AtomicU64>,
-}
-
-impl Observed {
-    /// `response`, counting and logging its request when its body has gone out.
-    fn report(self, response: Response<Body>, metrics: &Arc<Metrics>) -> Response<Reported<Body>> {
-        if self.reporting.is_none() && self.line.is_none() {
-            return response.map(Reported::unreported);
-        }
-        let (parts, body) = response.into_parts();
-        let code = parts.status.as_u16();
-        let response_head = response_head_size(&parts);
-        let head_status = self.grpc.then(|| grpc_status(&parts.headers)).flatten();
-        let metrics = metrics.clone();
-        let report = Box::new(move |end: BodyEnd| {
-            let took = self.started.elapsed();
-            let body_bytes = self.request_bytes.load(Ordering::Relaxed);
-            if let Some(reporting) = &self.reporting {
-                let outcome = RequestEnd {
-                    grpc: self.grpc,
-                    response_code: code,
-                    grpc_status: end.grpc_status,
-                    flags: ResponseFlags::default(),
-                };
-                let measures = Measures {
-                    duration: took,
-                    request_bytes: self.request_head + body_bytes,
-                    response_bytes: response_head + end.bytes,
-                };
-                reporting.tally.record(&reporting.peers, outcome, &measures);
-            }
-            if let Some(line) = self.line {
-                line.finish(&metrics.access_logs, end, body_bytes, took);
-            }
-        });
-        Response::from_parts(parts, Reported::new(body, head_status, report))
-    }
 }
 
 /// Whether a request is gRPC (its content type says so).

@@ -10,10 +10,7 @@
 use std::{
     convert::Infallible,
     net::SocketAddrV4,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -38,15 +35,14 @@ use crate::{
     },
     policy::request::normalise,
     proxy::{
-        access::{Addresses, Handled, PendingLine},
         copy::{copy_to_tunnel, COPY_BUFFER},
         error::ProxyError,
-        metered::{grpc_status, BodyEnd, Metered, Reported},
+        metered::{grpc_status, Metered, Reported},
+        observe::{Addresses, Counting, Handled, Observed},
         plan::tunnelled,
         plan::{plan_endpoint, Carry, Route, TunnelRequest},
         requests::{
-            is_grpc, local_reply, request_head_size, response_head_size, server, strip_hop_by_hop,
-            Exchange, Outgoing, HEADER_READ_TIMEOUT,
+            is_grpc, local_reply, server, strip_hop_by_hop, Exchange, Outgoing, HEADER_READ_TIMEOUT,
         },
         socket,
         upstream::{GiveBack, Key, Returning, Sender, Stream},
@@ -54,7 +50,7 @@ use crate::{
     },
     telemetry::{
         request::{RequestRecord, ResponseFlag},
-        request_metrics::{ConnectionTally, Measures, PeerLabels, Peers, Reporter, RequestEnd},
+        request_metrics::{ConnectionTally, PeerLabels, Peers, Reporter},
     },
 };
 
@@ -81,8 +77,8 @@ where
         .security_of(*client_addr.ip())
         .telemetry
         .clone();
-    let tally =
-        (telemetry.client != Reporting::Never).then(|| proxy.guard.metrics.requests.connection());
+    let tally = (telemetry.client != Reporting::Never)
+        .then(|| Arc::new(proxy.guard.metrics.requests.connection()));
     let logs = telemetry.client_logs;
     let router = Arc::new(Router {
         proxy,
@@ -122,7 +118,7 @@ struct Router {
 /// requests reached (computed once per pod).
 struct SourceReporting {
     /// `None` when a Telemetry turns the source's request metrics off.
-    tally: Option<ConnectionTally>,
+    tally: Option<Arc<ConnectionTally>>,
     /// Where its requests are logged, if anywhere.
     logs: Option<Arc<AccessLogs>>,
     peers: Mutex<Vec<KnownPeers>>,
@@ -207,66 +203,31 @@ impl Router {
         reporting: &Arc<SourceReporting>,
     ) -> Response<Reported<RoutedBody>> {
         let started = Instant::now();
-        let grpc = is_grpc(request.headers());
         let (parts, body) = request.into_parts();
-        let request_head = request_head_size(&parts);
         let addresses = Addresses {
             local: Some(self.addressed),
             remote: Some(self.client),
             mutual_tls: false,
         };
-        let mut line = reporting
-            .logs
-            .as_ref()
-            .map(|logs| PendingLine::capture(logs, &parts, addresses));
-        let request_bytes = Arc::new(AtomicU64::new(0));
-        let request = Request::from_parts(parts, Metered::new(body, request_bytes.clone()));
+        let (mut observed, body) =
+            Observed::start(&parts, body, reporting.logs.as_ref(), addresses);
+        let request = Request::from_parts(parts, body);
         let mut record = RequestRecord::new(&self.hostname);
         let response = self.route(request, &mut record).await;
         record.finish(response.status(), started.elapsed());
         self.proxy.guard.metrics.request_routed(&record);
-        let tally = reporting.tally.as_ref();
-        if tally.is_none() && line.is_none() {
-            return response.map(Reported::unreported);
-        }
-        let peers = tally.map(|tally| reporting.peers(self, &record, tally));
-        if let Some(line) = &mut line {
-            let handled = Handled {
-                upstream: record.upstream,
-                cluster: record.cluster.clone(),
-                route: record.route.clone(),
-                details: None,
-            };
-            line.respond(&response, record.flags, handled);
-        }
-        let (parts, body) = response.into_parts();
-        let response_head = response_head_size(&parts);
-        let (code, flags) = (parts.status.as_u16(), record.flags);
-        let reporting = reporting.clone();
-        let metrics = self.proxy.guard.metrics.clone();
-        let report = Box::new(move |end: BodyEnd| {
-            let took = started.elapsed();
-            let body_bytes = request_bytes.load(Ordering::Relaxed);
-            if let (Some(tally), Some(peers)) = (&reporting.tally, &peers) {
-                let outcome = RequestEnd {
-                    grpc,
-                    response_code: code,
-                    grpc_status: end.grpc_status,
-                    flags,
-                };
-                let measures = Measures {
-                    duration: took,
-                    request_bytes: request_head + body_bytes,
-                    response_bytes: response_head + end.bytes,
-                };
-                tally.record(peers, outcome, &measures);
-            }
-            if let Some(line) = line {
-                line.finish(&metrics.access_logs, end, body_bytes, took);
-            }
+        let counting = reporting.tally.as_ref().map(|tally| Counting {
+            tally: tally.clone(),
+            peers: reporting.peers(self, &record, tally),
         });
-        let head_status = grpc.then(|| grpc_status(&parts.headers)).flatten();
-        Response::from_parts(parts, Reported::new(body, head_status, report))
+        let handled = Handled {
+            upstream: record.upstream,
+            cluster: record.cluster.clone(),
+            route: record.route.clone(),
+            details: None,
+        };
+        observed.respond(&response, counting, record.flags, handled);
+        observed.report(response, &self.proxy.guard.metrics)
     }
 
     async fn route(
