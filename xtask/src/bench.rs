@@ -4,7 +4,8 @@
 //! directly). Each scenario runs on both, for servers on the client's node
 //! (`same-node-l4`, spliced in the kernel; `same-node-l4-copied`, through the agent), on
 //! the other node (`cross-node-mtls`), and on the other node behind
-//! an L7 AuthorizationPolicy (`l7-policy`, HTTP scenarios only), and on the other node
+//! an L7 AuthorizationPolicy (`l7-policy`, HTTP scenarios only; `l7-policy-untallied`,
+//! the same without request metrics, for their cost), and on the other node
 //! through a Service whose VirtualService the client's agent applies to every request
 //! (`l7-routing`: a header match, a weighted split, retries), repeated to give a median
 //! and a spread. Results go to the terminal as a table and to `target/bench/` as JSON.
@@ -32,13 +33,16 @@ use crate::{
 /// needs the request (method and path), so the destination agent parses and judges each
 /// one. `same-node-l4-copied`: the same-node server labelled `mesh/splice: "false"`, so
 /// its flows are copied through the agent: the spliced and copied paths side by side.
+/// `l7-policy-untallied`: `l7-policy` with the request metrics turned off by a Telemetry,
+/// so that the two side by side give request telemetry's CPU per request.
 /// `l7-routing`: the server across nodes through a Service whose VirtualService (a header
 /// match, a weighted split, retries) the client's agent applies to every request.
-const PATHS: [(&str, &str, &str); 5] = [
+const PATHS: [(&str, &str, &str); 6] = [
     ("same-node-l4", "server-near", "server-near"),
     ("same-node-l4-copied", "server-near", "server-near-copied"),
     ("cross-node-mtls", "server-far", "server-far"),
     ("l7-policy", "server-far", "server-l7"),
+    ("l7-policy-untallied", "server-far", "server-l7-untallied"),
     ("l7-routing", "server-far", "server-routed"),
 ];
 /// Throughput is measured on the L4 paths only: iperf3 does not speak HTTP.
