@@ -13,6 +13,7 @@ pub mod peerauth;
 pub mod ratelimit;
 pub mod routes_report;
 pub mod routing;
+pub mod scope;
 pub mod security;
 pub mod telemetry;
 

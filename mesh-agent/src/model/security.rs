@@ -4,27 +4,21 @@
 //! policy engine to evaluate — with the other reasons its agent serves it request by
 //! request (rate limits, request telemetry).
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use serde::Serialize;
 
 use crate::{
     config::{
         condition::ConditionKey,
-        istio::{
-            AuthorizationAction, AuthorizationPolicy, JwtRule, PolicyTargetReference,
-            RequestAuthentication, Rule,
-        },
+        istio::{AuthorizationAction, AuthorizationPolicy, JwtRule, RequestAuthentication, Rule},
         jwks::{parse_jwks, Jwks},
         ClusterConfig, Resource,
     },
     model::{
         discovery,
         ratelimit::{local_rate_limits, LocalRateLimit},
+        scope::{scope_of, Scope},
         telemetry::{Reporting, TelemetryConfig, WorkloadTelemetry},
         Workload,
     },
@@ -46,41 +40,6 @@ impl Action {
             AuthorizationAction::Deny => Action::Deny,
             AuthorizationAction::Audit => Action::Audit,
             AuthorizationAction::Custom => Action::Custom,
-        }
-    }
-}
-
-/// Which workloads a policy applies to.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Scope {
-    /// Every workload of the mesh (root namespace, no selector).
-    Mesh,
-    /// Workloads of `namespace` (any namespace when `None`) whose labels include these;
-    /// empty labels select every workload of the namespace.
-    Labels {
-        namespace: Option<String>,
-        labels: BTreeMap<String, String>,
-    },
-    /// Several scopes (one per `targetRefs` entry); a workload in any of them.
-    Any(Vec<Scope>),
-    /// Nothing (a `targetRef` to something that selects no workload).
-    Nothing,
-}
-
-impl Scope {
-    pub fn selects(&self, workload: &Workload) -> bool {
-        match self {
-            Scope::Mesh => true,
-            Scope::Labels { namespace, labels } => {
-                namespace
-                    .as_ref()
-                    .is_none_or(|ns| *ns == workload.namespace)
-                    && labels
-                        .iter()
-                        .all(|(k, v)| workload.labels.get(k) == Some(v))
-            }
-            Scope::Any(scopes) => scopes.iter().any(|s| s.selects(workload)),
-            Scope::Nothing => false,
         }
     }
 }
@@ -153,50 +112,6 @@ impl Policy {
     pub fn applies_to(&self, workload: &Workload) -> bool {
         self.scope.selects(workload)
     }
-}
-
-/// The workloads a security policy of `namespace` applies to.
-pub(crate) fn scope_of<'a>(
-    namespace: &str,
-    selector: Option<&BTreeMap<String, String>>,
-    target_refs: impl Iterator<Item = &'a PolicyTargetReference>,
-    config: &ClusterConfig,
-    root_namespace: &str,
-) -> Scope {
-    let refs: Vec<&PolicyTargetReference> = target_refs.collect();
-    if !refs.is_empty() {
-        return Scope::Any(
-            refs.iter()
-                .map(|r| target_scope(r, namespace, config))
-                .collect(),
-        );
-    }
-    let labels = selector.cloned().unwrap_or_default();
-    if namespace == root_namespace && labels.is_empty() {
-        Scope::Mesh
-    } else {
-        Scope::Labels {
-            namespace: (namespace != root_namespace).then(|| namespace.to_owned()),
-            labels,
-        }
-    }
-}
-
-fn target_scope(target: &PolicyTargetReference, namespace: &str, config: &ClusterConfig) -> Scope {
-    let target_namespace = target.namespace.as_deref().unwrap_or(namespace);
-    if target.kind != "Service" || target_namespace != namespace {
-        return Scope::Nothing;
-    }
-    config
-        .services
-        .iter()
-        .find(|s| s.metadata.namespace() == namespace && s.metadata.name == target.name)
-        .map(|s| s.spec.selector.clone())
-        .filter(|labels| !labels.is_empty())
-        .map_or(Scope::Nothing, |labels| Scope::Labels {
-            namespace: Some(namespace.to_owned()),
-            labels,
-        })
 }
 
 /// The AuthorizationPolicies and RequestAuthentication rules of one workload.

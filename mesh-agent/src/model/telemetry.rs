@@ -23,7 +23,7 @@ use crate::{
     },
     model::{
         access_log::{LogEntry, LogFormat},
-        security::{scope_of, Scope},
+        scope::{scope_of, Scope},
         Workload,
     },
 };

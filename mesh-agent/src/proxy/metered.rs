@@ -150,12 +150,32 @@ pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
 
 /// The size of a head as HTTP/1.1 would write it: what Envoy counts in a request's or
 /// response's size beside the body.
-pub fn head_size(headers: &http::HeaderMap, first_line: usize) -> u64 {
+fn head_size(headers: &http::HeaderMap, first_line: usize) -> u64 {
     let fields: usize = headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
     (first_line + 2 + fields + 2) as u64
+}
+
+/// Whether a request is gRPC (its content type says so).
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// The size of a request head as HTTP/1.1 writes it.
+pub fn request_head_size(parts: &http::request::Parts) -> u64 {
+    let target = parts.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    head_size(&parts.headers, parts.method.as_str().len() + target + 10)
+}
+
+/// The size of a response head as HTTP/1.1 writes it.
+pub fn response_head_size(parts: &http::response::Parts) -> u64 {
+    let reason = parts.status.canonical_reason().map_or(0, str::len);
+    head_size(&parts.headers, 13 + reason)
 }
 
 #[cfg(test)]

@@ -18,9 +18,8 @@ use hyper::body::Incoming;
 
 use crate::{
     model::{access_log::LogEntry, telemetry::AccessLogs},
-    proxy::{
-        metered::{grpc_status, BodyEnd, Metered, Reported},
-        requests::{is_grpc, request_head_size, response_head_size},
+    proxy::metered::{
+        grpc_status, is_grpc, request_head_size, response_head_size, BodyEnd, Metered, Reported,
     },
     telemetry::{
         access_log::LogWriters,

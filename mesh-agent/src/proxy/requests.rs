@@ -42,7 +42,7 @@ use crate::{
     },
     proxy::{
         error::ProxyError,
-        metered::{head_size, Metered},
+        metered::Metered,
         observe::{Addresses, Counting, Handled, Observed},
     },
     telemetry::{
@@ -343,26 +343,6 @@ pub struct Exchange {
     pub client: Option<SocketAddrV4>,
     /// The requests arrived over HBONE (mutual TLS).
     pub mutual_tls: bool,
-}
-
-/// Whether a request is gRPC (its content type says so).
-pub fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
-}
-
-/// The size of a request head as HTTP/1.1 writes it.
-pub fn request_head_size(parts: &http::request::Parts) -> u64 {
-    let target = parts.uri.path_and_query().map_or(1, |p| p.as_str().len());
-    head_size(&parts.headers, parts.method.as_str().len() + target + 10)
-}
-
-/// The size of a response head as HTTP/1.1 writes it.
-pub fn response_head_size(parts: &http::response::Parts) -> u64 {
-    let reason = parts.status.canonical_reason().map_or(0, str::len);
-    head_size(&parts.headers, 13 + reason)
 }
 
 /// The client's workload, when its address and its identity agree: a request's source

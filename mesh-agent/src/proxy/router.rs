@@ -37,12 +37,12 @@ use crate::{
     proxy::{
         copy::{copy_to_tunnel, COPY_BUFFER},
         error::ProxyError,
-        metered::{grpc_status, Metered, Reported},
+        metered::{grpc_status, is_grpc, Metered, Reported},
         observe::{Addresses, Counting, Handled, Observed},
         plan::tunnelled,
         plan::{plan_endpoint, Carry, Route, TunnelRequest},
         requests::{
-            is_grpc, local_reply, server, strip_hop_by_hop, Exchange, Outgoing, HEADER_READ_TIMEOUT,
+            local_reply, server, strip_hop_by_hop, Exchange, Outgoing, HEADER_READ_TIMEOUT,
         },
         socket,
         upstream::{GiveBack, Key, Returning, Sender, Stream},
