@@ -67,6 +67,25 @@ pub struct AccessLogs {
     pub filter: Option<Arc<LogFilter>>,
 }
 
+impl AccessLogs {
+    /// The lines `entry` makes, with where each goes: one per provider, none when the
+    /// filter drops it.
+    pub fn lines<'a>(
+        &'a self,
+        entry: &'a LogEntry,
+        mutual_tls: bool,
+    ) -> impl Iterator<Item = (&'a std::path::Path, String)> + 'a {
+        let kept = self
+            .filter
+            .as_ref()
+            .is_none_or(|f| f.keeps(entry, mutual_tls));
+        self.sinks
+            .iter()
+            .filter(move |_| kept)
+            .map(move |sink| (sink.path.as_path(), sink.format.render(entry)))
+    }
+}
+
 /// A provider's destination and format.
 #[derive(Debug, PartialEq, Eq, Serialize)]
 pub struct LogSink {

@@ -239,6 +239,8 @@ async fn stream_of(
         tunnel.target,
     );
     result.set_principals(Some(source.to_string()), Some(local.to_string()));
+    let logs = plan.arrival.security.telemetry.server_logs.clone();
+    result.log_to(logs, format!("inbound|{}||", tunnel.target.port()));
     let delivered = async {
         let upstream = match deliver::dial(
             &plan.arrival,

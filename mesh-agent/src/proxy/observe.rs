@@ -200,13 +200,8 @@ impl PendingLine {
         self.entry.duration = took;
         self.entry.bytes_received = request_bytes;
         self.entry.bytes_sent = end.bytes;
-        if let Some(filter) = &self.logs.filter {
-            if !filter.keeps(&self.entry, self.mutual_tls) {
-                return;
-            }
-        }
-        for sink in &self.logs.sinks {
-            writers.write(&sink.path, sink.format.render(&self.entry));
+        for (path, line) in self.logs.lines(&self.entry, self.mutual_tls) {
+            writers.write(path, line);
         }
     }
 }

@@ -94,6 +94,17 @@ async fn carry_out(
         SpiffeId::new(trust_domain, &w.namespace, &w.service_account).to_string()
     };
     result.set_target(plan.target);
+    let cluster = format!(
+        "outbound|{}||{}",
+        original_dst.port(),
+        plan.service.as_deref().unwrap_or("")
+    );
+    let logs = state
+        .security_of(*client_addr.ip())
+        .telemetry
+        .client_logs
+        .clone();
+    result.log_to(logs, cluster);
     result.set_principals(
         Some(spiffe(&plan.source)),
         plan.destination.as_deref().map(spiffe),

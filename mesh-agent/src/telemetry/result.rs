@@ -11,13 +11,13 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::Instant,
+    time::{Instant, SystemTime},
 };
 
 use mesh_common::FlowKey;
 
 use crate::{
-    model::Workload,
+    model::{access_log::LogEntry, telemetry::AccessLogs, Workload},
     telemetry::{conns::ConnTable, metrics::Metrics},
 };
 
@@ -93,6 +93,10 @@ pub struct ConnResult {
     bytes: Arc<ByteCounts>,
     failure: Option<String>,
     started: Instant,
+    started_at: SystemTime,
+    /// Where the connection is logged (a TCP connection: a request served one by one is
+    /// logged per request instead), and the Envoy cluster name its line carries.
+    logs: Option<(Arc<AccessLogs>, String)>,
 }
 
 impl ConnResult {
@@ -118,6 +122,8 @@ impl ConnResult {
             bytes: Arc::default(),
             failure: None,
             started: Instant::now(),
+            started_at: SystemTime::now(),
+            logs: None,
         }
     }
 
@@ -155,6 +161,36 @@ impl ConnResult {
         self.bytes.clone()
     }
 
+    /// Logs the connection to `logs` when it ends, as Envoy's TCP proxy would, unless its
+    /// requests are logged one by one.
+    pub fn log_to(&mut self, logs: Option<Arc<AccessLogs>>, cluster: String) {
+        self.logs = logs.map(|logs| (logs, cluster));
+    }
+
+    /// The connection's access log line, as Envoy's TCP proxy fills it.
+    fn log_entry(&self, cluster: &str) -> LogEntry {
+        LogEntry {
+            start: self.started_at,
+            duration: self.started.elapsed(),
+            protocol: "-",
+            request_headers: http::HeaderMap::new(),
+            method: String::new(),
+            path: String::new(),
+            authority: String::new(),
+            response_headers: http::HeaderMap::new(),
+            response_code: 0,
+            response_flags: if self.failure.is_some() { "UF" } else { "-" }.into(),
+            response_code_details: self.failure.clone(),
+            bytes_received: self.bytes.sent.load(Ordering::Relaxed),
+            bytes_sent: self.bytes.received.load(Ordering::Relaxed),
+            upstream_host: Some(self.target),
+            upstream_cluster: Some(cluster.to_owned()),
+            downstream_local: Some(self.original_dst),
+            downstream_remote: Some(self.client),
+            route_name: None,
+        }
+    }
+
     /// Records why the connection failed or was refused.
     pub fn fail(&mut self, reason: impl std::fmt::Display) {
         self.failure = Some(reason.to_string());
@@ -175,6 +211,13 @@ impl Drop for ConnResult {
             Side::Outbound => "outbound",
             Side::Inbound => "inbound",
         };
+        let per_request = matches!(self.carried, Some(Carried::Http | Carried::Routed));
+        if let (Some((logs, cluster)), false) = (&self.logs, per_request) {
+            let entry = self.log_entry(cluster);
+            for (path, line) in logs.lines(&entry, self.mutual_tls) {
+                self.metrics.access_logs.write(path, line);
+            }
+        }
         let principal = |p: &Option<String>| p.clone().unwrap_or_else(|| "unknown".into());
         tracing::debug!(
             target: "mesh::access",
@@ -191,5 +234,75 @@ impl Drop for ConnResult {
             self.started.elapsed().as_millis(),
             self.failure.as_deref().unwrap_or("ok"),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{
+        access_log::LogFormat,
+        telemetry::{LogFilter, LogSink},
+        SharedState,
+    };
+
+    fn logs(path: &std::path::Path, filter: Option<&str>) -> Arc<AccessLogs> {
+        Arc::new(AccessLogs {
+            sinks: vec![Arc::new(LogSink {
+                provider: "envoy".into(),
+                path: path.to_owned(),
+                format: LogFormat::default_text(),
+            })],
+            filter: filter.map(|f| Arc::new(LogFilter::compile(f).expect("CEL"))),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_tcp_connection_is_one_line_and_a_connection_served_per_request_none() {
+        let path = std::env::temp_dir().join(format!("mesh-tcp-log-{}.log", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let metrics = Arc::new(Metrics::new(
+            SharedState::default(),
+            Arc::default(),
+            crate::telemetry::metrics::test_requests(),
+        ));
+        let result = |carried| {
+            let mut result = ConnResult::new(
+                Arc::default(),
+                metrics.clone(),
+                Side::Outbound,
+                "10.244.1.2:40000".parse().expect("client"),
+                "10.96.0.10:9000".parse().expect("service"),
+            );
+            result.set_target("10.244.2.3:9000".parse().expect("endpoint"));
+            result.log_to(
+                Some(logs(&path, None)),
+                "outbound|9000||echo.demo.svc.cluster.local".into(),
+            );
+            result.set_carried(carried);
+            result.bytes().add(5, 7);
+            result
+        };
+        drop(result(Carried::Tunnel));
+        drop(result(Carried::Http));
+        let mut text = String::new();
+        for _ in 0..200 {
+            text = std::fs::read_to_string(&path).unwrap_or_default();
+            if !text.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        assert!(
+            lines[0].contains("\"- - -\" 0 - - - \"-\" 5 7 "),
+            "no HTTP facts, 5 bytes in, 7 out: {}",
+            lines[0]
+        );
+        assert!(lines[0].contains(
+            "\"10.244.2.3:9000\" outbound|9000||echo.demo.svc.cluster.local - 10.96.0.10:9000 10.244.1.2:40000"
+        ));
+        let _ = std::fs::remove_file(&path);
     }
 }
