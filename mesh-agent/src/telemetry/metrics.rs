@@ -4,7 +4,7 @@
 //! connection (which endpoint and Service it reached).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     os::fd::AsRawFd,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -25,8 +25,10 @@ use crate::{
     datapath::ip_from_key,
     model::{MeshState, SharedState, Workload},
     telemetry::{
-        access_log::LogWriters, conns::ConnTable, request::RequestRecord,
-        request_metrics::RequestMetrics,
+        access_log::LogWriters,
+        conns::ConnTable,
+        request::RequestRecord,
+        request_metrics::{Departed, RequestMetrics},
     },
 };
 
@@ -125,6 +127,8 @@ pub struct KernelMaps {
 
 struct Tracker {
     live: HashMap<FlowKey, LiveFlow>,
+    /// When each TCP series last moved, so that series of workloads that left expire.
+    touched: HashMap<TcpLabels, Instant>,
     flows: BpfHashMap<MapData, FlowKey, FlowStats>,
     verdicts: PerCpuArray<MapData, u64>,
     verdicts_reported: [u64; verdict::COUNT as usize],
@@ -416,6 +420,7 @@ impl Metrics {
         } = maps;
         *self.lock() = Some(Tracker {
             live: HashMap::new(),
+            touched: HashMap::new(),
             flows,
             verdicts,
             verdicts_reported: [0; verdict::COUNT as usize],
@@ -467,7 +472,32 @@ impl Metrics {
         let now = Instant::now();
         if now.duration_since(*last) >= EXPIRY_SWEEP {
             *last = now;
-            self.requests.expire(&self.state.current(), now);
+            let state = self.state.current();
+            self.requests.expire(&state, now);
+            self.expire_tcp(&state, now);
+        }
+    }
+
+    /// Forgets the TCP series of workloads that left, idle for the expiry time and with no
+    /// flow open.
+    fn expire_tcp(&self, state: &MeshState, now: Instant) {
+        let departed = Departed::of(state);
+        let expiry = self.requests.expiry();
+        let mut guard = self.lock();
+        let Some(tracker) = guard.as_mut() else {
+            return;
+        };
+        let open: HashSet<&TcpLabels> = tracker
+            .live
+            .values()
+            .filter_map(|f| f.labels.as_ref())
+            .collect();
+        let stale = stale_series(&tracker.touched, &open, &departed, expiry, now);
+        for labels in stale {
+            for family in [&self.opened, &self.closed, &self.sent, &self.received] {
+                family.remove(&labels);
+            }
+            tracker.touched.remove(&labels);
         }
     }
 
@@ -525,6 +555,7 @@ impl Metrics {
         closing: bool,
     ) -> Option<TcpLabels> {
         let flow = tracker.live.get_mut(key)?;
+        let mut moved = closing;
         if flow.labels.is_none() {
             let record = self.conns.get(key);
             let patient = !closing && flow.seen.elapsed() < LABEL_WAIT;
@@ -534,8 +565,17 @@ impl Metrics {
             let labels = labels_for(state, key, stats, record.as_ref(), &self.trust_domain)?;
             self.opened.get_or_create(&labels).inc();
             flow.labels = Some(labels);
+            moved = true;
         }
         let labels = flow.labels.clone()?;
+        if moved || stats.bytes_sent > flow.sent || stats.bytes_received > flow.received {
+            match tracker.touched.get_mut(&labels) {
+                Some(at) => *at = Instant::now(),
+                None => {
+                    tracker.touched.insert(labels.clone(), Instant::now());
+                }
+            }
+        }
         if stats.bytes_sent > flow.sent {
             self.sent
                 .get_or_create(&labels)
@@ -590,6 +630,30 @@ impl Metrics {
         }
         openmetrics_to_prometheus_text(&out)
     }
+}
+
+/// The TCP series to forget: idle for `expiry`, no flow open under them, and naming a
+/// workload that left.
+fn stale_series(
+    touched: &HashMap<TcpLabels, Instant>,
+    open: &HashSet<&TcpLabels>,
+    departed: &Departed<'_>,
+    expiry: Duration,
+    now: Instant,
+) -> Vec<TcpLabels> {
+    touched
+        .iter()
+        .filter(|(labels, at)| {
+            let gone = departed
+                .contains(&labels.source_workload_namespace, &labels.source_workload)
+                || departed.contains(
+                    &labels.destination_workload_namespace,
+                    &labels.destination_workload,
+                );
+            now.saturating_duration_since(**at) >= expiry && !open.contains(labels) && gone
+        })
+        .map(|(labels, _)| labels.clone())
+        .collect()
 }
 
 /// prometheus-client writes OpenMetrics, where a counter family `x` has samples `x_total`.
@@ -787,6 +851,48 @@ spec:
         assert_eq!(labels.destination_service_namespace, "payments");
         assert_eq!(labels.source_workload, "client");
         assert_eq!(labels.reporter, "source");
+    }
+
+    #[test]
+    fn tcp_series_of_a_workload_that_left_expire_once_idle_and_closed() {
+        let config = crate::config::load_str(
+            std::path::Path::new("c.yaml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: shop}\n\
+             spec: {nodeName: node-1, serviceAccountName: client}\nstatus: {podIP: 10.244.1.10}\n",
+        );
+        let state = MeshState::build("node-1", &config);
+        let labels = |destination: &str| TcpLabels {
+            reporter: "source".into(),
+            source_workload: "client".into(),
+            source_workload_namespace: "shop".into(),
+            source_principal: "spiffe://cluster.local/ns/shop/sa/client".into(),
+            source_app: UNKNOWN.into(),
+            destination_workload: destination.into(),
+            destination_workload_namespace: "shop".into(),
+            destination_principal: UNKNOWN.into(),
+            destination_app: UNKNOWN.into(),
+            destination_service: UNKNOWN.into(),
+            destination_service_name: UNKNOWN.into(),
+            destination_service_namespace: UNKNOWN.into(),
+            request_protocol: "tcp".into(),
+            connection_security_policy: "none".into(),
+        };
+        let (gone, busy, here) = (labels("job-1"), labels("job-2"), labels("client"));
+        let then = Instant::now();
+        let touched = HashMap::from([
+            (gone.clone(), then),
+            (busy.clone(), then),
+            (here.clone(), then),
+        ]);
+        let open = HashSet::from([&busy]);
+        let departed = Departed::of(&state);
+        let expiry = Duration::from_secs(60);
+        assert!(stale_series(&touched, &open, &departed, expiry, then).is_empty());
+        let later = then + Duration::from_secs(61);
+        assert_eq!(
+            stale_series(&touched, &open, &departed, expiry, later),
+            [gone]
+        );
     }
 
     #[test]

@@ -377,19 +377,39 @@ impl RequestMetrics {
     /// Forgets the series of workloads `state` no longer has, once they have been idle
     /// for the expiry time. Series of open connections stay until those close.
     pub fn expire(&self, state: &MeshState, now: Instant) {
-        let present: HashSet<(&str, &str)> = state
-            .workloads
-            .values()
-            .map(|w| (w.namespace.as_str(), w.workload.as_str()))
-            .collect();
-        let gone = |side: &SideLabels| {
-            side.workload != UNKNOWN
-                && !present.contains(&(side.namespace.as_str(), side.workload.as_str()))
-        };
+        let departed = Departed::of(state);
+        let gone = |side: &SideLabels| departed.contains(&side.namespace, &side.workload);
         self.lock().closed.retain(|(peers, _), series| {
             let idle = now.saturating_duration_since(series.updated) >= self.expiry;
             !(idle && (gone(&peers.source) || gone(&peers.destination)))
         });
+    }
+
+    /// How long a series of a workload that left is still reported.
+    pub fn expiry(&self) -> Duration {
+        self.expiry
+    }
+}
+
+/// Which workloads a series may name that the mesh no longer has.
+pub struct Departed<'a> {
+    present: HashSet<(&'a str, &'a str)>,
+}
+
+impl<'a> Departed<'a> {
+    pub fn of(state: &'a MeshState) -> Departed<'a> {
+        Departed {
+            present: state
+                .workloads
+                .values()
+                .map(|w| (w.namespace.as_str(), w.workload.as_str()))
+                .collect(),
+        }
+    }
+
+    /// Whether the workload `namespace/workload` has left (an unknown one never has).
+    pub fn contains(&self, namespace: &str, workload: &str) -> bool {
+        workload != UNKNOWN && !self.present.contains(&(namespace, workload))
     }
 }
 
