@@ -6,6 +6,7 @@
 mod bench;
 mod demo;
 mod fuzz;
+mod kube_tools;
 mod ns;
 mod sandbox;
 mod setup;
@@ -31,7 +32,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing (Debian packages, nightly rust-src, bpf-linker).
+    /// Install what is missing (Debian packages, nightly rust-src, bpf-linker, and etcd,
+    /// kube-apiserver and kubectl built from their Go modules).
     Setup,
     /// Build the agent, meshctl and the eBPF object (release).
     Build,
