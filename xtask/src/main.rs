@@ -4,6 +4,7 @@
 //! benchmarks run on).
 
 mod bench;
+mod control_plane;
 mod demo;
 mod fuzz;
 mod kube_tools;
@@ -99,6 +100,11 @@ enum SandboxCommand {
     Delete {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
+    },
+    /// Run kubectl against the sandbox's Kubernetes API server (inside its namespace).
+    Kubectl {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -211,6 +217,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 SandboxCommand::Status { output } => sandbox::status(output == "json"),
                 SandboxCommand::Apply { file } => sandbox::apply(&file),
                 SandboxCommand::Delete { file } => sandbox::delete(&file),
+                SandboxCommand::Kubectl { args } => std::process::exit(sandbox::kubectl(&args)?),
             }
         }
     }

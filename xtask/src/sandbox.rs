@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_norway::Value;
 
 use crate::{
+    control_plane::{self, ControlPlaneState},
     ns::{self, Placement},
     progress, release_binaries, run,
 };
@@ -74,6 +75,9 @@ pub struct SandboxState {
     pub services: BTreeMap<String, Ipv4Addr>,
     pub next_veth: u32,
     pub next_service_ip: u8,
+    /// The Kubernetes API server and etcd, once started.
+    #[serde(default)]
+    pub control_plane: Option<ControlPlaneState>,
 }
 
 fn state_path() -> PathBuf {
@@ -380,6 +384,16 @@ pub fn up(config: &Path) -> Result<()> {
     }
     start_ca(&agent, &cgroups, &state)?;
     state.save()?;
+    join_fabric(
+        control_plane::API_NETNS,
+        control_plane::API_FABRIC_PORT,
+        control_plane::API_IP,
+    )?;
+    state.control_plane = Some(control_plane::start(
+        &control_plane::Layout::new(Path::new(RUN_DIR)),
+        &cgroups,
+    )?);
+    state.save()?;
     // Nodes first, so that the agents start with their own address known.
     for node in &nodes {
         let mut node = (*node).clone();
@@ -635,14 +649,19 @@ fn path_with_binaries() -> String {
     }
 }
 
+/// The log file `name` of the sandbox's daemons.
+pub fn log_path(name: &str) -> PathBuf {
+    logs_dir().join(name)
+}
+
 fn log_file(name: &str) -> Result<fs::File> {
-    let path = logs_dir().join(name);
+    let path = log_path(name);
     fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
 }
 
 /// Starts `command` in its own session inside `netns` and `cgroup`, its output in the
 /// log `log_name`; returns its pid.
-fn start_daemon(
+pub fn start_daemon(
     command: &mut Command,
     log_name: &str,
     netns: &str,
@@ -666,7 +685,7 @@ fn start_daemon(
 
 /// Creates network namespace `netns` with an `eth0` at `address`/24 on the bridge that
 /// links the nodes (its other end, `port`, in the fabric namespace).
-fn join_fabric(netns: &str, port: &str, address: Ipv4Addr) -> Result<()> {
+pub fn join_fabric(netns: &str, port: &str, address: Ipv4Addr) -> Result<()> {
     ip(&["netns", "add", netns])?;
     ip(&["-n", netns, "link", "set", "lo", "up"])?;
     ip(&[
@@ -792,7 +811,7 @@ pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> Result<(u16, Strin
     })?
 }
 
-fn process_alive(pid: u32) -> bool {
+pub fn process_alive(pid: u32) -> bool {
     // A zombie is dead for our purposes.
     fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         s.rsplit(')')
@@ -1007,6 +1026,11 @@ fn remove_cgroup_tree(dir: &Path) {
 }
 
 pub fn down() -> Result<()> {
+    // The API server and etcd stop on SIGTERM first (etcd closes its database cleanly);
+    // the cgroups then take whatever else is left.
+    if let Some(control_plane) = SandboxState::load().ok().and_then(|s| s.control_plane) {
+        control_plane::stop(&control_plane);
+    }
     if let Ok(root) = cgroup_root() {
         remove_cgroup_tree(&root);
         if root.exists() {
@@ -1076,6 +1100,18 @@ impl SignalNumber for std::process::ExitStatus {
     }
 }
 
+/// kubectl against the sandbox's API server; its exit code.
+pub fn kubectl(args: &[String]) -> Result<i32> {
+    let state = SandboxState::load()?;
+    let control_plane = state
+        .control_plane
+        .context("this sandbox runs no Kubernetes API server")?;
+    let status = control_plane::command(&control_plane, args)?
+        .status()
+        .context("running kubectl")?;
+    Ok(status.code().unwrap_or(128 + status.signal_number()))
+}
+
 pub enum ExecTarget {
     Pod(String),
     Node(String),
@@ -1106,7 +1142,11 @@ pub fn status(json: bool) -> Result<()> {
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"nodes": nodes, "pods": pods}))?
+            serde_json::to_string_pretty(&serde_json::json!({
+                "nodes": nodes,
+                "pods": pods,
+                "kubeconfig": state.control_plane.as_ref().map(|c| &c.kubeconfig),
+            }))?
         );
         return Ok(());
     }
@@ -1134,6 +1174,16 @@ pub fn status(json: bool) -> Result<()> {
         println!(
             "{:<20} {:<12} {:<10} {:<14} {}",
             p.name, p.namespace, p.node, p.ip, p.netns
+        );
+    }
+    if let Some(control_plane) = &state.control_plane {
+        println!();
+        println!(
+            "kube-apiserver https://{}:6443 (pid {}), etcd (pid {}), kubeconfig {}",
+            control_plane::API_IP,
+            control_plane.apiserver_pid,
+            control_plane.etcd_pid,
+            control_plane.kubeconfig.display()
         );
     }
     if !state.services.is_empty() {

@@ -135,6 +135,7 @@ pub struct Metrics {
     routed: Family<RoutedLabels, Counter>,
     rate_limited: Family<PolicyLabels, Counter>,
     pub config_generation: Gauge,
+    pub config_objects_skipped: Gauge,
     pub enrolled_pods: Gauge,
     tracker: Mutex<Option<Tracker>>,
     state: SharedState,
@@ -159,6 +160,7 @@ impl Metrics {
         let routed = Family::<RoutedLabels, Counter>::default();
         let rate_limited = Family::<PolicyLabels, Counter>::default();
         let config_generation = Gauge::default();
+        let config_objects_skipped = Gauge::default();
         let enrolled_pods = Gauge::default();
         registry.register(
             "istio_tcp_connections_opened",
@@ -231,6 +233,11 @@ impl Metrics {
             config_generation.clone(),
         );
         registry.register(
+            "mesh_config_objects_skipped",
+            "Objects of the Kubernetes API left out for their errors (their last good version, if any, serving)",
+            config_objects_skipped.clone(),
+        );
+        registry.register(
             "mesh_enrolled_pods",
             "Local pods with the mesh programs attached",
             enrolled_pods.clone(),
@@ -251,6 +258,7 @@ impl Metrics {
             routed,
             rate_limited,
             config_generation,
+            config_objects_skipped,
             enrolled_pods,
             tracker: Mutex::new(None),
             state,
