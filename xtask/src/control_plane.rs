@@ -343,6 +343,125 @@ fn kubectl_quiet(state: &ControlPlaneState, args: &[String]) -> Result<()> {
     crate::run(&mut command(state, args)?)
 }
 
+/// kubectl with `input` on its standard input; its standard output.
+fn kubectl_with_input(state: &ControlPlaneState, args: &[&str], input: &str) -> Result<String> {
+    use std::io::Write;
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let mut child = command(state, &args)?
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting kubectl")?;
+    child
+        .stdin
+        .take()
+        .context("kubectl's standard input")?
+        .write_all(input.as_bytes())?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!(
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The object as a client sends it: what the API server and the kubelet fill in (UID,
+/// status) left out, and, for a Pod, an `image` for each container that has none (the
+/// sandbox runs the container's command on the machine; the API server requires one).
+pub fn request_body(object: &serde_norway::Value) -> serde_norway::Value {
+    let mut object = object.clone();
+    if let Some(fields) = object.as_mapping_mut() {
+        fields.remove("status");
+        if let Some(meta) = fields.get_mut("metadata").and_then(|m| m.as_mapping_mut()) {
+            meta.remove("uid");
+        }
+    }
+    let is_pod = object.get("kind").and_then(|k| k.as_str()) == Some("Pod");
+    let containers = object
+        .get_mut("spec")
+        .and_then(|s| s.get_mut("containers"))
+        .and_then(|c| c.as_sequence_mut());
+    if let (true, Some(containers)) = (is_pod, containers) {
+        for container in containers.iter_mut().filter_map(|c| c.as_mapping_mut()) {
+            if !container.contains_key("image") {
+                container.insert("image".into(), SANDBOX_IMAGE.into());
+            }
+        }
+    }
+    object
+}
+
+/// The image the sandbox names for containers that name none; never pulled.
+const SANDBOX_IMAGE: &str = "mesh-sandbox/local";
+
+/// Creates or updates an object through the API server, as `kubectl apply` does.
+pub fn apply_object(state: &ControlPlaneState, object: &serde_norway::Value) -> Result<()> {
+    let text = serde_norway::to_string(&request_body(object))?;
+    kubectl_with_input(state, &["apply", "-f", "-"], &text).map(drop)
+}
+
+/// Creates a Pod through the API server; the UID the server gave it.
+pub fn create_pod(state: &ControlPlaneState, object: &serde_norway::Value) -> Result<String> {
+    let text = serde_norway::to_string(&request_body(object))?;
+    let uid = kubectl_with_input(
+        state,
+        &["create", "-f", "-", "-o", "jsonpath={.metadata.uid}"],
+        &text,
+    )?;
+    if uid.trim().is_empty() {
+        bail!("the API server gave the pod no UID");
+    }
+    Ok(uid.trim().to_owned())
+}
+
+/// Sets an object's status, as the kubelet (Pods, Nodes) does.
+pub fn patch_status(
+    state: &ControlPlaneState,
+    kind: &str,
+    namespace: Option<&str>,
+    name: &str,
+    status: &serde_json::Value,
+) -> Result<()> {
+    let patch = serde_json::json!({ "status": status }).to_string();
+    let kind = kind.to_lowercase();
+    let mut args = vec!["patch", &kind, name, "--subresource=status", "--type=merge"];
+    if let Some(namespace) = namespace {
+        args.extend(["-n", namespace]);
+    }
+    args.extend(["-p", &patch]);
+    kubectl_with_input(state, &args, "").map(drop)
+}
+
+/// Deletes an object at once: the sandbox has stopped the pod itself, as the kubelet
+/// confirms a deletion once the containers are gone.
+pub fn delete_object(
+    state: &ControlPlaneState,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<()> {
+    let kind = kind.to_lowercase();
+    kubectl_with_input(
+        state,
+        &[
+            "delete",
+            &kind,
+            name,
+            "-n",
+            namespace,
+            "--grace-period=0",
+            "--force",
+            "--ignore-not-found",
+        ],
+        "",
+    )
+    .map(drop)
+}
+
 /// Stops what [`start`] started, API server first, by the pids it recorded; the
 /// sandbox's cgroup clean-up then takes anything left.
 pub fn stop(state: &ControlPlaneState) {
@@ -407,6 +526,34 @@ mod tests {
             value["users"][0]["user"]["client-key"].as_str(),
             Some("/run/x/admin.key")
         );
+    }
+
+    #[test]
+    fn objects_are_sent_without_what_the_server_and_kubelet_fill_in() {
+        let pod: serde_norway::Value = serde_norway::from_str(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, uid: u1}\n\
+             spec: {containers: [{name: a}, {name: b, image: busybox}]}\n\
+             status: {podIP: 10.244.1.2}\n",
+        )
+        .expect("yaml");
+        let body = request_body(&pod);
+        assert!(body.get("status").is_none());
+        assert!(body["metadata"].get("uid").is_none());
+        assert_eq!(
+            body["spec"]["containers"][0]["image"].as_str(),
+            Some(SANDBOX_IMAGE)
+        );
+        assert_eq!(
+            body["spec"]["containers"][1]["image"].as_str(),
+            Some("busybox")
+        );
+        let service: serde_norway::Value = serde_norway::from_str(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {containers: [{name: a}]}\n",
+        )
+        .expect("yaml");
+        assert!(request_body(&service)["spec"]["containers"][0]
+            .get("image")
+            .is_none());
     }
 
     #[test]

@@ -73,6 +73,11 @@ enum SandboxCommand {
         /// Cluster description (file or directory).
         #[arg(long, default_value = "deploy/sandbox")]
         config: PathBuf,
+        /// Where the agents read the cluster from: the configuration directory, or the
+        /// sandbox's API server (every object created through it, pod and node status
+        /// set as a kubelet does).
+        #[arg(long, value_enum, default_value_t = sandbox::ConfigSource::Dir)]
+        config_source: sandbox::ConfigSource,
     },
     /// Stop everything and remove every namespace, cgroup and pin of the sandbox.
     Down,
@@ -203,7 +208,10 @@ fn dispatch(cli: Cli) -> Result<()> {
                 }
             };
             match command {
-                SandboxCommand::Up { config } => sandbox::up(&in_workspace(config)),
+                SandboxCommand::Up {
+                    config,
+                    config_source,
+                } => sandbox::up(&in_workspace(config), config_source),
                 SandboxCommand::Down => sandbox::down(),
                 SandboxCommand::Exec { node, pod, command } => {
                     let target = match (node, pod) {

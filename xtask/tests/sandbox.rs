@@ -133,9 +133,15 @@ impl Sandbox {
 
     /// Up, with environment variables for `sandbox up` (e.g. the certificate lifetime).
     fn up_with(env: &[(&str, &str)]) -> Sandbox {
+        Sandbox::up_with_args(&[], env)
+    }
+
+    /// Up, with arguments and environment variables for `sandbox up`.
+    fn up_with_args(args: &[&str], env: &[(&str, &str)]) -> Sandbox {
         let turn = SANDBOX.lock().unwrap_or_else(|e| e.into_inner());
         let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
             .args(["sandbox", "up"])
+            .args(args)
             .envs(env.iter().copied())
             .current_dir(workspace())
             .output()
@@ -576,6 +582,51 @@ fn the_sandbox_runs_a_kubernetes_api_server_that_takes_the_istio_corpus() {
         "{:#}",
         skipped[0]
     );
+}
+
+#[test]
+fn agents_on_the_kubernetes_api_follow_pods_created_and_deleted_through_it() {
+    let _sandbox = Sandbox::up_with_args(&["--config-source", "kube"], &[]);
+    assert_eq!(status_json()["config_source"], "kube");
+    let agent = agent_status("node-a");
+    assert_eq!(agent["source"], "https://10.200.0.253:6443/");
+    assert_eq!(agent["workloads"], 4, "{agent:#}");
+    // The pods as the API server holds them, with the status the sandbox set as the
+    // kubelet would, and the UID the agents found their cgroups by.
+    let pods = ok(
+        sandbox_kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            "demo",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.status.phase} {.status.podIP}{\"\\n\"}{end}",
+        ]),
+        "kubectl get pods",
+    );
+    assert!(pods.contains("web-b Running 10.244.2.2"), "{pods}");
+    let url = "http://10.96.0.100/name";
+    let spread = backends(url, 4);
+    assert_eq!(spread.values().sum::<usize>(), 4, "{spread:?}");
+
+    // A pod created through the API joins the Service's rotation; deleted, it leaves.
+    kubectl("apply", "web-c", WEB_C);
+    eventually("web-c in the web Service's rotation", || {
+        backends(url, 6).contains_key("web-c")
+    });
+    let deleted = Instant::now();
+    kubectl("delete", "web-c", WEB_C);
+    eventually("web-c gone from node-a's agent", || {
+        agent_status("node-a")["workloads"] == 4
+    });
+    // Reported, not asserted: timings on a shared machine are benchmarks.
+    eprintln!(
+        "node-a's agent dropped web-c {:?} after `sandbox delete` began",
+        deleted.elapsed()
+    );
+    let spread = backends(url, 6);
+    assert_eq!(spread.values().sum::<usize>(), 6, "{spread:?}");
+    assert!(!spread.contains_key("web-c"), "{spread:?}");
 }
 
 #[test]
