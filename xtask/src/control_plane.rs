@@ -46,6 +46,9 @@ pub struct ControlPlaneState {
     pub etcd_pid: u32,
     pub apiserver_pid: u32,
     pub kubeconfig: PathBuf,
+    /// The agents' kubeconfig: the identity of deploy/mesh-agent.yaml's ServiceAccount,
+    /// with only the ClusterRole it grants.
+    pub agent_kubeconfig: PathBuf,
 }
 
 /// The control plane's files under the sandbox's run directory.
@@ -80,13 +83,20 @@ pub struct Pki {
     pub server_key: String,
     pub admin_cert: String,
     pub admin_key: String,
+    pub agent_cert: String,
+    pub agent_key: String,
     /// The key the API server signs ServiceAccount tokens with, and its public half.
     pub service_account_key: String,
     pub service_account_public: String,
 }
 
+/// The user the agents are: deploy/mesh-agent.yaml's ServiceAccount, whose ClusterRole
+/// binding names it so (a ServiceAccount subject matches this user name).
+const AGENT_USER: &str = "system:serviceaccount:mesh-system:mesh-agent";
+
 /// A CA for the API server, its serving certificate (for its address and the names of
-/// the `kubernetes` Service) and an admin client certificate (group `system:masters`).
+/// the `kubernetes` Service), an admin client certificate (group `system:masters`) and
+/// the agents' client certificate ([`AGENT_USER`], no group).
 pub fn generate_pki(api_ip: Ipv4Addr) -> Result<Pki> {
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
@@ -127,6 +137,14 @@ pub fn generate_pki(api_ip: Ipv4Addr) -> Result<Pki> {
     admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let admin_cert = admin.signed_by(&admin_key, &ca_cert, &ca_key)?;
 
+    let agent_key = KeyPair::generate()?;
+    let mut agent = CertificateParams::new(Vec::<String>::new())?;
+    agent
+        .distinguished_name
+        .push(DnType::CommonName, AGENT_USER);
+    agent.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let agent_cert = agent.signed_by(&agent_key, &ca_cert, &ca_key)?;
+
     let service_account = KeyPair::generate()?;
     Ok(Pki {
         ca_cert: ca_cert.pem(),
@@ -134,13 +152,15 @@ pub fn generate_pki(api_ip: Ipv4Addr) -> Result<Pki> {
         server_key: server_key.serialize_pem(),
         admin_cert: admin_cert.pem(),
         admin_key: admin_key.serialize_pem(),
+        agent_cert: agent_cert.pem(),
+        agent_key: agent_key.serialize_pem(),
         service_account_key: service_account.serialize_pem(),
         service_account_public: service_account.public_key_pem(),
     })
 }
 
 /// A kubeconfig for `server`, naming the certificate files rather than embedding them.
-pub fn kubeconfig(server: &str, ca: &Path, cert: &Path, key: &Path) -> Result<String> {
+fn kubeconfig(server: &str, ca: &Path, cert: &Path, key: &Path) -> Result<String> {
     let config = serde_json::json!({
         "apiVersion": "v1",
         "kind": "Config",
@@ -148,13 +168,13 @@ pub fn kubeconfig(server: &str, ca: &Path, cert: &Path, key: &Path) -> Result<St
             "server": server,
             "certificate-authority": ca,
         }}],
-        "users": [{"name": "mesh-sandbox-admin", "user": {
+        "users": [{"name": "mesh-sandbox-user", "user": {
             "client-certificate": cert,
             "client-key": key,
         }}],
         "contexts": [{"name": "mesh-sandbox", "context": {
             "cluster": "mesh-sandbox",
-            "user": "mesh-sandbox-admin",
+            "user": "mesh-sandbox-user",
         }}],
         "current-context": "mesh-sandbox",
     });
@@ -219,22 +239,26 @@ pub fn start(layout: &Layout, cgroups: &Path) -> Result<ControlPlaneState> {
         ("apiserver.key", &pki.server_key),
         ("admin.crt", &pki.admin_cert),
         ("admin.key", &pki.admin_key),
+        ("agent.crt", &pki.agent_cert),
+        ("agent.key", &pki.agent_key),
         ("sa.key", &pki.service_account_key),
         ("sa.pub", &pki.service_account_public),
     ] {
         std::fs::write(layout.file(name), pem)
             .with_context(|| format!("writing {}", layout.file(name).display()))?;
     }
+    let server = format!("https://{API_IP}:{API_PORT}");
     let kubeconfig_path = layout.kubeconfig();
-    std::fs::write(
-        &kubeconfig_path,
-        kubeconfig(
-            &format!("https://{API_IP}:{API_PORT}"),
+    let agent_kubeconfig = layout.file("agent-kubeconfig");
+    for (path, user) in [(&kubeconfig_path, "admin"), (&agent_kubeconfig, "agent")] {
+        let text = kubeconfig(
+            &server,
             &layout.file("ca.crt"),
-            &layout.file("admin.crt"),
-            &layout.file("admin.key"),
-        )?,
-    )?;
+            &layout.file(&format!("{user}.crt")),
+            &layout.file(&format!("{user}.key")),
+        )?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
     let cgroup = |name: &str| -> Result<PathBuf> {
         let dir = cgroups.join("api").join(name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -261,6 +285,7 @@ pub fn start(layout: &Layout, cgroups: &Path) -> Result<ControlPlaneState> {
         etcd_pid,
         apiserver_pid,
         kubeconfig: kubeconfig_path,
+        agent_kubeconfig,
     };
     wait_ready(&state)?;
     let mut apply = vec!["apply".to_owned()];
@@ -269,6 +294,7 @@ pub fn start(layout: &Layout, cgroups: &Path) -> Result<ControlPlaneState> {
         apply.push(workspace().join(manifest).display().to_string());
     }
     kubectl_quiet(&state, &apply)?;
+    kubectl_with_input(&state, &["apply", "-f", "-"], &agent_role()?)?;
     kubectl_quiet(
         &state,
         &[
@@ -281,6 +307,33 @@ pub fn start(layout: &Layout, cgroups: &Path) -> Result<ControlPlaneState> {
         .map(str::to_owned),
     )?;
     Ok(state)
+}
+
+/// The agents' ClusterRole and its binding, as deploy/mesh-agent.yaml holds them (the rest
+/// of that file is the DaemonSet, which has no place in the sandbox).
+fn agent_role() -> Result<String> {
+    let path = workspace().join(AGENT_MANIFEST);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let role = rbac_documents(&text);
+    if role.is_empty() {
+        bail!("{} holds no ClusterRole", path.display());
+    }
+    Ok(role)
+}
+
+const AGENT_MANIFEST: &str = "deploy/mesh-agent.yaml";
+
+/// The ClusterRole and ClusterRoleBinding documents of a manifest.
+fn rbac_documents(manifest: &str) -> String {
+    manifest
+        .split("\n---")
+        .filter(|doc| {
+            doc.lines()
+                .any(|l| l == "kind: ClusterRole" || l == "kind: ClusterRoleBinding")
+        })
+        .map(|doc| format!("---\n{}\n", doc.trim_start_matches('\n')))
+        .collect()
 }
 
 fn wait_listening(addr: SocketAddr, pid: u32, what: &str) -> Result<()> {
@@ -495,6 +548,11 @@ mod tests {
             })
             .collect();
         assert_eq!(ips, ["10.200.0.253", "127.0.0.1", "10.96.0.1"]);
+        let agent = CertificateParams::from_ca_cert_pem(&pki.agent_cert).expect("parse");
+        assert_eq!(
+            agent.distinguished_name.get(&DnType::CommonName).cloned(),
+            Some(rcgen::DnValue::Utf8String(AGENT_USER.into()))
+        );
         let admin = CertificateParams::from_ca_cert_pem(&pki.admin_cert).expect("parse");
         let org = admin
             .distinguished_name
@@ -554,6 +612,17 @@ mod tests {
         assert!(request_body(&service)["spec"]["containers"][0]
             .get("image")
             .is_none());
+    }
+
+    #[test]
+    fn the_agents_get_the_role_of_the_manifest_and_nothing_else_of_it() {
+        let role = agent_role().expect("role");
+        let kinds: Vec<&str> = role
+            .lines()
+            .filter_map(|l| l.strip_prefix("kind: "))
+            .collect();
+        assert_eq!(kinds, ["ClusterRole", "ClusterRoleBinding"]);
+        assert!(role.contains("name: mesh-agent"));
     }
 
     #[test]

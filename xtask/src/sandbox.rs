@@ -449,7 +449,7 @@ pub fn up(config: &Path, source: ConfigSource) -> Result<()> {
     }
     state.save()?;
     progress("starting one mesh-agent per node");
-    let kubeconfig = state.api().map(|api| api.kubeconfig.clone());
+    let kubeconfig = state.api().map(|api| api.agent_kubeconfig.clone());
     for node in state.nodes.iter_mut() {
         node.agent_pid = start_agent(node, &agent, kubeconfig.as_deref())?;
     }

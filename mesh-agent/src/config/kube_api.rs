@@ -336,6 +336,38 @@ mod tests {
     }
 
     #[test]
+    fn the_agent_role_in_deploy_grants_exactly_what_is_watched() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/mesh-agent.yaml");
+        let text = std::fs::read_to_string(path).expect("deploy/mesh-agent.yaml");
+        let role = text
+            .split("\n---")
+            .find(|doc| doc.lines().any(|l| l == "kind: ClusterRole"))
+            .expect("a ClusterRole");
+        let role: serde_norway::Value = serde_norway::from_str(role).expect("yaml");
+        let strings = |v: &serde_norway::Value| -> Vec<String> {
+            v.as_sequence()
+                .expect("a list")
+                .iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        };
+        let mut granted = std::collections::BTreeSet::new();
+        for rule in role["rules"].as_sequence().expect("rules") {
+            assert_eq!(strings(&rule["verbs"]), ["list", "watch"]);
+            for group in strings(&rule["apiGroups"]) {
+                for resource in strings(&rule["resources"]) {
+                    granted.insert((group.clone(), resource));
+                }
+            }
+        }
+        let watched: std::collections::BTreeSet<(String, String)> = resources()
+            .into_iter()
+            .map(|r| (r.group, r.plural))
+            .collect();
+        assert_eq!(granted, watched);
+    }
+
+    #[test]
     fn a_kind_the_server_does_not_serve_counts_as_listed_and_empty() {
         let mut kind = KindObjects::default();
         assert!(kind.not_served());
