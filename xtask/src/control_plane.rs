@@ -231,6 +231,14 @@ pub fn start(layout: &Layout, cgroups: &Path) -> Result<ControlPlaneState> {
         "starting etcd and kube-apiserver {} at {API_IP}:{API_PORT}",
         kube_tools::KUBERNETES_VERSION
     ));
+    for name in ["etcd", "kube-apiserver", "kubectl"] {
+        if !kube_tools::binary(name).is_file() {
+            bail!(
+                "{} is missing: `cargo xtask setup` builds it",
+                kube_tools::binary(name).display()
+            );
+        }
+    }
     std::fs::create_dir_all(layout.file("certs"))?;
     let pki = generate_pki(API_IP)?;
     for (name, pem) in [
