@@ -275,7 +275,10 @@ pub fn run(quick: bool, json: bool) -> Result<()> {
             seconds: 5.0,
         }
     };
-    sandbox::up(&workspace().join("deploy/bench"))?;
+    sandbox::up(
+        &workspace().join("deploy/bench"),
+        sandbox::ConfigSource::Dir,
+    )?;
     let stats = Path::new("/proc/sys/kernel/bpf_stats_enabled");
     let stats_before = fs::read_to_string(stats).unwrap_or_else(|_| "0".into());
     fs::write(stats, "1").context("enabling kernel.bpf_stats_enabled")?;

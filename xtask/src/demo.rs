@@ -67,7 +67,10 @@ pub fn run() -> Result<()> {
     require_root()?;
     setup::ensure()?;
     build()?;
-    sandbox::up(&workspace().join("deploy/sandbox"))?;
+    sandbox::up(
+        &workspace().join("deploy/sandbox"),
+        sandbox::ConfigSource::Dir,
+    )?;
     let result = traffic();
     progress("tearing the sandbox down");
     sandbox::down()?;

@@ -4,8 +4,10 @@
 //! benchmarks run on).
 
 mod bench;
+mod control_plane;
 mod demo;
 mod fuzz;
+mod kube_tools;
 mod ns;
 mod sandbox;
 mod setup;
@@ -31,7 +33,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing (Debian packages, nightly rust-src, bpf-linker).
+    /// Install what is missing (Debian packages, nightly rust-src, bpf-linker, and etcd,
+    /// kube-apiserver and kubectl built from their Go modules).
     Setup,
     /// Build the agent, meshctl and the eBPF object (release).
     Build,
@@ -70,6 +73,11 @@ enum SandboxCommand {
         /// Cluster description (file or directory).
         #[arg(long, default_value = "deploy/sandbox")]
         config: PathBuf,
+        /// Where the agents read the cluster from: the configuration directory, or the
+        /// sandbox's API server (every object created through it, pod and node status
+        /// set as a kubelet does).
+        #[arg(long, value_enum, default_value_t = sandbox::ConfigSource::Dir)]
+        config_source: sandbox::ConfigSource,
     },
     /// Stop everything and remove every namespace, cgroup and pin of the sandbox.
     Down,
@@ -97,6 +105,11 @@ enum SandboxCommand {
     Delete {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
+    },
+    /// Run kubectl against the sandbox's Kubernetes API server (inside its namespace).
+    Kubectl {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -195,7 +208,10 @@ fn dispatch(cli: Cli) -> Result<()> {
                 }
             };
             match command {
-                SandboxCommand::Up { config } => sandbox::up(&in_workspace(config)),
+                SandboxCommand::Up {
+                    config,
+                    config_source,
+                } => sandbox::up(&in_workspace(config), config_source),
                 SandboxCommand::Down => sandbox::down(),
                 SandboxCommand::Exec { node, pod, command } => {
                     let target = match (node, pod) {
@@ -209,6 +225,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 SandboxCommand::Status { output } => sandbox::status(output == "json"),
                 SandboxCommand::Apply { file } => sandbox::apply(&file),
                 SandboxCommand::Delete { file } => sandbox::delete(&file),
+                SandboxCommand::Kubectl { args } => std::process::exit(sandbox::kubectl(&args)?),
             }
         }
     }

@@ -36,11 +36,19 @@ pub fn place(command: &mut Command, placement: &Placement) -> Result<()> {
         None => None,
     };
     let detach = placement.detach;
-    // SAFETY: the closure only makes async-signal-safe system calls (setsid, open,
-    // write, close, setns) on data prepared before the fork.
+    // SAFETY: the closure only makes async-signal-safe system calls (setsid, close_range,
+    // open, write, close, setns) on data prepared before the fork.
     unsafe {
         command.pre_exec(move || {
             if detach && libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // A daemon must not keep descriptors it inherited open past exec: one holding
+            // the `flock` a caller wrapped `sandbox up` in would hold that lock for as long
+            // as the sandbox runs, and the `sandbox down` waiting for it would wait forever.
+            if detach
+                && libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             if let Some(procs) = &procs {

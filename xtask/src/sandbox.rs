@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_norway::Value;
 
 use crate::{
+    control_plane::{self, ControlPlaneState},
     ns::{self, Placement},
     progress, release_binaries, run,
 };
@@ -66,6 +67,18 @@ pub struct PodState {
     pub pid: Option<u32>,
 }
 
+/// Where the agents read the cluster from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ConfigSource {
+    /// The configuration directory the sandbox writes every object to.
+    #[default]
+    Dir,
+    /// The API server, which the sandbox then creates every object through, setting pod
+    /// and node status as a kubelet does.
+    Kube,
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct SandboxState {
     pub nodes: Vec<NodeState>,
@@ -74,6 +87,11 @@ pub struct SandboxState {
     pub services: BTreeMap<String, Ipv4Addr>,
     pub next_veth: u32,
     pub next_service_ip: u8,
+    /// The Kubernetes API server and etcd, once started.
+    #[serde(default)]
+    pub control_plane: Option<ControlPlaneState>,
+    #[serde(default)]
+    pub config_source: ConfigSource,
 }
 
 fn state_path() -> PathBuf {
@@ -119,6 +137,13 @@ impl SandboxState {
             [] => bail!("no pod {spec} in the sandbox"),
             _ => bail!("pod name {spec} is ambiguous: use namespace/name"),
         }
+    }
+
+    /// The API server the sandbox keeps its objects in, when the agents read from it.
+    fn api(&self) -> Option<&ControlPlaneState> {
+        self.control_plane
+            .as_ref()
+            .filter(|_| self.config_source == ConfigSource::Kube)
     }
 
     pub fn node(&self, name: &str) -> Result<&NodeState> {
@@ -295,7 +320,7 @@ fn new_uid() -> Result<String> {
         .to_owned())
 }
 
-pub fn up(config: &Path) -> Result<()> {
+pub fn up(config: &Path, source: ConfigSource) -> Result<()> {
     let objects = read_objects(config)?;
     let nodes: Vec<&Object> = objects.iter().filter(|o| o.kind == "Node").collect();
     if nodes.is_empty() {
@@ -327,6 +352,7 @@ pub fn up(config: &Path) -> Result<()> {
     let cgroups = cgroup_root()?;
     let mut state = SandboxState {
         next_service_ip: 10,
+        config_source: source,
         ..SandboxState::default()
     };
     ip(&["netns", "add", FABRIC_NETNS])?;
@@ -380,6 +406,16 @@ pub fn up(config: &Path) -> Result<()> {
     }
     start_ca(&agent, &cgroups, &state)?;
     state.save()?;
+    join_fabric(
+        control_plane::API_NETNS,
+        control_plane::API_FABRIC_PORT,
+        control_plane::API_IP,
+    )?;
+    state.control_plane = Some(control_plane::start(
+        &control_plane::Layout::new(Path::new(RUN_DIR)),
+        &cgroups,
+    )?);
+    state.save()?;
     // Nodes first, so that the agents start with their own address known.
     for node in &nodes {
         let mut node = (*node).clone();
@@ -389,19 +425,33 @@ pub fn up(config: &Path) -> Result<()> {
             serde_norway::from_str(&format!("[{{type: InternalIP, address: \"{address}\"}}]"))?,
         );
         write_object(&node)?;
+        if let Some(api) = state.api() {
+            control_plane::apply_object(api, &node.value)?;
+            control_plane::patch_status(
+                api,
+                "Node",
+                None,
+                &node.name,
+                &serde_json::json!({"addresses": [{"type": "InternalIP", "address": address}]}),
+            )?;
+        }
     }
     let mut pods = Vec::new();
-    for object in objects.iter().filter(|o| o.kind != "Node") {
+    // Namespaces before the objects in them, as the API server requires.
+    let mut rest: Vec<&Object> = objects.iter().filter(|o| o.kind != "Node").collect();
+    rest.sort_by_key(|o| o.kind != "Namespace");
+    for object in rest {
         if object.kind == "Pod" {
             pods.push(add_pod(&mut state, object)?);
         } else {
-            write_object(&admit(&mut state, object)?)?;
+            store(&mut state, object)?;
         }
     }
     state.save()?;
     progress("starting one mesh-agent per node");
+    let kubeconfig = state.api().map(|api| api.agent_kubeconfig.clone());
     for node in state.nodes.iter_mut() {
-        node.agent_pid = start_agent(node, &agent)?;
+        node.agent_pid = start_agent(node, &agent, kubeconfig.as_deref())?;
     }
     state.save()?;
     for node in &state.nodes {
@@ -448,6 +498,17 @@ fn admit(state: &mut SandboxState, object: &Object) -> Result<Object> {
         );
     }
     Ok(object)
+}
+
+/// Stores an object other than a Pod or Node as the API server would: written to the
+/// configuration directory and, when the agents read the API, created there.
+fn store(state: &mut SandboxState, object: &Object) -> Result<()> {
+    let admitted = admit(state, object)?;
+    write_object(&admitted)?;
+    if let Some(api) = state.api() {
+        control_plane::apply_object(api, &admitted.value)?;
+    }
+    Ok(())
 }
 
 fn write_object(object: &Object) -> Result<()> {
@@ -511,10 +572,15 @@ fn add_pod(state: &mut SandboxState, object: &Object) -> Result<(PodState, PodSt
         .filter(|n| *n < 255)
         .context("node is out of pod addresses")?;
     let pod_ip = Ipv4Addr::new(10, 244, node.index + 1, node.pods_allocated);
+    let node_ip = node.ip;
     let node_netns = node.netns.clone();
     let cgroup = node.cgroup.clone();
     state.next_veth += 1;
-    let uid = new_uid()?;
+    // The kubelet names a pod's cgroup after the UID the API server gave the pod.
+    let uid = match state.api() {
+        Some(api) => control_plane::create_pod(api, &object.value)?,
+        None => new_uid()?,
+    };
     let pod = PodState {
         name: object.name.clone(),
         namespace: object.namespace.clone(),
@@ -605,6 +671,20 @@ fn add_pod(state: &mut SandboxState, object: &Object) -> Result<(PodState, PodSt
     stored.set(&["status", "podIP"], Value::String(pod_ip.to_string()));
     stored.set(&["status", "phase"], Value::String("Running".into()));
     write_object(&stored)?;
+    if let Some(api) = state.api() {
+        control_plane::patch_status(
+            api,
+            "Pod",
+            Some(&pod.namespace),
+            &pod.name,
+            &serde_json::json!({
+                "phase": "Running",
+                "podIP": pod_ip,
+                "podIPs": [{"ip": pod_ip}],
+                "hostIP": node_ip,
+            }),
+        )?;
+    }
     state.pods.push(pod.clone());
     let start = PodStart {
         command: object.command(),
@@ -635,14 +715,19 @@ fn path_with_binaries() -> String {
     }
 }
 
+/// The log file `name` of the sandbox's daemons.
+pub fn log_path(name: &str) -> PathBuf {
+    logs_dir().join(name)
+}
+
 fn log_file(name: &str) -> Result<fs::File> {
-    let path = logs_dir().join(name);
+    let path = log_path(name);
     fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
 }
 
 /// Starts `command` in its own session inside `netns` and `cgroup`, its output in the
 /// log `log_name`; returns its pid.
-fn start_daemon(
+pub fn start_daemon(
     command: &mut Command,
     log_name: &str,
     netns: &str,
@@ -666,7 +751,7 @@ fn start_daemon(
 
 /// Creates network namespace `netns` with an `eth0` at `address`/24 on the bridge that
 /// links the nodes (its other end, `port`, in the fabric namespace).
-fn join_fabric(netns: &str, port: &str, address: Ipv4Addr) -> Result<()> {
+pub fn join_fabric(netns: &str, port: &str, address: Ipv4Addr) -> Result<()> {
     ip(&["netns", "add", netns])?;
     ip(&["-n", netns, "link", "set", "lo", "up"])?;
     ip(&[
@@ -748,10 +833,17 @@ fn start_ca(binary: &Path, cgroups: &Path, state: &SandboxState) -> Result<()> {
     }
 }
 
-fn start_agent(node: &NodeState, agent: &Path) -> Result<u32> {
+/// Starts a node's agent, on the configuration directory or, given a kubeconfig, on the
+/// API server.
+fn start_agent(node: &NodeState, agent: &Path, kubeconfig: Option<&Path>) -> Result<u32> {
     let mut command = Command::new(agent);
+    command.args(["run", "--node", &node.name, "--ca-address", CA_ADDRESS]);
+    if let Some(kubeconfig) = kubeconfig {
+        command
+            .args(["--config-source", "kube", "--kubeconfig"])
+            .arg(kubeconfig);
+    }
     command
-        .args(["run", "--node", &node.name, "--ca-address", CA_ADDRESS])
         .arg("--ca-root")
         .arg(ca_dir().join("root-cert.pem"))
         .arg("--ca-token")
@@ -792,7 +884,7 @@ pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> Result<(u16, Strin
     })?
 }
 
-fn process_alive(pid: u32) -> bool {
+pub fn process_alive(pid: u32) -> bool {
     // A zombie is dead for our purposes.
     fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         s.rsplit(')')
@@ -1007,6 +1099,11 @@ fn remove_cgroup_tree(dir: &Path) {
 }
 
 pub fn down() -> Result<()> {
+    // The API server and etcd stop on SIGTERM first (etcd closes its database cleanly);
+    // the cgroups then take whatever else is left.
+    if let Some(control_plane) = SandboxState::load().ok().and_then(|s| s.control_plane) {
+        control_plane::stop(&control_plane);
+    }
     if let Ok(root) = cgroup_root() {
         remove_cgroup_tree(&root);
         if root.exists() {
@@ -1076,6 +1173,18 @@ impl SignalNumber for std::process::ExitStatus {
     }
 }
 
+/// kubectl against the sandbox's API server; its exit code.
+pub fn kubectl(args: &[String]) -> Result<i32> {
+    let state = SandboxState::load()?;
+    let control_plane = state
+        .control_plane
+        .context("this sandbox runs no Kubernetes API server")?;
+    let status = control_plane::command(&control_plane, args)?
+        .status()
+        .context("running kubectl")?;
+    Ok(status.code().unwrap_or(128 + status.signal_number()))
+}
+
 pub enum ExecTarget {
     Pod(String),
     Node(String),
@@ -1106,7 +1215,12 @@ pub fn status(json: bool) -> Result<()> {
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"nodes": nodes, "pods": pods}))?
+            serde_json::to_string_pretty(&serde_json::json!({
+                "nodes": nodes,
+                "pods": pods,
+                "kubeconfig": state.control_plane.as_ref().map(|c| &c.kubeconfig),
+                "config_source": state.config_source,
+            }))?
         );
         return Ok(());
     }
@@ -1134,6 +1248,16 @@ pub fn status(json: bool) -> Result<()> {
         println!(
             "{:<20} {:<12} {:<10} {:<14} {}",
             p.name, p.namespace, p.node, p.ip, p.netns
+        );
+    }
+    if let Some(control_plane) = &state.control_plane {
+        println!();
+        println!(
+            "kube-apiserver https://{}:6443 (pid {}), etcd (pid {}), kubeconfig {}",
+            control_plane::API_IP,
+            control_plane.apiserver_pid,
+            control_plane.etcd_pid,
+            control_plane.kubeconfig.display()
         );
     }
     if !state.services.is_empty() {
@@ -1170,11 +1294,14 @@ pub fn apply(path: &Path) -> Result<()> {
                         stored.set(&["status", "podIP"], Value::String(pod.ip.to_string()));
                         stored.set(&["status", "phase"], Value::String("Running".into()));
                         write_object(&stored)?;
+                        if let Some(api) = state.api() {
+                            control_plane::apply_object(api, &object.value)?;
+                        }
                     }
                     None => started.push(add_pod(&mut state, object)?),
                 }
             }
-            _ => write_object(&admit(&mut state, object)?)?,
+            _ => store(&mut state, object)?,
         }
         println!(
             "{} {}/{} applied",
@@ -1193,6 +1320,10 @@ pub fn apply(path: &Path) -> Result<()> {
 pub fn delete(path: &Path) -> Result<()> {
     let mut state = SandboxState::load()?;
     for object in read_objects(path)? {
+        // The API first: the agents drop the pod before its namespace goes.
+        if let Some(api) = state.api() {
+            control_plane::delete_object(api, &object.kind, &object.namespace, &object.name)?;
+        }
         let file = config_dir().join(object.file_name());
         match fs::remove_file(&file) {
             Ok(()) => {}

@@ -1,6 +1,6 @@
-//! Prerequisites, installed idempotently: Debian packages, the pinned nightly with rust-src and
-//! bpf-linker built against LLVM 22. Each step checks first, so a second run takes
-//! a fraction of a second.
+//! Prerequisites, installed idempotently: Debian packages, the pinned nightly with rust-src,
+//! bpf-linker built against LLVM 22, and the sandbox's Kubernetes control plane
+//! (`kube_tools`). Each step checks first, so a second run takes a fraction of a second.
 
 use std::process::Command;
 
@@ -37,7 +37,8 @@ const NIGHTLY_COMPONENTS: [&str; 3] = ["rust-src", "clippy", "rustfmt"];
 pub fn ensure() -> Result<()> {
     ensure_apt_packages()?;
     ensure_nightly()?;
-    ensure_bpf_linker()
+    ensure_bpf_linker()?;
+    crate::kube_tools::ensure()
 }
 
 fn installed(package: &str) -> bool {

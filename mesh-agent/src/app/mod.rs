@@ -27,7 +27,10 @@ use crate::{
         enroll::Enroller,
         reconcile::{lock, AgentStatus, Reconciler, Reload},
     },
-    config::source::DirectorySource,
+    config::{
+        kube_api::KubeSource,
+        source::{ConfigSource, DirectorySource},
+    },
     datapath::{self, capacity::Capacities, Datapath},
     errors::describe,
     http::{listener, server},
@@ -50,9 +53,17 @@ pub struct AgentOptions {
     /// This node's name, as in the Pods' `spec.nodeName`.
     #[arg(long, env = "MESH_NODE_NAME")]
     pub node: String,
-    /// Directory of Kubernetes-format YAML files, watched for changes.
+    /// Where the cluster's objects come from: a directory of YAML files (`dir`) or the
+    /// Kubernetes API (`kube`).
+    #[arg(long, env = "MESH_CONFIG_SOURCE", value_enum, default_value_t = SourceKind::Dir)]
+    pub config_source: SourceKind,
+    /// Directory of Kubernetes-format YAML files, watched for changes (`--config-source dir`).
     #[arg(long, env = "MESH_CONFIG_DIR", default_value = "/etc/mesh/config")]
     pub config_dir: PathBuf,
+    /// The kubeconfig for `--config-source kube`; without it, the in-cluster
+    /// ServiceAccount, else `$KUBECONFIG` or `~/.kube/config`.
+    #[arg(long, env = "MESH_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
     /// bpffs directory where maps and links are pinned.
     #[arg(long, env = "MESH_BPFFS", default_value = "/sys/fs/bpf/mesh")]
     pub bpffs: PathBuf,
@@ -131,6 +142,12 @@ impl AgentOptions {
             policy: self.max_policy_entries,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceKind {
+    Dir,
+    Kube,
 }
 
 /// A positive duration: a zero refresh interval would fetch every key set on every tick,
@@ -233,11 +250,20 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         None => datapath::cgroup2_mount()
             .context("no cgroup v2 hierarchy in /proc/mounts; pass --cgroup-root")?,
     };
+    let source: Box<dyn ConfigSource> = match options.config_source {
+        SourceKind::Dir => Box::new(DirectorySource::new(&options.config_dir)),
+        SourceKind::Kube => Box::new(
+            KubeSource::start(options.kubeconfig.as_deref())
+                .await
+                .context("watching the Kubernetes API")?,
+        ),
+    };
+    lock(&status).source = source.describe();
     let mut reconciler = Reconciler {
         reload: Reload {
             node: options.node.clone(),
             root_namespace: options.root_namespace.clone(),
-            source: Box::new(DirectorySource::new(&options.config_dir)),
+            source,
             shared: shared.clone(),
             balancers: LbRegistry::default(),
             status: status.clone(),

@@ -31,6 +31,8 @@ pub struct AgentStatus {
     pub certificates_ready: bool,
     /// Where the configuration comes from.
     pub config_dir: PathBuf,
+    /// The source it is read from: the directory, or the Kubernetes API server.
+    pub source: String,
     pub bpffs: PathBuf,
     /// Increases with every accepted configuration.
     pub generation: u64,
@@ -41,6 +43,8 @@ pub struct AgentStatus {
     /// Local pods not enrolled yet, with the reason.
     pub pending: BTreeMap<String, String>,
     pub warnings: Vec<String>,
+    /// Objects left out for their errors while the rest serves (Kubernetes API source).
+    pub skipped: Vec<String>,
     pub proxied_connections: usize,
     /// What each kernel map the agent fills holds, against its capacity.
     pub maps: Vec<MapUsage>,
@@ -131,8 +135,17 @@ impl Reload {
         for warning in &warnings {
             tracing::warn!("{warning}");
         }
+        let skipped: Vec<String> = config.skipped.iter().map(ToString::to_string).collect();
         {
             let mut status = lock(&self.status);
+            // Logged once, when an object is first skipped, not at every change after.
+            for object in skipped.iter().filter(|s| !status.skipped.contains(s)) {
+                tracing::error!("{object}");
+            }
+            self.metrics
+                .config_objects_skipped
+                .set(skipped.len() as i64);
+            status.skipped = skipped;
             status.generation += 1;
             status.last_error = (!errors.is_empty()).then(|| errors.join("\n"));
             status.workloads = state.workloads.len();

@@ -77,15 +77,26 @@ enum Command {
         #[command(subcommand)]
         what: RouteCommand,
     },
-    /// Check configuration files (Kubernetes and Istio YAML) as the agent would load them.
+    /// Check configuration files (Kubernetes and Istio YAML), or the objects of a cluster's
+    /// Kubernetes API (`--kube`), as the agent would load them.
     Validate {
         /// A YAML file or a directory of them.
-        #[arg(short = 'f', long = "filename")]
-        path: PathBuf,
+        #[arg(short = 'f', long = "filename", required_unless_present = "kube")]
+        path: Option<PathBuf>,
+        /// Read the objects from the Kubernetes API instead, as `--config-source kube` does.
+        #[arg(long, conflicts_with = "path")]
+        kube: bool,
+        /// The kubeconfig for `--kube`; without it, in-cluster, `$KUBECONFIG` or
+        /// `~/.kube/config`.
+        #[arg(long, requires = "kube")]
+        kubeconfig: Option<PathBuf>,
         /// Fail on warnings too.
         #[arg(long)]
         strict: bool,
     },
+    /// Print the CustomResourceDefinitions of the Istio kinds the mesh reads (for a
+    /// cluster without Istio; `deploy/istio-crds.yaml` holds the same).
+    Crds,
 }
 
 #[derive(Subcommand)]
@@ -171,7 +182,22 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Status => status(cli.admin, json),
         Command::Certs => certs(cli.admin, json),
-        Command::Validate { path, strict } => validate(&path, strict, json),
+        Command::Validate {
+            path,
+            kube: _,
+            kubeconfig,
+            strict,
+        } => {
+            let (config, origin) = match path {
+                Some(path) => (config::load_path(&path)?, path.display().to_string()),
+                None => api_config(kubeconfig.as_deref())?,
+            };
+            validate(&config, &origin, strict, json)
+        }
+        Command::Crds => {
+            print!("{}", crate::config::kinds::istio_crds());
+            Ok(())
+        }
         Command::Routes { service } => routes(cli.admin, &service, json),
         Command::Route {
             what:
@@ -366,9 +392,36 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn validate(path: &std::path::Path, strict: bool, json: bool) -> anyhow::Result<()> {
-    let config = config::load_path(path)?;
-    let mut diagnostics = config.diagnostics.clone();
+/// The objects of the Kubernetes API as the agent's API source reads them, and the server.
+fn api_config(
+    kubeconfig: Option<&std::path::Path>,
+) -> anyhow::Result<(config::ClusterConfig, String)> {
+    use config::source::ConfigSource;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut source = config::kube_api::KubeSource::start(kubeconfig).await?;
+        let config = source
+            .poll()
+            .context("the Kubernetes API source gave no configuration")??;
+        Ok((config, source.describe()))
+    })
+}
+
+fn validate(
+    config: &config::ClusterConfig,
+    origin: &str,
+    strict: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    // Objects the API source skipped are errors of the objects as the API holds them.
+    let mut diagnostics: Vec<_> = config
+        .diagnostics
+        .iter()
+        .chain(&config.skipped)
+        .cloned()
+        .collect();
     diagnostics.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
     let errors = diagnostics
         .iter()
@@ -383,7 +436,7 @@ fn validate(path: &std::path::Path, strict: bool, json: bool) -> anyhow::Result<
         for diagnostic in &diagnostics {
             println!("{diagnostic}");
         }
-        println!("{}: {errors} errors, {warnings} warnings", path.display());
+        println!("{origin}: {errors} errors, {warnings} warnings");
     }
     if errors > 0 || (strict && warnings > 0) {
         bail!("validation failed: {errors} errors, {warnings} warnings");
@@ -609,6 +662,7 @@ fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
         serde_json::from_str(&body).context("the agent's /status is not JSON")?;
     let field = |name: &str| status.get(name).cloned().unwrap_or(serde_json::Value::Null);
     println!("node:          {}", field("node").as_str().unwrap_or("?"));
+    println!("source:        {}", field("source").as_str().unwrap_or("?"));
     match field("not_ready_reason").as_str() {
         Some(reason) => println!("ready:         {} ({reason})", field("ready")),
         None => println!("ready:         {}", field("ready")),
@@ -624,6 +678,11 @@ fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
         field("services")
     );
     println!("connections:   {} proxied", field("proxied_connections"));
+    if let Some(skipped) = status.get("skipped").and_then(|s| s.as_array()) {
+        for object in skipped {
+            println!("  skipped {}", object.as_str().unwrap_or("?"));
+        }
+    }
     if let Some(enrolled) = status.get("enrolled").and_then(|e| e.as_object()) {
         println!("enrolled pods: {}", enrolled.len());
         for (pod, info) in enrolled {

@@ -31,6 +31,52 @@ macro_rules! enumeration {
 
 type Map<V> = BTreeMap<String, V>;
 
+/// A port number as a map key: YAML writes `80:`, while the Kubernetes API, speaking JSON,
+/// returns every key as a string (`"80":`). Both mean the same port.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct PortKey(u32);
+
+impl<'de> Deserialize<'de> for PortKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<PortKey, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = PortKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a port number")
+            }
+            fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<PortKey, E> {
+                u32::try_from(value)
+                    .map(PortKey)
+                    .map_err(|_| E::custom(format!("port {value} is out of range")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<PortKey, E> {
+                u64::try_from(value)
+                    .map_err(|_| E::custom(format!("port {value} is negative")))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<PortKey, E> {
+                value
+                    .parse()
+                    .map(PortKey)
+                    .map_err(|_| E::custom(format!("{value:?} is not a port number")))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+fn port_keyed<'de, D, V>(deserializer: D) -> Result<BTreeMap<u32, V>, D::Error>
+where
+    D: Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    let map = BTreeMap::<PortKey, V>::deserialize(deserializer)?;
+    Ok(map
+        .into_iter()
+        .map(|(PortKey(port), v)| (port, v))
+        .collect())
+}
+
 /// A protobuf duration as Istio writes it: `1s`, `0.5s`, `100ms`, `1h2m3s`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Duration {
@@ -996,6 +1042,7 @@ message! {
     pub struct PeerAuthentication {
         pub selector: Option<WorkloadSelector>,
         pub mtls: Option<MutualTls>,
+        #[serde(deserialize_with = "port_keyed")]
         pub port_level_mtls: BTreeMap<u32, MutualTls>,
     }
 }
@@ -1276,6 +1323,23 @@ mod tests {
         );
         for bad in ["", "1", "s", "1x", "1.2.3s", "-1s", "10 s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn port_level_mtls_ports_are_numbers_in_yaml_and_strings_from_the_api() {
+        let from_yaml: PeerAuthentication =
+            serde_norway::from_str("portLevelMtls: {80: {mode: DISABLE}}").expect("yaml");
+        let from_api: PeerAuthentication =
+            serde_norway::from_str("portLevelMtls: {'80': {mode: DISABLE}}").expect("api");
+        assert_eq!(from_yaml, from_api);
+        assert_eq!(from_api.port_level_mtls[&80].mode, Some(MtlsMode::Disable));
+        for bad in ["{'http': {}}", "{-1: {}}", "{4294967296: {}}"] {
+            let text = format!("portLevelMtls: {bad}");
+            assert!(
+                serde_norway::from_str::<PeerAuthentication>(&text).is_err(),
+                "{bad} accepted"
+            );
         }
     }
 

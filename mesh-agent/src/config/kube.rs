@@ -20,6 +20,16 @@ pub struct ObjectMeta {
     pub annotations: BTreeMap<String, String>,
 }
 
+impl Pod {
+    /// Whether the pod's address is its own identity: it runs (a pod without a phase, as
+    /// written by hand for the directory source, is taken to), not on the node's network.
+    /// A pending pod may not run yet, a finished one's address may already be another's.
+    pub fn holds_its_address(&self) -> bool {
+        let phase = self.status.as_ref().and_then(|s| s.phase.as_deref());
+        !self.spec.host_network && phase.is_none_or(|p| p == "Running")
+    }
+}
+
 impl ObjectMeta {
     pub fn namespace(&self) -> &str {
         self.namespace.as_deref().unwrap_or("default")
@@ -45,6 +55,9 @@ pub struct PodSpec {
     pub service_account_name: Option<String>,
     #[serde(default)]
     pub containers: Vec<Container>,
+    /// A pod on the node's network has the node's address: never a workload's identity.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host_network: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

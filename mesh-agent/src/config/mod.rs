@@ -4,10 +4,13 @@
 //! [`ClusterConfig`]. Loading never stops at the first problem: every valid object is
 //! kept, and every problem becomes a [`Diagnostic`] naming file, line, object and field.
 
+pub mod admission;
 pub mod condition;
 pub mod istio;
 pub mod jwks;
+pub mod kinds;
 pub mod kube;
+pub mod kube_api;
 pub mod log_format;
 pub mod mesh_config;
 pub mod mesh_policy;
@@ -22,6 +25,7 @@ use std::{
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use kinds::{NETWORKING, SECURITY, TELEMETRY};
 pub use kube::*;
 
 /// Istio's `rootNamespace` default: policies there apply mesh wide.
@@ -141,6 +145,10 @@ pub struct ClusterConfig {
     /// Istio's MeshConfig (the `istio` ConfigMap of `istio-system`), when there is one.
     pub mesh_config: mesh_config::MeshConfig,
     pub diagnostics: Vec<Diagnostic>,
+    /// Objects the source left out for their errors while serving the rest (the
+    /// Kubernetes API source, see [`admission`]); not in `diagnostics`, which would
+    /// reject the whole configuration.
+    pub skipped: Vec<Diagnostic>,
 }
 
 impl ClusterConfig {
@@ -216,6 +224,20 @@ pub fn load_path(path: &Path) -> Result<ClusterConfig, ConfigError> {
 pub fn load_str(file: &Path, text: &str) -> ClusterConfig {
     let mut config = ClusterConfig::default();
     load_text(&mut config, &mut HashSet::new(), file, text);
+    validate::validate(&mut config);
+    config
+}
+
+/// Reads and checks documents of one object each, named `name` in diagnostics (the
+/// objects of the Kubernetes API source), as the files of a directory are.
+pub fn load_documents<'a>(
+    documents: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> ClusterConfig {
+    let mut config = ClusterConfig::default();
+    let mut seen = HashSet::new();
+    for (name, text) in documents {
+        load_text(&mut config, &mut seen, Path::new(name), text);
+    }
     validate::validate(&mut config);
     config
 }
@@ -501,10 +523,6 @@ fn load_text(
         }
     }
 }
-
-const NETWORKING: [&str; 3] = ["v1alpha3", "v1beta1", "v1"];
-const SECURITY: [&str; 2] = ["v1beta1", "v1"];
-const TELEMETRY: [&str; 2] = ["v1alpha1", "v1"];
 
 fn kube_object<T: DeserializeOwned>(
     value: serde_norway::Value,

@@ -443,15 +443,10 @@ fn opted_out(labels: &BTreeMap<String, String>) -> bool {
 /// never hold it. A status without a phase (a hand-written configuration file) counts as
 /// running.
 fn workload_of(pod: &Pod) -> Option<Workload> {
-    let status = pod.status.as_ref()?;
-    if status
-        .phase
-        .as_deref()
-        .is_some_and(|phase| phase != "Running")
-    {
+    if !pod.holds_its_address() {
         return None;
     }
-    let ip = status.pod_ip.as_deref()?.parse().ok()?;
+    let ip = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
     let labels = pod.metadata.labels.clone();
     let named_ports = pod
         .spec
@@ -634,6 +629,34 @@ spec: {clusterIP: 10.96.0.11, selector: {app: nothing}, ports: [{port: 80}]}
         let a = "10.244.1.2:8080".parse().expect("addr");
         let b = "10.244.2.2:8081".parse().expect("addr");
         assert_eq!(picks, vec![a, b, a, b]);
+    }
+
+    #[test]
+    fn only_running_pods_off_the_host_network_hold_an_identity() {
+        let pod = |name: &str, ip: &str, extra_spec: &str, phase: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\n\
+                 spec: {{nodeName: node-1{extra_spec}}}\nstatus: {{podIP: {ip}{phase}}}\n"
+            )
+        };
+        let yaml = [
+            pod("running", "10.244.1.20", "", ", phase: Running"),
+            pod("unstated", "10.244.1.21", "", ""),
+            pod("pending", "10.244.1.22", "", ", phase: Pending"),
+            pod("done", "10.244.1.23", "", ", phase: Succeeded"),
+            pod("failed", "10.244.1.24", "", ", phase: Failed"),
+            pod(
+                "host",
+                "10.200.0.1",
+                ", hostNetwork: true",
+                ", phase: Running",
+            ),
+        ]
+        .concat();
+        let state = state_from(&yaml);
+        let mut pods: Vec<&str> = state.workloads.values().map(|w| w.pod.as_str()).collect();
+        pods.sort();
+        assert_eq!(pods, ["running", "unstated"]);
     }
 
     #[test]

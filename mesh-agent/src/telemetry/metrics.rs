@@ -150,6 +150,7 @@ pub struct Metrics {
     routed: Family<RoutedLabels, Counter>,
     rate_limited: Family<PolicyLabels, Counter>,
     pub config_generation: Gauge,
+    pub config_objects_skipped: Gauge,
     pub enrolled_pods: Gauge,
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
@@ -194,6 +195,7 @@ impl Metrics {
         let routed = Family::<RoutedLabels, Counter>::default();
         let rate_limited = Family::<PolicyLabels, Counter>::default();
         let config_generation = Gauge::default();
+        let config_objects_skipped = Gauge::default();
         let enrolled_pods = Gauge::default();
         let map_entries = Family::<MapLabels, Gauge>::default();
         let map_capacity = Family::<MapLabels, Gauge>::default();
@@ -269,6 +271,11 @@ impl Metrics {
             config_generation.clone(),
         );
         registry.register(
+            "mesh_config_objects_skipped",
+            "Objects of the Kubernetes API left out for their errors (their last good version, if any, serving)",
+            config_objects_skipped.clone(),
+        );
+        registry.register(
             "mesh_enrolled_pods",
             "Local pods with the mesh programs attached",
             enrolled_pods.clone(),
@@ -304,6 +311,7 @@ impl Metrics {
             routed,
             rate_limited,
             config_generation,
+            config_objects_skipped,
             enrolled_pods,
             map_entries,
             map_capacity,

@@ -1,0 +1,404 @@
+//! The Kubernetes API as a configuration source (`--config-source kube`): kube-rs
+//! watchers on Pods, Services, Namespaces, Nodes, ServiceAccounts and the custom kinds of
+//! [`CUSTOM_KINDS`](super::kinds::CUSTOM_KINDS). Each object is kept as the document the
+//! directory source would have read from a file, so both sources go through the same
+//! loader, validation and model; [`Admission`] then judges the objects one by one, so an
+//! invalid object is skipped (its last good version kept) while the rest keeps serving.
+//! Watches relist after an API server restart or `410 Gone`, and a relisted kind replaces
+//! its objects at once, without losing or replaying any.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use kube::{
+    api::{Api, ApiResource, DynamicObject},
+    config::{Config, InferConfigError, KubeConfigOptions, Kubeconfig, KubeconfigError},
+    runtime::{
+        watcher::{self, watcher, Event},
+        WatchStreamExt,
+    },
+    Client,
+};
+
+use super::{
+    admission::Admission,
+    kinds::{CustomKind, CUSTOM_KINDS},
+    source::ConfigSource,
+    ClusterConfig, ConfigError,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSourceError {
+    #[error("reading the kubeconfig: {0}")]
+    Kubeconfig(#[from] KubeconfigError),
+    #[error("finding the Kubernetes API (in-cluster, $KUBECONFIG or ~/.kube/config): {0}")]
+    Infer(#[from] InferConfigError),
+    #[error("creating the Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// A watched object: the name it is loaded under (`Kind/namespace/name`) and its text.
+type Document = (String, String);
+
+/// The objects of one kind, as its watcher reported them.
+#[derive(Debug, Default)]
+struct KindObjects {
+    /// Whether the kind was listed once (or is not served): until every kind was, the
+    /// configuration would be partial — policies missing while pods are known.
+    listed: bool,
+    objects: BTreeMap<String, String>,
+    /// A relist in progress, swapped in whole when it completes.
+    relisting: Option<BTreeMap<String, String>>,
+}
+
+impl KindObjects {
+    /// Applies one watcher event; whether the objects served changed.
+    fn apply(&mut self, event: Event<Document>) -> bool {
+        match event {
+            Event::Apply((name, text)) => self.objects.insert(name, text.clone()) != Some(text),
+            Event::Delete((name, _)) => self.objects.remove(&name).is_some(),
+            Event::Init => {
+                self.relisting = Some(BTreeMap::new());
+                false
+            }
+            Event::InitApply((name, text)) => {
+                self.relisting
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(name, text);
+                false
+            }
+            Event::InitDone => {
+                let listed = self.relisting.take().unwrap_or_default();
+                let changed = !self.listed || listed != self.objects;
+                self.objects = listed;
+                self.listed = true;
+                changed
+            }
+        }
+    }
+
+    /// The API server does not serve the kind (its CRD is not installed): it has no
+    /// objects, rather than holding the whole configuration back. Its watcher keeps
+    /// retrying, so objects appear once the CRD does.
+    fn not_served(&mut self) -> bool {
+        let changed = !self.listed || !self.objects.is_empty();
+        self.listed = true;
+        self.objects.clear();
+        changed
+    }
+}
+
+#[derive(Debug, Default)]
+struct Watched {
+    kinds: Vec<KindObjects>,
+    /// Increases with every change to the objects.
+    revision: u64,
+}
+
+fn lock(watched: &Mutex<Watched>) -> MutexGuard<'_, Watched> {
+    watched.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The watched kinds: Kubernetes' own that the mesh reads, then the custom ones.
+fn resources() -> Vec<ApiResource> {
+    use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
+    let mut resources = vec![
+        ApiResource::erase::<Node>(&()),
+        ApiResource::erase::<Namespace>(&()),
+        ApiResource::erase::<ServiceAccount>(&()),
+        ApiResource::erase::<Pod>(&()),
+        ApiResource::erase::<Service>(&()),
+    ];
+    resources.extend(CUSTOM_KINDS.iter().map(custom_resource));
+    resources
+}
+
+fn custom_resource(kind: &CustomKind) -> ApiResource {
+    let version = kind.watched_version();
+    ApiResource {
+        group: kind.group.to_owned(),
+        version: version.to_owned(),
+        api_version: format!("{}/{version}", kind.group),
+        kind: kind.kind.to_owned(),
+        plural: kind.plural.to_owned(),
+    }
+}
+
+/// The object as a document of its own: with its `apiVersion` and `kind` (items of a
+/// list carry neither), without `managedFields` (bookkeeping of the API server, often
+/// larger than the object).
+fn document(resource: &ApiResource, object: DynamicObject) -> Document {
+    let name = match &object.metadata.namespace {
+        Some(namespace) => format!(
+            "{}/{namespace}/{}",
+            resource.kind,
+            object.metadata.name.as_deref().unwrap_or_default()
+        ),
+        None => format!(
+            "{}/{}",
+            resource.kind,
+            object.metadata.name.as_deref().unwrap_or_default()
+        ),
+    };
+    let mut value = serde_json::to_value(&object).unwrap_or_default();
+    if let Some(fields) = value.as_object_mut() {
+        fields.insert("apiVersion".into(), resource.api_version.clone().into());
+        fields.insert("kind".into(), resource.kind.clone().into());
+        if let Some(meta) = fields.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+            meta.remove("managedFields");
+        }
+    }
+    // A JSON value always renders as YAML.
+    (name, serde_norway::to_string(&value).unwrap_or_default())
+}
+
+fn document_event(resource: &ApiResource, event: Event<DynamicObject>) -> Event<Document> {
+    match event {
+        Event::Apply(o) => Event::Apply(document(resource, o)),
+        Event::Delete(o) => Event::Delete(document(resource, o)),
+        Event::Init => Event::Init,
+        Event::InitApply(o) => Event::InitApply(document(resource, o)),
+        Event::InitDone => Event::InitDone,
+    }
+}
+
+fn not_served(err: &watcher::Error) -> bool {
+    matches!(
+        err,
+        watcher::Error::InitialListFailed(kube::Error::Api(status)) if status.is_not_found()
+    )
+}
+
+/// Keeps one kind's objects in line with the API server, for as long as the agent runs.
+async fn watch(client: Client, resource: ApiResource, index: usize, watched: Arc<Mutex<Watched>>) {
+    let api: Api<DynamicObject> = Api::all_with(client, &resource);
+    let mut events = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(event) = events.next().await {
+        let changed = match event {
+            Ok(event) => {
+                let event = document_event(&resource, event);
+                lock(&watched).kinds[index].apply(event)
+            }
+            Err(err) if not_served(&err) => {
+                let changed = lock(&watched).kinds[index].not_served();
+                if changed {
+                    tracing::warn!(
+                        "the API server does not serve {} ({}): none are read until it does",
+                        resource.plural,
+                        resource.api_version
+                    );
+                }
+                changed
+            }
+            Err(err) => {
+                tracing::warn!("watching {}: {err}", resource.plural);
+                false
+            }
+        };
+        if changed {
+            lock(&watched).revision += 1;
+        }
+    }
+}
+
+/// The Kubernetes API, watched.
+pub struct KubeSource {
+    server: String,
+    watched: Arc<Mutex<Watched>>,
+    taken: Option<u64>,
+    admission: Admission,
+}
+
+impl KubeSource {
+    /// Connects with `kubeconfig`, else in-cluster or the default kubeconfig, starts a
+    /// watcher per kind on the current runtime, and returns once every kind was listed.
+    pub async fn start(kubeconfig: Option<&Path>) -> Result<KubeSource, KubeSourceError> {
+        let config = match kubeconfig {
+            Some(path) => {
+                Config::from_custom_kubeconfig(
+                    Kubeconfig::read_from(path)?,
+                    &KubeConfigOptions::default(),
+                )
+                .await?
+            }
+            None => Config::infer().await?,
+        };
+        let server = config.cluster_url.to_string();
+        let client = Client::try_from(config)?;
+        let resources = resources();
+        let watched = Arc::new(Mutex::new(Watched {
+            kinds: resources.iter().map(|_| KindObjects::default()).collect(),
+            revision: 0,
+        }));
+        for (index, resource) in resources.iter().enumerate() {
+            tokio::spawn(watch(
+                client.clone(),
+                resource.clone(),
+                index,
+                watched.clone(),
+            ));
+        }
+        let mut reported = Instant::now();
+        loop {
+            let waiting: Vec<&str> = {
+                let watched = lock(&watched);
+                resources
+                    .iter()
+                    .zip(&watched.kinds)
+                    .filter(|(_, kind)| !kind.listed)
+                    .map(|(resource, _)| resource.plural.as_str())
+                    .collect()
+            };
+            if waiting.is_empty() {
+                break;
+            }
+            if reported.elapsed() > Duration::from_secs(10) {
+                tracing::info!("waiting for {server} to list {}", waiting.join(", "));
+                reported = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!("watching {server}");
+        Ok(KubeSource {
+            server,
+            watched,
+            taken: None,
+            admission: Admission::default(),
+        })
+    }
+}
+
+impl ConfigSource for KubeSource {
+    fn describe(&self) -> String {
+        self.server.clone()
+    }
+
+    fn poll(&mut self) -> Option<Result<ClusterConfig, ConfigError>> {
+        let current: BTreeMap<String, String> = {
+            let watched = lock(&self.watched);
+            if self.taken == Some(watched.revision) {
+                return None;
+            }
+            self.taken = Some(watched.revision);
+            watched
+                .kinds
+                .iter()
+                .flat_map(|kind| kind.objects.iter())
+                .map(|(name, text)| (name.clone(), text.clone()))
+                .collect()
+        };
+        let admitted = self.admission.admit(&current);
+        Some(Ok(ClusterConfig {
+            skipped: admitted.skipped,
+            ..admitted.config
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(name: &str, text: &str) -> Document {
+        (name.to_owned(), text.to_owned())
+    }
+
+    #[test]
+    fn a_relist_replaces_the_objects_at_once_and_only_a_real_change_counts() {
+        let mut kind = KindObjects::default();
+        assert!(!kind.apply(Event::Init));
+        assert!(!kind.apply(Event::InitApply(doc("a", "1"))));
+        assert!(!kind.listed, "not listed before InitDone");
+        assert!(kind.apply(Event::InitDone));
+        assert!(kind.listed);
+        assert!(kind.apply(Event::Apply(doc("b", "1"))));
+        assert!(!kind.apply(Event::Apply(doc("b", "1"))), "same text");
+        // A relist after 410 Gone: `a` was deleted meanwhile, `b` changed. The old
+        // objects serve until the relist is complete.
+        assert!(!kind.apply(Event::Init));
+        assert!(!kind.apply(Event::InitApply(doc("b", "2"))));
+        assert_eq!(kind.objects.len(), 2);
+        assert!(kind.apply(Event::InitDone));
+        assert_eq!(kind.objects, BTreeMap::from([("b".into(), "2".into())]));
+        // The same relist again changes nothing.
+        kind.apply(Event::Init);
+        kind.apply(Event::InitApply(doc("b", "2")));
+        assert!(!kind.apply(Event::InitDone));
+        assert!(kind.apply(Event::Delete(doc("b", "2"))));
+        assert!(!kind.apply(Event::Delete(doc("b", "2"))));
+    }
+
+    #[test]
+    fn the_agent_role_in_deploy_grants_exactly_what_is_watched() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/mesh-agent.yaml");
+        let text = std::fs::read_to_string(path).expect("deploy/mesh-agent.yaml");
+        let role = text
+            .split("\n---")
+            .find(|doc| doc.lines().any(|l| l == "kind: ClusterRole"))
+            .expect("a ClusterRole");
+        let role: serde_norway::Value = serde_norway::from_str(role).expect("yaml");
+        let strings = |v: &serde_norway::Value| -> Vec<String> {
+            v.as_sequence()
+                .expect("a list")
+                .iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        };
+        let mut granted = std::collections::BTreeSet::new();
+        for rule in role["rules"].as_sequence().expect("rules") {
+            assert_eq!(strings(&rule["verbs"]), ["list", "watch"]);
+            for group in strings(&rule["apiGroups"]) {
+                for resource in strings(&rule["resources"]) {
+                    granted.insert((group.clone(), resource));
+                }
+            }
+        }
+        let watched: std::collections::BTreeSet<(String, String)> = resources()
+            .into_iter()
+            .map(|r| (r.group, r.plural))
+            .collect();
+        assert_eq!(granted, watched);
+    }
+
+    #[test]
+    fn a_kind_the_server_does_not_serve_counts_as_listed_and_empty() {
+        let mut kind = KindObjects::default();
+        assert!(kind.not_served());
+        assert!(kind.listed);
+        assert!(!kind.not_served());
+    }
+
+    #[test]
+    fn an_object_from_a_list_becomes_the_document_a_file_would_hold() {
+        let resource = ApiResource::erase::<k8s_openapi::api::core::v1::Pod>(&());
+        let object: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u1",
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"nodeName": "node-1", "hostNetwork": false, "containers": []},
+            "status": {"phase": "Running", "podIP": "10.244.1.2"},
+        }))
+        .expect("object");
+        let (name, text) = document(&resource, object);
+        assert_eq!(name, "Pod/shop/web");
+        assert!(!text.contains("managedFields"), "{text}");
+        let config = super::super::load_documents([(name.as_str(), text.as_str())]);
+        assert!(config.diagnostics.is_empty(), "{:?}", config.diagnostics);
+        assert_eq!(config.pods[0].metadata.uid.as_deref(), Some("u1"));
+        assert!(config.pods[0].holds_its_address());
+
+        let vs = custom_resource(&CUSTOM_KINDS[0]);
+        assert_eq!(vs.api_version, "networking.istio.io/v1");
+        let node = ApiResource::erase::<k8s_openapi::api::core::v1::Node>(&());
+        let object: DynamicObject =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "n1"}}))
+                .expect("object");
+        assert_eq!(document(&node, object).0, "Node/n1");
+    }
+}

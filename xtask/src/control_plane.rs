@@ -1,0 +1,646 @@
+//! The sandbox's Kubernetes control plane: a real etcd and kube-apiserver (built by
+//! `kube_tools`) in a network namespace of their own on the nodes' network
+//! (`msb-api`, 10.200.0.253:6443), with a certificate authority of their own, an admin
+//! kubeconfig, and the mesh's CustomResourceDefinitions applied. kubectl runs inside that
+//! namespace, so API traffic never leaves the sandbox.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    kube_tools, ns, progress,
+    sandbox::{log_path, process_alive, start_daemon},
+    workspace,
+};
+
+pub const API_NETNS: &str = "msb-api";
+/// The fabric port of the API namespace, beside the nodes' `up<N>` and the CA's `upca`.
+pub const API_FABRIC_PORT: &str = "upapi";
+pub const API_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 253);
+const API_PORT: u16 = 6443;
+/// etcd listens on loopback of the API namespace only: the API server is its one client.
+const ETCD_CLIENT_URL: &str = "http://127.0.0.1:2379";
+const ETCD_PEER_URL: &str = "http://127.0.0.1:2380";
+/// Cluster IPs the API server hands out; the sandbox's own Services use 10.96.0.0/24 and
+/// the API server takes 10.96.0.1 for the `kubernetes` Service.
+const SERVICE_CIDR: &str = "10.96.0.0/16";
+const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// The mesh's own CRDs and those of the Istio kinds it reads, applied at start.
+const CRD_MANIFESTS: [&str; 2] = ["deploy/mesh-crds.yaml", "deploy/istio-crds.yaml"];
+
+/// What a running control plane left for `status` and `down`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControlPlaneState {
+    pub etcd_pid: u32,
+    pub apiserver_pid: u32,
+    pub kubeconfig: PathBuf,
+    /// The agents' kubeconfig: the identity of deploy/mesh-agent.yaml's ServiceAccount,
+    /// with only the ClusterRole it grants.
+    pub agent_kubeconfig: PathBuf,
+}
+
+/// The control plane's files under the sandbox's run directory.
+pub struct Layout {
+    pub dir: PathBuf,
+}
+
+impl Layout {
+    pub fn new(run_dir: &Path) -> Layout {
+        Layout {
+            dir: run_dir.join("api"),
+        }
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.file("kubeconfig")
+    }
+
+    fn etcd_data(&self) -> PathBuf {
+        self.file("etcd")
+    }
+}
+
+/// PEM texts of the control plane's certificates and keys.
+pub struct Pki {
+    pub ca_cert: String,
+    pub server_cert: String,
+    pub server_key: String,
+    pub admin_cert: String,
+    pub admin_key: String,
+    pub agent_cert: String,
+    pub agent_key: String,
+    /// The key the API server signs ServiceAccount tokens with, and its public half.
+    pub service_account_key: String,
+    pub service_account_public: String,
+}
+
+/// The user the agents are: deploy/mesh-agent.yaml's ServiceAccount, whose ClusterRole
+/// binding names it so (a ServiceAccount subject matches this user name).
+const AGENT_USER: &str = "system:serviceaccount:mesh-system:mesh-agent";
+
+/// A CA for the API server, its serving certificate (for its address and the names of
+/// the `kubernetes` Service), an admin client certificate (group `system:masters`) and
+/// the agents' client certificate ([`AGENT_USER`], no group).
+pub fn generate_pki(api_ip: Ipv4Addr) -> Result<Pki> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name
+        .push(DnType::CommonName, "mesh-sandbox-kubernetes-ca");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key)?;
+
+    let server_key = KeyPair::generate()?;
+    let mut server = CertificateParams::new(vec![
+        "kubernetes".to_owned(),
+        "kubernetes.default".to_owned(),
+        "kubernetes.default.svc".to_owned(),
+        "kubernetes.default.svc.cluster.local".to_owned(),
+        "localhost".to_owned(),
+    ])?;
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "kube-apiserver");
+    for ip in [api_ip, Ipv4Addr::LOCALHOST, Ipv4Addr::new(10, 96, 0, 1)] {
+        server
+            .subject_alt_names
+            .push(SanType::IpAddress(IpAddr::V4(ip)));
+    }
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key)?;
+
+    let admin_key = KeyPair::generate()?;
+    let mut admin = CertificateParams::new(Vec::<String>::new())?;
+    // The API server reads the user from the CN and the groups from the O's.
+    admin
+        .distinguished_name
+        .push(DnType::CommonName, "mesh-sandbox-admin");
+    admin
+        .distinguished_name
+        .push(DnType::OrganizationName, "system:masters");
+    admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let admin_cert = admin.signed_by(&admin_key, &ca_cert, &ca_key)?;
+
+    let agent_key = KeyPair::generate()?;
+    let mut agent = CertificateParams::new(Vec::<String>::new())?;
+    agent
+        .distinguished_name
+        .push(DnType::CommonName, AGENT_USER);
+    agent.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let agent_cert = agent.signed_by(&agent_key, &ca_cert, &ca_key)?;
+
+    let service_account = KeyPair::generate()?;
+    Ok(Pki {
+        ca_cert: ca_cert.pem(),
+        server_cert: server_cert.pem(),
+        server_key: server_key.serialize_pem(),
+        admin_cert: admin_cert.pem(),
+        admin_key: admin_key.serialize_pem(),
+        agent_cert: agent_cert.pem(),
+        agent_key: agent_key.serialize_pem(),
+        service_account_key: service_account.serialize_pem(),
+        service_account_public: service_account.public_key_pem(),
+    })
+}
+
+/// A kubeconfig for `server`, naming the certificate files rather than embedding them.
+fn kubeconfig(server: &str, ca: &Path, cert: &Path, key: &Path) -> Result<String> {
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "mesh-sandbox", "cluster": {
+            "server": server,
+            "certificate-authority": ca,
+        }}],
+        "users": [{"name": "mesh-sandbox-user", "user": {
+            "client-certificate": cert,
+            "client-key": key,
+        }}],
+        "contexts": [{"name": "mesh-sandbox", "context": {
+            "cluster": "mesh-sandbox",
+            "user": "mesh-sandbox-user",
+        }}],
+        "current-context": "mesh-sandbox",
+    });
+    Ok(serde_norway::to_string(&config)?)
+}
+
+fn etcd_args(layout: &Layout) -> Vec<String> {
+    vec![
+        "--name=sandbox".into(),
+        format!("--data-dir={}", layout.etcd_data().display()),
+        format!("--listen-client-urls={ETCD_CLIENT_URL}"),
+        format!("--advertise-client-urls={ETCD_CLIENT_URL}"),
+        format!("--listen-peer-urls={ETCD_PEER_URL}"),
+        format!("--initial-advertise-peer-urls={ETCD_PEER_URL}"),
+        format!("--initial-cluster=sandbox={ETCD_PEER_URL}"),
+        // The data lives in /run (memory) and dies with the sandbox: syncing buys nothing.
+        "--unsafe-no-fsync".into(),
+        "--log-level=warn".into(),
+    ]
+}
+
+fn apiserver_args(layout: &Layout) -> Vec<String> {
+    let file = |name: &str| layout.file(name).display().to_string();
+    vec![
+        format!("--etcd-servers={ETCD_CLIENT_URL}"),
+        format!("--advertise-address={API_IP}"),
+        "--bind-address=0.0.0.0".into(),
+        format!("--secure-port={API_PORT}"),
+        format!("--cert-dir={}", file("certs")),
+        format!("--tls-cert-file={}", file("apiserver.crt")),
+        format!("--tls-private-key-file={}", file("apiserver.key")),
+        format!("--client-ca-file={}", file("ca.crt")),
+        format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
+        format!("--service-account-key-file={}", file("sa.pub")),
+        format!("--service-account-signing-key-file={}", file("sa.key")),
+        format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+        "--authorization-mode=RBAC".into(),
+        // No controller manager runs to create each namespace's `default` ServiceAccount,
+        // which this plugin would require of every pod.
+        "--disable-admission-plugins=ServiceAccount".into(),
+        "--allow-privileged=true".into(),
+        "--profiling=false".into(),
+        // Request queuing across priority levels costs CPU and buys nothing for the few
+        // clients of a sandbox.
+        "--enable-priority-and-fairness=false".into(),
+    ]
+}
+
+/// Starts etcd and kube-apiserver in the API namespace (already joined to the fabric),
+/// each in its own cgroup under `cgroups`, waits until the API server is ready, and
+/// applies the CRDs.
+pub fn start(layout: &Layout, cgroups: &Path) -> Result<ControlPlaneState> {
+    progress(&format!(
+        "starting etcd and kube-apiserver {} at {API_IP}:{API_PORT}",
+        kube_tools::KUBERNETES_VERSION
+    ));
+    for name in ["etcd", "kube-apiserver", "kubectl"] {
+        if !kube_tools::binary(name).is_file() {
+            bail!(
+                "{} is missing: `cargo xtask setup` builds it",
+                kube_tools::binary(name).display()
+            );
+        }
+    }
+    std::fs::create_dir_all(layout.file("certs"))?;
+    let pki = generate_pki(API_IP)?;
+    for (name, pem) in [
+        ("ca.crt", &pki.ca_cert),
+        ("apiserver.crt", &pki.server_cert),
+        ("apiserver.key", &pki.server_key),
+        ("admin.crt", &pki.admin_cert),
+        ("admin.key", &pki.admin_key),
+        ("agent.crt", &pki.agent_cert),
+        ("agent.key", &pki.agent_key),
+        ("sa.key", &pki.service_account_key),
+        ("sa.pub", &pki.service_account_public),
+    ] {
+        std::fs::write(layout.file(name), pem)
+            .with_context(|| format!("writing {}", layout.file(name).display()))?;
+    }
+    let server = format!("https://{API_IP}:{API_PORT}");
+    let kubeconfig_path = layout.kubeconfig();
+    let agent_kubeconfig = layout.file("agent-kubeconfig");
+    for (path, user) in [(&kubeconfig_path, "admin"), (&agent_kubeconfig, "agent")] {
+        let text = kubeconfig(
+            &server,
+            &layout.file("ca.crt"),
+            &layout.file(&format!("{user}.crt")),
+            &layout.file(&format!("{user}.key")),
+        )?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let cgroup = |name: &str| -> Result<PathBuf> {
+        let dir = cgroups.join("api").join(name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir)
+    };
+    let etcd_pid = start_daemon(
+        Command::new(kube_tools::binary("etcd")).args(etcd_args(layout)),
+        "etcd.log",
+        API_NETNS,
+        cgroup("etcd")?,
+    )?;
+    wait_listening(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 2379)),
+        etcd_pid,
+        "etcd",
+    )?;
+    let apiserver_pid = start_daemon(
+        Command::new(kube_tools::binary("kube-apiserver")).args(apiserver_args(layout)),
+        "kube-apiserver.log",
+        API_NETNS,
+        cgroup("kube-apiserver")?,
+    )?;
+    let state = ControlPlaneState {
+        etcd_pid,
+        apiserver_pid,
+        kubeconfig: kubeconfig_path,
+        agent_kubeconfig,
+    };
+    wait_ready(&state)?;
+    let mut apply = vec!["apply".to_owned()];
+    for manifest in CRD_MANIFESTS {
+        apply.push("-f".into());
+        apply.push(workspace().join(manifest).display().to_string());
+    }
+    kubectl_quiet(&state, &apply)?;
+    kubectl_with_input(&state, &["apply", "-f", "-"], &agent_role()?)?;
+    kubectl_quiet(
+        &state,
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd",
+            "--all",
+        ]
+        .map(str::to_owned),
+    )?;
+    Ok(state)
+}
+
+/// The agents' ClusterRole and its binding, as deploy/mesh-agent.yaml holds them (the rest
+/// of that file is the DaemonSet, which has no place in the sandbox).
+fn agent_role() -> Result<String> {
+    let path = workspace().join(AGENT_MANIFEST);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let role = rbac_documents(&text);
+    if role.is_empty() {
+        bail!("{} holds no ClusterRole", path.display());
+    }
+    Ok(role)
+}
+
+const AGENT_MANIFEST: &str = "deploy/mesh-agent.yaml";
+
+/// The ClusterRole and ClusterRoleBinding documents of a manifest.
+fn rbac_documents(manifest: &str) -> String {
+    manifest
+        .split("\n---")
+        .filter(|doc| {
+            doc.lines()
+                .any(|l| l == "kind: ClusterRole" || l == "kind: ClusterRoleBinding")
+        })
+        .map(|doc| format!("---\n{}\n", doc.trim_start_matches('\n')))
+        .collect()
+}
+
+fn wait_listening(addr: SocketAddr, pid: u32, what: &str) -> Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let up = ns::within(API_NETNS, move || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })?;
+        if up {
+            return Ok(());
+        }
+        if !process_alive(pid) || Instant::now() > deadline {
+            bail!(
+                "{what} did not start (see {})",
+                log_path(&format!("{what}.log")).display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until `/readyz` answers: etcd reached, the built-in objects and CRD informers up.
+fn wait_ready(state: &ControlPlaneState) -> Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let ready = command(state, &["get".into(), "--raw".into(), "/readyz".into()])?
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ready {
+            return Ok(());
+        }
+        if !process_alive(state.apiserver_pid) || Instant::now() > deadline {
+            bail!(
+                "kube-apiserver did not become ready (see {})",
+                log_path("kube-apiserver.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// kubectl inside the API namespace, with the sandbox's kubeconfig.
+pub fn command(state: &ControlPlaneState, args: &[String]) -> Result<Command> {
+    let mut command = Command::new(kube_tools::binary("kubectl"));
+    command.args(args).env("KUBECONFIG", &state.kubeconfig);
+    ns::place(
+        &mut command,
+        &ns::Placement {
+            netns: API_NETNS.to_owned(),
+            cgroup: None,
+            detach: false,
+        },
+    )?;
+    Ok(command)
+}
+
+fn kubectl_quiet(state: &ControlPlaneState, args: &[String]) -> Result<()> {
+    crate::run(&mut command(state, args)?)
+}
+
+/// kubectl with `input` on its standard input; its standard output.
+fn kubectl_with_input(state: &ControlPlaneState, args: &[&str], input: &str) -> Result<String> {
+    use std::io::Write;
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let mut child = command(state, &args)?
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting kubectl")?;
+    child
+        .stdin
+        .take()
+        .context("kubectl's standard input")?
+        .write_all(input.as_bytes())?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!(
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The object as a client sends it: what the API server and the kubelet fill in (UID,
+/// status) left out, and, for a Pod, an `image` for each container that has none (the
+/// sandbox runs the container's command on the machine; the API server requires one).
+pub fn request_body(object: &serde_norway::Value) -> serde_norway::Value {
+    let mut object = object.clone();
+    if let Some(fields) = object.as_mapping_mut() {
+        fields.remove("status");
+        if let Some(meta) = fields.get_mut("metadata").and_then(|m| m.as_mapping_mut()) {
+            meta.remove("uid");
+        }
+    }
+    let is_pod = object.get("kind").and_then(|k| k.as_str()) == Some("Pod");
+    let containers = object
+        .get_mut("spec")
+        .and_then(|s| s.get_mut("containers"))
+        .and_then(|c| c.as_sequence_mut());
+    if let (true, Some(containers)) = (is_pod, containers) {
+        for container in containers.iter_mut().filter_map(|c| c.as_mapping_mut()) {
+            if !container.contains_key("image") {
+                container.insert("image".into(), SANDBOX_IMAGE.into());
+            }
+        }
+    }
+    object
+}
+
+/// The image the sandbox names for containers that name none; never pulled.
+const SANDBOX_IMAGE: &str = "mesh-sandbox/local";
+
+/// Creates or updates an object through the API server, as `kubectl apply` does.
+pub fn apply_object(state: &ControlPlaneState, object: &serde_norway::Value) -> Result<()> {
+    let text = serde_norway::to_string(&request_body(object))?;
+    kubectl_with_input(state, &["apply", "-f", "-"], &text).map(drop)
+}
+
+/// Creates a Pod through the API server; the UID the server gave it.
+pub fn create_pod(state: &ControlPlaneState, object: &serde_norway::Value) -> Result<String> {
+    let text = serde_norway::to_string(&request_body(object))?;
+    let uid = kubectl_with_input(
+        state,
+        &["create", "-f", "-", "-o", "jsonpath={.metadata.uid}"],
+        &text,
+    )?;
+    if uid.trim().is_empty() {
+        bail!("the API server gave the pod no UID");
+    }
+    Ok(uid.trim().to_owned())
+}
+
+/// Sets an object's status, as the kubelet (Pods, Nodes) does.
+pub fn patch_status(
+    state: &ControlPlaneState,
+    kind: &str,
+    namespace: Option<&str>,
+    name: &str,
+    status: &serde_json::Value,
+) -> Result<()> {
+    let patch = serde_json::json!({ "status": status }).to_string();
+    let kind = kind.to_lowercase();
+    let mut args = vec!["patch", &kind, name, "--subresource=status", "--type=merge"];
+    if let Some(namespace) = namespace {
+        args.extend(["-n", namespace]);
+    }
+    args.extend(["-p", &patch]);
+    kubectl_with_input(state, &args, "").map(drop)
+}
+
+/// Deletes an object at once: the sandbox has stopped the pod itself, as the kubelet
+/// confirms a deletion once the containers are gone.
+pub fn delete_object(
+    state: &ControlPlaneState,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<()> {
+    let kind = kind.to_lowercase();
+    kubectl_with_input(
+        state,
+        &[
+            "delete",
+            &kind,
+            name,
+            "-n",
+            namespace,
+            "--grace-period=0",
+            "--force",
+            "--ignore-not-found",
+        ],
+        "",
+    )
+    .map(drop)
+}
+
+/// Stops what [`start`] started, API server first, by the pids it recorded; the
+/// sandbox's cgroup clean-up then takes anything left.
+pub fn stop(state: &ControlPlaneState) {
+    for pid in [state.apiserver_pid, state.etcd_pid] {
+        if !process_alive(pid) {
+            continue;
+        }
+        // SAFETY: kill(2) on a pid this sandbox started and recorded, still alive.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_serving_certificate_names_every_address_clients_use() {
+        let pki = generate_pki(API_IP).expect("pki");
+        let server = CertificateParams::from_ca_cert_pem(&pki.server_cert).expect("parse");
+        let ips: Vec<_> = server
+            .subject_alt_names
+            .iter()
+            .filter_map(|san| match san {
+                SanType::IpAddress(ip) => Some(ip.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ips, ["10.200.0.253", "127.0.0.1", "10.96.0.1"]);
+        let agent = CertificateParams::from_ca_cert_pem(&pki.agent_cert).expect("parse");
+        assert_eq!(
+            agent.distinguished_name.get(&DnType::CommonName).cloned(),
+            Some(rcgen::DnValue::Utf8String(AGENT_USER.into()))
+        );
+        let admin = CertificateParams::from_ca_cert_pem(&pki.admin_cert).expect("parse");
+        let org = admin
+            .distinguished_name
+            .get(&DnType::OrganizationName)
+            .cloned();
+        assert_eq!(
+            org,
+            Some(rcgen::DnValue::Utf8String("system:masters".into()))
+        );
+        assert!(pki.service_account_public.contains("BEGIN PUBLIC KEY"));
+    }
+
+    #[test]
+    fn the_kubeconfig_points_at_the_sandbox_api_with_the_admin_files() {
+        let text = kubeconfig(
+            "https://10.200.0.253:6443",
+            Path::new("/run/x/ca.crt"),
+            Path::new("/run/x/admin.crt"),
+            Path::new("/run/x/admin.key"),
+        )
+        .expect("render");
+        let value: serde_norway::Value = serde_norway::from_str(&text).expect("yaml");
+        assert_eq!(value["current-context"].as_str(), Some("mesh-sandbox"));
+        assert_eq!(
+            value["clusters"][0]["cluster"]["server"].as_str(),
+            Some("https://10.200.0.253:6443")
+        );
+        assert_eq!(
+            value["users"][0]["user"]["client-key"].as_str(),
+            Some("/run/x/admin.key")
+        );
+    }
+
+    #[test]
+    fn objects_are_sent_without_what_the_server_and_kubelet_fill_in() {
+        let pod: serde_norway::Value = serde_norway::from_str(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, uid: u1}\n\
+             spec: {containers: [{name: a}, {name: b, image: busybox}]}\n\
+             status: {podIP: 10.244.1.2}\n",
+        )
+        .expect("yaml");
+        let body = request_body(&pod);
+        assert!(body.get("status").is_none());
+        assert!(body["metadata"].get("uid").is_none());
+        assert_eq!(
+            body["spec"]["containers"][0]["image"].as_str(),
+            Some(SANDBOX_IMAGE)
+        );
+        assert_eq!(
+            body["spec"]["containers"][1]["image"].as_str(),
+            Some("busybox")
+        );
+        let service: serde_norway::Value = serde_norway::from_str(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {containers: [{name: a}]}\n",
+        )
+        .expect("yaml");
+        assert!(request_body(&service)["spec"]["containers"][0]
+            .get("image")
+            .is_none());
+    }
+
+    #[test]
+    fn the_agents_get_the_role_of_the_manifest_and_nothing_else_of_it() {
+        let role = agent_role().expect("role");
+        let kinds: Vec<&str> = role
+            .lines()
+            .filter_map(|l| l.strip_prefix("kind: "))
+            .collect();
+        assert_eq!(kinds, ["ClusterRole", "ClusterRoleBinding"]);
+        assert!(role.contains("name: mesh-agent"));
+    }
+
+    #[test]
+    fn etcd_serves_only_the_api_namespace_loopback() {
+        let layout = Layout::new(Path::new("/run/s"));
+        let etcd = etcd_args(&layout);
+        assert!(etcd.contains(&"--listen-client-urls=http://127.0.0.1:2379".to_owned()));
+        assert!(etcd.contains(&"--data-dir=/run/s/api/etcd".to_owned()));
+        let api = apiserver_args(&layout);
+        assert!(api.contains(&"--etcd-servers=http://127.0.0.1:2379".to_owned()));
+        assert!(api.contains(&"--advertise-address=10.200.0.253".to_owned()));
+    }
+}
