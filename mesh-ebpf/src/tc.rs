@@ -39,8 +39,8 @@ use mesh_common::{
 
 use crate::{
     maps::{
-        capture_unknown, count_verdict, MESH_POLICY, MESH_PORT_MTLS, MESH_SERVICES, MESH_SERVICE_IPS, MESH_TRAFFIC,
-        MESH_WORKLOADS,
+        capture_unknown, count_verdict, MESH_POLICY, MESH_PORT_MTLS, MESH_SERVICES,
+        MESH_SERVICE_IPS, MESH_TRAFFIC, MESH_WORKLOADS,
     },
     packet::{
         ether_type, icmp_type, parse_ipv4, parse_tcp, udp_source_port, Ipv4Packet, DNS_PORT,

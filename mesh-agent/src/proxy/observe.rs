@@ -86,7 +86,7 @@ impl Observed {
     }
 
     /// Whether anything is recorded of the request.
-    pub fn wanted(&self) -> bool {
+    fn wanted(&self) -> bool {
         self.line.is_some() || self.counting.is_some()
     }
 
