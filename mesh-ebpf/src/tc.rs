@@ -10,7 +10,9 @@
 //!
 //! `tc_to_pod` (egress of the host veth, packets entering the pod) counts, and enforces
 //! PeerAuthentication STRICT: TCP to such a pod port that the agent did not send (its
-//! sockets carry `AGENT_MARK`) is plaintext that bypassed the mesh, and is dropped.
+//! sockets carry `AGENT_MARK`) is plaintext that bypassed the mesh, and is dropped —
+//! except the kubelet's probes: from the node's own address to a port the pod declares
+//! for its probes.
 //!
 //! Kernel maps are bounded: when a pod did not fit in `MESH_WORKLOADS` nothing but the
 //! agent reaches it and it cannot send (its source is unknown), and when any workload or
@@ -39,8 +41,8 @@ use mesh_common::{
 
 use crate::{
     maps::{
-        capture_unknown, count_verdict, MESH_POLICY, MESH_PORT_MTLS, MESH_SERVICES,
-        MESH_SERVICE_IPS, MESH_TRAFFIC, MESH_WORKLOADS,
+        capture_unknown, count_verdict, MESH_POLICY, MESH_PORT_MTLS, MESH_PROBE_PORTS,
+        MESH_SERVICES, MESH_SERVICE_IPS, MESH_TRAFFIC, MESH_WORKLOADS,
     },
     packet::{
         ether_type, icmp_type, parse_ipv4, parse_tcp, udp_source_port, Ipv4Packet, DNS_PORT,
@@ -128,10 +130,18 @@ fn to_pod(ctx: &TcContext) -> i32 {
             Some(mode) => *mode == PORT_MTLS_STRICT,
             None => workload_strict,
         };
-        if strict {
-            return drop_counted(verdict::DROP_PLAINTEXT_STRICT);
+        if !strict {
+            return TC_ACT_OK;
         }
-        return TC_ACT_OK;
+        // The kubelet's probes come from the node, not through the agent. The source
+        // cannot be forged: pods are held to their own address, and the kernel drops
+        // packets arriving from outside with one of the node's own as a martian.
+        // SAFETY: a map value pointer, valid while this program runs.
+        if unsafe { MESH_PROBE_PORTS.get(key) }.is_some_and(|node| *node == ip.saddr) {
+            count_verdict(verdict::PASSED_NODE_PROBE);
+            return TC_ACT_OK;
+        }
+        return drop_counted(verdict::DROP_PLAINTEXT_STRICT);
     }
     if !workload_strict {
         return TC_ACT_OK;

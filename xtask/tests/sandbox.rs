@@ -1119,6 +1119,250 @@ fn peer_authentication_strict_drops_plaintext_in_the_kernel() {
     });
 }
 
+/// A pod on node-a serving HTTP on 8080 (its name at `/name`) and 8081, with a readiness
+/// probe as a kubelet runs it (from the node), in `namespace` with `labels`.
+fn probed_pod(name: &str, namespace: &str, labels: &str, probe: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}}}\n\
+         spec:\n  nodeName: node-a\n  containers:\n  - name: web\n    \
+         command: [sh, -c, 'echo $POD_NAME > name && python3 -m http.server 8081 & exec python3 -m http.server 8080']\n    \
+         ports: [{{name: http, containerPort: 8080}}]\n{probe}"
+    )
+}
+
+fn enrolled_pods(node: &str) -> Vec<String> {
+    agent_status(node)["enrolled"]
+        .as_object()
+        .expect("enrolled")
+        .keys()
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn pods_join_by_istio_ambient_labels_and_strict_pods_pass_only_the_kubelets_probes() {
+    let _sandbox = Sandbox::up();
+    let web_a = pod_ip(&status_json(), "web-a");
+
+    // A namespace without the label stays out: its pod gets no programs and no identity,
+    // and its traffic does not touch the mesh.
+    kubectl(
+        "apply",
+        "legacy",
+        &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: legacy}}\n---\n{}",
+            probed_pod(
+                "old",
+                "legacy",
+                "app: old",
+                "    readinessProbe: {tcpSocket: {port: 8080}}\n"
+            )
+        ),
+    );
+    let old = pod_ip(&status_json(), "old");
+    assert!(!enrolled_pods("node-a").contains(&"legacy/old".to_owned()));
+    let workloads = on_node("node-a", &["meshctl", "bpf", "workloads"]);
+    assert!(!workloads.contains(&old), "{workloads}");
+    assert_eq!(
+        in_pod("client-a", &format!("curl -sf -m 5 http://{old}:8080/name")).trim(),
+        "old"
+    );
+    assert_eq!(
+        in_pod("old", &format!("curl -sf -m 5 http://{web_a}:8080/name")).trim(),
+        "web-a"
+    );
+
+    // Labelling the namespace `ambient` enrolls the running pod.
+    kubectl(
+        "apply",
+        "legacy-ambient",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: legacy, labels: {istio.io/dataplane-mode: ambient}}\n",
+    );
+    eventually("the pod of the labelled namespace is enrolled", || {
+        enrolled_pods("node-a").contains(&"legacy/old".to_owned())
+    });
+    let programs = on_node("node-a", &["meshctl", "bpf", "programs"]);
+    assert!(programs.contains("legacy/old tc-from"), "{programs}");
+
+    // Under namespace-wide STRICT a pod created now becomes ready: its kubelet probe
+    // (HTTP, from the node) passes the kernel. Nothing else from the node does.
+    kubectl(
+        "apply",
+        "pa-strict",
+        &peer_authentication("default", "  mtls: {mode: STRICT}\n"),
+    );
+    eventually("the kernel holds web-a STRICT", || {
+        let maps: serde_json::Value = serde_json::from_str(&on_node(
+            "node-a",
+            &["meshctl", "bpf", "workloads", "-o", "json"],
+        ))
+        .expect("JSON");
+        maps["workloads"].as_array().expect("rows").iter().any(|w| {
+            w["pod"] == "web-a"
+                && w["mtls"] == "STRICT"
+                && w["probe_ports"] == serde_json::json!([8080])
+        })
+    });
+    // web-a's probe port answers the node under STRICT.
+    assert_eq!(
+        on_node(
+            "node-a",
+            &[
+                "curl",
+                "-sf",
+                "-m",
+                "5",
+                &format!("http://{web_a}:8080/name")
+            ]
+        )
+        .trim(),
+        "web-a"
+    );
+    kubectl(
+        "apply",
+        "probed",
+        &probed_pod(
+            "probed",
+            "demo",
+            "app: probed",
+            "    readinessProbe: {httpGet: {path: /name, port: http}}\n",
+        ),
+    );
+    let probed = pod_ip(&status_json(), "probed");
+    let node_curl = |port: u16| {
+        xtask(&[
+            "sandbox",
+            "exec",
+            "--node",
+            "node-a",
+            "--",
+            "curl",
+            "-sf",
+            "-m",
+            "2",
+            &format!("http://{probed}:{port}/name"),
+        ])
+    };
+    let passed = tc_packets("node-a", "passed_node_probe");
+    assert!(passed > 0, "the probes that made the pod ready were let in");
+    assert_eq!(
+        ok(node_curl(8080), "the node's request to the probe port").trim(),
+        "probed"
+    );
+    assert!(tc_packets("node-a", "passed_node_probe") > passed);
+    let dropped = tc_packets("node-a", "drop_plaintext_strict");
+    assert!(
+        !node_curl(8081).status.success(),
+        "a port no probe declares stays closed"
+    );
+    assert!(tc_packets("node-a", "drop_plaintext_strict") > dropped);
+    // Through the mesh, both ports answer.
+    for port in [8080, 8081] {
+        assert_eq!(
+            in_pod(
+                "client-a",
+                &format!("curl -sf -m 5 http://{probed}:{port}/name")
+            )
+            .trim(),
+            "probed"
+        );
+    }
+}
+
+#[test]
+fn meshctl_uninstall_leaves_the_node_as_it_was_once_the_agent_is_stopped() {
+    let _sandbox = Sandbox::up();
+    let status = status_json();
+    let web_a = pod_ip(&status, "web-a");
+    let agent_pid = status["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["name"] == "node-a")
+        .map(|n| n["agent"]["pid"].as_u64().expect("agent pid"))
+        .expect("node-a")
+        .to_string();
+    let direct = || {
+        xtask(&[
+            "sandbox",
+            "exec",
+            "client-a",
+            "--",
+            "curl",
+            "-sf",
+            "-m",
+            "2",
+            &format!("http://{web_a}:8080/name"),
+        ])
+        .status
+        .success()
+    };
+    assert!(direct());
+
+    // Refused while the agent runs: it would attach everything again.
+    let refused = xtask(&[
+        "sandbox",
+        "exec",
+        "--node",
+        "node-a",
+        "--",
+        "meshctl",
+        "uninstall",
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("stop it first"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // With the agent gone and its programs still attached, meshed traffic fails closed.
+    ok(
+        Command::new("kill").arg(&agent_pid).output().expect("kill"),
+        "stopping node-a's agent",
+    );
+    eventually("node-a's agent has exited", || {
+        !Path::new(&format!("/proc/{agent_pid}")).exists()
+    });
+    assert!(
+        !direct(),
+        "no agent, no bypass: the capture has no listener"
+    );
+
+    let removed: serde_json::Value =
+        serde_json::from_str(&on_node("node-a", &["meshctl", "uninstall", "-o", "json"]))
+            .expect("JSON");
+    // Two local pods, three links each (tc both ways, sockops); every map of the layout.
+    assert_eq!(
+        removed["links"].as_array().expect("links").len(),
+        6,
+        "{removed}"
+    );
+    assert!(
+        removed["maps"].as_array().expect("maps").len() >= 10,
+        "{removed}"
+    );
+    assert_eq!(removed["rules"], 1, "{removed}");
+    assert_eq!(removed["routes_flushed"], true, "{removed}");
+    assert_eq!(removed["left"], serde_json::json!([]), "{removed}");
+
+    // Nothing of the mesh is left on the node, and the pods talk directly.
+    let rules = on_node("node-a", &["ip", "-4", "rule", "show"]);
+    assert!(!rules.contains("lookup 133"), "{rules}");
+    let routes = on_node("node-a", &["ip", "-4", "route", "show", "table", "133"]);
+    assert!(routes.trim().is_empty(), "{routes}");
+    // (With tc_from_pod still on client-a's veth, the SYN would go to the missing listener.)
+    assert!(direct(), "pods reach each other without the mesh");
+    let again: serde_json::Value =
+        serde_json::from_str(&on_node("node-a", &["meshctl", "uninstall", "-o", "json"]))
+            .expect("JSON");
+    assert_eq!(
+        again["links"],
+        serde_json::json!([]),
+        "a second run finds nothing"
+    );
+}
+
 /// The Service `api` (HTTP/1.1 and HTTP/2 on one port) on node-b, a JWKS server outside
 /// the mesh on node-a, and the policies of the authorization test.
 fn api_and_policies(jwks_ip: &str) -> String {

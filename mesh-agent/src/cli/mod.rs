@@ -2,7 +2,10 @@
 //! the running agent through its localhost admin API (`meshctl status`) — and checks
 //! configuration files (`meshctl validate`). Tables by default, `-o json` for tools.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -97,6 +100,15 @@ enum Command {
     /// Print the CustomResourceDefinitions of the Istio kinds the mesh reads (for a
     /// cluster without Istio; `deploy/istio-crds.yaml` holds the same).
     Crds,
+    /// Take the mesh off this node once its agent is stopped: detach every program (the
+    /// pinned links), remove the pinned maps, the capture route and its rule. Pods then
+    /// talk directly, as before the mesh. Run in the node's network namespace.
+    Uninstall {
+        /// Go ahead although an agent answers on the admin address (it would attach
+        /// its programs again at its next configuration change).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -198,6 +210,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             print!("{}", crate::config::kinds::istio_crds());
             Ok(())
         }
+        Command::Uninstall { force } => uninstall(&cli.bpffs, cli.admin, force, json),
         Command::Routes { service } => routes(cli.admin, &service, json),
         Command::Route {
             what:
@@ -299,8 +312,12 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                             "SERVICE ACCOUNT",
                             "LOCAL",
                             "IFINDEX",
+                            "MTLS",
+                            "PROBE PORTS",
                         ],
                         workloads.iter().map(|w| {
+                            let probes: Vec<String> =
+                                w.probe_ports.iter().map(u16::to_string).collect();
                             vec![
                                 w.ip.to_string(),
                                 w.namespace.clone(),
@@ -309,6 +326,8 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                                 w.service_account.clone(),
                                 if w.local { "yes" } else { "no" }.into(),
                                 w.ifindex.to_string(),
+                                w.mtls.into(),
+                                probes.join(","),
                             ]
                         }),
                     );
@@ -650,6 +669,36 @@ fn duration_text(value: &serde_json::Value) -> String {
         (Some(secs), Some(nanos)) => format!("{}s", secs as f64 + nanos as f64 / 1e9),
         _ => "none".into(),
     }
+}
+
+fn uninstall(bpffs: &Path, admin: SocketAddr, force: bool, json: bool) -> anyhow::Result<()> {
+    let agent_running =
+        std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(1)).is_ok();
+    if agent_running && !force {
+        anyhow::bail!(
+            "an agent answers on {admin}: stop it first (delete the DaemonSet, or stop the \
+             agent on this node), or pass --force"
+        );
+    }
+    let done = crate::datapath::uninstall::uninstall(bpffs)?;
+    if json {
+        return emit_json(&done);
+    }
+    println!(
+        "removed {} pinned links (programs detached), {} pinned maps, {} routing rules{}",
+        done.links.len(),
+        done.maps.len(),
+        done.rules,
+        if done.routes_flushed {
+            " and the capture route table"
+        } else {
+            ""
+        }
+    );
+    for path in &done.left {
+        println!("left {} (not the mesh's)", path.display());
+    }
+    Ok(())
 }
 
 fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {

@@ -73,6 +73,53 @@ pub struct Container {
     pub args: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<ContainerPort>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_probe: Option<Probe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<Probe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_probe: Option<Probe>,
+}
+
+impl Container {
+    /// The ports the kubelet probes, named ports resolved against this container's.
+    pub fn probe_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        [
+            &self.liveness_probe,
+            &self.readiness_probe,
+            &self.startup_probe,
+        ]
+        .into_iter()
+        .flatten()
+        .flat_map(|probe| [&probe.http_get, &probe.tcp_socket, &probe.grpc])
+        .flatten()
+        .filter_map(|action| match &action.port {
+            TargetPort::Number(port) => Some(*port),
+            TargetPort::Name(name) => self
+                .ports
+                .iter()
+                .find(|p| p.name.as_deref() == Some(name))
+                .map(|p| p.container_port),
+        })
+    }
+}
+
+/// A kubelet probe; the mesh reads only where it connects.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Probe {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_get: Option<ProbeAction>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_socket: Option<ProbeAction>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<ProbeAction>,
+}
+
+/// The port of a probe's `httpGet`, `tcpSocket` or `grpc` action.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProbeAction {
+    pub port: TargetPort,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
