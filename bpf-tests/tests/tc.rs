@@ -767,15 +767,20 @@ fn under_strict_the_node_reaches_only_the_probe_ports_in_plaintext() {
             workload(pod.ifindex, WORKLOAD_FLAG_LOCAL | WORKLOAD_FLAG_MTLS_STRICT),
         );
         let node = Ipv4Addr::new(169, 254, 1, 1);
+        // A local pod that did not fit in the workload map: only the agent reaches it,
+        // probes or not (its answers could not leave: its source is no one's).
+        let unlisted = Ipv4Addr::new(10, 244, 1, 9);
         let mut probes: HashMap<_, PortKey, u32> =
             HashMap::try_from(loaded.ebpf.map_mut(pins::PROBE_PORTS).expect("probe map"))
                 .expect("hash map");
-        let probe_port = PortKey {
-            ip: ip_key(POD),
-            port: 8081,
-            _pad: 0,
-        };
-        probes.insert(probe_port, ip_key(node), 0).expect("insert");
+        for pod in [POD, unlisted] {
+            let probe_port = PortKey {
+                ip: ip_key(pod),
+                port: 8081,
+                _pad: 0,
+            };
+            probes.insert(probe_port, ip_key(node), 0).expect("insert");
+        }
         let prog = program(&mut loaded, programs::TC_TO_POD);
         let from_node = Context {
             ifindex: 1,
@@ -807,6 +812,16 @@ fn under_strict_the_node_reaches_only_the_probe_ports_in_plaintext() {
                 tcp_packet(NEIGHBOUR, POD, 40003, 8081, TCP_SYN),
                 TC_ACT_SHOT,
             ),
+            (
+                "the node's SYN to the probe port of a pod missing from the map",
+                tcp_packet(node, unlisted, 40004, 8081, TCP_SYN),
+                TC_ACT_SHOT,
+            ),
+            (
+                "the node's SYN to another port of that pod",
+                tcp_packet(node, unlisted, 40005, 8080, TCP_SYN),
+                TC_ACT_SHOT,
+            ),
         ];
         for (what, packet, action) in &cases {
             assert_eq!(
@@ -817,7 +832,11 @@ fn under_strict_the_node_reaches_only_the_probe_ports_in_plaintext() {
         }
         assert_eq!(
             counted(&loaded),
-            [("drop_plaintext_strict", 3), ("passed_node_probe", 2)]
+            [
+                ("drop_plaintext_strict", 3),
+                ("drop_no_workload", 2),
+                ("passed_node_probe", 2)
+            ]
         );
     });
 }

@@ -103,6 +103,8 @@ fn to_pod(ctx: &TcContext) -> i32 {
     }
     // This program runs only on the veths of meshed pods, so the destination is one: a
     // pod the agent could not write into the full map is reached only through the agent.
+    // Its probes too: it could not answer them, its source being no one's (fail closed
+    // means not ready, which is what Kubernetes should see).
     let Some(workload) = MESH_WORKLOADS.get_ptr(ip.daddr) else {
         return drop_counted(verdict::DROP_NO_WORKLOAD);
     };
@@ -133,12 +135,7 @@ fn to_pod(ctx: &TcContext) -> i32 {
         if !strict {
             return TC_ACT_OK;
         }
-        // The kubelet's probes come from the node, not through the agent. The source
-        // cannot be forged: pods are held to their own address, and the kernel drops
-        // packets arriving from outside with one of the node's own as a martian.
-        // SAFETY: a map value pointer, valid while this program runs.
-        if unsafe { MESH_PROBE_PORTS.get(key) }.is_some_and(|node| *node == ip.saddr) {
-            count_verdict(verdict::PASSED_NODE_PROBE);
+        if node_probe(&ip, key.port) {
             return TC_ACT_OK;
         }
         return drop_counted(verdict::DROP_PLAINTEXT_STRICT);
@@ -238,6 +235,26 @@ fn from_pod(ctx: &TcContext) -> i32 {
         Some(listener) => steer(ctx, listener, verdict::STEERED_NEW),
         None => drop_counted(verdict::DROP_NO_PROXY),
     }
+}
+
+/// Whether a TCP packet into a pod is its kubelet's probe, counted if it is: from the node
+/// address its probes come from to a port it declares for them (`MESH_PROBE_PORTS`). The
+/// probes come from the node, not through the agent, and their source cannot be forged:
+/// pods are held to their own address, and the kernel drops packets arriving from outside
+/// with one of the node's own as a martian.
+#[inline(always)]
+fn node_probe(ip: &Ipv4Packet, port: u16) -> bool {
+    let key = PortKey {
+        ip: ip.daddr,
+        port,
+        _pad: 0,
+    };
+    // SAFETY: a map value pointer, valid while this program runs.
+    let probe = unsafe { MESH_PROBE_PORTS.get(key) }.is_some_and(|node| *node == ip.saddr);
+    if probe {
+        count_verdict(verdict::PASSED_NODE_PROBE);
+    }
+    probe
 }
 
 /// Whether the destination's policies deny this source on L4 facts: the port's own entry

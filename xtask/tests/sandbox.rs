@@ -48,6 +48,18 @@ fn on_node(node: &str, args: &[&str]) -> String {
     ok(xtask(&all), &format!("on {node}: {args:?}"))
 }
 
+/// A command on a node whose exit code is part of its answer (`meshctl policy check`
+/// exits with 4 on deny, `meshctl status` with 5 when not ready): the code and stdout.
+fn on_node_answer(node: &str, args: &[&str]) -> (Option<i32>, String) {
+    let mut all = vec!["sandbox", "exec", "--node", node, "--"];
+    all.extend_from_slice(args);
+    let out = xtask(&all);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 fn sha256_of_file(path: &str) -> String {
     let out = ok(
         Command::new("sha256sum")
@@ -151,8 +163,34 @@ fn metrics(node: &str) -> String {
     on_node(node, &["curl", "-sf", "http://127.0.0.1:15020/metrics"])
 }
 
+/// The agent's status (`meshctl status` exits with 5 while the agent is not ready).
 fn agent_status(node: &str) -> serde_json::Value {
-    serde_json::from_str(&on_node(node, &["meshctl", "status", "-o", "json"])).expect("status JSON")
+    let (code, answer) = on_node_answer(node, &["meshctl", "status", "-o", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&answer).expect("status JSON");
+    let expected = if status["ready"] == true { 0 } else { 5 };
+    assert_eq!(
+        code,
+        Some(expected),
+        "meshctl status exit code for {status}"
+    );
+    status
+}
+
+/// Waits until `node`'s kernel holds its local `pod` under workload-wide STRICT
+/// (`meshctl bpf workloads`): the PeerAuthentication reached the maps.
+fn wait_strict_in_kernel(node: &str, pod: &str) {
+    eventually(&format!("{node}'s kernel holds {pod} STRICT"), || {
+        let maps: serde_json::Value = serde_json::from_str(&on_node(
+            node,
+            &["meshctl", "bpf", "workloads", "-o", "json"],
+        ))
+        .expect("JSON");
+        maps["workloads"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .any(|w| w["pod"] == pod && w["local"] == true && w["mtls"] == "STRICT")
+    });
 }
 
 /// Polls `check` for up to thirty seconds: pods start slowly on two loaded cores.
@@ -1029,12 +1067,19 @@ fn peer_authentication_strict_drops_plaintext_in_the_kernel() {
     let _sandbox = Sandbox::up();
     let status = status_json();
     let web_b = pod_ip(&status, "web-b");
+    // A pod outside the mesh next to web-b: its plaintext is what STRICT refuses. (The
+    // node itself still reaches web-b's probe port, 8080, as its kubelet must.)
+    kubectl(
+        "apply",
+        "outsider",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: outsider, namespace: demo, labels: {istio.io/dataplane-mode: none}}\n\
+         spec: {nodeName: node-b, containers: [{name: c, command: [sleep, infinity]}]}\n",
+    );
     let plaintext = || {
         xtask(&[
             "sandbox",
             "exec",
-            "--node",
-            "node-b",
+            "outsider",
             "--",
             "curl",
             "-sf",
@@ -1171,6 +1216,30 @@ fn pods_join_by_istio_ambient_labels_and_strict_pods_pass_only_the_kubelets_prob
         in_pod("old", &format!("curl -sf -m 5 http://{web_a}:8080/name")).trim(),
         "web-a"
     );
+    // A Service of pods outside the mesh is reached through it from a meshed pod: the
+    // agent takes the connection to the Service address and goes to the pod directly.
+    kubectl(
+        "apply",
+        "legacy-service",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: old, namespace: legacy}\n\
+         spec: {selector: {app: old}, ports: [{name: http, port: 80, targetPort: 8080}]}\n",
+    );
+    let old_vip = service_address("legacy/old");
+    eventually("the Service of the pod outside the mesh answers", || {
+        xtask(&[
+            "sandbox",
+            "exec",
+            "client-a",
+            "--",
+            "curl",
+            "-sf",
+            "-m",
+            "5",
+            &format!("http://{old_vip}/name"),
+        ])
+        .stdout
+            == b"old\n"
+    });
 
     // Labelling the namespace `ambient` enrolls the running pod.
     kubectl(
@@ -1191,18 +1260,20 @@ fn pods_join_by_istio_ambient_labels_and_strict_pods_pass_only_the_kubelets_prob
         "pa-strict",
         &peer_authentication("default", "  mtls: {mode: STRICT}\n"),
     );
-    eventually("the kernel holds web-a STRICT", || {
-        let maps: serde_json::Value = serde_json::from_str(&on_node(
-            "node-a",
-            &["meshctl", "bpf", "workloads", "-o", "json"],
-        ))
-        .expect("JSON");
-        maps["workloads"].as_array().expect("rows").iter().any(|w| {
-            w["pod"] == "web-a"
-                && w["mtls"] == "STRICT"
-                && w["probe_ports"] == serde_json::json!([8080])
-        })
-    });
+    wait_strict_in_kernel("node-a", "web-a");
+    let maps: serde_json::Value = serde_json::from_str(&on_node(
+        "node-a",
+        &["meshctl", "bpf", "workloads", "-o", "json"],
+    ))
+    .expect("JSON");
+    let web_a_row = maps["workloads"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|w| w["pod"] == "web-a")
+        .cloned()
+        .expect("web-a in the kernel");
+    assert_eq!(web_a_row["probe_ports"], serde_json::json!([8080]));
     // web-a's probe port answers the node under STRICT.
     assert_eq!(
         on_node(
@@ -1603,7 +1674,7 @@ fn authorization_policies_and_jwt_are_enforced_across_nodes() {
     // Every agent fetches the keys (meshctl on node-a answers from node-a's agent); then
     // the JWKS server goes away: the fetched keys are kept.
     let jwt_check = || {
-        on_node(
+        on_node_answer(
             "node-a",
             &[
                 "meshctl",
@@ -1623,7 +1694,7 @@ fn authorization_policies_and_jwt_are_enforced_across_nodes() {
         )
     };
     eventually("node-a's agent has the keys", || {
-        jwt_check().starts_with("ALLOW")
+        jwt_check().1.starts_with("ALLOW")
     });
     kubectl("delete", "jwks", &jwks_server());
     assert_eq!(
@@ -1705,7 +1776,7 @@ fn authorization_policies_and_jwt_are_enforced_across_nodes() {
 
     // meshctl policy check answers from the live configuration, with the deciding rule
     // and why the others did not match.
-    let report: serde_json::Value = serde_json::from_str(&on_node(
+    let (code, answer) = on_node_answer(
         "node-b",
         &[
             "meshctl",
@@ -1724,15 +1795,17 @@ fn authorization_policies_and_jwt_are_enforced_across_nodes() {
             "-o",
             "json",
         ],
-    ))
-    .expect("policy check JSON");
+    );
+    let report: serde_json::Value = serde_json::from_str(&answer).expect("policy check JSON");
     assert_eq!(report["decision"], "deny", "{report}");
+    assert_eq!(code, Some(4), "meshctl policy check exits with 4 on deny");
     assert_eq!(
         report["endpoints"][0]["decided_by"]["policy"],
         "demo/api-deny-admin"
     );
     assert_eq!(report["endpoints"][0]["outcome"], "403");
-    let text = jwt_check();
+    let (code, text) = jwt_check();
+    assert_eq!(code, Some(0), "meshctl policy check exits with 0 on allow");
     assert!(text.starts_with("ALLOW"), "{text}");
     assert!(text.contains("ALLOW demo/api-allow rules[1]"), "{text}");
     assert!(
@@ -1930,22 +2003,7 @@ fn a_hostile_pod_cannot_slip_past_the_kernel_with_fragments_or_forged_addresses(
         "pa-strict-attack",
         &peer_authentication("default", "  mtls: {mode: STRICT}\n"),
     );
-    eventually("plaintext to web-b is refused under STRICT", || {
-        !xtask(&[
-            "sandbox",
-            "exec",
-            "--node",
-            "node-b",
-            "--",
-            "curl",
-            "-sf",
-            "-m",
-            "2",
-            &format!("http://{web_b}:8080/name"),
-        ])
-        .status
-        .success()
-    });
+    wait_strict_in_kernel("node-b", "web-b");
     let attack = include_str!("raw_attack.py");
     let sent = |target: &[&str], args: &[&str]| -> u64 {
         let mut all = vec!["sandbox", "exec"];
@@ -2639,14 +2697,21 @@ fn request_metrics_are_reported_by_the_source_and_the_destination_agent() {
 }
 
 /// `count` pods `spare-1`… on node-a serving HTTP on 8080, outside every Service.
+/// Pods `spare-1` to `spare-<count>` on node-a; the last without a readiness probe: it
+/// is the one that does not fit in a full workload map, whose answers cannot leave its
+/// veth, so it would never become ready (the signal Kubernetes should get).
 fn spare_pods(count: usize) -> String {
     (1..=count)
         .map(|n| {
+            let probe = if n < count {
+                "    readinessProbe: {tcpSocket: {port: 8080}}\n"
+            } else {
+                ""
+            };
             format!(
                 "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: spare-{n}, namespace: demo, labels: {{app: spare}}}}\n\
                  spec:\n  nodeName: node-a\n  serviceAccountName: web\n  containers:\n  \
-                 - name: web\n    command: [sh, -c, 'echo $POD_NAME > name && exec python3 -m http.server 8080']\n    \
-                 readinessProbe: {{tcpSocket: {{port: 8080}}}}\n"
+                 - name: web\n    command: [sh, -c, 'echo $POD_NAME > name && exec python3 -m http.server 8080']\n{probe}"
             )
         })
         .collect()
@@ -2708,7 +2773,8 @@ fn kernel_maps_that_fill_up_fail_closed_for_the_pods_that_do_not_fit() {
         .collect();
     assert_eq!(failing, ["demo/spare-3"]);
     assert_eq!(readiness("node-a"), format!("not ready: {reason}\n 503"));
-    let text = on_node("node-a", &["meshctl", "status"]);
+    let (code, text) = on_node_answer("node-a", &["meshctl", "status"]);
+    assert_eq!(code, Some(5), "meshctl status exits with 5 when not ready");
     assert!(
         text.contains("FULL: 3 refused") && text.contains("failing closed demo/spare-3"),
         "{text}"

@@ -229,6 +229,8 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     };
     let status = Arc::new(Mutex::new(AgentStatus {
         node: options.node.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        maps_layout: mesh_common::MAPS_LAYOUT_VERSION,
         config_dir: options.config_dir.clone(),
         bpffs: options.bpffs.clone(),
         ..AgentStatus::default()

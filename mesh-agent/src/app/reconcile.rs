@@ -23,6 +23,10 @@ use crate::{
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct AgentStatus {
     pub node: String,
+    /// The agent's release (`meshctl version`, `meshctl check` compare it with theirs).
+    pub version: String,
+    /// The layout of the kernel maps it pins (`mesh_common::MAPS_LAYOUT_VERSION`).
+    pub maps_layout: u32,
     /// Every local identity holds a certificate and every entry fits in the kernel maps.
     pub ready: bool,
     /// Why the agent is not ready.

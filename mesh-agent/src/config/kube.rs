@@ -25,8 +25,32 @@ impl Pod {
     /// written by hand for the directory source, is taken to), not on the node's network.
     /// A pending pod may not run yet, a finished one's address may already be another's.
     pub fn holds_its_address(&self) -> bool {
+        !self.spec.host_network && self.is_running()
+    }
+
+    /// Whether the pod runs (or, without a phase, is taken to): only then is its address
+    /// a Service endpoint.
+    pub fn is_running(&self) -> bool {
         let phase = self.status.as_ref().and_then(|s| s.phase.as_deref());
-        !self.spec.host_network && phase.is_none_or(|p| p == "Running")
+        phase.is_none_or(|p| p == "Running")
+    }
+
+    /// The pod's address while it runs.
+    pub fn running_address(&self) -> Option<std::net::Ipv4Addr> {
+        if !self.is_running() {
+            return None;
+        }
+        self.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
+    }
+
+    /// Named container ports, for a Service's `targetPort` by name.
+    pub fn named_ports(&self) -> BTreeMap<String, u16> {
+        self.spec
+            .containers
+            .iter()
+            .flat_map(|c| &c.ports)
+            .filter_map(|p| Some((p.name.clone()?, p.container_port)))
+            .collect()
     }
 }
 

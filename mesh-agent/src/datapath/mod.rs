@@ -7,6 +7,7 @@
 
 pub mod capacity;
 pub mod maps;
+pub mod preflight;
 pub mod splice;
 pub mod uninstall;
 
@@ -73,6 +74,8 @@ pub enum DatapathError {
     },
     #[error("policy routing: {0}")]
     Routing(String),
+    #[error("this node cannot run the mesh: {0}")]
+    Preflight(String),
 }
 
 type Result<T> = std::result::Result<T, DatapathError>;
@@ -107,6 +110,14 @@ impl Datapath {
     /// the maps the agent fills get the sizes of `capacities`.
     pub fn load(bpffs: &Path, capacities: Capacities) -> Result<Datapath> {
         ensure_bpffs(bpffs)?;
+        let missing: Vec<String> = preflight::judge(&preflight::gather(Path::new("/")))
+            .into_iter()
+            .filter(|finding| !finding.ok)
+            .map(|finding| format!("{}: {}", finding.check, finding.detail))
+            .collect();
+        if !missing.is_empty() {
+            return Err(DatapathError::Preflight(missing.join("; ")));
+        }
         let maps = maps_dir(bpffs);
         let links = links_dir(bpffs);
         for dir in [&maps, &links] {
@@ -895,15 +906,9 @@ pub fn find_pod_cgroup(root: &Path, uid: &str) -> Option<PathBuf> {
     None
 }
 
-/// The cgroup v2 mount point, from /proc/mounts (`/sys/fs/cgroup` or, on hybrid hosts,
-/// `/sys/fs/cgroup/unified`).
+/// Where cgroup v2 is mounted in this mount namespace.
 pub fn cgroup2_mount() -> Option<PathBuf> {
-    let mounts = fs::read_to_string("/proc/mounts").ok()?;
-    mounts.lines().find_map(|line| {
-        let mut cols = line.split_whitespace();
-        let (_, point, kind) = (cols.next()?, cols.next()?, cols.next()?);
-        (kind == "cgroup2").then(|| PathBuf::from(point))
-    })
+    preflight::gather(Path::new("/")).cgroup2
 }
 
 #[cfg(test)]

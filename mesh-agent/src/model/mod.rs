@@ -480,15 +480,9 @@ fn workload_of(pod: &Pod) -> Option<Workload> {
     if !pod.holds_its_address() {
         return None;
     }
-    let ip = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+    let ip = pod.running_address()?;
     let labels = pod.metadata.labels.clone();
-    let named_ports = pod
-        .spec
-        .containers
-        .iter()
-        .flat_map(|c| &c.ports)
-        .filter_map(|p| Some((p.name.clone()?, p.container_port)))
-        .collect();
+    let named_ports = pod.named_ports();
     let mut probe_ports: Vec<u16> = pod
         .spec
         .containers
@@ -714,7 +708,7 @@ spec: {clusterIP: 10.96.0.11, selector: {app: nothing}, ports: [{port: 80}]}
         assert_eq!(state.diagnostics.len(), 1);
         assert!(state.diagnostics[0]
             .message
-            .contains("matches no meshed pod"));
+            .contains("matches no running pod"));
     }
 
     #[test]
@@ -774,6 +768,42 @@ status: {podIP: 10.244.1.7}
             enrolled_pods(DefaultEnrollment::Ambient),
             ["joined", "old", "unlisted-namespace", "web"]
         );
+    }
+
+    #[test]
+    fn a_service_of_pods_outside_the_mesh_resolves_to_them_without_a_workload() {
+        let yaml = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: api, namespace: legacy, labels: {app: api}}
+spec: {nodeName: node-2, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.244.2.8, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-old, namespace: legacy, labels: {app: api}}
+spec: {nodeName: node-2}
+status: {podIP: 10.244.2.9, phase: Succeeded}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: legacy}
+spec: {clusterIP: 10.96.0.20, selector: {app: api}, ports: [{port: 80, targetPort: http}]}
+";
+        let config = load_str(std::path::Path::new("test.yaml"), yaml);
+        let state = MeshState::build_with(
+            "node-1",
+            &config,
+            &MeshSettings::default(),
+            &LbRegistry::default(),
+        );
+        assert!(state.workloads.is_empty(), "nothing is enrolled");
+        for _ in 0..3 {
+            let (addr, workload, service) = target(&state, "10.96.0.20:80");
+            assert_eq!(addr, "10.244.2.8:8080".parse().expect("addr"));
+            assert_eq!(workload, None);
+            assert_eq!(service.as_deref(), Some("api.legacy.svc.cluster.local"));
+        }
     }
 
     #[test]
