@@ -1241,6 +1241,31 @@ fn pods_join_by_istio_ambient_labels_and_strict_pods_pass_only_the_kubelets_prob
             == b"old\n"
     });
 
+    // A pod the kubelet reports not Ready gets none of its Service's traffic.
+    kubectl(
+        "apply",
+        "unready",
+        &format!(
+            "{}status: {{conditions: [{{type: Ready, status: 'False'}}]}}\n",
+            probed_pod("unready", "demo", "app: web", "")
+        ),
+    );
+    eventually("the agent knows the pod that is not ready", || {
+        enrolled_pods("node-a").contains(&"demo/unready".to_owned())
+    });
+    let answers: std::collections::BTreeSet<String> = (0..8)
+        .map(|_| {
+            in_pod("client-a", "curl -sf -m 5 http://10.96.0.100/name")
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        answers,
+        ["web-a", "web-b"].map(String::from).into_iter().collect(),
+        "only ready endpoints answer"
+    );
+
     // Labelling the namespace `ambient` enrolls the running pod.
     kubectl(
         "apply",

@@ -35,6 +35,16 @@ impl Pod {
         phase.is_none_or(|p| p == "Running")
     }
 
+    /// Whether the kubelet reports the pod Ready (its readiness probes pass): only a ready
+    /// pod gets a Service's traffic. A pod without the condition (hand-written YAML)
+    /// counts as ready.
+    pub fn is_ready(&self) -> bool {
+        self.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.kind == "Ready"))
+            .is_none_or(|ready| ready.status == "True")
+    }
+
     /// The pod's address while it runs.
     pub fn running_address(&self) -> Option<std::net::Ipv4Addr> {
         if !self.is_running() {
@@ -163,6 +173,16 @@ pub struct PodStatus {
     pub pod_ip: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<PodCondition>,
+}
+
+/// A condition the kubelet reports on a pod; the mesh reads `Ready`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PodCondition {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -182,6 +202,10 @@ pub struct ServiceSpec {
     pub selector: BTreeMap<String, String>,
     #[serde(default)]
     pub ports: Vec<ServicePort>,
+    /// Pods that are not ready are endpoints too (for peers that must find each other
+    /// before they are ready).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub publish_not_ready_addresses: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -172,8 +172,10 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
     let namespace = service.metadata.namespace();
     let selector = &service.spec.selector;
     let hostname = format!("{}.{namespace}.svc.cluster.local", service.metadata.name);
-    // Every running pod the selector picks is an endpoint: a meshed one with its
-    // workload, one outside the mesh (not enrolled, host network) reached directly.
+    // Every running, ready pod the selector picks is an endpoint, as in the Service's
+    // EndpointSlices: a meshed one with its workload, one outside the mesh (not enrolled,
+    // host network) reached directly.
+    let publish_not_ready = service.spec.publish_not_ready_addresses;
     let mut pods: Vec<SelectedPod> = config
         .pods
         .iter()
@@ -181,6 +183,7 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
             !selector.is_empty()
                 && pod.metadata.namespace() == namespace
                 && labels_match(selector, &pod.metadata.labels)
+                && (publish_not_ready || pod.is_ready())
         })
         .filter_map(|pod| {
             let ip = pod.running_address()?;

@@ -771,7 +771,7 @@ status: {podIP: 10.244.1.7}
     }
 
     #[test]
-    fn a_service_of_pods_outside_the_mesh_resolves_to_them_without_a_workload() {
+    fn a_service_resolves_to_its_ready_pods_outside_the_mesh_without_a_workload() {
         let yaml = "\
 apiVersion: v1
 kind: Pod
@@ -786,9 +786,24 @@ spec: {nodeName: node-2}
 status: {podIP: 10.244.2.9, phase: Succeeded}
 ---
 apiVersion: v1
+kind: Pod
+metadata: {name: api-starting, namespace: legacy, labels: {app: api}}
+spec: {nodeName: node-2, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.244.2.10, phase: Running, conditions: [{type: Ready, status: 'False'}]}
+---
+apiVersion: v1
 kind: Service
 metadata: {name: api, namespace: legacy}
 spec: {clusterIP: 10.96.0.20, selector: {app: api}, ports: [{port: 80, targetPort: http}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api-peers, namespace: legacy}
+spec:
+  clusterIP: 10.96.0.21
+  selector: {app: api}
+  publishNotReadyAddresses: true
+  ports: [{port: 80, targetPort: http}]
 ";
         let config = load_str(std::path::Path::new("test.yaml"), yaml);
         let state = MeshState::build_with(
@@ -798,12 +813,23 @@ spec: {clusterIP: 10.96.0.20, selector: {app: api}, ports: [{port: 80, targetPor
             &LbRegistry::default(),
         );
         assert!(state.workloads.is_empty(), "nothing is enrolled");
+        // Neither the finished pod nor the one that is not ready yet gets traffic.
         for _ in 0..3 {
             let (addr, workload, service) = target(&state, "10.96.0.20:80");
             assert_eq!(addr, "10.244.2.8:8080".parse().expect("addr"));
             assert_eq!(workload, None);
             assert_eq!(service.as_deref(), Some("api.legacy.svc.cluster.local"));
         }
+        // Unless the Service publishes not-ready addresses.
+        let mut peers: Vec<SocketAddrV4> =
+            (0..4).map(|_| target(&state, "10.96.0.21:80").0).collect();
+        peers.sort();
+        peers.dedup();
+        let expected: Vec<SocketAddrV4> = ["10.244.2.8:8080", "10.244.2.10:8080"]
+            .iter()
+            .map(|a| a.parse().expect("addr"))
+            .collect();
+        assert_eq!(peers, expected);
     }
 
     #[test]
