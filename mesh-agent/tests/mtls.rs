@@ -368,8 +368,9 @@ async fn the_ca_signs_only_identities_the_node_hosts() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // By name, as agents reach the CA's Service (`mesh-ca.mesh-system.svc:15012`).
     let client = |node: &str, token: &str| CaClient {
-        address: listen,
+        address: format!("localhost:{}", listen.port()),
         node: node.into(),
         token: token.into(),
         root_pem: std::fs::read_to_string(&root).expect("root"),

@@ -89,9 +89,10 @@ pub struct AgentOptions {
     /// them through the agent.
     #[arg(long, env = "MESH_KERNEL_SPLICE", default_value_t = true, action = clap::ArgAction::Set)]
     pub kernel_splice: bool,
-    /// The mesh CA's address.
-    #[arg(long, env = "MESH_CA_ADDRESS")]
-    pub ca_address: SocketAddr,
+    /// The mesh CA's `host:port`: its Service's DNS name (e.g.
+    /// `mesh-ca.mesh-system.svc:15012`) or an address.
+    #[arg(long, env = "MESH_CA_ADDRESS", value_parser = parse_host_port)]
+    pub ca_address: String,
     /// The mesh CA's root certificate (PEM): the trust bundle.
     #[arg(
         long,
@@ -158,6 +159,34 @@ pub enum SourceKind {
     Kube,
 }
 
+/// `host:port` with a host name or IPv4 address and a port.
+fn parse_host_port(text: &str) -> Result<String, String> {
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{text:?}: expected host:port"))?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|port| *port != 0)
+        .ok_or_else(|| format!("{text:?}: {port:?} is not a port"))?;
+    let valid_host = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if !valid_host {
+        return Err(format!(
+            "{text:?}: {host:?} is not a host name or IPv4 address"
+        ));
+    }
+    Ok(text.to_owned())
+}
+
 fn parse_default_enrollment(text: &str) -> Result<DefaultEnrollment, String> {
     match text {
         enrollment::NONE => Ok(DefaultEnrollment::None),
@@ -219,7 +248,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let cert_manager = CertManager {
         identities: identities.clone(),
         client: CaClient {
-            address: options.ca_address,
+            address: options.ca_address.clone(),
             node: options.node.clone(),
             token: read(&options.ca_token)?.trim().to_owned(),
             root_pem,
@@ -422,5 +451,46 @@ async fn retire_stale_tunnels(proxy: Arc<Proxy>) {
             crate::proxy::pool::identities_hold(&state, trust_domain, source, destination, agent)
         });
         seen = state;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ca_address_is_a_host_name_or_address_with_a_port() {
+        for good in [
+            "mesh-ca.mesh-system.svc:15012",
+            "10.96.0.12:15012",
+            "localhost:1",
+        ] {
+            assert_eq!(parse_host_port(good).as_deref(), Ok(good));
+        }
+        for (bad, why) in [
+            ("mesh-ca.mesh-system.svc", "expected host:port"),
+            ("mesh-ca:0", "is not a port"),
+            ("mesh-ca:http", "is not a port"),
+            (":15012", "is not a host name"),
+            ("mesh_ca:15012", "is not a host name"),
+            ("-ca.svc:15012", "is not a host name"),
+        ] {
+            let err = parse_host_port(bad).expect_err(bad);
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_default_enrollment_takes_istios_label_values() {
+        assert_eq!(
+            parse_default_enrollment("none"),
+            Ok(DefaultEnrollment::None)
+        );
+        assert_eq!(
+            parse_default_enrollment("ambient"),
+            Ok(DefaultEnrollment::Ambient)
+        );
+        let err = parse_default_enrollment("all").expect_err("not a label value");
+        assert!(err.contains("expected \"none\" or \"ambient\""), "{err}");
     }
 }

@@ -449,7 +449,9 @@ fn read_tokens(path: &Path) -> HashMap<String, String> {
 /// How an agent reaches the CA.
 #[derive(Debug, Clone)]
 pub struct CaClient {
-    pub address: SocketAddr,
+    /// `host:port`: a name (the CA's Service, resolved at each request, so a moved CA is
+    /// found) or an address.
+    pub address: String,
     pub node: String,
     pub token: String,
     pub root_pem: String,
@@ -475,7 +477,7 @@ impl CaClient {
             csr: csr.to_owned(),
         })?;
         let mut request =
-            client::Request::post_json(self.address.to_string(), "/v1/certificates", body);
+            client::Request::post_json(self.address.clone(), "/v1/certificates", body);
         request.host = CA_SERVER_NAME.into();
         request.headers.push((
             http::header::AUTHORIZATION,
