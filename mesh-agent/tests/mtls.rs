@@ -11,7 +11,7 @@ use std::{
 };
 
 use mesh_agent::{
-    config::load_str,
+    config::{load_str, source::SourceKind},
     http::listener,
     identity::{
         ca::{self, CaClient, CaOptions},
@@ -356,7 +356,9 @@ async fn the_ca_signs_only_identities_the_node_hosts() {
         trust_domain: TD.into(),
         cert_ttl: Duration::from_secs(600),
         tokens: dir.join("tokens"),
+        config_source: SourceKind::Dir,
         config_dir: config_dir.clone(),
+        kubeconfig: None,
     }));
     let root = dir.join("state/root-cert.pem");
     // The CA is up once its root is written and it listens (10 s: a loaded machine).

@@ -4,15 +4,11 @@
 //! replaces) and kept in a versioned cache directory, so that only the first setup on a
 //! machine pays for the build.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Instant,
-};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
-use crate::{progress, run, run_visible, workspace};
+use crate::go_build::GoBuild;
 
 /// The Kubernetes release kube-apiserver and kubectl are built from.
 pub const KUBERNETES_VERSION: &str = "v1.37.2";
@@ -68,26 +64,21 @@ fn check_pins(go_mod: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The project's Go module the binaries are built through.
-fn module_dir() -> PathBuf {
-    workspace().join("xtask/go/kube-tools")
-}
-
-/// `$XDG_CACHE_HOME`, else `$HOME/.cache`, else `/var/cache`: kept across checkouts, so
-/// every worktree and CI run on a machine shares one build.
-fn cache_root() -> PathBuf {
-    let from_env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    from_env("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| from_env("HOME").map(|home| Path::new(&home).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("/var/cache"))
+/// The build of the three binaries at the pinned versions.
+fn build() -> GoBuild<'static> {
+    GoBuild {
+        what: "etcd, kube-apiserver and kubectl",
+        module: "xtask/go/kube-tools",
+        binaries: &BINARIES,
+        cache_name: format!("kube-tools-{KUBERNETES_VERSION}-etcd-{ETCD_VERSION}"),
+        ldflags: version_ldflags(),
+        minutes: 15,
+    }
 }
 
 /// Where the binaries of these versions are cached.
 pub fn dir() -> PathBuf {
-    cache_root().join("mesh").join(format!(
-        "kube-tools-{KUBERNETES_VERSION}-etcd-{ETCD_VERSION}"
-    ))
+    build().dir()
 }
 
 /// The path of one of the cached binaries (`etcd`, `kube-apiserver`, `kubectl`).
@@ -95,56 +86,19 @@ pub fn binary(name: &str) -> PathBuf {
     dir().join(name)
 }
 
-/// Builds the binaries unless their versioned directory already holds them all.
+/// Builds the binaries unless their versioned directory already holds them all, after
+/// checking that go.mod pins what the constants name (a mismatch would cache binaries
+/// under the wrong version).
 pub fn ensure() -> Result<()> {
-    let dir = dir();
-    if BINARIES.iter().all(|(name, _)| dir.join(name).is_file()) {
+    let build = build();
+    if BINARIES
+        .iter()
+        .all(|(name, _)| build.dir().join(name).is_file())
+    {
         return Ok(());
     }
-    let go_mod = module_dir().join("go.mod");
-    let text = std::fs::read_to_string(&go_mod)
-        .with_context(|| format!("reading {}", go_mod.display()))?;
-    check_pins(&text).map_err(|e| anyhow::anyhow!("{}: {e}", go_mod.display()))?;
-    run(Command::new("go").arg("version"))
-        .context("Go 1.26 or newer is needed to build etcd, kube-apiserver and kubectl")?;
-    progress(&format!(
-        "building etcd {ETCD_VERSION}, kube-apiserver and kubectl {KUBERNETES_VERSION} from their Go modules (once per machine; about 15 minutes on 2 cores)"
-    ));
-    let started = Instant::now();
-    // Built beside the final directory and renamed into place, so that an interrupted
-    // build never leaves a directory that looks complete.
-    let partial = dir.with_extension("partial");
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial)
-            .with_context(|| format!("removing {}", partial.display()))?;
-    }
-    std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
-    let ldflags = version_ldflags();
-    for (name, package) in BINARIES {
-        // Niced: the build takes both cores for minutes on a machine others share.
-        run_visible(
-            Command::new("nice")
-                .args(["-n", "10", "go", "build", "-trimpath"])
-                .args(["-ldflags", &ldflags, "-o"])
-                .arg(partial.join(name))
-                .arg(package)
-                .current_dir(module_dir())
-                .env("CGO_ENABLED", "0")
-                // The Go of the machine, never a toolchain download.
-                .env("GOTOOLCHAIN", "local"),
-        )
-        .with_context(|| format!("building {name} from {package}"))?;
-    }
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    }
-    std::fs::rename(&partial, &dir).with_context(|| format!("creating {}", dir.display()))?;
-    progress(&format!(
-        "built the Kubernetes control plane into {} in {} s",
-        dir.display(),
-        started.elapsed().as_secs()
-    ));
-    Ok(())
+    check_pins(&build.go_mod()?).map_err(|e| anyhow::anyhow!("{}/go.mod: {e}", build.module))?;
+    build.ensure()
 }
 
 /// What Kubernetes' own build stamps into its binaries, so that `kubectl version` and the
@@ -179,7 +133,7 @@ mod tests {
 
     #[test]
     fn the_project_go_mod_pins_the_versions_the_cache_is_named_after() {
-        let text = std::fs::read_to_string(module_dir().join("go.mod")).expect("go.mod");
+        let text = build().go_mod().expect("go.mod");
         assert_eq!(check_pins(&text), Ok(()));
     }
 

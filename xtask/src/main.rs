@@ -7,6 +7,8 @@ mod bench;
 mod control_plane;
 mod demo;
 mod fuzz;
+mod go_build;
+mod helm;
 mod kube_tools;
 mod ns;
 mod sandbox;
@@ -34,7 +36,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what is missing (Debian packages, nightly rust-src, bpf-linker, and etcd,
-    /// kube-apiserver and kubectl built from their Go modules).
+    /// kube-apiserver, kubectl and helm built from their Go modules).
     Setup,
     /// Build the agent, meshctl and the eBPF object (release).
     Build,
@@ -58,6 +60,13 @@ enum Task {
         seconds: u64,
         /// One target (config_loader, request, jwt, jwks, tunnel, ca_csr); all by default.
         target: Option<String>,
+    },
+    /// Render the Helm chart (deploy/chart) with the pinned helm, as `helm template mesh
+    /// deploy/chart --namespace mesh-system [ARGS…]` would (e.g. `--set
+    /// defaultEnrollment=ambient`).
+    Chart {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Manage the local multi-node sandbox cluster.
     Sandbox {
@@ -198,6 +207,11 @@ fn dispatch(cli: Cli) -> Result<()> {
         Task::Test => test::run(),
         Task::Bench { quick, output } => bench::run(quick, output == "json"),
         Task::Fuzz { seconds, target } => fuzz::run_targets(seconds, target.as_deref()),
+        Task::Chart { args } => {
+            helm::ensure()?;
+            print!("{}", helm::template(&args)?);
+            Ok(())
+        }
         Task::Sandbox { command } => {
             require_root()?;
             let in_workspace = |p: PathBuf| {

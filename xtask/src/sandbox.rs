@@ -425,8 +425,6 @@ pub fn up(config: &Path, source: ConfigSource) -> Result<()> {
             }
         }
     }
-    start_ca(&agent, &cgroups, &state)?;
-    state.save()?;
     join_fabric(
         control_plane::API_NETNS,
         control_plane::API_FABRIC_PORT,
@@ -436,6 +434,10 @@ pub fn up(config: &Path, source: ConfigSource) -> Result<()> {
         &control_plane::Layout::new(Path::new(RUN_DIR)),
         &cgroups,
     )?);
+    state.save()?;
+    // On the API source the CA learns which pods run where from the API, as agents do.
+    let kubeconfig = state.api().map(|api| api.agent_kubeconfig.clone());
+    start_ca(&agent, &cgroups, &state, kubeconfig.as_deref())?;
     state.save()?;
     // Nodes first, so that the agents start with their own address known.
     for node in &nodes {
@@ -878,8 +880,14 @@ pub fn join_fabric(netns: &str, port: &str, address: Ipv4Addr) -> Result<()> {
 }
 
 /// Starts the mesh CA in its own namespace on the nodes' network, with one bootstrap
-/// token per node, and waits until it serves.
-fn start_ca(binary: &Path, cgroups: &Path, state: &SandboxState) -> Result<()> {
+/// token per node, on the configuration directory or, given a kubeconfig, the API, and
+/// waits until it serves.
+fn start_ca(
+    binary: &Path,
+    cgroups: &Path,
+    state: &SandboxState,
+    kubeconfig: Option<&Path>,
+) -> Result<()> {
     join_fabric(CA_NETNS, "upca", Ipv4Addr::new(10, 200, 0, 254))?;
     let dir = ca_dir();
     fs::create_dir_all(&dir)?;
@@ -902,6 +910,11 @@ fn start_ca(binary: &Path, cgroups: &Path, state: &SandboxState) -> Result<()> {
         .arg(dir.join("tokens"))
         .arg("--config-dir")
         .arg(config_dir());
+    if let Some(kubeconfig) = kubeconfig {
+        command
+            .args(["--config-source", "kube", "--kubeconfig"])
+            .arg(kubeconfig);
+    }
     let pid = start_daemon(&mut command, "ca.log", CA_NETNS, cgroup)?;
     let addr: SocketAddr = CA_ADDRESS.parse()?;
     let deadline = Instant::now() + READY_TIMEOUT;

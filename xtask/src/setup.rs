@@ -1,6 +1,6 @@
 //! Prerequisites, installed idempotently: Debian packages, the pinned nightly with rust-src,
-//! bpf-linker built against LLVM 22, and the sandbox's Kubernetes control plane
-//! (`kube_tools`). Each step checks first, so a second run takes a fraction of a second.
+//! bpf-linker built against LLVM 22, the sandbox's Kubernetes control plane
+//! (`kube_tools`) and helm for the chart's checks (`helm`). Each step checks first, so a second run takes a fraction of a second.
 
 use std::process::Command;
 
@@ -38,7 +38,8 @@ pub fn ensure() -> Result<()> {
     ensure_apt_packages()?;
     ensure_nightly()?;
     ensure_bpf_linker()?;
-    crate::kube_tools::ensure()
+    crate::kube_tools::ensure()?;
+    crate::helm::ensure()
 }
 
 fn installed(package: &str) -> bool {

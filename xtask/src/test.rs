@@ -77,7 +77,22 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-/// Validates deploy/*.yaml with kubernetes-validate (PyPI), in a virtualenv under target/.
+/// The chart's values the suite renders: the defaults, and each choice the other way.
+const CHART_VALUES: [(&str, &[&str]); 2] = [
+    ("defaults", &[]),
+    (
+        "flipped",
+        &[
+            "--set",
+            "agent.configSource=dir,defaultEnrollment=ambient,namespace.create=false",
+            "--set",
+            "ca.address=ca.example.internal:15012,image.tag=0.2.0,agent.maxUnavailable=10%",
+        ],
+    ),
+];
+
+/// Validates deploy/*.yaml and the rendered chart with kubernetes-validate (PyPI), in a
+/// virtualenv under target/, after `helm lint --strict`.
 fn validate_manifests() -> Result<()> {
     let venv = workspace().join("target/venv");
     let validator = venv.join("bin/kubernetes-validate");
@@ -89,11 +104,21 @@ fn validate_manifests() -> Result<()> {
             "kubernetes-validate",
         ]))?;
     }
-    let manifests: Vec<_> = std::fs::read_dir(workspace().join("deploy"))?
+    let mut manifests: Vec<_> = std::fs::read_dir(workspace().join("deploy"))?
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
+    // The chart, linted and rendered with its defaults and with every choice flipped.
+    let rendered_dir = workspace().join("target/chart");
+    std::fs::create_dir_all(&rendered_dir)?;
+    for (name, values) in CHART_VALUES {
+        let values: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
+        crate::helm::lint(&values)?;
+        let path = rendered_dir.join(format!("{name}.yaml"));
+        std::fs::write(&path, crate::helm::template(&values)?)?;
+        manifests.push(path);
+    }
     if manifests.is_empty() {
         bail!("no manifests in deploy/");
     }

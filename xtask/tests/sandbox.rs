@@ -577,6 +577,52 @@ fn the_sandbox_runs_a_kubernetes_api_server_that_takes_the_istio_corpus() {
     let version: serde_json::Value = serde_json::from_str(&version).expect("version JSON");
     assert_eq!(version["serverVersion"]["gitVersion"], "v1.37.2");
 
+    // The Helm chart, rendered by the pinned helm, installs into the real API server.
+    let chart = Path::new(env!("CARGO_TARGET_TMPDIR")).join("chart.yaml");
+    std::fs::write(
+        &chart,
+        ok(
+            xtask(&["chart", "--set", "defaultEnrollment=ambient"]),
+            "cargo xtask chart",
+        ),
+    )
+    .expect("write");
+    ok(
+        sandbox_kubectl(&["apply", "-f", chart.to_str().expect("path")]),
+        "kubectl apply the chart",
+    );
+    let agent: serde_json::Value = serde_json::from_str(&ok(
+        sandbox_kubectl(&[
+            "get",
+            "-n",
+            "mesh-system",
+            "daemonset/mesh-agent",
+            "-o",
+            "json",
+        ]),
+        "kubectl get the DaemonSet",
+    ))
+    .expect("DaemonSet JSON");
+    let env: std::collections::BTreeMap<&str, &str> = agent["spec"]["template"]["spec"]
+        ["containers"][0]["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .filter_map(|e| Some((e["name"].as_str()?, e["value"].as_str()?)))
+        .collect();
+    assert_eq!(env["MESH_CA_ADDRESS"], "mesh-ca.mesh-system.svc:15012");
+    assert_eq!(env["MESH_DEFAULT_ENROLLMENT"], "ambient");
+    assert_eq!(env["MESH_CONFIG_SOURCE"], "kube");
+    let namespace: serde_json::Value = serde_json::from_str(&ok(
+        sandbox_kubectl(&["get", "namespace", "mesh-system", "-o", "json"]),
+        "kubectl get the namespace",
+    ))
+    .expect("namespace JSON");
+    assert_eq!(
+        namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        "privileged"
+    );
+
     // Istio's examples, as written (v1alpha3, v1beta1 and v1), into namespaces of their
     // own (made here where no file creates them). The only objects the API server refuses
     // are Pods without containers, which istioctl's analyzer test data holds and

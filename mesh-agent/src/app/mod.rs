@@ -30,10 +30,7 @@ use crate::{
         enroll::Enroller,
         reconcile::{lock, AgentStatus, Reconciler, Reload},
     },
-    config::{
-        kube_api::KubeSource,
-        source::{ConfigSource, DirectorySource},
-    },
+    config::source::{self, SourceKind},
     datapath::{self, capacity::Capacities, Datapath},
     errors::describe,
     http::{listener, server},
@@ -151,12 +148,6 @@ impl AgentOptions {
             policy: self.max_policy_entries,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum SourceKind {
-    Dir,
-    Kube,
 }
 
 /// `host:port` with a host name or IPv4 address and a port.
@@ -301,14 +292,13 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         None => datapath::cgroup2_mount()
             .context("no cgroup v2 hierarchy in /proc/mounts; pass --cgroup-root")?,
     };
-    let source: Box<dyn ConfigSource> = match options.config_source {
-        SourceKind::Dir => Box::new(DirectorySource::new(&options.config_dir)),
-        SourceKind::Kube => Box::new(
-            KubeSource::start(options.kubeconfig.as_deref())
-                .await
-                .context("watching the Kubernetes API")?,
-        ),
-    };
+    let source = source::open(
+        options.config_source,
+        &options.config_dir,
+        options.kubeconfig.as_deref(),
+    )
+    .await
+    .context("watching the Kubernetes API")?;
     lock(&status).source = source.describe();
     let mut reconciler = Reconciler {
         reload: Reload {

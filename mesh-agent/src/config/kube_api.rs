@@ -365,6 +365,19 @@ mod tests {
             .map(|r| (r.group, r.plural))
             .collect();
         assert_eq!(granted, watched);
+
+        // The chart grants the same, word for word.
+        let chart = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/chart/templates/agent-rbac.yaml"
+        );
+        let chart = std::fs::read_to_string(chart).expect("the chart's RBAC");
+        let rules = |text: &str| -> String {
+            let start = text.find("\nrules:\n").expect("rules");
+            let rest = &text[start..];
+            rest[..rest.find("\n---").unwrap_or(rest.len())].to_owned()
+        };
+        assert_eq!(rules(&chart), rules(&text));
     }
 
     #[test]

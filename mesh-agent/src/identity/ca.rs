@@ -38,7 +38,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
-    config,
+    config::{
+        self,
+        source::{self, SourceKind},
+        ClusterConfig,
+    },
     http::client::{self, Transport},
     identity::{
         spiffe::{CaKeys, IdentityError, SpiffeId},
@@ -97,10 +101,66 @@ pub struct CaOptions {
     /// Bootstrap tokens: one `node token` line per node.
     #[arg(long, env = "MESH_CA_TOKENS")]
     pub tokens: PathBuf,
-    /// The cluster configuration, to know which pods run on which node.
+    /// Where the CA learns which pods run on which node: a directory of YAML (`dir`) or
+    /// the Kubernetes API (`kube`).
+    #[arg(long, env = "MESH_CONFIG_SOURCE", value_enum, default_value_t = SourceKind::Dir)]
+    pub config_source: SourceKind,
+    /// The cluster configuration for `--config-source dir`.
     #[arg(long, env = "MESH_CONFIG_DIR", default_value = "/etc/mesh/config")]
     pub config_dir: PathBuf,
+    /// The kubeconfig for `--config-source kube`; without it, the in-cluster
+    /// ServiceAccount, else `$KUBECONFIG` or `~/.kube/config`.
+    #[arg(long, env = "MESH_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
 }
+
+/// Which pods run where, as the CA reads it.
+enum ClusterView {
+    /// The directory, read at each request.
+    Dir(PathBuf),
+    /// The latest configuration of the watched Kubernetes API (none until first listed).
+    Watched(Arc<Mutex<Option<Arc<ClusterConfig>>>>),
+}
+
+impl ClusterView {
+    fn current(&self) -> Option<Arc<ClusterConfig>> {
+        match self {
+            ClusterView::Dir(dir) => config::load_path(dir).ok().map(Arc::new),
+            ClusterView::Watched(latest) => {
+                latest.lock().unwrap_or_else(|e| e.into_inner()).clone()
+            }
+        }
+    }
+
+    /// Watches the Kubernetes API in the background, keeping its latest configuration.
+    async fn watch(options: &CaOptions) -> anyhow::Result<ClusterView> {
+        let mut source = source::open(
+            SourceKind::Kube,
+            &options.config_dir,
+            options.kubeconfig.as_deref(),
+        )
+        .await
+        .context("watching the Kubernetes API")?;
+        let latest = Arc::new(Mutex::new(None));
+        let view = latest.clone();
+        tokio::spawn(async move {
+            loop {
+                match source.poll() {
+                    Some(Ok(config)) => {
+                        *latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(config));
+                    }
+                    Some(Err(err)) => tracing::warn!("the cluster's objects: {err}"),
+                    None => {}
+                }
+                tokio::time::sleep(SOURCE_POLL).await;
+            }
+        });
+        Ok(ClusterView::Watched(view))
+    }
+}
+
+/// How often the watched source is asked for a change (its watches run meanwhile).
+const SOURCE_POLL: Duration = Duration::from_millis(200);
 
 fn parse_ttl(text: &str) -> Result<Duration, String> {
     crate::config::istio::parse_duration(text)
@@ -121,15 +181,17 @@ pub struct SignResponse {
 struct Ca {
     keys: CaKeys,
     options: CaOptions,
+    cluster: ClusterView,
     /// By authenticated node, so that nobody can spend another node's budget.
     per_node: RateLimits<String>,
 }
 
 impl Ca {
-    fn new(keys: CaKeys, options: CaOptions) -> Ca {
+    fn new(keys: CaKeys, options: CaOptions, cluster: ClusterView) -> Ca {
         Ca {
             keys,
             options,
+            cluster,
             per_node: RateLimits::new(NODE_BURST, NODE_PER_SECOND),
         }
     }
@@ -158,7 +220,11 @@ pub async fn run(options: CaOptions) -> anyhow::Result<()> {
         options.trust_domain,
         options.listen
     );
-    let ca = Arc::new(Ca::new(keys, options));
+    let cluster = match options.config_source {
+        SourceKind::Dir => ClusterView::Dir(options.config_dir.clone()),
+        SourceKind::Kube => ClusterView::watch(&options).await?,
+    };
+    let ca = Arc::new(Ca::new(keys, options, cluster));
     crate::http::accept_loop("CA", listener, move |stream, peer| {
         serve(stream, peer, acceptor.clone(), ca.clone(), TIMEOUTS)
     })
@@ -361,7 +427,7 @@ impl Ca {
 
     /// Whether a pod of `id`'s namespace and service account runs on `node`.
     fn hosts(&self, node: &str, id: &SpiffeId) -> bool {
-        let Ok(cluster) = config::load_path(&self.options.config_dir) else {
+        let Some(cluster) = self.cluster.current() else {
             return false;
         };
         cluster.pods.iter().any(|pod| {
@@ -644,10 +710,18 @@ mod tests {
             trust_domain: "cluster.local".into(),
             cert_ttl: Duration::from_secs(60),
             tokens: dir.join("tokens"),
+            config_source: SourceKind::Dir,
             config_dir: dir.join("config"),
+            kubeconfig: None,
         };
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
-        (Arc::new(Ca::new(keys, options)), acceptor, connector, dir)
+        let cluster = ClusterView::Dir(options.config_dir.clone());
+        (
+            Arc::new(Ca::new(keys, options, cluster)),
+            acceptor,
+            connector,
+            dir,
+        )
     }
 
     /// Serves one connection in the background; the test holds the client end.
