@@ -75,7 +75,7 @@ fn module_dir() -> PathBuf {
 
 /// `$XDG_CACHE_HOME`, else `$HOME/.cache`, else `/var/cache`: kept across checkouts, so
 /// every worktree and CI run on a machine shares one build.
-fn cache_root() -> PathBuf {
+pub fn cache_root() -> PathBuf {
     let from_env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
     from_env("XDG_CACHE_HOME")
         .map(PathBuf::from)

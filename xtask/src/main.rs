@@ -7,6 +7,7 @@ mod bench;
 mod control_plane;
 mod demo;
 mod fuzz;
+mod jaeger;
 mod kube_tools;
 mod ns;
 mod sandbox;

@@ -25,6 +25,7 @@ use serde_norway::Value;
 
 use crate::{
     control_plane::{self, ControlPlaneState},
+    jaeger::{self, JaegerState},
     ns::{self, Placement},
     progress, release_binaries, run,
 };
@@ -92,6 +93,9 @@ pub struct SandboxState {
     pub control_plane: Option<ControlPlaneState>,
     #[serde(default)]
     pub config_source: ConfigSource,
+    /// The trace collector, once started.
+    #[serde(default)]
+    pub jaeger: Option<JaegerState>,
 }
 
 fn state_path() -> PathBuf {
@@ -415,6 +419,8 @@ pub fn up(config: &Path, source: ConfigSource) -> Result<()> {
         &control_plane::Layout::new(Path::new(RUN_DIR)),
         &cgroups,
     )?);
+    state.save()?;
+    state.jaeger = Some(jaeger::start(Path::new(RUN_DIR), &cgroups)?);
     state.save()?;
     // Nodes first, so that the agents start with their own address known.
     for node in &nodes {
@@ -1220,6 +1226,10 @@ pub fn status(json: bool) -> Result<()> {
                 "pods": pods,
                 "kubeconfig": state.control_plane.as_ref().map(|c| &c.kubeconfig),
                 "config_source": state.config_source,
+                "jaeger": state.jaeger.as_ref().map(|_| serde_json::json!({
+                    "otlp": jaeger::otlp_url(),
+                    "query": jaeger::query_url(),
+                })),
             }))?
         );
         return Ok(());
@@ -1258,6 +1268,16 @@ pub fn status(json: bool) -> Result<()> {
             control_plane.apiserver_pid,
             control_plane.etcd_pid,
             control_plane.kubeconfig.display()
+        );
+    }
+    if let Some(jaeger) = &state.jaeger {
+        println!();
+        println!(
+            "jaeger {} (pid {}): OTLP {}, query API and UI {}",
+            jaeger::JAEGER_VERSION,
+            jaeger.pid,
+            jaeger::otlp_url(),
+            jaeger::query_url()
         );
     }
     if !state.services.is_empty() {

@@ -38,7 +38,8 @@ pub fn ensure() -> Result<()> {
     ensure_apt_packages()?;
     ensure_nightly()?;
     ensure_bpf_linker()?;
-    crate::kube_tools::ensure()
+    crate::kube_tools::ensure()?;
+    crate::jaeger::ensure()
 }
 
 fn installed(package: &str) -> bool {
