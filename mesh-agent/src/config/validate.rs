@@ -1095,16 +1095,16 @@ fn enforced(kind: &str) -> &'static [&'static str] {
             "selector",
             "targetRef",
             "targetRefs",
-            "accessLogging[].providers",
+            "accessLogging[].providers[]",
             "accessLogging[].disabled",
             "accessLogging[].filter",
             "accessLogging[].match.mode",
-            "metrics[].providers",
+            "metrics[].providers[]",
             "metrics[].overrides[].match.metric",
             "metrics[].overrides[].match.mode",
             "metrics[].overrides[].disabled",
             "tracing[].match.mode",
-            "tracing[].providers",
+            "tracing[].providers[]",
             "tracing[].randomSamplingPercentage",
             "tracing[].disableSpanReporting",
             "tracing[].customTags",
@@ -1558,14 +1558,14 @@ spec:
 ",
         );
         let expected = [
-            "test.yaml:19: error: Telemetry shop/tracing: spec.tracing[0].randomSamplingPercentage: 101 is not a percentage between 0 and 100",
-            "test.yaml:18: warning: Telemetry shop/tracing: spec.tracing[0].providers: only one tracing provider is supported (as in Istio): the first is used",
-            "test.yaml:23: error: Telemetry shop/tracing: spec.tracing[0].customTags.both: set exactly one of literal, environment and header",
-            "test.yaml:27: error: Telemetry shop/tracing: spec.tracing[0].customTags.badheader.header.name: \"no spaces\" is not a header name",
-            "test.yaml:29: error: Telemetry shop/tracing: spec.tracing[0].customTags.noenv.environment.name: names no environment variable",
-            "test.yaml:31: warning: Telemetry shop/tracing: spec.tracing[1].providers[0].name: provider \"zipkin\" is a zipkin provider, which is not supported: only opentelemetry (OTLP) is; no spans are reported for it",
-            "test.yaml:32: warning: Telemetry shop/tracing: spec.tracing[2].providers[0].name: no tracing provider \"nowhere\" in the MeshConfig (ConfigMap istio-system/istio; known: otel, zipkin): no spans are reported for it",
-            "test.yaml:20: warning: Telemetry shop/tracing: spec.tracing[0].useRequestIdForTraceSampling: parsed but not enforced yet by this version of the mesh",
+            "test.yaml:18: error: Telemetry shop/tracing: spec.tracing[0].randomSamplingPercentage: 101 is not a percentage between 0 and 100",
+            "test.yaml:17: warning: Telemetry shop/tracing: spec.tracing[0].providers: only one tracing provider is supported (as in Istio): the first is used",
+            "test.yaml:21: error: Telemetry shop/tracing: spec.tracing[0].customTags.both: set exactly one of literal, environment and header",
+            "test.yaml:12: error: Telemetry shop/tracing: spec.tracing[0].customTags.badheader.header.name: \"no spaces\" is not a header name",
+            "test.yaml:12: error: Telemetry shop/tracing: spec.tracing[0].customTags.noenv.environment.name: names no environment variable",
+            "test.yaml:12: warning: Telemetry shop/tracing: spec.tracing[1].providers[0].name: provider \"zipkin\" is a zipkin provider, which is not supported: only opentelemetry (OTLP) is; no spans are reported for it",
+            "test.yaml:12: warning: Telemetry shop/tracing: spec.tracing[2].providers[0].name: no tracing provider \"nowhere\" in the MeshConfig (ConfigMap istio-system/istio; known: otel, zipkin): no spans are reported for it",
+            "test.yaml:19: warning: Telemetry shop/tracing: spec.tracing[0].useRequestIdForTraceSampling: parsed but not enforced yet by this version of the mesh",
         ];
         for line in expected {
             assert!(
@@ -1573,6 +1573,11 @@ spec:
                 "missing {line}\nin {messages:#?}"
             );
         }
+        let unenforced: Vec<&String> = messages
+            .iter()
+            .filter(|m| m.contains("not enforced"))
+            .collect();
+        assert_eq!(unenforced.len(), 1, "{unenforced:#?}");
     }
 
     #[test]

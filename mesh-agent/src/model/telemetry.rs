@@ -984,7 +984,7 @@ data:
             "    defaultProviders: {tracing: [otel]}\n    defaultConfig:",
         );
         let found = telemetry_of(&mesh, "web");
-        let tracing = found.server_tracing.expect("traced");
+        let tracing = found.server_tracing.clone().expect("traced");
         assert_eq!(tracing.sampling(), 5.0);
         assert_eq!(tracing.decided_by, None);
         let collector = tracing.collector.as_ref().expect("a collector");
