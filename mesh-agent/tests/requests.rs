@@ -648,10 +648,17 @@ async fn a_sampled_request_keeps_its_trace_and_its_server_span_reaches_the_colle
     }
     assert_eq!(attribute(span, "error"), None);
     assert!(span.end_time_unix_nano >= span.start_time_unix_nano);
-    assert!(served
-        .metrics
-        .encode()
-        .contains("mesh_spans_exported_total 1"));
+    // Counted once the collector has answered, a moment after it took the spans.
+    let mut text = String::new();
+    for _ in 0..500 {
+        text = served.metrics.encode();
+        if text.contains("mesh_spans_exported_total 1") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(text.contains("mesh_spans_exported_total 1"), "{text}");
+    assert!(text.contains("mesh_spans_dropped_total 0"), "{text}");
 }
 
 #[tokio::test]
