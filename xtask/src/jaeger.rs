@@ -127,7 +127,9 @@ pub fn ensure() -> Result<()> {
 
 /// What Jaeger's own build stamps into its binary, so that it names its release.
 fn version_ldflags() -> String {
-    format!("-s -w -X github.com/jaegertracing/jaeger/internal/version.latestVersion={JAEGER_VERSION}")
+    format!(
+        "-s -w -X github.com/jaegertracing/jaeger/internal/version.latestVersion={JAEGER_VERSION}"
+    )
 }
 
 /// Jaeger v2's configuration (an OpenTelemetry collector's): OTLP in, memory storage,
