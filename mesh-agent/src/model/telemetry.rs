@@ -649,11 +649,10 @@ impl TelemetryConfig {
 fn trace_entry(tracing: &[istio::Tracing], mode: WorkloadMode) -> Option<TraceEntry> {
     tracing
         .iter()
-        .filter(|entry| match entry.selector.as_ref().and_then(|s| s.mode) {
+        .rfind(|entry| match entry.selector.as_ref().and_then(|s| s.mode) {
             None | Some(WorkloadMode::ClientAndServer) => true,
             Some(other) => other == mode,
         })
-        .last()
         .map(|entry| TraceEntry {
             provider: entry.providers.first().map(|p| p.name.clone()),
             sampling: entry.random_sampling_percentage,

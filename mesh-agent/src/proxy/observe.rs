@@ -82,7 +82,7 @@ impl Observed {
     ) -> (Observed, Metered<Incoming>) {
         let request_bytes = Arc::new(AtomicU64::new(0));
         let request_head = request_head_size(head);
-        let request_id = ensure_request_id(&mut head.headers, RandomIds.trace_id());
+        let request_id = ensure_request_id(&mut head.headers, || RandomIds.trace_id());
         let span = site.tracing.and_then(|tracing| {
             let extracted = extract(&head.headers);
             let roll = random(1_000_000) as u32;
@@ -155,7 +155,7 @@ impl Observed {
                 response_bytes: response_head + end.bytes,
             };
             if let Some(span) = self.span {
-                let finished = span.finish(code, self.flags, &measures, &metrics.mesh_id());
+                let finished = span.finish(code, self.flags, &measures, metrics.mesh_id());
                 metrics.spans.submit(finished);
             }
             if let Some(counting) = &self.counting {

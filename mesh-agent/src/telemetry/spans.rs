@@ -35,6 +35,8 @@ const QUEUE_SPANS: usize = 4096;
 const BATCH_SPANS: usize = 512;
 /// A batch waits at most this long for more spans.
 const BATCH_DELAY: Duration = Duration::from_millis(500);
+/// Exporters kept, one per collector configuration; past it they are all rebuilt.
+const MAX_EXPORTERS: usize = 16;
 /// Answers of a collector larger than this are refused.
 const MAX_ANSWER: usize = 64 * 1024;
 
@@ -103,6 +105,9 @@ async fn export_loop(
         for ((collector, service), spans) in group(batch) {
             let count = spans.len() as u64;
             if !exporters.contains_key(&collector) {
+                if exporters.len() >= MAX_EXPORTERS {
+                    exporters.clear();
+                }
                 match exporter(&collector) {
                     Ok(built) => {
                         exporters.insert(collector.clone(), built);
@@ -131,9 +136,12 @@ async fn export_loop(
     }
 }
 
+/// Where a group of spans goes: a collector, as the spans of one `service.name`.
+type Destination = (Arc<Collector>, String);
+
 /// Spans by collector and service, converted for the exporter.
-fn group(batch: Vec<FinishedSpan>) -> Vec<((Arc<Collector>, String), Vec<SpanData>)> {
-    let mut groups: Vec<((Arc<Collector>, String), Vec<SpanData>)> = Vec::new();
+fn group(batch: Vec<FinishedSpan>) -> Vec<(Destination, Vec<SpanData>)> {
+    let mut groups: Vec<(Destination, Vec<SpanData>)> = Vec::new();
     for span in batch {
         let key = (span.collector.clone(), span.service_name.clone());
         let data = span_data(span);

@@ -302,13 +302,13 @@ fn set(headers: &mut HeaderMap, name: HeaderName, value: String) {
     }
 }
 
-/// The request's `x-request-id`: the one it carries, else a new UUID v4 (from `random`)
-/// written into `headers`.
-pub fn ensure_request_id(headers: &mut HeaderMap, random: u128) -> HeaderValue {
+/// The request's `x-request-id`: the one it carries, else a new UUID v4 (of the bits
+/// `random` draws) written into `headers`.
+pub fn ensure_request_id(headers: &mut HeaderMap, random: impl FnOnce() -> u128) -> HeaderValue {
     if let Some(id) = headers.get(REQUEST_ID).filter(|v| !v.is_empty()) {
         return id.clone();
     }
-    let id = HeaderValue::try_from(uuid_v4(random)).unwrap_or(HeaderValue::from_static("-"));
+    let id = HeaderValue::try_from(uuid_v4(random())).unwrap_or(HeaderValue::from_static("-"));
     headers.insert(REQUEST_ID, id.clone());
     id
 }
@@ -647,16 +647,19 @@ mod tests {
     #[test]
     fn request_ids_are_kept_or_made_as_uuid_v4() {
         let mut kept = headers(&[("x-request-id", "abc-123")]);
-        assert_eq!(ensure_request_id(&mut kept, 0), "abc-123");
+        assert_eq!(
+            ensure_request_id(&mut kept, || unreachable!("an id is kept")),
+            "abc-123"
+        );
         let mut made = HeaderMap::new();
-        let id = ensure_request_id(&mut made, u128::MAX);
+        let id = ensure_request_id(&mut made, || u128::MAX);
         assert_eq!(id, "ffffffff-ffff-4fff-bfff-ffffffffffff");
         assert_eq!(
             value(&made, "x-request-id"),
             Some("ffffffff-ffff-4fff-bfff-ffffffffffff")
         );
         assert_eq!(
-            ensure_request_id(&mut HeaderMap::new(), 0),
+            ensure_request_id(&mut HeaderMap::new(), || 0),
             "00000000-0000-4000-8000-000000000000"
         );
     }
