@@ -124,6 +124,8 @@ pub struct Collector {
     /// `http://host:port/path`.
     pub endpoint: String,
     pub timeout: std::time::Duration,
+    /// Sent with every export; may hold credentials, so `/config_dump` leaves them out.
+    #[serde(skip)]
     pub headers: Vec<(String, String)>,
     /// Tag values are cut to this many bytes (Envoy's default 256).
     pub max_tag_length: usize,
