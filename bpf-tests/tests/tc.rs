@@ -756,6 +756,91 @@ fn one_strict_port_makes_tcp_fragments_to_the_pod_unjudgeable() {
     });
 }
 
+#[test]
+fn under_strict_the_node_reaches_only_the_probe_ports_in_plaintext() {
+    in_new_netns(|| {
+        let mut loaded = load();
+        let pod = mesh(&mut loaded);
+        add_workload(
+            &mut loaded,
+            POD,
+            workload(pod.ifindex, WORKLOAD_FLAG_LOCAL | WORKLOAD_FLAG_MTLS_STRICT),
+        );
+        let node = Ipv4Addr::new(169, 254, 1, 1);
+        // A local pod that did not fit in the workload map: only the agent reaches it,
+        // probes or not (its answers could not leave: its source is no one's).
+        let unlisted = Ipv4Addr::new(10, 244, 1, 9);
+        let mut probes: HashMap<_, PortKey, u32> =
+            HashMap::try_from(loaded.ebpf.map_mut(pins::PROBE_PORTS).expect("probe map"))
+                .expect("hash map");
+        for pod in [POD, unlisted] {
+            let probe_port = PortKey {
+                ip: ip_key(pod),
+                port: 8081,
+                _pad: 0,
+            };
+            probes.insert(probe_port, ip_key(node), 0).expect("insert");
+        }
+        let prog = program(&mut loaded, programs::TC_TO_POD);
+        let from_node = Context {
+            ifindex: 1,
+            mark: 0,
+        };
+        let cases = [
+            (
+                "the node's SYN to the probe port",
+                tcp_packet(node, POD, 40000, 8081, TCP_SYN),
+                TC_ACT_OK,
+            ),
+            (
+                "the node's ACK to the probe port",
+                tcp_packet(node, POD, 40000, 8081, TCP_ACK),
+                TC_ACT_OK,
+            ),
+            (
+                "the node's SYN to another port",
+                tcp_packet(node, POD, 40001, 8080, TCP_SYN),
+                TC_ACT_SHOT,
+            ),
+            (
+                "another address's SYN to the probe port",
+                tcp_packet(MESHED_POD, POD, 40002, 8081, TCP_SYN),
+                TC_ACT_SHOT,
+            ),
+            (
+                "a neighbour pod's SYN to the probe port",
+                tcp_packet(NEIGHBOUR, POD, 40003, 8081, TCP_SYN),
+                TC_ACT_SHOT,
+            ),
+            (
+                "the node's SYN to the probe port of a pod missing from the map",
+                tcp_packet(node, unlisted, 40004, 8081, TCP_SYN),
+                TC_ACT_SHOT,
+            ),
+            (
+                "the node's SYN to another port of that pod",
+                tcp_packet(node, unlisted, 40005, 8080, TCP_SYN),
+                TC_ACT_SHOT,
+            ),
+        ];
+        for (what, packet, action) in &cases {
+            assert_eq!(
+                run(&loaded, prog, packet, from_node).action,
+                *action,
+                "{what}"
+            );
+        }
+        assert_eq!(
+            counted(&loaded),
+            [
+                ("drop_plaintext_strict", 3),
+                ("drop_no_workload", 2),
+                ("passed_node_probe", 2)
+            ]
+        );
+    });
+}
+
 /// `MESH_POLICY` entries, as the agent's `sync_maps` writes `kernel_verdicts`.
 fn set_policy(loaded: &mut Loaded, entries: &[(Ipv4Addr, Ipv4Addr, u16, u32)]) {
     let mut policy: HashMap<_, PolicyKey, u32> =

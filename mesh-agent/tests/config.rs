@@ -384,7 +384,7 @@ fn meshctl_validate_exit_status_and_json() {
     )
     .expect("write");
     let out = meshctl(&["validate", "-f", bad.to_str().expect("path"), "-o", "json"]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "invalid input exits with 2");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(report["errors"], 1);
     let first = &report["diagnostics"][0];

@@ -4,11 +4,13 @@
 //! Every type here is `#[repr(C)]` with explicit padding so that the kernel and user space
 //! agree byte for byte. IPv4 addresses are kept exactly as they appear on the wire (network
 //! byte order, read as a native `u32`); ports are kept in host byte order.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
+
+pub mod enrollment;
 
 /// Bumped whenever a map's key or value layout changes; maps live under
 /// `<bpffs dir>/maps-v<N>` so an agent of another layout never misreads them.
-pub const MAPS_LAYOUT_VERSION: u32 = 5;
+pub const MAPS_LAYOUT_VERSION: u32 = 6;
 
 /// The agent's transparent listener for connections captured leaving a pod.
 pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
@@ -43,6 +45,7 @@ pub mod pins {
     pub const FLOWS: &str = "MESH_FLOWS";
     pub const FLOW_EVENTS: &str = "MESH_FLOW_EVENTS";
     pub const PORT_MTLS: &str = "MESH_PORT_MTLS";
+    pub const PROBE_PORTS: &str = "MESH_PROBE_PORTS";
     pub const POLICY: &str = "MESH_POLICY";
     pub const SETTINGS: &str = "MESH_SETTINGS";
     pub const SPLICE_SOURCES: &str = "MESH_SPLICE_SOURCES";
@@ -93,7 +96,10 @@ pub const SETTING_CAPTURE_UNKNOWN: u32 = 1;
 pub const PORT_MTLS_PERMISSIVE: u32 = 1;
 pub const PORT_MTLS_STRICT: u32 = 2;
 
-/// A pod address and port (`PORT_MTLS` key).
+/// Room in `PROBE_PORTS`: the probe ports of a node's pods (a few per pod).
+pub const PROBE_PORTS_CAPACITY: u32 = 4096;
+
+/// A pod address and port (`PORT_MTLS` and `PROBE_PORTS` key).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PortKey {
@@ -193,7 +199,10 @@ pub mod verdict {
     /// full when the agent filled it) and that the agent did not send: such a pod is
     /// reached only through the agent, which judges what it delivers.
     pub const DROP_NO_WORKLOAD: u32 = 14;
-    pub const COUNT: u32 = 15;
+    /// Plaintext to a STRICT pod let in: a kubelet probe, from the node's own address to a
+    /// port the pod declares for its probes (`PROBE_PORTS`).
+    pub const PASSED_NODE_PROBE: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Names as reported by meshctl and the metrics (`reason` label).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -212,6 +221,7 @@ pub mod verdict {
         "drop_spoofed_source",
         "drop_non_tcp_strict",
         "drop_no_workload",
+        "passed_node_probe",
     ];
 }
 

@@ -27,6 +27,12 @@ pub static MESH_SERVICE_IPS: HashMap<u32, u32> = HashMap::pinned(16384, 0);
 #[map]
 pub static MESH_PORT_MTLS: HashMap<PortKey, u32> = HashMap::pinned(16384, 0);
 
+/// Local pod address and port declared for its kubelet probes → the node's own address
+/// the kernel sends from towards that pod: plaintext from there to there passes STRICT.
+#[map]
+pub static MESH_PROBE_PORTS: HashMap<PortKey, u32> =
+    HashMap::pinned(mesh_common::PROBE_PORTS_CAPACITY, 0);
+
 /// Local pod → destination (and port): what AuthorizationPolicies decide on L4 facts.
 #[map]
 pub static MESH_POLICY: HashMap<PolicyKey, u32> = HashMap::pinned(65536, 0);

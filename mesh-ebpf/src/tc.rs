@@ -10,7 +10,9 @@
 //!
 //! `tc_to_pod` (egress of the host veth, packets entering the pod) counts, and enforces
 //! PeerAuthentication STRICT: TCP to such a pod port that the agent did not send (its
-//! sockets carry `AGENT_MARK`) is plaintext that bypassed the mesh, and is dropped.
+//! sockets carry `AGENT_MARK`) is plaintext that bypassed the mesh, and is dropped —
+//! except the kubelet's probes: from the node's own address to a port the pod declares
+//! for its probes.
 //!
 //! Kernel maps are bounded: when a pod did not fit in `MESH_WORKLOADS` nothing but the
 //! agent reaches it and it cannot send (its source is unknown), and when any workload or
@@ -39,8 +41,8 @@ use mesh_common::{
 
 use crate::{
     maps::{
-        capture_unknown, count_verdict, MESH_POLICY, MESH_PORT_MTLS, MESH_SERVICES,
-        MESH_SERVICE_IPS, MESH_TRAFFIC, MESH_WORKLOADS,
+        capture_unknown, count_verdict, MESH_POLICY, MESH_PORT_MTLS, MESH_PROBE_PORTS,
+        MESH_SERVICES, MESH_SERVICE_IPS, MESH_TRAFFIC, MESH_WORKLOADS,
     },
     packet::{
         ether_type, icmp_type, parse_ipv4, parse_tcp, udp_source_port, Ipv4Packet, DNS_PORT,
@@ -101,6 +103,8 @@ fn to_pod(ctx: &TcContext) -> i32 {
     }
     // This program runs only on the veths of meshed pods, so the destination is one: a
     // pod the agent could not write into the full map is reached only through the agent.
+    // Its probes too: it could not answer them, its source being no one's (fail closed
+    // means not ready, which is what Kubernetes should see).
     let Some(workload) = MESH_WORKLOADS.get_ptr(ip.daddr) else {
         return drop_counted(verdict::DROP_NO_WORKLOAD);
     };
@@ -128,10 +132,13 @@ fn to_pod(ctx: &TcContext) -> i32 {
             Some(mode) => *mode == PORT_MTLS_STRICT,
             None => workload_strict,
         };
-        if strict {
-            return drop_counted(verdict::DROP_PLAINTEXT_STRICT);
+        if !strict {
+            return TC_ACT_OK;
         }
-        return TC_ACT_OK;
+        if node_probe(&ip, key.port) {
+            return TC_ACT_OK;
+        }
+        return drop_counted(verdict::DROP_PLAINTEXT_STRICT);
     }
     if !workload_strict {
         return TC_ACT_OK;
@@ -228,6 +235,26 @@ fn from_pod(ctx: &TcContext) -> i32 {
         Some(listener) => steer(ctx, listener, verdict::STEERED_NEW),
         None => drop_counted(verdict::DROP_NO_PROXY),
     }
+}
+
+/// Whether a TCP packet into a pod is its kubelet's probe, counted if it is: from the node
+/// address its probes come from to a port it declares for them (`MESH_PROBE_PORTS`). The
+/// probes come from the node, not through the agent, and their source cannot be forged:
+/// pods are held to their own address, and the kernel drops packets arriving from outside
+/// with one of the node's own as a martian.
+#[inline(always)]
+fn node_probe(ip: &Ipv4Packet, port: u16) -> bool {
+    let key = PortKey {
+        ip: ip.daddr,
+        port,
+        _pad: 0,
+    };
+    // SAFETY: a map value pointer, valid while this program runs.
+    let probe = unsafe { MESH_PROBE_PORTS.get(key) }.is_some_and(|node| *node == ip.saddr);
+    if probe {
+        count_verdict(verdict::PASSED_NODE_PROBE);
+    }
+    probe
 }
 
 /// Whether the destination's policies deny this source on L4 facts: the port's own entry

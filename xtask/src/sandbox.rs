@@ -20,6 +20,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use mesh_common::enrollment;
 use serde::{Deserialize, Serialize};
 use serde_norway::Value;
 
@@ -192,18 +193,38 @@ impl Object {
             .map(str::to_owned)
     }
 
-    /// The port of the first container's `readinessProbe.tcpSocket`, if it has one.
-    fn readiness_port(&self) -> Option<u16> {
-        let port = self
-            .value
-            .get("spec")?
-            .get("containers")?
-            .get(0)?
-            .get("readinessProbe")?
-            .get("tcpSocket")?
-            .get("port")?
-            .as_u64()?;
-        u16::try_from(port).ok()
+    /// The first container's readiness probe (`tcpSocket`, or `httpGet` with its path),
+    /// its port a number or the name of one of the container's ports.
+    fn readiness_probe(&self) -> Option<ReadinessProbe> {
+        let container = self.value.get("spec")?.get("containers")?.get(0)?;
+        let probe = container.get("readinessProbe")?;
+        let port_of = |action: &Value| {
+            let port = match action.get("port")? {
+                Value::String(name) => container
+                    .get("ports")?
+                    .as_sequence()?
+                    .iter()
+                    .find(|p| p.get("name").and_then(Value::as_str) == Some(name.as_str()))?
+                    .get("containerPort")?
+                    .as_u64()?,
+                number => number.as_u64()?,
+            };
+            u16::try_from(port).ok()
+        };
+        if let Some(action) = probe.get("httpGet") {
+            let path = action
+                .get("path")
+                .and_then(Value::as_str)
+                .unwrap_or("/")
+                .to_owned();
+            return Some(ReadinessProbe::Http {
+                port: port_of(action)?,
+                path,
+            });
+        }
+        Some(ReadinessProbe::Tcp {
+            port: port_of(probe.get("tcpSocket")?)?,
+        })
     }
 
     /// The first container's command and arguments.
@@ -522,32 +543,98 @@ fn write_object(object: &Object) -> Result<()> {
     write_atomic(&path, &serde_norway::to_string(&object.value)?)
 }
 
-/// How a pod starts: its command, and the port that answers once it is ready.
+/// A readiness probe the sandbox runs as a kubelet does: from the node, to the pod's
+/// address (so under STRICT it must pass the kernel programs as the node's probe).
+#[derive(Debug, Clone)]
+enum ReadinessProbe {
+    Tcp { port: u16 },
+    Http { port: u16, path: String },
+}
+
+impl ReadinessProbe {
+    /// Whether one probe succeeds: a connection, and for HTTP a status from 200 to 399.
+    fn succeeds(&self, pod: Ipv4Addr) -> bool {
+        let timeout = Duration::from_millis(500);
+        match self {
+            ReadinessProbe::Tcp { port } => {
+                TcpStream::connect_timeout(&SocketAddr::from((pod, *port)), timeout).is_ok()
+            }
+            ReadinessProbe::Http { port, path } => {
+                let Ok(mut stream) =
+                    TcpStream::connect_timeout(&SocketAddr::from((pod, *port)), timeout)
+                else {
+                    return false;
+                };
+                let request = format!(
+                    "GET {path} HTTP/1.1\r\nHost: {pod}:{port}\r\nUser-Agent: kube-probe/1.37\r\nConnection: close\r\n\r\n"
+                );
+                let mut head = [0u8; 12];
+                stream.set_read_timeout(Some(timeout)).is_ok()
+                    && stream.write_all(request.as_bytes()).is_ok()
+                    && stream.read_exact(&mut head).is_ok()
+                    && std::str::from_utf8(&head[9..12])
+                        .ok()
+                        .and_then(|code| code.parse::<u16>().ok())
+                        .is_some_and(|code| (200..400).contains(&code))
+            }
+        }
+    }
+
+    fn port(&self) -> u16 {
+        match self {
+            ReadinessProbe::Tcp { port } | ReadinessProbe::Http { port, .. } => *port,
+        }
+    }
+}
+
+/// How a pod starts: its command, and the probe that succeeds once it is ready.
 pub struct PodStart {
     command: Vec<String>,
-    readiness_port: Option<u16>,
+    readiness: Option<ReadinessProbe>,
     service_account: String,
-    /// Whether the mesh takes the pod in (no `istio.io/dataplane-mode: none` on it or its
-    /// namespace): only then is there an enrollment and a certificate to wait for.
+    /// Whether the mesh takes the pod in (`enrolled`): only then is there an enrollment
+    /// and a certificate to wait for.
     meshed: bool,
 }
 
-fn opted_out(value: &Value) -> bool {
+/// The `istio.io/dataplane-mode` label of an object, if it has one.
+fn dataplane_mode(value: &Value) -> Option<String> {
     value
-        .get("metadata")
-        .and_then(|m| m.get("labels"))
-        .and_then(|l| l.get("istio.io/dataplane-mode"))
-        .and_then(|v| v.as_str())
-        == Some("none")
+        .get("metadata")?
+        .get("labels")?
+        .get(enrollment::DATAPLANE_MODE_LABEL)?
+        .as_str()
+        .map(str::to_owned)
 }
 
-/// Whether the pod's namespace, as written to the configuration directory, opts out.
-fn namespace_opted_out(namespace: &str) -> bool {
-    let file = config_dir().join(format!("namespace-default-{namespace}.yaml"));
-    fs::read_to_string(file)
+/// Whether the agents take the pod in, by the rule they apply (`mesh_common::enrollment`):
+/// its label, its namespace's as written to the configuration directory, and the default
+/// the agents get from `MESH_DEFAULT_ENROLLMENT` in this process's environment.
+fn enrolled(pod: &Object) -> bool {
+    let namespace_file = config_dir().join(format!("namespace-default-{}.yaml", pod.namespace));
+    let namespace_label = fs::read_to_string(namespace_file)
         .ok()
         .and_then(|text| serde_norway::from_str::<Value>(&text).ok())
-        .is_some_and(|ns| opted_out(&ns))
+        .and_then(|ns| dataplane_mode(&ns));
+    let pod_label = dataplane_mode(&pod.value);
+    let has_sidecar = pod
+        .value
+        .get("metadata")
+        .and_then(|m| m.get("annotations"))
+        .and_then(|a| a.get(enrollment::SIDECAR_STATUS_ANNOTATION))
+        .is_some();
+    let default = match std::env::var("MESH_DEFAULT_ENROLLMENT").as_deref() {
+        Ok(enrollment::AMBIENT) => enrollment::DefaultEnrollment::Ambient,
+        _ => enrollment::DefaultEnrollment::None,
+    };
+    enrollment::enrolled(
+        enrollment::PodEnrollment {
+            pod_label: pod_label.as_deref(),
+            namespace_label: namespace_label.as_deref(),
+            has_sidecar,
+        },
+        default,
+    )
 }
 
 /// Wires a pod (namespace, veth, address, cgroup) and writes it; returns the pod and how
@@ -694,7 +781,7 @@ fn add_pod(state: &mut SandboxState, object: &Object) -> Result<(PodState, PodSt
     state.pods.push(pod.clone());
     let start = PodStart {
         command: object.command(),
-        readiness_port: object.readiness_port(),
+        readiness: object.readiness_probe(),
         service_account: object
             .value
             .get("spec")
@@ -702,7 +789,7 @@ fn add_pod(state: &mut SandboxState, object: &Object) -> Result<(PodState, PodSt
             .and_then(|v| v.as_str())
             .unwrap_or("default")
             .to_owned(),
-        meshed: !opted_out(&object.value) && !namespace_opted_out(&object.namespace),
+        meshed: enrolled(object),
     };
     Ok((pod, start))
 }
@@ -1017,28 +1104,39 @@ fn start_pod(state: &mut SandboxState, pod: &PodState, start: &PodStart) -> Resu
     {
         stored.pid = Some(pid);
     }
-    if let Some(port) = start.readiness_port {
-        wait_pod_ready(pod, pid, port)?;
+    if let Some(probe) = &start.readiness {
+        let node_netns = state
+            .nodes
+            .iter()
+            .find(|n| n.name == pod.node)
+            .map(|n| n.netns.clone())
+            .with_context(|| format!("pod {}/{}: no node {}", pod.namespace, pod.name, pod.node))?;
+        wait_pod_ready(pod, pid, &node_netns, probe)?;
     }
     Ok(())
 }
 
-/// Waits for the pod's readiness probe (a TCP connect to its port, inside the pod).
-fn wait_pod_ready(pod: &PodState, pid: u32, port: u16) -> Result<()> {
+/// Waits for the pod's readiness probe, run from its node's namespace as the kubelet runs it.
+fn wait_pod_ready(
+    pod: &PodState,
+    pid: u32,
+    node_netns: &str,
+    probe: &ReadinessProbe,
+) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     loop {
-        let connected = ns::within(&pod.netns, move || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
-        })?;
-        if connected {
+        let ip = pod.ip;
+        let attempt = probe.clone();
+        let ready = ns::within(node_netns, move || attempt.succeeds(ip))?;
+        if ready {
             return Ok(());
         }
         if !process_alive(pid) || Instant::now() > deadline {
             bail!(
-                "pod {}/{} did not become ready on port {port} (see {}/pod-{}-{}.log)",
+                "pod {}/{} did not become ready: its probe of port {} from the node failed (see {}/pod-{}-{}.log)",
                 pod.namespace,
                 pod.name,
+                probe.port(),
                 logs_dir().display(),
                 pod.namespace,
                 pod.name

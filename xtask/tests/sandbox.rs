@@ -48,6 +48,18 @@ fn on_node(node: &str, args: &[&str]) -> String {
     ok(xtask(&all), &format!("on {node}: {args:?}"))
 }
 
+/// A command on a node whose exit code is part of its answer (`meshctl policy check`
+/// exits with 4 on deny, `meshctl status` with 5 when not ready): the code and stdout.
+fn on_node_answer(node: &str, args: &[&str]) -> (Option<i32>, String) {
+    let mut all = vec!["sandbox", "exec", "--node", node, "--"];
+    all.extend_from_slice(args);
+    let out = xtask(&all);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 fn sha256_of_file(path: &str) -> String {
     let out = ok(
         Command::new("sha256sum")
@@ -151,8 +163,34 @@ fn metrics(node: &str) -> String {
     on_node(node, &["curl", "-sf", "http://127.0.0.1:15020/metrics"])
 }
 
+/// The agent's status (`meshctl status` exits with 5 while the agent is not ready).
 fn agent_status(node: &str) -> serde_json::Value {
-    serde_json::from_str(&on_node(node, &["meshctl", "status", "-o", "json"])).expect("status JSON")
+    let (code, answer) = on_node_answer(node, &["meshctl", "status", "-o", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&answer).expect("status JSON");
+    let expected = if status["ready"] == true { 0 } else { 5 };
+    assert_eq!(
+        code,
+        Some(expected),
+        "meshctl status exit code for {status}"
+    );
+    status
+}
+
+/// Waits until `node`'s kernel holds its local `pod` under workload-wide STRICT
+/// (`meshctl bpf workloads`): the PeerAuthentication reached the maps.
+fn wait_strict_in_kernel(node: &str, pod: &str) {
+    eventually(&format!("{node}'s kernel holds {pod} STRICT"), || {
+        let maps: serde_json::Value = serde_json::from_str(&on_node(
+            node,
+            &["meshctl", "bpf", "workloads", "-o", "json"],
+        ))
+        .expect("JSON");
+        maps["workloads"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .any(|w| w["pod"] == pod && w["local"] == true && w["mtls"] == "STRICT")
+    });
 }
 
 /// Polls `check` for up to thirty seconds: pods start slowly on two loaded cores.
@@ -1029,12 +1067,19 @@ fn peer_authentication_strict_drops_plaintext_in_the_kernel() {
     let _sandbox = Sandbox::up();
     let status = status_json();
     let web_b = pod_ip(&status, "web-b");
+    // A pod outside the mesh next to web-b: its plaintext is what STRICT refuses. (The
+    // node itself still reaches web-b's probe port, 8080, as its kubelet must.)
+    kubectl(
+        "apply",
+        "outsider",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: outsider, namespace: demo, labels: {istio.io/dataplane-mode: none}}\n\
+         spec: {nodeName: node-b, containers: [{name: c, command: [sleep, infinity]}]}\n",
+    );
     let plaintext = || {
         xtask(&[
             "sandbox",
             "exec",
-            "--node",
-            "node-b",
+            "outsider",
             "--",
             "curl",
             "-sf",
@@ -1117,6 +1162,301 @@ fn peer_authentication_strict_drops_plaintext_in_the_kernel() {
         .stdout
         .starts_with(b"ok 2097152")
     });
+}
+
+/// A pod on node-a serving HTTP on 8080 (its name at `/name`) and 8081, with a readiness
+/// probe as a kubelet runs it (from the node), in `namespace` with `labels`.
+fn probed_pod(name: &str, namespace: &str, labels: &str, probe: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}}}\n\
+         spec:\n  nodeName: node-a\n  containers:\n  - name: web\n    \
+         command: [sh, -c, 'echo $POD_NAME > name && python3 -m http.server 8081 & exec python3 -m http.server 8080']\n    \
+         ports: [{{name: http, containerPort: 8080}}]\n{probe}"
+    )
+}
+
+fn enrolled_pods(node: &str) -> Vec<String> {
+    agent_status(node)["enrolled"]
+        .as_object()
+        .expect("enrolled")
+        .keys()
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn pods_join_by_istio_ambient_labels_and_strict_pods_pass_only_the_kubelets_probes() {
+    let _sandbox = Sandbox::up();
+    let web_a = pod_ip(&status_json(), "web-a");
+
+    // A namespace without the label stays out: its pod gets no programs and no identity,
+    // and its traffic does not touch the mesh.
+    kubectl(
+        "apply",
+        "legacy",
+        &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: legacy}}\n---\n{}",
+            probed_pod(
+                "old",
+                "legacy",
+                "app: old",
+                "    readinessProbe: {tcpSocket: {port: 8080}}\n"
+            )
+        ),
+    );
+    let old = pod_ip(&status_json(), "old");
+    assert!(!enrolled_pods("node-a").contains(&"legacy/old".to_owned()));
+    let workloads = on_node("node-a", &["meshctl", "bpf", "workloads"]);
+    assert!(!workloads.contains(&old), "{workloads}");
+    assert_eq!(
+        in_pod("client-a", &format!("curl -sf -m 5 http://{old}:8080/name")).trim(),
+        "old"
+    );
+    assert_eq!(
+        in_pod("old", &format!("curl -sf -m 5 http://{web_a}:8080/name")).trim(),
+        "web-a"
+    );
+    // A Service of pods outside the mesh is reached through it from a meshed pod: the
+    // agent takes the connection to the Service address and goes to the pod directly.
+    kubectl(
+        "apply",
+        "legacy-service",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: old, namespace: legacy}\n\
+         spec: {selector: {app: old}, ports: [{name: http, port: 80, targetPort: 8080}]}\n",
+    );
+    let old_vip = service_address("legacy/old");
+    eventually("the Service of the pod outside the mesh answers", || {
+        xtask(&[
+            "sandbox",
+            "exec",
+            "client-a",
+            "--",
+            "curl",
+            "-sf",
+            "-m",
+            "5",
+            &format!("http://{old_vip}/name"),
+        ])
+        .stdout
+            == b"old\n"
+    });
+
+    // A pod the kubelet reports not Ready gets none of its Service's traffic.
+    kubectl(
+        "apply",
+        "unready",
+        &format!(
+            "{}status: {{conditions: [{{type: Ready, status: 'False'}}]}}\n",
+            probed_pod("unready", "demo", "app: web", "")
+        ),
+    );
+    eventually("the agent knows the pod that is not ready", || {
+        enrolled_pods("node-a").contains(&"demo/unready".to_owned())
+    });
+    let answers: std::collections::BTreeSet<String> = (0..8)
+        .map(|_| {
+            in_pod("client-a", "curl -sf -m 5 http://10.96.0.100/name")
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        answers,
+        ["web-a", "web-b"].map(String::from).into_iter().collect(),
+        "only ready endpoints answer"
+    );
+
+    // Labelling the namespace `ambient` enrolls the running pod.
+    kubectl(
+        "apply",
+        "legacy-ambient",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: legacy, labels: {istio.io/dataplane-mode: ambient}}\n",
+    );
+    eventually("the pod of the labelled namespace is enrolled", || {
+        enrolled_pods("node-a").contains(&"legacy/old".to_owned())
+    });
+    let programs = on_node("node-a", &["meshctl", "bpf", "programs"]);
+    assert!(programs.contains("legacy/old tc-from"), "{programs}");
+
+    // Under namespace-wide STRICT a pod created now becomes ready: its kubelet probe
+    // (HTTP, from the node) passes the kernel. Nothing else from the node does.
+    kubectl(
+        "apply",
+        "pa-strict",
+        &peer_authentication("default", "  mtls: {mode: STRICT}\n"),
+    );
+    wait_strict_in_kernel("node-a", "web-a");
+    let maps: serde_json::Value = serde_json::from_str(&on_node(
+        "node-a",
+        &["meshctl", "bpf", "workloads", "-o", "json"],
+    ))
+    .expect("JSON");
+    let web_a_row = maps["workloads"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|w| w["pod"] == "web-a")
+        .cloned()
+        .expect("web-a in the kernel");
+    assert_eq!(web_a_row["probe_ports"], serde_json::json!([8080]));
+    // web-a's probe port answers the node under STRICT.
+    assert_eq!(
+        on_node(
+            "node-a",
+            &[
+                "curl",
+                "-sf",
+                "-m",
+                "5",
+                &format!("http://{web_a}:8080/name")
+            ]
+        )
+        .trim(),
+        "web-a"
+    );
+    kubectl(
+        "apply",
+        "probed",
+        &probed_pod(
+            "probed",
+            "demo",
+            "app: probed",
+            "    readinessProbe: {httpGet: {path: /name, port: http}}\n",
+        ),
+    );
+    let probed = pod_ip(&status_json(), "probed");
+    let node_curl = |port: u16| {
+        xtask(&[
+            "sandbox",
+            "exec",
+            "--node",
+            "node-a",
+            "--",
+            "curl",
+            "-sf",
+            "-m",
+            "2",
+            &format!("http://{probed}:{port}/name"),
+        ])
+    };
+    let passed = tc_packets("node-a", "passed_node_probe");
+    assert!(passed > 0, "the probes that made the pod ready were let in");
+    assert_eq!(
+        ok(node_curl(8080), "the node's request to the probe port").trim(),
+        "probed"
+    );
+    assert!(tc_packets("node-a", "passed_node_probe") > passed);
+    let dropped = tc_packets("node-a", "drop_plaintext_strict");
+    assert!(
+        !node_curl(8081).status.success(),
+        "a port no probe declares stays closed"
+    );
+    assert!(tc_packets("node-a", "drop_plaintext_strict") > dropped);
+    // Through the mesh, both ports answer.
+    for port in [8080, 8081] {
+        assert_eq!(
+            in_pod(
+                "client-a",
+                &format!("curl -sf -m 5 http://{probed}:{port}/name")
+            )
+            .trim(),
+            "probed"
+        );
+    }
+}
+
+#[test]
+fn meshctl_uninstall_leaves_the_node_as_it_was_once_the_agent_is_stopped() {
+    let _sandbox = Sandbox::up();
+    let status = status_json();
+    let web_a = pod_ip(&status, "web-a");
+    let agent_pid = status["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["name"] == "node-a")
+        .map(|n| n["agent"]["pid"].as_u64().expect("agent pid"))
+        .expect("node-a")
+        .to_string();
+    let direct = || {
+        xtask(&[
+            "sandbox",
+            "exec",
+            "client-a",
+            "--",
+            "curl",
+            "-sf",
+            "-m",
+            "2",
+            &format!("http://{web_a}:8080/name"),
+        ])
+        .status
+        .success()
+    };
+    assert!(direct());
+
+    // Refused while the agent runs: it would attach everything again.
+    let refused = xtask(&[
+        "sandbox",
+        "exec",
+        "--node",
+        "node-a",
+        "--",
+        "meshctl",
+        "uninstall",
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("stop it first"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // With the agent gone and its programs still attached, meshed traffic fails closed.
+    ok(
+        Command::new("kill").arg(&agent_pid).output().expect("kill"),
+        "stopping node-a's agent",
+    );
+    eventually("node-a's agent has exited", || {
+        !Path::new(&format!("/proc/{agent_pid}")).exists()
+    });
+    assert!(
+        !direct(),
+        "no agent, no bypass: the capture has no listener"
+    );
+
+    let removed: serde_json::Value =
+        serde_json::from_str(&on_node("node-a", &["meshctl", "uninstall", "-o", "json"]))
+            .expect("JSON");
+    // Two local pods, three links each (tc both ways, sockops); every map of the layout.
+    assert_eq!(
+        removed["links"].as_array().expect("links").len(),
+        6,
+        "{removed}"
+    );
+    assert!(
+        removed["maps"].as_array().expect("maps").len() >= 10,
+        "{removed}"
+    );
+    assert_eq!(removed["rules"], 1, "{removed}");
+    assert_eq!(removed["routes_flushed"], true, "{removed}");
+    assert_eq!(removed["left"], serde_json::json!([]), "{removed}");
+
+    // Nothing of the mesh is left on the node, and the pods talk directly.
+    let rules = on_node("node-a", &["ip", "-4", "rule", "show"]);
+    assert!(!rules.contains("lookup 133"), "{rules}");
+    let routes = on_node("node-a", &["ip", "-4", "route", "show", "table", "133"]);
+    assert!(routes.trim().is_empty(), "{routes}");
+    // (With tc_from_pod still on client-a's veth, the SYN would go to the missing listener.)
+    assert!(direct(), "pods reach each other without the mesh");
+    let again: serde_json::Value =
+        serde_json::from_str(&on_node("node-a", &["meshctl", "uninstall", "-o", "json"]))
+            .expect("JSON");
+    assert_eq!(
+        again["links"],
+        serde_json::json!([]),
+        "a second run finds nothing"
+    );
 }
 
 /// The Service `api` (HTTP/1.1 and HTTP/2 on one port) on node-b, a JWKS server outside
@@ -1359,7 +1699,7 @@ fn authorization_policies_and_jwt_are_enforced_across_nodes() {
     // Every agent fetches the keys (meshctl on node-a answers from node-a's agent); then
     // the JWKS server goes away: the fetched keys are kept.
     let jwt_check = || {
-        on_node(
+        on_node_answer(
             "node-a",
             &[
                 "meshctl",
@@ -1379,7 +1719,7 @@ fn authorization_policies_and_jwt_are_enforced_across_nodes() {
         )
     };
     eventually("node-a's agent has the keys", || {
-        jwt_check().starts_with("ALLOW")
+        jwt_check().1.starts_with("ALLOW")
     });
     kubectl("delete", "jwks", &jwks_server());
     assert_eq!(
@@ -1461,7 +1801,7 @@ fn authorization_policies_and_jwt_are_enforced_across_nodes() {
 
     // meshctl policy check answers from the live configuration, with the deciding rule
     // and why the others did not match.
-    let report: serde_json::Value = serde_json::from_str(&on_node(
+    let (code, answer) = on_node_answer(
         "node-b",
         &[
             "meshctl",
@@ -1480,15 +1820,17 @@ fn authorization_policies_and_jwt_are_enforced_across_nodes() {
             "-o",
             "json",
         ],
-    ))
-    .expect("policy check JSON");
+    );
+    let report: serde_json::Value = serde_json::from_str(&answer).expect("policy check JSON");
     assert_eq!(report["decision"], "deny", "{report}");
+    assert_eq!(code, Some(4), "meshctl policy check exits with 4 on deny");
     assert_eq!(
         report["endpoints"][0]["decided_by"]["policy"],
         "demo/api-deny-admin"
     );
     assert_eq!(report["endpoints"][0]["outcome"], "403");
-    let text = jwt_check();
+    let (code, text) = jwt_check();
+    assert_eq!(code, Some(0), "meshctl policy check exits with 0 on allow");
     assert!(text.starts_with("ALLOW"), "{text}");
     assert!(text.contains("ALLOW demo/api-allow rules[1]"), "{text}");
     assert!(
@@ -1686,22 +2028,7 @@ fn a_hostile_pod_cannot_slip_past_the_kernel_with_fragments_or_forged_addresses(
         "pa-strict-attack",
         &peer_authentication("default", "  mtls: {mode: STRICT}\n"),
     );
-    eventually("plaintext to web-b is refused under STRICT", || {
-        !xtask(&[
-            "sandbox",
-            "exec",
-            "--node",
-            "node-b",
-            "--",
-            "curl",
-            "-sf",
-            "-m",
-            "2",
-            &format!("http://{web_b}:8080/name"),
-        ])
-        .status
-        .success()
-    });
+    wait_strict_in_kernel("node-b", "web-b");
     let attack = include_str!("raw_attack.py");
     let sent = |target: &[&str], args: &[&str]| -> u64 {
         let mut all = vec!["sandbox", "exec"];
@@ -2630,14 +2957,21 @@ fn a_traced_request_keeps_its_trace_across_nodes_and_jaeger_holds_both_spans() {
 }
 
 /// `count` pods `spare-1`… on node-a serving HTTP on 8080, outside every Service.
+/// Pods `spare-1` to `spare-<count>` on node-a; the last without a readiness probe: it
+/// is the one that does not fit in a full workload map, whose answers cannot leave its
+/// veth, so it would never become ready (the signal Kubernetes should get).
 fn spare_pods(count: usize) -> String {
     (1..=count)
         .map(|n| {
+            let probe = if n < count {
+                "    readinessProbe: {tcpSocket: {port: 8080}}\n"
+            } else {
+                ""
+            };
             format!(
                 "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: spare-{n}, namespace: demo, labels: {{app: spare}}}}\n\
                  spec:\n  nodeName: node-a\n  serviceAccountName: web\n  containers:\n  \
-                 - name: web\n    command: [sh, -c, 'echo $POD_NAME > name && exec python3 -m http.server 8080']\n    \
-                 readinessProbe: {{tcpSocket: {{port: 8080}}}}\n"
+                 - name: web\n    command: [sh, -c, 'echo $POD_NAME > name && exec python3 -m http.server 8080']\n{probe}"
             )
         })
         .collect()
@@ -2699,7 +3033,8 @@ fn kernel_maps_that_fill_up_fail_closed_for_the_pods_that_do_not_fit() {
         .collect();
     assert_eq!(failing, ["demo/spare-3"]);
     assert_eq!(readiness("node-a"), format!("not ready: {reason}\n 503"));
-    let text = on_node("node-a", &["meshctl", "status"]);
+    let (code, text) = on_node_answer("node-a", &["meshctl", "status"]);
+    assert_eq!(code, Some(5), "meshctl status exits with 5 when not ready");
     assert!(
         text.contains("FULL: 3 refused") && text.contains("failing closed demo/spare-3"),
         "{text}"

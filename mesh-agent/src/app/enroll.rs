@@ -38,6 +38,8 @@ pub struct Enroller {
     cgroup_root: PathBuf,
     trust_domain: String,
     attached: HashMap<String, PodAttachment>,
+    /// Whether what agents of other map layouts left was removed (after the first pass).
+    took_over: bool,
 }
 
 impl Enroller {
@@ -47,6 +49,7 @@ impl Enroller {
             cgroup_root,
             trust_domain,
             attached: HashMap::new(),
+            took_over: false,
         }
     }
 
@@ -85,11 +88,15 @@ impl Enroller {
             .values()
             .map(|(ip, attachment)| (*ip, attachment.ifindex))
             .collect();
+        let probe_sources: HashMap<Ipv4Addr, Ipv4Addr> = desired
+            .values()
+            .filter_map(|(ip, _)| Some((*ip, datapath::source_towards(*ip)?)))
+            .collect();
         // Pods left out of a full map still get their programs below: with no entry of
         // their own, the programs let nothing but the agent reach them (fail closed).
         let maps = self
             .datapath
-            .sync_maps(state, &ifindexes, &self.trust_domain)
+            .sync_maps(state, &ifindexes, &probe_sources, &self.trust_domain)
             .map_err(|err| {
                 let reason = describe(&err);
                 tracing::error!("updating the kernel maps: {reason}");
@@ -133,6 +140,12 @@ impl Enroller {
             self.datapath.detach_pod(&key);
             self.attached.remove(&key);
             tracing::info!("detached {key}");
+        }
+        // An upgrade across map layouts: each pod attached above dropped the old links;
+        // what is left belongs to pods that are gone.
+        if !self.took_over {
+            self.datapath.remove_other_layouts();
+            self.took_over = true;
         }
         let enrolled = self
             .attached

@@ -19,7 +19,10 @@ use std::{
 };
 
 use anyhow::Context;
-use mesh_common::{pins, ADMIN_PORT, METRICS_PORT, OUTBOUND_CAPTURE_PORT, READY_PORT, TUNNEL_PORT};
+use mesh_common::{
+    enrollment::{self, DefaultEnrollment},
+    pins, ADMIN_PORT, METRICS_PORT, OUTBOUND_CAPTURE_PORT, READY_PORT, TUNNEL_PORT,
+};
 
 use crate::{
     app::{
@@ -35,7 +38,7 @@ use crate::{
     errors::describe,
     http::{listener, server},
     identity::{ca::CaClient, certs::CertManager, tls::Identities},
-    model::{lb::LbRegistry, SharedState},
+    model::{lb::LbRegistry, MeshSettings, SharedState},
     policy::{jwks, jwt::JwksCache},
     proxy::{
         inbound, outbound, plan::PlanSettings, pool::HbonePool, requests::Guard, socket, Proxy,
@@ -77,6 +80,11 @@ pub struct AgentOptions {
     /// RequestAuthentications without a selector apply mesh wide.
     #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = "istio-system")]
     pub root_namespace: String,
+    /// Whether a pod is in the mesh when neither it nor its namespace carries
+    /// `istio.io/dataplane-mode`: `none` (Istio ambient's rule: label a namespace or pod
+    /// `ambient` to enroll it) or `ambient` (every pod unless labelled `none`).
+    #[arg(long, env = "MESH_DEFAULT_ENROLLMENT", default_value = "none", value_parser = parse_default_enrollment)]
+    pub default_enrollment: DefaultEnrollment,
     /// Splice same-node flows that need no L7 work in the kernel instead of copying
     /// them through the agent.
     #[arg(long, env = "MESH_KERNEL_SPLICE", default_value_t = true, action = clap::ArgAction::Set)]
@@ -150,6 +158,18 @@ pub enum SourceKind {
     Kube,
 }
 
+fn parse_default_enrollment(text: &str) -> Result<DefaultEnrollment, String> {
+    match text {
+        enrollment::NONE => Ok(DefaultEnrollment::None),
+        enrollment::AMBIENT => Ok(DefaultEnrollment::Ambient),
+        other => Err(format!(
+            "{other:?}: expected {:?} or {:?}",
+            enrollment::NONE,
+            enrollment::AMBIENT
+        )),
+    }
+}
+
 /// A positive duration: a zero refresh interval would fetch every key set on every tick,
 /// a zero expiry would forget series between scrapes.
 fn parse_positive_duration(text: &str) -> Result<Duration, String> {
@@ -209,6 +229,8 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     };
     let status = Arc::new(Mutex::new(AgentStatus {
         node: options.node.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        maps_layout: mesh_common::MAPS_LAYOUT_VERSION,
         config_dir: options.config_dir.clone(),
         bpffs: options.bpffs.clone(),
         ..AgentStatus::default()
@@ -262,7 +284,10 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let mut reconciler = Reconciler {
         reload: Reload {
             node: options.node.clone(),
-            root_namespace: options.root_namespace.clone(),
+            settings: MeshSettings {
+                root_namespace: options.root_namespace.clone(),
+                default_enrollment: options.default_enrollment,
+            },
             source,
             shared: shared.clone(),
             balancers: LbRegistry::default(),

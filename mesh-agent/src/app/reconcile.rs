@@ -15,7 +15,7 @@ use crate::{
     app::enroll::{EnrolledPod, Enroller},
     config::{source::ConfigSource, Severity},
     datapath::capacity::MapUsage,
-    model::{lb::LbRegistry, MeshState, SharedState},
+    model::{lb::LbRegistry, MeshSettings, MeshState, SharedState},
     telemetry::metrics::Metrics,
 };
 
@@ -23,6 +23,10 @@ use crate::{
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct AgentStatus {
     pub node: String,
+    /// The agent's release (`meshctl version`, `meshctl check` compare it with theirs).
+    pub version: String,
+    /// The layout of the kernel maps it pins (`mesh_common::MAPS_LAYOUT_VERSION`).
+    pub maps_layout: u32,
     /// Every local identity holds a certificate and every entry fits in the kernel maps.
     pub ready: bool,
     /// Why the agent is not ready.
@@ -85,7 +89,7 @@ pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// reload metrics follow. No kernel work: [`Reconciler`] enrolls pods after it.
 pub struct Reload {
     pub node: String,
-    pub root_namespace: String,
+    pub settings: MeshSettings,
     pub source: Box<dyn ConfigSource>,
     pub shared: SharedState,
     /// Balancer and endpoint state that outlives each configuration swap.
@@ -123,8 +127,7 @@ impl Reload {
         if !errors.is_empty() && self.has_config {
             return self.reject(errors.join("\n"));
         }
-        let state =
-            MeshState::build_with(&self.node, &config, &self.root_namespace, &self.balancers);
+        let state = MeshState::build_with(&self.node, &config, &self.settings, &self.balancers);
         let warnings: Vec<String> = config
             .diagnostics
             .iter()
@@ -218,7 +221,7 @@ mod tests {
     use super::*;
     use crate::config::source::DirectorySource;
 
-    const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n";
+    const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n";
 
     fn pod(name: &str, ip: &str) -> String {
         format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{nodeName: node-1}}\nstatus: {{podIP: {ip}}}\n")
@@ -257,7 +260,7 @@ mod tests {
         ));
         let mut reload = Reload {
             node: "node-1".into(),
-            root_namespace: "istio-system".into(),
+            settings: MeshSettings::default(),
             source: Box::new(DirectorySource::new(&dir)),
             shared: shared.clone(),
             balancers: LbRegistry::default(),

@@ -6,6 +6,6 @@ fn main() {
     let cli = mesh_agent::cli::Cli::parse();
     if let Err(err) = mesh_agent::cli::main(cli) {
         eprintln!("meshctl: {err:#}");
-        std::process::exit(1);
+        std::process::exit(mesh_agent::cli::exit_code(&err));
     }
 }

@@ -2,7 +2,10 @@
 //! the running agent through its localhost admin API (`meshctl status`) — and checks
 //! configuration files (`meshctl validate`). Tables by default, `-o json` for tools.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -10,11 +13,46 @@ use serde::Serialize;
 
 use crate::{
     config::{self, Severity},
-    datapath::maps::NodeMaps,
+    datapath::{
+        maps::NodeMaps,
+        preflight::{self, Finding},
+    },
     http::client::{self, ClientError, Transport},
     model::routes_report::RouteQuery,
     policy::check::CheckRequest,
 };
+
+/// Exit codes scripts can tell apart; clap exits with 2 on a bad command line too.
+pub const EXIT_FAILURE: i32 = 1;
+pub const EXIT_INVALID_INPUT: i32 = 2;
+pub const EXIT_AGENT_UNREACHABLE: i32 = 3;
+pub const EXIT_DENIED: i32 = 4;
+pub const EXIT_CHECK_FAILED: i32 = 5;
+
+/// A failure with its own exit code (`EXIT_*`); any other error exits with `EXIT_FAILURE`.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Exit {
+    pub code: i32,
+    message: String,
+}
+
+impl Exit {
+    fn new(code: i32, message: impl Into<String>) -> Exit {
+        Exit {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// The exit code for an error `main` returned.
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    // An `Exit` is either the error or a context added to another (anyhow finds both).
+    err.downcast_ref::<Exit>()
+        .or_else(|| err.chain().find_map(|cause| cause.downcast_ref::<Exit>()))
+        .map_or(EXIT_FAILURE, |exit| exit.code)
+}
 
 #[derive(Parser)]
 #[command(name = "meshctl", version, about = "Inspect the mesh on this node")]
@@ -97,6 +135,28 @@ enum Command {
     /// Print the CustomResourceDefinitions of the Istio kinds the mesh reads (for a
     /// cluster without Istio; `deploy/istio-crds.yaml` holds the same).
     Crds,
+    /// Whether this node can run the mesh (kernel, BTF, cgroup v2, bpffs) and, unless
+    /// `--pre`, whether its agent runs well: ready, every local pod enrolled, the same
+    /// release and map layout as this meshctl. Exits with 5 when a check fails.
+    Check {
+        /// Only what the node offers, before installing.
+        #[arg(long)]
+        pre: bool,
+        /// Where the host's `/proc` and `/sys` are (a pod mounting the host elsewhere).
+        #[arg(long, default_value = "/")]
+        host_root: PathBuf,
+    },
+    /// meshctl's release and map layout, and the agent's.
+    Version,
+    /// Take the mesh off this node once its agent is stopped: detach every program (the
+    /// pinned links), remove the pinned maps, the capture route and its rule. Pods then
+    /// talk directly, as before the mesh. Run in the node's network namespace.
+    Uninstall {
+        /// Go ahead although an agent answers on the admin address (it would attach
+        /// its programs again at its next configuration change).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -198,6 +258,9 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             print!("{}", crate::config::kinds::istio_crds());
             Ok(())
         }
+        Command::Uninstall { force } => uninstall(&cli.bpffs, cli.admin, force, json),
+        Command::Check { pre, host_root } => check(cli.admin, pre, &host_root, json),
+        Command::Version => version(cli.admin, json),
         Command::Routes { service } => routes(cli.admin, &service, json),
         Command::Route {
             what:
@@ -299,8 +362,12 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                             "SERVICE ACCOUNT",
                             "LOCAL",
                             "IFINDEX",
+                            "MTLS",
+                            "PROBE PORTS",
                         ],
                         workloads.iter().map(|w| {
+                            let probes: Vec<String> =
+                                w.probe_ports.iter().map(u16::to_string).collect();
                             vec![
                                 w.ip.to_string(),
                                 w.namespace.clone(),
@@ -309,6 +376,8 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                                 w.service_account.clone(),
                                 if w.local { "yes" } else { "no" }.into(),
                                 w.ifindex.to_string(),
+                                w.mtls.into(),
+                                probes.join(","),
                             ]
                         }),
                     );
@@ -439,7 +508,11 @@ fn validate(
         println!("{origin}: {errors} errors, {warnings} warnings");
     }
     if errors > 0 || (strict && warnings > 0) {
-        bail!("validation failed: {errors} errors, {warnings} warnings");
+        return Err(Exit::new(
+            EXIT_INVALID_INPUT,
+            format!("validation failed: {errors} errors, {warnings} warnings"),
+        )
+        .into());
     }
     Ok(())
 }
@@ -652,14 +725,186 @@ fn duration_text(value: &serde_json::Value) -> String {
     }
 }
 
+/// What `meshctl version` and `check` compare: this build's release and map layout.
+fn own_version() -> serde_json::Value {
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "maps_layout": mesh_common::MAPS_LAYOUT_VERSION,
+    })
+}
+
+fn version(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
+    let agent = admin_get(admin, "/status")
+        .ok()
+        .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
+        .map(|status| {
+            serde_json::json!({
+                "node": status["node"],
+                "version": status["version"],
+                "maps_layout": status["maps_layout"],
+            })
+        });
+    if json {
+        return emit_json(&serde_json::json!({"meshctl": own_version(), "agent": agent}));
+    }
+    let own = own_version();
+    println!(
+        "meshctl {} (maps layout {})",
+        own["version"].as_str().unwrap_or("?"),
+        own["maps_layout"]
+    );
+    match agent {
+        Some(agent) => println!(
+            "agent   {} (maps layout {}) on {}",
+            agent["version"].as_str().unwrap_or("?"),
+            agent["maps_layout"],
+            agent["node"].as_str().unwrap_or("?")
+        ),
+        None => println!("agent   not reachable at {admin}"),
+    }
+    Ok(())
+}
+
+/// The agent's side of `meshctl check`: reachable, ready, every pod enrolled, and the
+/// same release and map layout as this meshctl.
+fn agent_findings(admin: SocketAddr) -> Vec<Finding> {
+    let status = match admin_get(admin, "/status").and_then(|body| {
+        serde_json::from_str::<serde_json::Value>(&body).context("the agent's /status is not JSON")
+    }) {
+        Ok(status) => status,
+        Err(err) => {
+            return vec![Finding {
+                check: "agent",
+                ok: false,
+                detail: format!("{err:#}"),
+            }]
+        }
+    };
+    let own = own_version();
+    let same = status["version"] == own["version"] && status["maps_layout"] == own["maps_layout"];
+    let pending: Vec<String> = status["pending"]
+        .as_object()
+        .map(|pods| {
+            pods.iter()
+                .map(|(pod, why)| format!("{pod} ({})", why.as_str().unwrap_or("?")))
+                .collect()
+        })
+        .unwrap_or_default();
+    vec![
+        Finding {
+            check: "agent",
+            ok: status["ready"] == true,
+            detail: match status["not_ready_reason"].as_str() {
+                Some(reason) => format!("not ready: {reason}"),
+                None => format!(
+                    "ready on {}, configuration generation {}",
+                    status["node"].as_str().unwrap_or("?"),
+                    status["generation"]
+                ),
+            },
+        },
+        Finding {
+            check: "enrollment",
+            ok: pending.is_empty(),
+            detail: if pending.is_empty() {
+                format!(
+                    "{} local pods enrolled",
+                    status["enrolled"].as_object().map_or(0, |pods| pods.len())
+                )
+            } else {
+                format!("not enrolled: {}", pending.join(", "))
+            },
+        },
+        Finding {
+            check: "version",
+            ok: same,
+            detail: format!(
+                "agent {} (maps layout {}), meshctl {} (maps layout {})",
+                status["version"].as_str().unwrap_or("?"),
+                status["maps_layout"],
+                own["version"].as_str().unwrap_or("?"),
+                own["maps_layout"]
+            ),
+        },
+    ]
+}
+
+fn check(admin: SocketAddr, pre: bool, host_root: &Path, json: bool) -> anyhow::Result<()> {
+    let mut findings = preflight::judge(&preflight::gather(host_root));
+    if !pre {
+        findings.extend(agent_findings(admin));
+    }
+    let failed = findings.iter().filter(|f| !f.ok).count();
+    if json {
+        emit_json(&findings)?;
+    } else {
+        table(
+            &["CHECK", "RESULT", "DETAIL"],
+            findings.iter().map(|f| {
+                vec![
+                    f.check.to_owned(),
+                    if f.ok { "ok" } else { "FAIL" }.to_owned(),
+                    f.detail.clone(),
+                ]
+            }),
+        );
+    }
+    if failed > 0 {
+        return Err(Exit::new(
+            EXIT_CHECK_FAILED,
+            format!("{failed} of {} checks failed", findings.len()),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn uninstall(bpffs: &Path, admin: SocketAddr, force: bool, json: bool) -> anyhow::Result<()> {
+    let agent_running =
+        std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(1)).is_ok();
+    if agent_running && !force {
+        anyhow::bail!(
+            "an agent answers on {admin}: stop it first (delete the DaemonSet, or stop the \
+             agent on this node), or pass --force"
+        );
+    }
+    let done = crate::datapath::uninstall::uninstall(bpffs)?;
+    if json {
+        return emit_json(&done);
+    }
+    println!(
+        "removed {} pinned links (programs detached), {} pinned maps, {} routing rules{}",
+        done.links.len(),
+        done.maps.len(),
+        done.rules,
+        if done.routes_flushed {
+            " and the capture route table"
+        } else {
+            ""
+        }
+    );
+    for path in &done.left {
+        println!("left {} (not the mesh's)", path.display());
+    }
+    Ok(())
+}
+
 fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
     let body = admin_get(admin, "/status")?;
-    if json {
-        println!("{body}");
-        return Ok(());
-    }
     let status: serde_json::Value =
         serde_json::from_str(&body).context("the agent's /status is not JSON")?;
+    if json {
+        println!("{body}");
+    } else {
+        print_status(&status);
+    }
+    if status.get("ready") != Some(&serde_json::Value::Bool(true)) {
+        return Err(Exit::new(EXIT_CHECK_FAILED, "the agent is not ready").into());
+    }
+    Ok(())
+}
+
+fn print_status(status: &serde_json::Value) {
     let field = |name: &str| status.get(name).cloned().unwrap_or(serde_json::Value::Null);
     println!("node:          {}", field("node").as_str().unwrap_or("?"));
     println!("source:        {}", field("source").as_str().unwrap_or("?"));
@@ -724,18 +969,25 @@ fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
             println!("  failing closed {pod}: {}", how.as_str().unwrap_or("?"));
         }
     }
-    Ok(())
 }
 
 fn policy_check(admin: SocketAddr, request: &CheckRequest, json: bool) -> anyhow::Result<()> {
     let body = serde_json::to_string(request)?;
     let answer = admin_request(admin, "POST", "/policy/check", &body)?;
-    if json {
-        println!("{}", answer.trim_end());
-        return Ok(());
-    }
     let report: serde_json::Value =
         serde_json::from_str(&answer).context("malformed answer from the agent")?;
+    if json {
+        println!("{}", answer.trim_end());
+    } else {
+        print_policy_report(&report);
+    }
+    if report.get("decision").and_then(|d| d.as_str()) == Some("deny") {
+        return Err(Exit::new(EXIT_DENIED, "denied").into());
+    }
+    Ok(())
+}
+
+fn print_policy_report(report: &serde_json::Value) {
     let text = |v: &serde_json::Value, key: &str| {
         v.get(key)
             .and_then(|s| s.as_str())
@@ -744,10 +996,10 @@ fn policy_check(admin: SocketAddr, request: &CheckRequest, json: bool) -> anyhow
     };
     println!(
         "{}: {} ({}) → {}",
-        text(&report, "decision").to_uppercase(),
-        text(&report, "source"),
-        text(&report, "source_principal"),
-        text(&report, "destination")
+        text(report, "decision").to_uppercase(),
+        text(report, "source"),
+        text(report, "source_principal"),
+        text(report, "destination")
     );
     let empty = Vec::new();
     for endpoint in report
@@ -797,7 +1049,6 @@ fn policy_check(admin: SocketAddr, request: &CheckRequest, json: bool) -> anyhow
             }
         }
     }
-    Ok(())
 }
 
 /// A GET to the agent's admin API; the body on 200.
@@ -823,8 +1074,11 @@ fn admin_request(
     let response = match runtime.block_on(client::send(&Transport::Plain, request)) {
         Ok(response) => response,
         Err(err @ ClientError::Connect { .. }) => {
-            return Err(anyhow::Error::new(err).context(format!(
-                "no mesh agent answers at {admin}: is it running on this node? (see --admin)"
+            return Err(anyhow::Error::new(err).context(Exit::new(
+                EXIT_AGENT_UNREACHABLE,
+                format!(
+                    "no mesh agent answers at {admin}: is it running on this node? (see --admin)"
+                ),
             )))
         }
         Err(err) => return Err(err.into()),

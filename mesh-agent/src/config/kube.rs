@@ -25,8 +25,42 @@ impl Pod {
     /// written by hand for the directory source, is taken to), not on the node's network.
     /// A pending pod may not run yet, a finished one's address may already be another's.
     pub fn holds_its_address(&self) -> bool {
+        !self.spec.host_network && self.is_running()
+    }
+
+    /// Whether the pod runs (or, without a phase, is taken to): only then is its address
+    /// a Service endpoint.
+    pub fn is_running(&self) -> bool {
         let phase = self.status.as_ref().and_then(|s| s.phase.as_deref());
-        !self.spec.host_network && phase.is_none_or(|p| p == "Running")
+        phase.is_none_or(|p| p == "Running")
+    }
+
+    /// Whether the kubelet reports the pod Ready (its readiness probes pass): only a ready
+    /// pod gets a Service's traffic. A pod without the condition (hand-written YAML)
+    /// counts as ready.
+    pub fn is_ready(&self) -> bool {
+        self.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.kind == "Ready"))
+            .is_none_or(|ready| ready.status == "True")
+    }
+
+    /// The pod's address while it runs.
+    pub fn running_address(&self) -> Option<std::net::Ipv4Addr> {
+        if !self.is_running() {
+            return None;
+        }
+        self.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
+    }
+
+    /// Named container ports, for a Service's `targetPort` by name.
+    pub fn named_ports(&self) -> BTreeMap<String, u16> {
+        self.spec
+            .containers
+            .iter()
+            .flat_map(|c| &c.ports)
+            .filter_map(|p| Some((p.name.clone()?, p.container_port)))
+            .collect()
     }
 }
 
@@ -73,6 +107,53 @@ pub struct Container {
     pub args: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<ContainerPort>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_probe: Option<Probe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<Probe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_probe: Option<Probe>,
+}
+
+impl Container {
+    /// The ports the kubelet probes, named ports resolved against this container's.
+    pub fn probe_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        [
+            &self.liveness_probe,
+            &self.readiness_probe,
+            &self.startup_probe,
+        ]
+        .into_iter()
+        .flatten()
+        .flat_map(|probe| [&probe.http_get, &probe.tcp_socket, &probe.grpc])
+        .flatten()
+        .filter_map(|action| match &action.port {
+            TargetPort::Number(port) => Some(*port),
+            TargetPort::Name(name) => self
+                .ports
+                .iter()
+                .find(|p| p.name.as_deref() == Some(name))
+                .map(|p| p.container_port),
+        })
+    }
+}
+
+/// A kubelet probe; the mesh reads only where it connects.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Probe {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_get: Option<ProbeAction>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_socket: Option<ProbeAction>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<ProbeAction>,
+}
+
+/// The port of a probe's `httpGet`, `tcpSocket` or `grpc` action.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProbeAction {
+    pub port: TargetPort,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -92,6 +173,16 @@ pub struct PodStatus {
     pub pod_ip: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<PodCondition>,
+}
+
+/// A condition the kubelet reports on a pod; the mesh reads `Ready`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PodCondition {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -111,6 +202,10 @@ pub struct ServiceSpec {
     pub selector: BTreeMap<String, String>,
     #[serde(default)]
     pub ports: Vec<ServicePort>,
+    /// Pods that are not ready are endpoints too (for peers that must find each other
+    /// before they are ready).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub publish_not_ready_addresses: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -2,6 +2,7 @@
 //! them from the bpffs directory and decodes them into plain rows.
 
 use std::{
+    collections::HashMap,
     io,
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
@@ -12,8 +13,9 @@ use aya::{
     programs::{links::PinnedLink, loaded_programs},
 };
 use mesh_common::{
-    name_str, pins, verdict, FlowKey, FlowStats, ServiceInfo, ServiceKey, TrafficCounters,
+    name_str, pins, verdict, FlowKey, FlowStats, PortKey, ServiceInfo, ServiceKey, TrafficCounters,
     TrafficKey, WorkloadInfo, DIRECTION_FROM_POD, FLOW_ROLE_CLIENT, WORKLOAD_FLAG_LOCAL,
+    WORKLOAD_FLAG_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT_PORTS,
 };
 use serde::Serialize;
 
@@ -73,6 +75,11 @@ pub struct WorkloadRow {
     pub service_account: String,
     pub local: bool,
     pub ifindex: u32,
+    /// What tc enforces on plaintext to the pod: `STRICT`, `STRICT on some ports`, or
+    /// `PERMISSIVE`.
+    pub mtls: &'static str,
+    /// Ports the node's probes reach in plaintext under STRICT.
+    pub probe_ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -143,17 +150,36 @@ impl NodeMaps {
         let map: BpfHashMap<_, u32, WorkloadInfo> =
             BpfHashMap::try_from(Map::HashMap(open(&self.dir, pins::WORKLOADS)?))
                 .map_err(|e| other(&self.dir, e))?;
+        let probes: BpfHashMap<_, PortKey, u32> =
+            BpfHashMap::try_from(Map::HashMap(open(&self.dir, pins::PROBE_PORTS)?))
+                .map_err(|e| other(&self.dir, e))?;
+        let mut probe_ports: HashMap<u32, Vec<u16>> = HashMap::new();
+        for (key, _) in probes.iter().filter_map(|entry| entry.ok()) {
+            probe_ports.entry(key.ip).or_default().push(key.port);
+        }
         let mut rows: Vec<WorkloadRow> = map
             .iter()
             .filter_map(|entry| entry.ok())
-            .map(|(ip, info)| WorkloadRow {
-                ip: ip_from_key(ip),
-                namespace: name_str(&info.namespace).to_owned(),
-                pod: name_str(&info.name).to_owned(),
-                workload: name_str(&info.workload).to_owned(),
-                service_account: name_str(&info.service_account).to_owned(),
-                local: info.flags & WORKLOAD_FLAG_LOCAL != 0,
-                ifindex: info.ifindex,
+            .map(|(ip, info)| {
+                let mut probe_ports = probe_ports.remove(&ip).unwrap_or_default();
+                probe_ports.sort_unstable();
+                WorkloadRow {
+                    ip: ip_from_key(ip),
+                    namespace: name_str(&info.namespace).to_owned(),
+                    pod: name_str(&info.name).to_owned(),
+                    workload: name_str(&info.workload).to_owned(),
+                    service_account: name_str(&info.service_account).to_owned(),
+                    local: info.flags & WORKLOAD_FLAG_LOCAL != 0,
+                    ifindex: info.ifindex,
+                    mtls: if info.flags & WORKLOAD_FLAG_MTLS_STRICT != 0 {
+                        "STRICT"
+                    } else if info.flags & WORKLOAD_FLAG_MTLS_STRICT_PORTS != 0 {
+                        "STRICT on some ports"
+                    } else {
+                        "PERMISSIVE"
+                    },
+                    probe_ports,
+                }
             })
             .collect();
         rows.sort_by_key(|r| r.ip);

@@ -7,7 +7,9 @@
 
 pub mod capacity;
 pub mod maps;
+pub mod preflight;
 pub mod splice;
+pub mod uninstall;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -29,8 +31,9 @@ use aya::{
 use mesh_common::{
     fill_name, pins, programs, PolicyKey, PortKey, ServiceInfo, ServiceKey, WorkloadInfo,
     CAPTURE_MARK, CAPTURE_ROUTE_TABLE, MAPS_LAYOUT_VERSION, POLICY_ALLOW, POLICY_DENY,
-    PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT, SETTINGS_KEY, SETTING_CAPTURE_UNKNOWN,
-    WORKLOAD_FLAG_LOCAL, WORKLOAD_FLAG_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT_PORTS,
+    PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT, PROBE_PORTS_CAPACITY, SETTINGS_KEY,
+    SETTING_CAPTURE_UNKNOWN, WORKLOAD_FLAG_LOCAL, WORKLOAD_FLAG_MTLS_STRICT,
+    WORKLOAD_FLAG_MTLS_STRICT_PORTS,
 };
 
 use crate::{
@@ -71,6 +74,8 @@ pub enum DatapathError {
     },
     #[error("policy routing: {0}")]
     Routing(String),
+    #[error("this node cannot run the mesh: {0}")]
+    Preflight(String),
 }
 
 type Result<T> = std::result::Result<T, DatapathError>;
@@ -85,6 +90,7 @@ pub struct PodAttachment {
 
 pub struct Datapath {
     ebpf: Ebpf,
+    bpffs: PathBuf,
     links_dir: PathBuf,
     capacities: Capacities,
 }
@@ -104,6 +110,14 @@ impl Datapath {
     /// the maps the agent fills get the sizes of `capacities`.
     pub fn load(bpffs: &Path, capacities: Capacities) -> Result<Datapath> {
         ensure_bpffs(bpffs)?;
+        let missing: Vec<String> = preflight::judge(&preflight::gather(Path::new("/")))
+            .into_iter()
+            .filter(|finding| !finding.ok)
+            .map(|finding| format!("{}: {}", finding.check, finding.detail))
+            .collect();
+        if !missing.is_empty() {
+            return Err(DatapathError::Preflight(missing.join("; ")));
+        }
         let maps = maps_dir(bpffs);
         let links = links_dir(bpffs);
         for dir in [&maps, &links] {
@@ -135,6 +149,7 @@ impl Datapath {
         })?;
         Ok(Datapath {
             ebpf,
+            bpffs: bpffs.to_owned(),
             links_dir: links,
             capacities,
         })
@@ -247,7 +262,43 @@ impl Datapath {
             message: e.to_string(),
         })?;
         // The previous agent's sockops link detaches when its pin goes: the new one is in.
-        pin_link(link, &pin)
+        pin_link(link, &pin)?;
+        self.remove_other_layout_links(pod_key);
+        Ok(())
+    }
+
+    /// Detaches what an agent of another map layout attached for `pod_key`, now that this
+    /// agent's programs are in: two generations of programs must not judge the same
+    /// packets, the older one by maps nobody updates any more.
+    fn remove_other_layout_links(&self, pod_key: &str) {
+        let prefix = format!("{}@", pod_key.replacen('/', "_", 1));
+        for dir in uninstall::other_layouts(&self.bpffs, MAPS_LAYOUT_VERSION) {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    if let Err(err) = fs::remove_file(entry.path()) {
+                        tracing::warn!("removing pinned link {}: {err}", entry.path().display());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes what agents of other map layouts left once this one enrolled the node's
+    /// pods: the links of pods that are gone, then their maps.
+    pub fn remove_other_layouts(&self) {
+        for dir in uninstall::other_layouts(&self.bpffs, MAPS_LAYOUT_VERSION) {
+            match uninstall::remove_pin_dir(&dir) {
+                Ok(pins) => tracing::info!(
+                    "removed {} ({} pins) left by an agent of another map layout",
+                    dir.display(),
+                    pins.len()
+                ),
+                Err(err) => tracing::warn!("{}", crate::errors::describe(&err)),
+            }
+        }
     }
 
     /// Detaches everything pinned for a pod.
@@ -279,6 +330,7 @@ impl Datapath {
         &mut self,
         state: &MeshState,
         ifindexes: &HashMap<Ipv4Addr, u32>,
+        probe_sources: &HashMap<Ipv4Addr, Ipv4Addr>,
         trust_domain: &str,
     ) -> Result<MapsReport> {
         let caps = self.capacities;
@@ -468,6 +520,31 @@ impl Datapath {
             refused: refused_overrides,
         });
 
+        let probes = probe_entries(state, probe_sources, PROBE_PORTS_CAPACITY);
+        let failed_probes = self.sync_map(pins::PROBE_PORTS, &probes.admitted)?;
+        let mut refused_probes = probes.refused;
+        refused_probes.extend(
+            failed_probes
+                .iter()
+                .map(|key| (ip_from_key(key.ip), key.port)),
+        );
+        for (ip, port) in &refused_probes {
+            if let Some(w) = state.workloads.get(ip) {
+                report.failing_closed.entry(w.key()).or_insert_with(|| {
+                    format!(
+                        "no room in {}: the node's probes of port {port} are dropped under STRICT",
+                        pins::PROBE_PORTS
+                    )
+                });
+            }
+        }
+        report.maps.push(MapUsage {
+            map: pins::PROBE_PORTS,
+            capacity: PROBE_PORTS_CAPACITY,
+            entries: probes.admitted.len() - failed_probes.len(),
+            refused: refused_probes.len(),
+        });
+
         // The policy map only spares the agent work: a SYN without a verdict is captured and
         // judged by the agent, so a verdict left out fails safe.
         let verdicts = kernel::kernel_verdicts(state, trust_domain);
@@ -554,6 +631,61 @@ impl Datapath {
         Ok(())
     }
 }
+
+/// The `PROBE_PORTS` entries of the local pods: each port their kubelet probes use, with
+/// the node address those probes come from; what does not fit in `room` is refused
+/// (the node's probes of it are then dropped under STRICT: fail closed).
+struct ProbeEntries {
+    admitted: HashMap<PortKey, u32>,
+    refused: Vec<(Ipv4Addr, u16)>,
+}
+
+fn probe_entries(
+    state: &MeshState,
+    sources: &HashMap<Ipv4Addr, Ipv4Addr>,
+    room: u32,
+) -> ProbeEntries {
+    let mut wanted: Vec<(Ipv4Addr, u16, Ipv4Addr)> = state
+        .local_workloads()
+        .filter_map(|w| Some((w, *sources.get(&w.ip)?)))
+        .flat_map(|(w, source)| w.probe_ports.iter().map(move |port| (w.ip, *port, source)))
+        .collect();
+    wanted.sort();
+    let room = usize::try_from(room).unwrap_or(usize::MAX);
+    let refused = wanted
+        .iter()
+        .skip(room)
+        .map(|(ip, port, _)| (*ip, *port))
+        .collect();
+    let admitted = wanted
+        .into_iter()
+        .take(room)
+        .map(|(ip, port, source)| {
+            let key = PortKey {
+                ip: ip_key(ip),
+                port,
+                _pad: 0,
+            };
+            (key, ip_key(source))
+        })
+        .collect();
+    ProbeEntries { admitted, refused }
+}
+
+/// The address this node sends from towards `ip`, which its kubelet's probes of a pod at
+/// `ip` come from: the kernel's own choice, as a connected UDP socket learns it (no
+/// packet is sent).
+pub fn source_towards(ip: Ipv4Addr) -> Option<Ipv4Addr> {
+    let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+    socket.connect((ip, DISCARD_PORT)).ok()?;
+    match socket.local_addr().ok()? {
+        std::net::SocketAddr::V4(local) => Some(*local.ip()),
+        std::net::SocketAddr::V6(_) => None,
+    }
+}
+
+/// Any port serves `source_towards`; nothing is sent to it.
+const DISCARD_PORT: u16 = 9;
 
 /// Removes the pin of a map whose size differs from `size`, so that the load creates it
 /// anew at that size (aya reuses a pinned map as it is). Programs still attached keep the
@@ -774,15 +906,9 @@ pub fn find_pod_cgroup(root: &Path, uid: &str) -> Option<PathBuf> {
     None
 }
 
-/// The cgroup v2 mount point, from /proc/mounts (`/sys/fs/cgroup` or, on hybrid hosts,
-/// `/sys/fs/cgroup/unified`).
+/// Where cgroup v2 is mounted in this mount namespace.
 pub fn cgroup2_mount() -> Option<PathBuf> {
-    let mounts = fs::read_to_string("/proc/mounts").ok()?;
-    mounts.lines().find_map(|line| {
-        let mut cols = line.split_whitespace();
-        let (_, point, kind) = (cols.next()?, cols.next()?, cols.next()?);
-        (kind == "cgroup2").then(|| PathBuf::from(point))
-    })
+    preflight::gather(Path::new("/")).cgroup2
 }
 
 #[cfg(test)]
@@ -808,5 +934,57 @@ mod tests {
         assert_eq!(find_pod_cgroup(&root, "99-cd"), Some(systemd));
         assert_eq!(find_pod_cgroup(&root, "missing"), None);
         fs::remove_dir_all(&root).expect("cleanup");
+    }
+
+    #[test]
+    fn probe_ports_of_local_pods_are_admitted_with_the_node_source_until_the_map_is_full() {
+        let yaml = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop}
+spec:
+  nodeName: node-1
+  containers:
+  - name: app
+    ports: [{name: health, containerPort: 8081}]
+    readinessProbe: {httpGet: {path: /ready, port: health}}
+    livenessProbe: {tcpSocket: {port: 8080}}
+  - name: side
+    startupProbe: {grpc: {port: 9090}}
+    livenessProbe: {httpGet: {port: health}}
+status: {podIP: 10.244.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: remote, namespace: shop}
+spec: {nodeName: node-2, containers: [{name: app, readinessProbe: {tcpSocket: {port: 80}}}]}
+status: {podIP: 10.244.2.2}
+";
+        let config = crate::config::load_str(Path::new("test.yaml"), yaml);
+        let state = MeshState::build("node-1", &config);
+        let node = Ipv4Addr::new(169, 254, 1, 1);
+        let pod = Ipv4Addr::new(10, 244, 1, 2);
+        let sources = HashMap::from([(pod, node), (Ipv4Addr::new(10, 244, 2, 2), node)]);
+        let key = |port| PortKey {
+            ip: ip_key(pod),
+            port,
+            _pad: 0,
+        };
+
+        let all = probe_entries(&state, &sources, 16);
+        // The named port of the second container does not resolve there: it has none.
+        let expected: HashMap<PortKey, u32> = [8080, 8081, 9090]
+            .into_iter()
+            .map(|port| (key(port), ip_key(node)))
+            .collect();
+        assert_eq!(all.admitted, expected);
+        assert!(all.refused.is_empty());
+
+        let full = probe_entries(&state, &sources, 2);
+        assert_eq!(full.admitted.len(), 2);
+        assert_eq!(full.refused, [(pod, 9090)]);
+
+        let unknown_source = probe_entries(&state, &HashMap::new(), 16);
+        assert!(unknown_source.admitted.is_empty());
     }
 }

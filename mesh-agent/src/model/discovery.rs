@@ -151,6 +151,15 @@ fn entry_endpoint(
     })
 }
 
+/// A pod a Service selects.
+struct SelectedPod {
+    ip: Ipv4Addr,
+    /// The pod's workload when it is in the mesh.
+    workload: Option<Arc<Workload>>,
+    labels: BTreeMap<String, String>,
+    named_ports: BTreeMap<String, u16>,
+}
+
 fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service: &Service) {
     let Some(ip) = service
         .spec
@@ -163,15 +172,31 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
     let namespace = service.metadata.namespace();
     let selector = &service.spec.selector;
     let hostname = format!("{}.{namespace}.svc.cluster.local", service.metadata.name);
-    let mut pods: Vec<_> = state
-        .workloads
-        .values()
-        .filter(|w| {
-            !selector.is_empty() && w.namespace == namespace && labels_match(selector, &w.labels)
+    // Every running, ready pod the selector picks is an endpoint, as in the Service's
+    // EndpointSlices: a meshed one with its workload, one outside the mesh (not enrolled,
+    // host network) reached directly.
+    let publish_not_ready = service.spec.publish_not_ready_addresses;
+    let mut pods: Vec<SelectedPod> = config
+        .pods
+        .iter()
+        .filter(|pod| {
+            !selector.is_empty()
+                && pod.metadata.namespace() == namespace
+                && labels_match(selector, &pod.metadata.labels)
+                && (publish_not_ready || pod.is_ready())
         })
-        .cloned()
+        .filter_map(|pod| {
+            let ip = pod.running_address()?;
+            Some(SelectedPod {
+                ip,
+                workload: state.workloads.get(&ip).cloned(),
+                labels: pod.metadata.labels.clone(),
+                named_ports: pod.named_ports(),
+            })
+        })
         .collect();
-    pods.sort_by_key(|w| w.ip);
+    pods.sort_by_key(|p| p.ip);
+    pods.dedup_by_key(|p| p.ip);
     let entries: Vec<&Resource<WorkloadEntry>> = config
         .istio
         .workload_entries
@@ -188,7 +213,7 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
             state,
             resource,
             "spec.selector",
-            "the selector matches no meshed pod with an address".into(),
+            "the selector matches no running pod with an address".into(),
         );
     }
     let rule = destination_rule(config, &hostname, namespace);
@@ -201,12 +226,12 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
     {
         let mut endpoints: Vec<Endpoint> = pods
             .iter()
-            .filter_map(|w| {
-                let target = target_port(port, &w.named_ports)?;
+            .filter_map(|pod| {
+                let target = target_port(port, &pod.named_ports)?;
                 Some(Endpoint {
-                    addr: SocketAddrV4::new(w.ip, target),
-                    workload: Some(w.clone()),
-                    labels: w.labels.clone(),
+                    addr: SocketAddrV4::new(pod.ip, target),
+                    workload: pod.workload.clone(),
+                    labels: pod.labels.clone(),
                 })
             })
             .collect();

@@ -23,6 +23,9 @@ use std::{
     sync::Arc,
 };
 
+use mesh_common::enrollment::{
+    enrolled, DefaultEnrollment, PodEnrollment, DATAPLANE_MODE_LABEL, SIDECAR_STATUS_ANNOTATION,
+};
 use serde::Serialize;
 
 use crate::config::{ClusterConfig, Diagnostic, Pod, DEFAULT_ROOT_NAMESPACE};
@@ -37,8 +40,23 @@ use self::{
     telemetry::WorkloadTelemetry,
 };
 
-/// Label that takes a pod, or every pod of a namespace, out of the mesh (Istio ambient's).
-pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+/// How the agent reads the cluster: the mesh's root namespace and who is enrolled by default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshSettings {
+    /// Where mesh-wide policies live (Istio's `rootNamespace`).
+    pub root_namespace: String,
+    /// Whether pods are in the mesh when neither they nor their namespace say.
+    pub default_enrollment: DefaultEnrollment,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        MeshSettings {
+            root_namespace: DEFAULT_ROOT_NAMESPACE.to_owned(),
+            default_enrollment: DefaultEnrollment::None,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Workload {
@@ -54,6 +72,8 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     /// Named container ports, for `targetPort` by name.
     pub named_ports: BTreeMap<String, u16>,
+    /// The ports the kubelet probes: the node reaches them in plaintext under STRICT.
+    pub probe_ports: Vec<u16>,
 }
 
 impl Workload {
@@ -271,9 +291,14 @@ pub struct MeshState {
 
 impl MeshState {
     /// The state of a fresh agent (no balancer state to carry over), with Istio's
-    /// default root namespace.
+    /// default root namespace and every pod enrolled unless labelled `none`
+    /// (`--default-enrollment ambient`).
     pub fn build(node: &str, config: &ClusterConfig) -> MeshState {
-        MeshState::build_with(node, config, DEFAULT_ROOT_NAMESPACE, &LbRegistry::default())
+        let settings = MeshSettings {
+            default_enrollment: DefaultEnrollment::Ambient,
+            ..MeshSettings::default()
+        };
+        MeshState::build_with(node, config, &settings, &LbRegistry::default())
     }
 
     /// The state `node`'s agent works from; balancers take their state from `balancers`,
@@ -281,9 +306,10 @@ impl MeshState {
     pub fn build_with(
         node: &str,
         config: &ClusterConfig,
-        root_namespace: &str,
+        settings: &MeshSettings,
         balancers: &LbRegistry,
     ) -> MeshState {
+        let root_namespace = settings.root_namespace.as_str();
         let mut state = MeshState {
             node: node.to_owned(),
             root_namespace: root_namespace.to_owned(),
@@ -295,16 +321,28 @@ impl MeshState {
                 state.nodes.insert(n.metadata.name.clone(), ip);
             }
         }
-        let opted_out_namespaces: Vec<&str> = config
+        let namespace_labels: HashMap<&str, &str> = config
             .namespaces
             .iter()
-            .filter(|ns| opted_out(&ns.metadata.labels))
-            .map(|ns| ns.metadata.name.as_str())
+            .filter_map(|ns| {
+                let mode = ns.metadata.labels.get(DATAPLANE_MODE_LABEL)?;
+                Some((ns.metadata.name.as_str(), mode.as_str()))
+            })
             .collect();
         for pod in &config.pods {
-            if opted_out(&pod.metadata.labels)
-                || opted_out_namespaces.contains(&pod.metadata.namespace())
-            {
+            let labels = PodEnrollment {
+                pod_label: pod
+                    .metadata
+                    .labels
+                    .get(DATAPLANE_MODE_LABEL)
+                    .map(String::as_str),
+                namespace_label: namespace_labels.get(pod.metadata.namespace()).copied(),
+                has_sidecar: pod
+                    .metadata
+                    .annotations
+                    .contains_key(SIDECAR_STATUS_ANNOTATION),
+            };
+            if !enrolled(labels, settings.default_enrollment) {
                 continue;
             }
             if let Some(workload) = workload_of(pod) {
@@ -433,10 +471,6 @@ impl MeshState {
     }
 }
 
-fn opted_out(labels: &BTreeMap<String, String>) -> bool {
-    labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some("none")
-}
-
 /// The workload a pod is, while it runs: its address stands for its identity only then.
 /// A pod that has finished (`Succeeded`, `Failed`) keeps its `podIP` in its status while
 /// the address goes to another pod, and one not running yet (`Pending`, `Unknown`) may
@@ -446,15 +480,17 @@ fn workload_of(pod: &Pod) -> Option<Workload> {
     if !pod.holds_its_address() {
         return None;
     }
-    let ip = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+    let ip = pod.running_address()?;
     let labels = pod.metadata.labels.clone();
-    let named_ports = pod
+    let named_ports = pod.named_ports();
+    let mut probe_ports: Vec<u16> = pod
         .spec
         .containers
         .iter()
-        .flat_map(|c| &c.ports)
-        .filter_map(|p| Some((p.name.clone()?, p.container_port)))
+        .flat_map(|c| c.probe_ports())
         .collect();
+    probe_ports.sort_unstable();
+    probe_ports.dedup();
     Some(Workload {
         uid: pod.metadata.uid.clone().unwrap_or_default(),
         namespace: pod.metadata.namespace().to_owned(),
@@ -473,6 +509,7 @@ fn workload_of(pod: &Pod) -> Option<Workload> {
             .cloned(),
         labels,
         named_ports,
+        probe_ports,
     })
 }
 
@@ -671,7 +708,128 @@ spec: {clusterIP: 10.96.0.11, selector: {app: nothing}, ports: [{port: 80}]}
         assert_eq!(state.diagnostics.len(), 1);
         assert!(state.diagnostics[0]
             .message
-            .contains("matches no meshed pod"));
+            .contains("matches no running pod"));
+    }
+
+    #[test]
+    fn by_default_only_pods_labelled_ambient_or_in_an_ambient_namespace_are_enrolled() {
+        let yaml = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop}
+status: {podIP: 10.244.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: opted-out, namespace: shop, labels: {istio.io/dataplane-mode: none}}
+status: {podIP: 10.244.1.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: with-sidecar, namespace: shop, annotations: {sidecar.istio.io/status: '{}'}}
+status: {podIP: 10.244.1.4}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old, namespace: legacy}
+status: {podIP: 10.244.1.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: joined, namespace: legacy, labels: {istio.io/dataplane-mode: ambient}}
+status: {podIP: 10.244.1.6}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: unlisted-namespace, namespace: other}
+status: {podIP: 10.244.1.7}
+";
+        let config = load_str(std::path::Path::new("test.yaml"), yaml);
+        let enrolled_pods = |default_enrollment| {
+            let settings = MeshSettings {
+                default_enrollment,
+                ..MeshSettings::default()
+            };
+            let state = MeshState::build_with("node-1", &config, &settings, &LbRegistry::default());
+            let mut pods: Vec<String> = state.workloads.values().map(|w| w.pod.clone()).collect();
+            pods.sort();
+            pods
+        };
+        assert_eq!(enrolled_pods(DefaultEnrollment::None), ["joined", "web"]);
+        assert_eq!(
+            enrolled_pods(DefaultEnrollment::Ambient),
+            ["joined", "old", "unlisted-namespace", "web"]
+        );
+    }
+
+    #[test]
+    fn a_service_resolves_to_its_ready_pods_outside_the_mesh_without_a_workload() {
+        let yaml = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: api, namespace: legacy, labels: {app: api}}
+spec: {nodeName: node-2, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.244.2.8, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-old, namespace: legacy, labels: {app: api}}
+spec: {nodeName: node-2}
+status: {podIP: 10.244.2.9, phase: Succeeded}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-starting, namespace: legacy, labels: {app: api}}
+spec: {nodeName: node-2, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.244.2.10, phase: Running, conditions: [{type: Ready, status: 'False'}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: legacy}
+spec: {clusterIP: 10.96.0.20, selector: {app: api}, ports: [{port: 80, targetPort: http}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api-peers, namespace: legacy}
+spec:
+  clusterIP: 10.96.0.21
+  selector: {app: api}
+  publishNotReadyAddresses: true
+  ports: [{port: 80, targetPort: http}]
+";
+        let config = load_str(std::path::Path::new("test.yaml"), yaml);
+        let state = MeshState::build_with(
+            "node-1",
+            &config,
+            &MeshSettings::default(),
+            &LbRegistry::default(),
+        );
+        assert!(state.workloads.is_empty(), "nothing is enrolled");
+        // Neither the finished pod nor the one that is not ready yet gets traffic.
+        for _ in 0..3 {
+            let (addr, workload, service) = target(&state, "10.96.0.20:80");
+            assert_eq!(addr, "10.244.2.8:8080".parse().expect("addr"));
+            assert_eq!(workload, None);
+            assert_eq!(service.as_deref(), Some("api.legacy.svc.cluster.local"));
+        }
+        // Unless the Service publishes not-ready addresses.
+        let mut peers: Vec<SocketAddrV4> =
+            (0..4).map(|_| target(&state, "10.96.0.21:80").0).collect();
+        peers.sort();
+        peers.dedup();
+        let expected: Vec<SocketAddrV4> = ["10.244.2.8:8080", "10.244.2.10:8080"]
+            .iter()
+            .map(|a| a.parse().expect("addr"))
+            .collect();
+        assert_eq!(peers, expected);
     }
 
     #[test]

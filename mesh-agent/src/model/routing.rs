@@ -1058,6 +1058,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             named_ports: BTreeMap::new(),
+            probe_ports: Vec::new(),
         }
     }
 
