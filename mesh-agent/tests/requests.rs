@@ -3,7 +3,10 @@
 //! path, the query untouched — a request whose path cannot be normalised is answered
 //! 400 by the agent and never reaches the workload, and each decision is counted once;
 //! a verified token is removed (unless `forwardOriginalToken`) and its payload and
-//! claims are set as headers, which a client can never forge.
+//! claims are set as headers, which a client can never forge; every request gets an
+//! `x-request-id`, a sampled one keeps its trace id with the agent's server span as the
+//! parent, and that span reaches an OTLP collector (a dead one costs spans, not
+//! requests).
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -12,8 +15,8 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper::client::conn::http1::SendRequest;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::{body::Incoming, client::conn::http1::SendRequest, service::service_fn};
 use hyper_util::rt::TokioIo;
 use mesh_agent::{
     config::load_str,
@@ -29,6 +32,12 @@ use mesh_agent::{
         request_metrics::{LabelSettings, RequestMetrics},
     },
 };
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::ExportTraceServiceRequest,
+    common::v1::any_value,
+    trace::v1::{span, Span},
+};
+use prost::Message;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const CLUSTER: &str = "\
@@ -162,8 +171,26 @@ impl Served {
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 
+    /// The heads the workload received, each checked for the one `x-request-id` every
+    /// request is given (the client's, else a UUID v4 the agent made), which is then left
+    /// out.
     fn heads(&self) -> Vec<Vec<String>> {
-        self.heads.lock().expect("heads").clone()
+        let heads = self.heads.lock().expect("heads").clone();
+        heads
+            .into_iter()
+            .map(|head| {
+                let (ids, rest): (Vec<String>, Vec<String>) = head
+                    .into_iter()
+                    .partition(|line| line.starts_with("x-request-id: "));
+                assert_eq!(ids.len(), 1, "one x-request-id: {ids:?}");
+                let id = &ids[0]["x-request-id: ".len()..];
+                assert!(
+                    id.starts_with("req-") || is_uuid_v4(id),
+                    "{id} is not a UUID v4"
+                );
+                rest
+            })
+            .collect()
     }
 
     /// The metric lines of `name` (`mesh_authz_decisions_total`, ...).
@@ -215,6 +242,14 @@ async fn the_workload_receives_the_normalised_path_and_never_an_unnormalisable_o
         [labels("allow", "-"), labels("deny", "default/deny-admin")],
         "one allowed and one denied request; the 400 is no decision"
     );
+}
+
+fn is_uuid_v4(id: &str) -> bool {
+    let groups: Vec<&str> = id.split('-').collect();
+    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && id.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit())
+        && groups[2].starts_with('4')
+        && groups[3].starts_with(['8', '9', 'a', 'b'])
 }
 
 /// The value of the series of `name` whose labels include every one of `labels`.
@@ -447,4 +482,209 @@ fn request_metrics(trust_domain: &str) -> RequestMetrics {
         cluster: "Kubernetes".into(),
     };
     RequestMetrics::new(settings, std::time::Duration::from_secs(600))
+}
+
+type Exports = tokio::sync::mpsc::UnboundedReceiver<ExportTraceServiceRequest>;
+
+/// An OTLP/HTTP collector on loopback: the port, and each export it takes, decoded.
+async fn collector() -> (u16, Exports) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let (sender, exports) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let sender = sender.clone();
+            let service = service_fn(move |request: http::Request<Incoming>| {
+                let sender = sender.clone();
+                async move {
+                    assert_eq!(request.uri().path(), "/v1/traces");
+                    let body = request.into_body().collect().await?.to_bytes();
+                    let export = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+                    let _ = sender.send(export);
+                    Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::new())))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    (port, exports)
+}
+
+/// A MeshConfig naming a collector on loopback `port`, and a Telemetry tracing httpbin's
+/// requests there at `sampling` percent, with custom tags.
+fn tracing_to(port: u16, sampling: &str) -> String {
+    format!(
+        "---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: istio, namespace: istio-system}}
+data:
+  mesh: |
+    extensionProviders:
+    - name: otel
+      opentelemetry: {{service: 127.0.0.1, port: {port}, http: {{path: /v1/traces, timeout: 2s}}}}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: tracing, namespace: default}}
+spec:
+  tracing:
+  - providers: [{{name: otel}}]
+    randomSamplingPercentage: {sampling}
+    customTags:
+      team: {{literal: {{value: payments}}}}
+      tenant: {{header: {{name: x-tenant, defaultValue: none}}}}
+"
+    )
+}
+
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            any_value::Value::StringValue(s) => Some(s.clone()),
+            any_value::Value::BoolValue(b) => Some(b.to_string()),
+            other => Some(format!("{other:?}")),
+        })
+}
+
+#[tokio::test]
+async fn a_sampled_request_keeps_its_trace_and_its_server_span_reaches_the_collector() {
+    let (port, mut exports) = collector().await;
+    // 0%: only the incoming decision samples.
+    let mut served = serve(&tracing_to(port, "0")).await;
+    // Without context, at 0%: a trace is started unsampled, so the next hop does not
+    // roll again, and no span is reported.
+    assert_eq!(served.get("/quiet", &[]).await.0, 200);
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let headers = [
+        ("traceparent", parent),
+        ("tracestate", "congo=t61rcWkgMzE"),
+        ("x-request-id", "req-1"),
+        ("user-agent", "probe/1"),
+    ];
+    assert_eq!(served.get("/status?x=1", &headers).await.0, 200);
+    let heads = served.heads.lock().expect("heads").clone();
+    let forwarded = |head: &[String], name: &str| -> String {
+        head.iter()
+            .find_map(|line| line.strip_prefix(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("no {name} in {head:?}"))
+            .to_owned()
+    };
+    let quiet = forwarded(&heads[0], "traceparent");
+    assert!(quiet.ends_with("-00") && quiet.len() == 55, "{quiet}");
+    let onward = forwarded(&heads[1], "traceparent");
+    let (trace, rest) = onward
+        .strip_prefix("00-")
+        .and_then(|t| t.split_once('-'))
+        .expect("traceparent fields");
+    assert_eq!(
+        trace, "4bf92f3577b34da6a3ce929d0e0e4736",
+        "the trace id is kept"
+    );
+    let (span_id, flags) = rest.split_once('-').expect("span and flags");
+    assert_ne!(
+        span_id, "00f067aa0ba902b7",
+        "the agent's span is the next parent"
+    );
+    assert_eq!(flags, "01");
+    assert_eq!(forwarded(&heads[1], "tracestate"), "congo=t61rcWkgMzE");
+    assert_eq!(forwarded(&heads[1], "x-request-id"), "req-1");
+
+    let export = tokio::time::timeout(std::time::Duration::from_secs(20), exports.recv())
+        .await
+        .expect("an export within 20 s")
+        .expect("an export");
+    assert_eq!(export.resource_spans.len(), 1, "{export:?}");
+    let resource = &export.resource_spans[0];
+    let service = resource
+        .resource
+        .as_ref()
+        .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.name"))
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            any_value::Value::StringValue(s) => Some(s.clone()),
+            _ => None,
+        });
+    assert_eq!(service.as_deref(), Some("httpbin.default"));
+    let spans: Vec<&Span> = resource.scope_spans.iter().flat_map(|s| &s.spans).collect();
+    assert_eq!(spans.len(), 1, "only the sampled request: {spans:?}");
+    let span = spans[0];
+    assert_eq!(hex(&span.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(hex(&span.parent_span_id), "00f067aa0ba902b7");
+    assert_eq!(hex(&span.span_id), span_id);
+    assert_eq!(span.kind, span::SpanKind::Server as i32);
+    assert_eq!(span.name, "httpbin.default.svc.cluster.local:80/*");
+    for (key, value) in [
+        ("component", "proxy"),
+        ("http.method", "GET"),
+        ("http.url", "http://httpbin.default:8000/status?x=1"),
+        ("http.protocol", "HTTP/1.1"),
+        ("http.status_code", "200"),
+        ("guid:x-request-id", "req-1"),
+        ("user_agent", "probe/1"),
+        ("peer.address", "10.244.1.10"),
+        ("upstream_cluster", "inbound|80||"),
+        ("upstream_cluster.name", "inbound|80||"),
+        ("response_flags", "-"),
+        ("response_size", "40"),
+        ("istio.canonical_service", "httpbin"),
+        ("istio.canonical_revision", "latest"),
+        ("istio.namespace", "default"),
+        ("istio.mesh_id", "cluster.local"),
+        (
+            "node_id",
+            "sidecar~10.244.1.20~httpbin.default~default.svc.cluster.local",
+        ),
+        ("team", "payments"),
+        ("tenant", "none"),
+    ] {
+        assert_eq!(attribute(span, key).as_deref(), Some(value), "{key}");
+    }
+    assert_eq!(attribute(span, "error"), None);
+    assert!(span.end_time_unix_nano >= span.start_time_unix_nano);
+    // Counted once the collector has answered, a moment after it took the spans.
+    let mut text = String::new();
+    for _ in 0..500 {
+        text = served.metrics.encode();
+        if text.contains("mesh_spans_exported_total 1") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(text.contains("mesh_spans_exported_total 1"), "{text}");
+    assert!(text.contains("mesh_spans_dropped_total 0"), "{text}");
+}
+
+#[tokio::test]
+async fn a_dead_collector_costs_spans_not_requests() {
+    // A port nothing listens on any more.
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address").port()
+    };
+    let mut served = serve(&tracing_to(port, "100")).await;
+    for _ in 0..5 {
+        assert_eq!(served.get("/status", &[]).await, (200, "ok".to_owned()));
+    }
+    let mut text = String::new();
+    for _ in 0..500 {
+        text = served.metrics.encode();
+        if text.contains("mesh_spans_export_failed_total 5") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(text.contains("mesh_spans_export_failed_total 5"), "{text}");
+    assert!(text.contains("mesh_spans_exported_total 0"), "{text}");
+    assert!(text.contains("mesh_spans_dropped_total 0"), "{text}");
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

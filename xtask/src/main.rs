@@ -9,6 +9,7 @@ mod demo;
 mod fuzz;
 mod go_build;
 mod helm;
+mod jaeger;
 mod kube_tools;
 mod ns;
 mod sandbox;

@@ -26,6 +26,7 @@ use serde_norway::Value;
 
 use crate::{
     control_plane::{self, ControlPlaneState},
+    jaeger::{self, JaegerState},
     ns::{self, Placement},
     progress, release_binaries, run,
 };
@@ -93,6 +94,9 @@ pub struct SandboxState {
     pub control_plane: Option<ControlPlaneState>,
     #[serde(default)]
     pub config_source: ConfigSource,
+    /// The trace collector, once started.
+    #[serde(default)]
+    pub jaeger: Option<JaegerState>,
 }
 
 fn state_path() -> PathBuf {
@@ -438,6 +442,7 @@ pub fn up(config: &Path, source: ConfigSource) -> Result<()> {
     // On the API source the CA learns which pods run where from the API, as agents do.
     let kubeconfig = state.api().map(|api| api.agent_kubeconfig.clone());
     start_ca(&agent, &cgroups, &state, kubeconfig.as_deref())?;
+    state.jaeger = Some(jaeger::start(Path::new(RUN_DIR), &cgroups)?);
     state.save()?;
     // Nodes first, so that the agents start with their own address known.
     for node in &nodes {
@@ -1331,6 +1336,10 @@ pub fn status(json: bool) -> Result<()> {
                 "pods": pods,
                 "kubeconfig": state.control_plane.as_ref().map(|c| &c.kubeconfig),
                 "config_source": state.config_source,
+                "jaeger": state.jaeger.as_ref().map(|_| serde_json::json!({
+                    "otlp": jaeger::otlp_url(),
+                    "query": jaeger::query_url(),
+                })),
             }))?
         );
         return Ok(());
@@ -1369,6 +1378,16 @@ pub fn status(json: bool) -> Result<()> {
             control_plane.apiserver_pid,
             control_plane.etcd_pid,
             control_plane.kubeconfig.display()
+        );
+    }
+    if let Some(jaeger) = &state.jaeger {
+        println!();
+        println!(
+            "jaeger {} (pid {}): OTLP {}, query API and UI {}",
+            jaeger::JAEGER_VERSION,
+            jaeger.pid,
+            jaeger::otlp_url(),
+            jaeger::query_url()
         );
     }
     if !state.services.is_empty() {

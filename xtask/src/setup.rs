@@ -39,7 +39,8 @@ pub fn ensure() -> Result<()> {
     ensure_nightly()?;
     ensure_bpf_linker()?;
     crate::kube_tools::ensure()?;
-    crate::helm::ensure()
+    crate::helm::ensure()?;
+    crate::jaeger::ensure()
 }
 
 fn installed(package: &str) -> bool {

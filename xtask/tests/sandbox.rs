@@ -2767,6 +2767,241 @@ fn request_metrics_are_reported_by_the_source_and_the_destination_agent() {
     assert_eq!(destination("node-b", "v2", "mutual_tls"), server_before);
 }
 
+/// Tracing for the whole mesh, to the sandbox's Jaeger (MeshConfig's `jaeger` provider),
+/// every request sampled.
+const MESH_TRACING: &str = "\
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-tracing, namespace: istio-system}
+spec:
+  tracing:
+  - providers: [{name: jaeger}]
+    randomSamplingPercentage: 100
+    customTags:
+      sandbox: {literal: {value: 'yes'}}
+";
+
+/// The trace `id` as Jaeger's query API returns it, once it holds `spans` spans.
+fn jaeger_trace(query: &str, id: &str, spans: usize) -> serde_json::Value {
+    let mut found = serde_json::Value::Null;
+    eventually(&format!("Jaeger holds {spans} spans of trace {id}"), || {
+        let out = xtask(&[
+            "sandbox",
+            "exec",
+            "--node",
+            "node-a",
+            "--",
+            "curl",
+            "-sf",
+            &format!("{query}/api/traces/{id}"),
+        ]);
+        if !out.status.success() {
+            return false;
+        }
+        let Ok(answer) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+            return false;
+        };
+        found = answer["data"][0].clone();
+        found["spans"].as_array().map_or(0, Vec::len) >= spans
+    });
+    found
+}
+
+/// The value of a span's tag (Jaeger's JSON: `tags: [{key, type, value}]`).
+fn tag(span: &serde_json::Value, key: &str) -> Option<String> {
+    span["tags"]
+        .as_array()?
+        .iter()
+        .find(|t| t["key"] == key)
+        .map(|t| match &t["value"] {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+}
+
+/// The span id a span is the child of.
+fn parent_of(span: &serde_json::Value) -> Option<String> {
+    span["references"]
+        .as_array()?
+        .iter()
+        .find(|r| r["refType"] == "CHILD_OF")
+        .and_then(|r| r["spanID"].as_str())
+        .map(str::to_owned)
+}
+
+/// The `traceparent` fields the backend received: trace id and parent span id.
+fn received_traceparent(echo: &serde_json::Value) -> (String, String) {
+    let header = echo["headers"]["traceparent"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no traceparent reached the backend: {echo}"));
+    let fields: Vec<&str> = header.split('-').collect();
+    assert_eq!(fields.len(), 4, "{header}");
+    assert_eq!(fields[3], "01", "sampled: {header}");
+    (fields[1].to_owned(), fields[2].to_owned())
+}
+
+#[test]
+fn a_traced_request_keeps_its_trace_across_nodes_and_jaeger_holds_both_spans() {
+    let _sandbox = Sandbox::up();
+    let status = status_json();
+    let query = status["jaeger"]["query"]
+        .as_str()
+        .expect("the status names Jaeger's query API")
+        .to_owned();
+    assert_eq!(query, "http://10.200.0.252:16686");
+    assert_eq!(status["jaeger"]["otlp"], "http://10.200.0.252:4318");
+    let client_ip = pod_ip(&status, "client-a");
+    kubectl("apply", "reviews-v2", &reviews_pod("v2", "node-b"));
+    kubectl("apply", "reviews", REVIEWS);
+    kubectl(
+        "apply",
+        "routes",
+        &reviews_routes(
+            "  - name: to-v2\n    route:\n    - destination: {host: reviews, subset: v2}\n",
+        ),
+    );
+    kubectl("apply", "tracing", MESH_TRACING);
+    let tracing = |node: &str| {
+        on_node(node, &["curl", "-sf", "http://127.0.0.1:15000/config_dump"])
+            .contains("istio-system/mesh-tracing")
+    };
+    eventually("both agents trace", || {
+        tracing("node-a") && tracing("node-b")
+    });
+    eventually("reviews-v2 answers, routed", || {
+        reviews("/", 1, "{}", "new").count("200 reviews-v2") == 1
+    });
+
+    // A request that arrives with a sampled W3C context keeps its trace id end to end.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = "00f067aa0ba902b7";
+    let headers =
+        format!(r#"{{"traceparent": "00-{trace_id}-{caller}-01", "user-agent": "tracer/1"}}"#);
+    let answers = reviews("/traced", 1, &headers, "new");
+    assert_eq!(answers.count("200 reviews-v2"), 1, "{:?}", answers.counts);
+    let echo = answers.first_echo();
+    let (seen_trace, seen_parent) = received_traceparent(&echo);
+    assert_eq!(seen_trace, trace_id, "the backend sees the same trace");
+    let request_id = echo["headers"]["x-request-id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no x-request-id reached the backend: {echo}"))
+        .to_owned();
+    assert_eq!(request_id.len(), 36, "a UUID: {request_id}");
+
+    let trace = jaeger_trace(&query, trace_id, 2);
+    let spans = trace["spans"].as_array().expect("spans").clone();
+    assert_eq!(spans.len(), 2, "{trace}");
+    let kind = |span: &serde_json::Value| tag(span, "span.kind").unwrap_or_default();
+    let client = spans
+        .iter()
+        .find(|s| kind(s) == "client")
+        .expect("a client span");
+    let server = spans
+        .iter()
+        .find(|s| kind(s) == "server")
+        .expect("a server span");
+    let service = |span: &serde_json::Value| {
+        let process = span["processID"].as_str().unwrap_or_default();
+        trace["processes"][process]["serviceName"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    // The source agent's client span is the caller's child; the destination agent's
+    // server span is the client span's child, and the parent the backend sees.
+    assert_eq!(parent_of(client).as_deref(), Some(caller), "{client}");
+    assert_eq!(
+        parent_of(server),
+        client["spanID"].as_str().map(str::to_owned),
+        "{server}"
+    );
+    assert_eq!(server["spanID"].as_str(), Some(seen_parent.as_str()));
+    assert_eq!(
+        client["operationName"],
+        "reviews.demo.svc.cluster.local:9080/*"
+    );
+    assert_eq!(
+        server["operationName"],
+        "reviews.demo.svc.cluster.local:9080/*"
+    );
+    assert_eq!(service(client), "client.demo");
+    assert_eq!(service(server), "reviews.demo");
+    for span in [client, server] {
+        for (key, value) in [
+            ("http.method", "GET"),
+            ("http.url", "http://10.96.0.110:9080/traced"),
+            ("http.status_code", "200"),
+            ("http.protocol", "HTTP/1.1"),
+            ("user_agent", "tracer/1"),
+            ("component", "proxy"),
+            ("response_flags", "-"),
+            ("istio.mesh_id", "cluster.local"),
+            ("istio.namespace", "demo"),
+            ("sandbox", "yes"),
+        ] {
+            assert_eq!(tag(span, key).as_deref(), Some(value), "{key} in {span}");
+        }
+        assert_eq!(tag(span, "guid:x-request-id"), Some(request_id.clone()));
+        assert_eq!(tag(span, "error"), None, "{span}");
+    }
+    assert_eq!(
+        tag(client, "istio.canonical_service").as_deref(),
+        Some("client")
+    );
+    assert_eq!(
+        tag(client, "upstream_cluster").as_deref(),
+        Some("outbound|9080|v2|reviews.demo.svc.cluster.local")
+    );
+    assert_eq!(tag(client, "peer.address"), Some(client_ip.clone()));
+    assert_eq!(
+        tag(server, "istio.canonical_service").as_deref(),
+        Some("reviews")
+    );
+    assert_eq!(
+        tag(server, "istio.canonical_revision").as_deref(),
+        Some("v2")
+    );
+    assert_eq!(
+        tag(server, "upstream_cluster").as_deref(),
+        Some("inbound|9080||")
+    );
+    assert_eq!(tag(server, "peer.address"), Some(client_ip.clone()));
+    assert!(
+        tag(server, "node_id")
+            .is_some_and(|n| n.starts_with("sidecar~10.244.2.") && n.contains("~reviews-v2.demo~")),
+        "{server}"
+    );
+
+    // Without a context, at 100% sampling, the source agent starts the trace: its client
+    // span is the root.
+    let fresh = reviews("/fresh", 1, "{}", "new");
+    let (fresh_trace, fresh_parent) = received_traceparent(&fresh.first_echo());
+    let trace = jaeger_trace(&query, &fresh_trace, 2);
+    let spans = trace["spans"].as_array().expect("spans");
+    assert_eq!(spans.len(), 2, "{trace}");
+    let root = spans
+        .iter()
+        .find(|s| kind(s) == "client")
+        .expect("a client span");
+    let child = spans
+        .iter()
+        .find(|s| kind(s) == "server")
+        .expect("a server span");
+    assert_eq!(parent_of(root), None, "{root}");
+    assert_eq!(parent_of(child), root["spanID"].as_str().map(str::to_owned));
+    assert_eq!(child["spanID"].as_str(), Some(fresh_parent.as_str()));
+    // Nothing was dropped or refused on the way.
+    for node in ["node-a", "node-b"] {
+        let text = metrics(node);
+        for counter in [
+            "mesh_spans_dropped_total 0",
+            "mesh_spans_export_failed_total 0",
+        ] {
+            assert!(text.lines().any(|l| l == counter), "{node}: {counter}");
+        }
+    }
+}
+
 /// `count` pods `spare-1`… on node-a serving HTTP on 8080, outside every Service.
 /// Pods `spare-1` to `spare-<count>` on node-a; the last without a readiness probe: it
 /// is the one that does not fit in a full workload map, whose answers cannot leave its

@@ -1,8 +1,10 @@
 //! Istio's MeshConfig, as users already keep it: the `mesh` key of the `istio` ConfigMap
 //! in `istio-system`. The mesh reads the telemetry part — the classic `accessLogFile`,
 //! `accessLogEncoding` and `accessLogFormat`, the `extensionProviders` a Telemetry names
-//! (`envoyFileAccessLog`) and the `defaultProviders` — and leaves the rest alone: a
-//! MeshConfig holds many settings for Istio's control plane that mean nothing here.
+//! (`envoyFileAccessLog`, `opentelemetry`; `zipkin` is recognised and reported as
+//! unsupported), the `defaultProviders`, `enableTracing` and
+//! `defaultConfig.tracing.sampling` — and leaves the rest alone: a MeshConfig holds many
+//! settings for Istio's control plane that mean nothing here.
 
 use std::collections::BTreeMap;
 
@@ -23,6 +25,23 @@ pub struct MeshConfig {
     pub access_log_format: String,
     pub extension_providers: Vec<ExtensionProvider>,
     pub default_providers: DefaultProviders,
+    /// Istio's switch for tracing as a whole (default on).
+    pub enable_tracing: Option<bool>,
+    pub default_config: ProxyConfig,
+}
+
+/// `defaultConfig`: the proxies' defaults; only `tracing.sampling` concerns the mesh.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ProxyConfig {
+    pub tracing: Option<ProxyTracing>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ProxyTracing {
+    /// The percentage of requests that start a sampled trace (0–100; Istio's default 1).
+    pub sampling: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +64,37 @@ pub struct DefaultProviders {
 pub struct ExtensionProvider {
     pub name: String,
     pub envoy_file_access_log: Option<FileAccessLog>,
+    pub opentelemetry: Option<OpenTelemetryProvider>,
+    /// Recognised so a Telemetry naming it is told it is unsupported; its settings are
+    /// not read.
+    pub zipkin: Option<serde_json::Value>,
+}
+
+/// `extensionProviders[].opentelemetry`: an OTLP collector. The mesh exports spans over
+/// OTLP/HTTP (protobuf) to `http://{service}:{port}{http.path}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct OpenTelemetryProvider {
+    /// `[<namespace>/]<hostname>` as Istio writes it, or an address.
+    pub service: String,
+    pub port: u32,
+    pub max_tag_length: Option<u32>,
+    pub http: Option<OtlpHttp>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct OtlpHttp {
+    pub path: String,
+    pub timeout: Option<String>,
+    pub headers: Vec<OtlpHeader>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct OtlpHeader {
+    pub name: String,
+    pub value: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -84,6 +134,25 @@ pub fn parse(text: &str) -> Result<MeshConfig, String> {
         };
         checked.map_err(|err| format!("data.mesh: accessLogFormat: {err}"))?;
     }
+    if let Some(sampling) = mesh
+        .default_config
+        .tracing
+        .as_ref()
+        .and_then(|t| t.sampling)
+    {
+        check_percentage(sampling)
+            .map_err(|err| format!("data.mesh: defaultConfig.tracing.sampling: {err}"))?;
+    }
+    for (i, provider) in mesh.extension_providers.iter().enumerate() {
+        if let Some(otel) = &provider.opentelemetry {
+            check_opentelemetry(otel).map_err(|err| {
+                format!(
+                    "data.mesh: extensionProviders[{i}] ({}): opentelemetry.{err}",
+                    provider.name
+                )
+            })?;
+        }
+    }
     for provider in &mesh.extension_providers {
         let Some(format) = provider
             .envoy_file_access_log
@@ -105,7 +174,60 @@ pub fn parse(text: &str) -> Result<MeshConfig, String> {
     Ok(mesh)
 }
 
+/// A sampling percentage: a number from 0 to 100.
+pub fn check_percentage(value: f64) -> Result<(), String> {
+    if (0.0..=100.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("{value} is not a percentage between 0 and 100"))
+    }
+}
+
+/// A collector address the exporter can reach: a service, a port, an absolute path.
+fn check_opentelemetry(otel: &OpenTelemetryProvider) -> Result<(), String> {
+    let host = otel
+        .service
+        .rsplit_once('/')
+        .map_or(otel.service.as_str(), |(_, host)| host);
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == ':') {
+        return Err(format!(
+            "service: {:?} is not a host name or address",
+            otel.service
+        ));
+    }
+    if !(1..=65535).contains(&otel.port) {
+        return Err(format!("port: {} is not a port number", otel.port));
+    }
+    if let Some(http) = &otel.http {
+        if !http.path.is_empty() && !http.path.starts_with('/') {
+            return Err(format!("http.path: {:?} does not start with /", http.path));
+        }
+        if let Some(timeout) = &http.timeout {
+            crate::config::istio::parse_duration(timeout)
+                .map_err(|err| format!("http.timeout: {err}"))?;
+        }
+        for (j, header) in http.headers.iter().enumerate() {
+            let valid = http::HeaderName::from_bytes(header.name.as_bytes()).is_ok()
+                && http::HeaderValue::from_str(&header.value).is_ok();
+            if !valid {
+                return Err(format!(
+                    "http.headers[{j}]: {:?} is not a valid header",
+                    header.name
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl MeshConfig {
+    /// The tracing providers it defines, by name.
+    pub fn tracing_providers(&self) -> impl Iterator<Item = &ExtensionProvider> {
+        self.extension_providers
+            .iter()
+            .filter(|p| p.opentelemetry.is_some() || p.zipkin.is_some())
+    }
+
     /// The names of the access log providers it defines.
     pub fn access_log_providers(&self) -> Vec<&str> {
         let builtin = (!self.access_log_file.is_empty()).then_some(ENVOY_PROVIDER);
@@ -150,6 +272,58 @@ defaultProviders: {accessLogging: [errors-only]}
         assert_eq!(mesh.access_log_encoding, Some(Encoding::Json));
         assert_eq!(mesh.extension_providers.len(), 2);
         assert_eq!(mesh.default_providers.access_logging, ["errors-only"]);
+    }
+
+    #[test]
+    fn tracing_providers_and_sampling_are_read_and_checked() {
+        let mesh = parse(
+            "enableTracing: true
+defaultConfig: {tracing: {sampling: 2.5}}
+extensionProviders:
+- name: otel
+  opentelemetry:
+    service: observability/otel-collector.observability.svc.cluster.local
+    port: 4318
+    maxTagLength: 99
+    http: {path: /v1/traces, timeout: 1s}
+- name: zipkin
+  zipkin: {service: zipkin.istio-system.svc.cluster.local, port: 9411}
+defaultProviders: {tracing: [otel]}
+",
+        )
+        .expect("MeshConfig");
+        let names: Vec<&str> = mesh.tracing_providers().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["otel", "zipkin"]);
+        assert_eq!(
+            mesh.default_config.tracing.and_then(|t| t.sampling),
+            Some(2.5)
+        );
+        assert_eq!(mesh.default_providers.tracing, ["otel"]);
+        for (text, expected) in [
+            (
+                "defaultConfig: {tracing: {sampling: -1}}",
+                "data.mesh: defaultConfig.tracing.sampling: -1 is not a percentage between 0 and 100",
+            ),
+            (
+                "extensionProviders: [{name: o, opentelemetry: {service: '', port: 4318}}]",
+                "data.mesh: extensionProviders[0] (o): opentelemetry.service: \"\" is not a host name or address",
+            ),
+            (
+                "extensionProviders: [{name: o, opentelemetry: {service: c, port: 0}}]",
+                "data.mesh: extensionProviders[0] (o): opentelemetry.port: 0 is not a port number",
+            ),
+            (
+                "extensionProviders: [{name: o, opentelemetry: {service: c, port: 4318, http: {path: v1}}}]",
+                "data.mesh: extensionProviders[0] (o): opentelemetry.http.path: \"v1\" does not start with /",
+            ),
+            (
+                "extensionProviders: [{name: o, opentelemetry: {service: c, port: 4318, http: {timeout: soon}}}]",
+                "data.mesh: extensionProviders[0] (o): opentelemetry.http.timeout: ",
+            ),
+        ] {
+            let err = parse(text).expect_err(text);
+            assert!(err.starts_with(expected), "{err}");
+        }
     }
 
     #[test]

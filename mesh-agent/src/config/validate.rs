@@ -8,7 +8,8 @@ use std::collections::{BTreeSet, HashSet};
 use serde::Serialize;
 
 use super::{
-    istio::*, mesh_policy::HttpLocalRateLimitPolicy, ClusterConfig, Diagnostic, Resource, Severity,
+    istio::*, mesh_config, mesh_policy::HttpLocalRateLimitPolicy, ClusterConfig, Diagnostic,
+    Resource, Severity,
 };
 
 /// Where `match_labels` select workloads, in `namespace` (the root namespace: all).
@@ -134,6 +135,7 @@ pub fn validate(config: &mut ClusterConfig) {
             );
         }
         check_access_logging(telemetry, config, &mut found);
+        check_tracing(telemetry, config, &mut found);
     }
     for dr in &istio.destination_rules {
         check_destination_limits(dr, &mut found);
@@ -815,6 +817,95 @@ fn check_access_logging(
     }
 }
 
+/// A tracing entry: a sampling percentage, one provider MeshConfig defines as
+/// `opentelemetry` (a `zipkin` one is reported as unsupported), custom tags with exactly
+/// one source and a valid header name.
+fn check_tracing(
+    telemetry: &Resource<Telemetry>,
+    config: &ClusterConfig,
+    found: &mut Vec<Diagnostic>,
+) {
+    let mesh = &config.mesh_config;
+    for (i, entry) in telemetry.spec.tracing.iter().enumerate() {
+        let at = |field: &str| format!("spec.tracing[{i}].{field}");
+        if let Some(percentage) = entry.random_sampling_percentage {
+            if let Err(err) = mesh_config::check_percentage(percentage) {
+                found.push(error(telemetry, &at("randomSamplingPercentage"), err));
+            }
+        }
+        if entry.providers.len() > 1 {
+            found.push(warning(
+                telemetry,
+                &at("providers"),
+                "only one tracing provider is supported (as in Istio): the first is used".into(),
+            ));
+        }
+        for (j, provider) in entry.providers.iter().enumerate() {
+            let defined = mesh.tracing_providers().find(|p| p.name == provider.name);
+            let problem = match defined {
+                None => Some(format!(
+                    "no tracing provider {:?} in the MeshConfig (ConfigMap istio-system/istio; known: {}): no spans are reported for it",
+                    provider.name,
+                    {
+                        let known: Vec<&str> = mesh.tracing_providers().map(|p| p.name.as_str()).collect();
+                        if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                    }
+                )),
+                Some(p) if p.opentelemetry.is_none() => Some(format!(
+                    "provider {:?} is a zipkin provider, which is not supported: only opentelemetry (OTLP) is; no spans are reported for it",
+                    provider.name
+                )),
+                Some(_) => None,
+            };
+            if let Some(message) = problem {
+                found.push(warning(
+                    telemetry,
+                    &at(&format!("providers[{j}].name")),
+                    message,
+                ));
+            }
+        }
+        for (tag, custom) in &entry.custom_tags {
+            let field = at(&format!("customTags.{tag}"));
+            let sources = [
+                custom.literal.is_some(),
+                custom.environment.is_some(),
+                custom.header.is_some(),
+            ]
+            .into_iter()
+            .filter(|set| *set)
+            .count();
+            if sources != 1 {
+                found.push(error(
+                    telemetry,
+                    &field,
+                    "set exactly one of literal, environment and header".into(),
+                ));
+            }
+            if let Some(header) = &custom.header {
+                if http::HeaderName::from_bytes(header.name.as_bytes()).is_err() {
+                    found.push(error(
+                        telemetry,
+                        &format!("{field}.header.name"),
+                        format!("{:?} is not a header name", header.name),
+                    ));
+                }
+            }
+            if custom
+                .environment
+                .as_ref()
+                .is_some_and(|env| env.name.is_empty())
+            {
+                found.push(error(
+                    telemetry,
+                    &format!("{field}.environment.name"),
+                    "names no environment variable".into(),
+                ));
+            }
+        }
+    }
+}
+
 fn check_local_rate_limit(
     policy: &Resource<HttpLocalRateLimitPolicy>,
     config: &ClusterConfig,
@@ -1004,14 +1095,19 @@ fn enforced(kind: &str) -> &'static [&'static str] {
             "selector",
             "targetRef",
             "targetRefs",
-            "accessLogging[].providers",
+            "accessLogging[].providers[]",
             "accessLogging[].disabled",
             "accessLogging[].filter",
             "accessLogging[].match.mode",
-            "metrics[].providers",
+            "metrics[].providers[]",
             "metrics[].overrides[].match.metric",
             "metrics[].overrides[].match.mode",
             "metrics[].overrides[].disabled",
+            "tracing[].match.mode",
+            "tracing[].providers[]",
+            "tracing[].randomSamplingPercentage",
+            "tracing[].disableSpanReporting",
+            "tracing[].customTags",
         ],
         "VirtualService" => &[
             "hosts",
@@ -1424,6 +1520,84 @@ spec:
         assert!(
             unenforced > 0,
             "reported as not enforced until the router uses it"
+        );
+    }
+
+    #[test]
+    fn telemetry_tracing_is_checked_field_by_field() {
+        let messages = load(
+            "apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    extensionProviders:
+    - name: otel
+      opentelemetry: {service: collector.obs.svc.cluster.local, port: 4318}
+    - name: zipkin
+      zipkin: {service: zipkin.obs.svc.cluster.local, port: 9411}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: tracing, namespace: shop}
+spec:
+  tracing:
+  - providers: [{name: otel}, {name: zipkin}]
+    randomSamplingPercentage: 101
+    useRequestIdForTraceSampling: true
+    customTags:
+      both:
+        literal: {value: a}
+        header: {name: x-a}
+      badheader:
+        header: {name: 'no spaces'}
+      noenv:
+        environment: {name: ''}
+  - providers: [{name: zipkin}]
+  - providers: [{name: nowhere}]
+",
+        );
+        let expected = [
+            "test.yaml:18: error: Telemetry shop/tracing: spec.tracing[0].randomSamplingPercentage: 101 is not a percentage between 0 and 100",
+            "test.yaml:17: warning: Telemetry shop/tracing: spec.tracing[0].providers: only one tracing provider is supported (as in Istio): the first is used",
+            "test.yaml:21: error: Telemetry shop/tracing: spec.tracing[0].customTags.both: set exactly one of literal, environment and header",
+            "test.yaml:12: error: Telemetry shop/tracing: spec.tracing[0].customTags.badheader.header.name: \"no spaces\" is not a header name",
+            "test.yaml:12: error: Telemetry shop/tracing: spec.tracing[0].customTags.noenv.environment.name: names no environment variable",
+            "test.yaml:12: warning: Telemetry shop/tracing: spec.tracing[1].providers[0].name: provider \"zipkin\" is a zipkin provider, which is not supported: only opentelemetry (OTLP) is; no spans are reported for it",
+            "test.yaml:12: warning: Telemetry shop/tracing: spec.tracing[2].providers[0].name: no tracing provider \"nowhere\" in the MeshConfig (ConfigMap istio-system/istio; known: otel, zipkin): no spans are reported for it",
+            "test.yaml:19: warning: Telemetry shop/tracing: spec.tracing[0].useRequestIdForTraceSampling: parsed but not enforced yet by this version of the mesh",
+        ];
+        for line in expected {
+            assert!(
+                messages.iter().any(|m| m == line),
+                "missing {line}\nin {messages:#?}"
+            );
+        }
+        let unenforced: Vec<&String> = messages
+            .iter()
+            .filter(|m| m.contains("not enforced"))
+            .collect();
+        assert_eq!(unenforced.len(), 1, "{unenforced:#?}");
+    }
+
+    #[test]
+    fn a_mesh_config_with_a_broken_tracing_provider_is_refused_with_its_path() {
+        let messages = load(
+            "apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    extensionProviders:
+    - name: otel
+      opentelemetry: {service: collector, port: 70000}
+",
+        );
+        assert!(
+            messages.iter().any(|m| m.contains(
+                "data.mesh: extensionProviders[0] (otel): opentelemetry.port: 70000 is not a port number"
+            )),
+            "{messages:#?}"
         );
     }
 

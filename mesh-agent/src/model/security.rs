@@ -137,9 +137,11 @@ impl WorkloadSecurity {
             && !self.observes_every_request()
     }
 
-    /// Every request it serves is counted or logged.
+    /// Every request it serves is counted, logged or traced.
     fn observes_every_request(&self) -> bool {
-        self.telemetry.server == Reporting::Always || self.telemetry.server_logs.is_some()
+        self.telemetry.server == Reporting::Always
+            || self.telemetry.server_logs.is_some()
+            || self.telemetry.traces_every_request()
     }
 
     /// Whether every request to `port` is to be reported or logged (so served one by

@@ -1,8 +1,9 @@
 //! Istio's Telemetry API resolved per workload: whether the request metrics of the
-//! requests a workload serves (`SERVER` mode) and sends (`CLIENT` mode) are reported, and
-//! where their access log lines go (MeshConfig's providers) under which CEL filter.
+//! requests a workload serves (`SERVER` mode) and sends (`CLIENT` mode) are reported,
+//! where their access log lines go (MeshConfig's providers) under which CEL filter, and
+//! how they are traced (sampling, the OpenTelemetry collector spans go to, custom tags).
 //!
-//! For each of `metrics` and `accessLogging`, the most specific Telemetry that sets it
+//! For each of `metrics`, `accessLogging` and `tracing`, the most specific Telemetry that sets it
 //! decides for a workload — one that selects it (`selector`, `targetRefs`) over its
 //! namespace's over the root namespace's — as Istio resolves them. Without one, requests are reported wherever the agents serve
 //! them request by request anyway (routing, per-request policies); a Telemetry that
@@ -16,9 +17,9 @@ use serde::Serialize;
 
 use crate::{
     config::{
-        istio::{AccessLogging, IstioMetric, Metrics, Telemetry, WorkloadMode},
+        istio::{self, AccessLogging, IstioMetric, Metrics, Telemetry, WorkloadMode},
         log_format::Pattern,
-        mesh_config::{Encoding, MeshConfig, ENVOY_PROVIDER},
+        mesh_config::{Encoding, MeshConfig, OpenTelemetryProvider, ENVOY_PROVIDER},
         ClusterConfig, Resource,
     },
     model::{
@@ -57,6 +58,135 @@ pub struct WorkloadTelemetry {
     pub server_logs: Option<Arc<AccessLogs>>,
     /// Where the requests it sends are logged.
     pub client_logs: Option<Arc<AccessLogs>>,
+    /// How the requests it serves are traced; `None`: not at all (no tracing provider).
+    pub server_tracing: Option<Arc<Tracing>>,
+    /// How the requests it sends are traced.
+    pub client_tracing: Option<Arc<Tracing>>,
+}
+
+impl WorkloadTelemetry {
+    /// A Telemetry asks for spans of the requests the workload serves: its agent serves
+    /// them request by request, as for metrics.
+    pub fn traces_every_request(&self) -> bool {
+        self.server_tracing
+            .as_ref()
+            .is_some_and(|t| t.decided_by.is_some() && t.collector.is_some())
+    }
+}
+
+/// Istio's default sampling percentage, where neither a Telemetry nor MeshConfig's
+/// `defaultConfig.tracing.sampling` says.
+pub const DEFAULT_SAMPLING: f64 = 1.0;
+
+/// How one direction of a workload's requests is traced.
+#[derive(Debug, PartialEq, Eq, Serialize)]
+pub struct Tracing {
+    /// Where spans go; `None`: context is propagated and sampled, but no span is
+    /// reported (`disableSpanReporting`, or a provider the mesh cannot export to).
+    pub collector: Option<Arc<Collector>>,
+    /// Requests that start a sampled trace, in millionths (1% is 10_000).
+    pub sampling_millionths: u32,
+    /// The tags every span gets, in order: the workload's (Istio's `istio.*`,
+    /// `node_id`) and the Telemetry's literal and environment `customTags`.
+    pub tags: Vec<(String, String)>,
+    /// `customTags` read from each request's headers.
+    pub header_tags: Vec<HeaderTag>,
+    /// The OpenTelemetry `service.name` of its spans: `<canonical service>.<namespace>`.
+    pub service_name: String,
+    /// The Telemetry that decided (`namespace/name`), `None` for MeshConfig's defaults.
+    pub decided_by: Option<String>,
+}
+
+impl Tracing {
+    /// The sampling percentage.
+    pub fn sampling(&self) -> f64 {
+        f64::from(self.sampling_millionths) / 10_000.0
+    }
+}
+
+/// A custom tag whose value is a request header's.
+#[derive(Debug, PartialEq, Eq, Serialize)]
+pub struct HeaderTag {
+    pub tag: String,
+    #[serde(serialize_with = "header_name")]
+    pub header: http::HeaderName,
+    pub default_value: Option<String>,
+}
+
+fn header_name<S: serde::Serializer>(name: &http::HeaderName, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(name.as_str())
+}
+
+/// An OpenTelemetry collector spans are exported to (OTLP over HTTP, protobuf).
+#[derive(Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Collector {
+    pub provider: String,
+    /// `http://host:port/path`.
+    pub endpoint: String,
+    pub timeout: std::time::Duration,
+    /// Sent with every export; may hold credentials, so `/config_dump` leaves them out.
+    #[serde(skip)]
+    pub headers: Vec<(String, String)>,
+    /// Tag values are cut to this many bytes (Envoy's default 256).
+    pub max_tag_length: usize,
+}
+
+impl Collector {
+    /// The collector of a MeshConfig `opentelemetry` provider (checked when parsed).
+    pub fn of(provider: &str, otel: &OpenTelemetryProvider) -> Collector {
+        let host = otel
+            .service
+            .rsplit_once('/')
+            .map_or(otel.service.as_str(), |(_, host)| host);
+        let http = otel.http.as_ref();
+        let path = http
+            .map(|h| h.path.as_str())
+            .filter(|p| !p.is_empty())
+            .unwrap_or("/v1/traces");
+        Collector {
+            provider: provider.to_owned(),
+            endpoint: format!("http://{host}:{}{path}", otel.port),
+            timeout: http
+                .and_then(|h| h.timeout.as_deref())
+                .and_then(|t| istio::parse_duration(t).ok())
+                .unwrap_or(std::time::Duration::from_secs(10)),
+            headers: http
+                .map(|h| {
+                    h.headers
+                        .iter()
+                        .map(|h| (h.name.clone(), h.value.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            max_tag_length: otel.max_tag_length.map_or(256, |n| n as usize),
+        }
+    }
+}
+
+/// Istio's canonical service and revision of `workload`: its own labels first, then the
+/// recommended Kubernetes labels, then `app` / `version`, then the workload's name and
+/// `latest`.
+pub fn canonical_names(workload: &Workload) -> (String, String) {
+    let label = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|name| workload.labels.get(*name))
+            .cloned()
+    };
+    (
+        label(&[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ])
+        .unwrap_or_else(|| workload.workload.clone()),
+        label(&[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ])
+        .unwrap_or_else(|| "latest".into()),
+    )
 }
 
 /// The access logs of requests in one direction.
@@ -245,6 +375,47 @@ pub struct TelemetryConfig {
     /// Logging where no Telemetry says anything: MeshConfig's default providers (or its
     /// `accessLogFile`).
     default_logs: Option<Arc<AccessLogs>>,
+    trace_rules: Vec<TraceRule>,
+    tracing_defaults: TracingDefaults,
+}
+
+/// What MeshConfig says of tracing where no Telemetry does.
+struct TracingDefaults {
+    /// `enableTracing: false` turns tracing off everywhere.
+    enabled: bool,
+    /// `defaultProviders.tracing`'s first provider, if any.
+    provider: Option<String>,
+    /// `defaultConfig.tracing.sampling`, else Istio's 1%.
+    sampling: f64,
+    /// The collectors MeshConfig's `opentelemetry` providers define, by provider name.
+    collectors: Vec<Arc<Collector>>,
+}
+
+impl TracingDefaults {
+    fn collector(&self, provider: &str) -> Option<Arc<Collector>> {
+        self.collectors
+            .iter()
+            .find(|c| c.provider == provider)
+            .cloned()
+    }
+}
+
+struct TraceRule {
+    scope: Scope,
+    specificity: u8,
+    name: String,
+    /// `None`: no entry for the mode, a less specific Telemetry decides.
+    server: Option<TraceEntry>,
+    client: Option<TraceEntry>,
+}
+
+/// What a `tracing` entry decided for a mode.
+#[derive(Clone)]
+struct TraceEntry {
+    provider: Option<String>,
+    sampling: Option<f64>,
+    disable_span_reporting: bool,
+    custom_tags: Vec<(String, istio::CustomTag)>,
 }
 
 struct Rule {
@@ -319,9 +490,48 @@ impl TelemetryConfig {
                 .cmp(&a.specificity)
                 .then_with(|| a.name.cmp(&b.name))
         });
+        let mut trace_rules: Vec<TraceRule> = config
+            .istio
+            .telemetries
+            .iter()
+            .filter(|t| !t.spec.tracing.is_empty())
+            .map(|t| {
+                let (scope, specificity, name) = scope_and_name(t, config, root_namespace);
+                TraceRule {
+                    scope,
+                    specificity,
+                    name,
+                    server: trace_entry(&t.spec.tracing, WorkloadMode::Server),
+                    client: trace_entry(&t.spec.tracing, WorkloadMode::Client),
+                }
+            })
+            .collect();
+        trace_rules.sort_by(|a, b| {
+            b.specificity
+                .cmp(&a.specificity)
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        let mesh = &config.mesh_config;
+        let tracing_defaults = TracingDefaults {
+            enabled: mesh.enable_tracing != Some(false),
+            provider: mesh.default_providers.tracing.first().cloned(),
+            sampling: mesh
+                .default_config
+                .tracing
+                .as_ref()
+                .and_then(|t| t.sampling)
+                .unwrap_or(DEFAULT_SAMPLING),
+            collectors: mesh
+                .extension_providers
+                .iter()
+                .filter_map(|p| Some(Arc::new(Collector::of(&p.name, p.opentelemetry.as_ref()?))))
+                .collect(),
+        };
         TelemetryConfig {
             rules,
             log_rules,
+            trace_rules,
+            tracing_defaults,
             default_logs: (!default_sinks.is_empty()).then(|| {
                 Arc::new(AccessLogs {
                     sinks: default_sinks,
@@ -350,8 +560,111 @@ impl TelemetryConfig {
         };
         found.server_logs = decided(|rule| &rule.server);
         found.client_logs = decided(|rule| &rule.client);
+        found.server_tracing = self.tracing(workload, |rule| &rule.server);
+        found.client_tracing = self.tracing(workload, |rule| &rule.client);
         found
     }
+
+    /// How `workload`'s requests in one mode are traced: the most specific Telemetry
+    /// with a `tracing` entry for the mode, else MeshConfig's default provider.
+    fn tracing(
+        &self,
+        workload: &Workload,
+        mode: fn(&TraceRule) -> &Option<TraceEntry>,
+    ) -> Option<Arc<Tracing>> {
+        let defaults = &self.tracing_defaults;
+        if !defaults.enabled {
+            return None;
+        }
+        let decided = self
+            .trace_rules
+            .iter()
+            .filter(|rule| rule.scope.selects(workload))
+            .find_map(|rule| Some((rule.name.clone(), mode(rule).clone()?)));
+        let (decided_by, entry) = match decided {
+            Some((name, entry)) => (Some(name), entry),
+            None => (
+                None,
+                TraceEntry {
+                    provider: Some(defaults.provider.clone()?),
+                    sampling: None,
+                    disable_span_reporting: false,
+                    custom_tags: Vec::new(),
+                },
+            ),
+        };
+        let provider = entry.provider.or_else(|| defaults.provider.clone());
+        let collector = provider
+            .filter(|_| !entry.disable_span_reporting)
+            .and_then(|name| defaults.collector(&name));
+        let sampling = entry.sampling.unwrap_or(defaults.sampling);
+        let (canonical_service, canonical_revision) = canonical_names(workload);
+        let mut tags = vec![
+            (
+                "istio.canonical_service".to_owned(),
+                canonical_service.clone(),
+            ),
+            ("istio.canonical_revision".to_owned(), canonical_revision),
+            ("istio.namespace".to_owned(), workload.namespace.clone()),
+            (
+                "node_id".to_owned(),
+                format!(
+                    "sidecar~{}~{}.{}~{}.svc.cluster.local",
+                    workload.ip, workload.pod, workload.namespace, workload.namespace
+                ),
+            ),
+        ];
+        let mut header_tags = Vec::new();
+        for (tag, custom) in &entry.custom_tags {
+            if let Some(literal) = &custom.literal {
+                tags.push((tag.clone(), literal.value.clone()));
+            } else if let Some(env) = &custom.environment {
+                let value = std::env::var(&env.name)
+                    .ok()
+                    .or_else(|| env.default_value.clone());
+                if let Some(value) = value {
+                    tags.push((tag.clone(), value));
+                }
+            } else if let Some(header) = &custom.header {
+                if let Ok(name) = http::HeaderName::from_bytes(header.name.as_bytes()) {
+                    header_tags.push(HeaderTag {
+                        tag: tag.clone(),
+                        header: name,
+                        default_value: header.default_value.clone(),
+                    });
+                }
+            }
+        }
+        Some(Arc::new(Tracing {
+            collector,
+            sampling_millionths: (sampling.clamp(0.0, 100.0) * 10_000.0).round() as u32,
+            tags,
+            header_tags,
+            service_name: format!("{canonical_service}.{}", workload.namespace),
+            decided_by,
+        }))
+    }
+}
+
+/// What `tracing` says for `mode`: the last entry that matches the mode decides; `None`
+/// when no entry matches it.
+fn trace_entry(tracing: &[istio::Tracing], mode: WorkloadMode) -> Option<TraceEntry> {
+    tracing
+        .iter()
+        .rfind(|entry| match entry.selector.as_ref().and_then(|s| s.mode) {
+            None | Some(WorkloadMode::ClientAndServer) => true,
+            Some(other) => other == mode,
+        })
+        .map(|entry| TraceEntry {
+            provider: entry.providers.first().map(|p| p.name.clone()),
+            sampling: entry.random_sampling_percentage,
+            disable_span_reporting: entry.disable_span_reporting == Some(true),
+            custom_tags: entry
+                .custom_tags
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        })
 }
 
 /// The sinks of the providers `names` lists (unknown names were reported by validation).
@@ -640,5 +953,147 @@ spec:
         assert!(web.server_logs.is_none());
         assert!(web.client_logs.is_some(), "only the server side is off");
         assert!(telemetry_of(&off, "batch").server_logs.is_some());
+    }
+
+    const TRACING_MESH: &str = "---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    defaultConfig: {tracing: {sampling: 5}}
+    extensionProviders:
+    - name: otel
+      opentelemetry:
+        service: observability/collector.observability.svc.cluster.local
+        port: 4318
+        http: {path: /otlp/v1/traces, timeout: 2s, headers: [{name: x-tenant, value: mesh}]}
+    - name: zipkin
+      zipkin: {service: zipkin.istio-system.svc.cluster.local, port: 9411}
+";
+
+    #[test]
+    fn without_a_default_provider_or_a_telemetry_nothing_is_traced() {
+        let found = telemetry_of(TRACING_MESH, "web");
+        assert_eq!((found.server_tracing, found.client_tracing), (None, None));
+    }
+
+    #[test]
+    fn mesh_config_default_provider_traces_at_its_default_sampling() {
+        let mesh = TRACING_MESH.replace(
+            "    defaultConfig:",
+            "    defaultProviders: {tracing: [otel]}\n    defaultConfig:",
+        );
+        let found = telemetry_of(&mesh, "web");
+        let tracing = found.server_tracing.clone().expect("traced");
+        assert_eq!(tracing.sampling(), 5.0);
+        assert_eq!(tracing.decided_by, None);
+        let collector = tracing.collector.as_ref().expect("a collector");
+        assert_eq!(
+            collector.endpoint,
+            "http://collector.observability.svc.cluster.local:4318/otlp/v1/traces"
+        );
+        assert_eq!(collector.timeout, std::time::Duration::from_secs(2));
+        assert_eq!(
+            collector.headers,
+            [("x-tenant".to_owned(), "mesh".to_owned())]
+        );
+        assert_eq!(tracing.service_name, "web.shop");
+        assert_eq!(
+            tracing.tags,
+            [
+                ("istio.canonical_service".to_owned(), "web".to_owned()),
+                ("istio.canonical_revision".to_owned(), "latest".to_owned()),
+                ("istio.namespace".to_owned(), "shop".to_owned()),
+                (
+                    "node_id".to_owned(),
+                    "sidecar~10.244.1.10~web.shop~shop.svc.cluster.local".to_owned()
+                ),
+            ]
+        );
+        assert!(
+            !found.traces_every_request(),
+            "MeshConfig's default does not make a workload's requests be served one by one"
+        );
+        let off = mesh.replace(
+            "    defaultConfig:",
+            "    enableTracing: false\n    defaultConfig:",
+        );
+        assert_eq!(telemetry_of(&off, "web").server_tracing, None);
+    }
+
+    #[test]
+    fn the_most_specific_telemetry_decides_tracing_per_mode() {
+        let extra = format!(
+            "{TRACING_MESH}---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: mesh-tracing, namespace: istio-system}}
+spec:
+  tracing:
+  - providers: [{{name: otel}}]
+    randomSamplingPercentage: 100
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: shop-tracing, namespace: shop}}
+spec:
+  tracing:
+  - match: {{mode: SERVER}}
+    providers: [{{name: otel}}]
+    randomSamplingPercentage: 0.5
+    customTags:
+      team: {{literal: {{value: payments}}}}
+      tenant: {{header: {{name: x-tenant, defaultValue: none}}}}
+      home: {{environment: {{name: MESH_TEST_NO_SUCH_VARIABLE, defaultValue: unset}}}}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: db-quiet, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: db}}}}
+  tracing:
+  - disableSpanReporting: true
+"
+        );
+        let web = telemetry_of(&extra, "web");
+        let server = web.server_tracing.as_ref().expect("server traced");
+        assert_eq!(server.decided_by.as_deref(), Some("shop/shop-tracing"));
+        assert_eq!(server.sampling_millionths, 5_000);
+        assert_eq!(
+            server.tags[4..],
+            [
+                ("home".to_owned(), "unset".to_owned()),
+                ("team".to_owned(), "payments".to_owned()),
+            ]
+        );
+        assert_eq!(server.header_tags.len(), 1);
+        assert_eq!(server.header_tags[0].header.as_str(), "x-tenant");
+        assert_eq!(server.header_tags[0].default_value.as_deref(), Some("none"));
+        assert!(web.traces_every_request());
+        // The namespace's Telemetry says nothing of CLIENT: the root namespace's decides.
+        let client = web.client_tracing.as_ref().expect("client traced");
+        assert_eq!(
+            client.decided_by.as_deref(),
+            Some("istio-system/mesh-tracing")
+        );
+        assert_eq!(client.sampling(), 100.0);
+        // A selected workload's Telemetry, without providers or sampling: MeshConfig's
+        // sampling, no spans reported, context still propagated.
+        let db = telemetry_of(&extra, "db");
+        let db_server = db.server_tracing.as_ref().expect("db traced");
+        assert_eq!(db_server.decided_by.as_deref(), Some("shop/db-quiet"));
+        assert_eq!(
+            (db_server.sampling(), db_server.collector.is_none()),
+            (5.0, true)
+        );
+        assert!(!db.traces_every_request());
+        // A zipkin provider is not exported to.
+        let zipkin = extra.replace(
+            "providers: [{name: otel}]\n    randomSamplingPercentage: 100",
+            "providers: [{name: zipkin}]",
+        );
+        let batch = telemetry_of(&zipkin, "batch");
+        assert!(batch.server_tracing.expect("traced").collector.is_none());
     }
 }

@@ -1,10 +1,13 @@
 //! What is observed of a request served one by one, written once for the source agent
-//! (routing) and the destination agent (judging): its size as it passes, and — when its
-//! response body has gone out — its count in the connection's tally and its access log
-//! line (taken when it arrives, only when a log wants it; kept when the Telemetry's
-//! filter does; rendered in each provider's format and queued for the writers).
+//! (routing) and the destination agent (judging): its `x-request-id` (made when absent)
+//! and trace context (propagated, and this hop's span started when sampled), its size
+//! as it passes, and — when its response body has gone out — its count in the
+//! connection's tally, its access log line (taken when it arrives, only when a log wants
+//! it; kept when the Telemetry's filter does; rendered in each provider's format and
+//! queued for the writers) and its span (queued for the exporter).
 
 use std::{
+    borrow::Cow,
     net::SocketAddrV4,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -16,8 +19,14 @@ use std::{
 use http::{request, Response, Version};
 use hyper::body::Incoming;
 
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
+
 use crate::{
-    model::{access_log::LogEntry, telemetry::AccessLogs},
+    model::{
+        access_log::LogEntry,
+        lb::random,
+        telemetry::{AccessLogs, Collector, Tracing},
+    },
     proxy::metered::{
         grpc_status, is_grpc, request_head_size, response_head_size, BodyEnd, Metered, Reported,
     },
@@ -26,8 +35,21 @@ use crate::{
         metrics::Metrics,
         request::ResponseFlags,
         request_metrics::{ConnectionTally, Measures, PeerLabels, RequestEnd},
+        spans::FinishedSpan,
+        trace_context::{ensure_request_id, extract, inject, plan_hop, Hop, Ids},
     },
 };
+
+/// Where a request is traced: by the source agent (a client span) or the destination
+/// agent (a server span), with the Telemetry's tracing for that side.
+pub struct TraceSite<'a> {
+    /// `None`: no tracing provider; only `x-request-id` is made.
+    pub tracing: Option<&'a Arc<Tracing>>,
+    pub client: bool,
+    /// The Service (or address) and port the span's operation is named after.
+    pub host: &'a str,
+    pub port: u16,
+}
 
 /// Where a request is counted: its connection's tally, under the labels of its peers.
 pub struct Counting {
@@ -38,6 +60,7 @@ pub struct Counting {
 /// One request under observation.
 pub struct Observed {
     line: Option<PendingLine>,
+    span: Option<Box<PendingSpan>>,
     counting: Option<Counting>,
     flags: ResponseFlags,
     started: Instant,
@@ -48,22 +71,42 @@ pub struct Observed {
 }
 
 impl Observed {
-    /// Starts observing the request `head`; its body is to be forwarded as the counted
-    /// body returned.
+    /// Starts observing the request `head` — giving it an `x-request-id` and this hop's
+    /// trace context; its body is to be forwarded as the counted body returned.
     pub fn start(
-        head: &request::Parts,
+        head: &mut request::Parts,
         body: Incoming,
         logs: Option<&Arc<AccessLogs>>,
         addresses: Addresses,
+        site: TraceSite<'_>,
     ) -> (Observed, Metered<Incoming>) {
         let request_bytes = Arc::new(AtomicU64::new(0));
+        let request_head = request_head_size(head);
+        let request_id = ensure_request_id(&mut head.headers, || RandomIds.trace_id());
+        let span = site.tracing.and_then(|tracing| {
+            let extracted = extract(&head.headers);
+            let roll = random(1_000_000) as u32;
+            let hop = plan_hop(&extracted, tracing.sampling(), roll, &mut RandomIds)?;
+            inject(&mut head.headers, &hop, &extracted);
+            let collector = tracing.collector.as_ref().filter(|_| hop.sampled)?;
+            Some(Box::new(PendingSpan::capture(
+                tracing,
+                collector,
+                &site,
+                hop,
+                head,
+                &request_id,
+                addresses,
+            )))
+        });
         let observed = Observed {
             line: logs.map(|logs| PendingLine::capture(logs, head, addresses)),
+            span,
             counting: None,
             flags: ResponseFlags::default(),
             started: Instant::now(),
             grpc: is_grpc(&head.headers),
-            request_head: request_head_size(head),
+            request_head,
             request_bytes: request_bytes.clone(),
         };
         (observed, Metered::new(body, request_bytes))
@@ -80,6 +123,9 @@ impl Observed {
     ) {
         self.counting = counting;
         self.flags = flags;
+        if let Some(span) = &mut self.span {
+            span.cluster = handled.cluster.clone();
+        }
         if let Some(line) = &mut self.line {
             line.respond(response, flags, handled);
         }
@@ -87,7 +133,7 @@ impl Observed {
 
     /// Whether anything is recorded of the request.
     fn wanted(&self) -> bool {
-        self.line.is_some() || self.counting.is_some()
+        self.line.is_some() || self.counting.is_some() || self.span.is_some()
     }
 
     /// `response`, counting and logging its request when its body has gone out.
@@ -103,17 +149,21 @@ impl Observed {
         let report = Box::new(move |end: BodyEnd| {
             let took = self.started.elapsed();
             let body_bytes = self.request_bytes.load(Ordering::Relaxed);
+            let measures = Measures {
+                duration: took,
+                request_bytes: self.request_head + body_bytes,
+                response_bytes: response_head + end.bytes,
+            };
+            if let Some(span) = self.span {
+                let finished = span.finish(code, self.flags, &measures, metrics.mesh_id());
+                metrics.spans.submit(finished);
+            }
             if let Some(counting) = &self.counting {
                 let outcome = RequestEnd {
                     grpc: self.grpc,
                     response_code: code,
                     grpc_status: end.grpc_status,
                     flags: self.flags,
-                };
-                let measures = Measures {
-                    duration: took,
-                    request_bytes: self.request_head + body_bytes,
-                    response_bytes: response_head + end.bytes,
                 };
                 counting.tally.record(&counting.peers, outcome, &measures);
             }
@@ -122,6 +172,139 @@ impl Observed {
             }
         });
         Response::from_parts(parts, Reported::new(body, head_status, report))
+    }
+}
+
+/// Trace and span ids from the OpenTelemetry SDK's generator (a thread-local generator
+/// seeded from the operating system).
+struct RandomIds;
+
+impl Ids for RandomIds {
+    fn trace_id(&mut self) -> u128 {
+        u128::from_be_bytes(RandomIdGenerator::default().new_trace_id().to_bytes())
+    }
+    fn span_id(&mut self) -> u64 {
+        u64::from_be_bytes(RandomIdGenerator::default().new_span_id().to_bytes())
+    }
+}
+
+/// A sampled request's span, waiting for its response to end.
+struct PendingSpan {
+    tracing: Arc<Tracing>,
+    collector: Arc<Collector>,
+    hop: Hop,
+    client: bool,
+    name: String,
+    start: SystemTime,
+    /// Tags known when the request arrived.
+    tags: Vec<(Cow<'static, str>, String)>,
+    /// Envoy's cluster name of where it went.
+    cluster: Option<String>,
+}
+
+impl PendingSpan {
+    /// Takes the tags Envoy sets from the request head as it goes on (with its
+    /// `x-request-id`), and the Telemetry's header tags.
+    fn capture(
+        tracing: &Arc<Tracing>,
+        collector: &Arc<Collector>,
+        site: &TraceSite<'_>,
+        hop: Hop,
+        head: &request::Parts,
+        request_id: &http::HeaderValue,
+        addresses: Addresses,
+    ) -> PendingSpan {
+        let text = |value: Option<&http::HeaderValue>| {
+            value
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned()
+        };
+        let authority = head
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_else(|| text(head.headers.get(http::header::HOST)));
+        let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut tags: Vec<(Cow<'static, str>, String)> = vec![
+            ("component".into(), "proxy".into()),
+            ("http.url".into(), format!("http://{authority}{path}")),
+            ("http.method".into(), head.method.as_str().to_owned()),
+            ("http.protocol".into(), protocol(head.version).to_owned()),
+            ("downstream_cluster".into(), "-".into()),
+            (
+                "user_agent".into(),
+                text(head.headers.get(http::header::USER_AGENT)),
+            ),
+            ("guid:x-request-id".into(), text(Some(request_id))),
+            (
+                "peer.address".into(),
+                addresses
+                    .remote
+                    .map_or_else(|| "-".to_owned(), |a| a.ip().to_string()),
+            ),
+        ];
+        tags.extend(
+            tracing
+                .tags
+                .iter()
+                .map(|(k, v)| (Cow::Owned(k.clone()), v.clone())),
+        );
+        for tag in &tracing.header_tags {
+            let value = head
+                .headers
+                .get(&tag.header)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .or_else(|| tag.default_value.clone());
+            if let Some(value) = value {
+                tags.push((Cow::Owned(tag.tag.clone()), value));
+            }
+        }
+        PendingSpan {
+            tracing: tracing.clone(),
+            collector: collector.clone(),
+            hop,
+            client: site.client,
+            name: format!("{}:{}/*", site.host, site.port),
+            start: SystemTime::now(),
+            tags,
+            cluster: None,
+        }
+    }
+
+    /// The span, with the tags of the response.
+    fn finish(
+        self,
+        code: u16,
+        flags: ResponseFlags,
+        measures: &Measures,
+        mesh_id: &str,
+    ) -> FinishedSpan {
+        let mut attributes = self.tags;
+        let cluster = self.cluster.unwrap_or_else(|| "-".into());
+        attributes.extend([
+            ("http.status_code".into(), code.to_string()),
+            ("response_flags".into(), flags.to_string()),
+            ("request_size".into(), measures.request_bytes.to_string()),
+            ("response_size".into(), measures.response_bytes.to_string()),
+            ("upstream_cluster".into(), cluster.clone()),
+            ("upstream_cluster.name".into(), cluster),
+            ("istio.mesh_id".into(), mesh_id.to_owned()),
+        ]);
+        FinishedSpan {
+            collector: self.collector,
+            service_name: self.tracing.service_name.clone(),
+            name: self.name,
+            client: self.client,
+            trace_id: self.hop.trace_id,
+            span_id: self.hop.span_id,
+            parent: self.hop.parent,
+            start: self.start,
+            end: self.start + measures.duration,
+            attributes,
+            error: code >= 500,
+        }
     }
 }
 

@@ -43,7 +43,7 @@ use crate::{
     proxy::{
         error::ProxyError,
         metered::Metered,
-        observe::{Addresses, Counting, Handled, Observed},
+        observe::{Addresses, Counting, Handled, Observed, TraceSite},
     },
     telemetry::{
         metrics::Metrics,
@@ -154,13 +154,32 @@ impl Guard {
             remote: exchange.client,
             mutual_tls: exchange.mutual_tls,
         };
+        // Server spans are named after the Service the client addressed, as Istio's
+        // inbound decorator names them, else the workload's address.
+        let span_host: Arc<str> = exchange
+            .service
+            .clone()
+            .unwrap_or_else(|| workload.ip().to_string())
+            .into();
         let service = service_fn(move |request: Request<Incoming>| {
             let (guard, arrival, upstream) = (self.clone(), arrival.clone(), upstream.clone());
-            let reporting = reporting.clone();
+            let (reporting, span_host) = (reporting.clone(), span_host.clone());
             async move {
-                let (parts, body) = request.into_parts();
-                let logs = arrival.security.telemetry.server_logs.as_ref();
-                let (mut observed, body) = Observed::start(&parts, body, logs, addresses);
+                let (mut parts, body) = request.into_parts();
+                let telemetry = &arrival.security.telemetry;
+                let site = TraceSite {
+                    tracing: telemetry.server_tracing.as_ref(),
+                    client: false,
+                    host: &span_host,
+                    port: workload.port(),
+                };
+                let (mut observed, body) = Observed::start(
+                    &mut parts,
+                    body,
+                    telemetry.server_logs.as_ref(),
+                    addresses,
+                    site,
+                );
                 let request = Request::from_parts(parts, body);
                 let response = guard.handle(request, &arrival, &upstream).await;
                 let handled = Handled {

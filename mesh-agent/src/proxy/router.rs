@@ -30,7 +30,7 @@ use crate::{
             choose_random, AbortWith, Action, Fault, HttpRule, RequestFacts, RetryPolicy, Selected,
             TryOutcome, WeightedDestination,
         },
-        telemetry::{AccessLogs, Reporting},
+        telemetry::{AccessLogs, Reporting, Tracing},
         MeshState, Pick, ServicePortState, Workload,
     },
     policy::request::normalise,
@@ -38,7 +38,7 @@ use crate::{
         copy::{copy_to_tunnel, COPY_BUFFER},
         error::ProxyError,
         metered::{grpc_status, is_grpc, Metered, Reported},
-        observe::{Addresses, Counting, Handled, Observed},
+        observe::{Addresses, Counting, Handled, Observed, TraceSite},
         plan::tunnelled,
         plan::{plan_endpoint, Carry, Route, TunnelRequest},
         requests::{
@@ -80,6 +80,7 @@ where
     let tally = (telemetry.client != Reporting::Never)
         .then(|| Arc::new(proxy.guard.metrics.requests.connection()));
     let logs = telemetry.client_logs;
+    let tracing = telemetry.client_tracing;
     let router = Arc::new(Router {
         proxy,
         source,
@@ -90,6 +91,7 @@ where
     let reporting = Arc::new(SourceReporting {
         tally,
         logs,
+        tracing,
         peers: Mutex::default(),
     });
     let service = service_fn(move |request| {
@@ -121,6 +123,8 @@ struct SourceReporting {
     tally: Option<Arc<ConnectionTally>>,
     /// Where its requests are logged, if anywhere.
     logs: Option<Arc<AccessLogs>>,
+    /// How its requests are traced (client spans), if at all.
+    tracing: Option<Arc<Tracing>>,
     peers: Mutex<Vec<KnownPeers>>,
 }
 
@@ -203,14 +207,20 @@ impl Router {
         reporting: &Arc<SourceReporting>,
     ) -> Response<Reported<RoutedBody>> {
         let started = Instant::now();
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
         let addresses = Addresses {
             local: Some(self.addressed),
             remote: Some(self.client),
             mutual_tls: false,
         };
+        let site = TraceSite {
+            tracing: reporting.tracing.as_ref(),
+            client: true,
+            host: &self.hostname,
+            port: self.addressed.port(),
+        };
         let (mut observed, body) =
-            Observed::start(&parts, body, reporting.logs.as_ref(), addresses);
+            Observed::start(&mut parts, body, reporting.logs.as_ref(), addresses, site);
         let request = Request::from_parts(parts, body);
         let mut record = RequestRecord::new(&self.hostname);
         let response = self.route(request, &mut record).await;

@@ -29,6 +29,7 @@ use crate::{
         conns::ConnTable,
         request::RequestRecord,
         request_metrics::{Departed, RequestMetrics},
+        spans::SpanExport,
     },
 };
 
@@ -160,6 +161,8 @@ pub struct Metrics {
     pub requests: RequestMetrics,
     /// The access logs' writers.
     pub access_logs: LogWriters,
+    /// The spans' exporter.
+    pub spans: SpanExport,
     state: SharedState,
     conns: Arc<ConnTable>,
     trust_domain: String,
@@ -180,6 +183,22 @@ impl Metrics {
             "mesh_access_log_lines_dropped",
             "Access log lines dropped because their writer was behind (a slow disk never slows requests)",
             access_logs.dropped.clone(),
+        );
+        let spans = SpanExport::default();
+        registry.register(
+            "mesh_spans_exported",
+            "Trace spans a collector took",
+            spans.exported.clone(),
+        );
+        registry.register(
+            "mesh_spans_dropped",
+            "Trace spans dropped because the exporter's queue was full (a slow or dead collector never slows requests)",
+            spans.dropped.clone(),
+        );
+        registry.register(
+            "mesh_spans_export_failed",
+            "Trace spans a collector did not take (unreachable or an error answer; not retried)",
+            spans.failed.clone(),
         );
         let opened = Family::<TcpLabels, Counter>::default();
         let closed = Family::<TcpLabels, Counter>::default();
@@ -320,10 +339,17 @@ impl Metrics {
             trust_domain: requests.settings.trust_domain.clone(),
             requests,
             access_logs,
+            spans,
             state,
             conns,
             expired: Mutex::new(Instant::now()),
         }
+    }
+
+    /// Istio's mesh ID, the `istio.mesh_id` of spans: the trust domain, as Istio
+    /// defaults it.
+    pub fn mesh_id(&self) -> &str {
+        &self.trust_domain
     }
 
     /// What a kernel map holds after the last sync.

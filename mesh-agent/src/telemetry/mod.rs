@@ -8,3 +8,5 @@ pub mod metrics;
 pub mod request;
 pub mod request_metrics;
 pub mod result;
+pub mod spans;
+pub mod trace_context;

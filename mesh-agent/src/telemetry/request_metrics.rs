@@ -27,7 +27,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    model::{MeshState, Workload},
+    model::{telemetry::canonical_names, MeshState, Workload},
     telemetry::request::ResponseFlags,
 };
 
@@ -100,27 +100,19 @@ impl SideLabels {
                 cluster: UNKNOWN.into(),
             };
         };
-        let label = |names: &[&str]| names.iter().find_map(|name| w.labels.get(*name)).cloned();
+        let (canonical_service, canonical_revision) = canonical_names(w);
         SideLabels {
             workload: w.workload.clone(),
             namespace: w.namespace.clone(),
             principal,
             app: w.app.clone().unwrap_or_else(|| UNKNOWN.into()),
-            version: label(&["version"]).unwrap_or_else(|| UNKNOWN.into()),
-            // Istio's canonical service and revision: its own labels first, then the
-            // recommended Kubernetes labels, then `app` / `version`.
-            canonical_service: label(&[
-                "service.istio.io/canonical-name",
-                "app.kubernetes.io/name",
-                "app",
-            ])
-            .unwrap_or_else(|| w.workload.clone()),
-            canonical_revision: label(&[
-                "service.istio.io/canonical-revision",
-                "app.kubernetes.io/version",
-                "version",
-            ])
-            .unwrap_or_else(|| "latest".into()),
+            version: w
+                .labels
+                .get("version")
+                .cloned()
+                .unwrap_or_else(|| UNKNOWN.into()),
+            canonical_service,
+            canonical_revision,
             cluster: cluster.to_owned(),
         }
     }
