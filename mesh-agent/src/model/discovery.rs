@@ -171,6 +171,12 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
     };
     let namespace = service.metadata.namespace();
     let selector = &service.spec.selector;
+    // A Service without a selector (`default/kubernetes`, endpoints managed by hand) has
+    // its endpoints only in EndpointSlices, which the mesh does not read: it is left to
+    // the node's own Service routing, never captured with no endpoint to go to.
+    if selector.is_empty() {
+        return;
+    }
     let hostname = format!("{}.{namespace}.svc.cluster.local", service.metadata.name);
     // Every running, ready pod the selector picks is an endpoint, as in the Service's
     // EndpointSlices: a meshed one with its workload, one outside the mesh (not enrolled,

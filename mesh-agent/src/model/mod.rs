@@ -798,6 +798,11 @@ spec: {clusterIP: 10.96.0.20, selector: {app: api}, ports: [{port: 80, targetPor
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: kubernetes, namespace: default}
+spec: {clusterIP: 10.96.0.1, ports: [{name: https, port: 443, targetPort: 6443}]}
+---
+apiVersion: v1
+kind: Service
 metadata: {name: api-peers, namespace: legacy}
 spec:
   clusterIP: 10.96.0.21
@@ -820,6 +825,13 @@ spec:
             assert_eq!(workload, None);
             assert_eq!(service.as_deref(), Some("api.legacy.svc.cluster.local"));
         }
+        // A Service without a selector is not the mesh's to route: the Kubernetes API's
+        // own Service passes uncaptured, to the node's Service routing.
+        assert!(matches!(
+            state.resolve("10.96.0.1:443".parse().expect("addr"), CLIENT),
+            Resolved::Unknown
+        ));
+        assert!(!state.services.keys().any(|addr| addr.port() == 443));
         // Unless the Service publishes not-ready addresses.
         let mut peers: Vec<SocketAddrV4> =
             (0..4).map(|_| target(&state, "10.96.0.21:80").0).collect();
