@@ -1,6 +1,6 @@
 //! `meshctl` as scripts use it on a node, without an agent: `check --pre` judging a host
-//! (this one, and a host root missing features), `version`, and the exit codes that tell
-//! a failed check from an unreachable agent.
+//! (this one, and a host root missing features), `version`, the exit codes that tell a
+//! failed check from an unreachable agent, YAML output and shell completions.
 
 use std::{path::Path, process::Command};
 
@@ -99,4 +99,32 @@ fn without_an_agent_check_and_status_say_so_with_their_own_codes() {
         mesh_common::MAPS_LAYOUT_VERSION
     );
     assert!(version["agent"].is_null());
+}
+
+#[test]
+fn yaml_output_carries_what_json_does() {
+    let json = meshctl(&["version", "-o", "json"]);
+    let yaml = meshctl(&["version", "-o", "yaml"]);
+    assert!(yaml.status.success());
+    let from_json: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
+    let from_yaml: serde_json::Value = serde_norway::from_slice(&yaml.stdout).expect("YAML");
+    assert_eq!(from_yaml, from_json);
+    assert!(String::from_utf8_lossy(&yaml.stdout).contains("maps_layout: "));
+}
+
+#[test]
+fn completion_scripts_name_every_command() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = meshctl(&["completion", shell]);
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        for command in ["check", "uninstall", "policy", "validate"] {
+            assert!(
+                script.contains(command),
+                "{shell} completion lacks {command}"
+            );
+        }
+    }
+    let bad = meshctl(&["completion", "cmd.exe"]);
+    assert_eq!(bad.status.code(), Some(2), "invalid input");
 }

@@ -84,6 +84,14 @@ pub struct Cli {
 enum Output {
     Table,
     Json,
+    Yaml,
+}
+
+impl Output {
+    /// JSON or YAML: the whole structure, for tools.
+    fn structured(self) -> bool {
+        self != Output::Table
+    }
 }
 
 #[derive(Subcommand)]
@@ -148,6 +156,11 @@ enum Command {
     },
     /// meshctl's release and map layout, and the agent's.
     Version,
+    /// Print the shell completion script (e.g. `source <(meshctl completion bash)`).
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Take the mesh off this node once its agent is stopped: detach every program (the
     /// pinned links), remove the pinned maps, the capture route and its rule. Pods then
     /// talk directly, as before the mesh. Run in the node's network namespace.
@@ -238,10 +251,10 @@ enum BpfCommand {
 }
 
 pub fn main(cli: Cli) -> anyhow::Result<()> {
-    let json = cli.output == Output::Json;
+    let format = cli.output;
     match cli.command {
-        Command::Status => status(cli.admin, json),
-        Command::Certs => certs(cli.admin, json),
+        Command::Status => status(cli.admin, format),
+        Command::Certs => certs(cli.admin, format),
         Command::Validate {
             path,
             kube: _,
@@ -252,16 +265,25 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 Some(path) => (config::load_path(&path)?, path.display().to_string()),
                 None => api_config(kubeconfig.as_deref())?,
             };
-            validate(&config, &origin, strict, json)
+            validate(&config, &origin, strict, format)
         }
         Command::Crds => {
             print!("{}", crate::config::kinds::istio_crds());
             Ok(())
         }
-        Command::Uninstall { force } => uninstall(&cli.bpffs, cli.admin, force, json),
-        Command::Check { pre, host_root } => check(cli.admin, pre, &host_root, json),
-        Command::Version => version(cli.admin, json),
-        Command::Routes { service } => routes(cli.admin, &service, json),
+        Command::Uninstall { force } => uninstall(&cli.bpffs, cli.admin, force, format),
+        Command::Check { pre, host_root } => check(cli.admin, pre, &host_root, format),
+        Command::Version => version(cli.admin, format),
+        Command::Completion { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "meshctl",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Routes { service } => routes(cli.admin, &service, format),
         Command::Route {
             what:
                 RouteCommand::Check {
@@ -281,7 +303,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 path,
                 headers,
             };
-            route_check(cli.admin, &query, json)
+            route_check(cli.admin, &query, format)
         }
         Command::Policy {
             what:
@@ -313,7 +335,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 headers,
                 jwt,
             };
-            policy_check(cli.admin, &request, json)
+            policy_check(cli.admin, &request, format)
         }
         Command::Bpf { what } => {
             let maps = NodeMaps::open(&cli.bpffs)?;
@@ -321,7 +343,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 BpfCommand::Programs => {
                     let rows = maps.programs()?;
                     print(
-                        json,
+                        format,
                         &rows,
                         &[
                             "ATTACHMENT",
@@ -348,8 +370,9 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 BpfCommand::Workloads => {
                     let workloads = maps.workloads()?;
                     let services = maps.services()?;
-                    if json {
-                        return emit_json(
+                    if format.structured() {
+                        return emit(
+                            format,
                             &serde_json::json!({"workloads": workloads, "services": services}),
                         );
                     }
@@ -393,7 +416,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 BpfCommand::Flows => {
                     let rows = maps.flows()?;
                     print(
-                        json,
+                        format,
                         &rows,
                         &[
                             "LOCAL",
@@ -426,12 +449,13 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 BpfCommand::Metrics => {
                     let traffic = maps.traffic()?;
                     let verdicts = maps.verdicts()?;
-                    if json {
+                    if format.structured() {
                         let verdicts: serde_json::Map<String, serde_json::Value> = verdicts
                             .iter()
                             .map(|(k, v)| (k.to_string(), (*v).into()))
                             .collect();
-                        return emit_json(
+                        return emit(
+                            format,
                             &serde_json::json!({"traffic": traffic, "verdicts": verdicts}),
                         );
                     }
@@ -482,7 +506,7 @@ fn validate(
     config: &config::ClusterConfig,
     origin: &str,
     strict: bool,
-    json: bool,
+    format: Output,
 ) -> anyhow::Result<()> {
     // Objects the API source skipped are errors of the objects as the API holds them.
     let mut diagnostics: Vec<_> = config
@@ -497,8 +521,9 @@ fn validate(
         .filter(|d| d.severity == Severity::Error)
         .count();
     let warnings = diagnostics.len() - errors;
-    if json {
-        emit_json(
+    if format.structured() {
+        emit(
+            format,
             &serde_json::json!({"errors": errors, "warnings": warnings, "diagnostics": diagnostics}),
         )?;
     } else {
@@ -517,10 +542,10 @@ fn validate(
     Ok(())
 }
 
-fn certs(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
+fn certs(admin: SocketAddr, format: Output) -> anyhow::Result<()> {
     let body = admin_get(admin, "/certs")?;
-    if json {
-        println!("{body}");
+    if format.structured() {
+        emit_raw(format, &body)?;
         return Ok(());
     }
     let report: serde_json::Value =
@@ -593,11 +618,11 @@ fn service_hostname(service: &str) -> anyhow::Result<String> {
     }
 }
 
-fn routes(admin: SocketAddr, service: &str, json: bool) -> anyhow::Result<()> {
+fn routes(admin: SocketAddr, service: &str, format: Output) -> anyhow::Result<()> {
     let host = service_hostname(service)?;
     let body = admin_get(admin, &format!("/routes/{host}"))?;
-    if json {
-        println!("{body}");
+    if format.structured() {
+        emit_raw(format, &body)?;
         return Ok(());
     }
     let report: serde_json::Value =
@@ -677,15 +702,15 @@ fn routes(admin: SocketAddr, service: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn route_check(admin: SocketAddr, query: &RouteQuery, json: bool) -> anyhow::Result<()> {
+fn route_check(admin: SocketAddr, query: &RouteQuery, format: Output) -> anyhow::Result<()> {
     let answer = admin_request(
         admin,
         "POST",
         "/routes/check",
         &serde_json::to_string(query)?,
     )?;
-    if json {
-        println!("{}", answer.trim_end());
+    if format.structured() {
+        emit_raw(format, &answer)?;
         return Ok(());
     }
     let answer: serde_json::Value =
@@ -733,7 +758,7 @@ fn own_version() -> serde_json::Value {
     })
 }
 
-fn version(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
+fn version(admin: SocketAddr, format: Output) -> anyhow::Result<()> {
     let agent = admin_get(admin, "/status")
         .ok()
         .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
@@ -744,8 +769,11 @@ fn version(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
                 "maps_layout": status["maps_layout"],
             })
         });
-    if json {
-        return emit_json(&serde_json::json!({"meshctl": own_version(), "agent": agent}));
+    if format.structured() {
+        return emit(
+            format,
+            &serde_json::json!({"meshctl": own_version(), "agent": agent}),
+        );
     }
     let own = own_version();
     println!(
@@ -829,14 +857,14 @@ fn agent_findings(admin: SocketAddr) -> Vec<Finding> {
     ]
 }
 
-fn check(admin: SocketAddr, pre: bool, host_root: &Path, json: bool) -> anyhow::Result<()> {
+fn check(admin: SocketAddr, pre: bool, host_root: &Path, format: Output) -> anyhow::Result<()> {
     let mut findings = preflight::judge(&preflight::gather(host_root));
     if !pre {
         findings.extend(agent_findings(admin));
     }
     let failed = findings.iter().filter(|f| !f.ok).count();
-    if json {
-        emit_json(&findings)?;
+    if format.structured() {
+        emit(format, &findings)?;
     } else {
         table(
             &["CHECK", "RESULT", "DETAIL"],
@@ -859,7 +887,7 @@ fn check(admin: SocketAddr, pre: bool, host_root: &Path, json: bool) -> anyhow::
     Ok(())
 }
 
-fn uninstall(bpffs: &Path, admin: SocketAddr, force: bool, json: bool) -> anyhow::Result<()> {
+fn uninstall(bpffs: &Path, admin: SocketAddr, force: bool, format: Output) -> anyhow::Result<()> {
     let agent_running =
         std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(1)).is_ok();
     if agent_running && !force {
@@ -869,8 +897,8 @@ fn uninstall(bpffs: &Path, admin: SocketAddr, force: bool, json: bool) -> anyhow
         );
     }
     let done = crate::datapath::uninstall::uninstall(bpffs)?;
-    if json {
-        return emit_json(&done);
+    if format.structured() {
+        return emit(format, &done);
     }
     println!(
         "removed {} pinned links (programs detached), {} pinned maps, {} routing rules{}",
@@ -889,12 +917,12 @@ fn uninstall(bpffs: &Path, admin: SocketAddr, force: bool, json: bool) -> anyhow
     Ok(())
 }
 
-fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
+fn status(admin: SocketAddr, format: Output) -> anyhow::Result<()> {
     let body = admin_get(admin, "/status")?;
     let status: serde_json::Value =
         serde_json::from_str(&body).context("the agent's /status is not JSON")?;
-    if json {
-        println!("{body}");
+    if format.structured() {
+        emit_raw(format, &body)?;
     } else {
         print_status(&status);
     }
@@ -971,13 +999,13 @@ fn print_status(status: &serde_json::Value) {
     }
 }
 
-fn policy_check(admin: SocketAddr, request: &CheckRequest, json: bool) -> anyhow::Result<()> {
+fn policy_check(admin: SocketAddr, request: &CheckRequest, format: Output) -> anyhow::Result<()> {
     let body = serde_json::to_string(request)?;
     let answer = admin_request(admin, "POST", "/policy/check", &body)?;
     let report: serde_json::Value =
         serde_json::from_str(&answer).context("malformed answer from the agent")?;
-    if json {
-        println!("{}", answer.trim_end());
+    if format.structured() {
+        emit_raw(format, &answer)?;
     } else {
         print_policy_report(&report);
     }
@@ -1093,19 +1121,38 @@ fn admin_request(
     Ok(response.text())
 }
 
-fn emit_json(value: &impl Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+/// Prints `value` as JSON or YAML, as `-o` asks.
+fn emit(format: Output, value: &impl Serialize) -> anyhow::Result<()> {
+    match format {
+        Output::Yaml => print!("{}", serde_norway::to_string(value)?),
+        Output::Json | Output::Table => println!("{}", serde_json::to_string_pretty(value)?),
+    }
     Ok(())
 }
 
+/// Prints the agent's JSON answer as `-o` asks.
+fn emit_raw(format: Output, body: &str) -> anyhow::Result<()> {
+    match format {
+        Output::Yaml => {
+            let value: serde_json::Value =
+                serde_json::from_str(body).context("the agent's answer is not JSON")?;
+            emit(format, &value)
+        }
+        Output::Json | Output::Table => {
+            println!("{}", body.trim_end());
+            Ok(())
+        }
+    }
+}
+
 fn print<T: Serialize>(
-    json: bool,
+    format: Output,
     rows: &[T],
     headers: &[&str],
     cells: impl Fn(&T) -> Vec<String>,
 ) -> anyhow::Result<()> {
-    if json {
-        return emit_json(&rows);
+    if format.structured() {
+        return emit(format, &rows);
     }
     table(headers, rows.iter().map(cells));
     Ok(())
