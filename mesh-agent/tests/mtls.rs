@@ -11,7 +11,7 @@ use std::{
 };
 
 use mesh_agent::{
-    config::{load_str, source::SourceKind},
+    config::{load_str, origin::SourceKind},
     http::listener,
     identity::{
         ca::{self, CaClient, CaOptions},

@@ -19,9 +19,8 @@ use rcgen::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    kube_tools, ns, progress,
-    sandbox::{log_path, process_alive, start_daemon},
-    workspace,
+    daemon::{log_path, process_alive, start_daemon},
+    kube_tools, ns, progress, workspace,
 };
 
 pub const API_NETNS: &str = "msb-api";

@@ -16,9 +16,9 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    daemon::{join_fabric, log_path, process_alive, start_daemon},
     go_build::GoBuild,
     ns, progress,
-    sandbox::{join_fabric, log_path, process_alive, start_daemon},
 };
 
 /// The Jaeger release the sandbox runs (Jaeger v2's all-in-one).

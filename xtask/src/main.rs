@@ -5,6 +5,7 @@
 
 mod bench;
 mod control_plane;
+mod daemon;
 mod demo;
 mod fuzz;
 mod go_build;

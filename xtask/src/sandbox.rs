@@ -15,7 +15,7 @@ use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -26,18 +26,17 @@ use serde_norway::Value;
 
 use crate::{
     control_plane::{self, ControlPlaneState},
+    daemon::{ip, join_fabric, logs_dir, process_alive, start_daemon, FABRIC_NETNS, RUN_DIR},
     jaeger::{self, JaegerState},
     ns::{self, Placement},
     progress, release_binaries, run,
 };
 
 const PREFIX: &str = "msb";
-const FABRIC_NETNS: &str = "msb-fabric";
 const CA_NETNS: &str = "msb-ca";
 const CA_ADDRESS: &str = "10.200.0.254:15012";
 /// Lifetime of workload certificates in the sandbox; short values exercise rotation.
 const CERT_TTL_VARIABLE: &str = "MESH_SANDBOX_CERT_TTL";
-const RUN_DIR: &str = "/run/mesh-sandbox";
 const BPFFS_DIR: &str = "/sys/fs/bpf/mesh-sandbox";
 const CGROUP_DIR: &str = "mesh-sandbox";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -105,10 +104,6 @@ fn state_path() -> PathBuf {
 
 pub fn config_dir() -> PathBuf {
     Path::new(RUN_DIR).join("config")
-}
-
-fn logs_dir() -> PathBuf {
-    Path::new(RUN_DIR).join("logs")
 }
 
 /// The CA's state: its root (the trust bundle agents use) and the bootstrap tokens.
@@ -316,10 +311,6 @@ fn cgroup_root() -> Result<PathBuf> {
         })
         .context("no cgroup v2 hierarchy in /proc/mounts")?;
     Ok(mount.join(CGROUP_DIR))
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    run(Command::new("ip").args(args))
 }
 
 fn sysctl(netns: &str, settings: &[&str]) -> Result<()> {
@@ -809,81 +800,6 @@ fn path_with_binaries() -> String {
     }
 }
 
-/// The log file `name` of the sandbox's daemons.
-pub fn log_path(name: &str) -> PathBuf {
-    logs_dir().join(name)
-}
-
-fn log_file(name: &str) -> Result<fs::File> {
-    let path = log_path(name);
-    fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
-}
-
-/// Starts `command` in its own session inside `netns` and `cgroup`, its output in the
-/// log `log_name`; returns its pid.
-pub fn start_daemon(
-    command: &mut Command,
-    log_name: &str,
-    netns: &str,
-    cgroup: PathBuf,
-) -> Result<u32> {
-    let log = log_file(log_name)?;
-    command
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    let child = ns::spawn(
-        command,
-        &Placement {
-            netns: netns.to_owned(),
-            cgroup: Some(cgroup),
-            detach: true,
-        },
-    )?;
-    Ok(child.id())
-}
-
-/// Creates network namespace `netns` with an `eth0` at `address`/24 on the bridge that
-/// links the nodes (its other end, `port`, in the fabric namespace).
-pub fn join_fabric(netns: &str, port: &str, address: Ipv4Addr) -> Result<()> {
-    ip(&["netns", "add", netns])?;
-    ip(&["-n", netns, "link", "set", "lo", "up"])?;
-    ip(&[
-        "link",
-        "add",
-        "eth0",
-        "netns",
-        netns,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        port,
-        "netns",
-        FABRIC_NETNS,
-    ])?;
-    ip(&[
-        "-n",
-        FABRIC_NETNS,
-        "link",
-        "set",
-        port,
-        "master",
-        "br0",
-        "up",
-    ])?;
-    ip(&[
-        "-n",
-        netns,
-        "addr",
-        "add",
-        &format!("{address}/24"),
-        "dev",
-        "eth0",
-    ])?;
-    ip(&["-n", netns, "link", "set", "eth0", "up"])
-}
-
 /// Starts the mesh CA in its own namespace on the nodes' network, with one bootstrap
 /// token per node, on the configuration directory or, given a kubeconfig, the API, and
 /// waits until it serves.
@@ -987,15 +903,6 @@ pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> Result<(u16, Strin
             .unwrap_or_default();
         Ok((status, body))
     })?
-}
-
-pub fn process_alive(pid: u32) -> bool {
-    // A zombie is dead for our purposes.
-    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
-    })
 }
 
 fn wait_ready(node: &NodeState) -> Result<()> {

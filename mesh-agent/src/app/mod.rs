@@ -30,7 +30,7 @@ use crate::{
         enroll::Enroller,
         reconcile::{lock, AgentStatus, Reconciler, Reload},
     },
-    config::source::{self, SourceKind},
+    config::origin::{self, SourceKind},
     datapath::{self, capacity::Capacities, Datapath},
     errors::describe,
     http::{listener, server},
@@ -292,7 +292,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         None => datapath::cgroup2_mount()
             .context("no cgroup v2 hierarchy in /proc/mounts; pass --cgroup-root")?,
     };
-    let source = source::open(
+    let source = origin::open(
         options.config_source,
         &options.config_dir,
         options.kubeconfig.as_deref(),

@@ -14,6 +14,7 @@ pub mod kube_api;
 pub mod log_format;
 pub mod mesh_config;
 pub mod mesh_policy;
+pub mod origin;
 pub mod source;
 pub mod validate;
 

@@ -1,38 +1,13 @@
 //! Where the cluster configuration comes from: one seam, [`ConfigSource`], that the
-//! agent polls for a new configuration. The watched directory of YAML files is the
-//! source today; a Kubernetes API watch plugs in beside it.
+//! agent polls for a new configuration, and the watched directory of YAML files behind
+//! it (the Kubernetes API source is `kube_api`; `origin` chooses between them).
 
 use std::{
     path::{Path, PathBuf},
     time::SystemTime,
 };
 
-use crate::config::{
-    kube_api::{KubeSource, KubeSourceError},
-    load_path, ClusterConfig, ConfigError,
-};
-
-/// Where the cluster is read from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum SourceKind {
-    /// A directory of YAML files (a ConfigMap on Kubernetes).
-    Dir,
-    /// The Kubernetes API.
-    Kube,
-}
-
-/// Opens the source `kind` names: the directory `dir`, or the Kubernetes API with the
-/// kubeconfig (the in-cluster ServiceAccount without one), once every kind was listed.
-pub async fn open(
-    kind: SourceKind,
-    dir: &Path,
-    kubeconfig: Option<&Path>,
-) -> Result<Box<dyn ConfigSource>, KubeSourceError> {
-    Ok(match kind {
-        SourceKind::Dir => Box::new(DirectorySource::new(dir)),
-        SourceKind::Kube => Box::new(KubeSource::start(kubeconfig).await?),
-    })
-}
+use crate::config::{load_path, ClusterConfig, ConfigError};
 
 /// A source of configuration the agent polls.
 pub trait ConfigSource: Send {

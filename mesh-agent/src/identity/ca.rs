@@ -40,7 +40,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::{
     config::{
         self,
-        source::{self, SourceKind},
+        origin::{self, SourceKind},
         ClusterConfig,
     },
     http::client::{self, Transport},
@@ -134,7 +134,7 @@ impl ClusterView {
 
     /// Watches the Kubernetes API in the background, keeping its latest configuration.
     async fn watch(options: &CaOptions) -> anyhow::Result<ClusterView> {
-        let mut source = source::open(
+        let mut source = origin::open(
             SourceKind::Kube,
             &options.config_dir,
             options.kubeconfig.as_deref(),

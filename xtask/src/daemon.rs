@@ -1,0 +1,115 @@
+//! The sandbox's daemons and its fabric: starting a process in a network namespace and
+//! cgroup with its log, telling whether it still lives, and wiring a namespace onto the
+//! bridge that links the nodes. Used by the sandbox and by the servers it runs beside
+//! the nodes (the control plane, Jaeger).
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, Result};
+
+use crate::{
+    ns::{self, Placement},
+    run,
+};
+
+/// Where the sandbox keeps its state, configuration and logs.
+pub const RUN_DIR: &str = "/run/mesh-sandbox";
+/// The namespace holding the bridge between the nodes.
+pub const FABRIC_NETNS: &str = "msb-fabric";
+
+/// The log file `name` of the sandbox's daemons.
+pub fn log_path(name: &str) -> PathBuf {
+    logs_dir().join(name)
+}
+
+fn log_file(name: &str) -> Result<fs::File> {
+    let path = log_path(name);
+    fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
+}
+
+/// Starts `command` in its own session inside `netns` and `cgroup`, its output in the
+/// log `log_name`; returns its pid.
+pub fn start_daemon(
+    command: &mut Command,
+    log_name: &str,
+    netns: &str,
+    cgroup: PathBuf,
+) -> Result<u32> {
+    let log = log_file(log_name)?;
+    command
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let child = ns::spawn(
+        command,
+        &Placement {
+            netns: netns.to_owned(),
+            cgroup: Some(cgroup),
+            detach: true,
+        },
+    )?;
+    Ok(child.id())
+}
+
+/// Creates network namespace `netns` with an `eth0` at `address`/24 on the bridge that
+/// links the nodes (its other end, `port`, in the fabric namespace).
+pub fn join_fabric(netns: &str, port: &str, address: Ipv4Addr) -> Result<()> {
+    ip(&["netns", "add", netns])?;
+    ip(&["-n", netns, "link", "set", "lo", "up"])?;
+    ip(&[
+        "link",
+        "add",
+        "eth0",
+        "netns",
+        netns,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        port,
+        "netns",
+        FABRIC_NETNS,
+    ])?;
+    ip(&[
+        "-n",
+        FABRIC_NETNS,
+        "link",
+        "set",
+        port,
+        "master",
+        "br0",
+        "up",
+    ])?;
+    ip(&[
+        "-n",
+        netns,
+        "addr",
+        "add",
+        &format!("{address}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", netns, "link", "set", "eth0", "up"])
+}
+
+pub fn process_alive(pid: u32) -> bool {
+    // A zombie is dead for our purposes.
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+pub fn logs_dir() -> PathBuf {
+    Path::new(RUN_DIR).join("logs")
+}
+
+pub fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args))
+}
