@@ -141,6 +141,7 @@ async fn destination_agent_with(ca: &CaKeys, extra: &str) -> Agent {
         }),
         conns,
         splicer: None,
+        intake: Default::default(),
     };
     tokio::spawn(inbound::serve(listener, Arc::new(proxy)));
     Agent {

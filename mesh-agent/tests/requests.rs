@@ -139,7 +139,13 @@ async fn serve(extra: &str) -> Served {
         client: Some(SocketAddrV4::new(sleep.ip, 40000)),
         mutual_tls: true,
     };
-    tokio::spawn(guard.serve_http(agent_side, upstream, arrival, exchange));
+    tokio::spawn(guard.serve_http(
+        agent_side,
+        upstream,
+        arrival,
+        exchange,
+        std::future::pending(),
+    ));
     let (send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(client))
         .await
         .expect("HTTP/1.1 handshake");

@@ -1,45 +1,45 @@
 //! The node agent's wiring and life: load the datapath, bind the listeners, start the
 //! proxy, the metrics, the certificate manager and the admin servers, then keep the
 //! agent in line with its configuration source (`reconcile`, enrolling local pods with
-//! `enroll`) until told to stop.
+//! `enroll`) until told to stop or replaced (`handover`), then drain.
 
 pub mod admin;
 pub mod enroll;
 pub mod fdlimit;
+pub mod handover;
 pub mod reconcile;
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
 use mesh_common::{
     enrollment::{self, DefaultEnrollment},
-    pins, ADMIN_PORT, METRICS_PORT, OUTBOUND_CAPTURE_PORT, READY_PORT, TUNNEL_PORT,
+    pins, METRICS_PORT, OUTBOUND_CAPTURE_PORT, TUNNEL_PORT,
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     app::{
         admin::AdminView,
         enroll::Enroller,
-        reconcile::{lock, AgentStatus, Reconciler, Reload},
+        handover::Listeners,
+        reconcile::{lock, AgentStatus, Reconciler, Reload, SharedStatus},
     },
     config::origin::{self, SourceKind},
     datapath::{self, capacity::Capacities, Datapath},
     errors::describe,
-    http::{listener, server},
+    http::{server, Intake},
     identity::{ca::CaClient, certs::CertManager, tls::Identities},
     model::{lb::LbRegistry, MeshSettings, SharedState},
     policy::{jwks, jwt::JwksCache},
-    proxy::{
-        inbound, outbound, plan::PlanSettings, pool::HbonePool, requests::Guard, socket, Proxy,
-    },
+    proxy::{inbound, outbound, plan::PlanSettings, pool::HbonePool, requests::Guard, Proxy},
     telemetry::{
         conns::ConnTable,
         metrics::{KernelMaps, Metrics},
@@ -136,6 +136,19 @@ pub struct AgentOptions {
     /// to the agent.
     #[arg(long, env = "MESH_MAX_POLICY_ENTRIES", default_value_t = Capacities::default().policy, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_policy_entries: u32,
+    /// The unix socket through which a new agent on this node takes over this one's
+    /// listeners (a directory only the agent mounts).
+    #[arg(long, env = "MESH_HANDOVER_SOCKET", default_value = "/run/mesh/agent.sock")]
+    pub handover_socket: PathBuf,
+    /// How long a replaced or stopped agent lets its live connections finish before it
+    /// exits (keep it under the pod's terminationGracePeriodSeconds).
+    #[arg(
+        long,
+        env = "MESH_DRAIN_TIMEOUT",
+        default_value = "25s",
+        value_parser = parse_positive_duration
+    )]
+    pub drain_timeout: Duration,
 }
 
 impl AgentOptions {
@@ -275,17 +288,19 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     datapath::install_capture_route()?;
     let kernel_maps = take_kernel_maps(&options.bpffs)?;
 
-    let capture = socket::transparent_listener(SocketAddrV4::new(
-        Ipv4Addr::UNSPECIFIED,
-        OUTBOUND_CAPTURE_PORT,
-    ))
-    .with_context(|| format!("binding the capture listener on port {OUTBOUND_CAPTURE_PORT}"))?;
-    let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    let metrics_listener = listener(any(METRICS_PORT)).context("binding :15020")?;
-    let ready_listener = listener(any(READY_PORT)).context("binding :15021")?;
-    let admin_listener = listener(SocketAddr::from((Ipv4Addr::LOCALHOST, ADMIN_PORT)))
-        .context("binding 127.0.0.1:15000")?;
-    let tunnel_listener = listener(any(TUNNEL_PORT)).context("binding :15008")?;
+    // With an agent still serving the node, its listeners are taken once this one is
+    // ready; until then it serves on.
+    let predecessor = handover::find_predecessor(&options.handover_socket);
+    let fresh = match predecessor {
+        None => Some(Listeners::bind()?),
+        Some(_) => {
+            tracing::info!(
+                "an agent serves this node ({}): taking over its listeners once ready",
+                options.handover_socket.display()
+            );
+            None
+        }
+    };
 
     let cgroup_root = match &options.cgroup_root {
         Some(root) => root.clone(),
@@ -327,6 +342,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         options.jwks_refresh_interval,
     ));
     let budgets = crate::model::circuit::Budgets::default();
+    let intake = Intake::default();
     let proxy = Arc::new(Proxy {
         state: shared.clone(),
         settings: PlanSettings {
@@ -345,19 +361,16 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         upstreams: Arc::default(),
         budgets: budgets.clone(),
         splicer,
+        intake: intake.clone(),
     });
-    tokio::spawn(outbound::serve(capture, proxy.clone()));
     tokio::spawn(expire_idle_routing_state(proxy.clone()));
     tokio::spawn(retire_stale_tunnels(proxy.clone()));
-    tokio::spawn(inbound::serve(tunnel_listener, proxy));
-    tokio::spawn(server::serve(metrics_listener, admin::metrics(metrics)));
-    tokio::spawn(server::serve(
-        ready_listener,
-        admin::readiness(status.clone()),
-    ));
-    tokio::spawn(server::serve(
-        admin_listener,
-        admin::admin(AdminView {
+    let servers = Servers {
+        proxy,
+        intake: intake.clone(),
+        metrics: admin::metrics(metrics),
+        readiness: admin::readiness(status.clone()),
+        admin: admin::admin(AdminView {
             status: status.clone(),
             state: shared,
             conns,
@@ -365,7 +378,11 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             jwks: jwks_cache,
             budgets,
         }),
-    ));
+    };
+    let handed_over = CancellationToken::new();
+    if let Some(listeners) = fresh {
+        servers.start(listeners, &options.handover_socket, &handed_over)?;
+    }
 
     // Ready once every local identity holds a certificate: before that, connections of
     // this node's pods to other nodes would fail.
@@ -378,6 +395,16 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         status.certificates_ready = true;
         status.refresh_readiness();
     }
+    if let Some(predecessor) = predecessor {
+        let listeners = handover::take_over(
+            predecessor,
+            &options.handover_socket,
+            handover::addresses(),
+        )
+        .await
+        .context("taking over the running agent's listeners")?;
+        servers.start(listeners, &options.handover_socket, &handed_over)?;
+    }
     tracing::info!(
         "node agent for {} ready: capture :{OUTBOUND_CAPTURE_PORT}, tunnel :{TUNNEL_PORT}, metrics :{METRICS_PORT}",
         options.node
@@ -385,15 +412,114 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut ticker = tokio::time::interval(POLL_INTERVAL);
-    loop {
+    let why = loop {
         tokio::select! {
             _ = ticker.tick() => reconciler.poll(),
-            _ = terminate.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break "stopping",
+            _ = tokio::signal::ctrl_c() => break "stopping",
+            () = handed_over.cancelled() => break "replaced by a new agent",
+        }
+    };
+    drain(why, &intake, &status, options.drain_timeout, || {
+        // The kernel is the successor's once it took over: only an agent still in charge
+        // keeps the maps and links in line with the configuration.
+        if !handed_over.is_cancelled() {
+            reconciler.poll();
+        }
+    })
+    .await;
+    tracing::info!("stopped; programs and maps stay pinned for the next agent");
+    Ok(())
+}
+
+/// The agent's servers, ready to start on listeners bound or taken over.
+struct Servers {
+    proxy: Arc<Proxy>,
+    intake: Intake,
+    metrics: server::Handler,
+    readiness: server::Handler,
+    admin: server::Handler,
+}
+
+impl Servers {
+    /// Serves on `listeners` and offers them to a successor at `handover_socket`
+    /// (cancelling `handed_over` once one took them).
+    fn start(
+        &self,
+        listeners: Listeners,
+        handover_socket: &Path,
+        handed_over: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let copies = listeners
+            .duplicates()
+            .context("keeping the listeners for a successor")?;
+        tokio::spawn(outbound::serve(listeners.capture, self.proxy.clone()));
+        tokio::spawn(inbound::serve(listeners.tunnel, self.proxy.clone()));
+        let intake = &self.intake;
+        tokio::spawn(server::serve(
+            listeners.metrics,
+            intake.clone(),
+            self.metrics.clone(),
+        ));
+        tokio::spawn(server::serve(
+            listeners.ready,
+            intake.clone(),
+            self.readiness.clone(),
+        ));
+        tokio::spawn(server::serve(
+            listeners.admin,
+            intake.clone(),
+            self.admin.clone(),
+        ));
+        let (path, taken) = (handover_socket.to_owned(), handed_over.clone());
+        tokio::spawn(async move {
+            if let Err(err) = handover::offer(path, copies, taken).await {
+                tracing::warn!(
+                    "no successor can take this agent's listeners: {}",
+                    describe(&err)
+                );
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Stops taking connections (HTTP clients are told to reconnect, to the successor if one
+/// took the listeners) and waits until the live ones end or `timeout` passes; `tick`
+/// runs meanwhile, as the main loop's poll does.
+async fn drain(
+    why: &str,
+    intake: &Intake,
+    status: &SharedStatus,
+    timeout: Duration,
+    mut tick: impl FnMut(),
+) {
+    {
+        let mut status = lock(status);
+        status.draining = Some(why.to_owned());
+        status.refresh_readiness();
+    }
+    intake.stop.cancel();
+    intake.live.close();
+    tracing::info!(
+        "{why}: draining {} live connections for up to {timeout:?}",
+        intake.live.len()
+    );
+    let deadline = Instant::now() + timeout;
+    let mut ticker = tokio::time::interval(POLL_INTERVAL);
+    loop {
+        tokio::select! {
+            () = intake.live.wait() => break,
+            _ = ticker.tick() => tick(),
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                "drain deadline passed with {} connections still open; closing them",
+                intake.live.len()
+            );
+            break;
         }
     }
-    tracing::info!("stopping; programs and maps stay pinned for the next agent");
-    Ok(())
 }
 
 /// The maps the metrics read, opened from their pins so the loaded object keeps its own.

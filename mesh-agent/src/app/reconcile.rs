@@ -59,6 +59,8 @@ pub struct AgentStatus {
     pub failing_closed: BTreeMap<String, String>,
     /// Some entries did not fit: every new connection of the node's pods goes to the agent.
     pub capture_unknown: bool,
+    /// Why the agent no longer takes connections (it drains its live ones), if it does not.
+    pub draining: Option<String>,
 }
 
 impl AgentStatus {
@@ -69,7 +71,9 @@ impl AgentStatus {
             .clone()
             .map(|err| format!("kernel maps not written: {err}"))
             .or_else(|| crate::datapath::capacity::problem(&self.maps));
-        self.not_ready_reason = if !self.certificates_ready {
+        self.not_ready_reason = if let Some(why) = &self.draining {
+            Some(format!("draining: {why}"))
+        } else if !self.certificates_ready {
             Some("waiting for workload certificates".into())
         } else {
             full

@@ -1,14 +1,18 @@
 //! The agent's HTTP plumbing: the one HTTP client (CA, JWKS, meshctl), the small servers
 //! for metrics, readiness and admin, the plain listener they bind, and the accept loop
-//! every server of the agent and the CA runs.
+//! every server of the agent and the CA runs (with the [`Intake`] that stops it when the
+//! agent drains).
 
 pub mod client;
 pub mod server;
 
 use std::{future::Future, io, net::SocketAddr, time::Duration};
 
+use hyper_util::server::graceful::GracefulConnection;
+
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// A plain listener with `SO_REUSEADDR`, so a restarted agent binds at once.
 pub fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -39,18 +43,59 @@ impl Accept for TcpListener {
 /// be taken, and retrying at once would spin a core while the backlog stays full.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Accepts connections on `listener` and hands each to `handle` on its own task; a
-/// failed accept is logged and retried after [`ACCEPT_BACKOFF`], never fatal.
-pub async fn accept_loop<L, F, Fut>(name: &'static str, listener: L, handle: F)
+/// What the accept loops of one process share: the signal to stop taking connections
+/// (the agent is draining: its successor took its listeners, or it was told to stop), and
+/// the connections taken so far, which draining waits for.
+#[derive(Clone, Default)]
+pub struct Intake {
+    pub stop: CancellationToken,
+    pub live: TaskTracker,
+}
+
+impl Intake {
+    /// Whether connections served request by request should close after the current
+    /// request (HTTP/1.1 `Connection: close`, HTTP/2 `GOAWAY`).
+    pub fn draining(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.stop.clone().cancelled_owned()
+    }
+}
+
+/// Serves an HTTP connection to its end; if `draining` comes first, asks it to finish
+/// gracefully (HTTP/1.1 closes after the response in flight, HTTP/2 sends `GOAWAY` and
+/// lets its streams end), so clients move to the agent's successor without an error.
+pub async fn serve_until_drained<C>(
+    connection: C,
+    draining: impl Future<Output = ()>,
+) -> Result<(), C::Error>
+where
+    C: GracefulConnection,
+{
+    tokio::pin!(connection, draining);
+    tokio::select! {
+        served = connection.as_mut() => return served,
+        () = &mut draining => connection.as_mut().graceful_shutdown(),
+    }
+    connection.await
+}
+
+/// Accepts connections on `listener` and hands each to `handle` on its own task, tracked
+/// by `intake`, until `intake` says stop; a failed accept is logged and retried after
+/// [`ACCEPT_BACKOFF`], never fatal. The listener is dropped when the loop ends, but the
+/// socket stays open as long as another descriptor of it does (one kept for a successor).
+pub async fn accept_loop<L, F, Fut>(name: &'static str, listener: L, intake: Intake, handle: F)
 where
     L: Accept,
     F: Fn(L::Stream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            () = intake.stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
             Ok((stream, peer)) => {
-                tokio::spawn(handle(stream, peer));
+                intake.live.spawn(handle(stream, peer));
             }
             Err(err) => {
                 tracing::warn!("{name} accept: {err}; pausing {ACCEPT_BACKOFF:?}");
@@ -98,7 +143,12 @@ mod tests {
             failures: 3,
             calls: calls.clone(),
         };
-        let looping = tokio::spawn(accept_loop("test", listener, |(), _| async {}));
+        let looping = tokio::spawn(accept_loop(
+            "test",
+            listener,
+            Intake::default(),
+            |(), _| async {},
+        ));
         // Three failures, then the fourth accept waits for ever: the loop kept going.
         // Waited for, not timed: a loaded machine may take longer than three pauses.
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -16,7 +16,7 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::http::accept_loop;
+use crate::http::{accept_loop, serve_until_drained, Intake};
 
 pub struct Reply {
     pub status: StatusCode,
@@ -63,17 +63,27 @@ const MAX_BODY_BYTES: usize = 1 << 20;
 /// lets go of connections held open idle.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn serve(listener: TcpListener, handler: Handler) {
-    accept_loop("http", listener, move |stream, _| {
-        connection(stream, handler.clone(), HEADER_READ_TIMEOUT)
+pub async fn serve(listener: TcpListener, intake: Intake, handler: Handler) {
+    let draining = intake.clone();
+    accept_loop("http", listener, intake, move |stream, _| {
+        connection(
+            stream,
+            handler.clone(),
+            HEADER_READ_TIMEOUT,
+            draining.draining(),
+        )
     })
     .await;
 }
 
 /// Serves one connection, letting it go when a request head takes longer than
-/// `header_timeout`.
-async fn connection<S>(stream: S, handler: Handler, header_timeout: Duration)
-where
+/// `header_timeout`, or after the request in flight once `draining` comes.
+async fn connection<S>(
+    stream: S,
+    handler: Handler,
+    header_timeout: Duration,
+    draining: impl std::future::Future<Output = ()>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |request: Request<Incoming>| {
@@ -107,12 +117,11 @@ where
             Ok::<_, Infallible>(response)
         }
     });
-    if let Err(err) = http1::Builder::new()
+    let served = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
-        .serve_connection(TokioIo::new(stream), service)
-        .await
-    {
+        .serve_connection(TokioIo::new(stream), service);
+    if let Err(err) = serve_until_drained(served, draining).await {
         tracing::debug!("http connection: {err}");
     }
 }
@@ -140,11 +149,11 @@ mod tests {
 
         // Connected, then silent.
         let (_client, server) = tokio::io::duplex(4096);
-        let_go(tokio::spawn(connection(server, hello(), short))).await;
+        let_go(tokio::spawn(connection(server, hello(), short, std::future::pending()))).await;
 
         // Half a request head, then silent.
         let (mut client, server) = tokio::io::duplex(4096);
-        let served = tokio::spawn(connection(server, hello(), short));
+        let served = tokio::spawn(connection(server, hello(), short, std::future::pending()));
         client
             .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n")
             .await
@@ -155,7 +164,12 @@ mod tests {
     #[tokio::test]
     async fn a_prompt_request_is_answered() {
         let (mut client, server) = tokio::io::duplex(4096);
-        let served = tokio::spawn(connection(server, hello(), Duration::from_secs(10)));
+        let served = tokio::spawn(connection(
+            server,
+            hello(),
+            Duration::from_secs(10),
+            std::future::pending(),
+        ));
         client
             .write_all(b"GET /healthz/ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
             .await
@@ -165,5 +179,32 @@ mod tests {
         assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
         assert!(answer.ends_with("/healthz/ready\n"), "{answer}");
         let_go(served).await;
+    }
+
+    #[tokio::test]
+    async fn draining_lets_a_kept_alive_connection_go_after_its_answer() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let drain = tokio_util::sync::CancellationToken::new();
+        let served = tokio::spawn(connection(
+            server,
+            hello(),
+            Duration::from_secs(3600),
+            drain.clone().cancelled_owned(),
+        ));
+        client
+            .write_all(b"GET /stats HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut answer = vec![0; 4096];
+        let read = client.read(&mut answer).await.expect("read");
+        let answer = String::from_utf8_lossy(&answer[..read]).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.ends_with("/stats\n"), "{answer}");
+        // Idle and kept alive: only the drain can end it (the header timeout is an hour).
+        drain.cancel();
+        let_go(served).await;
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.expect("read to the end");
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
     }
 }

@@ -225,7 +225,8 @@ pub async fn run(options: CaOptions) -> anyhow::Result<()> {
         SourceKind::Kube => ClusterView::watch(&options).await?,
     };
     let ca = Arc::new(Ca::new(keys, options, cluster));
-    crate::http::accept_loop("CA", listener, move |stream, peer| {
+    let intake = crate::http::Intake::default();
+    crate::http::accept_loop("CA", listener, intake, move |stream, peer| {
         serve(stream, peer, acceptor.clone(), ca.clone(), TIMEOUTS)
     })
     .await;

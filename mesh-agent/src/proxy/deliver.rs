@@ -84,7 +84,13 @@ pub async fn carry(
             proxy
                 .guard
                 .clone()
-                .serve_http(client, upstream, arrival, exchange)
+                .serve_http(
+                    client,
+                    upstream,
+                    arrival,
+                    exchange,
+                    proxy.intake.draining(),
+                )
                 .await
         }
         (Carry::Http, Downstream::Tunnel { send, recv }) => {
@@ -96,6 +102,7 @@ pub async fn carry(
                 upstream,
                 arrival,
                 exchange,
+                proxy.intake.draining(),
             ));
             let carried = copy_to_tunnel(&mut tunnel_end, send, recv).await;
             drop(tunnel_end);

@@ -70,7 +70,8 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let peers = PerSource::new(MAX_CONNECTIONS_PER_PEER);
-    accept_loop("tunnel", listener, move |stream, peer| {
+    let intake = proxy.intake.clone();
+    accept_loop("tunnel", listener, intake, move |stream, peer| {
         let (acceptor, proxy) = (acceptor.clone(), proxy.clone());
         let permit = peers.acquire(peer.ip());
         async move {
@@ -141,10 +142,20 @@ async fn connection(
     let expiry = tokio::time::sleep(time_until(peer_not_after));
     tokio::pin!(expiry);
     let mut recheck = tokio::time::interval(RECHECK_INTERVAL);
+    let draining = proxy.intake.draining();
+    tokio::pin!(draining);
+    let mut going_away = false;
     // Returning drops the connection: its socket closes and its streams end with it.
     loop {
         let stream = tokio::select! {
             stream = connection.accept() => stream,
+            // GOAWAY: the peer opens its next streams to this agent's successor, and
+            // `accept` ends once the streams in flight have.
+            () = &mut draining, if !going_away => {
+                connection.graceful_shutdown();
+                going_away = true;
+                continue;
+            }
             () = &mut expiry => {
                 tracing::info!("closing HBONE from {peer} ({}): its certificate expired", peers.0);
                 return;

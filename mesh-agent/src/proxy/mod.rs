@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use crate::{
     datapath::splice::Splicer,
+    http::Intake,
     identity::tls::Identities,
     model::circuit::Budgets,
     model::SharedState,
@@ -46,4 +47,7 @@ pub struct Proxy {
     pub budgets: Budgets,
     /// In-kernel splicing of same-node flows, when enabled and loaded.
     pub splicer: Option<Arc<Splicer>>,
+    /// The connections taken on the capture and tunnel ports, and the signal to stop
+    /// taking them and to close served HTTP connections gracefully (the agent drains).
+    pub intake: Intake,
 }

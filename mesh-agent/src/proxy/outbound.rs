@@ -36,7 +36,8 @@ const MAX_CONNECTIONS_PER_SOURCE: usize = 4096;
 /// Accepts captured connections until the listener fails.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
     let sources = PerSource::new(MAX_CONNECTIONS_PER_SOURCE);
-    accept_loop("outbound", listener, move |client, peer| {
+    let intake = proxy.intake.clone();
+    accept_loop("outbound", listener, intake, move |client, peer| {
         let proxy = proxy.clone();
         let permit = sources.acquire(peer.ip());
         async move {

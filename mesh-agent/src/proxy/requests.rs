@@ -30,6 +30,7 @@ use tokio::{
 };
 
 use crate::{
+    http::serve_until_drained,
     model::{
         ratelimit::{RateLimiter, RetryAfter, ServiceAccountRef},
         telemetry, MeshState, SharedState, Workload,
@@ -138,6 +139,7 @@ impl Guard {
         upstream: TcpStream,
         arrival: Arc<Arrival>,
         exchange: Exchange,
+        draining: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), ProxyError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -195,10 +197,12 @@ impl Guard {
                 Ok::<_, Infallible>(observed.report(response, &guard.metrics))
             }
         });
-        server(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(downstream), service)
-            .await
-            .map_err(|err| match err.downcast::<hyper::Error>() {
+        serve_until_drained(
+            server(HEADER_READ_TIMEOUT).serve_connection(TokioIo::new(downstream), service),
+            draining,
+        )
+        .await
+        .map_err(|err| match err.downcast::<hyper::Error>() {
                 Ok(err) => ProxyError::Http(*err),
                 Err(err) => ProxyError::Io(std::io::Error::other(err)),
             })

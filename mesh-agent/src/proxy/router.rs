@@ -22,6 +22,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{
+    http::serve_until_drained,
     model::{
         circuit::{Budget, BudgetKey, Overflow, Permit, PoolLimits},
         destination_policy::cluster_name,
@@ -81,6 +82,7 @@ where
         .then(|| Arc::new(proxy.guard.metrics.requests.connection()));
     let logs = telemetry.client_logs;
     let tracing = telemetry.client_tracing;
+    let draining = proxy.intake.draining();
     let router = Arc::new(Router {
         proxy,
         source,
@@ -98,10 +100,12 @@ where
         let (router, reporting) = (router.clone(), reporting.clone());
         async move { Ok::<_, Infallible>(router.handle(request, &reporting).await) }
     });
-    server(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(client), service)
-        .await
-        .map_err(|err| match err.downcast::<hyper::Error>() {
+    serve_until_drained(
+        server(HEADER_READ_TIMEOUT).serve_connection(TokioIo::new(client), service),
+        draining,
+    )
+    .await
+    .map_err(|err| match err.downcast::<hyper::Error>() {
             Ok(err) => ProxyError::Http(*err),
             Err(err) => ProxyError::Io(std::io::Error::other(err)),
         })
@@ -634,7 +638,14 @@ impl Router {
                         mutual_tls: false,
                     };
                     tokio::spawn(async move {
-                        let served = guard.serve_http(judged, socket, arrival, exchange);
+                        // Its client is this router, which the drain reaches first.
+                        let served = guard.serve_http(
+                            judged,
+                            socket,
+                            arrival,
+                            exchange,
+                            std::future::pending(),
+                        );
                         if let Err(err) = served.await {
                             tracing::debug!("routed request judge: {err}");
                         }
