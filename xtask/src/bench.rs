@@ -292,7 +292,11 @@ pub fn run(quick: bool, json: bool) -> Result<()> {
 
 fn measure_all(settings: &Settings) -> Result<Vec<Measurement>> {
     let state = SandboxState::load()?;
-    let agents: Vec<u32> = state.nodes.iter().map(|n| n.agent_pid).collect();
+    let agents: Vec<u32> = state
+        .nodes
+        .iter()
+        .map(|n| crate::supervise::agent_pid(&n.name))
+        .collect();
     let mut results = Vec::new();
     let idle_rss: f64 = agents
         .iter()

@@ -15,6 +15,7 @@ mod kube_tools;
 mod ns;
 mod sandbox;
 mod setup;
+mod supervise;
 mod test;
 
 use std::{
@@ -121,6 +122,25 @@ enum SandboxCommand {
     Kubectl {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Replace a node's agent: with --graceful a new agent takes over the running one's
+    /// listeners and the old one drains (a rolling update); without, the agent is killed
+    /// (SIGKILL) and started again (a crash).
+    RestartAgent {
+        node: String,
+        #[arg(long)]
+        graceful: bool,
+    },
+    /// Stop a node's agent for good: it drains and exits, and is not started again.
+    StopAgent { node: String },
+    /// Run an agent command line and keep one running (the sandbox's DaemonSet; started
+    /// by `sandbox up`).
+    #[command(hide = true)]
+    Supervise {
+        #[arg(long)]
+        pid_file: PathBuf,
+        #[arg(last = true, required = true)]
+        agent: Vec<String>,
     },
 }
 
@@ -242,6 +262,13 @@ fn dispatch(cli: Cli) -> Result<()> {
                 SandboxCommand::Apply { file } => sandbox::apply(&file),
                 SandboxCommand::Delete { file } => sandbox::delete(&file),
                 SandboxCommand::Kubectl { args } => std::process::exit(sandbox::kubectl(&args)?),
+                SandboxCommand::RestartAgent { node, graceful } => {
+                    supervise::restart_agent(&node, graceful)
+                }
+                SandboxCommand::StopAgent { node } => supervise::stop_agent(&node),
+                SandboxCommand::Supervise { pid_file, agent } => {
+                    supervise::supervise(&pid_file, &agent)
+                }
             }
         }
     }

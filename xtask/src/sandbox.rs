@@ -29,7 +29,7 @@ use crate::{
     daemon::{ip, join_fabric, logs_dir, process_alive, start_daemon, FABRIC_NETNS, RUN_DIR},
     jaeger::{self, JaegerState},
     ns::{self, Placement},
-    progress, release_binaries, run,
+    progress, release_binaries, run, supervise,
 };
 
 const PREFIX: &str = "msb";
@@ -48,7 +48,9 @@ pub struct NodeState {
     pub netns: String,
     pub ip: Ipv4Addr,
     pub uplink: String,
-    pub agent_pid: u32,
+    /// The process that runs the node's agent (and its successors): see `supervise`.
+    #[serde(alias = "agent_pid")]
+    pub supervisor_pid: u32,
     pub bpffs: PathBuf,
     pub cgroup: PathBuf,
     /// Pod addresses handed out so far on this node.
@@ -398,7 +400,7 @@ pub fn up(config: &Path, source: ConfigSource) -> Result<()> {
             netns,
             ip: node_ip,
             uplink: "eth0".into(),
-            agent_pid: 0,
+            supervisor_pid: 0,
             bpffs: Path::new(BPFFS_DIR).join(&node.name),
             cgroup,
             pods_allocated: 1,
@@ -470,7 +472,7 @@ pub fn up(config: &Path, source: ConfigSource) -> Result<()> {
     progress("starting one mesh-agent per node");
     let kubeconfig = state.api().map(|api| api.agent_kubeconfig.clone());
     for node in state.nodes.iter_mut() {
-        node.agent_pid = start_agent(node, &agent, kubeconfig.as_deref())?;
+        node.supervisor_pid = start_agent(node, &agent, kubeconfig.as_deref())?;
     }
     state.save()?;
     for node in &state.nodes {
@@ -854,11 +856,16 @@ fn start_ca(
     }
 }
 
-/// Starts a node's agent, on the configuration directory or, given a kubeconfig, on the
-/// API server.
+/// Starts a node's agent under its supervisor, on the configuration directory or, given a
+/// kubeconfig, on the API server; returns the supervisor's pid.
 fn start_agent(node: &NodeState, agent: &Path, kubeconfig: Option<&Path>) -> Result<u32> {
-    let mut command = Command::new(agent);
-    command.args(["run", "--node", &node.name, "--ca-address", CA_ADDRESS]);
+    let mut command = Command::new(std::env::current_exe().context("finding xtask")?);
+    command
+        .args(["sandbox", "supervise", "--pid-file"])
+        .arg(supervise::pid_file(&node.name))
+        .arg("--")
+        .arg(agent)
+        .args(["run", "--node", &node.name, "--ca-address", CA_ADDRESS]);
     if let Some(kubeconfig) = kubeconfig {
         command
             .args(["--config-source", "kube", "--kubeconfig"])
@@ -875,6 +882,8 @@ fn start_agent(node: &NodeState, agent: &Path, kubeconfig: Option<&Path>) -> Res
         .arg(&node.bpffs)
         .arg("--cgroup-root")
         .arg(&node.cgroup)
+        .arg("--handover-socket")
+        .arg(supervise::handover_socket(&node.name))
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -912,7 +921,7 @@ fn wait_ready(node: &NodeState) -> Result<()> {
         if let Ok((200, _)) = http_get(&node.netns, addr, "/healthz/ready") {
             return Ok(());
         }
-        if !process_alive(node.agent_pid) || Instant::now() > deadline {
+        if !process_alive(node.supervisor_pid) || Instant::now() > deadline {
             let log = fs::read_to_string(logs_dir().join(format!("agent-{}.log", node.name)))
                 .unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(20).collect();
@@ -1221,7 +1230,7 @@ pub fn status(json: bool) -> Result<()> {
         .map(|n| {
             serde_json::json!({
                 "name": n.name, "netns": n.netns, "ip": n.ip.to_string(), "uplink": n.uplink,
-                "agent": {"pid": n.agent_pid, "metrics": format!("http://{}:15020/metrics", n.ip)},
+                "agent": {"pid": supervise::agent_pid(&n.name), "supervisor": n.supervisor_pid, "metrics": format!("http://{}:15020/metrics", n.ip)},
             })
         })
         .collect();
@@ -1256,10 +1265,11 @@ pub fn status(json: bool) -> Result<()> {
         "NODE", "NETNS", "IP", "UPLINK", "AGENT"
     );
     for n in &state.nodes {
-        let alive = if process_alive(n.agent_pid) {
-            n.agent_pid.to_string()
+        let pid = supervise::agent_pid(&n.name);
+        let alive = if process_alive(pid) {
+            pid.to_string()
         } else {
-            format!("{} (dead)", n.agent_pid)
+            format!("{pid} (dead)")
         };
         println!(
             "{:<10} {:<22} {:<12} {:<7} {:<8} http://{}:15020/metrics",

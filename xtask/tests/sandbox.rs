@@ -1460,12 +1460,13 @@ fn meshctl_uninstall_leaves_the_node_as_it_was_once_the_agent_is_stopped() {
 
     // With the agent gone and its programs still attached, meshed traffic fails closed.
     ok(
-        Command::new("kill").arg(&agent_pid).output().expect("kill"),
+        xtask(&["sandbox", "stop-agent", "node-a"]),
         "stopping node-a's agent",
     );
-    eventually("node-a's agent has exited", || {
-        !Path::new(&format!("/proc/{agent_pid}")).exists()
-    });
+    assert!(
+        !Path::new(&format!("/proc/{agent_pid}")).exists(),
+        "the agent exited with its supervisor"
+    );
     assert!(
         !direct(),
         "no agent, no bypass: the capture has no listener"

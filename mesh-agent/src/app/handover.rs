@@ -24,8 +24,8 @@ use std::{
 
 use mesh_common::{ADMIN_PORT, METRICS_PORT, OUTBOUND_CAPTURE_PORT, READY_PORT, TUNNEL_PORT};
 use rustix::net::{
-    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags,
-    SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
+    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
 };
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
@@ -136,7 +136,11 @@ impl Listeners {
             listeners.push(TcpListener::from_std(std).map_err(|_| wrong())?);
         }
         let mut listeners = listeners.into_iter();
-        let mut next = || listeners.next().ok_or(HandoverError::Descriptors { count: 0 });
+        let mut next = || {
+            listeners
+                .next()
+                .ok_or(HandoverError::Descriptors { count: 0 })
+        };
         Ok(Listeners {
             capture: next()?,
             tunnel: next()?,

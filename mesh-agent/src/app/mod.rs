@@ -138,7 +138,11 @@ pub struct AgentOptions {
     pub max_policy_entries: u32,
     /// The unix socket through which a new agent on this node takes over this one's
     /// listeners (a directory only the agent mounts).
-    #[arg(long, env = "MESH_HANDOVER_SOCKET", default_value = "/run/mesh/agent.sock")]
+    #[arg(
+        long,
+        env = "MESH_HANDOVER_SOCKET",
+        default_value = "/run/mesh/agent.sock"
+    )]
     pub handover_socket: PathBuf,
     /// How long a replaced or stopped agent lets its live connections finish before it
     /// exits (keep it under the pod's terminationGracePeriodSeconds).
@@ -262,6 +266,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     };
     let status = Arc::new(Mutex::new(AgentStatus {
         node: options.node.clone(),
+        pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         maps_layout: mesh_common::MAPS_LAYOUT_VERSION,
         config_dir: options.config_dir.clone(),
@@ -396,13 +401,10 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         status.refresh_readiness();
     }
     if let Some(predecessor) = predecessor {
-        let listeners = handover::take_over(
-            predecessor,
-            &options.handover_socket,
-            handover::addresses(),
-        )
-        .await
-        .context("taking over the running agent's listeners")?;
+        let listeners =
+            handover::take_over(predecessor, &options.handover_socket, handover::addresses())
+                .await
+                .context("taking over the running agent's listeners")?;
         servers.start(listeners, &options.handover_socket, &handed_over)?;
     }
     tracing::info!(

@@ -23,6 +23,9 @@ use crate::{
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct AgentStatus {
     pub node: String,
+    /// The agent's process: during a handover two run on the node, and this names the
+    /// one that answered.
+    pub pid: u32,
     /// The agent's release (`meshctl version`, `meshctl check` compare it with theirs).
     pub version: String,
     /// The layout of the kernel maps it pins (`mesh_common::MAPS_LAYOUT_VERSION`).

@@ -149,7 +149,13 @@ mod tests {
 
         // Connected, then silent.
         let (_client, server) = tokio::io::duplex(4096);
-        let_go(tokio::spawn(connection(server, hello(), short, std::future::pending()))).await;
+        let_go(tokio::spawn(connection(
+            server,
+            hello(),
+            short,
+            std::future::pending(),
+        )))
+        .await;
 
         // Half a request head, then silent.
         let (mut client, server) = tokio::io::duplex(4096);
@@ -204,7 +210,10 @@ mod tests {
         drain.cancel();
         let_go(served).await;
         let mut rest = Vec::new();
-        client.read_to_end(&mut rest).await.expect("read to the end");
+        client
+            .read_to_end(&mut rest)
+            .await
+            .expect("read to the end");
         assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
     }
 }

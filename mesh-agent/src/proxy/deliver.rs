@@ -84,13 +84,7 @@ pub async fn carry(
             proxy
                 .guard
                 .clone()
-                .serve_http(
-                    client,
-                    upstream,
-                    arrival,
-                    exchange,
-                    proxy.intake.draining(),
-                )
+                .serve_http(client, upstream, arrival, exchange, proxy.intake.draining())
                 .await
         }
         (Carry::Http, Downstream::Tunnel { send, recv }) => {

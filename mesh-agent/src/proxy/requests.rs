@@ -203,9 +203,9 @@ impl Guard {
         )
         .await
         .map_err(|err| match err.downcast::<hyper::Error>() {
-                Ok(err) => ProxyError::Http(*err),
-                Err(err) => ProxyError::Io(std::io::Error::other(err)),
-            })
+            Ok(err) => ProxyError::Http(*err),
+            Err(err) => ProxyError::Io(std::io::Error::other(err)),
+        })
     }
 
     /// The request metrics of a connection to `arrival`'s workload; `None` when a

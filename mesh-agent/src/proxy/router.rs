@@ -106,9 +106,9 @@ where
     )
     .await
     .map_err(|err| match err.downcast::<hyper::Error>() {
-            Ok(err) => ProxyError::Http(*err),
-            Err(err) => ProxyError::Io(std::io::Error::other(err)),
-        })
+        Ok(err) => ProxyError::Http(*err),
+        Err(err) => ProxyError::Io(std::io::Error::other(err)),
+    })
 }
 
 struct Router {
