@@ -144,7 +144,7 @@ async fn serve(extra: &str) -> Served {
         upstream,
         arrival,
         exchange,
-        std::future::pending(),
+        mesh_agent::http::ConnectionDrain::never(),
     ));
     let (send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(client))
         .await

@@ -6,8 +6,18 @@
 pub mod client;
 pub mod server;
 
-use std::{future::Future, io, net::SocketAddr, time::Duration};
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
+use http::{header, HeaderValue, Response, Version};
 use hyper_util::server::graceful::GracefulConnection;
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -53,27 +63,63 @@ pub struct Intake {
 }
 
 impl Intake {
-    /// Whether connections served request by request should close after the current
-    /// request (HTTP/1.1 `Connection: close`, HTTP/2 `GOAWAY`).
-    pub fn draining(&self) -> impl Future<Output = ()> + Send + 'static {
-        self.stop.clone().cancelled_owned()
+    /// The drain as one HTTP connection served request by request takes part in it.
+    pub fn connection_drain(&self) -> ConnectionDrain {
+        ConnectionDrain {
+            stop: self.stop.clone(),
+            seen: Arc::default(),
+        }
     }
 }
 
-/// Serves an HTTP connection to its end; if `draining` comes first, asks it to finish
-/// gracefully (HTTP/1.1 closes after the response in flight, HTTP/2 sends `GOAWAY` and
-/// lets its streams end), so clients move to the agent's successor without an error.
-pub async fn serve_until_drained<C>(
-    connection: C,
-    draining: impl Future<Output = ()>,
-) -> Result<(), C::Error>
+/// One served HTTP connection's part in a drain, so that its client moves to the agent's
+/// successor without an error: HTTP/2 gets `GOAWAY` (streams in flight finish, the client
+/// opens new ones elsewhere); HTTP/1 answers given while draining say `connection:
+/// close`, and an idle HTTP/1 connection is not closed early, since its client may be
+/// sending on it at that instant (Envoy drains HTTP/1 the same way). The drain's
+/// deadline ends what is left.
+#[derive(Clone)]
+pub struct ConnectionDrain {
+    stop: CancellationToken,
+    /// The HTTP version of the connection's requests: 0 none yet, 1 HTTP/1, 2 HTTP/2.
+    seen: Arc<AtomicU8>,
+}
+
+impl ConnectionDrain {
+    /// For a connection no drain reaches (an in-memory one whose client drains first).
+    pub fn never() -> ConnectionDrain {
+        Intake::default().connection_drain()
+    }
+
+    /// Records a request's version and, while draining, asks an HTTP/1 client to take its
+    /// next request elsewhere.
+    pub fn answer<B>(&self, version: Version, response: &mut Response<B>) {
+        let http2 = version == Version::HTTP_2;
+        self.seen
+            .store(if http2 { 2 } else { 1 }, Ordering::Relaxed);
+        if !http2 && self.stop.is_cancelled() {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+}
+
+/// Serves an HTTP connection to its end, taking part in the drain as [`ConnectionDrain`]
+/// says; each answer must pass through [`ConnectionDrain::answer`].
+pub async fn serve_until_drained<C>(connection: C, drain: ConnectionDrain) -> Result<(), C::Error>
 where
     C: GracefulConnection,
 {
-    tokio::pin!(connection, draining);
+    tokio::pin!(connection);
     tokio::select! {
         served = connection.as_mut() => return served,
-        () = &mut draining => connection.as_mut().graceful_shutdown(),
+        () = drain.stop.cancelled() => {
+            // HTTP/2, or nothing asked yet: nothing is lost by closing gracefully now.
+            if drain.seen.load(Ordering::Relaxed) != 1 {
+                connection.as_mut().graceful_shutdown();
+            }
+        }
     }
     connection.await
 }

@@ -16,7 +16,7 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::http::{accept_loop, serve_until_drained, Intake};
+use crate::http::{accept_loop, serve_until_drained, ConnectionDrain, Intake};
 
 pub struct Reply {
     pub status: StatusCode,
@@ -70,25 +70,27 @@ pub async fn serve(listener: TcpListener, intake: Intake, handler: Handler) {
             stream,
             handler.clone(),
             HEADER_READ_TIMEOUT,
-            draining.draining(),
+            draining.connection_drain(),
         )
     })
     .await;
 }
 
 /// Serves one connection, letting it go when a request head takes longer than
-/// `header_timeout`, or after the request in flight once `draining` comes.
+/// `header_timeout`, and taking part in the agent's drain.
 async fn connection<S>(
     stream: S,
     handler: Handler,
     header_timeout: Duration,
-    draining: impl std::future::Future<Output = ()>,
+    drain: ConnectionDrain,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let answering = drain.clone();
     let service = service_fn(move |request: Request<Incoming>| {
-        let handler = handler.clone();
+        let (handler, drain) = (handler.clone(), answering.clone());
         async move {
+            let version = request.version();
             let path = request.uri().path().to_owned();
             let reply = match *request.method() {
                 Method::GET => handler(&path, None),
@@ -109,11 +111,12 @@ async fn connection<S>(
                     "only GET and POST are served\n".into(),
                 ),
             };
-            let response = Response::builder()
+            let mut response = Response::builder()
                 .status(reply.status)
                 .header("content-type", reply.content_type)
                 .body(Full::new(Bytes::from(reply.body)))
                 .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())));
+            drain.answer(version, &mut response);
             Ok::<_, Infallible>(response)
         }
     });
@@ -121,7 +124,7 @@ async fn connection<S>(
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .serve_connection(TokioIo::new(stream), service);
-    if let Err(err) = serve_until_drained(served, draining).await {
+    if let Err(err) = serve_until_drained(served, drain).await {
         tracing::debug!("http connection: {err}");
     }
 }
@@ -153,13 +156,13 @@ mod tests {
             server,
             hello(),
             short,
-            std::future::pending(),
+            ConnectionDrain::never(),
         )))
         .await;
 
         // Half a request head, then silent.
         let (mut client, server) = tokio::io::duplex(4096);
-        let served = tokio::spawn(connection(server, hello(), short, std::future::pending()));
+        let served = tokio::spawn(connection(server, hello(), short, ConnectionDrain::never()));
         client
             .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n")
             .await
@@ -174,7 +177,7 @@ mod tests {
             server,
             hello(),
             Duration::from_secs(10),
-            std::future::pending(),
+            ConnectionDrain::never(),
         ));
         client
             .write_all(b"GET /healthz/ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
@@ -188,32 +191,40 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn draining_lets_a_kept_alive_connection_go_after_its_answer() {
+    async fn while_draining_an_answer_closes_its_connection_and_an_idle_one_waits() {
         let (mut client, server) = tokio::io::duplex(4096);
-        let drain = tokio_util::sync::CancellationToken::new();
+        let intake = Intake::default();
         let served = tokio::spawn(connection(
             server,
             hello(),
             Duration::from_secs(3600),
-            drain.clone().cancelled_owned(),
+            intake.connection_drain(),
         ));
+        let mut answer = vec![0; 4096];
         client
-            .write_all(b"GET /stats HTTP/1.1\r\nhost: x\r\n\r\n")
+            .write_all(b"GET /before HTTP/1.1\r\nhost: x\r\n\r\n")
             .await
             .expect("write");
-        let mut answer = vec![0; 4096];
         let read = client.read(&mut answer).await.expect("read");
-        let answer = String::from_utf8_lossy(&answer[..read]).into_owned();
-        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
-        assert!(answer.ends_with("/stats\n"), "{answer}");
-        // Idle and kept alive: only the drain can end it (the header timeout is an hour).
-        drain.cancel();
-        let_go(served).await;
-        let mut rest = Vec::new();
+        let before = String::from_utf8_lossy(&answer[..read]).into_owned();
+        assert!(!before.contains("connection: close"), "{before}");
+        // Idle when the drain starts: kept, as the client may be sending right now.
+        intake.stop.cancel();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!served.is_finished());
         client
-            .read_to_end(&mut rest)
+            .write_all(b"GET /during HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut during = Vec::new();
+        client
+            .read_to_end(&mut during)
             .await
             .expect("read to the end");
-        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+        let during = String::from_utf8_lossy(&during);
+        assert!(during.starts_with("HTTP/1.1 200 OK\r\n"), "{during}");
+        assert!(during.contains("connection: close\r\n"), "{during}");
+        assert!(during.ends_with("/during\n"), "{during}");
+        let_go(served).await;
     }
 }

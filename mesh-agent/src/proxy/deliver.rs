@@ -84,7 +84,13 @@ pub async fn carry(
             proxy
                 .guard
                 .clone()
-                .serve_http(client, upstream, arrival, exchange, proxy.intake.draining())
+                .serve_http(
+                    client,
+                    upstream,
+                    arrival,
+                    exchange,
+                    proxy.intake.connection_drain(),
+                )
                 .await
         }
         (Carry::Http, Downstream::Tunnel { send, recv }) => {
@@ -96,7 +102,7 @@ pub async fn carry(
                 upstream,
                 arrival,
                 exchange,
-                proxy.intake.draining(),
+                proxy.intake.connection_drain(),
             ));
             let carried = copy_to_tunnel(&mut tunnel_end, send, recv).await;
             drop(tunnel_end);

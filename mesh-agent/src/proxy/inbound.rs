@@ -142,8 +142,7 @@ async fn connection(
     let expiry = tokio::time::sleep(time_until(peer_not_after));
     tokio::pin!(expiry);
     let mut recheck = tokio::time::interval(RECHECK_INTERVAL);
-    let draining = proxy.intake.draining();
-    tokio::pin!(draining);
+    let draining = proxy.intake.stop.clone();
     let mut going_away = false;
     // Returning drops the connection: its socket closes and its streams end with it.
     loop {
@@ -151,7 +150,7 @@ async fn connection(
             stream = connection.accept() => stream,
             // GOAWAY: the peer opens its next streams to this agent's successor, and
             // `accept` ends once the streams in flight have.
-            () = &mut draining, if !going_away => {
+            () = draining.cancelled(), if !going_away => {
                 connection.graceful_shutdown();
                 going_away = true;
                 continue;

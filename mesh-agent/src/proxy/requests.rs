@@ -30,7 +30,7 @@ use tokio::{
 };
 
 use crate::{
-    http::serve_until_drained,
+    http::{serve_until_drained, ConnectionDrain},
     model::{
         ratelimit::{RateLimiter, RetryAfter, ServiceAccountRef},
         telemetry, MeshState, SharedState, Workload,
@@ -139,7 +139,7 @@ impl Guard {
         upstream: TcpStream,
         arrival: Arc<Arrival>,
         exchange: Exchange,
-        draining: impl std::future::Future<Output = ()> + Send,
+        drain: ConnectionDrain,
     ) -> Result<(), ProxyError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -163,11 +163,14 @@ impl Guard {
             .clone()
             .unwrap_or_else(|| workload.ip().to_string())
             .into();
+        let answering = drain.clone();
         let service = service_fn(move |request: Request<Incoming>| {
             let (guard, arrival, upstream) = (self.clone(), arrival.clone(), upstream.clone());
             let (reporting, span_host) = (reporting.clone(), span_host.clone());
+            let drain = answering.clone();
             async move {
                 let (mut parts, body) = request.into_parts();
+                let version = parts.version;
                 let telemetry = &arrival.security.telemetry;
                 let site = TraceSite {
                     tracing: telemetry.server_tracing.as_ref(),
@@ -183,7 +186,8 @@ impl Guard {
                     site,
                 );
                 let request = Request::from_parts(parts, body);
-                let response = guard.handle(request, &arrival, &upstream).await;
+                let mut response = guard.handle(request, &arrival, &upstream).await;
+                drain.answer(version, &mut response);
                 let handled = Handled {
                     upstream: Some(workload),
                     cluster: Some(format!("inbound|{}||", workload.port())),
@@ -199,7 +203,7 @@ impl Guard {
         });
         serve_until_drained(
             server(HEADER_READ_TIMEOUT).serve_connection(TokioIo::new(downstream), service),
-            draining,
+            drain,
         )
         .await
         .map_err(|err| match err.downcast::<hyper::Error>() {

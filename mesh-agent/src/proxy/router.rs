@@ -22,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{
-    http::serve_until_drained,
+    http::{serve_until_drained, ConnectionDrain},
     model::{
         circuit::{Budget, BudgetKey, Overflow, Permit, PoolLimits},
         destination_policy::cluster_name,
@@ -82,7 +82,7 @@ where
         .then(|| Arc::new(proxy.guard.metrics.requests.connection()));
     let logs = telemetry.client_logs;
     let tracing = telemetry.client_tracing;
-    let draining = proxy.intake.draining();
+    let drain = proxy.intake.connection_drain();
     let router = Arc::new(Router {
         proxy,
         source,
@@ -96,13 +96,20 @@ where
         tracing,
         peers: Mutex::default(),
     });
-    let service = service_fn(move |request| {
+    let answering = drain.clone();
+    let service = service_fn(move |request: hyper::Request<Incoming>| {
         let (router, reporting) = (router.clone(), reporting.clone());
-        async move { Ok::<_, Infallible>(router.handle(request, &reporting).await) }
+        let drain = answering.clone();
+        async move {
+            let version = request.version();
+            let mut response = router.handle(request, &reporting).await;
+            drain.answer(version, &mut response);
+            Ok::<_, Infallible>(response)
+        }
     });
     serve_until_drained(
         server(HEADER_READ_TIMEOUT).serve_connection(TokioIo::new(client), service),
-        draining,
+        drain,
     )
     .await
     .map_err(|err| match err.downcast::<hyper::Error>() {
@@ -644,7 +651,7 @@ impl Router {
                             socket,
                             arrival,
                             exchange,
-                            std::future::pending(),
+                            ConnectionDrain::never(),
                         );
                         if let Err(err) = served.await {
                             tracing::debug!("routed request judge: {err}");
