@@ -3210,3 +3210,156 @@ fn a_certificate_that_expires_under_a_pooled_connection_closes_it() {
     let second = tunnel_ends("node-a", "dport");
     assert!(!second.is_empty() && second.is_disjoint(&first));
 }
+
+/// Traffic from client-a that runs until told to stop (`steady_client.py`).
+struct Steady {
+    child: std::process::Child,
+    stop: PathBuf,
+}
+
+impl Steady {
+    /// Starts `steady_client.py` with `args` (its mode first) and waits until its first
+    /// exchange succeeded.
+    fn start(name: &str, args: &[&str]) -> Steady {
+        use std::io::BufRead;
+        let stop = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("steady-{name}.stop"));
+        let _ = std::fs::remove_file(&stop);
+        let mut command = Command::new(env!("CARGO_BIN_EXE_xtask"));
+        command
+            .args(["sandbox", "exec", "client-a", "--", "python3", "-c"])
+            .arg(include_str!("steady_client.py"))
+            .args(args)
+            .arg(&stop)
+            .current_dir(workspace())
+            .stdout(std::process::Stdio::piped());
+        let mut child = command.spawn().expect("steady client");
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut first)
+            .expect("read");
+        assert_eq!(first.trim(), "started", "{name}: the traffic never flowed");
+        Steady { child, stop }
+    }
+
+    /// Stops the traffic; what the client saw.
+    fn finish(mut self) -> serde_json::Value {
+        use std::io::Read;
+        std::fs::write(&self.stop, "").expect("stop file");
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut out)
+            .expect("read");
+        assert!(self.child.wait().expect("wait").success(), "{out}");
+        serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("not JSON: {out}"))
+    }
+}
+
+fn current_agent(node: &str) -> u64 {
+    status_json()["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["name"] == node)
+        .and_then(|n| n["agent"]["pid"].as_u64())
+        .unwrap_or_else(|| panic!("{node}'s agent"))
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+#[test]
+fn agents_replaced_under_traffic_drop_nothing_and_a_killed_one_is_back_at_once() {
+    let _sandbox = Sandbox::up();
+    kubectl("apply", "reviews-v1", &reviews_pod("v1", "node-b"));
+    kubectl("apply", "reviews", REVIEWS);
+    // Routed: node-a's agent serves the client's connection request by request.
+    kubectl(
+        "apply",
+        "routes",
+        &reviews_routes("  - route: [{destination: {host: reviews, subset: v1}}]\n"),
+    );
+    kubectl("apply", "local-echoes", &local_echoes());
+    let status = status_json();
+    let echo_b = pod_ip(&status, "echo-b");
+    let echo_spliced = pod_ip(&status, "echo-spliced");
+    eventually("reviews answers through its route", || {
+        reviews("/", 1, "{}", "new").count("200 reviews-v1") == 1
+            && sample(
+                &metrics("node-a"),
+                "mesh_routed_requests_total",
+                &[("destination_service", "reviews.demo.svc.cluster.local")],
+            )
+            .is_some()
+    });
+    eventually("the local echo answers", || {
+        echo_round_trip(&format!("{echo_spliced}:9000"), 1000) == "intact"
+    });
+
+    // A rolling update of both nodes' agents under three kinds of traffic: a TCP stream
+    // across nodes (HBONE), a same-node stream spliced in the kernel, and HTTP/1.1 requests
+    // on a kept-alive connection to a Service routed by node-a's agent.
+    let across = Steady::start("across", &["echo", &echo_b, "9000"]);
+    let local = Steady::start("local", &["echo", &echo_spliced, "9000"]);
+    let requests = Steady::start("requests", &["http", "http://10.96.0.110:9080/"]);
+    let mut replaced = Vec::new();
+    for node in ["node-a", "node-b"] {
+        let old = current_agent(node);
+        ok(
+            xtask(&["sandbox", "restart-agent", node, "--graceful"]),
+            &format!("replacing {node}'s agent"),
+        );
+        let new = current_agent(node);
+        assert_ne!(new, old, "{node}");
+        // Still there: it drains the connections it carries instead of cutting them.
+        assert!(alive(old), "{node}'s old agent {old} left its connections");
+        replaced.push(old);
+    }
+    // New connections go to the new agents at once, on both nodes.
+    assert_eq!(reviews("/", 20, "{}", "new").count("200 reviews-v1"), 20);
+    assert_eq!(
+        echo_round_trip(&format!("{echo_spliced}:9000"), 100_000),
+        "intact"
+    );
+    let across = across.finish();
+    let local = local.finish();
+    let requests = requests.finish();
+    assert_eq!(across["intact"], true, "{across}");
+    assert_eq!(local["intact"], true, "{local}");
+    assert_eq!(across["sent"], across["received"], "{across}");
+    assert_eq!(requests["failed"], 0, "{requests}");
+    // The kept-alive client was asked to reconnect (to the new agent) after the handover.
+    assert!(requests["connections"].as_u64() >= Some(2), "{requests}");
+    // Their connections done, the old agents leave on their own.
+    for old in replaced {
+        eventually(&format!("old agent {old} exits once drained"), || {
+            !alive(old)
+        });
+    }
+
+    // A crash: killed, started again by its supervisor; new connections work as soon as
+    // it serves (the kernel failed closed meanwhile), with the maps and links taken over.
+    let killed = current_agent("node-a");
+    let restarted = ok(
+        xtask(&["sandbox", "restart-agent", "node-a"]),
+        "killing node-a's agent",
+    );
+    eprintln!("{}", restarted.trim());
+    assert!(!alive(killed));
+    assert_eq!(reviews("/", 20, "{}", "new").count("200 reviews-v1"), 20);
+    assert_eq!(
+        echo_round_trip(&format!("{echo_spliced}:9000"), 100_000),
+        "intact"
+    );
+    assert_eq!(
+        echo_round_trip(&format!("{echo_b}:9000"), 100_000),
+        "intact"
+    );
+}
