@@ -43,8 +43,11 @@ const WEB_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 
 fn cluster() -> String {
+    // The client's node is where the peer agents of these tests connect from.
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: demo}}\n\
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: there}}\n\
+         status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: demo}}\n\
          spec: {{nodeName: here, serviceAccountName: web}}\nstatus: {{podIP: {WEB_IP}}}\n---\n\
          apiVersion: v1\nkind: Pod\nmetadata: {{name: client, namespace: demo}}\n\
          spec: {{nodeName: there, serviceAccountName: client}}\nstatus: {{podIP: {CLIENT_IP}}}\n"
@@ -177,6 +180,7 @@ async fn a_stream_crosses_with_both_identities_verified() {
         let (send, recv) = pool
             .open(
                 agent.tunnel,
+                None,
                 &id("client"),
                 &id("web"),
                 &request(&agent, CLIENT_IP),
@@ -300,6 +304,7 @@ async fn an_identity_that_is_not_the_workload_behind_the_address_is_refused() {
     let err = pool
         .open(
             agent.tunnel,
+            None,
             &id("admin"),
             &id("web"),
             &request(&agent, CLIENT_IP),
@@ -311,6 +316,42 @@ async fn an_identity_that_is_not_the_workload_behind_the_address_is_refused() {
         "{err}"
     );
     eventually_refused(&agent, "wrong_source_identity").await;
+}
+
+#[tokio::test]
+async fn the_right_identity_from_another_nodes_address_is_refused() {
+    let ca = CaKeys::generate(TD).expect("root");
+    let agent = destination_agent(&ca).await;
+    // The client's own certificate, as an agent of another node holding a pod of the same
+    // service account would have it, but connecting from an address that is not the
+    // client's node (127.0.0.1).
+    let pool = HbonePool::new(valid(&ca, "client"));
+    let err = pool
+        .open(
+            agent.tunnel,
+            Some(Ipv4Addr::new(127, 0, 0, 9)),
+            &id("client"),
+            &id("web"),
+            &request(&agent, CLIENT_IP),
+        )
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(err, PoolError::Refused { status, .. } if status == 403),
+        "{err}"
+    );
+    eventually_refused(&agent, "wrong_source_node").await;
+    // From the client's node, the same stream is carried.
+    let _carried = pool
+        .open(
+            agent.tunnel,
+            Some(Ipv4Addr::LOCALHOST),
+            &id("client"),
+            &id("web"),
+            &request(&agent, CLIENT_IP),
+        )
+        .await
+        .expect("carried from the client's node");
 }
 
 #[tokio::test]
@@ -456,6 +497,7 @@ async fn a_connection_the_destination_policy_denies_is_refused_before_the_worklo
     let err = pool
         .open(
             agent.tunnel,
+            None,
             &id("client"),
             &id("web"),
             &request(&agent, CLIENT_IP),

@@ -4,13 +4,14 @@
 //!
 //! The input is a head in the crate's text form (an HTTP/2 `:method: CONNECT` head, as
 //! agents send it) with settings `@local <SPIFFE ID>` (the identity the peer's TLS session
-//! named), `@peer <SPIFFE ID>` (the peer's certificate) and `@sni <name>`. A stream the
-//! plan accepts must be for a pod of this node, made to that pod's identity, and carry a
-//! client whose identity is the peer's.
+//! named), `@peer <SPIFFE ID>` (the peer's certificate), `@agent <IPv4>` (the peer agent's
+//! address, node-b's by default) and `@sni <name>`. A stream the plan accepts must be for
+//! a pod of this node, made to that pod's identity, and carry a client whose identity is
+//! the peer's, running on the peer agent's node.
 
 #![no_main]
 
-use std::{path::Path, sync::LazyLock};
+use std::{net::Ipv4Addr, path::Path, sync::LazyLock};
 
 use http::Request;
 use libfuzzer_sys::fuzz_target;
@@ -57,7 +58,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let sni = setting(data, "sni").map(|s| String::from_utf8_lossy(s).into_owned());
     let state = &*STATE;
-    let Ok(plan) = plan_inbound(state, TRUST_DOMAIN, &local, &peer, sni, &tunnel) else {
+    let agent = setting(data, "agent")
+        .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok())
+        .unwrap_or(Ipv4Addr::new(10, 200, 0, 2));
+    let Ok(plan) = plan_inbound(state, TRUST_DOMAIN, &local, &peer, agent, sni, &tunnel) else {
         return;
     };
     let of = |w: &mesh_agent::model::Workload| {
@@ -75,6 +79,11 @@ fuzz_target!(|data: &[u8]| {
         of(client),
         peer,
         "a peer carried a client of another identity"
+    );
+    assert_eq!(
+        state.node_ip(client),
+        Some(agent),
+        "an agent carried a client of another node"
     );
     let principal = format!(
         "{}/ns/{}/sa/{}",

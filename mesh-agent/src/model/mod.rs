@@ -395,6 +395,11 @@ impl MeshState {
         self.nodes.get(&workload.node).copied()
     }
 
+    /// This node's address, when its Node object gives one.
+    pub fn own_ip(&self) -> Option<Ipv4Addr> {
+        self.nodes.get(&self.node).copied()
+    }
+
     /// Where a connection from `client` to `original_dst` goes: a Service port's endpoint
     /// chosen by its load-balancing policy, or the pod addressed directly.
     pub fn resolve(&self, original_dst: SocketAddrV4, client: Ipv4Addr) -> Resolved {

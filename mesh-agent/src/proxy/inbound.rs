@@ -176,7 +176,7 @@ async fn connection(
         let (proxy, peers) = (proxy.clone(), peers.clone());
         tokio::spawn(async move {
             let (source, local, sni) = &*peers;
-            if let Err(err) = stream_of(&proxy, source, local, sni, request, respond).await {
+            if let Err(err) = stream_of(&proxy, source, local, sni, peer, request, respond).await {
                 tracing::info!(
                     "HBONE stream from {peer}: {}",
                     crate::errors::describe(&err)
@@ -211,9 +211,15 @@ async fn stream_of(
     source: &SpiffeId,
     local: &SpiffeId,
     sni: &Option<String>,
+    peer: SocketAddr,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) -> Result<(), ProxyError> {
+    // The tunnel port listens on IPv4 only; anything else cannot be a node's agent.
+    let peer_agent = match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
+    };
     let Some(tunnel) = TunnelRequest::parse(&request) else {
         return Err(refuse(
             proxy,
@@ -232,6 +238,7 @@ async fn stream_of(
         &proxy.settings.trust_domain,
         local,
         source,
+        peer_agent,
         sni.clone(),
         &tunnel,
     ) {

@@ -185,7 +185,13 @@ async fn carry_out(
             };
             let (send, recv) = match proxy
                 .pool
-                .open(agent, &source, &destination, &request)
+                .open(
+                    agent,
+                    proxy.state.current().own_ip(),
+                    &source,
+                    &destination,
+                    &request,
+                )
                 .await
             {
                 Ok(stream) => stream,

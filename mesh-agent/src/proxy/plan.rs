@@ -5,7 +5,10 @@
 //! of the destination's policies. The functions here read the state and the load
 //! balancers and nothing else; `outbound` and `inbound` carry the plans out.
 
-use std::{net::SocketAddrV4, sync::Arc};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+};
 
 use http::{Method, Request, StatusCode};
 use mesh_common::TUNNEL_PORT;
@@ -251,7 +254,7 @@ pub fn plan_endpoint(
     state: &MeshState,
     settings: &PlanSettings,
     source: &Workload,
-    client_ip: std::net::Ipv4Addr,
+    client_ip: Ipv4Addr,
     target: SocketAddrV4,
     destination: Option<&Arc<Workload>>,
 ) -> Result<(Route, Option<Decision>), PlanError> {
@@ -374,13 +377,14 @@ pub struct InboundPlan {
     pub decision: Option<Decision>,
 }
 
-/// Plans an HBONE stream from a peer agent that proved `peer` over a TLS session made to
-/// `local` (the identity its SNI named).
+/// Plans an HBONE stream from the peer agent at `peer_agent` that proved `peer` over a
+/// TLS session made to `local` (the identity its SNI named).
 pub fn plan_inbound(
     state: &MeshState,
     trust_domain: &str,
     local: &SpiffeId,
     peer: &SpiffeId,
+    peer_agent: Ipv4Addr,
     sni: Option<String>,
     request: &TunnelRequest,
 ) -> Result<InboundPlan, Refusal> {
@@ -407,10 +411,8 @@ pub fn plan_inbound(
     }
     // The peer's certificate must be the identity of the workload at the address it
     // claims to connect from.
-    let claimed = state
-        .workloads
-        .get(client.ip())
-        .map(|w| spiffe_id(trust_domain, w));
+    let client_workload = state.workloads.get(client.ip());
+    let claimed = client_workload.map(|w| spiffe_id(trust_domain, w));
     if claimed.as_ref() != Some(peer) {
         return Err(Refusal {
             status: StatusCode::FORBIDDEN,
@@ -418,6 +420,21 @@ pub fn plan_inbound(
             message: format!(
                 "peer {peer} claims to carry {client}, which is {}",
                 claimed.map_or("no meshed workload".into(), |c| c.to_string())
+            ),
+            denied: None,
+        });
+    }
+    // And the agent carrying it must be the one of that workload's node: a node's agent
+    // holds certificates of its own pods' identities only, so another node's agent with
+    // a pod of the same service account cannot speak for this address.
+    let client_node = client_workload.and_then(|w| state.node_ip(w));
+    if client_node != Some(peer_agent) {
+        return Err(Refusal {
+            status: StatusCode::FORBIDDEN,
+            reason: "wrong_source_node",
+            message: format!(
+                "the agent at {peer_agent} claims to carry {client}, whose node is {}",
+                client_node.map_or("unknown".into(), |ip| ip.to_string())
             ),
             denied: None,
         });
@@ -531,6 +548,9 @@ spec:
              spec:\n  selector: {{matchLabels: {{app: near}}}}\n{rules}"
         )
     }
+
+    /// The address of node-b, where the HBONE client pod 10.244.2.10 runs.
+    const NODE_B: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
 
     fn mesh(extra: &str) -> MeshState {
         let yaml = format!("{CLUSTER}{extra}");
@@ -807,15 +827,23 @@ spec: {clusterIP: 10.96.0.30, selector: {app: nothing}, ports: [{port: 80}]}
     fn an_hbone_stream_is_checked_against_both_identities() {
         let state = mesh("");
         let request = connect("10.244.1.20:8080", "10.244.2.10:5000");
-        let plan =
-            plan_inbound(&state, TD, &id("near"), &id("client"), None, &request).expect("accepted");
+        let plan = plan_inbound(
+            &state,
+            TD,
+            &id("near"),
+            &id("client"),
+            NODE_B,
+            None,
+            &request,
+        )
+        .expect("accepted");
         assert_eq!(plan.carry, Carry::Copy);
         assert_eq!(
             plan.arrival.facts.source_principal.as_deref(),
             Some("cluster.local/ns/shop/sa/client")
         );
         let refused = |local: &str, peer: &str, request: &TunnelRequest| {
-            plan_inbound(&state, TD, &id(local), &id(peer), None, request)
+            plan_inbound(&state, TD, &id(local), &id(peer), NODE_B, None, request)
                 .expect_err("refused")
                 .reason
         };
@@ -833,6 +861,27 @@ spec: {clusterIP: 10.96.0.30, selector: {app: nothing}, ports: [{port: 80}]}
             "unknown_destination",
             "a pod of another node is not delivered from here"
         );
+        // The right certificate, carried by an agent that is not the client's node's.
+        for agent in [Ipv4Addr::new(10, 200, 0, 1), Ipv4Addr::new(10, 200, 0, 9)] {
+            let refusal = plan_inbound(
+                &state,
+                TD,
+                &id("near"),
+                &id("client"),
+                agent,
+                None,
+                &request,
+            )
+            .expect_err("refused");
+            assert_eq!(
+                (refusal.status, refusal.reason),
+                (StatusCode::FORBIDDEN, "wrong_source_node")
+            );
+            assert_eq!(
+                refusal.message,
+                format!("the agent at {agent} claims to carry 10.244.2.10:5000, whose node is 10.200.0.2")
+            );
+        }
     }
 
     #[test]
@@ -850,6 +899,7 @@ spec: {selector: {matchLabels: {app: near}}}
             TD,
             &id("near"),
             &id("client"),
+            NODE_B,
             None,
             &connect("10.244.1.20:8080", "10.244.2.10:5000"),
         )

@@ -13,7 +13,7 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddrV4},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -90,6 +90,8 @@ struct PoolKey {
     source: SpiffeId,
     destination: SpiffeId,
     agent: SocketAddrV4,
+    /// The address connected from: this node's, once its Node object says it.
+    from: Option<Ipv4Addr>,
 }
 
 /// A stream opened this close to the end of a connection's certificates would be cut
@@ -309,9 +311,13 @@ impl HbonePool {
             ServerName::try_from(sni_for(&key.destination)).map_err(|_| PoolError::ServerName {
                 destination: key.destination.clone(),
             })?;
-        let tcp = socket::connect(agent)
-            .await
-            .map_err(|source| PoolError::Connect { agent, source })?;
+        // From this node's own address: the receiving agent checks that the client pod
+        // runs on the node it is connected from.
+        let tcp = match key.from {
+            Some(from) => socket::connect_from(from, agent).await,
+            None => socket::connect(agent).await,
+        }
+        .map_err(|source| PoolError::Connect { agent, source })?;
         let tls = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
             .await
@@ -339,11 +345,13 @@ impl HbonePool {
         Ok((sender, connection, until))
     }
 
-    /// Opens a stream to `request.target` through the agent at `agent`, as `source`,
-    /// requiring the agent to prove `destination`.
+    /// Opens a stream to `request.target` through the agent at `agent` (connecting from
+    /// this node's address `from`, when known), as `source`, requiring the agent to prove
+    /// `destination`.
     pub async fn open(
         &self,
         agent: SocketAddrV4,
+        from: Option<Ipv4Addr>,
         source: &SpiffeId,
         destination: &SpiffeId,
         request: &TunnelRequest,
@@ -352,6 +360,7 @@ impl HbonePool {
             source: source.clone(),
             destination: destination.clone(),
             agent,
+            from,
         };
         let slot = self.slot(&key);
         let (generation, sender) = self.sender(&key, &slot).await?;

@@ -675,7 +675,13 @@ impl Router {
                 let (send, recv) = self
                     .proxy
                     .pool
-                    .open(agent, &source, &destination, &request)
+                    .open(
+                        agent,
+                        self.proxy.state.current().own_ip(),
+                        &source,
+                        &destination,
+                        &request,
+                    )
                     .await
                     .map_err(|e| match e {
                         crate::proxy::pool::PoolError::Refused { status, .. }

@@ -5,7 +5,7 @@
 
 use std::{
     io,
-    net::{SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
 };
 
 use mesh_common::AGENT_MARK;
@@ -50,6 +50,17 @@ pub async fn connect_as(src: SocketAddrV4, dst: SocketAddrV4) -> io::Result<TcpS
 /// Connects to `dst` from this node's own addresses.
 pub async fn connect(dst: SocketAddrV4) -> io::Result<TcpStream> {
     let stream = TcpStream::connect(dst).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Connects to `dst` from the address `src` of this host (any port).
+pub async fn connect_from(src: Ipv4Addr, dst: SocketAddrV4) -> io::Result<TcpStream> {
+    let socket = tcp_socket()?;
+    socket.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
+    let stream = TcpSocket::from_std_stream(socket.into())
+        .connect(dst.into())
+        .await?;
     stream.set_nodelay(true)?;
     Ok(stream)
 }
