@@ -3551,6 +3551,13 @@ fn hand_written_requests_are_judged_as_the_backend_receives_them() {
             get(Some("target"), "/private/a"),
             &[("authorization", bearer), ("x-jwt-sub", "admin")],
         ),
+        // HTTP/2 has no hop-by-hop headers: a request carrying one is malformed
+        // (RFC 9113 §8.2.2), its stream reset with PROTOCOL_ERROR (1).
+        with(
+            get(Some("target"), "/public/a"),
+            &[("connection", "x-user"), ("x-user", "mallory")],
+        ),
+        with(get(Some("target"), "/public/a"), &[("te", "gzip")]),
     ];
     let requests: Vec<Raw> = h2.iter().map(|f| Raw::H2(f)).collect();
     let answers: Vec<(u64, String)> = raw_requests("client-a", target, &requests)
@@ -3558,6 +3565,8 @@ fn hand_written_requests_are_judged_as_the_backend_receives_them() {
         .map(shown)
         .collect();
     let mismatch = mesh(400, "Bad Request: :authority and host differ");
+    // No response: the stream was reset (PROTOCOL_ERROR).
+    let stream_reset = (0, "RST_STREAM 1".to_owned());
     let expected = vec![
         served(&["target|/public/a"]),
         mismatch.clone(),
@@ -3573,6 +3582,8 @@ fn hand_written_requests_are_judged_as_the_backend_receives_them() {
         denied.clone(),
         mesh(401, "Jwt verification fails"),
         served(&["target|/private/a", "x-jwt-sub: testing@secure.istio.io"]),
+        stream_reset.clone(),
+        stream_reset,
     ];
     assert_eq!(answers, expected);
 
