@@ -3363,3 +3363,628 @@ fn agents_replaced_under_traffic_drop_nothing_and_a_killed_one_is_back_at_once()
         "intact"
     );
 }
+
+/// The Service `target` on node-b: `mesh-bench serve --echo` answers every request with
+/// the head it received. Its policies judge host, path and headers, and its
+/// RequestAuthentication sets `x-jwt-sub` from a verified token: the forms a hostile
+/// client writes by hand must neither slip past them nor reach the backend other than as
+/// judged.
+fn target_and_policies(jwks_ip: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: target, namespace: demo}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: target-b, namespace: demo, labels: {{app: target}}}}
+spec:
+  nodeName: node-b
+  serviceAccountName: target
+  containers:
+    - name: target
+      command: [mesh-bench, serve, --listen, 0.0.0.0:8080, --echo]
+      ports: [{{name: http, containerPort: 8080}}]
+      readinessProbe: {{tcpSocket: {{port: 8080}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: target, namespace: demo}}
+spec:
+  clusterIP: 10.96.0.170
+  selector: {{app: target}}
+  ports: [{{name: http, port: 80, targetPort: http}}]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: target-jwt, namespace: demo}}
+spec:
+  selector: {{matchLabels: {{app: target}}}}
+  jwtRules:
+    - issuer: testing@secure.istio.io
+      jwksUri: http://{jwks_ip}:8000/jwks.json
+      outputClaimToHeaders: [{{header: x-jwt-sub, claim: sub}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: target-allow, namespace: demo}}
+spec:
+  selector: {{matchLabels: {{app: target}}}}
+  action: ALLOW
+  rules:
+    - to: [{{operation: {{paths: [\"/public/*\"]}}}}]
+    - from: [{{source: {{requestPrincipals: [testing@secure.istio.io/testing@secure.istio.io]}}}}]
+      to: [{{operation: {{paths: [\"/private/*\"]}}}}]
+    - to: [{{operation: {{paths: [\"/vip/*\"]}}}}]
+      when: [{{key: \"request.headers[x-jwt-sub]\", values: [testing@secure.istio.io]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: target-deny, namespace: demo}}
+spec:
+  selector: {{matchLabels: {{app: target}}}}
+  action: DENY
+  rules:
+    - to: [{{operation: {{paths: [\"/public/admin/*\"]}}}}]
+    - to: [{{operation: {{hosts: [forbidden.example]}}}}]
+    - when: [{{key: \"request.headers[x-user]\", values: [mallory]}}]
+"
+    )
+}
+
+/// One hand-written request of the hostile client (`raw_http.py`).
+enum Raw<'a> {
+    /// An HTTP/1.1 head, byte for byte (characters up to U+00FF are single bytes).
+    H1(&'a str),
+    /// HTTP/2 header fields in the order sent, pseudo-headers included.
+    H2(&'a [(&'a str, &'a str)]),
+}
+
+/// Sends each request from `pod` to `address` on a connection of its own and returns
+/// `(status, body)` per request (`(0, error)` when no response came).
+fn raw_requests(pod: &str, address: &str, requests: &[Raw]) -> Vec<(u64, String)> {
+    let (host, port) = address.split_once(':').expect("host:port");
+    let cases: Vec<serde_json::Value> = requests
+        .iter()
+        .map(|r| match r {
+            Raw::H1(head) => serde_json::json!({ "h1": head }),
+            Raw::H2(fields) => serde_json::json!({ "h2": fields }),
+        })
+        .collect();
+    let out = ok(
+        xtask(&[
+            "sandbox",
+            "exec",
+            pod,
+            "--",
+            "python3",
+            "-c",
+            include_str!("raw_http.py"),
+            host,
+            port,
+            &serde_json::Value::from(cases).to_string(),
+        ]),
+        "raw requests",
+    );
+    let answers: Vec<serde_json::Value> = serde_json::from_str(&out).expect("answers JSON");
+    answers
+        .iter()
+        .map(|a| {
+            let text = a["body"].as_str().or(a["error"].as_str()).unwrap_or("");
+            (a["status"].as_u64().expect("status"), text.to_owned())
+        })
+        .collect()
+}
+
+/// What the echo backend received: its target (the path and query; on HTTP/2 the
+/// authority too, as `authority|path`) and every header field line, in order.
+fn received(body: &str) -> (String, Vec<(String, String)>) {
+    let echo: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("not the backend's echo: {body}"));
+    let target = match echo["authority"].as_str() {
+        Some(authority) => format!("{authority}|{}", echo["target"].as_str().expect("target")),
+        None => echo["target"].as_str().expect("target").to_owned(),
+    };
+    let headers = echo["headers"]
+        .as_array()
+        .expect("headers")
+        .iter()
+        .map(|pair| {
+            (
+                pair[0].as_str().expect("name").to_owned(),
+                pair[1].as_str().expect("value").to_owned(),
+            )
+        })
+        .collect();
+    (target, headers)
+}
+
+/// An answer as the request-form test compares it: the status, and either the mesh's own
+/// reply body or, for a request the backend served, `target` then one `name: value` line
+/// per header field it received, sorted. The `x-request-id` the mesh gives every request
+/// is random: shown as `*` when it is one UUID.
+fn shown((status, body): &(u64, String)) -> (u64, String) {
+    if !body.starts_with('{') {
+        return (*status, body.clone());
+    }
+    let (target, headers) = received(body);
+    let mut lines: Vec<String> = headers
+        .iter()
+        .map(|(n, v)| {
+            let uuid = v.len() == 36 && v.chars().all(|c| c == '-' || c.is_ascii_hexdigit());
+            if n == "x-request-id" && uuid {
+                format!("{n}: *")
+            } else {
+                format!("{n}: {v}")
+            }
+        })
+        .collect();
+    lines.sort();
+    lines.insert(0, target);
+    (*status, lines.join("\n"))
+}
+
+#[test]
+fn hand_written_requests_are_judged_as_the_backend_receives_them() {
+    let _sandbox = Sandbox::up();
+    kubectl("apply", "jwks", &jwks_server());
+    let jwks_ip = pod_ip(&status_json(), "jwks-a");
+    kubectl("apply", "target", &target_and_policies(&jwks_ip));
+    let token = std::fs::read_to_string(workspace().join("mesh-agent/tests/testdata/jwt/demo.jwt"))
+        .expect("demo token");
+    let token = token.trim();
+    let target = "10.96.0.170:80";
+    eventually("the target Service answers and has the keys", || {
+        let answers = raw_requests(
+            "client-a",
+            target,
+            &[Raw::H1(&format!(
+                "GET /private/a HTTP/1.1\r\nHost: target\r\nAuthorization: Bearer {token}\r\n\r\n"
+            ))],
+        );
+        answers[0].0 == 200
+    });
+
+    let with_token = |head: &str| head.replace("TOKEN", token);
+    let h1 = [
+        // The baseline: served as sent.
+        "GET /public/a HTTP/1.1\r\nHost: target\r\nX-User: alice\r\n\r\n".to_owned(),
+        // Absolute-form: its authority is the host, judged and forwarded in `Host`.
+        "GET http://target.demo/public/a HTTP/1.1\r\nHost: forbidden.example\r\n\r\n".to_owned(),
+        "GET http://forbidden.example/public/a HTTP/1.1\r\nHost: target\r\n\r\n".to_owned(),
+        // One form per host: case and a trailing dot do not walk around the DENY.
+        "GET /public/a HTTP/1.1\r\nHost: FORBIDDEN.Example.\r\n\r\n".to_owned(),
+        "GET /public/a HTTP/1.1\r\nHost: forbidden.example:80\r\n\r\n".to_owned(),
+        // Ambiguous hosts: two of them, an empty label, userinfo.
+        "GET /public/a HTTP/1.1\r\nHost: target\r\nHost: forbidden.example\r\n\r\n".to_owned(),
+        "GET /public/a HTTP/1.1\r\nHost: forbidden..example\r\n\r\n".to_owned(),
+        "GET /public/a HTTP/1.1\r\nHost: target@forbidden.example\r\n\r\n".to_owned(),
+        "GET http://target@forbidden.example/public/a HTTP/1.1\r\nHost: target\r\n\r\n"
+            .to_owned(),
+        // Paths: judged in the form forwarded.
+        "GET /public/%61dmin/x HTTP/1.1\r\nHost: target\r\n\r\n".to_owned(),
+        "GET /public/x/..%2Fadmin/y HTTP/1.1\r\nHost: target\r\n\r\n".to_owned(),
+        "GET /public//a/./b?q=%2F HTTP/1.1\r\nHost: target\r\n\r\n".to_owned(),
+        "GET target:80 HTTP/1.1\r\nHost: target\r\n\r\n".to_owned(),
+        "get /public/a HTTP/1.1\r\nHost: target\r\n\r\n".to_owned(),
+        // Header values: UTF-8 is judged as text and forwarded as sent; other bytes
+        // above 0x7F cannot be judged, so refused.
+        "GET /public/a HTTP/1.1\r\nHost: target\r\nX-User: m\u{c3}\u{a4}llory\r\n\r\n".to_owned(),
+        "GET /public/a HTTP/1.1\r\nHost: target\r\nX-User: mallory\u{ff}\r\n\r\n".to_owned(),
+        "GET /public/a HTTP/1.1\r\nHost: target\r\nX-User: mallory\r\n\r\n".to_owned(),
+        // Hop-by-hop: what `Connection` names is gone before judging, so neither the
+        // policy nor the backend sees it; it may not name Host; upgrades are not carried.
+        "GET /public/a HTTP/1.1\r\nHost: target\r\nConnection: x-user\r\nX-User: mallory\r\n\r\n"
+            .to_owned(),
+        "GET /public/a HTTP/1.1\r\nHost: target\r\nConnection: host\r\n\r\n".to_owned(),
+        "GET /public/a HTTP/1.1\r\nHost: target\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nKeep-Alive: timeout=5\r\nTE: trailers, deflate\r\n\r\n"
+            .to_owned(),
+        with_token("GET /private/a HTTP/1.1\r\nHost: target\r\nConnection: authorization\r\nAuthorization: Bearer TOKEN\r\n\r\n"),
+        with_token("GET /vip/a HTTP/1.1\r\nHost: target\r\nConnection: x-jwt-sub\r\nAuthorization: Bearer TOKEN\r\n\r\n"),
+        // Tokens: one is verified, removed and turned into x-jwt-sub; two are ambiguous.
+        with_token("GET /private/a HTTP/1.1\r\nHost: target\r\nAuthorization: Bearer TOKEN\r\nX-Jwt-Sub: admin\r\n\r\n"),
+        with_token("GET /private/a HTTP/1.1\r\nHost: target\r\nAuthorization: Bearer TOKEN\r\nAuthorization: Bearer TOKEN\r\n\r\n"),
+        with_token("GET /private/a?access_token=TOKEN&access_token=TOKEN HTTP/1.1\r\nHost: target\r\n\r\n"),
+        with_token("GET /private/a?access_token=TOKEN HTTP/1.1\r\nHost: target\r\nAuthorization: Bearer TOKEN\r\n\r\n"),
+        // Forged output headers: removed before judging, never forwarded.
+        "GET /vip/a HTTP/1.1\r\nHost: target\r\nX-Jwt-Sub: testing@secure.istio.io\r\n\r\n"
+            .to_owned(),
+        "GET /public/a HTTP/1.1\r\nHost: target\r\nX-Jwt-Sub: testing@secure.istio.io\r\n\r\n"
+            .to_owned(),
+    ];
+    let requests: Vec<Raw> = h1.iter().map(|h| Raw::H1(h)).collect();
+    let answers: Vec<(u64, String)> = raw_requests("client-a", target, &requests)
+        .iter()
+        .map(shown)
+        .collect();
+    // What the backend received, as `shown` prints it: the target, then the header
+    // lines given with the mesh's `x-request-id`, sorted.
+    let served = |lines: &[&str]| {
+        let mut headers: Vec<&str> = lines[1..].to_vec();
+        headers.push("x-request-id: *");
+        headers.sort();
+        headers.insert(0, lines[0]);
+        (200, headers.join("\n"))
+    };
+    let mesh = |status: u64, body: &str| (status, body.to_owned());
+    let denied = mesh(403, "RBAC: access denied");
+    let expected = vec![
+        served(&["/public/a", "host: target", "x-user: alice"]),
+        served(&["/public/a", "host: target.demo"]),
+        denied.clone(),
+        denied.clone(),
+        denied.clone(),
+        mesh(400, "Bad Request: multiple host headers"),
+        mesh(400, "Bad Request: invalid host"),
+        mesh(400, "Bad Request: invalid host"),
+        mesh(400, "Bad Request: invalid host"),
+        denied.clone(),
+        denied.clone(),
+        served(&["/public/a/b?q=%2F", "host: target"]),
+        mesh(400, "Bad Request: invalid path"),
+        mesh(400, "Bad Request: invalid method"),
+        served(&["/public/a", "host: target", "x-user: m\u{e4}llory"]),
+        mesh(400, "Bad Request: invalid header value"),
+        denied.clone(),
+        served(&["/public/a", "host: target"]),
+        mesh(400, "Bad Request: invalid connection header"),
+        served(&["/public/a", "host: target", "te: trailers"]),
+        denied.clone(),
+        served(&[
+            "/vip/a",
+            "host: target",
+            "x-jwt-sub: testing@secure.istio.io",
+        ]),
+        served(&[
+            "/private/a",
+            "host: target",
+            "x-jwt-sub: testing@secure.istio.io",
+        ]),
+        mesh(401, "Jwt verification fails"),
+        mesh(401, "Jwt verification fails"),
+        mesh(401, "Jwt verification fails"),
+        denied.clone(),
+        served(&["/public/a", "host: target"]),
+    ];
+    assert_eq!(answers, expected);
+
+    // HTTP/2: `:authority` and `host` must agree, and the backend gets the authority once.
+    fn get(
+        authority: Option<&'static str>,
+        path: &'static str,
+    ) -> Vec<(&'static str, &'static str)> {
+        let mut fields = vec![(":method", "GET"), (":scheme", "http")];
+        if let Some(authority) = authority {
+            fields.push((":authority", authority));
+        }
+        fields.push((":path", path));
+        fields
+    }
+    fn with<'a>(
+        mut fields: Vec<(&'a str, &'a str)>,
+        more: &[(&'a str, &'a str)],
+    ) -> Vec<(&'a str, &'a str)> {
+        fields.extend_from_slice(more);
+        fields
+    }
+    let bearer = format!("Bearer {token}");
+    let bearer = bearer.as_str();
+    let h2: Vec<Vec<(&str, &str)>> = vec![
+        get(Some("target"), "/public/a"),
+        with(
+            get(Some("target"), "/public/a"),
+            &[("host", "forbidden.example")],
+        ),
+        with(
+            get(Some("forbidden.example"), "/public/a"),
+            &[("host", "target")],
+        ),
+        with(get(Some("target"), "/public/a"), &[("host", "TARGET.")]),
+        with(get(None, "/public/a"), &[("host", "forbidden.example")]),
+        with(get(None, "/public/a"), &[("host", "target")]),
+        with(
+            get(Some("target"), "/public/a"),
+            &[("host", "target"), ("host", "target")],
+        ),
+        get(Some("target@forbidden.example"), "/public/a"),
+        get(Some("target"), "/public/%61dmin/x"),
+        get(Some("target"), "/public//a/../b"),
+        with(
+            get(Some("target"), "/public/a"),
+            &[("x-user", "mallory\u{ff}")],
+        ),
+        with(
+            get(Some("target"), "/vip/a"),
+            &[("x-jwt-sub", "testing@secure.istio.io")],
+        ),
+        with(
+            get(Some("target"), "/private/a"),
+            &[("authorization", bearer), ("authorization", bearer)],
+        ),
+        with(
+            get(Some("target"), "/private/a"),
+            &[("authorization", bearer), ("x-jwt-sub", "admin")],
+        ),
+        // HTTP/2 has no hop-by-hop headers: a request carrying one is malformed
+        // (RFC 9113 §8.2.2), its stream reset with PROTOCOL_ERROR (1).
+        with(
+            get(Some("target"), "/public/a"),
+            &[("connection", "x-user"), ("x-user", "mallory")],
+        ),
+        with(get(Some("target"), "/public/a"), &[("te", "gzip")]),
+    ];
+    let requests: Vec<Raw> = h2.iter().map(|f| Raw::H2(f)).collect();
+    let answers: Vec<(u64, String)> = raw_requests("client-a", target, &requests)
+        .iter()
+        .map(shown)
+        .collect();
+    let mismatch = mesh(400, "Bad Request: :authority and host differ");
+    // No response: the stream was reset (PROTOCOL_ERROR).
+    let stream_reset = (0, "RST_STREAM 1".to_owned());
+    let expected = vec![
+        served(&["target|/public/a"]),
+        mismatch.clone(),
+        mismatch.clone(),
+        served(&["target|/public/a"]),
+        denied.clone(),
+        served(&["target|/public/a"]),
+        mesh(400, "Bad Request: multiple host headers"),
+        mesh(400, "Bad Request: invalid host"),
+        denied.clone(),
+        served(&["target|/public/b"]),
+        mesh(400, "Bad Request: invalid header value"),
+        denied.clone(),
+        mesh(401, "Jwt verification fails"),
+        served(&["target|/private/a", "x-jwt-sub: testing@secure.istio.io"]),
+        stream_reset.clone(),
+        stream_reset,
+    ];
+    assert_eq!(answers, expected);
+
+    // A VirtualService makes the source agent (node-a) read the requests to route them:
+    // it normalises them as the destination does, so the ambiguous forms get their 400
+    // there, routes match the judged head, and the destination (HTTP/1.1 on an `http`
+    // port, whatever the client spoke) still judges and forwards the same head.
+    kubectl(
+        "apply",
+        "target-routes",
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: target, namespace: demo}
+spec:
+  hosts: [target]
+  http:
+    - route: [{destination: {host: target}}]
+      headers: {request: {set: {x-routed: source-agent}}}
+",
+    );
+    eventually("the source agent routes the requests", || {
+        let answers = raw_requests(
+            "client-a",
+            target,
+            &[Raw::H1("GET /public/a HTTP/1.1\r\nHost: target\r\n\r\n")],
+        );
+        answers[0].1.contains("x-routed")
+    });
+    let h1 = [
+        "GET http://target.demo/public/a HTTP/1.1\r\nHost: forbidden.example\r\n\r\n",
+        "GET http://forbidden.example/public/a HTTP/1.1\r\nHost: target\r\n\r\n",
+        "GET /public/a HTTP/1.1\r\nHost: target\r\nHost: forbidden.example\r\n\r\n",
+        "GET /public/%61dmin/x HTTP/1.1\r\nHost: target\r\n\r\n",
+        "GET /public/a HTTP/1.1\r\nHost: target\r\nConnection: x-user\r\nX-User: mallory\r\n\r\n",
+        "GET /public/a HTTP/1.1\r\nHost: target\r\nConnection: host\r\n\r\n",
+        "GET /vip/a HTTP/1.1\r\nHost: target\r\nX-Jwt-Sub: testing@secure.istio.io\r\n\r\n",
+    ];
+    let mut requests: Vec<Raw> = h1.iter().map(|h| Raw::H1(h)).collect();
+    let h2 = [
+        with(
+            get(Some("target"), "/public/a"),
+            &[("host", "forbidden.example")],
+        ),
+        with(get(None, "/public//a/../b"), &[("host", "target")]),
+    ];
+    requests.extend(h2.iter().map(|f| Raw::H2(f)));
+    let answers: Vec<(u64, String)> = raw_requests("client-a", target, &requests)
+        .iter()
+        .map(shown)
+        .collect();
+    let routed = |lines: &[&str]| {
+        let mut all = lines.to_vec();
+        all.push("x-routed: source-agent");
+        served(&all)
+    };
+    let expected = vec![
+        routed(&["/public/a", "host: target.demo"]),
+        denied.clone(),
+        mesh(400, "Bad Request: multiple host headers"),
+        denied.clone(),
+        routed(&["/public/a", "host: target"]),
+        mesh(400, "Bad Request: invalid connection header"),
+        denied.clone(),
+        mismatch.clone(),
+        routed(&["/public/b", "host: target"]),
+    ];
+    assert_eq!(answers, expected);
+}
+
+/// The flood test's pods on node-a: `flood-a` (the hostile pod, its own identity) and
+/// `sink-a`, which accepts connections and holds them.
+fn flood_pods() -> String {
+    let sink = workspace().join("xtask/tests/sink.py");
+    format!(
+        "apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: flood, namespace: demo}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: flood-a, namespace: demo, labels: {{app: flood}}}}
+spec:
+  nodeName: node-a
+  serviceAccountName: flood
+  containers:
+    - name: flood
+      command: [sleep, infinity]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: sink-a, namespace: demo, labels: {{app: sink}}}}
+spec:
+  nodeName: node-a
+  serviceAccountName: web
+  containers:
+    - name: sink
+      command: [python3, {}, '7000']
+      readinessProbe: {{tcpSocket: {{port: 7000}}}}
+",
+        sink.display()
+    )
+}
+
+/// The agent's limit of captured connections one pod may hold (`proxy/limits.rs`,
+/// `MAX_CONNECTIONS_PER_SOURCE`): a user sees it as the resets past it.
+const CONNECTIONS_PER_POD: u64 = 4096;
+
+#[test]
+fn a_pod_flooding_its_agent_with_connections_does_not_stop_its_neighbours() {
+    let _sandbox = Sandbox::up();
+    kubectl("apply", "flood", &flood_pods());
+    let status = status_json();
+    let sink = format!("{}:7000", pod_ip(&status, "sink-a"));
+    let node_a = status["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["name"] == "node-a")
+        .and_then(|n| n["ip"].as_str())
+        .expect("node-a's address")
+        .to_owned();
+    // The neighbour's requests, each on a new connection captured by the same agent.
+    let neighbour = || {
+        in_pod(
+            "client-a",
+            "for i in $(seq 20); do curl -s -m 10 -o /dev/null -w '%{http_code} ' http://10.96.0.100/name; done",
+        )
+    };
+    let all_ok = "200 ".repeat(20);
+    eventually("the sink and the web Service answer", || {
+        reachable(&["client-a"], "http://10.96.0.100/name") && tcp_connects("client-a", &sink)
+    });
+    assert_eq!(neighbour(), all_ok);
+    let refused = || {
+        sample(
+            &metrics("node-a"),
+            "mesh_connections_refused_total",
+            &[("reason", "source_limit")],
+        )
+        .unwrap_or(0.0) as u64
+    };
+    let before = refused();
+    let handshake_timeouts = || {
+        sample(
+            &metrics("node-a"),
+            "mesh_tunnel_refusals_total",
+            &[("reason", "handshake_timeout")],
+        )
+        .unwrap_or(0.0) as u64
+    };
+    let timeouts_before = handshake_timeouts();
+
+    // The flood: idle connections to every port of the agent that a pod can reach, none
+    // sending a byte (no TLS handshake on 15008, no request head on 15020 and 15021),
+    // then 100 captured connections more than a pod may hold, all kept open.
+    let extra = 100;
+    let idle = serde_json::json!([
+        [&node_a, 15008, 300],
+        [&node_a, 15020, 300],
+        [&node_a, 15021, 300]
+    ]);
+    let mut flood = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args([
+            "sandbox",
+            "exec",
+            "flood-a",
+            "--",
+            "python3",
+            "-c",
+            include_str!("flood.py"),
+        ])
+        .arg(idle.to_string())
+        .arg(&sink)
+        .arg((CONNECTIONS_PER_POD + extra).to_string())
+        .current_dir(workspace())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the flood");
+    let mut to_flood = flood.stdin.take().expect("stdin");
+    let mut from_flood = std::io::BufReader::new(flood.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut from_flood, &mut line).expect("the flood's report");
+    assert_eq!(line.trim(), "ready", "the flood opened every connection");
+
+    // Exactly the connections past the limit are refused, counted, and reset; the ones
+    // within it stay open.
+    eventually("the agent refused the connections past the limit", || {
+        refused() - before == extra
+    });
+    let mut gone = || {
+        std::io::Write::write_all(&mut to_flood, b"count\n").expect("ask the flood");
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut from_flood, &mut line).expect("the flood's count");
+        serde_json::from_str::<serde_json::Value>(&line).expect("counts JSON")
+    };
+    eventually(
+        "the flood sees its connections past the limit reset",
+        || gone()["flood"] == extra,
+    );
+
+    // Meanwhile the neighbour's requests all succeed and the agent stays ready.
+    assert_eq!(neighbour(), all_ok);
+    assert_eq!(readiness("node-a"), "ready\n 200");
+    assert_eq!(agent_status("node-a")["ready"], true);
+
+    // Connections that never send a byte are let go: no TLS handshake within 10 s on
+    // 15008 (counted as handshake timeouts), no request head within 10 s on 15020 and
+    // 15021. Those within the per-pod limit on 15001 are plain TCP to the sink, where
+    // silence is legitimate: they stay.
+    eventually("the agent let go of the idle connections", || {
+        let counts = gone();
+        counts["15008"] == 300 && counts["15020"] == 300 && counts["15021"] == 300
+    });
+    assert_eq!(handshake_timeouts() - timeouts_before, 300);
+    assert_eq!(
+        gone()["flood"],
+        extra,
+        "the connections within the limit are held"
+    );
+    assert_eq!(refused() - before, extra, "the neighbour was never refused");
+    assert_eq!(neighbour(), all_ok);
+
+    // The flood ends: its connections are released and the pod may connect again.
+    drop(to_flood);
+    assert!(flood.wait().expect("the flood exits").success());
+    eventually("the flood pod connects again", || {
+        tcp_connects("flood-a", &sink)
+    });
+    assert_eq!(refused() - before, extra);
+}
+
+/// Whether a TCP connection from `pod` to `address` is established and stays up (a
+/// refused connection is reset right after its handshake).
+fn tcp_connects(pod: &str, address: &str) -> bool {
+    let (host, port) = address.split_once(':').expect("host:port");
+    let script = format!(
+        "import socket, time
+s = socket.create_connection(('{host}', {port}), timeout=5)
+s.settimeout(0.5)
+try:
+    print('closed' if s.recv(1) == b'' else 'data')
+except socket.timeout:
+    print('open')
+except OSError:
+    print('reset')"
+    );
+    let out = xtask(&["sandbox", "exec", pod, "--", "python3", "-c", &script]);
+    String::from_utf8_lossy(&out.stdout).trim() == "open"
+}

@@ -1,7 +1,10 @@
 //! `mesh-bench`: the benchmark's server and load generator, run inside sandbox pods by
 //! `cargo xtask bench`.
 //!
-//! - `serve`: HTTP/1.1 and HTTP/2 (prior knowledge) on one port, 1 KiB responses.
+//! - `serve`: HTTP/1.1 and HTTP/2 (prior knowledge) on one port, 1 KiB responses; with
+//!   `--echo`, each response is instead a JSON account of the request head as it arrived
+//!   (method, target, version, every header field line), so that what a proxy in
+//!   front of it forwarded can be read back, duplicates included.
 //! - `load`: requests over N keep-alive connections, either at a constant total rate
 //!   (latency measured from each request's *scheduled* time, which corrects coordinated
 //!   omission as wrk2 does) or as fast as possible; or one new connection per request
@@ -44,6 +47,9 @@ enum Command {
     Serve {
         #[arg(long, default_value = "0.0.0.0:8080")]
         listen: SocketAddr,
+        /// Answer each request with the JSON account of its head instead.
+        #[arg(long)]
+        echo: bool,
     },
     /// Generate load and print the measurement as JSON.
     Load {
@@ -68,11 +74,11 @@ const BODY: [u8; 1024] = [b'x'; 1024];
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { listen } => tokio::runtime::Builder::new_multi_thread()
+        Command::Serve { listen, echo } => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?
-            .block_on(serve(listen)),
+            .block_on(serve(listen, echo)),
         Command::Load {
             target,
             protocol,
@@ -88,20 +94,51 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+async fn serve(listen: SocketAddr, echo: bool) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(|_: Request<hyper::body::Incoming>| async {
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(&BODY))))
+            let service = hyper::service::service_fn(move |request: Request<_>| async move {
+                let body = if echo {
+                    Bytes::from(echo_head(&request))
+                } else {
+                    Bytes::from_static(&BODY)
+                };
+                Ok::<_, Infallible>(Response::new(Full::new(body)))
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
     }
+}
+
+/// The head of `request` as this server received it, as JSON: `method`, `target` (the
+/// request target: origin-form on HTTP/1.1; on HTTP/2 the path, with `authority` and
+/// `scheme` from the pseudo-headers), `version`, and `headers` as `[name, value]` pairs,
+/// one per field line (a repeated field appears as often as it came, next to its first
+/// occurrence; values not UTF-8 are shown with replacement characters).
+fn echo_head<B>(request: &Request<B>) -> Vec<u8> {
+    let uri = request.uri();
+    let headers: Vec<(&str, String)> = request
+        .headers()
+        .iter()
+        .map(|(name, value)| {
+            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            (name.as_str(), value)
+        })
+        .collect();
+    let head = serde_json::json!({
+        "method": request.method().as_str(),
+        "target": uri.path_and_query().map_or(uri.path(), |p| p.as_str()),
+        "authority": uri.authority().map(|a| a.as_str()),
+        "scheme": uri.scheme_str(),
+        "version": format!("{:?}", request.version()),
+        "headers": headers,
+    });
+    head.to_string().into_bytes()
 }
 
 /// A client connection that sends one request at a time.
