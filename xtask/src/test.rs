@@ -86,7 +86,7 @@ const CHART_VALUES: [(&str, &[&str]); 2] = [
             "--set",
             "agent.configSource=dir,defaultEnrollment=ambient,namespace.create=false",
             "--set",
-            "ca.address=ca.example.internal:15012,image.tag=0.2.0,agent.maxUnavailable=10%",
+            "ca.address=ca.example.internal:15012,image.tag=0.2.0,agent.maxSurge=0,agent.maxUnavailable=10%",
         ],
     ),
 ];
