@@ -1,15 +1,15 @@
 //! `cargo xtask fuzz`: the libFuzzer targets of mesh-agent's parsers (mesh-agent/fuzz, a
 //! cargo-fuzz crate of its own workspace), built together with the pinned nightly, then
-//! each run for a while on its corpus, seeded from the repository's test data. `cargo
-//! xtask test` runs each for a few seconds so that they keep building and running.
+//! each run for a while on its corpus, seeded from the repository's test data.
+//! `cargo xtask fuzz --quick`, a step of `cargo xtask test`, builds them the cheap way and
+//! runs each over its seeds and a fixed number of mutations, so that they keep building
+//! and their property checks keep holding.
 
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{progress, run, run_visible, setup, workspace};
-
-const CARGO_FUZZ_VERSION: &str = "0.13.2";
+use crate::{progress, run_visible, setup, workspace};
 
 /// A fuzz target, the directories (from the workspace root) its corpus is seeded from
 /// (libFuzzer reads them recursively and never writes to them), and the dictionary of
@@ -60,13 +60,49 @@ const TARGETS: [Target; 6] = [
     },
 ];
 
-/// Where the fuzz crate is, and where it builds (apart from the workspace's target).
+/// How the targets are built and run.
+#[derive(Clone, Copy)]
+pub enum Mode {
+    /// `cargo xtask fuzz`: optimised, with AddressSanitizer, each target for this long on
+    /// its corpus (mesh-agent/fuzz/corpus, kept between runs).
+    Fuzz { seconds: u64 },
+    /// `cargo xtask fuzz --quick` and `cargo xtask test`: unoptimised and without a
+    /// sanitizer (`-s none --dev`), which builds cold in a fraction of the sanitizer
+    /// build's time (README "Fuzzing" has the figures) and keeps what the short run can
+    /// catch: the targets' property checks, debug assertions and overflow checks in every
+    /// crate. Each target runs over its seeds, then mutations up to [`QUICK_RUNS`].
+    Quick,
+}
+
+/// Executions of each target in quick mode (libFuzzer's `-runs`): all its seeds, then
+/// mutations, from a fixed random seed and an empty corpus, so that every machine runs
+/// the same inputs and a failure in CI replays locally. Unoptimised, the six runs take
+/// about 18 s of CPU in all, half of it `config_loader`'s (107 seeds of YAML).
+const QUICK_RUNS: u32 = 1_000;
+
+impl Mode {
+    /// The build options of `cargo fuzz build` and `cargo fuzz run` (the same for both,
+    /// or `run` would build again).
+    fn build_args(self) -> &'static [&'static str] {
+        match self {
+            Mode::Fuzz { .. } => &[],
+            Mode::Quick => &["--sanitizer", "none", "--dev"],
+        }
+    }
+}
+
+/// Where the fuzz crate is.
 fn fuzz_dir() -> PathBuf {
     workspace().join("mesh-agent/fuzz")
 }
 
-/// `cargo fuzz <args>` with the pinned nightly, from the fuzz crate.
-fn cargo_fuzz(subcommand: &str) -> Result<Command> {
+/// Where the fuzz crate builds, apart from the workspace's target.
+fn target_dir() -> PathBuf {
+    fuzz_dir().join("target")
+}
+
+/// `cargo fuzz <subcommand> <build options>` with the pinned nightly, from the fuzz crate.
+fn cargo_fuzz(subcommand: &str, mode: Mode) -> Result<Command> {
     let mut command = Command::new("rustup");
     command
         .current_dir(fuzz_dir())
@@ -77,37 +113,20 @@ fn cargo_fuzz(subcommand: &str) -> Result<Command> {
             "fuzz",
             subcommand,
         ])
+        .args(mode.build_args())
         .arg("--fuzz-dir")
         .arg(fuzz_dir())
         .arg("--target-dir")
-        .arg(fuzz_dir().join("target"))
+        .arg(target_dir())
         // The outer (stable) cargo's settings must not choose the fuzz build's cargo.
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("CARGO");
     Ok(command)
 }
 
-/// Installs cargo-fuzz unless this version is there.
-fn ensure_cargo_fuzz() -> Result<()> {
-    let current = Command::new("cargo").args(["fuzz", "--version"]).output();
-    if current.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION)) {
-        return Ok(());
-    }
-    progress(&format!(
-        "installing cargo-fuzz {CARGO_FUZZ_VERSION} (a minute or two)"
-    ));
-    run(Command::new(env!("CARGO")).args([
-        "install",
-        "cargo-fuzz",
-        "--locked",
-        "--version",
-        CARGO_FUZZ_VERSION,
-    ]))
-}
-
 /// Builds every target (one cargo invocation: the instrumented dependencies are built
-/// once), then runs `only` (or each target) for `seconds`.
-pub fn run_targets(seconds: u64, only: Option<&str>) -> Result<()> {
+/// once), then runs `only` (or each target) as `mode` says.
+pub fn run_targets(mode: Mode, only: Option<&str>) -> Result<()> {
     let targets: Vec<&Target> = TARGETS
         .iter()
         .filter(|t| only.is_none_or(|name| t.name == name))
@@ -120,16 +139,36 @@ pub fn run_targets(seconds: u64, only: Option<&str>) -> Result<()> {
             names.join(", ")
         );
     }
-    setup::ensure()?;
-    ensure_cargo_fuzz()?;
-    progress("building the fuzz targets (nightly, libFuzzer, AddressSanitizer)");
-    run_visible(&mut cargo_fuzz("build")?)?;
+    setup::ensure_rust()?;
+    progress(match mode {
+        Mode::Fuzz { .. } => "building the fuzz targets (nightly, libFuzzer, AddressSanitizer)",
+        Mode::Quick => "building the fuzz targets (nightly, libFuzzer, no sanitizer)",
+    });
+    run_visible(&mut cargo_fuzz("build", mode)?)?;
     for target in targets {
-        progress(&format!("fuzzing {} for {seconds} s", target.name));
-        let corpus = fuzz_dir().join("corpus").join(target.name);
+        let corpus = match mode {
+            Mode::Fuzz { seconds } => {
+                progress(&format!("fuzzing {} for {seconds} s", target.name));
+                fuzz_dir().join("corpus").join(target.name)
+            }
+            Mode::Quick => {
+                progress(&format!(
+                    "fuzzing {}: its seeds, then mutations up to {QUICK_RUNS} executions",
+                    target.name
+                ));
+                // Emptied first: what an earlier run learnt would change the inputs.
+                let corpus = target_dir().join("quick-corpus").join(target.name);
+                if corpus.exists() {
+                    std::fs::remove_dir_all(&corpus)
+                        .with_context(|| format!("removing {}", corpus.display()))?;
+                }
+                corpus
+            }
+        };
         std::fs::create_dir_all(&corpus)
             .with_context(|| format!("creating {}", corpus.display()))?;
-        let mut command = cargo_fuzz("run")?;
+        // libFuzzer writes what it learns to the first directory only.
+        let mut command = cargo_fuzz("run", mode)?;
         command.arg(target.name).arg(&corpus);
         command.args(target.seeds.iter().map(|s| workspace().join(s)));
         command.arg("--");
@@ -139,7 +178,14 @@ pub fn run_targets(seconds: u64, only: Option<&str>) -> Result<()> {
                 fuzz_dir().join("dicts").join(dict).display()
             ));
         }
-        command.arg(format!("-max_total_time={seconds}"));
+        match mode {
+            Mode::Fuzz { seconds } => {
+                command.arg(format!("-max_total_time={seconds}"));
+            }
+            Mode::Quick => {
+                command.args([format!("-runs={QUICK_RUNS}"), "-seed=1".to_owned()]);
+            }
+        }
         // An input that takes this long is a finding (a hang), not a slow run.
         command.args(["-timeout=10", "-print_final_stats=1"]);
         run_visible(&mut command).with_context(|| {

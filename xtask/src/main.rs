@@ -45,7 +45,8 @@ enum Task {
     Build,
     /// Set everything up, run a 2-node sandbox mesh with traffic, show what the mesh saw.
     Demo,
-    /// Run every check and test: formatting, lints, unit, eBPF and sandbox tests.
+    /// Run every check and test: formatting, lints, the fuzz targets briefly, unit, eBPF
+    /// and sandbox tests.
     Test,
     /// Measure the mesh against a no-mesh baseline of the same run.
     Bench {
@@ -59,8 +60,12 @@ enum Task {
     /// corpus seeded from the repository's test data.
     Fuzz {
         /// How long each target runs.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 60, conflicts_with = "quick")]
         seconds: u64,
+        /// What `cargo xtask test` runs: built cheaply (no sanitizer, no optimisation),
+        /// each target over its seeds and a fixed number of mutations.
+        #[arg(long)]
+        quick: bool,
         /// One target (config_loader, request, jwt, jwks, tunnel, ca_csr); all by default.
         target: Option<String>,
     },
@@ -228,7 +233,18 @@ fn dispatch(cli: Cli) -> Result<()> {
         Task::Demo => demo::run(),
         Task::Test => test::run(),
         Task::Bench { quick, output } => bench::run(quick, output == "json"),
-        Task::Fuzz { seconds, target } => fuzz::run_targets(seconds, target.as_deref()),
+        Task::Fuzz {
+            seconds,
+            quick,
+            target,
+        } => {
+            let mode = if quick {
+                fuzz::Mode::Quick
+            } else {
+                fuzz::Mode::Fuzz { seconds }
+            };
+            fuzz::run_targets(mode, target.as_deref())
+        }
         Task::Chart { args } => {
             helm::ensure()?;
             print!("{}", helm::template(&args)?);

@@ -1,6 +1,7 @@
 //! Prerequisites, installed idempotently: Debian packages, the pinned nightly with rust-src,
-//! bpf-linker built against LLVM 22, the sandbox's Kubernetes control plane
-//! (`kube_tools`) and helm for the chart's checks (`helm`). Each step checks first, so a second run takes a fraction of a second.
+//! bpf-linker built against LLVM 22, cargo-fuzz for the parsers' fuzz targets, the sandbox's
+//! Kubernetes control plane (`kube_tools`) and helm for the chart's checks (`helm`). Each
+//! step checks first, so a second run takes a fraction of a second.
 
 use std::process::Command;
 
@@ -31,16 +32,25 @@ const APT_PACKAGES: [&str; 14] = [
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 /// What the eBPF build (`-Z build-std=core`) and its lint need from the nightly.
 const NIGHTLY_COMPONENTS: [&str; 3] = ["rust-src", "clippy", "rustfmt"];
 
 pub fn ensure() -> Result<()> {
-    ensure_apt_packages()?;
-    ensure_nightly()?;
-    ensure_bpf_linker()?;
+    ensure_rust()?;
     crate::kube_tools::ensure()?;
     crate::helm::ensure()?;
     crate::jaeger::ensure()
+}
+
+/// What building the agent and its fuzz targets takes, and all that `cargo xtask fuzz`
+/// needs: it spares a developer who only fuzzes the Go builds of the control plane.
+pub fn ensure_rust() -> Result<()> {
+    ensure_apt_packages()?;
+    ensure_nightly()?;
+    ensure_bpf_linker()?;
+    ensure_cargo_fuzz()
 }
 
 fn installed(package: &str) -> bool {
@@ -117,4 +127,23 @@ fn ensure_bpf_linker() -> Result<()> {
         .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
         .args(["--no-default-features", "--features", "llvm-22"])
         .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
+}
+
+/// cargo-fuzz goes to ~/.cargo/bin, where the pinned nightly's cargo finds it as a
+/// subcommand; the stable toolchain builds it, as it builds bpf-linker.
+fn ensure_cargo_fuzz() -> Result<()> {
+    let current = Command::new("cargo").args(["fuzz", "--version"]).output();
+    if current.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION)) {
+        return Ok(());
+    }
+    progress(&format!(
+        "installing cargo-fuzz {CARGO_FUZZ_VERSION} (a minute or two)"
+    ));
+    run(Command::new(env!("CARGO")).args([
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]))
 }

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: every check, in the order that fails fastest — formatting, lints,
-//! unit tests, the eBPF tests (BPF_PROG_TEST_RUN, real sockets in a cgroup, capture in
+//! the build, the fuzz targets run briefly (`cargo xtask fuzz --quick`), unit tests, the
+//! eBPF tests (BPF_PROG_TEST_RUN, real sockets in a cgroup, capture in
 //! namespaces), the sandbox integration tests, and the Kubernetes manifests against the
 //! Kubernetes schemas.
 
@@ -7,7 +8,7 @@ use std::{path::Path, process::Command};
 
 use anyhow::{bail, Result};
 
-use crate::{bench, progress, require_root, run_visible, sandbox, setup, workspace};
+use crate::{bench, fuzz, progress, require_root, run_visible, sandbox, setup, workspace};
 
 const KUBERNETES_VERSION: &str = "1.30";
 
@@ -64,6 +65,10 @@ pub fn run() -> Result<()> {
     )?;
     progress("building");
     run_visible(cargo().args(["build", "--release", "--workspace"]))?;
+    // After the workspace's build, whose eBPF object the fuzz build reuses, and before the
+    // long tests: a target that no longer builds or a property that no longer holds
+    // fails within minutes.
+    fuzz::run_targets(fuzz::Mode::Quick, None)?;
     // The sandbox tests own the machine-wide sandbox; start from a clean slate.
     sandbox::down()?;
     progress("unit, eBPF and sandbox tests");
