@@ -859,7 +859,10 @@ fn start_ca(
 /// Starts a node's agent under its supervisor, on the configuration directory or, given a
 /// kubeconfig, on the API server; returns the supervisor's pid.
 fn start_agent(node: &NodeState, agent: &Path, kubeconfig: Option<&Path>) -> Result<u32> {
-    let mut command = Command::new(std::env::current_exe().context("finding xtask")?);
+    // The xtask beside the binaries, not this process's own file: `cargo xtask test`
+    // rebuilds that file while it runs (its tests need the binary), so the path of the
+    // running executable may name a deleted file by the time a sandbox starts.
+    let mut command = Command::new(release_binaries().join("xtask"));
     command
         .args(["sandbox", "supervise", "--pid-file"])
         .arg(supervise::pid_file(&node.name))
