@@ -3988,3 +3988,122 @@ except OSError:
     let out = xtask(&["sandbox", "exec", pod, "--", "python3", "-c", &script]);
     String::from_utf8_lossy(&out.stdout).trim() == "open"
 }
+
+/// `mesh-bench serve --echo` pods on both nodes whose only port no Service declares HTTP,
+/// and a RequestAuthentication giving them the token's subject in `x-jwt-sub` (no
+/// AuthorizationPolicy: every connection is allowed); the TCP echo `echo-b` gets one too.
+fn claims_pods(jwks_ip: &str) -> String {
+    let pod = |node: &str| {
+        format!(
+            "apiVersion: v1
+kind: Pod
+metadata: {{name: claims-{node}, namespace: demo, labels: {{app: claims}}}}
+spec:
+  nodeName: node-{node}
+  containers:
+    - name: claims
+      command: [mesh-bench, serve, --listen, 0.0.0.0:8080, --echo]
+      readinessProbe: {{tcpSocket: {{port: 8080}}}}
+---
+"
+        )
+    };
+    format!(
+        "{}{}apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: claims, namespace: demo}}
+spec:
+  selector: {{matchLabels: {{app: claims}}}}
+  jwtRules:
+    - issuer: testing@secure.istio.io
+      jwksUri: http://{jwks_ip}:8000/jwks.json
+      outputClaimToHeaders: [{{header: x-jwt-sub, claim: sub}}]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: echo-claims, namespace: demo}}
+spec:
+  selector: {{matchLabels: {{app: echo}}}}
+  jwtRules:
+    - issuer: testing@secure.istio.io
+      jwksUri: http://{jwks_ip}:8000/jwks.json
+      outputPayloadToHeader: x-jwt-payload
+",
+        pod("a"),
+        pod("b")
+    )
+}
+
+#[test]
+fn claim_headers_cannot_be_forged_on_ports_not_declared_http() {
+    let _sandbox = Sandbox::up();
+    kubectl("apply", "jwks", &jwks_server());
+    let jwks_ip = pod_ip(&status_json(), "jwks-a");
+    kubectl("apply", "claims", &claims_pods(&jwks_ip));
+    let token = std::fs::read_to_string(workspace().join("mesh-agent/tests/testdata/jwt/demo.jwt"))
+        .expect("demo token");
+    let token = token.trim();
+    let status = status_json();
+    // The same node (the capture's socket) and across nodes (an HBONE stream).
+    for pod in ["claims-a", "claims-b"] {
+        let address = format!("{}:8080", pod_ip(&status, pod));
+        let forged =
+            "GET /a HTTP/1.1\r\nHost: claims\r\nX-Jwt-Sub: testing@secure.istio.io\r\n\r\n";
+        let verified =
+            format!("GET /a HTTP/1.1\r\nHost: claims\r\nAuthorization: Bearer {token}\r\n\r\n");
+        eventually(&format!("{pod} has the keys"), || {
+            let answers = raw_requests("client-a", &address, &[Raw::H1(&verified)]);
+            shown(&answers[0])
+                .1
+                .contains("x-jwt-sub: testing@secure.istio.io")
+        });
+        let answers: Vec<(u64, String)> = raw_requests(
+            "client-a",
+            &address,
+            &[
+                Raw::H1(forged),
+                Raw::H1(&verified),
+                Raw::H2(&[
+                    (":method", "GET"),
+                    (":scheme", "http"),
+                    (":authority", "claims"),
+                    (":path", "/a"),
+                    ("x-jwt-sub", "testing@secure.istio.io"),
+                ]),
+            ],
+        )
+        .iter()
+        .map(shown)
+        .collect();
+        // Read as the HTTP it is: the forged claim never reaches the workload, the
+        // verified one does (and the token is not forwarded).
+        assert_eq!(answers[0].0, 200, "{pod}: {answers:?}");
+        assert!(!answers[0].1.contains("x-jwt-sub"), "{pod}: {answers:?}");
+        assert_eq!(answers[1].0, 200, "{pod}: {answers:?}");
+        assert!(
+            answers[1].1.contains("x-jwt-sub: testing@secure.istio.io"),
+            "{pod}: {answers:?}"
+        );
+        assert!(
+            !answers[1].1.contains("authorization"),
+            "{pod}: {answers:?}"
+        );
+        assert_eq!(answers[2].0, 200, "{pod}: {answers:?}");
+        assert!(!answers[2].1.contains("x-jwt-sub"), "{pod}: {answers:?}");
+        // A bad token on that port is refused as on a port declared HTTP.
+        let bad = raw_requests(
+            "client-a",
+            &address,
+            &[Raw::H1(
+                "GET /a HTTP/1.1\r\nHost: claims\r\nAuthorization: Bearer not.a.token\r\n\r\n",
+            )],
+        );
+        assert_eq!(bad[0].0, 401, "{pod}: {bad:?}");
+    }
+    // Bytes that are not HTTP go through unchanged, the sniffed prefix included.
+    let echo_b = pod_ip(&status, "echo-b");
+    assert_eq!(
+        echo_round_trip(&format!("{echo_b}:9000"), 200_000),
+        "intact"
+    );
+}

@@ -115,7 +115,7 @@ impl Policy {
 }
 
 /// The AuthorizationPolicies and RequestAuthentication rules of one workload.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct WorkloadSecurity {
     pub policies: Vec<Arc<Policy>>,
     pub jwt_rules: Vec<Arc<TokenRule>>,
@@ -158,6 +158,15 @@ impl WorkloadSecurity {
     /// Whether requests to `port` are checked for tokens.
     pub fn authenticates(&self, port: u16) -> bool {
         !self.jwt_rules.is_empty() && self.http_ports.contains(&port)
+    }
+
+    /// Whether a RequestAuthentication gives the workload claims in request headers
+    /// (`outputPayloadToHeader`, `outputClaimToHeaders`): headers a client could forge
+    /// wherever its requests are not read.
+    pub fn sets_claim_headers(&self) -> bool {
+        self.jwt_rules.iter().any(|rule| {
+            rule.output_payload_to_header.is_some() || !rule.output_claim_to_headers.is_empty()
+        })
     }
 }
 

@@ -224,11 +224,17 @@ fn check_endpoint(
 ) -> Result<EndpointReport, CheckError> {
     let (admission, decision) = admit(arrival);
     let connection = decision.unwrap_or_else(|| authz::evaluate(&[], &arrival.facts));
-    match admission {
+    // The request checked is HTTP: on a sniffed port it is served as on an HTTP port.
+    let sniffed;
+    let arrival = match admission {
         Admission::Deny => return Ok(report(arrival, &connection, "connection", "reset")),
         Admission::Tcp => return Ok(report(arrival, &connection, "connection", "connected")),
-        Admission::Http => {}
-    }
+        Admission::Http => arrival,
+        Admission::Sniff => {
+            sniffed = arrival.as_http();
+            &sniffed
+        }
+    };
     // The request as a client would send it, normalised as the proxy normalises it.
     let mut builder = http::Request::builder()
         .method(request.method.as_deref().unwrap_or("GET"))

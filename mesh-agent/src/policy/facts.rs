@@ -114,6 +114,19 @@ impl Arrival {
             .http_ports
             .contains(&self.facts.destination_port)
     }
+
+    /// The same arrival on a port found to carry HTTP (its first bytes opened a
+    /// request), where the workload's RequestAuthentication then applies as on a port
+    /// declared HTTP.
+    pub fn as_http(&self) -> Arrival {
+        let mut security = (*self.security).clone();
+        security.http_ports.insert(self.facts.destination_port);
+        Arrival {
+            facts: self.facts.clone(),
+            workload: self.workload.clone(),
+            security: Arc::new(security),
+        }
+    }
 }
 
 /// What to do with a connection, decided before any byte of it.
@@ -125,6 +138,10 @@ pub enum Admission {
     Tcp,
     /// Served as HTTP: each request authenticated and judged.
     Http,
+    /// Served as HTTP if the client's first bytes open a request, else carried as bytes:
+    /// a port not declared HTTP of a workload given claims in headers, which a request
+    /// on that port must not be able to forge (sidecars sniff such ports the same way).
+    Sniff,
 }
 
 /// The connection-time decision for `arrival`: its policies on L4 facts; per request when
@@ -153,6 +170,7 @@ pub fn admit(arrival: &Arrival) -> (Admission, Option<Decision>) {
         {
             Admission::Http
         }
+        Verdict::Allow if !http && security.sets_claim_headers() => Admission::Sniff,
         Verdict::Allow => Admission::Tcp,
     };
     (admission, Some(decision))

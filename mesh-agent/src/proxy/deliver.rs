@@ -4,18 +4,21 @@
 //! is on this node), then the bytes are spliced in the kernel, copied, or served request
 //! by request, as the plan says.
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::net::TcpStream;
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use crate::{
     policy::facts::Arrival,
     proxy::{
         copy::{copy_streams, copy_to_tunnel, Counted, COPY_BUFFER},
         error::ProxyError,
-        plan::Carry,
+        plan::{opens_http, Carry},
         requests::Exchange,
         socket, Proxy,
     },
@@ -29,11 +32,73 @@ use crate::{
 pub enum Downstream {
     /// The pod's socket, accepted by the capture listener.
     Socket(TcpStream),
-    /// An HBONE stream from another node's agent.
+    /// An HBONE stream from another node's agent, with the bytes already read from it.
     Tunnel {
         send: SendStream<Bytes>,
         recv: RecvStream,
+        prefix: Bytes,
     },
+}
+
+/// How long a sniffed connection's first bytes are waited for (Istio's protocol
+/// detection timeout was 100 ms): a server-first protocol, whose client sends nothing
+/// first, is carried as bytes after it.
+const SNIFF_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Tells whether `downstream` opens with an HTTP request ([`opens_http`]), from its first
+/// bytes or their absence for [`SNIFF_TIMEOUT`]. A socket is only peeked at; a tunnel's
+/// bytes read meanwhile travel on as its prefix.
+async fn sniff(downstream: Downstream) -> Result<(bool, Downstream), ProxyError> {
+    let deadline = Instant::now() + SNIFF_TIMEOUT;
+    match downstream {
+        Downstream::Socket(client) => {
+            let mut first = [0u8; 32];
+            let http = loop {
+                let peeked = tokio::time::timeout_at(deadline.into(), client.peek(&mut first));
+                match peeked.await {
+                    Err(_) => break false,
+                    Ok(peeked) => match peeked? {
+                        // Closed before a request: nothing to serve.
+                        0 => break false,
+                        length => match opens_http(&first[..length]) {
+                            Some(http) => break http,
+                            // A request line's start, the rest yet to come.
+                            None => tokio::time::sleep(Duration::from_millis(5)).await,
+                        },
+                    },
+                }
+            };
+            Ok((http, Downstream::Socket(client)))
+        }
+        Downstream::Tunnel {
+            send,
+            mut recv,
+            prefix,
+        } => {
+            let mut first = BytesMut::from(&prefix[..]);
+            let http = loop {
+                if let Some(http) = opens_http(&first) {
+                    break http;
+                }
+                match tokio::time::timeout_at(deadline.into(), recv.data()).await {
+                    Ok(Some(chunk)) => {
+                        let chunk = chunk?;
+                        let _ = recv.flow_control().release_capacity(chunk.len());
+                        first.extend_from_slice(&chunk);
+                    }
+                    Ok(None) | Err(_) => break false,
+                }
+            };
+            Ok((
+                http,
+                Downstream::Tunnel {
+                    send,
+                    recv,
+                    prefix: first.freeze(),
+                },
+            ))
+        }
+    }
 }
 
 /// Dials the workload of `arrival`: as the original client (its address as the source)
@@ -77,6 +142,13 @@ pub async fn carry(
     result: &mut ConnResult,
 ) -> Result<(), ProxyError> {
     let counts = result.bytes();
+    let (carry, arrival, downstream) = match carry {
+        Carry::Sniff => match sniff(downstream).await? {
+            (true, downstream) => (Carry::Http, Arc::new(arrival.as_http()), downstream),
+            (false, downstream) => (Carry::Copy, arrival, downstream),
+        },
+        carry => (carry, arrival, downstream),
+    };
     match (carry, downstream) {
         (Carry::Http, Downstream::Socket(client)) => {
             result.set_carried(Carried::Http);
@@ -93,7 +165,7 @@ pub async fn carry(
                 )
                 .await
         }
-        (Carry::Http, Downstream::Tunnel { send, recv }) => {
+        (Carry::Http, Downstream::Tunnel { send, recv, prefix }) => {
             result.set_carried(Carried::Http);
             // The HTTP server reads the tunnel's bytes through an in-memory pipe.
             let (mut tunnel_end, http_end) = tokio::io::duplex(COPY_BUFFER);
@@ -104,7 +176,10 @@ pub async fn carry(
                 exchange,
                 proxy.intake.connection_drain(),
             ));
-            let carried = copy_to_tunnel(&mut tunnel_end, send, recv).await;
+            let carried = match tunnel_end.write_all(&prefix).await {
+                Ok(()) => copy_to_tunnel(&mut tunnel_end, send, recv).await,
+                Err(err) => Err(err.into()),
+            };
             drop(tunnel_end);
             match serving.await {
                 Ok(Err(err)) => Err(err),
@@ -134,14 +209,15 @@ pub async fn carry(
             let mut client = Counted::client(&mut client, counts);
             copy_streams(&mut client, &mut upstream).await
         }
-        (Carry::Copy, Downstream::Socket(client)) => {
+        (Carry::Copy | Carry::Sniff, Downstream::Socket(client)) => {
             result.set_carried(Carried::Copied);
             let mut client = Counted::client(client, counts);
             copy_streams(&mut client, &mut upstream).await
         }
-        (Carry::Copy | Carry::Splice, Downstream::Tunnel { send, recv }) => {
+        (Carry::Copy | Carry::Splice | Carry::Sniff, Downstream::Tunnel { send, recv, prefix }) => {
             result.set_carried(Carried::Copied);
             let mut workload = Counted::workload(upstream, counts);
+            workload.write_all(&prefix).await?;
             copy_to_tunnel(&mut workload, send, recv).await
         }
     }

@@ -280,7 +280,11 @@ async fn stream_of(
             proxy,
             plan.arrival,
             plan.carry,
-            Downstream::Tunnel { send, recv },
+            Downstream::Tunnel {
+                send,
+                recv,
+                prefix: Bytes::new(),
+            },
             upstream,
             Exchange {
                 service: tunnel.service.clone(),

@@ -168,7 +168,7 @@ async fn carry_out(
                 result,
             )
             .await;
-            if carry != Carry::Http {
+            if !matches!(carry, Carry::Http | Carry::Sniff) {
                 result.set_carried(Carried::Direct);
             }
             carried

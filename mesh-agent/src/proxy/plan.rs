@@ -58,6 +58,24 @@ pub enum Carry {
     Copy,
     /// Served as HTTP, each request judged.
     Http,
+    /// Served as HTTP if the client's first bytes open a request ([`opens_http`]), else
+    /// copied.
+    Sniff,
+}
+
+/// Whether a connection whose first bytes are `first` opens an HTTP request: a method
+/// token (capital letters; the HTTP/2 preface starts with `PRI`) then a space. `None`
+/// while too few bytes have come to tell.
+pub fn opens_http(first: &[u8]) -> Option<bool> {
+    const LONGEST_METHOD: usize = 20;
+    for (at, byte) in first.iter().enumerate() {
+        match byte {
+            b' ' => return Some(at > 0),
+            b'A'..=b'Z' if at < LONGEST_METHOD => {}
+            _ => return Some(false),
+        }
+    }
+    None
 }
 
 /// What the source agent does with a captured connection.
@@ -282,6 +300,7 @@ pub fn plan_endpoint(
                 let carry = match admission {
                     Admission::Deny => Carry::Copy,
                     Admission::Http => Carry::Http,
+                    Admission::Sniff => Carry::Sniff,
                     Admission::Tcp if splice => Carry::Splice,
                     Admission::Tcp => Carry::Copy,
                 };
@@ -461,6 +480,7 @@ pub fn plan_inbound(
             });
         }
         Admission::Http => Carry::Http,
+        Admission::Sniff => Carry::Sniff,
         Admission::Tcp => Carry::Copy,
     };
     Ok(InboundPlan {
@@ -748,6 +768,84 @@ spec: {selector: {matchLabels: {app: far}}, mtls: {mode: DISABLE}}
         );
         let plan = plan_to(&deny, "10.244.1.20:8080").expect("plan");
         assert_eq!(carry_of(&plan), Some(Carry::Http));
+    }
+
+    #[test]
+    fn claims_in_headers_make_a_port_not_declared_http_be_sniffed() {
+        let jwt = |outputs: &str| {
+            format!(
+                "---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: near-jwt, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: near}}}}
+  jwtRules: [{{issuer: issuer.example, jwks: '{{\"keys\": []}}'{outputs}}}]
+"
+            )
+        };
+        for outputs in [
+            ", outputPayloadToHeader: x-jwt",
+            ", outputClaimToHeaders: [{header: x-sub, claim: sub}]",
+        ] {
+            let state = mesh(&jwt(outputs));
+            let plan = plan_to(&state, "10.244.1.20:9000").expect("plan");
+            assert_eq!(
+                carry_of(&plan),
+                Some(Carry::Sniff),
+                "{outputs}: never spliced"
+            );
+            let plan = plan_to(&state, "10.244.1.20:8080").expect("plan");
+            assert_eq!(
+                carry_of(&plan),
+                Some(Carry::Http),
+                "{outputs}: declared HTTP"
+            );
+        }
+        // Tokens checked but no claim handed on: nothing to forge on other ports.
+        let state = mesh(&jwt(""));
+        let plan = plan_to(&state, "10.244.1.20:9000").expect("plan");
+        assert_eq!(carry_of(&plan), Some(Carry::Splice));
+    }
+
+    #[test]
+    fn the_first_bytes_tell_an_http_request_from_other_protocols() {
+        for http in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"POST ",
+            b"PRI * HTTP/2.0\r\n",
+            b"M-SEARCH",
+        ] {
+            let expected = if http.starts_with(b"M-") {
+                Some(false)
+            } else {
+                Some(true)
+            };
+            assert_eq!(
+                opens_http(http),
+                expected,
+                "{}",
+                String::from_utf8_lossy(http)
+            );
+        }
+        for other in [
+            &b"\x16\x03\x01"[..],
+            b"SSH-2.0",
+            b" GET",
+            b"get /",
+            b"\0\0",
+            b"HELLO\n",
+        ] {
+            assert_eq!(opens_http(other), Some(false), "{other:?}");
+        }
+        for undecided in [&b""[..], b"G", b"OPTIONS", b"ABCDEFGHIJKLMNOPQRS"] {
+            assert_eq!(opens_http(undecided), None, "{undecided:?}");
+        }
+        assert_eq!(
+            opens_http(b"ABCDEFGHIJKLMNOPQRSTU "),
+            Some(false),
+            "no method is that long"
+        );
     }
 
     #[test]

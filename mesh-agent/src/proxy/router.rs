@@ -635,8 +635,13 @@ impl Router {
                     socket::connect(key.endpoint).await
                 }
                 .map_err(|e| connect_failure(&e))?;
-                if carry == Carry::Http {
-                    // The destination's per-request policies judge what goes on it.
+                if matches!(carry, Carry::Http | Carry::Sniff) {
+                    // The destination's per-request policies judge what goes on it (HTTP
+                    // on a sniffed port too: the router speaks it).
+                    let arrival = match carry {
+                        Carry::Sniff => Arc::new(arrival.as_http()),
+                        _ => arrival,
+                    };
                     let (ours, judged) = tokio::io::duplex(COPY_BUFFER);
                     let guard = self.proxy.guard.clone();
                     let exchange = Exchange {
