@@ -279,9 +279,9 @@ fn dispatch(cli: Cli) -> Result<()> {
                 SandboxCommand::Delete { file } => sandbox::delete(&file),
                 SandboxCommand::Kubectl { args } => std::process::exit(sandbox::kubectl(&args)?),
                 SandboxCommand::RestartAgent { node, graceful } => {
-                    supervise::restart_agent(&node, graceful)
+                    sandbox::restart_agent(&node, graceful)
                 }
-                SandboxCommand::StopAgent { node } => supervise::stop_agent(&node),
+                SandboxCommand::StopAgent { node } => sandbox::stop_agent(&node),
                 SandboxCommand::Supervise { pid_file, agent } => {
                     supervise::supervise(&pid_file, &agent)
                 }

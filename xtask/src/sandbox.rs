@@ -26,7 +26,9 @@ use serde_norway::Value;
 
 use crate::{
     control_plane::{self, ControlPlaneState},
-    daemon::{ip, join_fabric, logs_dir, process_alive, start_daemon, FABRIC_NETNS, RUN_DIR},
+    daemon::{
+        ip, join_fabric, log_path, logs_dir, process_alive, start_daemon, FABRIC_NETNS, RUN_DIR,
+    },
     jaeger::{self, JaegerState},
     ns::{self, Placement},
     progress, release_binaries, run, supervise,
@@ -1413,4 +1415,89 @@ pub fn delete(path: &Path) -> Result<()> {
         );
     }
     state.save()
+}
+
+/// How long a restart may take until the new agent serves.
+const RESTART_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a node's admin API says about the agent serving it: its pid and readiness.
+fn serving_agent(node: &NodeState) -> Option<(u32, bool)> {
+    let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, 15000));
+    let (code, body) = http_get(&node.netns, admin, "/status").ok()?;
+    let status: serde_json::Value = serde_json::from_str(&body).ok().filter(|_| code == 200)?;
+    let pid = u32::try_from(status["pid"].as_u64()?).ok()?;
+    Some((pid, status["ready"].as_bool()?))
+}
+
+/// Replaces a node's agent: with `graceful`, a successor starts beside it and takes its
+/// listeners (the old one drains); without, the agent is killed (SIGKILL) and the
+/// supervisor starts a new one. Returns once the new agent serves the node, saying how
+/// long that took.
+pub fn restart_agent(node: &str, graceful: bool) -> Result<()> {
+    let state = SandboxState::load()?;
+    let node = state.node(node)?;
+    let old = supervise::agent_pid(&node.name);
+    if old == 0 || !process_alive(node.supervisor_pid) {
+        bail!("node {} has no supervised agent", node.name);
+    }
+    let asked = Instant::now();
+    let signal = if graceful { node.supervisor_pid } else { old };
+    let number = if graceful {
+        supervise::SUCCESSOR_SIGNAL
+    } else {
+        libc::SIGKILL
+    };
+    // SAFETY: plain kill(2) on the sandbox's own supervisor or agent.
+    if unsafe { libc::kill(signal as libc::pid_t, number) } != 0 {
+        bail!("signalling {signal}: {}", std::io::Error::last_os_error());
+    }
+    loop {
+        let new = supervise::agent_pid(&node.name);
+        if new != old && serving_agent(node) == Some((new, true)) {
+            println!(
+                "node {}: agent {new} serves the node {} ms after agent {old} was {}",
+                node.name,
+                asked.elapsed().as_millis(),
+                if graceful {
+                    "asked to hand over"
+                } else {
+                    "killed"
+                }
+            );
+            return Ok(());
+        }
+        if asked.elapsed() > RESTART_TIMEOUT {
+            bail!(
+                "node {}: no new agent served within {RESTART_TIMEOUT:?} (see {})",
+                node.name,
+                log_path(&format!("agent-{}.log", node.name)).display()
+            );
+        }
+        std::thread::sleep(supervise::TICK);
+    }
+}
+
+/// Stops a node's agent for good (its supervisor asks it to drain, then leaves), as
+/// deleting the node's agent pod does.
+pub fn stop_agent(node: &str) -> Result<()> {
+    let state = SandboxState::load()?;
+    let node = state.node(node)?;
+    let supervisor = node.supervisor_pid;
+    // SAFETY: plain kill(2) on the sandbox's own supervisor.
+    if !process_alive(supervisor)
+        || unsafe { libc::kill(supervisor as libc::pid_t, libc::SIGTERM) } != 0
+    {
+        bail!("node {} has no running agent supervisor", node.name);
+    }
+    let deadline = Instant::now() + RESTART_TIMEOUT;
+    while process_alive(supervisor) {
+        if Instant::now() > deadline {
+            bail!(
+                "node {}: the agent did not stop within {RESTART_TIMEOUT:?}",
+                node.name
+            );
+        }
+        std::thread::sleep(supervise::TICK);
+    }
+    Ok(())
 }

@@ -1,13 +1,12 @@
 //! The sandbox's stand-in for the agents' DaemonSet: a supervisor per node runs the node's
 //! agent and starts a new one when it exits, as the kubelet restarts a crashed container;
-//! on request it starts a successor beside the running agent, as a rolling update with
-//! `maxSurge: 1` does (the agents hand over between themselves); and it stops the agent
-//! as deleting the pod would. `cargo xtask sandbox restart-agent NODE [--graceful]` and
-//! `stop-agent NODE` drive it.
+//! on [`SUCCESSOR_SIGNAL`] it starts a successor beside the running agent, as a rolling
+//! update with `maxSurge: 1` does (the agents hand over between themselves); on SIGTERM it
+//! stops the agent as deleting the pod would. The sandbox's `restart-agent` and
+//! `stop-agent` send those signals.
 
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command},
     sync::atomic::{AtomicBool, Ordering},
@@ -16,10 +15,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{
-    daemon::{process_alive, RUN_DIR},
-    sandbox::{http_get, NodeState, SandboxState},
-};
+use crate::daemon::RUN_DIR;
 
 /// Set by the signal handlers, read by the supervisor's loop.
 static SUCCESSOR_WANTED: AtomicBool = AtomicBool::new(false);
@@ -34,15 +30,13 @@ extern "C" fn want_stop(_: libc::c_int) {
 }
 
 /// The signal asking a supervisor for a successor agent (a rolling update).
-const SUCCESSOR_SIGNAL: libc::c_int = libc::SIGUSR1;
+pub const SUCCESSOR_SIGNAL: libc::c_int = libc::SIGUSR1;
 /// How often the supervisor looks at its agents and its signals.
-const TICK: Duration = Duration::from_millis(20);
+pub const TICK: Duration = Duration::from_millis(20);
 /// An agent that lived shorter than this and exited is restarted after a growing pause
 /// (as the kubelet's crash-loop back-off), so a broken agent does not spin.
 const QUICK_EXIT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// How long a restart may take until the new agent serves.
-const RESTART_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The file naming the pid of a node's current agent.
 pub fn pid_file(node: &str) -> PathBuf {
@@ -145,86 +139,4 @@ pub fn supervise(pid_path: &Path, agent: &[String]) -> Result<()> {
         }
         std::thread::sleep(TICK);
     }
-}
-
-/// What a node's admin API says about the agent serving it: its pid and readiness.
-fn serving_agent(node: &NodeState) -> Option<(u32, bool)> {
-    let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, 15000));
-    let (code, body) = http_get(&node.netns, admin, "/status").ok()?;
-    let status: serde_json::Value = serde_json::from_str(&body).ok().filter(|_| code == 200)?;
-    let pid = u32::try_from(status["pid"].as_u64()?).ok()?;
-    Some((pid, status["ready"].as_bool()?))
-}
-
-/// Replaces a node's agent: with `graceful`, a successor starts beside it and takes its
-/// listeners (the old one drains); without, the agent is killed (SIGKILL) and the
-/// supervisor starts a new one. Returns once the new agent serves the node, saying how
-/// long that took.
-pub fn restart_agent(node: &str, graceful: bool) -> Result<()> {
-    let state = SandboxState::load()?;
-    let node = state.node(node)?;
-    let old = agent_pid(&node.name);
-    if old == 0 || !process_alive(node.supervisor_pid) {
-        bail!("node {} has no supervised agent", node.name);
-    }
-    let asked = Instant::now();
-    let signal = if graceful { node.supervisor_pid } else { old };
-    let number = if graceful {
-        SUCCESSOR_SIGNAL
-    } else {
-        libc::SIGKILL
-    };
-    // SAFETY: plain kill(2) on the sandbox's own supervisor or agent.
-    if unsafe { libc::kill(signal as libc::pid_t, number) } != 0 {
-        bail!("signalling {signal}: {}", std::io::Error::last_os_error());
-    }
-    loop {
-        let new = agent_pid(&node.name);
-        if new != old && serving_agent(node) == Some((new, true)) {
-            println!(
-                "node {}: agent {new} serves the node {} ms after agent {old} was {}",
-                node.name,
-                asked.elapsed().as_millis(),
-                if graceful {
-                    "asked to hand over"
-                } else {
-                    "killed"
-                }
-            );
-            return Ok(());
-        }
-        if asked.elapsed() > RESTART_TIMEOUT {
-            bail!(
-                "node {}: no new agent served within {RESTART_TIMEOUT:?} (see {})",
-                node.name,
-                crate::daemon::log_path(&format!("agent-{}.log", node.name)).display()
-            );
-        }
-        std::thread::sleep(TICK);
-    }
-}
-
-/// Stops a node's agent for good (its supervisor asks it to drain, then leaves), as
-/// deleting the node's agent pod does.
-pub fn stop_agent(node: &str) -> Result<()> {
-    let state = SandboxState::load()?;
-    let node = state.node(node)?;
-    let supervisor = node.supervisor_pid;
-    // SAFETY: plain kill(2) on the sandbox's own supervisor.
-    if !process_alive(supervisor)
-        || unsafe { libc::kill(supervisor as libc::pid_t, libc::SIGTERM) } != 0
-    {
-        bail!("node {} has no running agent supervisor", node.name);
-    }
-    let deadline = Instant::now() + RESTART_TIMEOUT;
-    while process_alive(supervisor) {
-        if Instant::now() > deadline {
-            bail!(
-                "node {}: the agent did not stop within {RESTART_TIMEOUT:?}",
-                node.name
-            );
-        }
-        std::thread::sleep(TICK);
-    }
-    Ok(())
 }
