@@ -129,8 +129,8 @@ enum SandboxCommand {
         args: Vec<String>,
     },
     /// Replace a node's agent: with --graceful a new agent takes over the running one's
-    /// listeners and the old one drains (a rolling update); without, the agent is killed
-    /// (SIGKILL) and started again (a crash).
+    /// listeners, then the old one gets SIGTERM and drains (a rolling update); without,
+    /// the agent is killed (SIGKILL) and started again (a crash).
     RestartAgent {
         node: String,
         #[arg(long)]

@@ -1430,7 +1430,7 @@ fn serving_agent(node: &NodeState) -> Option<(u32, bool)> {
 }
 
 /// Replaces a node's agent: with `graceful`, a successor starts beside it and takes its
-/// listeners (the old one drains); without, the agent is killed (SIGKILL) and the
+/// listeners, then the old one gets SIGTERM (it drains); without, the agent is killed (SIGKILL) and the
 /// supervisor starts a new one. Returns once the new agent serves the node, saying how
 /// long that took.
 pub fn restart_agent(node: &str, graceful: bool) -> Result<()> {
@@ -1454,6 +1454,12 @@ pub fn restart_agent(node: &str, graceful: bool) -> Result<()> {
     loop {
         let new = supervise::agent_pid(&node.name);
         if new != old && serving_agent(node) == Some((new, true)) {
+            if graceful {
+                // As the DaemonSet controller deletes the old pod once the new one is
+                // ready: the old agent, draining since the handover, drains on.
+                // SAFETY: plain kill(2) on the sandbox's own agent.
+                unsafe { libc::kill(old as libc::pid_t, libc::SIGTERM) };
+            }
             println!(
                 "node {}: agent {new} serves the node {} ms after agent {old} was {}",
                 node.name,

@@ -3344,8 +3344,11 @@ fn agents_replaced_under_traffic_drop_nothing_and_a_killed_one_is_back_at_once()
         });
     }
 
-    // A crash: killed, started again by its supervisor; new connections work as soon as
-    // it serves (the kernel failed closed meanwhile), with the maps and links taken over.
+    // A crash under load: killed, started again by its supervisor; new connections work
+    // as soon as it serves (the kernel failed closed meanwhile), with the maps and links
+    // taken over. The requests in flight through the killed agent fail; the client's
+    // next ones, on a new connection, succeed.
+    let load = Steady::start("crash", &["http", "http://10.96.0.110:9080/"]);
     let killed = current_agent("node-a");
     let restarted = ok(
         xtask(&["sandbox", "restart-agent", "node-a"]),
@@ -3353,6 +3356,8 @@ fn agents_replaced_under_traffic_drop_nothing_and_a_killed_one_is_back_at_once()
     );
     eprintln!("{}", restarted.trim());
     assert!(!alive(killed));
+    let load = load.finish();
+    assert!(load["since_failure"].as_u64() >= Some(1), "{load}");
     assert_eq!(reviews("/", 20, "{}", "new").count("200 reviews-v1"), 20);
     assert_eq!(
         echo_round_trip(&format!("{echo_spliced}:9000"), 100_000),

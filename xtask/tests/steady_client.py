@@ -4,7 +4,8 @@
 #                             byte came back in order
 #   http URL STOP_FILE        HTTP/1.1 GETs one after another on a kept-alive connection
 #                             (a new one only when the server says `connection: close`);
-#                             at the end, how many succeeded, failed, and connections used
+#                             at the end, how many succeeded, failed, succeeded since
+#                             the last failure, and connections used
 # Prints "started" once the first exchange succeeded, so the caller knows traffic flows.
 import hashlib, http.client, json, os, socket, sys, threading, time, urllib.parse
 
@@ -45,11 +46,17 @@ if mode == "echo":
     print(json.dumps({**counts, "intact": sent.digest() == received.digest()}))
 elif mode == "http":
     url, stop = urllib.parse.urlsplit(sys.argv[2]), sys.argv[3]
-    ok = failed = connections = 0
+    ok = failed = connections = since_failure = 0
     errors = []
     announced = False
     connection = None
-    while ok == 0 or not os.path.exists(stop):
+    stop_seen = None
+    while True:
+        if os.path.exists(stop):
+            stop_seen = stop_seen or time.monotonic()
+            # Until a request succeeds after the last failure, for 30 s at most.
+            if since_failure or time.monotonic() - stop_seen > 30:
+                break
         if connection is None:
             connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=30)
             connections += 1
@@ -59,18 +66,22 @@ elif mode == "http":
             response.read()
             if response.status == 200:
                 ok += 1
+                since_failure += 1
             else:
                 failed += 1
+                since_failure = 0
                 errors.append(f"status {response.status}")
             if response.will_close:
                 connection.close()
                 connection = None
         except (OSError, http.client.HTTPException) as err:
             failed += 1
+            since_failure = 0
             errors.append(f"{type(err).__name__}: {err}")
             connection = None
         if ok and not announced:
             started()
             announced = True
         time.sleep(0.005)
-    print(json.dumps({"ok": ok, "failed": failed, "connections": connections, "errors": errors[:5]}))
+    print(json.dumps({"ok": ok, "failed": failed, "since_failure": since_failure,
+                      "connections": connections, "errors": errors[:5]}))
