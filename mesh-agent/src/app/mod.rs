@@ -401,10 +401,19 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         status.refresh_readiness();
     }
     if let Some(predecessor) = predecessor {
-        let listeners =
-            handover::take_over(predecessor, &options.handover_socket, handover::addresses())
-                .await
-                .context("taking over the running agent's listeners")?;
+        let taken =
+            handover::take_over(predecessor, &options.handover_socket, handover::addresses()).await;
+        let listeners = match taken {
+            Ok(listeners) => listeners,
+            // The predecessor went away meanwhile (its sockets closed with it): bind.
+            Err(err) => {
+                tracing::warn!(
+                    "taking over the running agent's listeners: {}; binding them",
+                    describe(&err)
+                );
+                Listeners::bind().context("binding the listeners after a failed handover")?
+            }
+        };
         servers.start(listeners, &options.handover_socket, &handed_over)?;
     }
     tracing::info!(
