@@ -1416,14 +1416,7 @@ fn meshctl_uninstall_leaves_the_node_as_it_was_once_the_agent_is_stopped() {
     let _sandbox = Sandbox::up();
     let status = status_json();
     let web_a = pod_ip(&status, "web-a");
-    let agent_pid = status["nodes"]
-        .as_array()
-        .expect("nodes")
-        .iter()
-        .find(|n| n["name"] == "node-a")
-        .map(|n| n["agent"]["pid"].as_u64().expect("agent pid"))
-        .expect("node-a")
-        .to_string();
+    let agent_pid = current_agent("node-a");
     let direct = || {
         xtask(&[
             "sandbox",

@@ -25,3 +25,13 @@ pub enum ProxyError {
     #[error("serving HTTP")]
     Http(#[from] hyper::Error),
 }
+
+impl ProxyError {
+    /// What serving an HTTP connection ended with: hyper's error, or the I/O beneath it.
+    pub fn from_serving(err: Box<dyn std::error::Error + Send + Sync>) -> ProxyError {
+        match err.downcast::<hyper::Error>() {
+            Ok(err) => ProxyError::Http(*err),
+            Err(err) => ProxyError::Io(std::io::Error::other(err)),
+        }
+    }
+}

@@ -387,6 +387,18 @@ pub struct Refusal {
     pub denied: Option<Box<(Arc<Arrival>, Decision)>>,
 }
 
+impl Refusal {
+    /// 403 for identities that do not add up (no policy decided it).
+    fn forbidden(reason: &'static str, message: String) -> Refusal {
+        Refusal {
+            status: StatusCode::FORBIDDEN,
+            reason,
+            message,
+            denied: None,
+        }
+    }
+}
+
 /// The plan for an HBONE stream this agent accepts.
 #[derive(Debug)]
 pub struct InboundPlan {
@@ -421,42 +433,36 @@ pub fn plan_inbound(
         })?;
     let identity = spiffe_id(trust_domain, &workload);
     if identity != *local {
-        return Err(Refusal {
-            status: StatusCode::FORBIDDEN,
-            reason: "wrong_destination_identity",
-            message: format!("{target} is {identity}, but the connection was made to {local}"),
-            denied: None,
-        });
+        return Err(Refusal::forbidden(
+            "wrong_destination_identity",
+            format!("{target} is {identity}, but the connection was made to {local}"),
+        ));
     }
     // The peer's certificate must be the identity of the workload at the address it
     // claims to connect from.
     let client_workload = state.workloads.get(client.ip());
     let claimed = client_workload.map(|w| spiffe_id(trust_domain, w));
     if claimed.as_ref() != Some(peer) {
-        return Err(Refusal {
-            status: StatusCode::FORBIDDEN,
-            reason: "wrong_source_identity",
-            message: format!(
+        return Err(Refusal::forbidden(
+            "wrong_source_identity",
+            format!(
                 "peer {peer} claims to carry {client}, which is {}",
                 claimed.map_or("no meshed workload".into(), |c| c.to_string())
             ),
-            denied: None,
-        });
+        ));
     }
     // And the agent carrying it must be the one of that workload's node: a node's agent
     // holds certificates of its own pods' identities only, so another node's agent with
     // a pod of the same service account cannot speak for this address.
     let client_node = client_workload.and_then(|w| state.node_ip(w));
     if client_node != Some(peer_agent) {
-        return Err(Refusal {
-            status: StatusCode::FORBIDDEN,
-            reason: "wrong_source_node",
-            message: format!(
+        return Err(Refusal::forbidden(
+            "wrong_source_node",
+            format!(
                 "the agent at {peer_agent} claims to carry {client}, whose node is {}",
                 client_node.map_or("unknown".into(), |ip| ip.to_string())
             ),
-            denied: None,
-        });
+        ));
     }
     let peer_id = peer.to_string();
     let arrival = Arc::new(Arrival::new(

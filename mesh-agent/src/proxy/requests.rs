@@ -206,10 +206,7 @@ impl Guard {
             drain,
         )
         .await
-        .map_err(|err| match err.downcast::<hyper::Error>() {
-            Ok(err) => ProxyError::Http(*err),
-            Err(err) => ProxyError::Io(std::io::Error::other(err)),
-        })
+        .map_err(ProxyError::from_serving)
     }
 
     /// The request metrics of a connection to `arrival`'s workload; `None` when a

@@ -112,10 +112,7 @@ where
         drain,
     )
     .await
-    .map_err(|err| match err.downcast::<hyper::Error>() {
-        Ok(err) => ProxyError::Http(*err),
-        Err(err) => ProxyError::Io(std::io::Error::other(err)),
-    })
+    .map_err(ProxyError::from_serving)
 }
 
 struct Router {
