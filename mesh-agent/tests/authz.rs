@@ -2,7 +2,7 @@
 //! and a connection or request from one pod to another, and the decision a user would
 //! see (allowed, reset, 403, 401) with the policy that made it. Evaluated by
 //! `policy::check::check`, the code path of `meshctl policy check`, which judges through
-//! the proxy's own steps (`facts::admit`, `request::normalise`, `facts::judge_request`).
+//! the proxy's own steps (`facts::admit`, then `facts::judge_request`, which normalises).
 //! Then JWKS fetching: keys kept through a failed refresh, retried, refreshed.
 
 use std::{

@@ -301,14 +301,11 @@ async fn every_request_is_counted_by_the_destination_with_istios_labels() {
     let (ok, denied) = (with("response_code=\"200\""), with("response_code=\"403\""));
     // A response is counted once its last byte has gone out, which may be a moment after
     // the client has it.
-    let mut text = String::new();
-    for _ in 0..100 {
-        text = served.metrics.encode();
-        if sample(&text, "istio_requests_total", &ok) == Some(3.0) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let text = until(
+        || served.metrics.encode(),
+        |text| sample(text, "istio_requests_total", &ok) == Some(3.0),
+    )
+    .await;
     assert_eq!(
         sample(&text, "istio_requests_total", &ok),
         Some(3.0),
@@ -374,19 +371,12 @@ spec:
         served.get("/admin/x", &[("user-agent", "probe/2")]).await.0,
         403
     );
-    let mut text = String::new();
-    for _ in 0..200 {
-        text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.lines().count() >= 1
-            && served
-                .metrics
-                .encode()
-                .contains("mesh_access_log_lines_written_total 1")
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    until(
+        || served.metrics.encode(),
+        |text| text.contains("mesh_access_log_lines_written_total 1"),
+    )
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 1, "only the 403 is kept: {text}");
     let line: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON line");
@@ -655,14 +645,11 @@ async fn a_sampled_request_keeps_its_trace_and_its_server_span_reaches_the_colle
     assert_eq!(attribute(span, "error"), None);
     assert!(span.end_time_unix_nano >= span.start_time_unix_nano);
     // Counted once the collector has answered, a moment after it took the spans.
-    let mut text = String::new();
-    for _ in 0..500 {
-        text = served.metrics.encode();
-        if text.contains("mesh_spans_exported_total 1") {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let text = until(
+        || served.metrics.encode(),
+        |text| text.contains("mesh_spans_exported_total 1"),
+    )
+    .await;
     assert!(text.contains("mesh_spans_exported_total 1"), "{text}");
     assert!(text.contains("mesh_spans_dropped_total 0"), "{text}");
 }
@@ -678,17 +665,27 @@ async fn a_dead_collector_costs_spans_not_requests() {
     for _ in 0..5 {
         assert_eq!(served.get("/status", &[]).await, (200, "ok".to_owned()));
     }
-    let mut text = String::new();
-    for _ in 0..500 {
-        text = served.metrics.encode();
-        if text.contains("mesh_spans_export_failed_total 5") {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let text = until(
+        || served.metrics.encode(),
+        |text| text.contains("mesh_spans_export_failed_total 5"),
+    )
+    .await;
     assert!(text.contains("mesh_spans_export_failed_total 5"), "{text}");
     assert!(text.contains("mesh_spans_exported_total 0"), "{text}");
     assert!(text.contains("mesh_spans_dropped_total 0"), "{text}");
+}
+
+/// What `read` returns once `done` holds for it, or after 15 s whatever it returns then
+/// (the assertion that follows says what was seen).
+async fn until(read: impl Fn() -> String, done: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let text = read();
+        if done(&text) || std::time::Instant::now() > deadline {
+            return text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {

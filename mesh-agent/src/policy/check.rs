@@ -12,7 +12,6 @@ use crate::{
         authz::{self, Decision, Match, Miss, Verdict},
         facts::{admit, judge_request, principal_of, Admission, Arrival, Peer, RequestVerdict},
         jwt::{self, Authenticated, JwksCache},
-        request::normalise,
     },
 };
 
@@ -215,7 +214,8 @@ fn report(arrival: &Arrival, decision: &Decision, layer: &str, outcome: &str) ->
 }
 
 /// Judges one endpoint as the proxy would: [`admit`] on the connection, then
-/// [`judge_request`] on the request when the connection is served as HTTP.
+/// [`judge_request`] on the request when the connection is served as HTTP, the same two
+/// functions the proxy calls.
 fn check_endpoint(
     arrival: &Arrival,
     jwks: &JwksCache,
@@ -256,22 +256,10 @@ fn check_endpoint(
             .map_err(|_| CheckError::Token)?;
         builder = builder.header(http::header::AUTHORIZATION, value);
     }
-    let (mut parts, ()) = builder
+    let (mut head, ()) = builder
         .body(())
         .map_err(|err| CheckError::Request(err.to_string()))?
         .into_parts();
-    let view = match normalise(&mut parts) {
-        Ok(view) => view,
-        Err(rejection) => {
-            return Ok(EndpointReport {
-                decision: "deny".into(),
-                decided_by: None,
-                reason: format!("the request is refused before any policy: {rejection}"),
-                ..report(arrival, &connection, "request", "400")
-            })
-        }
-    };
-    let mut headers = parts.headers;
     let authenticates = arrival
         .security
         .authenticates(arrival.facts.destination_port);
@@ -281,7 +269,13 @@ fn check_endpoint(
         None => None,
     };
     Ok(
-        match judge_request(arrival, jwks, view, &mut headers, jwt::now_seconds()) {
+        match judge_request(arrival, jwks, &mut head, jwt::now_seconds()) {
+            RequestVerdict::Malformed(rejection) => EndpointReport {
+                decision: "deny".into(),
+                decided_by: None,
+                reason: format!("the request is refused before any policy: {rejection}"),
+                ..report(arrival, &connection, "request", "400")
+            },
             RequestVerdict::Judged {
                 decision,
                 authenticated,

@@ -8,14 +8,14 @@ use std::{
     sync::Arc,
 };
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{request::Parts, HeaderName, HeaderValue};
 
 use crate::{
     model::{peerauth::Effective, security::WorkloadSecurity, MeshState, Workload},
     policy::{
         authz::{self, Decision, Facts, Verdict},
         jwt::{self, Authenticated, JwksCache, JwtError, RequestParts},
-        request::RequestView,
+        request::{normalise, Rejection},
     },
 };
 
@@ -179,6 +179,8 @@ pub fn admit(arrival: &Arrival) -> (Admission, Option<Decision>) {
 /// What the destination's policies make of one request.
 #[derive(Debug)]
 pub enum RequestVerdict {
+    /// A head that cannot be read one way only: 400 before any policy.
+    Malformed(Rejection),
     /// A token that does not verify: 401.
     Unauthenticated(JwtError),
     /// Judged by authorization: forwarded when `decision` allows, else 403.
@@ -189,18 +191,23 @@ pub enum RequestVerdict {
     },
 }
 
-/// Authenticates and judges one request on a connection admitted for HTTP, as
-/// [`crate::policy::request::normalise`] left it (`view`, and the forwarded `headers`): output headers of RequestAuthentication are removed from a request
-/// without a verified token (a client cannot forge them), set from a verified one, and
-/// the token's header is removed unless the rule forwards it. What is judged is what is
-/// forwarded.
+/// Normalises one request head on a connection admitted for HTTP
+/// ([`crate::policy::request::normalise`]), then authenticates and judges it: output
+/// headers of RequestAuthentication are removed from a request without a verified token
+/// (a client cannot forge them), set from a verified one, and the token's header is
+/// removed unless the rule forwards it. What is judged is what `head` then forwards. The
+/// proxy and `meshctl policy check` both judge requests with this one function.
 pub fn judge_request(
     arrival: &Arrival,
     jwks: &JwksCache,
-    view: RequestView,
-    headers: &mut HeaderMap,
+    head: &mut Parts,
     now: u64,
 ) -> RequestVerdict {
+    let view = match normalise(head) {
+        Ok(view) => view,
+        Err(rejection) => return RequestVerdict::Malformed(rejection),
+    };
+    let headers = &mut head.headers;
     let security = &arrival.security;
     let mut authenticated = None;
     if security.authenticates(arrival.facts.destination_port) {

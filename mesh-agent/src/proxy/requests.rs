@@ -39,7 +39,6 @@ use crate::{
         authz::{self, Decision, Verdict},
         facts::{judge_request, Arrival, RequestVerdict},
         jwt::{self, JwksCache},
-        request::normalise,
     },
     proxy::{
         error::ProxyError,
@@ -245,9 +244,9 @@ impl Guard {
         upstream: &Upstream,
     ) -> Response<Body> {
         let (mut parts, body) = request.into_parts();
-        let view = match normalise(&mut parts) {
-            Ok(view) => view,
-            Err(rejection) => {
+        let verdict = judge_request(arrival, &self.jwks, &mut parts, jwt::now_seconds());
+        let decision = match verdict {
+            RequestVerdict::Malformed(rejection) => {
                 tracing::info!(
                     target: "mesh::authz",
                     "400 {}: {rejection}",
@@ -256,22 +255,14 @@ impl Guard {
                 drain(body).await;
                 return local_reply(rejection.status(), rejection.body());
             }
-        };
-        let (method, path) = (view.method.clone(), view.path.clone());
-        let verdict = judge_request(
-            arrival,
-            &self.jwks,
-            view,
-            &mut parts.headers,
-            jwt::now_seconds(),
-        );
-        let decision = match verdict {
             RequestVerdict::Unauthenticated(err) => {
                 self.metrics.jwt_validation("rejected", err.reason());
                 tracing::info!(
                     target: "mesh::authz",
-                    "401 {} {method} {path}: {err}",
+                    "401 {} {} {}: {err}",
                     arrival.describe(),
+                    parts.method,
+                    parts.uri.path(),
                 );
                 drain(body).await;
                 let mut reply = local_reply(StatusCode::UNAUTHORIZED, "Jwt verification fails");
