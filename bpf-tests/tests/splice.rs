@@ -17,7 +17,7 @@ use aya::{
     programs::SkSkb,
 };
 use bpf_tests::{load, Loaded};
-use mesh_agent::datapath::splice::Splicer;
+use mesh_agent::datapath::splice::{Splicer, STALL_LIMIT};
 use mesh_common::{pins, programs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -173,8 +173,12 @@ async fn flow() -> [tokio::net::TcpStream; 4] {
 }
 
 fn splicer(loaded: &mut Loaded) -> Splicer {
+    splicer_stalling_after(loaded, STALL_LIMIT)
+}
+
+fn splicer_stalling_after(loaded: &mut Loaded, stall_limit: Duration) -> Splicer {
     let maps = maps(loaded);
-    Splicer::new(maps.sources, maps.targets, maps.peers)
+    Splicer::new(maps.sources, maps.targets, maps.peers, stall_limit)
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -278,7 +282,48 @@ fn a_server_reset_mid_splice_ends_the_clients_stream_and_the_flow_fails() {
         .await
         .expect("the flow ends");
         assert_eq!(after, b"");
-        // The client's FIN has nowhere to go: the flow is not counted as a clean end.
-        assert!(carried.is_err(), "{carried:?}");
+        // The client's FIN has nowhere to go (every byte before it reached the server,
+        // and the server's socket is gone): the flow is not counted as a clean end.
+        let failed = carried.expect_err("the flow fails");
+        assert_eq!(failed.kind(), std::io::ErrorKind::NotConnected, "{failed}");
+    });
+}
+
+#[test]
+fn a_fin_behind_bytes_the_server_never_reads_gives_the_flow_up_after_the_stall_limit() {
+    let mut loaded = load();
+    let splicer = splicer_stalling_after(&mut loaded, Duration::from_secs(1));
+    runtime().block_on(async {
+        let [mut client, a, u, server] = flow().await;
+        // The server never reads, and has little room: the spliced bytes pile up in the
+        // kernel between the two agent sockets and stop moving.
+        let small: libc::c_int = 4096;
+        // SAFETY: the option value is one int, valid for the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                server.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&small as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+        let spliced = splicer.splice(&a, &u).expect("paired");
+        let sending = async {
+            client
+                .write_all(&vec![b's'; 16 << 20])
+                .await
+                .expect("the agent's side takes every byte");
+            client.shutdown().await.expect("client half-closes");
+        };
+        let (carried, ()) = tokio::time::timeout(Duration::from_secs(30), async {
+            tokio::join!(spliced.run(), sending)
+        })
+        .await
+        .expect("the flow is given up");
+        let failed = carried.expect_err("the flow fails");
+        assert_eq!(failed.kind(), std::io::ErrorKind::TimedOut, "{failed}");
+        drop(server);
     });
 }

@@ -185,7 +185,7 @@ impl Datapath {
         verdict
             .attach(sources.fd())
             .map_err(|source| DatapathError::Program { name, source })?;
-        Ok(Splicer::new(sources, targets, peers))
+        Ok(Splicer::new(sources, targets, peers, splice::STALL_LIMIT))
     }
 
     /// Pods with programs attached, by `namespace/name`, from the pinned links.

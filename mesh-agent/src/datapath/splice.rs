@@ -29,11 +29,16 @@ use tokio::{
     net::TcpStream,
 };
 
+/// How long a spliced direction's FIN waits while none of its received bytes move on
+/// (the receiver stopped reading) before the flow is given up.
+pub const STALL_LIMIT: Duration = Duration::from_secs(60);
+
 /// The maps the verdict program uses; the program is attached to `sources`.
 pub struct Splicer {
     sources: Mutex<SockHash<MapData, u64>>,
     targets: Mutex<SockHash<MapData, u64>>,
     peers: Mutex<BpfHashMap<MapData, u64, u64>>,
+    stall_limit: Duration,
 }
 
 fn map_error(err: aya::maps::MapError) -> io::Error {
@@ -139,8 +144,13 @@ fn queued_data(to: &TcpStream, active_open: bool) -> io::Result<(u64, u8)> {
 
 /// Waits until every byte `from` received is queued on `to`, then shuts `to`'s
 /// write side (its FIN follows the bytes). Gives up when `to` can no longer send or
-/// nothing moves for a minute.
-async fn carry_fin(from: &TcpStream, to: &TcpStream, to_active: bool) -> io::Result<u64> {
+/// nothing moves for `stall_limit`.
+async fn carry_fin(
+    from: &TcpStream,
+    to: &TcpStream,
+    to_active: bool,
+    stall_limit: Duration,
+) -> io::Result<u64> {
     let target = received_data(from)?;
     let mut last = (0, Instant::now());
     let mut pause = Duration::from_micros(200);
@@ -157,7 +167,7 @@ async fn carry_fin(from: &TcpStream, to: &TcpStream, to_active: bool) -> io::Res
         }
         if queued != last.0 {
             last = (queued, Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(60) {
+        } else if last.1.elapsed() > stall_limit {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("spliced bytes stuck at {queued} of {target}"),
@@ -175,11 +185,13 @@ impl Splicer {
         sources: SockHash<MapData, u64>,
         targets: SockHash<MapData, u64>,
         peers: BpfHashMap<MapData, u64, u64>,
+        stall_limit: Duration,
     ) -> Splicer {
         Splicer {
             sources: Mutex::new(sources),
             targets: Mutex::new(targets),
             peers: Mutex::new(peers),
+            stall_limit,
         }
     }
 
@@ -258,9 +270,10 @@ impl Spliced<'_> {
             (&upstream, &downstream),
             (Direction::Spliced, Direction::Spliced)
         );
+        let limit = self.splicer.stall_limit;
         let (sent, received) = tokio::try_join!(
-            carry(upstream, self.client, self.server, true),
-            carry(downstream, self.server, self.client, false),
+            carry(upstream, self.client, self.server, true, limit),
+            carry(downstream, self.server, self.client, false, limit),
         )?;
         Ok((sent, received, spliced))
     }
@@ -283,6 +296,7 @@ async fn carry(
     from: &TcpStream,
     to: &TcpStream,
     to_active: bool,
+    stall_limit: Duration,
 ) -> io::Result<u64> {
     match direction {
         Direction::Spliced => {
@@ -291,7 +305,7 @@ async fn carry(
             loop {
                 let ready = from.ready(Interest::READABLE).await?;
                 if closed(from, ready)? {
-                    return carry_fin(from, to, to_active).await;
+                    return carry_fin(from, to, to_active, stall_limit).await;
                 }
             }
         }
