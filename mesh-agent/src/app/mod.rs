@@ -548,13 +548,19 @@ fn take_kernel_maps(bpffs: &Path) -> anyhow::Result<KernelMaps> {
 }
 
 /// Lets routed requests' idle upstream connections go once they are past their idle
-/// timeout, whether or not another request comes for them, and forgets the pool budgets
-/// of pods that left the node.
+/// timeout (to within a second), whether or not another request comes for them, and
+/// forgets the pool budgets of pods that left the node (every half minute).
 async fn expire_idle_routing_state(proxy: Arc<Proxy>) {
-    let mut ticker = tokio::time::interval(crate::proxy::upstream::IDLE_TIMEOUT / 2);
+    const BUDGETS_EVERY: u32 = 30;
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut ticks = 0u32;
     loop {
         ticker.tick().await;
         proxy.upstreams.expire();
+        ticks = ticks.wrapping_add(1);
+        if !ticks.is_multiple_of(BUDGETS_EVERY) {
+            continue;
+        }
         let state = proxy.state.current();
         let pods: std::collections::HashSet<String> =
             state.local_workloads().map(|w| w.key()).collect();

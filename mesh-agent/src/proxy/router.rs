@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::{
     http::{serve_until_drained, ConnectionDrain},
     model::{
-        circuit::{Budget, BudgetKey, Overflow, Permit, PoolLimits},
+        circuit::{Budget, BudgetKey, Keepalive, Overflow, Permit, PoolLimits},
         destination_policy::cluster_name,
         outlier::Outcome,
         routing::{
@@ -46,7 +46,7 @@ use crate::{
             local_reply, server, strip_hop_by_hop, Exchange, Outgoing, HEADER_READ_TIMEOUT,
         },
         socket,
-        upstream::{GiveBack, Key, Returning, Sender, Stream},
+        upstream::{GiveBack, Key, Returning, Reuse, Sender, Stream},
         Proxy,
     },
     telemetry::{
@@ -459,6 +459,7 @@ impl Router {
                 endpoint.addr,
                 endpoint.workload.as_ref(),
                 &service.hostname,
+                limits,
                 request,
             );
             let outcome = match retries.per_try_timeout {
@@ -529,14 +530,15 @@ impl Router {
         }
     }
 
-    /// One try: a pooled connection to `endpoint` (or a new one), the request, its
-    /// response head.
+    /// One try: a pooled connection to `endpoint` (or a new one, as the destination's
+    /// `limits` say), the request, its response head.
     async fn send(
         &self,
         state: &Arc<MeshState>,
         endpoint: SocketAddrV4,
         workload: Option<&Arc<Workload>>,
         hostname: &str,
+        limits: &PoolLimits,
         request: Request<Outgoing>,
     ) -> Result<Response<RoutedBody>, TryFailure> {
         let planned = Arc::downgrade(state);
@@ -545,22 +547,30 @@ impl Router {
             endpoint,
             http2: request.version() == Version::HTTP_2,
         };
+        let reuse = Reuse::of(limits);
         let upstreams = &self.proxy.upstreams;
-        let (mut sender, mut reused) = match upstreams.take(&key, state) {
-            Some(sender) => (sender, true),
-            None => (self.connect(state, key, workload, hostname).await?, false),
+        let (mut sender, mut carried, mut reused) = match upstreams.take(&key, state, reuse) {
+            Some((sender, carried)) => (sender, carried, true),
+            None => (
+                self.connect(state, key, workload, hostname, limits).await?,
+                1,
+                false,
+            ),
         };
         let mut request = request;
         loop {
             if let Sender::Http1(send) = &mut sender {
                 if send.ready().await.is_err() {
-                    sender = self.connect(state, key, workload, hostname).await?;
-                    reused = false;
+                    sender = self.connect(state, key, workload, hostname, limits).await?;
+                    (carried, reused) = (1, false);
                 }
             }
             let sent = match &mut sender {
                 Sender::Http2(send) => {
-                    upstreams.put(key, planned.clone(), Sender::Http2(send.clone()));
+                    if !reused {
+                        let shared = Sender::Http2(send.clone());
+                        upstreams.put(key, planned.clone(), shared, carried, reuse);
+                    }
                     send.try_send_request(request).await
                 }
                 Sender::Http1(send) => send.try_send_request(request).await,
@@ -573,6 +583,8 @@ impl Router {
                             key,
                             planned,
                             sender: Sender::Http1(send),
+                            carried,
+                            reuse,
                         }),
                         Sender::Http2(_) => None,
                     };
@@ -584,8 +596,8 @@ impl Router {
                 Err(mut failed) => match failed.take_message() {
                     Some(unsent) if reused => {
                         request = unsent;
-                        sender = self.connect(state, key, workload, hostname).await?;
-                        reused = false;
+                        sender = self.connect(state, key, workload, hostname, limits).await?;
+                        (carried, reused) = (1, false);
                     }
                     _ => return Err(reset_or_refused(failed.into_error())),
                 },
@@ -593,15 +605,38 @@ impl Router {
         }
     }
 
-    /// A new connection to `key.endpoint` the way a connection from the source pod would
-    /// go: this node's pod under its policies (each request judged when they need it),
-    /// HBONE to the endpoint's node, plaintext for DISABLE, or straight outside the mesh.
+    /// A new connection to `key.endpoint`, given up after the destination's
+    /// `connectTimeout` (a connect failure, as Envoy counts it).
     async fn connect(
         &self,
         state: &MeshState,
         key: Key,
         workload: Option<&Arc<Workload>>,
         hostname: &str,
+        limits: &PoolLimits,
+    ) -> Result<Sender, TryFailure> {
+        let opening = self.open(state, key, workload, hostname, limits.tcp_keepalive);
+        tokio::time::timeout(limits.connect_timeout, opening)
+            .await
+            .unwrap_or_else(|_| {
+                Err(TryFailure::Connect(format!(
+                    "not connected within the connect timeout of {:?}",
+                    limits.connect_timeout
+                )))
+            })
+    }
+
+    /// Opens a connection to `key.endpoint` the way a connection from the source pod
+    /// would go: this node's pod under its policies (each request judged when they need
+    /// it), HBONE to the endpoint's node, plaintext for DISABLE, or straight outside the
+    /// mesh. A socket to the endpoint gets the destination's TCP keepalive.
+    async fn open(
+        &self,
+        state: &MeshState,
+        key: Key,
+        workload: Option<&Arc<Workload>>,
+        hostname: &str,
+        keepalive: Option<Keepalive>,
     ) -> Result<Sender, TryFailure> {
         let connect_failure = |e: &dyn std::fmt::Display| TryFailure::Connect(e.to_string());
         let (route, decision) = plan_endpoint(
@@ -632,6 +667,9 @@ impl Router {
                     socket::connect(key.endpoint).await
                 }
                 .map_err(|e| connect_failure(&e))?;
+                if let Some(keepalive) = keepalive {
+                    socket::keep_alive(&socket, keepalive).map_err(|e| connect_failure(&e))?;
+                }
                 if matches!(carry, Carry::Http | Carry::Sniff) {
                     // The destination's per-request policies judge what goes on it (HTTP
                     // on a sniffed port too: the router speaks it).
@@ -749,6 +787,10 @@ impl Router {
                 hostname: service.hostname.clone(),
             };
             let state = self.proxy.state.current();
+            let limits = service
+                .cluster(mirror.subset.as_deref())
+                .and_then(|c| c.limits)
+                .unwrap_or(*UNCONFIGURED_LIMITS);
             tokio::spawn(async move {
                 let sent = router
                     .send(
@@ -756,6 +798,7 @@ impl Router {
                         endpoint.addr,
                         endpoint.workload.as_ref(),
                         &router.hostname,
+                        &limits,
                         request,
                     )
                     .await;

@@ -9,8 +9,10 @@ use std::{
 };
 
 use mesh_common::AGENT_MARK;
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::model::circuit::Keepalive;
 
 fn tcp_socket() -> io::Result<Socket> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
@@ -63,6 +65,22 @@ pub async fn connect_from(src: Ipv4Addr, dst: SocketAddrV4) -> io::Result<TcpStr
         .await?;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// Turns TCP keepalive on for `stream` with the settings a DestinationRule gives
+/// (`tcpKeepalive`); what it leaves out keeps the kernel's value.
+pub fn keep_alive(stream: &TcpStream, settings: Keepalive) -> io::Result<()> {
+    let mut keepalive = TcpKeepalive::new();
+    if let Some(time) = settings.time {
+        keepalive = keepalive.with_time(time);
+    }
+    if let Some(interval) = settings.interval {
+        keepalive = keepalive.with_interval(interval);
+    }
+    if let Some(probes) = settings.probes {
+        keepalive = keepalive.with_retries(probes);
+    }
+    SockRef::from(stream).set_tcp_keepalive(&keepalive)
 }
 
 pub fn v4(addr: SocketAddr) -> io::Result<SocketAddrV4> {
