@@ -251,9 +251,9 @@ fn kubectl(verb: &str, name: &str, yaml: &str) {
     );
 }
 
-/// How many of `n` new connections to `url` (from client-a) each backend served; empty
-/// if a request failed.
-fn backends(url: &str, n: usize) -> std::collections::BTreeMap<String, usize> {
+/// How many of `n` new connections to `url` (from client-a) each backend served, or what
+/// the client saw when a request failed.
+fn try_backends(url: &str, n: usize) -> Result<std::collections::BTreeMap<String, usize>, String> {
     let script = include_str!("count_backends.py");
     let out = xtask(&[
         "sandbox",
@@ -267,9 +267,25 @@ fn backends(url: &str, n: usize) -> std::collections::BTreeMap<String, usize> {
         &n.to_string(),
     ]);
     if !out.status.success() {
-        return Default::default();
+        return Err(format!(
+            "{} of {n} requests to {url}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
-    serde_json::from_slice(&out.stdout).expect("counts")
+    Ok(serde_json::from_slice(&out.stdout).expect("counts"))
+}
+
+/// How many of `n` new connections to `url` (from client-a) each backend served; every
+/// request must succeed.
+fn backends(url: &str, n: usize) -> std::collections::BTreeMap<String, usize> {
+    try_backends(url, n).unwrap_or_else(|seen| panic!("a request failed: {seen}"))
+}
+
+/// `pairs` as the map `backends` returns.
+fn counts(pairs: &[(&str, usize)]) -> std::collections::BTreeMap<String, usize> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
 }
 
 #[test]
@@ -727,7 +743,7 @@ fn agents_on_the_kubernetes_api_follow_pods_created_and_deleted_through_it() {
     // A pod created through the API joins the Service's rotation; deleted, it leaves.
     kubectl("apply", "web-c", WEB_C);
     eventually("web-c in the web Service's rotation", || {
-        backends(url, 6).contains_key("web-c")
+        try_backends(url, 6).is_ok_and(|b| b.contains_key("web-c"))
     });
     let deleted = Instant::now();
     kubectl("delete", "web-c", WEB_C);
@@ -803,7 +819,7 @@ fn service_discovery_and_load_balancing_follow_configuration_changes() {
     // A third endpoint joins; round robin gives each a third of 300 connections.
     kubectl("apply", "web-c", WEB_C);
     eventually("web-c joins the Service", || {
-        backends(url, 6).contains_key("web-c")
+        try_backends(url, 6).is_ok_and(|b| b.contains_key("web-c"))
     });
     let spread = backends(url, 300);
     assert_eq!(
@@ -847,8 +863,10 @@ fn service_discovery_and_load_balancing_follow_configuration_changes() {
         spread.len() == 3 && spread.values().all(|n| *n >= 25)
     });
     kubectl("delete", "rule", &web_rule("{simple: RANDOM}"));
+    // Round robin over three endpoints: 30 new connections, 10 each, wherever the
+    // rotation starts.
     eventually("round robin again", || {
-        backends(url, 30).values().all(|n| *n == 10)
+        backends(url, 30) == counts(&[("web-a", 10), ("web-b", 10), ("web-c", 10)])
     });
 
     // A selector change moves the Service to the canary only, and back.
@@ -863,15 +881,17 @@ fn service_discovery_and_load_balancing_follow_configuration_changes() {
     kubectl("apply", "service", &web_service("{app: web}"));
     eventually("all three serve again", || backends(url, 30).len() == 3);
 
-    // A pod that goes away leaves the rotation within a second.
+    // A pod that goes away leaves the rotation (requests may fail while it is going);
+    // then the two left share it evenly and every request succeeds.
     kubectl("delete", "web-c", WEB_C);
-    std::thread::sleep(Duration::from_secs(1));
-    let after = backends(url, 40);
-    assert!(
-        !after.contains_key("web-c"),
-        "a deleted pod still serves: {after:?}"
+    eventually("the deleted pod leaves the rotation", || {
+        try_backends(url, 6).is_ok_and(|b| !b.contains_key("web-c"))
+    });
+    assert_eq!(
+        backends(url, 40),
+        counts(&[("web-a", 20), ("web-b", 20)]),
+        "round robin over the two endpoints left"
     );
-    assert_eq!(after.values().sum::<usize>(), 40);
 
     let digest = ok(
         download.wait_with_output().expect("download"),
@@ -896,7 +916,7 @@ fn service_discovery_and_load_balancing_follow_configuration_changes() {
         ),
     );
     eventually("the ServiceEntry address answers", || {
-        backends("http://10.97.0.10/name", 3).get("web-a") == Some(&3)
+        try_backends("http://10.97.0.10/name", 3).is_ok_and(|b| b == counts(&[("web-a", 3)]))
     });
 }
 
