@@ -1815,7 +1815,9 @@ except OSError as e:
 
 #[test]
 fn authorization_policies_and_jwt_are_enforced_across_nodes() {
-    let _sandbox = Sandbox::up();
+    // Keys are fetched again every second: the server going away below makes the
+    // agents' refreshes fail, and the keys in hand must stay.
+    let _sandbox = Sandbox::up_with(&[("MESH_JWKS_REFRESH_INTERVAL", "1s")]);
     kubectl("apply", "jwks", &jwks_server());
     let jwks_ip = pod_ip(&status_json(), "jwks-a");
     kubectl("apply", "authz", &api_and_policies(&jwks_ip));
@@ -1829,6 +1831,14 @@ fn authorization_policies_and_jwt_are_enforced_across_nodes() {
     eventually("the api Service answers", || {
         http("client-a", &format!("-o /dev/null {api}/public/a")) == "200 1.1"
     });
+    eventually("the JWKS is fetched", || {
+        http(
+            "web-a",
+            &format!("-o /dev/null -H 'Authorization: Bearer {token}' {api}/private/x"),
+        ) == "200 1.1"
+    });
+    // Every request from here on is counted exactly below.
+    let before = metrics("node-b");
     assert_eq!(
         http(
             "client-a",
@@ -1887,12 +1897,6 @@ fn authorization_policies_and_jwt_are_enforced_across_nodes() {
         http("client-a", &format!("-o /dev/null {api}/private/x")),
         "403 1.1"
     );
-    eventually("the JWKS is fetched", || {
-        http(
-            "web-a",
-            &format!("-o /dev/null -H 'Authorization: Bearer {token}' {api}/private/x"),
-        ) == "200 1.1"
-    });
     assert_eq!(
         http(
             "client-a",
@@ -1944,7 +1948,30 @@ fn authorization_policies_and_jwt_are_enforced_across_nodes() {
     eventually("node-a's agent has the keys", || {
         jwt_check().1.starts_with("ALLOW")
     });
+    let jwks_uri = format!("http://{jwks_ip}:8000/jwks.json");
+    let jwks = |node: &str| -> serde_json::Value {
+        let all: serde_json::Value = serde_json::from_str(&on_node(
+            node,
+            &["curl", "-sf", "http://127.0.0.1:15000/jwks"],
+        ))
+        .expect("JSON");
+        all.as_array()
+            .expect("URIs")
+            .iter()
+            .find(|u| u["uri"] == jwks_uri.as_str())
+            .unwrap_or_else(|| panic!("{node}'s agent has no {jwks_uri}: {all}"))
+            .clone()
+    };
     kubectl("delete", "jwks", &jwks_server());
+    // Both agents try to refresh and fail, and keep the one key they fetched.
+    for node in ["node-a", "node-b"] {
+        eventually(&format!("{node}'s JWKS refresh fails"), || {
+            jwks(node)["failed_fetches"].as_u64() >= Some(1)
+        });
+        let status = jwks(node);
+        assert_eq!(status["keys"], 1, "{node}: {status}");
+        assert!(status["last_error"].is_string(), "{node}: {status}");
+    }
     assert_eq!(
         http(
             "web-a",
@@ -1958,67 +1985,76 @@ fn authorization_policies_and_jwt_are_enforced_across_nodes() {
     // whether the destination is on another node (client-a → echo-b) or the same one
     // (client-a → web-a, deny-by-default: only sa web may reach the web pods).
     let status = status_json();
-    let kernel_drops = || -> u64 {
-        let report: serde_json::Value = serde_json::from_str(&on_node(
-            "node-a",
-            &["meshctl", "bpf", "metrics", "-o", "json"],
-        ))
-        .expect("JSON");
-        report["verdicts"]["drop_policy_denied"]
-            .as_u64()
-            .expect("counter")
-    };
     let echo = format!("{}:9000", pod_ip(&status, "echo-b"));
     assert_eq!(tcp_echo("web-a", &echo), "ping", "web may use echo");
-    let before = kernel_drops();
+    let drops = kernel_drops("node-a");
     assert_eq!(
         tcp_echo("client-a", &echo),
         "TimeoutError",
         "client may not"
     );
-    assert!(kernel_drops() > before, "dropped by tc_from_pod on node-a");
+    only_drops_of("drop_policy_denied", &drops, &kernel_drops("node-a"));
     let web_a = pod_ip(&status, "web-a");
-    let before = kernel_drops();
+    let drops = kernel_drops("node-a");
     let code = in_pod(
         "client-a",
         &format!("curl -s -m 2 -o /dev/null -w '%{{http_code}}' http://{web_a}:8080/name || true"),
     );
     assert_eq!(code.trim(), "000");
-    assert!(kernel_drops() > before, "dropped by tc_from_pod on node-a");
+    only_drops_of("drop_policy_denied", &drops, &kernel_drops("node-a"));
     assert_eq!(
         in_pod("web-b", &format!("curl -sf -m 5 http://{web_a}:8080/name")).trim(),
         "web-a"
     );
 
-    // Every decision is counted by policy; token failures by reason.
+    // Every decision is counted by policy; token failures by reason. Since `before`,
+    // at api-b: GET /public/a twice and /public/b once from client-a, /private/x with a
+    // token twice (allowed by api-allow); POST and DELETE /public/a from client-a, GET
+    // /public/a from web-a and /private/x without a token (no ALLOW rule matches); five
+    // spellings of /admin/x (api-deny-admin); AUDIT on each of the six /public requests
+    // judged; two tampered tokens refused before any policy (401).
     let b = metrics("node-b");
-    let count =
-        |labels: &[(&str, &str)]| sample(&b, "mesh_authz_decisions_total", labels).unwrap_or(0.0);
-    assert!(
-        count(&[
-            ("decision", "deny"),
-            ("policy", "demo/api-deny-admin"),
-            ("layer", "request")
-        ]) >= 5.0,
-        "{b}"
+    let delta = |name: &str, labels: &[(&str, &str)]| {
+        total(&b, name, labels) - total(&before, name, labels)
+    };
+    let decisions = |decision: &str, policy: &str| {
+        delta(
+            "mesh_authz_decisions_total",
+            &[
+                ("decision", decision),
+                ("policy", policy),
+                ("layer", "request"),
+            ],
+        )
+    };
+    assert_eq!(decisions("deny", "demo/api-deny-admin"), 5.0, "{b}");
+    assert_eq!(decisions("deny", "-"), 4.0, "{b}");
+    assert_eq!(decisions("allow", "demo/api-allow"), 5.0, "{b}");
+    assert_eq!(decisions("audit", "demo/api-audit"), 6.0, "{b}");
+    assert_eq!(
+        delta(
+            "mesh_authz_decisions_total",
+            &[("layer", "request"), ("destination_workload", "api-b")]
+        ),
+        20.0,
+        "no other decision on api-b's requests: {b}"
     );
-    assert!(count(&[("decision", "deny"), ("policy", "-"), ("layer", "request")]) >= 3.0);
-    assert!(
-        count(&[
-            ("decision", "allow"),
-            ("policy", "demo/api-allow"),
-            ("layer", "request")
-        ]) >= 4.0
-    );
-    assert!(count(&[("decision", "audit"), ("policy", "demo/api-audit")]) >= 1.0);
-    assert!(
-        sample(
-            &b,
+    assert_eq!(
+        delta(
             "mesh_jwt_validations_total",
             &[("result", "rejected"), ("reason", "bad_signature")]
-        )
-        .unwrap_or(0.0)
-            >= 2.0,
+        ),
+        2.0,
+        "{b}"
+    );
+    assert_eq!(
+        delta("mesh_jwt_validations_total", &[("result", "rejected")]),
+        2.0,
+        "{b}"
+    );
+    assert_eq!(
+        delta("mesh_jwt_validations_total", &[("result", "accepted")]),
+        2.0,
         "{b}"
     );
 
