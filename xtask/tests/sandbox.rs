@@ -202,6 +202,27 @@ fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// Polls `value` for up to thirty seconds until it equals `expected`; fails with the
+/// last value seen.
+fn eventually_eq<T: PartialEq + std::fmt::Debug>(
+    what: &str,
+    expected: T,
+    mut value: impl FnMut() -> T,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = value();
+        if seen == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for: {what}: expected {expected:?}, last seen {seen:?}"
+        );
+        sleep(Duration::from_millis(200));
+    }
+}
+
 /// The sandbox is machine-wide: one test at a time owns it, and tears it down even when
 /// an assertion fails half-way.
 struct Sandbox {
@@ -1062,8 +1083,8 @@ fn traffic_between_nodes_is_mutual_tls_1_3_and_bad_peers_are_refused() {
         )
         .unwrap_or(0.0)
     };
-    eventually("node-b counts the one refused handshake", || {
-        refused("no_certificate") == 1.0
+    eventually_eq("node-b counts the one refused handshake", 1.0, || {
+        refused("no_certificate")
     });
 
     // Metrics name both principals and the mTLS policy.
@@ -1082,12 +1103,12 @@ fn traffic_between_nodes_is_mutual_tls_1_3_and_bad_peers_are_refused() {
         ("connection_security_policy", "mutual_tls"),
     ];
     // Two connections from client-a to web-b: the marker request and the download.
-    eventually("mTLS labels on node-b", || {
+    eventually_eq("mTLS labels on node-b", Some(2.0), || {
         sample(
             &metrics("node-b"),
             "istio_tcp_connections_closed_total",
             &server_side,
-        ) == Some(2.0)
+        )
     });
 
     // meshctl certs lists the identities of each node.
@@ -2132,7 +2153,10 @@ spec:
     )
 }
 
-/// Sends `size` random bytes to `address`, half-closes, and reads the echo to its end.
+/// Sends `size` random bytes to `address`, reads their echo, half-closes once it is
+/// all back, and reads to the end (the server's FIN). The client's FIN comes after the
+/// agent has settled how the flow is carried (no byte passes before), so a same-node
+/// flow is spliced whatever its size.
 fn echo_round_trip(address: &str, size: usize) -> String {
     let (host, port) = address.split_once(':').expect("host:port");
     in_pod(
@@ -2146,10 +2170,11 @@ got = []
 def read():
     while chunk := s.recv(1 << 16):
         got.append(chunk)
+        if sum(map(len, got)) == len(data):
+            s.shutdown(socket.SHUT_WR)
 reader = threading.Thread(target=read)
 reader.start()
 s.sendall(data)
-s.shutdown(socket.SHUT_WR)
 reader.join()
 print('intact' if b''.join(got) == data else 'corrupted')
 \""
@@ -2172,11 +2197,31 @@ fn same_node_flows_are_spliced_in_the_kernel() {
         )
         .unwrap_or(0.0)
     };
+    // client-a's connections to `echo`, from node-a's metrics: closed, and the bytes
+    // client-a sent and received, as client-a's socket (source) and the echo's
+    // (destination) report them.
+    let echo_flows = |echo: &str| {
+        let m = metrics("node-a");
+        let mut seen = Vec::new();
+        for reporter in ["source", "destination"] {
+            let labels = [
+                ("reporter", reporter),
+                ("source_workload", "client-a"),
+                ("destination_workload", echo),
+            ];
+            for name in [
+                "istio_tcp_connections_closed_total",
+                "istio_tcp_sent_bytes_total",
+                "istio_tcp_received_bytes_total",
+            ] {
+                seen.push(total(&m, name, &labels) as u64);
+            }
+        }
+        seen
+    };
     let (spliced, copied) = (carried("spliced"), carried("copied"));
 
-    // Bytes both ways, each direction ended by its own FIN, intact whatever the size. (A
-    // client that has sent everything and closed before the agent pairs the sockets —
-    // likely with small payloads — is copied instead; 3 MiB cannot be sent that fast.)
+    // Bytes both ways, each direction ended by its own FIN, intact whatever the size.
     let echo_spliced = format!("{}:9000", pod_ip(&status, "echo-spliced"));
     for size in [1, 70_000, 3 << 20] {
         assert_eq!(
@@ -2191,16 +2236,31 @@ fn same_node_flows_are_spliced_in_the_kernel() {
         download_digest("client-a", &format!("http://{web_a}:8080/blob")),
         sha256_of_file("/run/mesh-sandbox/pods/demo-web-a/blob")
     );
-    let spliced_now = carried("spliced");
-    assert!(spliced_now >= spliced + 2.0, "spliced in the kernel");
-    assert!(carried("copied") <= copied + 2.0);
+    // All four spliced in the kernel (counted as each ends), none copied.
+    eventually_eq("node-a counts four spliced flows", spliced + 4.0, || {
+        carried("spliced")
+    });
+    assert_eq!(carried("copied"), copied, "none copied");
+    let bytes = (1 + 70_000 + (3 << 20)) as u64;
+    eventually_eq(
+        "node-a reports the spliced echoes' bytes",
+        vec![3, bytes, bytes, 3, bytes, bytes],
+        || echo_flows("echo-spliced"),
+    );
 
     // A pod labelled mesh/splice: "false" has its flows copied by the agent instead.
     let echo_copied = format!("{}:9000", pod_ip(&status, "echo-copied"));
-    let copied_before = carried("copied");
     assert_eq!(echo_round_trip(&echo_copied, 3 << 20), "intact");
-    assert!(carried("copied") >= copied_before + 1.0);
-    assert_eq!(carried("spliced"), spliced_now);
+    eventually_eq("node-a counts one copied flow", copied + 1.0, || {
+        carried("copied")
+    });
+    assert_eq!(carried("spliced"), spliced + 4.0);
+    let bytes = (3 << 20) as u64;
+    eventually_eq(
+        "node-a reports the copied echo's bytes",
+        vec![1, bytes, bytes, 1, bytes, bytes],
+        || echo_flows("echo-copied"),
+    );
 }
 
 /// A watcher on a pod's eth0 (sniff.py), capturing by the time `sniff` returns.
