@@ -101,10 +101,15 @@ fn pod_ip(status: &serde_json::Value, name: &str) -> String {
         .to_owned()
 }
 
-/// The value of the sample of `name` whose labels include every `labels` pair.
+/// The value of the sample of `name` whose labels include every `labels` pair (none: a
+/// sample without labels too).
 fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     metrics.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+        let rest = line.strip_prefix(name)?;
+        if let Some(value) = rest.strip_prefix(' ') {
+            return labels.is_empty().then(|| value.trim().parse().ok())?;
+        }
+        let rest = rest.strip_prefix('{')?;
         let (set, value) = rest.rsplit_once("} ")?;
         labels
             .iter()
@@ -467,52 +472,82 @@ fn sandbox_mesh_end_to_end() {
         "{workloads}"
     );
     let status = agent_status("node-a");
-    assert!(status["generation"].as_u64().is_some_and(|g| g >= 1));
     assert_eq!(status["enrolled"].as_object().expect("enrolled").len(), 2);
     assert!(status["last_error"].is_null());
-
-    // A broken configuration change is rejected; the last good one keeps serving.
-    let config = Path::new("/run/mesh-sandbox/config");
+    // Two local pods on each node, enrolled.
+    for node in ["node-a", "node-b"] {
+        assert_eq!(
+            sample(&metrics(node), "mesh_enrolled_pods", &[]),
+            Some(2.0),
+            "{node}"
+        );
+    }
+    // How many loads the sandbox's start made depends on when the agent polled its
+    // directory; from here on each change is one load, and every applied load is one
+    // generation (metric and status alike).
     let generation = status["generation"].as_u64().expect("generation");
-    std::fs::write(
-        config.join("zz-broken.yaml"),
+    assert!(generation >= 1, "{status}");
+    let reloads = |generation: u64, rejected: u64| {
+        let m = metrics("node-a");
+        (
+            agent_status("node-a")["generation"].as_u64(),
+            sample(&m, "mesh_config_generation", &[]),
+            sample(&m, "mesh_config_reloads_total", &[("result", "success")]),
+            sample(&m, "mesh_config_reloads_total", &[("result", "rejected")]).unwrap_or(0.0),
+        ) == (
+            Some(generation),
+            Some(generation as f64),
+            Some(generation as f64),
+            rejected as f64,
+        )
+    };
+    assert!(reloads(generation, 0), "{}", metrics("node-a"));
+
+    // A broken configuration change is rejected; the last good one keeps serving. (Files
+    // appear whole, renamed into the directory: the agent never reads one half-written.)
+    let config = Path::new("/run/mesh-sandbox/config");
+    let put = |name: &str, text: &str| {
+        let staged = Path::new("/run/mesh-sandbox").join(format!("{name}.staged"));
+        std::fs::write(&staged, text).expect("write");
+        std::fs::rename(&staged, config.join(name)).expect("rename");
+    };
+    put(
+        "zz-broken.yaml",
         "apiVersion: v1\nkind: Pod\nmetadata: {name: x\n",
-    )
-    .expect("write");
+    );
     eventually("the agent reports the broken file", || {
         agent_status("node-a")["last_error"]
             .as_str()
             .is_some_and(|e| e.contains("zz-broken.yaml") && e.contains("YAML syntax"))
     });
-    assert_eq!(
-        agent_status("node-a")["generation"].as_u64(),
-        Some(generation)
+    assert!(
+        reloads(generation, 1),
+        "one rejected load, the generation kept: {}",
+        metrics("node-a")
     );
-    assert!(sample(
-        &metrics("node-a"),
-        "mesh_config_reloads_total",
-        &[("result", "rejected")]
-    )
-    .is_some_and(|n| n >= 1.0));
     assert_eq!(
         download_digest("client-a", &format!("http://{web_b}:8080/blob")),
         web_b_blob
     );
     std::fs::remove_file(config.join("zz-broken.yaml")).expect("remove");
-    std::fs::write(
-        config.join("zz-unknown.yaml"),
+    eventually("the configuration without the broken file applies", || {
+        reloads(generation + 1, 1) && agent_status("node-a")["last_error"].is_null()
+    });
+    put(
+        "zz-unknown.yaml",
         "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w, namespace: demo}\n",
-    )
-    .expect("write");
+    );
     eventually("the agent names the unknown kind and its object", || {
         agent_status("node-a")["last_error"]
             .as_str()
             .is_some_and(|e| e.contains("Widget demo/w: unknown kind Widget"))
     });
+    assert!(reloads(generation + 1, 2), "{}", metrics("node-a"));
     std::fs::remove_file(config.join("zz-unknown.yaml")).expect("remove");
     eventually("a good configuration clears the error", || {
         agent_status("node-a")["last_error"].is_null()
     });
+    assert!(reloads(generation + 2, 2), "{}", metrics("node-a"));
 
     // apply adds a pod and a Service the mesh serves at once; delete takes them away.
     let extra = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sandbox-test-extra.yaml");
