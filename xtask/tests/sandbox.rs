@@ -1704,6 +1704,17 @@ fn meshctl_uninstall_leaves_the_node_as_it_was_once_the_agent_is_stopped() {
         "no agent, no bypass: the capture has no listener"
     );
 
+    // The maps pinned on node-a: the layout's eleven (mesh-ebpf's `pinned` maps; the
+    // splice maps are the agent's own and go with it).
+    let bpffs = Path::new("/sys/fs/bpf/mesh-sandbox/node-a");
+    let pinned_maps: std::collections::BTreeSet<String> = std::fs::read_dir(bpffs)
+        .expect("node-a's bpffs")
+        .flatten()
+        .filter(|dir| dir.file_name().to_string_lossy().starts_with("maps-v"))
+        .flat_map(|dir| std::fs::read_dir(dir.path()).expect("maps").flatten())
+        .map(|map| map.path().display().to_string())
+        .collect();
+    assert_eq!(pinned_maps.len(), 11, "{pinned_maps:?}");
     let removed: serde_json::Value =
         serde_json::from_str(&on_node("node-a", &["meshctl", "uninstall", "-o", "json"]))
             .expect("JSON");
@@ -1713,10 +1724,13 @@ fn meshctl_uninstall_leaves_the_node_as_it_was_once_the_agent_is_stopped() {
         6,
         "{removed}"
     );
-    assert!(
-        removed["maps"].as_array().expect("maps").len() >= 10,
-        "{removed}"
-    );
+    let removed_maps: std::collections::BTreeSet<String> = removed["maps"]
+        .as_array()
+        .expect("maps")
+        .iter()
+        .map(|m| m.as_str().expect("path").to_owned())
+        .collect();
+    assert_eq!(removed_maps, pinned_maps, "{removed}");
     assert_eq!(removed["rules"], 1, "{removed}");
     assert_eq!(removed["routes_flushed"], true, "{removed}");
     assert_eq!(removed["left"], serde_json::json!([]), "{removed}");
