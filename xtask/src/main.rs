@@ -138,6 +138,10 @@ enum SandboxCommand {
     },
     /// Stop a node's agent for good: it drains and exits, and is not started again.
     StopAgent { node: String },
+    /// Kill the mesh CA (agents keep their certificates and retry renewals).
+    StopCa,
+    /// Start the mesh CA again after stop-ca: same root, tokens and certificate lifetime.
+    StartCa,
     /// Run an agent command line and keep one running (the sandbox's DaemonSet; started
     /// by `sandbox up`).
     #[command(hide = true)]
@@ -282,6 +286,8 @@ fn dispatch(cli: Cli) -> Result<()> {
                     sandbox::restart_agent(&node, graceful)
                 }
                 SandboxCommand::StopAgent { node } => sandbox::stop_agent(&node),
+                SandboxCommand::StopCa => sandbox::stop_ca(),
+                SandboxCommand::StartCa => sandbox::start_ca_again(),
                 SandboxCommand::Supervise { pid_file, agent } => {
                     supervise::supervise(&pid_file, &agent)
                 }

@@ -100,6 +100,10 @@ pub struct SandboxState {
     /// The trace collector, once started.
     #[serde(default)]
     pub jaeger: Option<JaegerState>,
+    /// The lifetime of the certificates the CA issues (`MESH_SANDBOX_CERT_TTL` at `up`),
+    /// kept for `start-ca`.
+    #[serde(default)]
+    pub cert_ttl: Option<String>,
 }
 
 fn state_path() -> PathBuf {
@@ -435,8 +439,8 @@ pub fn up(config: &Path, source: ConfigSource) -> Result<()> {
     )?);
     state.save()?;
     // On the API source the CA learns which pods run where from the API, as agents do.
-    let kubeconfig = state.api().map(|api| api.agent_kubeconfig.clone());
-    start_ca(&agent, &cgroups, &state, kubeconfig.as_deref())?;
+    state.cert_ttl = Some(std::env::var(CERT_TTL_VARIABLE).unwrap_or_else(|_| "1h".into()));
+    start_ca(&agent, &cgroups, &state)?;
     state.jaeger = Some(jaeger::start(Path::new(RUN_DIR), &cgroups)?);
     state.save()?;
     // Nodes first, so that the agents start with their own address known.
@@ -807,12 +811,7 @@ fn path_with_binaries() -> String {
 /// Starts the mesh CA in its own namespace on the nodes' network, with one bootstrap
 /// token per node, on the configuration directory or, given a kubeconfig, the API, and
 /// waits until it serves.
-fn start_ca(
-    binary: &Path,
-    cgroups: &Path,
-    state: &SandboxState,
-    kubeconfig: Option<&Path>,
-) -> Result<()> {
+fn start_ca(binary: &Path, cgroups: &Path, state: &SandboxState) -> Result<()> {
     join_fabric(CA_NETNS, "upca", Ipv4Addr::new(10, 200, 0, 254))?;
     let dir = ca_dir();
     fs::create_dir_all(&dir)?;
@@ -823,9 +822,17 @@ fn start_ca(
         tokens.push_str(&format!("{} {token}\n", node.name));
     }
     fs::write(dir.join("tokens"), tokens)?;
+    run_ca(binary, cgroups, state)
+}
+
+/// Starts the CA daemon on the state `start_ca` prepared (its root, kept in its state
+/// directory, and the nodes' tokens) and waits until it serves.
+fn run_ca(binary: &Path, cgroups: &Path, state: &SandboxState) -> Result<()> {
+    let dir = ca_dir();
+    let kubeconfig = state.api().map(|api| api.agent_kubeconfig.clone());
     let cgroup = cgroups.join("ca");
     fs::create_dir_all(&cgroup)?;
-    let ttl = std::env::var(CERT_TTL_VARIABLE).unwrap_or_else(|_| "1h".into());
+    let ttl = state.cert_ttl.clone().unwrap_or_else(|| "1h".into());
     let mut command = Command::new(binary);
     command
         .args(["ca", "--listen", CA_ADDRESS, "--cert-ttl", &ttl])
@@ -835,7 +842,7 @@ fn start_ca(
         .arg(dir.join("tokens"))
         .arg("--config-dir")
         .arg(config_dir());
-    if let Some(kubeconfig) = kubeconfig {
+    if let Some(kubeconfig) = &kubeconfig {
         command
             .args(["--config-source", "kube", "--kubeconfig"])
             .arg(kubeconfig);
@@ -1481,6 +1488,35 @@ pub fn restart_agent(node: &str, graceful: bool) -> Result<()> {
         }
         std::thread::sleep(supervise::TICK);
     }
+}
+
+/// Stops the mesh CA (kills it, as a lost CA node would): agents keep their certificates
+/// and fail to renew them until `start-ca`.
+pub fn stop_ca() -> Result<()> {
+    SandboxState::load()?;
+    let cgroup = cgroup_root()?.join("ca");
+    let running = |cgroup: &Path| {
+        fs::read_to_string(cgroup.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+    };
+    if !running(&cgroup) {
+        bail!("the mesh CA is not running");
+    }
+    kill_cgroup(&cgroup);
+    if running(&cgroup) {
+        bail!("the mesh CA did not stop");
+    }
+    Ok(())
+}
+
+/// Starts the mesh CA again after `stop-ca`, with the same root, tokens and certificate
+/// lifetime, and waits until it serves.
+pub fn start_ca_again() -> Result<()> {
+    let state = SandboxState::load()?;
+    let cgroups = cgroup_root()?;
+    if fs::read_to_string(cgroups.join("ca/cgroup.procs")).is_ok_and(|p| !p.trim().is_empty()) {
+        bail!("the mesh CA is already running");
+    }
+    run_ca(&release_binaries().join("mesh-agent"), &cgroups, &state)
 }
 
 /// Stops a node's agent for good (its supervisor asks it to drain, then leaves), as

@@ -6,7 +6,8 @@
 #                             (a new one only when the server says `connection: close`);
 #                             at the end, how many succeeded, failed, succeeded since
 #                             the last failure, and connections used
-# Prints "started" once the first exchange succeeded, so the caller knows traffic flows.
+# Prints "started" once the first exchange succeeded, so the caller knows traffic flows;
+# exits with 1 if none did within 30 s.
 import hashlib, http.client, json, os, socket, sys, threading, time, urllib.parse
 
 mode = sys.argv[1]
@@ -36,7 +37,12 @@ if mode == "echo":
         sent.update(chunk)
         counts["sent"] += len(chunk)
         if first:
+            deadline = time.monotonic() + 30
             while counts["received"] < len(chunk):
+                if time.monotonic() > deadline:
+                    print(f"no echo of the first {len(chunk)} bytes within 30 s "
+                          f"(got {counts['received']})", file=sys.stderr, flush=True)
+                    os._exit(1)
                 time.sleep(0.01)
             started()
             first = False
@@ -51,7 +57,11 @@ elif mode == "http":
     announced = False
     connection = None
     stop_seen = None
+    start_deadline = time.monotonic() + 30
     while True:
+        if not announced and time.monotonic() > start_deadline:
+            print(f"no request succeeded within 30 s: {errors[:5]}", file=sys.stderr, flush=True)
+            sys.exit(1)
         if os.path.exists(stop):
             stop_seen = stop_seen or time.monotonic()
             # Until a request succeeds after the last failure, for 30 s at most.
