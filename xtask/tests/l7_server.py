@@ -5,6 +5,7 @@
 #   /flaky/<key>          answers 500 on every other request of <key> (first one fails)
 #   /failon/<pod>         answers 503 when this pod is <pod>, 200 otherwise
 #   /seen                 how many requests with each Host this pod has served
+#   /connections          how many connections this pod has been sent requests on
 import collections, json, os, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -12,6 +13,7 @@ POD = os.environ.get("POD_NAME", "unknown")
 lock = threading.Lock()
 flaky = collections.Counter()
 hosts = collections.Counter()
+peers = set()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -27,6 +29,7 @@ class Handler(BaseHTTPRequestHandler):
         status = 200
         with lock:
             hosts[self.headers.get("host", "")] += 1
+            peers.add(self.client_address)
         if parts[0] == "status" and len(parts) > 1:
             status = int(parts[1])
         elif parts[0] == "delay" and len(parts) > 1:
@@ -41,6 +44,9 @@ class Handler(BaseHTTPRequestHandler):
         if parts[0] == "seen":
             with lock:
                 reply = dict(hosts)
+        elif parts[0] == "connections":
+            with lock:
+                reply = {"connections": len(peers)}
         else:
             reply = {
                 "pod": POD,

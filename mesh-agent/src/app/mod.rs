@@ -263,6 +263,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         },
         state: shared.clone(),
         complete: certificates_ready.clone(),
+        metrics: metrics.clone(),
     };
     let status = Arc::new(Mutex::new(AgentStatus {
         node: options.node.clone(),

@@ -1164,17 +1164,29 @@ fn enforced(kind: &str) -> &'static [&'static str] {
             "trafficPolicy.connectionPool.http.http1MaxPendingRequests",
             "trafficPolicy.connectionPool.http.http2MaxRequests",
             "trafficPolicy.connectionPool.http.maxRetries",
+            "trafficPolicy.connectionPool.tcp.connectTimeout",
+            "trafficPolicy.connectionPool.tcp.tcpKeepalive",
+            "trafficPolicy.connectionPool.http.maxRequestsPerConnection",
+            "trafficPolicy.connectionPool.http.idleTimeout",
             "trafficPolicy.portLevelSettings[].port",
             "trafficPolicy.portLevelSettings[].outlierDetection",
             "trafficPolicy.portLevelSettings[].connectionPool.tcp.maxConnections",
             "trafficPolicy.portLevelSettings[].connectionPool.http.http1MaxPendingRequests",
             "trafficPolicy.portLevelSettings[].connectionPool.http.http2MaxRequests",
             "trafficPolicy.portLevelSettings[].connectionPool.http.maxRetries",
+            "trafficPolicy.portLevelSettings[].connectionPool.tcp.connectTimeout",
+            "trafficPolicy.portLevelSettings[].connectionPool.tcp.tcpKeepalive",
+            "trafficPolicy.portLevelSettings[].connectionPool.http.maxRequestsPerConnection",
+            "trafficPolicy.portLevelSettings[].connectionPool.http.idleTimeout",
             "subsets[].trafficPolicy.outlierDetection",
             "subsets[].trafficPolicy.connectionPool.tcp.maxConnections",
             "subsets[].trafficPolicy.connectionPool.http.http1MaxPendingRequests",
             "subsets[].trafficPolicy.connectionPool.http.http2MaxRequests",
             "subsets[].trafficPolicy.connectionPool.http.maxRetries",
+            "subsets[].trafficPolicy.connectionPool.tcp.connectTimeout",
+            "subsets[].trafficPolicy.connectionPool.tcp.tcpKeepalive",
+            "subsets[].trafficPolicy.connectionPool.http.maxRequestsPerConnection",
+            "subsets[].trafficPolicy.connectionPool.http.idleTimeout",
         ],
         "ServiceEntry" => &[
             "hosts",
@@ -1520,6 +1532,31 @@ spec:
         assert!(
             unenforced > 0,
             "reported as not enforced until the router uses it"
+        );
+    }
+
+    #[test]
+    fn connection_pool_settings_are_reported_unenforced_only_where_they_are() {
+        let messages = load(&format!(
+            "{SERVICE}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: web, namespace: shop}}
+spec:
+  host: web
+  trafficPolicy:
+    connectionPool:
+      tcp: {{maxConnections: 10, connectTimeout: 250ms, tcpKeepalive: {{time: 30s}}, maxConnectionDuration: 1h}}
+      http: {{maxRequestsPerConnection: 1, idleTimeout: 5s, h2UpgradePolicy: UPGRADE}}
+"
+        ));
+        assert_eq!(
+            messages,
+            vec![
+                "test.yaml:15: warning: DestinationRule shop/web: spec.trafficPolicy.connectionPool.http: parsed but not enforced yet by this version of the mesh",
+                "test.yaml:14: warning: DestinationRule shop/web: spec.trafficPolicy.connectionPool.tcp: parsed but not enforced yet by this version of the mesh",
+            ],
+            "only http.h2UpgradePolicy and tcp.maxConnectionDuration, summarised"
         );
     }
 

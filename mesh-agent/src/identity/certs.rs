@@ -19,6 +19,7 @@ use crate::{
         tls::Identities,
     },
     model::SharedState,
+    telemetry::metrics::Metrics,
 };
 
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
@@ -30,6 +31,7 @@ pub struct CertManager {
     pub state: SharedState,
     /// Every local identity has a certificate.
     pub complete: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -138,7 +140,9 @@ impl CertManager {
                 self.identities.remove(id);
             }
             for id in pass.request {
-                match self.issue(&id).await {
+                let issued = self.issue(&id).await;
+                self.metrics.certificate_requested(issued.is_ok());
+                match issued {
                     Ok(()) => {
                         retries.remove(&id);
                     }

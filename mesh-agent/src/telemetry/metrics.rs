@@ -105,6 +105,11 @@ struct ReasonLabels {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
 /// Flows older than this are labelled with what is known even if the proxy's record of
 /// them never appears (a connection the agent did not carry).
 const LABEL_WAIT: Duration = Duration::from_secs(2);
@@ -145,6 +150,7 @@ pub struct Metrics {
     config_reloads: Family<ReloadLabels, Counter>,
     tunnel_refusals: Family<ReasonLabels, Counter>,
     connection_refusals: Family<ReasonLabels, Counter>,
+    certificate_requests: Family<ResultLabels, Counter>,
     authz_decisions: Family<AuthzLabels, Counter>,
     jwt_validations: Family<JwtLabels, Counter>,
     carried: Family<CarriedLabels, Counter>,
@@ -208,6 +214,7 @@ impl Metrics {
         let config_reloads = Family::<ReloadLabels, Counter>::default();
         let tunnel_refusals = Family::<ReasonLabels, Counter>::default();
         let connection_refusals = Family::<ReasonLabels, Counter>::default();
+        let certificate_requests = Family::<ResultLabels, Counter>::default();
         let authz_decisions = Family::<AuthzLabels, Counter>::default();
         let jwt_validations = Family::<JwtLabels, Counter>::default();
         let carried = Family::<CarriedLabels, Counter>::default();
@@ -248,6 +255,11 @@ impl Metrics {
             "mesh_config_reloads",
             "Configuration loads, by result (rejected ones leave the last good configuration serving)",
             config_reloads.clone(),
+        );
+        registry.register(
+            "mesh_certificate_requests",
+            "Certificate signing requests this agent made to the CA, by result (issued, failed: the certificate in hand stays in use until it expires)",
+            certificate_requests.clone(),
         );
         registry.register(
             "mesh_tunnel_refusals",
@@ -324,6 +336,7 @@ impl Metrics {
             config_reloads,
             tunnel_refusals,
             connection_refusals,
+            certificate_requests,
             authz_decisions,
             jwt_validations,
             carried,
@@ -361,6 +374,14 @@ impl Metrics {
             .get_or_create(&labels)
             .set(i64::from(capacity));
         self.map_refused.get_or_create(&labels).set(gauge(refused));
+    }
+
+    /// Counts a certificate request to the CA by whether it was issued.
+    pub fn certificate_requested(&self, issued: bool) {
+        let result = if issued { "issued" } else { "failed" };
+        self.certificate_requests
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     pub fn tunnel_refused(&self, reason: &str) {
