@@ -2657,6 +2657,79 @@ fn routed_requests_follow_the_destination_rules_connection_settings() {
 }
 
 #[test]
+fn tcp_flows_to_a_service_follow_its_connection_pool() {
+    let _sandbox = Sandbox::up();
+    let echo = "10.96.0.10:9000";
+    eventually("echo answers through its Service", || {
+        tcp_echo("client-a", echo) == "ping"
+    });
+    kubectl(
+        "apply",
+        "echo-pool",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+         metadata: {name: echo, namespace: demo}\nspec:\n  host: echo\n  trafficPolicy:\n    \
+         connectionPool: {tcp: {maxConnections: 1, idleTimeout: 2s}}\n",
+    );
+    // One connection held: a second is refused at once; the held one lives while it
+    // talks, and is closed once idle for 2 s, which frees its place.
+    let script = "
+import json, socket, time
+def echo(s):
+    s.sendall(b'ping')
+    return s.recv(16).decode() or 'closed'
+def attempt(f):
+    try:
+        return f()
+    except OSError as e:
+        return type(e).__name__
+connect = lambda: socket.create_connection(('10.96.0.10', 9000), timeout=5)
+out = {}
+held = connect()
+out['held'] = attempt(lambda: echo(held))
+out['over'] = attempt(lambda: echo(connect()))
+out['talking'] = []
+for _ in range(8):
+    time.sleep(0.5)
+    out['talking'].append(attempt(lambda: echo(held)))
+time.sleep(3.5)
+out['idle'] = attempt(lambda: echo(held))
+out['after'] = attempt(lambda: echo(connect()))
+print(json.dumps(out))
+";
+    let refused = || {
+        sample(
+            &metrics("node-a"),
+            "mesh_connections_refused_total",
+            &[("reason", "max_connections")],
+        )
+        .unwrap_or(0.0)
+    };
+    eventually("maxConnections applies", || {
+        let before = refused();
+        let out: serde_json::Value =
+            serde_json::from_str(&in_pod("client-a", &format!("python3 -c \"{script}\"")))
+                .expect("JSON");
+        if out["over"] == "ping" {
+            return false;
+        }
+        assert!(
+            ["ConnectionResetError", "BrokenPipeError"]
+                .contains(&out["over"].as_str().unwrap_or("")),
+            "{out}"
+        );
+        assert_eq!(out["held"], "ping", "{out}");
+        assert_eq!(out["talking"], serde_json::json!(vec!["ping"; 8]), "{out}");
+        assert!(
+            ["closed", "ConnectionResetError"].contains(&out["idle"].as_str().unwrap_or("")),
+            "closed after 2 s idle: {out}"
+        );
+        assert_eq!(out["after"], "ping", "{out}");
+        assert_eq!(refused(), before + 1.0, "the refusal is counted");
+        true
+    });
+}
+
+#[test]
 fn virtual_services_route_requests_in_the_source_agent() {
     let _sandbox = Sandbox::up();
     kubectl("apply", "reviews-v1", &reviews_pod("v1", "node-a"));

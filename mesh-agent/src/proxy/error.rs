@@ -24,6 +24,10 @@ pub enum ProxyError {
     Stream(#[from] h2::Error),
     #[error("serving HTTP")]
     Http(#[from] hyper::Error),
+    #[error("{cluster}: over its connectionPool.tcp.maxConnections")]
+    PoolOverflow { cluster: String },
+    #[error("closed by the agent: {0}")]
+    Ended(&'static str),
 }
 
 impl ProxyError {

@@ -4,25 +4,31 @@
 //! HBONE to the destination's node, straight to an endpoint outside the mesh, or reset
 //! when the destination's policies refuse it.
 
-use std::{net::SocketAddrV4, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddrV4,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     http::accept_loop,
     identity::spiffe::SpiffeId,
+    model::circuit::{Permit, PoolLimits},
     proxy::{
         copy::{copy_streams, copy_to_tunnel, Counted},
         deliver::{self, Downstream},
         error::ProxyError,
         limits::PerSource,
-        plan::{plan_outbound, Carry, Route, TunnelRequest},
+        plan::{plan_outbound, Carry, Route, TcpPool, TunnelRequest},
         requests::Exchange,
         router, socket, Proxy,
     },
     telemetry::{
         conns::flow_key,
-        result::{Carried, ConnResult, Side},
+        result::{ByteCounts, Carried, ConnResult, Side},
     },
 };
 
@@ -123,21 +129,48 @@ async fn carry_out(
     {
         proxy.guard.count(decision, "connection", arrival);
     }
+    // A DestinationRule's connectionPool: the connection counts against the source pod's
+    // `tcp.maxConnections` to the cluster while it lasts, and the agent watches it.
+    let limits = plan
+        .pool
+        .as_ref()
+        .map_or_else(PoolLimits::default, |p| p.limits);
+    let _connection = match &plan.pool {
+        Some(pool) if !matches!(plan.route, Route::Deny { .. }) => {
+            match admit_connection(proxy, pool) {
+                Ok(permit) => Some(permit),
+                Err(err) => {
+                    reset(&client);
+                    return Err(err);
+                }
+            }
+        }
+        _ => None,
+    };
+    let watched = plan.pool.is_some();
+    let counts = result.bytes();
     match plan.route {
         Route::Deny { arrival } => {
             reset(&client);
             Err(ProxyError::Denied(arrival.describe()))
         }
         Route::Local { arrival, carry } => {
-            let upstream = deliver::dial(
+            let dialling = deliver::dial(
                 &arrival,
                 plan.service.clone(),
                 false,
                 Some(client_addr),
                 result,
-            )
-            .await?;
-            deliver::carry(
+            );
+            let upstream = within(&limits, plan.target, dialling).await?;
+            keep_alive(&upstream, &limits)?;
+            // The agent watches a flow a connectionPool applies to: the kernel would
+            // carry a spliced one out of its sight.
+            let carry = match carry {
+                Carry::Splice if watched => Carry::Copy,
+                carry => carry,
+            };
+            let carrying = deliver::carry(
                 proxy,
                 arrival,
                 carry,
@@ -149,12 +182,14 @@ async fn carry_out(
                     mutual_tls: false,
                 },
                 result,
-            )
-            .await
+            );
+            watch(carrying, watched && carry == Carry::Copy, counts, &limits).await
         }
         Route::Plaintext { arrival, carry } => {
-            let upstream = deliver::dial(&arrival, None, false, None, result).await?;
-            let carried = deliver::carry(
+            let dialling = deliver::dial(&arrival, None, false, None, result);
+            let upstream = within(&limits, plan.target, dialling).await?;
+            keep_alive(&upstream, &limits)?;
+            let carrying = deliver::carry(
                 proxy,
                 arrival,
                 carry,
@@ -166,8 +201,9 @@ async fn carry_out(
                     mutual_tls: false,
                 },
                 result,
-            )
-            .await;
+            );
+            let copied = matches!(carry, Carry::Copy | Carry::Splice);
+            let carried = watch(carrying, watched && copied, counts, &limits).await;
             if !matches!(carry, Carry::Http | Carry::Sniff) {
                 result.set_carried(Carried::Direct);
             }
@@ -183,27 +219,36 @@ async fn carry_out(
                 client: client_addr,
                 service: plan.service.clone(),
             };
-            let (send, recv) = match proxy
-                .pool
-                .open(
-                    agent,
-                    proxy.state.current().own_ip(),
-                    &source,
-                    &destination,
-                    &request,
-                )
-                .await
-            {
+            let opening = async {
+                let opened = proxy
+                    .pool
+                    .open(
+                        agent,
+                        proxy.state.current().own_ip(),
+                        &source,
+                        &destination,
+                        &request,
+                    )
+                    .await;
+                opened.map_err(ProxyError::from)
+            };
+            let (send, recv) = match within(&limits, plan.target, opening).await {
                 Ok(stream) => stream,
                 Err(err) => {
                     // Refused (policy) or unreachable: the client sees a reset.
                     reset(&client);
-                    return Err(err.into());
+                    return Err(err);
                 }
             };
             result.set_carried(Carried::Tunnel);
-            let mut client = Counted::client(client, result.bytes());
-            copy_to_tunnel(&mut client, send, recv).await
+            let mut client = Counted::client(client, counts.clone());
+            watch(
+                copy_to_tunnel(&mut client, send, recv),
+                watched,
+                counts,
+                &limits,
+            )
+            .await
         }
         Route::Routed { service, .. } => {
             result.set_carried(Carried::Routed);
@@ -218,16 +263,178 @@ async fn carry_out(
             .await
         }
         Route::Direct => {
-            let mut upstream =
+            let connecting = async {
                 socket::connect(plan.target)
                     .await
                     .map_err(|source| ProxyError::Connect {
                         target: plan.target,
                         source,
-                    })?;
+                    })
+            };
+            let mut upstream = within(&limits, plan.target, connecting).await?;
+            keep_alive(&upstream, &limits)?;
             result.set_carried(Carried::Direct);
-            let mut client = Counted::client(client, result.bytes());
-            copy_streams(&mut client, &mut upstream).await
+            let mut client = Counted::client(client, counts.clone());
+            watch(
+                copy_streams(&mut client, &mut upstream),
+                watched,
+                counts,
+                &limits,
+            )
+            .await
         }
+    }
+}
+
+/// A place in the source pod's `tcp.maxConnections` to the cluster, or the overflow,
+/// counted.
+fn admit_connection(proxy: &Proxy, pool: &TcpPool) -> Result<Permit, ProxyError> {
+    proxy
+        .budgets
+        .budget(&pool.key, &pool.limits)
+        .try_connection()
+        .map_err(|_| {
+            proxy.guard.metrics.connection_refused("max_connections");
+            ProxyError::PoolOverflow {
+                cluster: pool.key.cluster.clone(),
+            }
+        })
+}
+
+/// `connecting`, given up after the destination's `connectTimeout` (Istio's 10 s
+/// default without a DestinationRule).
+async fn within<T>(
+    limits: &PoolLimits,
+    target: SocketAddrV4,
+    connecting: impl Future<Output = Result<T, ProxyError>>,
+) -> Result<T, ProxyError> {
+    let limit = limits.connect_timeout;
+    tokio::time::timeout(limit, connecting)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ProxyError::Connect {
+                target,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection within the connect timeout of {limit:?}"),
+                ),
+            })
+        })
+}
+
+fn keep_alive(upstream: &TcpStream, limits: &PoolLimits) -> Result<(), ProxyError> {
+    if let Some(keepalive) = limits.tcp_keepalive {
+        socket::keep_alive(upstream, keepalive)?;
+    }
+    Ok(())
+}
+
+/// Why a watched flow ends before its peers end it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// No byte either way for `tcp.idleTimeout`.
+    Idle,
+    /// `tcp.maxConnectionDuration` reached.
+    Lasted,
+}
+
+/// Whether a flow that has carried `total` bytes, last seen moving at `moved`, ends
+/// `now`: idle for `limits.tcp_idle_timeout`, or older than `maxConnectionDuration`
+/// since `opened`.
+fn ending(limits: &PoolLimits, opened: Instant, moved: Instant, now: Instant) -> Option<Ending> {
+    if limits
+        .max_connection_duration
+        .is_some_and(|longest| now.duration_since(opened) >= longest)
+    {
+        return Some(Ending::Lasted);
+    }
+    limits
+        .tcp_idle_timeout
+        .is_some_and(|idle| now.duration_since(moved) >= idle)
+        .then_some(Ending::Idle)
+}
+
+/// How often a watched flow is looked at: a quarter of its shortest limit, so it ends
+/// within a quarter of that limit past it.
+fn watch_interval(limits: &PoolLimits) -> Option<Duration> {
+    let shortest = [limits.tcp_idle_timeout, limits.max_connection_duration]
+        .into_iter()
+        .flatten()
+        .min()?;
+    Some((shortest / 4).max(Duration::from_millis(50)))
+}
+
+/// Carries a TCP flow a connectionPool applies to (`watched`) until it ends, or until
+/// it has been idle for `tcp.idleTimeout` or lasted `maxConnectionDuration`, as Envoy's
+/// TCP proxy ends it: both sides are closed.
+async fn watch(
+    carrying: impl Future<Output = Result<(), ProxyError>>,
+    watched: bool,
+    counts: Arc<ByteCounts>,
+    limits: &PoolLimits,
+) -> Result<(), ProxyError> {
+    let Some(interval) = watch_interval(limits).filter(|_| watched) else {
+        return carrying.await;
+    };
+    let watching = async {
+        let opened = Instant::now();
+        let (mut seen, mut moved) = (counts.total(), opened);
+        loop {
+            tokio::time::sleep(interval).await;
+            let now = Instant::now();
+            let total = counts.total();
+            if total != seen {
+                (seen, moved) = (total, now);
+            }
+            if let Some(ending) = ending(limits, opened, moved, now) {
+                return ending;
+            }
+        }
+    };
+    tokio::select! {
+        carried = carrying => carried,
+        ending = watching => Err(ProxyError::Ended(match ending {
+            Ending::Idle => "idle for the destination's tcp.idleTimeout",
+            Ending::Lasted => "the destination's tcp.maxConnectionDuration reached",
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watched_flow_ends_when_idle_or_old_enough() {
+        let limits = PoolLimits {
+            tcp_idle_timeout: Some(Duration::from_secs(2)),
+            max_connection_duration: Some(Duration::from_secs(10)),
+            ..PoolLimits::default()
+        };
+        let opened = Instant::now();
+        let at = |secs: u64| opened + Duration::from_secs(secs);
+        assert_eq!(
+            ending(&limits, opened, at(1), at(2)),
+            None,
+            "moved a second ago"
+        );
+        assert_eq!(ending(&limits, opened, at(1), at(3)), Some(Ending::Idle));
+        assert_eq!(ending(&limits, opened, at(9), at(10)), Some(Ending::Lasted));
+        let forever = PoolLimits {
+            tcp_idle_timeout: None,
+            ..PoolLimits::default()
+        };
+        assert_eq!(
+            ending(&forever, opened, opened, at(86_400)),
+            None,
+            "0s: never"
+        );
+        assert_eq!(watch_interval(&forever), None, "nothing to watch");
+        assert_eq!(watch_interval(&limits), Some(Duration::from_millis(500)));
+        assert_eq!(
+            watch_interval(&PoolLimits::default()),
+            Some(Duration::from_secs(900)),
+            "Istio's one-hour default"
+        );
     }
 }

@@ -16,6 +16,7 @@ use mesh_common::TUNNEL_PORT;
 use crate::{
     identity::spiffe::SpiffeId,
     model::{
+        circuit::{BudgetKey, PoolLimits},
         lb::ActiveGuard,
         peerauth::Effective,
         routing::{choose_random, HostRoutes},
@@ -119,6 +120,32 @@ pub struct OutboundPlan {
     pub decision: Option<Decision>,
     /// Counts the connection as active on its endpoint (LEAST_REQUEST) while held.
     pub active: Option<ActiveGuard>,
+    /// The connection pool settings of the destination cluster of a TCP flow to a
+    /// Service, when a DestinationRule gives them.
+    pub pool: Option<TcpPool>,
+}
+
+/// A DestinationRule's `connectionPool` as a plain TCP flow to its cluster meets it: the
+/// source pod's budget there (`tcp.maxConnections`) and the limits.
+#[derive(Debug, Clone)]
+pub struct TcpPool {
+    pub key: BudgetKey,
+    pub limits: PoolLimits,
+}
+
+impl TcpPool {
+    /// The settings of `service`'s cluster (of `subset`) for a connection from `source`;
+    /// `None` when no DestinationRule gives it a `connectionPool`.
+    fn of(source: &Workload, service: &ServicePortState, subset: Option<&str>) -> Option<TcpPool> {
+        let cluster = service.cluster(subset)?;
+        Some(TcpPool {
+            key: BudgetKey {
+                source: source.key(),
+                cluster: cluster.name.clone(),
+            },
+            limits: cluster.limits?,
+        })
+    }
 }
 
 impl OutboundPlan {
@@ -177,6 +204,10 @@ pub fn plan_outbound(
         // incomplete (`SETTING_CAPTURE_UNKNOWN`), and they go on as they would have.
         Resolved::Unknown => (original_dst, None, None, None),
     };
+    let pool = state
+        .services
+        .get(&original_dst)
+        .and_then(|addressed| TcpPool::of(&source, addressed, None));
     let (route, decision) = plan_endpoint(
         state,
         settings,
@@ -193,6 +224,7 @@ pub fn plan_outbound(
         route,
         decision,
         active,
+        pool,
     })
 }
 
@@ -224,6 +256,7 @@ fn routed(
             },
             decision: None,
             active: None,
+            pool: None,
         }));
     }
     let Some(destination) = routes
@@ -259,6 +292,7 @@ fn routed(
                 route,
                 decision,
                 active: Some(guard),
+                pool: TcpPool::of(source, chosen, destination.subset.as_deref()),
             }))
         }
         Pick::Passthrough | Pick::None => Err(no_endpoints()),

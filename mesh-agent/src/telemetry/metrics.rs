@@ -268,7 +268,7 @@ impl Metrics {
         );
         registry.register(
             "mesh_connections_refused",
-            "Captured pod connections reset before any plan, by reason (source_limit: the pod holds its limit of concurrent connections)",
+            "Captured pod connections reset before they were carried, by reason (source_limit: the pod holds its limit of concurrent connections; max_connections: over its DestinationRule's connectionPool.tcp.maxConnections)",
             connection_refusals.clone(),
         );
         registry.register(

@@ -66,6 +66,11 @@ impl ByteCounts {
         self.sent.fetch_add(sent, Ordering::Relaxed);
         self.received.fetch_add(received, Ordering::Relaxed);
     }
+
+    /// Bytes either way so far.
+    pub fn total(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed) + self.received.load(Ordering::Relaxed)
+    }
 }
 
 /// Where a connection was seen: captured leaving a local pod, or arriving over HBONE.
