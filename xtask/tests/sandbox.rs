@@ -2994,8 +2994,23 @@ fn virtual_services_route_requests_in_the_source_agent() {
             .any(|l| l.contains("demo/reviews-v3") && l.contains("EJECTED")),
         "meshctl routes shows the ejection:\n{routes}"
     );
+    let ejections = || {
+        total(
+            &metrics("node-a"),
+            "mesh_outlier_ejections_total",
+            &[
+                ("cluster", "outbound|9080||reviews.demo.svc.cluster.local"),
+                ("reason", "consecutive_5xx"),
+            ],
+        )
+    };
+    assert_eq!(ejections(), 1.0, "the ejection is counted");
     eventually("the ejected endpoint returns and is ejected again", || {
         reviews("/failon/reviews-v3", 6, "{}", "keepalive").count("503 reviews-v3") >= 1
+    });
+    eventually("the second ejection is counted", || {
+        reviews("/failon/reviews-v3", 6, "{}", "keepalive");
+        ejections() == 2.0
     });
 
     // Connection pool limits: one connection and one pending request; of five concurrent

@@ -202,6 +202,17 @@ pub enum EjectionReason {
     ConsecutiveLocalOriginFailure,
 }
 
+impl EjectionReason {
+    /// Envoy's name of the ejection type, as serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EjectionReason::Consecutive5xx => "consecutive_5xx",
+            EjectionReason::ConsecutiveGatewayFailure => "consecutive_gateway_failure",
+            EjectionReason::ConsecutiveLocalOriginFailure => "consecutive_local_origin_failure",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Ejection {
     at: Instant,

@@ -497,6 +497,10 @@ impl Router {
                         endpoint.addr,
                         tracker.cluster()
                     );
+                    self.proxy
+                        .guard
+                        .metrics
+                        .outlier_ejected(tracker.cluster(), reason);
                 }
             }
             let mut again = retries_left && retries.retries(try_outcome) && body.can_resend();

@@ -23,7 +23,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::{
     datapath::ip_from_key,
-    model::{MeshState, SharedState, Workload},
+    model::{outlier::EjectionReason, MeshState, SharedState, Workload},
     telemetry::{
         access_log::LogWriters,
         conns::ConnTable,
@@ -106,6 +106,12 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EjectionLabels {
+    cluster: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -151,6 +157,7 @@ pub struct Metrics {
     tunnel_refusals: Family<ReasonLabels, Counter>,
     connection_refusals: Family<ReasonLabels, Counter>,
     certificate_requests: Family<ResultLabels, Counter>,
+    outlier_ejections: Family<EjectionLabels, Counter>,
     authz_decisions: Family<AuthzLabels, Counter>,
     jwt_validations: Family<JwtLabels, Counter>,
     carried: Family<CarriedLabels, Counter>,
@@ -215,6 +222,7 @@ impl Metrics {
         let tunnel_refusals = Family::<ReasonLabels, Counter>::default();
         let connection_refusals = Family::<ReasonLabels, Counter>::default();
         let certificate_requests = Family::<ResultLabels, Counter>::default();
+        let outlier_ejections = Family::<EjectionLabels, Counter>::default();
         let authz_decisions = Family::<AuthzLabels, Counter>::default();
         let jwt_validations = Family::<JwtLabels, Counter>::default();
         let carried = Family::<CarriedLabels, Counter>::default();
@@ -260,6 +268,11 @@ impl Metrics {
             "mesh_certificate_requests",
             "Certificate signing requests this agent made to the CA, by result (issued, failed: the certificate in hand stays in use until it expires)",
             certificate_requests.clone(),
+        );
+        registry.register(
+            "mesh_outlier_ejections",
+            "Endpoints ejected by outlier detection, by destination cluster and Envoy's ejection type (meshctl routes shows who is ejected now)",
+            outlier_ejections.clone(),
         );
         registry.register(
             "mesh_tunnel_refusals",
@@ -337,6 +350,7 @@ impl Metrics {
             tunnel_refusals,
             connection_refusals,
             certificate_requests,
+            outlier_ejections,
             authz_decisions,
             jwt_validations,
             carried,
@@ -374,6 +388,16 @@ impl Metrics {
             .get_or_create(&labels)
             .set(i64::from(capacity));
         self.map_refused.get_or_create(&labels).set(gauge(refused));
+    }
+
+    /// Counts an endpoint of `cluster` ejected by outlier detection.
+    pub fn outlier_ejected(&self, cluster: &str, reason: EjectionReason) {
+        self.outlier_ejections
+            .get_or_create(&EjectionLabels {
+                cluster: cluster.to_owned(),
+                reason: reason.as_str(),
+            })
+            .inc();
     }
 
     /// Counts a certificate request to the CA by whether it was issued.
