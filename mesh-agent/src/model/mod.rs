@@ -7,7 +7,9 @@ pub mod access_log;
 pub mod circuit;
 pub mod destination_policy;
 pub mod discovery;
+pub mod hashing;
 pub mod lb;
+pub mod locality;
 pub mod outlier;
 pub mod peerauth;
 pub mod ratelimit;
@@ -32,7 +34,9 @@ use crate::config::{ClusterConfig, Diagnostic, Pod, DEFAULT_ROOT_NAMESPACE};
 
 use self::{
     circuit::PoolLimits,
-    lb::{ActiveGuard, Balancer, LbPolicy, LbRegistry},
+    hashing::{RequestHash, RequestKeys},
+    lb::{ActiveGuard, Balancer, BalancerScope, LbPolicy, LbRegistry, LbSettings},
+    locality::{Locality, Placed},
     outlier::OutlierTracker,
     peerauth::WorkloadMtls,
     routing::RouteTable,
@@ -91,15 +95,32 @@ pub struct Endpoint {
     #[serde(skip)]
     pub workload: Option<Arc<Workload>>,
     pub labels: BTreeMap<String, String>,
+    /// Its node's (a WorkloadEntry's own `locality`).
+    pub locality: Locality,
+}
+
+impl Endpoint {
+    /// True when `selector`'s labels are all the endpoint's.
+    pub fn has_labels(&self, selector: &BTreeMap<String, String>) -> bool {
+        selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
 }
 
 /// A DestinationRule subset: the endpoints whose labels match, and its own policy.
 #[derive(Debug, Serialize)]
 pub struct SubsetState {
     pub labels: BTreeMap<String, String>,
-    pub policy: LbPolicy,
+    pub lb: LbSettings,
     #[serde(skip)]
     balancer: Balancer,
+}
+
+/// Where the clients of this agent are: its node's locality and labels (every pod it
+/// serves runs there).
+#[derive(Debug, Clone, Default)]
+pub struct ClientPlace {
+    pub locality: Locality,
+    pub labels: BTreeMap<String, String>,
 }
 
 /// What a DestinationRule asks of one cluster (the host, or one subset) on one port:
@@ -128,7 +149,7 @@ pub struct ServicePortState {
     pub http: bool,
     /// Declared HTTP/2 or gRPC: routed requests reach it over HTTP/2.
     pub http2: bool,
-    pub policy: LbPolicy,
+    pub lb: LbSettings,
     #[serde(skip)]
     balancer: Balancer,
     pub subsets: BTreeMap<String, SubsetState>,
@@ -158,24 +179,57 @@ impl ServicePortState {
         service: ServiceName,
         address: SocketAddrV4,
         endpoints: Vec<Endpoint>,
-        policy: LbPolicy,
-        subsets: BTreeMap<String, (BTreeMap<String, String>, LbPolicy)>,
+        lb: LbSettings,
+        subsets: BTreeMap<String, (BTreeMap<String, String>, LbSettings)>,
         balancers: &LbRegistry,
+        client: &ClientPlace,
     ) -> ServicePortState {
         let addresses: Vec<SocketAddrV4> = endpoints.iter().map(|e| e.addr).collect();
         let key = |subset: &str| format!("{}|{address}|{subset}", service.hostname);
+        // Endpoint labels with their node's topology labels, for `failoverPriority`.
+        let placed_labels: Vec<BTreeMap<String, String>> = endpoints
+            .iter()
+            .map(|e| {
+                let mut labels = e.labels.clone();
+                for (k, v) in e.locality.labels() {
+                    labels.insert(k.to_owned(), v.to_owned());
+                }
+                labels
+            })
+            .collect();
+        let balancer = |name: &str, lb: &LbSettings, members: Vec<usize>| {
+            let locality = lb.locality.as_ref().and_then(|settings| {
+                let placed: Vec<Placed> = members
+                    .iter()
+                    .map(|i| Placed {
+                        locality: &endpoints[*i].locality,
+                        labels: &placed_labels[*i],
+                    })
+                    .collect();
+                locality::plan(settings, &client.locality, &client.labels, &placed)
+            });
+            let scope = BalancerScope {
+                addresses: &addresses,
+                members,
+                locality,
+            };
+            balancers.balancer(key(name), lb, scope)
+        };
         let subsets = subsets
             .into_iter()
-            .map(|(subset, (labels, policy))| {
+            .map(|(subset, (labels, lb))| {
+                let members = (0..endpoints.len())
+                    .filter(|i| endpoints[*i].has_labels(&labels))
+                    .collect();
                 let state = SubsetState {
+                    balancer: balancer(&subset, &lb, members),
                     labels,
-                    policy,
-                    balancer: balancers.balancer(key(&subset), policy, &addresses),
+                    lb,
                 };
                 (subset, state)
             })
             .collect();
-        let balancer = balancers.balancer(key(""), policy, &addresses);
+        let balancer = balancer("", &lb, (0..endpoints.len()).collect());
         ServicePortState {
             namespace: service.namespace,
             name: service.name,
@@ -183,7 +237,7 @@ impl ServicePortState {
             cluster_ip: *address.ip(),
             port: address.port(),
             balancer,
-            policy,
+            lb,
             endpoints,
             http: false,
             http2: false,
@@ -197,53 +251,64 @@ impl ServicePortState {
         self.clusters.get(subset.unwrap_or_default())
     }
 
-    /// The endpoint for a new connection from `client`, in `subset` if one is named.
-    pub fn pick(&self, client: Ipv4Addr, subset: Option<&str>) -> Pick {
-        self.pick_where(client, subset, |_| true)
+    /// The load-balancing settings of `subset` (none: the host).
+    fn lb_of(&self, subset: Option<&str>) -> &LbSettings {
+        subset
+            .and_then(|s| self.subsets.get(s))
+            .map_or(&self.lb, |s| &s.lb)
     }
 
-    /// As [`pick`](Self::pick), but not one of `avoid` while another is eligible: a retry
-    /// goes to another endpoint when there is one (Istio's `previous_hosts` predicate).
-    /// Only endpoints `allowed` says yes to are eligible.
+    /// The endpoint for a new connection from `client`, in `subset` if one is named: a
+    /// connection hashes only on its source address.
+    pub fn pick(&self, client: Ipv4Addr, subset: Option<&str>) -> Pick {
+        let hash = self
+            .lb_of(subset)
+            .hash_key()
+            .and_then(|key| key.connection_hash(client));
+        self.pick_where(hash, subset, |_| true)
+    }
+
+    /// The consistent hash of a request to `subset` (or the host), when its policy hashes,
+    /// and the cookie to set when one was generated.
+    pub fn request_hash(&self, subset: Option<&str>, request: &RequestKeys) -> RequestHash {
+        self.lb_of(subset)
+            .hash_key()
+            .map(|key| key.request_hash(request))
+            .unwrap_or_default()
+    }
+
+    /// The endpoint for a request hashing to `hash` (see [`Self::request_hash`]), but not
+    /// one of `avoid` while another is eligible: a retry goes to another endpoint when
+    /// there is one (Istio's `previous_hosts` predicate). Only endpoints `allowed` says
+    /// yes to are eligible.
     pub fn pick_avoiding(
         &self,
-        client: Ipv4Addr,
+        hash: Option<u64>,
         subset: Option<&str>,
         avoid: &[SocketAddrV4],
         allowed: impl Fn(SocketAddrV4) -> bool,
     ) -> Pick {
-        match self.pick_where(client, subset, |addr| {
-            !avoid.contains(&addr) && allowed(addr)
-        }) {
-            Pick::None if !avoid.is_empty() => self.pick_where(client, subset, allowed),
+        match self.pick_where(hash, subset, |addr| !avoid.contains(&addr) && allowed(addr)) {
+            Pick::None if !avoid.is_empty() => self.pick_where(hash, subset, allowed),
             picked => picked,
         }
     }
 
     fn pick_where(
         &self,
-        client: Ipv4Addr,
+        hash: Option<u64>,
         subset: Option<&str>,
         allowed: impl Fn(SocketAddrV4) -> bool,
     ) -> Pick {
-        let addresses: Vec<SocketAddrV4> = self.endpoints.iter().map(|e| e.addr).collect();
-        let (balancer, labels) = match subset.map(|s| self.subsets.get(s)) {
-            Some(Some(subset)) => (&subset.balancer, Some(&subset.labels)),
+        let balancer = match subset.map(|s| self.subsets.get(s)) {
+            Some(Some(subset)) => &subset.balancer,
             Some(None) => return Pick::None,
-            None => (&self.balancer, None),
+            None => &self.balancer,
         };
         if balancer.policy == LbPolicy::Passthrough {
             return Pick::Passthrough;
         }
-        let eligible = |i: usize| {
-            allowed(self.endpoints[i].addr)
-                && labels.is_none_or(|labels| {
-                    labels
-                        .iter()
-                        .all(|(k, v)| self.endpoints[i].labels.get(k) == Some(v))
-                })
-        };
-        match balancer.pick(client, &addresses, eligible) {
+        match balancer.pick(hash, |i| allowed(self.endpoints[i].addr)) {
             Some((index, guard)) => Pick::Endpoint(index, guard),
             None => Pick::None,
         }
@@ -271,6 +336,11 @@ pub enum Resolved {
 pub struct MeshState {
     pub node: String,
     pub nodes: BTreeMap<String, Ipv4Addr>,
+    /// Every node's locality, from its topology labels.
+    pub localities: BTreeMap<String, Locality>,
+    /// This node's locality and labels: its clients'.
+    #[serde(skip)]
+    pub place: ClientPlace,
     pub workloads: HashMap<Ipv4Addr, Arc<Workload>>,
     pub services: HashMap<SocketAddrV4, Arc<ServicePortState>>,
     /// PeerAuthentication modes of every workload.
@@ -320,6 +390,14 @@ impl MeshState {
             if let Some(ip) = n.internal_ip() {
                 state.nodes.insert(n.metadata.name.clone(), ip);
             }
+            let locality = Locality::of_labels(&n.metadata.labels);
+            if n.metadata.name == node {
+                state.place = ClientPlace {
+                    locality: locality.clone(),
+                    labels: n.metadata.labels.clone(),
+                };
+            }
+            state.localities.insert(n.metadata.name.clone(), locality);
         }
         let namespace_labels: HashMap<&str, &str> = config
             .namespaces
@@ -909,7 +987,7 @@ spec:
             .services
             .get(&"10.96.0.20:80".parse().expect("addr"))
             .expect("api Service");
-        assert_eq!(api.policy, LbPolicy::SourceIpHash);
+        assert_eq!(api.lb.policy, LbPolicy::ConsistentHash);
         let endpoints: Vec<String> = api.endpoints.iter().map(|e| e.addr.to_string()).collect();
         assert_eq!(
             endpoints,
@@ -927,7 +1005,7 @@ spec:
                 "source-IP hashing is sticky"
             );
         }
-        assert_eq!(api.subsets["v2"].policy, LbPolicy::RoundRobin);
+        assert_eq!(api.subsets["v2"].lb.policy, LbPolicy::RoundRobin);
         let v2: Vec<usize> = (0..4)
             .map(|_| match api.pick(CLIENT, Some("v2")) {
                 Pick::Endpoint(index, _) => index,

@@ -187,7 +187,7 @@ impl RequestMatch {
 }
 
 /// The first value of query parameter `name` (Envoy matches the first).
-fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|pair| {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         (key == name).then(|| value.to_owned())
