@@ -749,7 +749,10 @@ pub const MAX_MAGLEV_SIZE: u64 = 5_000_011;
 
 /// Whether `n` is prime (trial division: table sizes are at most a few million).
 pub fn is_prime(n: u64) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 /// Why a locality (`region`, `region/zone`, `region/zone/subzone`, a trailing `*` part

@@ -23,6 +23,7 @@ use crate::{
         lb::{LbPolicy, LbSettings},
         locality::Locality,
         outlier::OutlierSettings,
+        routing::HostRoutes,
         ClusterPolicy, Endpoint, MeshState, ServiceName, ServicePortState, Workload,
     },
 };
@@ -304,8 +305,15 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
         port_state.http = is_http(port);
         port_state.http2 = is_http2(port);
         port_state.clusters = cluster_policies(state, rule, &port_state);
+        port_state.default_routes = default_routes(&port_state);
         state.services.insert(address, Arc::new(port_state));
     }
+}
+
+/// The default route of an HTTP port whose balancer hashes on requests.
+fn default_routes(port: &ServicePortState) -> Option<Arc<HostRoutes>> {
+    (port.http && port.hashes_requests())
+        .then(|| Arc::new(HostRoutes::default_for(&port.hostname, &port.namespace)))
 }
 
 fn target_port(port: &ServicePort, named: &BTreeMap<String, u16>) -> Option<u16> {
@@ -481,6 +489,7 @@ fn add_service_entry(
                 && port_state.http
                 && entry_port_protocol(port) != "grpc-web";
             port_state.clusters = cluster_policies(state, rule, &port_state);
+            port_state.default_routes = default_routes(&port_state);
             state.services.insert(address, Arc::new(port_state));
         }
     }

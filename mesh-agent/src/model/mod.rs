@@ -39,7 +39,7 @@ use self::{
     locality::{Locality, Placed},
     outlier::OutlierTracker,
     peerauth::WorkloadMtls,
-    routing::RouteTable,
+    routing::{HostRoutes, RouteTable},
     security::{SecurityConfig, WorkloadSecurity},
     telemetry::WorkloadTelemetry,
 };
@@ -156,6 +156,10 @@ pub struct ServicePortState {
     /// Outlier detection and pool limits by subset ("" for the whole host), where a
     /// DestinationRule sets them.
     pub clusters: BTreeMap<String, ClusterPolicy>,
+    /// The default route, when no VirtualService routes the host but its balancer hashes
+    /// on requests: only the HTTP router sees their headers, cookies and query.
+    #[serde(skip)]
+    pub default_routes: Option<Arc<HostRoutes>>,
 }
 
 /// What the load balancer chose for a connection.
@@ -243,7 +247,16 @@ impl ServicePortState {
             http2: false,
             subsets,
             clusters: BTreeMap::new(),
+            default_routes: None,
         }
+    }
+
+    /// Whether some balancer of this port hashes on what only a request carries.
+    pub fn hashes_requests(&self) -> bool {
+        std::iter::once(&self.lb)
+            .chain(self.subsets.values().map(|s| &s.lb))
+            .filter_map(LbSettings::hash_key)
+            .any(|key| *key != hashing::HashKey::SourceIp)
     }
 
     /// The DestinationRule's outlier detection and limits for `subset` (or the host).
@@ -511,6 +524,20 @@ impl MeshState {
                 guard: None,
             },
             None => Resolved::Unknown,
+        }
+    }
+
+    /// The HTTP routes requests from `source_namespace` to `service` take: its
+    /// VirtualService's, else its default route when its balancer hashes on requests.
+    pub fn http_routes(
+        &self,
+        service: &ServicePortState,
+        source_namespace: &str,
+    ) -> Option<Arc<HostRoutes>> {
+        match self.routes.for_host(&service.hostname, source_namespace) {
+            Some(routes) => Some(routes.clone()),
+            None if service.http => service.default_routes.clone(),
+            None => None,
         }
     }
 
@@ -1014,6 +1041,80 @@ spec:
             .collect();
         assert_eq!(v2, [1, 2, 1, 2]);
         assert!(matches!(api.pick(CLIENT, Some("v3")), Pick::None));
+    }
+
+    #[test]
+    fn hashing_on_requests_routes_the_host_without_a_virtual_service() {
+        let hashed = VERSIONS.replace("useSourceIp: true", "httpHeaderName: x-user");
+        let state = state_from(&format!("{CLUSTER}{hashed}"));
+        let api = &state.services[&"10.96.0.20:80".parse().expect("addr")];
+        let routes = state.http_routes(api, "shop").expect("the default route");
+        assert_eq!(routes.http.len(), 1);
+        assert_eq!(routes.http[0].name, "default");
+        let by_source = state_from(&format!("{CLUSTER}{VERSIONS}"));
+        let api = &by_source.services[&"10.96.0.20:80".parse().expect("addr")];
+        assert!(
+            by_source.http_routes(api, "shop").is_none(),
+            "the source address is known per connection"
+        );
+    }
+
+    #[test]
+    fn localities_come_from_the_nodes_and_failover_stays_in_the_zone() {
+        let yaml = "\
+apiVersion: v1
+kind: Node
+metadata: {name: node-1, labels: {topology.kubernetes.io/region: r1, topology.kubernetes.io/zone: z1}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-2, labels: {topology.kubernetes.io/region: r1, topology.kubernetes.io/zone: z2}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-1}
+status: {podIP: 10.244.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-2}
+status: {podIP: 10.244.2.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: shop}
+spec:
+  host: web
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 1}
+";
+        let config = load_str(std::path::Path::new("test.yaml"), yaml);
+        for (node, local) in [("node-1", "10.244.1.2:8080"), ("node-2", "10.244.2.2:8080")] {
+            let state = MeshState::build_with(
+                node,
+                &config,
+                &MeshSettings::default(),
+                &LbRegistry::default(),
+            );
+            assert_eq!(
+                state.place.locality.to_string(),
+                if node == "node-1" { "r1/z1" } else { "r1/z2" }
+            );
+            for _ in 0..4 {
+                assert_eq!(
+                    target(&state, "10.96.0.10:80").0.to_string(),
+                    local,
+                    "{node}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -261,9 +261,9 @@ impl Router {
         };
         let state = self.proxy.state.current();
         let Some(routes) = state
-            .routes
-            .for_host(&self.hostname, &self.source.namespace)
-            .cloned()
+            .services
+            .get(&self.addressed)
+            .and_then(|service| state.http_routes(service, &self.source.namespace))
         else {
             record.flag(ResponseFlag::NoRoute);
             return reply(StatusCode::NOT_FOUND, "");
