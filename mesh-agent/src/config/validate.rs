@@ -139,6 +139,7 @@ pub fn validate(config: &mut ClusterConfig) {
     }
     for dr in &istio.destination_rules {
         check_destination_limits(dr, &mut found);
+        check_failover_needs_outlier_detection(dr, &mut found);
     }
     let mut rate_limited_targets = HashSet::new();
     for policy in &config.mesh.http_local_rate_limits {
@@ -906,6 +907,66 @@ pub fn check_load_balancer(lb: &LoadBalancerSettings) -> Vec<(String, String)> {
         }
     }
     errors
+}
+
+/// Istio fails over between localities only where outlier detection can move traffic:
+/// a `failover` or `failoverPriority` whose cluster has no `outlierDetection` (at its
+/// level or inherited from the rule's) is a warning.
+fn check_failover_needs_outlier_detection(
+    dr: &Resource<DestinationRule>,
+    found: &mut Vec<Diagnostic>,
+) {
+    let top_detects = dr
+        .spec
+        .traffic_policy
+        .as_ref()
+        .is_some_and(|p| p.outlier_detection.is_some());
+    type Level<'a> = (String, Option<&'a LoadBalancerSettings>, bool);
+    fn add<'a>(
+        levels: &mut Vec<Level<'a>>,
+        base: String,
+        policy: &'a TrafficPolicy,
+        inherited: bool,
+    ) {
+        let detects = inherited || policy.outlier_detection.is_some();
+        levels.push((base.clone(), policy.load_balancer.as_ref(), detects));
+        for (j, port) in policy.port_level_settings.iter().enumerate() {
+            levels.push((
+                format!("{base}.portLevelSettings[{j}]"),
+                port.load_balancer.as_ref(),
+                port.outlier_detection.is_some(),
+            ));
+        }
+    }
+    let mut levels = Vec::new();
+    if let Some(policy) = &dr.spec.traffic_policy {
+        add(&mut levels, "spec.trafficPolicy".into(), policy, false);
+    }
+    for (i, subset) in dr.spec.subsets.iter().enumerate() {
+        if let Some(policy) = &subset.traffic_policy {
+            add(
+                &mut levels,
+                format!("spec.subsets[{i}].trafficPolicy"),
+                policy,
+                top_detects,
+            );
+        }
+    }
+    for (at, lb, detects) in levels {
+        let Some(setting) = lb.and_then(|lb| lb.locality_lb_setting.as_ref()) else {
+            continue;
+        };
+        let fails_over = !setting.failover.is_empty() || !setting.failover_priority.is_empty();
+        if fails_over && !detects && setting.enabled != Some(false) {
+            found.push(warning(
+                dr,
+                &format!("{at}.loadBalancer.localityLbSetting"),
+                "failover applies only with outlierDetection, as in Istio: set it on this \
+                 cluster"
+                    .into(),
+            ));
+        }
+    }
 }
 
 /// `outlierDetection`, `connectionPool` and `loadBalancer` values the model cannot use
@@ -1963,6 +2024,18 @@ spec:
         }
         let errors = messages.iter().filter(|m| m.contains(": error: ")).count();
         assert_eq!(errors, expected.len(), "{messages:#?}");
+        assert!(
+            messages.contains(&format!(
+                "test.yaml:21: warning: {at}.portLevelSettings[0].loadBalancer.localityLbSetting: \
+                 failover applies only with outlierDetection, as in Istio: set it on this cluster"
+            )),
+            "{messages:#?}"
+        );
+        let subset_warnings = messages
+            .iter()
+            .filter(|m| m.contains("spec.subsets[0]") && m.contains("outlierDetection"))
+            .count();
+        assert_eq!(subset_warnings, 1, "{messages:#?}");
         assert!(
             !messages.iter().any(|m| m.contains("not enforced")),
             "{messages:#?}"
