@@ -2666,7 +2666,9 @@ fn consistent_hashing_keeps_each_user_on_one_endpoint_by_header_and_by_cookie() 
 
 #[test]
 fn locality_failover_keeps_requests_in_the_zone_until_its_endpoint_is_ejected() {
-    let _sandbox = Sandbox::up();
+    // On the API source: the nodes' topology labels reach the agents through the API
+    // server (the sticky-session test reads them from the directory).
+    let _sandbox = Sandbox::up_with_args(&["--config-source", "kube"], &[]);
     kubectl("apply", "reviews-v1", &reviews_pod("v1", "node-a"));
     kubectl("apply", "reviews-v2", &reviews_pod("v2", "node-b"));
     // Outlier detection turns Istio's locality failover on: client-a (node-a, zone z-a)
