@@ -93,7 +93,7 @@ pub fn routes_report(state: &MeshState, budgets: &Budgets, host: &str) -> Option
                     subsets: service
                         .subsets
                         .iter()
-                        .filter(|(_, s)| s.labels.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
+                        .filter(|(_, s)| e.has_labels(&s.labels))
                         .map(|(name, _)| name.clone())
                         .collect(),
                     locality: e.locality.to_string(),
