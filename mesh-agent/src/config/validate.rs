@@ -853,6 +853,23 @@ pub fn check_load_balancer(lb: &LoadBalancerSettings) -> Vec<(String, String)> {
             }
         }
     }
+    if let Some(warmup) = &lb.warmup {
+        if warmup.duration.is_none() {
+            error("warmup.duration", "a warmup needs its duration".into());
+        }
+        if let Some(percent) = warmup
+            .minimum_percent
+            .filter(|p| !(0.0..=100.0).contains(p))
+        {
+            error(
+                "warmup.minimumPercent",
+                format!("{percent} is not a percentage (0 to 100)"),
+            );
+        }
+        if let Some(aggression) = warmup.aggression.filter(|a| *a <= 0.0) {
+            error("warmup.aggression", format!("{aggression} is not positive"));
+        }
+    }
     let Some(setting) = &lb.locality_lb_setting else {
         return errors;
     };
@@ -1401,6 +1418,7 @@ fn enforced(kind: &str) -> &'static [&'static str] {
             "trafficPolicy.loadBalancer.localityLbSetting.failover[]",
             "trafficPolicy.loadBalancer.localityLbSetting.failoverPriority[]",
             "trafficPolicy.loadBalancer.warmupDurationSecs",
+            "trafficPolicy.loadBalancer.warmup",
             "trafficPolicy.portLevelSettings[].loadBalancer.simple",
             "trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.useSourceIp",
             "trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.httpHeaderName",
@@ -1417,6 +1435,7 @@ fn enforced(kind: &str) -> &'static [&'static str] {
             "trafficPolicy.portLevelSettings[].loadBalancer.localityLbSetting.failover[]",
             "trafficPolicy.portLevelSettings[].loadBalancer.localityLbSetting.failoverPriority[]",
             "trafficPolicy.portLevelSettings[].loadBalancer.warmupDurationSecs",
+            "trafficPolicy.portLevelSettings[].loadBalancer.warmup",
             "subsets[].trafficPolicy.loadBalancer.simple",
             "subsets[].trafficPolicy.loadBalancer.consistentHash.useSourceIp",
             "subsets[].trafficPolicy.loadBalancer.consistentHash.httpHeaderName",
@@ -1433,6 +1452,7 @@ fn enforced(kind: &str) -> &'static [&'static str] {
             "subsets[].trafficPolicy.loadBalancer.localityLbSetting.failover[]",
             "subsets[].trafficPolicy.loadBalancer.localityLbSetting.failoverPriority[]",
             "subsets[].trafficPolicy.loadBalancer.warmupDurationSecs",
+            "subsets[].trafficPolicy.loadBalancer.warmup",
             "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.simple",
             "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.useSourceIp",
             "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.httpHeaderName",
@@ -1449,6 +1469,7 @@ fn enforced(kind: &str) -> &'static [&'static str] {
             "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.localityLbSetting.failover[]",
             "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.localityLbSetting.failoverPriority[]",
             "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.warmupDurationSecs",
+            "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.warmup",
             "subsets[].name",
             "subsets[].labels",
             "trafficPolicy.outlierDetection",
@@ -2005,6 +2026,14 @@ spec:
         warmupDurationSecs: 30s
         localityLbSetting:
           failoverPriority: [topology.kubernetes.io/region]
+  - name: v2
+    labels: {{version: v2}}
+    trafficPolicy:
+      loadBalancer:
+        simple: LEAST_REQUEST
+        warmup:
+          duration: 60s
+          minimumPercent: 120
 "
         ));
         let at = "DestinationRule shop/web: spec.trafficPolicy";
@@ -2015,6 +2044,7 @@ spec:
             format!("test.yaml:24: error: {at}.portLevelSettings[0].loadBalancer.localityLbSetting.distribute[0].to: the weights from r1/z-a/* add up to 90, not 100"),
             format!("test.yaml:26: error: {at}.portLevelSettings[0].loadBalancer.localityLbSetting.distribute[0].to.r1/z*: \"r1/z*\": a wildcard '*' must be a whole part, and the last one"),
             format!("test.yaml:29: error: {at}.portLevelSettings[0].loadBalancer.localityLbSetting.failover[0].to: failover from r1 to itself: name another region"),
+            "test.yaml:47: error: DestinationRule shop/web: spec.subsets[1].trafficPolicy.loadBalancer.warmup.minimumPercent: 120 is not a percentage (0 to 100)".to_owned(),
         ];
         for line in &expected {
             assert!(

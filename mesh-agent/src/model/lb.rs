@@ -4,7 +4,7 @@
 //! Maglev table over the endpoints, keyed by the client address or a request's header,
 //! cookie or query parameter: [`hashing`](super::hashing)), narrowed first by locality
 //! ([`locality`](super::locality): failover priorities or `distribute` weights), with
-//! Envoy's slow start (`warmupDurationSecs`) for endpoints new to this agent. Balancer and
+//! Envoy's slow start (`warmup`, `warmupDurationSecs`) for endpoints new to this agent. Balancer and
 //! endpoint state outlive configuration swaps ([`LbRegistry`]).
 
 use std::{
@@ -54,27 +54,60 @@ impl LbPolicy {
 }
 
 /// Everything a `loadBalancer` block asks of one cluster, translated.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct LbSettings {
     pub policy: LbPolicy,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hash: Option<ConsistentHash>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub locality: Option<LocalitySettings>,
-    /// `warmupDurationSecs`: Envoy's slow start window (round robin and least request).
-    #[serde(skip_serializing_if = "Option::is_none", with = "window")]
-    pub warmup: Option<Duration>,
+    /// Envoy's slow start (round robin and least request).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<SlowStart>,
 }
 
-mod window {
-    pub fn serialize<S: serde::Serializer>(
-        window: &Option<std::time::Duration>,
-        serializer: S,
-    ) -> Result<S::Ok, S::Error> {
-        match window {
-            Some(w) => serializer.serialize_str(&format!("{}s", w.as_secs_f64())),
-            None => serializer.serialize_none(),
+/// `warmup` (or the older `warmupDurationSecs`): a new endpoint's weight grows from
+/// `minimum_percent` to full over `window`, as `(age / window) ^ (1 / aggression)`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SlowStart {
+    #[serde(serialize_with = "seconds")]
+    pub window: Duration,
+    pub minimum_percent: f64,
+    pub aggression: f64,
+}
+
+fn seconds<S: serde::Serializer>(window: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&format!("{}s", window.as_secs_f64()))
+}
+
+/// Envoy's defaults: `min_weight_percent` 10, `aggression` 1 (linear).
+const SLOW_START_MINIMUM_PERCENT: f64 = 10.0;
+const SLOW_START_AGGRESSION: f64 = 1.0;
+
+impl SlowStart {
+    /// Linear from 10%, over `window`.
+    pub fn linear(window: Duration) -> SlowStart {
+        SlowStart {
+            window,
+            minimum_percent: SLOW_START_MINIMUM_PERCENT,
+            aggression: SLOW_START_AGGRESSION,
         }
+    }
+
+    /// The weight of an endpoint `age` old: 1 once the window has passed.
+    pub fn weight(&self, age: Duration) -> f64 {
+        if age >= self.window || self.window.is_zero() {
+            return 1.0;
+        }
+        let time_factor = age.as_secs_f64() / self.window.as_secs_f64();
+        let aggression = if self.aggression > 0.0 {
+            self.aggression
+        } else {
+            SLOW_START_AGGRESSION
+        };
+        time_factor
+            .powf(1.0 / aggression)
+            .max(self.minimum_percent / 100.0)
     }
 }
 
@@ -102,12 +135,20 @@ impl LbSettings {
         } else {
             LbPolicy::from_simple(settings.and_then(|s| s.simple)).unwrap_or(default)
         };
-        let warmup = settings
-            .and_then(|s| s.warmup_duration_secs.as_ref())
-            .map(|d| d.value)
-            .filter(|w| {
-                !w.is_zero() && matches!(policy, LbPolicy::RoundRobin | LbPolicy::LeastRequest)
-            });
+        let warmup = settings.and_then(|s| match &s.warmup {
+            Some(warmup) => warmup.duration.as_ref().map(|d| SlowStart {
+                window: d.value,
+                minimum_percent: warmup.minimum_percent.unwrap_or(SLOW_START_MINIMUM_PERCENT),
+                aggression: warmup.aggression.unwrap_or(SLOW_START_AGGRESSION),
+            }),
+            None => s
+                .warmup_duration_secs
+                .as_ref()
+                .map(|d| SlowStart::linear(d.value)),
+        });
+        let warmup = warmup.filter(|w| {
+            !w.window.is_zero() && matches!(policy, LbPolicy::RoundRobin | LbPolicy::LeastRequest)
+        });
         LbSettings {
             policy,
             hash,
@@ -172,8 +213,8 @@ impl LbSettings {
                 parts.push(format!("locality failover{}", regions.concat()));
             }
         }
-        if let Some(window) = self.warmup {
-            parts.push(format!("warmup {}s", window.as_secs()));
+        if let Some(warmup) = self.warmup {
+            parts.push(format!("warmup {}s", warmup.window.as_secs()));
         }
         parts.join("; ")
     }
@@ -317,7 +358,7 @@ pub struct Balancer {
     /// Over `members` (entry `m` is `members[m]`).
     table: Option<HashTable>,
     locality: Option<LocalityPlan>,
-    warmup: Option<Duration>,
+    warmup: Option<SlowStart>,
 }
 
 /// An active connection to an endpoint; the count drops when it is dropped.
@@ -361,18 +402,6 @@ pub fn random(bound: usize) -> usize {
     (random_u64() >> 33) as usize % bound
 }
 
-/// Envoy's smallest slow-start weight (`min_weight_percent`'s default, 10%).
-const SLOW_START_MIN_WEIGHT: f64 = 0.1;
-
-/// Envoy's slow start with the default aggression of 1: an endpoint `age` old weighs
-/// `age / window`, at least 10%, and fully once the window has passed.
-pub fn slow_start_weight(age: Duration, window: Duration) -> f64 {
-    if age >= window || window.is_zero() {
-        return 1.0;
-    }
-    (age.as_secs_f64() / window.as_secs_f64()).max(SLOW_START_MIN_WEIGHT)
-}
-
 impl Balancer {
     /// The index of the endpoint for a new connection or request hashing to `hash` (for
     /// consistent hashing; none: a random point, as Envoy picks), among the endpoints
@@ -406,12 +435,12 @@ impl Balancer {
         }
         let usable = self.by_locality(usable, hash);
         let candidates: Vec<usize> = (0..usable.len()).filter(|m| usable[*m]).collect();
-        let weights: Option<Vec<f64>> = self.warmup.and_then(|window| {
+        let weights: Option<Vec<f64>> = self.warmup.and_then(|warmup| {
             let weights: Vec<f64> = candidates
                 .iter()
                 .map(|m| {
                     let seen = self.endpoints[self.members[*m]].seen;
-                    slow_start_weight(now.saturating_duration_since(seen), window)
+                    warmup.weight(now.saturating_duration_since(seen))
                 })
                 .collect();
             weights.iter().any(|w| *w < 1.0).then_some(weights)
@@ -783,19 +812,26 @@ mod tests {
     }
 
     #[test]
-    fn slow_start_grows_linearly_from_ten_percent() {
-        let window = Duration::from_secs(60);
-        assert_eq!(slow_start_weight(Duration::ZERO, window), 0.1);
-        assert_eq!(slow_start_weight(Duration::from_secs(30), window), 0.5);
-        assert_eq!(slow_start_weight(Duration::from_secs(60), window), 1.0);
-        assert_eq!(slow_start_weight(Duration::from_secs(3), window), 0.1);
+    fn slow_start_grows_linearly_from_ten_percent_or_as_warmup_says() {
+        let linear = SlowStart::linear(Duration::from_secs(60));
+        assert_eq!(linear.weight(Duration::ZERO), 0.1);
+        assert_eq!(linear.weight(Duration::from_secs(30)), 0.5);
+        assert_eq!(linear.weight(Duration::from_secs(60)), 1.0);
+        assert_eq!(linear.weight(Duration::from_secs(3)), 0.1);
+        let gentle = SlowStart {
+            window: Duration::from_secs(100),
+            minimum_percent: 5.0,
+            aggression: 2.0,
+        };
+        assert_eq!(gentle.weight(Duration::from_secs(25)), 0.5);
+        assert_eq!(gentle.weight(Duration::ZERO), 0.05);
     }
 
     #[test]
     fn a_new_endpoint_warms_up_while_known_ones_keep_their_age() {
         let registry = LbRegistry::default();
         let settings = LbSettings {
-            warmup: Some(Duration::from_secs(100)),
+            warmup: Some(SlowStart::linear(Duration::from_secs(100))),
             ..LbSettings::simple(LbPolicy::RoundRobin)
         };
         let start = Instant::now();
@@ -870,7 +906,24 @@ mod tests {
         );
         let warm = parse("{simple: LEAST_REQUEST, warmupDurationSecs: 30s}", true);
         assert_eq!(warm.policy, LbPolicy::LeastRequest);
-        assert_eq!(warm.warmup, Some(Duration::from_secs(30)));
+        assert_eq!(
+            warm.warmup,
+            Some(SlowStart::linear(Duration::from_secs(30)))
+        );
+        let newer = parse(
+            "{simple: ROUND_ROBIN, warmupDurationSecs: 30s, \
+             warmup: {duration: 60s, minimumPercent: 20, aggression: 2}}",
+            false,
+        );
+        assert_eq!(
+            newer.warmup,
+            Some(SlowStart {
+                window: Duration::from_secs(60),
+                minimum_percent: 20.0,
+                aggression: 2.0
+            }),
+            "warmup wins over the deprecated warmupDurationSecs"
+        );
         assert!(
             warm.locality.is_some(),
             "failover on by default with outlier detection"
