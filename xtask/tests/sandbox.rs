@@ -2962,11 +2962,14 @@ fn virtual_services_route_requests_in_the_source_agent() {
 
     // Outlier detection: the endpoint answering 503 is ejected after three in a row, and
     // returns once its ejection time is over (to be ejected again, as it still fails).
+    // Locality load balancing is off: with outlier detection Istio would keep client-a's
+    // requests in its own zone, on v1 (the locality test shows that).
     kubectl(
         "apply",
         "reviews",
         &format!(
-            "{REVIEWS}  trafficPolicy:\n    outlierDetection: {{consecutive5xxErrors: 3, interval: 1s, \
+            "{REVIEWS}  trafficPolicy:\n    loadBalancer: {{localityLbSetting: {{enabled: false}}}}\n    \
+             outlierDetection: {{consecutive5xxErrors: 3, interval: 1s, \
              baseEjectionTime: 3s, maxEjectionPercent: 100}}\n"
         ),
     );
@@ -3094,6 +3097,187 @@ fn virtual_services_route_requests_in_the_source_agent() {
     let refused = reviews("/", 1, "{}", "new");
     assert_eq!(refused.first["status"], 429);
     assert_eq!(refused.first["headers"]["retry-after"], "1");
+}
+
+/// How `l7_client.py`'s answers to one user's requests spread: "status pod" → count.
+fn sticky_answers(user: &str, count: usize) -> std::collections::BTreeMap<String, u64> {
+    reviews("/", count, &format!(r#"{{"x-user": "{user}"}}"#), "new").counts
+}
+
+#[test]
+fn consistent_hashing_keeps_each_user_on_one_endpoint_by_header_and_by_cookie() {
+    let _sandbox = Sandbox::up();
+    kubectl("apply", "reviews-v1", &reviews_pod("v1", "node-a"));
+    kubectl("apply", "reviews-v2", &reviews_pod("v2", "node-b"));
+    kubectl("apply", "reviews-v3", &reviews_pod("v3", "node-b"));
+    // No VirtualService: a DestinationRule that hashes on a header routes by itself.
+    kubectl(
+        "apply",
+        "reviews",
+        &format!(
+            "{REVIEWS}  trafficPolicy:\n    loadBalancer:\n      consistentHash: {{httpHeaderName: x-user}}\n"
+        ),
+    );
+    eventually("the three reviews pods answer", || {
+        let answers = reviews("/", 30, "{}", "new");
+        ["v1", "v2", "v3"]
+            .iter()
+            .all(|v| answers.count(&format!("200 reviews-{v}")) > 0)
+    });
+    eventually("requests are routed by the hash policy", || {
+        sample(
+            &metrics("node-a"),
+            "mesh_routed_requests_total",
+            &[("route", "default"), ("response_code", "200")],
+        )
+        .is_some_and(|n| n > 0.0)
+    });
+    // 200 requests, 20 users, each on a new connection: one endpoint per user.
+    let mut owners = std::collections::BTreeSet::new();
+    for user in 0..20 {
+        let answers = sticky_answers(&format!("user-{user}"), 10);
+        assert_eq!(answers.len(), 1, "user-{user} moved: {answers:?}");
+        let (pod, count) = answers.iter().next().expect("an answer");
+        assert_eq!(*count, 10, "user-{user}: {answers:?}");
+        assert!(pod.starts_with("200 reviews-"), "user-{user}: {answers:?}");
+        owners.insert(pod.clone());
+    }
+    assert!(owners.len() > 1, "every user on {owners:?}");
+    let routes = on_node("node-a", &["meshctl", "routes", "demo/reviews"]);
+    assert!(
+        routes.contains(
+            "load balancer (host): CONSISTENT_HASH; on header x-user, ring hash of at least 1024"
+        ),
+        "{routes}"
+    );
+    assert!(
+        routes
+            .lines()
+            .any(|l| l.contains("demo/reviews-v1") && l.contains("r1/z-a")),
+        "{routes}"
+    );
+
+    // By cookie with a ttl: the first answer sets it, and replaying it sticks.
+    kubectl(
+        "apply",
+        "reviews",
+        &format!(
+            "{REVIEWS}  trafficPolicy:\n    loadBalancer:\n      consistentHash:\n        \
+             httpCookie: {{name: session, path: /, ttl: 3600s}}\n"
+        ),
+    );
+    eventually("the cookie is generated", || {
+        reviews("/", 1, "{}", "new").first["headers"]
+            .get("set-cookie")
+            .is_some()
+    });
+    let first = reviews("/", 1, "{}", "new");
+    let set_cookie = first.first["headers"]["set-cookie"]
+        .as_str()
+        .expect("a Set-Cookie")
+        .to_owned();
+    assert!(
+        set_cookie.starts_with("session=\"")
+            && set_cookie.ends_with("; Max-Age=3600; Path=/; HttpOnly"),
+        "{set_cookie}"
+    );
+    let cookie = set_cookie.split(';').next().expect("the pair");
+    let replayed = reviews("/", 20, &format!(r#"{{"cookie": {cookie:?}}}"#), "new");
+    assert_eq!(replayed.counts.len(), 1, "{:?}", replayed.counts);
+    assert_eq!(replayed.total(), 20);
+    assert!(
+        replayed.first["headers"].get("set-cookie").is_none(),
+        "a request with the cookie gets none"
+    );
+    let mut spread = std::collections::BTreeSet::new();
+    for session in 0..20 {
+        let answers = reviews(
+            "/",
+            5,
+            &format!(r#"{{"cookie": "session=s{session}"}}"#),
+            "new",
+        );
+        assert_eq!(
+            answers.counts.len(),
+            1,
+            "session s{session}: {:?}",
+            answers.counts
+        );
+        spread.extend(answers.counts.keys().cloned());
+    }
+    assert!(spread.len() > 1, "every session on {spread:?}");
+}
+
+#[test]
+fn locality_failover_keeps_requests_in_the_zone_until_its_endpoint_is_ejected() {
+    // On the API source: the nodes' topology labels reach the agents through the API
+    // server (the sticky-session test reads them from the directory).
+    let _sandbox = Sandbox::up_with_args(&["--config-source", "kube"], &[]);
+    kubectl("apply", "reviews-v1", &reviews_pod("v1", "node-a"));
+    kubectl("apply", "reviews-v2", &reviews_pod("v2", "node-b"));
+    // Outlier detection turns Istio's locality failover on: client-a (node-a, zone z-a)
+    // goes to reviews-v1 (z-a) while it is healthy, to reviews-v2 (z-b) while it is
+    // ejected.
+    kubectl(
+        "apply",
+        "reviews",
+        &format!(
+            "{REVIEWS}  trafficPolicy:\n    loadBalancer:\n      simple: ROUND_ROBIN\n      \
+             localityLbSetting: {{enabled: true}}\n    \
+             outlierDetection: {{consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 10s, \
+             maxEjectionPercent: 100}}\n"
+        ),
+    );
+    kubectl(
+        "apply",
+        "routes",
+        &reviews_routes(
+            "  - name: all\n    retries: {attempts: 0}\n    route: [{destination: {host: reviews}}]\n",
+        ),
+    );
+    let v2 = format!("http://{}:9080/", pod_ip(&status_json(), "reviews-v2"));
+    eventually("reviews-v2 serves in the other zone", || {
+        on_node_answer(
+            "node-b",
+            &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &v2],
+        )
+        .1
+        .trim()
+            == "200"
+    });
+    eventually("reviews-v1 serves, routed", || {
+        reviews("/", 1, "{}", "new").count("200 reviews-v1") == 1
+            && sample(
+                &metrics("node-a"),
+                "mesh_routed_requests_total",
+                &[("route", "all"), ("response_code", "200")],
+            )
+            .is_some_and(|n| n > 0.0)
+    });
+    let local = reviews("/", 40, "{}", "keepalive");
+    assert_eq!(local.count("200 reviews-v1"), 40, "{:?}", local.counts);
+    let routes = on_node("node-a", &["meshctl", "routes", "demo/reviews"]);
+    assert!(
+        routes.contains("load balancer (host): ROUND_ROBIN; locality failover"),
+        "{routes}"
+    );
+    // reviews-v1 starts failing: three 503s eject it, the rest fail over to the other zone.
+    let failing = reviews("/failon/reviews-v1", 40, "{}", "keepalive");
+    assert_eq!(failing.count("503 reviews-v1"), 3, "{:?}", failing.counts);
+    assert_eq!(failing.count("200 reviews-v2"), 37, "{:?}", failing.counts);
+    let ejected = on_node("node-a", &["meshctl", "routes", "demo/reviews"]);
+    assert!(
+        ejected
+            .lines()
+            .any(|l| l.contains("demo/reviews-v1") && l.contains("EJECTED")),
+        "{ejected}"
+    );
+    // Once its ejection is over, the zone's endpoint takes every request again.
+    eventually("requests return to the zone", || {
+        reviews("/", 10, "{}", "keepalive").count("200 reviews-v1") == 10
+    });
+    let back = reviews("/", 40, "{}", "keepalive");
+    assert_eq!(back.count("200 reviews-v1"), 40, "{:?}", back.counts);
 }
 
 const MESH_REQUEST_METRICS: &str = "\

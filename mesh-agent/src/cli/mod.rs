@@ -667,6 +667,16 @@ fn routes(admin: SocketAddr, service: &str, format: Output) -> anyhow::Result<()
             text(&port["address"]),
             if port["http"] == true { ", HTTP" } else { "" }
         );
+        for balancer in port["load_balancers"].as_array().into_iter().flatten() {
+            let cluster = match balancer["subset"].as_str() {
+                Some(subset) => format!("subset {subset}"),
+                None => "host".to_owned(),
+            };
+            println!(
+                "  load balancer ({cluster}): {}",
+                text(&balancer["summary"])
+            );
+        }
         let clusters = port["clusters"].as_array().cloned().unwrap_or_default();
         for endpoint in port["endpoints"].as_array().into_iter().flatten() {
             let address = text(&endpoint["address"]);
@@ -677,8 +687,9 @@ fn routes(admin: SocketAddr, service: &str, format: Output) -> anyhow::Result<()
                 .map(|o| format!("  EJECTED (returns in {} ms)", o["returnsInMs"]))
                 .unwrap_or_default();
             println!(
-                "  {address:<22} {:<28} subsets {}{ejected}",
+                "  {address:<22} {:<28} {:<12} subsets {}{ejected}",
                 text(&endpoint["pod"]),
+                text(&endpoint["locality"]),
                 endpoint["subsets"]
             );
         }

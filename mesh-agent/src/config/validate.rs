@@ -139,6 +139,7 @@ pub fn validate(config: &mut ClusterConfig) {
     }
     for dr in &istio.destination_rules {
         check_destination_limits(dr, &mut found);
+        check_failover_needs_outlier_detection(dr, &mut found);
     }
     let mut rate_limited_targets = HashSet::new();
     for policy in &config.mesh.http_local_rate_limits {
@@ -743,8 +744,251 @@ pub fn check_connection_pool(pool: &ConnectionPoolSettings) -> Result<(), Invali
     Ok(())
 }
 
-/// `outlierDetection` and `connectionPool` values the model cannot use (negative counts,
-/// percentages over 100, durations under 1 ms), wherever a DestinationRule sets them.
+/// Envoy's largest ring (`maximumRingSize`) and Maglev table.
+pub const MAX_RING_SIZE: u64 = 8 * 1024 * 1024;
+pub const MAX_MAGLEV_SIZE: u64 = 5_000_011;
+
+/// Whether `n` is prime (trial division: table sizes are at most a few million).
+pub fn is_prime(n: u64) -> bool {
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
+}
+
+/// Why a locality (`region`, `region/zone`, `region/zone/subzone`, a trailing `*` part
+/// matching any) is refused.
+pub fn check_locality(pattern: &str) -> Result<(), String> {
+    let parts: Vec<&str> = pattern.split('/').collect();
+    if pattern.is_empty() || parts.len() > 3 || parts.iter().any(|p| p.is_empty()) {
+        return Err(format!(
+            "{pattern:?} is not a locality: region, region/zone or region/zone/subzone"
+        ));
+    }
+    let wildcard = parts.iter().position(|p| p.contains('*'));
+    if wildcard.is_some_and(|at| parts[at] != "*" || at != parts.len() - 1) {
+        return Err(format!(
+            "{pattern:?}: a wildcard '*' must be a whole part, and the last one"
+        ));
+    }
+    Ok(())
+}
+
+/// A `loadBalancer` block's values, as Istio's validation and Envoy check them: one
+/// policy, one hash key, one hash table (a Maglev size prime and at most Envoy's
+/// largest), a usable cookie or header name, and a `localityLbSetting` that is either
+/// `distribute` (weights of 100 in all per source, localities well formed) or `failover`
+/// (between different regions). Each error is `(field below the block, message)`.
+pub fn check_load_balancer(lb: &LoadBalancerSettings) -> Vec<(String, String)> {
+    let mut errors = Vec::new();
+    let mut error = |field: &str, message: String| errors.push((field.to_owned(), message));
+    if let Some(hash) = &lb.consistent_hash {
+        if lb.simple.is_some() {
+            error(
+                "simple",
+                "simple and consistentHash are alternatives: set one".into(),
+            );
+        }
+        let keys = [
+            hash.http_header_name.is_some(),
+            hash.http_cookie.is_some(),
+            hash.use_source_ip.is_some(),
+            hash.http_query_parameter_name.is_some(),
+        ];
+        if keys.iter().filter(|k| **k).count() > 1 {
+            error(
+                "consistentHash",
+                "httpHeaderName, httpCookie, useSourceIp and httpQueryParameterName are \
+                 alternatives: set one"
+                    .into(),
+            );
+        }
+        if let Some(name) = &hash.http_header_name {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                error(
+                    "consistentHash.httpHeaderName",
+                    format!("{name:?} is not a header name"),
+                );
+            }
+        }
+        if let Some(cookie) = &hash.http_cookie {
+            let token = |c: char| c.is_ascii_graphic() && !"()<>@,;:\\\"/[]?={}".contains(c);
+            if cookie.name.is_empty() || !cookie.name.chars().all(token) {
+                error(
+                    "consistentHash.httpCookie.name",
+                    format!("{:?} is not a cookie name", cookie.name),
+                );
+            }
+        }
+        if hash.ring_hash.is_some() && hash.maglev.is_some() {
+            error(
+                "consistentHash",
+                "ringHash and maglev are alternatives: set one".into(),
+            );
+        }
+        if let Some(size) = hash.maglev.as_ref().and_then(|m| m.table_size) {
+            if !is_prime(size) || size > MAX_MAGLEV_SIZE {
+                error(
+                    "consistentHash.maglev.tableSize",
+                    format!(
+                        "{size} is not a prime number up to {} (Envoy's Maglev table)",
+                        MAX_MAGLEV_SIZE
+                    ),
+                );
+            }
+        }
+        let ring_sizes = [
+            (
+                "consistentHash.ringHash.minimumRingSize",
+                hash.ring_hash.as_ref().and_then(|r| r.minimum_ring_size),
+            ),
+            ("consistentHash.minimumRingSize", hash.minimum_ring_size),
+        ];
+        for (field, size) in ring_sizes {
+            if let Some(size) = size.filter(|s| *s > MAX_RING_SIZE) {
+                error(
+                    field,
+                    format!("{size} is over Envoy's largest ring, {}", MAX_RING_SIZE),
+                );
+            }
+        }
+    }
+    if let Some(warmup) = &lb.warmup {
+        if warmup.duration.is_none() {
+            error("warmup.duration", "a warmup needs its duration".into());
+        }
+        if let Some(percent) = warmup
+            .minimum_percent
+            .filter(|p| !(0.0..=100.0).contains(p))
+        {
+            error(
+                "warmup.minimumPercent",
+                format!("{percent} is not a percentage (0 to 100)"),
+            );
+        }
+        if let Some(aggression) = warmup.aggression.filter(|a| *a <= 0.0) {
+            error("warmup.aggression", format!("{aggression} is not positive"));
+        }
+    }
+    let Some(setting) = &lb.locality_lb_setting else {
+        return errors;
+    };
+    if !setting.distribute.is_empty() && !setting.failover.is_empty() {
+        error(
+            "localityLbSetting",
+            "distribute and failover are alternatives: set one".into(),
+        );
+    }
+    for (i, d) in setting.distribute.iter().enumerate() {
+        let at = format!("localityLbSetting.distribute[{i}]");
+        if let Err(why) = check_locality(&d.from) {
+            error(&format!("{at}.from"), why);
+        }
+        for to in d.to.keys() {
+            if let Err(why) = check_locality(to) {
+                error(&format!("{at}.to.{to}"), why);
+            }
+        }
+        let total: u64 = d.to.values().map(|w| u64::from(*w)).sum();
+        if total != 100 {
+            error(
+                &format!("{at}.to"),
+                format!("the weights from {} add up to {total}, not 100", d.from),
+            );
+        }
+    }
+    for (i, f) in setting.failover.iter().enumerate() {
+        let at = format!("localityLbSetting.failover[{i}]");
+        for (field, region) in [("from", &f.from), ("to", &f.to)] {
+            if region.is_empty() || region.contains('/') || region.contains('*') {
+                error(
+                    &format!("{at}.{field}"),
+                    format!("{region:?} is not a region: failover is between regions"),
+                );
+            }
+        }
+        if f.from == f.to {
+            error(
+                &format!("{at}.to"),
+                format!("failover from {} to itself: name another region", f.from),
+            );
+        }
+    }
+    for (i, label) in setting.failover_priority.iter().enumerate() {
+        let name = label.split_once('=').map_or(label.as_str(), |(n, _)| n);
+        if name.is_empty() {
+            error(
+                &format!("localityLbSetting.failoverPriority[{i}]"),
+                format!("{label:?} names no label"),
+            );
+        }
+    }
+    errors
+}
+
+/// Istio fails over between localities only where outlier detection can move traffic:
+/// a `failover` or `failoverPriority` whose cluster has no `outlierDetection` (at its
+/// level or inherited from the rule's) is a warning.
+fn check_failover_needs_outlier_detection(
+    dr: &Resource<DestinationRule>,
+    found: &mut Vec<Diagnostic>,
+) {
+    let top_detects = dr
+        .spec
+        .traffic_policy
+        .as_ref()
+        .is_some_and(|p| p.outlier_detection.is_some());
+    type Level<'a> = (String, Option<&'a LoadBalancerSettings>, bool);
+    fn add<'a>(
+        levels: &mut Vec<Level<'a>>,
+        base: String,
+        policy: &'a TrafficPolicy,
+        inherited: bool,
+    ) {
+        let detects = inherited || policy.outlier_detection.is_some();
+        levels.push((base.clone(), policy.load_balancer.as_ref(), detects));
+        for (j, port) in policy.port_level_settings.iter().enumerate() {
+            levels.push((
+                format!("{base}.portLevelSettings[{j}]"),
+                port.load_balancer.as_ref(),
+                port.outlier_detection.is_some(),
+            ));
+        }
+    }
+    let mut levels = Vec::new();
+    if let Some(policy) = &dr.spec.traffic_policy {
+        add(&mut levels, "spec.trafficPolicy".into(), policy, false);
+    }
+    for (i, subset) in dr.spec.subsets.iter().enumerate() {
+        if let Some(policy) = &subset.traffic_policy {
+            add(
+                &mut levels,
+                format!("spec.subsets[{i}].trafficPolicy"),
+                policy,
+                top_detects,
+            );
+        }
+    }
+    for (at, lb, detects) in levels {
+        let Some(setting) = lb.and_then(|lb| lb.locality_lb_setting.as_ref()) else {
+            continue;
+        };
+        let fails_over = !setting.failover.is_empty() || !setting.failover_priority.is_empty();
+        if fails_over && !detects && setting.enabled != Some(false) {
+            found.push(warning(
+                dr,
+                &format!("{at}.loadBalancer.localityLbSetting"),
+                "failover applies only with outlierDetection, as in Istio: set it on this \
+                 cluster"
+                    .into(),
+            ));
+        }
+    }
+}
+
+/// `outlierDetection`, `connectionPool` and `loadBalancer` values the model cannot use
+/// (negative counts, percentages over 100, durations under 1 ms, the checks of
+/// [`check_load_balancer`]), wherever a DestinationRule sets them.
 fn check_destination_limits(dr: &Resource<DestinationRule>, found: &mut Vec<Diagnostic>) {
     let mut policies: Vec<(String, &TrafficPolicy)> = Vec::new();
     if let Some(policy) = &dr.spec.traffic_policy {
@@ -761,14 +1005,19 @@ fn check_destination_limits(dr: &Resource<DestinationRule>, found: &mut Vec<Diag
                 format!("{base}.portLevelSettings[{j}]"),
                 p.outlier_detection.as_ref(),
                 p.connection_pool.as_ref(),
+                p.load_balancer.as_ref(),
             )
         });
         let own = std::iter::once((
             base.clone(),
             policy.outlier_detection.as_ref(),
             policy.connection_pool.as_ref(),
+            policy.load_balancer.as_ref(),
         ));
-        for (at, outlier, pool) in own.chain(port_levels) {
+        for (at, outlier, pool, lb) in own.chain(port_levels) {
+            for (field, message) in lb.map(check_load_balancer).unwrap_or_default() {
+                found.push(error(dr, &format!("{at}.loadBalancer.{field}"), message));
+            }
             if let Some(Err(invalid)) = outlier.map(check_outlier_detection) {
                 let field = format!("{at}.outlierDetection.{}", invalid.field);
                 found.push(error(dr, &field, invalid.message));
@@ -1155,10 +1404,74 @@ fn enforced(kind: &str) -> &'static [&'static str] {
             "host",
             "trafficPolicy.loadBalancer.simple",
             "trafficPolicy.loadBalancer.consistentHash.useSourceIp",
-            "subsets[].name",
-            "subsets[].labels",
+            "trafficPolicy.loadBalancer.consistentHash.httpHeaderName",
+            "trafficPolicy.loadBalancer.consistentHash.httpCookie.name",
+            "trafficPolicy.loadBalancer.consistentHash.httpCookie.path",
+            "trafficPolicy.loadBalancer.consistentHash.httpCookie.ttl",
+            "trafficPolicy.loadBalancer.consistentHash.httpCookie.attributes[]",
+            "trafficPolicy.loadBalancer.consistentHash.httpQueryParameterName",
+            "trafficPolicy.loadBalancer.consistentHash.ringHash.minimumRingSize",
+            "trafficPolicy.loadBalancer.consistentHash.maglev.tableSize",
+            "trafficPolicy.loadBalancer.consistentHash.minimumRingSize",
+            "trafficPolicy.loadBalancer.localityLbSetting.enabled",
+            "trafficPolicy.loadBalancer.localityLbSetting.distribute[]",
+            "trafficPolicy.loadBalancer.localityLbSetting.failover[]",
+            "trafficPolicy.loadBalancer.localityLbSetting.failoverPriority[]",
+            "trafficPolicy.loadBalancer.warmupDurationSecs",
+            "trafficPolicy.loadBalancer.warmup",
+            "trafficPolicy.portLevelSettings[].loadBalancer.simple",
+            "trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.useSourceIp",
+            "trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.httpHeaderName",
+            "trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.httpCookie.name",
+            "trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.httpCookie.path",
+            "trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.httpCookie.ttl",
+            "trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.httpCookie.attributes[]",
+            "trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.httpQueryParameterName",
+            "trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.ringHash.minimumRingSize",
+            "trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.maglev.tableSize",
+            "trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.minimumRingSize",
+            "trafficPolicy.portLevelSettings[].loadBalancer.localityLbSetting.enabled",
+            "trafficPolicy.portLevelSettings[].loadBalancer.localityLbSetting.distribute[]",
+            "trafficPolicy.portLevelSettings[].loadBalancer.localityLbSetting.failover[]",
+            "trafficPolicy.portLevelSettings[].loadBalancer.localityLbSetting.failoverPriority[]",
+            "trafficPolicy.portLevelSettings[].loadBalancer.warmupDurationSecs",
+            "trafficPolicy.portLevelSettings[].loadBalancer.warmup",
             "subsets[].trafficPolicy.loadBalancer.simple",
             "subsets[].trafficPolicy.loadBalancer.consistentHash.useSourceIp",
+            "subsets[].trafficPolicy.loadBalancer.consistentHash.httpHeaderName",
+            "subsets[].trafficPolicy.loadBalancer.consistentHash.httpCookie.name",
+            "subsets[].trafficPolicy.loadBalancer.consistentHash.httpCookie.path",
+            "subsets[].trafficPolicy.loadBalancer.consistentHash.httpCookie.ttl",
+            "subsets[].trafficPolicy.loadBalancer.consistentHash.httpCookie.attributes[]",
+            "subsets[].trafficPolicy.loadBalancer.consistentHash.httpQueryParameterName",
+            "subsets[].trafficPolicy.loadBalancer.consistentHash.ringHash.minimumRingSize",
+            "subsets[].trafficPolicy.loadBalancer.consistentHash.maglev.tableSize",
+            "subsets[].trafficPolicy.loadBalancer.consistentHash.minimumRingSize",
+            "subsets[].trafficPolicy.loadBalancer.localityLbSetting.enabled",
+            "subsets[].trafficPolicy.loadBalancer.localityLbSetting.distribute[]",
+            "subsets[].trafficPolicy.loadBalancer.localityLbSetting.failover[]",
+            "subsets[].trafficPolicy.loadBalancer.localityLbSetting.failoverPriority[]",
+            "subsets[].trafficPolicy.loadBalancer.warmupDurationSecs",
+            "subsets[].trafficPolicy.loadBalancer.warmup",
+            "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.simple",
+            "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.useSourceIp",
+            "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.httpHeaderName",
+            "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.httpCookie.name",
+            "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.httpCookie.path",
+            "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.httpCookie.ttl",
+            "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.httpCookie.attributes[]",
+            "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.httpQueryParameterName",
+            "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.ringHash.minimumRingSize",
+            "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.maglev.tableSize",
+            "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.consistentHash.minimumRingSize",
+            "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.localityLbSetting.enabled",
+            "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.localityLbSetting.distribute[]",
+            "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.localityLbSetting.failover[]",
+            "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.localityLbSetting.failoverPriority[]",
+            "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.warmupDurationSecs",
+            "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.warmup",
+            "subsets[].name",
+            "subsets[].labels",
             "trafficPolicy.outlierDetection",
             "trafficPolicy.connectionPool.tcp.maxConnections",
             "trafficPolicy.connectionPool.http.http1MaxPendingRequests",
@@ -1715,6 +2028,103 @@ spec:
                 "missing {line}\nin {messages:#?}"
             );
         }
+    }
+
+    #[test]
+    fn load_balancers_the_model_cannot_use_are_errors_and_the_others_are_enforced() {
+        let messages = load(&format!(
+            "{SERVICE}\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: web, namespace: shop}}
+spec:
+  host: web
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpHeaderName: x-user
+        ringHash: {{minimumRingSize: 1024}}
+        maglev:
+          tableSize: 1000
+    portLevelSettings:
+    - port: {{number: 80}}
+      loadBalancer:
+        localityLbSetting:
+          distribute:
+          - from: r1/z-a/*
+            to:
+              r1/z-a/*: 70
+              r1/z*: 20
+          failover:
+          - from: r1
+            to: r1
+  subsets:
+  - name: v1
+    labels: {{version: v1}}
+    trafficPolicy:
+      loadBalancer:
+        consistentHash:
+          httpCookie: {{name: session, ttl: 60s}}
+        warmupDurationSecs: 30s
+        localityLbSetting:
+          failoverPriority: [topology.kubernetes.io/region]
+  - name: v2
+    labels: {{version: v2}}
+    trafficPolicy:
+      loadBalancer:
+        simple: LEAST_REQUEST
+        warmup:
+          duration: 60s
+          minimumPercent: 120
+"
+        ));
+        let at = "DestinationRule shop/web: spec.trafficPolicy";
+        let expected = [
+            format!("test.yaml:13: error: {at}.loadBalancer.consistentHash: ringHash and maglev are alternatives: set one"),
+            format!("test.yaml:17: error: {at}.loadBalancer.consistentHash.maglev.tableSize: 1000 is not a prime number up to 5000011 (Envoy's Maglev table)"),
+            format!("test.yaml:21: error: {at}.portLevelSettings[0].loadBalancer.localityLbSetting: distribute and failover are alternatives: set one"),
+            format!("test.yaml:24: error: {at}.portLevelSettings[0].loadBalancer.localityLbSetting.distribute[0].to: the weights from r1/z-a/* add up to 90, not 100"),
+            format!("test.yaml:26: error: {at}.portLevelSettings[0].loadBalancer.localityLbSetting.distribute[0].to.r1/z*: \"r1/z*\": a wildcard '*' must be a whole part, and the last one"),
+            format!("test.yaml:29: error: {at}.portLevelSettings[0].loadBalancer.localityLbSetting.failover[0].to: failover from r1 to itself: name another region"),
+            "test.yaml:47: error: DestinationRule shop/web: spec.subsets[1].trafficPolicy.loadBalancer.warmup.minimumPercent: 120 is not a percentage (0 to 100)".to_owned(),
+        ];
+        for line in &expected {
+            assert!(
+                messages.iter().any(|m| m == line),
+                "missing {line}\nin {messages:#?}"
+            );
+        }
+        let errors = messages.iter().filter(|m| m.contains(": error: ")).count();
+        assert_eq!(errors, expected.len(), "{messages:#?}");
+        assert!(
+            messages.contains(&format!(
+                "test.yaml:21: warning: {at}.portLevelSettings[0].loadBalancer.localityLbSetting: \
+                 failover applies only with outlierDetection, as in Istio: set it on this cluster"
+            )),
+            "{messages:#?}"
+        );
+        let subset_warnings = messages
+            .iter()
+            .filter(|m| m.contains("spec.subsets[0]") && m.contains("outlierDetection"))
+            .count();
+        assert_eq!(subset_warnings, 1, "{messages:#?}");
+        assert!(
+            !messages.iter().any(|m| m.contains("not enforced")),
+            "{messages:#?}"
+        );
+    }
+
+    #[test]
+    fn locality_patterns_and_table_sizes() {
+        assert!(check_locality("r1/z-a/*").is_ok());
+        assert!(check_locality("*").is_ok());
+        assert!(check_locality("r1/z*").is_err());
+        assert!(check_locality("*/z-a").is_err());
+        assert!(check_locality("r1//z").is_err());
+        assert!(check_locality("a/b/c/d").is_err());
+        assert!(check_locality("").is_err());
+        assert!(is_prime(65_537) && is_prime(5_000_011) && is_prime(2));
+        assert!(!is_prime(65_536) && !is_prime(1) && !is_prime(0) && !is_prime(9));
     }
 
     #[test]

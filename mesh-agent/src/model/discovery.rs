@@ -20,8 +20,10 @@ use crate::{
     model::{
         circuit::PoolLimits,
         destination_policy::{cluster_name, EffectivePolicy},
-        lb::LbPolicy,
+        lb::{LbPolicy, LbSettings},
+        locality::Locality,
         outlier::OutlierSettings,
+        routing::HostRoutes,
         ClusterPolicy, Endpoint, MeshState, ServiceName, ServicePortState, Workload,
     },
 };
@@ -65,28 +67,54 @@ fn destination_rule<'a>(
     matching.into_iter().next()
 }
 
-type Subsets = BTreeMap<String, (BTreeMap<String, String>, LbPolicy)>;
+type Subsets = BTreeMap<String, (BTreeMap<String, String>, LbSettings)>;
 
-fn policies(rule: Option<&Resource<DestinationRule>>, default: LbPolicy) -> (LbPolicy, Subsets) {
+/// The load balancing `rule` gives `subset` (none: the host) on `port`, merged as Istio
+/// merges it (port-level settings included); `default` where it sets no policy.
+fn lb_settings(
+    rule: Option<&Resource<DestinationRule>>,
+    subset: Option<&str>,
+    port: u16,
+    default: LbPolicy,
+) -> LbSettings {
     let Some(rule) = rule else {
-        return (default, Subsets::new());
+        return LbSettings::simple(default);
     };
-    let lb_of = |policy: Option<&crate::config::istio::TrafficPolicy>| {
-        policy
-            .and_then(|p| p.load_balancer.as_ref())
-            .and_then(LbPolicy::from_settings)
-    };
-    let policy = lb_of(rule.spec.traffic_policy.as_ref()).unwrap_or(default);
+    let effective = EffectivePolicy::resolve(&rule.spec, subset, port);
+    LbSettings::from_istio(
+        effective.load_balancer,
+        default,
+        effective.outlier_detection.is_some(),
+    )
+}
+
+/// The host's load balancing on `port`, and each subset's with its labels.
+fn policies(
+    rule: Option<&Resource<DestinationRule>>,
+    port: u16,
+    default: LbPolicy,
+) -> (LbSettings, Subsets) {
+    let host = lb_settings(rule, None, port, default);
     let subsets = rule
-        .spec
-        .subsets
-        .iter()
-        .map(|s| {
-            let subset_policy = lb_of(s.traffic_policy.as_ref()).unwrap_or(policy);
-            (s.name.clone(), (s.labels.clone(), subset_policy))
+        .map(|rule| {
+            rule.spec
+                .subsets
+                .iter()
+                .map(|s| {
+                    let lb = lb_settings(Some(rule), Some(&s.name), port, default);
+                    (s.name.clone(), (s.labels.clone(), lb))
+                })
+                .collect()
         })
-        .collect();
-    (policy, subsets)
+        .unwrap_or_default();
+    (host, subsets)
+}
+
+/// The locality of a pod on `node`.
+fn locality_on(state: &MeshState, node: Option<&str>) -> Locality {
+    node.and_then(|n| state.localities.get(n))
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// The outlier detection and pool limits `rule` gives the host and each of its subsets on
@@ -144,10 +172,16 @@ fn entry_endpoint(
         .and_then(|name| entry.ports.get(name))
         .and_then(|p| u16::try_from(*p).ok())
         .unwrap_or(default_port);
+    let workload = state.workloads.get(&ip).cloned();
+    let locality = match &entry.locality {
+        Some(path) => Locality::from_path(path),
+        None => locality_on(state, workload.as_ref().map(|w| w.node.as_str())),
+    };
     Some(Endpoint {
         addr: SocketAddrV4::new(ip, port),
-        workload: state.workloads.get(&ip).cloned(),
+        workload,
         labels: entry.labels.clone(),
+        locality,
     })
 }
 
@@ -158,6 +192,7 @@ struct SelectedPod {
     workload: Option<Arc<Workload>>,
     labels: BTreeMap<String, String>,
     named_ports: BTreeMap<String, u16>,
+    locality: Locality,
 }
 
 fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service: &Service) {
@@ -198,6 +233,7 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
                 workload: state.workloads.get(&ip).cloned(),
                 labels: pod.metadata.labels.clone(),
                 named_ports: pod.named_ports(),
+                locality: locality_on(state, pod.spec.node_name.as_deref()),
             })
         })
         .collect();
@@ -223,7 +259,6 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
         );
     }
     let rule = destination_rule(config, &hostname, namespace);
-    let (policy, subsets) = policies(rule, LbPolicy::RoundRobin);
     for port in service
         .spec
         .ports
@@ -238,6 +273,7 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
                     addr: SocketAddrV4::new(pod.ip, target),
                     workload: pod.workload.clone(),
                     labels: pod.labels.clone(),
+                    locality: pod.locality.clone(),
                 })
             })
             .collect();
@@ -256,19 +292,28 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
             hostname: hostname.clone(),
         };
         let address = SocketAddrV4::new(ip, port.port);
+        let (lb, subsets) = policies(rule, port.port, LbPolicy::RoundRobin);
         let mut port_state = ServicePortState::new(
             name,
             address,
             endpoints,
-            policy,
-            subsets.clone(),
+            lb,
+            subsets,
             &state.balancers,
+            &state.place,
         );
         port_state.http = is_http(port);
         port_state.http2 = is_http2(port);
         port_state.clusters = cluster_policies(state, rule, &port_state);
+        port_state.default_routes = default_routes(&port_state);
         state.services.insert(address, Arc::new(port_state));
     }
+}
+
+/// The default route of an HTTP port whose balancer hashes on requests.
+fn default_routes(port: &ServicePortState) -> Option<Arc<HostRoutes>> {
+    (port.http && port.hashes_requests())
+        .then(|| Arc::new(HostRoutes::default_for(&port.hostname, &port.namespace)))
 }
 
 fn target_port(port: &ServicePort, named: &BTreeMap<String, u16>) -> Option<u16> {
@@ -403,7 +448,6 @@ fn add_service_entry(
         LbPolicy::RoundRobin
     };
     let rule = destination_rule(config, &hostname, namespace);
-    let (policy, subsets) = policies(rule, default_policy);
     for port in &spec.ports {
         let Ok(number) = u16::try_from(port.number) else {
             continue;
@@ -415,6 +459,7 @@ fn add_service_entry(
                 addr: SocketAddrV4::new(w.ip, default_port),
                 workload: Some(w.clone()),
                 labels: w.labels.clone(),
+                locality: locality_on(state, Some(&w.node)),
             })
             .collect();
         endpoints.extend(
@@ -429,19 +474,22 @@ fn add_service_entry(
                 hostname: hostname.clone(),
             };
             let address = SocketAddrV4::new(*ip, number);
+            let (lb, subsets) = policies(rule, number, default_policy);
             let mut port_state = ServicePortState::new(
                 name,
                 address,
                 endpoints.clone(),
-                policy,
-                subsets.clone(),
+                lb,
+                subsets,
                 &state.balancers,
+                &state.place,
             );
             port_state.http = entry_port_is_http(port);
             port_state.http2 = entry_port_protocol(port) != "http"
                 && port_state.http
                 && entry_port_protocol(port) != "grpc-web";
             port_state.clusters = cluster_policies(state, rule, &port_state);
+            port_state.default_routes = default_routes(&port_state);
             state.services.insert(address, Arc::new(port_state));
         }
     }

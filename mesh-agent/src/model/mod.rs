@@ -7,7 +7,9 @@ pub mod access_log;
 pub mod circuit;
 pub mod destination_policy;
 pub mod discovery;
+pub mod hashing;
 pub mod lb;
+pub mod locality;
 pub mod outlier;
 pub mod peerauth;
 pub mod ratelimit;
@@ -32,10 +34,12 @@ use crate::config::{ClusterConfig, Diagnostic, Pod, DEFAULT_ROOT_NAMESPACE};
 
 use self::{
     circuit::PoolLimits,
-    lb::{ActiveGuard, Balancer, LbPolicy, LbRegistry},
+    hashing::{RequestHash, RequestKeys},
+    lb::{ActiveGuard, Balancer, BalancerScope, LbPolicy, LbRegistry, LbSettings},
+    locality::{Locality, Placed},
     outlier::OutlierTracker,
     peerauth::WorkloadMtls,
-    routing::RouteTable,
+    routing::{HostRoutes, RouteTable},
     security::{SecurityConfig, WorkloadSecurity},
     telemetry::WorkloadTelemetry,
 };
@@ -91,15 +95,32 @@ pub struct Endpoint {
     #[serde(skip)]
     pub workload: Option<Arc<Workload>>,
     pub labels: BTreeMap<String, String>,
+    /// Its node's (a WorkloadEntry's own `locality`).
+    pub locality: Locality,
+}
+
+impl Endpoint {
+    /// True when `selector`'s labels are all the endpoint's.
+    pub fn has_labels(&self, selector: &BTreeMap<String, String>) -> bool {
+        selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
 }
 
 /// A DestinationRule subset: the endpoints whose labels match, and its own policy.
 #[derive(Debug, Serialize)]
 pub struct SubsetState {
     pub labels: BTreeMap<String, String>,
-    pub policy: LbPolicy,
+    pub lb: LbSettings,
     #[serde(skip)]
     balancer: Balancer,
+}
+
+/// Where the clients of this agent are: its node's locality and labels (every pod it
+/// serves runs there).
+#[derive(Debug, Clone, Default)]
+pub struct ClientPlace {
+    pub locality: Locality,
+    pub labels: BTreeMap<String, String>,
 }
 
 /// What a DestinationRule asks of one cluster (the host, or one subset) on one port:
@@ -128,13 +149,17 @@ pub struct ServicePortState {
     pub http: bool,
     /// Declared HTTP/2 or gRPC: routed requests reach it over HTTP/2.
     pub http2: bool,
-    pub policy: LbPolicy,
+    pub lb: LbSettings,
     #[serde(skip)]
     balancer: Balancer,
     pub subsets: BTreeMap<String, SubsetState>,
     /// Outlier detection and pool limits by subset ("" for the whole host), where a
     /// DestinationRule sets them.
     pub clusters: BTreeMap<String, ClusterPolicy>,
+    /// The default route, when no VirtualService routes the host but its balancer hashes
+    /// on requests: only the HTTP router sees their headers, cookies and query.
+    #[serde(skip)]
+    pub default_routes: Option<Arc<HostRoutes>>,
 }
 
 /// What the load balancer chose for a connection.
@@ -158,24 +183,57 @@ impl ServicePortState {
         service: ServiceName,
         address: SocketAddrV4,
         endpoints: Vec<Endpoint>,
-        policy: LbPolicy,
-        subsets: BTreeMap<String, (BTreeMap<String, String>, LbPolicy)>,
+        lb: LbSettings,
+        subsets: BTreeMap<String, (BTreeMap<String, String>, LbSettings)>,
         balancers: &LbRegistry,
+        client: &ClientPlace,
     ) -> ServicePortState {
         let addresses: Vec<SocketAddrV4> = endpoints.iter().map(|e| e.addr).collect();
         let key = |subset: &str| format!("{}|{address}|{subset}", service.hostname);
+        // Endpoint labels with their node's topology labels, for `failoverPriority`.
+        let placed_labels: Vec<BTreeMap<String, String>> = endpoints
+            .iter()
+            .map(|e| {
+                let mut labels = e.labels.clone();
+                for (k, v) in e.locality.labels() {
+                    labels.insert(k.to_owned(), v.to_owned());
+                }
+                labels
+            })
+            .collect();
+        let balancer = |name: &str, lb: &LbSettings, members: Vec<usize>| {
+            let locality = lb.locality.as_ref().and_then(|settings| {
+                let placed: Vec<Placed> = members
+                    .iter()
+                    .map(|i| Placed {
+                        locality: &endpoints[*i].locality,
+                        labels: &placed_labels[*i],
+                    })
+                    .collect();
+                locality::plan(settings, &client.locality, &client.labels, &placed)
+            });
+            let scope = BalancerScope {
+                addresses: &addresses,
+                members,
+                locality,
+            };
+            balancers.balancer(key(name), lb, scope)
+        };
         let subsets = subsets
             .into_iter()
-            .map(|(subset, (labels, policy))| {
+            .map(|(subset, (labels, lb))| {
+                let members = (0..endpoints.len())
+                    .filter(|i| endpoints[*i].has_labels(&labels))
+                    .collect();
                 let state = SubsetState {
+                    balancer: balancer(&subset, &lb, members),
                     labels,
-                    policy,
-                    balancer: balancers.balancer(key(&subset), policy, &addresses),
+                    lb,
                 };
                 (subset, state)
             })
             .collect();
-        let balancer = balancers.balancer(key(""), policy, &addresses);
+        let balancer = balancer("", &lb, (0..endpoints.len()).collect());
         ServicePortState {
             namespace: service.namespace,
             name: service.name,
@@ -183,13 +241,22 @@ impl ServicePortState {
             cluster_ip: *address.ip(),
             port: address.port(),
             balancer,
-            policy,
+            lb,
             endpoints,
             http: false,
             http2: false,
             subsets,
             clusters: BTreeMap::new(),
+            default_routes: None,
         }
+    }
+
+    /// Whether some balancer of this port hashes on what only a request carries.
+    pub fn hashes_requests(&self) -> bool {
+        std::iter::once(&self.lb)
+            .chain(self.subsets.values().map(|s| &s.lb))
+            .filter_map(LbSettings::hash_key)
+            .any(|key| *key != hashing::HashKey::SourceIp)
     }
 
     /// The DestinationRule's outlier detection and limits for `subset` (or the host).
@@ -197,53 +264,64 @@ impl ServicePortState {
         self.clusters.get(subset.unwrap_or_default())
     }
 
-    /// The endpoint for a new connection from `client`, in `subset` if one is named.
-    pub fn pick(&self, client: Ipv4Addr, subset: Option<&str>) -> Pick {
-        self.pick_where(client, subset, |_| true)
+    /// The load-balancing settings of `subset` (none: the host).
+    fn lb_of(&self, subset: Option<&str>) -> &LbSettings {
+        subset
+            .and_then(|s| self.subsets.get(s))
+            .map_or(&self.lb, |s| &s.lb)
     }
 
-    /// As [`pick`](Self::pick), but not one of `avoid` while another is eligible: a retry
-    /// goes to another endpoint when there is one (Istio's `previous_hosts` predicate).
-    /// Only endpoints `allowed` says yes to are eligible.
+    /// The endpoint for a new connection from `client`, in `subset` if one is named: a
+    /// connection hashes only on its source address.
+    pub fn pick(&self, client: Ipv4Addr, subset: Option<&str>) -> Pick {
+        let hash = self
+            .lb_of(subset)
+            .hash_key()
+            .and_then(|key| key.connection_hash(client));
+        self.pick_where(hash, subset, |_| true)
+    }
+
+    /// The consistent hash of a request to `subset` (or the host), when its policy hashes,
+    /// and the cookie to set when one was generated.
+    pub fn request_hash(&self, subset: Option<&str>, request: &RequestKeys) -> RequestHash {
+        self.lb_of(subset)
+            .hash_key()
+            .map(|key| key.request_hash(request))
+            .unwrap_or_default()
+    }
+
+    /// The endpoint for a request hashing to `hash` (see [`Self::request_hash`]), but not
+    /// one of `avoid` while another is eligible: a retry goes to another endpoint when
+    /// there is one (Istio's `previous_hosts` predicate). Only endpoints `allowed` says
+    /// yes to are eligible.
     pub fn pick_avoiding(
         &self,
-        client: Ipv4Addr,
+        hash: Option<u64>,
         subset: Option<&str>,
         avoid: &[SocketAddrV4],
         allowed: impl Fn(SocketAddrV4) -> bool,
     ) -> Pick {
-        match self.pick_where(client, subset, |addr| {
-            !avoid.contains(&addr) && allowed(addr)
-        }) {
-            Pick::None if !avoid.is_empty() => self.pick_where(client, subset, allowed),
+        match self.pick_where(hash, subset, |addr| !avoid.contains(&addr) && allowed(addr)) {
+            Pick::None if !avoid.is_empty() => self.pick_where(hash, subset, allowed),
             picked => picked,
         }
     }
 
     fn pick_where(
         &self,
-        client: Ipv4Addr,
+        hash: Option<u64>,
         subset: Option<&str>,
         allowed: impl Fn(SocketAddrV4) -> bool,
     ) -> Pick {
-        let addresses: Vec<SocketAddrV4> = self.endpoints.iter().map(|e| e.addr).collect();
-        let (balancer, labels) = match subset.map(|s| self.subsets.get(s)) {
-            Some(Some(subset)) => (&subset.balancer, Some(&subset.labels)),
+        let balancer = match subset.map(|s| self.subsets.get(s)) {
+            Some(Some(subset)) => &subset.balancer,
             Some(None) => return Pick::None,
-            None => (&self.balancer, None),
+            None => &self.balancer,
         };
         if balancer.policy == LbPolicy::Passthrough {
             return Pick::Passthrough;
         }
-        let eligible = |i: usize| {
-            allowed(self.endpoints[i].addr)
-                && labels.is_none_or(|labels| {
-                    labels
-                        .iter()
-                        .all(|(k, v)| self.endpoints[i].labels.get(k) == Some(v))
-                })
-        };
-        match balancer.pick(client, &addresses, eligible) {
+        match balancer.pick(hash, |i| allowed(self.endpoints[i].addr)) {
             Some((index, guard)) => Pick::Endpoint(index, guard),
             None => Pick::None,
         }
@@ -271,6 +349,11 @@ pub enum Resolved {
 pub struct MeshState {
     pub node: String,
     pub nodes: BTreeMap<String, Ipv4Addr>,
+    /// Every node's locality, from its topology labels.
+    pub localities: BTreeMap<String, Locality>,
+    /// This node's locality and labels: its clients'.
+    #[serde(skip)]
+    pub place: ClientPlace,
     pub workloads: HashMap<Ipv4Addr, Arc<Workload>>,
     pub services: HashMap<SocketAddrV4, Arc<ServicePortState>>,
     /// PeerAuthentication modes of every workload.
@@ -320,6 +403,14 @@ impl MeshState {
             if let Some(ip) = n.internal_ip() {
                 state.nodes.insert(n.metadata.name.clone(), ip);
             }
+            let locality = Locality::of_labels(&n.metadata.labels);
+            if n.metadata.name == node {
+                state.place = ClientPlace {
+                    locality: locality.clone(),
+                    labels: n.metadata.labels.clone(),
+                };
+            }
+            state.localities.insert(n.metadata.name.clone(), locality);
         }
         let namespace_labels: HashMap<&str, &str> = config
             .namespaces
@@ -433,6 +524,20 @@ impl MeshState {
                 guard: None,
             },
             None => Resolved::Unknown,
+        }
+    }
+
+    /// The HTTP routes requests from `source_namespace` to `service` take: its
+    /// VirtualService's, else its default route when its balancer hashes on requests.
+    pub fn http_routes(
+        &self,
+        service: &ServicePortState,
+        source_namespace: &str,
+    ) -> Option<Arc<HostRoutes>> {
+        match self.routes.for_host(&service.hostname, source_namespace) {
+            Some(routes) => Some(routes.clone()),
+            None if service.http => service.default_routes.clone(),
+            None => None,
         }
     }
 
@@ -909,7 +1014,7 @@ spec:
             .services
             .get(&"10.96.0.20:80".parse().expect("addr"))
             .expect("api Service");
-        assert_eq!(api.policy, LbPolicy::SourceIpHash);
+        assert_eq!(api.lb.policy, LbPolicy::ConsistentHash);
         let endpoints: Vec<String> = api.endpoints.iter().map(|e| e.addr.to_string()).collect();
         assert_eq!(
             endpoints,
@@ -927,7 +1032,7 @@ spec:
                 "source-IP hashing is sticky"
             );
         }
-        assert_eq!(api.subsets["v2"].policy, LbPolicy::RoundRobin);
+        assert_eq!(api.subsets["v2"].lb.policy, LbPolicy::RoundRobin);
         let v2: Vec<usize> = (0..4)
             .map(|_| match api.pick(CLIENT, Some("v2")) {
                 Pick::Endpoint(index, _) => index,
@@ -936,6 +1041,80 @@ spec:
             .collect();
         assert_eq!(v2, [1, 2, 1, 2]);
         assert!(matches!(api.pick(CLIENT, Some("v3")), Pick::None));
+    }
+
+    #[test]
+    fn hashing_on_requests_routes_the_host_without_a_virtual_service() {
+        let hashed = VERSIONS.replace("useSourceIp: true", "httpHeaderName: x-user");
+        let state = state_from(&format!("{CLUSTER}{hashed}"));
+        let api = &state.services[&"10.96.0.20:80".parse().expect("addr")];
+        let routes = state.http_routes(api, "shop").expect("the default route");
+        assert_eq!(routes.http.len(), 1);
+        assert_eq!(routes.http[0].name, "default");
+        let by_source = state_from(&format!("{CLUSTER}{VERSIONS}"));
+        let api = &by_source.services[&"10.96.0.20:80".parse().expect("addr")];
+        assert!(
+            by_source.http_routes(api, "shop").is_none(),
+            "the source address is known per connection"
+        );
+    }
+
+    #[test]
+    fn localities_come_from_the_nodes_and_failover_stays_in_the_zone() {
+        let yaml = "\
+apiVersion: v1
+kind: Node
+metadata: {name: node-1, labels: {topology.kubernetes.io/region: r1, topology.kubernetes.io/zone: z1}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-2, labels: {topology.kubernetes.io/region: r1, topology.kubernetes.io/zone: z2}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-1}
+status: {podIP: 10.244.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-2}
+status: {podIP: 10.244.2.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: shop}
+spec:
+  host: web
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 1}
+";
+        let config = load_str(std::path::Path::new("test.yaml"), yaml);
+        for (node, local) in [("node-1", "10.244.1.2:8080"), ("node-2", "10.244.2.2:8080")] {
+            let state = MeshState::build_with(
+                node,
+                &config,
+                &MeshSettings::default(),
+                &LbRegistry::default(),
+            );
+            assert_eq!(
+                state.place.locality.to_string(),
+                if node == "node-1" { "r1/z1" } else { "r1/z2" }
+            );
+            for _ in 0..4 {
+                assert_eq!(
+                    target(&state, "10.96.0.10:80").0.to_string(),
+                    local,
+                    "{node}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{
     circuit::{BudgetSnapshot, Budgets},
+    lb::LbSettings,
     outlier::EndpointOutlierState,
     routing::{Action, HttpRule, RequestFacts, TcpRule, WeightedDestination},
     MeshState,
@@ -32,6 +33,16 @@ pub struct PortReport {
     pub http: bool,
     pub endpoints: Vec<EndpointReport>,
     pub clusters: Vec<ClusterReport>,
+    /// The host's load balancing, then each subset's.
+    pub load_balancers: Vec<BalancerReport>,
+}
+
+/// How one cluster of the port balances: its settings, and a line saying them.
+#[derive(Debug, Serialize)]
+pub struct BalancerReport {
+    pub subset: Option<String>,
+    pub summary: String,
+    pub settings: LbSettings,
 }
 
 #[derive(Debug, Serialize)]
@@ -39,6 +50,8 @@ pub struct EndpointReport {
     pub address: String,
     pub pod: Option<String>,
     pub subsets: Vec<String>,
+    /// `region/zone/subzone`.
+    pub locality: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -80,9 +93,23 @@ pub fn routes_report(state: &MeshState, budgets: &Budgets, host: &str) -> Option
                     subsets: service
                         .subsets
                         .iter()
-                        .filter(|(_, s)| s.labels.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
+                        .filter(|(_, s)| e.has_labels(&s.labels))
                         .map(|(name, _)| name.clone())
                         .collect(),
+                    locality: e.locality.to_string(),
+                })
+                .collect(),
+            load_balancers: std::iter::once((None, &service.lb))
+                .chain(
+                    service
+                        .subsets
+                        .iter()
+                        .map(|(name, s)| (Some(name.clone()), &s.lb)),
+                )
+                .map(|(subset, lb)| BalancerReport {
+                    subset,
+                    summary: lb.describe(),
+                    settings: lb.clone(),
                 })
                 .collect(),
             clusters: service

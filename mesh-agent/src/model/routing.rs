@@ -187,7 +187,7 @@ impl RequestMatch {
 }
 
 /// The first value of query parameter `name` (Envoy matches the first).
-fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|pair| {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         (key == name).then(|| value.to_owned())
@@ -610,6 +610,35 @@ impl HostRoutes {
         self.exported_to
             .as_ref()
             .is_none_or(|to| to.iter().any(|n| n == namespace))
+    }
+
+    /// The routes Istio gives a host no VirtualService routes: one route, `default`, to
+    /// the whole host with Istio's default retries.
+    pub fn default_for(hostname: &str, namespace: &str) -> HostRoutes {
+        let destination = WeightedDestination {
+            host: hostname.to_owned(),
+            subset: None,
+            port: None,
+            weight: 100,
+            headers: HeaderChanges::default(),
+        };
+        HostRoutes {
+            virtual_service: "-".to_owned(),
+            namespace: namespace.to_owned(),
+            exported_to: None,
+            http: vec![HttpRule {
+                name: "default".to_owned(),
+                matches: Vec::new(),
+                action: Action::Route(vec![destination]),
+                rewrite: None,
+                timeout: None,
+                retries: RetryPolicy::istio_default(),
+                fault: Fault::default(),
+                headers: HeaderChanges::default(),
+                mirrors: Vec::new(),
+            }],
+            tcp: Vec::new(),
+        }
     }
 
     /// The route a request takes: `None` when no route matches (Envoy's `NR`: 404).

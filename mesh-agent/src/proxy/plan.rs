@@ -241,7 +241,7 @@ fn routed(
     let Some(service) = state.services.get(&original_dst) else {
         return Ok(None);
     };
-    let Some(routes) = state.routes.for_host(&service.hostname, &source.namespace) else {
+    let Some(routes) = state.http_routes(service, &source.namespace) else {
         return Ok(None);
     };
     if service.http && !routes.http.is_empty() {

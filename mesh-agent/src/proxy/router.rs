@@ -26,6 +26,7 @@ use crate::{
     model::{
         circuit::{Budget, BudgetKey, Keepalive, Overflow, Permit, PoolLimits},
         destination_policy::cluster_name,
+        hashing::RequestKeys,
         outlier::Outcome,
         routing::{
             choose_random, AbortWith, Action, Fault, HttpRule, RequestFacts, RetryPolicy, Selected,
@@ -260,9 +261,9 @@ impl Router {
         };
         let state = self.proxy.state.current();
         let Some(routes) = state
-            .routes
-            .for_host(&self.hostname, &self.source.namespace)
-            .cloned()
+            .services
+            .get(&self.addressed)
+            .and_then(|service| state.http_routes(service, &self.source.namespace))
         else {
             record.flag(ResponseFlag::NoRoute);
             return reply(StatusCode::NOT_FOUND, "");
@@ -364,8 +365,9 @@ impl Router {
         Response::from_parts(head, body)
     }
 
-    /// Tries `destination` as the retry policy allows; each retry picks another endpoint
-    /// when there is one (Istio's `previous_hosts` predicate).
+    /// Sends the request to `destination`: the endpoint by the destination's balancer,
+    /// hashing the request when its policy hashes (a generated cookie is set on the
+    /// answer, as Envoy sets it).
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
@@ -383,6 +385,50 @@ impl Router {
             record.flag(ResponseFlag::NoHealthyUpstream);
             return reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         };
+        let keys = RequestKeys {
+            headers: &parts.headers,
+            query: parts.uri.query(),
+            client: self.client,
+            addressed: self.addressed,
+        };
+        let hashed = service.request_hash(destination.subset.as_deref(), &keys);
+        let mut response = self
+            .tries(
+                state,
+                service,
+                destination,
+                parts,
+                body,
+                retries,
+                grpc,
+                hashed.hash,
+                record,
+            )
+            .await;
+        if let Some(cookie) = hashed
+            .set_cookie
+            .and_then(|c| HeaderValue::from_str(&c).ok())
+        {
+            response.headers_mut().append(header::SET_COOKIE, cookie);
+        }
+        response
+    }
+
+    /// Tries `destination` as the retry policy allows; each retry picks another endpoint
+    /// when there is one (Istio's `previous_hosts` predicate).
+    #[allow(clippy::too_many_arguments)]
+    async fn tries(
+        &self,
+        state: &Arc<MeshState>,
+        service: &Arc<ServicePortState>,
+        destination: &WeightedDestination,
+        parts: &Parts,
+        body: &mut RequestBody,
+        retries: &RetryPolicy,
+        grpc: bool,
+        hash: Option<u64>,
+        record: &mut RequestRecord,
+    ) -> Response<RoutedBody> {
         let cluster = service.cluster(destination.subset.as_deref());
         let key = BudgetKey {
             source: self.source.key(),
@@ -427,18 +473,14 @@ impl Router {
         let mut tried = Vec::new();
         let mut _retry = None;
         loop {
-            let endpoint = match service.pick_avoiding(
-                *self.client.ip(),
-                destination.subset.as_deref(),
-                &tried,
-                allowed,
-            ) {
-                Pick::Endpoint(index, _guard) => service.endpoints[index].clone(),
-                Pick::Passthrough | Pick::None => {
-                    record.flag(ResponseFlag::NoHealthyUpstream);
-                    return reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
-                }
-            };
+            let endpoint =
+                match service.pick_avoiding(hash, destination.subset.as_deref(), &tried, allowed) {
+                    Pick::Endpoint(index, _guard) => service.endpoints[index].clone(),
+                    Pick::Passthrough | Pick::None => {
+                        record.flag(ResponseFlag::NoHealthyUpstream);
+                        return reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+                    }
+                };
             tried.push(endpoint.addr);
             record.attempts += 1;
             record.upstream = Some(endpoint.addr);
