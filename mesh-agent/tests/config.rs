@@ -342,7 +342,7 @@ fn deprecated_fields_are_warnings() {
 #[test]
 fn fields_parsed_but_not_enforced_are_warnings() {
     let config = check(&format!(
-        "{REVIEWS}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: pool, namespace: shop}}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {{simple: LEAST_REQUEST}}\n    connectionPool:\n      http: {{maxRequestsPerConnection: 1}}\n"
+        "{REVIEWS}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: pool, namespace: shop}}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {{simple: LEAST_REQUEST}}\n    connectionPool:\n      http: {{maxRequestsPerConnection: 1, h2UpgradePolicy: UPGRADE}}\n"
     ));
     only(
         &config,
