@@ -200,6 +200,45 @@ fn known_hosts(config: &ClusterConfig) -> HashSet<String> {
     hosts
 }
 
+/// The VirtualService an `http` route of a VirtualService of `namespace` delegates to
+/// (Istio's delegation, one level): it must exist among `virtual_services`, be exported
+/// to `namespace`, have no hosts and delegate no further.
+pub fn delegate_target<'a>(
+    delegate: &Delegate,
+    namespace: &str,
+    virtual_services: &'a [Resource<VirtualService>],
+) -> Result<&'a Resource<VirtualService>, String> {
+    let delegate_namespace = delegate.namespace.as_deref().unwrap_or(namespace);
+    let named = format!("{delegate_namespace}/{}", delegate.name);
+    let target = virtual_services
+        .iter()
+        .find(|vs| vs.namespace() == delegate_namespace && vs.metadata.name == delegate.name)
+        .filter(|vs| exported_to(vs, namespace))
+        .ok_or_else(|| {
+            format!("delegate {named}: no such VirtualService is visible to namespace {namespace}")
+        })?;
+    if !target.spec.hosts.is_empty() {
+        return Err(format!(
+            "delegate {named} has hosts: a delegate VirtualService has none"
+        ));
+    }
+    if target.spec.http.iter().any(|r| r.delegate.is_some()) {
+        return Err(format!(
+            "delegate {named} delegates again: only one level of delegation is supported"
+        ));
+    }
+    Ok(target)
+}
+
+/// Whether `vs`'s `exportTo` makes it visible to `namespace`.
+fn exported_to(vs: &Resource<VirtualService>, namespace: &str) -> bool {
+    let export = &vs.spec.export_to;
+    export.is_empty()
+        || export
+            .iter()
+            .any(|e| e == "*" || e == namespace || (e == "." && vs.namespace() == namespace))
+}
+
 fn check_virtual_service(
     vs: &Resource<VirtualService>,
     config: &ClusterConfig,
@@ -280,6 +319,33 @@ fn check_virtual_service(
                     origin,
                     found,
                 );
+            }
+        }
+    }
+    for (i, route) in vs.spec.tls.iter().enumerate() {
+        if route.matches.is_empty() {
+            found.push(error(
+                vs,
+                &format!("spec.tls[{i}]"),
+                "a tls route needs a match block with sniHosts".into(),
+            ));
+        }
+        for (j, m) in route.matches.iter().enumerate() {
+            if m.sni_hosts.is_empty() {
+                found.push(error(
+                    vs,
+                    &format!("spec.tls[{i}].match[{j}].sniHosts"),
+                    "required in a tls route".into(),
+                ));
+            }
+        }
+    }
+    for (i, route) in vs.spec.http.iter().enumerate() {
+        if let Some(delegate) = &route.delegate {
+            if let Err(problem) =
+                delegate_target(delegate, vs.namespace(), &config.istio.virtual_services)
+            {
+                found.push(error(vs, &format!("spec.http[{i}].delegate"), problem));
             }
         }
     }
@@ -1146,6 +1212,14 @@ fn enforced(kind: &str) -> &'static [&'static str] {
             "http[].mirrorPercentage",
             "http[].mirrorPercent",
             "http[].headers",
+            "http[].corsPolicy",
+            "http[].delegate",
+            "tls[].match[].sniHosts",
+            "tls[].match[].port",
+            "tls[].match[].destinationSubnets",
+            "tls[].match[].sourceLabels",
+            "tls[].match[].sourceNamespace",
+            "tls[].route",
             "tcp[].match[].port",
             "tcp[].match[].sourceLabels",
             "tcp[].match[].destinationSubnets",

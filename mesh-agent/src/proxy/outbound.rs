@@ -16,7 +16,7 @@ use crate::{
         deliver::{self, Downstream},
         error::ProxyError,
         limits::PerSource,
-        plan::{plan_outbound, Carry, Route, TunnelRequest},
+        plan::{plan_outbound, reads_opening, Carry, Opening, Route, TunnelRequest},
         requests::Exchange,
         router, socket, Proxy,
     },
@@ -88,8 +88,13 @@ async fn carry_out(
     result: &mut ConnResult,
 ) -> Result<(), ProxyError> {
     let state = proxy.state.current();
+    let opening = if reads_opening(&state, client_addr, original_dst) {
+        deliver::read_opening(&client).await?
+    } else {
+        Opening::NotRead
+    };
     // Nowhere to carry it: the client's connection is closed, as before any policy.
-    let plan = plan_outbound(&state, &proxy.settings, client_addr, original_dst)?;
+    let plan = plan_outbound(&state, &proxy.settings, client_addr, original_dst, &opening)?;
     let trust_domain = &proxy.settings.trust_domain;
     let spiffe = |w: &crate::model::Workload| {
         SpiffeId::new(trust_domain, &w.namespace, &w.service_account).to_string()
