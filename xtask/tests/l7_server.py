@@ -5,6 +5,7 @@
 #   /flaky/<key>          answers 500 on every other request of <key> (first one fails)
 #   /failon/<pod>         answers 503 when this pod is <pod>, 200 otherwise
 #   /seen                 how many requests with each Host this pod has served
+# OPTIONS is answered like GET, so a CORS preflight that reaches it says so.
 import collections, json, os, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -57,7 +58,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    do_GET = do_POST = do_PUT = do_DELETE = answer
+    do_GET = do_POST = do_PUT = do_DELETE = do_OPTIONS = answer
 
 
 ThreadingHTTPServer.daemon_threads = True

@@ -293,12 +293,15 @@ impl Router {
         let allowed = match cors {
             CorsVerdict::Untouched => None,
             CorsVerdict::Allow(headers) => Some(headers),
+            // Envoy's answer to a preflight: 200, the CORS headers and nothing else.
             CorsVerdict::AnswerPreflight(headers) => {
-                let mut response = reply(StatusCode::OK, "");
+                let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
                 response.headers_mut().extend(headers);
                 return response;
             }
-            CorsVerdict::IgnorePreflight => return reply(StatusCode::OK, ""),
+            CorsVerdict::IgnorePreflight => {
+                return Response::new(Either::Right(Full::new(Bytes::new())))
+            }
         };
         let location = match &rule.action {
             Action::Redirect(redirect) => HeaderValue::from_str(&redirect.location(&facts)).ok(),
