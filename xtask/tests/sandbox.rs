@@ -2680,6 +2680,31 @@ fn undeclared_ports_are_sniffed_and_tls_cors_and_delegated_routes_apply() {
         lines("multi-b"),
         "a wildcard, any case"
     );
+    // A hostile hello (a record longer than the limit, then garbage) names nothing: it
+    // goes to the Service as it is, whose TLS refuses it (closed or reset, never left
+    // hanging), and the agent goes on routing.
+    let hostile = r#"import socket
+s = socket.create_connection(('10.96.0.120', 443), timeout=10)
+s.sendall(b'\x16\x03\x01\xff\xff\x01\xff\xff\xff' + bytes(range(256)) * 80)
+answered = b''
+try:
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        answered += chunk
+except ConnectionResetError:
+    pass
+print('closed, answered', len(answered) < 100)"#;
+    let out = ok(
+        xtask(&[
+            "sandbox", "exec", "client-a", "--", "python3", "-c", hostile,
+        ]),
+        "a hostile ClientHello",
+    );
+    assert_eq!(out.trim(), "closed, answered True");
+    let three: String = (0..3).map(|i| format!("multi-a:ping {i}\n")).collect();
+    assert_eq!(tls_answers("a.example", 3), three);
 
     // An HTTP port no Service declares, sniffed: its requests are routed one by one on a
     // kept-alive connection by the VirtualService's header match.
