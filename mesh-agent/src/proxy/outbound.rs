@@ -1,8 +1,9 @@
 //! Connections captured leaving a local pod (port 15001): the accepted socket's local
-//! address is the original destination. [`plan_outbound`] decides where it goes; this
-//! module carries the plan out — delivered here (same node, or a DISABLE workload), over
-//! HBONE to the destination's node, straight to an endpoint outside the mesh, or reset
-//! when the destination's policies refuse it.
+//! address is the original destination. [`plan_outbound`] decides where it goes (from
+//! the client's first bytes too, peeked first when routes depend on them:
+//! [`reads_opening`]); this module carries the plan out — delivered here (same node, or
+//! a DISABLE workload), over HBONE to the destination's node, straight to an endpoint
+//! outside the mesh, or reset when the destination's policies refuse it.
 
 use std::{net::SocketAddrV4, sync::Arc, time::Duration};
 

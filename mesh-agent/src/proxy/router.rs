@@ -307,6 +307,8 @@ impl Router {
             Action::Redirect(redirect) => HeaderValue::from_str(&redirect.location(&facts)).ok(),
             _ => None,
         };
+        // Every answer from here on, forwarded or local (abort, redirect, timeout), gets
+        // an allowed origin's CORS headers, as Envoy's filter adds them on the way back.
         let mut response = async {
             let grpc = is_grpc(&parts.headers);
             if let Some((delay, percent)) = rule.fault.delay {
