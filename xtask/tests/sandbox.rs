@@ -2705,6 +2705,14 @@ print('closed, answered', len(answered) < 100)"#;
     assert_eq!(out.trim(), "closed, answered True");
     let three: String = (0..3).map(|i| format!("multi-a:ping {i}\n")).collect();
     assert_eq!(tls_answers("a.example", 3), three);
+    let shown = on_node("node-a", &["meshctl", "routes", "demo/multi"]);
+    for line in [
+        "  tls sni a.example      → multi.demo.svc.cluster.local subset a 100%",
+        "  tls sni *.b.example,b.example → multi.demo.svc.cluster.local subset b 100%",
+        "port 443 (10.96.0.120:443, sniffed when routes need it)",
+    ] {
+        assert!(shown.lines().any(|l| l == line), "{line:?} in\n{shown}");
+    }
 
     // An HTTP port no Service declares, sniffed: its requests are routed one by one on a
     // kept-alive connection by the VirtualService's header match.
@@ -2854,6 +2862,13 @@ spec:
     assert!(
         actual.contains("access-control-expose-headers: x-served-by"),
         "{actual}"
+    );
+    let shown = on_node("node-a", &["meshctl", "routes", "demo/reviews"]);
+    assert!(
+        shown.lines().any(|l| l.trim()
+            == "CORS origins [\"exact https://shop.example\",\"regex ^(?:https://[a-z]+[.]partner[.]example)$\"], \
+                methods GET,POST, headers x-token, expose x-served-by, max age 3600, credentials true"),
+        "{shown}"
     );
     let foreign = curl_head("-H 'Origin: https://evil.example' http://10.96.0.110:9080/index");
     assert!(foreign.contains("x-served-by: reviews-v1"), "{foreign}");
