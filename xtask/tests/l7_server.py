@@ -6,6 +6,7 @@
 #   /failon/<pod>         answers 503 when this pod is <pod>, 200 otherwise
 #   /seen                 how many requests with each Host this pod has served
 #   /connections          how many connections this pod has been sent requests on
+# OPTIONS is answered like GET, so a CORS preflight that reaches it says so.
 import collections, json, os, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -63,7 +64,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    do_GET = do_POST = do_PUT = do_DELETE = answer
+    do_GET = do_POST = do_PUT = do_DELETE = do_OPTIONS = answer
 
 
 ThreadingHTTPServer.daemon_threads = True

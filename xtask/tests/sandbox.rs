@@ -3289,6 +3289,320 @@ spec:
   - providers: [{name: prometheus}]
 ";
 
+/// `multi_server.py` pods (TLS echo, HTTP, a server-first banner, on ports no Service
+/// declares) on node-b, a subset each, behind one Service, with a VirtualService giving
+/// it `http` routes by header and `tls` routes by server name.
+fn multi_pods(cert: &Path, key: &Path) -> String {
+    let server = workspace().join("xtask/tests/multi_server.py");
+    let pod = |version: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: multi-{version}\n  namespace: demo\n  \
+             labels: {{app: multi, version: {version}}}\nspec:\n  nodeName: node-b\n  containers:\n  \
+             - name: multi\n    command: [python3, {}, {}, {}]\n    \
+             readinessProbe: {{tcpSocket: {{port: 9080}}}}\n---\n",
+            server.display(),
+            cert.display(),
+            key.display()
+        )
+    };
+    format!(
+        "{}{}apiVersion: v1
+kind: Service
+metadata: {{name: multi, namespace: demo}}
+spec:
+  clusterIP: 10.96.0.120
+  selector: {{app: multi}}
+  ports:
+  - {{name: secure, port: 443, targetPort: 8443}}
+  - {{name: web, port: 80, targetPort: 9080}}
+  - {{name: greeting, port: 7000}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: multi, namespace: demo}}
+spec:
+  host: multi
+  subsets: [{{name: a, labels: {{version: a}}}}, {{name: b, labels: {{version: b}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: multi, namespace: demo}}
+spec:
+  hosts: [multi]
+  http:
+  - name: beta
+    match: [{{headers: {{x-beta: {{exact: 'on'}}}}}}]
+    route: [{{destination: {{host: multi, subset: b}}}}]
+  - name: default
+    route: [{{destination: {{host: multi, subset: a}}}}]
+  tls:
+  - match: [{{sniHosts: [a.example]}}]
+    route: [{{destination: {{host: multi, subset: a}}}}]
+  - match: [{{sniHosts: ['*.b.example', b.example]}}]
+    route: [{{destination: {{host: multi, subset: b}}}}]
+",
+        pod("a"),
+        pod("b")
+    )
+}
+
+/// From client-a: `count` TLS connections to the multi Service naming `sni`, each sending
+/// one line; what each answered, one per line.
+fn tls_answers(sni: &str, count: usize) -> String {
+    let script = format!(
+        "import socket, ssl
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+for i in range({count}):
+    with context.wrap_socket(socket.create_connection(('10.96.0.120', 443), timeout=10), server_hostname='{sni}') as s:
+        s.sendall(b'ping %d' % i)
+        print(s.recv(1000).decode())"
+    );
+    ok(
+        xtask(&[
+            "sandbox", "exec", "client-a", "--", "python3", "-c", &script,
+        ]),
+        &format!("TLS to {sni}"),
+    )
+}
+
+/// One HTTP request from client-a, as curl shows it: status line and headers.
+fn curl_head(args: &str) -> String {
+    in_pod("client-a", &format!("curl -s -D - -o /dev/null {args}")).to_ascii_lowercase()
+}
+
+#[test]
+fn undeclared_ports_are_sniffed_and_tls_cors_and_delegated_routes_apply() {
+    let _sandbox = Sandbox::up();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let (cert, key) = (dir.join("multi-cert.pem"), dir.join("multi-key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=multi", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    ok(made, "a self-signed certificate");
+    kubectl("apply", "multi", &multi_pods(&cert, &key));
+
+    // tls routes: the source agent reads the ClientHello's server name and sends each
+    // connection where it routes it, across nodes; the TLS session is the pods' own.
+    eventually("a.example reaches multi-a", || {
+        let out = xtask(&["sandbox", "exec", "client-a", "--", "python3", "-c",
+            "import socket, ssl\nc = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)\nc.check_hostname = False\n\
+             c.verify_mode = ssl.CERT_NONE\ns = c.wrap_socket(socket.create_connection(('10.96.0.120', 443), timeout=5), server_hostname='a.example')\n\
+             s.sendall(b'x')\nprint(s.recv(100).decode())"]);
+        String::from_utf8_lossy(&out.stdout).trim() == "multi-a:x"
+    });
+    let lines =
+        |prefix: &str| -> String { (0..10).map(|i| format!("{prefix}:ping {i}\n")).collect() };
+    assert_eq!(tls_answers("a.example", 10), lines("multi-a"));
+    assert_eq!(tls_answers("b.example", 10), lines("multi-b"));
+    assert_eq!(
+        tls_answers("x.B.example", 10),
+        lines("multi-b"),
+        "a wildcard, any case"
+    );
+    // A hostile hello (a record longer than the limit, then garbage) names nothing: it
+    // goes to the Service as it is, whose TLS refuses it (closed or reset, never left
+    // hanging), and the agent goes on routing.
+    let hostile = r#"import socket
+s = socket.create_connection(('10.96.0.120', 443), timeout=10)
+s.sendall(b'\x16\x03\x01\xff\xff\x01\xff\xff\xff' + bytes(range(256)) * 80)
+answered = b''
+try:
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        answered += chunk
+except ConnectionResetError:
+    pass
+print('closed, answered', len(answered) < 100)"#;
+    let out = ok(
+        xtask(&[
+            "sandbox", "exec", "client-a", "--", "python3", "-c", hostile,
+        ]),
+        "a hostile ClientHello",
+    );
+    assert_eq!(out.trim(), "closed, answered True");
+    let three: String = (0..3).map(|i| format!("multi-a:ping {i}\n")).collect();
+    assert_eq!(tls_answers("a.example", 3), three);
+    let shown = on_node("node-a", &["meshctl", "routes", "demo/multi"]);
+    for line in [
+        "  tls sni a.example      → multi.demo.svc.cluster.local subset a 100%",
+        "  tls sni *.b.example,b.example → multi.demo.svc.cluster.local subset b 100%",
+        "port 443 (10.96.0.120:443, sniffed when routes need it)",
+    ] {
+        assert!(shown.lines().any(|l| l == line), "{line:?} in\n{shown}");
+    }
+
+    // An HTTP port no Service declares, sniffed: its requests are routed one by one on a
+    // kept-alive connection by the VirtualService's header match.
+    let multi = |headers: &str| {
+        let script = include_str!("l7_client.py");
+        let out = ok(
+            xtask(&[
+                "sandbox",
+                "exec",
+                "client-a",
+                "--",
+                "python3",
+                "-c",
+                script,
+                "http://10.96.0.120:80/",
+                "20",
+                headers,
+                "keepalive",
+            ]),
+            "requests to multi",
+        );
+        let value: serde_json::Value = serde_json::from_str(&out).expect("client JSON");
+        serde_json::from_value::<std::collections::BTreeMap<String, u64>>(value["counts"].clone())
+            .expect("counts")
+    };
+    let only = |key: &str| std::collections::BTreeMap::from([(key.to_owned(), 20u64)]);
+    assert_eq!(multi(r#"{"x-beta": "on"}"#), only("200 multi-b"));
+    assert_eq!(multi("{}"), only("200 multi-a"));
+    let routed = sample(
+        &metrics("node-a"),
+        "mesh_routed_requests_total",
+        &[
+            ("destination_service", "multi.demo.svc.cluster.local"),
+            ("route", "beta"),
+            ("response_code", "200"),
+            ("response_flags", "-"),
+        ],
+    );
+    assert_eq!(routed, Some(20.0));
+
+    // A server-first protocol on such a port: the client says nothing until the banner
+    // comes, which the sniffing's short wait lets through.
+    let banner = in_pod(
+        "client-a",
+        "python3 -c \"import socket\ns = socket.create_connection(('10.96.0.120', 7000), timeout=10)\n\
+         f = s.makefile('rb')\nb = f.readline().decode()\ns.sendall(b'hi')\nprint(b.strip(), s.recv(100).decode())\"",
+    );
+    let pod = banner
+        .split_whitespace()
+        .nth(1)
+        .expect("a banner")
+        .to_owned();
+    assert!(pod == "multi-a" || pod == "multi-b", "{banner}");
+    assert_eq!(banner.trim(), format!("banner {pod} {pod}:hi"));
+
+    // CORS on the reviews routes, and /api delegated to a VirtualService without hosts
+    // that splits by header.
+    kubectl("apply", "reviews-v1", &reviews_pod("v1", "node-a"));
+    kubectl("apply", "reviews-v2", &reviews_pod("v2", "node-b"));
+    kubectl("apply", "reviews-v3", &reviews_pod("v3", "node-b"));
+    kubectl("apply", "reviews", REVIEWS);
+    kubectl(
+        "apply",
+        "routes",
+        &format!(
+            "{}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews-api, namespace: demo}}
+spec:
+  http:
+  - name: api-beta
+    match: [{{headers: {{x-beta: {{exact: 'on'}}}}}}]
+    route: [{{destination: {{host: reviews, subset: v3}}}}]
+  - name: api-stable
+    route: [{{destination: {{host: reviews, subset: v2}}}}]
+",
+            reviews_routes(
+                "  - name: api\n    match: [{uri: {prefix: /api}}]\n    \
+                 delegate: {name: reviews-api, namespace: demo}\n  \
+                 - name: site\n    corsPolicy:\n      \
+                 allowOrigins: [{exact: 'https://shop.example'}, {regex: 'https://[a-z]+[.]partner[.]example'}]\n      \
+                 allowMethods: [GET, POST]\n      allowHeaders: [x-token]\n      exposeHeaders: [x-served-by]\n      \
+                 maxAge: 1h\n      allowCredentials: true\n    \
+                 route: [{destination: {host: reviews, subset: v1}}]\n",
+            )
+        ),
+    );
+    eventually("the delegated split applies", || {
+        reviews("/api/items", 5, r#"{"x-beta": "on"}"#, "new").count("200 reviews-v3") == 5
+    });
+    let beta = reviews("/api/items", 30, r#"{"x-beta": "on"}"#, "keepalive");
+    assert_eq!(beta.count("200 reviews-v3"), 30, "{:?}", beta.counts);
+    let stable = reviews("/api/items", 30, "{}", "keepalive");
+    assert_eq!(stable.count("200 reviews-v2"), 30, "{:?}", stable.counts);
+    // The root's match holds as well: a beta header elsewhere is the site's.
+    let site = reviews("/index", 30, r#"{"x-beta": "on"}"#, "keepalive");
+    assert_eq!(site.count("200 reviews-v1"), 30, "{:?}", site.counts);
+
+    // A preflight from an allowed origin is answered by the mesh; one from another
+    // origin goes to the backend (unmatchedPreflights FORWARD); an actual request's
+    // answer carries the CORS headers.
+    let preflight = |origin: &str, host: &str| {
+        curl_head(&format!(
+            "-X OPTIONS -H 'Host: {host}' -H 'Origin: {origin}' \
+             -H 'Access-Control-Request-Method: POST' http://10.96.0.110:9080/index"
+        ))
+    };
+    let answered = preflight("https://app.partner.example", "allowed-preflight");
+    let mut head: Vec<&str> = answered
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("access-control-") || l.starts_with("http/"))
+        .collect();
+    head.sort();
+    assert_eq!(
+        head,
+        [
+            "access-control-allow-credentials: true",
+            "access-control-allow-headers: x-token",
+            "access-control-allow-methods: get,post",
+            "access-control-allow-origin: https://app.partner.example",
+            "access-control-max-age: 3600",
+            "http/1.1 200 ok",
+        ],
+        "{answered}"
+    );
+    assert!(!answered.contains("x-served-by"), "{answered}");
+    let forwarded = preflight("https://evil.example", "other-preflight");
+    assert!(forwarded.contains("x-served-by: reviews-v1"), "{forwarded}");
+    assert!(!forwarded.contains("access-control-"), "{forwarded}");
+    let v1 = pod_ip(&status_json(), "reviews-v1");
+    let seen = in_pod("client-a", &format!("curl -s http://{v1}:9080/seen"));
+    let seen: serde_json::Value = serde_json::from_str(&seen).expect("seen");
+    assert_eq!(seen["other-preflight"], 1, "{seen}");
+    assert!(seen.get("allowed-preflight").is_none(), "{seen}");
+    let actual = curl_head("-H 'Origin: https://shop.example' http://10.96.0.110:9080/index");
+    assert!(actual.contains("x-served-by: reviews-v1"), "{actual}");
+    assert!(
+        actual.contains("access-control-allow-origin: https://shop.example\r\n"),
+        "{actual}"
+    );
+    assert!(
+        actual.contains("access-control-allow-credentials: true"),
+        "{actual}"
+    );
+    assert!(
+        actual.contains("access-control-expose-headers: x-served-by"),
+        "{actual}"
+    );
+    let shown = on_node("node-a", &["meshctl", "routes", "demo/reviews"]);
+    assert!(
+        shown.lines().any(|l| l.trim()
+            == "CORS origins [\"exact https://shop.example\",\"regex ^(?:https://[a-z]+[.]partner[.]example)$\"], \
+                methods GET,POST, headers x-token, expose x-served-by, max age 3600, credentials true"),
+        "{shown}"
+    );
+    let foreign = curl_head("-H 'Origin: https://evil.example' http://10.96.0.110:9080/index");
+    assert!(foreign.contains("x-served-by: reviews-v1"), "{foreign}");
+    assert!(!foreign.contains("access-control-"), "{foreign}");
+}
+
 #[test]
 fn request_metrics_are_reported_by_the_source_and_the_destination_agent() {
     let _sandbox = Sandbox::up();

@@ -634,20 +634,23 @@ fn routes(admin: SocketAddr, service: &str, format: Output) -> anyhow::Result<()
             .as_str()
             .unwrap_or("none (balanced per connection)")
     );
+    let destinations_text = |destinations: &Vec<serde_json::Value>| {
+        destinations
+            .iter()
+            .map(|d| {
+                let subset = d["subset"]
+                    .as_str()
+                    .map(|s| format!(" subset {s}"))
+                    .unwrap_or_default();
+                format!("{}{subset} {}%", text(&d["host"]), d["weight"])
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     for rule in report["http"].as_array().into_iter().flatten() {
         let action = &rule["action"];
         let what = if let Some(destinations) = action["route"].as_array() {
-            destinations
-                .iter()
-                .map(|d| {
-                    let subset = d["subset"]
-                        .as_str()
-                        .map(|s| format!(" subset {s}"))
-                        .unwrap_or_default();
-                    format!("{}{subset} {}%", text(&d["host"]), d["weight"])
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
+            destinations_text(destinations)
         } else if action.get("redirect").is_some() {
             format!("redirect {}", action["redirect"]["status"])
         } else {
@@ -659,13 +662,45 @@ fn routes(admin: SocketAddr, service: &str, format: Output) -> anyhow::Result<()
             rule["retries"]["attempts"],
             duration_text(&rule["timeout"])
         );
+        let cors = &rule["cors"];
+        if !cors.is_null() {
+            println!(
+                "    CORS origins {}, methods {}, headers {}, expose {}, max age {}, credentials {}",
+                cors["allow_origins"],
+                text(&cors["allow_methods"]),
+                text(&cors["allow_headers"]),
+                text(&cors["expose_headers"]),
+                text(&cors["max_age"]),
+                cors["allow_credentials"]
+            );
+        }
+    }
+    for rule in report["tls"].as_array().into_iter().flatten() {
+        let names: Vec<String> = rule["matches"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|m| m["sni_hosts"].as_array().cloned().unwrap_or_default())
+            .map(|name| text(&name))
+            .collect();
+        let destinations = rule["destinations"].as_array().cloned().unwrap_or_default();
+        println!(
+            "  tls sni {:<14} → {}",
+            names.join(","),
+            destinations_text(&destinations)
+        );
     }
     for port in report["ports"].as_array().into_iter().flatten() {
         println!(
             "port {} ({}{})",
             port["port"],
             text(&port["address"]),
-            if port["http"] == true { ", HTTP" } else { "" }
+            match port["protocol"].as_str() {
+                Some("http") => ", HTTP",
+                Some("tls") => ", TLS",
+                Some("undeclared") => ", sniffed when routes need it",
+                _ => "",
+            }
         );
         for balancer in port["load_balancers"].as_array().into_iter().flatten() {
             let cluster = match balancer["subset"].as_str() {

@@ -201,6 +201,45 @@ fn known_hosts(config: &ClusterConfig) -> HashSet<String> {
     hosts
 }
 
+/// The VirtualService an `http` route of a VirtualService of `namespace` delegates to
+/// (Istio's delegation, one level): it must exist among `virtual_services`, be exported
+/// to `namespace`, have no hosts and delegate no further.
+pub fn delegate_target<'a>(
+    delegate: &Delegate,
+    namespace: &str,
+    virtual_services: &'a [Resource<VirtualService>],
+) -> Result<&'a Resource<VirtualService>, String> {
+    let delegate_namespace = delegate.namespace.as_deref().unwrap_or(namespace);
+    let named = format!("{delegate_namespace}/{}", delegate.name);
+    let target = virtual_services
+        .iter()
+        .find(|vs| vs.namespace() == delegate_namespace && vs.metadata.name == delegate.name)
+        .filter(|vs| exported_to(vs, namespace))
+        .ok_or_else(|| {
+            format!("delegate {named}: no such VirtualService is visible to namespace {namespace}")
+        })?;
+    if !target.spec.hosts.is_empty() {
+        return Err(format!(
+            "delegate {named} has hosts: a delegate VirtualService has none"
+        ));
+    }
+    if target.spec.http.iter().any(|r| r.delegate.is_some()) {
+        return Err(format!(
+            "delegate {named} delegates again: only one level of delegation is supported"
+        ));
+    }
+    Ok(target)
+}
+
+/// Whether `vs`'s `exportTo` makes it visible to `namespace`.
+fn exported_to(vs: &Resource<VirtualService>, namespace: &str) -> bool {
+    let export = &vs.spec.export_to;
+    export.is_empty()
+        || export
+            .iter()
+            .any(|e| e == "*" || e == namespace || (e == "." && vs.namespace() == namespace))
+}
+
 fn check_virtual_service(
     vs: &Resource<VirtualService>,
     config: &ClusterConfig,
@@ -281,6 +320,33 @@ fn check_virtual_service(
                     origin,
                     found,
                 );
+            }
+        }
+    }
+    for (i, route) in vs.spec.tls.iter().enumerate() {
+        if route.matches.is_empty() {
+            found.push(error(
+                vs,
+                &format!("spec.tls[{i}]"),
+                "a tls route needs a match block with sniHosts".into(),
+            ));
+        }
+        for (j, m) in route.matches.iter().enumerate() {
+            if m.sni_hosts.is_empty() {
+                found.push(error(
+                    vs,
+                    &format!("spec.tls[{i}].match[{j}]"),
+                    "sniHosts is required in a tls route".into(),
+                ));
+            }
+        }
+    }
+    for (i, route) in vs.spec.http.iter().enumerate() {
+        if let Some(delegate) = &route.delegate {
+            if let Err(problem) =
+                delegate_target(delegate, vs.namespace(), &config.istio.virtual_services)
+            {
+                found.push(error(vs, &format!("spec.http[{i}].delegate"), problem));
             }
         }
     }
@@ -1395,6 +1461,14 @@ fn enforced(kind: &str) -> &'static [&'static str] {
             "http[].mirrorPercentage",
             "http[].mirrorPercent",
             "http[].headers",
+            "http[].corsPolicy",
+            "http[].delegate",
+            "tls[].match[].sniHosts[]",
+            "tls[].match[].port",
+            "tls[].match[].destinationSubnets[]",
+            "tls[].match[].sourceLabels",
+            "tls[].match[].sourceNamespace",
+            "tls[].route[]",
             "tcp[].match[].port",
             "tcp[].match[].sourceLabels",
             "tcp[].match[].destinationSubnets",
@@ -1876,6 +1950,95 @@ spec:
             ],
             "only http.h2UpgradePolicy, summarised"
         );
+    }
+
+    #[test]
+    fn cors_tls_routes_and_delegation_are_checked_and_enforced() {
+        let messages = load(&format!(
+            "{SERVICE}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web, namespace: shop}}
+spec:
+  hosts: [web]
+  http:
+  - delegate: {{name: missing}}
+  - delegate: {{name: hosted}}
+  - delegate: {{name: deeper}}
+  - delegate: {{name: fine}}
+    route: [{{destination: {{host: web}}}}]
+  tls:
+  - route: [{{destination: {{host: web}}}}]
+  - match:
+    - port: 443
+    route: [{{destination: {{host: web}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: hosted, namespace: shop}}
+spec:
+  hosts: [web]
+  http: [{{route: [{{destination: {{host: web}}}}]}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: deeper, namespace: shop}}
+spec:
+  http: [{{delegate: {{name: fine}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: fine, namespace: shop}}
+spec:
+  http:
+  - corsPolicy: {{allowOrigins: [{{exact: 'https://a.example'}}], unmatchedPreflights: IGNORE}}
+    route: [{{destination: {{host: web}}}}]
+  tls:
+  - match: [{{sniHosts: [a.example], port: 443, sourceNamespace: shop}}]
+    route: [{{destination: {{host: web}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: bad-origin, namespace: shop}}
+spec:
+  hosts: [web]
+  http:
+  - corsPolicy:
+      allowOrigins: [{{regex: 'https://(unclosed'}}]
+    route: [{{destination: {{host: web}}}}]
+"
+        ));
+        let expected = [
+            "test.yaml:13: error: VirtualService shop/web: spec.http[0].delegate: delegate shop/missing: no such VirtualService is visible to namespace shop",
+            "test.yaml:14: error: VirtualService shop/web: spec.http[1].delegate: delegate shop/hosted has hosts: a delegate VirtualService has none",
+            "test.yaml:15: error: VirtualService shop/web: spec.http[2].delegate: delegate shop/deeper delegates again: only one level of delegation is supported",
+            "test.yaml:16: error: VirtualService shop/web: spec.http[3]: only one of route, redirect, directResponse and delegate may be set",
+            "test.yaml:19: error: VirtualService shop/web: spec.tls[0]: a tls route needs a match block with sniHosts",
+            "test.yaml:21: error: VirtualService shop/web: spec.tls[1].match[0]: sniHosts is required in a tls route",
+        ];
+        for line in expected {
+            assert!(
+                messages.iter().any(|m| m == line),
+                "missing {line}\nin {messages:#?}"
+            );
+        }
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.starts_with("test.yaml:55: error: VirtualService shop/bad-origin: spec.http[0].corsPolicy.allowOrigins[0].regex: ")
+                    && m.contains("invalid regex")),
+            "a CORS origin regex that does not compile: {messages:#?}"
+        );
+        let unenforced: Vec<&String> = messages
+            .iter()
+            .filter(|m| m.contains("not enforced"))
+            .filter(|m| {
+                ["corsPolicy", "delegate", "spec.tls"]
+                    .iter()
+                    .any(|f| m.contains(f))
+            })
+            .collect();
+        assert!(unenforced.is_empty(), "{unenforced:#?}");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::{
         locality::Locality,
         outlier::OutlierSettings,
         routing::HostRoutes,
-        ClusterPolicy, Endpoint, MeshState, ServiceName, ServicePortState, Workload,
+        ClusterPolicy, Endpoint, MeshState, PortProtocol, ServiceName, ServicePortState, Workload,
     },
 };
 
@@ -304,6 +304,7 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
         );
         port_state.http = is_http(port);
         port_state.http2 = is_http2(port);
+        port_state.protocol = PortProtocol::named(&declared_protocol(port));
         port_state.clusters = cluster_policies(state, rule, &port_state);
         port_state.default_routes = default_routes(&port_state);
         state.services.insert(address, Arc::new(port_state));
@@ -485,6 +486,7 @@ fn add_service_entry(
                 &state.place,
             );
             port_state.http = entry_port_is_http(port);
+            port_state.protocol = PortProtocol::named(&entry_port_protocol(port));
             port_state.http2 = entry_port_protocol(port) != "http"
                 && port_state.http
                 && entry_port_protocol(port) != "grpc-web";

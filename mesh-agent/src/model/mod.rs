@@ -149,6 +149,7 @@ pub struct ServicePortState {
     pub http: bool,
     /// Declared HTTP/2 or gRPC: routed requests reach it over HTTP/2.
     pub http2: bool,
+    pub protocol: PortProtocol,
     pub lb: LbSettings,
     #[serde(skip)]
     balancer: Balancer,
@@ -160,6 +161,36 @@ pub struct ServicePortState {
     /// on requests: only the HTTP router sees their headers, cookies and query.
     #[serde(skip)]
     pub default_routes: Option<Arc<HostRoutes>>,
+}
+
+/// What a Service port says it speaks, as Istio reads it from `appProtocol`, a
+/// ServiceEntry port's `protocol` or the port name's prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PortProtocol {
+    /// HTTP, HTTP/2 or gRPC: requests can be routed.
+    Http,
+    /// TLS (`tls`, `https`): `tls` routes pick a connection's destination by SNI.
+    Tls,
+    /// Another protocol Istio knows (`tcp`, `mongo`, `mysql`, `redis`…): carried as bytes.
+    Opaque,
+    /// None Istio knows: the client's first bytes tell (protocol sniffing).
+    Undeclared,
+}
+
+impl PortProtocol {
+    /// The protocol named by `declared`, the lower-cased `appProtocol`, `protocol` or name
+    /// prefix (Istio's `protocol.Parse`, and Kubernetes' `kubernetes.io/h2c`).
+    pub fn named(declared: &str) -> PortProtocol {
+        match declared {
+            "http" | "http2" | "grpc" | "grpc-web" | "grpc_web" | "kubernetes.io/h2c" => {
+                PortProtocol::Http
+            }
+            "https" | "tls" => PortProtocol::Tls,
+            "tcp" | "udp" | "mongo" | "mysql" | "redis" | "http_proxy" => PortProtocol::Opaque,
+            _ => PortProtocol::Undeclared,
+        }
+    }
 }
 
 /// What the load balancer chose for a connection.
@@ -245,6 +276,7 @@ impl ServicePortState {
             endpoints,
             http: false,
             http2: false,
+            protocol: PortProtocol::Undeclared,
             subsets,
             clusters: BTreeMap::new(),
             default_routes: None,

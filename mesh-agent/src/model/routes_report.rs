@@ -12,8 +12,8 @@ use crate::model::{
     circuit::{BudgetSnapshot, Budgets},
     lb::LbSettings,
     outlier::EndpointOutlierState,
-    routing::{Action, HttpRule, RequestFacts, TcpRule, WeightedDestination},
-    MeshState,
+    routing::{Action, HttpRule, RequestFacts, TcpRule, TlsRule, WeightedDestination},
+    MeshState, PortProtocol,
 };
 
 #[derive(Debug, Serialize)]
@@ -22,6 +22,7 @@ pub struct RoutesReport {
     /// `namespace/name` of the VirtualService pods of the host's namespace use.
     pub virtual_service: Option<String>,
     pub http: Vec<HttpRule>,
+    pub tls: Vec<TlsRule>,
     pub tcp: Vec<TcpRule>,
     pub ports: Vec<PortReport>,
 }
@@ -31,6 +32,7 @@ pub struct PortReport {
     pub port: u16,
     pub address: String,
     pub http: bool,
+    pub protocol: PortProtocol,
     pub endpoints: Vec<EndpointReport>,
     pub clusters: Vec<ClusterReport>,
     /// The host's load balancing, then each subset's.
@@ -84,6 +86,7 @@ pub fn routes_report(state: &MeshState, budgets: &Budgets, host: &str) -> Option
             port: service.port,
             address: format!("{}:{}", service.cluster_ip, service.port),
             http: service.http,
+            protocol: service.protocol,
             endpoints: service
                 .endpoints
                 .iter()
@@ -135,6 +138,7 @@ pub fn routes_report(state: &MeshState, budgets: &Budgets, host: &str) -> Option
         host: host.to_owned(),
         virtual_service: routes.as_ref().map(|r| r.virtual_service.clone()),
         http: routes.as_ref().map(|r| r.http.clone()).unwrap_or_default(),
+        tls: routes.as_ref().map(|r| r.tls.clone()).unwrap_or_default(),
         tcp: routes.as_ref().map(|r| r.tcp.clone()).unwrap_or_default(),
         ports,
     })
@@ -219,12 +223,19 @@ pub fn route_check(state: &MeshState, query: &RouteQuery) -> Result<RouteAnswer,
         return Ok(answer);
     };
     answer.virtual_service = Some(routes.virtual_service.clone());
-    if !port.http {
-        answer.why.push(format!(
-            "port {} is not declared HTTP: requests are not routed (tcp routes apply)",
+    match port.protocol {
+        PortProtocol::Http => {}
+        PortProtocol::Undeclared => answer.why.push(format!(
+            "port {} declares no protocol: a connection that opens with HTTP is routed so",
             port.port
-        ));
-        return Ok(answer);
+        )),
+        PortProtocol::Tls | PortProtocol::Opaque => {
+            answer.why.push(format!(
+                "port {} is not declared HTTP: requests are not routed (tls and tcp routes apply)",
+                port.port
+            ));
+            return Ok(answer);
+        }
     }
     let mut headers = HeaderMap::new();
     for (name, value) in &query.headers {
@@ -340,5 +351,43 @@ spec:
             "nothing.shop.svc.cluster.local"
         )
         .is_none());
+    }
+    #[test]
+    fn tls_routes_cors_and_ports_declaring_nothing_are_reported() {
+        let yaml = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.30, selector: {app: web}, ports: [{name: web, port: 443}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web]
+  http:
+  - name: site
+    corsPolicy: {allowOrigins: [{exact: 'https://shop.example'}], allowMethods: [GET, POST]}
+    route: [{destination: {host: web}}]
+  tls:
+  - match: [{sniHosts: [a.example]}]
+    route: [{destination: {host: web}}]
+";
+        let config = load_str(std::path::Path::new("routes.yaml"), yaml);
+        assert!(config.errors().next().is_none(), "{:?}", config.diagnostics);
+        let state = MeshState::build("node-a", &config);
+        let report = routes_report(&state, &Budgets::default(), "web.shop.svc.cluster.local")
+            .expect("known host");
+        let json = serde_json::to_value(&report).expect("JSON");
+        assert_eq!(json["ports"][0]["protocol"], "undeclared");
+        assert_eq!(json["tls"][0]["matches"][0]["sni_hosts"][0], "a.example");
+        assert_eq!(
+            json["tls"][0]["destinations"][0]["host"],
+            "web.shop.svc.cluster.local"
+        );
+        let cors = &json["http"][0]["cors"];
+        assert_eq!(cors["allow_origins"][0], "exact https://shop.example");
+        assert_eq!(cors["allow_methods"], "GET,POST");
+        assert_eq!(cors["forward_unmatched_preflights"], true);
     }
 }

@@ -18,7 +18,7 @@ use crate::{
             self, grpc_code, Headers, HttpMatchRequest, HttpRetry, RedirectPortSelection, RetryOn,
             StringMatch, VirtualService,
         },
-        validate::fqdn,
+        validate::{delegate_target, fqdn},
         ClusterConfig, Resource,
     },
     model::{lb::random, Workload},
@@ -55,6 +55,16 @@ impl Matcher {
                 .map_err(|e| format!("regex {:?}: {e}", pattern.0));
         }
         Ok(Matcher::Present)
+    }
+
+    /// How `meshctl routes` shows it.
+    fn describe(&self) -> String {
+        match self {
+            Matcher::Exact(exact) => format!("exact {exact}"),
+            Matcher::Prefix(prefix) => format!("prefix {prefix}"),
+            Matcher::Regex(regex) => format!("regex {}", regex.as_str()),
+            Matcher::Present => "present".into(),
+        }
     }
 
     fn matches(&self, value: &str, ignore_case: bool) -> bool {
@@ -556,11 +566,182 @@ pub struct Mirror {
     pub percent: f64,
 }
 
+/// `corsPolicy`, applied as Envoy's CORS filter applies a route's policy.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cors {
+    #[serde(serialize_with = "matcher_descriptions")]
+    allow_origins: Vec<Matcher>,
+    #[serde(serialize_with = "optional_header_value")]
+    allow_methods: Option<HeaderValue>,
+    #[serde(serialize_with = "optional_header_value")]
+    allow_headers: Option<HeaderValue>,
+    #[serde(serialize_with = "optional_header_value")]
+    expose_headers: Option<HeaderValue>,
+    #[serde(serialize_with = "optional_header_value")]
+    max_age: Option<HeaderValue>,
+    allow_credentials: bool,
+    /// `unmatchedPreflights: FORWARD` (the default): a preflight from an origin not
+    /// allowed goes on to the upstream; `IGNORE` answers it without CORS headers.
+    forward_unmatched_preflights: bool,
+}
+
+fn matcher_descriptions<S: serde::Serializer>(
+    matchers: &[Matcher],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let shown: Vec<String> = matchers.iter().map(Matcher::describe).collect();
+    shown.serialize(serializer)
+}
+
+fn optional_header_value<S: serde::Serializer>(
+    value: &Option<HeaderValue>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    value
+        .as_ref()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .serialize(serializer)
+}
+
+/// What a route's CORS policy makes of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsVerdict {
+    /// Not a CORS request (no `Origin`), or one from an origin not allowed: routed as
+    /// usual, the response left alone.
+    Untouched,
+    /// A preflight from an allowed origin: answered here, 200 with these headers, and
+    /// not forwarded.
+    AnswerPreflight(HeaderMap),
+    /// A preflight from an origin not allowed under `unmatchedPreflights: IGNORE`:
+    /// answered here, 200 without CORS headers.
+    IgnorePreflight,
+    /// A request from an allowed origin: routed, and its response gets these headers.
+    Allow(HeaderMap),
+}
+
+impl Cors {
+    fn compile(policy: Option<&istio::CorsPolicy>) -> Result<Option<Cors>, String> {
+        let Some(policy) = policy else {
+            return Ok(None);
+        };
+        // Istio reads the deprecated `allowOrigin` (exact origins) only without
+        // `allowOrigins`.
+        let allow_origins = if policy.allow_origins.is_empty() {
+            policy
+                .allow_origin
+                .iter()
+                .map(|origin| Matcher::Exact(origin.clone()))
+                .collect()
+        } else {
+            policy
+                .allow_origins
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    Matcher::compile(m).map_err(|e| format!("corsPolicy.allowOrigins[{i}]: {e}"))
+                })
+                .collect::<Result<_, _>>()?
+        };
+        let joined = |field: &str, values: &[String]| {
+            if values.is_empty() {
+                return Ok(None);
+            }
+            HeaderValue::from_str(&values.join(","))
+                .map(Some)
+                .map_err(|_| format!("corsPolicy.{field}: not a header value"))
+        };
+        Ok(Some(Cors {
+            allow_origins,
+            allow_methods: joined("allowMethods", &policy.allow_methods)?,
+            allow_headers: joined("allowHeaders", &policy.allow_headers)?,
+            expose_headers: joined("exposeHeaders", &policy.expose_headers)?,
+            max_age: policy
+                .max_age
+                .as_ref()
+                .map(|age| HeaderValue::from(age.value.as_secs())),
+            allow_credentials: policy.allow_credentials == Some(true),
+            forward_unmatched_preflights: policy.unmatched_preflights
+                != Some(istio::UnmatchedPreflights::Ignore),
+        }))
+    }
+
+    /// Envoy's `isOriginAllowed`: a matcher that takes `*` allows every origin.
+    fn allows(&self, origin: &str) -> bool {
+        self.allow_origins
+            .iter()
+            .any(|m| m.matches("*", false) || m.matches(origin, false))
+    }
+
+    /// What this policy makes of a request with `method` and `headers`.
+    pub fn judge(&self, method: &str, headers: &HeaderMap) -> CorsVerdict {
+        let Some(origin) = headers
+            .get(http::header::ORIGIN)
+            .filter(|origin| !origin.is_empty())
+        else {
+            return CorsVerdict::Untouched;
+        };
+        let allowed = origin.to_str().is_ok_and(|o| self.allows(o));
+        let preflight = method == "OPTIONS"
+            && headers
+                .get(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+                .is_some_and(|m| !m.is_empty());
+        let mut answer = HeaderMap::new();
+        match (preflight, allowed) {
+            (false, false) => CorsVerdict::Untouched,
+            (true, false) if self.forward_unmatched_preflights => CorsVerdict::Untouched,
+            (true, false) => CorsVerdict::IgnorePreflight,
+            (true, true) => {
+                answer.insert(http::header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+                if self.allow_credentials {
+                    answer.insert(
+                        http::header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                        HeaderValue::from_static("true"),
+                    );
+                }
+                let optional = [
+                    (
+                        http::header::ACCESS_CONTROL_ALLOW_METHODS,
+                        &self.allow_methods,
+                    ),
+                    (
+                        http::header::ACCESS_CONTROL_ALLOW_HEADERS,
+                        &self.allow_headers,
+                    ),
+                    (http::header::ACCESS_CONTROL_MAX_AGE, &self.max_age),
+                ];
+                for (name, value) in optional {
+                    if let Some(value) = value {
+                        answer.insert(name, value.clone());
+                    }
+                }
+                CorsVerdict::AnswerPreflight(answer)
+            }
+            (false, true) => {
+                answer.insert(http::header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+                if self.allow_credentials {
+                    answer.insert(
+                        http::header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                        HeaderValue::from_static("true"),
+                    );
+                }
+                if let Some(expose) = &self.expose_headers {
+                    answer.insert(http::header::ACCESS_CONTROL_EXPOSE_HEADERS, expose.clone());
+                }
+                CorsVerdict::Allow(answer)
+            }
+        }
+    }
+}
+
 /// One `http` route of a VirtualService.
 #[derive(Debug, Clone, Serialize)]
 pub struct HttpRule {
     /// The route's `name`, or `<VirtualService>.<index>`.
     pub name: String,
+    /// The root route's match blocks, for a route a delegate VirtualService gives: one of
+    /// them must hold as well.
+    #[serde(skip)]
+    root_matches: Vec<RequestMatch>,
     #[serde(skip)]
     matches: Vec<RequestMatch>,
     pub action: Action,
@@ -570,6 +751,29 @@ pub struct HttpRule {
     pub fault: Fault,
     pub headers: HeaderChanges,
     pub mirrors: Vec<Mirror>,
+    pub cors: Option<Cors>,
+}
+
+impl HttpRule {
+    /// `Some` when this route takes `request`, with the prefix its path matched (a
+    /// delegated route's own, else its root's).
+    fn takes(&self, request: &RequestFacts) -> Option<Option<&str>> {
+        let root_prefix = first_match(&self.root_matches, request)?;
+        let own_prefix = first_match(&self.matches, request)?;
+        Some(own_prefix.or(root_prefix))
+    }
+}
+
+/// `Some` when `blocks` is empty or one of them holds for `request`, with the prefix the
+/// holding block's path matched.
+fn first_match<'a>(blocks: &'a [RequestMatch], request: &RequestFacts) -> Option<Option<&'a str>> {
+    if blocks.is_empty() {
+        return Some(None);
+    }
+    blocks
+        .iter()
+        .find(|m| m.matches(request))
+        .map(RequestMatch::matched_prefix)
 }
 
 /// The route a request takes, and the match block that took it.
@@ -592,6 +796,63 @@ pub struct TcpRule {
     pub destinations: Vec<WeightedDestination>,
 }
 
+/// A `tls` route: a TLS connection whose ClientHello names one of a match block's
+/// `sniHosts` (and whose other fields hold) goes to one of its destinations by weight.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsRule {
+    pub matches: Vec<TlsMatch>,
+    pub destinations: Vec<WeightedDestination>,
+}
+
+/// One `match` block of a `tls` route.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsMatch {
+    /// Lower-cased; `*.example.com` takes every name under `example.com`, `*` every name.
+    pub sni_hosts: Vec<String>,
+    pub port: Option<u16>,
+    #[serde(skip)]
+    subnets: Vec<(Ipv4Addr, u8)>,
+    #[serde(skip)]
+    source_labels: BTreeMap<String, String>,
+    #[serde(skip)]
+    source_namespace: Option<String>,
+}
+
+impl TlsMatch {
+    fn holds(&self, source: &Workload, destination: std::net::SocketAddrV4, sni: &str) -> bool {
+        self.sni_hosts.iter().any(|host| sni_matches(host, sni))
+            && self.port.is_none_or(|p| p == destination.port())
+            && (self.subnets.is_empty()
+                || self
+                    .subnets
+                    .iter()
+                    .any(|(net, len)| in_subnet(*destination.ip(), *net, *len)))
+            && self
+                .source_labels
+                .iter()
+                .all(|(k, v)| source.labels.get(k) == Some(v))
+            && self
+                .source_namespace
+                .as_ref()
+                .is_none_or(|ns| *ns == source.namespace)
+    }
+}
+
+/// Whether the server name `sni` is one `pattern` (an `sniHosts` entry, lower-cased)
+/// takes, as Envoy's `server_names` match: exactly, or under a `*.` wildcard's domain.
+fn sni_matches(pattern: &str, sni: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some("") => true,
+        Some(suffix) if suffix.starts_with('.') => {
+            sni.len() > suffix.len()
+                && sni
+                    .get(sni.len() - suffix.len()..)
+                    .is_some_and(|tail| tail.eq_ignore_ascii_case(suffix))
+        }
+        _ => pattern.eq_ignore_ascii_case(sni),
+    }
+}
+
 /// The routes one VirtualService gives its hosts.
 #[derive(Debug, Serialize)]
 pub struct HostRoutes {
@@ -602,6 +863,7 @@ pub struct HostRoutes {
     #[serde(skip)]
     exported_to: Option<Vec<String>>,
     pub http: Vec<HttpRule>,
+    pub tls: Vec<TlsRule>,
     pub tcp: Vec<TcpRule>,
 }
 
@@ -636,7 +898,10 @@ impl HostRoutes {
                 fault: Fault::default(),
                 headers: HeaderChanges::default(),
                 mirrors: Vec::new(),
+                cors: None,
+                root_matches: Vec::new(),
             }],
+            tls: Vec::new(),
             tcp: Vec::new(),
         }
     }
@@ -644,25 +909,32 @@ impl HostRoutes {
     /// The route a request takes: `None` when no route matches (Envoy's `NR`: 404).
     pub fn select<'a>(&'a self, request: &RequestFacts) -> Option<Selected<'a>> {
         self.http.iter().find_map(|rule| {
-            if rule.matches.is_empty() {
-                return Some(Selected {
-                    rule,
-                    matched_prefix: None,
-                });
-            }
-            rule.matches
-                .iter()
-                .find(|m| m.matches(request))
-                .map(|m| Selected {
-                    rule,
-                    matched_prefix: m.matched_prefix(),
-                })
+            rule.takes(request).map(|matched_prefix| Selected {
+                rule,
+                matched_prefix,
+            })
         })
     }
 
     /// Whether `rule` (one of these routes) takes `request`.
     pub fn select_rule(&self, rule: &HttpRule, request: &RequestFacts) -> bool {
-        rule.matches.is_empty() || rule.matches.iter().any(|m| m.matches(request))
+        rule.takes(request).is_some()
+    }
+
+    /// The `tls` route a TLS connection from `source` to `destination` whose ClientHello
+    /// names `sni` takes; none without a name.
+    pub fn select_tls(
+        &self,
+        source: &Workload,
+        destination: std::net::SocketAddrV4,
+        sni: Option<&str>,
+    ) -> Option<&TlsRule> {
+        let sni = sni?;
+        self.tls.iter().find(|rule| {
+            rule.matches
+                .iter()
+                .any(|m| m.holds(source, destination, sni))
+        })
     }
 
     /// The `tcp` route a connection from `source` to `destination` takes.
@@ -747,7 +1019,7 @@ impl RouteTable {
             if !vs.spec.gateways.is_empty() && !vs.spec.gateways.iter().any(|g| g == "mesh") {
                 continue;
             }
-            match compile(vs) {
+            match compile(vs, &config.istio.virtual_services) {
                 Ok(routes) => {
                     let routes = Arc::new(routes);
                     for host in &vs.spec.hosts {
@@ -848,144 +1120,205 @@ fn weight_of(weight: Option<i32>, alone: bool) -> u32 {
     }
 }
 
-fn compile(vs: &Resource<VirtualService>) -> Result<HostRoutes, String> {
+/// A delegate's route with what it leaves unset taken from the root route, as Istio merges
+/// them (`mergeHTTPRoute`); the root's match is kept apart and AND-ed at selection.
+fn inherit(root: &istio::HttpRoute, child: &istio::HttpRoute) -> istio::HttpRoute {
+    let mut merged = child.clone();
+    merged.rewrite = merged.rewrite.or_else(|| root.rewrite.clone());
+    merged.timeout = merged.timeout.or_else(|| root.timeout.clone());
+    merged.retries = merged.retries.or_else(|| root.retries.clone());
+    merged.fault = merged.fault.or_else(|| root.fault.clone());
+    merged.headers = merged.headers.or_else(|| root.headers.clone());
+    merged.cors_policy = merged.cors_policy.or_else(|| root.cors_policy.clone());
+    if merged.mirror.is_none() && merged.mirrors.is_empty() {
+        merged.mirror = root.mirror.clone();
+        merged.mirrors = root.mirrors.clone();
+        merged.mirror_percentage = merged
+            .mirror_percentage
+            .or_else(|| root.mirror_percentage.clone());
+        merged.mirror_percent = merged.mirror_percent.or(root.mirror_percent);
+    }
+    merged
+}
+
+/// One `http` route, named `name`, of a VirtualService of `namespace` (the delegate's, for
+/// a delegated route: its short hosts are its own namespace's), under `root_matches`.
+fn compile_http(
+    route: &istio::HttpRoute,
+    name: String,
+    namespace: &str,
+    root_matches: Vec<RequestMatch>,
+) -> Result<HttpRule, String> {
+    let matches = route
+        .matches
+        .iter()
+        .map(RequestMatch::compile)
+        .collect::<Result<Vec<_>, _>>()?;
+    let action = if let Some(redirect) = &route.redirect {
+        let code = redirect.redirect_code.unwrap_or(301);
+        Action::Redirect(Redirect {
+            uri: redirect.uri.clone(),
+            authority: redirect.authority.clone(),
+            scheme: redirect.scheme.clone(),
+            port: redirect.port.and_then(|p| u16::try_from(p).ok()),
+            from_request_port: redirect.derive_port == Some(RedirectPortSelection::FromRequestPort),
+            status: u16::try_from(code)
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .filter(StatusCode::is_redirection)
+                .ok_or_else(|| format!("redirectCode {code} is not a redirection"))?,
+        })
+    } else if let Some(direct) = &route.direct_response {
+        let status = u16::try_from(direct.status)
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .ok_or_else(|| format!("status {} is not an HTTP status", direct.status))?;
+        let body = match &direct.body {
+            Some(istio::HttpBody {
+                string: Some(text), ..
+            }) => Bytes::from(text.clone()),
+            Some(istio::HttpBody {
+                bytes: Some(encoded),
+                ..
+            }) => {
+                use base64::Engine;
+                Bytes::from(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(encoded)
+                        .map_err(|e| format!("directResponse.body.bytes: {e}"))?,
+                )
+            }
+            _ => Bytes::new(),
+        };
+        Action::DirectResponse { status, body }
+    } else {
+        let alone = route.route.len() == 1;
+        Action::Route(
+            route
+                .route
+                .iter()
+                .map(|r| {
+                    Ok(destination(
+                        &r.destination,
+                        namespace,
+                        weight_of(r.weight, alone),
+                        HeaderChanges::compile(r.headers.as_ref())?,
+                    ))
+                })
+                .collect::<Result<_, String>>()?,
+        )
+    };
+    let rewrite = route
+        .rewrite
+        .as_ref()
+        .map(|r| {
+            let uri_regex = r
+                .uri_regex_rewrite
+                .as_ref()
+                .and_then(|rr| Some((rr.pattern.as_ref()?, rr.rewrite.as_deref()?)))
+                .map(|(pattern, replacement)| {
+                    regex::Regex::new(&pattern.0)
+                        .map(|re| (re, envoy_substitution(replacement)))
+                        .map_err(|e| format!("uriRegexRewrite {:?}: {e}", pattern.0))
+                })
+                .transpose()?;
+            Ok::<_, String>(Rewrite {
+                uri: r.uri.clone(),
+                uri_regex,
+                authority: r.authority.clone(),
+            })
+        })
+        .transpose()?;
+    let mut mirrors: Vec<Mirror> = route
+        .mirror
+        .iter()
+        .map(|m| Mirror {
+            host: fqdn(&m.host, namespace),
+            subset: m.subset.clone(),
+            port: m
+                .port
+                .as_ref()
+                .and_then(|p| p.number)
+                .and_then(|n| u16::try_from(n).ok()),
+            percent: percentage(
+                route.mirror_percentage.as_ref(),
+                route.mirror_percent.and_then(|p| i32::try_from(p).ok()),
+            ),
+        })
+        .collect();
+    mirrors.extend(route.mirrors.iter().map(|m| {
+        Mirror {
+            host: fqdn(&m.destination.host, namespace),
+            subset: m.destination.subset.clone(),
+            port: m
+                .destination
+                .port
+                .as_ref()
+                .and_then(|p| p.number)
+                .and_then(|n| u16::try_from(n).ok()),
+            percent: percentage(m.percentage.as_ref(), None),
+        }
+    }));
+    Ok(HttpRule {
+        name,
+        root_matches,
+        matches,
+        action,
+        rewrite,
+        timeout: route
+            .timeout
+            .as_ref()
+            .map(|d| d.value)
+            .filter(|d| !d.is_zero()),
+        retries: RetryPolicy::compile(route.retries.as_ref())?,
+        fault: Fault::compile(route.fault.as_ref())?,
+        headers: HeaderChanges::compile(route.headers.as_ref())?,
+        mirrors,
+        cors: Cors::compile(route.cors_policy.as_ref())?,
+    })
+}
+
+fn compile(
+    vs: &Resource<VirtualService>,
+    virtual_services: &[Resource<VirtualService>],
+) -> Result<HostRoutes, String> {
     let namespace = vs.namespace();
     let vs_name = &vs.metadata.name;
     let mut http = Vec::new();
     for (i, route) in vs.spec.http.iter().enumerate() {
         let at = |e: String| format!("spec.http[{i}]: {e}");
-        let matches = route
+        let Some(delegate) = &route.delegate else {
+            let name = route
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("{vs_name}.{i}"));
+            http.push(compile_http(route, name, namespace, Vec::new()).map_err(at)?);
+            continue;
+        };
+        // Validation rejects a route that sets both; the route table leaves them out.
+        if !route.route.is_empty() || route.redirect.is_some() || route.direct_response.is_some() {
+            return Err(at(
+                "only one of route, redirect, directResponse and delegate may be set".into(),
+            ));
+        }
+        let target = delegate_target(delegate, namespace, virtual_services).map_err(at)?;
+        let root_matches = route
             .matches
             .iter()
             .map(RequestMatch::compile)
             .collect::<Result<Vec<_>, _>>()
             .map_err(at)?;
-        let action = if let Some(redirect) = &route.redirect {
-            let code = redirect.redirect_code.unwrap_or(301);
-            Action::Redirect(Redirect {
-                uri: redirect.uri.clone(),
-                authority: redirect.authority.clone(),
-                scheme: redirect.scheme.clone(),
-                port: redirect.port.and_then(|p| u16::try_from(p).ok()),
-                from_request_port: redirect.derive_port
-                    == Some(RedirectPortSelection::FromRequestPort),
-                status: u16::try_from(code)
-                    .ok()
-                    .and_then(|c| StatusCode::from_u16(c).ok())
-                    .filter(StatusCode::is_redirection)
-                    .ok_or_else(|| at(format!("redirectCode {code} is not a redirection")))?,
-            })
-        } else if let Some(direct) = &route.direct_response {
-            let status = u16::try_from(direct.status)
-                .ok()
-                .and_then(|c| StatusCode::from_u16(c).ok())
-                .ok_or_else(|| at(format!("status {} is not an HTTP status", direct.status)))?;
-            let body = match &direct.body {
-                Some(istio::HttpBody {
-                    string: Some(text), ..
-                }) => Bytes::from(text.clone()),
-                Some(istio::HttpBody {
-                    bytes: Some(encoded),
-                    ..
-                }) => {
-                    use base64::Engine;
-                    Bytes::from(
-                        base64::engine::general_purpose::STANDARD
-                            .decode(encoded)
-                            .map_err(|e| at(format!("directResponse.body.bytes: {e}")))?,
-                    )
-                }
-                _ => Bytes::new(),
-            };
-            Action::DirectResponse { status, body }
-        } else {
-            let alone = route.route.len() == 1;
-            Action::Route(
-                route
-                    .route
-                    .iter()
-                    .map(|r| {
-                        Ok(destination(
-                            &r.destination,
-                            namespace,
-                            weight_of(r.weight, alone),
-                            HeaderChanges::compile(r.headers.as_ref())?,
-                        ))
-                    })
-                    .collect::<Result<_, String>>()
-                    .map_err(at)?,
-            )
-        };
-        let rewrite = route
-            .rewrite
-            .as_ref()
-            .map(|r| {
-                let uri_regex = r
-                    .uri_regex_rewrite
-                    .as_ref()
-                    .and_then(|rr| Some((rr.pattern.as_ref()?, rr.rewrite.as_deref()?)))
-                    .map(|(pattern, replacement)| {
-                        regex::Regex::new(&pattern.0)
-                            .map(|re| (re, envoy_substitution(replacement)))
-                            .map_err(|e| format!("uriRegexRewrite {:?}: {e}", pattern.0))
-                    })
-                    .transpose()?;
-                Ok::<_, String>(Rewrite {
-                    uri: r.uri.clone(),
-                    uri_regex,
-                    authority: r.authority.clone(),
-                })
-            })
-            .transpose()
-            .map_err(at)?;
-        let mut mirrors: Vec<Mirror> = route
-            .mirror
-            .iter()
-            .map(|m| Mirror {
-                host: fqdn(&m.host, namespace),
-                subset: m.subset.clone(),
-                port: m
-                    .port
-                    .as_ref()
-                    .and_then(|p| p.number)
-                    .and_then(|n| u16::try_from(n).ok()),
-                percent: percentage(
-                    route.mirror_percentage.as_ref(),
-                    route.mirror_percent.and_then(|p| i32::try_from(p).ok()),
-                ),
-            })
-            .collect();
-        mirrors.extend(route.mirrors.iter().map(|m| {
-            Mirror {
-                host: fqdn(&m.destination.host, namespace),
-                subset: m.destination.subset.clone(),
-                port: m
-                    .destination
-                    .port
-                    .as_ref()
-                    .and_then(|p| p.number)
-                    .and_then(|n| u16::try_from(n).ok()),
-                percent: percentage(m.percentage.as_ref(), None),
-            }
-        }));
-        http.push(HttpRule {
-            name: route
+        let target_name = format!("{}/{}", target.namespace(), target.metadata.name);
+        for (j, child) in target.spec.http.iter().enumerate() {
+            let name = child
                 .name
                 .clone()
-                .unwrap_or_else(|| format!("{vs_name}.{i}")),
-            matches,
-            action,
-            rewrite,
-            timeout: route
-                .timeout
-                .as_ref()
-                .map(|d| d.value)
-                .filter(|d| !d.is_zero()),
-            retries: RetryPolicy::compile(route.retries.as_ref()).map_err(at)?,
-            fault: Fault::compile(route.fault.as_ref()).map_err(at)?,
-            headers: HeaderChanges::compile(route.headers.as_ref()).map_err(at)?,
-            mirrors,
-        });
+                .unwrap_or_else(|| format!("{}.{j}", target.metadata.name));
+            let merged = inherit(route, child);
+            let rule = compile_http(&merged, name, target.namespace(), root_matches.clone())
+                .map_err(|e| at(format!("delegate {target_name} spec.http[{j}]: {e}")))?;
+            http.push(rule);
+        }
     }
     let tcp = vs
         .spec
@@ -1043,12 +1376,63 @@ fn compile(vs: &Resource<VirtualService>) -> Result<HostRoutes, String> {
                 })
                 .collect()
         });
+    let tls = vs
+        .spec
+        .tls
+        .iter()
+        .enumerate()
+        .map(|(i, route)| compile_tls(route, namespace).map_err(|e| format!("spec.tls[{i}]: {e}")))
+        .collect::<Result<_, _>>()?;
     Ok(HostRoutes {
         virtual_service: format!("{namespace}/{vs_name}"),
         namespace: namespace.to_owned(),
         exported_to,
         http,
+        tls,
         tcp,
+    })
+}
+
+fn compile_tls(route: &istio::TlsRoute, namespace: &str) -> Result<TlsRule, String> {
+    if route.matches.is_empty() {
+        return Err("match: a tls route needs a match block with sniHosts".into());
+    }
+    let matches = route
+        .matches
+        .iter()
+        .enumerate()
+        .map(|(j, m)| {
+            if m.sni_hosts.is_empty() {
+                return Err(format!("match[{j}].sniHosts: required in a tls route"));
+            }
+            Ok(TlsMatch {
+                sni_hosts: m.sni_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                port: m.port.and_then(|p| u16::try_from(p).ok()),
+                subnets: m
+                    .destination_subnets
+                    .iter()
+                    .filter_map(|block| parse_subnet(&block.0))
+                    .collect(),
+                source_labels: m.source_labels.clone(),
+                source_namespace: m.source_namespace.clone(),
+            })
+        })
+        .collect::<Result<_, String>>()?;
+    let alone = route.route.len() == 1;
+    Ok(TlsRule {
+        matches,
+        destinations: route
+            .route
+            .iter()
+            .map(|r| {
+                destination(
+                    &r.destination,
+                    namespace,
+                    weight_of(r.weight, alone),
+                    HeaderChanges::default(),
+                )
+            })
+            .collect(),
     })
 }
 
@@ -1378,6 +1762,323 @@ spec:
         assert!(routes
             .select_tcp(&source, "10.96.3.4:5433".parse().expect("addr"))
             .is_none());
+    }
+
+    fn cors_of(yaml_policy: &str) -> Cors {
+        let table = table(&format!(
+            "\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web, namespace: shop}}
+spec:
+  hosts: [web]
+  http:
+  - corsPolicy: {yaml_policy}
+    route: [{{destination: {{host: web}}}}]
+"
+        ));
+        let routes = table
+            .for_host("web.shop.svc.cluster.local", "shop")
+            .expect("routes");
+        routes.http[0].cors.clone().expect("a CORS policy")
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (HeaderName::from_static(k), HeaderValue::from_static(v)))
+            .collect()
+    }
+
+    fn shown(map: &HeaderMap) -> Vec<(String, String)> {
+        let mut pairs: Vec<(String, String)> = map
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().expect("text").to_owned()))
+            .collect();
+        pairs.sort();
+        pairs
+    }
+
+    #[test]
+    fn cors_preflights_from_allowed_origins_are_answered_and_requests_get_their_headers() {
+        let cors = cors_of(
+            "{allowOrigins: [{exact: 'https://shop.example'}, {regex: 'https://.*[.]partner[.]example'}], \
+             allowMethods: [GET, POST], allowHeaders: [x-token, content-type], \
+             exposeHeaders: [x-trace], maxAge: 24h, allowCredentials: true}",
+        );
+        let preflight = |origin: &'static str| {
+            cors.judge(
+                "OPTIONS",
+                &headers(&[
+                    ("origin", origin),
+                    ("access-control-request-method", "POST"),
+                ]),
+            )
+        };
+        let CorsVerdict::AnswerPreflight(answer) = preflight("https://a.partner.example") else {
+            panic!("answered");
+        };
+        assert_eq!(
+            shown(&answer),
+            [
+                ("access-control-allow-credentials", "true"),
+                ("access-control-allow-headers", "x-token,content-type"),
+                ("access-control-allow-methods", "GET,POST"),
+                ("access-control-allow-origin", "https://a.partner.example"),
+                ("access-control-max-age", "86400"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+        // Regexes match whole origins; FORWARD is the default for others.
+        assert_eq!(
+            preflight("https://a.partner.example.evil"),
+            CorsVerdict::Untouched
+        );
+        assert_eq!(preflight("https://evil.example"), CorsVerdict::Untouched);
+        let CorsVerdict::Allow(added) =
+            cors.judge("GET", &headers(&[("origin", "https://shop.example")]))
+        else {
+            panic!("allowed");
+        };
+        assert_eq!(
+            shown(&added),
+            [
+                ("access-control-allow-credentials", "true"),
+                ("access-control-allow-origin", "https://shop.example"),
+                ("access-control-expose-headers", "x-trace"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+        // OPTIONS without Access-Control-Request-Method is an actual request; no Origin
+        // is no CORS request at all.
+        assert!(matches!(
+            cors.judge("OPTIONS", &headers(&[("origin", "https://shop.example")])),
+            CorsVerdict::Allow(_)
+        ));
+        assert_eq!(cors.judge("GET", &HeaderMap::new()), CorsVerdict::Untouched);
+        assert_eq!(
+            cors.judge("GET", &headers(&[("origin", "https://evil.example")])),
+            CorsVerdict::Untouched
+        );
+    }
+
+    #[test]
+    fn unmatched_preflights_are_ignored_on_request_and_the_deprecated_list_is_exact() {
+        let cors = cors_of("{allowOrigin: ['https://old.example'], unmatchedPreflights: IGNORE}");
+        let preflight = |origin: &'static str| {
+            cors.judge(
+                "OPTIONS",
+                &headers(&[("origin", origin), ("access-control-request-method", "GET")]),
+            )
+        };
+        assert_eq!(
+            preflight("https://old.example.x"),
+            CorsVerdict::IgnorePreflight
+        );
+        let CorsVerdict::AnswerPreflight(answer) = preflight("https://old.example") else {
+            panic!("answered");
+        };
+        assert_eq!(
+            shown(&answer),
+            [(
+                "access-control-allow-origin".to_owned(),
+                "https://old.example".to_owned()
+            )]
+        );
+        // Envoy's rule: a matcher that takes `*` allows every origin, which is echoed.
+        let any = cors_of("{allowOrigins: [{exact: '*'}]}");
+        let CorsVerdict::Allow(added) =
+            any.judge("GET", &headers(&[("origin", "https://any.example")]))
+        else {
+            panic!("allowed");
+        };
+        assert_eq!(added["access-control-allow-origin"], "https://any.example");
+    }
+
+    const DELEGATION: &str = "\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: root, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - name: api
+    match: [{uri: {prefix: /api}}, {uri: {prefix: /v1/api}}]
+    delegate: {name: api, namespace: team}
+    timeout: 3s
+  - name: rest
+    route: [{destination: {host: reviews, subset: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api, namespace: team}
+spec:
+  exportTo: [shop]
+  http:
+  - name: beta
+    match: [{headers: {x-beta: {exact: 'on'}}}]
+    timeout: 1s
+    route: [{destination: {host: reviews.shop.svc.cluster.local, subset: v2}}]
+  - route: [{destination: {host: api-backend}}]
+";
+
+    #[test]
+    fn delegated_routes_hold_under_the_root_match_and_inherit_what_they_leave_unset() {
+        let table = table(DELEGATION);
+        let routes = table
+            .for_host("reviews.shop.svc.cluster.local", "shop")
+            .expect("routes");
+        assert_eq!(
+            table.hosts().count(),
+            1,
+            "the delegate has no host of its own"
+        );
+        let names: Vec<&str> = routes.http.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["beta", "api.1", "rest"]);
+        assert_eq!(
+            route_name(&table, &get("/api/x").header("x-beta", "on")).as_deref(),
+            Some("beta")
+        );
+        assert_eq!(
+            route_name(&table, &get("/v1/api").header("x-beta", "on")).as_deref(),
+            Some("beta")
+        );
+        assert_eq!(route_name(&table, &get("/api/x")).as_deref(), Some("api.1"));
+        assert_eq!(
+            route_name(&table, &get("/other").header("x-beta", "on")).as_deref(),
+            Some("rest"),
+            "the root's match holds too"
+        );
+        assert_eq!(routes.http[0].timeout, Some(Duration::from_secs(1)));
+        assert_eq!(
+            routes.http[1].timeout,
+            Some(Duration::from_secs(3)),
+            "inherited"
+        );
+        let Action::Route(destinations) = &routes.http[1].action else {
+            panic!("a route");
+        };
+        assert_eq!(
+            destinations[0].host, "api-backend.team.svc.cluster.local",
+            "short names are the delegate's namespace's"
+        );
+        let selected = routes.select(&get("/api/items").facts()).expect("selected");
+        assert_eq!(
+            selected.matched_prefix,
+            Some("/api"),
+            "the root's prefix rewrites"
+        );
+    }
+
+    #[test]
+    fn delegation_to_a_missing_hidden_hosted_or_delegating_service_is_refused() {
+        let errors = |yaml: &str| {
+            let config = load_str(std::path::Path::new("vs.yaml"), yaml);
+            let (_, errors) = RouteTable::build(&config);
+            errors
+                .into_iter()
+                .map(|e| format!("{}: {}", e.virtual_service, e.message))
+                .collect::<Vec<_>>()
+        };
+        let missing = DELEGATION.replace("delegate: {name: api,", "delegate: {name: nope,");
+        assert_eq!(
+            errors(&missing),
+            ["shop/root: spec.http[0]: delegate team/nope: no such VirtualService is visible to namespace shop"]
+        );
+        let hidden = DELEGATION.replace("exportTo: [shop]", "exportTo: [.]");
+        assert_eq!(
+            errors(&hidden),
+            ["shop/root: spec.http[0]: delegate team/api: no such VirtualService is visible to namespace shop"]
+        );
+        let hosted = DELEGATION.replace("  exportTo: [shop]", "  hosts: [api]\n  exportTo: [shop]");
+        assert_eq!(
+            errors(&hosted),
+            ["shop/root: spec.http[0]: delegate team/api has hosts: a delegate VirtualService has none"]
+        );
+        let twice = DELEGATION.replace(
+            "  - route: [{destination: {host: api-backend}}]",
+            "  - delegate: {name: deeper}",
+        );
+        assert_eq!(
+            errors(&twice),
+            [
+                "shop/root: spec.http[0]: delegate team/api delegates again: only one level of delegation is supported",
+                "team/api: spec.http[1]: delegate team/deeper: no such VirtualService is visible to namespace team",
+            ]
+        );
+    }
+
+    #[test]
+    fn tls_routes_take_a_connection_by_server_name_port_and_source() {
+        let table = table(
+            "\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: tls, namespace: shop}
+spec:
+  hosts: [secure]
+  tls:
+  - match: [{sniHosts: [A.Example], port: 443, sourceLabels: {app: web}}]
+    route: [{destination: {host: secure, subset: a}}]
+  - match: [{sniHosts: ['*.b.example'], sourceNamespace: shop}]
+    route: [{destination: {host: secure, subset: b}}]
+",
+        );
+        let routes = table
+            .for_host("secure.shop.svc.cluster.local", "shop")
+            .expect("routes");
+        let web = pod("shop", &[("app", "web")]);
+        let other = pod("else", &[]);
+        let at = |port: &str| format!("10.96.0.9:{port}").parse().expect("addr");
+        let subset = |source: &Workload, port: &str, sni: Option<&str>| {
+            routes
+                .select_tls(source, at(port), sni)
+                .and_then(|rule| rule.destinations[0].subset.clone())
+        };
+        assert_eq!(subset(&web, "443", Some("a.example")).as_deref(), Some("a"));
+        assert_eq!(subset(&web, "8443", Some("a.example")), None, "port");
+        assert_eq!(
+            subset(&other, "443", Some("a.example")),
+            None,
+            "sourceLabels"
+        );
+        assert_eq!(
+            subset(&web, "443", Some("x.b.example")).as_deref(),
+            Some("b")
+        );
+        assert_eq!(
+            subset(&web, "443", Some("b.example")),
+            None,
+            "a wildcard needs a label"
+        );
+        assert_eq!(
+            subset(&other, "443", Some("x.b.example")),
+            None,
+            "sourceNamespace"
+        );
+        assert_eq!(subset(&web, "443", None), None, "no server name");
+    }
+
+    #[test]
+    fn a_tls_route_without_server_names_does_not_compile() {
+        let config = load_str(
+            std::path::Path::new("vs.yaml"),
+            "\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: tls, namespace: shop}
+spec:
+  hosts: [secure]
+  tls:
+  - match: [{port: 443}]
+    route: [{destination: {host: secure}}]
+",
+        );
+        let (_, errors) = RouteTable::build(&config);
+        assert_eq!(
+            errors[0].message,
+            "spec.tls[0]: match[0].sniHosts: required in a tls route"
+        );
     }
 
     #[test]

@@ -16,9 +16,10 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 use crate::{
     policy::facts::Arrival,
     proxy::{
+        client_hello::HELLO_LIMIT,
         copy::{copy_streams, copy_to_tunnel, Counted, COPY_BUFFER},
         error::ProxyError,
-        plan::{opens_http, Carry},
+        plan::{opening_of, opens_http, Carry, Opening},
         requests::Exchange,
         socket, Proxy,
     },
@@ -98,6 +99,30 @@ async fn sniff(downstream: Downstream) -> Result<(bool, Downstream), ProxyError>
                 },
             ))
         }
+    }
+}
+
+/// What a captured client's first bytes open with ([`opening_of`]), peeked (left in the
+/// socket for whatever serves it) for at most [`SNIFF_TIMEOUT`] and [`HELLO_LIMIT`]
+/// bytes: nothing by then (a server-first protocol, or a client holding back) is
+/// [`Opening::Other`], as is a TLS hello still unfinished.
+pub async fn read_opening(client: &TcpStream) -> Result<Opening, ProxyError> {
+    let deadline = Instant::now() + SNIFF_TIMEOUT;
+    let mut first = vec![0u8; HELLO_LIMIT];
+    loop {
+        let peeked = tokio::time::timeout_at(deadline.into(), client.peek(&mut first));
+        let length = match peeked.await {
+            Err(_) => return Ok(Opening::Other),
+            Ok(peeked) => peeked?,
+        };
+        if length == 0 {
+            return Ok(Opening::Other);
+        }
+        if let Some(opening) = opening_of(&first[..length]) {
+            return Ok(opening);
+        }
+        // A peek returns at once while bytes wait unread: the rest is waited for.
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

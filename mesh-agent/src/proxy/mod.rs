@@ -4,8 +4,9 @@
 //! `deliver` (to a workload of this node, once for every arm), `requests` (HTTP judged
 //! request by request), `router` (requests a VirtualService routes, sent on `upstream`
 //! connections), `pool` (HBONE to other agents), `limits` (connections per
-//! source), `copy` and `socket`.
+//! source), `copy` and `socket`; `client_hello` reads a TLS ClientHello's server name.
 
+pub mod client_hello;
 pub mod copy;
 pub mod deliver;
 pub mod error;

@@ -1,8 +1,9 @@
 //! Connections captured leaving a local pod (port 15001): the accepted socket's local
-//! address is the original destination. [`plan_outbound`] decides where it goes; this
-//! module carries the plan out — delivered here (same node, or a DISABLE workload), over
-//! HBONE to the destination's node, straight to an endpoint outside the mesh, or reset
-//! when the destination's policies refuse it.
+//! address is the original destination. [`plan_outbound`] decides where it goes (from
+//! the client's first bytes too, peeked first when routes depend on them:
+//! [`reads_opening`]); this module carries the plan out — delivered here (same node, or
+//! a DISABLE workload), over HBONE to the destination's node, straight to an endpoint
+//! outside the mesh, or reset when the destination's policies refuse it.
 
 use std::{
     future::Future,
@@ -22,7 +23,7 @@ use crate::{
         deliver::{self, Downstream},
         error::ProxyError,
         limits::PerSource,
-        plan::{plan_outbound, Carry, Route, TcpPool, TunnelRequest},
+        plan::{plan_outbound, reads_opening, Carry, Opening, Route, TcpPool, TunnelRequest},
         requests::Exchange,
         router, socket, Proxy,
     },
@@ -94,8 +95,13 @@ async fn carry_out(
     result: &mut ConnResult,
 ) -> Result<(), ProxyError> {
     let state = proxy.state.current();
+    let opening = if reads_opening(&state, client_addr, original_dst) {
+        deliver::read_opening(&client).await?
+    } else {
+        Opening::NotRead
+    };
     // Nowhere to carry it: the client's connection is closed, as before any policy.
-    let plan = plan_outbound(&state, &proxy.settings, client_addr, original_dst)?;
+    let plan = plan_outbound(&state, &proxy.settings, client_addr, original_dst, &opening)?;
     let trust_domain = &proxy.settings.trust_domain;
     let spiffe = |w: &crate::model::Workload| {
         SpiffeId::new(trust_domain, &w.namespace, &w.service_account).to_string()

@@ -19,13 +19,14 @@ use crate::{
         circuit::{BudgetKey, PoolLimits},
         lb::ActiveGuard,
         peerauth::Effective,
-        routing::{choose_random, HostRoutes},
-        MeshState, Pick, Resolved, ServicePortState, Workload,
+        routing::{choose_random, HostRoutes, WeightedDestination},
+        MeshState, Pick, PortProtocol, Resolved, ServicePortState, Workload,
     },
     policy::{
         authz::Decision,
         facts::{admit, Admission, Arrival, Peer},
     },
+    proxy::client_hello::{read_hello, Hello},
 };
 
 /// A destination pod labelled `mesh/splice: "false"` has its same-node flows copied
@@ -77,6 +78,54 @@ pub fn opens_http(first: &[u8]) -> Option<bool> {
         }
     }
     None
+}
+
+/// What the first bytes of a captured connection showed, when they were read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opening {
+    /// Not read: nothing in the plan depends on them.
+    NotRead,
+    /// An HTTP/1 request line or the HTTP/2 preface.
+    Http,
+    /// A TLS ClientHello, with the server name it asks for, if any.
+    Tls(Option<String>),
+    /// Anything else, or nothing within the sniffing timeout (a server-first protocol).
+    Other,
+}
+
+/// What `first`, the bytes a client sent so far, opens with; `None` while too few have
+/// come to tell.
+pub fn opening_of(first: &[u8]) -> Option<Opening> {
+    match read_hello(first) {
+        Hello::ClientHello { sni } => Some(Opening::Tls(sni)),
+        Hello::Incomplete => None,
+        Hello::NotTls => Some(match opens_http(first)? {
+            true => Opening::Http,
+            false => Opening::Other,
+        }),
+    }
+}
+
+/// Whether a connection from `client` to `original_dst` has its first bytes read before
+/// it is planned ([`Opening`]): only when a VirtualService visible to the client gives
+/// the Service routes that depend on them — `http` or `tls` routes on a port that
+/// declares no protocol, `tls` routes on a port declared TLS. Every other connection
+/// keeps its fast path, with no wait for the client's first bytes.
+pub fn reads_opening(state: &MeshState, client: SocketAddrV4, original_dst: SocketAddrV4) -> bool {
+    let (Some(source), Some(service)) = (
+        state.workloads.get(client.ip()),
+        state.services.get(&original_dst),
+    ) else {
+        return false;
+    };
+    let Some(routes) = state.routes.for_host(&service.hostname, &source.namespace) else {
+        return false;
+    };
+    match service.protocol {
+        PortProtocol::Undeclared => !routes.http.is_empty() || !routes.tls.is_empty(),
+        PortProtocol::Tls => !routes.tls.is_empty(),
+        PortProtocol::Http | PortProtocol::Opaque => false,
+    }
 }
 
 /// What the source agent does with a captured connection.
@@ -167,12 +216,14 @@ fn spiffe_id(trust_domain: &str, workload: &Workload) -> SpiffeId {
     SpiffeId::new(trust_domain, &workload.namespace, &workload.service_account)
 }
 
-/// Plans a connection from `client` (a pod of this node) to `original_dst`.
+/// Plans a connection from `client` (a pod of this node) to `original_dst` that opened
+/// with `opening` ([`Opening::NotRead`] unless [`reads_opening`] asked for it).
 pub fn plan_outbound(
     state: &MeshState,
     settings: &PlanSettings,
     client: SocketAddrV4,
     original_dst: SocketAddrV4,
+    opening: &Opening,
 ) -> Result<OutboundPlan, PlanError> {
     let source = state
         .workloads
@@ -183,7 +234,7 @@ pub fn plan_outbound(
             client,
             original_dst,
         })?;
-    if let Some(routed) = routed(state, settings, &source, client, original_dst)? {
+    if let Some(routed) = routed(state, settings, &source, client, original_dst, opening)? {
         return Ok(routed);
     }
     let (target, destination, service, active) = match state.resolve(original_dst, *client.ip()) {
@@ -228,15 +279,19 @@ pub fn plan_outbound(
     })
 }
 
-/// A connection to a Service a VirtualService routes: an HTTP port is served request by
-/// request ([`Route::Routed`]); a `tcp` route that matches picks the connection's
-/// destination by weight. `None` when no VirtualService applies.
+/// A connection to a Service a VirtualService routes: a port declared HTTP, or one
+/// declaring nothing that opened with HTTP, is served request by request
+/// ([`Route::Routed`]) when there are `http` routes; a TLS opening takes the `tls` route
+/// its server name matches, else (and any other connection) the `tcp` route that matches,
+/// which picks the connection's destination by weight — Istio's TLS ports fall back on
+/// `tcp` routes likewise. `None` when no VirtualService route applies.
 fn routed(
     state: &MeshState,
     settings: &PlanSettings,
     source: &Arc<Workload>,
     client: SocketAddrV4,
     original_dst: SocketAddrV4,
+    opening: &Opening,
 ) -> Result<Option<OutboundPlan>, PlanError> {
     let Some(service) = state.services.get(&original_dst) else {
         return Ok(None);
@@ -244,7 +299,12 @@ fn routed(
     let Some(routes) = state.http_routes(service, &source.namespace) else {
         return Ok(None);
     };
-    if service.http && !routes.http.is_empty() {
+    let speaks_http = match service.protocol {
+        PortProtocol::Http => true,
+        PortProtocol::Undeclared => *opening == Opening::Http,
+        PortProtocol::Tls | PortProtocol::Opaque => false,
+    };
+    if speaks_http && !routes.http.is_empty() {
         return Ok(Some(OutboundPlan {
             target: original_dst,
             destination: None,
@@ -259,12 +319,34 @@ fn routed(
             pool: None,
         }));
     }
-    let Some(destination) = routes
-        .select_tcp(source, original_dst)
-        .and_then(|rule| choose_random(&rule.destinations))
-    else {
+    let sni = match (opening, service.protocol) {
+        (Opening::Tls(sni), PortProtocol::Tls | PortProtocol::Undeclared) => Some(sni.as_deref()),
+        _ => None,
+    };
+    let tls_rule = sni.and_then(|sni| routes.select_tls(source, original_dst, sni));
+    let destinations = match tls_rule {
+        Some(rule) => &rule.destinations,
+        None => match routes.select_tcp(source, original_dst) {
+            Some(rule) => &rule.destinations,
+            None => return Ok(None),
+        },
+    };
+    let Some(destination) = choose_random(destinations) else {
         return Ok(None);
     };
+    to_destination(state, settings, source, client, original_dst, destination).map(Some)
+}
+
+/// A connection a `tls` or `tcp` route sends to `destination`: an endpoint of its host
+/// (and subset) by the host's balancer, reached as any endpoint is.
+fn to_destination(
+    state: &MeshState,
+    settings: &PlanSettings,
+    source: &Arc<Workload>,
+    client: SocketAddrV4,
+    original_dst: SocketAddrV4,
+    destination: &WeightedDestination,
+) -> Result<OutboundPlan, PlanError> {
     let no_endpoints = || PlanError::NoEndpoints {
         client,
         original_dst,
@@ -284,7 +366,7 @@ fn routed(
                 endpoint.addr,
                 endpoint.workload.as_ref(),
             )?;
-            Ok(Some(OutboundPlan {
+            Ok(OutboundPlan {
                 target: endpoint.addr,
                 destination: endpoint.workload.clone(),
                 service: Some(chosen.hostname.clone()),
@@ -293,7 +375,7 @@ fn routed(
                 decision,
                 active: Some(guard),
                 pool: TcpPool::of(source, chosen, destination.subset.as_deref()),
-            }))
+            })
         }
         Pick::Passthrough | Pick::None => Err(no_endpoints()),
     }
@@ -632,6 +714,7 @@ spec:
             &settings(true),
             CLIENT.parse().expect("client"),
             dst.parse().expect("destination"),
+            &Opening::NotRead,
         )
     }
 
@@ -659,6 +742,7 @@ spec:
             &settings(false),
             CLIENT.parse().expect("client"),
             "10.244.1.20:8080".parse().expect("destination"),
+            &Opening::NotRead,
         )
         .expect("plan");
         assert_eq!(carry_of(&no_splicing), Some(Carry::Copy));
@@ -848,6 +932,152 @@ spec:
         assert_eq!(carry_of(&plan), Some(Carry::Splice));
     }
 
+    /// Two pods behind one Service port that declares no protocol (`web`), a subset each,
+    /// and a VirtualService on it with `routes` (YAML under `spec:`).
+    fn sniffed_service(routes: &str) -> String {
+        format!(
+            "---
+apiVersion: v1
+kind: Pod
+metadata: {{name: back-a, namespace: shop, labels: {{app: back, version: a}}}}
+spec: {{nodeName: node-b, serviceAccountName: back}}
+status: {{podIP: 10.244.2.30}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: back-b, namespace: shop, labels: {{app: back, version: b}}}}
+spec: {{nodeName: node-b, serviceAccountName: back}}
+status: {{podIP: 10.244.2.31}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: back, namespace: shop}}
+spec:
+  clusterIP: 10.96.0.30
+  selector: {{app: back}}
+  ports: [{{name: web, port: 443, targetPort: 8443}}, {{name: tls, port: 8443}}, {{name: http-x, port: 80}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: back, namespace: shop}}
+spec:
+  host: back
+  subsets: [{{name: a, labels: {{version: a}}}}, {{name: b, labels: {{version: b}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: back, namespace: shop}}
+spec:
+  hosts: [back]
+{routes}"
+        )
+    }
+
+    const SNI_ROUTES: &str = "  tls:
+  - match: [{sniHosts: [a.example]}]
+    route: [{destination: {host: back, subset: a}}]
+  - match: [{sniHosts: ['*.b.example', b.example]}]
+    route: [{destination: {host: back, subset: b}}]
+";
+
+    fn opened(state: &MeshState, dst: &str, opening: Opening) -> OutboundPlan {
+        plan_outbound(
+            state,
+            &settings(true),
+            CLIENT.parse().expect("client"),
+            dst.parse().expect("destination"),
+            &opening,
+        )
+        .expect("plan")
+    }
+
+    fn reads(state: &MeshState, dst: &str) -> bool {
+        reads_opening(
+            state,
+            CLIENT.parse().expect("client"),
+            dst.parse().expect("destination"),
+        )
+    }
+
+    #[test]
+    fn only_ports_whose_routes_depend_on_the_first_bytes_have_them_read() {
+        let http_routes = "  http:\n  - route: [{destination: {host: back, subset: a}}]\n";
+        let state = mesh(&sniffed_service(http_routes));
+        assert!(reads(&state, "10.96.0.30:443"), "undeclared, http routes");
+        assert!(!reads(&state, "10.96.0.30:80"), "declared HTTP: no wait");
+        assert!(!reads(&state, "10.96.0.30:8443"), "TLS without tls routes");
+        assert!(!reads(&state, "10.96.0.20:80"), "no VirtualService");
+        assert!(!reads(&state, "10.244.2.30:8443"), "a pod address");
+        let state = mesh(&sniffed_service(SNI_ROUTES));
+        assert!(reads(&state, "10.96.0.30:443"), "undeclared, tls routes");
+        assert!(reads(&state, "10.96.0.30:8443"), "declared TLS, tls routes");
+        assert!(!reads(&state, "10.96.0.30:80"), "declared HTTP");
+        let tcp_routes = "  tcp:\n  - route: [{destination: {host: back, subset: a}}]\n";
+        let state = mesh(&sniffed_service(tcp_routes));
+        assert!(
+            !reads(&state, "10.96.0.30:443"),
+            "tcp routes need no first bytes"
+        );
+    }
+
+    #[test]
+    fn an_undeclared_port_opened_with_http_is_routed_and_other_bytes_go_on_as_tcp() {
+        let routes = "  http:\n  - route: [{destination: {host: back, subset: a}}]\n";
+        let state = mesh(&sniffed_service(routes));
+        let http = opened(&state, "10.96.0.30:443", Opening::Http);
+        assert!(
+            matches!(http.route, Route::Routed { .. }),
+            "{:?}",
+            http.route
+        );
+        for opening in [Opening::Other, Opening::Tls(Some("a.example".into()))] {
+            let plan = opened(&state, "10.96.0.30:443", opening.clone());
+            assert!(matches!(plan.route, Route::Tunnel { .. }), "{opening:?}");
+            assert_eq!(plan.service.as_deref(), Some("back.shop.svc.cluster.local"));
+        }
+    }
+
+    #[test]
+    fn a_tls_opening_goes_where_its_server_name_routes_it() {
+        let state = mesh(&sniffed_service(SNI_ROUTES));
+        for port in [443, 8443] {
+            let dst = format!("10.96.0.30:{port}");
+            for (sni, target) in [
+                ("a.example", "10.244.2.30"),
+                ("b.example", "10.244.2.31"),
+                ("x.b.example", "10.244.2.31"),
+            ] {
+                for _ in 0..4 {
+                    let plan = opened(&state, &dst, Opening::Tls(Some(sni.into())));
+                    assert_eq!(plan.target.ip().to_string(), target, "{sni} on {port}");
+                    assert!(matches!(plan.route, Route::Tunnel { .. }));
+                }
+            }
+        }
+        // No route for the name (or no name): the Service as it is, both endpoints.
+        let mut targets = std::collections::BTreeSet::new();
+        for _ in 0..4 {
+            for opening in [Opening::Tls(Some("c.example".into())), Opening::Tls(None)] {
+                targets.insert(opened(&state, "10.96.0.30:443", opening).target.to_string());
+            }
+        }
+        assert_eq!(
+            targets.into_iter().collect::<Vec<_>>(),
+            ["10.244.2.30:8443", "10.244.2.31:8443"]
+        );
+    }
+
+    #[test]
+    fn the_opening_is_told_from_the_first_bytes() {
+        assert_eq!(opening_of(b"GET / HTTP/1.1\r\n"), Some(Opening::Http));
+        assert_eq!(opening_of(b"PRI * HTTP/2.0\r\n"), Some(Opening::Http));
+        assert_eq!(opening_of(b"GE"), None);
+        assert_eq!(opening_of(b""), None);
+        assert_eq!(opening_of(b"\x16\x03"), None, "a hello under way");
+        assert_eq!(opening_of(b"SSH-2.0-x"), Some(Opening::Other));
+        assert_eq!(opening_of(b"\0\0\0\x08"), Some(Opening::Other));
+    }
+
     #[test]
     fn the_first_bytes_tell_an_http_request_from_other_protocols() {
         for http in [
@@ -942,6 +1172,7 @@ spec: {clusterIP: 10.96.0.30, selector: {app: nothing}, ports: [{port: 80}]}
             &settings(true),
             "10.244.2.10:40000".parse().expect("client"),
             "10.244.1.20:8080".parse().expect("destination"),
+            &Opening::NotRead,
         );
         assert!(matches!(
             from_elsewhere,

@@ -29,8 +29,8 @@ use crate::{
         hashing::RequestKeys,
         outlier::Outcome,
         routing::{
-            choose_random, AbortWith, Action, Fault, HttpRule, RequestFacts, RetryPolicy, Selected,
-            TryOutcome, WeightedDestination,
+            choose_random, AbortWith, Action, CorsVerdict, Fault, HttpRule, RequestFacts,
+            RetryPolicy, Selected, TryOutcome, WeightedDestination,
         },
         telemetry::{AccessLogs, Reporting, Tracing},
         MeshState, Pick, ServicePortState, Workload,
@@ -287,82 +287,112 @@ impl Router {
             return reply(StatusCode::NOT_FOUND, "");
         };
         record.route = Some(rule.name.clone());
-        let grpc = is_grpc(&parts.headers);
-        if let Some((delay, percent)) = rule.fault.delay {
-            if Fault::rolls(percent) {
-                record.flag(ResponseFlag::DelayInjected);
-                tokio::time::sleep(delay).await;
-            }
-        }
-        if let Some((abort, percent)) = rule.fault.abort {
-            if Fault::rolls(percent) {
-                record.flag(ResponseFlag::FaultInjected);
-                return aborted(abort);
-            }
-        }
-        let destinations = match &rule.action {
-            Action::Redirect(redirect) => {
-                let mut response = reply(redirect.status, "");
-                if let Ok(location) = HeaderValue::from_str(&redirect.location(&facts)) {
-                    response.headers_mut().insert(header::LOCATION, location);
-                }
+        // Envoy's CORS filter comes before fault injection and the router.
+        let cors = rule.cors.as_ref().map_or(CorsVerdict::Untouched, |cors| {
+            cors.judge(&view.method, &parts.headers)
+        });
+        let allowed = match cors {
+            CorsVerdict::Untouched => None,
+            CorsVerdict::Allow(headers) => Some(headers),
+            // Envoy's answer to a preflight: 200, the CORS headers and nothing else.
+            CorsVerdict::AnswerPreflight(headers) => {
+                let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+                response.headers_mut().extend(headers);
                 return response;
             }
-            Action::DirectResponse { status, body } => {
-                let mut response = Response::new(Either::Right(Full::new(body.clone())));
-                *response.status_mut() = *status;
-                return response;
+            CorsVerdict::IgnorePreflight => {
+                return Response::new(Either::Right(Full::new(Bytes::new())))
             }
-            Action::Route(destinations) => destinations,
         };
-        let Some(destination) = choose_random(destinations) else {
-            record.flag(ResponseFlag::NoHealthyUpstream);
-            return reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        let location = match &rule.action {
+            Action::Redirect(redirect) => HeaderValue::from_str(&redirect.location(&facts)).ok(),
+            _ => None,
         };
-        if let Some(rewrite) = &rule.rewrite {
-            let path = rewrite.path(&view.path, matched_prefix);
-            let authority = rewrite.authority.as_deref().unwrap_or(&view.host);
-            set_target(&mut parts, &path, view.query.as_deref(), authority);
-        }
-        rule.headers.request.apply(&mut parts.headers);
-        destination.headers.request.apply(&mut parts.headers);
-        let timeout = grpc_timeout(&parts).or(rule.timeout);
-        let retries = &rule.retries;
-        let mut body = if retries.attempts > 0 || !rule.mirrors.is_empty() {
-            match buffer(body).await {
-                Some(body) => body,
-                None => return reply(StatusCode::BAD_REQUEST, "invalid request body"),
-            }
-        } else {
-            RequestBody::Streamed(Some(body))
-        };
-        if let RequestBody::Buffered(bytes) = &body {
-            self.mirror(&state, rule, &parts, bytes);
-        }
-        let forwarded = self.forward(
-            &state,
-            destination,
-            &parts,
-            &mut body,
-            retries,
-            grpc,
-            record,
-        );
-        let response = match timeout {
-            Some(limit) => match tokio::time::timeout(limit, forwarded).await {
-                Ok(response) => response,
-                Err(_) => {
-                    record.flag(ResponseFlag::UpstreamTimeout);
-                    return reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
+        // Every answer from here on, forwarded or local (abort, redirect, timeout), gets
+        // an allowed origin's CORS headers, as Envoy's filter adds them on the way back.
+        let mut response = async {
+            let grpc = is_grpc(&parts.headers);
+            if let Some((delay, percent)) = rule.fault.delay {
+                if Fault::rolls(percent) {
+                    record.flag(ResponseFlag::DelayInjected);
+                    tokio::time::sleep(delay).await;
                 }
-            },
-            None => forwarded.await,
-        };
-        let (mut head, body) = response.into_parts();
-        strip_hop_by_hop(&mut head.headers);
-        rule.headers.response.apply(&mut head.headers);
-        destination.headers.response.apply(&mut head.headers);
-        Response::from_parts(head, body)
+            }
+            if let Some((abort, percent)) = rule.fault.abort {
+                if Fault::rolls(percent) {
+                    record.flag(ResponseFlag::FaultInjected);
+                    return aborted(abort);
+                }
+            }
+            let destinations = match &rule.action {
+                Action::Redirect(redirect) => {
+                    let mut response = reply(redirect.status, "");
+                    if let Some(location) = location {
+                        response.headers_mut().insert(header::LOCATION, location);
+                    }
+                    return response;
+                }
+                Action::DirectResponse { status, body } => {
+                    let mut response = Response::new(Either::Right(Full::new(body.clone())));
+                    *response.status_mut() = *status;
+                    return response;
+                }
+                Action::Route(destinations) => destinations,
+            };
+            let Some(destination) = choose_random(destinations) else {
+                record.flag(ResponseFlag::NoHealthyUpstream);
+                return reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+            };
+            if let Some(rewrite) = &rule.rewrite {
+                let path = rewrite.path(&view.path, matched_prefix);
+                let authority = rewrite.authority.as_deref().unwrap_or(&view.host);
+                set_target(&mut parts, &path, view.query.as_deref(), authority);
+            }
+            rule.headers.request.apply(&mut parts.headers);
+            destination.headers.request.apply(&mut parts.headers);
+            let timeout = grpc_timeout(&parts).or(rule.timeout);
+            let retries = &rule.retries;
+            let mut body = if retries.attempts > 0 || !rule.mirrors.is_empty() {
+                match buffer(body).await {
+                    Some(body) => body,
+                    None => return reply(StatusCode::BAD_REQUEST, "invalid request body"),
+                }
+            } else {
+                RequestBody::Streamed(Some(body))
+            };
+            if let RequestBody::Buffered(bytes) = &body {
+                self.mirror(&state, rule, &parts, bytes);
+            }
+            let forwarded = self.forward(
+                &state,
+                destination,
+                &parts,
+                &mut body,
+                retries,
+                grpc,
+                record,
+            );
+            let response = match timeout {
+                Some(limit) => match tokio::time::timeout(limit, forwarded).await {
+                    Ok(response) => response,
+                    Err(_) => {
+                        record.flag(ResponseFlag::UpstreamTimeout);
+                        return reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
+                    }
+                },
+                None => forwarded.await,
+            };
+            let (mut head, body) = response.into_parts();
+            strip_hop_by_hop(&mut head.headers);
+            rule.headers.response.apply(&mut head.headers);
+            destination.headers.response.apply(&mut head.headers);
+            Response::from_parts(head, body)
+        }
+        .await;
+        if let Some(headers) = allowed {
+            response.headers_mut().extend(headers);
+        }
+        response
     }
 
     /// Sends the request to `destination`: the endpoint by the destination's balancer,
