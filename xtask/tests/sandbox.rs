@@ -2656,6 +2656,148 @@ fn routed_requests_follow_the_destination_rules_connection_settings() {
     assert_eq!(reviews_connections(), before + 1, "kept while in use");
 }
 
+/// A gRPC backend on node-b (`mesh-bench serve` answers `application/grpc` requests as
+/// gRPC), its Service (port named `grpc`), and routes that retry on `unavailable`, do not
+/// retry `/mesh.Test/Flaky/once…`, abort `/mesh.Test/Aborted` with a gRPC status, and
+/// give `/mesh.Test/Slow/…` a 10 s route timeout that `grpc-timeout` overrides.
+const GRPC: &str = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: grpc-b, namespace: demo, labels: {app: grpc}}
+spec:
+  nodeName: node-b
+  containers:
+    - name: grpc
+      command: [mesh-bench, serve, --listen, 0.0.0.0:50051]
+      ports: [{name: grpc, containerPort: 50051}]
+      readinessProbe: {tcpSocket: {port: 50051}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: grpc, namespace: demo}
+spec:
+  clusterIP: 10.96.0.180
+  selector: {app: grpc}
+  ports: [{name: grpc, port: 50051}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: grpc, namespace: demo}
+spec:
+  hosts: [grpc]
+  http:
+  - name: aborted
+    match: [{uri: {exact: /mesh.Test/Aborted}}]
+    fault: {abort: {grpcStatus: PERMISSION_DENIED, percentage: {value: 100}}}
+    route: [{destination: {host: grpc}}]
+  - name: once
+    match: [{uri: {prefix: /mesh.Test/Flaky/once}}]
+    retries: {attempts: 0}
+    route: [{destination: {host: grpc}}]
+  - name: slow
+    match: [{uri: {prefix: /mesh.Test/Slow/}}]
+    timeout: 10s
+    route: [{destination: {host: grpc}}]
+  - name: all
+    match: [{uri: {prefix: /mesh.Test/}}]
+    retries: {attempts: 2, retryOn: unavailable}
+    route: [{destination: {host: grpc}}]
+";
+
+/// What a gRPC client sees calling `method` of the grpc Service from client-a with one
+/// message (`hello`): the gRPC status (from the head, or the trailers), the HTTP status,
+/// the bytes of the answer and the seconds it took.
+struct GrpcCall {
+    grpc_status: Option<u32>,
+    http_status: u32,
+    body_bytes: u64,
+    seconds: f64,
+}
+
+fn grpc_call(method: &str, headers: &str) -> GrpcCall {
+    let out = in_pod(
+        "client-a",
+        &format!(
+            "printf '\\000\\000\\000\\000\\005hello' | curl -s --http2-prior-knowledge \
+             -H 'content-type: application/grpc' -H 'te: trailers' {headers} \
+             --data-binary @- -D - -o /dev/null \
+             -w 'http=%{{http_code}} bytes=%{{size_download}} time=%{{time_total}}\\n' \
+             http://10.96.0.180:50051{method}"
+        ),
+    );
+    let field = |name: &str| {
+        out.lines()
+            .rev()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .map(str::to_owned)
+    };
+    let summary = out.lines().last().unwrap_or_default().to_owned();
+    let part = |key: &str| {
+        summary
+            .split(' ')
+            .find_map(|p| p.strip_prefix(key))
+            .unwrap_or_else(|| panic!("{key} in {out}"))
+            .to_owned()
+    };
+    GrpcCall {
+        grpc_status: field("grpc-status: ").and_then(|v| v.parse().ok()),
+        http_status: part("http=").parse().expect("HTTP status"),
+        body_bytes: part("bytes=").parse().expect("bytes"),
+        seconds: part("time=").parse().expect("time"),
+    }
+}
+
+#[test]
+fn grpc_calls_are_routed_retried_aborted_and_timed_out_by_grpc_status() {
+    let _sandbox = Sandbox::up();
+    kubectl("apply", "grpc", GRPC);
+    eventually("the gRPC backend answers through its route", || {
+        let call = grpc_call("/mesh.Test/Echo", "");
+        call.http_status == 200 && call.grpc_status == Some(0)
+    });
+    let echoed = grpc_call("/mesh.Test/Echo", "");
+    assert_eq!(echoed.body_bytes, 10, "the message comes back, framed");
+
+    // The backend answers UNAVAILABLE to the first call of each Flaky key: retried on
+    // `unavailable` the caller sees OK; on the route without retries, the failure.
+    let retried = grpc_call("/mesh.Test/Flaky/retried", "");
+    assert_eq!((retried.http_status, retried.grpc_status), (200, Some(0)));
+    let once = grpc_call("/mesh.Test/Flaky/once", "");
+    assert_eq!((once.http_status, once.grpc_status), (200, Some(14)));
+    // Always UNAVAILABLE: three tries, the last answer stands (`URX`).
+    let unavailable = grpc_call("/mesh.Test/Unavailable", "");
+    assert_eq!(unavailable.grpc_status, Some(14));
+    // An abort in gRPC terms, which never reaches the backend.
+    let aborted = grpc_call("/mesh.Test/Aborted", "");
+    assert_eq!((aborted.http_status, aborted.grpc_status), (200, Some(7)));
+    // `grpc-timeout` replaces the route's 10 s: the agent gives up after 300 ms and
+    // answers as Envoy does, UNAVAILABLE in a Trailers-Only response.
+    let timed_out = grpc_call("/mesh.Test/Slow/3000", "-H 'grpc-timeout: 300m'");
+    assert_eq!(
+        (timed_out.http_status, timed_out.grpc_status),
+        (200, Some(14))
+    );
+    assert!(timed_out.seconds < 2.5, "{}", timed_out.seconds);
+    let patient = grpc_call("/mesh.Test/Slow/500", "");
+    assert_eq!(patient.grpc_status, Some(0), "the route's 10 s is enough");
+
+    let routed = |route: &str, flags: &str| {
+        total(
+            &metrics("node-a"),
+            "mesh_routed_requests_total",
+            &[("route", route), ("response_flags", flags)],
+        )
+    };
+    assert_eq!(
+        routed("all", "URX"),
+        1.0,
+        "the call that ran out of retries"
+    );
+    assert_eq!(routed("aborted", "FI"), 1.0);
+    assert_eq!(routed("slow", "UT"), 1.0);
+    assert_eq!(routed("once", "-"), 1.0);
+}
+
 #[test]
 fn tcp_flows_to_a_service_follow_its_connection_pool() {
     let _sandbox = Sandbox::up();

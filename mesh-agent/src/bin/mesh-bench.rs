@@ -4,7 +4,11 @@
 //! - `serve`: HTTP/1.1 and HTTP/2 (prior knowledge) on one port, 1 KiB responses; with
 //!   `--echo`, each response is instead a JSON account of the request head as it arrived
 //!   (method, target, version, every header field line), so that what a proxy in
-//!   front of it forwarded can be read back, duplicates included.
+//!   front of it forwarded can be read back, duplicates included. A request whose
+//!   content type is `application/grpc` is answered as gRPC: its message echoed, then the
+//!   `grpc-status` trailer its path asks for (`/<service>/Unavailable`: 14, `/<service>/
+//!   Flaky/<key>`: 14 on every other call of `<key>`, the first failing,
+//!   `/<service>/Slow/<ms>`: 0 after `<ms>` milliseconds, any other: 0).
 //! - `load`: requests over N keep-alive connections, either at a constant total rate
 //!   (latency measured from each request's *scheduled* time, which corrects coordinated
 //!   omission as wrk2 does) or as fast as possible; or one new connection per request
@@ -12,16 +16,24 @@
 //!   percentiles in microseconds.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context as TaskContext, Poll},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
-use http_body_util::Full;
-use hyper::{Request, Response};
+use http::{HeaderMap, HeaderValue};
+use http_body_util::BodyExt;
+use hyper::{
+    body::{Body, Frame, Incoming},
+    Request, Response,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -94,19 +106,115 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// A response body: one chunk, then the trailers if there are any (gRPC's status).
+struct Reply {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Body for Reply {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(data) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+}
+
+/// Calls so far of each `Flaky` key.
+type FlakyCalls = Arc<Mutex<HashMap<String, u64>>>;
+
+/// The gRPC status `path` asks for (see the module's documentation), after its delay.
+async fn grpc_status_for(path: &str, flaky: &FlakyCalls) -> u32 {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match parts.as_slice() {
+        [_, "Unavailable", ..] => 14,
+        [_, "Flaky", key, ..] => {
+            let mut calls = flaky.lock().unwrap_or_else(|e| e.into_inner());
+            let count = calls.entry((*key).to_owned()).or_default();
+            *count += 1;
+            if *count % 2 == 1 {
+                14
+            } else {
+                0
+            }
+        }
+        [_, "Slow", ms, ..] => {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+            0
+        }
+        _ => 0,
+    }
+}
+
+async fn answer(request: Request<Incoming>, echo: bool, flaky: FlakyCalls) -> Response<Reply> {
+    let grpc = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if !grpc {
+        let body = if echo {
+            Bytes::from(echo_head(&request))
+        } else {
+            Bytes::from_static(&BODY)
+        };
+        return Response::new(Reply {
+            data: Some(body),
+            trailers: None,
+        });
+    }
+    let path = request.uri().path().to_owned();
+    let message = match request.into_body().collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    let status = grpc_status_for(&path, &flaky).await;
+    let mut grpc_status = HeaderMap::new();
+    grpc_status.insert("grpc-status", HeaderValue::from(status));
+    // A failure is a Trailers-Only response, as gRPC servers answer errors: the status
+    // in the head, which is what a proxy's retry policy can read.
+    let (mut response, head) = if status == 0 {
+        let reply = Reply {
+            data: Some(message),
+            trailers: Some(grpc_status),
+        };
+        (Response::new(reply), HeaderMap::new())
+    } else {
+        let reply = Reply {
+            data: None,
+            trailers: None,
+        };
+        (Response::new(reply), grpc_status)
+    };
+    response.headers_mut().extend(head);
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
 async fn serve(listen: SocketAddr, echo: bool) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
+    let flaky = FlakyCalls::default();
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
+        let flaky = flaky.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<_>| async move {
-                let body = if echo {
-                    Bytes::from(echo_head(&request))
-                } else {
-                    Bytes::from_static(&BODY)
-                };
-                Ok::<_, Infallible>(Response::new(Full::new(body)))
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let flaky = flaky.clone();
+                async move { Ok::<_, Infallible>(answer(request, echo, flaky).await) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)

@@ -346,7 +346,13 @@ fn check_virtual_service(
             if let Err(problem) =
                 delegate_target(delegate, vs.namespace(), &config.istio.virtual_services)
             {
-                found.push(error(vs, &format!("spec.http[{i}].delegate"), problem));
+                // Another namespace's change can break a delegation: only this route is
+                // left out (as Istio drops it), the VirtualService is kept.
+                found.push(warning(
+                    vs,
+                    &format!("spec.http[{i}].delegate"),
+                    format!("{problem}; this route is left out"),
+                ));
             }
         }
     }
@@ -810,15 +816,19 @@ pub fn check_connection_pool(pool: &ConnectionPoolSettings) -> Result<(), Invali
     Ok(())
 }
 
-/// Envoy's largest ring (`maximumRingSize`) and Maglev table.
-pub const MAX_RING_SIZE: u64 = 8 * 1024 * 1024;
-pub const MAX_MAGLEV_SIZE: u64 = 5_000_011;
+/// The largest ring and Maglev table an agent builds. Envoy allows 8M ring points and a
+/// 5,000,011-entry table per proxy; a node agent builds one per Service port and subset
+/// on every node, again on each configuration change, so it keeps to 2^17 (a ring of
+/// 16 bytes a point: 2 MiB), far above Istio's defaults (1024, 65537).
+pub const MAX_RING_SIZE: u64 = 1 << 17;
+pub const MAX_MAGLEV_SIZE: u64 = 131_071;
 
-/// Whether `n` is prime (trial division: table sizes are at most a few million).
+/// Whether `n` is prime (trial division; `d <= n / d` cannot overflow, and callers bound
+/// `n` first).
 pub fn is_prime(n: u64) -> bool {
     n >= 2
         && (2..)
-            .take_while(|d| d * d <= n)
+            .take_while(|d| *d <= n / d)
             .all(|d| !n.is_multiple_of(d))
 }
 
@@ -893,11 +903,11 @@ pub fn check_load_balancer(lb: &LoadBalancerSettings) -> Vec<(String, String)> {
             );
         }
         if let Some(size) = hash.maglev.as_ref().and_then(|m| m.table_size) {
-            if !is_prime(size) || size > MAX_MAGLEV_SIZE {
+            if size > MAX_MAGLEV_SIZE || !is_prime(size) {
                 error(
                     "consistentHash.maglev.tableSize",
                     format!(
-                        "{size} is not a prime number up to {} (Envoy's Maglev table)",
+                        "{size} is not a prime number up to {} (the agent's largest Maglev table)",
                         MAX_MAGLEV_SIZE
                     ),
                 );
@@ -914,7 +924,7 @@ pub fn check_load_balancer(lb: &LoadBalancerSettings) -> Vec<(String, String)> {
             if let Some(size) = size.filter(|s| *s > MAX_RING_SIZE) {
                 error(
                     field,
-                    format!("{size} is over Envoy's largest ring, {}", MAX_RING_SIZE),
+                    format!("{size} is over the agent's largest ring, {}", MAX_RING_SIZE),
                 );
             }
         }
@@ -2009,9 +2019,9 @@ spec:
 "
         ));
         let expected = [
-            "test.yaml:13: error: VirtualService shop/web: spec.http[0].delegate: delegate shop/missing: no such VirtualService is visible to namespace shop",
-            "test.yaml:14: error: VirtualService shop/web: spec.http[1].delegate: delegate shop/hosted has hosts: a delegate VirtualService has none",
-            "test.yaml:15: error: VirtualService shop/web: spec.http[2].delegate: delegate shop/deeper delegates again: only one level of delegation is supported",
+            "test.yaml:13: warning: VirtualService shop/web: spec.http[0].delegate: delegate shop/missing: no such VirtualService is visible to namespace shop; this route is left out",
+            "test.yaml:14: warning: VirtualService shop/web: spec.http[1].delegate: delegate shop/hosted has hosts: a delegate VirtualService has none; this route is left out",
+            "test.yaml:15: warning: VirtualService shop/web: spec.http[2].delegate: delegate shop/deeper delegates again: only one level of delegation is supported; this route is left out",
             "test.yaml:16: error: VirtualService shop/web: spec.http[3]: only one of route, redirect, directResponse and delegate may be set",
             "test.yaml:19: error: VirtualService shop/web: spec.tls[0]: a tls route needs a match block with sniHosts",
             "test.yaml:21: error: VirtualService shop/web: spec.tls[1].match[0]: sniHosts is required in a tls route",
@@ -2244,7 +2254,7 @@ spec:
         let at = "DestinationRule shop/web: spec.trafficPolicy";
         let expected = [
             format!("test.yaml:13: error: {at}.loadBalancer.consistentHash: ringHash and maglev are alternatives: set one"),
-            format!("test.yaml:17: error: {at}.loadBalancer.consistentHash.maglev.tableSize: 1000 is not a prime number up to 5000011 (Envoy's Maglev table)"),
+            format!("test.yaml:17: error: {at}.loadBalancer.consistentHash.maglev.tableSize: 1000 is not a prime number up to 131071 (the agent's largest Maglev table)"),
             format!("test.yaml:21: error: {at}.portLevelSettings[0].loadBalancer.localityLbSetting: distribute and failover are alternatives: set one"),
             format!("test.yaml:24: error: {at}.portLevelSettings[0].loadBalancer.localityLbSetting.distribute[0].to: the weights from r1/z-a/* add up to 90, not 100"),
             format!("test.yaml:26: error: {at}.portLevelSettings[0].loadBalancer.localityLbSetting.distribute[0].to.r1/z*: \"r1/z*\": a wildcard '*' must be a whole part, and the last one"),
@@ -2286,7 +2296,8 @@ spec:
         assert!(check_locality("r1//z").is_err());
         assert!(check_locality("a/b/c/d").is_err());
         assert!(check_locality("").is_err());
-        assert!(is_prime(65_537) && is_prime(5_000_011) && is_prime(2));
+        assert!(is_prime(65_537) && is_prime(131_071) && is_prime(5_000_011) && is_prime(2));
+        assert!(!is_prime(u64::MAX), "no overflow near the top");
         assert!(!is_prime(65_536) && !is_prime(1) && !is_prime(0) && !is_prime(9));
     }
 

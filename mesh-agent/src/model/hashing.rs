@@ -204,7 +204,7 @@ impl HashKey {
                 }
             }
             HashKey::QueryParameter(name) => RequestHash {
-                hash: crate::model::routing::query_param(request.query, name).and_then(|v| on(&v)),
+                hash: crate::model::query::query_param(request.query, name).and_then(|v| on(&v)),
                 set_cookie: None,
             },
             HashKey::Cookie(cookie) => match cookie_value(request.headers, &cookie.name) {
@@ -270,7 +270,9 @@ impl HashTable {
 
     /// The endpoint for `hash`: the first entry from the hash's place on that `usable`
     /// allows. Walking on past an endpoint that cannot take the request (ejected, or
-    /// already tried) is what a ring rebuilt without it would answer.
+    /// already tried) is what a ring rebuilt without it would answer; a Maglev table
+    /// rebuilt without it would spread its entries over the permutations instead, so
+    /// there the walk only approximates Envoy (the keys of the others stay put either way).
     pub fn lookup(&self, hash: u64, usable: impl Fn(usize) -> bool) -> Option<usize> {
         match self {
             HashTable::Ring(entries) if !entries.is_empty() => {

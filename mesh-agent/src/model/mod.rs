@@ -12,6 +12,7 @@ pub mod lb;
 pub mod locality;
 pub mod outlier;
 pub mod peerauth;
+pub mod query;
 pub mod ratelimit;
 pub mod routes_report;
 pub mod routing;

@@ -21,7 +21,7 @@ use crate::{
         validate::{delegate_target, fqdn},
         ClusterConfig, Resource,
     },
-    model::{lb::random, Workload},
+    model::{lb::random, query::query_param, Workload},
 };
 
 /// Istio's retry policy when a route sets none: two retries of failures that happen
@@ -194,14 +194,6 @@ impl RequestMatch {
             _ => None,
         }
     }
-}
-
-/// The first value of query parameter `name` (Envoy matches the first).
-pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    query?.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (key == name).then(|| value.to_owned())
-    })
 }
 
 /// `set`, `add` and `remove` of a route's or destination's `headers`.
@@ -1020,7 +1012,12 @@ impl RouteTable {
                 continue;
             }
             match compile(vs, &config.istio.virtual_services) {
-                Ok(routes) => {
+                Ok((routes, left_out)) => {
+                    let name = format!("{}/{}", vs.namespace(), vs.metadata.name);
+                    errors.extend(left_out.into_iter().map(|message| CompileError {
+                        virtual_service: name.clone(),
+                        message,
+                    }));
                     let routes = Arc::new(routes);
                     for host in &vs.spec.hosts {
                         table
@@ -1278,13 +1275,18 @@ fn compile_http(
     })
 }
 
+/// The routes of `vs`, and why delegating routes were left out: a delegation that
+/// cannot be followed (its VirtualService missing, hidden, with hosts of its own, or
+/// delegating again — things another namespace may change) drops that route alone, as
+/// Istio drops it, and the rest of the VirtualService keeps serving.
 fn compile(
     vs: &Resource<VirtualService>,
     virtual_services: &[Resource<VirtualService>],
-) -> Result<HostRoutes, String> {
+) -> Result<(HostRoutes, Vec<String>), String> {
     let namespace = vs.namespace();
     let vs_name = &vs.metadata.name;
     let mut http = Vec::new();
+    let mut left_out = Vec::new();
     for (i, route) in vs.spec.http.iter().enumerate() {
         let at = |e: String| format!("spec.http[{i}]: {e}");
         let Some(delegate) = &route.delegate else {
@@ -1301,7 +1303,13 @@ fn compile(
                 "only one of route, redirect, directResponse and delegate may be set".into(),
             ));
         }
-        let target = delegate_target(delegate, namespace, virtual_services).map_err(at)?;
+        let target = match delegate_target(delegate, namespace, virtual_services) {
+            Ok(target) => target,
+            Err(problem) => {
+                left_out.push(at(problem));
+                continue;
+            }
+        };
         let root_matches = route
             .matches
             .iter()
@@ -1383,14 +1391,15 @@ fn compile(
         .enumerate()
         .map(|(i, route)| compile_tls(route, namespace).map_err(|e| format!("spec.tls[{i}]: {e}")))
         .collect::<Result<_, _>>()?;
-    Ok(HostRoutes {
+    let routes = HostRoutes {
         virtual_service: format!("{namespace}/{vs_name}"),
         namespace: namespace.to_owned(),
         exported_to,
         http,
         tls,
         tcp,
-    })
+    };
+    Ok((routes, left_out))
 }
 
 fn compile_tls(route: &istio::TlsRoute, namespace: &str) -> Result<TlsRule, String> {
@@ -1985,6 +1994,13 @@ spec:
             errors(&missing),
             ["shop/root: spec.http[0]: delegate team/nope: no such VirtualService is visible to namespace shop"]
         );
+        let config = load_str(std::path::Path::new("vs.yaml"), &missing);
+        let (table, _) = RouteTable::build(&config);
+        let kept = table
+            .for_host("reviews.shop.svc.cluster.local", "shop")
+            .expect("the root VirtualService is kept");
+        let names: Vec<&str> = kept.http.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["rest"], "without its delegating route");
         let hidden = DELEGATION.replace("exportTo: [shop]", "exportTo: [.]");
         assert_eq!(
             errors(&hidden),

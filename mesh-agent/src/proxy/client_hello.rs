@@ -4,9 +4,10 @@
 //! is checked against what is there, nothing is read past [`HELLO_LIMIT`], and a
 //! malformed hello is simply TLS without a name.
 
-/// The most bytes of a ClientHello looked at, record headers included: a hello with
-/// post-quantum key shares is under 2 KiB; 16 KiB is one full TLS record.
-pub const HELLO_LIMIT: usize = 16 * 1024;
+/// The most bytes of a ClientHello looked at, record header included: a hello with
+/// post-quantum key shares is under 2 KiB; this is one full TLS record (16 KiB of
+/// fragment behind its 5-byte header).
+pub const HELLO_LIMIT: usize = 16 * 1024 + RECORD_HEADER;
 
 const RECORD_HEADER: usize = 5;
 const HANDSHAKE_RECORD: u8 = 0x16;

@@ -46,6 +46,10 @@ pub enum Downstream {
 /// first, is carried as bytes after it.
 const SNIFF_TIMEOUT: Duration = Duration::from_millis(100);
 
+/// How long a TLS ClientHello that has begun may take to arrive whole (Envoy's listener
+/// filters allow 15 s; a real client sends it in one go).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Tells whether `downstream` opens with an HTTP request ([`opens_http`]), from its first
 /// bytes or their absence for [`SNIFF_TIMEOUT`]. A socket is only peeked at; a tunnel's
 /// bytes read meanwhile travel on as its prefix.
@@ -103,13 +107,23 @@ async fn sniff(downstream: Downstream) -> Result<(bool, Downstream), ProxyError>
 }
 
 /// What a captured client's first bytes open with ([`opening_of`]), peeked (left in the
-/// socket for whatever serves it) for at most [`SNIFF_TIMEOUT`] and [`HELLO_LIMIT`]
-/// bytes: nothing by then (a server-first protocol, or a client holding back) is
-/// [`Opening::Other`], as is a TLS hello still unfinished.
+/// socket for whatever serves it), at most [`HELLO_LIMIT`] bytes. Nothing within
+/// [`SNIFF_TIMEOUT`] is a server-first protocol (or a client holding back):
+/// [`Opening::Other`]. Bytes that have begun but not finished an opening by then do not
+/// lose their routes by going slowly: the start of a request line is served as HTTP (the
+/// router answers 400 if it is not), and a TLS hello is waited for up to
+/// [`HELLO_TIMEOUT`], then the connection is refused.
 pub async fn read_opening(client: &TcpStream) -> Result<Opening, ProxyError> {
-    let deadline = Instant::now() + SNIFF_TIMEOUT;
+    let started = Instant::now();
     let mut first = vec![0u8; HELLO_LIMIT];
+    let mut seen = 0;
     loop {
+        let deadline = started
+            + if seen == 0 {
+                SNIFF_TIMEOUT
+            } else {
+                HELLO_TIMEOUT
+            };
         let peeked = tokio::time::timeout_at(deadline.into(), client.peek(&mut first));
         let length = match peeked.await {
             Err(_) => return Ok(Opening::Other),
@@ -120,6 +134,13 @@ pub async fn read_opening(client: &TcpStream) -> Result<Opening, ProxyError> {
         }
         if let Some(opening) = opening_of(&first[..length]) {
             return Ok(opening);
+        }
+        seen = length;
+        if started.elapsed() >= SNIFF_TIMEOUT && opens_http(&first[..length]).is_none() {
+            return Ok(Opening::Http);
+        }
+        if started.elapsed() >= HELLO_TIMEOUT {
+            return Err(ProxyError::Ended("a TLS ClientHello unfinished after 5 s"));
         }
         // A peek returns at once while bytes wait unread: the rest is waited for.
         tokio::time::sleep(Duration::from_millis(5)).await;

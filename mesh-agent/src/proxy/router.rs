@@ -230,9 +230,13 @@ impl Router {
         };
         let (mut observed, body) =
             Observed::start(&mut parts, body, reporting.logs.as_ref(), addresses, site);
+        let grpc = is_grpc(&parts.headers);
         let request = Request::from_parts(parts, body);
         let mut record = RequestRecord::new(&self.hostname);
-        let response = self.route(request, &mut record).await;
+        let mut response = self.route(request, &mut record).await;
+        if grpc {
+            response = grpc_local_reply(response).await;
+        }
         record.finish(response.status(), started.elapsed());
         self.proxy.guard.metrics.request_routed(&record);
         let counting = reporting.tally.as_ref().map(|tally| Counting {
@@ -1010,6 +1014,62 @@ fn reply(status: StatusCode, text: &'static str) -> Response<RoutedBody> {
     })
 }
 
+/// A local reply (an error of the agent's own, not an upstream's answer) to a gRPC
+/// request, as Envoy sends it: HTTP 200, a Trailers-Only response whose `grpc-status`
+/// maps the HTTP status as Envoy's `httpToGrpcStatus` does and whose `grpc-message` is the
+/// reply's text. Upstream answers and replies already in gRPC (an injected gRPC abort)
+/// pass unchanged.
+async fn grpc_local_reply(response: Response<RoutedBody>) -> Response<RoutedBody> {
+    let (mut head, body) = response.into_parts();
+    let local = match body {
+        Either::Right(local)
+            if head.status.as_u16() >= 400 && !head.headers.contains_key("grpc-status") =>
+        {
+            local
+        }
+        body => return Response::from_parts(head, body),
+    };
+    let text = match local.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(never) => match never {},
+    };
+    let code = grpc_status_of(head.status);
+    head.status = StatusCode::OK;
+    head.headers.remove(header::CONTENT_LENGTH);
+    head.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    head.headers.insert("grpc-status", HeaderValue::from(code));
+    if let Ok(message) = HeaderValue::from_str(&grpc_message(&text)) {
+        head.headers.insert("grpc-message", message);
+    }
+    Response::from_parts(head, Either::Right(Full::new(Bytes::new())))
+}
+
+/// `text` as gRPC's `grpc-message` carries it: percent-encoded outside printable ASCII
+/// (and `%` itself).
+fn grpc_message(text: &[u8]) -> String {
+    text.iter()
+        .map(|b| match b {
+            b' '..=b'~' if *b != b'%' => char::from(*b).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Envoy's `httpToGrpcStatus`: the gRPC status a client reads from an HTTP error.
+fn grpc_status_of(status: StatusCode) -> u32 {
+    match status.as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
 /// An injected abort: an HTTP status, or a gRPC status in a trailers-only response.
 fn aborted(abort: AbortWith) -> Response<RoutedBody> {
     match abort {
@@ -1145,4 +1205,41 @@ fn shadow_authority(parts: &mut Parts) {
         None => (path, None),
     };
     set_target(parts, &path, query.as_deref(), &shadowed);
+}
+
+#[cfg(test)]
+mod tests {
+    use hyper::body::Body;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn local_errors_reach_grpc_clients_as_grpc_statuses() {
+        let timed_out = grpc_local_reply(reply(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream request timeout",
+        ))
+        .await;
+        assert_eq!(timed_out.status(), StatusCode::OK);
+        let headers = timed_out.headers();
+        assert_eq!(headers["content-type"], "application/grpc");
+        assert_eq!(headers["grpc-status"], "14");
+        assert_eq!(headers["grpc-message"], "upstream request timeout");
+        assert!(timed_out.body().is_end_stream(), "Trailers-Only");
+
+        assert_eq!(
+            grpc_message("50% ünïcode\n".as_bytes()),
+            "50%25 %C3%BCn%C3%AFcode%0A"
+        );
+
+        let aborted = grpc_local_reply(aborted(AbortWith::Grpc(8))).await;
+        assert_eq!(aborted.headers()["grpc-status"], "8", "already gRPC: kept");
+        let redirect = grpc_local_reply(reply(StatusCode::MOVED_PERMANENTLY, "")).await;
+        assert_eq!(redirect.status(), StatusCode::MOVED_PERMANENTLY);
+        assert_eq!(
+            [400, 401, 403, 404, 429, 503, 500]
+                .map(|s| grpc_status_of(StatusCode::from_u16(s).expect("status"))),
+            [13, 16, 7, 12, 14, 14, 2]
+        );
+    }
 }
