@@ -475,7 +475,7 @@ impl Upstream {
 /// the connection can carry the next request.
 const DRAIN_LIMIT: usize = 1 << 20;
 
-async fn drain(body: Metered<Incoming>) {
+pub async fn drain(body: Metered<Incoming>) {
     let mut body = body;
     let mut read = 0;
     while read < DRAIN_LIMIT {

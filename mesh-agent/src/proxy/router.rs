@@ -44,7 +44,7 @@ use crate::{
         plan::tunnelled,
         plan::{plan_endpoint, Carry, Route, TunnelRequest},
         requests::{
-            local_reply, server, strip_hop_by_hop, Exchange, Outgoing, HEADER_READ_TIMEOUT,
+            drain, local_reply, server, strip_hop_by_hop, Exchange, Outgoing, HEADER_READ_TIMEOUT,
         },
         socket,
         upstream::{GiveBack, Key, Returning, Reuse, Sender, Stream},
@@ -270,6 +270,7 @@ impl Router {
             .and_then(|service| state.http_routes(service, &self.source.namespace))
         else {
             record.flag(ResponseFlag::NoRoute);
+            drain(body).await;
             return reply(StatusCode::NOT_FOUND, "");
         };
         let facts = RequestFacts {
@@ -288,6 +289,7 @@ impl Router {
         }) = routes.select(&facts)
         else {
             record.flag(ResponseFlag::NoRoute);
+            drain(body).await;
             return reply(StatusCode::NOT_FOUND, "");
         };
         record.route = Some(rule.name.clone());
@@ -325,6 +327,9 @@ impl Router {
             if let Some((abort, percent)) = rule.fault.abort {
                 if Fault::rolls(percent) {
                     record.flag(ResponseFlag::FaultInjected);
+                    // Read first: an HTTP/2 client still sending would see its stream
+                    // reset after the answer.
+                    drain(body).await;
                     return aborted(abort);
                 }
             }
