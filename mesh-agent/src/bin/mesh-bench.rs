@@ -31,7 +31,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use http::{HeaderMap, HeaderValue};
 use http_body_util::BodyExt;
 use hyper::{
-    body::{Body, Frame, Incoming},
+    body::{Body, Frame, Incoming, SizeHint},
     Request, Response,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -128,6 +128,15 @@ impl Body for Reply {
 
     fn is_end_stream(&self) -> bool {
         self.data.is_none() && self.trailers.is_none()
+    }
+
+    /// Exact without trailers, so HTTP/1.1 answers carry a `content-length` (the load
+    /// generator reads that framing) rather than chunks.
+    fn size_hint(&self) -> SizeHint {
+        match (&self.data, &self.trailers) {
+            (data, None) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            _ => SizeHint::default(),
+        }
     }
 }
 
