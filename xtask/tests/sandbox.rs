@@ -2512,8 +2512,17 @@ impl Answers {
 }
 
 fn reviews(path: &str, count: usize, headers: &str, connections: &str) -> Answers {
+    l7_requests(
+        &format!("http://10.96.0.110:9080{path}"),
+        count,
+        headers,
+        connections,
+    )
+}
+
+/// What `l7_client.py` in client-a saw making `count` requests to `url`.
+fn l7_requests(url: &str, count: usize, headers: &str, connections: &str) -> Answers {
     let script = include_str!("l7_client.py");
-    let url = format!("http://10.96.0.110:9080{path}");
     let out = ok(
         xtask(&[
             "sandbox",
@@ -2523,12 +2532,12 @@ fn reviews(path: &str, count: usize, headers: &str, connections: &str) -> Answer
             "python3",
             "-c",
             script,
-            &url,
+            url,
             &count.to_string(),
             headers,
             connections,
         ]),
-        &format!("{count} requests to {path}"),
+        &format!("{count} requests to {url}"),
     );
     let value: serde_json::Value = serde_json::from_str(&out).expect("client JSON");
     Answers {
@@ -3586,28 +3595,8 @@ print('closed, answered', len(answered) < 100)"#;
 
     // An HTTP port no Service declares, sniffed: its requests are routed one by one on a
     // kept-alive connection by the VirtualService's header match.
-    let multi = |headers: &str| {
-        let script = include_str!("l7_client.py");
-        let out = ok(
-            xtask(&[
-                "sandbox",
-                "exec",
-                "client-a",
-                "--",
-                "python3",
-                "-c",
-                script,
-                "http://10.96.0.120:80/",
-                "20",
-                headers,
-                "keepalive",
-            ]),
-            "requests to multi",
-        );
-        let value: serde_json::Value = serde_json::from_str(&out).expect("client JSON");
-        serde_json::from_value::<std::collections::BTreeMap<String, u64>>(value["counts"].clone())
-            .expect("counts")
-    };
+    let multi =
+        |headers: &str| l7_requests("http://10.96.0.120:80/", 20, headers, "keepalive").counts;
     let only = |key: &str| std::collections::BTreeMap::from([(key.to_owned(), 20u64)]);
     assert_eq!(multi(r#"{"x-beta": "on"}"#), only("200 multi-b"));
     assert_eq!(multi("{}"), only("200 multi-a"));
