@@ -134,6 +134,7 @@ pub fn validate(config: &mut ClusterConfig) {
                 &mut found,
             );
         }
+        check_metrics(telemetry, &mut found);
         check_access_logging(telemetry, config, &mut found);
         check_tracing(telemetry, config, &mut found);
     }
@@ -1109,6 +1110,63 @@ fn check_destination_limits(dr: &Resource<DestinationRule>, found: &mut Vec<Diag
 /// An `HTTPLocalRateLimitPolicy`: one target (an existing Service, or a selector), each
 /// at most once; positive rates and bursts, client limits within the total; overrides
 /// naming service accounts.
+/// A `tagOverrides` entry: a Prometheus label name, and for an upsert a CEL value.
+fn check_metrics(telemetry: &Resource<Telemetry>, found: &mut Vec<Diagnostic>) {
+    for (i, entry) in telemetry.spec.metrics.iter().enumerate() {
+        for (j, over) in entry.overrides.iter().enumerate() {
+            for (label, tag) in &over.tag_overrides {
+                let at = format!("spec.metrics[{i}].overrides[{j}].tagOverrides.{label}");
+                if let Err(err) = check_label_name(label) {
+                    found.push(error(telemetry, &at, err));
+                }
+                match (tag.operation.unwrap_or(TagOperation::Upsert), &tag.value) {
+                    (TagOperation::Upsert, None) => found.push(error(
+                        telemetry,
+                        &format!("{at}.value"),
+                        "UPSERT needs a value (a CEL expression, e.g. request.host or \"literal\")"
+                            .into(),
+                    )),
+                    (TagOperation::Upsert, Some(value)) => {
+                        if let Err(err) = cel_interpreter::Program::compile(value) {
+                            found.push(error(
+                                telemetry,
+                                &format!("{at}.value"),
+                                format!("{value:?} is not a CEL expression: {err}"),
+                            ));
+                        }
+                    }
+                    (TagOperation::Remove, Some(_)) => found.push(warning(
+                        telemetry,
+                        &format!("{at}.value"),
+                        "REMOVE takes no value: it is ignored".into(),
+                    )),
+                    (TagOperation::Remove, None) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Whether `name` may be a Prometheus label: `[a-zA-Z_][a-zA-Z0-9_]*`, not `__`-prefixed
+/// (reserved).
+fn check_label_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let starts = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if !starts || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!(
+            "{name:?} is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"
+        ));
+    }
+    if name.starts_with("__") {
+        return Err(format!(
+            "{name:?} starts with __, which Prometheus reserves"
+        ));
+    }
+    Ok(())
+}
+
 /// An access log filter must be CEL; a provider must be one MeshConfig defines.
 fn check_access_logging(
     telemetry: &Resource<Telemetry>,
@@ -1428,6 +1486,7 @@ fn enforced(kind: &str) -> &'static [&'static str] {
             "metrics[].overrides[].match.metric",
             "metrics[].overrides[].match.mode",
             "metrics[].overrides[].disabled",
+            "metrics[].overrides[].tagOverrides",
             "tracing[].match.mode",
             "tracing[].providers[]",
             "tracing[].randomSamplingPercentage",

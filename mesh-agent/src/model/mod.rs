@@ -10,6 +10,7 @@ pub mod discovery;
 pub mod hashing;
 pub mod lb;
 pub mod locality;
+pub mod metric_rules;
 pub mod outlier;
 pub mod peerauth;
 pub mod query;

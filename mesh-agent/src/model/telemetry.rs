@@ -3,9 +3,10 @@
 //! where their access log lines go (MeshConfig's providers) under which CEL filter, and
 //! how they are traced (sampling, the OpenTelemetry collector spans go to, custom tags).
 //!
-//! For each of `metrics`, `accessLogging` and `tracing`, the most specific Telemetry that sets it
-//! decides for a workload — one that selects it (`selector`, `targetRefs`) over its
-//! namespace's over the root namespace's — as Istio resolves them. Without one, requests are reported wherever the agents serve
+//! For `accessLogging` and `tracing`, the most specific Telemetry that sets it decides for
+//! a workload — one that selects it (`selector`, `targetRefs`) over its namespace's over
+//! the root namespace's — as Istio resolves them; `metrics` are merged in that order
+//! (`model::metric_rules`). Without one, requests are reported wherever the agents serve
 //! them request by request anyway (routing, per-request policies); a Telemetry that
 //! enables the Prometheus provider for a workload makes its agent serve its HTTP ports
 //! request by request so that every request is reported — the per-node counterpart of
@@ -17,21 +18,18 @@ use serde::Serialize;
 
 use crate::{
     config::{
-        istio::{self, AccessLogging, IstioMetric, Metrics, Telemetry, WorkloadMode},
+        istio::{self, AccessLogging, Metrics, Telemetry, WorkloadMode},
         log_format::Pattern,
         mesh_config::{Encoding, MeshConfig, OpenTelemetryProvider, ENVOY_PROVIDER},
         ClusterConfig, Resource,
     },
     model::{
         access_log::{LogEntry, LogFormat},
+        metric_rules::{attributes, reports_to_prometheus, MetricRules},
         scope::{scope_of, Scope},
         Workload,
     },
 };
-
-/// The provider Istio's default metrics go to; a `metrics` entry that names no provider
-/// configures it.
-const PROMETHEUS: &str = "prometheus";
 
 /// Whether requests are reported.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -54,6 +52,11 @@ pub struct WorkloadTelemetry {
     pub client: Reporting,
     /// The Telemetry that decided (`namespace/name`).
     pub decided_by: Option<String>,
+    /// Which request metrics of the requests it serves are reported, with which labels;
+    /// `None`: all of them, with Istio's standard labels.
+    pub server_metrics: Option<Arc<MetricRules>>,
+    /// The same for the requests it sends.
+    pub client_metrics: Option<Arc<MetricRules>>,
     /// Where the requests the workload serves are logged.
     pub server_logs: Option<Arc<AccessLogs>>,
     /// Where the requests it sends are logged.
@@ -263,56 +266,11 @@ impl LogFilter {
     /// evaluated for it (a missing header, a type mismatch) keeps the line, as a log
     /// that loses lines silently is worse than one with a line too many.
     pub fn keeps(&self, entry: &LogEntry, mutual_tls: bool) -> bool {
-        use std::collections::HashMap;
-
-        use cel_interpreter::{Context, Value};
-        let text = |s: &str| Value::String(Arc::new(s.to_owned()));
-        let address =
-            |a: Option<std::net::SocketAddrV4>| a.map_or(Value::Null, |a| text(&a.to_string()));
-        let headers: HashMap<String, Value> = entry
-            .request_headers
-            .iter()
-            .filter_map(|(name, value)| {
-                Some((name.as_str().to_owned(), text(value.to_str().ok()?)))
-            })
-            .collect();
-        let request: HashMap<&str, Value> = HashMap::from([
-            ("method", text(&entry.method)),
-            ("path", text(&entry.path)),
-            ("host", text(&entry.authority)),
-            ("protocol", text(entry.protocol)),
-            ("headers", headers.into()),
-        ]);
-        let grpc_status = entry
-            .response_headers
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok()?.parse::<i64>().ok())
-            .map_or(Value::Null, Value::Int);
-        let response: HashMap<&str, Value> = HashMap::from([
-            ("code", Value::Int(entry.response_code.into())),
-            ("flags", text(&entry.response_flags)),
-            ("grpc_status", grpc_status),
-        ]);
-        let mut context = Context::default();
-        context.add_variable_from_value("request", request);
-        context.add_variable_from_value("response", response);
-        context.add_variable_from_value(
-            "connection",
-            HashMap::from([("mtls", Value::Bool(mutual_tls))]),
-        );
-        context.add_variable_from_value(
-            "source",
-            HashMap::from([("address", address(entry.downstream_remote))]),
-        );
-        context.add_variable_from_value(
-            "destination",
-            HashMap::from([("address", address(entry.downstream_local))]),
-        );
-        context.add_variable_from_value(
-            "upstream",
-            HashMap::from([("address", address(entry.upstream_host))]),
-        );
-        !matches!(self.program.execute(&context), Ok(Value::Bool(false)))
+        let context = attributes(entry, mutual_tls);
+        !matches!(
+            self.program.execute(&context),
+            Ok(cel_interpreter::Value::Bool(false))
+        )
     }
 }
 
@@ -423,8 +381,7 @@ struct Rule {
     /// 0: mesh-wide, 1: a namespace, 2: selected workloads.
     specificity: u8,
     name: String,
-    server: Reporting,
-    client: Reporting,
+    metrics: Vec<Metrics>,
 }
 
 struct LogRule {
@@ -448,7 +405,15 @@ impl TelemetryConfig {
             .telemetries
             .iter()
             .filter(|t| !t.spec.metrics.is_empty())
-            .map(|t| compile(t, config, root_namespace))
+            .map(|t| {
+                let (scope, specificity, name) = scope_and_name(t, config, root_namespace);
+                Rule {
+                    scope,
+                    specificity,
+                    name,
+                    metrics: t.spec.metrics.clone(),
+                }
+            })
             .collect();
         // Most specific first; among equals, by name, so the choice never depends on the
         // order files were read in.
@@ -542,14 +507,19 @@ impl TelemetryConfig {
     }
 
     pub fn for_workload(&self, workload: &Workload) -> WorkloadTelemetry {
-        let mut found = match self.rules.iter().find(|rule| rule.scope.selects(workload)) {
-            Some(rule) => WorkloadTelemetry {
-                server: rule.server,
-                client: rule.client,
-                decided_by: Some(rule.name.clone()),
-                ..WorkloadTelemetry::default()
-            },
-            None => WorkloadTelemetry::default(),
+        let (server, server_metrics) = self.metrics(workload, WorkloadMode::Server);
+        let (client, client_metrics) = self.metrics(workload, WorkloadMode::Client);
+        let mut found = WorkloadTelemetry {
+            server,
+            client,
+            decided_by: self
+                .rules
+                .iter()
+                .find(|rule| rule.scope.selects(workload))
+                .map(|rule| rule.name.clone()),
+            server_metrics,
+            client_metrics,
+            ..WorkloadTelemetry::default()
         };
         let decided = |mode: fn(&LogRule) -> &Option<Logging>| {
             self.log_rules
@@ -563,6 +533,36 @@ impl TelemetryConfig {
         found.server_tracing = self.tracing(workload, |rule| &rule.server);
         found.client_tracing = self.tracing(workload, |rule| &rule.client);
         found
+    }
+
+    /// Whether `workload`'s requests in `mode` are reported and under which rules: the
+    /// `metrics` of every Telemetry that applies, merged from the least specific to the
+    /// most specific, as Istio merges them.
+    fn metrics(
+        &self,
+        workload: &Workload,
+        mode: WorkloadMode,
+    ) -> (Reporting, Option<Arc<MetricRules>>) {
+        let mut rules = MetricRules::default();
+        let mut reported = false;
+        for rule in self
+            .rules
+            .iter()
+            .rev()
+            .filter(|r| r.scope.selects(workload))
+        {
+            reported |= rule.metrics.iter().any(reports_to_prometheus);
+            rules.apply(&rule.metrics, mode);
+        }
+        let reporting = if !reported {
+            Reporting::WhenServed
+        } else if rules.reports_nothing() {
+            Reporting::Never
+        } else {
+            Reporting::Always
+        };
+        let changed = rules != MetricRules::default() && reporting != Reporting::Never;
+        (reporting, changed.then(|| Arc::new(rules)))
     }
 
     /// How `workload`'s requests in one mode are traced: the most specific Telemetry
@@ -749,67 +749,10 @@ fn scope_and_name(
     )
 }
 
-fn compile(telemetry: &Resource<Telemetry>, config: &ClusterConfig, root_namespace: &str) -> Rule {
-    let (scope, specificity, name) = scope_and_name(telemetry, config, root_namespace);
-    let spec = &telemetry.spec;
-    Rule {
-        scope,
-        specificity,
-        name,
-        server: reporting(&spec.metrics, WorkloadMode::Server),
-        client: reporting(&spec.metrics, WorkloadMode::Client),
-    }
-}
-
-/// What `metrics` say of the request count in `mode`: the Prometheus provider's entries
-/// decide, each override that matches the request metrics in `mode` in turn.
-fn reporting(metrics: &[Metrics], mode: WorkloadMode) -> Reporting {
-    let mut decided = Reporting::WhenServed;
-    for entry in metrics {
-        let prometheus =
-            entry.providers.is_empty() || entry.providers.iter().any(|p| p.name == PROMETHEUS);
-        if !prometheus {
-            continue;
-        }
-        let mut enabled = true;
-        for over in &entry.overrides {
-            let selector = over.selector.as_ref();
-            let metric = selector
-                .and_then(|s| s.metric)
-                .unwrap_or(IstioMetric::AllMetrics);
-            let applies_to_mode = match selector.and_then(|s| s.mode) {
-                None | Some(WorkloadMode::ClientAndServer) => true,
-                Some(other) => other == mode,
-            };
-            let custom = selector.is_some_and(|s| s.custom_metric.is_some());
-            if applies_to_mode && !custom && counts_requests(metric) {
-                enabled = !over.disabled.unwrap_or(false);
-            }
-        }
-        decided = if enabled {
-            Reporting::Always
-        } else {
-            Reporting::Never
-        };
-    }
-    decided
-}
-
-/// The request metrics are reported together: disabling any of them stops the count.
-fn counts_requests(metric: IstioMetric) -> bool {
-    matches!(
-        metric,
-        IstioMetric::AllMetrics
-            | IstioMetric::RequestCount
-            | IstioMetric::RequestDuration
-            | IstioMetric::RequestSize
-            | IstioMetric::ResponseSize
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::metric_rules::RequestMetric;
 
     const PODS: &str = "\
 apiVersion: v1
@@ -871,7 +814,7 @@ spec:
     }
 
     #[test]
-    fn the_most_specific_telemetry_decides_and_overrides_match_by_mode() {
+    fn telemetries_merge_and_overrides_match_by_metric_and_mode() {
         let extra = format!(
             "{MESH_ON}---
 apiVersion: telemetry.istio.io/v1
@@ -897,7 +840,15 @@ spec:
         let web = telemetry_of(&extra, "web");
         assert_eq!(
             (web.server, web.client),
-            (Reporting::Never, Reporting::Always)
+            (Reporting::Always, Reporting::Always),
+            "only the request count is off, the other request metrics go on"
+        );
+        let server = web.server_metrics.expect("the server side changed");
+        assert!(server.disabled.contains(RequestMetric::RequestCount));
+        assert!(!server.disabled.contains(RequestMetric::RequestDuration));
+        assert_eq!(
+            web.client_metrics, None,
+            "the client side keeps the defaults"
         );
         assert_eq!(web.decided_by.as_deref(), Some("shop/quiet-shop"));
         let db = telemetry_of(&extra, "db");

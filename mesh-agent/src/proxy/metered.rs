@@ -1,7 +1,8 @@
 //! Bodies that measure what passes through them, for the request metrics: [`Metered`]
-//! counts a request body's bytes into a counter the response's report reads, and
-//! [`Reported`] reports once when a response body ends — or is dropped, when the client
-//! goes away first — with its size and the gRPC status of its trailers.
+//! counts a request body's bytes (and gRPC messages) into counters the response's report
+//! reads, and [`Reported`] reports once when a response body ends — or is dropped, when
+//! the client goes away first — with its size, its gRPC messages and the gRPC status of
+//! its trailers.
 
 use std::{
     pin::Pin,
@@ -15,15 +16,70 @@ use std::{
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
-/// A body whose data bytes are added to `bytes` as they pass.
+/// Counts the gRPC messages of a stream as its bytes pass: each message is a 5-byte
+/// prefix (a compression flag and a big-endian length) and that many bytes. A message is
+/// counted when its prefix begins, as Envoy's gRPC stats count them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcFrames {
+    messages: u64,
+    /// Bytes of the current prefix read so far (0: none, the next byte starts one).
+    prefix_read: u8,
+    length: u32,
+    payload_left: u64,
+}
+
+impl GrpcFrames {
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while let Some((&byte, rest)) = data.split_first() {
+            if self.payload_left > 0 {
+                let skipped = data
+                    .len()
+                    .min(usize::try_from(self.payload_left).unwrap_or(usize::MAX));
+                self.payload_left -= skipped as u64;
+                data = &data[skipped..];
+                continue;
+            }
+            if self.prefix_read == 0 {
+                self.messages += 1;
+            } else {
+                self.length = self.length << 8 | u32::from(byte);
+            }
+            self.prefix_read += 1;
+            if self.prefix_read == 5 {
+                self.payload_left = u64::from(self.length);
+                self.prefix_read = 0;
+                self.length = 0;
+            }
+            data = rest;
+        }
+    }
+
+    pub fn messages(&self) -> u64 {
+        self.messages
+    }
+}
+
+/// A body whose data bytes are added to `bytes` as they pass, and, for gRPC, whose
+/// messages are added to `messages`.
 pub struct Metered<B> {
     inner: B,
     bytes: Arc<AtomicU64>,
+    messages: Option<(GrpcFrames, Arc<AtomicU64>)>,
 }
 
 impl<B> Metered<B> {
     pub fn new(inner: B, bytes: Arc<AtomicU64>) -> Metered<B> {
-        Metered { inner, bytes }
+        Metered {
+            inner,
+            bytes,
+            messages: None,
+        }
+    }
+
+    /// Also counts the body's gRPC messages into `messages`.
+    pub fn counting_messages(mut self, messages: Arc<AtomicU64>) -> Metered<B> {
+        self.messages = Some((GrpcFrames::default(), messages));
+        self
     }
 }
 
@@ -39,6 +95,11 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Metered<B> {
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
                 self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                if let Some((frames, messages)) = &mut self.messages {
+                    let before = frames.messages();
+                    frames.feed(data);
+                    messages.fetch_add(frames.messages() - before, Ordering::Relaxed);
+                }
             }
         }
         polled
@@ -57,6 +118,8 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Metered<B> {
 #[derive(Debug, Clone, Copy)]
 pub struct BodyEnd {
     pub bytes: u64,
+    /// gRPC messages, when the body was counted as a gRPC stream.
+    pub messages: u64,
     /// `grpc-status` of the trailers, when they carried one.
     pub grpc_status: Option<u32>,
 }
@@ -67,18 +130,23 @@ type Report = Box<dyn FnOnce(BodyEnd) + Send>;
 pub struct Reported<B> {
     inner: B,
     end: BodyEnd,
+    /// The gRPC messages of a gRPC answer.
+    frames: Option<GrpcFrames>,
     report: Option<Report>,
 }
 
 impl<B> Reported<B> {
-    /// `grpc_status` is the status the response head carried (a trailers-only answer).
-    pub fn new(inner: B, grpc_status: Option<u32>, report: Report) -> Reported<B> {
+    /// `grpc_status` is the status the response head carried (a trailers-only answer);
+    /// with `grpc` the body's messages are counted.
+    pub fn new(inner: B, grpc: bool, grpc_status: Option<u32>, report: Report) -> Reported<B> {
         Reported {
             inner,
             end: BodyEnd {
                 bytes: 0,
+                messages: 0,
                 grpc_status,
             },
+            frames: grpc.then(GrpcFrames::default),
             report: Some(report),
         }
     }
@@ -89,8 +157,10 @@ impl<B> Reported<B> {
             inner,
             end: BodyEnd {
                 bytes: 0,
+                messages: 0,
                 grpc_status: None,
             },
+            frames: None,
             report: None,
         }
     }
@@ -115,6 +185,10 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Reported<B> {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     self.end.bytes += data.len() as u64;
+                    if let Some(frames) = &mut self.frames {
+                        frames.feed(data);
+                        self.end.messages = frames.messages();
+                    }
                 } else if let Some(status) = frame.trailers_ref().and_then(grpc_status) {
                     self.end.grpc_status = Some(status);
                 }
@@ -195,6 +269,7 @@ mod tests {
         let body = Reported::new(
             Full::new(Bytes::from_static(b"hello world"))
                 .with_trailers(std::future::ready(Some(Ok(trailers)))),
+            false,
             None,
             Box::new(move |end| seen.lock().expect("lock").push(end)),
         );
@@ -210,6 +285,7 @@ mod tests {
         let seen = ends.clone();
         let body = Reported::new(
             Full::new(Bytes::from_static(b"unread")),
+            true,
             Some(0),
             Box::new(move |end| seen.lock().expect("lock").push(end)),
         );
@@ -227,5 +303,49 @@ mod tests {
         let body = Metered::new(Full::new(Bytes::from_static(b"0123456789")), bytes.clone());
         body.collect().await.expect("body");
         assert_eq!(bytes.load(Ordering::Relaxed), 10);
+    }
+
+    /// Three gRPC messages (one empty, one of 300 bytes) cut at awkward places.
+    fn three_messages() -> Vec<u8> {
+        let mut stream = vec![0, 0, 0, 0, 2, b'h', b'i', 0, 0, 0, 0, 0, 1, 0, 0, 1, 44];
+        stream.extend(std::iter::repeat_n(7u8, 300));
+        stream
+    }
+
+    #[test]
+    fn grpc_messages_are_counted_whatever_the_chunking() {
+        let stream = three_messages();
+        for chunk in [1, 2, 3, 5, 7, 16, 1000] {
+            let mut frames = GrpcFrames::default();
+            for piece in stream.chunks(chunk) {
+                frames.feed(piece);
+            }
+            assert_eq!(frames.messages(), 3, "chunks of {chunk}");
+        }
+        let mut half = GrpcFrames::default();
+        half.feed(&stream[..3]);
+        assert_eq!(half.messages(), 1, "a message counts from its first byte");
+        let mut hostile = GrpcFrames::default();
+        hostile.feed(&[0, 0xff, 0xff, 0xff, 0xff, 1, 2, 3]);
+        assert_eq!(hostile.messages(), 1, "a huge length is only skipped");
+    }
+
+    #[tokio::test]
+    async fn grpc_bodies_count_their_messages_both_ways() {
+        let (bytes, messages) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let request = Metered::new(Full::new(Bytes::from(three_messages())), bytes.clone())
+            .counting_messages(messages.clone());
+        request.collect().await.expect("body");
+        assert_eq!(messages.load(Ordering::Relaxed), 3);
+        let ends = Arc::new(Mutex::new(Vec::new()));
+        let seen = ends.clone();
+        let response = Reported::new(
+            Full::new(Bytes::from(three_messages())),
+            true,
+            None,
+            Box::new(move |end| seen.lock().expect("lock").push(end)),
+        );
+        response.collect().await.expect("body");
+        assert_eq!(ends.lock().expect("lock")[0].messages, 3);
     }
 }

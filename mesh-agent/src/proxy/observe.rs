@@ -3,8 +3,9 @@
 //! and trace context (propagated, and this hop's span started when sampled), its size
 //! as it passes, and — when its response body has gone out — its count in the
 //! connection's tally, its access log line (taken when it arrives, only when a log wants
-//! it; kept when the Telemetry's filter does; rendered in each provider's format and
-//! queued for the writers) and its span (queued for the exporter).
+//! it or a metric's label expression does; kept when the Telemetry's filter does;
+//! rendered in each provider's format and queued for the writers) and its span (queued
+//! for the exporter).
 
 use std::{
     borrow::Cow,
@@ -25,6 +26,7 @@ use crate::{
     model::{
         access_log::LogEntry,
         lb::random,
+        metric_rules::{attributes, MetricRules},
         telemetry::{AccessLogs, Collector, Tracing},
     },
     proxy::metered::{
@@ -59,7 +61,8 @@ pub struct Counting {
 
 /// One request under observation.
 pub struct Observed {
-    line: Option<PendingLine>,
+    /// What was taken of the request for its log line and label expressions.
+    captured: Option<Captured>,
     span: Option<Box<PendingSpan>>,
     counting: Option<Counting>,
     flags: ResponseFlags,
@@ -68,19 +71,24 @@ pub struct Observed {
     request_head: u64,
     /// The request body's bytes, counted as they pass.
     request_bytes: Arc<AtomicU64>,
+    /// The request stream's gRPC messages, counted as they pass.
+    request_messages: Arc<AtomicU64>,
 }
 
 impl Observed {
     /// Starts observing the request `head` — giving it an `x-request-id` and this hop's
-    /// trace context; its body is to be forwarded as the counted body returned.
+    /// trace context; its body is to be forwarded as the counted body returned. `logs`:
+    /// where its line goes; `labels`: the Telemetry rules its metrics' labels follow.
     pub fn start(
         head: &mut request::Parts,
         body: Incoming,
         logs: Option<&Arc<AccessLogs>>,
+        labels: Option<&Arc<MetricRules>>,
         addresses: Addresses,
         site: TraceSite<'_>,
     ) -> (Observed, Metered<Incoming>) {
         let request_bytes = Arc::new(AtomicU64::new(0));
+        let request_messages = Arc::new(AtomicU64::new(0));
         let request_head = request_head_size(head);
         let request_id = ensure_request_id(&mut head.headers, || RandomIds.trace_id());
         let span = site.tracing.and_then(|tracing| {
@@ -99,17 +107,27 @@ impl Observed {
                 addresses,
             )))
         });
+        let computes_labels = labels.is_some_and(|rules| !rules.values.is_empty());
+        let grpc = is_grpc(&head.headers);
         let observed = Observed {
-            line: logs.map(|logs| PendingLine::capture(logs, head, addresses)),
+            captured: (logs.is_some() || computes_labels)
+                .then(|| Captured::capture(logs.cloned(), head, addresses)),
             span,
             counting: None,
             flags: ResponseFlags::default(),
             started: Instant::now(),
-            grpc: is_grpc(&head.headers),
+            grpc,
             request_head,
             request_bytes: request_bytes.clone(),
+            request_messages: request_messages.clone(),
         };
-        (observed, Metered::new(body, request_bytes))
+        let body = Metered::new(body, request_bytes);
+        let body = if grpc {
+            body.counting_messages(request_messages)
+        } else {
+            body
+        };
+        (observed, body)
     }
 
     /// The response head is back: how the request was handled, and where it is counted
@@ -126,18 +144,22 @@ impl Observed {
         if let Some(span) = &mut self.span {
             span.cluster = handled.cluster.clone();
         }
-        if let Some(line) = &mut self.line {
-            line.respond(response, flags, handled);
+        if let Some(captured) = &mut self.captured {
+            captured.respond(response, flags, handled);
         }
     }
 
     /// Whether anything is recorded of the request.
     fn wanted(&self) -> bool {
-        self.line.is_some() || self.counting.is_some() || self.span.is_some()
+        self.captured.is_some() || self.counting.is_some() || self.span.is_some()
     }
 
     /// `response`, counting and logging its request when its body has gone out.
-    pub fn report<B>(self, response: Response<B>, metrics: &Arc<Metrics>) -> Response<Reported<B>> {
+    pub fn report<B>(
+        mut self,
+        response: Response<B>,
+        metrics: &Arc<Metrics>,
+    ) -> Response<Reported<B>> {
         if !self.wanted() {
             return response.map(Reported::unreported);
         }
@@ -153,6 +175,8 @@ impl Observed {
                 duration: took,
                 request_bytes: self.request_head + body_bytes,
                 response_bytes: response_head + end.bytes,
+                request_messages: self.request_messages.load(Ordering::Relaxed),
+                response_messages: end.messages,
             };
             if let Some(span) = self.span {
                 let finished = span.finish(code, self.flags, &measures, metrics.mesh_id());
@@ -165,13 +189,22 @@ impl Observed {
                     grpc_status: end.grpc_status,
                     flags: self.flags,
                 };
-                counting.tally.record(&counting.peers, outcome, &measures);
+                let tags = match (counting.peers.rules(), &mut self.captured) {
+                    (Some(rules), Some(captured)) if !rules.values.is_empty() => {
+                        captured.complete(end, body_bytes, took);
+                        rules.evaluate(&attributes(&captured.entry, captured.mutual_tls))
+                    }
+                    _ => Vec::new(),
+                };
+                counting
+                    .tally
+                    .record(&counting.peers, outcome, tags.into(), &measures);
             }
-            if let Some(line) = self.line {
-                line.finish(&metrics.access_logs, end, body_bytes, took);
+            if let Some(captured) = self.captured {
+                captured.finish(&metrics.access_logs, end, body_bytes, took);
             }
         });
-        Response::from_parts(parts, Reported::new(body, head_status, report))
+        Response::from_parts(parts, Reported::new(body, self.grpc, head_status, report))
     }
 }
 
@@ -317,16 +350,22 @@ pub struct Addresses {
     pub mutual_tls: bool,
 }
 
-/// A request's line, waiting for its response to end.
-struct PendingLine {
-    logs: Arc<AccessLogs>,
+/// What is known of a request for its log line and its metrics' label expressions,
+/// waiting for its response to end.
+struct Captured {
+    /// Where its line goes, if anywhere.
+    logs: Option<Arc<AccessLogs>>,
     entry: LogEntry,
     mutual_tls: bool,
 }
 
-impl PendingLine {
-    /// Takes what the line needs from the request head as it arrived.
-    fn capture(logs: &Arc<AccessLogs>, head: &request::Parts, addresses: Addresses) -> PendingLine {
+impl Captured {
+    /// Takes what is needed from the request head as it arrived.
+    fn capture(
+        logs: Option<Arc<AccessLogs>>,
+        head: &request::Parts,
+        addresses: Addresses,
+    ) -> Captured {
         let authority = head
             .uri
             .authority()
@@ -338,8 +377,8 @@ impl PendingLine {
                     .map(str::to_owned)
             })
             .unwrap_or_default();
-        PendingLine {
-            logs: logs.clone(),
+        Captured {
+            logs,
             entry: LogEntry {
                 start: SystemTime::now(),
                 duration: Duration::ZERO,
@@ -378,12 +417,20 @@ impl PendingLine {
         self.entry.response_code_details = handled.details;
     }
 
-    /// Writes the line (in every provider's format) when the filter keeps it.
-    fn finish(mut self, writers: &LogWriters, end: BodyEnd, request_bytes: u64, took: Duration) {
+    /// What is known once the response has ended.
+    fn complete(&mut self, end: BodyEnd, request_bytes: u64, took: Duration) {
         self.entry.duration = took;
         self.entry.bytes_received = request_bytes;
         self.entry.bytes_sent = end.bytes;
-        for (path, line) in self.logs.lines(&self.entry, self.mutual_tls) {
+    }
+
+    /// Writes the line (in every provider's format) when the filter keeps it.
+    fn finish(mut self, writers: &LogWriters, end: BodyEnd, request_bytes: u64, took: Duration) {
+        let Some(logs) = self.logs.take() else {
+            return;
+        };
+        self.complete(end, request_bytes, took);
+        for (path, line) in logs.lines(&self.entry, self.mutual_tls) {
             writers.write(path, line);
         }
     }

@@ -181,6 +181,7 @@ impl Guard {
                     &mut parts,
                     body,
                     telemetry.server_logs.as_ref(),
+                    telemetry.server_metrics.as_ref(),
                     addresses,
                     site,
                 );
@@ -231,6 +232,7 @@ impl Guard {
                 destination: Some(&arrival.workload),
                 service: exchange.service.as_deref(),
                 mutual_tls: exchange.mutual_tls,
+                rules: arrival.security.telemetry.server_metrics.as_ref(),
             },
             tally.settings(),
         );

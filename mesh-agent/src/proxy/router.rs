@@ -27,6 +27,7 @@ use crate::{
         circuit::{Budget, BudgetKey, Keepalive, Overflow, Permit, PoolLimits},
         destination_policy::cluster_name,
         hashing::RequestKeys,
+        metric_rules::MetricRules,
         outlier::Outcome,
         routing::{
             choose_random, AbortWith, Action, CorsVerdict, Fault, HttpRule, RequestFacts,
@@ -82,6 +83,7 @@ where
     let tally = (telemetry.client != Reporting::Never)
         .then(|| Arc::new(proxy.guard.metrics.requests.connection()));
     let logs = telemetry.client_logs;
+    let labels = telemetry.client_metrics;
     let tracing = telemetry.client_tracing;
     let drain = proxy.intake.connection_drain();
     let router = Arc::new(Router {
@@ -94,6 +96,7 @@ where
     let reporting = Arc::new(SourceReporting {
         tally,
         logs,
+        labels,
         tracing,
         peers: Mutex::default(),
     });
@@ -132,6 +135,8 @@ struct SourceReporting {
     tally: Option<Arc<ConnectionTally>>,
     /// Where its requests are logged, if anywhere.
     logs: Option<Arc<AccessLogs>>,
+    /// What the source's Telemetry says of its request metrics' labels.
+    labels: Option<Arc<MetricRules>>,
     /// How its requests are traced (client spans), if at all.
     tracing: Option<Arc<Tracing>>,
     peers: Mutex<Vec<KnownPeers>>,
@@ -168,6 +173,7 @@ impl SourceReporting {
                 destination: record.destination.as_deref(),
                 service: Some(&record.service),
                 mutual_tls: record.mutual_tls,
+                rules: self.labels.as_ref(),
             },
             tally.settings(),
         ));
@@ -228,8 +234,14 @@ impl Router {
             host: &self.hostname,
             port: self.addressed.port(),
         };
-        let (mut observed, body) =
-            Observed::start(&mut parts, body, reporting.logs.as_ref(), addresses, site);
+        let (mut observed, body) = Observed::start(
+            &mut parts,
+            body,
+            reporting.logs.as_ref(),
+            reporting.labels.as_ref(),
+            addresses,
+            site,
+        );
         let grpc = is_grpc(&parts.headers);
         let request = Request::from_parts(parts, body);
         let mut record = RequestRecord::new(&self.hostname);

@@ -27,7 +27,11 @@ use prometheus_client::{
 };
 
 use crate::{
-    model::{telemetry::canonical_names, MeshState, Workload},
+    model::{
+        metric_rules::{MetricRules, RequestMetric},
+        telemetry::canonical_names,
+        MeshState, Workload,
+    },
     telemetry::request::ResponseFlags,
 };
 
@@ -128,6 +132,8 @@ pub struct PeerLabels {
     destination_service_name: String,
     destination_service_namespace: String,
     mutual_tls: bool,
+    /// The reporting workload's Telemetry rules; `None`: every metric, standard labels.
+    rules: Option<Arc<MetricRules>>,
 }
 
 /// Who took part in a request, for [`PeerLabels::new`].
@@ -140,9 +146,16 @@ pub struct Peers<'a> {
     /// The Service host the client addressed (`destination_service`).
     pub service: Option<&'a str>,
     pub mutual_tls: bool,
+    /// What the reporting workload's Telemetry says of its request metrics.
+    pub rules: Option<&'a Arc<MetricRules>>,
 }
 
 impl PeerLabels {
+    /// The reporting workload's Telemetry rules, if they change anything.
+    pub fn rules(&self) -> Option<&Arc<MetricRules>> {
+        self.rules.as_ref()
+    }
+
     pub fn new(state: &MeshState, peers: &Peers<'_>, settings: &LabelSettings) -> PeerLabels {
         let (name, namespace) = match peers.service.and_then(|h| state.service_by_host(h)) {
             Some(service) => (service.name.clone(), service.namespace.clone()),
@@ -164,6 +177,7 @@ impl PeerLabels {
             destination_service_name: name,
             destination_service_namespace: namespace,
             mutual_tls: peers.mutual_tls,
+            rules: peers.rules.cloned(),
         }
     }
 }
@@ -192,6 +206,9 @@ pub struct Measures {
     pub duration: Duration,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// gRPC messages in the request's and the response's stream.
+    pub request_messages: u64,
+    pub response_messages: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -244,6 +261,8 @@ struct Series {
     duration: Histogram,
     request_bytes: Histogram,
     response_bytes: Histogram,
+    request_messages: u64,
+    response_messages: u64,
     updated: Instant,
 }
 
@@ -253,6 +272,8 @@ impl Series {
             duration: Histogram::new(&DURATION_BUCKETS_MS),
             request_bytes: Histogram::new(&BYTE_BUCKETS),
             response_bytes: Histogram::new(&BYTE_BUCKETS),
+            request_messages: 0,
+            response_messages: 0,
             updated: Instant::now(),
         }
     }
@@ -262,6 +283,8 @@ impl Series {
             .observe(measures.duration.as_secs_f64() * 1000.0);
         self.request_bytes.observe(measures.request_bytes as f64);
         self.response_bytes.observe(measures.response_bytes as f64);
+        self.request_messages += measures.request_messages;
+        self.response_messages += measures.response_messages;
         self.updated = Instant::now();
     }
 
@@ -269,6 +292,8 @@ impl Series {
         self.duration.merge(&other.duration);
         self.request_bytes.merge(&other.request_bytes);
         self.response_bytes.merge(&other.response_bytes);
+        self.request_messages += other.request_messages;
+        self.response_messages += other.response_messages;
         self.updated = self.updated.max(other.updated);
     }
 }
@@ -289,15 +314,20 @@ impl Hash for SamePeers {
     }
 }
 
-type SeriesKey = (PeerLabels, RequestEnd);
+/// A request's values of its Telemetry's label expressions (`tagOverrides`), in the
+/// order of [`MetricRules::values`]; empty without any.
+pub type TagValues = Box<[String]>;
+
+type SeriesKey = (PeerLabels, RequestEnd, TagValues);
+type TallyKey = (SamePeers, RequestEnd, TagValues);
 
 #[derive(Default)]
 struct Tally {
-    series: Mutex<HashMap<(SamePeers, RequestEnd), Series>>,
+    series: Mutex<HashMap<TallyKey, Series>>,
 }
 
 impl Tally {
-    fn lock(&self) -> MutexGuard<'_, HashMap<(SamePeers, RequestEnd), Series>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<TallyKey, Series>> {
         self.series.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -359,8 +389,9 @@ impl RequestMetrics {
         let totals = self.lock();
         let mut all = totals.closed.clone();
         for tally in totals.open.values() {
-            for ((peers, outcome), series) in tally.lock().iter() {
-                merge_into(&mut all, (peers.0.as_ref().clone(), *outcome), series);
+            for ((peers, outcome, tags), series) in tally.lock().iter() {
+                let key = (peers.0.as_ref().clone(), *outcome, tags.clone());
+                merge_into(&mut all, key, series);
             }
         }
         all
@@ -371,7 +402,7 @@ impl RequestMetrics {
     pub fn expire(&self, state: &MeshState, now: Instant) {
         let departed = Departed::of(state);
         let gone = |side: &SideLabels| departed.contains(&side.namespace, &side.workload);
-        self.lock().closed.retain(|(peers, _), series| {
+        self.lock().closed.retain(|(peers, _, _), series| {
             let idle = now.saturating_duration_since(series.updated) >= self.expiry;
             !(idle && (gone(&peers.source) || gone(&peers.destination)))
         });
@@ -422,10 +453,18 @@ pub struct ConnectionTally {
 }
 
 impl ConnectionTally {
-    pub fn record(&self, peers: &Arc<PeerLabels>, outcome: RequestEnd, measures: &Measures) {
+    /// Counts a request; `tags` are its values of the label expressions of `peers`'
+    /// rules.
+    pub fn record(
+        &self,
+        peers: &Arc<PeerLabels>,
+        outcome: RequestEnd,
+        tags: TagValues,
+        measures: &Measures,
+    ) {
         self.tally
             .lock()
-            .entry((SamePeers(peers.clone()), outcome))
+            .entry((SamePeers(peers.clone()), outcome, tags))
             .or_insert_with(Series::new)
             .observe(measures);
     }
@@ -439,10 +478,10 @@ impl Drop for ConnectionTally {
     fn drop(&mut self) {
         let mut totals = self.metrics.lock();
         totals.open.remove(&self.id);
-        for ((peers, outcome), series) in self.tally.lock().drain() {
+        for ((peers, outcome, tags), series) in self.tally.lock().drain() {
             merge_into(
                 &mut totals.closed,
-                (peers.0.as_ref().clone(), outcome),
+                (peers.0.as_ref().clone(), outcome, tags),
                 &series,
             );
         }
@@ -500,15 +539,28 @@ fn label_pairs<'a>(
     ]
 }
 
-/// A histogram family: its name, its help and where a series keeps it.
-type HistogramFamily = (&'static str, &'static str, fn(&Series) -> &Histogram);
+/// A histogram family: the metric, its name, its help and where a series keeps it.
+type HistogramFamily = (
+    RequestMetric,
+    &'static str,
+    &'static str,
+    fn(&Series) -> &Histogram,
+);
+
+/// A counter family of gRPC streams: the metric, its name, its help and its count.
+type MessageFamily = (
+    RequestMetric,
+    &'static str,
+    &'static str,
+    fn(&Series) -> u64,
+);
 
 impl Collector for RequestMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let series: Vec<(SeriesKey, Series)> = self.snapshot().into_iter().collect();
         let texts: Vec<(String, String, String)> = series
             .iter()
-            .map(|((_, outcome), _)| {
+            .map(|((_, outcome, _), _)| {
                 (
                     outcome.response_code.to_string(),
                     outcome
@@ -519,13 +571,41 @@ impl Collector for RequestMetrics {
                 )
             })
             .collect();
-        let labels: Vec<[(&'static str, &str); 25]> = series
+        let standard: Vec<[(&'static str, &str); 25]> = series
             .iter()
             .zip(&texts)
-            .map(|(((peers, outcome), _), (code, grpc, flags))| {
+            .map(|(((peers, outcome, _), _), (code, grpc, flags))| {
                 label_pairs(peers, outcome, code, grpc, flags)
             })
             .collect();
+        // The series of one metric by their labels, as Telemetry rules change them: a
+        // metric they turn off has none, and series told apart only by a label removed
+        // from this metric (or by a value only another metric carries) add up.
+        let family = |metric: RequestMetric| -> Vec<(Vec<(&str, &str)>, Series)> {
+            let mut merged: HashMap<Vec<(&str, &str)>, Series> = HashMap::new();
+            for (i, ((peers, outcome, tags), figures)) in series.iter().enumerate() {
+                let grpc_only = matches!(
+                    metric,
+                    RequestMetric::GrpcRequestMessages | RequestMetric::GrpcResponseMessages
+                );
+                if grpc_only && !outcome.grpc {
+                    continue;
+                }
+                let labels = match &peers.rules {
+                    None => Some(standard[i].to_vec()),
+                    Some(rules) => rules.labels(metric, &standard[i], tags),
+                };
+                if let Some(labels) = labels {
+                    match merged.get_mut(&labels) {
+                        Some(existing) => existing.merge(figures),
+                        None => {
+                            merged.insert(labels, figures.clone());
+                        }
+                    }
+                }
+            }
+            merged.into_iter().collect()
+        };
 
         let mut requests = encoder.encode_descriptor(
             "istio_requests",
@@ -533,38 +613,61 @@ impl Collector for RequestMetrics {
             None,
             MetricType::Counter,
         )?;
-        for (labels, (_, series)) in labels.iter().zip(&series) {
-            ConstCounter::new(series.duration.count()).encode(requests.encode_family(labels)?)?;
+        for (labels, figures) in family(RequestMetric::RequestCount) {
+            ConstCounter::new(figures.duration.count()).encode(requests.encode_family(&labels)?)?;
         }
         let histograms: [HistogramFamily; 3] = [
             (
+                RequestMetric::RequestDuration,
                 "istio_request_duration_milliseconds",
                 "Time from the request's first byte to the response's last, in milliseconds",
                 |s| &s.duration,
             ),
             (
+                RequestMetric::RequestSize,
                 "istio_request_bytes",
                 "Request sizes (head and body), in bytes",
                 |s| &s.request_bytes,
             ),
             (
+                RequestMetric::ResponseSize,
                 "istio_response_bytes",
                 "Response sizes (head and body), in bytes",
                 |s| &s.response_bytes,
             ),
         ];
-        for (name, help, histogram_of) in histograms {
-            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
-            for (labels, (_, series)) in labels.iter().zip(&series) {
-                let histogram = histogram_of(series);
-                family
-                    .encode_family(labels)?
+        for (metric, name, help, histogram_of) in histograms {
+            let mut encoded = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for (labels, figures) in family(metric) {
+                let histogram = histogram_of(&figures);
+                encoded
+                    .encode_family(&labels)?
                     .encode_histogram::<NoLabelSet>(
                         histogram.sum,
                         histogram.count(),
                         &histogram.buckets(),
                         None,
                     )?;
+            }
+        }
+        let messages: [MessageFamily; 2] = [
+            (
+                RequestMetric::GrpcRequestMessages,
+                "istio_request_messages",
+                "gRPC messages the clients sent, by Istio's standard labels",
+                |s| s.request_messages,
+            ),
+            (
+                RequestMetric::GrpcResponseMessages,
+                "istio_response_messages",
+                "gRPC messages the servers sent, by Istio's standard labels",
+                |s| s.response_messages,
+            ),
+        ];
+        for (metric, name, help, count_of) in messages {
+            let mut encoded = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (labels, figures) in family(metric) {
+                ConstCounter::new(count_of(&figures)).encode(encoded.encode_family(&labels)?)?;
             }
         }
         Ok(())
@@ -606,6 +709,12 @@ status: {podIP: 10.244.1.10}
 
     fn peers(state: &MeshState, metrics: &RequestMetrics) -> Arc<PeerLabels> {
         let pod = |ip: &str| state.workloads.get(&ip.parse().expect("ip")).cloned();
+        let client = pod("10.244.1.10").expect("client");
+        let rules = state
+            .security_of(client.ip)
+            .telemetry
+            .client_metrics
+            .clone();
         let (client, reviews) = (pod("10.244.1.10"), pod("10.244.1.20"));
         Arc::new(PeerLabels::new(
             state,
@@ -616,6 +725,7 @@ status: {podIP: 10.244.1.10}
                 destination: reviews.as_deref(),
                 service: Some("reviews.shop.svc.cluster.local"),
                 mutual_tls: true,
+                rules: rules.as_ref(),
             },
             &metrics.settings,
         ))
@@ -634,6 +744,8 @@ status: {podIP: 10.244.1.10}
         duration: Duration::from_millis(7),
         request_bytes: 100,
         response_bytes: 5000,
+        request_messages: 2,
+        response_messages: 3,
     };
 
     fn encode(metrics: &RequestMetrics) -> String {
@@ -665,11 +777,16 @@ status: {podIP: 10.244.1.10}
         let metrics = metrics(Duration::from_secs(60));
         let first = metrics.connection();
         let peers_first = peers(&state, &metrics);
-        first.record(&peers_first, ok(), &MEASURES);
-        first.record(&peers_first, ok(), &MEASURES);
+        first.record(&peers_first, ok(), TagValues::default(), &MEASURES);
+        first.record(&peers_first, ok(), TagValues::default(), &MEASURES);
         drop(first);
         let second = metrics.connection();
-        second.record(&peers(&state, &metrics), ok(), &MEASURES);
+        second.record(
+            &peers(&state, &metrics),
+            ok(),
+            TagValues::default(),
+            &MEASURES,
+        );
         let text = encode(&metrics);
         let line = |name: &str| {
             text.lines()
@@ -691,7 +808,12 @@ status: {podIP: 10.244.1.10}
         let before = state(CLUSTER);
         let metrics = metrics(Duration::from_secs(60));
         let tally = metrics.connection();
-        tally.record(&peers(&before, &metrics), ok(), &MEASURES);
+        tally.record(
+            &peers(&before, &metrics),
+            ok(),
+            TagValues::default(),
+            &MEASURES,
+        );
         drop(tally);
         let later = Instant::now() + Duration::from_secs(61);
 
@@ -712,5 +834,104 @@ status: {podIP: 10.244.1.10}
         );
         metrics.expire(&without_reviews, later);
         assert!(!encode(&metrics).contains("istio_requests_total{"));
+    }
+
+    #[test]
+    fn grpc_streams_count_their_messages_and_plain_http_has_none() {
+        let state = state(CLUSTER);
+        let metrics = metrics(Duration::from_secs(60));
+        let tally = metrics.connection();
+        let peers = peers(&state, &metrics);
+        tally.record(&peers, ok(), TagValues::default(), &MEASURES);
+        let grpc = RequestEnd {
+            grpc: true,
+            grpc_status: Some(0),
+            ..ok()
+        };
+        tally.record(&peers, grpc, TagValues::default(), &MEASURES);
+        tally.record(&peers, grpc, TagValues::default(), &MEASURES);
+        let text = encode(&metrics);
+        let values = |name: &str| -> Vec<&str> {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("{name}{{")))
+                .collect()
+        };
+        let sent = values("istio_request_messages_total");
+        assert_eq!(sent.len(), 1, "{text}");
+        assert!(sent[0].contains("request_protocol=\"grpc\"") && sent[0].ends_with(" 4"));
+        let received = values("istio_response_messages_total");
+        assert_eq!(received.len(), 1, "{text}");
+        assert!(received[0].ends_with(" 6"), "{text}");
+        assert_eq!(values("istio_requests_total").len(), 2);
+    }
+
+    #[test]
+    fn tag_overrides_add_and_remove_labels_and_disabled_metrics_are_left_out() {
+        let telemetry = format!(
+            "{CLUSTER}---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: labels, namespace: shop}}
+spec:
+  metrics:
+  - overrides:
+    - match: {{metric: REQUEST_COUNT, mode: CLIENT}}
+      tagOverrides:
+        request_host: {{value: request.host}}
+        source_principal: {{operation: REMOVE}}
+        response_code: {{value: \"'custom'\"}}
+    - match: {{metric: REQUEST_DURATION}}
+      disabled: true
+"
+        );
+        let state = state(&telemetry);
+        let metrics = metrics(Duration::from_secs(60));
+        let tally = metrics.connection();
+        let peers = peers(&state, &metrics);
+        let rules = peers
+            .rules()
+            .expect("the Telemetry changes the client's metrics");
+        assert_eq!(rules.values.len(), 2);
+        for host in ["a.example", "b.example", "a.example"] {
+            let values = rules
+                .values
+                .iter()
+                .map(|v| {
+                    if v.expression == "request.host" {
+                        host
+                    } else {
+                        "custom"
+                    }
+                })
+                .map(str::to_owned)
+                .collect::<Vec<_>>();
+            tally.record(&peers, ok(), values.into(), &MEASURES);
+        }
+        let text = encode(&metrics);
+        let requests: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .collect();
+        assert_eq!(requests.len(), 2, "one series per host: {text}");
+        let a = requests
+            .iter()
+            .find(|l| l.contains("request_host=\"a.example\""))
+            .expect("a.example's series");
+        assert!(a.ends_with(" 2"), "{a}");
+        assert!(a.contains("response_code=\"custom\""), "{a}");
+        assert!(!a.contains("source_principal="), "{a}");
+        assert!(
+            !text.contains("istio_request_duration_milliseconds_bucket{"),
+            "{text}"
+        );
+        let sizes: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("istio_request_bytes_count{"))
+            .collect();
+        assert_eq!(sizes.len(), 1, "the host is not a label of sizes: {text}");
+        assert!(sizes[0].ends_with(" 3"), "{text}");
+        assert!(
+            sizes[0].contains("source_principal=\"spiffe://") && !sizes[0].contains("request_host")
+        );
     }
 }
