@@ -266,6 +266,14 @@ fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .and_then(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
+/// The sum of every series of `name`.
+fn total(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 #[tokio::test]
 async fn every_request_is_counted_by_the_destination_with_istios_labels() {
     let mut served = serve("").await;
@@ -336,6 +344,80 @@ async fn every_request_is_counted_by_the_destination_with_istios_labels() {
                 as f64
         )
     );
+}
+
+#[tokio::test]
+async fn tag_overrides_label_each_request_by_its_own_attributes() {
+    let extra = "---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: labels, namespace: default}
+spec:
+  metrics:
+  - overrides:
+    - match: {metric: REQUEST_COUNT, mode: SERVER}
+      tagOverrides:
+        user: {value: \"request.headers['x-user']\"}
+        outcome: {value: \"response.code >= 400 ? 'failed' : 'served'\"}
+        source_principal: {operation: REMOVE}
+    - match: {metric: RESPONSE_SIZE}
+      disabled: true
+";
+    let mut served = serve(extra).await;
+    for user in ["ada", "ada", "bob"] {
+        assert_eq!(served.get("/status", &[("x-user", user)]).await.0, 200);
+    }
+    assert_eq!(served.get("/admin/x", &[("x-user", "bob")]).await.0, 403);
+    assert_eq!(served.get("/status", &[]).await.0, 200);
+    let text = until(
+        || served.metrics.encode(),
+        |text| total(text, "istio_request_duration_milliseconds_count") == 5.0,
+    )
+    .await;
+    let count = |labels: &[&str]| sample(&text, "istio_requests_total", labels);
+    assert_eq!(
+        count(&["user=\"ada\"", "outcome=\"served\""]),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        count(&["user=\"bob\"", "outcome=\"served\""]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        count(&[
+            "user=\"bob\"",
+            "outcome=\"failed\"",
+            "response_code=\"403\""
+        ]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        count(&["user=\"unknown\""]),
+        Some(1.0),
+        "a request without the header: {text}"
+    );
+    let requests: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .collect();
+    assert_eq!(requests.len(), 4, "{text}");
+    assert!(
+        requests.iter().all(|l| !l.contains("source_principal=")),
+        "{text}"
+    );
+    // Other metrics keep Istio's labels, and the size of responses is not reported.
+    let durations: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("istio_request_duration_milliseconds_count{"))
+        .collect();
+    assert_eq!(durations.len(), 2, "one per response code: {text}");
+    assert!(durations
+        .iter()
+        .all(|l| l.contains("source_principal=\"spiffe://") && !l.contains("user=")));
+    assert!(!text.contains("istio_response_bytes_count{"), "{text}");
 }
 
 #[tokio::test]

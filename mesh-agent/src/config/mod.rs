@@ -5,6 +5,7 @@
 //! kept, and every problem becomes a [`Diagnostic`] naming file, line, object and field.
 
 pub mod admission;
+pub mod cel;
 pub mod condition;
 pub mod istio;
 pub mod jwks;

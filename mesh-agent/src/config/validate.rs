@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashSet};
 use serde::Serialize;
 
 use super::{
-    istio::*, mesh_config, mesh_policy::HttpLocalRateLimitPolicy, ClusterConfig, Diagnostic,
+    cel, istio::*, mesh_config, mesh_policy::HttpLocalRateLimitPolicy, ClusterConfig, Diagnostic,
     Resource, Severity,
 };
 
@@ -1127,12 +1127,8 @@ fn check_metrics(telemetry: &Resource<Telemetry>, found: &mut Vec<Diagnostic>) {
                             .into(),
                     )),
                     (TagOperation::Upsert, Some(value)) => {
-                        if let Err(err) = cel_interpreter::Program::compile(value) {
-                            found.push(error(
-                                telemetry,
-                                &format!("{at}.value"),
-                                format!("{value:?} is not a CEL expression: {err}"),
-                            ));
+                        if let Err(err) = cel::compile(value) {
+                            found.push(error(telemetry, &format!("{at}.value"), err));
                         }
                     }
                     (TagOperation::Remove, Some(_)) => found.push(warning(
@@ -1189,11 +1185,11 @@ fn check_access_logging(
             }
         }
         if let Some(filter) = &entry.filter {
-            if let Err(err) = cel_interpreter::Program::compile(&filter.expression) {
+            if let Err(err) = cel::compile(&filter.expression) {
                 found.push(error(
                     telemetry,
                     &format!("spec.accessLogging[{i}].filter.expression"),
-                    format!("{:?} is not a CEL expression: {err}", filter.expression),
+                    err,
                 ));
             }
         }
@@ -2165,6 +2161,48 @@ spec:
             .filter(|m| m.contains("not enforced"))
             .collect();
         assert_eq!(unenforced.len(), 1, "{unenforced:#?}");
+    }
+
+    #[test]
+    fn telemetry_tag_overrides_are_checked_label_by_label() {
+        let messages = load(
+            "apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: labels, namespace: shop}
+spec:
+  metrics:
+  - overrides:
+    - match: {metric: REQUEST_COUNT}
+      tagOverrides:
+        user: {value: \"request.headers['x-user']\"}
+        bad-name: {value: request.host}
+        __reserved: {operation: REMOVE}
+        broken: {value: 'request.host +'}
+        empty: {operation: UPSERT}
+        source_principal: {operation: REMOVE, value: x}
+",
+        );
+        let expected = [
+            "test.yaml:10: error: Telemetry shop/labels: spec.metrics[0].overrides[0].tagOverrides.bad-name: \"bad-name\" is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)",
+            "test.yaml:11: error: Telemetry shop/labels: spec.metrics[0].overrides[0].tagOverrides.__reserved: \"__reserved\" starts with __, which Prometheus reserves",
+            "test.yaml:1: error: Telemetry shop/labels: spec.metrics[0].overrides[0].tagOverrides.empty.value: UPSERT needs a value (a CEL expression, e.g. request.host or \"literal\")",
+            "test.yaml:1: warning: Telemetry shop/labels: spec.metrics[0].overrides[0].tagOverrides.source_principal.value: REMOVE takes no value: it is ignored",
+        ];
+        for line in expected {
+            assert!(
+                messages.iter().any(|m| m == line),
+                "missing {line}\nin {messages:#?}"
+            );
+        }
+        assert!(
+            messages.iter().any(|m| m.starts_with("test.yaml:1: error: Telemetry shop/labels: spec.metrics[0].overrides[0].tagOverrides.broken.value: \"request.host +\" is not a CEL expression")),
+            "a malformed expression that panics the CEL parser is an error, not a crash: {messages:#?}"
+        );
+        assert_eq!(
+            messages.len(),
+            5,
+            "user is valid, nothing is unenforced: {messages:#?}"
+        );
     }
 
     #[test]

@@ -13,7 +13,10 @@ use std::{collections::HashMap, sync::Arc};
 use cel_interpreter::{Context, Program, Value};
 use serde::Serialize;
 
-use crate::config::istio::{IstioMetric, Metrics, TagOperation, WorkloadMode};
+use crate::config::{
+    cel,
+    istio::{IstioMetric, Metrics, TagOperation, WorkloadMode},
+};
 
 /// The provider Istio's default metrics go to; a `metrics` entry that names no provider
 /// configures it.
@@ -128,8 +131,7 @@ pub const UNKNOWN_VALUE: &str = "unknown";
 
 impl TagValue {
     pub fn compile(expression: &str) -> Result<TagValue, String> {
-        let program = Program::compile(expression)
-            .map_err(|err| format!("{expression:?} is not a CEL expression: {err}"))?;
+        let program = cel::compile(expression)?;
         Ok(TagValue {
             expression: expression.to_owned(),
             program,
@@ -139,7 +141,7 @@ impl TagValue {
     /// The label value for a request whose attributes are `context`: strings as they
     /// are, numbers and booleans written out, anything else [`UNKNOWN_VALUE`].
     pub fn evaluate(&self, context: &Context) -> String {
-        match self.program.execute(context) {
+        match cel::execute(&self.program, context) {
             Ok(Value::String(text)) => text.as_str().to_owned(),
             Ok(Value::Int(n)) => n.to_string(),
             Ok(Value::UInt(n)) => n.to_string(),

@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::{
     config::{
+        cel,
         istio::{self, AccessLogging, Metrics, Telemetry, WorkloadMode},
         log_format::Pattern,
         mesh_config::{Encoding, MeshConfig, OpenTelemetryProvider, ENVOY_PROVIDER},
@@ -254,8 +255,7 @@ impl Eq for LogFilter {}
 
 impl LogFilter {
     pub fn compile(expression: &str) -> Result<LogFilter, String> {
-        let program = cel_interpreter::Program::compile(expression)
-            .map_err(|err| format!("{expression:?} is not a CEL expression: {err}"))?;
+        let program = cel::compile(expression)?;
         Ok(LogFilter {
             expression: expression.to_owned(),
             program,
@@ -268,7 +268,7 @@ impl LogFilter {
     pub fn keeps(&self, entry: &LogEntry, mutual_tls: bool) -> bool {
         let context = attributes(entry, mutual_tls);
         !matches!(
-            self.program.execute(&context),
+            cel::execute(&self.program, &context),
             Ok(cel_interpreter::Value::Bool(false))
         )
     }

@@ -1,0 +1,29 @@
+//! CEL expressions of the Telemetry API (access log filters, metric label values),
+//! compiled and run through one door: the CEL parser panics on some malformed input
+//! (`request.host +`), and an expression from a user's configuration must be an error
+//! that names it, never a crashed agent.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use cel_interpreter::{Context, ExecutionError, Program, Value};
+
+/// Compiles `expression`, or says why it is not CEL.
+pub fn compile(expression: &str) -> Result<Program, String> {
+    match catch_unwind(|| Program::compile(expression)) {
+        Ok(Ok(program)) => Ok(program),
+        Ok(Err(err)) => Err(format!("{expression:?} is not a CEL expression: {err}")),
+        Err(_) => Err(format!(
+            "{expression:?} is not a CEL expression: the parser could not read it"
+        )),
+    }
+}
+
+/// Runs `program` over `context`; an evaluation that panics is an error like any other.
+pub fn execute(program: &Program, context: &Context) -> Result<Value, ExecutionError> {
+    catch_unwind(AssertUnwindSafe(|| program.execute(context))).unwrap_or_else(|_| {
+        Err(ExecutionError::function_error(
+            "cel",
+            "the expression could not be evaluated",
+        ))
+    })
+}
