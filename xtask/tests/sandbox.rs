@@ -3948,6 +3948,23 @@ spec:
       sandbox: {literal: {value: 'yes'}}
 ";
 
+/// reviews' server spans go to the same Jaeger over OTLP/HTTP, while every other span goes
+/// over OTLP/gRPC (MeshConfig's `jaeger` provider sets no `http`): a trace crossing both
+/// needs both exports to work.
+const REVIEWS_TRACING_OVER_HTTP: &str = "\
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: reviews-over-http, namespace: demo}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  tracing:
+  - match: {mode: SERVER}
+    providers: [{name: jaeger-http}]
+    randomSamplingPercentage: 100
+    customTags:
+      sandbox: {literal: {value: 'yes'}}
+";
+
 /// The trace `id` as Jaeger's query API returns it, once it holds `spans` spans.
 fn jaeger_trace(query: &str, id: &str, spans: usize) -> serde_json::Value {
     let mut found = serde_json::Value::Null;
@@ -4028,13 +4045,18 @@ fn a_traced_request_keeps_its_trace_across_nodes_and_jaeger_holds_both_spans() {
         ),
     );
     kubectl("apply", "tracing", MESH_TRACING);
-    let tracing = |node: &str| {
-        on_node(node, &["curl", "-sf", "http://127.0.0.1:15000/config_dump"])
-            .contains("istio-system/mesh-tracing")
-    };
-    eventually("both agents trace", || {
-        tracing("node-a") && tracing("node-b")
-    });
+    kubectl("apply", "reviews-tracing", REVIEWS_TRACING_OVER_HTTP);
+    let dump = |node: &str| on_node(node, &["curl", "-sf", "http://127.0.0.1:15000/config_dump"]);
+    eventually(
+        "client-a's agent traces over gRPC, reviews' over HTTP",
+        || {
+            let (a, b) = (dump("node-a"), dump("node-b"));
+            a.contains("istio-system/mesh-tracing")
+                && a.contains(r#""protocol":"grpc""#)
+                && b.contains("demo/reviews-over-http")
+                && b.contains(r#""protocol":"http""#)
+        },
+    );
     eventually("reviews-v2 answers, routed", || {
         reviews("/", 1, "{}", "new").count("200 reviews-v2") == 1
     });

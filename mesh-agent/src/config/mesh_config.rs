@@ -70,8 +70,9 @@ pub struct ExtensionProvider {
     pub zipkin: Option<serde_json::Value>,
 }
 
-/// `extensionProviders[].opentelemetry`: an OTLP collector. The mesh exports spans over
-/// OTLP/HTTP (protobuf) to `http://{service}:{port}{http.path}`.
+/// `extensionProviders[].opentelemetry`: an OTLP collector. As in Istio, spans go over
+/// OTLP/gRPC to `{service}:{port}` unless `http` is set, then over OTLP/HTTP (protobuf)
+/// to `http://{service}:{port}{http.path}`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct OpenTelemetryProvider {
@@ -80,6 +81,14 @@ pub struct OpenTelemetryProvider {
     pub port: u32,
     pub max_tag_length: Option<u32>,
     pub http: Option<OtlpHttp>,
+    pub grpc: Option<OtlpGrpc>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct OtlpGrpc {
+    pub timeout: Option<String>,
+    pub initial_metadata: Vec<OtlpHeader>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -198,23 +207,45 @@ fn check_opentelemetry(otel: &OpenTelemetryProvider) -> Result<(), String> {
     if !(1..=65535).contains(&otel.port) {
         return Err(format!("port: {} is not a port number", otel.port));
     }
+    if otel.http.is_some() && otel.grpc.is_some() {
+        return Err("grpc: set it or http, not both".into());
+    }
     if let Some(http) = &otel.http {
         if !http.path.is_empty() && !http.path.starts_with('/') {
             return Err(format!("http.path: {:?} does not start with /", http.path));
         }
-        if let Some(timeout) = &http.timeout {
-            crate::config::istio::parse_duration(timeout)
-                .map_err(|err| format!("http.timeout: {err}"))?;
-        }
-        for (j, header) in http.headers.iter().enumerate() {
-            let valid = http::HeaderName::from_bytes(header.name.as_bytes()).is_ok()
-                && http::HeaderValue::from_str(&header.value).is_ok();
-            if !valid {
-                return Err(format!(
-                    "http.headers[{j}]: {:?} is not a valid header",
-                    header.name
-                ));
-            }
+        check_export_settings("http", http.timeout.as_deref(), "headers", &http.headers)?;
+    }
+    if let Some(grpc) = &otel.grpc {
+        check_export_settings(
+            "grpc",
+            grpc.timeout.as_deref(),
+            "initialMetadata",
+            &grpc.initial_metadata,
+        )?;
+    }
+    Ok(())
+}
+
+/// An export's timeout and the headers (or gRPC metadata) sent with it.
+fn check_export_settings(
+    protocol: &str,
+    timeout: Option<&str>,
+    headers_field: &str,
+    headers: &[OtlpHeader],
+) -> Result<(), String> {
+    if let Some(timeout) = timeout {
+        crate::config::istio::parse_duration(timeout)
+            .map_err(|err| format!("{protocol}.timeout: {err}"))?;
+    }
+    for (j, header) in headers.iter().enumerate() {
+        let valid = http::HeaderName::from_bytes(header.name.as_bytes()).is_ok()
+            && http::HeaderValue::from_str(&header.value).is_ok();
+        if !valid {
+            return Err(format!(
+                "{protocol}.{headers_field}[{j}]: {:?} is not a valid header",
+                header.name
+            ));
         }
     }
     Ok(())
@@ -319,6 +350,14 @@ defaultProviders: {tracing: [otel]}
             (
                 "extensionProviders: [{name: o, opentelemetry: {service: c, port: 4318, http: {timeout: soon}}}]",
                 "data.mesh: extensionProviders[0] (o): opentelemetry.http.timeout: ",
+            ),
+            (
+                "extensionProviders: [{name: o, opentelemetry: {service: c, port: 4317, grpc: {initialMetadata: [{name: 'a b', value: x}]}}}]",
+                "data.mesh: extensionProviders[0] (o): opentelemetry.grpc.initialMetadata[0]: \"a b\" is not a valid header",
+            ),
+            (
+                "extensionProviders: [{name: o, opentelemetry: {service: c, port: 4317, grpc: {}, http: {}}}]",
+                "data.mesh: extensionProviders[0] (o): opentelemetry.grpc: set it or http, not both",
             ),
         ] {
             let err = parse(text).expect_err(text);

@@ -1,7 +1,7 @@
-//! The one HTTP/1.1 client of the agent and meshctl (hyper): the CA client, JWKS
-//! fetching and meshctl's calls to the admin API. One request per connection, a bounded
-//! response body, a deadline on the whole exchange, and typed errors that keep their
-//! source.
+//! The one HTTP client of the agent and meshctl (hyper): the CA client, JWKS fetching,
+//! span export (HTTP/1.1, or HTTP/2 without TLS for OTLP over gRPC) and meshctl's calls to
+//! the admin API. One request per connection, a bounded response body, a deadline on the
+//! whole exchange, and typed errors that keep their source.
 
 use std::{sync::Arc, time::Duration};
 
@@ -65,6 +65,8 @@ pub struct Request {
     /// Answers larger than this are refused.
     pub max_body: usize,
     pub timeout: Duration,
+    /// HTTP/2 with prior knowledge (gRPC) rather than HTTP/1.1.
+    pub http2: bool,
 }
 
 impl Request {
@@ -79,6 +81,7 @@ impl Request {
             body: Bytes::new(),
             max_body: 1 << 20,
             timeout: Duration::from_secs(10),
+            http2: false,
         }
     }
 
@@ -98,7 +101,10 @@ impl Request {
 #[derive(Debug)]
 pub struct Response {
     pub status: StatusCode,
+    pub headers: http::HeaderMap,
     pub body: Bytes,
+    /// Trailers, when the answer had any (HTTP/2).
+    pub trailers: http::HeaderMap,
 }
 
 impl Response {
@@ -149,14 +155,12 @@ where
         address: address.clone(),
         source,
     };
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(http_error)?;
-    tokio::spawn(connection);
-    let mut builder = http::Request::builder()
-        .method(request.method)
-        .uri(request.path)
-        .header(header::HOST, request.host);
+    let mut builder = http::Request::builder().method(request.method);
+    builder = if request.http2 {
+        builder.uri(format!("http://{}{}", request.host, request.path))
+    } else {
+        builder.uri(request.path).header(header::HOST, request.host)
+    };
     for (name, value) in request.headers {
         builder = builder.header(name, value);
     }
@@ -167,17 +171,37 @@ where
                 address: address.clone(),
                 source,
             })?;
-    let response = sender.send_request(outgoing).await.map_err(http_error)?;
-    let status = response.status();
-    let body = Limited::new(response.into_body(), request.max_body)
+    let response = if request.http2 {
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(io),
+        )
+        .await
+        .map_err(http_error)?;
+        tokio::spawn(connection);
+        sender.send_request(outgoing).await.map_err(http_error)?
+    } else {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(http_error)?;
+        tokio::spawn(connection);
+        sender.send_request(outgoing).await.map_err(http_error)?
+    };
+    let (parts, body) = response.into_parts();
+    let collected = Limited::new(body, request.max_body)
         .collect()
         .await
         .map_err(|_| ClientError::Body {
             address: address.clone(),
             limit: request.max_body,
-        })?
-        .to_bytes();
-    Ok(Response { status, body })
+        })?;
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    Ok(Response {
+        status: parts.status,
+        headers: parts.headers,
+        body: collected.to_bytes(),
+        trailers,
+    })
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use crate::{
         cel,
         istio::{self, AccessLogging, Metrics, Telemetry, WorkloadMode},
         log_format::Pattern,
-        mesh_config::{Encoding, MeshConfig, OpenTelemetryProvider, ENVOY_PROVIDER},
+        mesh_config::{Encoding, MeshConfig, OpenTelemetryProvider, OtlpHeader, ENVOY_PROVIDER},
         ClusterConfig, Resource,
     },
     model::{
@@ -121,14 +121,29 @@ fn header_name<S: serde::Serializer>(name: &http::HeaderName, s: S) -> Result<S:
     s.serialize_str(name.as_str())
 }
 
-/// An OpenTelemetry collector spans are exported to (OTLP over HTTP, protobuf).
+/// How spans reach a collector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OtlpProtocol {
+    /// OTLP/HTTP, protobuf bodies.
+    Http,
+    /// OTLP/gRPC over HTTP/2 without TLS.
+    Grpc,
+}
+
+/// The method OTLP/gRPC collectors take spans on.
+const OTLP_GRPC_METHOD: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// An OpenTelemetry collector spans are exported to.
 #[derive(Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Collector {
     pub provider: String,
-    /// `http://host:port/path`.
+    pub protocol: OtlpProtocol,
+    /// `http://host:port/path` (for gRPC, the path of the export method).
     pub endpoint: String,
     pub timeout: std::time::Duration,
-    /// Sent with every export; may hold credentials, so `/config_dump` leaves them out.
+    /// Sent with every export (gRPC: as metadata); may hold credentials, so
+    /// `/config_dump` leaves them out.
     #[serde(skip)]
     pub headers: Vec<(String, String)>,
     /// Tag values are cut to this many bytes (Envoy's default 256).
@@ -136,32 +151,45 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// The collector of a MeshConfig `opentelemetry` provider (checked when parsed).
+    /// The collector of a MeshConfig `opentelemetry` provider (checked when parsed):
+    /// OTLP/gRPC unless it sets `http`, as in Istio.
     pub fn of(provider: &str, otel: &OpenTelemetryProvider) -> Collector {
         let host = otel
             .service
             .rsplit_once('/')
             .map_or(otel.service.as_str(), |(_, host)| host);
-        let http = otel.http.as_ref();
-        let path = http
-            .map(|h| h.path.as_str())
-            .filter(|p| !p.is_empty())
-            .unwrap_or("/v1/traces");
+        let pairs = |headers: &[OtlpHeader]| -> Vec<(String, String)> {
+            headers
+                .iter()
+                .map(|h| (h.name.clone(), h.value.clone()))
+                .collect()
+        };
+        let (protocol, path, timeout, headers) = match (&otel.http, &otel.grpc) {
+            (Some(http), _) => (
+                OtlpProtocol::Http,
+                Some(http.path.as_str())
+                    .filter(|p| !p.is_empty())
+                    .unwrap_or("/v1/traces"),
+                http.timeout.as_deref(),
+                pairs(&http.headers),
+            ),
+            (None, grpc) => (
+                OtlpProtocol::Grpc,
+                OTLP_GRPC_METHOD,
+                grpc.as_ref().and_then(|g| g.timeout.as_deref()),
+                grpc.as_ref()
+                    .map(|g| pairs(&g.initial_metadata))
+                    .unwrap_or_default(),
+            ),
+        };
         Collector {
             provider: provider.to_owned(),
+            protocol,
             endpoint: format!("http://{host}:{}{path}", otel.port),
-            timeout: http
-                .and_then(|h| h.timeout.as_deref())
+            timeout: timeout
                 .and_then(|t| istio::parse_duration(t).ok())
                 .unwrap_or(std::time::Duration::from_secs(10)),
-            headers: http
-                .map(|h| {
-                    h.headers
-                        .iter()
-                        .map(|h| (h.name.clone(), h.value.clone()))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            headers,
             max_tag_length: otel.max_tag_length.map_or(256, |n| n as usize),
         }
     }
@@ -924,6 +952,39 @@ data:
 ";
 
     #[test]
+    fn a_provider_without_http_exports_over_grpc_as_in_istio() {
+        let otel = OpenTelemetryProvider {
+            service: "observability/collector.observability.svc.cluster.local".into(),
+            port: 4317,
+            max_tag_length: None,
+            http: None,
+            grpc: Some(crate::config::mesh_config::OtlpGrpc {
+                timeout: Some("3s".into()),
+                initial_metadata: vec![OtlpHeader {
+                    name: "x-tenant".into(),
+                    value: "mesh".into(),
+                }],
+            }),
+        };
+        let collector = Collector::of("otel", &otel);
+        assert_eq!(collector.protocol, OtlpProtocol::Grpc);
+        assert_eq!(
+            collector.endpoint,
+            "http://collector.observability.svc.cluster.local:4317/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+        );
+        assert_eq!(collector.timeout, std::time::Duration::from_secs(3));
+        assert_eq!(
+            collector.headers,
+            [("x-tenant".to_owned(), "mesh".to_owned())]
+        );
+        let bare = Collector::of("otel", &OpenTelemetryProvider { grpc: None, ..otel });
+        assert_eq!(
+            (bare.protocol, bare.timeout),
+            (OtlpProtocol::Grpc, std::time::Duration::from_secs(10))
+        );
+    }
+
+    #[test]
     fn without_a_default_provider_or_a_telemetry_nothing_is_traced() {
         let found = telemetry_of(TRACING_MESH, "web");
         assert_eq!((found.server_tracing, found.client_tracing), (None, None));
@@ -944,6 +1005,7 @@ data:
             collector.endpoint,
             "http://collector.observability.svc.cluster.local:4318/otlp/v1/traces"
         );
+        assert_eq!(collector.protocol, OtlpProtocol::Http);
         assert_eq!(collector.timeout, std::time::Duration::from_secs(2));
         assert_eq!(
             collector.headers,

@@ -1,7 +1,8 @@
 //! The spans of sampled requests, exported off the request path: a finished span is
 //! queued without waiting (a full queue drops it and counts it), and one task per agent
-//! batches the queue and exports each batch over OTLP/HTTP (protobuf) with the
-//! OpenTelemetry crates, grouped by collector and by the `service.name` of the workload
+//! batches the queue and exports each batch with the OpenTelemetry crates — over
+//! OTLP/HTTP (protobuf), or OTLP/gRPC: the same protobuf message framed as one gRPC
+//! message over HTTP/2 — grouped by collector and by the `service.name` of the workload
 //! the span is about. A dead or slow collector costs dropped spans, never a waiting
 //! request; failed exports are not retried.
 
@@ -26,7 +27,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     http::client::{self, Transport},
-    model::telemetry::Collector,
+    model::telemetry::{Collector, OtlpProtocol},
 };
 
 /// Spans waiting for the exporter; past it spans are dropped (and counted).
@@ -212,6 +213,7 @@ fn exporter(
         .with_http()
         .with_http_client(OtlpClient {
             timeout: collector.timeout,
+            grpc: collector.protocol == OtlpProtocol::Grpc,
         })
         .with_endpoint(collector.endpoint.clone())
         .with_protocol(Protocol::HttpBinary)
@@ -222,10 +224,13 @@ fn exporter(
 }
 
 /// The agent's own HTTP client (`http::client`) as the OTLP exporter's transport: a
-/// connection per export, a bounded answer, a deadline.
+/// connection per export, a bounded answer, a deadline. For a gRPC collector the
+/// exporter's protobuf body becomes one gRPC message to the export method, and the gRPC
+/// status decides.
 #[derive(Debug)]
 struct OtlpClient {
     timeout: Duration,
+    grpc: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +241,8 @@ enum OtlpError {
     Client(#[from] client::ClientError),
     #[error(transparent)]
     Http(#[from] http::Error),
+    #[error("the collector answered gRPC status {0}")]
+    Grpc(String),
 }
 
 #[async_trait::async_trait]
@@ -262,6 +269,22 @@ impl OtlpClient {
             Some(_) => authority.as_str().to_owned(),
             None => format!("{}:80", authority.host()),
         };
+        let mut headers: Vec<(http::HeaderName, http::HeaderValue)> = parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let body = if self.grpc {
+            headers.retain(|(name, _)| name != http::header::CONTENT_TYPE);
+            headers.push((
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            ));
+            headers.push((http::header::TE, http::HeaderValue::from_static("trailers")));
+            grpc_message(&body)
+        } else {
+            body
+        };
         let answer = client::send(
             &Transport::Plain,
             client::Request {
@@ -272,19 +295,108 @@ impl OtlpClient {
                     .uri
                     .path_and_query()
                     .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
-                headers: parts
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
+                headers,
                 body,
                 max_body: MAX_ANSWER,
                 timeout: self.timeout,
+                http2: self.grpc,
             },
         )
         .await?;
+        if self.grpc {
+            grpc_outcome(answer.status, &answer.headers, &answer.trailers)
+                .map_err(OtlpError::Grpc)?;
+            return Ok(http::Response::builder()
+                .status(http::StatusCode::OK)
+                .body(bytes::Bytes::new())?);
+        }
         Ok(http::Response::builder()
             .status(answer.status)
             .body(answer.body)?)
+    }
+}
+
+/// `message` as one uncompressed gRPC message: a zero flag, its length, its bytes.
+fn grpc_message(message: &[u8]) -> bytes::Bytes {
+    let mut framed = Vec::with_capacity(message.len() + 5);
+    framed.push(0);
+    framed.extend_from_slice(
+        &u32::try_from(message.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    framed.extend_from_slice(message);
+    framed.into()
+}
+
+/// Whether a gRPC call succeeded: HTTP 200 and `grpc-status: 0` in the trailers (or the
+/// head of a trailers-only answer); otherwise what went wrong.
+fn grpc_outcome(
+    status: http::StatusCode,
+    headers: &http::HeaderMap,
+    trailers: &http::HeaderMap,
+) -> Result<(), String> {
+    if status != http::StatusCode::OK {
+        return Err(format!("none: HTTP {status}"));
+    }
+    let field = |name: &str| {
+        trailers
+            .get(name)
+            .or_else(|| headers.get(name))
+            .and_then(|v| v.to_str().ok())
+    };
+    match field("grpc-status") {
+        Some("0") => Ok(()),
+        Some(code) => Err(format!("{code} ({})", field("grpc-message").unwrap_or(""))),
+        None => Err("none: the answer carried no grpc-status".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_export_is_one_uncompressed_grpc_message() {
+        assert_eq!(&grpc_message(b"abc")[..], [0, 0, 0, 0, 3, b'a', b'b', b'c']);
+        assert_eq!(&grpc_message(b"")[..], [0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn the_grpc_status_decides_whether_the_collector_took_the_spans() {
+        let fields = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = http::HeaderMap::new();
+            for (name, value) in pairs {
+                map.insert(*name, http::HeaderValue::from_static(value));
+            }
+            map
+        };
+        let none = http::HeaderMap::new();
+        let ok = http::StatusCode::OK;
+        assert_eq!(
+            grpc_outcome(ok, &none, &fields(&[("grpc-status", "0")])),
+            Ok(())
+        );
+        assert_eq!(
+            grpc_outcome(ok, &fields(&[("grpc-status", "0")]), &none),
+            Ok(()),
+            "a trailers-only answer"
+        );
+        assert_eq!(
+            grpc_outcome(
+                ok,
+                &none,
+                &fields(&[("grpc-status", "14"), ("grpc-message", "overloaded")])
+            ),
+            Err("14 (overloaded)".into())
+        );
+        assert_eq!(
+            grpc_outcome(ok, &none, &none),
+            Err("none: the answer carried no grpc-status".into())
+        );
+        assert_eq!(
+            grpc_outcome(http::StatusCode::NOT_FOUND, &none, &none),
+            Err("none: HTTP 404 Not Found".into())
+        );
     }
 }
