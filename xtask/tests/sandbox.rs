@@ -4046,15 +4046,27 @@ fn a_traced_request_keeps_its_trace_across_nodes_and_jaeger_holds_both_spans() {
     );
     kubectl("apply", "tracing", MESH_TRACING);
     kubectl("apply", "reviews-tracing", REVIEWS_TRACING_OVER_HTTP);
-    let dump = |node: &str| on_node(node, &["curl", "-sf", "http://127.0.0.1:15000/config_dump"]);
+    // (decided by, export protocol) of each local workload's tracing on `side`.
+    let tracing = |node: &str, side: &str| -> Vec<(String, String)> {
+        let dump = on_node(node, &["curl", "-sf", "http://127.0.0.1:15000/config_dump"]);
+        let dump: serde_json::Value = serde_json::from_str(&dump).unwrap_or_default();
+        let Some(workloads) = dump["security"].as_object() else {
+            return Vec::new();
+        };
+        let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+        workloads
+            .values()
+            .map(|w| &w["telemetry"][side])
+            .map(|t| (text(&t["decided_by"]), text(&t["collector"]["protocol"])))
+            .collect()
+    };
     eventually(
         "client-a's agent traces over gRPC, reviews' over HTTP",
         || {
-            let (a, b) = (dump("node-a"), dump("node-b"));
-            a.contains("istio-system/mesh-tracing")
-                && a.contains(r#""protocol":"grpc""#)
-                && b.contains("demo/reviews-over-http")
-                && b.contains(r#""protocol":"http""#)
+            let grpc = ("istio-system/mesh-tracing".to_owned(), "grpc".to_owned());
+            let http = ("demo/reviews-over-http".to_owned(), "http".to_owned());
+            tracing("node-a", "client_tracing").contains(&grpc)
+                && tracing("node-b", "server_tracing").contains(&http)
         },
     );
     eventually("reviews-v2 answers, routed", || {
