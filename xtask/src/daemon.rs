@@ -1,13 +1,15 @@
 //! The sandbox's daemons and its fabric: starting a process in a network namespace and
-//! cgroup with its log, telling whether it still lives, and wiring a namespace onto the
-//! bridge that links the nodes. Used by the sandbox and by the servers it runs beside
-//! the nodes (the control plane, Jaeger).
+//! cgroup with its log, telling whether it still lives, wiring a namespace onto the
+//! bridge that links the nodes, and asking a daemon over HTTP from a namespace. Used by the sandbox and by the servers it runs beside
+//! the nodes (the control plane, Jaeger, Prometheus).
 
 use std::{
     fs,
-    net::Ipv4Addr,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -112,4 +114,26 @@ pub fn logs_dir() -> PathBuf {
 
 pub fn ip(args: &[&str]) -> Result<()> {
     run(Command::new("ip").args(args))
+}
+
+/// GET on an address reached from network namespace `netns`; the status code and body.
+pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let path = path.to_owned();
+    ns::within(netns, move || -> Result<(u16, String)> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
+    })?
 }

@@ -13,7 +13,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    build, progress, require_root,
+    build, daemon, progress, require_root,
     sandbox::{self, command_in, ExecTarget, SandboxState},
     setup, workspace,
 };
@@ -150,7 +150,7 @@ fn traffic() -> Result<()> {
             "Istio TCP metrics of the agent on {} (reporter, workloads, Service, bytes)",
             n.name
         ));
-        let (_, body) = sandbox::http_get(
+        let (_, body) = daemon::http_get(
             &n.netns,
             SocketAddr::from((Ipv4Addr::LOCALHOST, 15020)),
             "/metrics",

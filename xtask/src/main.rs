@@ -13,6 +13,7 @@ mod helm;
 mod jaeger;
 mod kube_tools;
 mod ns;
+mod prometheus;
 mod sandbox;
 mod setup;
 mod supervise;

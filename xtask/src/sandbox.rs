@@ -27,11 +27,14 @@ use serde_norway::Value;
 use crate::{
     control_plane::{self, ControlPlaneState},
     daemon::{
-        ip, join_fabric, log_path, logs_dir, process_alive, start_daemon, FABRIC_NETNS, RUN_DIR,
+        http_get, ip, join_fabric, log_path, logs_dir, process_alive, start_daemon, FABRIC_NETNS,
+        RUN_DIR,
     },
     jaeger::{self, JaegerState},
     ns::{self, Placement},
-    progress, release_binaries, run, supervise,
+    progress,
+    prometheus::{self, PrometheusState},
+    release_binaries, run, supervise,
 };
 
 const PREFIX: &str = "msb";
@@ -100,6 +103,9 @@ pub struct SandboxState {
     /// The trace collector, once started.
     #[serde(default)]
     pub jaeger: Option<JaegerState>,
+    /// The metrics server scraping the agents, once started.
+    #[serde(default)]
+    pub prometheus: Option<PrometheusState>,
     /// The lifetime of the certificates the CA issues (`MESH_SANDBOX_CERT_TTL` at `up`),
     /// kept for `start-ca`.
     #[serde(default)]
@@ -442,6 +448,15 @@ pub fn up(config: &Path, source: ConfigSource) -> Result<()> {
     state.cert_ttl = Some(std::env::var(CERT_TTL_VARIABLE).unwrap_or_else(|_| "1h".into()));
     start_ca(&agent, &cgroups, &state)?;
     state.jaeger = Some(jaeger::start(Path::new(RUN_DIR), &cgroups)?);
+    let targets: Vec<prometheus::Target> = state
+        .nodes
+        .iter()
+        .map(|n| prometheus::Target {
+            node: &n.name,
+            ip: n.ip,
+        })
+        .collect();
+    state.prometheus = Some(prometheus::start(Path::new(RUN_DIR), &cgroups, &targets)?);
     state.save()?;
     // Nodes first, so that the agents start with their own address known.
     for node in &nodes {
@@ -904,28 +919,6 @@ fn start_agent(node: &NodeState, agent: &Path, kubeconfig: Option<&Path>) -> Res
     start_daemon(&mut command, &log, &node.netns, node.cgroup.join("agent"))
 }
 
-/// GET on a node-namespace address; the status code and body.
-pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let path = path.to_owned();
-    ns::within(netns, move || -> Result<(u16, String)> {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((status, body))
-    })?
-}
-
 fn wait_ready(node: &NodeState) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 15021));
@@ -1268,6 +1261,9 @@ pub fn status(json: bool) -> Result<()> {
                     "otlp": jaeger::otlp_url(),
                     "query": jaeger::query_url(),
                 })),
+                "prometheus": state.prometheus.as_ref().map(|_| serde_json::json!({
+                    "url": prometheus::url(),
+                })),
             }))?
         );
         return Ok(());
@@ -1317,6 +1313,15 @@ pub fn status(json: bool) -> Result<()> {
             jaeger.pid,
             jaeger::otlp_url(),
             jaeger::query_url()
+        );
+    }
+    if let Some(prometheus) = &state.prometheus {
+        println!();
+        println!(
+            "prometheus (pid {}): query API and UI {}, job {:?} scraping every agent",
+            prometheus.pid,
+            prometheus::url(),
+            prometheus::JOB
         );
     }
     if !state.services.is_empty() {

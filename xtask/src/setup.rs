@@ -10,9 +10,9 @@ use anyhow::{Context, Result};
 use crate::{progress, run};
 
 /// Debian packages: LLVM 22 for bpf-linker; iproute2, util-linux and procps for the
-/// sandbox; curl and python3 for the demo's pods; prometheus for `promtool`; python3-venv
-/// for the manifest validator; tcpdump and openssl for the mTLS tests; iperf3 for the
-/// benchmarks.
+/// sandbox; curl and python3 for the demo's pods; prometheus for `promtool` and the
+/// sandbox's metrics server; python3-venv for the manifest validator; tcpdump and openssl
+/// for the mTLS tests; iperf3 for the benchmarks.
 const APT_PACKAGES: [&str; 14] = [
     "llvm-22-dev",
     "libpolly-22-dev",

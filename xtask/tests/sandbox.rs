@@ -4203,6 +4203,154 @@ fn a_traced_request_keeps_its_trace_across_nodes_and_jaeger_holds_both_spans() {
     }
 }
 
+/// The series of an instant PromQL `query` to the sandbox's Prometheus at `url` (its
+/// HTTP API, asked from node-a: the host has no route to the sandbox), each keyed by the
+/// values of its `labels` joined by spaces.
+fn promql(url: &str, query: &str, labels: &[&str]) -> std::collections::BTreeMap<String, f64> {
+    let answer: serde_json::Value = serde_json::from_str(&on_node(
+        "node-a",
+        &[
+            "curl",
+            "-sf",
+            "--get",
+            "--data-urlencode",
+            &format!("query={query}"),
+            &format!("{url}/api/v1/query"),
+        ],
+    ))
+    .expect("Prometheus answers JSON");
+    assert_eq!(answer["status"], "success", "{query}: {answer}");
+    answer["data"]["result"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{query}: no vector in {answer}"))
+        .iter()
+        .map(|series| {
+            let key: Vec<&str> = labels
+                .iter()
+                .map(|l| series["metric"][l].as_str().unwrap_or("-"))
+                .collect();
+            let value = series["value"][1]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{query}: no value in {series}"));
+            (key.join(" "), value)
+        })
+        .collect()
+}
+
+/// `pairs` as the map `promql` returns.
+fn series(pairs: &[(&str, f64)]) -> std::collections::BTreeMap<String, f64> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+}
+
+#[test]
+fn prometheus_scrapes_every_agent_and_answers_the_golden_signals() {
+    let _sandbox = Sandbox::up();
+    let status = status_json();
+    let url = status["prometheus"]["url"]
+        .as_str()
+        .expect("the status names Prometheus")
+        .to_owned();
+    assert_eq!(url, "http://10.200.0.251:9090");
+    // Every agent is a target that answers, named by its node and its metrics address.
+    eventually_eq(
+        "Prometheus scrapes every agent",
+        series(&[
+            ("node-a 10.200.0.1:15020", 1.0),
+            ("node-b 10.200.0.2:15020", 1.0),
+        ]),
+        || promql(&url, r#"up{job="mesh-agent"}"#, &["node", "instance"]),
+    );
+
+    kubectl("apply", "reviews-v2", &reviews_pod("v2", "node-b"));
+    kubectl("apply", "reviews", REVIEWS);
+    kubectl(
+        "apply",
+        "routes",
+        &reviews_routes(
+            "  - name: to-v2\n    route:\n    - destination: {host: reviews, subset: v2}\n",
+        ),
+    );
+    kubectl("apply", "telemetry", MESH_REQUEST_METRICS);
+    // Until the routes and the Telemetry are in place, requests may fail or go
+    // uncounted; a code of its own (202) keeps that warm-up out of the counts below.
+    let warm = |node: &str, reporter: &str| {
+        total(
+            &metrics(node),
+            "istio_requests_total",
+            &[
+                ("reporter", reporter),
+                ("destination_service_name", "reviews"),
+                ("response_code", "202"),
+            ],
+        )
+    };
+    eventually("both agents count reviews-v2's answers", || {
+        reviews("/status/202", 1, "{}", "new").count("202 reviews-v2") == 1
+            && warm("node-a", "source") > 0.0
+            && warm("node-b", "destination") > 0.0
+    });
+
+    let by_code = |reporter: &str| {
+        promql(
+            &url,
+            &format!(
+                r#"sum by (response_code) (istio_requests_total{{reporter="{reporter}",destination_service_name="reviews",response_code=~"200|404"}})"#
+            ),
+            &["response_code"],
+        )
+    };
+    // Two batches of 200s, the second after Prometheus holds the first: a rate needs the
+    // counter to grow between two samples (a series born at 30 has none).
+    let first = reviews("/", 15, "{}", "keepalive");
+    assert_eq!(first.count("200 reviews-v2"), 15, "{:?}", first.counts);
+    for reporter in ["source", "destination"] {
+        eventually_eq(
+            &format!("Prometheus holds the first 15 requests ({reporter})"),
+            series(&[("200", 15.0)]),
+            || by_code(reporter),
+        );
+    }
+    let more = reviews("/", 15, "{}", "keepalive");
+    let missing = reviews("/status/404", 10, "{}", "keepalive");
+    assert_eq!(
+        (
+            more.count("200 reviews-v2"),
+            missing.count("404 reviews-v2")
+        ),
+        (15, 10),
+        "{:?} {:?}",
+        more.counts,
+        missing.counts
+    );
+    for reporter in ["source", "destination"] {
+        eventually_eq(
+            &format!("Prometheus holds every request by code ({reporter})"),
+            series(&[("200", 30.0), ("404", 10.0)]),
+            || by_code(reporter),
+        );
+    }
+    let rate = promql(
+        &url,
+        r#"sum by (destination_service) (rate(istio_requests_total{reporter="source",destination_service_name="reviews",response_code="200"}[1m]))"#,
+        &["destination_service"],
+    );
+    assert!(
+        rate.get("reviews.demo.svc.cluster.local")
+            .is_some_and(|r| *r > 0.0),
+        "request rate: {rate:?}"
+    );
+    let p99 = promql(
+        &url,
+        r#"histogram_quantile(0.99, sum by (le) (rate(istio_request_duration_milliseconds_bucket{reporter="source",destination_service_name="reviews"}[1m])))"#,
+        &[],
+    );
+    assert!(
+        p99.get("").is_some_and(|ms| ms.is_finite() && *ms > 0.0),
+        "p99 latency: {p99:?}"
+    );
+}
+
 /// `count` pods `spare-1`… on node-a serving HTTP on 8080, outside every Service.
 /// Pods `spare-1` to `spare-<count>` on node-a; the last without a readiness probe: it
 /// is the one that does not fit in a full workload map, whose answers cannot leave its
