@@ -442,7 +442,8 @@ pub fn total_requests_per_second(graph: &Graph) -> f64 {
         .iter()
         .filter(|e| kind.get(e.source.as_str()) != Some(&NodeKind::Service))
         .map(|e| e.requests_per_second)
-        .sum()
+        // From +0.0: an empty `sum()` of floats is -0.0, which prints as "-0.00".
+        .fold(0.0, |total, rps| total + rps)
 }
 
 /// A figure for people: `-` when absent.

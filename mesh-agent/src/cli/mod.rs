@@ -1355,7 +1355,8 @@ fn show_impact(sampling: &Sampling, projection: &Projection, format: Output) -> 
     }
     let m = &impact.measured;
     println!(
-        "measured over {:.1} s by {} agents: {:.2} requests/s, {} CPU cores, {} MiB; time inside          the agent per request p90: source {} ms, destination {} ms",
+        "measured over {:.1} s by {} agents: {:.2} requests/s, {} CPU cores, {} MiB; time \
+         inside the agent per request p90: source {} ms, destination {} ms",
         m.window_seconds,
         m.agents,
         m.requests_per_second,
