@@ -173,11 +173,11 @@ pub fn live(view: &View) -> String {
         return html;
     };
     html.push_str(&format!(
-        "<p>{} agents, {:.1} s window, {:.1} requests per second through the mesh.</p>\n\
+        "<p>{}, {:.1} s window, {:.1} requests per second through the mesh.</p>\n\
          <div class=\"graph\">{}</div>\n<h2>Golden signals by Service</h2>\n<table id=\"signals\">\
          <tr><th>Service</th><th>requests/s</th><th>errors (5xx)</th><th>p50 ms</th><th>p99 ms</th>\
          <th>TCP bytes/s</th></tr>\n",
-        graph.agents.len(),
+        graph::agents(graph.agents.len()),
         graph.window_seconds,
         impact.measured.requests_per_second,
         svg::render(graph),

@@ -446,27 +446,40 @@ pub fn total_requests_per_second(graph: &Graph) -> f64 {
         .fold(0.0, |total, rps| total + rps)
 }
 
+/// `1 agent`, `2 agents`.
+pub fn agents(count: usize) -> String {
+    format!("{count} agent{}", if count == 1 { "" } else { "s" })
+}
+
 /// A figure for people: `-` when absent.
 pub fn figure(value: Option<f64>, decimals: usize) -> String {
     value.map_or_else(|| "-".to_owned(), |v| format!("{v:.decimals$}"))
 }
 
-/// What an edge's label says: rate, errors, p99, bytes, and a lock for mutual TLS.
+/// An edge's figures, a line each: rate and errors, then p99 latency (HTTP); bytes per
+/// second (TCP).
+pub fn edge_figures(edge: &Edge) -> Vec<String> {
+    if edge.protocol == "http" {
+        vec![
+            format!(
+                "{:.1} rps · {}% 5xx",
+                edge.requests_per_second,
+                figure(edge.error_rate.map(|r| r * 100.0), 1)
+            ),
+            format!("p99 {} ms", figure(edge.p99_ms, 1)),
+        ]
+    } else {
+        vec![format!("{:.0} B/s", edge.bytes_per_second)]
+    }
+}
+
+/// What an edge's label says on one line: `mTLS` first where the traffic is.
 pub fn edge_label(edge: &Edge) -> String {
     let mut parts = Vec::new();
     if edge.mutual_tls {
         parts.push("mTLS".to_owned());
     }
-    if edge.protocol == "http" {
-        parts.push(format!("{:.1} rps", edge.requests_per_second));
-        parts.push(format!(
-            "{}% 5xx",
-            figure(edge.error_rate.map(|r| r * 100.0), 1)
-        ));
-        parts.push(format!("p99 {} ms", figure(edge.p99_ms, 1)));
-    } else {
-        parts.push(format!("{:.0} B/s", edge.bytes_per_second));
-    }
+    parts.extend(edge_figures(edge));
     parts.join(" · ")
 }
 
@@ -493,11 +506,12 @@ pub fn dot(graph: &Graph) -> String {
             NodeKind::Service => "box",
             NodeKind::Unknown => "diamond",
         };
+        // `\n` is dot's line break inside a label.
         out.push_str(&format!(
-            "  {} [label={}, shape={shape}];\n",
+            "  {} [label=\"{}\\n{}\", shape={shape}];\n",
             quote(&node.id),
-            // `\n` is dot's line break inside a label.
-            format!("\"{}\\n{}\"", escape(&node.name), escape(&node.namespace))
+            escape(&node.name),
+            escape(&node.namespace)
         ));
     }
     for edge in &graph.edges {

@@ -1293,11 +1293,11 @@ fn watch(sampling: &Sampling) -> anyhow::Result<Vec<scrape::Window>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let count = sampling.urls.len();
+    let agents = graph::agents(sampling.urls.len());
     let window = sampling.window;
     runtime
         .block_on(scrape::measure(&sampling.urls, window, || {
-            eprintln!("read {count} agents' metrics; reading again in {window:?}");
+            eprintln!("read the metrics of {agents}; reading again in {window:?}");
         }))
         .map_err(|err| {
             if err.unreachable() {
@@ -1355,10 +1355,10 @@ fn show_impact(sampling: &Sampling, projection: &Projection, format: Output) -> 
     }
     let m = &impact.measured;
     println!(
-        "measured over {:.1} s by {} agents: {:.2} requests/s, {} CPU cores, {} MiB; time \
+        "measured over {:.1} s by {}: {:.2} requests/s, {} CPU cores, {} MiB; time \
          inside the agent per request p90: source {} ms, destination {} ms",
         m.window_seconds,
-        m.agents,
+        graph::agents(m.agents),
         m.requests_per_second,
         graph::figure(m.cpu_cores, 3),
         graph::figure(m.memory_mib, 1),
@@ -1396,8 +1396,8 @@ fn serve_dashboard(
         let listener =
             crate::http::listener(listen).with_context(|| format!("listening on {listen}"))?;
         eprintln!(
-            "dashboard on http://{listen}/ reading {} agents every {:?}",
-            settings.urls.len(),
+            "dashboard on http://{listen}/ reading {} every {:?}",
+            graph::agents(settings.urls.len()),
             settings.window
         );
         dashboard::run(listener, settings).await;

@@ -6,9 +6,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::cli::graph::{edge_colour, edge_label, Graph, NodeKind};
+use crate::cli::graph::{edge_colour, edge_figures, Graph, NodeKind};
 
-const COLUMN: f64 = 300.0;
+const COLUMN: f64 = 320.0;
 const ROW: f64 = 120.0;
 const MARGIN_X: f64 = 90.0;
 const MARGIN_TOP: f64 = 80.0;
@@ -136,8 +136,8 @@ pub fn render(graph: &Graph) -> String {
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" \
          viewBox=\"0 0 {width:.0} {height:.0}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"#ffffff\"/>\n\
-         <text x=\"16\" y=\"24\" font-size=\"15\" font-weight=\"bold\">Service graph: {} agents, {:.1} s window</text>\n",
-        graph.agents.len(),
+         <text x=\"16\" y=\"24\" font-size=\"15\" font-weight=\"bold\">Service graph: {}, {:.1} s window</text>\n",
+        crate::cli::graph::agents(graph.agents.len()),
         graph.window_seconds
     );
     if graph.edges.is_empty() {
@@ -177,23 +177,34 @@ pub fn render(graph: &Graph) -> String {
             ex + if x2 > x1 { 9.0 } else { -9.0 },
             y2 + 6.0,
         ));
-        let (lx, ly) = ((sx + ex) / 2.0, (y1 + y2) / 2.0 + bow * 0.75 - 8.0);
-        let label = edge_label(edge);
+        // The figures above the curve's middle, a line each, the lock left of the first.
+        let lines = edge_figures(edge);
+        let (lx, ly) = (
+            (sx + ex) / 2.0,
+            (y1 + y2) / 2.0 + bow * 0.75 - 8.0 - 14.0 * (lines.len() - 1) as f64,
+        );
         if edge.mutual_tls {
-            // A padlock: shackle and body, left of the label.
-            let offset = label.chars().count() as f64 * 3.3 + 14.0;
+            let first = lines.first().map_or(0, |l| l.chars().count());
+            let offset = first as f64 * 3.4 + 16.0;
             svg.push_str(&format!(
                 "<g class=\"lock\" transform=\"translate({:.1},{:.1})\"><title>mutual TLS</title>\
                  <path d=\"M2,6 V4 a3,3 0 0 1 6,0 V6\" fill=\"none\" stroke=\"#333\" stroke-width=\"1.6\"/>\
                  <rect x=\"0\" y=\"6\" width=\"10\" height=\"8\" rx=\"1\" fill=\"#333\"/></g>\n",
                 lx - offset,
-                ly - 11.0
+                ly - 12.0
             ));
         }
         svg.push_str(&format!(
-            "<text x=\"{lx:.1}\" y=\"{ly:.1}\" text-anchor=\"middle\" fill=\"#222\">{}</text>\n</g>\n",
-            escape(&label)
+            "<text x=\"{lx:.1}\" y=\"{ly:.1}\" text-anchor=\"middle\" fill=\"#222\">"
         ));
+        for (index, line) in lines.iter().enumerate() {
+            svg.push_str(&format!(
+                "<tspan x=\"{lx:.1}\" dy=\"{}\">{}</tspan>",
+                if index == 0 { 0 } else { 14 },
+                escape(line)
+            ));
+        }
+        svg.push_str("</text>\n</g>\n");
     }
     for (node, info) in graph.nodes.iter().enumerate() {
         let (x, y) = at(node);
@@ -269,7 +280,9 @@ mod tests {
         assert!(svg.contains("fill=\"#9467bd\""), "the Service");
         assert!(svg.contains("stroke=\"#d62728\""), "all errors: red");
         assert!(
-            svg.contains(">mTLS · 2.0 rps · 100.0% 5xx · p99 - ms<"),
+            svg.contains(
+                ">2.0 rps · 100.0% 5xx</tspan><tspan x=\"247.0\" dy=\"14\">p99 - ms</tspan>"
+            ),
             "{svg}"
         );
         let empty = render(&build(&[]));
