@@ -5407,6 +5407,7 @@ fn colour_count(png: &[u8], rgb: [u8; 3]) -> (usize, f64) {
 #[test]
 fn meshctl_graph_impact_and_the_dashboard_show_client_a_calling_reviews_across_nodes() {
     let _sandbox = Sandbox::up();
+    kubectl("apply", "telemetry", MESH_REQUEST_METRICS);
     kubectl("apply", "reviews-v2", &reviews_pod("v2", "node-b"));
     kubectl("apply", "reviews", REVIEWS);
     kubectl(
@@ -5414,9 +5415,19 @@ fn meshctl_graph_impact_and_the_dashboard_show_client_a_calling_reviews_across_n
         "routes",
         &reviews_routes("  - route:\n    - destination: {host: reviews, subset: v2}\n"),
     );
-    kubectl("apply", "telemetry", MESH_REQUEST_METRICS);
-    eventually("reviews-v2 answers through the route", || {
+    // Routed by node-a's agent, and served request by request by node-b's once the
+    // Telemetry reached it.
+    eventually("node-b's agent reports what reviews-v2 serves", || {
         reviews("/", 5, "{}", "new").count("200 reviews-v2") == 5
+            && total(
+                &metrics("node-b"),
+                "istio_requests_total",
+                &[
+                    ("reporter", "destination"),
+                    ("source_workload", "client-a"),
+                    ("destination_workload", "reviews-v2"),
+                ],
+            ) > 0.0
     });
     let status = status_json();
 
