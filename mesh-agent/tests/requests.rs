@@ -344,6 +344,35 @@ async fn every_request_is_counted_by_the_destination_with_istios_labels() {
                 as f64
         )
     );
+    // The agent's own cost, for `meshctl impact`: each of the four requests timed inside
+    // the agent and judged once, as the destination; none routed here as the source.
+    assert_eq!(
+        sample(
+            &text,
+            "mesh_request_agent_seconds_count",
+            &["reporter=\"destination\""]
+        ),
+        Some(4.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "mesh_request_agent_seconds_count",
+            &["reporter=\"source\""]
+        ),
+        Some(0.0)
+    );
+    assert!(
+        text.lines()
+            .any(|line| line == "mesh_policy_evaluation_seconds_count 4"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|line| line.starts_with("process_cpu_seconds_total ")),
+        "{text}"
+    );
 }
 
 #[tokio::test]

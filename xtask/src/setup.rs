@@ -11,9 +11,10 @@ use crate::{progress, run};
 
 /// Debian packages: LLVM 22 for bpf-linker; iproute2, util-linux and procps for the
 /// sandbox; curl and python3 for the demo's pods; prometheus for `promtool` and the
-/// sandbox's metrics server; python3-venv for the manifest validator; tcpdump and openssl
-/// for the mTLS tests; iperf3 for the benchmarks.
-const APT_PACKAGES: [&str; 14] = [
+/// sandbox's metrics server; python3-venv for the manifest validator; tcpdump and
+/// openssl for the mTLS tests; iperf3 for the benchmarks; chromium (headless) to render
+/// `meshctl dashboard` in its sandbox test.
+const APT_PACKAGES: [&str; 15] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -28,6 +29,7 @@ const APT_PACKAGES: [&str; 14] = [
     "tcpdump",
     "openssl",
     "iperf3",
+    "chromium",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

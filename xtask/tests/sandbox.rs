@@ -5461,3 +5461,317 @@ fn claim_headers_cannot_be_forged_on_ports_not_declared_http() {
         "intact"
     );
 }
+
+/// A process the test started, ended when the test ends (passing or not).
+struct Started(std::process::Child);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `program` in `node`'s network namespace as a direct child (`nsenter` execs it), so
+/// that ending the child ends the program.
+fn in_node_netns(status: &serde_json::Value, node: &str, program: &Path) -> Command {
+    let netns = status["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["name"] == node)
+        .and_then(|n| n["netns"].as_str())
+        .unwrap_or_else(|| panic!("{node}'s netns in {status}"))
+        .to_owned();
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--net=/run/netns/{netns}"))
+        .arg(program);
+    command
+}
+
+/// The release meshctl beside the xtask binary under test.
+fn meshctl_binary() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_xtask")).with_file_name("meshctl")
+}
+
+/// Starts `meshctl graph` or `impact` over `window` against every agent, from node-a;
+/// returns once it has taken its first readings.
+fn meshctl_watching(
+    status: &serde_json::Value,
+    args: &[&str],
+    window: &str,
+) -> std::process::Child {
+    use std::io::BufRead;
+    let mut command = in_node_netns(status, "node-a", &meshctl_binary());
+    command.args(args).args(["--window", window, "-o", "json"]);
+    for node in status["nodes"].as_array().expect("nodes") {
+        command.args([
+            "--metrics",
+            node["agent"]["metrics"].as_str().expect("metrics URL"),
+        ]);
+    }
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("meshctl");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut seen = Vec::new();
+    for line in std::io::BufReader::new(stderr).lines() {
+        let line = line.expect("meshctl's stderr");
+        if line.starts_with("read the metrics of 2 agents") {
+            return child;
+        }
+        seen.push(line);
+    }
+    let ended = child.wait();
+    panic!("meshctl {args:?} ended ({ended:?}) before its first readings: {seen:?}");
+}
+
+/// The JSON a `meshctl_watching` process printed at the end of its window.
+fn watched(child: std::process::Child) -> serde_json::Value {
+    let out = child.wait_with_output().expect("meshctl");
+    assert!(out.status.success(), "meshctl: {}", out.status);
+    serde_json::from_slice(&out.stdout).expect("meshctl JSON")
+}
+
+/// Pixels of `png` within 3 of `rgb` on every channel, and the share that is not white.
+fn colour_count(png: &[u8], rgb: [u8; 3]) -> (usize, f64) {
+    let decoder = png::Decoder::new(png);
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let frame = reader.next_frame(&mut pixels).expect("a frame");
+    let channels = frame.color_type.samples();
+    assert!(channels >= 3, "{:?}", frame.color_type);
+    let pixels = &pixels[..frame.buffer_size()];
+    let mut matching = 0;
+    let mut coloured = 0;
+    let mut total = 0;
+    for pixel in pixels.chunks(channels) {
+        total += 1;
+        if pixel[..3].iter().any(|c| *c < 245) {
+            coloured += 1;
+        }
+        if pixel[..3]
+            .iter()
+            .zip(rgb)
+            .all(|(c, want)| c.abs_diff(want) <= 3)
+        {
+            matching += 1;
+        }
+    }
+    (matching, coloured as f64 / total as f64)
+}
+
+#[test]
+fn meshctl_graph_impact_and_the_dashboard_show_client_a_calling_reviews_across_nodes() {
+    let _sandbox = Sandbox::up();
+    kubectl("apply", "telemetry", MESH_REQUEST_METRICS);
+    kubectl("apply", "reviews-v2", &reviews_pod("v2", "node-b"));
+    kubectl("apply", "reviews", REVIEWS);
+    kubectl(
+        "apply",
+        "routes",
+        &reviews_routes("  - route:\n    - destination: {host: reviews, subset: v2}\n"),
+    );
+    // Routed by node-a's agent, and served request by request by node-b's once the
+    // Telemetry reached it.
+    eventually("node-b's agent reports what reviews-v2 serves", || {
+        reviews("/", 5, "{}", "new").count("200 reviews-v2") == 5
+            && total(
+                &metrics("node-b"),
+                "istio_requests_total",
+                &[
+                    ("reporter", "destination"),
+                    ("source_workload", "client-a"),
+                    ("destination_workload", "reviews-v2"),
+                ],
+            ) > 0.0
+    });
+    let status = status_json();
+
+    // The windows open before 30 requests answered 200 and 10 answered 500 (a status the
+    // default retry policy does not retry), and close well after them.
+    let graph = meshctl_watching(&status, &["graph"], "20s");
+    let impact = meshctl_watching(&status, &["impact", "--rps", "1000"], "20s");
+    let ok = reviews("/status/200", 30, "{}", "keepalive");
+    let failed = reviews("/status/500", 10, "{}", "keepalive");
+    assert_eq!(
+        (ok.count("200 reviews-v2"), failed.count("500 reviews-v2")),
+        (30, 10),
+        "{:?} {:?}",
+        ok.counts,
+        failed.counts
+    );
+    let graph = watched(graph);
+    let edge = graph["edges"]
+        .as_array()
+        .expect("edges")
+        .iter()
+        .find(|e| {
+            e["source"] == "demo/client-a" && e["destination"] == "reviews.demo.svc.cluster.local"
+        })
+        .unwrap_or_else(|| panic!("client-a → reviews in {graph}"))
+        .clone();
+    // Counted once, from node-a's agent (the source reporter), over mutual TLS.
+    assert_eq!(edge["reporters"], serde_json::json!(["source"]), "{edge}");
+    assert_eq!(
+        (&edge["requests"], &edge["errors"]),
+        (&40.0.into(), &10.0.into()),
+        "{edge}"
+    );
+    assert_eq!(edge["error_rate"], 0.25, "{edge}");
+    assert_eq!(edge["mutual_tls"], true, "{edge}");
+    let window = graph["window_seconds"].as_f64().expect("window");
+    let rate = edge["requests_per_second"].as_f64().expect("rate");
+    assert!(
+        (rate * window - 40.0).abs() < 0.5,
+        "{rate} rps over {window} s"
+    );
+    assert!(edge["p99_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{edge}");
+    let served = graph["edges"]
+        .as_array()
+        .expect("edges")
+        .iter()
+        .find(|e| {
+            e["source"] == "reviews.demo.svc.cluster.local" && e["destination"] == "demo/reviews-v2"
+        })
+        .unwrap_or_else(|| panic!("reviews → reviews-v2 in {graph}"));
+    assert_eq!(served["requests"], 40.0, "{served}");
+
+    // What the agents measured of those 40 requests: each timed once by the source agent
+    // and once by the destination agent, which judged each against its policies.
+    let impact = watched(impact);
+    let measured = &impact["measured"];
+    assert_eq!(measured["agents"], 2, "{measured}");
+    assert_eq!(measured["source_agent"]["requests"], 40.0, "{measured}");
+    assert_eq!(
+        measured["destination_agent"]["requests"], 40.0,
+        "{measured}"
+    );
+    assert_eq!(measured["policy_evaluations"], 40.0, "{measured}");
+    for figure in [
+        "cpu_cores",
+        "memory_mib",
+        "latency_added_p90_ms",
+        "policy_evaluation_mean_us",
+    ] {
+        assert!(
+            measured[figure].as_f64().is_some_and(|v| v > 0.0),
+            "{figure}: {measured}"
+        );
+    }
+    assert_eq!(impact["sidecar"]["cpu_cores"], 0.4, "{impact}");
+    assert!(
+        impact["mesh"]["monthly_cost"]
+            .as_f64()
+            .is_some_and(|v| v > 0.0),
+        "{impact}"
+    );
+
+    // The dashboard, from node-a's loopback, while client-a keeps calling.
+    let mut dashboard = in_node_netns(&status, "node-a", &meshctl_binary());
+    dashboard.args(["dashboard", "--listen", "127.0.0.1:20001", "--window", "3s"]);
+    for node in status["nodes"].as_array().expect("nodes") {
+        dashboard.args([
+            "--metrics",
+            node["agent"]["metrics"].as_str().expect("metrics URL"),
+        ]);
+    }
+    let _dashboard = Started(
+        dashboard
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("meshctl dashboard"),
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let calling = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                reviews("/status/200", 10, "{}", "keepalive");
+                reviews("/status/500", 5, "{}", "keepalive");
+            }
+        })
+    };
+    eventually("the dashboard's window holds client-a → reviews", || {
+        let (_, state) = on_node_answer(
+            "node-a",
+            &["curl", "-sf", "http://127.0.0.1:20001/state.json"],
+        );
+        serde_json::from_str::<serde_json::Value>(&state).is_ok_and(|state| {
+            state["graph"]["edges"].as_array().is_some_and(|edges| {
+                edges.iter().any(|e| {
+                    e["source"] == "demo/client-a" && e["errors"].as_f64().is_some_and(|n| n > 0.0)
+                })
+            })
+        })
+    });
+    let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let chromium = |extra: &[&str]| {
+        let mut command = in_node_netns(&status, "node-a", Path::new("/usr/bin/chromium"));
+        command
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--hide-scrollbars",
+                "--window-size=1400,1200",
+                "--virtual-time-budget=5000",
+            ])
+            .arg(format!(
+                "--user-data-dir={}",
+                Path::new(env!("CARGO_TARGET_TMPDIR"))
+                    .join("chromium-profile")
+                    .display()
+            ))
+            .args(extra)
+            .arg("http://127.0.0.1:20001/");
+        command
+            .output()
+            .expect("chromium (installed by cargo xtask setup)")
+    };
+    let shot = chromium(&[&format!("--screenshot={}", screenshot.display())]);
+    let dom = chromium(&["--dump-dom"]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    calling.join().expect("the calling thread");
+    let png = std::fs::read(&screenshot).unwrap_or_else(|err| {
+        panic!(
+            "no screenshot ({err}): {}",
+            String::from_utf8_lossy(&shot.stderr)
+        )
+    });
+    let (workloads, coloured) = colour_count(&png, [0x4c, 0x78, 0xa8]);
+    let (services, _) = colour_count(&png, [0x94, 0x67, 0xbd]);
+    let (failing, _) = colour_count(&png, [0xd6, 0x27, 0x28]);
+    assert!(
+        coloured > 0.02,
+        "the page is blank: {coloured} of it not white"
+    );
+    assert!(workloads > 1000, "workload nodes drawn: {workloads} pixels");
+    assert!(services > 1000, "the Service node drawn: {services} pixels");
+    assert!(
+        failing > 300,
+        "a red (failing) edge drawn: {failing} pixels"
+    );
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    for shown in [
+        "data-id=\"demo/client-a\"",
+        "data-id=\"demo/reviews-v2\"",
+        "<td>reviews.demo.svc.cluster.local</td>",
+        "sidecars (Istio's figures)",
+        "class=\"lock\"",
+    ] {
+        assert!(
+            dom.contains(shown),
+            "{shown} missing from the rendered page:\n{dom}"
+        );
+    }
+}

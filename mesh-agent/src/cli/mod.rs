@@ -1,6 +1,15 @@
 //! `meshctl`: inspects a node's mesh — the pinned BPF maps directly (`meshctl bpf …`) and
-//! the running agent through its localhost admin API (`meshctl status`) — and checks
-//! configuration files (`meshctl validate`). Tables by default, `-o json` for tools.
+//! the running agent through its localhost admin API (`meshctl status`) — checks
+//! configuration files (`meshctl validate`), and shows the traffic of every agent from
+//! their metrics endpoints (`meshctl graph`, `impact`, `dashboard`: `scrape` reads them,
+//! `graph`, `svg` and `impact` decide and draw, `dashboard` serves the page). Tables by
+//! default, `-o json` for tools.
+
+pub mod dashboard;
+pub mod graph;
+pub mod impact;
+pub mod scrape;
+pub mod svg;
 
 use std::{
     net::SocketAddr,
@@ -8,7 +17,7 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::{
@@ -85,6 +94,10 @@ enum Output {
     Table,
     Json,
     Yaml,
+    /// Graphviz text (`meshctl graph` only).
+    Dot,
+    /// An SVG drawing (`meshctl graph` only).
+    Svg,
 }
 
 impl Output {
@@ -161,6 +174,33 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// The service graph from every agent's live metrics: workloads and Services, and
+    /// between them requests per second, 5xx share, p99 latency, TCP bytes per second and
+    /// whether the traffic is mutual TLS (`-o json|yaml|table|dot|svg`).
+    Graph {
+        #[command(flatten)]
+        sampling: Sampling,
+    },
+    /// What the mesh costs, measured by its agents — CPU, memory, time inside the agent
+    /// and in policy evaluation per request — projected to a request rate, beside the
+    /// same figures for a sidecar mesh from Istio's published numbers.
+    Impact {
+        #[command(flatten)]
+        sampling: Sampling,
+        #[command(flatten)]
+        projection: Projection,
+    },
+    /// A local web page with the live service graph, each Service's golden signals and
+    /// the impact, refreshed every window. Served on a loopback address only.
+    Dashboard {
+        #[command(flatten)]
+        sampling: Sampling,
+        #[command(flatten)]
+        projection: Projection,
+        /// Where to serve the page (a loopback address).
+        #[arg(long, default_value = "127.0.0.1:20001")]
+        listen: SocketAddr,
+    },
     /// Take the mesh off this node once its agent is stopped: detach every program (the
     /// pinned links), remove the pinned maps, the capture route and its rule. Pods then
     /// talk directly, as before the mesh. Run in the node's network namespace.
@@ -228,6 +268,53 @@ enum PolicyCommand {
     },
 }
 
+/// Where the agents' metrics are and how long to watch them.
+#[derive(Args)]
+struct Sampling {
+    /// An agent's metrics endpoint; repeat for every node's agent.
+    #[arg(
+        long = "metrics",
+        env = "MESH_METRICS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:15020/metrics"
+    )]
+    urls: Vec<String>,
+    /// How long to watch: rates are what the counters gained over it (`5s`, `500ms`, `1m`).
+    #[arg(long, default_value = "5s", value_parser = parse_window)]
+    window: std::time::Duration,
+}
+
+/// The request rate and prices the impact is projected to.
+#[derive(Args)]
+struct Projection {
+    /// Requests per second to project to (default: the rate measured).
+    #[arg(long)]
+    rps: Option<f64>,
+    /// Price of a vCPU for an hour.
+    #[arg(long, default_value_t = impact::DEFAULT_VCPU_HOUR)]
+    price_vcpu_hour: f64,
+    /// Price of a GB (GiB) of memory for an hour.
+    #[arg(long, default_value_t = impact::DEFAULT_GIB_HOUR)]
+    price_gb_hour: f64,
+}
+
+impl Projection {
+    fn prices(&self) -> impact::Prices {
+        impact::Prices {
+            vcpu_hour: self.price_vcpu_hour,
+            gib_hour: self.price_gb_hour,
+        }
+    }
+}
+
+fn parse_window(text: &str) -> Result<std::time::Duration, String> {
+    let window = config::istio::parse_duration(text)?;
+    if window.is_zero() {
+        return Err("the window must be longer than zero".into());
+    }
+    Ok(window)
+}
+
 fn parse_header(text: &str) -> Result<(String, String), String> {
     let (name, value) = text
         .split_once('=')
@@ -252,7 +339,25 @@ enum BpfCommand {
 
 pub fn main(cli: Cli) -> anyhow::Result<()> {
     let format = cli.output;
+    if matches!(format, Output::Dot | Output::Svg) && !matches!(cli.command, Command::Graph { .. })
+    {
+        return Err(Exit::new(
+            EXIT_INVALID_INPUT,
+            "-o dot and -o svg are for meshctl graph; use table, json or yaml",
+        )
+        .into());
+    }
     match cli.command {
+        Command::Graph { sampling } => show_graph(&sampling, format),
+        Command::Impact {
+            sampling,
+            projection,
+        } => show_impact(&sampling, &projection, format),
+        Command::Dashboard {
+            sampling,
+            projection,
+            listen,
+        } => serve_dashboard(sampling, &projection, listen),
         Command::Status => status(cli.admin, format),
         Command::Certs => certs(cli.admin, format),
         Command::Validate {
@@ -1171,9 +1276,133 @@ fn admin_request(
 fn emit(format: Output, value: &impl Serialize) -> anyhow::Result<()> {
     match format {
         Output::Yaml => print!("{}", serde_norway::to_string(value)?),
-        Output::Json | Output::Table => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Json | Output::Table | Output::Dot | Output::Svg => {
+            println!("{}", serde_json::to_string_pretty(value)?)
+        }
     }
     Ok(())
+}
+
+/// Every agent's window, read as `sampling` says; an agent that does not answer exits
+/// with `EXIT_AGENT_UNREACHABLE`, naming its URL.
+fn watch(sampling: &Sampling) -> anyhow::Result<Vec<scrape::Window>> {
+    for url in &sampling.urls {
+        scrape::split_url(url)
+            .map_err(|err| Exit::new(EXIT_INVALID_INPUT, format!("--metrics {err}")))?;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let agents = graph::agents(sampling.urls.len());
+    let window = sampling.window;
+    runtime
+        .block_on(scrape::measure(&sampling.urls, window, || {
+            eprintln!("read the metrics of {agents}; reading again in {window:?}");
+        }))
+        .map_err(|err| {
+            if err.unreachable() {
+                anyhow::Error::new(err).context(Exit::new(
+                    EXIT_AGENT_UNREACHABLE,
+                    "an agent's metrics are out of reach (see --metrics)",
+                ))
+            } else {
+                err.into()
+            }
+        })
+}
+
+fn show_graph(sampling: &Sampling, format: Output) -> anyhow::Result<()> {
+    let graph = graph::build(&watch(sampling)?);
+    match format {
+        Output::Dot => print!("{}", graph::dot(&graph)),
+        Output::Svg => print!("{}", svg::render(&graph)),
+        Output::Json | Output::Yaml => emit(format, &graph)?,
+        Output::Table => table(
+            &[
+                "SOURCE",
+                "DESTINATION",
+                "PROTO",
+                "RPS",
+                "5XX",
+                "P99 MS",
+                "BYTES/S",
+                "MTLS",
+            ],
+            graph.edges.iter().map(|e| {
+                vec![
+                    e.source.clone(),
+                    e.destination.clone(),
+                    e.protocol.to_owned(),
+                    format!("{:.2}", e.requests_per_second),
+                    graph::figure(e.error_rate.map(|r| r * 100.0), 1) + "%",
+                    graph::figure(e.p99_ms, 2),
+                    format!("{:.0}", e.bytes_per_second),
+                    if e.mutual_tls { "yes" } else { "no" }.to_owned(),
+                ]
+            }),
+        ),
+    }
+    Ok(())
+}
+
+fn show_impact(sampling: &Sampling, projection: &Projection, format: Output) -> anyhow::Result<()> {
+    let windows = watch(sampling)?;
+    let graph = graph::build(&windows);
+    let measured = impact::measure(&windows, graph::total_requests_per_second(&graph));
+    let impact = impact::project(measured, projection.rps, projection.prices());
+    if format.structured() {
+        return emit(format, &impact);
+    }
+    let m = &impact.measured;
+    println!(
+        "measured over {:.1} s by {}: {:.2} requests/s, {} CPU cores, {} MiB; time \
+         inside the agent per request p90: source {} ms, destination {} ms",
+        m.window_seconds,
+        graph::agents(m.agents),
+        m.requests_per_second,
+        graph::figure(m.cpu_cores, 3),
+        graph::figure(m.memory_mib, 1),
+        graph::figure(m.source_agent.p90_ms, 3),
+        graph::figure(m.destination_agent.p90_ms, 3),
+    );
+    println!();
+    table(
+        &["", "THIS MESH (MEASURED)", "SIDECARS (ISTIO'S FIGURES)"],
+        impact::rows(&impact).into_iter().map(Vec::from),
+    );
+    Ok(())
+}
+
+fn serve_dashboard(
+    sampling: Sampling,
+    projection: &Projection,
+    listen: SocketAddr,
+) -> anyhow::Result<()> {
+    dashboard::check_listen(listen).map_err(|err| Exit::new(EXIT_INVALID_INPUT, err))?;
+    for url in &sampling.urls {
+        scrape::split_url(url)
+            .map_err(|err| Exit::new(EXIT_INVALID_INPUT, format!("--metrics {err}")))?;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let settings = dashboard::Settings {
+        urls: sampling.urls,
+        window: sampling.window,
+        rps: projection.rps,
+        prices: projection.prices(),
+    };
+    runtime.block_on(async {
+        let listener =
+            crate::http::listener(listen).with_context(|| format!("listening on {listen}"))?;
+        eprintln!(
+            "dashboard on http://{listen}/ reading {} every {:?}",
+            graph::agents(settings.urls.len()),
+            settings.window
+        );
+        dashboard::run(listener, settings).await;
+        Ok(())
+    })
 }
 
 /// Prints the agent's JSON answer as `-o` asks.
@@ -1184,7 +1413,7 @@ fn emit_raw(format: Output, body: &str) -> anyhow::Result<()> {
                 serde_json::from_str(body).context("the agent's answer is not JSON")?;
             emit(format, &value)
         }
-        Output::Json | Output::Table => {
+        Output::Json | Output::Table | Output::Dot | Output::Svg => {
             println!("{}", body.trim_end());
             Ok(())
         }

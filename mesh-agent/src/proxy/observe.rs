@@ -38,6 +38,7 @@ use crate::{
         request::ResponseFlags,
         request_metrics::{ConnectionTally, Measures, PeerLabels, RequestEnd},
         spans::FinishedSpan,
+        timing::Side,
         trace_context::{ensure_request_id, extract, inject, plan_hop, Hop, Ids},
     },
 };
@@ -67,6 +68,10 @@ pub struct Observed {
     counting: Option<Counting>,
     flags: ResponseFlags,
     started: Instant,
+    /// Which agent serves it, and its time inside the agent once the response head is
+    /// back (see `telemetry::timing`).
+    side: Side,
+    agent_time: Duration,
     grpc: bool,
     request_head: u64,
     /// The request body's bytes, counted as they pass.
@@ -116,6 +121,12 @@ impl Observed {
             counting: None,
             flags: ResponseFlags::default(),
             started: Instant::now(),
+            side: if site.client {
+                Side::Source
+            } else {
+                Side::Destination
+            },
+            agent_time: Duration::ZERO,
             grpc,
             request_head,
             request_bytes: request_bytes.clone(),
@@ -141,6 +152,7 @@ impl Observed {
     ) {
         self.counting = counting;
         self.flags = flags;
+        self.agent_time = self.started.elapsed().saturating_sub(handled.upstream_wait);
         if let Some(span) = &mut self.span {
             span.cluster = handled.cluster.clone();
         }
@@ -160,6 +172,7 @@ impl Observed {
         response: Response<B>,
         metrics: &Arc<Metrics>,
     ) -> Response<Reported<B>> {
+        metrics.timing.agent_time(self.side, self.agent_time);
         if !self.wanted() {
             return response.map(Reported::unreported);
         }
@@ -445,6 +458,8 @@ pub struct Handled {
     pub route: Option<String>,
     /// Why the agent answered itself (`rbac_access_denied`, ...).
     pub details: Option<String>,
+    /// Time spent waiting for the upstream's response head (tries and backoff).
+    pub upstream_wait: Duration,
 }
 
 fn protocol(version: Version) -> &'static str {

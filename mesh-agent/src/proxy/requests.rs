@@ -9,7 +9,7 @@ use std::{
     convert::Infallible,
     net::SocketAddrV4,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -116,7 +116,7 @@ impl Guard {
             limit,
             &arrival.workload.key(),
             client.as_ref(),
-            std::time::Instant::now(),
+            Instant::now(),
         );
         if checked.is_err() {
             self.metrics.rate_limited(&limit.policy);
@@ -186,11 +186,15 @@ impl Guard {
                     site,
                 );
                 let request = Request::from_parts(parts, body);
-                let mut response = guard.handle(request, &arrival, &upstream).await;
+                let mut upstream_wait = Duration::ZERO;
+                let mut response = guard
+                    .handle(request, &arrival, &upstream, &mut upstream_wait)
+                    .await;
                 drain.answer(version, &mut response);
                 let handled = Handled {
                     upstream: Some(workload),
                     cluster: Some(format!("inbound|{}||", workload.port())),
+                    upstream_wait,
                     ..Handled::default()
                 };
                 let counting = reporting.as_deref().map(|(tally, peers)| Counting {
@@ -244,9 +248,12 @@ impl Guard {
         request: Request<Metered<Incoming>>,
         arrival: &Arrival,
         upstream: &Upstream,
+        upstream_wait: &mut Duration,
     ) -> Response<Body> {
         let (mut parts, body) = request.into_parts();
+        let judging = Instant::now();
         let verdict = judge_request(arrival, &self.jwks, &mut parts, jwt::now_seconds());
+        self.metrics.timing.policy_evaluation(judging.elapsed());
         let decision = match verdict {
             RequestVerdict::Malformed(rejection) => {
                 tracing::info!(
@@ -298,7 +305,10 @@ impl Guard {
             return reply;
         }
         // `normalise` left the head as it is judged: forwarded as it is.
-        match upstream.send(Request::from_parts(parts, body)).await {
+        let waiting = Instant::now();
+        let sent = upstream.send(Request::from_parts(parts, body)).await;
+        *upstream_wait = waiting.elapsed();
+        match sent {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);

@@ -260,6 +260,7 @@ impl Router {
             cluster: record.cluster.clone(),
             route: record.route.clone(),
             details: None,
+            upstream_wait: record.upstream_wait,
         };
         observed.respond(&response, counting, record.flags, handled);
         observed.report(response, &self.proxy.guard.metrics)
@@ -555,10 +556,12 @@ impl Router {
                 limits,
                 request,
             );
+            let waiting = Instant::now();
             let outcome = match retries.per_try_timeout {
                 Some(limit) => tokio::time::timeout(limit, attempt).await.ok(),
                 None => Some(attempt.await),
             };
+            record.upstream_wait += waiting.elapsed();
             let retries_left = record.attempts <= retries.attempts;
             let (response, try_outcome) = match outcome {
                 None => (None, TryOutcome::Timeout),
@@ -623,7 +626,9 @@ impl Router {
                     }
                 };
             }
-            tokio::time::sleep(RetryPolicy::backoff(record.attempts)).await;
+            let backoff = RetryPolicy::backoff(record.attempts);
+            tokio::time::sleep(backoff).await;
+            record.upstream_wait += backoff;
         }
     }
 

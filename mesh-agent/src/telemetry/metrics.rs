@@ -27,9 +27,11 @@ use crate::{
     telemetry::{
         access_log::LogWriters,
         conns::ConnTable,
+        process::ProcessCollector,
         request::RequestRecord,
         request_metrics::{Departed, RequestMetrics},
         spans::SpanExport,
+        timing::Timing,
     },
 };
 
@@ -176,6 +178,8 @@ pub struct Metrics {
     pub access_logs: LogWriters,
     /// The spans' exporter.
     pub spans: SpanExport,
+    /// Time inside the agent and policy evaluation time per request.
+    pub timing: Timing,
     state: SharedState,
     conns: Arc<ConnTable>,
     trust_domain: String,
@@ -186,6 +190,9 @@ impl Metrics {
     pub fn new(state: SharedState, conns: Arc<ConnTable>, requests: RequestMetrics) -> Metrics {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(requests.clone()));
+        let timing = Timing::default();
+        registry.register_collector(Box::new(timing.clone()));
+        registry.register_collector(Box::new(ProcessCollector));
         let access_logs = LogWriters::default();
         registry.register(
             "mesh_access_log_lines_written",
@@ -367,6 +374,7 @@ impl Metrics {
             requests,
             access_logs,
             spans,
+            timing,
             state,
             conns,
             expired: Mutex::new(Instant::now()),

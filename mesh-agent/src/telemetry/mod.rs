@@ -5,8 +5,10 @@
 pub mod access_log;
 pub mod conns;
 pub mod metrics;
+pub mod process;
 pub mod request;
 pub mod request_metrics;
 pub mod result;
 pub mod spans;
+pub mod timing;
 pub mod trace_context;

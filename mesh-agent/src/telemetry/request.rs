@@ -113,6 +113,9 @@ pub struct RequestRecord {
     /// Tries made (the first one and the retries).
     pub attempts: u32,
     pub duration: Duration,
+    /// Time spent waiting for upstream response heads: every try and the backoff between
+    /// tries (what Envoy reports as `x-envoy-upstream-service-time`).
+    pub upstream_wait: Duration,
 }
 
 impl RequestRecord {
@@ -128,6 +131,7 @@ impl RequestRecord {
             flags: ResponseFlags::default(),
             attempts: 0,
             duration: Duration::ZERO,
+            upstream_wait: Duration::ZERO,
         }
     }
 
