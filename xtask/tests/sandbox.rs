@@ -4285,11 +4285,17 @@ fn prometheus_scrapes_every_agent_and_answers_the_golden_signals() {
             ],
         )
     };
-    eventually("both agents count reviews-v2's answers", || {
-        reviews("/status/202", 1, "{}", "new").count("202 reviews-v2") == 1
-            && warm("node-a", "source") > 0.0
-            && warm("node-b", "destination") > 0.0
-    });
+    eventually_eq(
+        "both agents count reviews-v2's answers",
+        (1u64, true, true),
+        || {
+            (
+                reviews("/status/202", 1, "{}", "new").count("202 reviews-v2"),
+                warm("node-a", "source") > 0.0,
+                warm("node-b", "destination") > 0.0,
+            )
+        },
+    );
 
     let by_code = |reporter: &str| {
         promql(
