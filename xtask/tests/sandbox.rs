@@ -4245,7 +4245,7 @@ fn series(pairs: &[(&str, f64)]) -> std::collections::BTreeMap<String, f64> {
 
 #[test]
 fn prometheus_scrapes_every_agent_and_answers_the_golden_signals() {
-    let _sandbox = Sandbox::up();
+    let _sandbox = Sandbox::up_with(&[("MESH_METRICS_SERIES_EXPIRY", "3s")]);
     let status = status_json();
     let url = status["prometheus"]["url"]
         .as_str()
@@ -4354,6 +4354,35 @@ fn prometheus_scrapes_every_agent_and_answers_the_golden_signals() {
     assert!(
         p99.get("").is_some_and(|ms| ms.is_finite() && *ms > 0.0),
         "p99 latency: {p99:?}"
+    );
+
+    // The pod goes: once idle for the expiry time (3 s here), its series leave both
+    // agents' metrics at the next sweep, and Prometheus marks them stale.
+    let series_of_v2 = |node: &str| {
+        metrics(node)
+            .lines()
+            .filter(|line| {
+                line.starts_with("istio_") && line.contains(r#"destination_workload="reviews-v2""#)
+            })
+            .count()
+    };
+    assert!(series_of_v2("node-a") > 0 && series_of_v2("node-b") > 0);
+    kubectl("delete", "reviews-v2", &reviews_pod("v2", "node-b"));
+    for node in ["node-a", "node-b"] {
+        eventually_eq(&format!("{node} forgets reviews-v2's series"), 0, || {
+            series_of_v2(node)
+        });
+    }
+    eventually_eq(
+        "Prometheus holds no live series of reviews-v2",
+        series(&[]),
+        || {
+            promql(
+                &url,
+                r#"count by (node) (istio_requests_total{destination_workload="reviews-v2"})"#,
+                &["node"],
+            )
+        },
     );
 }
 
