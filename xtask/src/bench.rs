@@ -4,11 +4,12 @@
 //! directly). Each scenario runs on both, for servers on the client's node
 //! (`same-node-l4`, spliced in the kernel; `same-node-l4-copied`, through the agent), on
 //! the other node (`cross-node-mtls`), and on the other node behind
-//! an L7 AuthorizationPolicy (`l7-policy`, HTTP scenarios only; `l7-policy-untallied`,
-//! the same without request metrics, for their cost), and on the other node
+//! an L7 AuthorizationPolicy (`l7-policy`, HTTP scenarios only), and on the other node
 //! through a Service whose VirtualService the client's agent applies to every request
 //! (`l7-routing`: a header match, a weighted split, retries), repeated to give a median
-//! and a spread. Results go to the terminal as a table and to `target/bench/` as JSON.
+//! and a spread. Request telemetry's cost is the destination agent's CPU per request on
+//! the `l7-policy` server against a twin whose Telemetry turns request metrics off,
+//! alternated. Results go to the terminal as a table and to `target/bench/` as JSON.
 
 use std::{
     collections::BTreeMap,
@@ -33,16 +34,13 @@ use crate::{
 /// needs the request (method and path), so the destination agent parses and judges each
 /// one. `same-node-l4-copied`: the same-node server labelled `mesh/splice: "false"`, so
 /// its flows are copied through the agent: the spliced and copied paths side by side.
-/// `l7-policy-untallied`: `l7-policy` with the request metrics turned off by a Telemetry,
-/// so that the two side by side give request telemetry's CPU per request.
 /// `l7-routing`: the server across nodes through a Service whose VirtualService (a header
 /// match, a weighted split, retries) the client's agent applies to every request.
-const PATHS: [(&str, &str, &str); 6] = [
+const PATHS: [(&str, &str, &str); 5] = [
     ("same-node-l4", "server-near", "server-near"),
     ("same-node-l4-copied", "server-near", "server-near-copied"),
     ("cross-node-mtls", "server-far", "server-far"),
     ("l7-policy", "server-far", "server-l7"),
-    ("l7-policy-untallied", "server-far", "server-l7-untallied"),
     ("l7-routing", "server-far", "server-routed"),
 ];
 /// Throughput is measured on the L4 paths only: iperf3 does not speak HTTP.
@@ -79,6 +77,7 @@ pub fn expected_figures() -> Vec<(&'static str, &'static str, &'static str)> {
             figures.push(("connection-churn", path, metric));
         }
     }
+    figures.push(("request-telemetry", "destination-agent", "cpu-per-request"));
     figures.push(("agent-rss", "per-agent", "idle"));
     figures.push(("agent-rss", "per-agent", "under-load"));
     for program in PROGRAMS {
@@ -478,6 +477,7 @@ fn measure_all(settings: &Settings) -> Result<Vec<Measurement>> {
             values,
         )?;
     }
+    results.push(request_telemetry_cost(settings, &state, &agents)?);
     for (metric, value) in [("idle", idle_rss), ("under-load", loaded_rss)] {
         results.push(Measurement {
             scenario: "agent-rss",
@@ -493,6 +493,61 @@ fn measure_all(settings: &Settings) -> Result<Vec<Measurement>> {
     }
     results.extend(program_costs(&state)?);
     Ok(results)
+}
+
+/// The destination agent's CPU per keep-alive request to `server-l7` (request metrics
+/// on) against `server-l7-untallied` (a twin under the same policy, request metrics off by a
+/// Telemetry): the difference is what counting a request costs. Twice the repetitions
+/// of the other scenarios, alternated, since the difference is small beside the drift of
+/// a shared machine.
+fn request_telemetry_cost(
+    settings: &Settings,
+    state: &SandboxState,
+    agents: &[u32],
+) -> Result<Measurement> {
+    progress("request telemetry: the destination agent's CPU per request, metrics on and off");
+    let tallied = state.pod("bench/server-l7")?;
+    let untallied = state.pod("bench/server-l7-untallied")?;
+    let agent = state
+        .nodes
+        .iter()
+        .position(|node| node.name == tallied.node)
+        .and_then(|index| agents.get(index).copied())
+        .with_context(|| format!("no agent on {}, server-l7's node", tallied.node))?;
+    let seconds = settings.seconds.to_string();
+    let alternated = Settings {
+        repetitions: settings.repetitions * 2,
+        seconds: settings.seconds,
+    };
+    let values = compare(
+        &alternated,
+        |ip| {
+            let before = cpu_seconds(agent)?;
+            let report = load(
+                "bench/client",
+                &format!("{ip}:8080"),
+                &["--connections", "4", "--seconds", &seconds],
+            )?;
+            let used = cpu_seconds(agent)? - before;
+            let requests = figure(&report, "requests")?;
+            if requests < 1.0 {
+                bail!("no request completed");
+            }
+            Ok(BTreeMap::from([("cpu-per-request", used / requests * 1e6)]))
+        },
+        &untallied.ip.to_string(),
+        &tallied.ip.to_string(),
+    )
+    .context("request-telemetry")?;
+    let mut results = Vec::new();
+    push_comparison(
+        &mut results,
+        "request-telemetry",
+        "destination-agent",
+        &[("cpu-per-request", "µs (metrics off → on)")],
+        values,
+    )?;
+    results.pop().context("request-telemetry: no measurement")
 }
 
 /// Nanoseconds per run of each kernel program, from the kernel's own statistics.
