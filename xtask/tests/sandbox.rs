@@ -819,6 +819,32 @@ fn agents_on_the_kubernetes_api_follow_pods_created_and_deleted_through_it() {
     let spread = backends(url, 6);
     assert_eq!(spread.values().sum::<usize>(), 6, "{spread:?}");
     assert!(!spread.contains_key("web-c"), "{spread:?}");
+
+    // Istio's MeshConfig, changed through the API (the sandbox created it from
+    // cluster.yaml): its access log file and JSON encoding reach the agents, and the next
+    // requests to web are logged at both ends.
+    let log = "/run/mesh-sandbox/access-kube.log";
+    let _ = std::fs::remove_file(log);
+    kubectl(
+        "apply",
+        "mesh-config-kube",
+        &format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\n\
+             data:\n  mesh: |\n    accessLogFile: {log}\n    accessLogEncoding: JSON\n"
+        ),
+    );
+    let logged_paths = || {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter_map(|line| line["path"].as_str().map(str::to_owned))
+            .collect::<Vec<_>>()
+    };
+    eventually("requests to web logged as the API's MeshConfig says", || {
+        let _ = try_backends(url, 1);
+        logged_paths().iter().any(|path| path == "/name")
+    });
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The Kubernetes API as a configuration source (`--config-source kube`): kube-rs
-//! watchers on Pods, Services, Namespaces, Nodes, ServiceAccounts and the custom kinds of
-//! [`CUSTOM_KINDS`](super::kinds::CUSTOM_KINDS). Each object is kept as the document the
+//! watchers on Pods, Services, Namespaces, Nodes, ServiceAccounts, the custom kinds of
+//! [`CUSTOM_KINDS`](super::kinds::CUSTOM_KINDS) and one ConfigMap, Istio's MeshConfig
+//! (`istio-system/istio`: no other ConfigMap is read or watched). Each object is kept as the document the
 //! directory source would have read from a file, so both sources go through the same
 //! loader, validation and model; [`Admission`] then judges the objects one by one, so an
 //! invalid object is skipped (its last good version kept) while the rest keeps serving.
@@ -28,8 +29,9 @@ use kube::{
 use super::{
     admission::Admission,
     kinds::{CustomKind, CUSTOM_KINDS},
+    mesh_config,
     source::ConfigSource,
-    ClusterConfig, ConfigError,
+    ClusterConfig, ConfigError, DEFAULT_ROOT_NAMESPACE,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -104,18 +106,57 @@ fn lock(watched: &Mutex<Watched>) -> MutexGuard<'_, Watched> {
     watched.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The watched kinds: Kubernetes' own that the mesh reads, then the custom ones.
-fn resources() -> Vec<ApiResource> {
-    use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
-    let mut resources = vec![
+/// What one watcher follows: every object of a kind, or one named object.
+#[derive(Debug, Clone)]
+struct Watch {
+    resource: ApiResource,
+    /// `(namespace, name)`: only that object, which is all the agent's RBAC grants.
+    only: Option<(&'static str, &'static str)>,
+}
+
+impl Watch {
+    fn all(resource: ApiResource) -> Watch {
+        Watch {
+            resource,
+            only: None,
+        }
+    }
+
+    fn api(&self, client: Client) -> Api<DynamicObject> {
+        match self.only {
+            Some((namespace, _)) => Api::namespaced_with(client, namespace, &self.resource),
+            None => Api::all_with(client, &self.resource),
+        }
+    }
+
+    fn config(&self) -> watcher::Config {
+        match self.only {
+            Some((_, name)) => watcher::Config::default().fields(&format!("metadata.name={name}")),
+            None => watcher::Config::default(),
+        }
+    }
+}
+
+/// The watches: Kubernetes' own kinds that the mesh reads, the custom ones, and the
+/// MeshConfig's ConfigMap.
+fn watches() -> Vec<Watch> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service, ServiceAccount};
+    let mut watches: Vec<Watch> = [
         ApiResource::erase::<Node>(&()),
         ApiResource::erase::<Namespace>(&()),
         ApiResource::erase::<ServiceAccount>(&()),
         ApiResource::erase::<Pod>(&()),
         ApiResource::erase::<Service>(&()),
-    ];
-    resources.extend(CUSTOM_KINDS.iter().map(custom_resource));
-    resources
+    ]
+    .into_iter()
+    .map(Watch::all)
+    .collect();
+    watches.extend(CUSTOM_KINDS.iter().map(custom_resource).map(Watch::all));
+    watches.push(Watch {
+        resource: ApiResource::erase::<ConfigMap>(&()),
+        only: Some((DEFAULT_ROOT_NAMESPACE, mesh_config::CONFIG_MAP)),
+    });
+    watches
 }
 
 fn custom_resource(kind: &CustomKind) -> ApiResource {
@@ -175,15 +216,15 @@ fn not_served(err: &watcher::Error) -> bool {
 }
 
 /// Keeps one kind's objects in line with the API server, for as long as the agent runs.
-async fn watch(client: Client, resource: ApiResource, index: usize, watched: Arc<Mutex<Watched>>) {
-    let api: Api<DynamicObject> = Api::all_with(client, &resource);
-    let mut events = watcher(api, watcher::Config::default())
+async fn watch(client: Client, watch: Watch, index: usize, watched: Arc<Mutex<Watched>>) {
+    let resource = &watch.resource;
+    let mut events = watcher(watch.api(client), watch.config())
         .default_backoff()
         .boxed();
     while let Some(event) = events.next().await {
         let changed = match event {
             Ok(event) => {
-                let event = document_event(&resource, event);
+                let event = document_event(resource, event);
                 lock(&watched).kinds[index].apply(event)
             }
             Err(err) if not_served(&err) => {
@@ -232,28 +273,23 @@ impl KubeSource {
         };
         let server = config.cluster_url.to_string();
         let client = Client::try_from(config)?;
-        let resources = resources();
+        let watches = watches();
         let watched = Arc::new(Mutex::new(Watched {
-            kinds: resources.iter().map(|_| KindObjects::default()).collect(),
+            kinds: watches.iter().map(|_| KindObjects::default()).collect(),
             revision: 0,
         }));
-        for (index, resource) in resources.iter().enumerate() {
-            tokio::spawn(watch(
-                client.clone(),
-                resource.clone(),
-                index,
-                watched.clone(),
-            ));
+        for (index, each) in watches.iter().enumerate() {
+            tokio::spawn(watch(client.clone(), each.clone(), index, watched.clone()));
         }
         let mut reported = Instant::now();
         loop {
             let waiting: Vec<&str> = {
                 let watched = lock(&watched);
-                resources
+                watches
                     .iter()
                     .zip(&watched.kinds)
                     .filter(|(_, kind)| !kind.listed)
-                    .map(|(resource, _)| resource.plural.as_str())
+                    .map(|(each, _)| each.resource.plural.as_str())
                     .collect()
             };
             if waiting.is_empty() {
@@ -354,15 +390,22 @@ mod tests {
         let mut granted = std::collections::BTreeSet::new();
         for rule in role["rules"].as_sequence().expect("rules") {
             assert_eq!(strings(&rule["verbs"]), ["list", "watch"]);
+            let names = match &rule["resourceNames"] {
+                serde_norway::Value::Null => None,
+                names => Some(strings(names)),
+            };
             for group in strings(&rule["apiGroups"]) {
                 for resource in strings(&rule["resources"]) {
-                    granted.insert((group.clone(), resource));
+                    granted.insert((group.clone(), resource, names.clone()));
                 }
             }
         }
-        let watched: std::collections::BTreeSet<(String, String)> = resources()
+        let watched: std::collections::BTreeSet<_> = watches()
             .into_iter()
-            .map(|r| (r.group, r.plural))
+            .map(|w| {
+                let names = w.only.map(|(_, name)| vec![name.to_owned()]);
+                (w.resource.group, w.resource.plural, names)
+            })
             .collect();
         assert_eq!(granted, watched);
 
