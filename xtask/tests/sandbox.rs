@@ -841,10 +841,13 @@ fn agents_on_the_kubernetes_api_follow_pods_created_and_deleted_through_it() {
             .filter_map(|line| line["path"].as_str().map(str::to_owned))
             .collect::<Vec<_>>()
     };
-    eventually("requests to web logged as the API's MeshConfig says", || {
-        let _ = try_backends(url, 1);
-        logged_paths().iter().any(|path| path == "/name")
-    });
+    eventually(
+        "requests to web logged as the API's MeshConfig says",
+        || {
+            let _ = try_backends(url, 1);
+            logged_paths().iter().any(|path| path == "/name")
+        },
+    );
 }
 
 #[test]
