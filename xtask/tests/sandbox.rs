@@ -3937,12 +3937,14 @@ fn request_metrics_are_reported_by_the_source_and_the_destination_agent() {
     }
 
     // A Telemetry that turns the server side off for the namespace: the destination
-    // agents stop counting, the source agent goes on.
+    // agents stop counting, the source agent goes on; and labels the TCP connections
+    // its clients open by the address they dialled.
     kubectl(
         "apply",
         "telemetry-demo",
         "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: no-server, namespace: demo}\n\
-         spec:\n  metrics:\n  - overrides:\n    - match: {mode: SERVER}\n      disabled: true\n",
+         spec:\n  metrics:\n  - overrides:\n    - match: {mode: SERVER}\n      disabled: true\n    \
+         - match: {metric: TCP_OPENED_CONNECTIONS, mode: CLIENT}\n      tagOverrides: {to: {value: destination.address}}\n",
     );
     let quiet = |node: &str| {
         on_node(node, &["curl", "-sf", "http://127.0.0.1:15000/config_dump"])
@@ -3961,6 +3963,23 @@ fn request_metrics_are_reported_by_the_source_and_the_destination_agent() {
         source("v1") + source("v2") == source_before + 40.0
     });
     assert_eq!(destination("node-b", "v2", "mutual_tls"), server_before);
+    // Each of the 40 connections client-a opened is counted under the address it
+    // dialled, the label the Telemetry computes per connection.
+    eventually_eq(
+        "client-a's connections to reviews, labelled by the dialled address",
+        40.0,
+        || {
+            total(
+                &metrics("node-a"),
+                "istio_tcp_connections_opened_total",
+                &[
+                    ("reporter", "source"),
+                    ("source_workload", "client-a"),
+                    ("to", "10.96.0.110:9080"),
+                ],
+            )
+        },
+    );
 }
 
 /// Tracing for the whole mesh, to the sandbox's Jaeger (MeshConfig's `jaeger` provider),

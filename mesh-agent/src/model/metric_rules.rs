@@ -1,7 +1,7 @@
-//! What Telemetry `metrics` entries say of one workload's request metrics in one
-//! direction: which of Istio's request metrics are reported, and how their labels change
-//! (`tagOverrides`: a standard label removed, or a label set to a CEL expression's value
-//! over the request's attributes).
+//! What Telemetry `metrics` entries say of one workload's metrics in one direction:
+//! which of Istio's standard metrics (request and TCP) are reported, and how their labels
+//! change (`tagOverrides`: a standard label removed, or a label set to a CEL expression's
+//! value over the request's or the connection's attributes).
 //!
 //! As in Istio, the entries of every Telemetry that applies to a workload are merged from
 //! the least specific to the most specific (root namespace, then the workload's namespace,
@@ -22,70 +22,81 @@ use crate::config::{
 /// configures it.
 pub const PROMETHEUS: &str = "prometheus";
 
-/// Istio's request metrics, as `overrides[].match.metric` names them.
+/// Istio's standard metrics, as `overrides[].match.metric` names them: the request
+/// metrics, then the TCP metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum RequestMetric {
+pub enum StandardMetric {
     RequestCount,
     RequestDuration,
     RequestSize,
     ResponseSize,
     GrpcRequestMessages,
     GrpcResponseMessages,
+    TcpOpenedConnections,
+    TcpClosedConnections,
+    TcpSentBytes,
+    TcpReceivedBytes,
 }
 
-impl RequestMetric {
-    pub const ALL: [RequestMetric; 6] = [
-        RequestMetric::RequestCount,
-        RequestMetric::RequestDuration,
-        RequestMetric::RequestSize,
-        RequestMetric::ResponseSize,
-        RequestMetric::GrpcRequestMessages,
-        RequestMetric::GrpcResponseMessages,
+impl StandardMetric {
+    pub const ALL: [StandardMetric; 10] = [
+        StandardMetric::RequestCount,
+        StandardMetric::RequestDuration,
+        StandardMetric::RequestSize,
+        StandardMetric::ResponseSize,
+        StandardMetric::GrpcRequestMessages,
+        StandardMetric::GrpcResponseMessages,
+        StandardMetric::TcpOpenedConnections,
+        StandardMetric::TcpClosedConnections,
+        StandardMetric::TcpSentBytes,
+        StandardMetric::TcpReceivedBytes,
     ];
 
-    fn bit(self) -> u8 {
-        1 << self as u8
+    fn bit(self) -> u16 {
+        1 << self as u16
     }
 }
 
-/// A set of request metrics.
+/// A set of standard metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct MetricSet(u8);
+pub struct MetricSet(u16);
 
 impl MetricSet {
-    const EVERY: MetricSet = MetricSet(0b11_1111);
+    const EVERY: MetricSet = MetricSet(0b11_1111_1111);
+    /// The request metrics: with all of them off, requests are not counted at all.
+    const REQUESTS: MetricSet = MetricSet(0b11_1111);
 
-    /// The request metrics an override's `match.metric` names (none for TCP metrics).
+    /// The metrics an override's `match.metric` names.
     fn of(metric: IstioMetric) -> MetricSet {
-        let one = |m: RequestMetric| MetricSet(m.bit());
+        let one = |m: StandardMetric| MetricSet(m.bit());
         match metric {
             IstioMetric::AllMetrics => MetricSet::EVERY,
-            IstioMetric::RequestCount => one(RequestMetric::RequestCount),
-            IstioMetric::RequestDuration => one(RequestMetric::RequestDuration),
-            IstioMetric::RequestSize => one(RequestMetric::RequestSize),
-            IstioMetric::ResponseSize => one(RequestMetric::ResponseSize),
-            IstioMetric::GrpcRequestMessages => one(RequestMetric::GrpcRequestMessages),
-            IstioMetric::GrpcResponseMessages => one(RequestMetric::GrpcResponseMessages),
-            IstioMetric::TcpOpenedConnections
-            | IstioMetric::TcpClosedConnections
-            | IstioMetric::TcpSentBytes
-            | IstioMetric::TcpReceivedBytes => MetricSet::default(),
+            IstioMetric::RequestCount => one(StandardMetric::RequestCount),
+            IstioMetric::RequestDuration => one(StandardMetric::RequestDuration),
+            IstioMetric::RequestSize => one(StandardMetric::RequestSize),
+            IstioMetric::ResponseSize => one(StandardMetric::ResponseSize),
+            IstioMetric::GrpcRequestMessages => one(StandardMetric::GrpcRequestMessages),
+            IstioMetric::GrpcResponseMessages => one(StandardMetric::GrpcResponseMessages),
+            IstioMetric::TcpOpenedConnections => one(StandardMetric::TcpOpenedConnections),
+            IstioMetric::TcpClosedConnections => one(StandardMetric::TcpClosedConnections),
+            IstioMetric::TcpSentBytes => one(StandardMetric::TcpSentBytes),
+            IstioMetric::TcpReceivedBytes => one(StandardMetric::TcpReceivedBytes),
         }
     }
 
-    pub fn contains(self, metric: RequestMetric) -> bool {
+    pub fn contains(self, metric: StandardMetric) -> bool {
         self.0 & metric.bit() != 0
     }
 
-    fn is_empty(self) -> bool {
-        self.0 == 0
+    fn contains_all(self, other: MetricSet) -> bool {
+        self.0 & other.0 == other.0
     }
 }
 
 impl Serialize for MetricSet {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(RequestMetric::ALL.iter().filter(|m| self.contains(**m)))
+        s.collect_seq(StandardMetric::ALL.iter().filter(|m| self.contains(**m)))
     }
 }
 
@@ -164,9 +175,9 @@ pub struct MetricRules {
 }
 
 impl MetricRules {
-    /// Whether every request metric is off: nothing is counted at all.
+    /// Whether every request metric is off: no request is counted at all.
     pub fn reports_nothing(&self) -> bool {
-        self.disabled == MetricSet::EVERY
+        self.disabled.contains_all(MetricSet::REQUESTS)
     }
 
     /// The labels of a series of `metric`: `standard`, changed as the rules say, with
@@ -174,7 +185,7 @@ impl MetricRules {
     /// is off.
     pub fn labels<'a>(
         &'a self,
-        metric: RequestMetric,
+        metric: StandardMetric,
         standard: &[(&'static str, &'a str)],
         values: &'a [String],
     ) -> Option<Vec<(&'a str, &'a str)>> {
@@ -222,9 +233,6 @@ impl MetricRules {
                         .and_then(|s| s.metric)
                         .unwrap_or(IstioMetric::AllMetrics),
                 );
-                if metrics.is_empty() {
-                    continue;
-                }
                 match over.disabled {
                     Some(true) => self.disabled.0 |= metrics.0,
                     Some(false) => self.disabled.0 &= !metrics.0,
@@ -265,6 +273,29 @@ impl MetricRules {
 /// Whether a `metrics` entry configures the Prometheus provider (naming none does).
 pub fn reports_to_prometheus(entry: &Metrics) -> bool {
     entry.providers.is_empty() || entry.providers.iter().any(|p| p.name == PROMETHEUS)
+}
+
+/// The attributes of a TCP connection as CEL sees them, for label values of the TCP
+/// metrics: `connection.mtls`, `source.address` and `destination.address`; any `request`
+/// or `response` attribute is missing, so an expression over them gives
+/// [`UNKNOWN_VALUE`].
+pub fn connection_attributes(
+    source: std::net::SocketAddrV4,
+    destination: std::net::SocketAddrV4,
+    mutual_tls: bool,
+) -> Context<'static> {
+    let address = |a: std::net::SocketAddrV4| Value::String(Arc::new(a.to_string()));
+    let mut context = Context::default();
+    context.add_variable_from_value(
+        "connection",
+        HashMap::from([("mtls", Value::Bool(mutual_tls))]),
+    );
+    context.add_variable_from_value("source", HashMap::from([("address", address(source))]));
+    context.add_variable_from_value(
+        "destination",
+        HashMap::from([("address", address(destination))]),
+    );
+    context
 }
 
 /// The attributes of a request as CEL sees them, for access log filters and label
@@ -408,17 +439,21 @@ mod tests {
             ),
             WorkloadMode::Server,
         );
-        assert_eq!(rules.disabled, MetricSet::default(), "turned back on");
+        assert_eq!(
+            rules.disabled,
+            MetricSet(StandardMetric::TcpSentBytes.bit()),
+            "the request metrics turned back on, a TCP metric off"
+        );
         assert!(!rules.reports_nothing());
         let standard = [("reporter", "destination"), ("request_protocol", "http")];
         let values = vec!["ada".to_owned(), "h".to_owned()];
         assert_eq!(
-            rules.labels(RequestMetric::RequestCount, &standard, &values),
+            rules.labels(StandardMetric::RequestCount, &standard, &values),
             Some(vec![("reporter", "destination"), ("request_protocol", "h")]),
             "the later Telemetry removes the earlier's label and changes a standard one"
         );
         assert_eq!(
-            rules.labels(RequestMetric::ResponseSize, &standard, &values),
+            rules.labels(StandardMetric::ResponseSize, &standard, &values),
             Some(vec![
                 ("reporter", "destination"),
                 ("request_protocol", "http"),
@@ -432,7 +467,7 @@ mod tests {
         );
         assert!(off.reports_nothing());
         assert_eq!(
-            off.labels(RequestMetric::RequestCount, &standard, &[]),
+            off.labels(StandardMetric::RequestCount, &standard, &[]),
             None
         );
     }

@@ -589,7 +589,8 @@ impl TelemetryConfig {
         } else {
             Reporting::Always
         };
-        let changed = rules != MetricRules::default() && reporting != Reporting::Never;
+        // Kept when no request is counted: the TCP metrics follow them too.
+        let changed = rules != MetricRules::default();
         (reporting, changed.then(|| Arc::new(rules)))
     }
 
@@ -780,7 +781,7 @@ fn scope_and_name(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::metric_rules::RequestMetric;
+    use crate::model::metric_rules::StandardMetric;
 
     const PODS: &str = "\
 apiVersion: v1
@@ -872,8 +873,8 @@ spec:
             "only the request count is off, the other request metrics go on"
         );
         let server = web.server_metrics.expect("the server side changed");
-        assert!(server.disabled.contains(RequestMetric::RequestCount));
-        assert!(!server.disabled.contains(RequestMetric::RequestDuration));
+        assert!(server.disabled.contains(StandardMetric::RequestCount));
+        assert!(!server.disabled.contains(StandardMetric::RequestDuration));
         assert_eq!(
             web.client_metrics, None,
             "the client side keeps the defaults"

@@ -181,7 +181,10 @@ impl Guard {
                     &mut parts,
                     body,
                     telemetry.server_logs.as_ref(),
-                    telemetry.server_metrics.as_ref(),
+                    telemetry
+                        .server_metrics
+                        .as_ref()
+                        .filter(|_| reporting.is_some()),
                     addresses,
                     site,
                 );

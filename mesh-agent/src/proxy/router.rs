@@ -83,7 +83,7 @@ where
     let tally = (telemetry.client != Reporting::Never)
         .then(|| Arc::new(proxy.guard.metrics.requests.connection()));
     let logs = telemetry.client_logs;
-    let labels = telemetry.client_metrics;
+    let labels = telemetry.client_metrics.filter(|_| tally.is_some());
     let tracing = telemetry.client_tracing;
     let drain = proxy.intake.connection_drain();
     let router = Arc::new(Router {

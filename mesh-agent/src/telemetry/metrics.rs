@@ -1,7 +1,7 @@
 //! Prometheus metrics of the node agent. TCP metrics carry Istio's standard names and
-//! labels; their counts come from the kernel: the sockops program's flow events (ring
-//! buffer) and its per-connection map, joined with what the proxy decided for the
-//! connection (which endpoint and Service it reached).
+//! labels (`telemetry::tcp_metrics`); their counts come from the kernel: the sockops
+//! program's flow events (ring buffer) and its per-connection map, joined with what the
+//! proxy decided for the connection (which endpoint and Service it reached).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -23,36 +23,23 @@ use tokio::io::unix::AsyncFd;
 
 use crate::{
     datapath::ip_from_key,
-    model::{outlier::EjectionReason, MeshState, SharedState, Workload},
+    model::{
+        metric_rules::connection_attributes, outlier::EjectionReason, MeshState, SharedState,
+        Workload,
+    },
     telemetry::{
         access_log::LogWriters,
         conns::ConnTable,
         process::ProcessCollector,
         request::RequestRecord,
-        request_metrics::{Departed, RequestMetrics},
+        request_metrics::{
+            Departed, LabelSettings, PeerLabels, Peers, Reporter, RequestMetrics, TagValues,
+        },
         spans::SpanExport,
+        tcp_metrics::{TcpKey, TcpMetrics},
         timing::Timing,
     },
 };
-
-/// Istio's TCP metric labels.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
-    pub reporter: String,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_service: String,
-    pub destination_service_name: String,
-    pub destination_service_namespace: String,
-    pub request_protocol: String,
-    pub connection_security_policy: String,
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabels {
@@ -124,7 +111,7 @@ const LABEL_WAIT: Duration = Duration::from_secs(2);
 
 struct LiveFlow {
     seen: Instant,
-    labels: Option<TcpLabels>,
+    labels: Option<Arc<TcpKey>>,
     sent: u64,
     received: u64,
 }
@@ -141,8 +128,6 @@ pub struct KernelMaps {
 
 struct Tracker {
     live: HashMap<FlowKey, LiveFlow>,
-    /// When each TCP series last moved, so that series of workloads that left expire.
-    touched: HashMap<TcpLabels, Instant>,
     flows: BpfHashMap<MapData, FlowKey, FlowStats>,
     verdicts: PerCpuArray<MapData, u64>,
     verdicts_reported: [u64; verdict::COUNT as usize],
@@ -150,10 +135,7 @@ struct Tracker {
 
 pub struct Metrics {
     registry: Registry,
-    opened: Family<TcpLabels, Counter>,
-    closed: Family<TcpLabels, Counter>,
-    sent: Family<TcpLabels, Counter>,
-    received: Family<TcpLabels, Counter>,
+    tcp: TcpMetrics,
     tc_packets: Family<VerdictLabels, Counter>,
     config_reloads: Family<ReloadLabels, Counter>,
     tunnel_refusals: Family<ReasonLabels, Counter>,
@@ -190,6 +172,8 @@ impl Metrics {
     pub fn new(state: SharedState, conns: Arc<ConnTable>, requests: RequestMetrics) -> Metrics {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(requests.clone()));
+        let tcp = TcpMetrics::default();
+        registry.register_collector(Box::new(tcp.clone()));
         let timing = Timing::default();
         registry.register_collector(Box::new(timing.clone()));
         registry.register_collector(Box::new(ProcessCollector));
@@ -220,10 +204,6 @@ impl Metrics {
             "Trace spans a collector did not take (unreachable or an error answer; not retried)",
             spans.failed.clone(),
         );
-        let opened = Family::<TcpLabels, Counter>::default();
-        let closed = Family::<TcpLabels, Counter>::default();
-        let sent = Family::<TcpLabels, Counter>::default();
-        let received = Family::<TcpLabels, Counter>::default();
         let tc_packets = Family::<VerdictLabels, Counter>::default();
         let config_reloads = Family::<ReloadLabels, Counter>::default();
         let tunnel_refusals = Family::<ReasonLabels, Counter>::default();
@@ -241,26 +221,6 @@ impl Metrics {
         let map_entries = Family::<MapLabels, Gauge>::default();
         let map_capacity = Family::<MapLabels, Gauge>::default();
         let map_refused = Family::<MapLabels, Gauge>::default();
-        registry.register(
-            "istio_tcp_connections_opened",
-            "Total number of TCP connections opened",
-            opened.clone(),
-        );
-        registry.register(
-            "istio_tcp_connections_closed",
-            "Total number of TCP connections closed",
-            closed.clone(),
-        );
-        registry.register(
-            "istio_tcp_sent_bytes",
-            "Bytes sent by the workload during TCP connections",
-            sent.clone(),
-        );
-        registry.register(
-            "istio_tcp_received_bytes",
-            "Bytes received by the workload during TCP connections",
-            received.clone(),
-        );
         registry.register(
             "mesh_tc_packets",
             "Packets seen by the tc programs on pod veths, by verdict (drops by reason)",
@@ -348,10 +308,7 @@ impl Metrics {
         );
         Metrics {
             registry,
-            opened,
-            closed,
-            sent,
-            received,
+            tcp,
             tc_packets,
             config_reloads,
             tunnel_refusals,
@@ -507,7 +464,6 @@ impl Metrics {
         } = maps;
         *self.lock() = Some(Tracker {
             live: HashMap::new(),
-            touched: HashMap::new(),
             flows,
             verdicts,
             verdicts_reported: [0; verdict::COUNT as usize],
@@ -574,18 +530,12 @@ impl Metrics {
         let Some(tracker) = guard.as_mut() else {
             return;
         };
-        let open: HashSet<&TcpLabels> = tracker
+        let open: HashSet<&TcpKey> = tracker
             .live
             .values()
-            .filter_map(|f| f.labels.as_ref())
+            .filter_map(|f| f.labels.as_deref())
             .collect();
-        let stale = stale_series(&tracker.touched, &open, &departed, expiry, now);
-        for labels in stale {
-            for family in [&self.opened, &self.closed, &self.sent, &self.received] {
-                family.remove(&labels);
-            }
-            tracker.touched.remove(&labels);
-        }
+        self.tcp.expire(&open, &departed, expiry, now);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Tracker>> {
@@ -622,7 +572,7 @@ impl Metrics {
                     if let Some(labels) =
                         self.settle(&state, &event.key, &event.stats, tracker, true)
                     {
-                        self.closed.get_or_create(&labels).inc();
+                        self.tcp.closed(&labels);
                     }
                     tracker.live.remove(&event.key);
                     self.conns.remove(&event.key);
@@ -640,40 +590,31 @@ impl Metrics {
         stats: &FlowStats,
         tracker: &mut Tracker,
         closing: bool,
-    ) -> Option<TcpLabels> {
+    ) -> Option<Arc<TcpKey>> {
         let flow = tracker.live.get_mut(key)?;
-        let mut moved = closing;
         if flow.labels.is_none() {
             let record = self.conns.get(key);
             let patient = !closing && flow.seen.elapsed() < LABEL_WAIT;
             if record.is_none() && patient {
                 return None;
             }
-            let labels = labels_for(state, key, stats, record.as_ref(), &self.trust_domain)?;
-            self.opened.get_or_create(&labels).inc();
+            let labels = Arc::new(tcp_key(
+                state,
+                key,
+                stats,
+                record.as_ref(),
+                &self.requests.settings,
+            )?);
+            self.tcp.opened(&labels);
             flow.labels = Some(labels);
-            moved = true;
         }
         let labels = flow.labels.clone()?;
-        if moved || stats.bytes_sent > flow.sent || stats.bytes_received > flow.received {
-            match tracker.touched.get_mut(&labels) {
-                Some(at) => *at = Instant::now(),
-                None => {
-                    tracker.touched.insert(labels.clone(), Instant::now());
-                }
-            }
-        }
-        if stats.bytes_sent > flow.sent {
-            self.sent
-                .get_or_create(&labels)
-                .inc_by(stats.bytes_sent - flow.sent);
-            flow.sent = stats.bytes_sent;
-        }
-        if stats.bytes_received > flow.received {
-            self.received
-                .get_or_create(&labels)
-                .inc_by(stats.bytes_received - flow.received);
-            flow.received = stats.bytes_received;
+        let sent = stats.bytes_sent.saturating_sub(flow.sent);
+        let received = stats.bytes_received.saturating_sub(flow.received);
+        if sent > 0 || received > 0 {
+            self.tcp.moved(&labels, sent, received);
+            flow.sent = flow.sent.max(stats.bytes_sent);
+            flow.received = flow.received.max(stats.bytes_received);
         }
         Some(labels)
     }
@@ -719,30 +660,6 @@ impl Metrics {
     }
 }
 
-/// The TCP series to forget: idle for `expiry`, no flow open under them, and naming a
-/// workload that left.
-fn stale_series(
-    touched: &HashMap<TcpLabels, Instant>,
-    open: &HashSet<&TcpLabels>,
-    departed: &Departed<'_>,
-    expiry: Duration,
-    now: Instant,
-) -> Vec<TcpLabels> {
-    touched
-        .iter()
-        .filter(|(labels, at)| {
-            let gone = departed
-                .contains(&labels.source_workload_namespace, &labels.source_workload)
-                || departed.contains(
-                    &labels.destination_workload_namespace,
-                    &labels.destination_workload,
-                );
-            now.saturating_duration_since(**at) >= expiry && !open.contains(labels) && gone
-        })
-        .map(|(labels, _)| labels.clone())
-        .collect()
-}
-
 /// prometheus-client writes OpenMetrics, where a counter family `x` has samples `x_total`.
 /// Prometheus' classic text format (what `promtool check metrics` and every scraper
 /// accept) names the family after its samples and has no `# EOF` or `# UNIT` lines.
@@ -777,51 +694,24 @@ fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
     out
 }
 
-const UNKNOWN: &str = "unknown";
-
-struct Side {
-    workload: String,
-    namespace: String,
-    app: String,
-    principal: String,
-}
-
-impl Side {
-    fn of(workload: Option<&Workload>, trust_domain: &str) -> Side {
-        match workload {
-            Some(w) => Side {
-                workload: w.workload.clone(),
-                namespace: w.namespace.clone(),
-                app: w.app.clone().unwrap_or_else(|| UNKNOWN.into()),
-                principal: format!(
-                    "spiffe://{trust_domain}/ns/{}/sa/{}",
-                    w.namespace, w.service_account
-                ),
-            },
-            None => Side {
-                workload: UNKNOWN.into(),
-                namespace: UNKNOWN.into(),
-                app: UNKNOWN.into(),
-                principal: UNKNOWN.into(),
-            },
-        }
-    }
-}
-
 /// Istio's labels for a pod connection, seen from the pod at the key's local end:
-/// `reporter="source"` for the client's socket, `"destination"` for the server's.
-fn labels_for(
+/// `reporter="source"` for the client's socket, `"destination"` for the server's; under
+/// that pod's Telemetry rules for the direction, their label expressions evaluated over
+/// the connection.
+fn tcp_key(
     state: &MeshState,
     key: &FlowKey,
     stats: &FlowStats,
     record: Option<&crate::telemetry::conns::ConnRecord>,
-    trust_domain: &str,
-) -> Option<TcpLabels> {
+    settings: &LabelSettings,
+) -> Option<TcpKey> {
     let local = state.workloads.get(&ip_from_key(key.local_ip))?;
     let remote_ip = ip_from_key(key.remote_ip);
     let remote_addr = std::net::SocketAddrV4::new(remote_ip, key.remote_port);
     let local_addr = std::net::SocketAddrV4::new(ip_from_key(key.local_ip), key.local_port);
-    let (reporter, source, destination, service) = if stats.role == FLOW_ROLE_CLIENT {
+    let telemetry = &state.security_of(local.ip).telemetry;
+    let client = stats.role == FLOW_ROLE_CLIENT;
+    let (reporter, source, destination, service, rules, addresses) = if client {
         let destination = match record {
             Some(record) => record.destination.clone(),
             None => state.workloads.get(&remote_ip).cloned(),
@@ -830,42 +720,48 @@ fn labels_for(
             .and_then(|r| r.service.clone())
             .or_else(|| state.services.get(&remote_addr).map(|s| s.hostname.clone()))
             .or_else(|| state.service_of(remote_addr));
-        ("source", Some(local.clone()), destination, service)
+        (
+            Reporter::Source,
+            Some(local.clone()),
+            destination,
+            service,
+            telemetry.client_metrics.as_ref(),
+            (local_addr, remote_addr),
+        )
     } else {
         let service = record
             .and_then(|r| r.service.clone())
             .or_else(|| state.service_of(local_addr));
-        let source = state.workloads.get(&remote_ip).cloned();
-        ("destination", source, Some(local.clone()), service)
+        (
+            Reporter::Destination,
+            state.workloads.get(&remote_ip).cloned(),
+            Some(local.clone()),
+            service,
+            telemetry.server_metrics.as_ref(),
+            (remote_addr, local_addr),
+        )
     };
-    let (src, dst) = (
-        Side::of(source.as_deref(), trust_domain),
-        Side::of(destination.as_deref(), trust_domain),
-    );
     let mutual_tls = record.is_some_and(|r| r.mutual_tls);
-    // The Service's own name and namespace: for a ServiceEntry the host and the
-    // entry's namespace, which its host name need not contain.
-    let (service_name, service_namespace) =
-        match service.as_deref().and_then(|h| state.service_by_host(h)) {
-            Some(found) => (found.name.clone(), found.namespace.clone()),
-            None => (UNKNOWN.into(), UNKNOWN.into()),
-        };
-    Some(TcpLabels {
-        reporter: reporter.into(),
-        source_workload: src.workload,
-        source_workload_namespace: src.namespace,
-        source_principal: src.principal,
-        source_app: src.app,
-        destination_workload: dst.workload,
-        destination_workload_namespace: dst.namespace,
-        destination_principal: dst.principal,
-        destination_app: dst.app,
-        destination_service: service.unwrap_or_else(|| UNKNOWN.into()),
-        destination_service_name: service_name,
-        destination_service_namespace: service_namespace,
-        request_protocol: "tcp".into(),
-        connection_security_policy: if mutual_tls { "mutual_tls" } else { "none" }.into(),
-    })
+    let peers = PeerLabels::new(
+        state,
+        &Peers {
+            reporter,
+            source: source.as_deref(),
+            source_principal: None,
+            destination: destination.as_deref(),
+            service: service.as_deref(),
+            mutual_tls,
+            rules,
+        },
+        settings,
+    );
+    let tags = match rules {
+        Some(rules) if !rules.values.is_empty() => rules
+            .evaluate(&connection_attributes(addresses.0, addresses.1, mutual_tls))
+            .into_boxed_slice(),
+        _ => TagValues::default(),
+    };
+    Some(TcpKey { peers, tags })
 }
 
 #[cfg(test)]
@@ -932,54 +828,170 @@ spec:
             role: FLOW_ROLE_CLIENT,
             ..FlowStats::default()
         };
-        let labels = labels_for(&state, &key, &stats, None, "cluster.local").expect("labels");
-        assert_eq!(labels.destination_service, "db.internal");
-        assert_eq!(labels.destination_service_name, "db.internal");
-        assert_eq!(labels.destination_service_namespace, "payments");
-        assert_eq!(labels.source_workload, "client");
-        assert_eq!(labels.reporter, "source");
+        let found = tcp_key(&state, &key, &stats, None, &settings()).expect("labels");
+        let labels: HashMap<&str, &str> = found.peers.tcp_label_pairs().into_iter().collect();
+        assert_eq!(labels["destination_service"], "db.internal");
+        assert_eq!(labels["destination_service_name"], "db.internal");
+        assert_eq!(labels["destination_service_namespace"], "payments");
+        assert_eq!(labels["source_workload"], "client");
+        assert_eq!(labels["reporter"], "source");
+        assert_eq!(labels["request_protocol"], "tcp");
+        assert!(!labels.contains_key("response_code"));
+    }
+
+    fn settings() -> LabelSettings {
+        LabelSettings {
+            trust_domain: "cluster.local".into(),
+            cluster: "east".into(),
+        }
+    }
+
+    fn pod(name: &str, ip: &str, labels: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{{labels}}}}}\n\
+             spec: {{nodeName: node-1, serviceAccountName: {name}}}\nstatus: {{podIP: {ip}}}\n---\n"
+        )
+    }
+
+    fn flow(client: &str, server: &str) -> FlowKey {
+        FlowKey {
+            local_ip: crate::datapath::ip_key(client.parse().expect("ip")),
+            remote_ip: crate::datapath::ip_key(server.parse().expect("ip")),
+            local_port: 40000,
+            remote_port: 5432,
+        }
+    }
+
+    fn client_stats(sent: u64, received: u64) -> FlowStats {
+        FlowStats {
+            role: FLOW_ROLE_CLIENT,
+            bytes_sent: sent,
+            bytes_received: received,
+            ..FlowStats::default()
+        }
+    }
+
+    fn encoded(tcp: &TcpMetrics) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(tcp.clone()));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        text
+    }
+
+    #[test]
+    fn tcp_series_carry_istios_standard_labels_and_follow_the_telemetry_rules() {
+        let cluster = pod("client", "10.244.1.10", "app: client, version: v1")
+            + &pod("db", "10.244.1.20", "app: db, version: v7")
+            + "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: tcp, namespace: shop}\n\
+               spec:\n  metrics:\n  - overrides:\n    - match: {metric: TCP_SENT_BYTES, mode: CLIENT}\n      \
+               disabled: true\n    - match: {metric: TCP_OPENED_CONNECTIONS}\n      tagOverrides:\n        \
+               source_principal: {operation: REMOVE}\n        to: {value: destination.address}\n        \
+               secure: {value: 'connection.mtls'}\n        method: {value: request.method}\n";
+        let state = MeshState::build(
+            "node-1",
+            &crate::config::load_str(std::path::Path::new("c.yaml"), &cluster),
+        );
+        let tcp = TcpMetrics::default();
+        let key = Arc::new(
+            tcp_key(
+                &state,
+                &flow("10.244.1.10", "10.244.1.20"),
+                &client_stats(0, 0),
+                None,
+                &settings(),
+            )
+            .expect("labels"),
+        );
+        tcp.opened(&key);
+        tcp.moved(&key, 100, 40);
+        tcp.closed(&key);
+        let text = encoded(&tcp);
+        let standard = "reporter=\"source\",source_workload=\"client\",source_canonical_service=\"client\",\
+            source_canonical_revision=\"v1\",source_workload_namespace=\"shop\",\
+            source_principal=\"spiffe://cluster.local/ns/shop/sa/client\",source_app=\"client\",\
+            source_version=\"v1\",source_cluster=\"east\",destination_workload=\"db\",\
+            destination_workload_namespace=\"shop\",destination_principal=\"spiffe://cluster.local/ns/shop/sa/db\",\
+            destination_app=\"db\",destination_version=\"v7\",destination_service=\"unknown\",\
+            destination_canonical_service=\"db\",destination_canonical_revision=\"v7\",\
+            destination_service_name=\"unknown\",destination_service_namespace=\"unknown\",\
+            destination_cluster=\"east\",request_protocol=\"tcp\",response_flags=\"-\",\
+            connection_security_policy=\"none\"";
+        assert!(
+            text.contains(&format!(
+                "istio_tcp_received_bytes_total{{{standard}}} 40\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "istio_tcp_connections_closed_total{{{standard}}} 1\n"
+            )),
+            "{text}"
+        );
+        // Turned off for the client side.
+        assert!(!text.contains("istio_tcp_sent_bytes_total{"), "{text}");
+        // The opened count: source_principal removed, labels from the connection, and a
+        // request attribute a connection does not have is unknown.
+        let opened = standard.replace(
+            "source_principal=\"spiffe://cluster.local/ns/shop/sa/client\",",
+            "",
+        ) + ",method=\"unknown\",secure=\"false\",to=\"10.244.1.20:5432\"";
+        assert!(
+            text.contains(&format!(
+                "istio_tcp_connections_opened_total{{{opened}}} 1\n"
+            )),
+            "{text}"
+        );
     }
 
     #[test]
     fn tcp_series_of_a_workload_that_left_expire_once_idle_and_closed() {
-        let config = crate::config::load_str(
-            std::path::Path::new("c.yaml"),
-            "apiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: shop}\n\
-             spec: {nodeName: node-1, serviceAccountName: client}\nstatus: {podIP: 10.244.1.10}\n",
-        );
-        let state = MeshState::build("node-1", &config);
-        let labels = |destination: &str| TcpLabels {
-            reporter: "source".into(),
-            source_workload: "client".into(),
-            source_workload_namespace: "shop".into(),
-            source_principal: "spiffe://cluster.local/ns/shop/sa/client".into(),
-            source_app: UNKNOWN.into(),
-            destination_workload: destination.into(),
-            destination_workload_namespace: "shop".into(),
-            destination_principal: UNKNOWN.into(),
-            destination_app: UNKNOWN.into(),
-            destination_service: UNKNOWN.into(),
-            destination_service_name: UNKNOWN.into(),
-            destination_service_namespace: UNKNOWN.into(),
-            request_protocol: "tcp".into(),
-            connection_security_policy: "none".into(),
+        let here = pod("client", "10.244.1.10", "app: client");
+        let cluster = here.clone()
+            + &pod("job-1", "10.244.1.21", "app: job")
+            + &pod("job-2", "10.244.1.22", "app: job");
+        let load = |yaml: &str| {
+            MeshState::build(
+                "node-1",
+                &crate::config::load_str(std::path::Path::new("c.yaml"), yaml),
+            )
         };
-        let (gone, busy, here) = (labels("job-1"), labels("job-2"), labels("client"));
-        let then = Instant::now();
-        let touched = HashMap::from([
-            (gone.clone(), then),
-            (busy.clone(), then),
-            (here.clone(), then),
-        ]);
-        let open = HashSet::from([&busy]);
-        let departed = Departed::of(&state);
+        let (before, after) = (load(&cluster), load(&here));
+        let tcp = TcpMetrics::default();
+        let key = |server: &str| {
+            Arc::new(
+                tcp_key(
+                    &before,
+                    &flow("10.244.1.10", server),
+                    &client_stats(0, 0),
+                    None,
+                    &settings(),
+                )
+                .expect("labels"),
+            )
+        };
+        let (gone, busy) = (key("10.244.1.21"), key("10.244.1.22"));
+        tcp.opened(&gone);
+        tcp.opened(&busy);
+        let open = HashSet::from([busy.as_ref()]);
+        let departed = Departed::of(&after);
         let expiry = Duration::from_secs(60);
-        assert!(stale_series(&touched, &open, &departed, expiry, then).is_empty());
-        let later = then + Duration::from_secs(61);
-        assert_eq!(
-            stale_series(&touched, &open, &departed, expiry, later),
-            [gone]
+        let now = Instant::now();
+        tcp.expire(&open, &departed, expiry, now);
+        assert!(encoded(&tcp).contains("destination_workload=\"job-1\""));
+        tcp.expire(&open, &departed, expiry, now + Duration::from_secs(61));
+        let text = encoded(&tcp);
+        assert!(!text.contains("destination_workload=\"job-1\""), "{text}");
+        assert!(text.contains("destination_workload=\"job-2\""), "{text}");
+        // A workload still in the mesh keeps its series however idle.
+        tcp.expire(
+            &HashSet::new(),
+            &Departed::of(&before),
+            expiry,
+            now + Duration::from_secs(61),
         );
+        assert!(encoded(&tcp).contains("destination_workload=\"job-2\""));
     }
 
     #[test]

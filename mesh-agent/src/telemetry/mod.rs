@@ -10,5 +10,6 @@ pub mod request;
 pub mod request_metrics;
 pub mod result;
 pub mod spans;
+pub mod tcp_metrics;
 pub mod timing;
 pub mod trace_context;

@@ -28,7 +28,7 @@ use prometheus_client::{
 
 use crate::{
     model::{
-        metric_rules::{MetricRules, RequestMetric},
+        metric_rules::{MetricRules, StandardMetric},
         telemetry::canonical_names,
         MeshState, Workload,
     },
@@ -154,6 +154,21 @@ impl PeerLabels {
     /// The reporting workload's Telemetry rules, if they change anything.
     pub fn rules(&self) -> Option<&Arc<MetricRules>> {
         self.rules.as_ref()
+    }
+
+    /// Whether either side is a workload that has left the mesh.
+    pub fn names_departed(&self, departed: &Departed<'_>) -> bool {
+        let gone = |side: &SideLabels| departed.contains(&side.namespace, &side.workload);
+        gone(&self.source) || gone(&self.destination)
+    }
+
+    /// The standard labels of a TCP series, in Istio's order: those of a request
+    /// without `response_code` and `grpc_response_status`, `request_protocol="tcp"`.
+    pub fn tcp_label_pairs(&self) -> Vec<(&'static str, &str)> {
+        label_pairs(self, "tcp", "", "", "-")
+            .into_iter()
+            .filter(|(name, _)| !matches!(*name, "response_code" | "grpc_response_status"))
+            .collect()
     }
 
     pub fn new(state: &MeshState, peers: &Peers<'_>, settings: &LabelSettings) -> PeerLabels {
@@ -401,10 +416,9 @@ impl RequestMetrics {
     /// for the expiry time. Series of open connections stay until those close.
     pub fn expire(&self, state: &MeshState, now: Instant) {
         let departed = Departed::of(state);
-        let gone = |side: &SideLabels| departed.contains(&side.namespace, &side.workload);
         self.lock().closed.retain(|(peers, _, _), series| {
             let idle = now.saturating_duration_since(series.updated) >= self.expiry;
-            !(idle && (gone(&peers.source) || gone(&peers.destination)))
+            !(idle && peers.names_departed(&departed))
         });
     }
 
@@ -491,7 +505,7 @@ impl Drop for ConnectionTally {
 /// The labels of one series, in Istio's order.
 fn label_pairs<'a>(
     peers: &'a PeerLabels,
-    outcome: &RequestEnd,
+    protocol: &'a str,
     code: &'a str,
     grpc: &'a str,
     flags: &'a str,
@@ -521,10 +535,7 @@ fn label_pairs<'a>(
             &peers.destination_service_namespace,
         ),
         ("destination_cluster", &d.cluster),
-        (
-            "request_protocol",
-            if outcome.grpc { "grpc" } else { "http" },
-        ),
+        ("request_protocol", protocol),
         ("response_code", code),
         ("grpc_response_status", grpc),
         ("response_flags", flags),
@@ -541,7 +552,7 @@ fn label_pairs<'a>(
 
 /// A histogram family: the metric, its name, its help and where a series keeps it.
 type HistogramFamily = (
-    RequestMetric,
+    StandardMetric,
     &'static str,
     &'static str,
     fn(&Series) -> &Histogram,
@@ -549,7 +560,7 @@ type HistogramFamily = (
 
 /// A counter family of gRPC streams: the metric, its name, its help and its count.
 type MessageFamily = (
-    RequestMetric,
+    StandardMetric,
     &'static str,
     &'static str,
     fn(&Series) -> u64,
@@ -575,18 +586,19 @@ impl Collector for RequestMetrics {
             .iter()
             .zip(&texts)
             .map(|(((peers, outcome, _), _), (code, grpc, flags))| {
-                label_pairs(peers, outcome, code, grpc, flags)
+                let protocol = if outcome.grpc { "grpc" } else { "http" };
+                label_pairs(peers, protocol, code, grpc, flags)
             })
             .collect();
         // The series of one metric by their labels, as Telemetry rules change them: a
         // metric they turn off has none, and series told apart only by a label removed
         // from this metric (or by a value only another metric carries) add up.
-        let family = |metric: RequestMetric| -> Vec<(Vec<(&str, &str)>, Series)> {
+        let family = |metric: StandardMetric| -> Vec<(Vec<(&str, &str)>, Series)> {
             let mut merged: HashMap<Vec<(&str, &str)>, Series> = HashMap::new();
             for (i, ((peers, outcome, tags), figures)) in series.iter().enumerate() {
                 let grpc_only = matches!(
                     metric,
-                    RequestMetric::GrpcRequestMessages | RequestMetric::GrpcResponseMessages
+                    StandardMetric::GrpcRequestMessages | StandardMetric::GrpcResponseMessages
                 );
                 if grpc_only && !outcome.grpc {
                     continue;
@@ -613,24 +625,24 @@ impl Collector for RequestMetrics {
             None,
             MetricType::Counter,
         )?;
-        for (labels, figures) in family(RequestMetric::RequestCount) {
+        for (labels, figures) in family(StandardMetric::RequestCount) {
             ConstCounter::new(figures.duration.count()).encode(requests.encode_family(&labels)?)?;
         }
         let histograms: [HistogramFamily; 3] = [
             (
-                RequestMetric::RequestDuration,
+                StandardMetric::RequestDuration,
                 "istio_request_duration_milliseconds",
                 "Time from the request's first byte to the response's last, in milliseconds",
                 |s| &s.duration,
             ),
             (
-                RequestMetric::RequestSize,
+                StandardMetric::RequestSize,
                 "istio_request_bytes",
                 "Request sizes (head and body), in bytes",
                 |s| &s.request_bytes,
             ),
             (
-                RequestMetric::ResponseSize,
+                StandardMetric::ResponseSize,
                 "istio_response_bytes",
                 "Response sizes (head and body), in bytes",
                 |s| &s.response_bytes,
@@ -652,13 +664,13 @@ impl Collector for RequestMetrics {
         }
         let messages: [MessageFamily; 2] = [
             (
-                RequestMetric::GrpcRequestMessages,
+                StandardMetric::GrpcRequestMessages,
                 "istio_request_messages",
                 "gRPC messages the clients sent, by Istio's standard labels",
                 |s| s.request_messages,
             ),
             (
-                RequestMetric::GrpcResponseMessages,
+                StandardMetric::GrpcResponseMessages,
                 "istio_response_messages",
                 "gRPC messages the servers sent, by Istio's standard labels",
                 |s| s.response_messages,
