@@ -6,6 +6,48 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use cel_interpreter::{Context, ExecutionError, Program, Value};
+use serde::Serialize;
+
+/// A compiled expression, compared, hashed and shown by its text (a compiled program
+/// has no equality of its own): two rules with the same expression are the same rule.
+#[derive(Serialize)]
+pub struct Expression {
+    pub expression: String,
+    #[serde(skip)]
+    program: Program,
+}
+
+impl Expression {
+    pub fn compile(expression: &str) -> Result<Expression, String> {
+        Ok(Expression {
+            expression: expression.to_owned(),
+            program: compile(expression)?,
+        })
+    }
+
+    pub fn execute(&self, context: &Context) -> Result<Value, ExecutionError> {
+        execute(&self.program, context)
+    }
+}
+
+impl std::fmt::Debug for Expression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Expression").field(&self.expression).finish()
+    }
+}
+
+impl PartialEq for Expression {
+    fn eq(&self, other: &Self) -> bool {
+        self.expression == other.expression
+    }
+}
+impl Eq for Expression {}
+
+impl std::hash::Hash for Expression {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.expression.hash(state);
+    }
+}
 
 /// Compiles `expression`, or says why it is not CEL.
 pub fn compile(expression: &str) -> Result<Program, String> {

@@ -10,7 +10,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use cel_interpreter::{Context, Program, Value};
+use cel_interpreter::{Context, Value};
 use serde::Serialize;
 
 use crate::config::{
@@ -110,31 +110,9 @@ pub struct TagChange {
 }
 
 /// A label's value: a CEL expression over the request's attributes.
-#[derive(Serialize)]
-pub struct TagValue {
-    pub expression: String,
-    #[serde(skip)]
-    program: Program,
-}
-
-impl std::fmt::Debug for TagValue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("TagValue").field(&self.expression).finish()
-    }
-}
-
-impl PartialEq for TagValue {
-    fn eq(&self, other: &Self) -> bool {
-        self.expression == other.expression
-    }
-}
-impl Eq for TagValue {}
-
-impl std::hash::Hash for TagValue {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.expression.hash(state);
-    }
-}
+#[derive(Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct TagValue(cel::Expression);
 
 /// The label value of an expression that cannot be evaluated for a request (a header it
 /// lacks), as Istio writes it.
@@ -142,17 +120,17 @@ pub const UNKNOWN_VALUE: &str = "unknown";
 
 impl TagValue {
     pub fn compile(expression: &str) -> Result<TagValue, String> {
-        let program = cel::compile(expression)?;
-        Ok(TagValue {
-            expression: expression.to_owned(),
-            program,
-        })
+        cel::Expression::compile(expression).map(TagValue)
+    }
+
+    pub fn expression(&self) -> &str {
+        &self.0.expression
     }
 
     /// The label value for a request whose attributes are `context`: strings as they
     /// are, numbers and booleans written out, anything else [`UNKNOWN_VALUE`].
     pub fn evaluate(&self, context: &Context) -> String {
-        match cel::execute(&self.program, context) {
+        match self.0.execute(context) {
             Ok(Value::String(text)) => text.as_str().to_owned(),
             Ok(Value::Int(n)) => n.to_string(),
             Ok(Value::UInt(n)) => n.to_string(),
@@ -301,7 +279,7 @@ pub fn connection_attributes(
 /// The attributes of a request as CEL sees them, for access log filters and label
 /// values: `request.*`, `response.*`, `connection.mtls`, `source.address`,
 /// `destination.address`, `upstream.address`.
-pub fn attributes(
+pub fn request_attributes(
     entry: &crate::model::access_log::LogEntry,
     mutual_tls: bool,
 ) -> Context<'static> {
@@ -394,7 +372,7 @@ mod tests {
 
     #[test]
     fn label_values_are_cel_over_the_request_and_unknown_when_missing() {
-        let context = attributes(&entry(), true);
+        let context = request_attributes(&entry(), true);
         let value = |expression: &str| {
             TagValue::compile(expression)
                 .expect("compiles")

@@ -26,7 +26,7 @@ use crate::{
     },
     model::{
         access_log::{LogEntry, LogFormat},
-        metric_rules::{attributes, reports_to_prometheus, MetricRules},
+        metric_rules::{reports_to_prometheus, request_attributes, MetricRules},
         scope::{scope_of, Scope},
         Workload,
     },
@@ -231,16 +231,18 @@ pub struct AccessLogs {
 
 impl AccessLogs {
     /// The lines `entry` makes, with where each goes: one per provider, none when the
-    /// filter drops it.
+    /// filter drops it. `attributes`: the request's CEL attributes if the caller built
+    /// them already (else they are built here, only when there is a filter).
     pub fn lines<'a>(
         &'a self,
         entry: &'a LogEntry,
         mutual_tls: bool,
+        attributes: Option<&cel_interpreter::Context>,
     ) -> impl Iterator<Item = (&'a std::path::Path, String)> + 'a {
-        let kept = self
-            .filter
-            .as_ref()
-            .is_none_or(|f| f.keeps(entry, mutual_tls));
+        let kept = self.filter.as_ref().is_none_or(|f| match attributes {
+            Some(context) => f.keeps(context),
+            None => f.keeps(&request_attributes(entry, mutual_tls)),
+        });
         self.sinks
             .iter()
             .filter(move |_| kept)
@@ -261,42 +263,22 @@ pub struct LogSink {
 /// (`request.method`, `request.path`, `request.host`, `request.headers`,
 /// `request.protocol`, `response.code`, `response.flags`, `response.grpc_status`,
 /// `connection.mtls`, `source.address`, `destination.address`, `upstream.address`).
-#[derive(Serialize)]
-pub struct LogFilter {
-    pub expression: String,
-    #[serde(skip)]
-    program: cel_interpreter::Program,
-}
-
-impl std::fmt::Debug for LogFilter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("LogFilter").field(&self.expression).finish()
-    }
-}
-
-impl PartialEq for LogFilter {
-    fn eq(&self, other: &Self) -> bool {
-        self.expression == other.expression
-    }
-}
-impl Eq for LogFilter {}
+#[derive(Debug, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct LogFilter(cel::Expression);
 
 impl LogFilter {
     pub fn compile(expression: &str) -> Result<LogFilter, String> {
-        let program = cel::compile(expression)?;
-        Ok(LogFilter {
-            expression: expression.to_owned(),
-            program,
-        })
+        cel::Expression::compile(expression).map(LogFilter)
     }
 
-    /// Whether `entry` is logged: the expression is true. An expression that cannot be
-    /// evaluated for it (a missing header, a type mismatch) keeps the line, as a log
-    /// that loses lines silently is worse than one with a line too many.
-    pub fn keeps(&self, entry: &LogEntry, mutual_tls: bool) -> bool {
-        let context = attributes(entry, mutual_tls);
+    /// Whether the request whose attributes are `context` is logged: the expression is
+    /// true. An expression that cannot be evaluated for it (a missing header, a type
+    /// mismatch) keeps the line, as a log that loses lines silently is worse than one
+    /// with a line too many.
+    pub fn keeps(&self, context: &cel_interpreter::Context) -> bool {
         !matches!(
-            cel::execute(&self.program, &context),
+            self.0.execute(context),
             Ok(cel_interpreter::Value::Bool(false))
         )
     }

@@ -26,7 +26,7 @@ use crate::{
     model::{
         access_log::LogEntry,
         lb::random,
-        metric_rules::{attributes, MetricRules},
+        metric_rules::{request_attributes, MetricRules},
         telemetry::{AccessLogs, Collector, Tracing},
     },
     proxy::metered::{
@@ -141,6 +141,11 @@ impl Observed {
         (observed, body)
     }
 
+    /// Whether the request is a gRPC call (its `content-type`).
+    pub fn grpc(&self) -> bool {
+        self.grpc
+    }
+
     /// The response head is back: how the request was handled, and where it is counted
     /// (`None`: it is not).
     pub fn respond<B>(
@@ -195,6 +200,21 @@ impl Observed {
                 let finished = span.finish(code, self.flags, &measures, metrics.mesh_id());
                 metrics.spans.submit(finished);
             }
+            if let Some(captured) = &mut self.captured {
+                captured.complete(end, body_bytes, took);
+            }
+            // Built once, for the label expressions (and the log filter, which builds
+            // them itself when no expression needs them).
+            let labelled = self
+                .counting
+                .as_ref()
+                .and_then(|counting| counting.peers.rules())
+                .is_some_and(|rules| !rules.values.is_empty());
+            let context = self
+                .captured
+                .as_ref()
+                .filter(|_| labelled)
+                .map(|captured| request_attributes(&captured.entry, captured.mutual_tls));
             if let Some(counting) = &self.counting {
                 let outcome = RequestEnd {
                     grpc: self.grpc,
@@ -202,11 +222,8 @@ impl Observed {
                     grpc_status: end.grpc_status,
                     flags: self.flags,
                 };
-                let tags = match (counting.peers.rules(), &mut self.captured) {
-                    (Some(rules), Some(captured)) if !rules.values.is_empty() => {
-                        captured.complete(end, body_bytes, took);
-                        rules.evaluate(&attributes(&captured.entry, captured.mutual_tls))
-                    }
+                let tags = match (counting.peers.rules(), &context) {
+                    (Some(rules), Some(context)) => rules.evaluate(context),
                     _ => Vec::new(),
                 };
                 counting
@@ -214,7 +231,7 @@ impl Observed {
                     .record(&counting.peers, outcome, tags.into(), &measures);
             }
             if let Some(captured) = self.captured {
-                captured.finish(&metrics.access_logs, end, body_bytes, took);
+                captured.log(&metrics.access_logs, context.as_ref());
             }
         });
         Response::from_parts(parts, Reported::new(body, self.grpc, head_status, report))
@@ -437,13 +454,13 @@ impl Captured {
         self.entry.bytes_sent = end.bytes;
     }
 
-    /// Writes the line (in every provider's format) when the filter keeps it.
-    fn finish(mut self, writers: &LogWriters, end: BodyEnd, request_bytes: u64, took: Duration) {
-        let Some(logs) = self.logs.take() else {
+    /// Writes the line (in every provider's format) when the filter keeps it;
+    /// `attributes`: the request's CEL attributes, if already built.
+    fn log(self, writers: &LogWriters, attributes: Option<&cel_interpreter::Context>) {
+        let Some(logs) = &self.logs else {
             return;
         };
-        self.complete(end, request_bytes, took);
-        for (path, line) in logs.lines(&self.entry, self.mutual_tls) {
+        for (path, line) in logs.lines(&self.entry, self.mutual_tls, attributes) {
             writers.write(path, line);
         }
     }

@@ -242,7 +242,7 @@ impl Router {
             addresses,
             site,
         );
-        let grpc = is_grpc(&parts.headers);
+        let grpc = observed.grpc();
         let request = Request::from_parts(parts, body);
         let mut record = RequestRecord::new(&self.hostname);
         let mut response = self.route(request, &mut record).await;

@@ -909,7 +909,7 @@ spec:
                 .values
                 .iter()
                 .map(|v| {
-                    if v.expression == "request.host" {
+                    if v.expression() == "request.host" {
                         host
                     } else {
                         "custom"

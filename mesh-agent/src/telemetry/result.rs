@@ -219,7 +219,7 @@ impl Drop for ConnResult {
         let per_request = matches!(self.carried, Some(Carried::Http | Carried::Routed));
         if let (Some((logs, cluster)), false) = (&self.logs, per_request) {
             let entry = self.log_entry(cluster);
-            for (path, line) in logs.lines(&entry, self.mutual_tls) {
+            for (path, line) in logs.lines(&entry, self.mutual_tls, None) {
                 self.metrics.access_logs.write(path, line);
             }
         }
