@@ -4,7 +4,7 @@
 
 use std::{path::Path, sync::Arc};
 
-use mesh_agent::policy::jwks;
+use mesh_agent::{model::MeshState, policy::jwks};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -82,12 +82,12 @@ async fn https_keys_are_fetched_only_from_a_server_the_trust_store_vouches_for()
     )
     .expect("Istio's JWKS");
 
-    let keys = jwks::fetch(&serve(&trusted, body.clone()).await)
+    let keys = jwks::fetch(&serve(&trusted, body.clone()).await, &MeshState::default())
         .await
         .expect("fetched over https");
     assert_eq!(keys.len(), 1, "Istio's one key");
 
-    let refused = jwks::fetch(&serve(&stranger, body).await)
+    let refused = jwks::fetch(&serve(&stranger, body).await, &MeshState::default())
         .await
         .expect_err("a certificate of another authority is refused");
     let message = format!("{refused:#}");

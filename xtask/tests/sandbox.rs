@@ -1791,9 +1791,9 @@ fn meshctl_uninstall_leaves_the_node_as_it_was_once_the_agent_is_stopped() {
     );
 }
 
-/// The Service `api` (HTTP/1.1 and HTTP/2 on one port) on node-b, a JWKS server outside
-/// the mesh on node-a, and the policies of the authorization test.
-fn api_and_policies(jwks_ip: &str) -> String {
+/// The Service `api` (HTTP/1.1 and HTTP/2 on one port) on node-b and the policies of the
+/// authorization test, whose keys the agents fetch from the Service `keys` by its name.
+fn api_and_policies() -> String {
     format!(
         "apiVersion: v1
 kind: ServiceAccount
@@ -1826,7 +1826,7 @@ spec:
   selector: {{matchLabels: {{app: api}}}}
   jwtRules:
     - issuer: testing@secure.istio.io
-      jwksUri: http://{jwks_ip}:8000/jwks.json
+      jwksUri: http://keys.demo.svc.cluster.local/jwks.json
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -1874,6 +1874,7 @@ spec:
     )
 }
 
+/// A JWKS server outside the mesh on node-a, behind the Service `keys` (10.96.50.31:80).
 fn jwks_server() -> String {
     let dir = workspace().join("mesh-agent/tests/testdata/jwt");
     format!(
@@ -1886,6 +1887,14 @@ spec:
     - name: jwks
       command: [sh, -c, \"cd {} && exec python3 -m http.server 8000\"]
       readinessProbe: {{tcpSocket: {{port: 8000}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: keys, namespace: demo}}
+spec:
+  clusterIP: 10.96.50.31
+  selector: {{app: jwks}}
+  ports: [{{name: http, port: 80, targetPort: 8000}}]
 ",
         dir.display()
     )
@@ -1928,8 +1937,7 @@ fn authorization_policies_and_jwt_are_enforced_across_nodes() {
     // agents' refreshes fail, and the keys in hand must stay.
     let _sandbox = Sandbox::up_with(&[("MESH_JWKS_REFRESH_INTERVAL", "1s")]);
     kubectl("apply", "jwks", &jwks_server());
-    let jwks_ip = pod_ip(&status_json(), "jwks-a");
-    kubectl("apply", "authz", &api_and_policies(&jwks_ip));
+    kubectl("apply", "authz", &api_and_policies());
     let token_file = workspace().join("mesh-agent/tests/testdata/jwt/demo.jwt");
     let token = std::fs::read_to_string(&token_file).expect("demo token");
     let token = token.trim();
@@ -2057,7 +2065,7 @@ fn authorization_policies_and_jwt_are_enforced_across_nodes() {
     eventually("node-a's agent has the keys", || {
         jwt_check().1.starts_with("ALLOW")
     });
-    let jwks_uri = format!("http://{jwks_ip}:8000/jwks.json");
+    let jwks_uri = "http://keys.demo.svc.cluster.local/jwks.json";
     let jwks = |node: &str| -> serde_json::Value {
         let all: serde_json::Value = serde_json::from_str(&on_node(
             node,
@@ -2067,7 +2075,7 @@ fn authorization_policies_and_jwt_are_enforced_across_nodes() {
         all.as_array()
             .expect("URIs")
             .iter()
-            .find(|u| u["uri"] == jwks_uri.as_str())
+            .find(|u| u["uri"] == jwks_uri)
             .unwrap_or_else(|| panic!("{node}'s agent has no {jwks_uri}: {all}"))
             .clone()
     };

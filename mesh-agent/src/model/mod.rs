@@ -583,6 +583,53 @@ impl MeshState {
             .map(|s| s.as_ref())
     }
 
+    /// Where a connection the agent makes itself (a JWKS fetch, a span export) to
+    /// `host:port` goes when `host` names a Service port of the mesh — by its cluster IP,
+    /// its full name or the shorter `name.namespace` and `name.namespace.svc`, or a
+    /// ServiceEntry's host: the endpoints' addresses (empty when none is ready). `None`:
+    /// not a Service; the host is dialled as it is. The node has no route to cluster IPs
+    /// of its own (kube-proxy need not be there), so the agent resolves them as it does
+    /// for pods.
+    pub fn service_endpoints(&self, host: &str, port: u16) -> Option<Vec<SocketAddrV4>> {
+        let service = match host.parse::<Ipv4Addr>() {
+            Ok(ip) => self.services.get(&SocketAddrV4::new(ip, port))?.as_ref(),
+            Err(_) => {
+                let host = host.trim_end_matches('.').to_ascii_lowercase();
+                let expanded = match host.split('.').count() {
+                    2 => format!("{host}.svc.cluster.local"),
+                    3 if host.ends_with(".svc") => format!("{host}.cluster.local"),
+                    _ => host.clone(),
+                };
+                self.services
+                    .values()
+                    .filter(|s| s.port == port)
+                    .find(|s| s.hostname == host)
+                    .or_else(|| {
+                        self.services
+                            .values()
+                            .filter(|s| s.port == port)
+                            .find(|s| s.hostname == expanded)
+                    })?
+                    .as_ref()
+            }
+        };
+        Some(service.endpoints.iter().map(|e| e.addr).collect())
+    }
+
+    /// The address the agent dials for its own connection to `host:port`: one of the
+    /// endpoints, at random, when `host` names a Service port of the mesh (see
+    /// [`MeshState::service_endpoints`]); else `host:port` as it is (an address, or a
+    /// name for the system's resolver). An error when the Service has no ready endpoint.
+    pub fn dial(&self, host: &str, port: u16) -> Result<String, String> {
+        match self.service_endpoints(host, port) {
+            None => Ok(format!("{host}:{port}")),
+            Some(endpoints) if endpoints.is_empty() => {
+                Err(format!("the Service {host}:{port} has no ready endpoint"))
+            }
+            Some(endpoints) => Ok(endpoints[lb::random(endpoints.len())].to_string()),
+        }
+    }
+
     /// The port of the Service (or ServiceEntry host) `hostname` a route destination
     /// names: its `port`, else the only port, else the port the client addressed.
     pub fn service_port(
@@ -722,6 +769,64 @@ mod tests {
 
     fn state_from(yaml: &str) -> MeshState {
         MeshState::build("node-1", &load_str(std::path::Path::new("test.yaml"), yaml))
+    }
+
+    #[test]
+    fn the_agents_own_connections_to_a_service_go_to_its_endpoints() {
+        let state = state_from(
+            "apiVersion: v1
+kind: Pod
+metadata: {name: keys-1, namespace: auth, labels: {app: keys, istio.io/dataplane-mode: none}}
+spec: {nodeName: node-1}
+status: {podIP: 10.244.1.9}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: keys, namespace: auth}
+spec:
+  clusterIP: 10.96.50.31
+  selector: {app: keys}
+  ports: [{name: http, port: 80, targetPort: 8000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: auth}
+spec:
+  clusterIP: 10.96.50.32
+  selector: {app: nobody}
+  ports: [{port: 80}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: idp, namespace: auth}
+spec:
+  hosts: [idp.internal]
+  addresses: [10.97.0.9]
+  ports: [{number: 443, name: https, protocol: TLS}]
+  resolution: STATIC
+  endpoints: [{address: 10.200.0.77}]
+",
+        );
+        let keys = Some(vec!["10.244.1.9:8000".parse().expect("addr")]);
+        for host in [
+            "10.96.50.31",
+            "keys.auth",
+            "keys.auth.svc",
+            "keys.auth.svc.cluster.local",
+            "Keys.Auth.svc.cluster.local.",
+        ] {
+            assert_eq!(state.service_endpoints(host, 80), keys, "{host}");
+        }
+        assert_eq!(
+            state.service_endpoints("idp.internal", 443),
+            Some(vec!["10.200.0.77:443".parse().expect("addr")])
+        );
+        assert_eq!(state.service_endpoints("empty.auth", 80), Some(vec![]));
+        // Not a Service port of the mesh: dialled as it is.
+        assert_eq!(state.service_endpoints("keys.auth", 8080), None);
+        assert_eq!(state.service_endpoints("10.244.1.9", 8000), None);
+        assert_eq!(state.service_endpoints("keys", 80), None);
+        assert_eq!(state.service_endpoints("example.com", 443), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::{
 use crate::{
     config::jwks::{parse_jwks, Jwks},
     http::client::{self, Request, Transport},
-    model::SharedState,
+    model::{MeshState, SharedState},
     policy::jwt::{uris, JwksCache},
 };
 
@@ -36,8 +36,8 @@ fn system_roots() -> anyhow::Result<rustls::RootCertStore> {
 }
 
 /// Fetches a JWKS document over `http` or `https` (verified against the system's trust
-/// store).
-pub async fn fetch(uri: &str) -> anyhow::Result<Jwks> {
+/// store); a host that names a Service of `state` is reached at one of its endpoints.
+pub async fn fetch(uri: &str, state: &MeshState) -> anyhow::Result<Jwks> {
     let parsed: http::Uri = uri.parse()?;
     let host = parsed
         .host()
@@ -67,7 +67,8 @@ pub async fn fetch(uri: &str) -> anyhow::Result<Jwks> {
             80
         });
     let path = parsed.path_and_query().map_or("/", |p| p.as_str());
-    let mut request = Request::get(format!("{host}:{port}"), path);
+    let address = state.dial(&host, port).map_err(anyhow::Error::msg)?;
+    let mut request = Request::get(address, path);
     request.host = parsed.authority().map_or(host, |a| a.to_string());
     request.max_body = MAX_JWKS_BYTES;
     request.headers.push((
@@ -104,7 +105,7 @@ pub async fn keep_fresh(state: SharedState, cache: Arc<JwksCache>, refresh: Dura
             if fresh || waiting {
                 continue;
             }
-            match tokio::time::timeout(timeout, fetch(&uri)).await {
+            match tokio::time::timeout(timeout, fetch(&uri, &current)).await {
                 Ok(Ok(keys)) => {
                     tracing::info!("JWKS {uri}: {} keys", keys.len());
                     cache.store(&uri, keys);

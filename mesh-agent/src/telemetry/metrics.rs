@@ -188,7 +188,7 @@ impl Metrics {
             "Access log lines dropped because their writer was behind (a slow disk never slows requests)",
             access_logs.dropped.clone(),
         );
-        let spans = SpanExport::default();
+        let spans = SpanExport::new(state.clone());
         registry.register(
             "mesh_spans_exported",
             "Trace spans a collector took",

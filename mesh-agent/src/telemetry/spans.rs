@@ -27,7 +27,10 @@ use tokio::sync::mpsc;
 
 use crate::{
     http::client::{self, Transport},
-    model::telemetry::{Collector, OtlpProtocol},
+    model::{
+        telemetry::{Collector, OtlpProtocol},
+        SharedState,
+    },
 };
 
 /// Spans waiting for the exporter; past it spans are dropped (and counted).
@@ -61,6 +64,8 @@ pub struct FinishedSpan {
 #[derive(Default)]
 pub struct SpanExport {
     queue: Mutex<Option<mpsc::Sender<FinishedSpan>>>,
+    /// Where a collector named as a Service of the mesh is found.
+    state: SharedState,
     /// Spans dropped because the queue was full.
     pub dropped: Counter,
     /// Spans a collector did not take (unreachable, an error answer).
@@ -69,6 +74,13 @@ pub struct SpanExport {
 }
 
 impl SpanExport {
+    pub fn new(state: SharedState) -> SpanExport {
+        SpanExport {
+            state,
+            ..SpanExport::default()
+        }
+    }
+
     /// Queues `span` for export; never waits.
     pub fn submit(&self, span: FinishedSpan) {
         let sender = {
@@ -83,13 +95,14 @@ impl SpanExport {
     fn start(&self) -> mpsc::Sender<FinishedSpan> {
         let (send, receive) = mpsc::channel(QUEUE_SPANS);
         let (failed, exported) = (self.failed.clone(), self.exported.clone());
-        tokio::spawn(export_loop(receive, failed, exported));
+        tokio::spawn(export_loop(receive, self.state.clone(), failed, exported));
         send
     }
 }
 
 async fn export_loop(
     mut receive: mpsc::Receiver<FinishedSpan>,
+    state: SharedState,
     failed: Counter,
     exported: Counter,
 ) {
@@ -109,7 +122,7 @@ async fn export_loop(
                 if exporters.len() >= MAX_EXPORTERS {
                     exporters.clear();
                 }
-                match exporter(&collector) {
+                match exporter(&collector, &state) {
                     Ok(built) => {
                         exporters.insert(collector.clone(), built);
                     }
@@ -208,12 +221,14 @@ pub fn span_data(span: FinishedSpan) -> SpanData {
 
 fn exporter(
     collector: &Collector,
+    state: &SharedState,
 ) -> Result<opentelemetry_otlp::SpanExporter, opentelemetry_otlp::ExporterBuildError> {
     opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_http_client(OtlpClient {
             timeout: collector.timeout,
             grpc: collector.protocol == OtlpProtocol::Grpc,
+            state: state.clone(),
         })
         .with_endpoint(collector.endpoint.clone())
         .with_protocol(Protocol::HttpBinary)
@@ -226,17 +241,29 @@ fn exporter(
 /// The agent's own HTTP client (`http::client`) as the OTLP exporter's transport: a
 /// connection per export, a bounded answer, a deadline. For a gRPC collector the
 /// exporter's protobuf body becomes one gRPC message to the export method, and the gRPC
-/// status decides.
-#[derive(Debug)]
+/// status decides. A collector named as a Service of the mesh is reached at one of its
+/// endpoints.
 struct OtlpClient {
     timeout: Duration,
     grpc: bool,
+    state: SharedState,
+}
+
+impl std::fmt::Debug for OtlpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OtlpClient")
+            .field("timeout", &self.timeout)
+            .field("grpc", &self.grpc)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 enum OtlpError {
     #[error("{0} names no host")]
     NoHost(String),
+    #[error("{0}")]
+    NoEndpoint(String),
     #[error(transparent)]
     Client(#[from] client::ClientError),
     #[error(transparent)]
@@ -265,10 +292,11 @@ impl OtlpClient {
             .uri
             .authority()
             .ok_or_else(|| OtlpError::NoHost(parts.uri.to_string()))?;
-        let address = match authority.port_u16() {
-            Some(_) => authority.as_str().to_owned(),
-            None => format!("{}:80", authority.host()),
-        };
+        let address = self
+            .state
+            .current()
+            .dial(authority.host(), authority.port_u16().unwrap_or(80))
+            .map_err(OtlpError::NoEndpoint)?;
         let mut headers: Vec<(http::HeaderName, http::HeaderValue)> = parts
             .headers
             .iter()
