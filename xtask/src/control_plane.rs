@@ -282,12 +282,7 @@ pub fn start(layout: &Layout, cgroups: &Path) -> Result<ControlPlaneState> {
         etcd_pid,
         "etcd",
     )?;
-    let apiserver_pid = start_daemon(
-        Command::new(kube_tools::binary("kube-apiserver")).args(apiserver_args(layout)),
-        "kube-apiserver.log",
-        API_NETNS,
-        cgroup("kube-apiserver")?,
-    )?;
+    let apiserver_pid = start_apiserver(layout, cgroup("kube-apiserver")?)?;
     let state = ControlPlaneState {
         etcd_pid,
         apiserver_pid,
@@ -520,6 +515,38 @@ pub fn delete_object(
         "",
     )
     .map(drop)
+}
+
+fn start_apiserver(layout: &Layout, cgroup: PathBuf) -> Result<u32> {
+    start_daemon(
+        Command::new(kube_tools::binary("kube-apiserver")).args(apiserver_args(layout)),
+        "kube-apiserver.log",
+        API_NETNS,
+        cgroup,
+    )
+}
+
+/// Kills kube-apiserver (SIGKILL, as a crashed control-plane node would go) and starts it
+/// again on the same etcd, certificates and address; returns once it is ready. Clients
+/// see their watches break and connections refused meanwhile.
+pub fn restart_apiserver(
+    layout: &Layout,
+    cgroups: &Path,
+    state: &mut ControlPlaneState,
+) -> Result<()> {
+    if process_alive(state.apiserver_pid) {
+        // SAFETY: kill(2) on the API server this sandbox started and recorded.
+        unsafe { libc::kill(state.apiserver_pid as i32, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_alive(state.apiserver_pid) {
+            if Instant::now() > deadline {
+                bail!("kube-apiserver (pid {}) did not exit", state.apiserver_pid);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    state.apiserver_pid = start_apiserver(layout, cgroups.join("api").join("kube-apiserver"))?;
+    wait_ready(state)
 }
 
 /// Stops what [`start`] started, API server first, by the pids it recorded; the

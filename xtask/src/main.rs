@@ -141,6 +141,9 @@ enum SandboxCommand {
     StopAgent { node: String },
     /// Kill the mesh CA (agents keep their certificates and retry renewals).
     StopCa,
+    /// Kill the sandbox's kube-apiserver and start it again on the same etcd (agents
+    /// watching it must catch up without losing or replaying state).
+    RestartApi,
     /// Start the mesh CA again after stop-ca: same root, tokens and certificate lifetime.
     StartCa,
     /// Run an agent command line and keep one running (the sandbox's DaemonSet; started
@@ -288,6 +291,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 }
                 SandboxCommand::StopAgent { node } => sandbox::stop_agent(&node),
                 SandboxCommand::StopCa => sandbox::stop_ca(),
+                SandboxCommand::RestartApi => sandbox::restart_api(),
                 SandboxCommand::StartCa => sandbox::start_ca_again(),
                 SandboxCommand::Supervise { pid_file, agent } => {
                     supervise::supervise(&pid_file, &agent)

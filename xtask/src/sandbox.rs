@@ -1495,6 +1495,21 @@ pub fn restart_agent(node: &str, graceful: bool) -> Result<()> {
     }
 }
 
+/// Kills the sandbox's kube-apiserver and starts it again (its etcd keeps the objects),
+/// waiting until it serves: agents watching it must ride it out.
+pub fn restart_api() -> Result<()> {
+    let mut state = SandboxState::load()?;
+    let Some(control_plane) = state.control_plane.as_mut() else {
+        bail!("the sandbox runs no API server");
+    };
+    control_plane::restart_apiserver(
+        &control_plane::Layout::new(Path::new(RUN_DIR)),
+        &cgroup_root()?,
+        control_plane,
+    )?;
+    state.save()
+}
+
 /// Stops the mesh CA (kills it, as a lost CA node would): agents keep their certificates
 /// and fail to renew them until `start-ca`.
 pub fn stop_ca() -> Result<()> {

@@ -820,6 +820,40 @@ fn agents_on_the_kubernetes_api_follow_pods_created_and_deleted_through_it() {
     assert_eq!(spread.values().sum::<usize>(), 6, "{spread:?}");
     assert!(!spread.contains_key("web-c"), "{spread:?}");
 
+    // The API server killed and started again under traffic: no request fails (the
+    // agents serve what they hold), and their watches catch up: a pod created through
+    // the restarted server joins the rotation.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut served, mut failures) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match try_backends(url, 2) {
+                    Ok(spread) => served += spread.values().sum::<usize>(),
+                    Err(failure) => failures.push(failure),
+                }
+            }
+            (served, failures)
+        })
+    };
+    sleep(Duration::from_secs(1));
+    ok(xtask(&["sandbox", "restart-api"]), "sandbox restart-api");
+    sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (served, failures) = traffic.join().expect("the traffic thread");
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(served >= 2, "{served} requests served around the restart");
+    kubectl("apply", "web-c", WEB_C);
+    eventually(
+        "web-c in the rotation after the API server's restart",
+        || try_backends(url, 6).is_ok_and(|b| b.contains_key("web-c")),
+    );
+    kubectl("delete", "web-c", WEB_C);
+    eventually("web-c gone again", || {
+        agent_status("node-a")["workloads"] == 4
+    });
+
     // Istio's MeshConfig, changed through the API (the sandbox created it from
     // cluster.yaml): its access log file and JSON encoding reach the agents, and the next
     // requests to web are logged at both ends.
