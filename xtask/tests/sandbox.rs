@@ -858,30 +858,37 @@ fn agents_on_the_kubernetes_api_follow_pods_created_and_deleted_through_it() {
     // cluster.yaml): its access log file and JSON encoding reach the agents, and the next
     // requests to web are logged at both ends.
     let log = "/run/mesh-sandbox/access-kube.log";
+    json_access_log_to(log);
+    eventually(
+        "requests to web logged as the API's MeshConfig says",
+        || {
+            let _ = try_backends(url, 1);
+            logged_lines(log).iter().any(|line| line["path"] == "/name")
+        },
+    );
+}
+
+/// Istio's MeshConfig (the ConfigMap `istio-system/istio`) applied with an access log
+/// in JSON to `log`, emptied first.
+fn json_access_log_to(log: &str) {
     let _ = std::fs::remove_file(log);
     kubectl(
         "apply",
-        "mesh-config-kube",
+        "mesh-config",
         &format!(
             "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\n\
              data:\n  mesh: |\n    accessLogFile: {log}\n    accessLogEncoding: JSON\n"
         ),
     );
-    let logged_paths = || {
-        std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .filter_map(|line| line["path"].as_str().map(str::to_owned))
-            .collect::<Vec<_>>()
-    };
-    eventually(
-        "requests to web logged as the API's MeshConfig says",
-        || {
-            let _ = try_backends(url, 1);
-            logged_paths().iter().any(|path| path == "/name")
-        },
-    );
+}
+
+/// The lines of a JSON access log, each parsed.
+fn logged_lines(log: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect()
 }
 
 #[test]
@@ -3916,15 +3923,7 @@ fn request_metrics_are_reported_by_the_source_and_the_destination_agent() {
     // Access logs: Istio's MeshConfig names the file and JSON, a Telemetry keeps only
     // the 5xx. Both ends of each request write a line.
     let log = "/run/mesh-sandbox/access.log";
-    let _ = std::fs::remove_file(log);
-    kubectl(
-        "apply",
-        "mesh-config",
-        &format!(
-            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\n\
-             data:\n  mesh: |\n    accessLogFile: {log}\n    accessLogEncoding: JSON\n"
-        ),
-    );
+    json_access_log_to(log);
     kubectl(
         "apply",
         "telemetry-logs",
@@ -3941,13 +3940,7 @@ fn request_metrics_are_reported_by_the_source_and_the_destination_agent() {
     let ok = reviews("/status/200", 10, "{}", "keepalive");
     let failed = reviews("/status/503", 4, "{}", "keepalive");
     assert_eq!((ok.total(), failed.total()), (10, 4));
-    let lines = || {
-        std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .lines()
-            .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("a JSON line"))
-            .collect::<Vec<_>>()
-    };
+    let lines = || logged_lines(log);
     // Istio's default retry policy tries a 503 three times: each client request is one
     // line at the source and three at the destination.
     eventually("the 503s, from both ends", || lines().len() >= 16);
