@@ -820,6 +820,18 @@ fn agents_on_the_kubernetes_api_follow_pods_created_and_deleted_through_it() {
     assert_eq!(spread.values().sum::<usize>(), 6, "{spread:?}");
     assert!(!spread.contains_key("web-c"), "{spread:?}");
 
+    // The Kubernetes API's own Service (`default/kubernetes`, no selector: its endpoint
+    // is in the EndpointSlice the API server keeps) is reached from a pod through the
+    // mesh, as pods reach it on any cluster: the node has no kube-proxy.
+    let api = in_pod(
+        "client-a",
+        "curl -sk -m 5 -o /dev/null -w '%{http_code}' https://10.96.0.1/version",
+    );
+    assert!(
+        ["200", "401", "403"].contains(&api.trim()),
+        "the API server through its Service answered {api:?}"
+    );
+
     // The API server killed and started again under traffic: no request fails (the
     // agents serve what they hold), and their watches catch up: a pod created through
     // the restarted server joins the rotation.

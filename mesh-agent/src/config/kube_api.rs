@@ -1,10 +1,11 @@
 //! The Kubernetes API as a configuration source (`--config-source kube`): kube-rs
-//! watchers on Pods, Services, Namespaces, Nodes, ServiceAccounts, the custom kinds of
-//! [`CUSTOM_KINDS`](super::kinds::CUSTOM_KINDS) and one ConfigMap, Istio's MeshConfig
-//! (`istio-system/istio`: no other ConfigMap is read or watched). Each object is kept as the document the
-//! directory source would have read from a file, so both sources go through the same
-//! loader, validation and model; [`Admission`] then judges the objects one by one, so an
-//! invalid object is skipped (its last good version kept) while the rest keeps serving.
+//! watchers on Pods, Services, EndpointSlices, Namespaces, Nodes, ServiceAccounts, the
+//! custom kinds of [`CUSTOM_KINDS`](super::kinds::CUSTOM_KINDS) and one ConfigMap, Istio's
+//! MeshConfig (`istio-system/istio`: no other ConfigMap is read or watched). Each object
+//! is kept as the document the directory source would have read from a file, so both
+//! sources go through the same loader, validation and model; [`Admission`] then judges
+//! the objects one by one, so an invalid object is skipped (its last good version kept)
+//! while the rest keeps serving.
 //! Watches relist after an API server restart or `410 Gone`, and a relisted kind replaces
 //! its objects at once, without losing or replaying any.
 
@@ -140,13 +141,17 @@ impl Watch {
 /// The watches: Kubernetes' own kinds that the mesh reads, the custom ones, and the
 /// MeshConfig's ConfigMap.
 fn watches() -> Vec<Watch> {
-    use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service, ServiceAccount};
+    use k8s_openapi::api::{
+        core::v1::{ConfigMap, Namespace, Node, Pod, Service, ServiceAccount},
+        discovery::v1::EndpointSlice,
+    };
     let mut watches: Vec<Watch> = [
         ApiResource::erase::<Node>(&()),
         ApiResource::erase::<Namespace>(&()),
         ApiResource::erase::<ServiceAccount>(&()),
         ApiResource::erase::<Pod>(&()),
         ApiResource::erase::<Service>(&()),
+        ApiResource::erase::<EndpointSlice>(&()),
     ]
     .into_iter()
     .map(Watch::all)

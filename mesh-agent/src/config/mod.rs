@@ -141,6 +141,8 @@ pub struct ClusterConfig {
     pub service_accounts: Vec<MetaOnly>,
     pub pods: Vec<Pod>,
     pub services: Vec<Service>,
+    /// EndpointSlices, for the Services without a selector.
+    pub endpoint_slices: Vec<EndpointSlice>,
     pub istio: IstioConfig,
     /// The mesh's own kinds (`policy.mesh.dev`).
     pub mesh: mesh_policy::MeshPolicies,
@@ -171,7 +173,7 @@ pub enum ConfigError {
 }
 
 /// Standard Kubernetes kinds the mesh has no use for: skipped with a note.
-const IGNORED_KUBERNETES_KINDS: [&str; 14] = [
+const IGNORED_KUBERNETES_KINDS: [&str; 13] = [
     "Deployment",
     "StatefulSet",
     "DaemonSet",
@@ -181,7 +183,6 @@ const IGNORED_KUBERNETES_KINDS: [&str; 14] = [
     "ConfigMap",
     "Secret",
     "Endpoints",
-    "EndpointSlice",
     "Ingress",
     "NetworkPolicy",
     "PersistentVolumeClaim",
@@ -382,6 +383,12 @@ fn load_text(
                 config.services.push(service);
                 Ok(())
             }),
+            ("discovery.k8s.io", "EndpointSlice") if version == "v1" => {
+                kube_object(value, |slice: EndpointSlice| {
+                    config.endpoint_slices.push(slice);
+                    Ok(())
+                })
+            }
             ("", "Node") if version == "v1" => kube_object(value, |node: Node| {
                 config.nodes.push(node);
                 Ok(())

@@ -15,7 +15,8 @@ use crate::{
     config::{
         istio::{DestinationRule, Resolution, ServiceEntry, ServiceEntryPort, WorkloadEntry},
         validate::fqdn,
-        ClusterConfig, Diagnostic, Resource, Service, ServicePort, Severity, TargetPort,
+        ClusterConfig, Diagnostic, EndpointSlice, Resource, Service, ServicePort, Severity,
+        TargetPort,
     },
     model::{
         circuit::PoolLimits,
@@ -206,10 +207,19 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
     };
     let namespace = service.metadata.namespace();
     let selector = &service.spec.selector;
-    // A Service without a selector (`default/kubernetes`, endpoints managed by hand) has
-    // its endpoints only in EndpointSlices, which the mesh does not read: it is left to
-    // the node's own Service routing, never captured with no endpoint to go to.
-    if selector.is_empty() {
+    let slices: Vec<&EndpointSlice> = config
+        .endpoint_slices
+        .iter()
+        .filter(|slice| {
+            slice.metadata.namespace() == namespace
+                && slice.service() == Some(service.metadata.name.as_str())
+                && slice.address_type == "IPv4"
+        })
+        .collect();
+    // A Service without a selector (`default/kubernetes`, endpoints kept by another
+    // controller or by hand) has its endpoints in its EndpointSlices; without any slice
+    // it is left to the node's own Service routing, never captured with nowhere to go.
+    if selector.is_empty() && slices.is_empty() {
         return;
     }
     let hostname = format!("{}.{namespace}.svc.cluster.local", service.metadata.name);
@@ -277,6 +287,9 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
                 })
             })
             .collect();
+        if selector.is_empty() {
+            endpoints.extend(slice_endpoints(state, &slices, port));
+        }
         let default_port = match &port.target_port {
             Some(TargetPort::Number(n)) => *n,
             _ => port.port,
@@ -309,6 +322,52 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
         port_state.default_routes = default_routes(&port_state);
         state.services.insert(address, Arc::new(port_state));
     }
+}
+
+/// The ready IPv4 endpoints `slices` give for the Service port `port` (the slice port of
+/// the same name), each once; a meshed pod's address with its workload.
+fn slice_endpoints(
+    state: &MeshState,
+    slices: &[&EndpointSlice],
+    port: &ServicePort,
+) -> Vec<Endpoint> {
+    let mut endpoints: Vec<Endpoint> = Vec::new();
+    for slice in slices {
+        let Some(number) = slice
+            .ports
+            .iter()
+            .find(|p| {
+                p.name.as_deref().unwrap_or_default() == port.name.as_deref().unwrap_or_default()
+            })
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .and_then(|p| p.port)
+        else {
+            continue;
+        };
+        for endpoint in slice.endpoints.iter().filter(|e| e.is_ready()) {
+            for ip in endpoint
+                .addresses
+                .iter()
+                .filter_map(|a| a.parse::<Ipv4Addr>().ok())
+            {
+                let addr = SocketAddrV4::new(ip, number);
+                if endpoints.iter().any(|e| e.addr == addr) {
+                    continue;
+                }
+                let workload = state.workloads.get(&ip).cloned();
+                endpoints.push(Endpoint {
+                    addr,
+                    labels: workload
+                        .as_ref()
+                        .map(|w| w.labels.clone())
+                        .unwrap_or_default(),
+                    workload,
+                    locality: locality_on(state, endpoint.node_name.as_deref()),
+                });
+            }
+        }
+    }
+    endpoints
 }
 
 /// The default route of an HTTP port whose balancer hashes on requests.

@@ -772,6 +772,97 @@ mod tests {
     }
 
     #[test]
+    fn a_service_without_a_selector_goes_to_the_ready_endpoints_of_its_slices() {
+        let state = state_from(
+            "apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: shop, labels: {app: db}}
+spec: {nodeName: node-1}
+status: {podIP: 10.244.1.30}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: kubernetes, namespace: default}
+spec:
+  clusterIP: 10.96.0.1
+  ports: [{name: https, port: 443, targetPort: 6443}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: kubernetes, namespace: default, labels: {kubernetes.io/service-name: kubernetes}}
+addressType: IPv4
+endpoints:
+- addresses: [10.200.0.253]
+- addresses: [10.200.0.254]
+  conditions: {ready: false}
+ports: [{name: https, port: 6443, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: kubernetes-v6, namespace: default, labels: {kubernetes.io/service-name: kubernetes}}
+addressType: IPv6
+endpoints:
+- addresses: ['fd00::1']
+ports: [{name: https, port: 6443}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  clusterIP: 10.96.7.7
+  ports: [{name: sql, port: 5432}, {name: admin, port: 9000}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-1, namespace: shop, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+endpoints:
+- addresses: [10.244.1.30, 10.200.0.50]
+  conditions: {ready: true}
+ports: [{name: sql, port: 15432}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: shop}
+spec:
+  clusterIP: 10.96.7.8
+  ports: [{port: 80}]
+",
+        );
+        let endpoints = |service: &str| -> Vec<(String, bool)> {
+            let port = &state.services[&service.parse::<SocketAddrV4>().expect("addr")];
+            port.endpoints
+                .iter()
+                .map(|e| (e.addr.to_string(), e.workload.is_some()))
+                .collect()
+        };
+        // Ready (or unknown) IPv4 endpoints only, at the slice port of the same name.
+        assert_eq!(
+            endpoints("10.96.0.1:443"),
+            [("10.200.0.253:6443".into(), false)]
+        );
+        assert_eq!(
+            endpoints("10.96.7.7:5432"),
+            [
+                ("10.244.1.30:15432".into(), true),
+                ("10.200.0.50:15432".into(), false)
+            ],
+            "a meshed pod's address is its workload"
+        );
+        assert_eq!(
+            endpoints("10.96.7.7:9000"),
+            [],
+            "no slice port of that name"
+        );
+        assert!(
+            !state
+                .services
+                .contains_key(&"10.96.7.8:80".parse().expect("addr")),
+            "no selector and no slice: not captured"
+        );
+    }
+
+    #[test]
     fn the_agents_own_connections_to_a_service_go_to_its_endpoints() {
         let state = state_from(
             "apiVersion: v1
