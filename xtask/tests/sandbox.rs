@@ -1847,84 +1847,83 @@ fn meshctl_uninstall_leaves_the_node_as_it_was_once_the_agent_is_stopped() {
 /// The Service `api` (HTTP/1.1 and HTTP/2 on one port) on node-b and the policies of the
 /// authorization test, whose keys the agents fetch from the Service `keys` by its name.
 fn api_and_policies() -> String {
-    format!(
-        "apiVersion: v1
+    "apiVersion: v1
 kind: ServiceAccount
-metadata: {{name: api, namespace: demo}}
+metadata: {name: api, namespace: demo}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {{name: api-b, namespace: demo, labels: {{app: api}}}}
+metadata: {name: api-b, namespace: demo, labels: {app: api}}
 spec:
   nodeName: node-b
   serviceAccountName: api
   containers:
     - name: api
       command: [mesh-bench, serve, --listen, 0.0.0.0:8080]
-      ports: [{{name: http, containerPort: 8080}}]
-      readinessProbe: {{tcpSocket: {{port: 8080}}}}
+      ports: [{name: http, containerPort: 8080}]
+      readinessProbe: {tcpSocket: {port: 8080}}
 ---
 apiVersion: v1
 kind: Service
-metadata: {{name: api, namespace: demo}}
+metadata: {name: api, namespace: demo}
 spec:
   clusterIP: 10.96.0.150
-  selector: {{app: api}}
-  ports: [{{name: http, port: 80, targetPort: http}}]
+  selector: {app: api}
+  ports: [{name: http, port: 80, targetPort: http}]
 ---
 apiVersion: security.istio.io/v1
 kind: RequestAuthentication
-metadata: {{name: api-jwt, namespace: demo}}
+metadata: {name: api-jwt, namespace: demo}
 spec:
-  selector: {{matchLabels: {{app: api}}}}
+  selector: {matchLabels: {app: api}}
   jwtRules:
     - issuer: testing@secure.istio.io
       jwksUri: http://keys.demo.svc.cluster.local/jwks.json
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
-metadata: {{name: api-allow, namespace: demo}}
+metadata: {name: api-allow, namespace: demo}
 spec:
-  selector: {{matchLabels: {{app: api}}}}
+  selector: {matchLabels: {app: api}}
   action: ALLOW
   rules:
-    - from: [{{source: {{principals: [cluster.local/ns/demo/sa/client]}}}}]
-      to: [{{operation: {{methods: [GET], paths: [\"/public/*\"]}}}}]
-    - from: [{{source: {{requestPrincipals: [testing@secure.istio.io/testing@secure.istio.io]}}}}]
-      to: [{{operation: {{paths: [\"/private/*\"]}}}}]
+    - from: [{source: {principals: [cluster.local/ns/demo/sa/client]}}]
+      to: [{operation: {methods: [GET], paths: [\"/public/*\"]}}]
+    - from: [{source: {requestPrincipals: [testing@secure.istio.io/testing@secure.istio.io]}}]
+      to: [{operation: {paths: [\"/private/*\"]}}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
-metadata: {{name: api-deny-admin, namespace: demo}}
+metadata: {name: api-deny-admin, namespace: demo}
 spec:
-  selector: {{matchLabels: {{app: api}}}}
+  selector: {matchLabels: {app: api}}
   action: DENY
-  rules: [{{to: [{{operation: {{paths: [\"/admin/*\"]}}}}]}}]
+  rules: [{to: [{operation: {paths: [\"/admin/*\"]}}]}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
-metadata: {{name: api-audit, namespace: demo}}
+metadata: {name: api-audit, namespace: demo}
 spec:
-  selector: {{matchLabels: {{app: api}}}}
+  selector: {matchLabels: {app: api}}
   action: AUDIT
-  rules: [{{to: [{{operation: {{paths: [\"/public/*\"]}}}}]}}]
+  rules: [{to: [{operation: {paths: [\"/public/*\"]}}]}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
-metadata: {{name: echo-deny-client, namespace: demo}}
+metadata: {name: echo-deny-client, namespace: demo}
 spec:
-  selector: {{matchLabels: {{app: echo}}}}
+  selector: {matchLabels: {app: echo}}
   action: DENY
-  rules: [{{from: [{{source: {{principals: [cluster.local/ns/demo/sa/client]}}}}]}}]
+  rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/client]}}]}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
-metadata: {{name: web-only-web, namespace: demo}}
+metadata: {name: web-only-web, namespace: demo}
 spec:
-  selector: {{matchLabels: {{app: web}}}}
-  rules: [{{from: [{{source: {{principals: [cluster.local/ns/demo/sa/web]}}}}]}}]
+  selector: {matchLabels: {app: web}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/web]}}]}]
 "
-    )
+    .to_owned()
 }
 
 /// A JWKS server outside the mesh on node-a, behind the Service `keys` (10.96.50.31:80).
