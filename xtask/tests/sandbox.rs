@@ -3529,6 +3529,21 @@ spec:
   - providers: [{name: prometheus}]
 ";
 
+/// Applies [`MESH_REQUEST_METRICS`] and waits until both agents hold it. A Telemetry
+/// applies to connections opened after it reaches the agent: the source agent's pooled
+/// upstream connection to a pod, opened by a request before then, would be carried
+/// byte for byte by the destination agent, its requests never counted there.
+fn apply_mesh_request_metrics() {
+    kubectl("apply", "telemetry", MESH_REQUEST_METRICS);
+    let holds = |node: &str| {
+        on_node(node, &["curl", "-sf", "http://127.0.0.1:15000/config_dump"])
+            .contains("istio-system/mesh-default")
+    };
+    eventually("both agents hold the mesh-wide Telemetry", || {
+        holds("node-a") && holds("node-b")
+    });
+}
+
 /// `multi_server.py` pods (TLS echo, HTTP, a server-first banner, on ports no Service
 /// declares) on node-b, a subset each, behind one Service, with a VirtualService giving
 /// it `http` routes by header and `tls` routes by server name.
@@ -3837,7 +3852,7 @@ fn request_metrics_are_reported_by_the_source_and_the_destination_agent() {
              - {destination: {host: reviews, subset: v2}, weight: 50}\n",
         ),
     );
-    kubectl("apply", "telemetry", MESH_REQUEST_METRICS);
+    apply_mesh_request_metrics();
     let service = ("destination_service", "reviews.demo.svc.cluster.local");
     let source = |version: &str| -> f64 {
         total(
@@ -4365,7 +4380,7 @@ fn prometheus_scrapes_every_agent_and_answers_the_golden_signals() {
             "  - name: to-v2\n    route:\n    - destination: {host: reviews, subset: v2}\n",
         ),
     );
-    kubectl("apply", "telemetry", MESH_REQUEST_METRICS);
+    apply_mesh_request_metrics();
     // Until the routes and the Telemetry are in place, requests may fail or go
     // uncounted; a code of its own (202) keeps that warm-up out of the counts below.
     let warm = |node: &str, reporter: &str| {
@@ -5696,7 +5711,7 @@ fn colour_count(png: &[u8], rgb: [u8; 3]) -> (usize, f64) {
 #[test]
 fn meshctl_graph_impact_and_the_dashboard_show_client_a_calling_reviews_across_nodes() {
     let _sandbox = Sandbox::up();
-    kubectl("apply", "telemetry", MESH_REQUEST_METRICS);
+    apply_mesh_request_metrics();
     kubectl("apply", "reviews-v2", &reviews_pod("v2", "node-b"));
     kubectl("apply", "reviews", REVIEWS);
     kubectl(
