@@ -2609,6 +2609,19 @@ fn reviews(path: &str, count: usize, headers: &str, connections: &str) -> Answer
     )
 }
 
+/// reviews-v2 on node-b, the Service `reviews` and a route sending it all its requests.
+fn reviews_v2_on_node_b() {
+    kubectl("apply", "reviews-v2", &reviews_pod("v2", "node-b"));
+    kubectl("apply", "reviews", REVIEWS);
+    kubectl(
+        "apply",
+        "routes",
+        &reviews_routes(
+            "  - name: to-v2\n    route:\n    - destination: {host: reviews, subset: v2}\n",
+        ),
+    );
+}
+
 /// What `l7_client.py` in client-a saw making `count` requests to `url`.
 fn l7_requests(url: &str, count: usize, headers: &str, connections: &str) -> Answers {
     let script = include_str!("l7_client.py");
@@ -4144,15 +4157,7 @@ fn a_traced_request_keeps_its_trace_across_nodes_and_jaeger_holds_both_spans() {
     assert_eq!(query, "http://10.200.0.252:16686");
     assert_eq!(status["jaeger"]["otlp"], "http://10.200.0.252:4318");
     let client_ip = pod_ip(&status, "client-a");
-    kubectl("apply", "reviews-v2", &reviews_pod("v2", "node-b"));
-    kubectl("apply", "reviews", REVIEWS);
-    kubectl(
-        "apply",
-        "routes",
-        &reviews_routes(
-            "  - name: to-v2\n    route:\n    - destination: {host: reviews, subset: v2}\n",
-        ),
-    );
+    reviews_v2_on_node_b();
     kubectl("apply", "tracing", MESH_TRACING);
     kubectl("apply", "reviews-tracing", REVIEWS_TRACING_OVER_HTTP);
     // (decided by, export protocol) of each local workload's tracing on `side`.
@@ -4371,15 +4376,7 @@ fn prometheus_scrapes_every_agent_and_answers_the_golden_signals() {
         || promql(&url, r#"up{job="mesh-agent"}"#, &["node", "instance"]),
     );
 
-    kubectl("apply", "reviews-v2", &reviews_pod("v2", "node-b"));
-    kubectl("apply", "reviews", REVIEWS);
-    kubectl(
-        "apply",
-        "routes",
-        &reviews_routes(
-            "  - name: to-v2\n    route:\n    - destination: {host: reviews, subset: v2}\n",
-        ),
-    );
+    reviews_v2_on_node_b();
     apply_mesh_request_metrics();
     // Until the routes and the Telemetry are in place, requests may fail or go
     // uncounted; a code of its own (202) keeps that warm-up out of the counts below.
