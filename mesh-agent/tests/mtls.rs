@@ -397,7 +397,9 @@ async fn the_ca_signs_only_identities_the_node_hosts() {
         root_key: None,
         trust_domain: TD.into(),
         cert_ttl: Duration::from_secs(600),
-        tokens: dir.join("tokens"),
+        tokens: Some(dir.join("tokens")),
+        agent_service_account: "mesh-system/mesh-agent".into(),
+        token_audience: "mesh-ca".into(),
         config_source: SourceKind::Dir,
         config_dir: config_dir.clone(),
         kubeconfig: None,
@@ -413,11 +415,16 @@ async fn the_ca_signs_only_identities_the_node_hosts() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // By name, as agents reach the CA's Service (`mesh-ca.mesh-system.svc:15012`).
-    let client = |node: &str, token: &str| CaClient {
-        address: format!("localhost:{}", listen.port()),
-        node: node.into(),
-        token: token.into(),
-        root_pem: std::fs::read_to_string(&root).expect("root"),
+    // The agent reads its token from a file at each request.
+    let client = |node: &str, token: &str| {
+        let file = dir.join(format!("token-{node}-{token}"));
+        std::fs::write(&file, format!("{token}\n")).expect("token file");
+        CaClient {
+            address: format!("localhost:{}", listen.port()),
+            node: node.into(),
+            token: file,
+            root_pem: std::fs::read_to_string(&root).expect("root"),
+        }
     };
     let (_key, web_csr) = new_csr(&id("web")).expect("csr");
     let cert = client("here", "secret-here")

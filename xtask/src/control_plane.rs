@@ -48,6 +48,8 @@ pub struct ControlPlaneState {
     /// The agents' kubeconfig: the identity of deploy/mesh-agent.yaml's ServiceAccount,
     /// with only the ClusterRole it grants.
     pub agent_kubeconfig: PathBuf,
+    /// The mesh CA's kubeconfig: the identity of deploy/mesh-ca.yaml's ServiceAccount.
+    pub mesh_ca_kubeconfig: PathBuf,
 }
 
 /// The control plane's files under the sandbox's run directory.
@@ -84,6 +86,8 @@ pub struct Pki {
     pub admin_key: String,
     pub agent_cert: String,
     pub agent_key: String,
+    pub mesh_ca_cert: String,
+    pub mesh_ca_key: String,
     /// The key the API server signs ServiceAccount tokens with, and its public half.
     pub service_account_key: String,
     pub service_account_public: String,
@@ -92,10 +96,17 @@ pub struct Pki {
 /// The user the agents are: deploy/mesh-agent.yaml's ServiceAccount, whose ClusterRole
 /// binding names it so (a ServiceAccount subject matches this user name).
 const AGENT_USER: &str = "system:serviceaccount:mesh-system:mesh-agent";
+/// The user the mesh CA is: deploy/mesh-ca.yaml's ServiceAccount.
+const MESH_CA_USER: &str = "system:serviceaccount:mesh-system:mesh-ca";
+/// The agents' ServiceAccount and the audience of the tokens they present to the mesh CA.
+const AGENT_SERVICE_ACCOUNT: &str = "mesh-agent";
+const MESH_SYSTEM: &str = "mesh-system";
+const MESH_CA_AUDIENCE: &str = "mesh-ca";
 
 /// A CA for the API server, its serving certificate (for its address and the names of
-/// the `kubernetes` Service), an admin client certificate (group `system:masters`) and
-/// the agents' client certificate ([`AGENT_USER`], no group).
+/// the `kubernetes` Service), an admin client certificate (group `system:masters`), the
+/// agents' client certificate ([`AGENT_USER`], no group) and the mesh CA's
+/// ([`MESH_CA_USER`]).
 pub fn generate_pki(api_ip: Ipv4Addr) -> Result<Pki> {
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
@@ -136,13 +147,18 @@ pub fn generate_pki(api_ip: Ipv4Addr) -> Result<Pki> {
     admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let admin_cert = admin.signed_by(&admin_key, &ca_cert, &ca_key)?;
 
-    let agent_key = KeyPair::generate()?;
-    let mut agent = CertificateParams::new(Vec::<String>::new())?;
-    agent
-        .distinguished_name
-        .push(DnType::CommonName, AGENT_USER);
-    agent.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let agent_cert = agent.signed_by(&agent_key, &ca_cert, &ca_key)?;
+    let client = |user: &str| -> Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, user);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        Ok((
+            params.signed_by(&key, &ca_cert, &ca_key)?.pem(),
+            key.serialize_pem(),
+        ))
+    };
+    let (agent_cert, agent_key) = client(AGENT_USER)?;
+    let (mesh_ca_cert, mesh_ca_key) = client(MESH_CA_USER)?;
 
     let service_account = KeyPair::generate()?;
     Ok(Pki {
@@ -151,8 +167,10 @@ pub fn generate_pki(api_ip: Ipv4Addr) -> Result<Pki> {
         server_key: server_key.serialize_pem(),
         admin_cert: admin_cert.pem(),
         admin_key: admin_key.serialize_pem(),
-        agent_cert: agent_cert.pem(),
-        agent_key: agent_key.serialize_pem(),
+        agent_cert,
+        agent_key,
+        mesh_ca_cert,
+        mesh_ca_key,
         service_account_key: service_account.serialize_pem(),
         service_account_public: service_account.public_key_pem(),
     })
@@ -248,6 +266,8 @@ pub fn start(layout: &Layout, cgroups: &Path) -> Result<ControlPlaneState> {
         ("admin.key", &pki.admin_key),
         ("agent.crt", &pki.agent_cert),
         ("agent.key", &pki.agent_key),
+        ("mesh-ca.crt", &pki.mesh_ca_cert),
+        ("mesh-ca.key", &pki.mesh_ca_key),
         ("sa.key", &pki.service_account_key),
         ("sa.pub", &pki.service_account_public),
     ] {
@@ -257,7 +277,12 @@ pub fn start(layout: &Layout, cgroups: &Path) -> Result<ControlPlaneState> {
     let server = format!("https://{API_IP}:{API_PORT}");
     let kubeconfig_path = layout.kubeconfig();
     let agent_kubeconfig = layout.file("agent-kubeconfig");
-    for (path, user) in [(&kubeconfig_path, "admin"), (&agent_kubeconfig, "agent")] {
+    let mesh_ca_kubeconfig = layout.file("mesh-ca-kubeconfig");
+    for (path, user) in [
+        (&kubeconfig_path, "admin"),
+        (&agent_kubeconfig, "agent"),
+        (&mesh_ca_kubeconfig, "mesh-ca"),
+    ] {
         let text = kubeconfig(
             &server,
             &layout.file("ca.crt"),
@@ -288,6 +313,7 @@ pub fn start(layout: &Layout, cgroups: &Path) -> Result<ControlPlaneState> {
         apiserver_pid,
         kubeconfig: kubeconfig_path,
         agent_kubeconfig,
+        mesh_ca_kubeconfig,
     };
     wait_ready(&state)?;
     let mut apply = vec!["apply".to_owned()];
@@ -296,7 +322,7 @@ pub fn start(layout: &Layout, cgroups: &Path) -> Result<ControlPlaneState> {
         apply.push(workspace().join(manifest).display().to_string());
     }
     kubectl_quiet(&state, &apply)?;
-    kubectl_with_input(&state, &["apply", "-f", "-"], &agent_role()?)?;
+    kubectl_with_input(&state, &["apply", "-f", "-"], &mesh_identities()?)?;
     kubectl_quiet(
         &state,
         &[
@@ -311,31 +337,68 @@ pub fn start(layout: &Layout, cgroups: &Path) -> Result<ControlPlaneState> {
     Ok(state)
 }
 
-/// The agents' ClusterRole and its binding, as deploy/mesh-agent.yaml holds them (the rest
-/// of that file is the DaemonSet, which has no place in the sandbox).
-fn agent_role() -> Result<String> {
-    let path = workspace().join(AGENT_MANIFEST);
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let role = rbac_documents(&text);
-    if role.is_empty() {
-        bail!("{} holds no ClusterRole", path.display());
+/// The agents' and the mesh CA's namespace, ServiceAccounts, ClusterRoles and bindings,
+/// as deploy/ holds them (the rest of those files is the DaemonSet and the Deployment,
+/// which have no place in the sandbox).
+fn mesh_identities() -> Result<String> {
+    let mut documents = String::new();
+    for manifest in IDENTITY_MANIFESTS {
+        let path = workspace().join(manifest);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let identity = identity_documents(&text);
+        if !identity.contains("kind: ClusterRole\n") {
+            bail!("{} holds no ClusterRole", path.display());
+        }
+        documents.push_str(&identity);
     }
-    Ok(role)
+    Ok(documents)
 }
 
-const AGENT_MANIFEST: &str = "deploy/mesh-agent.yaml";
+/// In the order they are applied: the agents' file creates the namespace.
+const IDENTITY_MANIFESTS: [&str; 2] = ["deploy/mesh-agent.yaml", "deploy/mesh-ca.yaml"];
 
-/// The ClusterRole and ClusterRoleBinding documents of a manifest.
-fn rbac_documents(manifest: &str) -> String {
+/// The Namespace, ServiceAccount, ClusterRole and ClusterRoleBinding documents of a
+/// manifest.
+fn identity_documents(manifest: &str) -> String {
+    const KINDS: [&str; 4] = [
+        "kind: Namespace",
+        "kind: ServiceAccount",
+        "kind: ClusterRole",
+        "kind: ClusterRoleBinding",
+    ];
     manifest
         .split("\n---")
-        .filter(|doc| {
-            doc.lines()
-                .any(|l| l == "kind: ClusterRole" || l == "kind: ClusterRoleBinding")
-        })
+        .filter(|doc| doc.lines().any(|l| KINDS.contains(&l)))
         .map(|doc| format!("---\n{}\n", doc.trim_start_matches('\n')))
         .collect()
+}
+
+/// A token of the agents' ServiceAccount for the mesh CA's audience, bound to `node`, as
+/// the API server issues it (a DaemonSet pod's projected token is bound to the pod, and
+/// through it to the node; the sandbox has no agent pods, so the node itself).
+pub fn agent_token(state: &ControlPlaneState, node: &str) -> Result<String> {
+    let args = [
+        "create",
+        "token",
+        AGENT_SERVICE_ACCOUNT,
+        "-n",
+        MESH_SYSTEM,
+        "--audience",
+        MESH_CA_AUDIENCE,
+        "--bound-object-kind",
+        "Node",
+        "--bound-object-name",
+        node,
+        "--duration",
+        "48h",
+    ];
+    let token = kubectl_with_input(state, &args, "")?;
+    let token = token.trim();
+    if token.is_empty() {
+        bail!("the API server issued no token for node {node}");
+    }
+    Ok(token.to_owned())
 }
 
 fn wait_listening(addr: SocketAddr, pid: u32, what: &str) -> Result<()> {
@@ -649,14 +712,27 @@ mod tests {
     }
 
     #[test]
-    fn the_agents_get_the_role_of_the_manifest_and_nothing_else_of_it() {
-        let role = agent_role().expect("role");
-        let kinds: Vec<&str> = role
+    fn the_agents_and_the_ca_get_the_identities_of_the_manifests_and_nothing_else() {
+        let identities = mesh_identities().expect("identities");
+        let kinds: Vec<&str> = identities
             .lines()
             .filter_map(|l| l.strip_prefix("kind: "))
             .collect();
-        assert_eq!(kinds, ["ClusterRole", "ClusterRoleBinding"]);
-        assert!(role.contains("name: mesh-agent"));
+        assert_eq!(
+            kinds,
+            [
+                "Namespace",
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding"
+            ]
+        );
+        assert!(identities.contains("name: mesh-agent"));
+        assert!(identities.contains("name: mesh-ca"));
+        assert!(identities.contains("tokenreviews"));
     }
 
     #[test]

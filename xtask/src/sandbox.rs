@@ -476,6 +476,12 @@ pub fn up(config: &Path, source: ConfigSource) -> Result<()> {
                 &node.name,
                 &serde_json::json!({"addresses": [{"type": "InternalIP", "address": address}]}),
             )?;
+            // What the DaemonSet's projected token would be: bound to the node, for
+            // the CA.
+            fs::write(
+                agent_token_file(&node.name),
+                control_plane::agent_token(api, &node.name)?,
+            )?;
         }
     }
     let mut pods = Vec::new();
@@ -823,28 +829,36 @@ fn path_with_binaries() -> String {
     }
 }
 
-/// Starts the mesh CA in its own namespace on the nodes' network, with one bootstrap
-/// token per node, on the configuration directory or, given a kubeconfig, the API, and
-/// waits until it serves.
+/// Starts the mesh CA in its own namespace on the nodes' network, on the configuration
+/// directory with one bootstrap token per node or, on the API, reviewing the agents'
+/// ServiceAccount tokens, and waits until it serves.
 fn start_ca(binary: &Path, cgroups: &Path, state: &SandboxState) -> Result<()> {
     join_fabric(CA_NETNS, "upca", Ipv4Addr::new(10, 200, 0, 254))?;
     let dir = ca_dir();
     fs::create_dir_all(&dir)?;
-    let mut tokens = String::new();
-    for node in &state.nodes {
-        let token = new_uid()?.replace('-', "");
-        fs::write(dir.join(format!("token-{}", node.name)), &token)?;
-        tokens.push_str(&format!("{} {token}\n", node.name));
+    if state.api().is_none() {
+        let mut tokens = String::new();
+        for node in &state.nodes {
+            let token = new_uid()?.replace('-', "");
+            fs::write(agent_token_file(&node.name), &token)?;
+            tokens.push_str(&format!("{} {token}\n", node.name));
+        }
+        fs::write(dir.join("tokens"), tokens)?;
     }
-    fs::write(dir.join("tokens"), tokens)?;
     run_ca(binary, cgroups, state)
 }
 
+/// The token a node's agent presents to the CA.
+fn agent_token_file(node: &str) -> PathBuf {
+    ca_dir().join(format!("token-{node}"))
+}
+
 /// Starts the CA daemon on the state `start_ca` prepared (its root, kept in its state
-/// directory, and the nodes' tokens) and waits until it serves.
+/// directory, and the nodes' bootstrap tokens on the directory source) and waits until
+/// it serves.
 fn run_ca(binary: &Path, cgroups: &Path, state: &SandboxState) -> Result<()> {
     let dir = ca_dir();
-    let kubeconfig = state.api().map(|api| api.agent_kubeconfig.clone());
+    let kubeconfig = state.api().map(|api| api.mesh_ca_kubeconfig.clone());
     let cgroup = cgroups.join("ca");
     fs::create_dir_all(&cgroup)?;
     let ttl = state.cert_ttl.clone().unwrap_or_else(|| "1h".into());
@@ -853,15 +867,14 @@ fn run_ca(binary: &Path, cgroups: &Path, state: &SandboxState) -> Result<()> {
         .args(["ca", "--listen", CA_ADDRESS, "--cert-ttl", &ttl])
         .arg("--state-dir")
         .arg(&dir)
-        .arg("--tokens")
-        .arg(dir.join("tokens"))
         .arg("--config-dir")
         .arg(config_dir());
-    if let Some(kubeconfig) = &kubeconfig {
-        command
+    match &kubeconfig {
+        Some(kubeconfig) => command
             .args(["--config-source", "kube", "--kubeconfig"])
-            .arg(kubeconfig);
-    }
+            .arg(kubeconfig),
+        None => command.arg("--tokens").arg(dir.join("tokens")),
+    };
     let pid = start_daemon(&mut command, "ca.log", CA_NETNS, cgroup)?;
     let addr: SocketAddr = CA_ADDRESS.parse()?;
     let deadline = Instant::now() + READY_TIMEOUT;
@@ -902,7 +915,7 @@ fn start_agent(node: &NodeState, agent: &Path, kubeconfig: Option<&Path>) -> Res
         .arg("--ca-root")
         .arg(ca_dir().join("root-cert.pem"))
         .arg("--ca-token")
-        .arg(ca_dir().join(format!("token-{}", node.name)))
+        .arg(agent_token_file(&node.name))
         .arg("--config-dir")
         .arg(config_dir())
         .arg("--bpffs")

@@ -610,6 +610,113 @@ fn sandbox_mesh_end_to_end() {
     );
 }
 
+/// The CA's answer (status code, body) to a signing request from `node`'s namespace with
+/// `token`, for `identity` with a CSR that is not one (so an answer past authentication
+/// and the node check is 400), naming the node `claimed` in `X-Mesh-Node`.
+fn ca_answer(node: &str, token: &str, identity: &str, claimed: &str) -> (String, String) {
+    let body = serde_json::json!({"identity": identity, "csr": "not a CSR"}).to_string();
+    let out = on_node(
+        node,
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "10",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+            "/run/mesh-sandbox/ca/root-cert.pem",
+            "--resolve",
+            "mesh-ca:15012:10.200.0.254",
+            "-H",
+            &format!("Authorization: Bearer {}", token.trim()),
+            "-H",
+            &format!("X-Mesh-Node: {claimed}"),
+            "-d",
+            &body,
+            "https://mesh-ca:15012/v1/certificates",
+        ],
+    );
+    let (body, code) = out.rsplit_once('\n').expect("a status code");
+    (code.to_owned(), body.to_owned())
+}
+
+/// On the API source the CA learns the asking node from the agent's ServiceAccount
+/// token, as the API server reviews it, and signs only identities of pods there.
+fn the_ca_signs_only_what_the_reviewed_token_s_node_hosts() {
+    let agent_token =
+        |node: &str| std::fs::read_to_string(format!("/run/mesh-sandbox/ca/token-{node}"));
+    let (node_a, node_b) = (
+        agent_token("node-a").expect("node-a's token"),
+        agent_token("node-b").expect("node-b's token"),
+    );
+    // demo/client runs on node-a only (client-a).
+    let client = "spiffe://cluster.local/ns/demo/sa/client";
+    let answer = ca_answer("node-a", &node_a, client, "node-a");
+    assert_eq!(
+        answer.0, "400",
+        "past authentication and the node check: {answer:?}"
+    );
+    assert!(
+        answer.1.contains("certificate signing request"),
+        "{answer:?}"
+    );
+    let answer = ca_answer("node-b", &node_b, client, "node-b");
+    assert_eq!(answer.0, "403", "{answer:?}");
+    assert!(
+        answer.1.contains("node node-b: runs no pod of"),
+        "{answer:?}"
+    );
+    // Saying to be node-a does not make node-b's token speak for it.
+    let answer = ca_answer("node-b", &node_b, client, "node-a");
+    assert_eq!(answer.0, "403", "{answer:?}");
+    assert!(
+        answer.1.contains("speaks for node node-b, not node-a"),
+        "{answer:?}"
+    );
+    // Tokens that are not a node agent's for the CA are refused.
+    let token = |args: &[&str]| {
+        let mut all = vec!["create", "token"];
+        all.extend_from_slice(args);
+        ok(sandbox_kubectl(&all), "kubectl create token")
+    };
+    let bound = [
+        "--bound-object-kind",
+        "Node",
+        "--bound-object-name",
+        "node-a",
+    ];
+    let other_audience = token(
+        &[
+            &["mesh-agent", "-n", "mesh-system", "--audience", "other"][..],
+            &bound[..],
+        ]
+        .concat(),
+    );
+    let unbound = token(&["mesh-agent", "-n", "mesh-system", "--audience", "mesh-ca"]);
+    ok(
+        sandbox_kubectl(&["create", "serviceaccount", "intruder", "-n", "demo"]),
+        "kubectl create serviceaccount",
+    );
+    let intruder = token(
+        &[
+            &["intruder", "-n", "demo", "--audience", "mesh-ca"][..],
+            &bound[..],
+        ]
+        .concat(),
+    );
+    for (token, says) in [
+        (other_audience.as_str(), "not valid"),
+        (unbound.as_str(), "bound to no pod or node"),
+        (intruder.as_str(), "not the agents' ServiceAccount"),
+        ("made-up", "not valid"),
+    ] {
+        let answer = ca_answer("node-a", token, client, "node-a");
+        assert_eq!(answer.0, "401", "{says}: {answer:?}");
+        assert!(answer.1.contains(says), "{says}: {answer:?}");
+    }
+}
+
 fn sandbox_kubectl(args: &[&str]) -> Output {
     let mut all = vec!["sandbox", "kubectl"];
     all.extend_from_slice(args);
@@ -831,6 +938,8 @@ fn agents_on_the_kubernetes_api_follow_pods_created_and_deleted_through_it() {
         ["200", "401", "403"].contains(&api.trim()),
         "the API server through its Service answered {api:?}"
     );
+
+    the_ca_signs_only_what_the_reviewed_token_s_node_hosts();
 
     // The API server killed and started again under traffic: no request fails (the
     // agents serve what they hold), and their watches catch up: a pod created through

@@ -97,7 +97,9 @@ pub struct AgentOptions {
         default_value = "/etc/mesh/ca/root-cert.pem"
     )]
     pub ca_root: PathBuf,
-    /// This node's bootstrap token for the CA.
+    /// The token the agent presents to the CA, read at each request: on Kubernetes its
+    /// projected ServiceAccount token (audience `mesh-ca`), on the directory source its
+    /// node's bootstrap token.
     #[arg(long, env = "MESH_CA_TOKEN", default_value = "/etc/mesh/token/token")]
     pub ca_token: PathBuf,
     /// How often keys fetched from RequestAuthentication `jwksUri`s are refreshed (e.g.
@@ -258,7 +260,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         client: CaClient {
             address: options.ca_address.clone(),
             node: options.node.clone(),
-            token: read(&options.ca_token)?.trim().to_owned(),
+            token: options.ca_token.clone(),
             root_pem,
         },
         state: shared.clone(),

@@ -138,13 +138,25 @@ impl Watch {
     }
 }
 
-/// The watches: Kubernetes' own kinds that the mesh reads, the custom ones, and the
-/// MeshConfig's ConfigMap.
-fn watches() -> Vec<Watch> {
+/// What a source watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything the mesh reads: the node agents' view.
+    Mesh,
+    /// Pods only: the CA's view, which needs no more to know which pods run where.
+    Pods,
+}
+
+/// The watches of `scope`: for the mesh, Kubernetes' own kinds that it reads, the custom
+/// ones, and the MeshConfig's ConfigMap.
+fn watches(scope: Scope) -> Vec<Watch> {
     use k8s_openapi::api::{
         core::v1::{ConfigMap, Namespace, Node, Pod, Service, ServiceAccount},
         discovery::v1::EndpointSlice,
     };
+    if scope == Scope::Pods {
+        return vec![Watch::all(ApiResource::erase::<Pod>(&()))];
+    }
     let mut watches: Vec<Watch> = [
         ApiResource::erase::<Node>(&()),
         ApiResource::erase::<Namespace>(&()),
@@ -262,23 +274,41 @@ pub struct KubeSource {
     admission: Admission,
 }
 
+/// A client of the Kubernetes API and the server's address, for messages.
+#[derive(Clone)]
+pub struct ApiClient {
+    pub client: Client,
+    pub server: String,
+}
+
+/// Connects with `kubeconfig`, else in-cluster or the default kubeconfig.
+pub async fn connect(kubeconfig: Option<&Path>) -> Result<ApiClient, KubeSourceError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            Config::from_custom_kubeconfig(
+                Kubeconfig::read_from(path)?,
+                &KubeConfigOptions::default(),
+            )
+            .await?
+        }
+        None => Config::infer().await?,
+    };
+    let server = config.cluster_url.to_string();
+    let client = Client::try_from(config)?;
+    Ok(ApiClient { client, server })
+}
+
 impl KubeSource {
-    /// Connects with `kubeconfig`, else in-cluster or the default kubeconfig, starts a
-    /// watcher per kind on the current runtime, and returns once every kind was listed.
+    /// Connects with `kubeconfig` (see [`connect`]) and watches what the mesh reads.
     pub async fn start(kubeconfig: Option<&Path>) -> Result<KubeSource, KubeSourceError> {
-        let config = match kubeconfig {
-            Some(path) => {
-                Config::from_custom_kubeconfig(
-                    Kubeconfig::read_from(path)?,
-                    &KubeConfigOptions::default(),
-                )
-                .await?
-            }
-            None => Config::infer().await?,
-        };
-        let server = config.cluster_url.to_string();
-        let client = Client::try_from(config)?;
-        let watches = watches();
+        Ok(KubeSource::watch(connect(kubeconfig).await?, Scope::Mesh).await)
+    }
+
+    /// Starts a watcher per kind of `scope` on the current runtime, and returns once every
+    /// kind was listed.
+    pub async fn watch(api: ApiClient, scope: Scope) -> KubeSource {
+        let ApiClient { client, server } = api;
+        let watches = watches(scope);
         let watched = Arc::new(Mutex::new(Watched {
             kinds: watches.iter().map(|_| KindObjects::default()).collect(),
             revision: 0,
@@ -307,12 +337,12 @@ impl KubeSource {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tracing::info!("watching {server}");
-        Ok(KubeSource {
+        KubeSource {
             server,
             watched,
             taken: None,
             admission: Admission::default(),
-        })
+        }
     }
 }
 
@@ -405,7 +435,7 @@ mod tests {
                 }
             }
         }
-        let watched: std::collections::BTreeSet<_> = watches()
+        let watched: std::collections::BTreeSet<_> = watches(Scope::Mesh)
             .into_iter()
             .map(|w| {
                 let names = w.only.map(|(_, name)| vec![name.to_owned()]);
@@ -426,6 +456,62 @@ mod tests {
             rest[..rest.find("\n---").unwrap_or(rest.len())].to_owned()
         };
         assert_eq!(rules(&chart), rules(&text));
+    }
+
+    #[test]
+    fn the_ca_role_grants_its_pod_watch_and_token_reviews_in_deploy_and_the_chart() {
+        let read = |path: &str| {
+            std::fs::read_to_string(format!("{}/../{path}", env!("CARGO_MANIFEST_DIR")))
+                .expect(path)
+        };
+        let rules = |text: &str| -> String {
+            let start = text.find("\nrules:\n").expect("rules");
+            let rest = &text[start..];
+            rest[..rest.find("\n---").unwrap_or(rest.len())].to_owned()
+        };
+        let plain = rules(&read("deploy/mesh-ca.yaml"));
+        assert_eq!(plain, rules(&read("deploy/chart/templates/ca.yaml")));
+        let role: serde_norway::Value =
+            serde_norway::from_str(plain.trim_start()).expect("rules yaml");
+        let granted: Vec<(String, String, String)> = role["rules"]
+            .as_sequence()
+            .expect("rules")
+            .iter()
+            .map(|rule| {
+                let one = |key: &str| {
+                    let list = rule[key].as_sequence().expect(key);
+                    assert_eq!(list.len(), 1, "{key}: one each");
+                    list[0].as_str().expect(key).to_owned()
+                };
+                (
+                    one("apiGroups"),
+                    one("resources"),
+                    rule["verbs"]
+                        .as_sequence()
+                        .expect("verbs")
+                        .iter()
+                        .filter_map(|v| v.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                )
+            })
+            .collect();
+        let pods = &watches(Scope::Pods)[0].resource;
+        assert_eq!(
+            granted,
+            [
+                (
+                    pods.group.clone(),
+                    pods.plural.clone(),
+                    "list,watch".to_owned()
+                ),
+                (
+                    "authentication.k8s.io".to_owned(),
+                    "tokenreviews".to_owned(),
+                    "create".to_owned()
+                ),
+            ]
+        );
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! The mesh CA (`mesh-agent ca`) and the agent's client of it.
 //!
-//! The CA serves `POST /v1/certificates` over TLS. A node agent authenticates with its
-//! node's bootstrap token (`Authorization: Bearer`, `X-Mesh-Node`) and sends a CSR for one
-//! SPIFFE ID; the CA signs it only if a pod of that namespace and service account runs on
-//! that node, according to the cluster configuration it reads. Private keys stay with the
-//! agents.
+//! The CA serves `POST /v1/certificates` over TLS. A node agent authenticates
+//! (`Authorization: Bearer`) and sends a CSR for one SPIFFE ID; the CA signs it only if a
+//! pod of that namespace and service account runs on that node, according to the cluster
+//! configuration it reads. Private keys stay with the agents. On Kubernetes the token is
+//! the agent's projected ServiceAccount token, which the API server reviews and which
+//! names the node ([`token_review`](super::token_review)); on the directory source it is
+//! the node's bootstrap token, with the node named by `X-Mesh-Node`.
 //!
-//! Against a hostile or broken client: tokens are compared in constant time, each node
+//! Against a hostile or broken client: bootstrap tokens are compared in constant time,
+//! reviews of tokens not seen lately have a budget of their own, each node
 //! has a budget of requests (a token bucket; over it the answer is 429 with
 //! `Retry-After`, which the agent's certificate manager backs off from like any refusal),
 //! and a connection has a deadline for its handshake, its headers and its exchange, so
@@ -40,13 +43,16 @@ use tokio_rustls::TlsAcceptor;
 use crate::{
     config::{
         self,
-        origin::{self, SourceKind},
+        kube_api::{self, ApiClient, KubeSource, Scope},
+        origin::SourceKind,
+        source::ConfigSource,
         ClusterConfig,
     },
     http::client::{self, Transport},
     identity::{
         spiffe::{CaKeys, IdentityError, SpiffeId},
         tls::provider,
+        token_review::{Expected, TokenReviewer},
     },
 };
 
@@ -60,6 +66,11 @@ const NODE_BURST: u32 = 20;
 /// Requests a node may make per second once its burst is spent: renewal needs one per
 /// identity per half lifetime, so this only slows a node that is broken or taken over.
 const NODE_PER_SECOND: u32 = 5;
+/// Reviews of tokens the CA has no recent verdict on, across all clients: tokens that are
+/// not a node's are not charged to any node, so they get one budget, which keeps a flood
+/// of made-up tokens off the API server.
+const REVIEW_BURST: u32 = 50;
+const REVIEWS_PER_SECOND: u32 = 20;
 
 /// How long a client may take over each step of a connection.
 #[derive(Debug, Clone, Copy)]
@@ -98,9 +109,21 @@ pub struct CaOptions {
     /// Lifetime of workload certificates (e.g. 24h, 10m, 8s).
     #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = parse_ttl)]
     pub cert_ttl: Duration,
-    /// Bootstrap tokens: one `node token` line per node.
+    /// Bootstrap tokens, one `node token` line per node: how agents authenticate on the
+    /// directory source. On Kubernetes they present their ServiceAccount token instead.
     #[arg(long, env = "MESH_CA_TOKENS")]
-    pub tokens: PathBuf,
+    pub tokens: Option<PathBuf>,
+    /// The agents' ServiceAccount (`namespace/name`): on Kubernetes, only its tokens are
+    /// accepted.
+    #[arg(
+        long,
+        env = "MESH_CA_AGENT_SERVICE_ACCOUNT",
+        default_value = "mesh-system/mesh-agent"
+    )]
+    pub agent_service_account: String,
+    /// The audience the agents' projected tokens are bound to.
+    #[arg(long, env = "MESH_CA_TOKEN_AUDIENCE", default_value = "mesh-ca")]
+    pub token_audience: String,
     /// Where the CA learns which pods run on which node: a directory of YAML (`dir`) or
     /// the Kubernetes API (`kube`).
     #[arg(long, env = "MESH_CONFIG_SOURCE", value_enum, default_value_t = SourceKind::Dir)]
@@ -132,15 +155,9 @@ impl ClusterView {
         }
     }
 
-    /// Watches the Kubernetes API in the background, keeping its latest configuration.
-    async fn watch(options: &CaOptions) -> anyhow::Result<ClusterView> {
-        let mut source = origin::open(
-            SourceKind::Kube,
-            &options.config_dir,
-            options.kubeconfig.as_deref(),
-        )
-        .await
-        .context("watching the Kubernetes API")?;
+    /// Watches the pods of the Kubernetes API in the background, keeping the latest.
+    async fn watch(api: ApiClient) -> ClusterView {
+        let mut source = KubeSource::watch(api, Scope::Pods).await;
         let latest = Arc::new(Mutex::new(None));
         let view = latest.clone();
         tokio::spawn(async move {
@@ -155,8 +172,16 @@ impl ClusterView {
                 tokio::time::sleep(SOURCE_POLL).await;
             }
         });
-        Ok(ClusterView::Watched(view))
+        ClusterView::Watched(view)
     }
+}
+
+/// How the CA knows which node asks.
+enum NodeAuthentication {
+    /// Each node's bootstrap token, read from this file at each request.
+    BootstrapTokens(PathBuf),
+    /// The agents' ServiceAccount tokens, reviewed by the API server.
+    ServiceAccountTokens(Box<TokenReviewer>),
 }
 
 /// How often the watched source is asked for a change (its watches run meanwhile).
@@ -182,17 +207,78 @@ struct Ca {
     keys: CaKeys,
     options: CaOptions,
     cluster: ClusterView,
+    authentication: NodeAuthentication,
     /// By authenticated node, so that nobody can spend another node's budget.
     per_node: RateLimits<String>,
+    reviews: RateLimits<()>,
 }
 
 impl Ca {
-    fn new(keys: CaKeys, options: CaOptions, cluster: ClusterView) -> Ca {
+    fn new(
+        keys: CaKeys,
+        options: CaOptions,
+        cluster: ClusterView,
+        authentication: NodeAuthentication,
+    ) -> Ca {
         Ca {
             keys,
             options,
             cluster,
+            authentication,
             per_node: RateLimits::new(NODE_BURST, NODE_PER_SECOND),
+            reviews: RateLimits::new(REVIEW_BURST, REVIEWS_PER_SECOND),
+        }
+    }
+}
+
+/// `namespace/name` of a ServiceAccount.
+fn parse_service_account(text: &str) -> anyhow::Result<(String, String)> {
+    match text.split_once('/') {
+        Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() => {
+            Ok((namespace.to_owned(), name.to_owned()))
+        }
+        _ => anyhow::bail!("--agent-service-account {text:?}: expected namespace/name"),
+    }
+}
+
+/// Which pods run where, and how nodes authenticate, for the configured source.
+async fn cluster_and_authentication(
+    options: &CaOptions,
+) -> anyhow::Result<(ClusterView, NodeAuthentication)> {
+    match options.config_source {
+        SourceKind::Dir => {
+            let tokens = options.tokens.clone().context(
+                "--tokens (the nodes' bootstrap tokens) is required with --config-source dir",
+            )?;
+            Ok((
+                ClusterView::Dir(options.config_dir.clone()),
+                NodeAuthentication::BootstrapTokens(tokens),
+            ))
+        }
+        SourceKind::Kube => {
+            if options.tokens.is_some() {
+                anyhow::bail!(
+                    "--tokens: bootstrap tokens are for --config-source dir; on Kubernetes \
+                     agents present their ServiceAccount token"
+                );
+            }
+            let (namespace, service_account) =
+                parse_service_account(&options.agent_service_account)?;
+            let api = kube_api::connect(options.kubeconfig.as_deref())
+                .await
+                .context("connecting to the Kubernetes API")?;
+            let reviewer = TokenReviewer::new(
+                api.clone(),
+                Expected {
+                    namespace,
+                    service_account,
+                    audience: options.token_audience.clone(),
+                },
+            );
+            Ok((
+                ClusterView::watch(api).await,
+                NodeAuthentication::ServiceAccountTokens(Box::new(reviewer)),
+            ))
         }
     }
 }
@@ -220,11 +306,8 @@ pub async fn run(options: CaOptions) -> anyhow::Result<()> {
         options.trust_domain,
         options.listen
     );
-    let cluster = match options.config_source {
-        SourceKind::Dir => ClusterView::Dir(options.config_dir.clone()),
-        SourceKind::Kube => ClusterView::watch(&options).await?,
-    };
-    let ca = Arc::new(Ca::new(keys, options, cluster));
+    let (cluster, authentication) = cluster_and_authentication(&options).await?;
+    let ca = Arc::new(Ca::new(keys, options, cluster, authentication));
     let intake = crate::http::Intake::default();
     crate::http::accept_loop("CA", listener, intake, move |stream, peer| {
         serve(stream, peer, acceptor.clone(), ca.clone(), TIMEOUTS)
@@ -305,12 +388,12 @@ fn refuse(status: StatusCode, message: String) -> Response<Full<Bytes>> {
 
 /// 429 with `Retry-After` in whole seconds, rounded up. Logged quietly: a node over its
 /// budget would otherwise flood the log at the rate it is refused.
-fn too_many(node: &str, wait: Duration) -> Response<Full<Bytes>> {
-    tracing::debug!("CA: node {node} over its request budget");
+fn too_many(who: &str, wait: Duration) -> Response<Full<Bytes>> {
+    tracing::debug!("CA: {who} over the request budget");
     let seconds = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
     let mut response = reply(
         StatusCode::TOO_MANY_REQUESTS,
-        serde_json::json!({ "error": format!("node {node}: too many requests") }).to_string(),
+        serde_json::json!({ "error": format!("{who}: too many requests") }).to_string(),
     );
     response
         .headers_mut()
@@ -382,17 +465,16 @@ impl Ca {
                 .unwrap_or_default()
                 .to_owned()
         };
-        let node = header("x-mesh-node");
+        let claimed = header("x-mesh-node");
         let token = header("authorization");
-        if !self.authenticated(&node, token.strip_prefix("Bearer ").unwrap_or_default()) {
-            return refuse(
-                StatusCode::UNAUTHORIZED,
-                format!("node {node:?}: bad or missing bootstrap token"),
-            );
-        }
+        let token = token.strip_prefix("Bearer ").unwrap_or_default();
+        let node = match self.authenticate(&claimed, token).await {
+            Ok(node) => node,
+            Err(refused) => return refused,
+        };
         // Before the body is read, the configuration loaded and a certificate signed.
         if let Err(wait) = self.per_node.take(node.clone(), Instant::now()) {
-            return too_many(&node, wait);
+            return too_many(&format!("node {node}"), wait);
         }
         let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
             Ok(body) => body.to_bytes(),
@@ -417,13 +499,79 @@ impl Ca {
         }
     }
 
-    fn authenticated(&self, node: &str, token: &str) -> bool {
-        if node.is_empty() || token.is_empty() {
-            return false;
+    /// The node `token` speaks for (`claimed` is the node the client says it is), or the
+    /// answer that refuses it.
+    async fn authenticate(
+        &self,
+        claimed: &str,
+        token: &str,
+    ) -> Result<String, Response<Full<Bytes>>> {
+        match &self.authentication {
+            NodeAuthentication::BootstrapTokens(path) => {
+                let known = !claimed.is_empty()
+                    && !token.is_empty()
+                    && read_tokens(path)
+                        .get(claimed)
+                        .is_some_and(|t| secrets_equal(t, token));
+                if known {
+                    Ok(claimed.to_owned())
+                } else {
+                    Err(refuse(
+                        StatusCode::UNAUTHORIZED,
+                        format!("node {claimed:?}: bad or missing bootstrap token"),
+                    ))
+                }
+            }
+            NodeAuthentication::ServiceAccountTokens(reviewer) => {
+                if token.is_empty() {
+                    return Err(refuse(
+                        StatusCode::UNAUTHORIZED,
+                        "no ServiceAccount token (Authorization: Bearer)".into(),
+                    ));
+                }
+                let verdict = match reviewer.kept(token, Instant::now()) {
+                    Some(verdict) => verdict,
+                    None => {
+                        if let Err(wait) = self.reviews.take((), Instant::now()) {
+                            return Err(too_many("reviews of new tokens", wait));
+                        }
+                        let pod_node = |namespace: &str, name: &str| self.pod_node(namespace, name);
+                        match reviewer.review(token, pod_node).await {
+                            Ok(verdict) => verdict,
+                            Err(err) => {
+                                return Err(refuse(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    format!("reviewing a ServiceAccount token: {err:#}"),
+                                ))
+                            }
+                        }
+                    }
+                };
+                let node = verdict.map_err(|reason| {
+                    refuse(
+                        StatusCode::UNAUTHORIZED,
+                        format!("ServiceAccount token refused: {reason}"),
+                    )
+                })?;
+                if !claimed.is_empty() && claimed != node {
+                    return Err(refuse(
+                        StatusCode::FORBIDDEN,
+                        format!("the token speaks for node {node}, not {claimed}"),
+                    ));
+                }
+                Ok(node)
+            }
         }
-        read_tokens(&self.options.tokens)
-            .get(node)
-            .is_some_and(|t| secrets_equal(t, token))
+    }
+
+    /// The node the pod `namespace/name` is scheduled on.
+    fn pod_node(&self, namespace: &str, name: &str) -> Option<String> {
+        let cluster = self.cluster.current()?;
+        cluster
+            .pods
+            .iter()
+            .find(|pod| pod.metadata.namespace() == namespace && pod.metadata.name == name)
+            .and_then(|pod| pod.spec.node_name.clone())
     }
 
     /// Whether a pod of `id`'s namespace and service account runs on `node`.
@@ -520,7 +668,9 @@ pub struct CaClient {
     /// found) or an address.
     pub address: String,
     pub node: String,
-    pub token: String,
+    /// The token's file, read at each request: a projected ServiceAccount token is
+    /// rotated by the kubelet.
+    pub token: PathBuf,
     pub root_pem: String,
 }
 
@@ -546,10 +696,16 @@ impl CaClient {
         let mut request =
             client::Request::post_json(self.address.clone(), "/v1/certificates", body);
         request.host = CA_SERVER_NAME.into();
+        let token = std::fs::read_to_string(&self.token)
+            .with_context(|| format!("reading the CA token {}", self.token.display()))?;
         request.headers.push((
             http::header::AUTHORIZATION,
-            HeaderValue::from_str(&format!("Bearer {}", self.token))
-                .context("the CA token is not a valid header value")?,
+            HeaderValue::from_str(&format!("Bearer {}", token.trim())).with_context(|| {
+                format!(
+                    "the CA token {} is not a valid header value",
+                    self.token.display()
+                )
+            })?,
         ));
         request.headers.push((
             HeaderName::from_static("x-mesh-node"),
@@ -675,7 +831,7 @@ mod tests {
     #[test]
     fn retry_after_is_in_whole_seconds_rounded_up() {
         for (wait, seconds) in [(0, "1"), (200, "1"), (1000, "1"), (1001, "2"), (2500, "3")] {
-            let response = too_many("node-a", Duration::from_millis(wait));
+            let response = too_many("node node-a", Duration::from_millis(wait));
             assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
             assert_eq!(
                 response.headers().get(http::header::RETRY_AFTER),
@@ -710,15 +866,18 @@ mod tests {
             root_key: None,
             trust_domain: "cluster.local".into(),
             cert_ttl: Duration::from_secs(60),
-            tokens: dir.join("tokens"),
+            tokens: Some(dir.join("tokens")),
+            agent_service_account: "mesh-system/mesh-agent".into(),
+            token_audience: "mesh-ca".into(),
             config_source: SourceKind::Dir,
             config_dir: dir.join("config"),
             kubeconfig: None,
         };
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
         let cluster = ClusterView::Dir(options.config_dir.clone());
+        let authentication = NodeAuthentication::BootstrapTokens(dir.join("tokens"));
         (
-            Arc::new(Ca::new(keys, options, cluster)),
+            Arc::new(Ca::new(keys, options, cluster, authentication)),
             acceptor,
             connector,
             dir,

@@ -5,3 +5,4 @@ pub mod ca;
 pub mod certs;
 pub mod spiffe;
 pub mod tls;
+pub mod token_review;
