@@ -14,6 +14,8 @@ pub const MAPS_LAYOUT_VERSION: u32 = 6;
 
 /// The agent's transparent listener for connections captured leaving a pod.
 pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
+/// The agent's DNS proxy (UDP and TCP), where `tc_from_pod` hands pods' DNS to port 53.
+pub const DNS_CAPTURE_PORT: u16 = 15053;
 /// The agent's listener for tunnelled connections from other node agents.
 pub const TUNNEL_PORT: u16 = 15008;
 /// The agent's Prometheus endpoint.
@@ -91,6 +93,9 @@ pub const SETTINGS_KEY: u32 = 0;
 /// TCP connection to the agent (which knows the whole mesh and reaches destinations
 /// outside it directly) instead of letting the unknown ones pass uncaptured.
 pub const SETTING_CAPTURE_UNKNOWN: u32 = 1;
+/// `SETTINGS` bit: `tc_from_pod` hands pods' DNS (UDP and TCP to port 53) to the agent's
+/// DNS proxy on `DNS_CAPTURE_PORT`.
+pub const SETTING_CAPTURE_DNS: u32 = 2;
 
 /// Values of `PORT_MTLS`, a port's PeerAuthentication mode overriding the workload's.
 pub const PORT_MTLS_PERMISSIVE: u32 = 1;

@@ -85,7 +85,18 @@ pub fn count_verdict(index: u32) {
 /// missing from them may be meshed all the same.
 #[inline(always)]
 pub fn capture_unknown() -> bool {
+    setting(mesh_common::SETTING_CAPTURE_UNKNOWN)
+}
+
+/// Whether pods' DNS goes to the agent's DNS proxy.
+#[inline(always)]
+pub fn capture_dns() -> bool {
+    setting(mesh_common::SETTING_CAPTURE_DNS)
+}
+
+#[inline(always)]
+fn setting(bit: u32) -> bool {
     MESH_SETTINGS
         .get(mesh_common::SETTINGS_KEY)
-        .is_some_and(|bits| bits & mesh_common::SETTING_CAPTURE_UNKNOWN != 0)
+        .is_some_and(|bits| bits & bit != 0)
 }

@@ -161,13 +161,13 @@ pub fn icmp_type(ctx: &TcContext, offset: usize) -> Option<u8> {
     Some(unsafe { (*icmp).kind })
 }
 
-/// The source port of a UDP datagram, in host order.
+/// The UDP source and destination ports, in network order.
 #[inline(always)]
-pub fn udp_source_port(ctx: &TcContext, offset: usize) -> Option<u16> {
+pub fn udp_ports(ctx: &TcContext, offset: usize) -> Option<(u16, u16)> {
     if offset > ETH_HDR_LEN + IPV4_MAX_HDR_LEN {
         return None;
     }
     let udp: *const UdpHdr = ptr_at(ctx, offset)?;
     // SAFETY: bounds checked by ptr_at.
-    Some(u16::from_be(unsafe { (*udp).source }))
+    Some(unsafe { ((*udp).source, (*udp).dest) })
 }

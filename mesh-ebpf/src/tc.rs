@@ -6,7 +6,9 @@
 //! agent's transparent capture listener with `bpf_sk_assign`, unless the destination's
 //! AuthorizationPolicies deny this source on L4 facts alone (then the SYN is dropped). The mark makes the node's
 //! policy route deliver the packet locally, so the accepted socket's local address is
-//! the original destination: no NAT and no side table. Everything is counted.
+//! the original destination: no NAT and no side table. A pod's DNS (UDP or TCP to port
+//! 53, whichever server it names) goes the same way to the agent's DNS proxy, when the
+//! agent turned that on. Everything is counted.
 //!
 //! `tc_to_pod` (egress of the host veth, packets entering the pod) counts, and enforces
 //! PeerAuthentication STRICT: TCP to such a pod port that the agent did not send (its
@@ -29,25 +31,24 @@
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_tuple, BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::classifier,
     programs::TcContext,
 };
 use mesh_common::{
     verdict, PolicyKey, PortKey, ServiceKey, TrafficCounters, TrafficKey, AGENT_MARK, CAPTURE_MARK,
-    DIRECTION_FROM_POD, DIRECTION_TO_POD, OUTBOUND_CAPTURE_PORT, POLICY_DENY, PORT_MTLS_STRICT,
-    WORKLOAD_FLAG_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT_PORTS,
+    DIRECTION_FROM_POD, DIRECTION_TO_POD, DNS_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, POLICY_DENY,
+    PORT_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT_PORTS,
 };
 
 use crate::{
     maps::{
-        capture_unknown, count_verdict, MESH_POLICY, MESH_PORT_MTLS, MESH_PROBE_PORTS,
+        capture_dns, capture_unknown, count_verdict, MESH_POLICY, MESH_PORT_MTLS, MESH_PROBE_PORTS,
         MESH_SERVICES, MESH_SERVICE_IPS, MESH_TRAFFIC, MESH_WORKLOADS,
     },
     packet::{
-        ether_type, icmp_type, parse_ipv4, parse_tcp, udp_source_port, Ipv4Packet, DNS_PORT,
-        ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_FLAG_ACK,
-        TCP_FLAG_SYN,
+        ether_type, icmp_type, parse_ipv4, parse_tcp, udp_ports, Ipv4Packet, DNS_PORT, ETH_P_ARP,
+        ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_FLAG_ACK, TCP_FLAG_SYN,
     },
 };
 
@@ -160,7 +161,9 @@ fn to_pod(ctx: &TcContext) -> i32 {
     // DNS answers: a pod must resolve names under STRICT too, and the node's resolver
     // answers from port 53 outside the mesh. A datagram forged to look like one reaches
     // only a UDP socket, which mutual TLS never protected.
-    if ip.protocol == IPPROTO_UDP && udp_source_port(ctx, ip.l4_offset) == Some(DNS_PORT) {
+    if ip.protocol == IPPROTO_UDP
+        && udp_ports(ctx, ip.l4_offset).is_some_and(|(sport, _)| sport == DNS_PORT.to_be())
+    {
         return TC_ACT_OK;
     }
     drop_counted(verdict::DROP_NON_TCP_STRICT)
@@ -176,6 +179,17 @@ fn from_pod(ctx: &TcContext) -> i32 {
         return drop_counted(verdict::DROP_SPOOFED_SOURCE);
     }
     account(ip.saddr, ip.daddr, DIRECTION_FROM_POD, ctx.len());
+    if ip.protocol == IPPROTO_UDP && !ip.fragment && capture_dns() {
+        let Some((sport, dport)) = udp_ports(ctx, ip.l4_offset) else {
+            return drop_counted(verdict::DROP_MALFORMED);
+        };
+        if dport == DNS_PORT.to_be() {
+            return match lookup_udp(ctx, ip.saddr, ip.daddr, sport) {
+                Some(proxy) => steer(ctx, proxy, verdict::STEERED_NEW),
+                None => drop_counted(verdict::DROP_NO_PROXY),
+            };
+        }
+    }
     if ip.protocol != IPPROTO_TCP {
         count_verdict(verdict::PASSED);
         return TC_ACT_OK;
@@ -211,6 +225,19 @@ fn from_pod(ctx: &TcContext) -> i32 {
             })
             .is_some();
     let new_connection = flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0;
+    if new_connection && dport == DNS_PORT.to_be() && capture_dns() {
+        return match lookup(
+            ctx,
+            ip.saddr,
+            ip.daddr,
+            sport,
+            DNS_CAPTURE_PORT.to_be(),
+            true,
+        ) {
+            Some(proxy) => steer(ctx, proxy, verdict::STEERED_NEW),
+            None => drop_counted(verdict::DROP_NO_PROXY),
+        };
+    }
     // With incomplete maps an unknown destination may be a meshed pod or Service that did
     // not fit: its new connections go to the agent, which knows. Other segments to unknown
     // destinations (replies of connections into the pod) pass as before.
@@ -319,6 +346,29 @@ fn lookup(
         unsafe { bpf_sk_release(sk as *mut _) };
         None
     }
+}
+
+/// The agent's DNS proxy socket for a pod's datagram (`sport` in network order): the
+/// unconnected UDP socket bound to `DNS_CAPTURE_PORT`.
+#[inline(always)]
+fn lookup_udp(ctx: &TcContext, saddr: u32, daddr: u32, sport: u16) -> Option<*mut bpf_sock> {
+    // SAFETY: an all-zero tuple is a valid value of this plain C union.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv4.saddr = saddr;
+    tuple.__bindgen_anon_1.ipv4.daddr = daddr;
+    tuple.__bindgen_anon_1.ipv4.sport = sport;
+    tuple.__bindgen_anon_1.ipv4.dport = DNS_CAPTURE_PORT.to_be();
+    // SAFETY: as in `lookup`; the socket is released by `steer`.
+    let sk = unsafe {
+        bpf_sk_lookup_udp(
+            ctx.skb.skb as *mut _,
+            &mut tuple,
+            core::mem::size_of::<[u32; 3]>() as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    (!sk.is_null()).then_some(sk)
 }
 
 /// Whether `saddr` is the address of the local pod whose host veth this packet came in

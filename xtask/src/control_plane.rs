@@ -452,6 +452,7 @@ pub fn command(state: &ControlPlaneState, args: &[String]) -> Result<Command> {
             netns: API_NETNS.to_owned(),
             cgroup: None,
             detach: false,
+            resolv_conf: None,
         },
     )?;
     Ok(command)

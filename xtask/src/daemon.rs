@@ -42,20 +42,30 @@ pub fn start_daemon(
     netns: &str,
     cgroup: PathBuf,
 ) -> Result<u32> {
+    start_placed_daemon(
+        command,
+        log_name,
+        &Placement {
+            netns: netns.to_owned(),
+            cgroup: Some(cgroup),
+            detach: true,
+            resolv_conf: None,
+        },
+    )
+}
+
+/// [`start_daemon`] at a placement of the caller's (a pod's, with its resolver).
+pub fn start_placed_daemon(
+    command: &mut Command,
+    log_name: &str,
+    placement: &Placement,
+) -> Result<u32> {
     let log = log_file(log_name)?;
     command
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    let child = ns::spawn(
-        command,
-        &Placement {
-            netns: netns.to_owned(),
-            cgroup: Some(cgroup),
-            detach: true,
-        },
-    )?;
-    Ok(child.id())
+    Ok(ns::spawn(command, placement)?.id())
 }
 
 /// Creates network namespace `netns` with an `eth0` at `address`/24 on the bridge that

@@ -14,6 +14,7 @@ mod jaeger;
 mod kube_tools;
 mod ns;
 mod prometheus;
+mod resolver;
 mod sandbox;
 mod setup;
 mod supervise;

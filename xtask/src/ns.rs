@@ -18,7 +18,12 @@ pub struct Placement {
     pub cgroup: Option<PathBuf>,
     /// Start a new session, so the process outlives xtask.
     pub detach: bool,
+    /// A pod's resolver configuration, bind-mounted over /etc/resolv.conf in a mount
+    /// namespace of the process's own (as the kubelet gives each pod its own).
+    pub resolv_conf: Option<PathBuf>,
 }
+
+const RESOLV_CONF: &str = "/etc/resolv.conf";
 
 fn netns_file(name: &str) -> Result<File> {
     let path = Path::new("/run/netns").join(name);
@@ -36,8 +41,17 @@ pub fn place(command: &mut Command, placement: &Placement) -> Result<()> {
         None => None,
     };
     let detach = placement.detach;
+    // A machine without /etc/resolv.conf has nothing to mount over.
+    let resolv_conf = match &placement.resolv_conf {
+        Some(path) if Path::new(RESOLV_CONF).exists() => Some((
+            CString::new(path.to_string_lossy().into_owned())
+                .context("resolv.conf path with a NUL byte")?,
+            CString::new(RESOLV_CONF).context("resolv.conf")?,
+        )),
+        _ => None,
+    };
     // SAFETY: the closure only makes async-signal-safe system calls (setsid, close_range,
-    // open, write, close, setns) on data prepared before the fork.
+    // open, write, close, setns, unshare, mount) on data prepared before the fork.
     unsafe {
         command.pre_exec(move || {
             if detach && libc::setsid() < 0 {
@@ -65,6 +79,27 @@ pub fn place(command: &mut Command, placement: &Placement) -> Result<()> {
             }
             if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some((source, target)) = &resolv_conf {
+                // Private mounts first, so the bind mount stays in this namespace.
+                if libc::unshare(libc::CLONE_NEWNS) != 0
+                    || libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_SLAVE,
+                        std::ptr::null(),
+                    ) != 0
+                    || libc::mount(
+                        source.as_ptr(),
+                        target.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });

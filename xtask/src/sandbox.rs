@@ -27,14 +27,14 @@ use serde_norway::Value;
 use crate::{
     control_plane::{self, ControlPlaneState},
     daemon::{
-        http_get, ip, join_fabric, log_path, logs_dir, process_alive, start_daemon, FABRIC_NETNS,
-        RUN_DIR,
+        http_get, ip, join_fabric, log_path, logs_dir, process_alive, start_daemon,
+        start_placed_daemon, FABRIC_NETNS, RUN_DIR,
     },
     jaeger::{self, JaegerState},
     ns::{self, Placement},
     progress,
     prometheus::{self, PrometheusState},
-    release_binaries, run, supervise,
+    release_binaries, resolver, run, supervise,
 };
 
 const PREFIX: &str = "msb";
@@ -457,6 +457,7 @@ pub fn up(config: &Path, source: ConfigSource) -> Result<()> {
         })
         .collect();
     state.prometheus = Some(prometheus::start(Path::new(RUN_DIR), &cgroups, &targets)?);
+    resolver::start(&cgroups)?;
     state.save()?;
     // Nodes first, so that the agents start with their own address known.
     for node in &nodes {
@@ -905,7 +906,9 @@ fn start_agent(node: &NodeState, agent: &Path, kubeconfig: Option<&Path>) -> Res
         .arg(supervise::pid_file(&node.name))
         .arg("--")
         .arg(agent)
-        .args(["run", "--node", &node.name, "--ca-address", CA_ADDRESS]);
+        .args(["run", "--node", &node.name, "--ca-address", CA_ADDRESS])
+        .arg("--dns-upstream")
+        .arg(resolver::IP.to_string());
     if let Some(kubeconfig) = kubeconfig {
         command
             .args(["--config-source", "kube", "--kubeconfig"])
@@ -1026,6 +1029,23 @@ fn wait_certificate(state: &SandboxState, pod: &PodState, service_account: &str)
     }
 }
 
+/// The cluster DNS address pods are told about, as kubeadm's `kube-dns` Service has it;
+/// whatever address they ask, the node agent's DNS proxy answers.
+const CLUSTER_DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+/// The pod's resolv.conf, as the kubelet writes it for `dnsPolicy: ClusterFirst`.
+fn pod_resolv_conf(pod: &PodState) -> Result<PathBuf> {
+    let dir = Path::new(RUN_DIR).join("resolv");
+    let path = dir.join(format!("{}-{}.conf", pod.namespace, pod.name));
+    let text = format!(
+        "nameserver {CLUSTER_DNS}\nsearch {}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n",
+        pod.namespace
+    );
+    fs::create_dir_all(&dir)?;
+    fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
 fn start_pod(state: &mut SandboxState, pod: &PodState, start: &PodStart) -> Result<()> {
     if start.meshed {
         wait_enrolled(state, pod)?;
@@ -1042,7 +1062,13 @@ fn start_pod(state: &mut SandboxState, pod: &PodState, start: &PodStart) -> Resu
         .env("POD_NAMESPACE", &pod.namespace)
         .env("POD_IP", pod.ip.to_string());
     let log = format!("pod-{}-{}.log", pod.namespace, pod.name);
-    let pid = start_daemon(&mut cmd, &log, &pod.netns, pod.cgroup.clone())?;
+    let placement = Placement {
+        netns: pod.netns.clone(),
+        cgroup: Some(pod.cgroup.clone()),
+        detach: true,
+        resolv_conf: Some(pod_resolv_conf(pod)?),
+    };
+    let pid = start_placed_daemon(&mut cmd, &log, &placement)?;
     if let Some(stored) = state
         .pods
         .iter_mut()
@@ -1183,6 +1209,7 @@ pub fn command_in(target: &ExecTarget, program: &str, args: &[String]) -> Result
                 netns: pod.netns.clone(),
                 cgroup: Some(pod.cgroup.clone()),
                 detach: false,
+                resolv_conf: Some(pod_resolv_conf(pod)?),
             };
             (placement, state.node(&pod.node)?.bpffs.clone())
         }
@@ -1192,6 +1219,7 @@ pub fn command_in(target: &ExecTarget, program: &str, args: &[String]) -> Result
                 netns: node.netns.clone(),
                 cgroup: None,
                 detach: false,
+                resolv_conf: None,
             };
             (placement, node.bpffs.clone())
         }

@@ -13,8 +13,8 @@ use crate::{progress, run};
 /// sandbox; curl and python3 for the demo's pods; prometheus for `promtool` and the
 /// sandbox's metrics server; python3-venv for the manifest validator; tcpdump and
 /// openssl for the mTLS tests; iperf3 for the benchmarks; chromium (headless) to render
-/// `meshctl dashboard` in its sandbox test.
-const APT_PACKAGES: [&str; 15] = [
+/// `meshctl dashboard` in its sandbox test; dnsmasq as the sandbox nodes' resolver.
+const APT_PACKAGES: [&str; 16] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -30,6 +30,7 @@ const APT_PACKAGES: [&str; 15] = [
     "openssl",
     "iperf3",
     "chromium",
+    "dnsmasq-base",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -567,6 +567,7 @@ fn sandbox_mesh_end_to_end() {
         .any(|p| p["name"] == "web-c" && p["node"] == "node-b"));
     let greeting = in_pod("client-a", "curl -sf --max-time 10 http://10.96.0.200/");
     assert!(greeting.contains("Directory listing"), "{greeting}");
+    pods_resolve_names_through_their_node_agent();
     ok(xtask(&["sandbox", "delete", "-f", extra]), "delete");
     assert!(!status_json()["pods"]
         .as_array()
@@ -715,6 +716,104 @@ fn the_ca_signs_only_what_the_reviewed_token_s_node_hosts() {
         assert_eq!(answer.0, "401", "{says}: {answer:?}");
         assert!(answer.1.contains(says), "{says}: {answer:?}");
     }
+}
+
+/// The count of `mesh_dns_queries_total` with `result` on `node`'s agent.
+fn dns_queries(node: &str, result: &str) -> u64 {
+    let series = format!("mesh_dns_queries_total{{result=\"{result}\"}} ");
+    metrics(node)
+        .lines()
+        .find_map(|line| line.strip_prefix(series.as_str()))
+        .map_or(0, |value| value.trim().parse().expect("a count"))
+}
+
+/// A pod's DNS goes to its node agent, whichever server it asks: the mesh's names are
+/// answered there (every form of a Service's name, by the pod's namespace; a Service just
+/// applied among them), an unknown cluster name does not exist, other names come from
+/// the node's resolver, over UDP and TCP; and nobody but the node's pods is answered.
+fn pods_resolve_names_through_their_node_agent() {
+    let answered = dns_queries("node-a", "answered");
+    for name in [
+        "web",
+        "web.demo",
+        "web.demo.svc",
+        "web.demo.svc.cluster.local",
+    ] {
+        let hosts = in_pod("client-a", &format!("getent ahostsv4 {name}"));
+        assert!(hosts.starts_with("10.96.0.100 "), "{name}: {hosts}");
+    }
+    assert!(dns_queries("node-a", "answered") >= answered + 4);
+    // By name, through the mesh: the Service applied a moment ago too.
+    let reply = in_pod(
+        "client-a",
+        "curl -sf -m 10 http://web.demo.svc.cluster.local/name",
+    );
+    assert!(["web-a", "web-b"].contains(&reply.trim()), "{reply}");
+    let greeting = in_pod("client-a", "curl -sf -m 10 http://web2/");
+    assert!(greeting.contains("Directory listing"), "{greeting}");
+    // The wire: the answer comes from the address and port the pod asked, even one
+    // where no server is, and over TCP too.
+    let script = workspace().join("xtask/tests/dns_query.py");
+    let script = script.to_str().expect("path");
+    let ask = |args: &str| in_pod("client-a", &format!("python3 {script} {args}"));
+    assert_eq!(
+        ask("web2.demo.svc.cluster.local").trim(),
+        "from=10.96.0.10:53 rcode=0 answers=10.96.0.200"
+    );
+    assert_eq!(
+        ask("--server 10.96.0.53 web.demo").trim(),
+        "from=10.96.0.53:53 rcode=0 answers=10.96.0.100"
+    );
+    assert_eq!(
+        ask("--tcp web.demo.svc.cluster.local").trim(),
+        "rcode=0 answers=10.96.0.100"
+    );
+    // NXDOMAIN for an unknown name of the cluster, without asking anyone else.
+    let nxdomain = dns_queries("node-a", "nxdomain");
+    assert_eq!(
+        ask("nope.demo.svc.cluster.local").trim(),
+        "from=10.96.0.10:53 rcode=3 answers="
+    );
+    assert_eq!(dns_queries("node-a", "nxdomain"), nxdomain + 1);
+    let missing = xtask(&[
+        "sandbox",
+        "exec",
+        "client-a",
+        "--",
+        "getent",
+        "ahostsv4",
+        "nope.demo.svc.cluster.local",
+    ]);
+    assert_eq!(missing.status.code(), Some(2), "getent: not found");
+    // Other names: the node's resolver (dnsmasq at 10.200.0.250) answers, over both.
+    let forwarded = dns_queries("node-a", "forwarded");
+    assert_eq!(
+        ask("upstream.example.test").trim(),
+        "from=10.96.0.10:53 rcode=0 answers=10.200.0.249"
+    );
+    assert_eq!(
+        ask("--tcp upstream.example.test").trim(),
+        "rcode=0 answers=10.200.0.249"
+    );
+    assert_eq!(dns_queries("node-a", "forwarded"), forwarded + 2);
+    let hosts = in_pod("client-a", "getent ahostsv4 upstream.example.test");
+    assert!(hosts.starts_with("10.200.0.249 "), "{hosts}");
+    // The proxy's port, asked from the node's network: not a pod of the node, no answer.
+    let refused = dns_queries("node-a", "refused");
+    let outside = on_node(
+        "node-a",
+        &[
+            "python3",
+            script,
+            "--server",
+            "10.200.0.1",
+            "--port",
+            "15053",
+            "web.demo",
+        ],
+    );
+    assert_eq!(outside.trim(), "no answer");
+    assert_eq!(dns_queries("node-a", "refused"), refused + 1);
 }
 
 fn sandbox_kubectl(args: &[&str]) -> Output {

@@ -39,7 +39,14 @@ use crate::{
     identity::{ca::CaClient, certs::CertManager, tls::Identities},
     model::{lb::LbRegistry, MeshSettings, SharedState},
     policy::{jwks, jwt::JwksCache},
-    proxy::{inbound, outbound, plan::PlanSettings, pool::HbonePool, requests::Guard, Proxy},
+    proxy::{
+        dns::{self, DnsProxy},
+        inbound, outbound,
+        plan::PlanSettings,
+        pool::HbonePool,
+        requests::Guard,
+        Proxy,
+    },
     telemetry::{
         conns::ConnTable,
         metrics::{KernelMaps, Metrics},
@@ -86,6 +93,14 @@ pub struct AgentOptions {
     /// them through the agent.
     #[arg(long, env = "MESH_KERNEL_SPLICE", default_value_t = true, action = clap::ArgAction::Set)]
     pub kernel_splice: bool,
+    /// Answer the local pods' DNS (UDP and TCP port 53, captured in tc): the mesh's
+    /// names here, the rest through the node's resolvers.
+    #[arg(long, env = "MESH_DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub dns_capture: bool,
+    /// The resolvers the DNS proxy forwards names outside the mesh to (`ip` or
+    /// `ip:port`, comma-separated); by default the nameservers of /etc/resolv.conf.
+    #[arg(long, env = "MESH_DNS_UPSTREAM", value_delimiter = ',', value_parser = dns::parse_upstream)]
+    pub dns_upstream: Vec<std::net::SocketAddrV4>,
     /// The mesh CA's `host:port`: its Service's DNS name (e.g.
     /// `mesh-ca.mesh-system.svc:15012`) or an address.
     #[arg(long, env = "MESH_CA_ADDRESS", value_parser = parse_host_port)]
@@ -279,6 +294,9 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
 
     let mut datapath = Datapath::load(&options.bpffs, options.capacities())
         .context("loading the eBPF datapath")?;
+    datapath
+        .set_capture_dns(options.dns_capture)
+        .context("turning the DNS capture on or off")?;
     let splicer = if options.kernel_splice {
         match datapath.splicer() {
             Ok(splicer) => Some(Arc::new(splicer)),
@@ -372,6 +390,9 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         intake: intake.clone(),
     });
     tokio::spawn(expire_idle_routing_state(proxy.clone()));
+    if options.dns_capture {
+        start_dns_proxy(&options, shared.clone(), metrics.clone())?;
+    }
     tokio::spawn(retire_stale_tunnels(proxy.clone()));
     let servers = Servers {
         proxy,
@@ -443,6 +464,34 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     })
     .await;
     tracing::info!("stopped; programs and maps stay pinned for the next agent");
+    Ok(())
+}
+
+/// Starts the DNS proxy on its own sockets (shared with a successor through
+/// `SO_REUSEPORT`, not handed over: a query is one datagram or one short connection).
+fn start_dns_proxy(
+    options: &AgentOptions,
+    state: SharedState,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let upstreams = if options.dns_upstream.is_empty() {
+        dns::nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
+    } else {
+        options.dns_upstream.clone()
+    };
+    if upstreams.is_empty() {
+        tracing::warn!("the DNS proxy has no resolver for names outside the mesh: they fail");
+    }
+    let proxy = Arc::new(DnsProxy {
+        state,
+        upstreams,
+        node: options.node.clone(),
+        metrics,
+    });
+    let udp = dns::DnsUdpSocket::bind().context("binding the DNS proxy's UDP socket")?;
+    let tcp = dns::tcp_listener().context("binding the DNS proxy's TCP listener")?;
+    tokio::spawn(dns::serve_udp(udp, proxy.clone()));
+    tokio::spawn(dns::serve_tcp(tcp, proxy));
     Ok(())
 }
 

@@ -32,7 +32,7 @@ use mesh_common::{
     fill_name, pins, programs, PolicyKey, PortKey, ServiceInfo, ServiceKey, WorkloadInfo,
     CAPTURE_MARK, CAPTURE_ROUTE_TABLE, MAPS_LAYOUT_VERSION, POLICY_ALLOW, POLICY_DENY,
     PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT, PROBE_PORTS_CAPACITY, SETTINGS_KEY,
-    SETTING_CAPTURE_UNKNOWN, WORKLOAD_FLAG_LOCAL, WORKLOAD_FLAG_MTLS_STRICT,
+    SETTING_CAPTURE_DNS, SETTING_CAPTURE_UNKNOWN, WORKLOAD_FLAG_LOCAL, WORKLOAD_FLAG_MTLS_STRICT,
     WORKLOAD_FLAG_MTLS_STRICT_PORTS,
 };
 
@@ -598,6 +598,15 @@ impl Datapath {
 
     /// Sets or clears `SETTING_CAPTURE_UNKNOWN`.
     fn set_capture_unknown(&mut self, on: bool) -> Result<()> {
+        self.set_setting(SETTING_CAPTURE_UNKNOWN, on)
+    }
+
+    /// Sets or clears `SETTING_CAPTURE_DNS`: whether pods' DNS goes to the agent's proxy.
+    pub fn set_capture_dns(&mut self, on: bool) -> Result<()> {
+        self.set_setting(SETTING_CAPTURE_DNS, on)
+    }
+
+    fn set_setting(&mut self, bit: u32, on: bool) -> Result<()> {
         let name = pins::SETTINGS;
         let m = self.ebpf.map_mut(name).ok_or(DatapathError::Map {
             name,
@@ -606,11 +615,7 @@ impl Datapath {
         let mut settings: BpfArray<_, u32> =
             BpfArray::try_from(m).map_err(|source| DatapathError::Map { name, source })?;
         let bits = settings.get(&SETTINGS_KEY, 0).unwrap_or(0);
-        let bits = if on {
-            bits | SETTING_CAPTURE_UNKNOWN
-        } else {
-            bits & !SETTING_CAPTURE_UNKNOWN
-        };
+        let bits = if on { bits | bit } else { bits & !bit };
         settings
             .set(SETTINGS_KEY, bits, 0)
             .map_err(|source| DatapathError::Map { name, source })

@@ -7,6 +7,7 @@ pub mod access_log;
 pub mod circuit;
 pub mod destination_policy;
 pub mod discovery;
+pub mod dns;
 pub mod hashing;
 pub mod lb;
 pub mod locality;
@@ -404,6 +405,9 @@ pub struct MeshState {
     /// Where the balancers' state lives across configurations.
     #[serde(skip)]
     pub balancers: LbRegistry,
+    /// The cluster's names, for the DNS proxy.
+    #[serde(skip)]
+    pub dns: dns::DnsRecords,
 }
 
 impl MeshState {
@@ -475,6 +479,7 @@ impl MeshState {
             }
         }
         discovery::add_services(&mut state, config);
+        state.dns = dns::DnsRecords::of(config);
         state.mtls = state
             .workloads
             .values()

@@ -9,6 +9,7 @@
 pub mod client_hello;
 pub mod copy;
 pub mod deliver;
+pub mod dns;
 pub mod error;
 pub mod inbound;
 pub mod limits;

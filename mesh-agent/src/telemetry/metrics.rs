@@ -141,6 +141,7 @@ pub struct Metrics {
     tunnel_refusals: Family<ReasonLabels, Counter>,
     connection_refusals: Family<ReasonLabels, Counter>,
     certificate_requests: Family<ResultLabels, Counter>,
+    dns_queries: Family<ResultLabels, Counter>,
     outlier_ejections: Family<EjectionLabels, Counter>,
     authz_decisions: Family<AuthzLabels, Counter>,
     jwt_validations: Family<JwtLabels, Counter>,
@@ -209,6 +210,7 @@ impl Metrics {
         let tunnel_refusals = Family::<ReasonLabels, Counter>::default();
         let connection_refusals = Family::<ReasonLabels, Counter>::default();
         let certificate_requests = Family::<ResultLabels, Counter>::default();
+        let dns_queries = Family::<ResultLabels, Counter>::default();
         let outlier_ejections = Family::<EjectionLabels, Counter>::default();
         let authz_decisions = Family::<AuthzLabels, Counter>::default();
         let jwt_validations = Family::<JwtLabels, Counter>::default();
@@ -235,6 +237,11 @@ impl Metrics {
             "mesh_certificate_requests",
             "Certificate signing requests this agent made to the CA, by result (issued, failed: the certificate in hand stays in use until it expires)",
             certificate_requests.clone(),
+        );
+        registry.register(
+            "mesh_dns_queries",
+            "DNS queries of local pods the agent's DNS proxy handled, by result (answered, nxdomain, forwarded, failed, truncated, malformed; refused: not a local pod)",
+            dns_queries.clone(),
         );
         registry.register(
             "mesh_outlier_ejections",
@@ -314,6 +321,7 @@ impl Metrics {
             tunnel_refusals,
             connection_refusals,
             certificate_requests,
+            dns_queries,
             outlier_ejections,
             authz_decisions,
             jwt_validations,
@@ -369,6 +377,13 @@ impl Metrics {
     pub fn certificate_requested(&self, issued: bool) {
         let result = if issued { "issued" } else { "failed" };
         self.certificate_requests
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// Counts a DNS query the proxy handled, by its result.
+    pub fn dns_query(&self, result: &'static str) {
+        self.dns_queries
             .get_or_create(&ResultLabels { result })
             .inc();
     }

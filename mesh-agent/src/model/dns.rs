@@ -1,0 +1,283 @@
+//! The cluster's names, as the node agent's DNS proxy answers them: each Service's
+//! `name.namespace.svc.cluster.local` (its cluster IP, or a headless Service's ready pods)
+//! and each ServiceEntry host (its addresses), and how a pod's question maps onto them:
+//! short names (`name`, `name.namespace`, `name.namespace.svc`) complete with the asking
+//! pod's namespace, as Kubernetes' search path would; an unknown name under the cluster
+//! domain does not exist; any other name is the node's resolvers' to answer.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
+
+use crate::config::{validate::fqdn, ClusterConfig};
+
+/// The cluster's DNS domain.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// What the proxy does with a question.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// A name of the mesh, with its IPv4 addresses (none: it exists, without addresses).
+    Addresses(Vec<Ipv4Addr>),
+    /// A name under the cluster domain that names nothing: NXDOMAIN.
+    NoSuchName,
+    /// Not the mesh's name: the node's resolvers answer it.
+    Forward,
+}
+
+/// The mesh's names and their addresses, lower case and without a trailing dot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DnsRecords {
+    names: HashMap<String, Vec<Ipv4Addr>>,
+}
+
+impl DnsRecords {
+    /// The names of `config`: Services (a headless one by its ready pods) and ServiceEntry
+    /// hosts with addresses.
+    pub fn of(config: &ClusterConfig) -> DnsRecords {
+        let mut names: HashMap<String, BTreeSet<Ipv4Addr>> = HashMap::new();
+        for service in &config.services {
+            let namespace = service.metadata.namespace();
+            let name = format!("{}.{namespace}.svc.{CLUSTER_DOMAIN}", service.metadata.name)
+                .to_ascii_lowercase();
+            let addresses = names.entry(name).or_default();
+            match service.spec.cluster_ip.as_deref() {
+                Some("None") => addresses.extend(headless_addresses(config, service)),
+                Some(ip) => addresses.extend(ip.parse::<Ipv4Addr>().ok()),
+                None => {}
+            }
+        }
+        for entry in &config.istio.service_entries {
+            let namespace = entry.namespace();
+            let given: Vec<Ipv4Addr> = entry
+                .spec
+                .addresses
+                .iter()
+                .filter_map(|block| {
+                    let single = block.0.strip_suffix("/32").unwrap_or(&block.0);
+                    single.parse().ok()
+                })
+                .collect();
+            if given.is_empty() {
+                continue;
+            }
+            for host in entry.spec.hosts.iter().filter(|h| !h.contains('*')) {
+                let name = fqdn(host, namespace).to_ascii_lowercase();
+                names.entry(name).or_default().extend(given.iter().copied());
+            }
+        }
+        DnsRecords {
+            names: names
+                .into_iter()
+                .map(|(name, addresses)| (name, addresses.into_iter().collect()))
+                .collect(),
+        }
+    }
+
+    /// What to answer a pod of `namespace` (none: a client the mesh does not know) asking
+    /// for `name`.
+    pub fn resolve(&self, name: &str, namespace: Option<&str>) -> Resolution {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(addresses) = self.names.get(&name) {
+            return Resolution::Addresses(addresses.clone());
+        }
+        let labels = name.split('.').count();
+        let completed = match (labels, namespace) {
+            (1, Some(namespace)) => Some(format!("{name}.{namespace}.svc.{CLUSTER_DOMAIN}")),
+            (2, _) => Some(format!("{name}.svc.{CLUSTER_DOMAIN}")),
+            (3, _) if name.ends_with(".svc") => Some(format!("{name}.{CLUSTER_DOMAIN}")),
+            _ => None,
+        };
+        if let Some(addresses) = completed.and_then(|c| self.names.get(&c)) {
+            return Resolution::Addresses(addresses.clone());
+        }
+        if name == CLUSTER_DOMAIN || name.ends_with(&format!(".{CLUSTER_DOMAIN}")) {
+            Resolution::NoSuchName
+        } else {
+            Resolution::Forward
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
+
+/// A headless Service's addresses: its ready pods (the selector's), or the ready
+/// endpoints of its EndpointSlices when it has no selector.
+fn headless_addresses(
+    config: &ClusterConfig,
+    service: &crate::config::kube::Service,
+) -> Vec<Ipv4Addr> {
+    let namespace = service.metadata.namespace();
+    let selector = &service.spec.selector;
+    if !selector.is_empty() {
+        return config
+            .pods
+            .iter()
+            .filter(|pod| {
+                pod.metadata.namespace() == namespace
+                    && selector
+                        .iter()
+                        .all(|(k, v)| pod.metadata.labels.get(k) == Some(v))
+                    && (service.spec.publish_not_ready_addresses || pod.is_ready())
+            })
+            .filter_map(|pod| pod.running_address())
+            .collect();
+    }
+    config
+        .endpoint_slices
+        .iter()
+        .filter(|slice| {
+            slice.metadata.namespace() == namespace
+                && slice.service() == Some(service.metadata.name.as_str())
+                && slice.address_type == "IPv4"
+        })
+        .flat_map(|slice| slice.endpoints.iter())
+        .filter(|endpoint| endpoint.is_ready())
+        .flat_map(|endpoint| endpoint.addresses.iter())
+        .filter_map(|address| address.parse().ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  clusterIP: None
+  selector: {app: db}
+  ports: [{name: tcp, port: 5432}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: shop, labels: {app: db}}
+spec: {nodeName: node-a, containers: [{name: db}]}
+status: {phase: Running, podIP: 10.244.1.7}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-1, namespace: shop, labels: {app: db}}
+spec: {nodeName: node-a, containers: [{name: db}]}
+status:
+  phase: Running
+  podIP: 10.244.1.8
+  conditions: [{type: Ready, status: "False"}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: payments, namespace: shop}
+spec:
+  hosts: [pay.example.com]
+  addresses: [240.0.0.9]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: STATIC
+  endpoints: [{address: 10.0.0.9}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ledger, namespace: shop}
+spec:
+  hosts: [ledger.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+"#;
+
+    fn records() -> DnsRecords {
+        let config = crate::config::load_documents([("cluster.yaml", CLUSTER)]);
+        assert!(
+            config
+                .diagnostics
+                .iter()
+                .all(|d| d.severity != crate::config::Severity::Error),
+            "{:?}",
+            config.diagnostics
+        );
+        DnsRecords::of(&config)
+    }
+
+    fn addresses(list: &[[u8; 4]]) -> Resolution {
+        Resolution::Addresses(list.iter().map(|a| Ipv4Addr::from(*a)).collect())
+    }
+
+    #[test]
+    fn a_service_answers_to_every_form_of_its_name_from_its_namespace() {
+        let records = records();
+        let reviews = addresses(&[[10, 96, 0, 20]]);
+        for name in [
+            "reviews.shop.svc.cluster.local",
+            "reviews.shop.svc.cluster.local.",
+            "Reviews.Shop.SVC.cluster.local",
+            "reviews.shop.svc",
+            "reviews.shop",
+        ] {
+            assert_eq!(records.resolve(name, Some("web")), reviews, "{name}");
+        }
+        assert_eq!(records.resolve("reviews", Some("shop")), reviews);
+        // A short name is the asking pod's namespace's.
+        assert_eq!(records.resolve("reviews", Some("web")), Resolution::Forward);
+        assert_eq!(records.resolve("reviews", None), Resolution::Forward);
+    }
+
+    #[test]
+    fn a_headless_service_answers_with_its_ready_pods() {
+        assert_eq!(
+            records().resolve("db.shop.svc.cluster.local", None),
+            addresses(&[[10, 244, 1, 7]])
+        );
+    }
+
+    #[test]
+    fn service_entry_hosts_answer_with_their_addresses() {
+        let records = records();
+        assert_eq!(
+            records.resolve("pay.example.com", None),
+            addresses(&[[240, 0, 0, 9]])
+        );
+        // Without addresses, the host is the node's resolvers' to answer.
+        assert_eq!(
+            records.resolve("ledger.example.com", None),
+            Resolution::Forward
+        );
+    }
+
+    #[test]
+    fn unknown_cluster_names_do_not_exist_and_the_rest_is_forwarded() {
+        let records = records();
+        for name in [
+            "nope.shop.svc.cluster.local",
+            "reviews.shop.svc.cluster.local.shop.svc.cluster.local",
+            "cluster.local",
+        ] {
+            assert_eq!(
+                records.resolve(name, Some("shop")),
+                Resolution::NoSuchName,
+                "{name}"
+            );
+        }
+        for name in ["example.com", "www.example.com.", "localhost"] {
+            assert_eq!(
+                records.resolve(name, Some("shop")),
+                Resolution::Forward,
+                "{name}"
+            );
+        }
+    }
+}
