@@ -1012,6 +1012,43 @@ fn agents_on_the_kubernetes_api_follow_pods_created_and_deleted_through_it() {
     eventually("web-c in the web Service's rotation", || {
         try_backends(url, 6).is_ok_and(|b| b.contains_key("web-c"))
     });
+    // A Service created with kubectl (the API server picks its cluster IP) is reachable
+    // by name from a pod: the node agent answers its name and carries the connection.
+    ok(
+        sandbox_kubectl(&[
+            "expose",
+            "pod",
+            "web-c",
+            "-n",
+            "demo",
+            "--name",
+            "canary",
+            "--port",
+            "80",
+            "--target-port",
+            "8080",
+        ]),
+        "kubectl expose",
+    );
+    eventually("the canary Service answers by name", || {
+        xtask(&[
+            "sandbox",
+            "exec",
+            "client-a",
+            "--",
+            "curl",
+            "-sf",
+            "-m",
+            "3",
+            "http://canary/name",
+        ])
+        .stdout
+            == b"web-c\n"
+    });
+    ok(
+        sandbox_kubectl(&["delete", "service", "canary", "-n", "demo"]),
+        "kubectl delete service",
+    );
     let deleted = Instant::now();
     kubectl("delete", "web-c", WEB_C);
     eventually("web-c gone from node-a's agent", || {
