@@ -1077,6 +1077,50 @@ fn agents_on_the_kubernetes_api_follow_pods_created_and_deleted_through_it() {
 
     the_ca_signs_only_what_the_reviewed_token_s_node_hosts();
 
+    // An invalid VirtualService the schema cannot catch: the agents skip it, the rest
+    // keeps serving, and it is reported on the object in one Event (two agents judged it).
+    kubectl(
+        "apply",
+        "broken",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+         metadata: {name: broken, namespace: demo}\n\
+         spec: {hosts: [web], http: [{route: [{destination: {host: web}, weight: 140}]}]}\n",
+    );
+    let events = || -> serde_json::Value {
+        serde_json::from_str(&ok(
+            sandbox_kubectl(&[
+                "get",
+                "events",
+                "-n",
+                "demo",
+                "--field-selector",
+                "reason=InvalidConfiguration,involvedObject.name=broken",
+                "-o",
+                "json",
+            ]),
+            "kubectl get events",
+        ))
+        .expect("events JSON")
+    };
+    eventually("an Event on the invalid VirtualService", || {
+        events()["items"]
+            .as_array()
+            .is_some_and(|items| !items.is_empty())
+    });
+    let spread = backends(url, 4);
+    assert_eq!(spread.values().sum::<usize>(), 4, "{spread:?}");
+    let events = events();
+    let items = events["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1, "{events:#}");
+    assert_eq!(items[0]["type"], "Warning");
+    assert_eq!(items[0]["involvedObject"]["kind"], "VirtualService");
+    let message = items[0]["message"].as_str().expect("message");
+    assert!(
+        message.starts_with("spec.http[0].route[0].weight: ")
+            && message.ends_with("(object skipped)"),
+        "{message}"
+    );
+
     // The API server killed and started again under traffic: no request fails (the
     // agents serve what they hold), and their watches catch up: a pod created through
     // the restarted server joins the rotation.

@@ -30,6 +30,7 @@ use kube::{
 use super::{
     admission::Admission,
     kinds::{CustomKind, CUSTOM_KINDS},
+    kube_events::EventReporter,
     mesh_config,
     source::ConfigSource,
     ClusterConfig, ConfigError, DEFAULT_ROOT_NAMESPACE,
@@ -269,9 +270,12 @@ async fn watch(client: Client, watch: Watch, index: usize, watched: Arc<Mutex<Wa
 /// The Kubernetes API, watched.
 pub struct KubeSource {
     server: String,
+    client: Client,
     watched: Arc<Mutex<Watched>>,
     taken: Option<u64>,
     admission: Admission,
+    /// Reports skipped objects in Events (the agent's source; not a one-off reader's).
+    events: Option<EventReporter>,
 }
 
 /// A client of the Kubernetes API and the server's address, for messages.
@@ -308,6 +312,7 @@ impl KubeSource {
     /// kind was listed.
     pub async fn watch(api: ApiClient, scope: Scope) -> KubeSource {
         let ApiClient { client, server } = api;
+        let kept = client.clone();
         let watches = watches(scope);
         let watched = Arc::new(Mutex::new(Watched {
             kinds: watches.iter().map(|_| KindObjects::default()).collect(),
@@ -339,10 +344,18 @@ impl KubeSource {
         tracing::info!("watching {server}");
         KubeSource {
             server,
+            client: kept,
             watched,
             taken: None,
             admission: Admission::default(),
+            events: None,
         }
+    }
+
+    /// Reports each object it skips in a Kubernetes Event on the object.
+    pub fn reporting_events(mut self) -> KubeSource {
+        self.events = Some(EventReporter::new(self.client.clone()));
+        self
     }
 }
 
@@ -366,6 +379,9 @@ impl ConfigSource for KubeSource {
                 .collect()
         };
         let admitted = self.admission.admit(&current);
+        if let Some(events) = &mut self.events {
+            events.report(&admitted.skipped, &current);
+        }
         Some(Ok(ClusterConfig {
             skipped: admitted.skipped,
             ..admitted.config
@@ -424,6 +440,12 @@ mod tests {
         };
         let mut granted = std::collections::BTreeSet::new();
         for rule in role["rules"].as_sequence().expect("rules") {
+            if strings(&rule["verbs"]) == ["create"] {
+                // Beside the watches, only the Events reporting invalid objects.
+                assert_eq!(strings(&rule["resources"]), ["events"]);
+                assert_eq!(strings(&rule["apiGroups"]), [""]);
+                continue;
+            }
             assert_eq!(strings(&rule["verbs"]), ["list", "watch"]);
             let names = match &rule["resourceNames"] {
                 serde_norway::Value::Null => None,

@@ -12,6 +12,7 @@ pub mod jwks;
 pub mod kinds;
 pub mod kube;
 pub mod kube_api;
+pub mod kube_events;
 pub mod log_format;
 pub mod mesh_config;
 pub mod mesh_policy;

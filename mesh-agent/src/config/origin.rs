@@ -26,6 +26,6 @@ pub async fn open(
 ) -> Result<Box<dyn ConfigSource>, KubeSourceError> {
     Ok(match kind {
         SourceKind::Dir => Box::new(DirectorySource::new(dir)),
-        SourceKind::Kube => Box::new(KubeSource::start(kubeconfig).await?),
+        SourceKind::Kube => Box::new(KubeSource::start(kubeconfig).await?.reporting_events()),
     })
 }
