@@ -1049,6 +1049,18 @@ fn agents_on_the_kubernetes_api_follow_pods_created_and_deleted_through_it() {
         sandbox_kubectl(&["delete", "service", "canary", "-n", "demo"]),
         "kubectl delete service",
     );
+    // A pod being deleted (terminating: with no kubelet to end it, it keeps running)
+    // leaves the rotation at once, as its EndpointSlice would say: it is no longer ready.
+    ok(
+        sandbox_kubectl(&["delete", "pod", "web-c", "-n", "demo", "--wait=false"]),
+        "kubectl delete --wait=false",
+    );
+    eventually("the terminating web-c out of the rotation", || {
+        try_backends(url, 6).is_ok_and(|b| !b.contains_key("web-c"))
+    });
+    let spread = backends(url, 12);
+    assert_eq!(spread.values().sum::<usize>(), 12, "{spread:?}");
+    assert!(!spread.contains_key("web-c"), "{spread:?}");
     let deleted = Instant::now();
     kubectl("delete", "web-c", WEB_C);
     eventually("web-c gone from node-a's agent", || {

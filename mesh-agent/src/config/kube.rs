@@ -18,6 +18,9 @@ pub struct ObjectMeta {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// Set once the object is being deleted (a pod then terminates: it may still run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_timestamp: Option<String>,
 }
 
 impl Pod {
@@ -43,6 +46,12 @@ impl Pod {
             .as_ref()
             .and_then(|s| s.conditions.iter().find(|c| c.kind == "Ready"))
             .is_none_or(|ready| ready.status == "True")
+    }
+
+    /// Whether the pod is being deleted: Kubernetes takes it out of its Services' ready
+    /// endpoints, and keeps it as a serving one only while it is ready.
+    pub fn is_terminating(&self) -> bool {
+        self.metadata.deletion_timestamp.is_some()
     }
 
     /// The pod's address while it runs.
@@ -229,12 +238,22 @@ impl SliceEndpoint {
     pub fn is_ready(&self) -> bool {
         self.conditions.ready != Some(false)
     }
+
+    /// Terminating but still serving: used only when a Service has no ready endpoint.
+    pub fn is_serving_terminating(&self) -> bool {
+        self.conditions.terminating == Some(true)
+            && self.conditions.serving.unwrap_or(self.is_ready())
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct SliceConditions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminating: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -157,6 +157,19 @@ pub struct ClusterConfig {
 }
 
 impl ClusterConfig {
+    /// The IPv4 EndpointSlices of `service` (of its namespace, labelled with its name).
+    pub fn slices_of(&self, service: &Service) -> Vec<&EndpointSlice> {
+        let namespace = service.metadata.namespace();
+        self.endpoint_slices
+            .iter()
+            .filter(|slice| {
+                slice.metadata.namespace() == namespace
+                    && slice.service() == Some(service.metadata.name.as_str())
+                    && slice.address_type == "IPv4"
+            })
+            .collect()
+    }
+
     pub fn errors(&self) -> impl Iterator<Item = &Diagnostic> {
         self.diagnostics
             .iter()

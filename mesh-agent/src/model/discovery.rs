@@ -15,7 +15,7 @@ use crate::{
     config::{
         istio::{DestinationRule, Resolution, ServiceEntry, ServiceEntryPort, WorkloadEntry},
         validate::fqdn,
-        ClusterConfig, Diagnostic, EndpointSlice, Resource, Service, ServicePort, Severity,
+        ClusterConfig, Diagnostic, EndpointSlice, Pod, Resource, Service, ServicePort, Severity,
         TargetPort,
     },
     model::{
@@ -38,7 +38,11 @@ pub fn add_services(state: &mut MeshState, config: &ClusterConfig) {
     }
 }
 
-fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+/// Whether `labels` carry every label of `selector` (an empty one selects everything).
+pub fn labels_match(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
@@ -207,15 +211,7 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
     };
     let namespace = service.metadata.namespace();
     let selector = &service.spec.selector;
-    let slices: Vec<&EndpointSlice> = config
-        .endpoint_slices
-        .iter()
-        .filter(|slice| {
-            slice.metadata.namespace() == namespace
-                && slice.service() == Some(service.metadata.name.as_str())
-                && slice.address_type == "IPv4"
-        })
-        .collect();
+    let slices = config.slices_of(service);
     // A Service without a selector (`default/kubernetes`, endpoints kept by another
     // controller or by hand) has its endpoints in its EndpointSlices; without any slice
     // it is left to the node's own Service routing, never captured with nowhere to go.
@@ -225,17 +221,34 @@ fn add_kubernetes_service(state: &mut MeshState, config: &ClusterConfig, service
     let hostname = format!("{}.{namespace}.svc.cluster.local", service.metadata.name);
     // Every running, ready pod the selector picks is an endpoint, as in the Service's
     // EndpointSlices: a meshed one with its workload, one outside the mesh (not enrolled,
-    // host network) reached directly.
+    // host network) reached directly. A terminating pod is not ready; while still ready
+    // it serves only when no pod is (as kube-proxy falls back to serving endpoints).
     let publish_not_ready = service.spec.publish_not_ready_addresses;
-    let mut pods: Vec<SelectedPod> = config
+    let selected: Vec<&Pod> = config
         .pods
         .iter()
         .filter(|pod| {
             !selector.is_empty()
                 && pod.metadata.namespace() == namespace
                 && labels_match(selector, &pod.metadata.labels)
-                && (publish_not_ready || pod.is_ready())
+                && pod.running_address().is_some()
         })
+        .collect();
+    let ready: Vec<&Pod> = selected
+        .iter()
+        .copied()
+        .filter(|pod| publish_not_ready || (pod.is_ready() && !pod.is_terminating()))
+        .collect();
+    let serving = if ready.is_empty() {
+        selected
+            .into_iter()
+            .filter(|pod| pod.is_terminating() && pod.is_ready())
+            .collect()
+    } else {
+        ready
+    };
+    let mut pods: Vec<SelectedPod> = serving
+        .into_iter()
         .filter_map(|pod| {
             let ip = pod.running_address()?;
             Some(SelectedPod {
@@ -332,6 +345,11 @@ fn slice_endpoints(
     port: &ServicePort,
 ) -> Vec<Endpoint> {
     let mut endpoints: Vec<Endpoint> = Vec::new();
+    // Terminating endpoints that still serve stand in only when none is ready.
+    let any_ready = slices
+        .iter()
+        .flat_map(|slice| slice.endpoints.iter())
+        .any(|e| e.is_ready());
     for slice in slices {
         let Some(number) = slice
             .ports
@@ -344,7 +362,13 @@ fn slice_endpoints(
         else {
             continue;
         };
-        for endpoint in slice.endpoints.iter().filter(|e| e.is_ready()) {
+        for endpoint in slice.endpoints.iter().filter(|e| {
+            if any_ready {
+                e.is_ready()
+            } else {
+                e.is_serving_terminating()
+            }
+        }) {
             for ip in endpoint
                 .addresses
                 .iter()

@@ -10,7 +10,10 @@ use std::{
     net::Ipv4Addr,
 };
 
-use crate::config::{validate::fqdn, ClusterConfig};
+use crate::{
+    config::{validate::fqdn, ClusterConfig},
+    model::discovery::labels_match,
+};
 
 /// The cluster's DNS domain.
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
@@ -122,22 +125,16 @@ fn headless_addresses(
             .iter()
             .filter(|pod| {
                 pod.metadata.namespace() == namespace
-                    && selector
-                        .iter()
-                        .all(|(k, v)| pod.metadata.labels.get(k) == Some(v))
-                    && (service.spec.publish_not_ready_addresses || pod.is_ready())
+                    && labels_match(selector, &pod.metadata.labels)
+                    && (service.spec.publish_not_ready_addresses
+                        || (pod.is_ready() && !pod.is_terminating()))
             })
             .filter_map(|pod| pod.running_address())
             .collect();
     }
     config
-        .endpoint_slices
-        .iter()
-        .filter(|slice| {
-            slice.metadata.namespace() == namespace
-                && slice.service() == Some(service.metadata.name.as_str())
-                && slice.address_type == "IPv4"
-        })
+        .slices_of(service)
+        .into_iter()
         .flat_map(|slice| slice.endpoints.iter())
         .filter(|endpoint| endpoint.is_ready())
         .flat_map(|endpoint| endpoint.addresses.iter())

@@ -1190,6 +1190,83 @@ spec:
     }
 
     #[test]
+    fn terminating_endpoints_serve_only_when_no_endpoint_is_ready() {
+        let pod = |name: &str, ip: &str, terminating: bool, ready: bool| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: legacy, labels: {{app: api}}{}}}\n\
+                 spec: {{nodeName: node-2, containers: [{{name: c, ports: [{{name: http, containerPort: 8080}}]}}]}}\n\
+                 status: {{podIP: {ip}, phase: Running, conditions: [{{type: Ready, status: '{}'}}]}}\n---\n",
+                if terminating { ", deletionTimestamp: '2026-12-03T08:00:00Z'" } else { "" },
+                if ready { "True" } else { "False" },
+            )
+        };
+        let service = "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: legacy}\n\
+            spec: {clusterIP: 10.96.0.20, selector: {app: api}, ports: [{port: 80, targetPort: http}]}\n";
+        let endpoints = |pods: &str| -> Vec<String> {
+            let config = load_str(std::path::Path::new("t.yaml"), &format!("{pods}{service}"));
+            let state = MeshState::build_with(
+                "node-1",
+                &config,
+                &MeshSettings::default(),
+                &LbRegistry::default(),
+            );
+            let mut found: Vec<String> = state.services[&"10.96.0.20:80".parse().expect("addr")]
+                .endpoints
+                .iter()
+                .map(|e| e.addr.ip().to_string())
+                .collect();
+            found.sort();
+            found
+        };
+        let old = pod("old", "10.244.2.8", true, true);
+        let new = pod("new", "10.244.2.9", false, true);
+        // A pod being deleted leaves the rotation while another is ready.
+        assert_eq!(endpoints(&format!("{old}{new}")), ["10.244.2.9"]);
+        // With none ready, the terminating pods still serving take the traffic.
+        let starting = pod("new", "10.244.2.9", false, false);
+        assert_eq!(endpoints(&format!("{old}{starting}")), ["10.244.2.8"]);
+        let stopping = pod("old", "10.244.2.8", true, false);
+        assert!(endpoints(&format!("{stopping}{starting}")).is_empty());
+
+        // The same from EndpointSlices, for a Service without a selector.
+        let slice = |conditions: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {{name: ext-1, namespace: legacy, labels: {{kubernetes.io/service-name: ext}}}}\n\
+                 addressType: IPv4\nports: [{{name: '', port: 9000}}]\nendpoints:\n{conditions}---\n\
+                 apiVersion: v1\nkind: Service\nmetadata: {{name: ext, namespace: legacy}}\n\
+                 spec: {{clusterIP: 10.96.0.30, ports: [{{port: 90, targetPort: 9000}}]}}\n"
+            )
+        };
+        let slice_endpoints = |conditions: &str| -> Vec<String> {
+            let config = load_str(std::path::Path::new("t.yaml"), &slice(conditions));
+            let state = MeshState::build_with(
+                "node-1",
+                &config,
+                &MeshSettings::default(),
+                &LbRegistry::default(),
+            );
+            state.services[&"10.96.0.30:90".parse().expect("addr")]
+                .endpoints
+                .iter()
+                .map(|e| e.addr.to_string())
+                .collect()
+        };
+        let leaving = "- {addresses: [10.0.0.8], conditions: {ready: false, serving: true, terminating: true}}\n";
+        let staying = "- {addresses: [10.0.0.9], conditions: {ready: true, serving: true, terminating: false}}\n";
+        let gone = "- {addresses: [10.0.0.7], conditions: {ready: false, serving: false, terminating: true}}\n";
+        assert_eq!(
+            slice_endpoints(&format!("{leaving}{staying}")),
+            ["10.0.0.9:9000"]
+        );
+        assert_eq!(
+            slice_endpoints(&format!("{leaving}{gone}")),
+            ["10.0.0.8:9000"]
+        );
+        assert!(slice_endpoints(gone).is_empty());
+    }
+
+    #[test]
     fn pod_address_resolves_to_itself_with_its_service() {
         let state = state_from(CLUSTER);
         let (_, pod, service) = target(&state, "10.244.2.2:8081");
