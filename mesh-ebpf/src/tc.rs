@@ -158,10 +158,12 @@ fn to_pod(ctx: &TcContext) -> i32 {
             return TC_ACT_OK;
         }
     }
-    // DNS answers: a pod must resolve names under STRICT too, and the node's resolver
+    // DNS answers: a pod must resolve names under STRICT too. With the agent's DNS proxy
+    // they come from the agent (marked, let in above); without it the node's resolver
     // answers from port 53 outside the mesh. A datagram forged to look like one reaches
     // only a UDP socket, which mutual TLS never protected.
-    if ip.protocol == IPPROTO_UDP
+    if !capture_dns()
+        && ip.protocol == IPPROTO_UDP
         && udp_ports(ctx, ip.l4_offset).is_some_and(|(sport, _)| sport == DNS_PORT.to_be())
     {
         return TC_ACT_OK;

@@ -482,12 +482,12 @@ fn start_dns_proxy(
     if upstreams.is_empty() {
         tracing::warn!("the DNS proxy has no resolver for names outside the mesh: they fail");
     }
-    let proxy = Arc::new(DnsProxy {
+    let proxy = Arc::new(DnsProxy::new(
         state,
         upstreams,
-        node: options.node.clone(),
+        options.node.clone(),
         metrics,
-    });
+    ));
     let udp = dns::DnsUdpSocket::bind().context("binding the DNS proxy's UDP socket")?;
     let tcp = dns::tcp_listener().context("binding the DNS proxy's TCP listener")?;
     tokio::spawn(dns::serve_udp(udp, proxy.clone()));

@@ -287,6 +287,9 @@ pub struct ServiceSpec {
     /// before they are ready).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub publish_not_ready_addresses: bool,
+    /// `ClusterIP` (the default), `NodePort`, `LoadBalancer` or `ExternalName`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub service_type: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

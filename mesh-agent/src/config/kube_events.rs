@@ -1,9 +1,9 @@
 //! Invalid objects reported where their authors look: a Kubernetes Event on the object
 //! (`kubectl describe`, `kubectl get events`), besides the agent's log, metric and status.
 //!
-//! Every node's agent judges the same objects, so each names the Event after the object,
-//! its version and the problem: the first agent creates it, the others find it there
-//! (409), and one Event stands for one problem of one version.
+//! Every node's agent judges the same objects, so each names the Event after the object
+//! and the problem: the first agent creates it, the others find it there (409), and one
+//! Event stands for one problem of the object, however often it is edited.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -24,6 +24,11 @@ pub const REASON: &str = "InvalidConfiguration";
 const COMPONENT: &str = "mesh-agent";
 /// The API server refuses longer messages.
 const MAX_MESSAGE: usize = 1024;
+/// An Event's name is the object's, a dot and 16 hex digits, within the 253 characters
+/// of a name.
+const MAX_OBJECT_NAME: usize = 253 - 17;
+/// Events remembered as sent; past it the memory starts over (a repeat is then a 409).
+const MAX_REPORTED: usize = 4096;
 
 /// The Event reporting that `diagnostic` made the agent skip the object `document` (its
 /// name in the source, `Kind/namespace/name` or `Kind/name`, and its text).
@@ -50,11 +55,7 @@ pub fn invalid_object_event(document: (&str, &str), diagnostic: &Diagnostic) -> 
         }
         message.truncate(end);
     }
-    let identity = format!(
-        "{name}\n{}\n{}\n{message}",
-        uid.as_deref().unwrap_or_default(),
-        version.as_deref().unwrap_or_default()
-    );
+    let identity = format!("{name}\n{}\n{message}", uid.as_deref().unwrap_or_default());
     let hash: String = digest(&SHA256, identity.as_bytes()).as_ref()[..8]
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -62,7 +63,10 @@ pub fn invalid_object_event(document: (&str, &str), diagnostic: &Diagnostic) -> 
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     Some(Event {
         metadata: ObjectMeta {
-            name: Some(format!("{object_name}.{hash}")),
+            name: Some(format!(
+                "{}.{hash}",
+                &object_name[..object_name.len().min(MAX_OBJECT_NAME)]
+            )),
             namespace: Some(namespace.clone().unwrap_or_else(|| "default".to_owned())),
             ..ObjectMeta::default()
         },
@@ -126,6 +130,9 @@ impl EventReporter {
             ) else {
                 continue;
             };
+            if self.reported.len() >= MAX_REPORTED {
+                self.reported.clear();
+            }
             if !self.reported.insert(event_name) {
                 continue;
             }
@@ -192,6 +199,14 @@ mod tests {
 
     #[test]
     fn every_agent_names_the_same_problem_alike_and_another_problem_otherwise() {
+        let long_name = "v".repeat(253);
+        let long = BROKEN.replace("name: broken", &format!("name: {long_name}"));
+        let event = invalid_object_event(
+            (&format!("VirtualService/foo/{long_name}"), &long),
+            &diagnostic("a"),
+        )
+        .expect("event");
+        assert_eq!(event.metadata.name.expect("name").len(), 253);
         let name = |text: &str, message: &str| {
             invalid_object_event(("VirtualService/foo/broken", text), &diagnostic(message))
                 .and_then(|e| e.metadata.name)
@@ -199,8 +214,9 @@ mod tests {
         };
         assert_eq!(name(BROKEN, "a"), name(BROKEN, "a"));
         assert_ne!(name(BROKEN, "a"), name(BROKEN, "b"));
+        // An edit that keeps the problem keeps its Event.
         let next_version = BROKEN.replace("'42'", "'43'");
-        assert_ne!(name(BROKEN, "a"), name(&next_version, "a"));
+        assert_eq!(name(BROKEN, "a"), name(&next_version, "a"));
         let long = "x".repeat(5000);
         let event = invalid_object_event(("VirtualService/foo/broken", BROKEN), &diagnostic(&long))
             .expect("event");

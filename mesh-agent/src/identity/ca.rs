@@ -71,6 +71,11 @@ const NODE_PER_SECOND: u32 = 5;
 /// of made-up tokens off the API server.
 const REVIEW_BURST: u32 = 50;
 const REVIEWS_PER_SECOND: u32 = 20;
+/// Reviews one client address may cause: an agent needs one per token and verdict
+/// lifetime, so a pod sending made-up tokens is held to this and cannot spend the budget
+/// the nodes' agents need.
+const PEER_REVIEW_BURST: u32 = 5;
+const PEER_REVIEWS_PER_SECOND: u32 = 1;
 
 /// How long a client may take over each step of a connection.
 #[derive(Debug, Clone, Copy)]
@@ -211,6 +216,7 @@ struct Ca {
     /// By authenticated node, so that nobody can spend another node's budget.
     per_node: RateLimits<String>,
     reviews: RateLimits<()>,
+    reviews_per_peer: RateLimits<IpAddr>,
 }
 
 impl Ca {
@@ -227,6 +233,7 @@ impl Ca {
             authentication,
             per_node: RateLimits::new(NODE_BURST, NODE_PER_SECOND),
             reviews: RateLimits::new(REVIEW_BURST, REVIEWS_PER_SECOND),
+            reviews_per_peer: RateLimits::new(PEER_REVIEW_BURST, PEER_REVIEWS_PER_SECOND),
         }
     }
 }
@@ -356,7 +363,7 @@ async fn serve<S>(
     };
     let service = service_fn(move |request| {
         let ca = ca.clone();
-        async move { Ok::<_, Infallible>(ca.handle(request).await) }
+        async move { Ok::<_, Infallible>(ca.handle(request, peer.ip()).await) }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -450,7 +457,7 @@ pub fn sign_request(
 }
 
 impl Ca {
-    async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn handle(&self, request: Request<Incoming>, peer: IpAddr) -> Response<Full<Bytes>> {
         if request.method() != hyper::Method::POST || request.uri().path() != "/v1/certificates" {
             return refuse(
                 StatusCode::NOT_FOUND,
@@ -468,7 +475,7 @@ impl Ca {
         let claimed = header("x-mesh-node");
         let token = header("authorization");
         let token = token.strip_prefix("Bearer ").unwrap_or_default();
-        let node = match self.authenticate(&claimed, token).await {
+        let node = match self.authenticate(&claimed, token, peer).await {
             Ok(node) => node,
             Err(refused) => return refused,
         };
@@ -505,6 +512,7 @@ impl Ca {
         &self,
         claimed: &str,
         token: &str,
+        peer: IpAddr,
     ) -> Result<String, Response<Full<Bytes>>> {
         match &self.authentication {
             NodeAuthentication::BootstrapTokens(path) => {
@@ -532,7 +540,14 @@ impl Ca {
                 let verdict = match reviewer.kept(token, Instant::now()) {
                     Some(verdict) => verdict,
                     None => {
-                        if let Err(wait) = self.reviews.take((), Instant::now()) {
+                        let now = Instant::now();
+                        if let Err(wait) = self.reviews_per_peer.take(peer, now) {
+                            return Err(too_many(
+                                &format!("reviews of new tokens from {peer}"),
+                                wait,
+                            ));
+                        }
+                        if let Err(wait) = self.reviews.take((), now) {
                             return Err(too_many("reviews of new tokens", wait));
                         }
                         let pod_node = |namespace: &str, name: &str| self.pod_node(namespace, name);

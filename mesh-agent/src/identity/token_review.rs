@@ -66,14 +66,14 @@ pub fn node_of_review(
             _ => "the token is not valid".to_owned(),
         });
     }
-    // The API server answers with the audiences the token is valid for among those asked.
-    if let Some(audiences) = &status.audiences {
-        if !audiences.contains(&expected.audience) {
-            return Err(format!(
-                "the token is not for audience {:?}",
-                expected.audience
-            ));
-        }
+    // The API server answers with the audiences the token is valid for among those asked;
+    // none at all means only its own (an authenticator that does not know audiences).
+    let audiences = status.audiences.as_deref().unwrap_or_default();
+    if !audiences.contains(&expected.audience) {
+        return Err(format!(
+            "the token is not for audience {:?}",
+            expected.audience
+        ));
     }
     let empty = Default::default();
     let user = status.user.as_ref();
@@ -276,6 +276,8 @@ mod tests {
         // Another audience.
         let mut status = reviewed(AGENT, &[(NODE_NAME_EXTRA, "node-a")]);
         status.audiences = Some(vec!["https://kubernetes.default.svc".into()]);
+        expect_refusal(&status, "not for audience");
+        status.audiences = None;
         expect_refusal(&status, "not for audience");
         // Not authenticated: the API server's reason is kept.
         let status = TokenReviewStatus {

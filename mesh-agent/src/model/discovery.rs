@@ -345,23 +345,28 @@ fn slice_endpoints(
     port: &ServicePort,
 ) -> Vec<Endpoint> {
     let mut endpoints: Vec<Endpoint> = Vec::new();
-    // Terminating endpoints that still serve stand in only when none is ready.
-    let any_ready = slices
+    // The slices that carry the port, with its number there.
+    let carrying: Vec<(&EndpointSlice, u16)> = slices
         .iter()
-        .flat_map(|slice| slice.endpoints.iter())
+        .filter_map(|slice| {
+            let number = slice
+                .ports
+                .iter()
+                .find(|p| {
+                    p.name.as_deref().unwrap_or_default()
+                        == port.name.as_deref().unwrap_or_default()
+                })
+                .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+                .and_then(|p| p.port)?;
+            Some((*slice, number))
+        })
+        .collect();
+    // Terminating endpoints that still serve stand in only when none of the port is ready.
+    let any_ready = carrying
+        .iter()
+        .flat_map(|(slice, _)| slice.endpoints.iter())
         .any(|e| e.is_ready());
-    for slice in slices {
-        let Some(number) = slice
-            .ports
-            .iter()
-            .find(|p| {
-                p.name.as_deref().unwrap_or_default() == port.name.as_deref().unwrap_or_default()
-            })
-            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-            .and_then(|p| p.port)
-        else {
-            continue;
-        };
+    for (slice, number) in carrying {
         for endpoint in slice.endpoints.iter().filter(|e| {
             if any_ready {
                 e.is_ready()

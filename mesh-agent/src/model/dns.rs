@@ -29,28 +29,68 @@ pub enum Resolution {
     Forward,
 }
 
-/// The mesh's names and their addresses, lower case and without a trailing dot.
+/// The mesh's names (lower case, without a trailing dot), what they answer and to whom.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DnsRecords {
-    names: HashMap<String, Vec<Ipv4Addr>>,
+    names: HashMap<String, Record>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Record {
+    addresses: BTreeSet<Ipv4Addr>,
+    /// The namespaces whose pods get the answer; none: every namespace.
+    visible_to: Option<BTreeSet<String>>,
+    /// The cluster's DNS answers it (an `ExternalName` Service: a CNAME).
+    forwarded: bool,
+}
+
+impl Record {
+    fn visible_to(&self, namespace: Option<&str>) -> bool {
+        match &self.visible_to {
+            None => true,
+            Some(namespaces) => namespace.is_some_and(|ns| namespaces.contains(ns)),
+        }
+    }
+}
+
+/// The namespaces `export_to` (a ServiceEntry's, in `namespace`) names; none: all.
+fn export_scope(export_to: &[String], namespace: &str) -> Option<BTreeSet<String>> {
+    (!export_to.is_empty() && !export_to.iter().any(|e| e == "*")).then(|| {
+        export_to
+            .iter()
+            .map(|e| {
+                if e == "." {
+                    namespace.to_owned()
+                } else {
+                    e.clone()
+                }
+            })
+            .collect()
+    })
 }
 
 impl DnsRecords {
     /// The names of `config`: Services (a headless one by its ready pods) and ServiceEntry
     /// hosts with addresses.
     pub fn of(config: &ClusterConfig) -> DnsRecords {
-        let mut names: HashMap<String, BTreeSet<Ipv4Addr>> = HashMap::new();
+        let mut names: HashMap<String, Record> = HashMap::new();
         for service in &config.services {
             let namespace = service.metadata.namespace();
             let name = format!("{}.{namespace}.svc.{CLUSTER_DOMAIN}", service.metadata.name)
                 .to_ascii_lowercase();
-            let addresses = names.entry(name).or_default();
+            let record = names.entry(name).or_default();
+            if service.spec.service_type.as_deref() == Some("ExternalName") {
+                record.forwarded = true;
+                continue;
+            }
             match service.spec.cluster_ip.as_deref() {
-                Some("None") => addresses.extend(headless_addresses(config, service)),
-                Some(ip) => addresses.extend(ip.parse::<Ipv4Addr>().ok()),
+                Some("None") => record.addresses.extend(headless_addresses(config, service)),
+                Some(ip) => record.addresses.extend(ip.parse::<Ipv4Addr>().ok()),
                 None => {}
             }
         }
+        // A Service's own name is never a ServiceEntry's to answer.
+        let services: BTreeSet<String> = names.keys().cloned().collect();
         for entry in &config.istio.service_entries {
             let namespace = entry.namespace();
             let given: Vec<Ipv4Addr> = entry
@@ -65,25 +105,50 @@ impl DnsRecords {
             if given.is_empty() {
                 continue;
             }
+            let scope = export_scope(&entry.spec.export_to, namespace);
             for host in entry.spec.hosts.iter().filter(|h| !h.contains('*')) {
                 let name = fqdn(host, namespace).to_ascii_lowercase();
-                names.entry(name).or_default().extend(given.iter().copied());
+                if services.contains(&name) {
+                    continue;
+                }
+                let record = names.entry(name).or_insert_with(|| Record {
+                    visible_to: Some(BTreeSet::new()),
+                    ..Record::default()
+                });
+                record.addresses.extend(given.iter().copied());
+                // Entries of the same host add up, addresses and audiences both.
+                record.visible_to = match (record.visible_to.take(), &scope) {
+                    (Some(mut seen), Some(more)) => {
+                        seen.extend(more.iter().cloned());
+                        Some(seen)
+                    }
+                    _ => None,
+                };
             }
         }
-        DnsRecords {
-            names: names
-                .into_iter()
-                .map(|(name, addresses)| (name, addresses.into_iter().collect()))
-                .collect(),
-        }
+        DnsRecords { names }
+    }
+
+    /// The record `name` gives a pod of `namespace`, if that pod may see it.
+    fn visible(&self, name: &str, namespace: Option<&str>) -> Option<&Record> {
+        self.names
+            .get(name)
+            .filter(|record| record.visible_to(namespace))
     }
 
     /// What to answer a pod of `namespace` (none: a client the mesh does not know) asking
     /// for `name`.
     pub fn resolve(&self, name: &str, namespace: Option<&str>) -> Resolution {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
-        if let Some(addresses) = self.names.get(&name) {
-            return Resolution::Addresses(addresses.clone());
+        let answer = |record: &Record| {
+            if record.forwarded {
+                Resolution::Forward
+            } else {
+                Resolution::Addresses(record.addresses.iter().copied().collect())
+            }
+        };
+        if let Some(record) = self.visible(&name, namespace) {
+            return answer(record);
         }
         let labels = name.split('.').count();
         let completed = match (labels, namespace) {
@@ -92,22 +157,14 @@ impl DnsRecords {
             (3, _) if name.ends_with(".svc") => Some(format!("{name}.{CLUSTER_DOMAIN}")),
             _ => None,
         };
-        if let Some(addresses) = completed.and_then(|c| self.names.get(&c)) {
-            return Resolution::Addresses(addresses.clone());
+        if let Some(record) = completed.and_then(|c| self.visible(&c, namespace)) {
+            return answer(record);
         }
         if name == CLUSTER_DOMAIN || name.ends_with(&format!(".{CLUSTER_DOMAIN}")) {
             Resolution::NoSuchName
         } else {
             Resolution::Forward
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.names.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
     }
 }
 
@@ -251,6 +308,53 @@ spec:
         // Without addresses, the host is the node's resolvers' to answer.
         assert_eq!(
             records.resolve("ledger.example.com", None),
+            Resolution::Forward
+        );
+    }
+
+    #[test]
+    fn a_service_entry_answers_only_where_exported_and_never_for_a_service() {
+        let cluster = format!(
+            "{CLUSTER}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: private, namespace: shop}}
+spec:
+  hosts: [ledger.internal, reviews.shop.svc.cluster.local]
+  addresses: [240.0.0.7]
+  exportTo: [.]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 10.0.0.7}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: mail, namespace: shop}}
+spec: {{type: ExternalName, externalName: mail.example.com}}
+"
+        );
+        let config = crate::config::load_documents([("cluster.yaml", cluster.as_str())]);
+        let records = DnsRecords::of(&config);
+        assert_eq!(
+            records.resolve("ledger.internal", Some("shop")),
+            addresses(&[[240, 0, 0, 7]])
+        );
+        assert_eq!(
+            records.resolve("ledger.internal", Some("web")),
+            Resolution::Forward
+        );
+        assert_eq!(
+            records.resolve("ledger.internal", None),
+            Resolution::Forward
+        );
+        // The Service keeps its own name, whatever an entry says.
+        assert_eq!(
+            records.resolve("reviews.shop.svc.cluster.local", Some("shop")),
+            addresses(&[[10, 96, 0, 20]])
+        );
+        // An ExternalName Service is the cluster DNS's to answer (with its CNAME).
+        assert_eq!(
+            records.resolve("mail.shop", Some("web")),
             Resolution::Forward
         );
     }

@@ -9,11 +9,12 @@
 //! node, and an open resolver would let anyone use the agent to reflect traffic.
 
 use std::{
+    collections::HashMap,
     io,
     mem::{size_of, zeroed},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     os::fd::AsRawFd,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -29,6 +30,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     io::{unix::AsyncFd, AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream, UdpSocket},
+    sync::Semaphore,
 };
 
 use crate::{
@@ -48,6 +50,17 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a TCP client may take over a query, and how many it may send on a connection.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 const TCP_QUERIES: usize = 100;
+/// Queries handled at once (a forwarded one waits for the node's resolvers), and TCP
+/// connections served at once: what a pod flooding its DNS can hold of the agent. Beyond
+/// them a datagram is dropped and a connection closed, as an overloaded server does.
+const QUERIES_IN_FLIGHT: usize = 256;
+const TCP_CONNECTIONS: usize = 256;
+/// The share of each limit one pod may hold, so that a pod flooding its DNS does not take
+/// its neighbours' away.
+const QUERIES_PER_POD: usize = 32;
+const TCP_CONNECTIONS_PER_POD: usize = 4;
+/// How long a TCP client may keep a connection, however it paces its queries.
+const TCP_LIFETIME: Duration = Duration::from_secs(30);
 
 /// What becomes of a query.
 #[derive(Debug, PartialEq, Eq)]
@@ -75,7 +88,10 @@ pub fn answer(
     let failure = |rcode: RCODE, result| {
         let mut reply = Packet::new_reply(id);
         *reply.rcode_mut() = rcode;
-        Outcome::Reply(reply.build_bytes_vec().unwrap_or_default(), result)
+        match reply.build_bytes_vec() {
+            Ok(bytes) => Outcome::Reply(bytes, result),
+            Err(_) => Outcome::Drop,
+        }
     };
     let Ok(packet) = Packet::parse(query) else {
         return if query.len() >= 12 {
@@ -88,7 +104,7 @@ pub fn answer(
         return Outcome::Drop;
     }
     if packet.opcode() != OPCODE::StandardQuery {
-        return failure(RCODE::NotImplemented, "malformed");
+        return failure(RCODE::NotImplemented, "unsupported");
     }
     let [question] = packet.questions.as_slice() else {
         return failure(RCODE::FormatError, "malformed");
@@ -96,12 +112,19 @@ pub fn answer(
     if !matches!(question.qclass, QCLASS::CLASS(CLASS::IN) | QCLASS::ANY) {
         return Outcome::Forward;
     }
+    let wants_addresses = matches!(question.qtype, QTYPE::TYPE(TYPE::A) | QTYPE::ANY);
     let (rcode, addresses, result) = match records.resolve(&question.qname.to_string(), namespace) {
         Resolution::Forward => return Outcome::Forward,
         Resolution::NoSuchName => (RCODE::NameError, Vec::new(), "nxdomain"),
+        // Other records of a Service's name (SRV of its named ports…) are the cluster
+        // DNS's; an AAAA question gets the empty answer of an IPv4-only name.
+        Resolution::Addresses(_)
+            if !wants_addresses && question.qtype != QTYPE::TYPE(TYPE::AAAA) =>
+        {
+            return Outcome::Forward
+        }
         Resolution::Addresses(addresses) => (RCODE::NoError, addresses, "answered"),
     };
-    let wants_addresses = matches!(question.qtype, QTYPE::TYPE(TYPE::A) | QTYPE::ANY);
     let reply = |with_answers: bool| {
         let mut reply = Packet::new_reply(id);
         *reply.rcode_mut() = rcode;
@@ -130,13 +153,12 @@ pub fn answer(
         } else if !with_answers {
             reply.set_flags(PacketFlag::TRUNCATION);
         }
-        reply.build_bytes_vec_compressed().unwrap_or_default()
+        reply.build_bytes_vec_compressed().ok()
     };
-    let full = reply(true);
-    if full.len() <= max_len {
-        Outcome::Reply(full, result)
-    } else {
-        Outcome::Reply(reply(false), "truncated")
+    match reply(true) {
+        Some(full) if full.len() <= max_len => Outcome::Reply(full, result),
+        Some(_) => reply(false).map_or(Outcome::Drop, |cut| Outcome::Reply(cut, "truncated")),
+        None => Outcome::Drop,
     }
 }
 
@@ -150,15 +172,88 @@ fn udp_limit(query: &[u8]) -> usize {
 
 /// The proxy's state: the mesh's names and where other names are asked.
 pub struct DnsProxy {
-    pub state: SharedState,
+    state: SharedState,
     /// The node's resolvers (a Service's cluster IP among them is reached at one of its
     /// endpoints: the node may have no kube-proxy).
-    pub upstreams: Vec<SocketAddrV4>,
-    pub node: String,
-    pub metrics: Arc<Metrics>,
+    upstreams: Vec<SocketAddrV4>,
+    node: String,
+    metrics: Arc<Metrics>,
+    queries: Arc<Semaphore>,
+    connections: Arc<Semaphore>,
+    queries_per_pod: Arc<PerPod>,
+    connections_per_pod: Arc<PerPod>,
+}
+
+/// What each pod holds of a limit.
+struct PerPod {
+    limit: usize,
+    held: Mutex<HashMap<Ipv4Addr, usize>>,
+}
+
+/// A pod's share of a limit, given back when dropped.
+struct PodSlot {
+    owner: Arc<PerPod>,
+    pod: Ipv4Addr,
+}
+
+impl PerPod {
+    fn new(limit: usize) -> Arc<PerPod> {
+        Arc::new(PerPod {
+            limit,
+            held: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn take(self: &Arc<PerPod>, pod: Ipv4Addr) -> Option<PodSlot> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let count = held.entry(pod).or_insert(0);
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(PodSlot {
+            owner: self.clone(),
+            pod,
+        })
+    }
+}
+
+impl Drop for PodSlot {
+    fn drop(&mut self) {
+        let mut held = self.owner.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = held.get_mut(&self.pod) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.pod);
+            }
+        }
+    }
 }
 
 impl DnsProxy {
+    pub fn new(
+        state: SharedState,
+        upstreams: Vec<SocketAddrV4>,
+        node: String,
+        metrics: Arc<Metrics>,
+    ) -> DnsProxy {
+        DnsProxy {
+            state,
+            upstreams,
+            node,
+            metrics,
+            queries: Arc::new(Semaphore::new(QUERIES_IN_FLIGHT)),
+            connections: Arc::new(Semaphore::new(TCP_CONNECTIONS)),
+            queries_per_pod: PerPod::new(QUERIES_PER_POD),
+            connections_per_pod: PerPod::new(TCP_CONNECTIONS_PER_POD),
+        }
+    }
+
+    /// Whether `client` is one of this node's pods, the only clients answered.
+    fn is_local_pod(&self, client: Ipv4Addr) -> bool {
+        self.client_namespace(client).is_ok()
+    }
+
     /// The namespace of the local pod at `client`; none when it is not one of this node's
     /// pods, which are the only clients answered.
     fn client_namespace(&self, client: Ipv4Addr) -> Result<Option<String>, ()> {
@@ -303,8 +398,9 @@ impl DnsUdpSocket {
     pub fn bind() -> io::Result<DnsUdpSocket> {
         let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
         socket.set_nonblocking(true)?;
-        socket.set_reuse_address(true)?;
-        // A new agent binds beside the old one during a rolling update.
+        // A new agent binds beside the old one during a rolling update. Not
+        // SO_REUSEADDR: with it, any process of the node could bind a more specific
+        // address on this port and be handed the pods' queries.
         socket.set_reuse_port(true)?;
         let on: libc::c_int = 1;
         // SAFETY: setting an int option on a socket this function owns.
@@ -342,12 +438,30 @@ impl DnsUdpSocket {
 /// (which may have connected its socket there) takes it. A socket of its own, transparent
 /// and bound to that address, since the proxy's own port is not 53.
 fn send_reply(reply: &[u8], client: SocketAddrV4, from: Ipv4Addr) -> io::Result<()> {
-    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    // Concurrent replies from the same server address share it.
-    socket.set_reuse_address(true)?;
-    socket.set_ip_transparent_v4(true)?;
-    socket.set_mark(AGENT_MARK)?;
-    socket.bind(&SocketAddr::from((from, DNS_PORT)).into())?;
+    let source = SocketAddr::from((from, DNS_PORT)).into();
+    let new_socket = || -> io::Result<Socket> {
+        let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_nonblocking(true)?;
+        socket.set_mark(AGENT_MARK)?;
+        Ok(socket)
+    };
+    // First as an ordinary socket: if the address is the node's own and a resolver of the
+    // node serves it, the bind fails and the reply is not sent, rather than the agent
+    // sharing the resolver's port and taking its datagrams.
+    let socket = new_socket()?;
+    let socket = match socket.bind(&source) {
+        Ok(()) => socket,
+        Err(err) if err.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+            // Not an address of the node (a Service's, or any the pod chose): concurrent
+            // replies from it share it.
+            let socket = new_socket()?;
+            socket.set_reuse_address(true)?;
+            socket.set_ip_transparent_v4(true)?;
+            socket.bind(&source)?;
+            socket
+        }
+        Err(err) => return Err(err),
+    };
     socket.send_to(reply, &SocketAddr::V4(client).into())?;
     Ok(())
 }
@@ -361,7 +475,8 @@ fn recv_with_destination(
     // into a live local of the size given.
     unsafe {
         let mut source: libc::sockaddr_in = zeroed();
-        let mut control = [0u8; 64];
+        // Aligned for the `cmsghdr`s the kernel writes into it.
+        let mut control = [0u64; 8];
         let mut iov = libc::iovec {
             iov_base: buffer.as_mut_ptr().cast(),
             iov_len: buffer.len(),
@@ -372,7 +487,7 @@ fn recv_with_destination(
         message.msg_iov = &mut iov;
         message.msg_iovlen = 1;
         message.msg_control = control.as_mut_ptr().cast();
-        message.msg_controllen = control.len() as _;
+        message.msg_controllen = size_of::<[u64; 8]>() as _;
         let len = libc::recvmsg(fd, &mut message, 0);
         if len < 0 {
             return Err(io::Error::last_os_error());
@@ -409,9 +524,21 @@ pub async fn serve_udp(socket: DnsUdpSocket, proxy: Arc<DnsProxy>) {
                 continue;
             }
         };
+        if !proxy.is_local_pod(*client.ip()) {
+            proxy.metrics.dns_query("refused");
+            continue;
+        }
+        let (Some(slot), Ok(permit)) = (
+            proxy.queries_per_pod.take(*client.ip()),
+            proxy.queries.clone().try_acquire_owned(),
+        ) else {
+            proxy.metrics.dns_query("overloaded");
+            continue;
+        };
         let query = buffer[..len].to_vec();
         let proxy = proxy.clone();
         tokio::spawn(async move {
+            let _held = (permit, slot);
             if let Some(reply) = proxy.respond(*client.ip(), &query, false).await {
                 if let Err(err) = send_reply(&reply, client, asked) {
                     tracing::debug!("DNS proxy: answering {client}: {err}");
@@ -449,9 +576,23 @@ pub async fn serve_tcp(listener: TcpListener, proxy: Arc<DnsProxy>) {
         let SocketAddr::V4(peer) = peer else {
             continue;
         };
+        if !proxy.is_local_pod(*peer.ip()) {
+            proxy.metrics.dns_query("refused");
+            continue;
+        }
+        let (Some(slot), Ok(permit)) = (
+            proxy.connections_per_pod.take(*peer.ip()),
+            proxy.connections.clone().try_acquire_owned(),
+        ) else {
+            proxy.metrics.dns_query("overloaded");
+            continue;
+        };
         let proxy = proxy.clone();
         tokio::spawn(async move {
-            if let Err(err) = serve_connection(stream, *peer.ip(), &proxy).await {
+            let _held = (permit, slot);
+            let served =
+                tokio::time::timeout(TCP_LIFETIME, serve_connection(stream, *peer.ip(), &proxy));
+            if let Ok(Err(err)) = served.await {
                 tracing::debug!("DNS proxy: TCP client {peer}: {err}");
             }
         });
@@ -526,6 +667,11 @@ mod tests {
         };
         assert_eq!(record.ttl, ANSWER_TTL);
         assert_eq!(record.rdata, RData::A(Ipv4Addr::new(10, 96, 0, 20).into()));
+        // Other records of the name are the cluster DNS's (SRV of named ports).
+        assert_eq!(
+            answer(&query(8, "reviews.shop", TYPE::SRV), &records(), None, 512),
+            Outcome::Forward
+        );
         // The name exists, without IPv6 addresses: no answer, no error.
         let outcome = answer(&query(8, "reviews.shop", TYPE::AAAA), &records(), None, 512);
         let (packet, _) = reply(&outcome);

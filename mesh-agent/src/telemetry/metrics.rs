@@ -240,7 +240,7 @@ impl Metrics {
         );
         registry.register(
             "mesh_dns_queries",
-            "DNS queries of local pods the agent's DNS proxy handled, by result (answered, nxdomain, forwarded, failed, truncated, malformed; refused: not a local pod)",
+            "DNS queries of local pods the agent's DNS proxy handled, by result (answered, nxdomain, forwarded, failed, truncated, malformed; refused: not a local pod; overloaded: dropped over the proxy's limits)",
             dns_queries.clone(),
         );
         registry.register(
