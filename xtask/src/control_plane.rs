@@ -609,9 +609,36 @@ pub fn restart_apiserver(
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    state.apiserver_pid = start_apiserver(layout, cgroups.join("api").join("kube-apiserver"))?;
-    wait_ready(state)
+    // A restart under load has been seen to end without a ready server now and then;
+    // each attempt's log goes into the error if none succeeds.
+    let mut failures = Vec::new();
+    for _ in 0..RESTART_ATTEMPTS {
+        state.apiserver_pid = start_apiserver(layout, cgroups.join("api").join("kube-apiserver"))?;
+        match wait_ready(state) {
+            Ok(()) => return Ok(()),
+            Err(err) => {
+                let log =
+                    std::fs::read_to_string(log_path("kube-apiserver.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                failures.push(format!(
+                    "{err}; the log ends with:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
+                if process_alive(state.apiserver_pid) {
+                    // SAFETY: kill(2) on the API server this function started.
+                    unsafe { libc::kill(state.apiserver_pid as i32, libc::SIGKILL) };
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+    bail!(
+        "kube-apiserver did not restart:\n{}",
+        failures.join("\n---\n")
+    )
 }
+
+const RESTART_ATTEMPTS: usize = 3;
 
 /// Stops what [`start`] started, API server first, by the pids it recorded; the
 /// sandbox's cgroup clean-up then takes anything left.

@@ -1149,13 +1149,18 @@ fn kill_cgroup(dir: &Path) {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + CGROUP_EMPTY_TIMEOUT;
     while fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
         && Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// How long killed processes get to leave their cgroup: a pod's process tears down its
+/// mount namespace on the way out, and the machine's init reaps orphans when it gets to
+/// them; a leftover cgroup would stop every later `sandbox up`.
+const CGROUP_EMPTY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Removes a cgroup subtree, leaves first, after killing what runs in it.
 fn remove_cgroup_tree(dir: &Path) {
@@ -1168,7 +1173,7 @@ fn remove_cgroup_tree(dir: &Path) {
     }
     kill_cgroup(dir);
     // Killed processes leave the cgroup once their parents reaped them: retry a while.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + CGROUP_EMPTY_TIMEOUT;
     while fs::remove_dir(dir).is_err() && dir.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -19,9 +19,6 @@ use std::{
 };
 
 use mesh_common::{AGENT_MARK, DNS_CAPTURE_PORT};
-
-/// The DNS port: what pods ask, and where replies come from.
-const DNS_PORT: u16 = 53;
 use simple_dns::{
     rdata::RData, Packet, PacketFlag, Question, ResourceRecord, CLASS, OPCODE, QCLASS, QTYPE,
     RCODE, TYPE,
@@ -41,6 +38,8 @@ use crate::{
     telemetry::metrics::Metrics,
 };
 
+/// The DNS port: what pods ask, and where replies come from.
+const DNS_PORT: u16 = 53;
 /// How long the mesh's answers may be cached: short, since pods and Services come and go.
 const ANSWER_TTL: u32 = 30;
 /// The largest UDP answer for a client that did not say it takes more (EDNS).
