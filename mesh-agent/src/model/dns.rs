@@ -12,7 +12,7 @@ use std::{
 
 use crate::{
     config::{validate::fqdn, ClusterConfig},
-    model::discovery::labels_match,
+    model::{discovery::labels_match, scope::export_scope},
 };
 
 /// The cluster's DNS domain.
@@ -53,22 +53,6 @@ impl Record {
     }
 }
 
-/// The namespaces `export_to` (a ServiceEntry's, in `namespace`) names; none: all.
-fn export_scope(export_to: &[String], namespace: &str) -> Option<BTreeSet<String>> {
-    (!export_to.is_empty() && !export_to.iter().any(|e| e == "*")).then(|| {
-        export_to
-            .iter()
-            .map(|e| {
-                if e == "." {
-                    namespace.to_owned()
-                } else {
-                    e.clone()
-                }
-            })
-            .collect()
-    })
-}
-
 impl DnsRecords {
     /// The names of `config`: Services (a headless one by its ready pods) and ServiceEntry
     /// hosts with addresses.
@@ -105,7 +89,7 @@ impl DnsRecords {
             if given.is_empty() {
                 continue;
             }
-            let scope = export_scope(&entry.spec.export_to, namespace);
+            let scope: Option<BTreeSet<String>> = export_scope(&entry.spec.export_to, namespace);
             for host in entry.spec.hosts.iter().filter(|h| !h.contains('*')) {
                 let name = fqdn(host, namespace).to_ascii_lowercase();
                 if services.contains(&name) {

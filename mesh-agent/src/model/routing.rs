@@ -1370,20 +1370,7 @@ fn compile(
             }
         })
         .collect();
-    let exported_to =
-        (!vs.spec.export_to.is_empty() && !vs.spec.export_to.iter().any(|e| e == "*")).then(|| {
-            vs.spec
-                .export_to
-                .iter()
-                .map(|e| {
-                    if e == "." {
-                        namespace.to_owned()
-                    } else {
-                        e.clone()
-                    }
-                })
-                .collect()
-        });
+    let exported_to = crate::model::scope::export_scope(&vs.spec.export_to, namespace);
     let tls = vs
         .spec
         .tls

@@ -10,6 +10,23 @@ use crate::{
     model::Workload,
 };
 
+/// The namespaces an `exportTo` list (of a resource in `namespace`) names, `.` being the
+/// resource's own; none when it is empty or holds `*`: every namespace.
+pub fn export_scope<C: FromIterator<String>>(export_to: &[String], namespace: &str) -> Option<C> {
+    (!export_to.is_empty() && !export_to.iter().any(|e| e == "*")).then(|| {
+        export_to
+            .iter()
+            .map(|e| {
+                if e == "." {
+                    namespace.to_owned()
+                } else {
+                    e.clone()
+                }
+            })
+            .collect()
+    })
+}
+
 /// Which workloads a policy applies to.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Scope {
