@@ -1,11 +1,15 @@
 //! Helpers for the kernel-program tests: loading the mesh's eBPF object with its maps
-//! pinned in a private bpffs directory, crafting packets, and running code in a fresh
-//! network namespace. These tests need root; they fail (never skip) without it.
+//! pinned in a private bpffs directory, crafting packets, running code in a fresh
+//! network namespace, and real TCP connections on its loopback (a connection left in
+//! TIME_WAIT, as the agent leaves its end of one it closes first). These tests need root; they fail (never skip) without it.
 
 use std::{
-    net::Ipv4Addr,
+    io::Read,
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    os::fd::AsRawFd,
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
 };
 
 use aya::{Ebpf, EbpfLoader};
@@ -227,4 +231,106 @@ pub fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -
     })
     .join()
     .expect("test thread panicked")
+}
+
+fn ip(args: &[&str]) {
+    let status = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .expect("running ip");
+    assert!(status.success(), "ip {}", args.join(" "));
+}
+
+/// Brings `lo` up in the current network namespace with `addresses` on it, so that
+/// connections between them stay on loopback.
+pub fn loopback_with(addresses: &[Ipv4Addr]) {
+    ip(&["link", "set", "lo", "up"]);
+    for address in addresses {
+        ip(&["addr", "add", &format!("{address}/32"), "dev", "lo"]);
+    }
+}
+
+/// A TCP connection from exactly `from` (address and port, as a client reusing its port
+/// would) to `to`.
+pub fn connect_from(from: SocketAddrV4, to: SocketAddrV4) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&from.into())?;
+    socket.connect(&to.into())?;
+    Ok(socket.into())
+}
+
+/// Ends a connection server side first, as an HTTP/1.0 server (and the agent relaying
+/// it) does: `server` sends its FIN, the client reads to the end and closes, and the
+/// server's end stays in TIME_WAIT, which this waits to see.
+pub fn close_server_first(server: TcpStream, mut client: TcpStream) {
+    let ends = (
+        socket_v4(server.local_addr()),
+        socket_v4(server.peer_addr()),
+    );
+    drop(server);
+    let mut rest = Vec::new();
+    client
+        .read_to_end(&mut rest)
+        .expect("reading to the server's FIN");
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !in_time_wait(ends.0, ends.1) {
+        assert!(
+            Instant::now() < deadline,
+            "the server's end {} → {} never entered TIME_WAIT",
+            ends.0,
+            ends.1
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn socket_v4(address: std::io::Result<std::net::SocketAddr>) -> SocketAddrV4 {
+    match address.expect("a connected socket's address") {
+        std::net::SocketAddr::V4(v4) => v4,
+        other => panic!("not IPv4: {other}"),
+    }
+}
+
+/// Whether this thread's network namespace holds a TIME_WAIT socket from `local` to
+/// `peer` (read from /proc/thread-self/net/tcp: addresses in the kernel's byte order,
+/// state 06).
+pub fn in_time_wait(local: SocketAddrV4, peer: SocketAddrV4) -> bool {
+    let hex = |a: SocketAddrV4| {
+        format!(
+            "{:08X}:{:04X}",
+            u32::from_ne_bytes(a.ip().octets()),
+            a.port()
+        )
+    };
+    let (local, peer) = (hex(local), hex(peer));
+    std::fs::read_to_string("/proc/thread-self/net/tcp")
+        .expect("reading /proc/thread-self/net/tcp")
+        .lines()
+        .skip(1)
+        .any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(1..4) == Some(&[local.as_str(), peer.as_str(), "06"])
+        })
+}
+
+/// How many times the kernel retransmitted on `stream` (TCP_INFO's total): 0 after a
+/// connect means the SYN was answered the first time.
+pub fn retransmissions(stream: &TcpStream) -> u32 {
+    // SAFETY: an all-zero tcp_info is a valid value of this plain C struct.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_total_retrans
 }

@@ -10,9 +10,9 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use bpf_tests::{
-    arp_request, ethernet, fragmented_syn, icmp_packet, in_new_netns, ipv4_fragment, ipv6_frame,
-    load, tcp_packet, tcp_packet_shaped, udp_packet, veth_interface, Ipv4Shape, Loaded, TCP_ACK,
-    TCP_SYN,
+    arp_request, close_server_first, connect_from, ethernet, fragmented_syn, icmp_packet,
+    in_new_netns, ipv4_fragment, ipv6_frame, load, loopback_with, tcp_packet, tcp_packet_shaped,
+    udp_packet, veth_interface, Ipv4Shape, Loaded, TCP_ACK, TCP_SYN,
 };
 use mesh_agent::{
     datapath::{ip_key, service_key},
@@ -287,6 +287,52 @@ fn new_connection_to_a_meshed_destination_finds_the_capture_listener() {
         );
         assert_eq!(counted(&loaded), [("drop_assign_failed", 1)]);
         drop(runtime);
+    });
+}
+
+#[test]
+fn a_syn_reopening_the_addresses_of_a_connection_in_time_wait_is_judged_as_a_new_one() {
+    in_new_netns(|| {
+        let mut loaded = load();
+        let pod = mesh(&mut loaded);
+        let prog = program(&mut loaded, programs::TC_FROM_POD);
+        // The agent's end of a connection it closed first holds the destination's
+        // address, as the accepted socket of a captured connection does.
+        loopback_with(&[POD, MESHED_POD]);
+        let (server, client) = (
+            SocketAddrV4::new(MESHED_POD, 8080),
+            SocketAddrV4::new(POD, 40000),
+        );
+        let listener = std::net::TcpListener::bind(server).expect("server");
+        let connection = connect_from(client, server).expect("connecting");
+        let (accepted, _) = listener.accept().expect("accepting");
+        close_server_first(accepted, connection);
+
+        // The client reuses its port: the SYN is a new connection, let on to the kernel
+        // marked for local delivery (where `capture_lookup` names the capture listener).
+        let syn = tcp_packet(POD, MESHED_POD, 40000, 8080, TCP_SYN);
+        assert_eq!(
+            run(&loaded, prog, &syn, pod),
+            Run {
+                action: TC_ACT_OK,
+                mark: CAPTURE_MARK
+            }
+        );
+        // A late segment of the old connection still goes to its TIME_WAIT socket (the
+        // test run cannot assign it: refused, as in the listener test above).
+        let late_ack = tcp_packet(POD, MESHED_POD, 40000, 8080, TCP_ACK);
+        assert_eq!(run(&loaded, prog, &late_ack, pod).action, TC_ACT_SHOT);
+        // Judged as new, it meets the destination's policies like any new connection.
+        set_policy(&mut loaded, &[(POD, MESHED_POD, 8080, POLICY_DENY)]);
+        assert_eq!(run(&loaded, prog, &syn, pod).action, TC_ACT_SHOT);
+        assert_eq!(
+            counted(&loaded),
+            [
+                ("drop_assign_failed", 1),
+                ("drop_policy_denied", 1),
+                ("steered_reopened", 1)
+            ]
+        );
     });
 }
 

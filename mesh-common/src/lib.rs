@@ -10,7 +10,7 @@ pub mod enrollment;
 
 /// Bumped whenever a map's key or value layout changes; maps live under
 /// `<bpffs dir>/maps-v<N>` so an agent of another layout never misreads them.
-pub const MAPS_LAYOUT_VERSION: u32 = 6;
+pub const MAPS_LAYOUT_VERSION: u32 = 7;
 
 /// The agent's transparent listener for connections captured leaving a pod.
 pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
@@ -53,6 +53,7 @@ pub mod pins {
     pub const SPLICE_SOURCES: &str = "MESH_SPLICE_SOURCES";
     pub const SPLICE_TARGETS: &str = "MESH_SPLICE_TARGETS";
     pub const SPLICE_PEERS: &str = "MESH_SPLICE_PEERS";
+    pub const CAPTURE_LISTENERS: &str = "MESH_CAPTURE_LISTENERS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -61,6 +62,17 @@ pub mod programs {
     pub const TC_TO_POD: &str = "tc_to_pod";
     pub const SOCKOPS: &str = "sockops_flows";
     pub const SPLICE_VERDICT: &str = "splice_verdict";
+    pub const CAPTURE_LOOKUP: &str = "capture_lookup";
+}
+
+/// Slots of the agent's listeners in `MESH_CAPTURE_LISTENERS`, where `capture_lookup`
+/// finds them.
+pub mod capture_listener {
+    /// The transparent listener of captured TCP connections (`OUTBOUND_CAPTURE_PORT`).
+    pub const OUTBOUND: u32 = 0;
+    /// The DNS proxy's TCP listener (`DNS_CAPTURE_PORT`).
+    pub const DNS: u32 = 1;
+    pub const COUNT: u32 = 2;
 }
 
 /// A workload (pod) known to the mesh, keyed by its IPv4 address.
@@ -207,7 +219,12 @@ pub mod verdict {
     /// Plaintext to a STRICT pod let in: a kubelet probe, from the node's own address to a
     /// port the pod declares for its probes (`PROBE_PORTS`).
     pub const PASSED_NODE_PROBE: u32 = 15;
-    pub const COUNT: u32 = 16;
+    /// A SYN towards a meshed destination that meets the agent's TIME_WAIT socket of an
+    /// earlier connection with the same addresses (the client reused its port): judged as
+    /// a new connection, then left to the kernel, which retires the TIME_WAIT socket for
+    /// the listener `capture_lookup` names.
+    pub const STEERED_REOPENED: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     /// Names as reported by meshctl and the metrics (`reason` label).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -227,6 +244,7 @@ pub mod verdict {
         "drop_non_tcp_strict",
         "drop_no_workload",
         "passed_node_probe",
+        "steered_reopened",
     ];
 }
 

@@ -3,7 +3,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, SockHash},
+    maps::{
+        Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, SockHash, SockMap,
+    },
 };
 use mesh_common::{
     verdict, FlowKey, FlowStats, PolicyKey, PortKey, ServiceInfo, ServiceKey, TrafficCounters,
@@ -52,6 +54,12 @@ pub static MESH_SPLICE_SOURCES: SockHash<u64> = SockHash::with_max_entries(65536
 #[map]
 pub static MESH_SPLICE_TARGETS: SockHash<u64> = SockHash::with_max_entries(65536, 0);
 
+/// The agent's listeners, at the `mesh_common::capture_listener` slots, for
+/// `capture_lookup`. Not pinned: they are the running agent's sockets.
+#[map]
+pub static MESH_CAPTURE_LISTENERS: SockMap =
+    SockMap::with_max_entries(mesh_common::capture_listener::COUNT, 0);
+
 /// Socket cookie → the cookie of the socket its bytes go out of.
 #[map]
 pub static MESH_SPLICE_PEERS: HashMap<u64, u64> = HashMap::with_max_entries(65536, 0);
@@ -79,6 +87,26 @@ pub fn count_verdict(index: u32) {
         // SAFETY: per-CPU slot, no other writer while this program runs on this CPU.
         unsafe { *counter += 1 };
     }
+}
+
+/// Whether `ip` (network order) and `port` (host order) are a meshed destination: a
+/// pod of the mesh (any port) or a Service port.
+#[inline(always)]
+pub fn meshed_destination(ip: u32, port: u16) -> bool {
+    MESH_WORKLOADS.get_ptr(ip).is_some()
+        || MESH_SERVICES
+            .get_ptr(ServiceKey { ip, port, _pad: 0 })
+            .is_some()
+}
+
+/// Whether `ip` (network order) is the local pod whose host veth has index `ifindex`
+/// (the agent records each local pod's veth index in its workload entry).
+#[inline(always)]
+pub fn local_pod_on(ip: u32, ifindex: u32) -> bool {
+    // SAFETY: a map value pointer, valid while the program runs.
+    MESH_WORKLOADS
+        .get_ptr(ip)
+        .is_some_and(|workload| unsafe { (*workload).ifindex } == ifindex)
 }
 
 /// Whether some workloads or Service ports did not fit in their maps: a destination

@@ -8,7 +8,9 @@
 //! policy route deliver the packet locally, so the accepted socket's local address is
 //! the original destination: no NAT and no side table. A pod's DNS (UDP or TCP to port
 //! 53, whichever server it names) goes the same way to the agent's DNS proxy, when the
-//! agent turned that on. Everything is counted.
+//! agent turned that on. A SYN meeting the agent's TIME_WAIT socket of an earlier
+//! connection with the same addresses is judged as a new connection and left to the
+//! kernel, whose listener lookup `capture_lookup` answers. Everything is counted.
 //!
 //! `tc_to_pod` (egress of the host veth, packets entering the pod) counts, and enforces
 //! PeerAuthentication STRICT: TCP to such a pod port that the agent did not send (its
@@ -36,15 +38,16 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use mesh_common::{
-    verdict, PolicyKey, PortKey, ServiceKey, TrafficCounters, TrafficKey, AGENT_MARK, CAPTURE_MARK,
+    verdict, PolicyKey, PortKey, TrafficCounters, TrafficKey, AGENT_MARK, CAPTURE_MARK,
     DIRECTION_FROM_POD, DIRECTION_TO_POD, DNS_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, POLICY_DENY,
     PORT_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT_PORTS,
 };
 
 use crate::{
     maps::{
-        capture_dns, capture_unknown, count_verdict, MESH_POLICY, MESH_PORT_MTLS, MESH_PROBE_PORTS,
-        MESH_SERVICES, MESH_SERVICE_IPS, MESH_TRAFFIC, MESH_WORKLOADS,
+        capture_dns, capture_unknown, count_verdict, local_pod_on, meshed_destination,
+        MESH_POLICY, MESH_PORT_MTLS, MESH_PROBE_PORTS, MESH_SERVICE_IPS, MESH_TRAFFIC,
+        MESH_WORKLOADS,
     },
     packet::{
         ether_type, icmp_type, parse_ipv4, parse_tcp, udp_ports, Ipv4Packet, DNS_PORT, ETH_P_ARP,
@@ -52,6 +55,7 @@ use crate::{
     },
 };
 
+const TCP_TIME_WAIT: u32 = 6;
 const TCP_LISTEN: u32 = 10;
 const BPF_NOEXIST: u64 = 1;
 /// ICMP errors, which concern a connection or datagram of the pod: destination
@@ -177,7 +181,9 @@ fn from_pod(ctx: &TcContext) -> i32 {
         Ok(ip) => ip,
         Err(action) => return action,
     };
-    if !sent_by_interface_owner(ctx, ip.saddr) {
+    // SAFETY: reading a field of the context the kernel handed us; at tc ingress of the
+    // host veth, `ifindex` is that veth's index.
+    if !local_pod_on(ip.saddr, unsafe { (*ctx.skb.skb).ifindex }) {
         return drop_counted(verdict::DROP_SPOOFED_SOURCE);
     }
     account(ip.saddr, ip.daddr, DIRECTION_FROM_POD, ctx.len());
@@ -212,22 +218,28 @@ fn from_pod(ctx: &TcContext) -> i32 {
         return drop_counted(verdict::DROP_MALFORMED);
     };
 
+    let new_connection = flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0;
     // A segment of a connection the agent already holds (its accepted socket, or its
-    // upstream socket bound to the client's address) goes to that socket.
+    // upstream socket bound to the client's address) goes to that socket. A SYN meeting
+    // the agent's TIME_WAIT socket of an earlier connection with the same addresses (the
+    // client reused its port) opens a new connection: it is judged as one below.
+    let mut reopening = false;
     if let Some(owned) = lookup(ctx, ip.saddr, ip.daddr, sport, dport, false) {
-        return steer(ctx, owned, verdict::STEERED_ESTABLISHED);
+        // SAFETY: `owned` is a non-null socket returned by the lookup helper.
+        if new_connection && unsafe { (*owned).state } == TCP_TIME_WAIT {
+            // SAFETY: releasing the reference the lookup took.
+            unsafe { bpf_sk_release(owned as *mut _) };
+            reopening = true;
+        } else {
+            return steer(ctx, owned, verdict::STEERED_ESTABLISHED);
+        }
     }
 
-    let meshed = MESH_WORKLOADS.get_ptr(ip.daddr).is_some()
-        || MESH_SERVICES
-            .get_ptr(ServiceKey {
-                ip: ip.daddr,
-                port: u16::from_be(dport),
-                _pad: 0,
-            })
-            .is_some();
-    let new_connection = flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0;
+    let meshed = meshed_destination(ip.daddr, u16::from_be(dport));
     if new_connection && dport == DNS_PORT.to_be() && capture_dns() {
+        if reopening {
+            return reopen(ctx);
+        }
         return match lookup(
             ctx,
             ip.saddr,
@@ -252,6 +264,9 @@ fn from_pod(ctx: &TcContext) -> i32 {
     }
     if policy_denies(ip.saddr, ip.daddr, u16::from_be(dport)) {
         return drop_counted(verdict::DROP_POLICY_DENIED);
+    }
+    if reopening {
+        return reopen(ctx);
     }
     match lookup(
         ctx,
@@ -373,23 +388,22 @@ fn lookup_udp(ctx: &TcContext, saddr: u32, daddr: u32, sport: u16) -> Option<*mu
     (!sk.is_null()).then_some(sk)
 }
 
-/// Whether `saddr` is the address of the local pod whose host veth this packet came in
-/// on (the agent records each local pod's veth index in its workload entry).
-#[inline(always)]
-fn sent_by_interface_owner(ctx: &TcContext, saddr: u32) -> bool {
-    // SAFETY: reading a field of the context the kernel handed us; at tc ingress of the
-    // host veth, `ifindex` is that veth's index.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: a map value pointer, valid while this program runs.
-    MESH_WORKLOADS
-        .get_ptr(saddr)
-        .is_some_and(|workload| unsafe { (*workload).ifindex } == ifindex)
-}
-
 #[inline(always)]
 fn drop_counted(reason: u32) -> i32 {
     count_verdict(reason);
     TC_ACT_SHOT
+}
+
+/// Lets a SYN that meets the agent's TIME_WAIT socket (already judged as a new
+/// connection) go on to the kernel, marked for local delivery: TCP accepts a SYN on a
+/// TIME_WAIT socket only for a listener of its destination, which `capture_lookup` names,
+/// and then retires the old socket. Assigning the listener here instead would not do:
+/// the kernel refuses a connection request whose addresses a TIME_WAIT socket holds.
+#[inline(always)]
+fn reopen(ctx: &TcContext) -> i32 {
+    ctx.set_mark(CAPTURE_MARK);
+    count_verdict(verdict::STEERED_REOPENED);
+    TC_ACT_OK
 }
 
 #[inline(always)]

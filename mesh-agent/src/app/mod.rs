@@ -10,6 +10,7 @@ pub mod handover;
 pub mod reconcile;
 
 use std::{
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -20,6 +21,7 @@ use std::{
 
 use anyhow::Context;
 use mesh_common::{
+    capture_listener,
     enrollment::{self, DefaultEnrollment},
     pins, METRICS_PORT, OUTBOUND_CAPTURE_PORT, TUNNEL_PORT,
 };
@@ -33,7 +35,7 @@ use crate::{
         reconcile::{lock, AgentStatus, Reconciler, Reload, SharedStatus},
     },
     config::origin::{self, SourceKind},
-    datapath::{self, capacity::Capacities, Datapath},
+    datapath::{self, capacity::Capacities, capture_lookup::CaptureLookup, Datapath},
     errors::describe,
     http::{server, Intake},
     identity::{ca::CaClient, certs::CertManager, tls::Identities},
@@ -311,6 +313,16 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     } else {
         None
     };
+    let mut capture_lookup = match datapath.capture_lookup() {
+        Ok(lookup) => Some(lookup),
+        Err(err) => {
+            tracing::warn!(
+                "no socket lookup towards the agent's listeners: a pod's new connection that reuses the addresses of one the agent closed is delayed by a retransmission: {}",
+                describe(&err)
+            );
+            None
+        }
+    };
     datapath::install_capture_route()?;
     let kernel_maps = take_kernel_maps(&options.bpffs)?;
 
@@ -391,7 +403,12 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     });
     tokio::spawn(expire_idle_routing_state(proxy.clone()));
     if options.dns_capture {
-        start_dns_proxy(&options, shared.clone(), metrics.clone())?;
+        start_dns_proxy(
+            &options,
+            shared.clone(),
+            metrics.clone(),
+            capture_lookup.as_mut(),
+        )?;
     }
     tokio::spawn(retire_stale_tunnels(proxy.clone()));
     let servers = Servers {
@@ -410,7 +427,12 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     };
     let handed_over = CancellationToken::new();
     if let Some(listeners) = fresh {
-        servers.start(listeners, &options.handover_socket, &handed_over)?;
+        servers.start(
+            listeners,
+            &options.handover_socket,
+            &handed_over,
+            capture_lookup.as_mut(),
+        )?;
     }
 
     // Ready once every local identity holds a certificate: before that, connections of
@@ -438,7 +460,12 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 Listeners::bind().context("binding the listeners after a failed handover")?
             }
         };
-        servers.start(listeners, &options.handover_socket, &handed_over)?;
+        servers.start(
+            listeners,
+            &options.handover_socket,
+            &handed_over,
+            capture_lookup.as_mut(),
+        )?;
     }
     tracing::info!(
         "node agent for {} ready: capture :{OUTBOUND_CAPTURE_PORT}, tunnel :{TUNNEL_PORT}, metrics :{METRICS_PORT}",
@@ -473,6 +500,7 @@ fn start_dns_proxy(
     options: &AgentOptions,
     state: SharedState,
     metrics: Arc<Metrics>,
+    capture_lookup: Option<&mut CaptureLookup>,
 ) -> anyhow::Result<()> {
     let upstreams = if options.dns_upstream.is_empty() {
         dns::nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
@@ -490,6 +518,7 @@ fn start_dns_proxy(
     ));
     let udp = dns::DnsUdpSocket::bind().context("binding the DNS proxy's UDP socket")?;
     let tcp = dns::tcp_listener().context("binding the DNS proxy's TCP listener")?;
+    claim(capture_lookup, capture_listener::DNS, &tcp);
     tokio::spawn(dns::serve_udp(udp, proxy.clone()));
     tokio::spawn(dns::serve_tcp(tcp, proxy));
     Ok(())
@@ -506,13 +535,20 @@ struct Servers {
 
 impl Servers {
     /// Serves on `listeners` and offers them to a successor at `handover_socket`
-    /// (cancelling `handed_over` once one took them).
+    /// (cancelling `handed_over` once one took them); the capture listener answers the
+    /// node's socket lookups of captured connections.
     fn start(
         &self,
         listeners: Listeners,
         handover_socket: &Path,
         handed_over: &CancellationToken,
+        capture_lookup: Option<&mut CaptureLookup>,
     ) -> anyhow::Result<()> {
+        claim(
+            capture_lookup,
+            capture_listener::OUTBOUND,
+            &listeners.capture,
+        );
         let copies = listeners
             .duplicates()
             .context("keeping the listeners for a successor")?;
@@ -544,6 +580,19 @@ impl Servers {
             }
         });
         Ok(())
+    }
+}
+
+/// Names `listener` in `slot` of the socket lookup, if the agent has one; without it only
+/// reopened connections are slower, so a failure is a warning.
+fn claim(capture_lookup: Option<&mut CaptureLookup>, slot: u32, listener: &impl AsRawFd) {
+    if let Some(lookup) = capture_lookup {
+        if let Err(err) = lookup.claim(slot, listener) {
+            tracing::warn!(
+                "the socket lookup cannot name listener {slot}: {}",
+                describe(&err)
+            );
+        }
     }
 }
 

@@ -3,9 +3,11 @@
 //! cgroup with links pinned beside the maps (so a restarted agent replaces them in place),
 //! filling the workload, service and policy maps (sized at load time, filled as far as
 //! they hold, failing closed beyond: `capacity`), the policy route that delivers steered
-//! packets to the agent's sockets, and the splice program of same-node flows.
+//! packets to the agent's sockets, the splice program of same-node flows, and the node
+//! namespace's socket lookup towards the agent's listeners (`capture_lookup`).
 
 pub mod capacity;
+pub mod capture_lookup;
 pub mod maps;
 pub mod preflight;
 pub mod splice;
@@ -43,6 +45,7 @@ use crate::{
 
 use self::{
     capacity::{Capacities, MapUsage, MapsReport},
+    capture_lookup::CaptureLookup,
     splice::Splicer,
 };
 
@@ -153,6 +156,11 @@ impl Datapath {
             links_dir: links,
             capacities,
         })
+    }
+
+    /// Attaches the node namespace's socket lookup towards the agent's listeners.
+    pub fn capture_lookup(&mut self) -> Result<CaptureLookup> {
+        CaptureLookup::attach(&mut self.ebpf)
     }
 
     /// Loads the stream verdict program of spliced flows and attaches it to the sockhash

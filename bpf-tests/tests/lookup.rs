@@ -1,0 +1,126 @@
+//! `capture_lookup`, the node namespace's socket lookup, attached as the agent attaches it
+//! in a fresh network namespace, with real connections on its loopback standing in for a
+//! pod's: which connections reach the agent's listeners (a local meshed pod's, from its
+//! own interface, to a meshed destination or to port 53), which keep the kernel's usual
+//! lookup, and a client reusing its port while the agent's end of its previous connection
+//! is in TIME_WAIT, answered at the first SYN.
+
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+
+use aya::maps::{Array, HashMap};
+use bpf_tests::{
+    close_server_first, connect_from, in_new_netns, in_time_wait, load, loopback_with,
+    retransmissions, Loaded,
+};
+use mesh_agent::datapath::{capture_lookup::CaptureLookup, ifindex, ip_key};
+use mesh_common::{
+    capture_listener, pins, WorkloadInfo, NAME_LEN, SETTINGS_KEY, SETTING_CAPTURE_DNS,
+    WORKLOAD_FLAG_LOCAL,
+};
+
+/// A local meshed pod whose "veth" is the loopback its connections arrive on.
+const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+/// A local meshed pod recorded on another interface: connections from its address on
+/// loopback did not come from it.
+const ELSEWHERE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
+const MESHED_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 7);
+const UNMESHED: Ipv4Addr = Ipv4Addr::new(10, 244, 9, 9);
+const RESOLVER: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+fn add_workload(loaded: &mut Loaded, ip: Ipv4Addr, ifindex: u32, flags: u32) {
+    let mut workloads: HashMap<_, u32, WorkloadInfo> =
+        HashMap::try_from(loaded.ebpf.map_mut(pins::WORKLOADS).expect("workload map"))
+            .expect("hash map");
+    let info = WorkloadInfo {
+        namespace: [0; NAME_LEN],
+        name: [0; NAME_LEN],
+        workload: [0; NAME_LEN],
+        service_account: [0; NAME_LEN],
+        ifindex,
+        flags,
+    };
+    workloads
+        .insert(ip_key(ip), info, 0)
+        .expect("insert workload");
+}
+
+/// The mesh's object loaded in a fresh namespace whose loopback carries every address
+/// above, with the workload map as the agent fills it.
+fn meshed_loopback() -> Loaded {
+    let mut loaded = load();
+    loopback_with(&[POD, ELSEWHERE_POD, MESHED_POD, UNMESHED, RESOLVER]);
+    let lo = ifindex("lo").expect("lo");
+    add_workload(&mut loaded, POD, lo, WORKLOAD_FLAG_LOCAL);
+    add_workload(&mut loaded, ELSEWHERE_POD, lo + 4000, WORKLOAD_FLAG_LOCAL);
+    add_workload(&mut loaded, MESHED_POD, 0, 0);
+    loaded
+}
+
+fn refused(from: SocketAddrV4, to: SocketAddrV4) -> bool {
+    connect_from(from, to).is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
+#[test]
+fn a_local_pods_connection_to_a_meshed_destination_reaches_the_capture_listener() {
+    in_new_netns(|| {
+        let mut loaded = meshed_loopback();
+        let capture = TcpListener::bind("0.0.0.0:15001").expect("capture listener");
+        let mut lookup = CaptureLookup::attach(&mut loaded.ebpf).expect("attaching");
+        let destination = SocketAddrV4::new(MESHED_POD, 8080);
+        let from = |ip, port| SocketAddrV4::new(ip, port);
+
+        // Until the agent names its listener, nothing is claimed.
+        assert!(refused(from(POD, 40000), destination));
+        lookup
+            .claim(capture_listener::OUTBOUND, &capture)
+            .expect("claiming");
+
+        let client = connect_from(from(POD, 40001), destination).expect("captured");
+        let (accepted, peer) = capture.accept().expect("accepting");
+        assert_eq!(
+            (accepted.local_addr().ok(), peer),
+            (Some(destination.into()), from(POD, 40001).into()),
+            "the capture listener holds the original destination"
+        );
+        // Not from the pod's own interface, or not to a meshed destination: the usual
+        // lookup, which finds no listener there.
+        assert!(refused(from(ELSEWHERE_POD, 40002), destination));
+        assert!(refused(
+            from(POD, 40003),
+            SocketAddrV4::new(UNMESHED, 8080)
+        ));
+
+        // The agent closes first, and the client reopens the same four addresses while
+        // the agent's end is in TIME_WAIT: answered at once, the old socket retired.
+        close_server_first(accepted, client);
+        let again = connect_from(from(POD, 40001), destination).expect("reopened");
+        let (reopened, _) = capture.accept().expect("accepting the reopened connection");
+        assert_eq!(retransmissions(&again), 0, "the first SYN was answered");
+        assert!(!in_time_wait(destination, from(POD, 40001)));
+        drop((reopened, again));
+    });
+}
+
+#[test]
+fn a_local_pods_dns_over_tcp_reaches_the_dns_listener_while_the_capture_is_on() {
+    in_new_netns(|| {
+        let mut loaded = meshed_loopback();
+        let dns = TcpListener::bind("0.0.0.0:15053").expect("DNS listener");
+        let mut lookup = CaptureLookup::attach(&mut loaded.ebpf).expect("attaching");
+        lookup
+            .claim(capture_listener::DNS, &dns)
+            .expect("claiming");
+        let resolver = SocketAddrV4::new(RESOLVER, 53);
+
+        assert!(refused(SocketAddrV4::new(POD, 40000), resolver), "capture off");
+        let mut settings: Array<_, u32> =
+            Array::try_from(loaded.ebpf.map_mut(pins::SETTINGS).expect("settings map"))
+                .expect("array");
+        settings
+            .set(SETTINGS_KEY, SETTING_CAPTURE_DNS, 0)
+            .expect("turning the DNS capture on");
+        let _client = connect_from(SocketAddrV4::new(POD, 40001), resolver).expect("captured");
+        let (accepted, _) = dns.accept().expect("accepting");
+        assert_eq!(accepted.local_addr().ok(), Some(resolver.into()));
+    });
+}
