@@ -12,7 +12,7 @@
 //! - `load`: requests over N keep-alive connections, either at a constant total rate
 //!   (latency measured from each request's *scheduled* time, which corrects coordinated
 //!   omission as wrk2 does) or as fast as possible; or one new connection per request
-//!   (`--churn`). Prints one JSON object: requests, errors, seconds, rps, latency
+//!   (`--churn`, `Connection: close`, done when the server has closed). Prints one JSON object: requests, errors, seconds, rps, latency
 //!   percentiles in microseconds.
 
 use std::{
@@ -307,6 +307,13 @@ impl Client {
                                 bail!("connection closed mid-body");
                             }
                             buf.extend_from_slice(&chunk[..n]);
+                        }
+                        // Having asked to close, the request ends when the server
+                        // closes: a client closing first would hold its port in
+                        // TIME_WAIT, and a run of new connections to one server would
+                        // run out of ports within a minute, which measures the client.
+                        if close && stream.read(&mut chunk).await? != 0 {
+                            bail!("bytes after the response");
                         }
                         return Ok(());
                     }

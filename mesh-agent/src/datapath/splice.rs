@@ -33,6 +33,10 @@ use tokio::{
 /// (the receiver stopped reading) before the flow is given up.
 pub const STALL_LIMIT: Duration = Duration::from_secs(60);
 
+/// How many times a spliced direction's FIN re-checks at once, yielding in between,
+/// whether its bytes moved on, before it waits on the timer.
+const FIN_RECHECKS: u32 = 64;
+
 /// The maps the verdict program uses; the program is attached to `sources`.
 pub struct Splicer {
     sources: Mutex<SockHash<MapData, u64>>,
@@ -154,6 +158,7 @@ async fn carry_fin(
     let target = received_data(from)?;
     let mut last = (0, Instant::now());
     let mut pause = Duration::from_micros(200);
+    let mut rechecks = 0;
     loop {
         let (queued, state) = queued_data(to, to_active)?;
         if queued >= target {
@@ -172,6 +177,15 @@ async fn carry_fin(
                 io::ErrorKind::TimedOut,
                 format!("spliced bytes stuck at {queued} of {target}"),
             ));
+        }
+        // The last bytes usually move on within microseconds (the kernel's work queue
+        // sends them), far below the timer's millisecond: a FIN held for one would
+        // reach the client after it is done with the response, so it closes first and
+        // its port stays in TIME_WAIT.
+        if rechecks < FIN_RECHECKS {
+            rechecks += 1;
+            tokio::task::yield_now().await;
+            continue;
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(20));
