@@ -2633,6 +2633,76 @@ print('intact' if b''.join(got) == data else 'corrupted')
     .to_owned()
 }
 
+/// An HTTP request from client-a with its source port fixed to `port` (below the
+/// ephemeral range, so no other connection holds it), `Connection: close`, read until the
+/// server closes: the SYN's retransmissions, as TCP_INFO counts them once connected, and
+/// the body.
+fn request_from_port(ip: &str, port: u16) -> (u32, String) {
+    let out = in_pod(
+        "client-a",
+        &format!(
+            "python3 -c \"
+import socket, struct
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.settimeout(10)
+s.bind(('', {port}))
+s.connect(('{ip}', 8080))
+retransmitted = struct.unpack_from('I', s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 100)[0]
+s.sendall(b'GET /name HTTP/1.1\\r\\nHost: web\\r\\nConnection: close\\r\\n\\r\\n')
+response = b''
+while chunk := s.recv(65536):
+    response += chunk
+print(retransmitted, response.split(b'\\r\\n\\r\\n', 1)[1].decode().strip())
+\""
+        ),
+    );
+    let (retransmitted, body) = out.trim().split_once(' ').expect("retransmissions and body");
+    (retransmitted.parse().expect("a count"), body.to_owned())
+}
+
+/// Whether node-a's agent holds its end of client-a's connection from `port` to
+/// `ip`:8080 in TIME_WAIT.
+fn agent_end_in_time_wait(ip: &str, client: &str, port: u16) -> bool {
+    !on_node(
+        "node-a",
+        &[
+            "ss",
+            "-Htan",
+            "state",
+            "time-wait",
+            "src",
+            &format!("{ip}:8080"),
+            "dst",
+            &format!("{client}:{port}"),
+        ],
+    )
+    .trim()
+    .is_empty()
+}
+
+/// A client reusing its port while node-a's agent still holds its end of the previous
+/// connection in TIME_WAIT (the server closed first, so the agent did too): the new SYN
+/// is captured as a new connection at once (`steered_reopened`), not answered with the
+/// old connection's ACK and retransmitted.
+fn reopened_connections_are_answered_at_the_first_syn(status: &serde_json::Value) {
+    let client = pod_ip(status, "client-a");
+    for (pod, port) in [("web-a", 30001), ("web-b", 30002)] {
+        let ip = pod_ip(status, pod);
+        assert_eq!(request_from_port(&ip, port).1, pod);
+        eventually(&format!("node-a holds the connection to {pod} in TIME_WAIT"), || {
+            agent_end_in_time_wait(&ip, &client, port)
+        });
+        let reopened = tc_packets("node-a", "steered_reopened");
+        assert_eq!(
+            request_from_port(&ip, port),
+            (0, pod.to_owned()),
+            "the reopened connection to {pod}: answered at the first SYN"
+        );
+        assert_eq!(tc_packets("node-a", "steered_reopened"), reopened + 1);
+    }
+}
+
 #[test]
 fn same_node_flows_are_spliced_in_the_kernel() {
     let _sandbox = Sandbox::up();
@@ -2668,6 +2738,7 @@ fn same_node_flows_are_spliced_in_the_kernel() {
         }
         seen
     };
+    reopened_connections_are_answered_at_the_first_syn(&status);
     let (spliced, copied) = (carried("spliced"), carried("copied"));
 
     // Bytes both ways, each direction ended by its own FIN, intact whatever the size.
