@@ -78,6 +78,11 @@ pub fn expected_figures() -> Vec<(&'static str, &'static str, &'static str)> {
         }
     }
     figures.push(("request-telemetry", "destination-agent", "cpu-per-request"));
+    for (scenario, metrics) in SCALE_FIGURES {
+        for (metric, _) in metrics {
+            figures.push((scenario, SCALE_PATH, metric));
+        }
+    }
     figures.push(("agent-rss", "per-agent", "idle"));
     figures.push(("agent-rss", "per-agent", "under-load"));
     for program in PROGRAMS {
@@ -85,6 +90,42 @@ pub fn expected_figures() -> Vec<(&'static str, &'static str, &'static str)> {
     }
     figures
 }
+
+/// Whether a scenario's figures are compared with the no-mesh baseline (its median,
+/// the ratio and the baseline's spread); the agents' own figures are not. For
+/// `idle-connections-closed`, the "baseline" is the agents before the connections opened.
+pub fn has_baseline(scenario: &str) -> bool {
+    !matches!(
+        scenario,
+        "agent-cpu" | "agent-rss" | "bpf-program-cost" | "idle-connections"
+    )
+}
+
+/// The scale scenarios run on the cross-node path, through both agents.
+const SCALE_PATH: &str = "cross-node-mtls";
+/// The scale scenarios' figures, as (scenario, [(metric, unit)]).
+const SCALE_FIGURES: [(&str, &[(&str, &str)]); 3] = [
+    (
+        "idle-connections",
+        &[
+            ("memory-per-connection", "KiB (both agents)"),
+            ("descriptors-per-connection", "fds (both agents)"),
+        ],
+    ),
+    (
+        "idle-connections-closed",
+        &[
+            ("agent-rss", "MB (both agents, before → after)"),
+            ("agent-descriptors", "fds (both agents, before → after)"),
+        ],
+    ),
+    (
+        "sustained-churn",
+        &[("connections-per-second", "conn/s"), ("p99", "ms")],
+    ),
+];
+/// The rate of `sustained-churn`.
+const SUSTAINED_RATE: &str = "1000";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Measurement {
@@ -104,6 +145,10 @@ pub struct Measurement {
 struct Settings {
     repetitions: usize,
     seconds: f64,
+    /// Connections `idle-connections` holds open.
+    idle_connections: usize,
+    /// How long `sustained-churn` runs.
+    sustained_seconds: f64,
 }
 
 /// The cluster IP of `bench/server-routed` (`deploy/bench/cluster.yaml`): the
@@ -267,11 +312,15 @@ pub fn run(quick: bool, json: bool) -> Result<()> {
         Settings {
             repetitions: 1,
             seconds: 1.0,
+            idle_connections: 1_000,
+            sustained_seconds: 1.0,
         }
     } else {
         Settings {
             repetitions: 3,
             seconds: 5.0,
+            idle_connections: 10_000,
+            sustained_seconds: 30.0,
         }
     };
     sandbox::up(
@@ -491,7 +540,175 @@ fn measure_all(settings: &Settings) -> Result<Vec<Measurement>> {
             mesh_spread: 0.0,
         });
     }
+    results.extend(scale(settings, &state, &agents)?);
     results.extend(program_costs(&state)?);
+    Ok(results)
+}
+
+/// The agents' resident memory and open descriptors, summed.
+#[derive(Debug, Clone, Copy)]
+struct Footprint {
+    rss_mb: f64,
+    descriptors: f64,
+}
+
+fn footprint(agents: &[u32]) -> Result<Footprint> {
+    let mut total = Footprint {
+        rss_mb: 0.0,
+        descriptors: 0.0,
+    };
+    for pid in agents {
+        total.rss_mb += rss_megabytes(*pid)?;
+        let fds = fs::read_dir(format!("/proc/{pid}/fd"))
+            .with_context(|| format!("listing the descriptors of agent {pid}"))?;
+        total.descriptors += fds.count() as f64;
+    }
+    Ok(total)
+}
+
+/// The scale scenarios on the cross-node path: `idle_connections` connections opened
+/// through both agents and held idle (what each costs the agents in memory and
+/// descriptors, and whether both return once the connections close), then 1,000 new
+/// connections a second for `sustained_seconds` against the no-mesh baseline, every one
+/// of which must succeed.
+fn scale(settings: &Settings, state: &SandboxState, agents: &[u32]) -> Result<Vec<Measurement>> {
+    use std::io::BufRead;
+    let far = pod_ip(state, "bench/server-far")?;
+    let count = settings.idle_connections;
+    progress(&format!("{SCALE_PATH}: {count} idle connections"));
+    let before = footprint(agents)?;
+    let mut holder = command_in(
+        &ExecTarget::Pod("bench/client".into()),
+        "mesh-bench",
+        &[
+            "hold".into(),
+            format!("{far}:8080"),
+            "--connections".into(),
+            count.to_string(),
+        ],
+    )?
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .context("starting mesh-bench hold")?;
+    let mut line = String::new();
+    if let Some(stdout) = holder.stdout.as_mut() {
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+    }
+    let held = footprint(agents);
+    // Closing standard input ends the hold whatever happened above.
+    drop(holder.stdin.take());
+    let out = holder.wait_with_output()?;
+    if !out.status.success() || line.is_empty() {
+        bail!(
+            "idle-connections: mesh-bench hold failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let opened = figure(&serde_json::from_str(&line)?, "open").context("idle-connections")?;
+    if opened as usize != count {
+        bail!("idle-connections: {opened} of {count} connections opened");
+    }
+    let held = held?;
+    // The agents let go of a closed connection's resources as they see its end: wait
+    // (30 s at most) for the descriptors to come back to where they were.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut after = footprint(agents)?;
+    while after.descriptors > before.descriptors && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        after = footprint(agents)?;
+    }
+    let per_connection = |value: f64| value / count as f64;
+    let own = |metric, unit, mesh| Measurement {
+        scenario: "idle-connections",
+        path: SCALE_PATH,
+        metric,
+        unit,
+        baseline: None,
+        mesh,
+        ratio: None,
+        baseline_spread: None,
+        mesh_spread: 0.0,
+    };
+    let before_after = |metric, unit, before: f64, after: f64| Measurement {
+        scenario: "idle-connections-closed",
+        path: SCALE_PATH,
+        metric,
+        unit,
+        baseline: Some(before),
+        mesh: after,
+        ratio: (before != 0.0).then(|| after / before),
+        baseline_spread: Some(0.0),
+        mesh_spread: 0.0,
+    };
+    let [(_, idle), (_, closed), (_, sustained)] = SCALE_FIGURES;
+    let mut results = vec![
+        own(
+            idle[0].0,
+            idle[0].1,
+            per_connection((held.rss_mb - before.rss_mb) * 1024.0),
+        ),
+        own(
+            idle[1].0,
+            idle[1].1,
+            per_connection(held.descriptors - before.descriptors),
+        ),
+        before_after(closed[0].0, closed[0].1, before.rss_mb, after.rss_mb),
+        before_after(
+            closed[1].0,
+            closed[1].1,
+            before.descriptors,
+            after.descriptors,
+        ),
+    ];
+
+    let seconds = settings.sustained_seconds.to_string();
+    progress(&format!(
+        "{SCALE_PATH}: {SUSTAINED_RATE} new connections a second for {seconds} s"
+    ));
+    let baseline = pod_ip(state, "plain/server-far")?;
+    let once = Settings {
+        repetitions: 1,
+        ..*settings
+    };
+    let values = compare(
+        &once,
+        |ip| {
+            let client = if ip == baseline {
+                "plain/client"
+            } else {
+                "bench/client"
+            };
+            let report = load(
+                client,
+                &format!("{ip}:8080"),
+                &[
+                    "--churn",
+                    "--rate",
+                    SUSTAINED_RATE,
+                    "--connections",
+                    "32",
+                    "--seconds",
+                    &seconds,
+                ],
+            )?;
+            Ok(BTreeMap::from([
+                ("connections-per-second", figure(&report, "rps")?),
+                ("p99", figure(&report, "p99_us")? / 1000.0),
+            ]))
+        },
+        &baseline,
+        &far,
+    )
+    .context("sustained-churn")?;
+    push_comparison(
+        &mut results,
+        "sustained-churn",
+        SCALE_PATH,
+        sustained,
+        values,
+    )?;
     Ok(results)
 }
 
@@ -517,7 +734,7 @@ fn request_telemetry_cost(
     let seconds = settings.seconds.to_string();
     let alternated = Settings {
         repetitions: settings.repetitions * 2,
-        seconds: settings.seconds,
+        ..*settings
     };
     let values = compare(
         &alternated,

@@ -213,9 +213,7 @@ fn check_report(report: &serde_json::Value) -> Result<()> {
             Some(v) if v >= 0.0 => {}
             _ => problems.push(format!("{name}: mesh_spread: not a number >= 0")),
         }
-        // Scenarios run against the plain baseline carry its median, the ratio and the
-        // baseline's spread; the agents' own figures carry none.
-        let compared = !matches!(scenario, "agent-cpu" | "agent-rss" | "bpf-program-cost");
+        let compared = bench::has_baseline(scenario);
         for (key, minimum_exclusive) in [
             ("baseline", true),
             ("ratio", true),
@@ -281,7 +279,7 @@ mod tests {
                     "p99.9" => 3.0,
                     _ => 100.0,
                 };
-                let compared = !matches!(scenario, "agent-cpu" | "agent-rss" | "bpf-program-cost");
+                let compared = bench::has_baseline(scenario);
                 json!({
                     "scenario": scenario, "path": path, "metric": metric, "unit": "x",
                     "mesh": mesh, "mesh_spread": 0.1,

@@ -14,6 +14,8 @@
 //!   omission as wrk2 does) or as fast as possible; or one new connection per request
 //!   (`--churn`, `Connection: close`, done when the server has closed). Prints one JSON object: requests, errors, seconds, rps, latency
 //!   percentiles in microseconds.
+//! - `hold`: opens N connections, holds them idle until standard input ends, closes them
+//!   (the agent's memory and descriptors per connection, and after).
 
 use std::{
     collections::HashMap,
@@ -79,12 +81,23 @@ enum Command {
         #[arg(long)]
         churn: bool,
     },
+    /// Open connections (HTTP/1.1, one request each, so every hop is open), print
+    /// `{"open": N, "seconds": S}` once all are, hold them idle until standard input
+    /// ends, then close them all.
+    Hold {
+        target: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+    },
 }
 
 const BODY: [u8; 1024] = [b'x'; 1024];
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Thousands of connections need thousands of descriptors, beyond the usual soft
+    // limit of 1024.
+    mesh_agent::app::fdlimit::raise().context("raising the descriptor limit")?;
     match cli.command {
         Command::Serve { listen, echo } => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -103,7 +116,47 @@ fn main() -> anyhow::Result<()> {
             println!("{report}");
             Ok(())
         }
+        Command::Hold {
+            target,
+            connections,
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(hold(target, connections)),
     }
+}
+
+/// How many connections `hold` opens at a time.
+const OPENING_AT_ONCE: usize = 64;
+
+async fn hold(target: SocketAddr, connections: usize) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut open = Vec::with_capacity(connections);
+    while open.len() < connections {
+        let batch = OPENING_AT_ONCE.min(connections - open.len());
+        let mut opening = tokio::task::JoinSet::new();
+        for _ in 0..batch {
+            opening.spawn(async move {
+                let mut client = Client::connect(target, Protocol::Http1).await?;
+                client.request(target, false).await?;
+                anyhow::Ok(client)
+            });
+        }
+        while let Some(opened) = opening.join_next().await {
+            let client = opened?.with_context(|| {
+                format!("connection {} of {connections} to {target}", open.len() + 1)
+            })?;
+            open.push(client);
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"open": open.len(), "seconds": started.elapsed().as_secs_f64()})
+    );
+    let mut rest = Vec::new();
+    tokio::io::stdin().read_to_end(&mut rest).await?;
+    drop(open);
+    Ok(())
 }
 
 /// A response body: one chunk, then the trailers if there are any (gRPC's status).
