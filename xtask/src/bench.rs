@@ -611,11 +611,14 @@ fn scale(settings: &Settings, state: &SandboxState, agents: &[u32]) -> Result<Ve
         bail!("idle-connections: {opened} of {count} connections opened");
     }
     let held = held?;
-    // The agents let go of a closed connection's resources as they see its end: wait
-    // (30 s at most) for the descriptors to come back to where they were.
+    // The agents let go of a closed connection's descriptors as they see its end, and
+    // give freed memory back every few seconds: wait (30 s at most) for both to come
+    // back to where they were, and report where they are then.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut after = footprint(agents)?;
-    while after.descriptors > before.descriptors && std::time::Instant::now() < deadline {
+    while (after.descriptors > before.descriptors || after.rss_mb > before.rss_mb * 1.1)
+        && std::time::Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(200));
         after = footprint(agents)?;
     }

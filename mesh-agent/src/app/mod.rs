@@ -1,12 +1,14 @@
 //! The node agent's wiring and life: load the datapath, bind the listeners, start the
 //! proxy, the metrics, the certificate manager and the admin servers, then keep the
 //! agent in line with its configuration source (`reconcile`, enrolling local pods with
-//! `enroll`) until told to stop or replaced (`handover`), then drain.
+//! `enroll`) until told to stop or replaced (`handover`), then drain. Freed memory goes
+//! back to the system after bursts (`memory`).
 
 pub mod admin;
 pub mod enroll;
 pub mod fdlimit;
 pub mod handover;
+mod memory;
 pub mod reconcile;
 
 use std::{
@@ -411,6 +413,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         )?;
     }
     tokio::spawn(retire_stale_tunnels(proxy.clone()));
+    tokio::spawn(memory::return_free_memory());
     let servers = Servers {
         proxy,
         intake: intake.clone(),
