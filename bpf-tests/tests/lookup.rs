@@ -85,10 +85,7 @@ fn a_local_pods_connection_to_a_meshed_destination_reaches_the_capture_listener(
         // Not from the pod's own interface, or not to a meshed destination: the usual
         // lookup, which finds no listener there.
         assert!(refused(from(ELSEWHERE_POD, 40002), destination));
-        assert!(refused(
-            from(POD, 40003),
-            SocketAddrV4::new(UNMESHED, 8080)
-        ));
+        assert!(refused(from(POD, 40003), SocketAddrV4::new(UNMESHED, 8080)));
 
         // The agent closes first, and the client reopens the same four addresses while
         // the agent's end is in TIME_WAIT: answered at once, the old socket retired.
@@ -107,12 +104,13 @@ fn a_local_pods_dns_over_tcp_reaches_the_dns_listener_while_the_capture_is_on() 
         let mut loaded = meshed_loopback();
         let dns = TcpListener::bind("0.0.0.0:15053").expect("DNS listener");
         let mut lookup = CaptureLookup::attach(&mut loaded.ebpf).expect("attaching");
-        lookup
-            .claim(capture_listener::DNS, &dns)
-            .expect("claiming");
+        lookup.claim(capture_listener::DNS, &dns).expect("claiming");
         let resolver = SocketAddrV4::new(RESOLVER, 53);
 
-        assert!(refused(SocketAddrV4::new(POD, 40000), resolver), "capture off");
+        assert!(
+            refused(SocketAddrV4::new(POD, 40000), resolver),
+            "capture off"
+        );
         let mut settings: Array<_, u32> =
             Array::try_from(loaded.ebpf.map_mut(pins::SETTINGS).expect("settings map"))
                 .expect("array");

@@ -3,9 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{
-        Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, SockHash, SockMap,
-    },
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, SockHash, SockMap},
 };
 use mesh_common::{
     verdict, FlowKey, FlowStats, PolicyKey, PortKey, ServiceInfo, ServiceKey, TrafficCounters,

@@ -45,9 +45,8 @@ use mesh_common::{
 
 use crate::{
     maps::{
-        capture_dns, capture_unknown, count_verdict, local_pod_on, meshed_destination,
-        MESH_POLICY, MESH_PORT_MTLS, MESH_PROBE_PORTS, MESH_SERVICE_IPS, MESH_TRAFFIC,
-        MESH_WORKLOADS,
+        capture_dns, capture_unknown, count_verdict, local_pod_on, meshed_destination, MESH_POLICY,
+        MESH_PORT_MTLS, MESH_PROBE_PORTS, MESH_SERVICE_IPS, MESH_TRAFFIC, MESH_WORKLOADS,
     },
     packet::{
         ether_type, icmp_type, parse_ipv4, parse_tcp, udp_ports, Ipv4Packet, DNS_PORT, ETH_P_ARP,

@@ -43,7 +43,8 @@ enum Task {
     /// Install what is missing (Debian packages, nightly rust-src, bpf-linker, and etcd,
     /// kube-apiserver, kubectl and helm built from their Go modules).
     Setup,
-    /// Build the agent, meshctl and the eBPF object (release).
+    /// Build the agent, meshctl and the eBPF object (release; with `cargo xtask-dist`, the
+    /// `dist` profile that ships).
     Build,
     /// Set everything up, run a 2-node sandbox mesh with traffic, show what the mesh saw.
     Demo,
@@ -175,6 +176,16 @@ pub fn release_binaries() -> PathBuf {
         .unwrap_or_else(|| workspace().join("target/release"))
 }
 
+/// The cargo profile this xtask was built in (`release`, or `dist` through `cargo
+/// xtask-dist`): the binaries it builds and runs are of the same profile.
+pub fn profile() -> String {
+    release_binaries()
+        .file_name()
+        .and_then(|name| name.to_str())
+        .unwrap_or("release")
+        .to_owned()
+}
+
 /// A progress line on standard error.
 pub fn progress(message: &str) {
     eprintln!("\x1b[1m==> {message}\x1b[0m");
@@ -216,10 +227,14 @@ pub fn require_root() -> Result<()> {
 }
 
 pub fn build() -> Result<()> {
-    progress("building mesh-agent, meshctl and the eBPF object (release)");
+    let profile = profile();
+    progress(&format!(
+        "building mesh-agent, meshctl and the eBPF object ({profile})"
+    ));
     run_visible(Command::new(env!("CARGO")).current_dir(workspace()).args([
         "build",
-        "--release",
+        "--profile",
+        &profile,
         "-p",
         "mesh-agent",
     ]))

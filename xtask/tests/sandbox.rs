@@ -2657,7 +2657,10 @@ print(retransmitted, response.split(b'\\r\\n\\r\\n', 1)[1].decode().strip())
 \""
         ),
     );
-    let (retransmitted, body) = out.trim().split_once(' ').expect("retransmissions and body");
+    let (retransmitted, body) = out
+        .trim()
+        .split_once(' ')
+        .expect("retransmissions and body");
     (retransmitted.parse().expect("a count"), body.to_owned())
 }
 
@@ -2690,9 +2693,10 @@ fn reopened_connections_are_answered_at_the_first_syn(status: &serde_json::Value
     for (pod, port) in [("web-a", 30001), ("web-b", 30002)] {
         let ip = pod_ip(status, pod);
         assert_eq!(request_from_port(&ip, port).1, pod);
-        eventually(&format!("node-a holds the connection to {pod} in TIME_WAIT"), || {
-            agent_end_in_time_wait(&ip, &client, port)
-        });
+        eventually(
+            &format!("node-a holds the connection to {pod} in TIME_WAIT"),
+            || agent_end_in_time_wait(&ip, &client, port),
+        );
         let reopened = tc_packets("node-a", "steered_reopened");
         assert_eq!(
             request_from_port(&ip, port),
