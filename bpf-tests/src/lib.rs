@@ -12,8 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{Ebpf, EbpfLoader};
-use mesh_agent::datapath::{ensure_bpffs, EBPF_OBJECT};
+use aya::{maps::HashMap, Ebpf, EbpfLoader};
+use mesh_agent::datapath::{ensure_bpffs, ip_key, EBPF_OBJECT};
+use mesh_common::{pins, WorkloadInfo, NAME_LEN};
 
 /// The eBPF object loaded for one test; its pinned maps go away with it.
 pub struct Loaded {
@@ -48,6 +49,28 @@ pub fn load() -> Loaded {
         .load(EBPF_OBJECT)
         .expect("loading the eBPF object");
     Loaded { ebpf, dir }
+}
+
+/// A workload entry as the agent writes it, names left empty.
+pub fn workload(ifindex: u32, flags: u32) -> WorkloadInfo {
+    WorkloadInfo {
+        namespace: [0; NAME_LEN],
+        name: [0; NAME_LEN],
+        workload: [0; NAME_LEN],
+        service_account: [0; NAME_LEN],
+        ifindex,
+        flags,
+    }
+}
+
+/// Records the workload at `ip` in the loaded object's workload map.
+pub fn add_workload(loaded: &mut Loaded, ip: Ipv4Addr, info: WorkloadInfo) {
+    let mut workloads: HashMap<_, u32, WorkloadInfo> =
+        HashMap::try_from(loaded.ebpf.map_mut(pins::WORKLOADS).expect("workload map"))
+            .expect("hash map");
+    workloads
+        .insert(ip_key(ip), info, 0)
+        .expect("insert workload");
 }
 
 pub const TCP_SYN: u8 = 0x02;

@@ -7,16 +7,13 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 
-use aya::maps::{Array, HashMap};
+use aya::maps::Array;
 use bpf_tests::{
-    close_server_first, connect_from, in_new_netns, in_time_wait, load, loopback_with,
-    retransmissions, Loaded,
+    add_workload, close_server_first, connect_from, in_new_netns, in_time_wait, load,
+    loopback_with, retransmissions, workload, Loaded,
 };
-use mesh_agent::datapath::{capture_lookup::CaptureLookup, ifindex, ip_key};
-use mesh_common::{
-    capture_listener, pins, WorkloadInfo, NAME_LEN, SETTINGS_KEY, SETTING_CAPTURE_DNS,
-    WORKLOAD_FLAG_LOCAL,
-};
+use mesh_agent::datapath::{capture_lookup::CaptureLookup, ifindex};
+use mesh_common::{capture_listener, pins, SETTINGS_KEY, SETTING_CAPTURE_DNS, WORKLOAD_FLAG_LOCAL};
 
 /// A local meshed pod whose "veth" is the loopback its connections arrive on.
 const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
@@ -27,32 +24,19 @@ const MESHED_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 7);
 const UNMESHED: Ipv4Addr = Ipv4Addr::new(10, 244, 9, 9);
 const RESOLVER: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
-fn add_workload(loaded: &mut Loaded, ip: Ipv4Addr, ifindex: u32, flags: u32) {
-    let mut workloads: HashMap<_, u32, WorkloadInfo> =
-        HashMap::try_from(loaded.ebpf.map_mut(pins::WORKLOADS).expect("workload map"))
-            .expect("hash map");
-    let info = WorkloadInfo {
-        namespace: [0; NAME_LEN],
-        name: [0; NAME_LEN],
-        workload: [0; NAME_LEN],
-        service_account: [0; NAME_LEN],
-        ifindex,
-        flags,
-    };
-    workloads
-        .insert(ip_key(ip), info, 0)
-        .expect("insert workload");
-}
-
 /// The mesh's object loaded in a fresh namespace whose loopback carries every address
 /// above, with the workload map as the agent fills it.
 fn meshed_loopback() -> Loaded {
     let mut loaded = load();
     loopback_with(&[POD, ELSEWHERE_POD, MESHED_POD, UNMESHED, RESOLVER]);
     let lo = ifindex("lo").expect("lo");
-    add_workload(&mut loaded, POD, lo, WORKLOAD_FLAG_LOCAL);
-    add_workload(&mut loaded, ELSEWHERE_POD, lo + 4000, WORKLOAD_FLAG_LOCAL);
-    add_workload(&mut loaded, MESHED_POD, 0, 0);
+    add_workload(&mut loaded, POD, workload(lo, WORKLOAD_FLAG_LOCAL));
+    add_workload(
+        &mut loaded,
+        ELSEWHERE_POD,
+        workload(lo + 4000, WORKLOAD_FLAG_LOCAL),
+    );
+    add_workload(&mut loaded, MESHED_POD, workload(0, 0));
     loaded
 }
 

@@ -10,9 +10,9 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use bpf_tests::{
-    arp_request, close_server_first, connect_from, ethernet, fragmented_syn, icmp_packet,
-    in_new_netns, ipv4_fragment, ipv6_frame, load, loopback_with, tcp_packet, tcp_packet_shaped,
-    udp_packet, veth_interface, Ipv4Shape, Loaded, TCP_ACK, TCP_SYN,
+    add_workload, arp_request, close_server_first, connect_from, ethernet, fragmented_syn,
+    icmp_packet, in_new_netns, ipv4_fragment, ipv6_frame, load, loopback_with, tcp_packet,
+    tcp_packet_shaped, udp_packet, veth_interface, workload, Ipv4Shape, Loaded, TCP_ACK, TCP_SYN,
 };
 use mesh_agent::{
     datapath::{ip_key, service_key},
@@ -20,10 +20,9 @@ use mesh_agent::{
 };
 use mesh_common::{
     pins, programs, verdict, PolicyKey, PortKey, ServiceInfo, TrafficCounters, TrafficKey,
-    WorkloadInfo, AGENT_MARK, CAPTURE_MARK, DIRECTION_FROM_POD, NAME_LEN, OUTBOUND_CAPTURE_PORT,
-    POLICY_ALLOW, POLICY_DENY, PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT, SETTINGS_KEY,
-    SETTING_CAPTURE_UNKNOWN, WORKLOAD_FLAG_LOCAL, WORKLOAD_FLAG_MTLS_STRICT,
-    WORKLOAD_FLAG_MTLS_STRICT_PORTS,
+    AGENT_MARK, CAPTURE_MARK, DIRECTION_FROM_POD, NAME_LEN, OUTBOUND_CAPTURE_PORT, POLICY_ALLOW,
+    POLICY_DENY, PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT, SETTINGS_KEY, SETTING_CAPTURE_UNKNOWN,
+    WORKLOAD_FLAG_LOCAL, WORKLOAD_FLAG_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT_PORTS,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -139,26 +138,6 @@ fn traffic(loaded: &Loaded, src: Ipv4Addr, dst: Ipv4Addr) -> TrafficCounters {
             bytes: per_cpu.iter().map(|c| c.bytes).sum(),
         })
         .unwrap_or_default()
-}
-
-fn workload(ifindex: u32, flags: u32) -> WorkloadInfo {
-    WorkloadInfo {
-        namespace: [0; NAME_LEN],
-        name: [0; NAME_LEN],
-        workload: [0; NAME_LEN],
-        service_account: [0; NAME_LEN],
-        ifindex,
-        flags,
-    }
-}
-
-fn add_workload(loaded: &mut Loaded, ip: Ipv4Addr, info: WorkloadInfo) {
-    let mut workloads: HashMap<_, u32, WorkloadInfo> =
-        HashMap::try_from(loaded.ebpf.map_mut(pins::WORKLOADS).expect("workload map"))
-            .expect("hash map");
-    workloads
-        .insert(ip_key(ip), info, 0)
-        .expect("insert workload");
 }
 
 /// The local pod on a fresh interface of this namespace (returned: the context of the
