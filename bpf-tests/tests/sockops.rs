@@ -1,11 +1,15 @@
 //! The sockops program on real TCP connections of a process in a cgroup: a flow entry
 //! while the connection is open, open and close events with the exact bytes each way,
-//! for connections closed with FINs and with a reset.
+//! for connections closed with FINs and with a reset, and a reader woken only when the
+//! event ring fills.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
-    os::unix::process::CommandExt,
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::process::CommandExt,
+    },
     path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -18,8 +22,8 @@ use aya::{
 use bpf_tests::{load, Loaded};
 use mesh_agent::datapath::{cgroup2_mount, ip_key};
 use mesh_common::{
-    pins, programs, FlowEvent, FlowKey, FlowStats, FLOW_EVENT_CLOSE, FLOW_EVENT_OPEN,
-    FLOW_ROLE_CLIENT, FLOW_ROLE_SERVER,
+    pins, programs, FlowEvent, FlowKey, FlowStats, FLOW_EVENTS_WAKEUP_BYTES, FLOW_EVENT_CLOSE,
+    FLOW_EVENT_OPEN, FLOW_ROLE_CLIENT, FLOW_ROLE_SERVER,
 };
 
 /// A cgroup of its own for the test's client or server process.
@@ -43,6 +47,28 @@ impl TestCgroup {
         }
         command
     }
+
+    /// Runs a Python script in this cgroup to its successful end; its standard output.
+    fn run_python(&self, script: &str, args: &[&str]) -> String {
+        let output = self
+            .command("python3")
+            .arg("-c")
+            .arg(script)
+            .args(args)
+            .output()
+            .expect("python3");
+        succeeded(output)
+    }
+}
+
+/// The standard output of a process that must have succeeded.
+fn succeeded(output: std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 impl Drop for TestCgroup {
@@ -117,17 +143,7 @@ fn client_connection_reports_open_close_and_exact_bytes() {
         conn.write_all(&[7u8; 70000]).expect("write");
         received.len()
     });
-    let output = cgroup
-        .command("python3")
-        .args(["-c", CLIENT, &server_port.to_string()])
-        .output()
-        .expect("python3 client");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = cgroup.run_python(CLIENT, &[&server_port.to_string()]);
     let mut lines = stdout.lines();
     let client_port: u16 = lines
         .next()
@@ -300,12 +316,7 @@ fn reset_flow(half_close: bool) -> (u64, u64) {
         .expect("client port");
     let client_port: u16 = port_line.trim().parse().expect("port number");
     server.join().expect("server");
-    let output = client.wait_with_output().expect("client exit");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    succeeded(client.wait_with_output().expect("client exit"));
     let localhost = ip_key("127.0.0.1".parse().expect("ip"));
     let key = FlowKey {
         local_ip: localhost,
@@ -331,4 +342,85 @@ fn a_connection_ended_by_a_reset_reports_exact_bytes_with_no_fin_taken_off() {
 fn a_half_closed_connection_then_reset_takes_off_only_its_own_fin() {
     // The client's FIN was sent and acknowledged; the server's never came.
     assert_eq!(reset_flow(true), (1000, 2000));
+}
+
+const CONNECTIONS: &str = r#"
+import socket, sys
+for _ in range(int(sys.argv[2])):
+    socket.create_connection(("127.0.0.1", int(sys.argv[1]))).close()
+"#;
+
+/// Opens and closes `count` connections from a process in `cgroup` to a local listener.
+fn connect_times(cgroup: &TestCgroup, count: usize) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let server = std::thread::spawn(move || {
+        for _ in 0..count {
+            drop(listener.accept().expect("accept"));
+        }
+    });
+    cgroup.run_python(CONNECTIONS, &[&port.to_string(), &count.to_string()]);
+    server.join().expect("server");
+}
+
+/// How long a reader blocked on the ring waits, up to `timeout`, while `write` runs.
+fn reader_blocked_while(
+    ring: &RingBuf<MapData>,
+    timeout: Duration,
+    write: impl FnOnce(),
+) -> Duration {
+    let fd = ring.as_fd().as_raw_fd();
+    let reader = std::thread::spawn(move || {
+        let mut pollfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let started = Instant::now();
+        // SAFETY: one valid pollfd; the ring outlives this thread (joined below).
+        let ready = unsafe { libc::poll(&mut pollfd, 1, timeout.as_millis() as i32) };
+        assert!(ready >= 0, "poll: {}", std::io::Error::last_os_error());
+        started.elapsed()
+    });
+    // The reader must be asleep in poll before the events are written.
+    std::thread::sleep(Duration::from_millis(200));
+    write();
+    reader.join().expect("reader")
+}
+
+fn drain(ring: &mut RingBuf<MapData>) -> usize {
+    let mut count = 0;
+    while ring.next().is_some() {
+        count += 1;
+    }
+    count
+}
+
+#[test]
+fn events_wait_for_the_reader_until_the_ring_fills_past_the_wakeup_mark() {
+    let mut loaded = load();
+    let cgroup = TestCgroup::new("wakeup");
+    attach(&mut loaded, &cgroup);
+    let mut ring = events(&mut loaded);
+
+    // A few connections: their events are written, the sleeping reader is not woken.
+    let timeout = Duration::from_secs(2);
+    let waited = reader_blocked_while(&ring, timeout, || connect_times(&cgroup, 3));
+    assert!(
+        waited >= timeout - Duration::from_millis(100),
+        "the reader was woken after {waited:?} for a few events"
+    );
+    assert_eq!(drain(&mut ring), 6, "an open and a close per connection");
+
+    // Past FLOW_EVENTS_WAKEUP_BYTES of events (80-byte records), the reader is woken
+    // long before its timeout.
+    let record = (8 + std::mem::size_of::<FlowEvent>()).next_multiple_of(8) as u64;
+    let connections = (FLOW_EVENTS_WAKEUP_BYTES / record / 2 + 100) as usize;
+    let timeout = Duration::from_secs(60);
+    let waited = reader_blocked_while(&ring, timeout, || connect_times(&cgroup, connections));
+    assert!(
+        waited < timeout / 2,
+        "the reader slept {waited:?} with the ring past the wakeup mark"
+    );
+    assert_eq!(drain(&mut ring), 2 * connections);
 }

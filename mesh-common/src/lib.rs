@@ -289,6 +289,15 @@ pub const FLOW_FLAG_FIN_RECEIVED: u32 = 1;
 pub const FLOW_EVENT_OPEN: u32 = 1;
 pub const FLOW_EVENT_CLOSE: u32 = 2;
 
+/// Size of the `FLOW_EVENTS` ring buffer.
+pub const FLOW_EVENTS_RING_BYTES: u32 = 256 * 1024;
+
+/// Unread bytes in `FLOW_EVENTS` past which sockops wakes the agent. Below it, events
+/// wait for the agent's periodic drain: a wakeup is an interrupt the program raises on
+/// its own CPU, which under connection churn cost more than the rest of the program.
+/// A quarter of the ring leaves room for a burst between a wakeup and the read.
+pub const FLOW_EVENTS_WAKEUP_BYTES: u64 = FLOW_EVENTS_RING_BYTES as u64 / 4;
+
 /// A record of the `FLOW_EVENTS` ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -77,7 +77,7 @@ pub static MESH_FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::pinned(65536
 
 /// Open and close events of pod connections, for the agent's metrics.
 #[map]
-pub static MESH_FLOW_EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
+pub static MESH_FLOW_EVENTS: RingBuf = RingBuf::pinned(mesh_common::FLOW_EVENTS_RING_BYTES, 0);
 
 #[inline(always)]
 pub fn count_verdict(index: u32) {

@@ -1,10 +1,12 @@
 //! sockops on each meshed pod's cgroup: one `MESH_FLOWS` entry per TCP connection of the
 //! pod (bytes, RTT, retransmits) and an event in `MESH_FLOW_EVENTS` when it opens and when
 //! it closes. The entry is refreshed from incoming segments (data for a receiver, ACKs for
-//! a sender) at most every `REFRESH_NS`, so long transfers show live byte counts.
+//! a sender) at most every `REFRESH_NS`, so long transfers show live byte counts. Events
+//! do not wake the agent (see `emit`).
 
 use aya_ebpf::{
     bindings::{
+        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
         BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG,
@@ -14,8 +16,8 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use mesh_common::{
-    FlowEvent, FlowKey, FlowStats, FLOW_EVENT_CLOSE, FLOW_EVENT_OPEN, FLOW_FLAG_FIN_RECEIVED,
-    FLOW_ROLE_CLIENT, FLOW_ROLE_SERVER,
+    FlowEvent, FlowKey, FlowStats, FLOW_EVENTS_WAKEUP_BYTES, FLOW_EVENT_CLOSE, FLOW_EVENT_OPEN,
+    FLOW_FLAG_FIN_RECEIVED, FLOW_ROLE_CLIENT, FLOW_ROLE_SERVER,
 };
 
 use crate::maps::{MESH_FLOWS, MESH_FLOW_EVENTS};
@@ -152,8 +154,15 @@ fn close(ctx: &SockOpsContext) {
     emit(key, FLOW_EVENT_CLOSE, final_stats);
 }
 
+/// Writes an event without waking the agent, which drains the ring on a timer, unless
+/// the ring fills past `FLOW_EVENTS_WAKEUP_BYTES`.
 #[inline(always)]
 fn emit(key: FlowKey, kind: u32, stats: FlowStats) {
+    let wakeup = if MESH_FLOW_EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= FLOW_EVENTS_WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
     let _ = MESH_FLOW_EVENTS.output::<FlowEvent>(
         &FlowEvent {
             key,
@@ -161,6 +170,6 @@ fn emit(key: FlowKey, kind: u32, stats: FlowStats) {
             _pad: 0,
             stats,
         },
-        0,
+        wakeup as u64,
     );
 }

@@ -19,7 +19,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use tokio::io::unix::AsyncFd;
+use tokio::{io::unix::AsyncFd, time::MissedTickBehavior};
 
 use crate::{
     datapath::ip_from_key,
@@ -118,6 +118,11 @@ struct LiveFlow {
 
 /// How often request series are checked for expiry: each check walks every series.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(10);
+
+/// How often the flow event ring is read without being woken: sockops wakes the agent
+/// only when the ring fills past `FLOW_EVENTS_WAKEUP_BYTES`, so this bounds how late a
+/// connection's open or close reaches the metrics.
+const FLOW_EVENT_DRAIN: Duration = Duration::from_millis(100);
 
 /// The kernel maps the metrics read.
 pub struct KernelMaps {
@@ -493,6 +498,8 @@ impl Metrics {
             }
         };
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut drain = tokio::time::interval(FLOW_EVENT_DRAIN);
+        drain.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 ready = events.readable_mut() => {
@@ -503,16 +510,12 @@ impl Metrics {
                             return;
                         }
                     };
-                    let ring = guard.get_inner_mut();
-                    let mut batch = Vec::new();
-                    while let Some(item) = ring.next() {
-                        if item.len() >= std::mem::size_of::<FlowEvent>() {
-                            // SAFETY: the kernel wrote a whole FlowEvent (checked length);
-                            // read_unaligned copes with the ring's 8-byte alignment.
-                            batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FlowEvent) });
-                        }
-                    }
+                    let batch = read_flow_events(guard.get_inner_mut());
                     guard.clear_ready();
+                    self.apply_events(&batch);
+                }
+                _ = drain.tick() => {
+                    let batch = read_flow_events(events.get_mut());
                     self.apply_events(&batch);
                 }
                 _ = tick.tick() => {
@@ -678,6 +681,19 @@ impl Metrics {
 /// prometheus-client writes OpenMetrics, where a counter family `x` has samples `x_total`.
 /// Prometheus' classic text format (what `promtool check metrics` and every scraper
 /// accept) names the family after its samples and has no `# EOF` or `# UNIT` lines.
+/// Every event waiting in the ring.
+fn read_flow_events(ring: &mut RingBuf<MapData>) -> Vec<FlowEvent> {
+    let mut batch = Vec::new();
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<FlowEvent>() {
+            // SAFETY: the kernel wrote a whole FlowEvent (checked length); read_unaligned
+            // copes with the ring's 8-byte alignment.
+            batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FlowEvent) });
+        }
+    }
+    batch
+}
+
 fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
     let mut out = String::with_capacity(openmetrics.len());
     let mut help: Option<&str> = None;
