@@ -177,7 +177,7 @@ async fn a_stream_crosses_with_both_identities_verified() {
     let agent = destination_agent(&ca).await;
     let pool = HbonePool::new(valid(&ca, "client"));
     for round in 0..3 {
-        let (send, recv) = pool
+        let (send, recv, _lease) = pool
             .open(
                 agent.tunnel,
                 None,

@@ -37,8 +37,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Streams one peer agent may have open at once on one connection.
 const MAX_STREAMS_PER_CONNECTION: u32 = 4096;
 /// TLS connections one peer address may have open (or half open) at once. A peer agent
-/// pools one connection per pair of identities it carries, so even a busy node stays far
-/// below this; a client holding handshakes open stops here, not at the fd limit.
+/// pools a connection per pair of identities it carries and per 100 streams of that pair
+/// (`pool::STREAMS_PER_CONNECTION`), so even a busy node stays far below this; a client
+/// holding handshakes open stops here, not at the fd limit.
 const MAX_CONNECTIONS_PER_PEER: usize = 4096;
 /// The largest header list a `CONNECT` needs, with room to spare.
 const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;

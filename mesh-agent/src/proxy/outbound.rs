@@ -238,7 +238,9 @@ async fn carry_out(
                     .await;
                 opened.map_err(ProxyError::from)
             };
-            let (send, recv) = match within(&limits, plan.target, opening).await {
+            // The lease holds the stream's place on its pooled connection until the copy
+            // ends.
+            let (send, recv, _lease) = match within(&limits, plan.target, opening).await {
                 Ok(stream) => stream,
                 Err(err) => {
                     // Refused (policy) or unreachable: the client sees a reset.

@@ -3,7 +3,11 @@
 //! the destination's agent. The `:authority` is the endpoint `ip:port`; `Forwarded:
 //! for="ip:port"` names the original client and `X-Mesh-Service` the Service it
 //! addressed. TLS connections are pooled per (source identity, destination identity,
-//! destination agent), multiplexed, and made once per key even under a burst.
+//! destination agent) and multiplexed, each carrying at most
+//! [`STREAMS_PER_CONNECTION`]: a key has as many connections as its streams need, a new
+//! one made once even under a burst. A connection left without streams is closed after
+//! [`SPARE_IDLE_RELEASE`] while its key has others (what a burst left behind), and
+//! after [`IDLE_RELEASE`] when it is the last.
 //!
 //! A connection is an identity claim that lasts only as long as both certificates: it is
 //! not reused past [`usable_until`] (the earlier notAfter, less a margin) and is closed
@@ -16,7 +20,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, MutexGuard,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -25,6 +29,7 @@ use bytes::Bytes;
 use h2::{client::SendRequest, RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 use rustls::pki_types::ServerName;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{
     identity::{
@@ -142,35 +147,83 @@ pub fn time_until(until: i64) -> Duration {
         .unwrap_or(Duration::ZERO)
 }
 
+/// Streams one pooled connection carries at most (ztunnel's default too). Below the
+/// receiving agent's limit, so that a stream is never queued behind that limit for as
+/// long as the others stay open; and one TLS connection is one core's worth of
+/// encryption, which more connections spread.
+pub const STREAMS_PER_CONNECTION: usize = 100;
+
+/// A key's last pooled connection is closed once it has carried no stream for this long
+/// (ztunnel's default too): traffic that comes back within it needs no new handshake.
+pub const IDLE_RELEASE: Duration = Duration::from_secs(300);
+
+/// A pooled connection its key has others besides is closed once it has carried no
+/// stream for this long (checked this often, so up to twice as long): the connections a
+/// burst needed do not hold memory and descriptors after it.
+pub const SPARE_IDLE_RELEASE: Duration = Duration::from_secs(10);
+
 /// A pooled connection: its generation, its sender, until when it stands for its
-/// identities, and the task driving it (aborting it closes the connection).
-#[derive(Clone)]
+/// identities, the leases of its streams, and the task driving it (aborting it closes
+/// the connection).
 struct Pooled {
     generation: u64,
     sender: SendRequest<Bytes>,
     until: i64,
+    streams: Arc<Semaphore>,
     driver: tokio::task::AbortHandle,
 }
 
-/// One key's pooled connection, and the lock that makes its handshake happen once.
+impl Pooled {
+    fn idle(&self) -> bool {
+        self.streams.available_permits() == STREAMS_PER_CONNECTION
+    }
+}
+
+/// A stream's place on its pooled connection, given back when dropped: hold it for as
+/// long as the stream is in use.
+#[derive(Debug)]
+pub struct StreamLease {
+    _permit: OwnedSemaphorePermit,
+}
+
+/// What a stream needs from its pooled connection.
+struct Lease {
+    generation: u64,
+    sender: SendRequest<Bytes>,
+    lease: StreamLease,
+}
+
+/// One key's pooled connections, and the lock that makes a new handshake happen once.
 /// Each connection put in the slot gets a new generation, so a caller clears only the
 /// connection it saw fail (not one a concurrent caller has just made), and the task
 /// driving a connection clears it when the connection ends.
 #[derive(Default)]
 struct Slot {
-    pooled: Mutex<Option<Pooled>>,
+    pooled: Mutex<Vec<Pooled>>,
     generation: AtomicU64,
     connecting: tokio::sync::Mutex<()>,
 }
 
 impl Slot {
-    /// The pooled connection, if its certificates leave it time to carry a stream.
-    fn cached(&self) -> Option<(u64, SendRequest<Bytes>)> {
-        let pooled = self.pooled.lock().unwrap_or_else(|e| e.into_inner());
-        pooled
-            .as_ref()
-            .filter(|p| reusable(unix_now(), p.until))
-            .map(|p| (p.generation, p.sender.clone()))
+    fn pooled(&self) -> MutexGuard<'_, Vec<Pooled>> {
+        self.pooled.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A stream on a pooled connection whose certificates leave it time to carry one and
+    /// that has room for it.
+    fn cached(&self) -> Option<Lease> {
+        let now = unix_now();
+        self.pooled()
+            .iter()
+            .filter(|p| reusable(now, p.until))
+            .find_map(|p| {
+                let permit = p.streams.clone().try_acquire_owned().ok()?;
+                Some(Lease {
+                    generation: p.generation,
+                    sender: p.sender.clone(),
+                    lease: StreamLease { _permit: permit },
+                })
+            })
     }
 
     fn next_generation(&self) -> u64 {
@@ -178,20 +231,44 @@ impl Slot {
     }
 
     fn put(&self, pooled: Pooled) {
-        *self.pooled.lock().unwrap_or_else(|e| e.into_inner()) = Some(pooled);
+        self.pooled().push(pooled);
     }
 
-    /// Forgets the connection of `generation`, if it is still the pooled one.
+    /// Forgets the connection of `generation`, if it is still pooled.
     fn clear(&self, generation: u64) {
-        let mut pooled = self.pooled.lock().unwrap_or_else(|e| e.into_inner());
-        if pooled.as_ref().is_some_and(|p| p.generation == generation) {
-            *pooled = None;
-        }
+        self.pooled().retain(|p| p.generation != generation);
     }
 
-    /// Closes the pooled connection, streams and all.
+    /// Whether the connection of `generation` carries no stream.
+    fn idle(&self, generation: u64) -> bool {
+        self.pooled()
+            .iter()
+            .any(|p| p.generation == generation && p.idle())
+    }
+
+    /// Forgets the connection of `generation` if it carries no stream and has not for
+    /// `idle_for`, long enough for its place in the slot; no stream can be leased on it
+    /// once forgotten.
+    fn release_idle(&self, generation: u64, idle_for: Duration) -> bool {
+        let mut pooled = self.pooled();
+        let limit = if pooled.len() > 1 {
+            SPARE_IDLE_RELEASE
+        } else {
+            IDLE_RELEASE
+        };
+        let Some(index) = pooled.iter().position(|p| p.generation == generation) else {
+            return false;
+        };
+        if !pooled[index].idle() || idle_for < limit {
+            return false;
+        }
+        pooled.remove(index);
+        true
+    }
+
+    /// Closes the pooled connections, streams and all.
     fn retire(&self) {
-        if let Some(pooled) = self.pooled.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        for pooled in self.pooled().drain(..) {
             pooled.driver.abort();
         }
     }
@@ -225,13 +302,9 @@ impl HbonePool {
             .clone()
     }
 
-    /// The slot's connection, made now unless one is pooled (or made by a concurrent
-    /// caller while this one waited).
-    async fn sender(
-        &self,
-        key: &PoolKey,
-        slot: &Arc<Slot>,
-    ) -> Result<(u64, SendRequest<Bytes>), PoolError> {
+    /// A stream's place on one of the slot's connections, made now unless one has room
+    /// (or a concurrent caller made one while this one waited).
+    async fn lease(&self, key: &PoolKey, slot: &Arc<Slot>) -> Result<Lease, PoolError> {
         if let Some(cached) = slot.cached() {
             return Ok(cached);
         }
@@ -249,23 +322,61 @@ impl HbonePool {
         let generation = slot.next_generation();
         let driver = slot.clone();
         let task = tokio::spawn(async move {
-            tokio::select! {
-                ended = connection => if let Err(err) = ended {
-                    tracing::debug!("HBONE connection to {agent}: {err}");
-                },
-                () = tokio::time::sleep(time_until(until)) => tracing::debug!(
-                    "HBONE connection to {agent} closed: a certificate it was made with expired"
-                ),
+            let mut idle_check = tokio::time::interval_at(
+                tokio::time::Instant::now() + SPARE_IDLE_RELEASE,
+                SPARE_IDLE_RELEASE,
+            );
+            let expiry = tokio::time::sleep(time_until(until));
+            tokio::pin!(connection, expiry);
+            let mut idle_since = None;
+            loop {
+                tokio::select! {
+                    ended = &mut connection => {
+                        if let Err(err) = ended {
+                            tracing::debug!("HBONE connection to {agent}: {err}");
+                        }
+                        break;
+                    }
+                    () = &mut expiry => {
+                        tracing::debug!(
+                            "HBONE connection to {agent} closed: a certificate it was made with expired"
+                        );
+                        break;
+                    }
+                    now = idle_check.tick() => {
+                        if !driver.idle(generation) {
+                            idle_since = None;
+                            continue;
+                        }
+                        let idle_for = now.duration_since(*idle_since.get_or_insert(now));
+                        if driver.release_idle(generation, idle_for) {
+                            tracing::debug!("HBONE connection to {agent} closed: no stream for {idle_for:?}");
+                            return;
+                        }
+                    }
+                }
             }
             driver.clear(generation);
         });
+        let streams = Arc::new(Semaphore::new(STREAMS_PER_CONNECTION));
+        let lease = StreamLease {
+            _permit: streams
+                .clone()
+                .try_acquire_owned()
+                .expect("a new connection has room for a stream"),
+        };
         slot.put(Pooled {
             generation,
             sender: sender.clone(),
             until,
+            streams,
             driver: task.abort_handle(),
         });
-        Ok((generation, sender))
+        Ok(Lease {
+            generation,
+            sender,
+            lease,
+        })
     }
 
     /// Closes the pooled connections whose identities `hold` no longer accepts (source,
@@ -355,7 +466,7 @@ impl HbonePool {
         source: &SpiffeId,
         destination: &SpiffeId,
         request: &TunnelRequest,
-    ) -> Result<(SendStream<Bytes>, RecvStream), PoolError> {
+    ) -> Result<(SendStream<Bytes>, RecvStream, StreamLease), PoolError> {
         let key = PoolKey {
             source: source.clone(),
             destination: destination.clone(),
@@ -363,16 +474,18 @@ impl HbonePool {
             from,
         };
         let slot = self.slot(&key);
-        let (generation, sender) = self.sender(&key, &slot).await?;
-        match send_connect(agent, sender, request).await {
+        let first = self.lease(&key, &slot).await?;
+        let generation = first.generation;
+        match send_connect(agent, first.sender, request).await {
             Err(err) if !err.is_answer() => {
                 // The pooled connection went away since it was last used: one fresh try.
                 tracing::debug!("HBONE to {agent}: {err}; reconnecting");
                 slot.clear(generation);
-                let (_, sender) = self.sender(&key, &slot).await?;
-                send_connect(agent, sender, request).await
+                let again = self.lease(&key, &slot).await?;
+                let (send, recv) = send_connect(agent, again.sender, request).await?;
+                Ok((send, recv, again.lease))
             }
-            opened => opened,
+            opened => opened.map(|(send, recv)| (send, recv, first.lease)),
         }
     }
 }
@@ -410,6 +523,90 @@ async fn send_connect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pooled connection over an in-memory HTTP/2 connection.
+    async fn pooled(generation: u64) -> Pooled {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            if let Ok(mut connection) = h2::server::handshake(server).await {
+                while connection.accept().await.is_some() {}
+            }
+        });
+        let (sender, connection) = h2::client::handshake(client)
+            .await
+            .expect("HTTP/2 over an in-memory pipe");
+        let driver = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Pooled {
+            generation,
+            sender,
+            until: unix_now() + 3600,
+            streams: Arc::new(Semaphore::new(STREAMS_PER_CONNECTION)),
+            driver: driver.abort_handle(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_connection_leases_no_more_streams_until_one_ends() {
+        let slot = Slot::default();
+        slot.put(pooled(1).await);
+        let mut leases: Vec<Lease> = (0..STREAMS_PER_CONNECTION)
+            .map(|_| slot.cached().expect("room on the connection"))
+            .collect();
+        assert!(slot.cached().is_none(), "the connection is full");
+        leases.pop();
+        assert_eq!(slot.cached().map(|l| l.generation), Some(1));
+    }
+
+    #[tokio::test]
+    async fn streams_past_a_full_connection_go_to_the_next_one() {
+        let slot = Slot::default();
+        slot.put(pooled(1).await);
+        slot.put(pooled(2).await);
+        let leases: Vec<Lease> = (0..STREAMS_PER_CONNECTION + 1)
+            .map(|_| slot.cached().expect("room on some connection"))
+            .collect();
+        assert_eq!(leases[STREAMS_PER_CONNECTION - 1].generation, 1);
+        assert_eq!(leases[STREAMS_PER_CONNECTION].generation, 2);
+    }
+
+    #[tokio::test]
+    async fn only_a_connection_without_streams_is_released() {
+        let slot = Slot::default();
+        slot.put(pooled(1).await);
+        let lease = slot.cached().expect("room on the connection");
+        assert!(!slot.idle(1));
+        assert!(
+            !slot.release_idle(1, IDLE_RELEASE),
+            "a stream is open on it"
+        );
+        drop(lease);
+        assert!(slot.idle(1));
+        assert!(
+            !slot.release_idle(1, SPARE_IDLE_RELEASE),
+            "the last connection stays longer"
+        );
+        assert!(slot.release_idle(1, IDLE_RELEASE));
+        assert!(
+            slot.cached().is_none(),
+            "a released connection leases nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_spare_connection_goes_sooner_than_the_last() {
+        let slot = Slot::default();
+        slot.put(pooled(1).await);
+        slot.put(pooled(2).await);
+        assert!(!slot.release_idle(2, SPARE_IDLE_RELEASE / 2));
+        assert!(slot.release_idle(2, SPARE_IDLE_RELEASE));
+        assert!(
+            !slot.release_idle(1, SPARE_IDLE_RELEASE),
+            "now the last one"
+        );
+        assert_eq!(slot.cached().map(|l| l.generation), Some(1));
+    }
 
     const TD: &str = "cluster.local";
 

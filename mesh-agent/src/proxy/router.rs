@@ -814,7 +814,7 @@ impl Router {
                     client: self.client,
                     service: Some(hostname.to_owned()),
                 };
-                let (send, recv) = self
+                let (send, recv, lease) = self
                     .proxy
                     .pool
                     .open(
@@ -838,6 +838,7 @@ impl Router {
                     if let Err(err) = copy_to_tunnel(&mut ours, send, recv).await {
                         tracing::debug!("routed request tunnel: {err}");
                     }
+                    drop(lease);
                 });
                 Box::new(theirs)
             }
