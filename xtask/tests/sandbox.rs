@@ -2566,6 +2566,31 @@ fn authorization_policies_and_jwt_are_enforced_across_nodes() {
         text.contains("DENY demo/api-deny-admin did not match"),
         "{text}"
     );
+
+    // A client that asks to close has its wish passed on: the api pod closes first, and
+    // node-b's agent does not keep its end (the client's address and port) in TIME_WAIT,
+    // where it would refuse the client's next connection from that port for a minute.
+    let client = pod_ip(&status_json(), "client-a");
+    assert_eq!(
+        http(
+            "client-a",
+            &format!("--local-port 30005 -H 'Connection: close' -o /dev/null {api}/public/a")
+        ),
+        "200 1.1"
+    );
+    sleep(Duration::from_secs(1));
+    let held = on_node(
+        "node-b",
+        &[
+            "ss",
+            "-Htan",
+            "state",
+            "time-wait",
+            "src",
+            &format!("{client}:30005"),
+        ],
+    );
+    assert!(held.trim().is_empty(), "node-b's agent holds: {held}");
 }
 
 /// Two TCP echo pods on node-a: one spliced in the kernel, one opted out (copied).

@@ -8,7 +8,10 @@
 use std::{
     convert::Infallible,
     net::SocketAddrV4,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -25,7 +28,7 @@ use hyper_util::{
     server::conn::auto,
 };
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite},
     net::TcpStream,
 };
 
@@ -146,6 +149,7 @@ impl Guard {
         let upstream = Arc::new(Upstream {
             socket: Mutex::new(Some(upstream)),
             sender: tokio::sync::Mutex::new(None),
+            closing: Arc::new(AtomicBool::new(false)),
         });
         let reporting = self.reporting(&arrival, &exchange).map(Arc::new);
         let workload =
@@ -254,6 +258,7 @@ impl Guard {
         upstream_wait: &mut Duration,
     ) -> Response<Body> {
         let (mut parts, body) = request.into_parts();
+        let closing = asks_to_close(&parts);
         let judging = Instant::now();
         let verdict = judge_request(arrival, &self.jwks, &mut parts, jwt::now_seconds());
         self.metrics.timing.policy_evaluation(judging.elapsed());
@@ -307,7 +312,14 @@ impl Guard {
                 .insert(header::RETRY_AFTER, HeaderValue::from(wait.seconds()));
             return reply;
         }
-        // `normalise` left the head as it is judged: forwarded as it is.
+        // `normalise` left the head as it is judged: forwarded as it is, but for the
+        // client's wish to close, which went with the hop-by-hop headers.
+        if closing {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            upstream.closing.store(true, Ordering::Relaxed);
+        }
         let waiting = Instant::now();
         let sent = upstream.send(Request::from_parts(parts, body)).await;
         *upstream_wait = waiting.elapsed();
@@ -414,6 +426,29 @@ const HOP_BY_HOP: [&str; 7] = [
     "trailer",
 ];
 
+/// Whether an HTTP/1 request asks for its connection to close after the response
+/// (`Connection: close`, or HTTP/1.0 without `keep-alive`). The connection to the
+/// workload is this client's alone (opened from its address and port), so the wish is
+/// passed on: the workload then closes first, as it would without the mesh, and the
+/// agent's end does not wait in TIME_WAIT holding the client's address and port, which
+/// a client opening connections quickly would otherwise find taken within a minute.
+fn asks_to_close(parts: &http::request::Parts) -> bool {
+    let has = |token: &str| {
+        parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    match parts.version {
+        Version::HTTP_10 => !has("keep-alive"),
+        Version::HTTP_11 => has("close"),
+        _ => false,
+    }
+}
+
 /// On responses: requests are cleaned by `normalise` before they are judged.
 pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     let listed: Vec<HeaderName> = headers
@@ -431,10 +466,38 @@ pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     }
 }
 
-/// The connection to the workload, opened as HTTP/1.1 or HTTP/2 on the first request.
+/// The connection to the workload, opened as HTTP/1.1 or HTTP/2 on the first request;
+/// `closing` once a request asked the workload to close it.
 struct Upstream {
     socket: Mutex<Option<TcpStream>>,
     sender: tokio::sync::Mutex<Option<Sender>>,
+    closing: Arc<AtomicBool>,
+}
+
+/// How long the agent waits for a workload asked to close to do so before closing
+/// itself.
+const WORKLOAD_CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// Drives an HTTP/1 connection to the workload. When a request asked to close, the
+/// agent lets the workload close first (its FIN usually follows the response at once):
+/// closing as soon as the response is read would race it, and the side that closes
+/// first keeps the client's address and port in TIME_WAIT.
+async fn drive_http1(
+    connection: http1::Connection<TokioIo<TcpStream>, Metered<Incoming>>,
+    closing: Arc<AtomicBool>,
+) {
+    let Ok(parts) = connection.without_shutdown().await else {
+        return;
+    };
+    if !closing.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut socket = parts.io.into_inner();
+    let mut scratch = [0u8; 512];
+    let _ = tokio::time::timeout(WORKLOAD_CLOSE_WAIT, async {
+        while matches!(socket.read(&mut scratch).await, Ok(read) if read > 0) {}
+    })
+    .await;
 }
 
 enum Sender {
@@ -470,7 +533,7 @@ impl Upstream {
                 Sender::H2(send)
             } else {
                 let (send, connection) = http1::handshake(io).await?;
-                tokio::spawn(connection);
+                tokio::spawn(drive_http1(connection, self.closing.clone()));
                 Sender::H1(send)
             });
         }
@@ -517,6 +580,25 @@ mod tests {
                 .serve_connection(TokioIo::new(io), service)
                 .await;
         })
+    }
+
+    #[test]
+    fn only_an_http1_request_asking_to_close_is_passed_on_as_closing() {
+        let asks = |version: Version, connection: Option<&str>| {
+            let mut request = Request::builder().version(version).uri("/");
+            if let Some(value) = connection {
+                request = request.header(header::CONNECTION, value);
+            }
+            let (parts, ()) = request.body(()).expect("request").into_parts();
+            asks_to_close(&parts)
+        };
+        assert!(asks(Version::HTTP_11, Some("close")));
+        assert!(asks(Version::HTTP_11, Some("TE, Close")));
+        assert!(!asks(Version::HTTP_11, None));
+        assert!(!asks(Version::HTTP_11, Some("keep-alive")));
+        assert!(asks(Version::HTTP_10, None));
+        assert!(!asks(Version::HTTP_10, Some("Keep-Alive")));
+        assert!(!asks(Version::HTTP_2, Some("close")));
     }
 
     #[tokio::test]
