@@ -319,9 +319,7 @@ pub fn run(quick: bool, json: bool) -> Result<()> {
         Settings {
             repetitions: 3,
             seconds: 5.0,
-            // One pod may hold 4,096 connections through its agent (the agent's
-            // per-source limit): 10,000 would need clients in three pods.
-            idle_connections: 4_000,
+            idle_connections: 10_000,
             sustained_seconds: 30.0,
         }
     };
@@ -568,6 +566,19 @@ fn footprint(agents: &[u32]) -> Result<Footprint> {
     Ok(total)
 }
 
+/// The pods (all on node-a) that hold the idle connections between them: the agent lets
+/// one pod hold 4,096 connections through it (`MAX_CONNECTIONS_PER_SOURCE` in
+/// `proxy::outbound`), fewer than the full run's
+/// 10,000.
+const IDLE_HOLDERS: [&str; 3] = ["bench/client", "bench/idle-holder-1", "bench/idle-holder-2"];
+
+/// `total` split into `parts` shares that differ by one at most.
+fn shares(total: usize, parts: usize) -> Vec<usize> {
+    (0..parts)
+        .map(|i| total / parts + usize::from(i < total % parts))
+        .collect()
+}
+
 /// The scale scenarios on the cross-node path: `idle_connections` connections opened
 /// through both agents and held idle (what each costs the agents in memory and
 /// descriptors, and whether both return once the connections close), then 1,000 new
@@ -579,38 +590,50 @@ fn scale(settings: &Settings, state: &SandboxState, agents: &[u32]) -> Result<Ve
     let count = settings.idle_connections;
     progress(&format!("{SCALE_PATH}: {count} idle connections"));
     let before = footprint(agents)?;
-    let mut holder = command_in(
-        &ExecTarget::Pod("bench/client".into()),
-        "mesh-bench",
-        &[
-            "hold".into(),
-            format!("{far}:8080"),
-            "--connections".into(),
-            count.to_string(),
-        ],
-    )?
-    .stdin(std::process::Stdio::piped())
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .context("starting mesh-bench hold")?;
-    let mut line = String::new();
-    if let Some(stdout) = holder.stdout.as_mut() {
-        std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let mut holders = Vec::new();
+    for (pod, share) in IDLE_HOLDERS.iter().zip(shares(count, IDLE_HOLDERS.len())) {
+        let holder = command_in(
+            &ExecTarget::Pod((*pod).into()),
+            "mesh-bench",
+            &[
+                "hold".into(),
+                format!("{far}:8080"),
+                "--connections".into(),
+                share.to_string(),
+            ],
+        )?
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting mesh-bench hold in {pod}"))?;
+        holders.push((pod, share, holder));
+    }
+    let mut lines = Vec::new();
+    for (_, _, holder) in &mut holders {
+        let mut line = String::new();
+        if let Some(stdout) = holder.stdout.as_mut() {
+            std::io::BufReader::new(stdout).read_line(&mut line)?;
+        }
+        lines.push(line);
     }
     let held = footprint(agents);
-    // Closing standard input ends the hold whatever happened above.
-    drop(holder.stdin.take());
-    let out = holder.wait_with_output()?;
-    if !out.status.success() || line.is_empty() {
-        bail!(
-            "idle-connections: mesh-bench hold failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    // Closing standard input ends each hold whatever happened above.
+    for (_, _, holder) in &mut holders {
+        drop(holder.stdin.take());
     }
-    let opened = figure(&serde_json::from_str(&line)?, "open").context("idle-connections")?;
-    if opened as usize != count {
-        bail!("idle-connections: {opened} of {count} connections opened");
+    for ((pod, share, holder), line) in holders.into_iter().zip(lines) {
+        let out = holder.wait_with_output()?;
+        if !out.status.success() || line.is_empty() {
+            bail!(
+                "idle-connections: mesh-bench hold in {pod} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let opened = figure(&serde_json::from_str(&line)?, "open").context("idle-connections")?;
+        if opened as usize != share {
+            bail!("idle-connections: {pod} opened {opened} of its {share} connections");
+        }
     }
     let held = held?;
     // The agents let go of a closed connection's descriptors as they see its end, and
@@ -888,4 +911,19 @@ fn report(results: &[Measurement], json: bool, quick: bool) -> Result<()> {
     }
     println!("(saved to {})", dir.join("latest.json").display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_connections_are_shared_evenly_within_the_per_pod_limit() {
+        assert_eq!(shares(10_000, 3), [3_334, 3_333, 3_333]);
+        assert_eq!(shares(1_000, 3), [334, 333, 333]);
+        assert_eq!(shares(2, 3), [1, 1, 0]);
+        assert!(shares(10_000, IDLE_HOLDERS.len())
+            .iter()
+            .all(|share| *share <= 4_096));
+    }
 }
