@@ -948,8 +948,59 @@ fn the_sandbox_runs_a_kubernetes_api_server_that_takes_the_istio_corpus() {
     );
     assert!(listed.lines().count() > 80, "{listed}");
 
+    // What the model refuses by shape, the API server's schema refuses first, naming the
+    // field: an unknown field, a value of the wrong type, an enum value Istio lacks, a
+    // malformed duration.
+    for (spec, field) in [
+        (
+            "{hosts: [web], http: [{rout: [{destination: {host: web}}]}]}",
+            "spec.http[0].rout",
+        ),
+        (
+            "{hosts: [web], http: [{route: [{destination: {host: web}, weight: heavy}]}]}",
+            "spec.http[0].route[0].weight",
+        ),
+        (
+            "{hosts: [web], http: [{route: [{destination: {host: web}}], timeout: 5 seconds}]}",
+            "spec.http[0].timeout",
+        ),
+    ] {
+        let file = Path::new(env!("CARGO_TARGET_TMPDIR")).join("refused-vs.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+                 metadata: {{name: refused, namespace: foo}}\nspec: {spec}\n"
+            ),
+        )
+        .expect("write");
+        let out = sandbox_kubectl(&["apply", "-f", file.to_str().expect("path")]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{spec} accepted");
+        assert!(stderr.contains(field), "{spec}: {stderr}");
+    }
+    let file = Path::new(env!("CARGO_TARGET_TMPDIR")).join("refused-dr.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+         metadata: {name: refused, namespace: foo}\n\
+         spec: {host: web, trafficPolicy: {loadBalancer: {simple: FASTEST}}}\n",
+    )
+    .expect("write");
+    let out = sandbox_kubectl(&["apply", "-f", file.to_str().expect("path")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("spec.trafficPolicy.loadBalancer.simple"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("ROUND_ROBIN"),
+        "the values allowed: {stderr}"
+    );
+
     // The agent's API source reads them through the same loader as the directory: an
-    // invalid VirtualService is skipped (reported by name and field), the rest served.
+    // invalid VirtualService the schema cannot catch is skipped (reported by name and
+    // field), the rest served.
     let before = api_validation("node-a", kubeconfig);
     let broken = "apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
                   metadata: {name: broken, namespace: foo}\n\

@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::openapi::{self, OpenApi};
+
 /// Declares a message of Istio's API: camelCase fields, every field optional, unknown
 /// fields refused.
 macro_rules! message {
@@ -16,6 +18,12 @@ macro_rules! message {
         #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
         #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
         pub struct $name { $($(#[$fmeta])* pub $field: $ty,)* }
+
+        impl OpenApi for $name {
+            fn schema() -> serde_json::Value {
+                openapi::message::<$name>(vec![$(<$ty as OpenApi>::schema()),*])
+            }
+        }
     };
 }
 
@@ -26,6 +34,12 @@ macro_rules! enumeration {
         #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
         #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
         pub enum $name { #[default] $first $(, $(#[$vmeta])* $variant)* }
+
+        impl OpenApi for $name {
+            fn schema() -> serde_json::Value {
+                openapi::enumeration(&[$name::$first $(, $name::$variant)*])
+            }
+        }
     };
 }
 
@@ -129,6 +143,13 @@ impl<'de> Deserialize<'de> for Duration {
     }
 }
 
+/// What [`parse_duration`] reads, as far as a pattern can say it.
+impl OpenApi for Duration {
+    fn schema() -> serde_json::Value {
+        serde_json::json!({"type": "string", "pattern": "^([0-9.]+(h|m|s|ms|us|µs|ns))+$"})
+    }
+}
+
 impl Serialize for Duration {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&self.text)
@@ -167,6 +188,12 @@ impl<'de> Deserialize<'de> for IpBlock {
     }
 }
 
+impl OpenApi for IpBlock {
+    fn schema() -> serde_json::Value {
+        String::schema()
+    }
+}
+
 impl Serialize for IpBlock {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&self.0)
@@ -183,6 +210,12 @@ impl<'de> Deserialize<'de> for Regex {
         regex::Regex::new(&format!("^(?:{text})$"))
             .map_err(|e| serde::de::Error::custom(format!("invalid regex {text:?}: {e}")))?;
         Ok(Regex(text))
+    }
+}
+
+impl OpenApi for Regex {
+    fn schema() -> serde_json::Value {
+        String::schema()
     }
 }
 

@@ -3,14 +3,16 @@
 //! the Kubernetes API source (what it watches) and the CustomResourceDefinitions in
 //! `deploy/istio-crds.yaml` (`meshctl crds`) are all drawn from.
 
+use super::istio;
 use super::mesh_policy;
+use super::openapi::OpenApi;
 
 pub const NETWORKING: [&str; 3] = ["v1alpha3", "v1beta1", "v1"];
 pub const SECURITY: [&str; 2] = ["v1beta1", "v1"];
 pub const TELEMETRY: [&str; 2] = ["v1alpha1", "v1"];
 
 /// A custom resource kind the agent reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct CustomKind {
     pub group: &'static str,
     pub kind: &'static str,
@@ -19,6 +21,8 @@ pub struct CustomKind {
     pub short_names: &'static [&'static str],
     /// Every version it is served as, oldest first; the last is the one stored and watched.
     pub versions: &'static [&'static str],
+    /// The OpenAPI schema of its `spec`, from the type the loader reads it into.
+    pub spec_schema: fn() -> serde_json::Value,
 }
 
 impl CustomKind {
@@ -38,6 +42,7 @@ const fn kind(
     kind: &'static str,
     (plural, short_names): (&'static str, &'static [&'static str]),
     versions: &'static [&'static str],
+    spec_schema: fn() -> serde_json::Value,
 ) -> CustomKind {
     CustomKind {
         group,
@@ -45,6 +50,7 @@ const fn kind(
         plural,
         short_names,
         versions,
+        spec_schema,
     }
 }
 
@@ -55,79 +61,92 @@ pub const CUSTOM_KINDS: [CustomKind; 12] = [
         "VirtualService",
         ("virtualservices", &["vs"]),
         &NETWORKING,
+        istio::VirtualService::schema,
     ),
     kind(
         "networking.istio.io",
         "DestinationRule",
         ("destinationrules", &["dr"]),
         &NETWORKING,
+        istio::DestinationRule::schema,
     ),
     kind(
         "networking.istio.io",
         "Gateway",
         ("gateways", &["gw"]),
         &NETWORKING,
+        istio::Gateway::schema,
     ),
     kind(
         "networking.istio.io",
         "ServiceEntry",
         ("serviceentries", &["se"]),
         &NETWORKING,
+        istio::ServiceEntry::schema,
     ),
     kind(
         "networking.istio.io",
         "Sidecar",
         ("sidecars", &[]),
         &NETWORKING,
+        istio::Sidecar::schema,
     ),
     kind(
         "networking.istio.io",
         "WorkloadEntry",
         ("workloadentries", &["we"]),
         &NETWORKING,
+        istio::WorkloadEntry::schema,
     ),
     kind(
         "networking.istio.io",
         "WorkloadGroup",
         ("workloadgroups", &["wg"]),
         &NETWORKING,
+        istio::WorkloadGroup::schema,
     ),
     kind(
         "security.istio.io",
         "PeerAuthentication",
         ("peerauthentications", &["pa"]),
         &SECURITY,
+        istio::PeerAuthentication::schema,
     ),
     kind(
         "security.istio.io",
         "RequestAuthentication",
         ("requestauthentications", &["ra"]),
         &SECURITY,
+        istio::RequestAuthentication::schema,
     ),
     kind(
         "security.istio.io",
         "AuthorizationPolicy",
         ("authorizationpolicies", &["ap"]),
         &SECURITY,
+        istio::AuthorizationPolicy::schema,
     ),
     kind(
         "telemetry.istio.io",
         "Telemetry",
         ("telemetries", &["telemetry"]),
         &TELEMETRY,
+        istio::Telemetry::schema,
     ),
     kind(
         mesh_policy::GROUP,
         "HTTPLocalRateLimitPolicy",
         ("httplocalratelimitpolicies", &["ratelimit"]),
         &mesh_policy::VERSIONS,
+        mesh_policy::HttpLocalRateLimitPolicy::schema,
     ),
 ];
 
 /// The CustomResourceDefinitions of Istio's kinds, as `deploy/istio-crds.yaml` holds them:
 /// every version served (stored as the newest), so that Istio's YAML applies as written.
-/// The schema keeps `spec` whole for the agent to check field by field (it reports what
-/// it cannot use by path, as for the directory source).
+/// The schema of `spec` is structural, drawn from the model: the API server refuses an
+/// unknown field, a value of the wrong type or an enum value Istio does not have, as the
+/// loader would; the agent checks the rest and reports it on the object.
 pub fn istio_crds() -> String {
     let mut out = String::from(
         "# CustomResourceDefinitions of the Istio kinds the mesh reads, for clusters that do\n\
@@ -147,7 +166,7 @@ pub fn istio_crds() -> String {
                     "schema": {"openAPIV3Schema": {
                         "type": "object",
                         "properties": {
-                            "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                            "spec": (kind.spec_schema)(),
                             "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
                         },
                     }},
@@ -193,6 +212,42 @@ mod tests {
         );
     }
 
+    /// What makes a schema structural: types, and which fields and items there are.
+    fn shape(schema: &serde_json::Value) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        for key in ["type", "properties", "items", "additionalProperties"] {
+            let Some(value) = schema.get(key) else {
+                continue;
+            };
+            let value = match key {
+                "properties" => value
+                    .as_object()
+                    .expect("properties")
+                    .iter()
+                    .map(|(name, field)| (name.clone(), shape(field)))
+                    .collect(),
+                "type" => value.clone(),
+                _ => shape(value),
+            };
+            out.insert(key.to_owned(), value);
+        }
+        serde_json::Value::Object(out)
+    }
+
+    #[test]
+    fn the_mesh_kind_s_written_schema_has_the_shape_of_its_model() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/mesh-crds.yaml");
+        let file = std::fs::read_to_string(path).expect("deploy/mesh-crds.yaml");
+        let crd: serde_json::Value = serde_norway::from_str(&file).expect("yaml");
+        let written =
+            &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let rate_limit = CUSTOM_KINDS
+            .iter()
+            .find(|k| k.kind == "HTTPLocalRateLimitPolicy")
+            .expect("kind");
+        assert_eq!(shape(written), shape(&(rate_limit.spec_schema)()));
+    }
+
     #[test]
     fn each_istio_kind_has_one_crd_storing_its_newest_version() {
         let text = istio_crds();
@@ -212,5 +267,17 @@ mod tests {
             .filter_map(|v| v["name"].as_str())
             .collect();
         assert_eq!(stored, ["v1"]);
+    }
+
+    #[test]
+    fn istio_crds_are_structural_down_to_each_field() {
+        let text = istio_crds();
+        let vs: serde_norway::Value =
+            serde_norway::from_str(text.split("---\n").nth(1).expect("a CRD")).expect("yaml");
+        let spec = &vs["spec"]["versions"][2]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert!(spec.get("x-kubernetes-preserve-unknown-fields").is_none());
+        let weight = &spec["properties"]["http"]["items"]["properties"]["route"]["items"]
+            ["properties"]["weight"];
+        assert_eq!(weight["type"].as_str(), Some("integer"));
     }
 }

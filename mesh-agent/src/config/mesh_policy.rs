@@ -10,7 +10,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use serde_json::Value;
+
 use super::istio::{PolicyTargetReference, WorkloadSelector};
+use super::openapi::{self, OpenApi};
 
 /// The API group of the mesh's own kinds.
 pub const GROUP: &str = "policy.mesh.dev";
@@ -61,6 +64,45 @@ pub struct ClientRef {
     pub name: String,
     /// Default: the policy's namespace.
     pub namespace: Option<String>,
+}
+
+impl OpenApi for HttpLocalRateLimitPolicy {
+    fn schema() -> Value {
+        openapi::message::<Self>(vec![
+            Option::<PolicyTargetReference>::schema(),
+            Option::<WorkloadSelector>::schema(),
+            Option::<RateLimit>::schema(),
+            Option::<RateLimit>::schema(),
+            Vec::<RateLimitOverride>::schema(),
+        ])
+    }
+}
+
+impl OpenApi for RateLimit {
+    fn schema() -> Value {
+        openapi::message::<Self>(vec![i64::schema(), Option::<i64>::schema()])
+    }
+}
+
+impl OpenApi for RateLimitOverride {
+    fn schema() -> Value {
+        openapi::message::<Self>(vec![
+            i64::schema(),
+            Option::<i64>::schema(),
+            Vec::<ClientRef>::schema(),
+        ])
+    }
+}
+
+impl OpenApi for ClientRef {
+    fn schema() -> Value {
+        openapi::message::<Self>(vec![
+            Option::<String>::schema(),
+            String::schema(),
+            String::schema(),
+            Option::<String>::schema(),
+        ])
+    }
 }
 
 /// The mesh's own kinds, by kind.

@@ -16,6 +16,7 @@ pub mod kube_events;
 pub mod log_format;
 pub mod mesh_config;
 pub mod mesh_policy;
+pub mod openapi;
 pub mod origin;
 pub mod source;
 pub mod validate;
