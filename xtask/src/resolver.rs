@@ -24,9 +24,13 @@ pub const IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 250);
 const BINARY: &str = "/usr/sbin/dnsmasq";
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The names outside the cluster it answers.
-pub const NAMES: [(&str, Ipv4Addr); 1] =
-    [("upstream.example.test", Ipv4Addr::new(10, 200, 0, 249))];
+/// The names outside the cluster it answers: one outside the sandbox's networks, and
+/// one the outside world gives web-b's address (as a DNS name in front of an endpoint a
+/// ServiceEntry with `resolution: DNS` reaches).
+pub const NAMES: [(&str, Ipv4Addr); 2] = [
+    ("upstream.example.test", Ipv4Addr::new(10, 200, 0, 249)),
+    ("shop.example.test", Ipv4Addr::new(10, 244, 2, 2)),
+];
 
 fn args() -> Vec<String> {
     let mut args: Vec<String> = [

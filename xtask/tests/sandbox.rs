@@ -568,6 +568,7 @@ fn sandbox_mesh_end_to_end() {
     let greeting = in_pod("client-a", "curl -sf --max-time 10 http://10.96.0.200/");
     assert!(greeting.contains("Directory listing"), "{greeting}");
     pods_resolve_names_through_their_node_agent();
+    service_entries_without_addresses_get_one_and_resolve_their_hosts();
     ok(xtask(&["sandbox", "delete", "-f", extra]), "delete");
     assert!(!status_json()["pods"]
         .as_array()
@@ -814,6 +815,49 @@ fn pods_resolve_names_through_their_node_agent() {
     );
     assert_eq!(outside.trim(), "no answer");
     assert_eq!(dns_queries("node-a", "refused"), refused + 1);
+}
+
+/// A `resolution: DNS` ServiceEntry without addresses for a name the nodes' resolver
+/// gives web-b's address (`shop.example.test`, see `xtask/src/resolver.rs`).
+const SHOP_ENTRY: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: shop, namespace: demo}
+spec:
+  hosts: [shop.example.test]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  resolution: DNS
+";
+
+/// A ServiceEntry without addresses: its host gets an address of 240.240.0.0/16, which
+/// the pods' DNS answers and the mesh captures like a cluster IP, and, `resolution:
+/// DNS`, its endpoints are what the node's resolver says the host is. Deleted, the name
+/// is the resolver's again.
+fn service_entries_without_addresses_get_one_and_resolve_their_hosts() {
+    let resolve = || in_pod("client-a", "getent ahostsv4 shop.example.test");
+    assert!(resolve().starts_with("10.244.2.2 "), "{}", resolve());
+    kubectl("apply", "shop-entry", SHOP_ENTRY);
+    eventually("the host has an allocated address", || {
+        resolve().starts_with("240.240.")
+    });
+    let allocated = resolve();
+    let allocated = allocated.split_whitespace().next().expect("an address");
+    eventually(
+        "the host's endpoint is resolved and reached through the mesh",
+        || {
+            in_pod(
+                "client-a",
+                "curl -s -m 5 http://shop.example.test:8080/name || true",
+            )
+            .trim()
+                == "web-b"
+        },
+    );
+    let kernel = on_node("node-a", &["meshctl", "bpf", "workloads"]);
+    assert!(kernel.contains(allocated), "{kernel}");
+    kubectl("delete", "shop-entry", SHOP_ENTRY);
+    eventually("the name is the resolver's again", || {
+        resolve().starts_with("10.244.2.2 ")
+    });
 }
 
 fn sandbox_kubectl(args: &[&str]) -> Output {

@@ -10,6 +10,7 @@ pub mod fdlimit;
 pub mod handover;
 mod memory;
 pub mod reconcile;
+pub mod resolve;
 
 use std::{
     os::fd::AsRawFd,
@@ -34,7 +35,7 @@ use crate::{
         admin::AdminView,
         enroll::Enroller,
         handover::Listeners,
-        reconcile::{lock, AgentStatus, Reconciler, Reload, SharedStatus},
+        reconcile::{lock, AgentStatus, Reconciler, Reload, SharedResolved, SharedStatus},
     },
     config::origin::{self, SourceKind},
     datapath::{self, capacity::Capacities, capture_lookup::CaptureLookup, Datapath},
@@ -355,6 +356,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     .await
     .context("watching the Kubernetes API")?;
     lock(&status).source = source.describe();
+    let resolved = SharedResolved::default();
     let mut reconciler = Reconciler {
         reload: Reload {
             node: options.node.clone(),
@@ -368,6 +370,9 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             status: status.clone(),
             metrics: metrics.clone(),
             has_config: false,
+            resolved: resolved.clone(),
+            resolved_generation: 0,
+            serving: None,
         },
         enroller: Enroller::new(datapath, cgroup_root, options.trust_domain.clone()),
     };
@@ -404,14 +409,11 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         intake: intake.clone(),
     });
     tokio::spawn(expire_idle_routing_state(proxy.clone()));
+    let dns = dns_proxy(&options, shared.clone(), metrics.clone());
     if options.dns_capture {
-        start_dns_proxy(
-            &options,
-            shared.clone(),
-            metrics.clone(),
-            capture_lookup.as_mut(),
-        )?;
+        start_dns_proxy(dns.clone(), capture_lookup.as_mut())?;
     }
+    tokio::spawn(resolve::keep_names_resolved(shared.clone(), dns, resolved));
     tokio::spawn(retire_stale_tunnels(proxy.clone()));
     tokio::spawn(memory::return_free_memory());
     let servers = Servers {
@@ -497,28 +499,31 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the DNS proxy on its own sockets (shared with a successor through
-/// `SO_REUSEPORT`, not handed over: a query is one datagram or one short connection).
-fn start_dns_proxy(
-    options: &AgentOptions,
-    state: SharedState,
-    metrics: Arc<Metrics>,
-    capture_lookup: Option<&mut CaptureLookup>,
-) -> anyhow::Result<()> {
+/// The DNS proxy: the mesh's names, and the node's resolvers for the rest (the pods'
+/// questions, and the agent's own lookups).
+fn dns_proxy(options: &AgentOptions, state: SharedState, metrics: Arc<Metrics>) -> Arc<DnsProxy> {
     let upstreams = if options.dns_upstream.is_empty() {
         dns::nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
     } else {
         options.dns_upstream.clone()
     };
     if upstreams.is_empty() {
-        tracing::warn!("the DNS proxy has no resolver for names outside the mesh: they fail");
+        tracing::warn!("the node has no resolver for names outside the mesh: they fail");
     }
-    let proxy = Arc::new(DnsProxy::new(
+    Arc::new(DnsProxy::new(
         state,
         upstreams,
         options.node.clone(),
         metrics,
-    ));
+    ))
+}
+
+/// Starts the DNS proxy on its own sockets (shared with a successor through
+/// `SO_REUSEPORT`, not handed over: a query is one datagram or one short connection).
+fn start_dns_proxy(
+    proxy: Arc<DnsProxy>,
+    capture_lookup: Option<&mut CaptureLookup>,
+) -> anyhow::Result<()> {
     let udp = dns::DnsUdpSocket::bind().context("binding the DNS proxy's UDP socket")?;
     let tcp = dns::tcp_listener().context("binding the DNS proxy's TCP listener")?;
     claim(capture_lookup, capture_listener::DNS, &tcp);

@@ -15,7 +15,7 @@ use crate::{
     app::enroll::{EnrolledPod, Enroller},
     config::{source::ConfigSource, Severity},
     datapath::capacity::MapUsage,
-    model::{lb::LbRegistry, MeshSettings, MeshState, SharedState},
+    model::{entry_addresses::ResolvedNames, lb::LbRegistry, MeshSettings, MeshState, SharedState},
     telemetry::metrics::Metrics,
 };
 
@@ -104,7 +104,17 @@ pub struct Reload {
     pub status: SharedStatus,
     pub metrics: Arc<Metrics>,
     pub has_config: bool,
+    /// What the names of `resolution: DNS` ServiceEntries resolve to, kept by
+    /// [`crate::app::resolve`]; a change rebuilds the state from the last configuration.
+    pub resolved: SharedResolved,
+    /// The generation of `resolved` the state was built with.
+    pub resolved_generation: u64,
+    /// The configuration serving, for those rebuilds.
+    pub serving: Option<crate::config::ClusterConfig>,
 }
+
+/// Names resolved for ServiceEntries, with a generation that grows with each change.
+pub type SharedResolved = Arc<Mutex<(u64, ResolvedNames)>>;
 
 /// What one poll of the source did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +130,15 @@ impl Reload {
         match self.source.poll() {
             Some(Ok(config)) => self.apply(config),
             Some(Err(err)) => self.reject(crate::errors::describe(&err)),
+            None if lock(&self.resolved).0 != self.resolved_generation => {
+                match self.serving.take() {
+                    Some(config) => {
+                        self.install(config);
+                        Reloaded::Applied
+                    }
+                    None => Reloaded::Unchanged,
+                }
+            }
             None => Reloaded::Unchanged,
         }
     }
@@ -134,17 +153,6 @@ impl Reload {
         if !errors.is_empty() && self.has_config {
             return self.reject(errors.join("\n"));
         }
-        let state = MeshState::build_with(&self.node, &config, &self.settings, &self.balancers);
-        let warnings: Vec<String> = config
-            .diagnostics
-            .iter()
-            .chain(&state.diagnostics)
-            .filter(|d| d.severity == Severity::Warning)
-            .map(ToString::to_string)
-            .collect();
-        for warning in &warnings {
-            tracing::warn!("{warning}");
-        }
         let skipped: Vec<String> = config.skipped.iter().map(ToString::to_string).collect();
         {
             let mut status = lock(&self.status);
@@ -158,15 +166,43 @@ impl Reload {
             status.skipped = skipped;
             status.generation += 1;
             status.last_error = (!errors.is_empty()).then(|| errors.join("\n"));
-            status.workloads = state.workloads.len();
-            status.services = state.services.len();
-            status.warnings = warnings;
             self.metrics.config_generation.set(status.generation as i64);
         }
-        self.shared.replace(state);
+        self.install(config);
         self.has_config = true;
         self.metrics.config_reload(true);
         Reloaded::Applied
+    }
+
+    /// Builds the state of `config` with the names resolved so far and swaps it in.
+    fn install(&mut self, config: crate::config::ClusterConfig) {
+        let (generation, resolved) = lock(&self.resolved).clone();
+        let state = MeshState::build_resolved(
+            &self.node,
+            &config,
+            &self.settings,
+            &self.balancers,
+            &resolved,
+        );
+        self.resolved_generation = generation;
+        let warnings: Vec<String> = config
+            .diagnostics
+            .iter()
+            .chain(&state.diagnostics)
+            .filter(|d| d.severity == Severity::Warning)
+            .map(ToString::to_string)
+            .collect();
+        for warning in &warnings {
+            tracing::warn!("{warning}");
+        }
+        {
+            let mut status = lock(&self.status);
+            status.workloads = state.workloads.len();
+            status.services = state.services.len();
+            status.warnings = warnings;
+        }
+        self.shared.replace(state);
+        self.serving = Some(config);
     }
 
     fn reject(&mut self, error: String) -> Reloaded {
@@ -227,6 +263,7 @@ impl Reconciler {
 mod tests {
     use super::*;
     use crate::config::source::DirectorySource;
+    use std::collections::BTreeSet;
 
     const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n";
 
@@ -274,6 +311,9 @@ mod tests {
             status: SharedStatus::default(),
             metrics: metrics.clone(),
             has_config: false,
+            resolved: SharedResolved::default(),
+            resolved_generation: 0,
+            serving: None,
         };
         let pods = || {
             let mut names: Vec<String> = shared
@@ -339,6 +379,74 @@ mod tests {
                 "mesh_config_reloads_total{result=\"rejected\"} 1",
                 "mesh_config_reloads_total{result=\"success\"} 2",
             ]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_new_answer_for_a_dns_service_entry_rebuilds_the_state_with_its_endpoints() {
+        let dir = std::env::temp_dir().join(format!("mesh-resolved-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(
+            dir.join("entry.yaml"),
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+             metadata: {name: shop, namespace: shop}\n\
+             spec: {hosts: [shop.example.test], ports: [{number: 8080, name: http}], resolution: DNS}\n",
+        )
+        .expect("write");
+        let shared = SharedState::default();
+        let resolved = SharedResolved::default();
+        let mut reload = Reload {
+            node: "node-1".into(),
+            settings: MeshSettings::default(),
+            source: Box::new(DirectorySource::new(&dir)),
+            shared: shared.clone(),
+            balancers: LbRegistry::default(),
+            status: SharedStatus::default(),
+            metrics: Arc::new(Metrics::new(
+                shared.clone(),
+                Arc::default(),
+                crate::telemetry::metrics::test_requests(),
+            )),
+            has_config: false,
+            resolved: resolved.clone(),
+            resolved_generation: 0,
+            serving: None,
+        };
+        let endpoints = || -> Vec<String> {
+            let state = shared.current();
+            let port = state
+                .services
+                .values()
+                .find(|s| s.hostname == "shop.example.test")
+                .expect("the allocated address is captured");
+            assert_eq!(port.cluster_ip.octets()[..2], [240, 240]);
+            port.endpoints.iter().map(|e| e.addr.to_string()).collect()
+        };
+        assert_eq!(reload.poll(), Reloaded::Applied);
+        assert!(endpoints().is_empty());
+        assert_eq!(
+            shared.current().names_to_resolve,
+            BTreeSet::from(["shop.example.test".to_owned()])
+        );
+        assert_eq!(reload.poll(), Reloaded::Unchanged);
+
+        *lock(&resolved) = (
+            1,
+            [(
+                "shop.example.test".to_owned(),
+                vec!["10.244.2.2".parse().expect("ip")],
+            )]
+            .into(),
+        );
+        assert_eq!(reload.poll(), Reloaded::Applied);
+        assert_eq!(endpoints(), ["10.244.2.2:8080"]);
+        assert_eq!(reload.poll(), Reloaded::Unchanged);
+        assert_eq!(
+            lock(&reload.status).generation,
+            1,
+            "not a new configuration"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -21,6 +21,7 @@ use crate::{
     model::{
         circuit::PoolLimits,
         destination_policy::{cluster_name, EffectivePolicy},
+        entry_addresses::{resolves_by_dns, EntryAddresses, ResolvedNames},
         lb::{LbPolicy, LbSettings},
         locality::Locality,
         outlier::OutlierSettings,
@@ -29,12 +30,17 @@ use crate::{
     },
 };
 
-pub fn add_services(state: &mut MeshState, config: &ClusterConfig) {
+pub fn add_services(
+    state: &mut MeshState,
+    config: &ClusterConfig,
+    allocated: &EntryAddresses,
+    resolved: &ResolvedNames,
+) {
     for service in &config.services {
         add_kubernetes_service(state, config, service);
     }
     for entry in &config.istio.service_entries {
-        add_service_entry(state, config, entry);
+        add_service_entry(state, config, entry, allocated, resolved);
     }
 }
 
@@ -173,6 +179,17 @@ fn entry_endpoint(
     default_port: u16,
 ) -> Option<Endpoint> {
     let ip: Ipv4Addr = entry.address.as_deref()?.parse().ok()?;
+    Some(entry_endpoint_at(state, entry, ip, port_name, default_port))
+}
+
+/// A WorkloadEntry as an endpoint at `ip`, its address or one its name resolved to.
+fn entry_endpoint_at(
+    state: &MeshState,
+    entry: &WorkloadEntry,
+    ip: Ipv4Addr,
+    port_name: Option<&str>,
+    default_port: u16,
+) -> Endpoint {
     let port = port_name
         .and_then(|name| entry.ports.get(name))
         .and_then(|p| u16::try_from(*p).ok())
@@ -182,12 +199,37 @@ fn entry_endpoint(
         Some(path) => Locality::from_path(path),
         None => locality_on(state, workload.as_ref().map(|w| w.node.as_str())),
     };
-    Some(Endpoint {
+    Endpoint {
         addr: SocketAddrV4::new(ip, port),
         workload,
         labels: entry.labels.clone(),
         locality,
-    })
+    }
+}
+
+/// The endpoints of a ServiceEntry's WorkloadEntry: its address, or, given by name to a
+/// `resolution: DNS` entry, what the name resolved to (none until it has).
+fn entry_endpoints(
+    state: &MeshState,
+    entry: &WorkloadEntry,
+    port_name: Option<&str>,
+    default_port: u16,
+    resolved: Option<&ResolvedNames>,
+) -> Vec<Endpoint> {
+    let Some(address) = entry.address.as_deref() else {
+        return Vec::new();
+    };
+    let ips: Vec<Ipv4Addr> = match (address.parse::<Ipv4Addr>(), resolved) {
+        (Ok(ip), _) => vec![ip],
+        (Err(_), Some(resolved)) => resolved
+            .get(&address.trim_end_matches('.').to_ascii_lowercase())
+            .cloned()
+            .unwrap_or_default(),
+        (Err(_), None) => Vec::new(),
+    };
+    ips.into_iter()
+        .map(|ip| entry_endpoint_at(state, entry, ip, port_name, default_port))
+        .collect()
 }
 
 /// A pod a Service selects.
@@ -460,17 +502,28 @@ pub fn http_ports(config: &ClusterConfig, workload: &Workload) -> BTreeSet<u16> 
     ports
 }
 
-fn add_service_entry(
+/// The hosts of `entry` the mesh captures, each with its addresses: the entry's own
+/// `addresses` for its first host, or else the address allocated to each host.
+fn captured_hosts(
     state: &mut MeshState,
-    config: &ClusterConfig,
     entry: &Resource<ServiceEntry>,
-) {
+    allocated: &EntryAddresses,
+) -> Vec<(String, Vec<Ipv4Addr>)> {
     let namespace = entry.namespace();
     let spec = &entry.spec;
+    if spec.addresses.is_empty() {
+        return spec
+            .hosts
+            .iter()
+            .filter_map(|host| {
+                let ip = allocated.get(namespace, &fqdn(host, namespace))?;
+                Some((host.clone(), vec![ip]))
+            })
+            .collect();
+    }
     let Some(host) = spec.hosts.first() else {
-        return;
+        return Vec::new();
     };
-    let hostname = fqdn(host, namespace);
     let mut addresses = Vec::new();
     for (i, block) in spec.addresses.iter().enumerate() {
         let single = block.0.strip_suffix("/32").unwrap_or(&block.0);
@@ -488,8 +541,25 @@ fn add_service_entry(
         }
     }
     if addresses.is_empty() {
+        return Vec::new();
+    }
+    vec![(host.clone(), addresses)]
+}
+
+fn add_service_entry(
+    state: &mut MeshState,
+    config: &ClusterConfig,
+    entry: &Resource<ServiceEntry>,
+    allocated: &EntryAddresses,
+    resolved: &ResolvedNames,
+) {
+    let namespace = entry.namespace();
+    let spec = &entry.spec;
+    let hosts = captured_hosts(state, entry, allocated);
+    if hosts.is_empty() {
         return;
     }
+    let by_dns = resolves_by_dns(spec).then_some(resolved);
     let selected_pods: Vec<_> = match &spec.workload_selector {
         Some(selector) => {
             let mut pods: Vec<_> = state
@@ -516,27 +586,30 @@ fn add_service_entry(
         None => spec.endpoints.iter().collect(),
     };
     for (i, we) in spec.endpoints.iter().enumerate() {
-        if we
+        let by_name = we
             .address
             .as_deref()
-            .is_some_and(|a| a.parse::<Ipv4Addr>().is_err())
-        {
+            .is_some_and(|a| a.parse::<Ipv4Addr>().is_err());
+        if by_name && by_dns.is_none() {
             warn(
                 state,
                 entry.describe(),
                 &format!("spec.endpoints[{i}].address"),
-                "only IPv4 endpoint addresses are used; DNS names are not resolved".into(),
+                "only IPv4 endpoint addresses are used; names are resolved with \
+                 `resolution: DNS`"
+                    .into(),
             );
         }
     }
     let no_endpoints = selected_pods.is_empty() && selected_entries.is_empty();
+    // Without endpoints, a DNS entry's endpoints are its hosts themselves.
+    let hosts_are_endpoints = no_endpoints && spec.workload_selector.is_none();
     let default_policy = if no_endpoints && spec.resolution.unwrap_or_default() == Resolution::None
     {
         LbPolicy::Passthrough
     } else {
         LbPolicy::RoundRobin
     };
-    let rule = destination_rule(config, &hostname, namespace);
     for port in &spec.ports {
         let Ok(number) = u16::try_from(port.number) else {
             continue;
@@ -552,35 +625,49 @@ fn add_service_entry(
             })
             .collect();
         endpoints.extend(
-            selected_entries
-                .iter()
-                .filter_map(|we| entry_endpoint(state, we, port.name.as_deref(), default_port)),
+            selected_entries.iter().flat_map(|we| {
+                entry_endpoints(state, we, port.name.as_deref(), default_port, by_dns)
+            }),
         );
-        for ip in &addresses {
+        for (host, addresses) in &hosts {
+            let hostname = fqdn(host, namespace);
+            let mut endpoints = endpoints.clone();
+            if let Some(resolved) = by_dns.filter(|_| hosts_are_endpoints) {
+                let ips = resolved.get(&hostname.to_ascii_lowercase());
+                endpoints.extend(ips.into_iter().flatten().map(|ip| Endpoint {
+                    addr: SocketAddrV4::new(*ip, default_port),
+                    workload: state.workloads.get(ip).cloned(),
+                    labels: BTreeMap::new(),
+                    locality: Locality::default(),
+                }));
+            }
+            let rule = destination_rule(config, &hostname, namespace);
             let name = ServiceName {
                 namespace: namespace.to_owned(),
                 name: host.clone(),
-                hostname: hostname.clone(),
+                hostname,
             };
-            let address = SocketAddrV4::new(*ip, number);
-            let (lb, subsets) = policies(rule, number, default_policy);
-            let mut port_state = ServicePortState::new(
-                name,
-                address,
-                endpoints.clone(),
-                lb,
-                subsets,
-                &state.balancers,
-                &state.place,
-            );
-            port_state.http = entry_port_is_http(port);
-            port_state.protocol = PortProtocol::named(&entry_port_protocol(port));
-            port_state.http2 = entry_port_protocol(port) != "http"
-                && port_state.http
-                && entry_port_protocol(port) != "grpc-web";
-            port_state.clusters = cluster_policies(state, rule, &port_state);
-            port_state.default_routes = default_routes(&port_state);
-            state.services.insert(address, Arc::new(port_state));
+            for ip in addresses {
+                let address = SocketAddrV4::new(*ip, number);
+                let (lb, subsets) = policies(rule, number, default_policy);
+                let mut port_state = ServicePortState::new(
+                    name.clone(),
+                    address,
+                    endpoints.clone(),
+                    lb,
+                    subsets,
+                    &state.balancers,
+                    &state.place,
+                );
+                port_state.http = entry_port_is_http(port);
+                port_state.protocol = PortProtocol::named(&entry_port_protocol(port));
+                port_state.http2 = entry_port_protocol(port) != "http"
+                    && port_state.http
+                    && entry_port_protocol(port) != "grpc-web";
+                port_state.clusters = cluster_policies(state, rule, &port_state);
+                port_state.default_routes = default_routes(&port_state);
+                state.services.insert(address, Arc::new(port_state));
+            }
         }
     }
 }

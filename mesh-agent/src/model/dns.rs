@@ -12,7 +12,7 @@ use std::{
 
 use crate::{
     config::{validate::fqdn, ClusterConfig},
-    model::{discovery::labels_match, scope::export_scope},
+    model::{discovery::labels_match, entry_addresses::EntryAddresses, scope::export_scope},
 };
 
 /// The cluster's DNS domain.
@@ -55,8 +55,8 @@ impl Record {
 
 impl DnsRecords {
     /// The names of `config`: Services (a headless one by its ready pods) and ServiceEntry
-    /// hosts with addresses.
-    pub fn of(config: &ClusterConfig) -> DnsRecords {
+    /// hosts with addresses, their own or `allocated`.
+    pub fn of(config: &ClusterConfig, allocated: &EntryAddresses) -> DnsRecords {
         let mut names: HashMap<String, Record> = HashMap::new();
         for service in &config.services {
             let namespace = service.metadata.namespace();
@@ -86,13 +86,17 @@ impl DnsRecords {
                     single.parse().ok()
                 })
                 .collect();
-            if given.is_empty() {
-                continue;
-            }
             let scope: Option<BTreeSet<String>> = export_scope(&entry.spec.export_to, namespace);
             for host in entry.spec.hosts.iter().filter(|h| !h.contains('*')) {
                 let name = fqdn(host, namespace).to_ascii_lowercase();
                 if services.contains(&name) {
+                    continue;
+                }
+                let given: Vec<Ipv4Addr> = match allocated.get(namespace, &name) {
+                    Some(ip) => vec![ip],
+                    None => given.clone(),
+                };
+                if given.is_empty() {
                     continue;
                 }
                 let record = names.entry(name).or_insert_with(|| Record {
@@ -236,6 +240,14 @@ spec:
   hosts: [ledger.example.com]
   ports: [{number: 80, name: http, protocol: HTTP}]
   resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: legacy, namespace: shop}
+spec:
+  hosts: [legacy.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: NONE
 "#;
 
     fn records() -> DnsRecords {
@@ -248,7 +260,7 @@ spec:
             "{:?}",
             config.diagnostics
         );
-        DnsRecords::of(&config)
+        DnsRecords::of(&config, &EntryAddresses::of(&config))
     }
 
     fn addresses(list: &[[u8; 4]]) -> Resolution {
@@ -289,9 +301,17 @@ spec:
             records.resolve("pay.example.com", None),
             addresses(&[[240, 0, 0, 9]])
         );
-        // Without addresses, the host is the node's resolvers' to answer.
+        // Without addresses, the host has one allocated (resolution DNS), unless its
+        // resolution is NONE: then it is the node's resolvers' to answer.
+        match records.resolve("ledger.example.com", None) {
+            Resolution::Addresses(ips) => {
+                assert_eq!(ips.len(), 1);
+                assert_eq!(ips[0].octets()[..2], [240, 240]);
+            }
+            other => panic!("ledger: {other:?}"),
+        }
         assert_eq!(
-            records.resolve("ledger.example.com", None),
+            records.resolve("legacy.example.com", None),
             Resolution::Forward
         );
     }
@@ -318,7 +338,7 @@ spec: {{type: ExternalName, externalName: mail.example.com}}
 "
         );
         let config = crate::config::load_documents([("cluster.yaml", cluster.as_str())]);
-        let records = DnsRecords::of(&config);
+        let records = DnsRecords::of(&config, &EntryAddresses::of(&config));
         assert_eq!(
             records.resolve("ledger.internal", Some("shop")),
             addresses(&[[240, 0, 0, 7]])

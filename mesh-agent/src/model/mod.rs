@@ -8,6 +8,7 @@ pub mod circuit;
 pub mod destination_policy;
 pub mod discovery;
 pub mod dns;
+pub mod entry_addresses;
 pub mod hashing;
 pub mod lb;
 pub mod locality;
@@ -23,7 +24,7 @@ pub mod security;
 pub mod telemetry;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
     sync::Arc,
 };
@@ -206,6 +207,7 @@ pub enum Pick {
 }
 
 /// A Service port's name: namespace, name and Istio hostname.
+#[derive(Clone)]
 pub struct ServiceName {
     pub namespace: String,
     pub name: String,
@@ -408,6 +410,8 @@ pub struct MeshState {
     /// The cluster's names, for the DNS proxy.
     #[serde(skip)]
     pub dns: dns::DnsRecords,
+    /// The names the agent looks up for `resolution: DNS` ServiceEntries.
+    pub names_to_resolve: BTreeSet<String>,
 }
 
 impl MeshState {
@@ -429,6 +433,19 @@ impl MeshState {
         config: &ClusterConfig,
         settings: &MeshSettings,
         balancers: &LbRegistry,
+    ) -> MeshState {
+        let nothing_resolved = entry_addresses::ResolvedNames::default();
+        MeshState::build_resolved(node, config, settings, balancers, &nothing_resolved)
+    }
+
+    /// [`MeshState::build_with`], with the endpoints `resolution: DNS` ServiceEntries
+    /// resolved to.
+    pub fn build_resolved(
+        node: &str,
+        config: &ClusterConfig,
+        settings: &MeshSettings,
+        balancers: &LbRegistry,
+        resolved: &entry_addresses::ResolvedNames,
     ) -> MeshState {
         let root_namespace = settings.root_namespace.as_str();
         let mut state = MeshState {
@@ -478,8 +495,10 @@ impl MeshState {
                 state.workloads.insert(workload.ip, Arc::new(workload));
             }
         }
-        discovery::add_services(&mut state, config);
-        state.dns = dns::DnsRecords::of(config);
+        let allocated = entry_addresses::EntryAddresses::of(config);
+        discovery::add_services(&mut state, config, &allocated, resolved);
+        state.dns = dns::DnsRecords::of(config, &allocated);
+        state.names_to_resolve = entry_addresses::names_to_resolve(config);
         state.mtls = state
             .workloads
             .values()

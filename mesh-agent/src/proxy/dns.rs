@@ -20,7 +20,7 @@ use std::{
 
 use mesh_common::{AGENT_MARK, DNS_CAPTURE_PORT};
 use simple_dns::{
-    rdata::RData, Packet, PacketFlag, Question, ResourceRecord, CLASS, OPCODE, QCLASS, QTYPE,
+    rdata::RData, Name, Packet, PacketFlag, Question, ResourceRecord, CLASS, OPCODE, QCLASS, QTYPE,
     RCODE, TYPE,
 };
 use socket2::{Domain, Protocol, Socket, Type};
@@ -330,6 +330,74 @@ impl DnsProxy {
     }
 }
 
+impl DnsProxy {
+    /// The IPv4 addresses the node's resolvers give `name` (none for a name they do not
+    /// know): the agent's own lookups, for the endpoints of `resolution: DNS`
+    /// ServiceEntries. A truncated answer is asked again over TCP.
+    pub async fn lookup_ipv4(&self, name: &str) -> io::Result<Vec<Ipv4Addr>> {
+        let id = crate::model::lb::random(usize::from(u16::MAX) + 1) as u16;
+        let query = a_query(id, name).map_err(io::Error::other)?;
+        let reply = self.forward(&query, false).await?;
+        match a_answers(&reply).map_err(io::Error::other)? {
+            Answers::Truncated => {
+                let reply = self.forward(&query, true).await?;
+                match a_answers(&reply).map_err(io::Error::other)? {
+                    Answers::Complete(ips) => Ok(ips),
+                    Answers::Truncated => Err(io::Error::other("truncated over TCP")),
+                }
+            }
+            Answers::Complete(ips) => Ok(ips),
+        }
+    }
+}
+
+/// An A query for `name`, recursion desired.
+fn a_query(id: u16, name: &str) -> Result<Vec<u8>, String> {
+    let mut packet = Packet::new_query(id);
+    packet.set_flags(PacketFlag::RECURSION_DESIRED);
+    let qname = Name::new(name).map_err(|err| format!("{name:?} is not a DNS name: {err}"))?;
+    packet.questions.push(Question::new(
+        qname,
+        TYPE::A.into(),
+        CLASS::IN.into(),
+        false,
+    ));
+    packet
+        .build_bytes_vec()
+        .map_err(|err| format!("a query for {name:?}: {err}"))
+}
+
+/// What an answer to an A query holds.
+#[derive(Debug, PartialEq, Eq)]
+enum Answers {
+    /// Its A records, in order (none: the name does not exist, or has no address).
+    Complete(Vec<Ipv4Addr>),
+    /// Cut short: to be asked again over TCP.
+    Truncated,
+}
+
+fn a_answers(reply: &[u8]) -> Result<Answers, String> {
+    let packet =
+        Packet::parse(reply).map_err(|err| format!("an answer that does not parse: {err}"))?;
+    if packet.has_flags(PacketFlag::TRUNCATION) {
+        return Ok(Answers::Truncated);
+    }
+    match packet.rcode() {
+        RCODE::NoError | RCODE::NameError => {}
+        other => return Err(format!("the resolver answered {other:?}")),
+    }
+    Ok(Answers::Complete(
+        packet
+            .answers
+            .iter()
+            .filter_map(|record| match &record.rdata {
+                RData::A(a) => Some(Ipv4Addr::from(a.address)),
+                _ => None,
+            })
+            .collect(),
+    ))
+}
+
 /// A `--dns-upstream` resolver: `ip` (port 53) or `ip:port`.
 pub fn parse_upstream(text: &str) -> Result<SocketAddrV4, String> {
     text.parse::<SocketAddrV4>()
@@ -620,7 +688,6 @@ async fn serve_connection(
 
 #[cfg(test)]
 mod tests {
-    use simple_dns::Name;
 
     use super::*;
     use crate::config::load_documents;
@@ -630,7 +697,10 @@ mod tests {
             "c.yaml",
             "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\nspec: {clusterIP: 10.96.0.20, selector: {app: r}, ports: [{port: 80}]}\n",
         )]);
-        DnsRecords::of(&config)
+        DnsRecords::of(
+            &config,
+            &crate::model::entry_addresses::EntryAddresses::of(&config),
+        )
     }
 
     fn query(id: u16, name: &str, qtype: TYPE) -> Vec<u8> {
@@ -650,6 +720,57 @@ mod tests {
             Outcome::Reply(bytes, result) => (Packet::parse(bytes).expect("reply"), result),
             other => panic!("not a reply: {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_agent_s_own_lookups_read_a_records_and_tell_truncation_and_failure() {
+        let query = a_query(9, "upstream.example.test").expect("query");
+        let parsed = Packet::parse(&query).expect("parses");
+        assert_eq!(parsed.id(), 9);
+        assert_eq!(
+            parsed.questions[0].qname.to_string(),
+            "upstream.example.test"
+        );
+        assert_eq!(parsed.questions[0].qtype, QTYPE::TYPE(TYPE::A));
+        assert!(a_query(1, &"a".repeat(70)).is_err());
+
+        let answer = |rcode: RCODE, flags: Option<PacketFlag>, ips: &[Ipv4Addr]| {
+            let mut reply = Packet::new_reply(9);
+            *reply.rcode_mut() = rcode;
+            if let Some(flags) = flags {
+                reply.set_flags(flags);
+            }
+            reply.answers = ips
+                .iter()
+                .map(|ip| {
+                    ResourceRecord::new(
+                        Name::new_unchecked("upstream.example.test"),
+                        CLASS::IN,
+                        30,
+                        RData::A((*ip).into()),
+                    )
+                })
+                .collect();
+            a_answers(&reply.build_bytes_vec().expect("reply"))
+        };
+        let ips = [
+            Ipv4Addr::new(10, 200, 0, 249),
+            Ipv4Addr::new(10, 200, 0, 248),
+        ];
+        assert_eq!(
+            answer(RCODE::NoError, None, &ips),
+            Ok(Answers::Complete(ips.to_vec()))
+        );
+        assert_eq!(
+            answer(RCODE::NameError, None, &[]),
+            Ok(Answers::Complete(Vec::new()))
+        );
+        assert_eq!(
+            answer(RCODE::NoError, Some(PacketFlag::TRUNCATION), &[]),
+            Ok(Answers::Truncated)
+        );
+        assert!(answer(RCODE::ServerFailure, None, &[]).is_err());
+        assert!(a_answers(b"\x00").is_err());
     }
 
     #[test]
