@@ -24,6 +24,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
+    api_scale::{self, ApiScale},
     build, progress, require_root,
     sandbox::{self, command_in, ExecTarget, SandboxState},
     setup, workspace,
@@ -83,6 +84,9 @@ pub fn expected_figures() -> Vec<(&'static str, &'static str, &'static str)> {
             figures.push((scenario, SCALE_PATH, metric));
         }
     }
+    for (scenario, metric, _) in api_scale::FIGURES {
+        figures.push((scenario, api_scale::PATH, metric));
+    }
     figures.push(("agent-rss", "per-agent", "idle"));
     figures.push(("agent-rss", "per-agent", "under-load"));
     for program in PROGRAMS {
@@ -97,7 +101,7 @@ pub fn expected_figures() -> Vec<(&'static str, &'static str, &'static str)> {
 pub fn has_baseline(scenario: &str) -> bool {
     !matches!(
         scenario,
-        "agent-cpu" | "agent-rss" | "bpf-program-cost" | "idle-connections"
+        "agent-cpu" | "agent-rss" | "bpf-program-cost" | "idle-connections" | "api-pod-change"
     )
 }
 
@@ -149,6 +153,7 @@ struct Settings {
     idle_connections: usize,
     /// How long `sustained-churn` runs.
     sustained_seconds: f64,
+    api_scale: ApiScale,
 }
 
 /// The cluster IP of `bench/server-routed` (`deploy/bench/cluster.yaml`): the
@@ -211,7 +216,7 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks / per_second)
 }
 
-fn rss_megabytes(pid: u32) -> Result<f64> {
+pub fn rss_megabytes(pid: u32) -> Result<f64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: f64 = status
         .lines()
@@ -314,6 +319,11 @@ pub fn run(quick: bool, json: bool) -> Result<()> {
             seconds: 1.0,
             idle_connections: 1_000,
             sustained_seconds: 1.0,
+            api_scale: ApiScale {
+                pods: 1_000,
+                services: 100,
+                changes: 20,
+            },
         }
     } else {
         Settings {
@@ -321,6 +331,11 @@ pub fn run(quick: bool, json: bool) -> Result<()> {
             seconds: 5.0,
             idle_connections: 10_000,
             sustained_seconds: 30.0,
+            api_scale: ApiScale {
+                pods: 10_000,
+                services: 1_000,
+                changes: 100,
+            },
         }
     };
     sandbox::up(
@@ -334,7 +349,8 @@ pub fn run(quick: bool, json: bool) -> Result<()> {
     let _ = fs::write(stats, stats_before.trim());
     progress("tearing the bench sandbox down");
     sandbox::down()?;
-    let results = outcome?;
+    let mut results = outcome?;
+    results.extend(api_scale::run(&settings.api_scale)?);
     report(&results, json, quick)
 }
 

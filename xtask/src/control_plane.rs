@@ -581,6 +581,139 @@ pub fn delete_object(
     .map(drop)
 }
 
+/// One request to the API server, as the sandbox's admin: a method, a path, and a JSON
+/// body (a merge patch for `PATCH`).
+pub struct ApiRequest {
+    pub method: &'static str,
+    pub path: String,
+    pub body: serde_json::Value,
+}
+
+impl ApiRequest {
+    /// curl's configuration for this request (a `--config` file block): the admin's
+    /// certificate, the body, and a line saying the answer's status.
+    fn curl_config(&self, layout: &Layout) -> String {
+        let quoted =
+            |text: &str| format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""));
+        let content_type = if self.method == "PATCH" {
+            "application/merge-patch+json"
+        } else {
+            "application/json"
+        };
+        [
+            format!(
+                "url = {}",
+                quoted(&format!("https://{API_IP}:{API_PORT}{}", self.path))
+            ),
+            format!("request = {}", quoted(self.method)),
+            format!(
+                "cacert = {}",
+                quoted(&layout.file("ca.crt").to_string_lossy())
+            ),
+            format!(
+                "cert = {}",
+                quoted(&layout.file("admin.crt").to_string_lossy())
+            ),
+            format!(
+                "key = {}",
+                quoted(&layout.file("admin.key").to_string_lossy())
+            ),
+            format!(
+                "header = {}",
+                quoted(&format!("Content-Type: {content_type}"))
+            ),
+            format!("data = {}", quoted(&self.body.to_string())),
+            "output = \"/dev/null\"".to_owned(),
+            format!(
+                "write-out = {}",
+                quoted(&format!("%{{http_code}} {} {}\\n", self.method, self.path))
+            ),
+        ]
+        .join("\n")
+    }
+}
+
+/// curl in the API namespace, with `config` as its configuration file.
+fn curl(layout: &Layout, name: &str, config: &str, extra: &[&str]) -> Result<Command> {
+    let file = layout.file(name);
+    std::fs::write(&file, config).with_context(|| format!("writing {}", file.display()))?;
+    let mut command = Command::new("curl");
+    command
+        .args(["--silent", "--show-error", "--config"])
+        .arg(&file)
+        .args(extra);
+    ns::place(
+        &mut command,
+        &ns::Placement {
+            netns: API_NETNS.to_owned(),
+            cgroup: None,
+            detach: false,
+            resolv_conf: None,
+        },
+    )?;
+    Ok(command)
+}
+
+/// The requests whose answer (`CODE METHOD PATH` lines) was not a success.
+fn failed_requests(write_out: &str) -> Vec<&str> {
+    write_out
+        .lines()
+        .filter(|line| !line.starts_with('2'))
+        .collect()
+}
+
+/// Sends `requests` to the API server, several at once over few connections: thousands
+/// of objects in seconds, where a kubectl per object would take minutes. Fails naming
+/// the requests the server did not accept.
+pub fn send_all(layout: &Layout, requests: &[ApiRequest]) -> Result<()> {
+    let config: Vec<String> = requests.iter().map(|r| r.curl_config(layout)).collect();
+    let output = curl(
+        layout,
+        "bulk-requests.curlrc",
+        &config.join("\nnext\n"),
+        &["--parallel", "--parallel-max", "16"],
+    )?
+    .output()
+    .context("running curl")?;
+    let write_out = String::from_utf8_lossy(&output.stdout);
+    let failed = failed_requests(&write_out);
+    if !output.status.success() || !failed.is_empty() || write_out.lines().count() != requests.len()
+    {
+        bail!(
+            "the API server refused {} of {} requests (first: {:?}): {}",
+            failed.len(),
+            requests.len(),
+            failed.first(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Sends one request and says when it went out: curl's start plus the time it took to
+/// be ready to send (connection and TLS), so that the moment excludes both.
+pub fn send_timed(layout: &Layout, request: &ApiRequest) -> Result<Instant> {
+    let mut config = request.curl_config(layout);
+    config.push_str("\nwrite-out = \"%{http_code} %{time_pretransfer}\"\n");
+    let mut command = curl(layout, "timed-request.curlrc", &config, &[])?;
+    let started = Instant::now();
+    let output = command.output().context("running curl")?;
+    let write_out = String::from_utf8_lossy(&output.stdout);
+    let (code, pretransfer) = write_out
+        .trim()
+        .split_once(' ')
+        .with_context(|| format!("curl wrote {write_out:?}"))?;
+    if !code.starts_with('2') {
+        bail!(
+            "{} {}: the API server answered {code}",
+            request.method,
+            request.path
+        );
+    }
+    let pretransfer: f64 = pretransfer.parse().context("curl's time_pretransfer")?;
+    Ok(started + Duration::from_secs_f64(pretransfer))
+}
+
 fn start_apiserver(layout: &Layout, cgroup: PathBuf) -> Result<u32> {
     start_daemon(
         Command::new(kube_tools::binary("kube-apiserver")).args(apiserver_args(layout)),

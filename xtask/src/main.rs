@@ -3,6 +3,7 @@
 //! targets), and `sandbox` (the local multi-node mesh the demo, the tests and the
 //! benchmarks run on).
 
+mod api_scale;
 mod bench;
 mod control_plane;
 mod daemon;
@@ -303,7 +304,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 SandboxCommand::Delete { file } => sandbox::delete(&file),
                 SandboxCommand::Kubectl { args } => std::process::exit(sandbox::kubectl(&args)?),
                 SandboxCommand::RestartAgent { node, graceful } => {
-                    sandbox::restart_agent(&node, graceful)
+                    sandbox::restart_agent(&node, graceful).map(drop)
                 }
                 SandboxCommand::StopAgent { node } => sandbox::stop_agent(&node),
                 SandboxCommand::StopCa => sandbox::stop_ca(),

@@ -1478,11 +1478,16 @@ pub fn delete(path: &Path) -> Result<()> {
 /// How long a restart may take until the new agent serves.
 const RESTART_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// What a node's admin API says about the agent serving it: its pid and readiness.
-fn serving_agent(node: &NodeState) -> Option<(u32, bool)> {
+/// What the agent serving a node says of itself (`meshctl status`), if one answers.
+pub fn agent_status(node: &NodeState) -> Option<serde_json::Value> {
     let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, 15000));
     let (code, body) = http_get(&node.netns, admin, "/status").ok()?;
-    let status: serde_json::Value = serde_json::from_str(&body).ok().filter(|_| code == 200)?;
+    serde_json::from_str(&body).ok().filter(|_| code == 200)
+}
+
+/// What a node's admin API says about the agent serving it: its pid and readiness.
+fn serving_agent(node: &NodeState) -> Option<(u32, bool)> {
+    let status = agent_status(node)?;
     let pid = u32::try_from(status["pid"].as_u64()?).ok()?;
     Some((pid, status["ready"].as_bool()?))
 }
@@ -1491,7 +1496,7 @@ fn serving_agent(node: &NodeState) -> Option<(u32, bool)> {
 /// listeners, then the old one gets SIGTERM (it drains); without, the agent is killed (SIGKILL) and the
 /// supervisor starts a new one. Returns once the new agent serves the node, saying how
 /// long that took.
-pub fn restart_agent(node: &str, graceful: bool) -> Result<()> {
+pub fn restart_agent(node: &str, graceful: bool) -> Result<Duration> {
     let state = SandboxState::load()?;
     let node = state.node(node)?;
     let old = supervise::agent_pid(&node.name);
@@ -1528,7 +1533,7 @@ pub fn restart_agent(node: &str, graceful: bool) -> Result<()> {
                     "killed"
                 }
             );
-            return Ok(());
+            return Ok(asked.elapsed());
         }
         if asked.elapsed() > RESTART_TIMEOUT {
             bail!(
