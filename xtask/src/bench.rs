@@ -309,7 +309,7 @@ fn load(client: &str, target: &str, args: &[&str]) -> Result<Value> {
     Ok(report)
 }
 
-pub fn run(quick: bool, json: bool) -> Result<()> {
+pub fn run(quick: bool, json: bool, only_api_scale: bool) -> Result<()> {
     require_root()?;
     setup::ensure()?;
     build()?;
@@ -338,6 +338,9 @@ pub fn run(quick: bool, json: bool) -> Result<()> {
             },
         }
     };
+    if only_api_scale {
+        return report(&api_scale::run(&settings.api_scale)?, json, quick);
+    }
     sandbox::up(
         &workspace().join("deploy/bench"),
         sandbox::ConfigSource::Dir,

@@ -59,6 +59,10 @@ enum Task {
         quick: bool,
         #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
+        /// Only the Kubernetes API scale scenario (`api-scale`, `api-pod-change`), on its
+        /// own sandbox.
+        #[arg(long)]
+        only_api_scale: bool,
     },
     /// Fuzz the parsers of untrusted input (cargo-fuzz, pinned nightly), each target on its
     /// corpus seeded from the repository's test data.
@@ -257,7 +261,11 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Task::Demo => demo::run(),
         Task::Test => test::run(),
-        Task::Bench { quick, output } => bench::run(quick, output == "json"),
+        Task::Bench {
+            quick,
+            output,
+            only_api_scale,
+        } => bench::run(quick, output == "json", only_api_scale),
         Task::Fuzz {
             seconds,
             quick,

@@ -76,7 +76,7 @@ pub fn run() -> Result<()> {
     progress("Kubernetes manifests against the Kubernetes schemas");
     validate_manifests()?;
     progress("the benchmark harness, quick mode (no timing is asserted)");
-    bench::run(true, false)?;
+    bench::run(true, false, false)?;
     check_bench_report()?;
     progress("all tests passed");
     Ok(())
