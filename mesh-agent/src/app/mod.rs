@@ -479,9 +479,13 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut ticker = tokio::time::interval(POLL_INTERVAL);
+    // A change the source announces is taken at once; the tick finds the rest (a
+    // directory's files, names resolved, pods still pending).
+    let changes = reconciler.reload.source.changes().unwrap_or_default();
     let why = loop {
         tokio::select! {
             _ = ticker.tick() => reconciler.poll(),
+            () = changes.notified() => reconciler.poll(),
             _ = terminate.recv() => break "stopping",
             _ = tokio::signal::ctrl_c() => break "stopping",
             () = handed_over.cancelled() => break "replaced by a new agent",

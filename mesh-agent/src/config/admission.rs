@@ -7,12 +7,13 @@
 
 use std::collections::BTreeMap;
 
-use super::{load_documents, ClusterConfig, Diagnostic};
+use super::{ClusterConfig, Diagnostic, DocumentCache};
 
 /// The last good version of each object, by the name its document is loaded under.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Admission {
     accepted: BTreeMap<String, String>,
+    documents: DocumentCache,
 }
 
 /// A configuration without errors, and the objects skipped to get it.
@@ -31,7 +32,9 @@ impl Admission {
         let mut candidate = current.clone();
         let mut skipped: Vec<Diagnostic> = Vec::new();
         loop {
-            let config = load_documents(candidate.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+            let config = self
+                .documents
+                .load(candidate.iter().map(|(n, t)| (n.as_str(), t.as_str())));
             let failing: Vec<(String, Diagnostic)> = config
                 .errors()
                 .filter_map(|d| {

@@ -17,6 +17,7 @@ use std::{
 };
 
 use futures::StreamExt;
+use tokio::sync::Notify;
 use kube::{
     api::{Api, ApiResource, DynamicObject},
     config::{Config, InferConfigError, KubeConfigOptions, Kubeconfig, KubeconfigError},
@@ -234,7 +235,13 @@ fn not_served(err: &watcher::Error) -> bool {
 }
 
 /// Keeps one kind's objects in line with the API server, for as long as the agent runs.
-async fn watch(client: Client, watch: Watch, index: usize, watched: Arc<Mutex<Watched>>) {
+async fn watch(
+    client: Client,
+    watch: Watch,
+    index: usize,
+    watched: Arc<Mutex<Watched>>,
+    changes: Arc<Notify>,
+) {
     let resource = &watch.resource;
     let mut events = watcher(watch.api(client), watch.config())
         .default_backoff()
@@ -263,6 +270,7 @@ async fn watch(client: Client, watch: Watch, index: usize, watched: Arc<Mutex<Wa
         };
         if changed {
             lock(&watched).revision += 1;
+            changes.notify_one();
         }
     }
 }
@@ -272,6 +280,7 @@ pub struct KubeSource {
     server: String,
     client: Client,
     watched: Arc<Mutex<Watched>>,
+    changes: Arc<Notify>,
     taken: Option<u64>,
     admission: Admission,
     /// Reports skipped objects in Events (the agent's source; not a one-off reader's).
@@ -318,8 +327,15 @@ impl KubeSource {
             kinds: watches.iter().map(|_| KindObjects::default()).collect(),
             revision: 0,
         }));
+        let changes = Arc::new(Notify::new());
         for (index, each) in watches.iter().enumerate() {
-            tokio::spawn(watch(client.clone(), each.clone(), index, watched.clone()));
+            tokio::spawn(watch(
+                client.clone(),
+                each.clone(),
+                index,
+                watched.clone(),
+                changes.clone(),
+            ));
         }
         let mut reported = Instant::now();
         loop {
@@ -346,6 +362,7 @@ impl KubeSource {
             server,
             client: kept,
             watched,
+            changes,
             taken: None,
             admission: Admission::default(),
             events: None,
@@ -362,6 +379,10 @@ impl KubeSource {
 impl ConfigSource for KubeSource {
     fn describe(&self) -> String {
         self.server.clone()
+    }
+
+    fn changes(&self) -> Option<Arc<Notify>> {
+        Some(self.changes.clone())
     }
 
     fn poll(&mut self) -> Option<Result<ClusterConfig, ConfigError>> {

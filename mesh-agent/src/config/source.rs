@@ -4,8 +4,11 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::SystemTime,
 };
+
+use tokio::sync::Notify;
 
 use crate::config::{load_path, ClusterConfig, ConfigError};
 
@@ -17,6 +20,13 @@ pub trait ConfigSource: Send {
     /// The configuration, when it changed since the last call (always on the first);
     /// `None` when nothing changed.
     fn poll(&mut self) -> Option<Result<ClusterConfig, ConfigError>>;
+
+    /// Notified when the source may have a new configuration, so that it is polled at
+    /// once rather than at the next tick; `None` for a source only polling finds changes
+    /// in (a directory).
+    fn changes(&self) -> Option<Arc<Notify>> {
+        None
+    }
 }
 
 /// A directory of Kubernetes-format YAML files, read again when a file's name, size or

@@ -177,6 +177,7 @@ pub struct SecurityConfig {
     jwt_rules: Vec<(Scope, Arc<TokenRule>)>,
     rate_limits: Vec<Arc<LocalRateLimit>>,
     telemetry: TelemetryConfig,
+    selectors: discovery::SelectorIndex,
 }
 
 impl SecurityConfig {
@@ -208,12 +209,13 @@ impl SecurityConfig {
                 .map(Arc::new)
                 .collect(),
             telemetry: TelemetryConfig::compile(config, root_namespace),
+            selectors: discovery::SelectorIndex::of(&config.services),
         }
     }
 
     pub fn for_workload(&self, config: &ClusterConfig, workload: &Workload) -> WorkloadSecurity {
         WorkloadSecurity {
-            http_ports: discovery::http_ports(config, workload),
+            http_ports: self.selectors.http_ports(config, workload),
             policies: self
                 .policies
                 .iter()
