@@ -17,7 +17,6 @@ use std::{
 };
 
 use futures::StreamExt;
-use tokio::sync::Notify;
 use kube::{
     api::{Api, ApiResource, DynamicObject},
     config::{Config, InferConfigError, KubeConfigOptions, Kubeconfig, KubeconfigError},
@@ -27,6 +26,7 @@ use kube::{
     },
     Client,
 };
+use tokio::sync::Notify;
 
 use super::{
     admission::Admission,

@@ -211,7 +211,9 @@ impl ClusterConfig {
         let mesh_policy::MeshPolicies {
             http_local_rate_limits,
         } = mesh;
-        self.mesh.http_local_rate_limits.extend(http_local_rate_limits);
+        self.mesh
+            .http_local_rate_limits
+            .extend(http_local_rate_limits);
         if mesh_config != mesh_config::MeshConfig::default() {
             self.mesh_config = mesh_config;
         }
@@ -707,6 +709,40 @@ mod tests {
 
     fn load(text: &str) -> ClusterConfig {
         load_str(Path::new("test.yaml"), text)
+    }
+
+    #[test]
+    fn cached_documents_read_as_fresh_ones_and_a_changed_one_is_read_again() {
+        let pod = |ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: shop}}\n\
+                 spec: {{nodeName: node-1}}\nstatus: {{podIP: {ip}, phase: Running}}\n"
+            )
+        };
+        let mesh =
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\n\
+                    data: {mesh: 'accessLogFile: /dev/stdout'}\n";
+        let broken = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+                      metadata: {name: p, namespace: shop}\nspec: {action: MAYBE}\n";
+        let first = pod("10.244.1.2");
+        let documents = [("pod", first.as_str()), ("mesh", mesh), ("broken", broken)];
+        let mut cache = DocumentCache::default();
+        let fresh = load_documents(documents);
+        for _ in 0..2 {
+            let cached = cache.load(documents);
+            assert_eq!(format!("{cached:?}"), format!("{fresh:?}"));
+        }
+        assert_eq!(fresh.mesh_config.access_log_file, "/dev/stdout");
+        assert_eq!(fresh.errors().count(), 1);
+
+        let moved = pod("10.244.1.3");
+        let cached = cache.load([("pod", moved.as_str()), ("mesh", mesh)]);
+        assert_eq!(
+            cached.pods[0].running_address(),
+            Some("10.244.1.3".parse().expect("ip"))
+        );
+        assert_eq!(cached.errors().count(), 0, "the removed document is gone");
+        assert_eq!(cached.mesh_config.access_log_file, "/dev/stdout");
     }
 
     #[test]
