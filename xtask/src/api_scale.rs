@@ -33,6 +33,8 @@ const NODES: usize = 10;
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long one pod may take to reach the kernel map before the bench gives up.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Between a probe pod's creation and its status.
+const POD_START: Duration = Duration::from_secs(1);
 /// Objects sent in one bulk request batch.
 const BATCH: usize = 500;
 
@@ -154,6 +156,9 @@ fn measure(scale: &ApiScale) -> Result<Vec<Measurement>> {
         let name = format!("probe-{change}");
         let ip = std::net::Ipv4Addr::new(10, 247, (change / 250) as u8, (change % 250 + 1) as u8);
         control_plane::send_all(&layout, &[pod(&name, "app-0", "scale-node-0")])?;
+        // As a kubelet takes a moment to start a pod's containers: the pod's creation is
+        // one change and its status (an address, Running, Ready) the one timed.
+        std::thread::sleep(POD_START);
         let sent = control_plane::send_timed(&layout, &pod_status(&name, ip))?;
         let key = u32::from_ne_bytes(ip.octets());
         loop {

@@ -532,38 +532,40 @@ fn is_http2(port: &ServicePort) -> bool {
 /// scan of every Service for every workload.
 #[derive(Debug, Default)]
 pub struct SelectorIndex {
-    /// Positions in the configuration's Services.
-    by_label: HashMap<(String, String, String), Vec<usize>>,
+    /// Namespace → label key → label value → positions in the configuration's Services
+    /// (nested, so that a workload's labels look it up without building a key).
+    by_label: HashMap<String, HashMap<String, HashMap<String, Vec<usize>>>>,
 }
 
 impl SelectorIndex {
     pub fn of(services: &[Service]) -> SelectorIndex {
-        let mut by_label: HashMap<(String, String, String), Vec<usize>> = HashMap::new();
+        let mut index = SelectorIndex::default();
         for (position, service) in services.iter().enumerate() {
             // Every label of a selector must match, so any one of them finds it.
             if let Some((key, value)) = service.spec.selector.iter().next() {
-                by_label
-                    .entry((
-                        service.metadata.namespace().to_owned(),
-                        key.clone(),
-                        value.clone(),
-                    ))
+                index
+                    .by_label
+                    .entry(service.metadata.namespace().to_owned())
+                    .or_default()
+                    .entry(key.clone())
+                    .or_default()
+                    .entry(value.clone())
                     .or_default()
                     .push(position);
             }
         }
-        SelectorIndex { by_label }
+        index
     }
 
     /// The ports of `workload` that the Services of `config` (those this index was built
     /// from) selecting it declare as HTTP, HTTP/2 or gRPC.
     pub fn http_ports(&self, config: &ClusterConfig, workload: &Workload) -> BTreeSet<u16> {
         let mut ports = BTreeSet::new();
+        let Some(by_key) = self.by_label.get(&workload.namespace) else {
+            return ports;
+        };
         for (key, value) in &workload.labels {
-            let Some(positions) =
-                self.by_label
-                    .get(&(workload.namespace.clone(), key.clone(), value.clone()))
-            else {
+            let Some(positions) = by_key.get(key).and_then(|by_value| by_value.get(value)) else {
                 continue;
             };
             for service in positions.iter().filter_map(|p| config.services.get(*p)) {
