@@ -446,6 +446,11 @@ fn wait_ready(state: &ControlPlaneState) -> Result<()> {
 pub fn command(state: &ControlPlaneState, args: &[String]) -> Result<Command> {
     let mut command = Command::new(kube_tools::binary("kubectl"));
     command.args(args).env("KUBECONFIG", &state.kubeconfig);
+    in_api_netns(command)
+}
+
+/// `command`, run in the API namespace (where the API server's address is reached).
+fn in_api_netns(mut command: Command) -> Result<Command> {
     ns::place(
         &mut command,
         &ns::Placement {
@@ -642,16 +647,7 @@ fn curl(layout: &Layout, name: &str, config: &str, extra: &[&str]) -> Result<Com
         .args(["--silent", "--show-error", "--config"])
         .arg(&file)
         .args(extra);
-    ns::place(
-        &mut command,
-        &ns::Placement {
-            netns: API_NETNS.to_owned(),
-            cgroup: None,
-            detach: false,
-            resolv_conf: None,
-        },
-    )?;
-    Ok(command)
+    in_api_netns(command)
 }
 
 /// The requests whose answer (`CODE METHOD PATH` lines) was not a success.
