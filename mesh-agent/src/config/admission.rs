@@ -5,14 +5,18 @@
 //! invalid one is skipped — its last good version keeps serving, or, new, it is left
 //! out — and reported, while everything else goes on.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use super::{ClusterConfig, Diagnostic, DocumentCache};
+
+/// The objects of a source: name → text, one object each. The texts are shared, so that
+/// passing every object at each change copies none.
+pub type Objects = BTreeMap<String, Arc<str>>;
 
 /// The last good version of each object, by the name its document is loaded under.
 #[derive(Default)]
 pub struct Admission {
-    accepted: BTreeMap<String, String>,
+    accepted: Objects,
     documents: DocumentCache,
 }
 
@@ -28,13 +32,13 @@ impl Admission {
     /// configuration to serve. An object with an error falls back to its last good
     /// version, or is left out when it has none (or that one fails too, for a change
     /// elsewhere); then the rest is judged again, until nothing fails.
-    pub fn admit(&mut self, current: &BTreeMap<String, String>) -> Admitted {
+    pub fn admit(&mut self, current: &Objects) -> Admitted {
         let mut candidate = current.clone();
         let mut skipped: Vec<Diagnostic> = Vec::new();
         loop {
             let config = self
                 .documents
-                .load(candidate.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+                .load(candidate.iter().map(|(n, t)| (n.as_str(), t)));
             let failing: Vec<(String, Diagnostic)> = config
                 .errors()
                 .filter_map(|d| {
@@ -85,10 +89,10 @@ mod tests {
         )
     }
 
-    fn objects(entries: &[(&str, &str)]) -> BTreeMap<String, String> {
+    fn objects(entries: &[(&str, &str)]) -> Objects {
         entries
             .iter()
-            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .map(|(n, t)| (n.to_string(), Arc::from(*t)))
             .collect()
     }
 

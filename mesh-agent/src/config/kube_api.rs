@@ -29,7 +29,7 @@ use kube::{
 use tokio::sync::Notify;
 
 use super::{
-    admission::Admission,
+    admission::{Admission, Objects},
     kinds::{CustomKind, CUSTOM_KINDS},
     kube_events::EventReporter,
     mesh_config,
@@ -48,7 +48,7 @@ pub enum KubeSourceError {
 }
 
 /// A watched object: the name it is loaded under (`Kind/namespace/name`) and its text.
-type Document = (String, String);
+type Document = (String, Arc<str>);
 
 /// The objects of one kind, as its watcher reported them.
 #[derive(Debug, Default)]
@@ -56,9 +56,9 @@ struct KindObjects {
     /// Whether the kind was listed once (or is not served): until every kind was, the
     /// configuration would be partial — policies missing while pods are known.
     listed: bool,
-    objects: BTreeMap<String, String>,
+    objects: Objects,
     /// A relist in progress, swapped in whole when it completes.
-    relisting: Option<BTreeMap<String, String>>,
+    relisting: Option<Objects>,
 }
 
 impl KindObjects {
@@ -78,7 +78,14 @@ impl KindObjects {
                 false
             }
             Event::InitDone => {
-                let listed = self.relisting.take().unwrap_or_default();
+                let mut listed = self.relisting.take().unwrap_or_default();
+                // The texts that did not change keep their identity: the loader knows
+                // them without comparing their bytes.
+                for (name, text) in &mut listed {
+                    if let Some(kept) = self.objects.get(name).filter(|kept| *kept == text) {
+                        *text = kept.clone();
+                    }
+                }
                 let changed = !self.listed || listed != self.objects;
                 self.objects = listed;
                 self.listed = true;
@@ -214,7 +221,10 @@ fn document(resource: &ApiResource, object: DynamicObject) -> Document {
         }
     }
     // A JSON value always renders as YAML.
-    (name, serde_norway::to_string(&value).unwrap_or_default())
+    (
+        name,
+        serde_norway::to_string(&value).unwrap_or_default().into(),
+    )
 }
 
 fn document_event(resource: &ApiResource, event: Event<DynamicObject>) -> Event<Document> {
@@ -386,7 +396,7 @@ impl ConfigSource for KubeSource {
     }
 
     fn poll(&mut self) -> Option<Result<ClusterConfig, ConfigError>> {
-        let current: BTreeMap<String, String> = {
+        let current: Objects = {
             let watched = lock(&self.watched);
             if self.taken == Some(watched.revision) {
                 return None;
@@ -415,7 +425,7 @@ mod tests {
     use super::*;
 
     fn doc(name: &str, text: &str) -> Document {
-        (name.to_owned(), text.to_owned())
+        (name.to_owned(), text.into())
     }
 
     #[test]
@@ -578,7 +588,7 @@ mod tests {
         let (name, text) = document(&resource, object);
         assert_eq!(name, "Pod/shop/web");
         assert!(!text.contains("managedFields"), "{text}");
-        let config = super::super::load_documents([(name.as_str(), text.as_str())]);
+        let config = super::super::load_documents([(name.as_str(), &*text)]);
         assert!(config.diagnostics.is_empty(), "{:?}", config.diagnostics);
         assert_eq!(config.pods[0].metadata.uid.as_deref(), Some("u1"));
         assert!(config.pods[0].holds_its_address());

@@ -5,7 +5,7 @@
 //! and the problem: the first agent creates it, the others find it there (409), and one
 //! Event stands for one problem of the object, however often it is edited.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use k8s_openapi::{
     api::core::v1::{Event, EventSource, ObjectReference},
@@ -110,7 +110,7 @@ impl EventReporter {
 
     /// Reports the objects `skipped` names (their documents in `documents`) that were not
     /// reported yet, in the background.
-    pub fn report(&mut self, skipped: &[Diagnostic], documents: &BTreeMap<String, String>) {
+    pub fn report(&mut self, skipped: &[Diagnostic], documents: &super::admission::Objects) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };

@@ -25,6 +25,7 @@ use std::{
     collections::{HashMap, HashSet},
     fmt,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -141,7 +142,8 @@ pub struct ClusterConfig {
     pub nodes: Vec<Node>,
     pub namespaces: Vec<MetaOnly>,
     pub service_accounts: Vec<MetaOnly>,
-    pub pods: Vec<Pod>,
+    /// Shared: a change of one pod rebuilds the configuration without copying the rest.
+    pub pods: Vec<Arc<Pod>>,
     pub services: Vec<Service>,
     /// EndpointSlices, for the Services without a selector.
     pub endpoint_slices: Vec<EndpointSlice>,
@@ -219,19 +221,6 @@ impl ClusterConfig {
         }
         self.diagnostics.extend(diagnostics);
         self.skipped.extend(skipped);
-    }
-
-    /// The IPv4 EndpointSlices of `service` (of its namespace, labelled with its name).
-    pub fn slices_of(&self, service: &Service) -> Vec<&EndpointSlice> {
-        let namespace = service.metadata.namespace();
-        self.endpoint_slices
-            .iter()
-            .filter(|slice| {
-                slice.metadata.namespace() == namespace
-                    && slice.service() == Some(service.metadata.name.as_str())
-                    && slice.address_type == "IPv4"
-            })
-            .collect()
     }
 
     pub fn errors(&self) -> impl Iterator<Item = &Diagnostic> {
@@ -323,42 +312,56 @@ pub fn load_documents<'a>(
     config
 }
 
-/// Documents of one object each as [`load_documents`] reads them, kept per document so
-/// that a change reads again only the documents whose text changed: with 10,000 pods in
-/// the Kubernetes API, parsing every one at each pod's change would cost more than the
-/// rest of a reload together. Each document is read on its own, as the API source's are
-/// (one object each, unique by kind, namespace and name).
+/// The documents read so far, so that a change to one object does not read every other
+/// again: a Kubernetes cluster changes a pod at a time, and reading ten thousand pods for
+/// each would hold the rest of a reload together. Each document is read on its own, as the
+/// API source's are (one object each, unique by kind, namespace and name).
 #[derive(Default)]
 pub struct DocumentCache {
-    /// By document name: a hash of the text (keyed per process, so that no object can be
-    /// written to collide with another) and what it read as.
-    read: HashMap<String, (u64, ClusterConfig)>,
-    hasher: std::hash::RandomState,
+    /// By document name: the text and what it read as.
+    read: HashMap<String, CachedDocument>,
+    /// Tells the documents of this call from those gone since the last.
+    pass: u64,
+}
+
+struct CachedDocument {
+    text: Arc<str>,
+    fragment: ClusterConfig,
+    pass: u64,
 }
 
 impl DocumentCache {
     /// [`load_documents`], reading only the documents new or changed since the last call.
+    /// The texts are shared with the caller: an unchanged one is known by its pointer
+    /// before its bytes are compared.
     pub fn load<'a>(
         &mut self,
-        documents: impl IntoIterator<Item = (&'a str, &'a str)>,
+        documents: impl IntoIterator<Item = (&'a str, &'a Arc<str>)>,
     ) -> ClusterConfig {
-        use std::hash::BuildHasher;
+        self.pass += 1;
+        let pass = self.pass;
         let mut config = ClusterConfig::default();
-        let mut read = HashMap::new();
         for (name, text) in documents {
-            let hash = self.hasher.hash_one(text);
-            let fragment = match self.read.remove(name) {
-                Some((cached, fragment)) if cached == hash => fragment,
+            match self.read.get_mut(name) {
+                Some(cached) if Arc::ptr_eq(&cached.text, text) || cached.text == *text => {
+                    cached.pass = pass;
+                    config.absorb(cached.fragment.clone());
+                }
                 _ => {
                     let mut fragment = ClusterConfig::default();
                     load_text(&mut fragment, &mut HashSet::new(), Path::new(name), text);
-                    fragment
+                    config.absorb(fragment.clone());
+                    let text = text.clone();
+                    let read = CachedDocument {
+                        text,
+                        fragment,
+                        pass,
+                    };
+                    self.read.insert(name.to_owned(), read);
                 }
-            };
-            config.absorb(fragment.clone());
-            read.insert(name.to_owned(), (hash, fragment));
+            }
         }
-        self.read = read;
+        self.read.retain(|_, cached| cached.pass == pass);
         validate::validate(&mut config);
         config
     }
@@ -489,7 +492,7 @@ fn load_text(
             ("", "Pod") if version == "v1" => kube_object(value, |pod: Pod| {
                 validate_pod(&pod).map_err(Rejection::error)?;
                 let unscheduled = pod.spec.node_name.as_deref().unwrap_or_default().is_empty();
-                config.pods.push(pod);
+                config.pods.push(Arc::new(pod));
                 if unscheduled {
                     return Err(Rejection::warning(
                         "pod without a node (`spec.nodeName` unset): not scheduled, so no agent serves it".into(),
@@ -728,15 +731,22 @@ mod tests {
         let documents = [("pod", first.as_str()), ("mesh", mesh), ("broken", broken)];
         let mut cache = DocumentCache::default();
         let fresh = load_documents(documents);
-        for _ in 0..2 {
-            let cached = cache.load(documents);
+        let shared: Vec<(&str, Arc<str>)> =
+            documents.iter().map(|(n, t)| (*n, Arc::from(*t))).collect();
+        for round in 0..3 {
+            // The same texts, then copies of them: known by pointer, then by their bytes.
+            let copies: Vec<(&str, Arc<str>)> =
+                shared.iter().map(|(n, t)| (*n, Arc::from(&**t))).collect();
+            let texts = if round == 2 { &copies } else { &shared };
+            let cached = cache.load(texts.iter().map(|(n, t)| (*n, t)));
             assert_eq!(format!("{cached:?}"), format!("{fresh:?}"));
         }
         assert_eq!(fresh.mesh_config.access_log_file, "/dev/stdout");
         assert_eq!(fresh.errors().count(), 1);
 
         let moved = pod("10.244.1.3");
-        let cached = cache.load([("pod", moved.as_str()), ("mesh", mesh)]);
+        let texts: [(&str, Arc<str>); 2] = [("pod", moved.as_str().into()), ("mesh", mesh.into())];
+        let cached = cache.load(texts.iter().map(|(n, t)| (*n, t)));
         assert_eq!(
             cached.pods[0].running_address(),
             Some("10.244.1.3".parse().expect("ip"))

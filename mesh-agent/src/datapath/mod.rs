@@ -96,6 +96,11 @@ pub struct Datapath {
     bpffs: PathBuf,
     links_dir: PathBuf,
     capacities: Capacities,
+    /// What the agent last wrote to each map it fills (a `HashMap<K, V>` by map name),
+    /// so that a change writes only what differs instead of reading every entry back from
+    /// the kernel (tens of thousands of system calls with 10,000 pods). Missing for a map
+    /// not synced yet, or whose writes failed: that map is read from the kernel again.
+    written: HashMap<&'static str, Box<dyn std::any::Any + Send>>,
 }
 
 /// The pinned-map directory of a node's bpffs directory.
@@ -155,6 +160,7 @@ impl Datapath {
             bpffs: bpffs.to_owned(),
             links_dir: links,
             capacities,
+            written: HashMap::new(),
         })
     }
 
@@ -597,11 +603,26 @@ impl Datapath {
 
     fn sync_map<K, V>(&mut self, name: &'static str, desired: &HashMap<K, V>) -> Result<Vec<K>>
     where
-        K: aya::Pod + Eq + std::hash::Hash,
-        V: aya::Pod + PartialEq,
+        K: aya::Pod + Eq + std::hash::Hash + Send,
+        V: aya::Pod + PartialEq + Send,
     {
         let mut map: BpfHashMap<_, K, V> = map(&mut self.ebpf, name)?;
-        Ok(sync(&mut map, name, desired))
+        let written = self
+            .written
+            .remove(name)
+            .and_then(|written| written.downcast::<HashMap<K, V>>().ok());
+        let current = match written {
+            Some(written) => *written,
+            None => map
+                .iter()
+                .filter_map(|entry| entry.ok())
+                .collect::<HashMap<K, V>>(),
+        };
+        let outcome = sync(&mut map, name, &current, desired);
+        if outcome.clean {
+            self.written.insert(name, Box::new(desired.clone()));
+        }
+        Ok(outcome.failed)
     }
 
     /// Sets or clears `SETTING_CAPTURE_UNKNOWN`.
@@ -631,6 +652,7 @@ impl Datapath {
 
     /// Makes the workload at `ip` STRICT on every port, its overrides having been lost.
     fn force_strict(&mut self, ip: Ipv4Addr) -> Result<()> {
+        self.written.remove(pins::WORKLOADS);
         let mut workloads: BpfHashMap<_, u32, WorkloadInfo> = map(&mut self.ebpf, pins::WORKLOADS)?;
         if let Ok(mut info) = workloads.get(&ip_key(ip), 0) {
             info.flags |= WORKLOAD_FLAG_MTLS_STRICT;
@@ -742,37 +764,44 @@ fn map<'a, K: aya::Pod, V: aya::Pod>(
     BpfHashMap::try_from(m).map_err(|source| DatapathError::Map { name, source })
 }
 
-/// Writes `desired` into `map`, stale entries removed first to make room; every write is
-/// tried, and the keys the kernel refused are returned (the caller fails closed for them).
+/// What a sync left: the keys the kernel refused, and whether the map now holds exactly
+/// what was desired.
+struct Synced<K> {
+    failed: Vec<K>,
+    clean: bool,
+}
+
+/// Writes `desired` into `map`, which holds `current`: stale entries removed first to make
+/// room, then what differs written; every write is tried, and the keys the kernel refused
+/// are returned (the caller fails closed for them).
 fn sync<K, V>(
     map: &mut BpfHashMap<&mut aya::maps::MapData, K, V>,
     name: &'static str,
+    current: &HashMap<K, V>,
     desired: &HashMap<K, V>,
-) -> Vec<K>
+) -> Synced<K>
 where
     K: aya::Pod + Eq + std::hash::Hash,
     V: aya::Pod + PartialEq,
 {
-    let stale: Vec<K> = map
-        .keys()
-        .filter_map(|k| k.ok())
-        .filter(|k| !desired.contains_key(k))
-        .collect();
-    for key in stale {
-        if let Err(err) = map.remove(&key) {
+    let mut clean = true;
+    for key in current.keys().filter(|k| !desired.contains_key(k)) {
+        if let Err(err) = map.remove(key) {
             tracing::warn!("removing a stale entry of {name}: {err}");
+            clean = false;
         }
     }
     let mut failed = Vec::new();
     for (key, value) in desired {
-        if map.get(key, 0).ok().as_ref() != Some(value) {
+        if current.get(key) != Some(value) {
             if let Err(err) = map.insert(key, value, 0) {
                 tracing::warn!("writing an entry of {name}: {err}");
                 failed.push(*key);
             }
         }
     }
-    failed
+    clean &= failed.is_empty();
+    Synced { failed, clean }
 }
 
 fn pin_link(link: FdLink, pin: &Path) -> Result<()> {

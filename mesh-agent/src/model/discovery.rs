@@ -33,12 +33,12 @@ use crate::{
 pub fn add_services(
     state: &mut MeshState,
     config: &ClusterConfig,
+    index: &ConfigIndex,
     allocated: &EntryAddresses,
     resolved: &ResolvedNames,
 ) {
-    let pods = PodIndex::of(&config.pods);
     for service in &config.services {
-        add_kubernetes_service(state, config, &pods, service);
+        add_kubernetes_service(state, config, index, service);
     }
     for entry in &config.istio.service_entries {
         add_service_entry(state, config, entry, allocated, resolved);
@@ -245,15 +245,18 @@ struct SelectedPod {
 
 /// Pods by namespace and label, so that a selector finds its pods among those carrying
 /// its rarest label rather than in a scan of every pod (10,000 pods × 1,000 Services
-/// would otherwise cost ten million comparisons at every change).
-struct PodIndex<'a> {
+/// would otherwise cost ten million comparisons at every change); EndpointSlices by
+/// their Service, for the same reason.
+pub struct ConfigIndex<'a> {
     by_label: HashMap<(&'a str, &'a str, &'a str), Vec<&'a Pod>>,
+    /// By namespace, then Service name.
+    slices: HashMap<&'a str, HashMap<&'a str, Vec<&'a EndpointSlice>>>,
 }
 
-impl<'a> PodIndex<'a> {
-    fn of(pods: &'a [Pod]) -> PodIndex<'a> {
+impl<'a> ConfigIndex<'a> {
+    pub fn of(config: &'a ClusterConfig) -> ConfigIndex<'a> {
         let mut by_label: HashMap<(&str, &str, &str), Vec<&Pod>> = HashMap::new();
-        for pod in pods {
+        for pod in &config.pods {
             for (key, value) in &pod.metadata.labels {
                 by_label
                     .entry((pod.metadata.namespace(), key, value))
@@ -261,11 +264,30 @@ impl<'a> PodIndex<'a> {
                     .push(pod);
             }
         }
-        PodIndex { by_label }
+        let mut slices: HashMap<&str, HashMap<&str, Vec<&EndpointSlice>>> = HashMap::new();
+        for slice in &config.endpoint_slices {
+            if let (Some(service), "IPv4") = (slice.service(), slice.address_type.as_str()) {
+                slices
+                    .entry(slice.metadata.namespace())
+                    .or_default()
+                    .entry(service)
+                    .or_default()
+                    .push(slice);
+            }
+        }
+        ConfigIndex { by_label, slices }
+    }
+
+    /// The IPv4 EndpointSlices of `service` (of its namespace, labelled with its name).
+    pub fn slices_of(&self, service: &Service) -> &[&'a EndpointSlice] {
+        self.slices
+            .get(service.metadata.namespace())
+            .and_then(|services| services.get(service.metadata.name.as_str()))
+            .map_or(&[], Vec::as_slice)
     }
 
     /// The pods of `namespace` that `selector` (not empty) picks, in the order given.
-    fn selected(&self, namespace: &str, selector: &BTreeMap<String, String>) -> Vec<&'a Pod> {
+    pub fn selected(&self, namespace: &str, selector: &BTreeMap<String, String>) -> Vec<&'a Pod> {
         let rarest = selector
             .iter()
             .map(|(key, value)| {
@@ -286,7 +308,7 @@ impl<'a> PodIndex<'a> {
 fn add_kubernetes_service(
     state: &mut MeshState,
     config: &ClusterConfig,
-    pods: &PodIndex,
+    index: &ConfigIndex,
     service: &Service,
 ) {
     let Some(ip) = service
@@ -299,7 +321,7 @@ fn add_kubernetes_service(
     };
     let namespace = service.metadata.namespace();
     let selector = &service.spec.selector;
-    let slices = config.slices_of(service);
+    let slices = index.slices_of(service);
     // A Service without a selector (`default/kubernetes`, endpoints kept by another
     // controller or by hand) has its endpoints in its EndpointSlices; without any slice
     // it is left to the node's own Service routing, never captured with nowhere to go.
@@ -315,7 +337,8 @@ fn add_kubernetes_service(
     let selected: Vec<&Pod> = if selector.is_empty() {
         Vec::new()
     } else {
-        pods.selected(namespace, selector)
+        index
+            .selected(namespace, selector)
             .into_iter()
             .filter(|pod| pod.running_address().is_some())
             .collect()
@@ -387,7 +410,7 @@ fn add_kubernetes_service(
             })
             .collect();
         if selector.is_empty() {
-            endpoints.extend(slice_endpoints(state, &slices, port));
+            endpoints.extend(slice_endpoints(state, slices, port));
         }
         let default_port = match &port.target_port {
             Some(TargetPort::Number(n)) => *n,

@@ -12,7 +12,7 @@ use std::{
 
 use crate::{
     config::{validate::fqdn, ClusterConfig},
-    model::{discovery::labels_match, entry_addresses::EntryAddresses, scope::export_scope},
+    model::{discovery::ConfigIndex, entry_addresses::EntryAddresses, scope::export_scope},
 };
 
 /// The cluster's DNS domain.
@@ -56,7 +56,11 @@ impl Record {
 impl DnsRecords {
     /// The names of `config`: Services (a headless one by its ready pods) and ServiceEntry
     /// hosts with addresses, their own or `allocated`.
-    pub fn of(config: &ClusterConfig, allocated: &EntryAddresses) -> DnsRecords {
+    pub fn of(
+        config: &ClusterConfig,
+        index: &ConfigIndex,
+        allocated: &EntryAddresses,
+    ) -> DnsRecords {
         let mut names: HashMap<String, Record> = HashMap::new();
         for service in &config.services {
             let namespace = service.metadata.namespace();
@@ -68,7 +72,7 @@ impl DnsRecords {
                 continue;
             }
             match service.spec.cluster_ip.as_deref() {
-                Some("None") => record.addresses.extend(headless_addresses(config, service)),
+                Some("None") => record.addresses.extend(headless_addresses(index, service)),
                 Some(ip) => record.addresses.extend(ip.parse::<Ipv4Addr>().ok()),
                 None => {}
             }
@@ -159,27 +163,25 @@ impl DnsRecords {
 /// A headless Service's addresses: its ready pods (the selector's), or the ready
 /// endpoints of its EndpointSlices when it has no selector.
 fn headless_addresses(
-    config: &ClusterConfig,
+    index: &ConfigIndex,
     service: &crate::config::kube::Service,
 ) -> Vec<Ipv4Addr> {
     let namespace = service.metadata.namespace();
     let selector = &service.spec.selector;
     if !selector.is_empty() {
-        return config
-            .pods
-            .iter()
+        return index
+            .selected(namespace, selector)
+            .into_iter()
             .filter(|pod| {
-                pod.metadata.namespace() == namespace
-                    && labels_match(selector, &pod.metadata.labels)
-                    && (service.spec.publish_not_ready_addresses
-                        || (pod.is_ready() && !pod.is_terminating()))
+                service.spec.publish_not_ready_addresses
+                    || (pod.is_ready() && !pod.is_terminating())
             })
             .filter_map(|pod| pod.running_address())
             .collect();
     }
-    config
+    index
         .slices_of(service)
-        .into_iter()
+        .iter()
         .flat_map(|slice| slice.endpoints.iter())
         .filter(|endpoint| endpoint.is_ready())
         .flat_map(|endpoint| endpoint.addresses.iter())
@@ -260,7 +262,11 @@ spec:
             "{:?}",
             config.diagnostics
         );
-        DnsRecords::of(&config, &EntryAddresses::of(&config))
+        DnsRecords::of(
+            &config,
+            &ConfigIndex::of(&config),
+            &EntryAddresses::of(&config),
+        )
     }
 
     fn addresses(list: &[[u8; 4]]) -> Resolution {
@@ -338,7 +344,11 @@ spec: {{type: ExternalName, externalName: mail.example.com}}
 "
         );
         let config = crate::config::load_documents([("cluster.yaml", cluster.as_str())]);
-        let records = DnsRecords::of(&config, &EntryAddresses::of(&config));
+        let records = DnsRecords::of(
+            &config,
+            &ConfigIndex::of(&config),
+            &EntryAddresses::of(&config),
+        );
         assert_eq!(
             records.resolve("ledger.internal", Some("shop")),
             addresses(&[[240, 0, 0, 7]])

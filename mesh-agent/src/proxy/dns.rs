@@ -699,6 +699,7 @@ mod tests {
         )]);
         DnsRecords::of(
             &config,
+            &crate::model::discovery::ConfigIndex::of(&config),
             &crate::model::entry_addresses::EntryAddresses::of(&config),
         )
     }
