@@ -157,6 +157,11 @@ pub struct ClusterConfig {
     /// Kubernetes API source, see [`admission`]); not in `diagnostics`, which would
     /// reject the whole configuration.
     pub skipped: Vec<Diagnostic>,
+    /// Read through a [`DocumentCache`]: a number that changes whenever an object other
+    /// than a pod does, so that a state built after a change to pods alone can keep what
+    /// did not depend on them. `None`: unknown, every object may have changed.
+    #[serde(skip)]
+    pub others_revision: Option<u64>,
 }
 
 impl ClusterConfig {
@@ -175,6 +180,7 @@ impl ClusterConfig {
             mesh_config,
             diagnostics,
             skipped,
+            others_revision: _,
         } = other;
         self.nodes.extend(nodes);
         self.namespaces.extend(namespaces);
@@ -221,6 +227,60 @@ impl ClusterConfig {
         }
         self.diagnostics.extend(diagnostics);
         self.skipped.extend(skipped);
+    }
+
+    /// Whether this holds pods and nothing else a mesh state is built from (their
+    /// warnings aside).
+    fn holds_pods_only(&self) -> bool {
+        let ClusterConfig {
+            nodes,
+            namespaces,
+            service_accounts,
+            pods,
+            services,
+            endpoint_slices,
+            istio,
+            mesh,
+            mesh_config,
+            diagnostics: _,
+            skipped: _,
+            others_revision: _,
+        } = self;
+        let IstioConfig {
+            virtual_services,
+            destination_rules,
+            gateways,
+            service_entries,
+            sidecars,
+            workload_entries,
+            workload_groups,
+            peer_authentications,
+            request_authentications,
+            authorization_policies,
+            telemetries,
+        } = istio;
+        let mesh_policy::MeshPolicies {
+            http_local_rate_limits,
+        } = mesh;
+        !pods.is_empty()
+            && nodes.is_empty()
+            && namespaces.is_empty()
+            && service_accounts.is_empty()
+            && services.is_empty()
+            && endpoint_slices.is_empty()
+            && virtual_services.is_empty()
+            && destination_rules.is_empty()
+            && gateways.is_empty()
+            && service_entries.is_empty()
+            && sidecars.is_empty()
+            && workload_entries.is_empty()
+            && workload_groups.is_empty()
+            && peer_authentications.is_empty()
+            && request_authentications.is_empty()
+            && authorization_policies.is_empty()
+            && telemetries.is_empty()
+            && http_local_rate_limits.is_empty()
+            && *mesh_config == mesh_config::MeshConfig::default()
     }
 
     pub fn errors(&self) -> impl Iterator<Item = &Diagnostic> {
@@ -322,6 +382,8 @@ pub struct DocumentCache {
     read: HashMap<String, CachedDocument>,
     /// Tells the documents of this call from those gone since the last.
     pass: u64,
+    /// Grows when a document other than a pod's is read, changed or gone.
+    others_revision: u64,
 }
 
 struct CachedDocument {
@@ -357,12 +419,28 @@ impl DocumentCache {
                         fragment,
                         pass,
                     };
-                    self.read.insert(name.to_owned(), read);
+                    let replaced = self.read.insert(name.to_owned(), read);
+                    let others = [replaced.as_ref(), self.read.get(name)]
+                        .into_iter()
+                        .flatten()
+                        .any(|read| !read.fragment.holds_pods_only());
+                    if others {
+                        self.others_revision += 1;
+                    }
                 }
             }
         }
-        self.read.retain(|_, cached| cached.pass == pass);
+        let mut others_gone = false;
+        self.read.retain(|_, cached| {
+            let kept = cached.pass == pass;
+            others_gone |= !kept && !cached.fragment.holds_pods_only();
+            kept
+        });
+        if others_gone {
+            self.others_revision += 1;
+        }
         validate::validate(&mut config);
+        config.others_revision = Some(self.others_revision);
         config
     }
 }
@@ -738,7 +816,10 @@ mod tests {
             let copies: Vec<(&str, Arc<str>)> =
                 shared.iter().map(|(n, t)| (*n, Arc::from(&**t))).collect();
             let texts = if round == 2 { &copies } else { &shared };
-            let cached = cache.load(texts.iter().map(|(n, t)| (*n, t)));
+            let cached = ClusterConfig {
+                others_revision: None,
+                ..cache.load(texts.iter().map(|(n, t)| (*n, t)))
+            };
             assert_eq!(format!("{cached:?}"), format!("{fresh:?}"));
         }
         assert_eq!(fresh.mesh_config.access_log_file, "/dev/stdout");
@@ -753,6 +834,52 @@ mod tests {
         );
         assert_eq!(cached.errors().count(), 0, "the removed document is gone");
         assert_eq!(cached.mesh_config.access_log_file, "/dev/stdout");
+    }
+
+    #[test]
+    fn the_document_cache_tells_a_change_to_pods_alone_from_any_other() {
+        let pod = |ip: &str, node: &str| -> Arc<str> {
+            format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: shop}}\nspec: {{nodeName: '{node}'}}\nstatus: {{podIP: {ip}}}\n").into()
+        };
+        let service = |port: u16| -> Arc<str> {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec: {{clusterIP: 10.96.0.10, ports: [{{port: {port}}}]}}\n").into()
+        };
+        let mut cache = DocumentCache::default();
+        let mut revision = |documents: &[(&str, &Arc<str>)]| {
+            cache
+                .load(documents.iter().copied())
+                .others_revision
+                .expect("known")
+        };
+        let (first_pod, moved_pod, unscheduled) = (
+            pod("10.244.1.2", "n1"),
+            pod("10.244.1.3", "n1"),
+            pod("10.244.1.3", ""),
+        );
+        let (first_service, changed_service) = (service(80), service(81));
+        let start = revision(&[("pod", &first_pod), ("service", &first_service)]);
+        assert_eq!(
+            revision(&[("pod", &moved_pod), ("service", &first_service)]),
+            start
+        );
+        assert_eq!(
+            revision(&[("pod", &unscheduled), ("service", &first_service)]),
+            start,
+            "a pod's warning is the pod's"
+        );
+        assert_eq!(
+            revision(&[("service", &first_service)]),
+            start,
+            "a pod gone"
+        );
+        let changed = revision(&[("service", &changed_service)]);
+        assert!(changed > start);
+        let gone = revision(&[("pod", &first_pod)]);
+        assert!(gone > changed);
+        assert!(
+            revision(&[("pod", &first_service)]) > gone,
+            "a pod's document now holds a Service"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! limits per cluster.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
     sync::Arc,
@@ -30,15 +30,78 @@ use crate::{
     },
 };
 
+/// What one Kubernetes Service added to the state: its ports and its warnings.
+#[derive(Debug, Clone, Default)]
+pub struct BuiltService {
+    ports: Vec<(SocketAddrV4, Arc<ServicePortState>)>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+/// The Services of the previous state a change to pods alone left as they were: those
+/// selecting none of the pods that changed (before or after the change) and holding no
+/// endpoint at their addresses. With 1,000 Services, a pod's change rebuilds the one or
+/// two it belongs to instead of all of them.
+pub struct UnchangedServices<'a> {
+    pub built: &'a HashMap<(String, String), BuiltService>,
+    /// The versions of the pods that changed: those gone and those new.
+    pub changed_pods: Vec<&'a Pod>,
+    pub changed_addresses: HashSet<Ipv4Addr>,
+}
+
+impl UnchangedServices<'_> {
+    fn get(&self, service: &Service) -> Option<&BuiltService> {
+        let namespace = service.metadata.namespace();
+        let key = (namespace.to_owned(), service.metadata.name.clone());
+        let built = self.built.get(&key)?;
+        let selector = &service.spec.selector;
+        let selects_a_changed_pod = !selector.is_empty()
+            && self.changed_pods.iter().any(|pod| {
+                pod.metadata.namespace() == namespace
+                    && labels_match(selector, &pod.metadata.labels)
+            });
+        let holds_a_changed_address = built.ports.iter().any(|(_, port)| {
+            port.endpoints
+                .iter()
+                .any(|e| self.changed_addresses.contains(e.addr.ip()))
+        });
+        (!selects_a_changed_pod && !holds_a_changed_address).then_some(built)
+    }
+}
+
 pub fn add_services(
     state: &mut MeshState,
     config: &ClusterConfig,
     index: &ConfigIndex,
     allocated: &EntryAddresses,
     resolved: &ResolvedNames,
+    unchanged: Option<&UnchangedServices>,
 ) {
     for service in &config.services {
-        add_kubernetes_service(state, config, index, service);
+        let key = (
+            service.metadata.namespace().to_owned(),
+            service.metadata.name.clone(),
+        );
+        let built = match unchanged.and_then(|unchanged| unchanged.get(service)) {
+            Some(built) => {
+                for (address, port) in &built.ports {
+                    state.services.insert(*address, port.clone());
+                }
+                state.diagnostics.extend(built.diagnostics.iter().cloned());
+                built.clone()
+            }
+            None => {
+                let warned = state.diagnostics.len();
+                let ports = add_kubernetes_service(state, config, index, service)
+                    .into_iter()
+                    .filter_map(|address| Some((address, state.services.get(&address)?.clone())))
+                    .collect();
+                BuiltService {
+                    ports,
+                    diagnostics: state.diagnostics[warned..].to_vec(),
+                }
+            }
+        };
+        state.kubernetes_services.insert(key, built);
     }
     for entry in &config.istio.service_entries {
         add_service_entry(state, config, entry, allocated, resolved);
@@ -310,14 +373,15 @@ fn add_kubernetes_service(
     config: &ClusterConfig,
     index: &ConfigIndex,
     service: &Service,
-) {
+) -> Vec<SocketAddrV4> {
+    let mut added = Vec::new();
     let Some(ip) = service
         .spec
         .cluster_ip
         .as_deref()
         .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
     else {
-        return;
+        return added;
     };
     let namespace = service.metadata.namespace();
     let selector = &service.spec.selector;
@@ -326,7 +390,7 @@ fn add_kubernetes_service(
     // controller or by hand) has its endpoints in its EndpointSlices; without any slice
     // it is left to the node's own Service routing, never captured with nowhere to go.
     if selector.is_empty() && slices.is_empty() {
-        return;
+        return added;
     }
     let hostname = format!("{}.{namespace}.svc.cluster.local", service.metadata.name);
     // Every running, ready pod the selector picks is an endpoint, as in the Service's
@@ -443,7 +507,9 @@ fn add_kubernetes_service(
         port_state.clusters = cluster_policies(state, rule, &port_state);
         port_state.default_routes = default_routes(&port_state);
         state.services.insert(address, Arc::new(port_state));
+        added.push(address);
     }
+    added
 }
 
 /// The ready IPv4 endpoints `slices` give for the Service port `port` (the slice port of

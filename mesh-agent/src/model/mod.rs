@@ -412,11 +412,32 @@ pub struct MeshState {
     pub dns: dns::DnsRecords,
     /// The names the agent looks up for `resolution: DNS` ServiceEntries.
     pub names_to_resolve: BTreeSet<String>,
-    /// The workloads read from pods, by the pod's allocation (the pod held, so that the
-    /// address cannot be reused): the next build takes over those of unchanged pods
-    /// instead of reading ten thousand pods again for a change to one.
+    /// Every pod of the configuration, by its allocation: held, so that no other pod can
+    /// have that address while this state lives, and an unchanged pod (shared by the
+    /// document cache) is known by it in the next build.
     #[serde(skip)]
-    pod_workloads: HashMap<usize, (Arc<Pod>, Arc<Workload>)>,
+    pods_read: HashMap<usize, Arc<Pod>>,
+    /// The workloads read from those pods: the next build takes over those of unchanged
+    /// pods instead of reading ten thousand pods again for a change to one.
+    #[serde(skip)]
+    pod_workloads: HashMap<usize, Arc<Workload>>,
+    /// What each Kubernetes Service added, for the next build to keep when only pods
+    /// it does not select changed.
+    #[serde(skip)]
+    kubernetes_services: HashMap<(String, String), discovery::BuiltService>,
+    /// What this state was built from besides pods (`None`: unknown).
+    #[serde(skip)]
+    built_from: Option<BuiltFrom>,
+}
+
+/// Everything but pods that a state is built from: two states with the same differ only
+/// by their pods.
+#[derive(Debug, PartialEq)]
+struct BuiltFrom {
+    others_revision: u64,
+    node: String,
+    settings: MeshSettings,
+    resolved: entry_addresses::ResolvedNames,
 }
 
 impl MeshState {
@@ -462,10 +483,18 @@ impl MeshState {
         previous: &MeshState,
     ) -> MeshState {
         let root_namespace = settings.root_namespace.as_str();
+        let built_from = config.others_revision.map(|others_revision| BuiltFrom {
+            others_revision,
+            node: node.to_owned(),
+            settings: settings.clone(),
+            resolved: resolved.clone(),
+        });
+        let pods_alone_changed = built_from.is_some() && built_from == previous.built_from;
         let mut state = MeshState {
             node: node.to_owned(),
             root_namespace: root_namespace.to_owned(),
             balancers: balancers.clone(),
+            built_from,
             ..MeshState::default()
         };
         for n in &config.nodes {
@@ -490,6 +519,8 @@ impl MeshState {
             })
             .collect();
         for pod in &config.pods {
+            let key = Arc::as_ptr(pod) as usize;
+            state.pods_read.insert(key, pod.clone());
             let labels = PodEnrollment {
                 pod_label: pod
                     .metadata
@@ -505,20 +536,55 @@ impl MeshState {
             if !enrolled(labels, settings.default_enrollment) {
                 continue;
             }
-            let key = Arc::as_ptr(pod) as usize;
+            // Held by the previous state, a pod at `key` is that very pod.
             let workload = match previous.pod_workloads.get(&key) {
-                Some((read, workload)) if Arc::ptr_eq(read, pod) => workload.clone(),
-                _ => match workload_of(pod) {
+                Some(workload) => workload.clone(),
+                None => match workload_of(pod) {
                     Some(workload) => Arc::new(workload),
                     None => continue,
                 },
             };
             state.workloads.insert(workload.ip, workload.clone());
-            state.pod_workloads.insert(key, (pod.clone(), workload));
+            state.pod_workloads.insert(key, workload);
         }
+        let unchanged_services = pods_alone_changed.then(|| {
+            let changed_pods: Vec<&Pod> = config
+                .pods
+                .iter()
+                .filter(|pod| {
+                    !previous
+                        .pods_read
+                        .contains_key(&(Arc::as_ptr(pod) as usize))
+                })
+                .chain(
+                    previous
+                        .pods_read
+                        .iter()
+                        .filter(|(key, _)| !state.pods_read.contains_key(key))
+                        .map(|(_, pod)| pod),
+                )
+                .map(|pod| &**pod)
+                .collect();
+            let changed_addresses = changed_pods
+                .iter()
+                .filter_map(|pod| pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok())
+                .collect();
+            discovery::UnchangedServices {
+                built: &previous.kubernetes_services,
+                changed_pods,
+                changed_addresses,
+            }
+        });
         let allocated = entry_addresses::EntryAddresses::of(config);
         let index = discovery::ConfigIndex::of(config);
-        discovery::add_services(&mut state, config, &index, &allocated, resolved);
+        discovery::add_services(
+            &mut state,
+            config,
+            &index,
+            &allocated,
+            resolved,
+            unchanged_services.as_ref(),
+        );
         state.dns = dns::DnsRecords::of(config, &index, &allocated);
         state.names_to_resolve = entry_addresses::names_to_resolve(config);
         state.mtls = state
@@ -527,10 +593,21 @@ impl MeshState {
             .map(|w| (w.ip, peerauth::modes(config, w, root_namespace)))
             .collect();
         let security = SecurityConfig::compile(config, root_namespace);
+        // Only pods changed: an unchanged workload keeps its policies.
+        let kept_security = |w: &Arc<Workload>| {
+            let unchanged = previous.workloads.get(&w.ip)?;
+            (pods_alone_changed && Arc::ptr_eq(unchanged, w))
+                .then(|| previous.security.get(&w.ip).cloned())
+                .flatten()
+        };
         state.security = state
             .workloads
             .values()
-            .map(|w| (w.ip, Arc::new(security.for_workload(config, w))))
+            .map(|w| {
+                let security =
+                    kept_security(w).unwrap_or_else(|| Arc::new(security.for_workload(config, w)));
+                (w.ip, security)
+            })
             .collect();
         let (routes, unroutable) = RouteTable::build(config);
         state.routes = routes;
@@ -997,15 +1074,42 @@ spec:
     }
 
     #[test]
-    fn a_rebuild_after_one_pod_changed_reuses_the_others_and_equals_a_fresh_build() {
-        let pod = |name: &str, ip: &str, app: &str| -> Arc<str> {
-            format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: {app}}}}}\nspec: {{nodeName: node-1}}\nstatus: {{podIP: {ip}, phase: Running}}\n").into()
+    fn a_rebuild_after_pods_changed_keeps_what_they_did_not_touch_and_equals_a_fresh_build() {
+        let pod = |name: &str, ip: &str, app: &str, ready: &str| -> Arc<str> {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: {app}}}}}\n\
+                 spec: {{nodeName: node-1}}\n\
+                 status: {{podIP: {ip}, phase: Running, conditions: [{{type: Ready, status: '{ready}'}}]}}\n"
+            )
+            .into()
         };
-        let service: Arc<str> = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80}]}\n".into();
+        let service = |name: &str, ip: &str, app: &str| -> Arc<str> {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
+                 spec: {{clusterIP: {ip}, selector: {{app: {app}}}, ports: [{{port: 80}}]}}\n"
+            )
+            .into()
+        };
         let mut documents: BTreeMap<&str, Arc<str>> = BTreeMap::from([
-            ("web-1", pod("web-1", "10.244.1.2", "web")),
-            ("web-2", pod("web-2", "10.244.1.3", "web")),
-            ("service", service),
+            ("web-1", pod("web-1", "10.244.1.2", "web", "True")),
+            ("web-2", pod("web-2", "10.244.1.3", "web", "True")),
+            ("db-1", pod("db-1", "10.244.1.5", "db", "True")),
+            ("web", service("web", "10.96.0.10", "web")),
+            ("db", service("db", "10.96.0.11", "db")),
+            ("cache", service("cache", "10.96.0.12", "cache")),
+            (
+                "external",
+                "apiVersion: v1\nkind: Service\nmetadata: {name: external, namespace: shop}\n\
+                 spec: {clusterIP: 10.96.0.13, ports: [{port: 80}]}\n"
+                    .into(),
+            ),
+            (
+                "external-slice",
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {name: external, namespace: shop, labels: {kubernetes.io/service-name: external}}\n\
+                 addressType: IPv4\nendpoints: [{addresses: [10.244.1.5]}]\nports: [{port: 80}]\n"
+                    .into(),
+            ),
             (
                 "namespace",
                 "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n".into(),
@@ -1023,37 +1127,100 @@ spec:
                 previous,
             )
         };
-        let before = build(
+        let json = |state: &MeshState| serde_json::to_value(state).expect("json");
+        let port = |state: &MeshState, ip: [u8; 4]| {
+            state.services[&SocketAddrV4::new(Ipv4Addr::from(ip), 80)].clone()
+        };
+        let endpoints = |state: &MeshState, ip: [u8; 4]| -> Vec<String> {
+            port(state, ip)
+                .endpoints
+                .iter()
+                .map(|e| e.addr.to_string())
+                .collect()
+        };
+        let mut state = build(
             &cache.load(documents.iter().map(|(n, t)| (*n, t))),
             &MeshState::default(),
         );
+        type Step<'a> = (&'a str, &'a str, Option<Arc<str>>);
+        let steps: [Step; 6] = [
+            (
+                "a pod moves and leaves its Service for another",
+                "web-2",
+                Some(pod("web-2", "10.244.1.4", "cache", "True")),
+            ),
+            (
+                "a pod is no longer ready",
+                "db-1",
+                Some(pod("db-1", "10.244.1.5", "db", "False")),
+            ),
+            (
+                "a pod comes",
+                "web-3",
+                Some(pod("web-3", "10.244.1.6", "web", "True")),
+            ),
+            ("a pod goes", "web-1", None),
+            (
+                "a Service changes its selector",
+                "db",
+                Some(service("db", "10.96.0.11", "web")),
+            ),
+            (
+                "a pod takes a gone pod's address",
+                "db-2",
+                Some(pod("db-2", "10.244.1.2", "db", "True")),
+            ),
+        ];
+        for (what, name, text) in steps {
+            match text {
+                Some(text) => documents.insert(name, text),
+                None => documents.remove(name),
+            };
+            let config = cache.load(documents.iter().map(|(n, t)| (*n, t)));
+            let rebuilt = build(&config, &state);
+            assert_eq!(
+                json(&rebuilt),
+                json(&build(&config, &MeshState::default())),
+                "{what}"
+            );
+            for endpoint in rebuilt.services.values().flat_map(|port| &port.endpoints) {
+                let current = rebuilt.workloads.get(endpoint.addr.ip());
+                let held = endpoint.workload.as_ref();
+                assert!(
+                    current
+                        .zip(held)
+                        .map_or(current.is_none() && held.is_none(), |(c, h)| Arc::ptr_eq(
+                            c, h
+                        )),
+                    "{what}: the endpoint {} holds its pod's current workload",
+                    endpoint.addr
+                );
+            }
+            state = rebuilt;
+        }
+        assert_eq!(endpoints(&state, [10, 96, 0, 10]), ["10.244.1.6:80"]);
+        assert_eq!(endpoints(&state, [10, 96, 0, 11]), ["10.244.1.6:80"]);
+        assert_eq!(endpoints(&state, [10, 96, 0, 12]), ["10.244.1.4:80"]);
 
-        // web-2 moves to another address and leaves the Service; web-1 is unchanged.
-        documents.insert("web-2", pod("web-2", "10.244.1.4", "db"));
+        // Another pod of `web` changes: `cache` is kept whole, with the workload of its pod.
+        let before = state;
+        documents.insert("web-3", pod("web-3", "10.244.1.7", "web", "True"));
         let config = cache.load(documents.iter().map(|(n, t)| (*n, t)));
-        let rebuilt = build(&config, &before);
-        let fresh = build(&config, &MeshState::default());
-        let json = |state: &MeshState| serde_json::to_value(state).expect("json");
-        assert_eq!(json(&rebuilt), json(&fresh));
-        let web_1 = Ipv4Addr::new(10, 244, 1, 2);
+        let after = build(&config, &before);
         assert!(Arc::ptr_eq(
-            &before.workloads[&web_1],
-            &rebuilt.workloads[&web_1]
+            &port(&before, [10, 96, 0, 12]),
+            &port(&after, [10, 96, 0, 12])
         ));
-        assert!(!rebuilt
-            .workloads
-            .contains_key(&Ipv4Addr::new(10, 244, 1, 3)));
-        assert_eq!(
-            rebuilt.workloads[&Ipv4Addr::new(10, 244, 1, 4)].pod,
-            "web-2"
-        );
-        let endpoints: Vec<SocketAddrV4> = rebuilt.services
-            [&SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80)]
-            .endpoints
-            .iter()
-            .map(|e| e.addr)
-            .collect();
-        assert_eq!(endpoints, [SocketAddrV4::new(web_1, 80)]);
+        assert!(!Arc::ptr_eq(
+            &port(&before, [10, 96, 0, 10]),
+            &port(&after, [10, 96, 0, 10])
+        ));
+        let moved = Ipv4Addr::new(10, 244, 1, 4);
+        assert!(Arc::ptr_eq(
+            &before.workloads[&moved],
+            &after.workloads[&moved]
+        ));
+        assert_eq!(endpoints(&after, [10, 96, 0, 10]), ["10.244.1.7:80"]);
     }
 
     const CLUSTER: &str = "\
