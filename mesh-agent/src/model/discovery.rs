@@ -49,10 +49,10 @@ pub struct UnchangedServices<'a> {
 }
 
 impl UnchangedServices<'_> {
-    fn get(&self, service: &Service) -> Option<&BuiltService> {
-        let namespace = service.metadata.namespace();
-        let key = (namespace.to_owned(), service.metadata.name.clone());
-        let built = self.built.get(&key)?;
+    /// The previous build of `service`, known by `key` (its namespace and name), if kept.
+    fn get(&self, key: &(String, String), service: &Service) -> Option<&BuiltService> {
+        let namespace = key.0.as_str();
+        let built = self.built.get(key)?;
         let selector = &service.spec.selector;
         let selects_a_changed_pod = !selector.is_empty()
             && self.changed_pods.iter().any(|pod| {
@@ -81,7 +81,7 @@ pub fn add_services(
             service.metadata.namespace().to_owned(),
             service.metadata.name.clone(),
         );
-        let built = match unchanged.and_then(|unchanged| unchanged.get(service)) {
+        let built = match unchanged.and_then(|unchanged| unchanged.get(&key, service)) {
             Some(built) => {
                 for (address, port) in &built.ports {
                     state.services.insert(*address, port.clone());
