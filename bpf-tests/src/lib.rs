@@ -60,6 +60,9 @@ pub fn workload(ifindex: u32, flags: u32) -> WorkloadInfo {
         service_account: [0; NAME_LEN],
         ifindex,
         flags,
+        pod_mac: [0; 6],
+        bridge_mac: [0; 6],
+        bridge_ifindex: 0,
     }
 }
 

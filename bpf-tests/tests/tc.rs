@@ -73,6 +73,11 @@ fn program(loaded: &mut Loaded, name: &'static str) -> &'static str {
 }
 
 fn run(loaded: &Loaded, name: &str, packet: &[u8], context: Context) -> Run {
+    run_for_frame(loaded, name, packet, context).0
+}
+
+/// `run`, with the frame as the program left it.
+fn run_for_frame(loaded: &Loaded, name: &str, packet: &[u8], context: Context) -> (Run, Vec<u8>) {
     let prog: &SchedClassifier = loaded
         .ebpf
         .program(name)
@@ -84,9 +89,11 @@ fn run(loaded: &Loaded, name: &str, packet: &[u8], context: Context) -> Run {
     ctx_in[SKB_IFINDEX_OFFSET..SKB_IFINDEX_OFFSET + 4]
         .copy_from_slice(&context.ifindex.to_ne_bytes());
     let mut ctx_out = [0u8; 192];
+    let mut frame = vec![0u8; packet.len()];
     let result = prog
         .test_run(TestRunOptions {
             data_in: Some(packet),
+            data_out: Some(&mut frame),
             ctx_in: Some(&ctx_in),
             ctx_out: Some(&mut ctx_out),
             ..TestRunOptions::default()
@@ -97,10 +104,13 @@ fn run(loaded: &Loaded, name: &str, packet: &[u8], context: Context) -> Run {
             .try_into()
             .expect("4 bytes"),
     );
-    Run {
-        action: result.return_value,
-        mark,
-    }
+    (
+        Run {
+            action: result.return_value,
+            mark,
+        },
+        frame,
+    )
 }
 
 fn verdicts(loaded: &Loaded) -> Vec<u64> {
@@ -529,6 +539,122 @@ fn a_pod_may_only_send_from_its_own_address() {
     });
 }
 
+/// The source MAC of the crafted frames (`bpf_tests::ethernet`), the pod's own here.
+const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
+const BRIDGE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb];
+
+/// `mesh`, with the local pod's veth a port of a bridge, as `sync_maps` records it.
+fn bridged_mesh(loaded: &mut Loaded) -> Context {
+    let pod = mesh(loaded);
+    let mut info = workload(pod.ifindex, WORKLOAD_FLAG_LOCAL);
+    info.pod_mac = POD_MAC;
+    info.bridge_mac = BRIDGE_MAC;
+    info.bridge_ifindex = pod.ifindex + 1;
+    add_workload(loaded, POD, info);
+    pod
+}
+
+fn with_source_mac(mut frame: Vec<u8>, mac: [u8; 6]) -> Vec<u8> {
+    frame[6..12].copy_from_slice(&mac);
+    frame
+}
+
+#[test]
+fn a_bridged_pods_captured_frames_are_marked_and_readdressed_to_its_bridge() {
+    in_new_netns(|| {
+        let listener = tokio_free_listener();
+        let mut loaded = load();
+        let pod = bridged_mesh(&mut loaded);
+        let prog = program(&mut loaded, programs::TC_FROM_POD);
+
+        // A connection to a meshed pod, addressed to another MAC than the bridge's (a
+        // neighbour on the bridge is reached at its own): marked for the node's stack (no
+        // socket assigned, which the bridge's netfilter hook would drop) and readdressed
+        // to the bridge, which then passes it up.
+        let syn = tcp_packet(POD, MESHED_POD, 40000, 8080, TCP_SYN);
+        let (outcome, frame) = run_for_frame(&loaded, prog, &syn, pod);
+        assert_eq!(
+            outcome,
+            Run {
+                action: TC_ACT_OK,
+                mark: CAPTURE_MARK
+            }
+        );
+        assert_eq!(frame[0..6], BRIDGE_MAC, "addressed to the bridge");
+        assert_eq!(frame[6..], syn[6..], "nothing else changed");
+
+        // Outside the mesh: left as it was, to be bridged or routed as usual.
+        let outside = tcp_packet(POD, OUTSIDE, 40001, 443, TCP_SYN);
+        let (outcome, frame) = run_for_frame(&loaded, prog, &outside, pod);
+        assert_eq!((outcome.action, frame), (TC_ACT_OK, outside));
+        assert_eq!(counted(&loaded), [("steered_new", 1), ("passed", 1)]);
+        drop(listener);
+    });
+}
+
+#[test]
+fn a_bridged_pod_is_held_to_its_own_mac_and_its_arp_to_its_own_address() {
+    in_new_netns(|| {
+        let mut loaded = load();
+        let pod = bridged_mesh(&mut loaded);
+        let prog = program(&mut loaded, programs::TC_FROM_POD);
+        let other_mac = [0x02, 0, 0, 0, 0, 9];
+
+        // Another source MAC would move another pod's entry in the bridge's table.
+        let borrowed = with_source_mac(tcp_packet(POD, OUTSIDE, 40000, 443, TCP_SYN), other_mac);
+        assert_eq!(run(&loaded, prog, &borrowed, pod).action, TC_ACT_SHOT);
+        // ARP for another pod's address would draw that pod's traffic.
+        let claim = arp_request(NEIGHBOUR, POD);
+        assert_eq!(run(&loaded, prog, &claim, pod).action, TC_ACT_SHOT);
+        let from_other_mac = with_source_mac(arp_request(POD, NEIGHBOUR), other_mac);
+        assert_eq!(run(&loaded, prog, &from_other_mac, pod).action, TC_ACT_SHOT);
+        // Cut short, or not IPv4 over Ethernet: nothing to judge.
+        let mut short = arp_request(POD, NEIGHBOUR);
+        short.truncate(24);
+        assert_eq!(run(&loaded, prog, &short, pod).action, TC_ACT_SHOT);
+        assert_eq!(
+            counted(&loaded),
+            [("drop_malformed", 1), ("drop_spoofed_source", 3)]
+        );
+
+        let own = arp_request(POD, NEIGHBOUR);
+        assert_eq!(run(&loaded, prog, &own, pod).action, TC_ACT_OK);
+        let own = tcp_packet(POD, OUTSIDE, 40001, 443, TCP_SYN);
+        assert_eq!(run(&loaded, prog, &own, pod).action, TC_ACT_OK);
+        assert_eq!(
+            counted(&loaded),
+            [
+                ("passed", 2),
+                ("drop_malformed", 1),
+                ("drop_spoofed_source", 3)
+            ]
+        );
+    });
+}
+
+#[test]
+fn arp_for_an_address_missing_from_the_map_passes_only_while_the_maps_are_incomplete() {
+    in_new_netns(|| {
+        let mut loaded = load();
+        let pod = mesh(&mut loaded);
+        let prog = program(&mut loaded, programs::TC_FROM_POD);
+        // With complete maps every local pod is in them: an unknown address is forged.
+        let unlisted = Ipv4Addr::new(10, 244, 1, 9);
+        let arp = arp_request(unlisted, NEIGHBOUR);
+        assert_eq!(run(&loaded, prog, &arp, pod).action, TC_ACT_SHOT);
+        // A pod that did not fit must still answer the node's ARP (the agent is its one
+        // peer); another listed pod's address stays forged.
+        set_capture_unknown(&mut loaded);
+        assert_eq!(run(&loaded, prog, &arp, pod).action, TC_ACT_OK);
+        let claim = arp_request(NEIGHBOUR, POD);
+        assert_eq!(run(&loaded, prog, &claim, pod).action, TC_ACT_SHOT);
+        assert_eq!(
+            counted(&loaded),
+            [("passed", 1), ("drop_spoofed_source", 2)]
+        );
+    });
+}
+
 #[test]
 fn frames_that_cannot_be_judged_are_dropped_both_ways() {
     in_new_netns(|| {
@@ -777,6 +903,80 @@ fn one_strict_port_makes_tcp_fragments_to_the_pod_unjudgeable() {
         assert_eq!(
             counted(&loaded),
             [("drop_plaintext_strict", 1), ("drop_fragment", 2)]
+        );
+    });
+}
+
+#[test]
+fn a_strict_pods_own_connections_outside_the_mesh_are_answered_and_nothing_else() {
+    in_new_netns(|| {
+        let mut loaded = load();
+        let pod = mesh(&mut loaded);
+        add_workload(
+            &mut loaded,
+            POD,
+            workload(pod.ifindex, WORKLOAD_FLAG_LOCAL | WORKLOAD_FLAG_MTLS_STRICT),
+        );
+        let from_pod = program(&mut loaded, programs::TC_FROM_POD);
+        let to_pod = program(&mut loaded, programs::TC_TO_POD);
+        let inbound = Context {
+            ifindex: 1,
+            mark: 0,
+        };
+        let answer = tcp_packet(OUTSIDE, POD, 443, 40000, TCP_SYN | TCP_ACK);
+        assert_eq!(
+            run(&loaded, to_pod, &answer, inbound).action,
+            TC_ACT_SHOT,
+            "before the pod opened anything, an answer is plaintext into a STRICT pod"
+        );
+
+        // The pod opens a connection to an address outside the mesh.
+        let syn = tcp_packet(POD, OUTSIDE, 40000, 443, TCP_SYN);
+        assert_eq!(run(&loaded, from_pod, &syn, pod).action, TC_ACT_OK);
+        for segment in [
+            tcp_packet(OUTSIDE, POD, 443, 40000, TCP_SYN | TCP_ACK),
+            tcp_packet(OUTSIDE, POD, 443, 40000, TCP_ACK),
+        ] {
+            assert_eq!(run(&loaded, to_pod, &segment, inbound).action, TC_ACT_OK);
+        }
+        // Not that connection, or a SYN opening one into the pod: dropped.
+        for (what, segment) in [
+            (
+                "a SYN on the same addresses",
+                tcp_packet(OUTSIDE, POD, 443, 40000, TCP_SYN),
+            ),
+            (
+                "another peer port",
+                tcp_packet(OUTSIDE, POD, 444, 40000, TCP_ACK),
+            ),
+            (
+                "another pod port",
+                tcp_packet(OUTSIDE, POD, 443, 40001, TCP_ACK),
+            ),
+            (
+                "another peer",
+                tcp_packet(MESHED_POD, POD, 443, 40000, TCP_ACK),
+            ),
+        ] {
+            assert_eq!(
+                run(&loaded, to_pod, &segment, inbound).action,
+                TC_ACT_SHOT,
+                "{what}"
+            );
+        }
+        // A connection to a meshed destination goes to the agent and records nothing.
+        let captured = tcp_packet(POD, MESHED_POD, 40002, 8080, TCP_SYN);
+        run(&loaded, from_pod, &captured, pod);
+        let answer = tcp_packet(MESHED_POD, POD, 8080, 40002, TCP_SYN | TCP_ACK);
+        assert_eq!(run(&loaded, to_pod, &answer, inbound).action, TC_ACT_SHOT);
+        assert_eq!(
+            counted(&loaded),
+            [
+                ("passed", 1),
+                ("drop_no_proxy", 1),
+                ("drop_plaintext_strict", 6),
+                ("passed_pod_opened", 2)
+            ]
         );
     });
 }

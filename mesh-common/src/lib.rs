@@ -10,7 +10,7 @@ pub mod enrollment;
 
 /// Bumped whenever a map's key or value layout changes; maps live under
 /// `<bpffs dir>/maps-v<N>` so an agent of another layout never misreads them.
-pub const MAPS_LAYOUT_VERSION: u32 = 7;
+pub const MAPS_LAYOUT_VERSION: u32 = 8;
 
 /// The agent's transparent listener for connections captured leaving a pod.
 pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
@@ -54,6 +54,7 @@ pub mod pins {
     pub const SPLICE_TARGETS: &str = "MESH_SPLICE_TARGETS";
     pub const SPLICE_PEERS: &str = "MESH_SPLICE_PEERS";
     pub const CAPTURE_LISTENERS: &str = "MESH_CAPTURE_LISTENERS";
+    pub const POD_OPENED: &str = "MESH_POD_OPENED";
 }
 
 /// Names of the programs in the eBPF object.
@@ -72,7 +73,10 @@ pub mod capture_listener {
     pub const OUTBOUND: u32 = 0;
     /// The DNS proxy's TCP listener (`DNS_CAPTURE_PORT`).
     pub const DNS: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// The DNS proxy's UDP socket (`DNS_CAPTURE_PORT`), for the queries of pods on a
+    /// bridge, which `tc_from_pod` cannot hand to it itself.
+    pub const DNS_UDP: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// A workload (pod) known to the mesh, keyed by its IPv4 address.
@@ -87,6 +91,17 @@ pub struct WorkloadInfo {
     pub ifindex: u32,
     /// `WORKLOAD_FLAG_*` bits.
     pub flags: u32,
+    /// A local pod whose host veth is a bridge port (bridge-based CNIs): the MAC address of
+    /// the pod's interface, the only one its frames may carry, so that it cannot take
+    /// another pod's place in the bridge's forwarding table. Zero when the pod is routed.
+    pub pod_mac: [u8; 6],
+    /// The same pod's bridge MAC address. Frames steered to the agent are readdressed to
+    /// it: a frame addressed to another pod on the bridge would otherwise be forwarded to
+    /// that pod's port instead of reaching the node's stack.
+    pub bridge_mac: [u8; 6],
+    /// The same pod's bridge interface index, where its frames reach the node's stack
+    /// (and its socket lookup, which then knows them as the pod's); zero when routed.
+    pub bridge_ifindex: u32,
 }
 
 /// The workload runs on this node.
@@ -224,7 +239,10 @@ pub mod verdict {
     /// a new connection, then left to the kernel, which retires the TIME_WAIT socket for
     /// the listener `capture_lookup` names.
     pub const STEERED_REOPENED: u32 = 16;
-    pub const COUNT: u32 = 17;
+    /// Passed STRICT: TCP into a pod that answers a connection the pod itself opened to a
+    /// destination outside the mesh (`POD_OPENED`).
+    pub const PASSED_POD_OPENED: u32 = 17;
+    pub const COUNT: u32 = 18;
 
     /// Names as reported by meshctl and the metrics (`reason` label).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -245,6 +263,7 @@ pub mod verdict {
         "drop_no_workload",
         "passed_node_probe",
         "steered_reopened",
+        "passed_pod_opened",
     ];
 }
 

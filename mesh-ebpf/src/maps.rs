@@ -75,6 +75,13 @@ pub static MESH_TC_VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(verdict::COU
 #[map]
 pub static MESH_FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::pinned(65536, 0);
 
+/// Connections local pods opened themselves towards destinations outside the mesh, by
+/// the pod's end (`local_*` the pod's address and port), recorded from their SYN: the
+/// answers of such a connection enter a STRICT pod without the agent, since STRICT is
+/// about connections into the pod, not the pod's own.
+#[map]
+pub static MESH_POD_OPENED: LruHashMap<FlowKey, u32> = LruHashMap::pinned(65536, 0);
+
 /// Open and close events of pod connections, for the agent's metrics.
 #[map]
 pub static MESH_FLOW_EVENTS: RingBuf = RingBuf::pinned(mesh_common::FLOW_EVENTS_RING_BYTES, 0);
@@ -97,14 +104,40 @@ pub fn meshed_destination(ip: u32, port: u16) -> bool {
             .is_some()
 }
 
-/// Whether `ip` (network order) is the local pod whose host veth has index `ifindex`
-/// (the agent records each local pod's veth index in its workload entry).
+/// A local pod's link-layer facts (`WorkloadInfo::pod_mac`, `bridge_mac`), zero when it
+/// is routed.
+pub struct LocalPod {
+    pub pod_mac: [u8; 6],
+    pub bridge_mac: [u8; 6],
+    pub bridged: bool,
+}
+
+/// The local pod at `ip` (network order) if its host veth has index `ifindex` (the agent
+/// records each local pod's veth index in its workload entry).
 #[inline(always)]
-pub fn local_pod_on(ip: u32, ifindex: u32) -> bool {
+pub fn local_pod_on(ip: u32, ifindex: u32) -> Option<LocalPod> {
+    let workload = MESH_WORKLOADS.get_ptr(ip)?;
     // SAFETY: a map value pointer, valid while the program runs.
-    MESH_WORKLOADS
-        .get_ptr(ip)
-        .is_some_and(|workload| unsafe { (*workload).ifindex } == ifindex)
+    unsafe {
+        ((*workload).ifindex == ifindex).then(|| LocalPod {
+            pod_mac: (*workload).pod_mac,
+            bridge_mac: (*workload).bridge_mac,
+            bridged: (*workload).bridge_ifindex != 0,
+        })
+    }
+}
+
+/// Whether `ip` (network order) is a local pod whose packets reach the node's stack on
+/// `ifindex`: its own veth, or the bridge that veth is a port of. Packets from a bridged
+/// pod to a meshed destination are delivered locally only with the mark `tc_from_pod`
+/// sets after checking their source (the mark does not cross from a pod's namespace).
+#[inline(always)]
+pub fn local_pod_arrives_on(ip: u32, ifindex: u32) -> bool {
+    // SAFETY: a map value pointer, valid while the program runs.
+    MESH_WORKLOADS.get_ptr(ip).is_some_and(|workload| unsafe {
+        (*workload).ifindex == ifindex
+            || ((*workload).bridge_ifindex != 0 && (*workload).bridge_ifindex == ifindex)
+    })
 }
 
 /// Whether some workloads or Service ports did not fit in their maps: a destination

@@ -1,4 +1,4 @@
-//! Bounds-checked access to the Ethernet, IPv4, TCP and ICMP headers of a tc packet.
+//! Bounds-checked access to the Ethernet, ARP, IPv4, TCP and ICMP headers of a tc packet.
 //!
 //! A header that is not in the linear data is pulled in (`bpf_skb_pull_data`) and looked
 //! at again before it is given up on: how the kernel happened to lay a packet out must
@@ -11,6 +11,7 @@ pub const ETH_HDR_LEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_IPV6: u16 = 0x86dd;
+const ARP_HARDWARE_ETHERNET: u16 = 1;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -47,6 +48,18 @@ pub struct TcpPorts {
     pub ack_seq: u32,
     pub data_offset: u8,
     pub flags: u8,
+}
+
+/// An ARP message for IPv4 over Ethernet, up to the sender's addresses.
+#[repr(C)]
+pub struct ArpIpv4 {
+    pub hardware: u16,
+    pub protocol: u16,
+    pub hardware_len: u8,
+    pub protocol_len: u8,
+    pub operation: u16,
+    pub sender_mac: [u8; 6],
+    pub sender_ip: [u8; 4],
 }
 
 /// An ICMP header (type, code, checksum and the four bytes every message has).
@@ -110,6 +123,29 @@ pub fn ether_type(ctx: &TcContext) -> Option<u16> {
     let ether_type: *const u16 = ptr_at(ctx, 12)?;
     // SAFETY: bounds checked by ptr_at.
     Some(u16::from_be(unsafe { *ether_type }))
+}
+
+/// The source MAC address of the frame (already known to hold its Ethernet header).
+#[inline(always)]
+pub fn source_mac(ctx: &TcContext) -> Option<[u8; 6]> {
+    let mac: *const [u8; 6] = ptr_at(ctx, 6)?;
+    // SAFETY: bounds checked by ptr_at.
+    Some(unsafe { *mac })
+}
+
+/// The sender's protocol address (as on the wire) of an ARP message for IPv4 over
+/// Ethernet; `None` for a message cut short or of any other kind.
+#[inline(always)]
+pub fn arp_sender(ctx: &TcContext) -> Option<u32> {
+    let arp: *const ArpIpv4 = ptr_at(ctx, ETH_HDR_LEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let arp = unsafe { &*arp };
+    let ipv4_over_ethernet = u16::from_be(arp.hardware) == ARP_HARDWARE_ETHERNET
+        && u16::from_be(arp.protocol) == ETH_P_IP
+        && arp.hardware_len == 6
+        && arp.protocol_len == 4;
+    // The sender address is not 4-byte aligned in the message.
+    ipv4_over_ethernet.then(|| u32::from_ne_bytes(arp.sender_ip))
 }
 
 /// Parses the IPv4 header of a frame whose EtherType is IPv4; `None` when it is cut short

@@ -12,11 +12,19 @@
 //! connection with the same addresses is judged as a new connection and left to the
 //! kernel, whose listener lookup `capture_lookup` answers. Everything is counted.
 //!
+//! A pod whose veth is a port of a bridge (bridge-based CNIs) is handled alike, with two
+//! differences its entry in `MESH_WORKLOADS` tells: its frames must carry its own MAC (a
+//! pod could otherwise take another's place in the bridge's forwarding table, or answer
+//! ARP for another's address), and a frame for the agent is not given its socket (the
+//! bridge's netfilter hook would drop that) but marked and readdressed to the bridge, so
+//! that the node's stack takes it and finds the socket itself (`capture_lookup`).
+//!
 //! `tc_to_pod` (egress of the host veth, packets entering the pod) counts, and enforces
 //! PeerAuthentication STRICT: TCP to such a pod port that the agent did not send (its
 //! sockets carry `AGENT_MARK`) is plaintext that bypassed the mesh, and is dropped —
-//! except the kubelet's probes: from the node's own address to a port the pod declares
-//! for its probes.
+//! except the kubelet's probes (from the node's own address to a port the pod declares
+//! for its probes) and the answers of connections the pod itself opened to destinations
+//! outside the mesh (`MESH_POD_OPENED`, recorded by `tc_from_pod` from their SYN).
 //!
 //! Kernel maps are bounded: when a pod did not fit in `MESH_WORKLOADS` nothing but the
 //! agent reaches it and it cannot send (its source is unknown), and when any workload or
@@ -38,18 +46,19 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use mesh_common::{
-    verdict, PolicyKey, PortKey, TrafficCounters, TrafficKey, AGENT_MARK, CAPTURE_MARK,
+    verdict, FlowKey, PolicyKey, PortKey, TrafficCounters, TrafficKey, AGENT_MARK, CAPTURE_MARK,
     DIRECTION_FROM_POD, DIRECTION_TO_POD, DNS_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, POLICY_DENY,
     PORT_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT_PORTS,
 };
 
 use crate::{
     maps::{
-        capture_dns, capture_unknown, count_verdict, local_pod_on, meshed_destination, MESH_POLICY,
+        capture_dns, capture_unknown, count_verdict, local_pod_on, meshed_destination, LocalPod,
+        MESH_POD_OPENED, MESH_POLICY,
         MESH_PORT_MTLS, MESH_PROBE_PORTS, MESH_SERVICE_IPS, MESH_TRAFFIC, MESH_WORKLOADS,
     },
     packet::{
-        ether_type, icmp_type, parse_ipv4, parse_tcp, udp_ports, Ipv4Packet, DNS_PORT, ETH_P_ARP,
+        arp_sender, ether_type, icmp_type, parse_ipv4, parse_tcp, source_mac, udp_ports, Ipv4Packet, DNS_PORT, ETH_P_ARP,
         ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_FLAG_ACK, TCP_FLAG_SYN,
     },
 };
@@ -73,21 +82,16 @@ pub fn tc_to_pod(ctx: TcContext) -> i32 {
     to_pod(&ctx)
 }
 
-/// The IPv4 header of a frame, or the verdict on a frame that is not IPv4: ARP passes
-/// (`passed` counted when `count_passed`), everything else is dropped and counted.
+/// The IPv4 header of a frame, or the verdict on a frame that is not IPv4: ARP passes,
+/// everything else is dropped and counted.
 #[inline(always)]
-fn ipv4_or_verdict(ctx: &TcContext, count_passed: bool) -> Result<Ipv4Packet, i32> {
+fn ipv4_or_verdict(ctx: &TcContext) -> Result<Ipv4Packet, i32> {
     let Some(ether_type) = ether_type(ctx) else {
         return Err(drop_counted(verdict::DROP_MALFORMED));
     };
     match ether_type {
         ETH_P_IP => parse_ipv4(ctx).ok_or_else(|| drop_counted(verdict::DROP_MALFORMED)),
-        ETH_P_ARP => {
-            if count_passed {
-                count_verdict(verdict::PASSED);
-            }
-            Err(TC_ACT_OK)
-        }
+        ETH_P_ARP => Err(TC_ACT_OK),
         ETH_P_IPV6 => Err(drop_counted(verdict::DROP_IPV6)),
         _ => Err(drop_counted(verdict::DROP_UNKNOWN_ETHERTYPE)),
     }
@@ -95,7 +99,7 @@ fn ipv4_or_verdict(ctx: &TcContext, count_passed: bool) -> Result<Ipv4Packet, i3
 
 #[inline(always)]
 fn to_pod(ctx: &TcContext) -> i32 {
-    let ip = match ipv4_or_verdict(ctx, false) {
+    let ip = match ipv4_or_verdict(ctx) {
         Ok(ip) => ip,
         Err(action) => return action,
     };
@@ -123,7 +127,7 @@ fn to_pod(ctx: &TcContext) -> i32 {
         if ip.fragment {
             return drop_counted(verdict::DROP_FRAGMENT);
         }
-        let Some((_, dport, _)) = parse_tcp(ctx, ip.l4_offset) else {
+        let Some((sport, dport, tcp_flags)) = parse_tcp(ctx, ip.l4_offset) else {
             return drop_counted(verdict::DROP_MALFORMED);
         };
         let key = PortKey {
@@ -140,6 +144,12 @@ fn to_pod(ctx: &TcContext) -> i32 {
             return TC_ACT_OK;
         }
         if node_probe(&ip, key.port) {
+            return TC_ACT_OK;
+        }
+        // A bare SYN always opens a connection into the pod, whatever was recorded.
+        let opening = tcp_flags & TCP_FLAG_SYN != 0 && tcp_flags & TCP_FLAG_ACK == 0;
+        if !opening && pod_opened(ip.daddr, dport, ip.saddr, sport) {
+            count_verdict(verdict::PASSED_POD_OPENED);
             return TC_ACT_OK;
         }
         return drop_counted(verdict::DROP_PLAINTEXT_STRICT);
@@ -176,15 +186,20 @@ fn to_pod(ctx: &TcContext) -> i32 {
 
 #[inline(always)]
 fn from_pod(ctx: &TcContext) -> i32 {
-    let ip = match ipv4_or_verdict(ctx, true) {
+    // SAFETY: reading a field of the context the kernel handed us; at tc ingress of the
+    // host veth, `ifindex` is that veth's index.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if ether_type(ctx) == Some(ETH_P_ARP) {
+        return arp_from_pod(ctx, ifindex);
+    }
+    let ip = match ipv4_or_verdict(ctx) {
         Ok(ip) => ip,
         Err(action) => return action,
     };
-    // SAFETY: reading a field of the context the kernel handed us; at tc ingress of the
-    // host veth, `ifindex` is that veth's index.
-    if !local_pod_on(ip.saddr, unsafe { (*ctx.skb.skb).ifindex }) {
-        return drop_counted(verdict::DROP_SPOOFED_SOURCE);
-    }
+    let pod = match local_pod_on(ip.saddr, ifindex) {
+        Some(pod) if sent_from_own_mac(ctx, &pod) => pod,
+        _ => return drop_counted(verdict::DROP_SPOOFED_SOURCE),
+    };
     account(ip.saddr, ip.daddr, DIRECTION_FROM_POD, ctx.len());
     if ip.protocol == IPPROTO_UDP && !ip.fragment && capture_dns() {
         let Some((sport, dport)) = udp_ports(ctx, ip.l4_offset) else {
@@ -192,7 +207,7 @@ fn from_pod(ctx: &TcContext) -> i32 {
         };
         if dport == DNS_PORT.to_be() {
             return match lookup_udp(ctx, ip.saddr, ip.daddr, sport) {
-                Some(proxy) => steer(ctx, proxy, verdict::STEERED_NEW),
+                Some(proxy) => steer(ctx, &pod, proxy, verdict::STEERED_NEW),
                 None => drop_counted(verdict::DROP_NO_PROXY),
             };
         }
@@ -230,14 +245,14 @@ fn from_pod(ctx: &TcContext) -> i32 {
             unsafe { bpf_sk_release(owned as *mut _) };
             reopening = true;
         } else {
-            return steer(ctx, owned, verdict::STEERED_ESTABLISHED);
+            return steer(ctx, &pod, owned, verdict::STEERED_ESTABLISHED);
         }
     }
 
     let meshed = meshed_destination(ip.daddr, u16::from_be(dport));
     if new_connection && dport == DNS_PORT.to_be() && capture_dns() {
         if reopening {
-            return reopen(ctx);
+            return reopen(ctx, &pod);
         }
         return match lookup(
             ctx,
@@ -247,7 +262,7 @@ fn from_pod(ctx: &TcContext) -> i32 {
             DNS_CAPTURE_PORT.to_be(),
             true,
         ) {
-            Some(proxy) => steer(ctx, proxy, verdict::STEERED_NEW),
+            Some(proxy) => steer(ctx, &pod, proxy, verdict::STEERED_NEW),
             None => drop_counted(verdict::DROP_NO_PROXY),
         };
     }
@@ -255,6 +270,9 @@ fn from_pod(ctx: &TcContext) -> i32 {
     // not fit: its new connections go to the agent, which knows. Other segments to unknown
     // destinations (replies of connections into the pod) pass as before.
     if !meshed && !(new_connection && capture_unknown()) {
+        if new_connection {
+            record_opened(ip.saddr, sport, ip.daddr, dport);
+        }
         count_verdict(verdict::PASSED);
         return TC_ACT_OK;
     }
@@ -265,7 +283,7 @@ fn from_pod(ctx: &TcContext) -> i32 {
         return drop_counted(verdict::DROP_POLICY_DENIED);
     }
     if reopening {
-        return reopen(ctx);
+        return reopen(ctx, &pod);
     }
     match lookup(
         ctx,
@@ -275,9 +293,88 @@ fn from_pod(ctx: &TcContext) -> i32 {
         OUTBOUND_CAPTURE_PORT.to_be(),
         true,
     ) {
-        Some(listener) => steer(ctx, listener, verdict::STEERED_NEW),
+        Some(listener) => steer(ctx, &pod, listener, verdict::STEERED_NEW),
         None => drop_counted(verdict::DROP_NO_PROXY),
     }
+}
+
+/// Records a connection a pod opens towards a destination outside the mesh (ports as on
+/// the wire).
+#[inline(always)]
+fn record_opened(pod: u32, pod_port: u16, peer: u32, peer_port: u16) {
+    let key = FlowKey {
+        local_ip: pod,
+        remote_ip: peer,
+        local_port: u16::from_be(pod_port),
+        remote_port: u16::from_be(peer_port),
+    };
+    let _ = MESH_POD_OPENED.insert(key, 1, 0);
+}
+
+/// Whether a segment from `peer` to `pod` belongs to a connection the pod opened itself
+/// (ports as on the wire). Only the pod's own SYN, source-checked, records one; an
+/// outsider would have to send from that exact peer address and port, on a connection
+/// the pod chose to run in plaintext.
+#[inline(always)]
+fn pod_opened(pod: u32, pod_port: u16, peer: u32, peer_port: u16) -> bool {
+    let key = FlowKey {
+        local_ip: pod,
+        remote_ip: peer,
+        local_port: u16::from_be(pod_port),
+        remote_port: u16::from_be(peer_port),
+    };
+    MESH_POD_OPENED.get_ptr(key).is_some()
+}
+
+/// ARP from a pod passes when it speaks for the pod's own address from the pod's own MAC:
+/// on a bridge, a pod announcing another pod's address would draw that pod's traffic,
+/// the agent's plaintext deliveries to it included.
+#[inline(always)]
+fn arp_from_pod(ctx: &TcContext, ifindex: u32) -> i32 {
+    let Some(sender) = arp_sender(ctx) else {
+        return drop_counted(verdict::DROP_MALFORMED);
+    };
+    let own = match local_pod_on(sender, ifindex) {
+        Some(pod) => sent_from_own_mac(ctx, &pod),
+        // A local pod that did not fit in the workload map has no entry to check: it
+        // must still answer the node's ARP, the agent being the one peer it may have.
+        None => capture_unknown() && MESH_WORKLOADS.get_ptr(sender).is_none(),
+    };
+    if !own {
+        return drop_counted(verdict::DROP_SPOOFED_SOURCE);
+    }
+    count_verdict(verdict::PASSED);
+    TC_ACT_OK
+}
+
+/// Whether the frame carries the pod's own source MAC, which matters only on a bridge
+/// (whose forwarding table learns from it); routed pods' entries hold none.
+#[inline(always)]
+fn sent_from_own_mac(ctx: &TcContext, pod: &LocalPod) -> bool {
+    if is_zero_mac(&pod.pod_mac) {
+        return true;
+    }
+    source_mac(ctx).is_some_and(|mac| same_mac(&mac, &pod.pod_mac))
+}
+
+/// Byte by byte: the eBPF target has no `memcmp` to call.
+#[inline(always)]
+fn same_mac(a: &[u8; 6], b: &[u8; 6]) -> bool {
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] && a[5] == b[5]
+}
+
+#[inline(always)]
+fn is_zero_mac(mac: &[u8; 6]) -> bool {
+    same_mac(mac, &[0; 6])
+}
+
+/// Readdresses a frame of a bridged pod to its bridge, so that the bridge hands it to the
+/// node's stack (and the socket it was assigned or the capture route) instead of
+/// forwarding it to the port of the pod it was addressed to. Routed pods' frames already
+/// go to the node.
+#[inline(always)]
+fn to_the_node(ctx: &TcContext, pod: &LocalPod) -> bool {
+    is_zero_mac(&pod.bridge_mac) || ctx.store(0, &pod.bridge_mac, 0).is_ok()
 }
 
 /// Whether a TCP packet into a pod is its kubelet's probe, counted if it is: from the node
@@ -399,20 +496,32 @@ fn drop_counted(reason: u32) -> i32 {
 /// and then retires the old socket. Assigning the listener here instead would not do:
 /// the kernel refuses a connection request whose addresses a TIME_WAIT socket holds.
 #[inline(always)]
-fn reopen(ctx: &TcContext) -> i32 {
+fn reopen(ctx: &TcContext, pod: &LocalPod) -> i32 {
+    if !to_the_node(ctx, pod) {
+        return drop_counted(verdict::DROP_MALFORMED);
+    }
     ctx.set_mark(CAPTURE_MARK);
     count_verdict(verdict::STEERED_REOPENED);
     TC_ACT_OK
 }
 
 #[inline(always)]
-fn steer(ctx: &TcContext, sk: *mut bpf_sock, outcome: u32) -> i32 {
-    // SAFETY: `sk` came from the lookup helper and is released right after.
-    let assigned = unsafe { bpf_sk_assign(ctx.skb.skb as *mut _, sk as *mut _, 0) };
+fn steer(ctx: &TcContext, pod: &LocalPod, sk: *mut bpf_sock, outcome: u32) -> i32 {
+    // A bridge's netfilter hook would drop the assignment: a bridged pod's packet is only
+    // marked, and the node's own lookups (`capture_lookup` for listeners) find the socket.
+    let assigned = if pod.bridged {
+        0
+    } else {
+        // SAFETY: `sk` came from the lookup helper and is released right after.
+        unsafe { bpf_sk_assign(ctx.skb.skb as *mut _, sk as *mut _, 0) }
+    };
     // SAFETY: releasing the reference the lookup took.
     unsafe { bpf_sk_release(sk as *mut _) };
     if assigned != 0 {
         return drop_counted(verdict::DROP_ASSIGN_FAILED);
+    }
+    if !to_the_node(ctx, pod) {
+        return drop_counted(verdict::DROP_MALFORMED);
     }
     ctx.set_mark(CAPTURE_MARK);
     count_verdict(outcome);

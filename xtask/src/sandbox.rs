@@ -1,9 +1,10 @@
 //! The sandbox: a real multi-node mesh on one machine, built from Kubernetes-format YAML.
 //!
-//! Nodes and pods are network namespaces; pods are wired to their node with a veth pair
-//! (host side `mp<N>` holding the pods' link-local gateway 169.254.1.1, a `/32` route to
-//! the pod: the way Calico does it)
-//! and nodes to each other through a bridge in a fabric namespace. No namespace has a
+//! Nodes and pods are network namespaces; pods are wired to their node with a veth pair,
+//! routed (host side `mp<N>` holding the pods' link-local gateway 169.254.1.1, a `/32`
+//! route to the pod: the way Calico does it) or bridged (host sides on the bridge `cni0`,
+//! as flannel does it) as the Node's annotation says (`PodNetwork`), and nodes to each
+//! other through a bridge in a fabric namespace. No namespace has a
 //! route to the host or beyond. Each pod gets a cgroup v2 directory named after its UID
 //! (`pod<uid>`, as the kubelet names it); each node runs one mesh-agent. Every object is
 //! written, with the status a kubelet would add (pod IP, UID, node address, cluster IP),
@@ -60,6 +61,49 @@ pub struct NodeState {
     pub cgroup: PathBuf,
     /// Pod addresses handed out so far on this node.
     pub pods_allocated: u8,
+    /// How the node's pods are wired to it.
+    #[serde(default)]
+    pub pod_network: PodNetwork,
+}
+
+/// How a node's pods are wired, as the two families of CNIs do it (the Node annotation
+/// `sandbox.mesh.dev/pod-network`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PodNetwork {
+    /// Each pod's veth holds a `/32` route to it and answers for the pod's link-local
+    /// gateway (Calico).
+    #[default]
+    Routed,
+    /// The pods' veths are ports of the bridge `cni0`, which holds the gateway address of
+    /// the node's pod subnet; pods reach each other on the subnet directly (flannel, the
+    /// `bridge` plugin).
+    Bridge,
+}
+
+/// The annotation of a sandbox Node that chooses its `PodNetwork`.
+const POD_NETWORK_ANNOTATION: &str = "sandbox.mesh.dev/pod-network";
+/// The bridge of a `PodNetwork::Bridge` node.
+const POD_BRIDGE: &str = "cni0";
+
+impl PodNetwork {
+    fn of(node: &Object) -> Result<PodNetwork> {
+        let chosen = node
+            .value
+            .get("metadata")
+            .and_then(|m| m.get("annotations"))
+            .and_then(|a| a.get(POD_NETWORK_ANNOTATION));
+        match chosen.map(|v| v.as_str()) {
+            None | Some(Some("routed")) => Ok(PodNetwork::Routed),
+            Some(Some("bridge")) => Ok(PodNetwork::Bridge),
+            _ => bail!(
+                "{}: Node {}: annotation {POD_NETWORK_ANNOTATION} must be \"routed\" or \
+                 \"bridge\"",
+                node.source.display(),
+                node.name
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -344,6 +388,97 @@ fn ensure_bpffs() -> Result<()> {
     Ok(())
 }
 
+/// The gateway address of the pods of the node at `index` on a bridge (their subnet's
+/// first address; the first pod gets the second).
+fn pod_gateway(index: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, index + 1, 1)
+}
+
+/// Creates a pod's namespace and wires it to its node the way the node's CNI family does.
+fn wire_pod(pod: &PodState, node_netns: &str, node_index: u8, network: PodNetwork) -> Result<()> {
+    let pod_ip = pod.ip;
+    ip(&["netns", "add", &pod.netns])?;
+    ip(&["-n", &pod.netns, "link", "set", "lo", "up"])?;
+    ip(&[
+        "-n", node_netns, "link", "add", &pod.veth, "type", "veth", "peer", "name", "eth0",
+        "netns", &pod.netns,
+    ])?;
+    if network == PodNetwork::Bridge {
+        let gateway = pod_gateway(node_index).to_string();
+        ip(&[
+            "-n",
+            &pod.netns,
+            "addr",
+            "add",
+            &format!("{pod_ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &pod.netns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &pod.netns, "route", "add", "default", "via", &gateway])?;
+        ip(&[
+            "-n", node_netns, "link", "set", &pod.veth, "master", POD_BRIDGE,
+        ])?;
+        ip(&["-n", node_netns, "link", "set", &pod.veth, "up"])?;
+        return Ok(());
+    }
+    ip(&[
+        "-n",
+        &pod.netns,
+        "addr",
+        "add",
+        &format!("{pod_ip}/32"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", &pod.netns, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        &pod.netns,
+        "route",
+        "add",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ])?;
+    ip(&[
+        "-n",
+        &pod.netns,
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", node_netns, "link", "set", &pod.veth, "up"])?;
+    ip(&[
+        "-n",
+        node_netns,
+        "route",
+        "add",
+        &format!("{pod_ip}/32"),
+        "dev",
+        &pod.veth,
+    ])?;
+    // The pod's gateway answers ARP on every pod veth of the node.
+    ip(&[
+        "-n",
+        node_netns,
+        "addr",
+        "add",
+        "169.254.1.1/32",
+        "dev",
+        &pod.veth,
+        "scope",
+        "link",
+    ])?;
+    Ok(())
+}
+
 fn new_uid() -> Result<String> {
     Ok(fs::read_to_string("/proc/sys/kernel/random/uuid")?
         .trim()
@@ -394,7 +529,21 @@ pub fn up(config: &Path, source: ConfigSource) -> Result<()> {
         let netns = format!("{PREFIX}-node-{}", node.name);
         let node_ip = Ipv4Addr::new(10, 200, 0, index + 1);
         let fabric_port = format!("up{index}");
+        let pod_network = PodNetwork::of(node)?;
         join_fabric(&netns, &fabric_port, node_ip)?;
+        if pod_network == PodNetwork::Bridge {
+            ip(&["-n", &netns, "link", "add", POD_BRIDGE, "type", "bridge"])?;
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{}/24", pod_gateway(index)),
+                "dev",
+                POD_BRIDGE,
+            ])?;
+            ip(&["-n", &netns, "link", "set", POD_BRIDGE, "up"])?;
+        }
         sysctl(
             &netns,
             &[
@@ -416,6 +565,7 @@ pub fn up(config: &Path, source: ConfigSource) -> Result<()> {
             bpffs: Path::new(BPFFS_DIR).join(&node.name),
             cgroup,
             pods_allocated: 1,
+            pod_network,
         });
     }
     for node in &state.nodes {
@@ -688,6 +838,8 @@ fn add_pod(state: &mut SandboxState, object: &Object) -> Result<(PodState, PodSt
         .context("node is out of pod addresses")?;
     let pod_ip = Ipv4Addr::new(10, 244, node.index + 1, node.pods_allocated);
     let node_ip = node.ip;
+    let node_index = node.index;
+    let pod_network = node.pod_network;
     let node_netns = node.netns.clone();
     let cgroup = node.cgroup.clone();
     state.next_veth += 1;
@@ -707,76 +859,7 @@ fn add_pod(state: &mut SandboxState, object: &Object) -> Result<(PodState, PodSt
         uid,
         pid: None,
     };
-    ip(&["netns", "add", &pod.netns])?;
-    ip(&["-n", &pod.netns, "link", "set", "lo", "up"])?;
-    ip(&[
-        "-n",
-        &node_netns,
-        "link",
-        "add",
-        &pod.veth,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        &pod.netns,
-    ])?;
-    ip(&[
-        "-n",
-        &pod.netns,
-        "addr",
-        "add",
-        &format!("{pod_ip}/32"),
-        "dev",
-        "eth0",
-    ])?;
-    ip(&["-n", &pod.netns, "link", "set", "eth0", "up"])?;
-    ip(&[
-        "-n",
-        &pod.netns,
-        "route",
-        "add",
-        "169.254.1.1",
-        "dev",
-        "eth0",
-        "scope",
-        "link",
-    ])?;
-    ip(&[
-        "-n",
-        &pod.netns,
-        "route",
-        "add",
-        "default",
-        "via",
-        "169.254.1.1",
-        "dev",
-        "eth0",
-    ])?;
-    ip(&["-n", &node_netns, "link", "set", &pod.veth, "up"])?;
-    ip(&[
-        "-n",
-        &node_netns,
-        "route",
-        "add",
-        &format!("{pod_ip}/32"),
-        "dev",
-        &pod.veth,
-    ])?;
-    // The pod's gateway answers ARP on every pod veth of the node.
-    ip(&[
-        "-n",
-        &node_netns,
-        "addr",
-        "add",
-        "169.254.1.1/32",
-        "dev",
-        &pod.veth,
-        "scope",
-        "link",
-    ])?;
+    wire_pod(&pod, &node_netns, node_index, pod_network)?;
     fs::create_dir_all(&pod.cgroup)
         .with_context(|| format!("creating cgroup {}", pod.cgroup.display()))?;
     fs::create_dir_all(pod_dir(&pod))?;

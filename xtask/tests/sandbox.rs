@@ -429,6 +429,43 @@ fn sandbox_mesh_end_to_end() {
     );
     promtool_check(&node_a);
 
+    // node-b wires its pods on a bridge (as flannel does): web-b reaches echo-b at its
+    // pod address, on the same subnet with no router between them, and still through
+    // node-b's agent, which reports the connection with both workloads.
+    let echo_b = pod_ip(&status, "echo-b");
+    let echoed = ok(
+        xtask(&[
+            "sandbox", "exec", "web-b", "--", "python3", "-c", echo_check, &echo_b, "9000",
+        ]),
+        "echo on the bridge",
+    );
+    assert_eq!(echoed.trim(), "ok 2097152");
+    let on_the_bridge = [
+        ("reporter", "source"),
+        ("source_workload", "web-b"),
+        ("destination_workload", "echo-b"),
+    ];
+    eventually("node-b reports the bridged connection closed", || {
+        sample(
+            &metrics("node-b"),
+            "istio_tcp_connections_closed_total",
+            &on_the_bridge,
+        ) == Some(1.0)
+    });
+    assert_eq!(
+        sample(
+            &metrics("node-b"),
+            "istio_tcp_sent_bytes_total",
+            &on_the_bridge
+        ),
+        Some(2097152.0)
+    );
+    let enrolled = agent_status("node-b");
+    assert!(
+        enrolled["enrolled"]["demo/web-b"]["bridged"] == true,
+        "node-b's agent found web-b's veth on the bridge: {enrolled}"
+    );
+
     // An open connection shows in the kernel's flow map with its workloads. (Its byte
     // counts refresh on incoming segments and may lag on a quiet connection; exact
     // counts are checked above, from the close events.)
@@ -1800,12 +1837,13 @@ fn peer_authentication_strict_drops_plaintext_in_the_kernel() {
     let status = status_json();
     let web_b = pod_ip(&status, "web-b");
     // A pod outside the mesh next to web-b: its plaintext is what STRICT refuses. (The
-    // node itself still reaches web-b's probe port, 8080, as its kubelet must.)
+    // node itself still reaches web-b's probe port, 8080, as its kubelet must.) It serves
+    // HTTP on 8000, for web-b's own connections.
     kubectl(
         "apply",
         "outsider",
         "apiVersion: v1\nkind: Pod\nmetadata: {name: outsider, namespace: demo, labels: {istio.io/dataplane-mode: none}}\n\
-         spec: {nodeName: node-b, containers: [{name: c, command: [sleep, infinity]}]}\n",
+         spec: {nodeName: node-b, containers: [{name: c, command: [python3, -m, http.server, \"8000\"]}]}\n",
     );
     let plaintext = || {
         xtask(&[
@@ -1851,6 +1889,17 @@ fn peer_authentication_strict_drops_plaintext_in_the_kernel() {
         ["web-a", "web-b"].contains(&through_service.trim()),
         "the web Service answered {through_service:?}"
     );
+    // STRICT is about connections into the pod: web-b's own connection to the outsider
+    // is answered (`passed_pod_opened`), and opens nothing into web-b.
+    let outsider = pod_ip(&status_json(), "outsider");
+    assert_eq!(
+        in_pod(
+            "web-b",
+            &format!("curl -s -o /dev/null -w '%{{http_code}}' -m 5 http://{outsider}:8000/")
+        ),
+        "200"
+    );
+    assert!(!plaintext(), "web-b is still closed to the outsider");
 
     // A workload policy's portLevelMtls opens one port again.
     kubectl(

@@ -11,7 +11,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    datapath::{self, capacity::MapsReport, Datapath, PodAttachment},
+    datapath::{self, capacity::MapsReport, pod_links::PodLinks, Datapath, PodAttachment},
     errors::describe,
     model::MeshState,
 };
@@ -21,6 +21,8 @@ pub struct EnrolledPod {
     pub ip: Ipv4Addr,
     pub veth: String,
     pub ifindex: u32,
+    /// Whether the veth is a port of a bridge (a bridge-based CNI).
+    pub bridged: bool,
     pub cgroup: PathBuf,
 }
 
@@ -38,6 +40,7 @@ pub struct Enroller {
     cgroup_root: PathBuf,
     trust_domain: String,
     attached: HashMap<String, PodAttachment>,
+    links: PodLinks,
     /// Whether what agents of other map layouts left was removed (after the first pass).
     took_over: bool,
 }
@@ -49,6 +52,7 @@ impl Enroller {
             cgroup_root,
             trust_domain,
             attached: HashMap::new(),
+            links: PodLinks::default(),
             took_over: false,
         }
     }
@@ -58,10 +62,19 @@ impl Enroller {
     pub fn enroll(&mut self, state: &MeshState) -> Enrollment {
         let mut pending = BTreeMap::new();
         let mut desired = HashMap::new();
+        let local_ips: Vec<Ipv4Addr> = state.local_workloads().map(|w| w.ip).collect();
+        let mut links = self.links.find(&local_ips);
         for workload in state.local_workloads() {
             let key = workload.key();
-            let Some((veth, ifindex)) = datapath::find_pod_veth(workload.ip) else {
-                pending.insert(key, format!("no host route to {} yet", workload.ip));
+            let Some(link) = links.remove(&workload.ip) else {
+                pending.insert(
+                    key,
+                    format!(
+                        "no interface for {} yet (no host route to it, and no pod network \
+                         namespace holding it)",
+                        workload.ip
+                    ),
+                );
                 continue;
             };
             let Some(cgroup) = datapath::find_pod_cgroup(&self.cgroup_root, &workload.uid) else {
@@ -75,18 +88,14 @@ impl Enroller {
                 );
                 continue;
             };
-            let attachment = PodAttachment {
-                veth,
-                ifindex,
-                cgroup,
-            };
+            let attachment = PodAttachment { link, cgroup };
             desired.insert(key, (workload.ip, attachment));
         }
         // The maps first: tc judges a pod's packets by the veth the maps record for it,
         // so they must name the veth before the programs are attached to it.
-        let ifindexes: HashMap<Ipv4Addr, u32> = desired
+        let pod_links: HashMap<Ipv4Addr, datapath::pod_links::PodLink> = desired
             .values()
-            .map(|(ip, attachment)| (*ip, attachment.ifindex))
+            .map(|(ip, attachment)| (*ip, attachment.link.clone()))
             .collect();
         let probe_sources: HashMap<Ipv4Addr, Ipv4Addr> = desired
             .values()
@@ -96,7 +105,7 @@ impl Enroller {
         // their own, the programs let nothing but the agent reach them (fail closed).
         let maps = self
             .datapath
-            .sync_maps(state, &ifindexes, &probe_sources, &self.trust_domain)
+            .sync_maps(state, &pod_links, &probe_sources, &self.trust_domain)
             .map_err(|err| {
                 let reason = describe(&err);
                 tracing::error!("updating the kernel maps: {reason}");
@@ -110,7 +119,7 @@ impl Enroller {
                 Ok(()) => {
                     tracing::info!(
                         "enrolled {key} ({}, {})",
-                        attachment.veth,
+                        attachment.link.veth,
                         attachment.cgroup.display()
                     );
                     self.attached.insert(key.clone(), attachment.clone());
@@ -156,8 +165,9 @@ impl Enroller {
                     key.clone(),
                     EnrolledPod {
                         ip: *ip,
-                        veth: a.veth.clone(),
-                        ifindex: a.ifindex,
+                        veth: a.link.veth.clone(),
+                        ifindex: a.link.ifindex,
+                        bridged: a.link.bridge.is_some(),
                         cgroup: a.cgroup.clone(),
                     },
                 ))

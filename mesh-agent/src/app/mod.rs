@@ -530,7 +530,10 @@ fn start_dns_proxy(
 ) -> anyhow::Result<()> {
     let udp = dns::DnsUdpSocket::bind().context("binding the DNS proxy's UDP socket")?;
     let tcp = dns::tcp_listener().context("binding the DNS proxy's TCP listener")?;
-    claim(capture_lookup, capture_listener::DNS, &tcp);
+    if let Some(lookup) = capture_lookup {
+        claim(lookup, capture_listener::DNS, &tcp);
+        claim(lookup, capture_listener::DNS_UDP, &udp);
+    }
     tokio::spawn(dns::serve_udp(udp, proxy.clone()));
     tokio::spawn(dns::serve_tcp(tcp, proxy));
     Ok(())
@@ -556,11 +559,9 @@ impl Servers {
         handed_over: &CancellationToken,
         capture_lookup: Option<&mut CaptureLookup>,
     ) -> anyhow::Result<()> {
-        claim(
-            capture_lookup,
-            capture_listener::OUTBOUND,
-            &listeners.capture,
-        );
+        if let Some(lookup) = capture_lookup {
+            claim(lookup, capture_listener::OUTBOUND, &listeners.capture);
+        }
         let copies = listeners
             .duplicates()
             .context("keeping the listeners for a successor")?;
@@ -595,16 +596,16 @@ impl Servers {
     }
 }
 
-/// Names `listener` in `slot` of the socket lookup, if the agent has one; without it only
-/// reopened connections are slower, so a failure is a warning.
-fn claim(capture_lookup: Option<&mut CaptureLookup>, slot: u32, listener: &impl AsRawFd) {
-    if let Some(lookup) = capture_lookup {
-        if let Err(err) = lookup.claim(slot, listener) {
-            tracing::warn!(
-                "the socket lookup cannot name listener {slot}: {}",
-                describe(&err)
-            );
-        }
+/// Names `listener` in `slot` of the socket lookup. Without it, routed pods' reopened
+/// connections are slower and bridged pods' connections and queries are refused (the
+/// mesh fails closed), which the error says.
+fn claim(lookup: &mut CaptureLookup, slot: u32, listener: &impl AsRawFd) {
+    if let Err(err) = lookup.claim(slot, listener) {
+        tracing::error!(
+            "the socket lookup cannot name listener {slot}: {} (pods on a bridge cannot \
+             reach the agent through it)",
+            describe(&err)
+        );
     }
 }
 

@@ -1110,8 +1110,13 @@ fn print_status(status: &serde_json::Value) {
     if let Some(enrolled) = status.get("enrolled").and_then(|e| e.as_object()) {
         println!("enrolled pods: {}", enrolled.len());
         for (pod, info) in enrolled {
+            let wiring = if info.get("bridged") == Some(&serde_json::Value::Bool(true)) {
+                " (bridge port)"
+            } else {
+                ""
+            };
             println!(
-                "  {pod:<30} {:<15} {}",
+                "  {pod:<30} {:<15} {}{wiring}",
                 info.get("ip").and_then(|v| v.as_str()).unwrap_or("?"),
                 info.get("veth").and_then(|v| v.as_str()).unwrap_or("?")
             );

@@ -1,6 +1,6 @@
 //! The kernel side, as the agent drives it: loading the eBPF object with its maps pinned
-//! under the node's bpffs directory, attaching the programs to each local pod's veth and
-//! cgroup with links pinned beside the maps (so a restarted agent replaces them in place),
+//! under the node's bpffs directory, attaching the programs to each local pod's veth (found by
+//! `pod_links`) and cgroup with links pinned beside the maps (so a restarted agent replaces them in place),
 //! filling the workload, service and policy maps (sized at load time, filled as far as
 //! they hold, failing closed beyond: `capacity`), the policy route that delivers steered
 //! packets to the agent's sockets, the splice program of same-node flows, and the node
@@ -9,6 +9,7 @@
 pub mod capacity;
 pub mod capture_lookup;
 pub mod maps;
+pub mod pod_links;
 pub mod preflight;
 pub mod splice;
 pub mod uninstall;
@@ -46,6 +47,7 @@ use crate::{
 use self::{
     capacity::{Capacities, MapUsage, MapsReport},
     capture_lookup::CaptureLookup,
+    pod_links::PodLink,
     splice::Splicer,
 };
 
@@ -86,8 +88,7 @@ type Result<T> = std::result::Result<T, DatapathError>;
 /// Where one local pod's programs attach.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodAttachment {
-    pub veth: String,
-    pub ifindex: u32,
+    pub link: PodLink,
     pub cgroup: PathBuf,
 }
 
@@ -220,7 +221,7 @@ impl Datapath {
     /// Attaches the tc and sockops programs for one pod; links pinned by an earlier agent
     /// for the same veth are replaced atomically (tc) or after the new one is in (sockops).
     pub fn attach_pod(&mut self, pod_key: &str, at: &PodAttachment) -> Result<()> {
-        let base = format!("{}@{}", pod_key.replacen('/', "_", 1), at.ifindex);
+        let base = format!("{}@{}", pod_key.replacen('/', "_", 1), at.link.ifindex);
         self.remove_pins(pod_key, Some(&base));
         for (name, attach_type, suffix) in [
             (programs::TC_FROM_POD, TcAttachType::Ingress, "tc-from"),
@@ -236,7 +237,7 @@ impl Datapath {
                 Some(id) => id,
                 None => prog
                     .attach_with_options(
-                        &at.veth,
+                        &at.link.veth,
                         attach_type,
                         TcAttachOptions::TcxOrder(LinkOrder::default()),
                     )
@@ -343,7 +344,7 @@ impl Datapath {
     pub fn sync_maps(
         &mut self,
         state: &MeshState,
-        ifindexes: &HashMap<Ipv4Addr, u32>,
+        links: &HashMap<Ipv4Addr, PodLink>,
         probe_sources: &HashMap<Ipv4Addr, Ipv4Addr>,
         trust_domain: &str,
     ) -> Result<MapsReport> {
@@ -423,6 +424,9 @@ impl Datapath {
                 service_account: [0; mesh_common::NAME_LEN],
                 ifindex: 0,
                 flags: 0,
+                pod_mac: [0; 6],
+                bridge_mac: [0; 6],
+                bridge_ifindex: 0,
             };
             fill_name(&mut info.namespace, &w.namespace);
             fill_name(&mut info.name, &w.pod);
@@ -430,7 +434,14 @@ impl Datapath {
             fill_name(&mut info.service_account, &w.service_account);
             if w.node == state.node {
                 info.flags |= WORKLOAD_FLAG_LOCAL;
-                info.ifindex = ifindexes.get(&w.ip).copied().unwrap_or(0);
+                if let Some(link) = links.get(&w.ip) {
+                    info.ifindex = link.ifindex;
+                    if let Some(bridge) = link.bridge {
+                        info.pod_mac = bridge.pod_mac;
+                        info.bridge_mac = bridge.bridge_mac;
+                        info.bridge_ifindex = bridge.bridge_ifindex;
+                    }
+                }
             }
             if let Some(mtls) = state.mtls.get(&w.ip) {
                 if mtls.mode == Effective::Strict || all_strict.contains(&w.ip) {
@@ -897,19 +908,6 @@ fn run_ip(args: &[&str]) -> Result<String> {
         )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The interface holding the host route to `ip` (a CNI's `/32` route to the pod's veth),
-/// from this network namespace's IPv4 routing table.
-pub fn find_pod_veth(ip: Ipv4Addr) -> Option<(String, u32)> {
-    let routes = fs::read_to_string("/proc/net/route").ok()?;
-    let want = format!("{:08X}", u32::from_le_bytes(ip.octets()));
-    let iface = routes.lines().skip(1).find_map(|line| {
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        (cols.len() > 7 && cols[1] == want && cols[7] == "FFFFFFFF").then(|| cols[0].to_owned())
-    })?;
-    let index = ifindex(&iface)?;
-    Some((iface, index))
 }
 
 pub fn ifindex(iface: &str) -> Option<u32> {

@@ -501,6 +501,13 @@ impl DnsUdpSocket {
     }
 }
 
+/// For the socket lookup, which names this socket for bridged pods' queries.
+impl AsRawFd for DnsUdpSocket {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.get_ref().as_raw_fd()
+    }
+}
+
 /// Sends `reply` to `client` from `from`, port 53: what the pod asked, so its resolver
 /// (which may have connected its socket there) takes it. A socket of its own, transparent
 /// and bound to that address, since the proxy's own port is not 53.
