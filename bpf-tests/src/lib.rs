@@ -61,7 +61,7 @@ pub fn workload(ifindex: u32, flags: u32) -> WorkloadInfo {
         ifindex,
         flags,
         pod_mac: [0; 6],
-        bridge_mac: [0; 6],
+        port_mac: [0; 6],
         bridge_ifindex: 0,
     }
 }

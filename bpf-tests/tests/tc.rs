@@ -541,14 +541,14 @@ fn a_pod_may_only_send_from_its_own_address() {
 
 /// The source MAC of the crafted frames (`bpf_tests::ethernet`), the pod's own here.
 const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
-const BRIDGE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb];
+const PORT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb];
 
 /// `mesh`, with the local pod's veth a port of a bridge, as `sync_maps` records it.
 fn bridged_mesh(loaded: &mut Loaded) -> Context {
     let pod = mesh(loaded);
     let mut info = workload(pod.ifindex, WORKLOAD_FLAG_LOCAL);
     info.pod_mac = POD_MAC;
-    info.bridge_mac = BRIDGE_MAC;
+    info.port_mac = PORT_MAC;
     info.bridge_ifindex = pod.ifindex + 1;
     add_workload(loaded, POD, info);
     pod
@@ -580,7 +580,11 @@ fn a_bridged_pods_captured_frames_are_marked_and_readdressed_to_its_bridge() {
                 mark: CAPTURE_MARK
             }
         );
-        assert_eq!(frame[0..6], BRIDGE_MAC, "addressed to the bridge");
+        assert_eq!(
+            frame[0..6],
+            PORT_MAC,
+            "addressed to the node, at its port's MAC"
+        );
         assert_eq!(frame[6..], syn[6..], "nothing else changed");
 
         // Outside the mesh: left as it was, to be bridged or routed as usual.

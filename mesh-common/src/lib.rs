@@ -95,10 +95,12 @@ pub struct WorkloadInfo {
     /// the pod's interface, the only one its frames may carry, so that it cannot take
     /// another pod's place in the bridge's forwarding table. Zero when the pod is routed.
     pub pod_mac: [u8; 6],
-    /// The same pod's bridge MAC address. Frames steered to the agent are readdressed to
-    /// it: a frame addressed to another pod on the bridge would otherwise be forwarded to
-    /// that pod's port instead of reaching the node's stack.
-    pub bridge_mac: [u8; 6],
+    /// The same pod's host-side veth MAC address, which the bridge holds as one of its
+    /// own for as long as the veth is its port (the bridge's address itself changes as
+    /// ports come and go). Frames steered to the agent are readdressed to it: a frame
+    /// addressed to another pod on the bridge would otherwise be forwarded to that pod's
+    /// port instead of reaching the node's stack.
+    pub port_mac: [u8; 6],
     /// The same pod's bridge interface index, where its frames reach the node's stack
     /// (and its socket lookup, which then knows them as the pod's); zero when routed.
     pub bridge_ifindex: u32,

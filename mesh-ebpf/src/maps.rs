@@ -104,11 +104,11 @@ pub fn meshed_destination(ip: u32, port: u16) -> bool {
             .is_some()
 }
 
-/// A local pod's link-layer facts (`WorkloadInfo::pod_mac`, `bridge_mac`), zero when it
+/// A local pod's link-layer facts (`WorkloadInfo::pod_mac`, `port_mac`), zero when it
 /// is routed.
 pub struct LocalPod {
     pub pod_mac: [u8; 6],
-    pub bridge_mac: [u8; 6],
+    pub port_mac: [u8; 6],
     pub bridged: bool,
 }
 
@@ -121,7 +121,7 @@ pub fn local_pod_on(ip: u32, ifindex: u32) -> Option<LocalPod> {
     unsafe {
         ((*workload).ifindex == ifindex).then(|| LocalPod {
             pod_mac: (*workload).pod_mac,
-            bridge_mac: (*workload).bridge_mac,
+            port_mac: (*workload).port_mac,
             bridged: (*workload).bridge_ifindex != 0,
         })
     }

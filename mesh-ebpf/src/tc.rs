@@ -16,8 +16,9 @@
 //! differences its entry in `MESH_WORKLOADS` tells: its frames must carry its own MAC (a
 //! pod could otherwise take another's place in the bridge's forwarding table, or answer
 //! ARP for another's address), and a frame for the agent is not given its socket (the
-//! bridge's netfilter hook would drop that) but marked and readdressed to the bridge, so
-//! that the node's stack takes it and finds the socket itself (`capture_lookup`).
+//! bridge's netfilter hook would drop that) but marked and readdressed to the node (its
+//! veth's MAC, one of the bridge's own), so that the node's stack takes it and finds the
+//! socket itself (`capture_lookup`).
 //!
 //! `tc_to_pod` (egress of the host veth, packets entering the pod) counts, and enforces
 //! PeerAuthentication STRICT: TCP to such a pod port that the agent did not send (its
@@ -63,6 +64,8 @@ use crate::{
     },
 };
 
+/// `skb->pkt_type` of a frame addressed to this host.
+const PACKET_HOST: u32 = 0;
 const TCP_TIME_WAIT: u32 = 6;
 const TCP_LISTEN: u32 = 10;
 const BPF_NOEXIST: u64 = 1;
@@ -368,13 +371,15 @@ fn is_zero_mac(mac: &[u8; 6]) -> bool {
     same_mac(mac, &[0; 6])
 }
 
-/// Readdresses a frame of a bridged pod to its bridge, so that the bridge hands it to the
-/// node's stack (and the socket it was assigned or the capture route) instead of
-/// forwarding it to the port of the pod it was addressed to. Routed pods' frames already
-/// go to the node.
+/// Readdresses a frame of a bridged pod to the MAC of its host-side veth, one of the
+/// bridge's own addresses, so that the bridge hands it to the node's stack instead of
+/// forwarding it to the port of the pod it was addressed to; and makes it the host's,
+/// as its new address says (the type was judged by the old one on arrival, and the stack
+/// drops frames for other hosts). Routed pods' frames already go to the node.
 #[inline(always)]
 fn to_the_node(ctx: &TcContext, pod: &LocalPod) -> bool {
-    is_zero_mac(&pod.bridge_mac) || ctx.store(0, &pod.bridge_mac, 0).is_ok()
+    is_zero_mac(&pod.port_mac)
+        || (ctx.store(0, &pod.port_mac, 0).is_ok() && ctx.change_type(PACKET_HOST).is_ok())
 }
 
 /// Whether a TCP packet into a pod is its kubelet's probe, counted if it is: from the node

@@ -310,8 +310,12 @@ fn try_backends(url: &str, n: usize) -> Result<std::collections::BTreeMap<String
 
 /// How many of `n` new connections to `url` (from client-a) each backend served; every
 /// request must succeed.
+#[track_caller]
 fn backends(url: &str, n: usize) -> std::collections::BTreeMap<String, usize> {
-    try_backends(url, n).unwrap_or_else(|seen| panic!("a request failed: {seen}"))
+    match try_backends(url, n) {
+        Ok(spread) => spread,
+        Err(seen) => panic!("a request failed: {seen}"),
+    }
 }
 
 /// `pairs` as the map `backends` returns.
@@ -1181,6 +1185,30 @@ fn agents_on_the_kubernetes_api_follow_pods_created_and_deleted_through_it() {
         sandbox_kubectl(&["delete", "service", "canary", "-n", "demo"]),
         "kubectl delete service",
     );
+    // Relabelled with kubectl so the Service no longer selects it, web-c leaves the
+    // rotation; labelled back, it returns.
+    let relabel = |app: &str| {
+        ok(
+            sandbox_kubectl(&[
+                "label",
+                "pod",
+                "web-c",
+                "-n",
+                "demo",
+                &format!("app={app}"),
+                "--overwrite",
+            ]),
+            "kubectl label",
+        )
+    };
+    relabel("web-retired");
+    eventually("the relabelled web-c out of the rotation", || {
+        try_backends(url, 6).is_ok_and(|b| !b.contains_key("web-c"))
+    });
+    relabel("web");
+    eventually("web-c back in the rotation once labelled back", || {
+        try_backends(url, 6).is_ok_and(|b| b.contains_key("web-c"))
+    });
     // A pod being deleted (terminating: with no kubelet to end it, it keeps running)
     // leaves the rotation at once, as its EndpointSlice would say: it is no longer ready.
     ok(

@@ -425,7 +425,7 @@ impl Datapath {
                 ifindex: 0,
                 flags: 0,
                 pod_mac: [0; 6],
-                bridge_mac: [0; 6],
+                port_mac: [0; 6],
                 bridge_ifindex: 0,
             };
             fill_name(&mut info.namespace, &w.namespace);
@@ -438,7 +438,7 @@ impl Datapath {
                     info.ifindex = link.ifindex;
                     if let Some(bridge) = link.bridge {
                         info.pod_mac = bridge.pod_mac;
-                        info.bridge_mac = bridge.bridge_mac;
+                        info.port_mac = bridge.port_mac;
                         info.bridge_ifindex = bridge.bridge_ifindex;
                     }
                 }

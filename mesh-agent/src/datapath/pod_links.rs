@@ -34,8 +34,10 @@ pub struct PodLink {
 pub struct BridgePort {
     /// The MAC address of the pod's own interface.
     pub pod_mac: [u8; 6],
-    /// The bridge's MAC address, which frames for the node's stack carry.
-    pub bridge_mac: [u8; 6],
+    /// The host-side veth's MAC address: the bridge delivers frames addressed to it to
+    /// the node's stack, and it lasts as long as the port (the bridge's own address
+    /// follows its ports).
+    pub port_mac: [u8; 6],
     /// The bridge's interface index, where the pod's packets reach the node's stack.
     pub bridge_ifindex: u32,
 }
@@ -154,7 +156,7 @@ fn host_end(host: &[HostLink], netns_id: u32, address: &PodSideAddress) -> Optio
             .find(|l| &l.name == master && l.kind.as_deref() == Some("bridge"))?;
         Some(BridgePort {
             pod_mac: address.mac,
-            bridge_mac: bridge.mac?,
+            port_mac: veth.mac?,
             bridge_ifindex: bridge.ifindex,
         })
     });
@@ -341,7 +343,7 @@ mod tests {
                 ifindex: 6,
                 bridge: Some(BridgePort {
                     pod_mac: [0x0a, 0x58, 0x0a, 0xf4, 0x01, 0x02],
-                    bridge_mac: [0xaa, 0xbb, 0xcc, 0, 0, 1],
+                    port_mac: [0xaa, 0xbb, 0xcc, 0, 0, 2],
                     bridge_ifindex: 5,
                 }),
             })
