@@ -55,12 +55,13 @@ use mesh_common::{
 use crate::{
     maps::{
         capture_dns, capture_unknown, count_verdict, local_pod_on, meshed_destination, LocalPod,
-        MESH_POD_OPENED, MESH_POLICY,
-        MESH_PORT_MTLS, MESH_PROBE_PORTS, MESH_SERVICE_IPS, MESH_TRAFFIC, MESH_WORKLOADS,
+        MESH_POD_OPENED, MESH_POLICY, MESH_PORT_MTLS, MESH_PROBE_PORTS, MESH_SERVICE_IPS,
+        MESH_TRAFFIC, MESH_WORKLOADS,
     },
     packet::{
-        arp_sender, ether_type, icmp_type, parse_ipv4, parse_tcp, source_mac, udp_ports, Ipv4Packet, DNS_PORT, ETH_P_ARP,
-        ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_FLAG_ACK, TCP_FLAG_SYN,
+        arp_sender, ether_type, icmp_type, parse_ipv4, parse_tcp, source_mac, udp_ports,
+        Ipv4Packet, DNS_PORT, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_TCP,
+        IPPROTO_UDP, TCP_FLAG_ACK, TCP_FLAG_SYN,
     },
 };
 
