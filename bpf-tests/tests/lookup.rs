@@ -56,6 +56,15 @@ fn meshed_loopback() -> Loaded {
     loaded
 }
 
+/// Sets `SETTING_CAPTURE_DNS`, as the agent does when it runs its DNS proxy.
+fn turn_dns_capture_on(loaded: &mut Loaded) {
+    let mut settings: Array<_, u32> =
+        Array::try_from(loaded.ebpf.map_mut(pins::SETTINGS).expect("settings map")).expect("array");
+    settings
+        .set(SETTINGS_KEY, SETTING_CAPTURE_DNS, 0)
+        .expect("turning the DNS capture on");
+}
+
 fn refused(from: SocketAddrV4, to: SocketAddrV4) -> bool {
     connect_from(from, to).is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
 }
@@ -111,12 +120,7 @@ fn a_local_pods_dns_over_tcp_reaches_the_dns_listener_while_the_capture_is_on() 
             refused(SocketAddrV4::new(POD, 40000), resolver),
             "capture off"
         );
-        let mut settings: Array<_, u32> =
-            Array::try_from(loaded.ebpf.map_mut(pins::SETTINGS).expect("settings map"))
-                .expect("array");
-        settings
-            .set(SETTINGS_KEY, SETTING_CAPTURE_DNS, 0)
-            .expect("turning the DNS capture on");
+        turn_dns_capture_on(&mut loaded);
         let _client = connect_from(SocketAddrV4::new(POD, 40001), resolver).expect("captured");
         let (accepted, _) = dns.accept().expect("accepting");
         assert_eq!(accepted.local_addr().ok(), Some(resolver.into()));
@@ -138,12 +142,7 @@ fn a_bridged_pods_connections_and_dns_queries_arriving_on_its_bridge_reach_the_a
         lookup
             .claim(capture_listener::DNS_UDP, &dns)
             .expect("claiming the DNS socket");
-        let mut settings: Array<_, u32> =
-            Array::try_from(loaded.ebpf.map_mut(pins::SETTINGS).expect("settings map"))
-                .expect("array");
-        settings
-            .set(SETTINGS_KEY, SETTING_CAPTURE_DNS, 0)
-            .expect("turning the DNS capture on");
+        turn_dns_capture_on(&mut loaded);
 
         let destination = SocketAddrV4::new(MESHED_POD, 8080);
         let _client =

@@ -1,7 +1,7 @@
 //! The kernel side, as the agent drives it: loading the eBPF object with its maps pinned
-//! under the node's bpffs directory, attaching the programs to each local pod's veth (found by
-//! `pod_links`) and cgroup with links pinned beside the maps (so a restarted agent replaces them in place),
-//! filling the workload, service and policy maps (sized at load time, filled as far as
+//! under the node's bpffs directory, attaching the programs to each local pod's veth
+//! (found by `pod_links`) and cgroup with links pinned beside the maps (so a restarted
+//! agent replaces them in place), filling the workload, service and policy maps (sized at load time, filled as far as
 //! they hold, failing closed beyond: `capacity`), the policy route that delivers steered
 //! packets to the agent's sockets, the splice program of same-node flows, and the node
 //! namespace's socket lookup towards the agent's listeners (`capture_lookup`).
