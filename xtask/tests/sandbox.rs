@@ -2269,7 +2269,7 @@ fn meshctl_uninstall_leaves_the_node_as_it_was_once_the_agent_is_stopped() {
         "no agent, no bypass: the capture has no listener"
     );
 
-    // The maps pinned on node-a: the layout's eleven (mesh-ebpf's `pinned` maps; the
+    // The maps pinned on node-a: the layout's twelve (mesh-ebpf's `pinned` maps; the
     // splice maps are the agent's own and go with it).
     let bpffs = Path::new("/sys/fs/bpf/mesh-sandbox/node-a");
     let pinned_maps: std::collections::BTreeSet<String> = std::fs::read_dir(bpffs)
@@ -2279,7 +2279,7 @@ fn meshctl_uninstall_leaves_the_node_as_it_was_once_the_agent_is_stopped() {
         .flat_map(|dir| std::fs::read_dir(dir.path()).expect("maps").flatten())
         .map(|map| map.path().display().to_string())
         .collect();
-    assert_eq!(pinned_maps.len(), 11, "{pinned_maps:?}");
+    assert_eq!(pinned_maps.len(), 12, "{pinned_maps:?}");
     let removed: serde_json::Value =
         serde_json::from_str(&on_node("node-a", &["meshctl", "uninstall", "-o", "json"]))
             .expect("JSON");
