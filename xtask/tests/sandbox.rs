@@ -469,6 +469,9 @@ fn sandbox_mesh_end_to_end() {
         enrolled["enrolled"]["demo/web-b"]["bridged"] == true,
         "node-b's agent found web-b's veth on the bridge: {enrolled}"
     );
+    // A pod on the bridge resolves the cluster's names through its node's agent too.
+    let hosts = in_pod("web-b", "getent ahostsv4 web.demo.svc.cluster.local");
+    assert!(hosts.starts_with("10.96.0.100 "), "{hosts}");
 
     // An open connection shows in the kernel's flow map with its workloads. (Its byte
     // counts refresh on incoming segments and may lag on a quiet connection; exact
