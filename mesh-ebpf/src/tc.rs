@@ -306,13 +306,19 @@ fn from_pod(ctx: &TcContext) -> i32 {
 /// the wire).
 #[inline(always)]
 fn record_opened(pod: u32, pod_port: u16, peer: u32, peer_port: u16) {
-    let key = FlowKey {
+    let _ = MESH_POD_OPENED.insert(opened_key(pod, pod_port, peer, peer_port), 1, 0);
+}
+
+/// The `MESH_POD_OPENED` key of a pod's connection, from the pod's side (ports as on the
+/// wire).
+#[inline(always)]
+fn opened_key(pod: u32, pod_port: u16, peer: u32, peer_port: u16) -> FlowKey {
+    FlowKey {
         local_ip: pod,
         remote_ip: peer,
         local_port: u16::from_be(pod_port),
         remote_port: u16::from_be(peer_port),
-    };
-    let _ = MESH_POD_OPENED.insert(key, 1, 0);
+    }
 }
 
 /// Whether a segment from `peer` to `pod` belongs to a connection the pod opened itself
@@ -321,13 +327,9 @@ fn record_opened(pod: u32, pod_port: u16, peer: u32, peer_port: u16) {
 /// the pod chose to run in plaintext.
 #[inline(always)]
 fn pod_opened(pod: u32, pod_port: u16, peer: u32, peer_port: u16) -> bool {
-    let key = FlowKey {
-        local_ip: pod,
-        remote_ip: peer,
-        local_port: u16::from_be(pod_port),
-        remote_port: u16::from_be(peer_port),
-    };
-    MESH_POD_OPENED.get_ptr(key).is_some()
+    MESH_POD_OPENED
+        .get_ptr(opened_key(pod, pod_port, peer, peer_port))
+        .is_some()
 }
 
 /// ARP from a pod passes when it speaks for the pod's own address from the pod's own MAC:
