@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     daemon::{log_path, process_alive, start_daemon},
-    kube_tools, ns, progress, workspace,
+    kube_tools, kubelet, ns, progress, workspace,
 };
 
 pub const API_NETNS: &str = "msb-api";
@@ -50,6 +50,10 @@ pub struct ControlPlaneState {
     pub agent_kubeconfig: PathBuf,
     /// The mesh CA's kubeconfig: the identity of deploy/mesh-ca.yaml's ServiceAccount.
     pub mesh_ca_kubeconfig: PathBuf,
+    /// An operator's kubeconfig: a user bound to deploy/mesh-agent.yaml's `mesh-operator`
+    /// roles only, what `meshctl --node` needs.
+    #[serde(default)]
+    pub operator_kubeconfig: PathBuf,
 }
 
 /// The control plane's files under the sandbox's run directory.
@@ -72,6 +76,16 @@ impl Layout {
         self.file("kubeconfig")
     }
 
+    pub fn ca_cert(&self) -> PathBuf {
+        self.file("ca.crt")
+    }
+
+    /// The cluster CA's key: the sandbox's kubelets sign their serving certificates with
+    /// it, as a kubelet's certificate signing request would be approved.
+    pub fn ca_key(&self) -> PathBuf {
+        self.file("ca.key")
+    }
+
     fn etcd_data(&self) -> PathBuf {
         self.file("etcd")
     }
@@ -80,6 +94,7 @@ impl Layout {
 /// PEM texts of the control plane's certificates and keys.
 pub struct Pki {
     pub ca_cert: String,
+    pub ca_key: String,
     pub server_cert: String,
     pub server_key: String,
     pub admin_cert: String,
@@ -88,6 +103,11 @@ pub struct Pki {
     pub agent_key: String,
     pub mesh_ca_cert: String,
     pub mesh_ca_key: String,
+    pub operator_cert: String,
+    pub operator_key: String,
+    /// What the API server presents to kubelets (port-forward).
+    pub kubelet_client_cert: String,
+    pub kubelet_client_key: String,
     /// The key the API server signs ServiceAccount tokens with, and its public half.
     pub service_account_key: String,
     pub service_account_public: String,
@@ -98,6 +118,9 @@ pub struct Pki {
 const AGENT_USER: &str = "system:serviceaccount:mesh-system:mesh-agent";
 /// The user the mesh CA is: deploy/mesh-ca.yaml's ServiceAccount.
 const MESH_CA_USER: &str = "system:serviceaccount:mesh-system:mesh-ca";
+/// The operator the sandbox's `operator-kubeconfig` names, bound to the `mesh-operator`
+/// roles.
+const OPERATOR_USER: &str = "mesh-sandbox-operator";
 /// The agents' ServiceAccount and the audience of the tokens they present to the mesh CA.
 const AGENT_SERVICE_ACCOUNT: &str = "mesh-agent";
 const MESH_SYSTEM: &str = "mesh-system";
@@ -105,8 +128,9 @@ const MESH_CA_AUDIENCE: &str = "mesh-ca";
 
 /// A CA for the API server, its serving certificate (for its address and the names of
 /// the `kubernetes` Service), an admin client certificate (group `system:masters`), the
-/// agents' client certificate ([`AGENT_USER`], no group) and the mesh CA's
-/// ([`MESH_CA_USER`]).
+/// agents' client certificate ([`AGENT_USER`], no group), the mesh CA's
+/// ([`MESH_CA_USER`]), an operator's ([`OPERATOR_USER`]) and the API server's own to the
+/// kubelets.
 pub fn generate_pki(api_ip: Ipv4Addr) -> Result<Pki> {
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
@@ -159,10 +183,13 @@ pub fn generate_pki(api_ip: Ipv4Addr) -> Result<Pki> {
     };
     let (agent_cert, agent_key) = client(AGENT_USER)?;
     let (mesh_ca_cert, mesh_ca_key) = client(MESH_CA_USER)?;
+    let (kubelet_client_cert, kubelet_client_key) = client(kubelet::API_SERVER_CLIENT)?;
+    let (operator_cert, operator_key) = client(OPERATOR_USER)?;
 
     let service_account = KeyPair::generate()?;
     Ok(Pki {
         ca_cert: ca_cert.pem(),
+        ca_key: ca_key.serialize_pem(),
         server_cert: server_cert.pem(),
         server_key: server_key.serialize_pem(),
         admin_cert: admin_cert.pem(),
@@ -171,6 +198,10 @@ pub fn generate_pki(api_ip: Ipv4Addr) -> Result<Pki> {
         agent_key,
         mesh_ca_cert,
         mesh_ca_key,
+        operator_cert,
+        operator_key,
+        kubelet_client_cert,
+        kubelet_client_key,
         service_account_key: service_account.serialize_pem(),
         service_account_public: service_account.public_key_pem(),
     })
@@ -224,6 +255,14 @@ fn apiserver_args(layout: &Layout) -> Vec<String> {
         format!("--tls-cert-file={}", file("apiserver.crt")),
         format!("--tls-private-key-file={}", file("apiserver.key")),
         format!("--client-ca-file={}", file("ca.crt")),
+        // Port-forwards go to the sandbox's kubelets (kubelet.rs), verified both ways.
+        format!(
+            "--kubelet-client-certificate={}",
+            file("kubelet-client.crt")
+        ),
+        format!("--kubelet-client-key={}", file("kubelet-client.key")),
+        format!("--kubelet-certificate-authority={}", file("ca.crt")),
+        "--kubelet-preferred-address-types=InternalIP".into(),
         format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
         format!("--service-account-key-file={}", file("sa.pub")),
         format!("--service-account-signing-key-file={}", file("sa.key")),
@@ -260,6 +299,9 @@ pub fn start(layout: &Layout, cgroups: &Path) -> Result<ControlPlaneState> {
     let pki = generate_pki(API_IP)?;
     for (name, pem) in [
         ("ca.crt", &pki.ca_cert),
+        ("ca.key", &pki.ca_key),
+        ("kubelet-client.crt", &pki.kubelet_client_cert),
+        ("kubelet-client.key", &pki.kubelet_client_key),
         ("apiserver.crt", &pki.server_cert),
         ("apiserver.key", &pki.server_key),
         ("admin.crt", &pki.admin_cert),
@@ -268,6 +310,8 @@ pub fn start(layout: &Layout, cgroups: &Path) -> Result<ControlPlaneState> {
         ("agent.key", &pki.agent_key),
         ("mesh-ca.crt", &pki.mesh_ca_cert),
         ("mesh-ca.key", &pki.mesh_ca_key),
+        ("operator.crt", &pki.operator_cert),
+        ("operator.key", &pki.operator_key),
         ("sa.key", &pki.service_account_key),
         ("sa.pub", &pki.service_account_public),
     ] {
@@ -278,10 +322,12 @@ pub fn start(layout: &Layout, cgroups: &Path) -> Result<ControlPlaneState> {
     let kubeconfig_path = layout.kubeconfig();
     let agent_kubeconfig = layout.file("agent-kubeconfig");
     let mesh_ca_kubeconfig = layout.file("mesh-ca-kubeconfig");
+    let operator_kubeconfig = layout.file("operator-kubeconfig");
     for (path, user) in [
         (&kubeconfig_path, "admin"),
         (&agent_kubeconfig, "agent"),
         (&mesh_ca_kubeconfig, "mesh-ca"),
+        (&operator_kubeconfig, "operator"),
     ] {
         let text = kubeconfig(
             &server,
@@ -314,6 +360,7 @@ pub fn start(layout: &Layout, cgroups: &Path) -> Result<ControlPlaneState> {
         kubeconfig: kubeconfig_path,
         agent_kubeconfig,
         mesh_ca_kubeconfig,
+        operator_kubeconfig,
     };
     wait_ready(&state)?;
     let mut apply = vec!["apply".to_owned()];
@@ -323,6 +370,7 @@ pub fn start(layout: &Layout, cgroups: &Path) -> Result<ControlPlaneState> {
     }
     kubectl_quiet(&state, &apply)?;
     kubectl_with_input(&state, &["apply", "-f", "-"], &mesh_identities()?)?;
+    kubectl_with_input(&state, &["apply", "-f", "-"], &operator_bindings())?;
     kubectl_quiet(
         &state,
         &[
@@ -355,17 +403,36 @@ fn mesh_identities() -> Result<String> {
     Ok(documents)
 }
 
+/// Binds the sandbox's operator to the `mesh-operator` roles, as a platform team binds
+/// its people.
+fn operator_bindings() -> String {
+    let subjects = format!(
+        "subjects:\n  - {{kind: User, name: {OPERATOR_USER}, apiGroup: rbac.authorization.k8s.io}}\n"
+    );
+    format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\n\
+         metadata: {{name: {OPERATOR_USER}}}\n\
+         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: mesh-operator}}\n\
+         {subjects}---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\n\
+         metadata: {{name: {OPERATOR_USER}, namespace: {MESH_SYSTEM}}}\n\
+         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: mesh-operator}}\n\
+         {subjects}"
+    )
+}
+
 /// In the order they are applied: the agents' file creates the namespace.
 const IDENTITY_MANIFESTS: [&str; 2] = ["deploy/mesh-agent.yaml", "deploy/mesh-ca.yaml"];
 
-/// The Namespace, ServiceAccount, ClusterRole and ClusterRoleBinding documents of a
-/// manifest.
+/// The Namespace, ServiceAccount, ClusterRole, ClusterRoleBinding and Role documents of
+/// a manifest.
 fn identity_documents(manifest: &str) -> String {
-    const KINDS: [&str; 4] = [
+    const KINDS: [&str; 5] = [
         "kind: Namespace",
         "kind: ServiceAccount",
         "kind: ClusterRole",
         "kind: ClusterRoleBinding",
+        "kind: Role",
     ];
     manifest
         .split("\n---")
@@ -869,7 +936,7 @@ mod tests {
     }
 
     #[test]
-    fn the_agents_and_the_ca_get_the_identities_of_the_manifests_and_nothing_else() {
+    fn the_agents_the_ca_and_operators_get_the_identities_of_the_manifests_and_nothing_else() {
         let identities = mesh_identities().expect("identities");
         let kinds: Vec<&str> = identities
             .lines()
@@ -882,11 +949,14 @@ mod tests {
                 "ServiceAccount",
                 "ClusterRole",
                 "ClusterRoleBinding",
+                "ClusterRole",
+                "Role",
                 "ServiceAccount",
                 "ClusterRole",
                 "ClusterRoleBinding"
             ]
         );
+        assert!(identities.contains("name: mesh-operator"));
         assert!(identities.contains("name: mesh-agent"));
         assert!(identities.contains("name: mesh-ca"));
         assert!(identities.contains("tokenreviews"));

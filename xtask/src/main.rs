@@ -13,6 +13,7 @@ mod go_build;
 mod helm;
 mod jaeger;
 mod kube_tools;
+mod kubelet;
 mod ns;
 mod prometheus;
 mod resolver;
@@ -161,6 +162,13 @@ enum SandboxCommand {
         pid_file: PathBuf,
         #[arg(last = true, required = true)]
         agent: Vec<String>,
+    },
+    /// Serve a node's kubelet API for the API server's port-forwards (started by `sandbox
+    /// up` on the API source).
+    #[command(hide = true)]
+    Kubelet {
+        #[arg(long)]
+        node: String,
     },
 }
 
@@ -321,6 +329,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 SandboxCommand::Supervise { pid_file, agent } => {
                     supervise::supervise(&pid_file, &agent)
                 }
+                SandboxCommand::Kubelet { node } => kubelet::serve(&node),
             }
         }
     }

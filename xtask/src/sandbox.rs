@@ -32,6 +32,7 @@ use crate::{
         start_placed_daemon, FABRIC_NETNS, RUN_DIR,
     },
     jaeger::{self, JaegerState},
+    kubelet,
     ns::{self, Placement},
     progress,
     prometheus::{self, PrometheusState},
@@ -625,8 +626,12 @@ pub fn up(config: &Path, source: ConfigSource) -> Result<()> {
                 "Node",
                 None,
                 &node.name,
-                &serde_json::json!({"addresses": [{"type": "InternalIP", "address": address}]}),
+                &serde_json::json!({
+                    "addresses": [{"type": "InternalIP", "address": address}],
+                    "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet::PORT}},
+                }),
             )?;
+            control_plane::apply_object(api, &agent_pod(&node.name)?)?;
             // What the DaemonSet's projected token would be: bound to the node, for
             // the CA.
             fs::write(
@@ -656,6 +661,26 @@ pub fn up(config: &Path, source: ConfigSource) -> Result<()> {
     for node in &state.nodes {
         wait_ready(node)?;
     }
+    if let Some(api) = state.api() {
+        // Each node's kubelet API, for port-forwards to its pods and its agent; the agent
+        // pod reports ready as its readiness probe now passes.
+        for node in &state.nodes {
+            kubelet::start(node)?;
+            control_plane::patch_status(
+                api,
+                "Pod",
+                Some(kubelet::AGENT_NAMESPACE),
+                &kubelet::agent_pod_name(&node.name),
+                &serde_json::json!({
+                    "phase": "Running",
+                    "hostIP": node.ip,
+                    "podIP": node.ip,
+                    "podIPs": [{"ip": node.ip}],
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                }),
+            )?;
+        }
+    }
     progress(&format!("starting {} pods", pods.len()));
     for (pod, start) in pods {
         start_pod(&mut state, &pod, &start)?;
@@ -663,6 +688,26 @@ pub fn up(config: &Path, source: ConfigSource) -> Result<()> {
     state.save()?;
     progress("sandbox is up (`cargo xtask sandbox status`)");
     Ok(())
+}
+
+/// A node's agent as the DaemonSet (deploy/mesh-agent.yaml) would create it: its labels,
+/// scheduled on the node, in the node's network namespace.
+fn agent_pod(node: &str) -> Result<Value> {
+    Ok(serde_norway::to_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": kubelet::agent_pod_name(node),
+            "namespace": kubelet::AGENT_NAMESPACE,
+            "labels": {"app.kubernetes.io/name": "mesh-agent"},
+        },
+        "spec": {
+            "nodeName": node,
+            "hostNetwork": true,
+            "serviceAccountName": "mesh-agent",
+            "containers": [{"name": "agent", "image": "mesh-agent"}],
+        },
+    }))?)
 }
 
 /// The object as the API server would store it: a Service gets its cluster IP.
@@ -1385,6 +1430,7 @@ pub fn status(json: bool) -> Result<()> {
                 "nodes": nodes,
                 "pods": pods,
                 "kubeconfig": state.control_plane.as_ref().map(|c| &c.kubeconfig),
+                "operator_kubeconfig": state.control_plane.as_ref().map(|c| &c.operator_kubeconfig),
                 "config_source": state.config_source,
                 "jaeger": state.jaeger.as_ref().map(|_| serde_json::json!({
                     "otlp": jaeger::otlp_url(),

@@ -1388,6 +1388,143 @@ fn meshctl_without_a_mesh_says_so() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no mesh agent answers at 127.0.0.1:9"));
 }
 
+/// meshctl where no agent listens and no map is pinned — the API server's namespace,
+/// outside every node — as a user with only the `mesh-operator` roles: what an operator's
+/// workstation has.
+fn meshctl_off_the_nodes(args: &[&str]) -> (Option<i32>, String, String) {
+    let kubeconfig = status_json()["operator_kubeconfig"]
+        .as_str()
+        .expect("the sandbox's kubeconfig")
+        .to_owned();
+    let meshctl = Path::new(env!("CARGO_BIN_EXE_xtask")).with_file_name("meshctl");
+    let out = Command::new("ip")
+        .args(["netns", "exec", "msb-api"])
+        .arg(meshctl)
+        .args(["--kubeconfig", &kubeconfig])
+        .args(args)
+        .output()
+        .expect("meshctl");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_off_the_nodes(args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    let (code, stdout, stderr) = meshctl_off_the_nodes(&all);
+    assert_eq!(code, Some(0), "meshctl {all:?}: {stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("meshctl {all:?}: {e}\n{stdout}"))
+}
+
+#[test]
+fn every_meshctl_command_reaches_a_nodes_agent_through_the_api_server() {
+    let _sandbox = Sandbox::up_with_args(&["--config-source", "kube"], &[]);
+    let status = status_json();
+    let web_b = pod_ip(&status, "web-b");
+
+    // The agent of the node named, or of the named pod's node, by port-forward.
+    let agent = json_off_the_nodes(&["--node", "node-b", "status"]);
+    assert_eq!(agent["node"], "node-b", "{agent:#}");
+    assert_eq!(
+        agent["enrolled"]["demo/web-b"]["ip"],
+        web_b.as_str(),
+        "{agent:#}"
+    );
+    assert_eq!(
+        json_off_the_nodes(&["--pod", "demo/web-a", "status"])["node"],
+        "node-a"
+    );
+    let version = json_off_the_nodes(&["--node", "node-b", "version"]);
+    assert_eq!(version["agent"]["node"], "node-b", "{version:#}");
+    assert_eq!(version["agent"]["version"], version["meshctl"]["version"]);
+
+    // The node's maps, read by its agent.
+    let kernel = json_off_the_nodes(&["--node", "node-b", "bpf", "workloads"]);
+    let local: Vec<&str> = kernel["workloads"]
+        .as_array()
+        .expect("workloads")
+        .iter()
+        .filter(|w| w["local"] == true)
+        .filter_map(|w| w["pod"].as_str())
+        .collect();
+    assert!(
+        local.contains(&"web-b") && !local.contains(&"web-a"),
+        "{kernel:#}"
+    );
+    let (code, programs, stderr) = meshctl_off_the_nodes(&["--node", "node-b", "bpf", "programs"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(programs.contains("demo/web-b"), "{programs}");
+    let kernel_metrics = json_off_the_nodes(&["--node", "node-a", "bpf", "metrics"]);
+    assert!(
+        kernel_metrics["verdicts"]["passed_pod_opened"].is_u64(),
+        "{kernel_metrics:#}"
+    );
+    assert!(json_off_the_nodes(&["--node", "node-a", "bpf", "flows"]).is_array());
+
+    // The agent's own answers, the same as on the node.
+    let dump = json_off_the_nodes(&["--node", "node-a", "config-dump"]);
+    assert!(dump.to_string().contains("web-b"), "{dump:#}");
+    let certs = json_off_the_nodes(&["--node", "node-a", "certs"]);
+    assert!(
+        certs["certificates"].to_string().contains("/sa/web"),
+        "{certs:#}"
+    );
+    let findings = json_off_the_nodes(&["--node", "node-a", "check"]);
+    assert!(
+        findings
+            .as_array()
+            .expect("findings")
+            .iter()
+            .all(|f| f["ok"] == true),
+        "{findings:#}"
+    );
+    let check = [
+        "policy",
+        "check",
+        "--from",
+        "demo/client-a",
+        "--to",
+        "demo/web",
+        "--port",
+        "80",
+    ];
+    let on_the_node = on_node_answer("node-a", &[&["meshctl"][..], &check].concat());
+    let (code, off_node, stderr) =
+        meshctl_off_the_nodes(&[&["--node", "node-a"][..], &check].concat());
+    assert_eq!((code, off_node), on_the_node, "{stderr}");
+    let routes = on_node("node-a", &["meshctl", "routes", "demo/web"]);
+    let (code, off_node, stderr) =
+        meshctl_off_the_nodes(&["--node", "node-a", "routes", "demo/web"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(off_node, routes);
+
+    // The graph from the metrics of the agents named, read the same way.
+    let graph = json_off_the_nodes(&["--node", "node-a,node-b", "graph", "--window", "1s"]);
+    assert!(graph["edges"].is_array(), "{graph:#}");
+    let (code, _, stderr) = meshctl_off_the_nodes(&["--node", "node-a,node-b", "status"]);
+    assert_eq!(code, Some(2), "{stderr}");
+
+    // What cannot be reached says so, with the exit codes scripts tell apart.
+    let (code, _, stderr) = meshctl_off_the_nodes(&["--node", "node-c", "status"]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        stderr.contains("no mesh agent runs on node node-c")
+            && stderr.contains("agents run on node-a, node-b"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = meshctl_off_the_nodes(&["--pod", "demo/no-such-pod", "status"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    let (code, _, stderr) = meshctl_off_the_nodes(&["--node", "node-a", "uninstall"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("works on the node itself"), "{stderr}");
+    // Without --node, meshctl looks on this machine, where no agent is.
+    let (code, _, _) = meshctl_off_the_nodes(&["status"]);
+    assert_eq!(code, Some(3));
+}
+
 const WEB_C: &str = "\
 apiVersion: v1
 kind: Pod

@@ -1,14 +1,21 @@
 //! The agent's small HTTP servers: Prometheus metrics (15020), readiness (15021) and the
 //! localhost admin API (15000: status, configuration dump, certificates, JWKS fetches,
-//! policy check).
+//! policy check, and the node's pinned maps and kernel checks for meshctl off the node).
 
-use std::sync::Arc;
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use hyper::StatusCode;
 use serde::Serialize;
 
 use crate::{
     app::reconcile::{lock, SharedStatus},
+    datapath::{
+        maps::{NodeMaps, View},
+        preflight,
+    },
     http::server::{Handler, Reply},
     identity::{spiffe::facts, tls::Identities},
     model::{
@@ -54,6 +61,8 @@ pub struct AdminView {
     pub identities: Arc<Identities>,
     pub jwks: Arc<JwksCache>,
     pub budgets: crate::model::circuit::Budgets,
+    /// Where the node's maps and links are pinned.
+    pub bpffs: PathBuf,
 }
 
 pub fn admin(view: AdminView) -> Handler {
@@ -67,6 +76,19 @@ pub fn admin(view: AdminView) -> Handler {
         ("/config_dump", None) => Reply::json(&*view.state.current()),
         ("/certs", None) => Reply::json(&certificates(&view.identities)),
         ("/jwks", None) => Reply::json(&view.jwks.statuses()),
+        ("/preflight", None) => Reply::json(&preflight::judge(&preflight::gather(Path::new("/")))),
+        (path, None) if path.starts_with("/bpf/") => match View::named(&path["/bpf/".len()..]) {
+            Some(bpf_view) => {
+                match NodeMaps::open(&view.bpffs).and_then(|maps| maps.view_json(bpf_view)) {
+                    Ok(json) => Reply::json(&json),
+                    Err(err) => Reply::text(StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")),
+                }
+            }
+            None => Reply::text(
+                StatusCode::NOT_FOUND,
+                "try /bpf/programs, /bpf/workloads, /bpf/flows or /bpf/metrics\n".into(),
+            ),
+        },
         (path, None) if path.starts_with("/routes/") => {
             let host = &path["/routes/".len()..];
             match routes_report(&view.state.current(), &view.budgets, host) {
@@ -106,7 +128,7 @@ pub fn admin(view: AdminView) -> Handler {
         }
         _ => Reply::text(
             StatusCode::NOT_FOUND,
-            "try GET /status, /config_dump, /certs, /jwks, /routes/HOST or POST /policy/check, /routes/check\n"
+            "try GET /status, /config_dump, /certs, /jwks, /routes/HOST, /bpf/VIEW, /preflight or POST /policy/check, /routes/check\n"
                 .into(),
         ),
     }

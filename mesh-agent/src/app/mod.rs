@@ -428,6 +428,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             identities,
             jwks: jwks_cache,
             budgets,
+            bpffs: options.bpffs.clone(),
         }),
     };
     let handed_over = CancellationToken::new();

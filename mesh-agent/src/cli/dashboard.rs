@@ -54,7 +54,7 @@ pub fn check_listen(addr: SocketAddr) -> Result<(), String> {
 
 /// What the dashboard reads and how it projects.
 pub struct Settings {
-    pub urls: Vec<String>,
+    pub sources: Vec<scrape::Source>,
     pub window: Duration,
     pub rps: Option<f64>,
     pub prices: Prices,
@@ -92,7 +92,7 @@ pub async fn run(listener: tokio::net::TcpListener, settings: Settings) {
 async fn refresh(settings: Settings, view: Arc<Mutex<View>>) {
     let mut before: Option<Vec<Reading>> = None;
     loop {
-        match scrape::read_all(&settings.urls).await {
+        match scrape::read_all(&settings.sources).await {
             Ok(after) => {
                 if let Some(before) = &before {
                     let next = view_of(before, &after, &settings);
@@ -239,7 +239,7 @@ mod tests {
             destination_workload=\"reviews-v2\",destination_workload_namespace=\"demo\",\
             response_code=\"200\",connection_security_policy=\"mutual_tls\"}";
         let settings = Settings {
-            urls: vec!["http://a:1/metrics".into()],
+            sources: vec![scrape::Source::Url("http://a:1/metrics".into())],
             window: Duration::from_secs(1),
             rps: None,
             prices: Prices {

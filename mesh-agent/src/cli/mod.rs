@@ -1,5 +1,6 @@
 //! `meshctl`: inspects a node's mesh — the pinned BPF maps directly (`meshctl bpf …`) and
-//! the running agent through its localhost admin API (`meshctl status`) — checks
+//! the running agent through its localhost admin API (`meshctl status`), or both through
+//! the agent from anywhere a kubeconfig works (`--node`, `--pod`: `remote`) — checks
 //! configuration files (`meshctl validate`), and shows the traffic of every agent from
 //! their metrics endpoints (`meshctl graph`, `impact`, `dashboard`: `scrape` reads them,
 //! `graph`, `svg` and `impact` decide and draw, `dashboard` serves the page). Tables by
@@ -8,22 +9,24 @@
 pub mod dashboard;
 pub mod graph;
 pub mod impact;
+pub mod remote;
 pub mod scrape;
 pub mod svg;
 
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde::Serialize;
+use serde::{de::DeserializeOwned, Serialize};
 
 use crate::{
     config::{self, Severity},
     datapath::{
-        maps::NodeMaps,
+        maps::{self, NodeMaps},
         preflight::{self, Finding},
     },
     http::client::{self, ClientError, Transport},
@@ -82,6 +85,22 @@ pub struct Cli {
         default_value = "127.0.0.1:15000"
     )]
     admin: SocketAddr,
+    /// Reach the agent of this node (and its maps) through the Kubernetes API, by
+    /// port-forward to the agent pod, rather than on this machine. `graph`, `impact` and
+    /// `dashboard` take several (`--node a,b`) and read those agents' metrics.
+    #[arg(long, global = true, value_delimiter = ',', conflicts_with = "pod")]
+    node: Vec<String>,
+    /// Reach the agent of the node this pod (`namespace/name`, or `name` in `default`)
+    /// runs on, as `--node` does.
+    #[arg(long, global = true, value_parser = remote::Target::pod)]
+    pod: Option<remote::Target>,
+    /// The kubeconfig for `--node`, `--pod` and `validate --kube`; without it,
+    /// in-cluster, `$KUBECONFIG` or `~/.kube/config`.
+    #[arg(long, global = true)]
+    kubeconfig: Option<PathBuf>,
+    /// The namespace of the agent's DaemonSet, for `--node` and `--pod`.
+    #[arg(long, global = true, default_value = "mesh-system")]
+    agent_namespace: String,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -116,6 +135,8 @@ enum Command {
     },
     /// Ask the agent for its state: configuration generation, enrolled pods, last error.
     Status,
+    /// The agent's serving state as it enforces it: workloads, Services, policies, routes.
+    ConfigDump,
     /// The workload certificates the agent holds: identity, serial, validity, trust root.
     Certs,
     /// Authorization: what the destination's policies decide, from the agent's live
@@ -142,13 +163,10 @@ enum Command {
         /// A YAML file or a directory of them.
         #[arg(short = 'f', long = "filename", required_unless_present = "kube")]
         path: Option<PathBuf>,
-        /// Read the objects from the Kubernetes API instead, as `--config-source kube` does.
+        /// Read the objects from the Kubernetes API instead, as `--config-source kube` does
+        /// (with `--kubeconfig`).
         #[arg(long, conflicts_with = "path")]
         kube: bool,
-        /// The kubeconfig for `--kube`; without it, in-cluster, `$KUBECONFIG` or
-        /// `~/.kube/config`.
-        #[arg(long, requires = "kube")]
-        kubeconfig: Option<PathBuf>,
         /// Fail on warnings too.
         #[arg(long)]
         strict: bool,
@@ -347,48 +365,64 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         )
         .into());
     }
-    match cli.command {
-        Command::Graph { sampling } => show_graph(&sampling, format),
+    let remoting = Remoting::of(&cli);
+    let link = || AgentLink::new(cli.admin, &remoting);
+    match &cli.command {
+        Command::Graph { sampling } => show_graph(&remoting, sampling, format),
         Command::Impact {
             sampling,
             projection,
-        } => show_impact(&sampling, &projection, format),
+        } => show_impact(&remoting, sampling, projection, format),
         Command::Dashboard {
             sampling,
             projection,
             listen,
-        } => serve_dashboard(sampling, &projection, listen),
-        Command::Status => status(cli.admin, format),
-        Command::Certs => certs(cli.admin, format),
+        } => serve_dashboard(&remoting, sampling, projection, *listen),
+        Command::Status => status(&link()?, format),
+        Command::ConfigDump => {
+            let body = link()?.get("/config_dump")?;
+            emit_raw(format, &body)
+        }
+        Command::Certs => certs(&link()?, format),
         Command::Validate {
             path,
             kube: _,
-            kubeconfig,
             strict,
         } => {
             let (config, origin) = match path {
-                Some(path) => (config::load_path(&path)?, path.display().to_string()),
-                None => api_config(kubeconfig.as_deref())?,
+                Some(path) => (config::load_path(path)?, path.display().to_string()),
+                None => api_config(cli.kubeconfig.as_deref())?,
             };
-            validate(&config, &origin, strict, format)
+            validate(&config, &origin, *strict, format)
         }
         Command::Crds => {
             print!("{}", crate::config::kinds::istio_crds());
             Ok(())
         }
-        Command::Uninstall { force } => uninstall(&cli.bpffs, cli.admin, force, format),
-        Command::Check { pre, host_root } => check(cli.admin, pre, &host_root, format),
-        Command::Version => version(cli.admin, format),
+        Command::Uninstall { force } => {
+            if !remoting.targets.is_empty() {
+                return Err(Exit::new(
+                    EXIT_INVALID_INPUT,
+                    "meshctl uninstall works on the node itself, once its agent is stopped: \
+                     run it there (the chart's cleanup Job does, on every node), not with \
+                     --node or --pod",
+                )
+                .into());
+            }
+            uninstall(&cli.bpffs, cli.admin, *force, format)
+        }
+        Command::Check { pre, host_root } => check(&link()?, *pre, host_root, format),
+        Command::Version => version(&link()?, format),
         Command::Completion { shell } => {
             clap_complete::generate(
-                shell,
+                *shell,
                 &mut <Cli as clap::CommandFactory>::command(),
                 "meshctl",
                 &mut std::io::stdout(),
             );
             Ok(())
         }
-        Command::Routes { service } => routes(cli.admin, &service, format),
+        Command::Routes { service } => routes(&link()?, service, format),
         Command::Route {
             what:
                 RouteCommand::Check {
@@ -401,14 +435,14 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 },
         } => {
             let query = RouteQuery {
-                from,
-                host: service_hostname(&to)?,
-                port,
-                method,
-                path,
-                headers,
+                from: from.clone(),
+                host: service_hostname(to)?,
+                port: *port,
+                method: method.clone(),
+                path: path.clone(),
+                headers: headers.clone(),
             };
-            route_check(cli.admin, &query, format)
+            route_check(&link()?, &query, format)
         }
         Command::Policy {
             what:
@@ -424,7 +458,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         } => {
             let jwt = match jwt {
                 Some(file) => Some(
-                    std::fs::read_to_string(&file)
+                    std::fs::read_to_string(file)
                         .with_context(|| format!("--jwt {}", file.display()))?
                         .trim()
                         .to_owned(),
@@ -432,161 +466,346 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 None => None,
             };
             let request = CheckRequest {
-                from,
-                to,
-                port,
-                method,
-                path,
-                headers,
+                from: from.clone(),
+                to: to.clone(),
+                port: *port,
+                method: method.clone(),
+                path: path.clone(),
+                headers: headers.clone(),
                 jwt,
             };
-            policy_check(cli.admin, &request, format)
+            policy_check(&link()?, &request, format)
         }
         Command::Bpf { what } => {
-            let maps = NodeMaps::open(&cli.bpffs)?;
-            match what {
-                BpfCommand::Programs => {
-                    let rows = maps.programs()?;
-                    print(
-                        format,
-                        &rows,
-                        &[
-                            "ATTACHMENT",
-                            "PROGRAM",
-                            "PROG ID",
-                            "LINK ID",
-                            "RUNS",
-                            "AVG NS",
-                        ],
-                        |r| {
-                            vec![
-                                r.attachment.clone(),
-                                r.program.clone(),
-                                r.program_id.to_string(),
-                                r.link_id.to_string(),
-                                r.run_count.to_string(),
-                                r.run_time_ns
-                                    .checked_div(r.run_count)
-                                    .map_or("-".into(), |ns| ns.to_string()),
-                            ]
-                        },
+            let maps = if !remoting.targets.is_empty() {
+                KernelView::Agent(link()?)
+            } else {
+                KernelView::Pins(NodeMaps::open(&cli.bpffs)?)
+            };
+            show_bpf(&maps, what, format)
+        }
+    }
+}
+
+/// Where `meshctl bpf` reads a node's maps: the pins on this machine, or the agent of a
+/// node elsewhere, which reads its own (the admin API's `/bpf/VIEW`).
+enum KernelView {
+    Pins(NodeMaps),
+    Agent(AgentLink),
+}
+
+impl KernelView {
+    fn read<T: DeserializeOwned>(
+        &self,
+        view: maps::View,
+        pins: impl FnOnce(&NodeMaps) -> maps::Result<T>,
+    ) -> anyhow::Result<T> {
+        match self {
+            KernelView::Pins(maps) => Ok(pins(maps)?),
+            KernelView::Agent(link) => {
+                let body = link.get(&format!("/bpf/{}", view.name()))?;
+                serde_json::from_str(&body).with_context(|| {
+                    format!(
+                        "{}'s /bpf/{} is not the report meshctl {} reads",
+                        link.describe(),
+                        view.name(),
+                        env!("CARGO_PKG_VERSION")
                     )
-                }
-                BpfCommand::Workloads => {
-                    let workloads = maps.workloads()?;
-                    let services = maps.services()?;
-                    if format.structured() {
-                        return emit(
-                            format,
-                            &serde_json::json!({"workloads": workloads, "services": services}),
-                        );
-                    }
-                    table(
-                        &[
-                            "IP",
-                            "NAMESPACE",
-                            "POD",
-                            "WORKLOAD",
-                            "SERVICE ACCOUNT",
-                            "LOCAL",
-                            "IFINDEX",
-                            "MTLS",
-                            "PROBE PORTS",
-                        ],
-                        workloads.iter().map(|w| {
-                            let probes: Vec<String> =
-                                w.probe_ports.iter().map(u16::to_string).collect();
-                            vec![
-                                w.ip.to_string(),
-                                w.namespace.clone(),
-                                w.pod.clone(),
-                                w.workload.clone(),
-                                w.service_account.clone(),
-                                if w.local { "yes" } else { "no" }.into(),
-                                w.ifindex.to_string(),
-                                w.mtls.into(),
-                                probes.join(","),
-                            ]
-                        }),
-                    );
-                    println!();
-                    table(
-                        &["SERVICE ADDRESS", "NAMESPACE", "SERVICE"],
-                        services.iter().map(|s| {
-                            vec![s.address.to_string(), s.namespace.clone(), s.name.clone()]
-                        }),
-                    );
-                    Ok(())
-                }
-                BpfCommand::Flows => {
-                    let rows = maps.flows()?;
-                    print(
-                        format,
-                        &rows,
-                        &[
-                            "LOCAL",
-                            "REMOTE",
-                            "ROLE",
-                            "LOCAL WORKLOAD",
-                            "REMOTE WORKLOAD",
-                            "SENT",
-                            "RECEIVED",
-                            "SRTT US",
-                            "RETRANS",
-                            "AGE S",
-                        ],
-                        |r| {
-                            vec![
-                                r.local.to_string(),
-                                r.remote.to_string(),
-                                r.role.into(),
-                                r.local_workload.clone(),
-                                r.remote_workload.clone(),
-                                r.bytes_sent.to_string(),
-                                r.bytes_received.to_string(),
-                                r.srtt_us.to_string(),
-                                r.retransmits.to_string(),
-                                format!("{:.1}", r.age_seconds),
-                            ]
-                        },
-                    )
-                }
-                BpfCommand::Metrics => {
-                    let traffic = maps.traffic()?;
-                    let verdicts = maps.verdicts()?;
-                    if format.structured() {
-                        let verdicts: serde_json::Map<String, serde_json::Value> = verdicts
-                            .iter()
-                            .map(|(k, v)| (k.to_string(), (*v).into()))
-                            .collect();
-                        return emit(
-                            format,
-                            &serde_json::json!({"traffic": traffic, "verdicts": verdicts}),
-                        );
-                    }
-                    table(
-                        &["SOURCE", "DESTINATION", "DIRECTION", "PACKETS", "BYTES"],
-                        traffic.iter().map(|t| {
-                            vec![
-                                t.source.to_string(),
-                                t.destination.to_string(),
-                                t.direction.into(),
-                                t.packets.to_string(),
-                                t.bytes.to_string(),
-                            ]
-                        }),
-                    );
-                    println!();
-                    table(
-                        &["TC VERDICT", "PACKETS"],
-                        verdicts
-                            .iter()
-                            .map(|(k, v)| vec![k.to_string(), v.to_string()]),
-                    );
-                    Ok(())
-                }
+                })
             }
         }
+    }
+}
+
+fn show_bpf(maps: &KernelView, what: &BpfCommand, format: Output) -> anyhow::Result<()> {
+    match what {
+        BpfCommand::Programs => {
+            let rows = maps.read(maps::View::Programs, NodeMaps::programs)?;
+            print(
+                format,
+                &rows,
+                &[
+                    "ATTACHMENT",
+                    "PROGRAM",
+                    "PROG ID",
+                    "LINK ID",
+                    "RUNS",
+                    "AVG NS",
+                ],
+                |r| {
+                    vec![
+                        r.attachment.clone(),
+                        r.program.clone(),
+                        r.program_id.to_string(),
+                        r.link_id.to_string(),
+                        r.run_count.to_string(),
+                        r.run_time_ns
+                            .checked_div(r.run_count)
+                            .map_or("-".into(), |ns| ns.to_string()),
+                    ]
+                },
+            )
+        }
+        BpfCommand::Workloads => {
+            let report = maps.read(maps::View::Workloads, NodeMaps::workloads_report)?;
+            if format.structured() {
+                return emit(format, &report);
+            }
+            table(
+                &[
+                    "IP",
+                    "NAMESPACE",
+                    "POD",
+                    "WORKLOAD",
+                    "SERVICE ACCOUNT",
+                    "LOCAL",
+                    "IFINDEX",
+                    "MTLS",
+                    "PROBE PORTS",
+                ],
+                report.workloads.iter().map(|w| {
+                    let probes: Vec<String> = w.probe_ports.iter().map(u16::to_string).collect();
+                    vec![
+                        w.ip.to_string(),
+                        w.namespace.clone(),
+                        w.pod.clone(),
+                        w.workload.clone(),
+                        w.service_account.clone(),
+                        if w.local { "yes" } else { "no" }.into(),
+                        w.ifindex.to_string(),
+                        w.mtls.clone(),
+                        probes.join(","),
+                    ]
+                }),
+            );
+            println!();
+            table(
+                &["SERVICE ADDRESS", "NAMESPACE", "SERVICE"],
+                report
+                    .services
+                    .iter()
+                    .map(|s| vec![s.address.to_string(), s.namespace.clone(), s.name.clone()]),
+            );
+            Ok(())
+        }
+        BpfCommand::Flows => {
+            let rows = maps.read(maps::View::Flows, NodeMaps::flows)?;
+            print(
+                format,
+                &rows,
+                &[
+                    "LOCAL",
+                    "REMOTE",
+                    "ROLE",
+                    "LOCAL WORKLOAD",
+                    "REMOTE WORKLOAD",
+                    "SENT",
+                    "RECEIVED",
+                    "SRTT US",
+                    "RETRANS",
+                    "AGE S",
+                ],
+                |r| {
+                    vec![
+                        r.local.to_string(),
+                        r.remote.to_string(),
+                        r.role.clone(),
+                        r.local_workload.clone(),
+                        r.remote_workload.clone(),
+                        r.bytes_sent.to_string(),
+                        r.bytes_received.to_string(),
+                        r.srtt_us.to_string(),
+                        r.retransmits.to_string(),
+                        format!("{:.1}", r.age_seconds),
+                    ]
+                },
+            )
+        }
+        BpfCommand::Metrics => {
+            let report = maps.read(maps::View::Metrics, NodeMaps::metrics_report)?;
+            if format.structured() {
+                return emit(format, &report);
+            }
+            table(
+                &["SOURCE", "DESTINATION", "DIRECTION", "PACKETS", "BYTES"],
+                report.traffic.iter().map(|t| {
+                    vec![
+                        t.source.to_string(),
+                        t.destination.to_string(),
+                        t.direction.clone(),
+                        t.packets.to_string(),
+                        t.bytes.to_string(),
+                    ]
+                }),
+            );
+            println!();
+            table(
+                &["TC VERDICT", "PACKETS"],
+                report
+                    .verdicts_in_order()
+                    .map(|(k, v)| vec![k.to_owned(), v.to_string()]),
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The agent's admin port (`--admin`'s default), which a port-forward reaches on its node.
+const ADMIN_PORT: u16 = 15000;
+
+/// Where the agent is: on this machine (`--admin`), or on a node reached through the
+/// Kubernetes API (`--node`, `--pod`). One runtime serves every request, as the
+/// Kubernetes client lives on it.
+struct AgentLink {
+    runtime: tokio::runtime::Runtime,
+    reach: Reach,
+}
+
+enum Reach {
+    Local(SocketAddr),
+    Remote(Arc<remote::Remote>),
+}
+
+/// The nodes whose agents are reached through the Kubernetes API (`--node`, `--pod`), and
+/// how.
+struct Remoting {
+    targets: Vec<remote::Target>,
+    kubeconfig: Option<PathBuf>,
+    namespace: String,
+}
+
+impl Remoting {
+    fn of(cli: &Cli) -> Remoting {
+        let mut targets: Vec<remote::Target> =
+            cli.node.iter().cloned().map(remote::Target::Node).collect();
+        targets.extend(cli.pod.clone());
+        Remoting {
+            targets,
+            kubeconfig: cli.kubeconfig.clone(),
+            namespace: cli.agent_namespace.clone(),
+        }
+    }
+
+    /// Every target's agent; a failure carries the exit code it deserves.
+    async fn find(&self) -> anyhow::Result<Vec<Arc<remote::Remote>>> {
+        remote::Remote::find_all(self.kubeconfig.as_deref(), &self.namespace, &self.targets)
+            .await
+            .map_err(|err| {
+                let code = match &err {
+                    remote::RemoteError::Pod {
+                        source: kube::Error::Api(status),
+                        ..
+                    } if status.is_not_found() => EXIT_INVALID_INPUT,
+                    _ => EXIT_AGENT_UNREACHABLE,
+                };
+                anyhow::Error::new(err).context(Exit::new(
+                    code,
+                    "reaching the node's agent through the Kubernetes API",
+                ))
+            })
+    }
+
+    /// Where `graph`, `impact` and `dashboard` read metrics: the targets' agents, or else
+    /// the `--metrics` URLs.
+    async fn metrics_sources(&self, sampling: &Sampling) -> anyhow::Result<Vec<scrape::Source>> {
+        if self.targets.is_empty() {
+            return Ok(sampling
+                .urls
+                .iter()
+                .cloned()
+                .map(scrape::Source::Url)
+                .collect());
+        }
+        Ok(self
+            .find()
+            .await?
+            .into_iter()
+            .map(scrape::Source::Agent)
+            .collect())
+    }
+}
+
+impl AgentLink {
+    fn new(admin: SocketAddr, remoting: &Remoting) -> anyhow::Result<AgentLink> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let reach = match remoting.targets.as_slice() {
+            [] => Reach::Local(admin),
+            [_] => {
+                let mut found = runtime.block_on(remoting.find())?;
+                Reach::Remote(found.remove(0))
+            }
+            _ => {
+                return Err(Exit::new(
+                    EXIT_INVALID_INPUT,
+                    "--node names one node here (several are for graph, impact and dashboard)",
+                )
+                .into())
+            }
+        };
+        Ok(AgentLink { runtime, reach })
+    }
+
+    fn describe(&self) -> String {
+        match &self.reach {
+            Reach::Local(admin) => format!("the agent at {admin}"),
+            Reach::Remote(remote) => remote.describe(),
+        }
+    }
+
+    /// A GET to the agent's admin API; the body on 200.
+    fn get(&self, path: &str) -> anyhow::Result<String> {
+        self.request("GET", path, "")
+    }
+
+    /// A request to the agent's admin API; the body on 200.
+    fn request(&self, method: &str, path: &str, body: &str) -> anyhow::Result<String> {
+        let address = match &self.reach {
+            Reach::Local(admin) => admin.to_string(),
+            Reach::Remote(remote) => format!("{}:{ADMIN_PORT}", remote.pod),
+        };
+        let mut request = match method {
+            "POST" => client::Request::post_json(address, path, body.to_owned()),
+            _ => client::Request::get(address, path),
+        };
+        request.max_body = 64 << 20;
+        let response = match &self.reach {
+            Reach::Local(admin) => {
+                match self
+                    .runtime
+                    .block_on(client::send(&Transport::Plain, request))
+                {
+                    Ok(response) => response,
+                    Err(err @ ClientError::Connect { .. }) => {
+                        return Err(anyhow::Error::new(err).context(Exit::new(
+                            EXIT_AGENT_UNREACHABLE,
+                            format!(
+                                "no mesh agent answers at {admin}: is it running on this node? \
+                                 (see --admin, or reach a node's agent with --node)"
+                            ),
+                        )))
+                    }
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            Reach::Remote(remote) => self
+                .runtime
+                .block_on(remote.send(ADMIN_PORT, request))
+                .map_err(|err| {
+                    let message = format!("{} does not answer", remote.describe());
+                    anyhow::Error::new(err).context(Exit::new(EXIT_AGENT_UNREACHABLE, message))
+                })?,
+        };
+        if response.status != http::StatusCode::OK {
+            bail!(
+                "{} answered {}: {}",
+                self.describe(),
+                response.status,
+                response.text()
+            );
+        }
+        Ok(response.text())
     }
 }
 
@@ -647,8 +866,8 @@ fn validate(
     Ok(())
 }
 
-fn certs(admin: SocketAddr, format: Output) -> anyhow::Result<()> {
-    let body = admin_get(admin, "/certs")?;
+fn certs(agent: &AgentLink, format: Output) -> anyhow::Result<()> {
+    let body = agent.get("/certs")?;
     if format.structured() {
         emit_raw(format, &body)?;
         return Ok(());
@@ -723,9 +942,9 @@ fn service_hostname(service: &str) -> anyhow::Result<String> {
     }
 }
 
-fn routes(admin: SocketAddr, service: &str, format: Output) -> anyhow::Result<()> {
+fn routes(agent: &AgentLink, service: &str, format: Output) -> anyhow::Result<()> {
     let host = service_hostname(service)?;
-    let body = admin_get(admin, &format!("/routes/{host}"))?;
+    let body = agent.get(&format!("/routes/{host}"))?;
     if format.structured() {
         emit_raw(format, &body)?;
         return Ok(());
@@ -853,13 +1072,8 @@ fn routes(admin: SocketAddr, service: &str, format: Output) -> anyhow::Result<()
     Ok(())
 }
 
-fn route_check(admin: SocketAddr, query: &RouteQuery, format: Output) -> anyhow::Result<()> {
-    let answer = admin_request(
-        admin,
-        "POST",
-        "/routes/check",
-        &serde_json::to_string(query)?,
-    )?;
+fn route_check(agent: &AgentLink, query: &RouteQuery, format: Output) -> anyhow::Result<()> {
+    let answer = agent.request("POST", "/routes/check", &serde_json::to_string(query)?)?;
     if format.structured() {
         emit_raw(format, &answer)?;
         return Ok(());
@@ -909,8 +1123,9 @@ fn own_version() -> serde_json::Value {
     })
 }
 
-fn version(admin: SocketAddr, format: Output) -> anyhow::Result<()> {
-    let agent = admin_get(admin, "/status")
+fn version(link: &AgentLink, format: Output) -> anyhow::Result<()> {
+    let agent = link
+        .get("/status")
         .ok()
         .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
         .map(|status| {
@@ -939,21 +1154,21 @@ fn version(admin: SocketAddr, format: Output) -> anyhow::Result<()> {
             agent["maps_layout"],
             agent["node"].as_str().unwrap_or("?")
         ),
-        None => println!("agent   not reachable at {admin}"),
+        None => println!("agent   not reachable: {}", link.describe()),
     }
     Ok(())
 }
 
 /// The agent's side of `meshctl check`: reachable, ready, every pod enrolled, and the
 /// same release and map layout as this meshctl.
-fn agent_findings(admin: SocketAddr) -> Vec<Finding> {
-    let status = match admin_get(admin, "/status").and_then(|body| {
+fn agent_findings(agent: &AgentLink) -> Vec<Finding> {
+    let status = match agent.get("/status").and_then(|body| {
         serde_json::from_str::<serde_json::Value>(&body).context("the agent's /status is not JSON")
     }) {
         Ok(status) => status,
         Err(err) => {
             return vec![Finding {
-                check: "agent",
+                check: "agent".into(),
                 ok: false,
                 detail: format!("{err:#}"),
             }]
@@ -971,7 +1186,7 @@ fn agent_findings(admin: SocketAddr) -> Vec<Finding> {
         .unwrap_or_default();
     vec![
         Finding {
-            check: "agent",
+            check: "agent".into(),
             ok: status["ready"] == true,
             detail: match status["not_ready_reason"].as_str() {
                 Some(reason) => format!("not ready: {reason}"),
@@ -983,7 +1198,7 @@ fn agent_findings(admin: SocketAddr) -> Vec<Finding> {
             },
         },
         Finding {
-            check: "enrollment",
+            check: "enrollment".into(),
             ok: pending.is_empty(),
             detail: if pending.is_empty() {
                 format!(
@@ -995,7 +1210,7 @@ fn agent_findings(admin: SocketAddr) -> Vec<Finding> {
             },
         },
         Finding {
-            check: "version",
+            check: "version".into(),
             ok: same,
             detail: format!(
                 "agent {} (maps layout {}), meshctl {} (maps layout {})",
@@ -1008,10 +1223,23 @@ fn agent_findings(admin: SocketAddr) -> Vec<Finding> {
     ]
 }
 
-fn check(admin: SocketAddr, pre: bool, host_root: &Path, format: Output) -> anyhow::Result<()> {
-    let mut findings = preflight::judge(&preflight::gather(host_root));
+/// The node's own findings come from this machine, or, for a node reached with `--node`,
+/// from its agent, which judges the node it runs on (`/preflight`).
+fn check(agent: &AgentLink, pre: bool, host_root: &Path, format: Output) -> anyhow::Result<()> {
+    let mut findings = match agent.reach {
+        Reach::Local(_) => preflight::judge(&preflight::gather(host_root)),
+        Reach::Remote(_) => {
+            let body = agent.get("/preflight")?;
+            serde_json::from_str(&body).with_context(|| {
+                format!(
+                    "{}'s /preflight is not a list of findings",
+                    agent.describe()
+                )
+            })?
+        }
+    };
     if !pre {
-        findings.extend(agent_findings(admin));
+        findings.extend(agent_findings(agent));
     }
     let failed = findings.iter().filter(|f| !f.ok).count();
     if format.structured() {
@@ -1021,7 +1249,7 @@ fn check(admin: SocketAddr, pre: bool, host_root: &Path, format: Output) -> anyh
             &["CHECK", "RESULT", "DETAIL"],
             findings.iter().map(|f| {
                 vec![
-                    f.check.to_owned(),
+                    f.check.clone(),
                     if f.ok { "ok" } else { "FAIL" }.to_owned(),
                     f.detail.clone(),
                 ]
@@ -1068,8 +1296,8 @@ fn uninstall(bpffs: &Path, admin: SocketAddr, force: bool, format: Output) -> an
     Ok(())
 }
 
-fn status(admin: SocketAddr, format: Output) -> anyhow::Result<()> {
-    let body = admin_get(admin, "/status")?;
+fn status(agent: &AgentLink, format: Output) -> anyhow::Result<()> {
+    let body = agent.get("/status")?;
     let status: serde_json::Value =
         serde_json::from_str(&body).context("the agent's /status is not JSON")?;
     if format.structured() {
@@ -1155,9 +1383,9 @@ fn print_status(status: &serde_json::Value) {
     }
 }
 
-fn policy_check(admin: SocketAddr, request: &CheckRequest, format: Output) -> anyhow::Result<()> {
+fn policy_check(agent: &AgentLink, request: &CheckRequest, format: Output) -> anyhow::Result<()> {
     let body = serde_json::to_string(request)?;
-    let answer = admin_request(admin, "POST", "/policy/check", &body)?;
+    let answer = agent.request("POST", "/policy/check", &body)?;
     let report: serde_json::Value =
         serde_json::from_str(&answer).context("malformed answer from the agent")?;
     if format.structured() {
@@ -1235,48 +1463,6 @@ fn print_policy_report(report: &serde_json::Value) {
     }
 }
 
-/// A GET to the agent's admin API; the body on 200.
-fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
-    admin_request(admin, "GET", path, "")
-}
-
-/// A request to the agent's admin API; the body on 200.
-fn admin_request(
-    admin: SocketAddr,
-    method: &str,
-    path: &str,
-    body: &str,
-) -> anyhow::Result<String> {
-    let mut request = match method {
-        "POST" => client::Request::post_json(admin.to_string(), path, body.to_owned()),
-        _ => client::Request::get(admin.to_string(), path),
-    };
-    request.max_body = 64 << 20;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let response = match runtime.block_on(client::send(&Transport::Plain, request)) {
-        Ok(response) => response,
-        Err(err @ ClientError::Connect { .. }) => {
-            return Err(anyhow::Error::new(err).context(Exit::new(
-                EXIT_AGENT_UNREACHABLE,
-                format!(
-                    "no mesh agent answers at {admin}: is it running on this node? (see --admin)"
-                ),
-            )))
-        }
-        Err(err) => return Err(err.into()),
-    };
-    if response.status != http::StatusCode::OK {
-        bail!(
-            "the agent answered {}: {}",
-            response.status,
-            response.text()
-        );
-    }
-    Ok(response.text())
-}
-
 /// Prints `value` as JSON or YAML, as `-o` asks.
 fn emit(format: Output, value: &impl Serialize) -> anyhow::Result<()> {
     match format {
@@ -1288,36 +1474,48 @@ fn emit(format: Output, value: &impl Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every agent's window, read as `sampling` says; an agent that does not answer exits
-/// with `EXIT_AGENT_UNREACHABLE`, naming its URL.
-fn watch(sampling: &Sampling) -> anyhow::Result<Vec<scrape::Window>> {
-    for url in &sampling.urls {
-        scrape::split_url(url)
-            .map_err(|err| Exit::new(EXIT_INVALID_INPUT, format!("--metrics {err}")))?;
-    }
+/// Every agent's window, read as `sampling` says from the agents `remoting` names or the
+/// `--metrics` URLs; an agent that does not answer exits with `EXIT_AGENT_UNREACHABLE`,
+/// naming it.
+fn watch(remoting: &Remoting, sampling: &Sampling) -> anyhow::Result<Vec<scrape::Window>> {
+    check_metrics_urls(remoting, sampling)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let agents = graph::agents(sampling.urls.len());
     let window = sampling.window;
-    runtime
-        .block_on(scrape::measure(&sampling.urls, window, || {
+    runtime.block_on(async {
+        let sources = remoting.metrics_sources(sampling).await?;
+        let agents = graph::agents(sources.len());
+        scrape::measure(&sources, window, || {
             eprintln!("read the metrics of {agents}; reading again in {window:?}");
-        }))
+        })
+        .await
         .map_err(|err| {
             if err.unreachable() {
                 anyhow::Error::new(err).context(Exit::new(
                     EXIT_AGENT_UNREACHABLE,
-                    "an agent's metrics are out of reach (see --metrics)",
+                    "an agent's metrics are out of reach (see --metrics, or --node)",
                 ))
             } else {
                 err.into()
             }
         })
+    })
 }
 
-fn show_graph(sampling: &Sampling, format: Output) -> anyhow::Result<()> {
-    let graph = graph::build(&watch(sampling)?);
+/// `--metrics` URLs are checked before anything is read (unless `--node` replaces them).
+fn check_metrics_urls(remoting: &Remoting, sampling: &Sampling) -> anyhow::Result<()> {
+    if remoting.targets.is_empty() {
+        for url in &sampling.urls {
+            scrape::split_url(url)
+                .map_err(|err| Exit::new(EXIT_INVALID_INPUT, format!("--metrics {err}")))?;
+        }
+    }
+    Ok(())
+}
+
+fn show_graph(remoting: &Remoting, sampling: &Sampling, format: Output) -> anyhow::Result<()> {
+    let graph = graph::build(&watch(remoting, sampling)?);
     match format {
         Output::Dot => print!("{}", graph::dot(&graph)),
         Output::Svg => print!("{}", svg::render(&graph)),
@@ -1350,8 +1548,13 @@ fn show_graph(sampling: &Sampling, format: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn show_impact(sampling: &Sampling, projection: &Projection, format: Output) -> anyhow::Result<()> {
-    let windows = watch(sampling)?;
+fn show_impact(
+    remoting: &Remoting,
+    sampling: &Sampling,
+    projection: &Projection,
+    format: Output,
+) -> anyhow::Result<()> {
+    let windows = watch(remoting, sampling)?;
     let graph = graph::build(&windows);
     let measured = impact::measure(&windows, graph::total_requests_per_second(&graph));
     let impact = impact::project(measured, projection.rps, projection.prices());
@@ -1379,30 +1582,28 @@ fn show_impact(sampling: &Sampling, projection: &Projection, format: Output) -> 
 }
 
 fn serve_dashboard(
-    sampling: Sampling,
+    remoting: &Remoting,
+    sampling: &Sampling,
     projection: &Projection,
     listen: SocketAddr,
 ) -> anyhow::Result<()> {
     dashboard::check_listen(listen).map_err(|err| Exit::new(EXIT_INVALID_INPUT, err))?;
-    for url in &sampling.urls {
-        scrape::split_url(url)
-            .map_err(|err| Exit::new(EXIT_INVALID_INPUT, format!("--metrics {err}")))?;
-    }
+    check_metrics_urls(remoting, sampling)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let settings = dashboard::Settings {
-        urls: sampling.urls,
-        window: sampling.window,
-        rps: projection.rps,
-        prices: projection.prices(),
-    };
     runtime.block_on(async {
+        let settings = dashboard::Settings {
+            sources: remoting.metrics_sources(sampling).await?,
+            window: sampling.window,
+            rps: projection.rps,
+            prices: projection.prices(),
+        };
         let listener =
             crate::http::listener(listen).with_context(|| format!("listening on {listen}"))?;
         eprintln!(
             "dashboard on http://{listen}/ reading {} every {:?}",
-            graph::agents(settings.urls.len()),
+            graph::agents(settings.sources.len()),
             settings.window
         );
         dashboard::run(listener, settings).await;

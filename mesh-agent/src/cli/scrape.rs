@@ -6,10 +6,36 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use crate::http::client::{self, ClientError, Transport};
+use crate::{
+    cli::remote::{Remote, RemoteError},
+    http::client::{self, ClientError, Transport},
+};
+
+/// The agent's metrics port, which a port-forward reaches on its node.
+pub const METRICS_PORT: u16 = 15020;
+
+/// Where an agent's metrics are read.
+#[derive(Clone)]
+pub enum Source {
+    /// `http://host:port/path`, reached directly.
+    Url(String),
+    /// A node's agent, through the Kubernetes API (`meshctl --node`).
+    Agent(Arc<Remote>),
+}
+
+impl Source {
+    /// How readings and errors name the agent.
+    pub fn name(&self) -> String {
+        match self {
+            Source::Url(url) => url.clone(),
+            Source::Agent(remote) => format!("node {} ({})", remote.node, remote.pod),
+        }
+    }
+}
 
 /// One sample of the exposition: a metric name, its labels and its value.
 #[derive(Debug, Clone, PartialEq)]
@@ -206,6 +232,11 @@ pub enum ScrapeError {
     Unreachable { url: String, source: ClientError },
     #[error("reading {url}")]
     Exchange { url: String, source: ClientError },
+    #[error("the metrics of {url}, through the Kubernetes API")]
+    Remote {
+        url: String,
+        source: Box<RemoteError>,
+    },
     #[error("{url} answered {status}")]
     Status {
         url: String,
@@ -218,7 +249,10 @@ pub enum ScrapeError {
 impl ScrapeError {
     /// Whether nothing answered at all (meshctl's exit code for an unreachable agent).
     pub fn unreachable(&self) -> bool {
-        matches!(self, ScrapeError::Unreachable { .. })
+        matches!(
+            self,
+            ScrapeError::Unreachable { .. } | ScrapeError::Remote { .. }
+        )
     }
 }
 
@@ -243,24 +277,35 @@ pub fn split_url(url: &str) -> Result<(String, String), ScrapeError> {
 const MAX_METRICS_BYTES: usize = 64 << 20;
 
 /// Reads one agent's metrics.
-pub async fn read(url: &str) -> Result<Reading, ScrapeError> {
-    let (address, path) = split_url(url)?;
-    let mut request = client::Request::get(address, path);
-    request.max_body = MAX_METRICS_BYTES;
-    request.timeout = Duration::from_secs(10);
-    let response =
-        client::send(&Transport::Plain, request)
-            .await
-            .map_err(|source| match source {
-                ClientError::Connect { .. } => ScrapeError::Unreachable {
+pub async fn read(source: &Source) -> Result<Reading, ScrapeError> {
+    let url = &source.name();
+    let response = match source {
+        Source::Url(url) => {
+            let (address, path) = split_url(url)?;
+            client::send(&Transport::Plain, metrics_request(address, path))
+                .await
+                .map_err(|source| match source {
+                    ClientError::Connect { .. } => ScrapeError::Unreachable {
+                        url: url.to_owned(),
+                        source,
+                    },
+                    source => ScrapeError::Exchange {
+                        url: url.to_owned(),
+                        source,
+                    },
+                })?
+        }
+        Source::Agent(remote) => {
+            let request = metrics_request(format!("{}:{METRICS_PORT}", remote.pod), "/metrics");
+            remote
+                .send(METRICS_PORT, request)
+                .await
+                .map_err(|source| ScrapeError::Remote {
                     url: url.to_owned(),
-                    source,
-                },
-                source => ScrapeError::Exchange {
-                    url: url.to_owned(),
-                    source,
-                },
-            })?;
+                    source: Box::new(source),
+                })?
+        }
+    };
     let at = Instant::now();
     if response.status != http::StatusCode::OK {
         return Err(ScrapeError::Status {
@@ -279,9 +324,16 @@ pub async fn read(url: &str) -> Result<Reading, ScrapeError> {
     })
 }
 
+fn metrics_request(address: String, path: impl Into<String>) -> client::Request {
+    let mut request = client::Request::get(address, path);
+    request.max_body = MAX_METRICS_BYTES;
+    request.timeout = Duration::from_secs(10);
+    request
+}
+
 /// Reads every agent's metrics at once.
-pub async fn read_all(urls: &[String]) -> Result<Vec<Reading>, ScrapeError> {
-    futures::future::join_all(urls.iter().map(|url| read(url)))
+pub async fn read_all(sources: &[Source]) -> Result<Vec<Reading>, ScrapeError> {
+    futures::future::join_all(sources.iter().map(read))
         .await
         .into_iter()
         .collect()
@@ -290,14 +342,14 @@ pub async fn read_all(urls: &[String]) -> Result<Vec<Reading>, ScrapeError> {
 /// Reads every agent, waits `window`, reads them again: each agent's [`Window`].
 /// `started` is told once the first readings are in.
 pub async fn measure(
-    urls: &[String],
+    sources: &[Source],
     length: Duration,
     started: impl FnOnce(),
 ) -> Result<Vec<Window>, ScrapeError> {
-    let before = read_all(urls).await?;
+    let before = read_all(sources).await?;
     started();
     tokio::time::sleep(length).await;
-    let after = read_all(urls).await?;
+    let after = read_all(sources).await?;
     Ok(before
         .iter()
         .zip(&after)

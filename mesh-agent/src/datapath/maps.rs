@@ -1,8 +1,9 @@
-//! Read-only access to the pinned maps and links of a node, for meshctl and tests: opens
-//! them from the bpffs directory and decodes them into plain rows.
+//! Read-only access to the pinned maps and links of a node, for meshctl, the agent's admin
+//! API (`/bpf/VIEW`, for meshctl off the node) and tests: opens them from the bpffs
+//! directory and decodes them into plain rows.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     io,
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
@@ -17,7 +18,7 @@ use mesh_common::{
     TrafficKey, WorkloadInfo, DIRECTION_FROM_POD, FLOW_ROLE_CLIENT, WORKLOAD_FLAG_LOCAL,
     WORKLOAD_FLAG_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT_PORTS,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::datapath::{ip_from_key, links_dir, maps_dir};
 
@@ -33,7 +34,7 @@ pub enum MapsError {
     Other { path: PathBuf, message: String },
 }
 
-type Result<T> = std::result::Result<T, MapsError>;
+pub type Result<T> = std::result::Result<T, MapsError>;
 
 fn open(dir: &Path, name: &str) -> Result<MapData> {
     let path = dir.join(name);
@@ -60,13 +61,73 @@ fn other(path: &Path, err: impl std::fmt::Display) -> MapsError {
     }
 }
 
+/// What `meshctl bpf` shows, by the name the admin API serves it under (`/bpf/NAME`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    Programs,
+    Workloads,
+    Flows,
+    Metrics,
+}
+
+impl View {
+    pub const ALL: [View; 4] = [View::Programs, View::Workloads, View::Flows, View::Metrics];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            View::Programs => "programs",
+            View::Workloads => "workloads",
+            View::Flows => "flows",
+            View::Metrics => "metrics",
+        }
+    }
+
+    pub fn named(name: &str) -> Option<View> {
+        View::ALL.into_iter().find(|view| view.name() == name)
+    }
+}
+
+/// The workloads and Services the kernel programs know.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkloadsReport {
+    pub workloads: Vec<WorkloadRow>,
+    pub services: Vec<ServiceRow>,
+}
+
+/// Packets and bytes per address pair, and packets per tc verdict by its name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KernelMetricsReport {
+    pub traffic: Vec<TrafficRow>,
+    pub verdicts: BTreeMap<String, u64>,
+}
+
+impl KernelMetricsReport {
+    /// The verdicts in the kernel's order (passes, then drops by reason); names this
+    /// release does not know (a newer agent's) last.
+    pub fn verdicts_in_order(&self) -> impl Iterator<Item = (&str, u64)> {
+        let rank = |name: &str| {
+            verdict::NAMES
+                .iter()
+                .position(|known| *known == name)
+                .unwrap_or(usize::MAX)
+        };
+        let mut verdicts: Vec<(&str, u64)> = self
+            .verdicts
+            .iter()
+            .map(|(name, packets)| (name.as_str(), *packets))
+            .collect();
+        verdicts.sort_by_key(|(name, _)| rank(name));
+        verdicts.into_iter()
+    }
+}
+
 /// The pinned maps of one node.
 pub struct NodeMaps {
     dir: PathBuf,
     bpffs: PathBuf,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkloadRow {
     pub ip: Ipv4Addr,
     pub namespace: String,
@@ -77,25 +138,25 @@ pub struct WorkloadRow {
     pub ifindex: u32,
     /// What tc enforces on plaintext to the pod: `STRICT`, `STRICT on some ports`, or
     /// `PERMISSIVE`.
-    pub mtls: &'static str,
+    pub mtls: String,
     /// Ports the node's probes reach in plaintext under STRICT.
     pub probe_ports: Vec<u16>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServiceRow {
     pub address: SocketAddrV4,
     pub namespace: String,
     pub name: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FlowRow {
     /// The pod's end of the connection.
     pub local: SocketAddrV4,
     pub remote: SocketAddrV4,
     /// `client` when the pod opened the connection, `server` when it accepted it.
-    pub role: &'static str,
+    pub role: String,
     /// `namespace/pod` of the local end.
     pub local_workload: String,
     /// `namespace/pod`, or `Service namespace/name`, of the remote end; `-` if unknown.
@@ -107,17 +168,17 @@ pub struct FlowRow {
     pub age_seconds: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrafficRow {
     pub source: Ipv4Addr,
     pub destination: Ipv4Addr,
     /// `from-pod` or `to-pod`, relative to the veth's pod.
-    pub direction: &'static str,
+    pub direction: String,
     pub packets: u64,
     pub bytes: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProgramRow {
     /// What the link attaches: `namespace/pod` and hook.
     pub attachment: String,
@@ -177,7 +238,8 @@ impl NodeMaps {
                         "STRICT on some ports"
                     } else {
                         "PERMISSIVE"
-                    },
+                    }
+                    .into(),
                     probe_ports,
                 }
             })
@@ -232,7 +294,8 @@ impl NodeMaps {
                         "client"
                     } else {
                         "server"
-                    },
+                    }
+                    .into(),
                     local_workload: name_of(local),
                     remote_workload: name_of(remote),
                     bytes_sent: stats.bytes_sent,
@@ -261,13 +324,47 @@ impl NodeMaps {
                     "from-pod"
                 } else {
                     "to-pod"
-                },
+                }
+                .into(),
                 packets: per_cpu.iter().map(|c| c.packets).sum(),
                 bytes: per_cpu.iter().map(|c| c.bytes).sum(),
             })
             .collect();
-        rows.sort_by_key(|r| (r.source, r.destination, r.direction));
+        rows.sort_by(|a, b| {
+            (a.source, a.destination, &a.direction).cmp(&(b.source, b.destination, &b.direction))
+        });
         Ok(rows)
+    }
+
+    pub fn workloads_report(&self) -> Result<WorkloadsReport> {
+        Ok(WorkloadsReport {
+            workloads: self.workloads()?,
+            services: self.services()?,
+        })
+    }
+
+    pub fn metrics_report(&self) -> Result<KernelMetricsReport> {
+        Ok(KernelMetricsReport {
+            traffic: self.traffic()?,
+            verdicts: self
+                .verdicts()?
+                .into_iter()
+                .map(|(name, packets)| (name.to_owned(), packets))
+                .collect(),
+        })
+    }
+
+    /// One view as JSON, as the admin API serves it.
+    pub fn view_json(&self, view: View) -> Result<serde_json::Value> {
+        let json = |value: std::result::Result<serde_json::Value, serde_json::Error>| {
+            value.map_err(|err| other(&self.dir, err))
+        };
+        match view {
+            View::Programs => json(serde_json::to_value(self.programs()?)),
+            View::Workloads => json(serde_json::to_value(self.workloads_report()?)),
+            View::Flows => json(serde_json::to_value(self.flows()?)),
+            View::Metrics => json(serde_json::to_value(self.metrics_report()?)),
+        }
     }
 
     /// Packets by tc verdict, drops by reason included.

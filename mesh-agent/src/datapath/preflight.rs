@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The oldest kernel with every program attachment the mesh uses: TCX links for tc
 /// (6.6); sk_assign at tc ingress (5.7) and socket lookups come before it.
@@ -28,9 +28,9 @@ pub struct HostFacts {
 }
 
 /// One requirement and whether the host meets it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finding {
-    pub check: &'static str,
+    pub check: String,
     pub ok: bool,
     /// What was found, and when not ok, what to do.
     pub detail: String,
@@ -70,18 +70,18 @@ pub fn judge(facts: &HostFacts) -> Vec<Finding> {
     let (min_major, min_minor) = MIN_KERNEL;
     let kernel = match facts.kernel_release.as_deref() {
         None => Finding {
-            check: "kernel",
+            check: "kernel".into(),
             ok: false,
             detail: "cannot read the kernel release (proc/sys/kernel/osrelease)".into(),
         },
         Some(release) => match kernel_version(release) {
             Some(version) if version >= MIN_KERNEL => Finding {
-                check: "kernel",
+                check: "kernel".into(),
                 ok: true,
                 detail: format!("{release} (TCX, sk_assign, socket lookups)"),
             },
             Some(_) => Finding {
-                check: "kernel",
+                check: "kernel".into(),
                 ok: false,
                 detail: format!(
                     "{release} is older than {min_major}.{min_minor}: the tc programs attach \
@@ -89,14 +89,14 @@ pub fn judge(facts: &HostFacts) -> Vec<Finding> {
                 ),
             },
             None => Finding {
-                check: "kernel",
+                check: "kernel".into(),
                 ok: false,
                 detail: format!("cannot read a version in the kernel release {release:?}"),
             },
         },
     };
     let btf = Finding {
-        check: "btf",
+        check: "btf".into(),
         ok: facts.btf,
         detail: if facts.btf {
             "/sys/kernel/btf/vmlinux".into()
@@ -107,7 +107,7 @@ pub fn judge(facts: &HostFacts) -> Vec<Finding> {
         },
     };
     let cgroup2 = Finding {
-        check: "cgroup2",
+        check: "cgroup2".into(),
         ok: facts.cgroup2.is_some(),
         detail: match &facts.cgroup2 {
             Some(point) => format!("mounted at {}", point.display()),
@@ -117,7 +117,7 @@ pub fn judge(facts: &HostFacts) -> Vec<Finding> {
         },
     };
     let bpffs = Finding {
-        check: "bpffs",
+        check: "bpffs".into(),
         ok: facts.bpffs,
         detail: if facts.bpffs {
             "mounted at /sys/fs/bpf".into()
@@ -144,7 +144,7 @@ mod tests {
         }
     }
 
-    fn failed(facts: &HostFacts) -> Vec<&'static str> {
+    fn failed(facts: &HostFacts) -> Vec<String> {
         judge(facts)
             .into_iter()
             .filter(|f| !f.ok)

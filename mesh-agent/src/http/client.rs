@@ -122,6 +122,19 @@ pub async fn send(transport: &Transport, request: Request) -> Result<Response, C
         .map_err(|_| ClientError::Timeout { address, timeout })?
 }
 
+/// Sends `request` over `io`, a connection made elsewhere (a port-forward through the
+/// Kubernetes API); `request.address` only names it in errors.
+pub async fn send_over<I>(io: I, request: Request) -> Result<Response, ClientError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let address = request.address.clone();
+    let timeout = request.timeout;
+    tokio::time::timeout(timeout, over(io, request))
+        .await
+        .map_err(|_| ClientError::Timeout { address, timeout })?
+}
+
 async fn exchange(transport: &Transport, request: Request) -> Result<Response, ClientError> {
     let address = request.address.clone();
     let tcp = TcpStream::connect(address.as_str())
