@@ -24,7 +24,7 @@ use tokio::{
 };
 use tokio_tungstenite::{
     tungstenite::{
-        handshake::server::{ErrorResponse, Request, Response},
+        handshake::server::{Callback, ErrorResponse, Request, Response},
         http::{self, header::SEC_WEBSOCKET_PROTOCOL},
         Message,
     },
@@ -196,38 +196,55 @@ async fn handle(acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream, node: &str)
         bail!("client {subject:?} is not the API server ({API_SERVER_CLIENT})");
     }
     let mut forward = None;
-    let ws =
-        tokio_tungstenite::accept_hdr_async(tls, |request: &Request, mut response: Response| {
-            let asked = request
-                .uri()
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_owned();
-            let offered = request
-                .headers()
-                .get(SEC_WEBSOCKET_PROTOCOL)
-                .and_then(|v| v.to_str().ok());
-            match parse_forward(&asked).and_then(|f| Ok((f, choose_protocol(offered)?))) {
-                Ok((asked, protocol)) => {
-                    response.headers_mut().insert(
-                        SEC_WEBSOCKET_PROTOCOL,
-                        http::HeaderValue::from_static(protocol),
-                    );
-                    forward = Some(asked);
-                    Ok(response)
-                }
-                Err(reason) => {
-                    let mut refused = ErrorResponse::new(Some(reason));
-                    *refused.status_mut() = http::StatusCode::BAD_REQUEST;
-                    Err(refused)
-                }
-            }
-        })
-        .await
-        .context("WebSocket handshake")?;
+    let ws = tokio_tungstenite::accept_hdr_async(
+        tls,
+        Negotiation {
+            forward: &mut forward,
+        },
+    )
+    .await
+    .context("WebSocket handshake")?;
     let forward = forward.context("the handshake named no forward")?;
     let netns = pod_netns(node, &forward)?;
     relay(ws, &forward, netns.as_deref()).await
+}
+
+/// The WebSocket handshake: the forward asked for and the subprotocol answered, or 400.
+struct Negotiation<'a> {
+    forward: &'a mut Option<Forward>,
+}
+
+impl Callback for Negotiation<'_> {
+    fn on_request(
+        self,
+        request: &Request,
+        mut response: Response,
+    ) -> Result<Response, ErrorResponse> {
+        let asked = request
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let offered = request
+            .headers()
+            .get(SEC_WEBSOCKET_PROTOCOL)
+            .and_then(|v| v.to_str().ok());
+        match parse_forward(&asked).and_then(|f| Ok((f, choose_protocol(offered)?))) {
+            Ok((asked, protocol)) => {
+                response.headers_mut().insert(
+                    SEC_WEBSOCKET_PROTOCOL,
+                    http::HeaderValue::from_static(protocol),
+                );
+                *self.forward = Some(asked);
+                Ok(response)
+            }
+            Err(reason) => {
+                let mut refused = ErrorResponse::new(Some(reason));
+                *refused.status_mut() = http::StatusCode::BAD_REQUEST;
+                Err(refused)
+            }
+        }
+    }
 }
 
 /// The network namespace of the pod: `None` for the node's own (its agent), else the
