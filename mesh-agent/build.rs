@@ -23,17 +23,21 @@ fn main() -> Result<()> {
             workspace.join(watched).display()
         );
     }
+    // The programs are the same bytecode on every architecture, but aya-ebpf's helpers for
+    // registers are chosen by `bpf_target_arch`: the agent's own (x86_64 or aarch64).
+    let arch = env::var("CARGO_CFG_TARGET_ARCH")?;
     let target_dir = env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace.join("target"))
         .join("bpf");
-
-    let rustflags = [
-        "--cfg=bpf_target_arch=\"x86_64\"",
-        "-Cdebuginfo=2",
-        "-Clink-arg=--btf",
-    ]
-    .join("\x1f");
+    // Each architecture's object in a directory of its own, so building for one does not
+    // rebuild the other's.
+    let target_dir = match arch.as_str() {
+        "x86_64" => target_dir,
+        other => target_dir.join(other),
+    };
+    let arch_cfg = format!("--cfg=bpf_target_arch=\"{arch}\"");
+    let rustflags = [arch_cfg.as_str(), "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f");
     // The pinned nightly named by mesh-ebpf/rust-toolchain.toml.
     let toolchain_file = ebpf_dir.join("rust-toolchain.toml");
     let toolchain_toml = std::fs::read_to_string(&toolchain_file)

@@ -312,7 +312,7 @@ fn load(client: &str, target: &str, args: &[&str]) -> Result<Value> {
 pub fn run(quick: bool, json: bool, only_api_scale: bool) -> Result<()> {
     require_root()?;
     setup::ensure()?;
-    build()?;
+    build(crate::cross::Arch::Amd64)?;
     let settings = if quick {
         Settings {
             repetitions: 1,

@@ -66,7 +66,7 @@ fn check_download(client: &str, url: &str, servers: &[&str]) -> Result<String> {
 pub fn run() -> Result<()> {
     require_root()?;
     setup::ensure()?;
-    build()?;
+    build(crate::cross::Arch::Amd64)?;
     sandbox::up(
         &workspace().join("deploy/sandbox"),
         sandbox::ConfigSource::Dir,

@@ -6,6 +6,7 @@
 mod api_scale;
 mod bench;
 mod control_plane;
+mod cross;
 mod daemon;
 mod demo;
 mod fuzz;
@@ -46,8 +47,12 @@ enum Task {
     /// kube-apiserver, kubectl and helm built from their Go modules).
     Setup,
     /// Build the agent, meshctl and the eBPF object (release; with `cargo xtask-dist`, the
-    /// `dist` profile that ships).
-    Build,
+    /// `dist` profile that ships) for a node architecture, staged in `target/image/ARCH/`
+    /// for deploy/Containerfile (arm64's cross-built, then run under qemu-user).
+    Build {
+        #[arg(long, value_enum, default_value_t = cross::Arch::Amd64)]
+        arch: cross::Arch,
+    },
     /// Set everything up, run a 2-node sandbox mesh with traffic, show what the mesh saw.
     Demo,
     /// Run every check and test: formatting, lints, the fuzz targets briefly, unit, eBPF
@@ -239,18 +244,14 @@ pub fn require_root() -> Result<()> {
     Ok(())
 }
 
-pub fn build() -> Result<()> {
-    let profile = profile();
-    progress(&format!(
-        "building mesh-agent, meshctl and the eBPF object ({profile})"
-    ));
-    run_visible(Command::new(env!("CARGO")).current_dir(workspace()).args([
-        "build",
-        "--profile",
-        &profile,
-        "-p",
-        "mesh-agent",
-    ]))
+/// Builds and stages the binaries for `arch`; arm64's are then run under qemu-user.
+pub fn build(arch: cross::Arch) -> Result<()> {
+    let staged = cross::build(arch, &profile())?;
+    if arch == cross::Arch::Arm64 {
+        cross::check_arm64(&staged)?;
+    }
+    progress(&format!("staged in {}", staged.display()));
+    Ok(())
 }
 
 fn main() {
@@ -263,9 +264,9 @@ fn main() {
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Task::Setup => setup::ensure(),
-        Task::Build => {
+        Task::Build { arch } => {
             setup::ensure()?;
-            build()
+            build(arch)
         }
         Task::Demo => demo::run(),
         Task::Test => test::run(),

@@ -13,8 +13,9 @@ use crate::{progress, run};
 /// sandbox; curl and python3 for the demo's pods; prometheus for `promtool` and the
 /// sandbox's metrics server; python3-venv for the manifest validator; tcpdump and
 /// openssl for the mTLS tests; iperf3 for the benchmarks; chromium (headless) to render
-/// `meshctl dashboard` in its sandbox test; dnsmasq as the sandbox nodes' resolver.
-const APT_PACKAGES: [&str; 16] = [
+/// `meshctl dashboard` in its sandbox test; dnsmasq as the sandbox nodes' resolver; the
+/// arm64 cross gcc, C library and qemu-user (`cross::ARM64_PACKAGES`).
+const APT_PACKAGES: [&str; 19] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -31,6 +32,9 @@ const APT_PACKAGES: [&str; 16] = [
     "iperf3",
     "chromium",
     "dnsmasq-base",
+    crate::cross::ARM64_PACKAGES[0],
+    crate::cross::ARM64_PACKAGES[1],
+    crate::cross::ARM64_PACKAGES[2],
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

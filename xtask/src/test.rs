@@ -1,14 +1,14 @@
 //! `cargo xtask test`: every check, in the order that fails fastest — formatting, lints,
 //! the build, the fuzz targets run briefly (`cargo xtask fuzz --quick`), unit tests, the
 //! eBPF tests (BPF_PROG_TEST_RUN, real sockets in a cgroup, capture in
-//! namespaces), the sandbox integration tests, and the Kubernetes manifests against the
-//! Kubernetes schemas.
+//! namespaces), the sandbox integration tests, the Kubernetes manifests against the
+//! Kubernetes schemas, and the arm64 build run under qemu-user.
 
 use std::{path::Path, process::Command};
 
 use anyhow::{bail, Result};
 
-use crate::{bench, fuzz, progress, require_root, run_visible, sandbox, setup, workspace};
+use crate::{bench, cross, fuzz, progress, require_root, run_visible, sandbox, setup, workspace};
 
 const KUBERNETES_VERSION: &str = "1.30";
 
@@ -75,6 +75,7 @@ pub fn run() -> Result<()> {
     run_visible(cargo().args(["test", "--release", "--workspace", "--", "--test-threads=1"]))?;
     progress("Kubernetes manifests against the Kubernetes schemas");
     validate_manifests()?;
+    crate::build(cross::Arch::Arm64)?;
     progress("the benchmark harness, quick mode (no timing is asserted)");
     bench::run(true, false, false)?;
     check_bench_report()?;
