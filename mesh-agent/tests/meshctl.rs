@@ -57,7 +57,7 @@ fn check_pre_names_each_missing_feature_and_exits_with_5() {
     assert!(failed[0].1.contains("5.15.0-91-generic is older than 6.6"));
     assert!(failed[1].1.contains("CONFIG_DEBUG_INFO_BTF"));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("3 of 4 checks failed"), "{stderr}");
+    assert!(stderr.contains("3 of 6 checks failed"), "{stderr}");
     std::fs::remove_dir_all(&root).expect("cleanup");
 }
 

@@ -1472,15 +1472,29 @@ fn every_meshctl_command_reaches_a_nodes_agent_through_the_api_server() {
         certs["certificates"].to_string().contains("/sa/web"),
         "{certs:#}"
     );
-    let findings = json_off_the_nodes(&["--node", "node-a", "check"]);
-    assert!(
-        findings
-            .as_array()
-            .expect("findings")
-            .iter()
-            .all(|f| f["ok"] == true),
-        "{findings:#}"
-    );
+    // Each node's kernel, CNI and programs judged by its agent, and its CA contact.
+    for (node, wiring) in [("node-a", "2 routed"), ("node-b", "2 on a bridge")] {
+        let findings = json_off_the_nodes(&["--node", node, "check"]);
+        let findings = findings.as_array().expect("findings");
+        assert!(findings.iter().all(|f| f["ok"] == true), "{findings:#?}");
+        let detail = |check: &str| {
+            findings
+                .iter()
+                .find(|f| f["check"] == check)
+                .and_then(|f| f["detail"].as_str())
+                .unwrap_or_else(|| panic!("no {check} finding: {findings:#?}"))
+                .to_owned()
+        };
+        assert!(detail("cni").contains(wiring), "{findings:#?}");
+        assert_eq!(
+            detail("programs"),
+            "no other TCX program on the pods' interfaces"
+        );
+        assert!(
+            detail("ca").starts_with("10.200.0.254:15012: last certificate signed"),
+            "{findings:#?}"
+        );
+    }
     let check = [
         "policy",
         "check",

@@ -17,7 +17,7 @@ use crate::{
         preflight,
     },
     http::server::{Handler, Reply},
-    identity::{spiffe::facts, tls::Identities},
+    identity::{certs::SharedCaContact, spiffe::facts, tls::Identities},
     model::{
         routes_report::{route_check, routes_report, RouteQuery},
         SharedState,
@@ -63,6 +63,7 @@ pub struct AdminView {
     pub budgets: crate::model::circuit::Budgets,
     /// Where the node's maps and links are pinned.
     pub bpffs: PathBuf,
+    pub ca: SharedCaContact,
 }
 
 pub fn admin(view: AdminView) -> Handler {
@@ -71,12 +72,13 @@ pub fn admin(view: AdminView) -> Handler {
         ("/status", None) => {
             let mut status = lock(&view.status).clone();
             status.proxied_connections = view.conns.len();
+            status.ca = lock(&view.ca).clone();
             Reply::json(&status)
         }
         ("/config_dump", None) => Reply::json(&*view.state.current()),
         ("/certs", None) => Reply::json(&certificates(&view.identities)),
         ("/jwks", None) => Reply::json(&view.jwks.statuses()),
-        ("/preflight", None) => Reply::json(&preflight::judge(&preflight::gather(Path::new("/")))),
+        ("/preflight", None) => Reply::json(&preflight::check_node(Path::new("/"))),
         (path, None) if path.starts_with("/bpf/") => match View::named(&path["/bpf/".len()..]) {
             Some(bpf_view) => {
                 match NodeMaps::open(&view.bpffs).and_then(|maps| maps.view_json(bpf_view)) {

@@ -41,7 +41,11 @@ use crate::{
     datapath::{self, capacity::Capacities, capture_lookup::CaptureLookup, Datapath},
     errors::describe,
     http::{server, Intake},
-    identity::{ca::CaClient, certs::CertManager, tls::Identities},
+    identity::{
+        ca::CaClient,
+        certs::{CaContact, CertManager},
+        tls::Identities,
+    },
     model::{lb::LbRegistry, MeshSettings, SharedState},
     policy::{jwks, jwt::JwksCache},
     proxy::{
@@ -275,6 +279,10 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let root_pem = read(&options.ca_root)?;
     let identities = Arc::new(Identities::new(&options.trust_domain, &root_pem)?);
     let certificates_ready = Arc::new(AtomicBool::new(false));
+    let ca_contact = Arc::new(Mutex::new(CaContact {
+        address: options.ca_address.clone(),
+        ..CaContact::default()
+    }));
     let cert_manager = CertManager {
         identities: identities.clone(),
         client: CaClient {
@@ -286,6 +294,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         state: shared.clone(),
         complete: certificates_ready.clone(),
         metrics: metrics.clone(),
+        contact: ca_contact.clone(),
     };
     let status = Arc::new(Mutex::new(AgentStatus {
         node: options.node.clone(),
@@ -429,6 +438,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             jwks: jwks_cache,
             budgets,
             bpffs: options.bpffs.clone(),
+            ca: ca_contact,
         }),
     };
     let handed_over = CancellationToken::new();

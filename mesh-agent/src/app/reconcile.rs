@@ -36,6 +36,8 @@ pub struct AgentStatus {
     pub not_ready_reason: Option<String>,
     #[serde(skip)]
     pub certificates_ready: bool,
+    /// The last exchange with the CA (filled in when the status is served).
+    pub ca: crate::identity::certs::CaContact,
     /// Where the configuration comes from.
     pub config_dir: PathBuf,
     /// The source it is read from: the directory, or the Kubernetes API server.

@@ -174,8 +174,9 @@ enum Command {
     /// Print the CustomResourceDefinitions of the Istio kinds the mesh reads (for a
     /// cluster without Istio; `deploy/istio-crds.yaml` holds the same).
     Crds,
-    /// Whether this node can run the mesh (kernel, BTF, cgroup v2, bpffs) and, unless
-    /// `--pre`, whether its agent runs well: ready, every local pod enrolled, the same
+    /// Whether this node can run the mesh (kernel, BTF, cgroup v2, bpffs; a CNI whose pods
+    /// it can attach, no other program on their interfaces) and, unless `--pre`, whether
+    /// its agent runs well: ready, every local pod enrolled, the CA answering, the same
     /// release and map layout as this meshctl. Exits with 5 when a check fails.
     Check {
         /// Only what the node offers, before installing.
@@ -900,14 +901,18 @@ fn certs(agent: &AgentLink, format: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn unix_seconds_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// A UNIX time as UTC and as time left.
 fn expiry(unix: Option<i64>) -> String {
     let Some(unix) = unix else {
         return "?".into();
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = unix_seconds_now();
     let when = time::OffsetDateTime::from_unix_timestamp(unix)
         .map(|t| {
             format!(
@@ -1176,6 +1181,8 @@ fn agent_findings(agent: &AgentLink) -> Vec<Finding> {
     };
     let own = own_version();
     let same = status["version"] == own["version"] && status["maps_layout"] == own["maps_layout"];
+    let ca = &status["ca"];
+    let ca_address = ca["address"].as_str().unwrap_or("?");
     let pending: Vec<String> = status["pending"]
         .as_object()
         .map(|pods| {
@@ -1210,6 +1217,22 @@ fn agent_findings(agent: &AgentLink) -> Vec<Finding> {
             },
         },
         Finding {
+            check: "ca".into(),
+            ok: ca["failing"].is_null(),
+            detail: match (ca["failing"].as_str(), ca["last_signed"].as_i64()) {
+                (Some(failing), _) => format!(
+                    "{ca_address}: {failing}; the certificates in hand serve until they expire"
+                ),
+                (None, Some(signed)) => format!(
+                    "{ca_address}: last certificate signed {}s ago",
+                    unix_seconds_now() - signed
+                ),
+                (None, None) => {
+                    format!("{ca_address}: not asked yet (no local workload needs a certificate)")
+                }
+            },
+        },
+        Finding {
             check: "version".into(),
             ok: same,
             detail: format!(
@@ -1227,7 +1250,7 @@ fn agent_findings(agent: &AgentLink) -> Vec<Finding> {
 /// from its agent, which judges the node it runs on (`/preflight`).
 fn check(agent: &AgentLink, pre: bool, host_root: &Path, format: Output) -> anyhow::Result<()> {
     let mut findings = match agent.reach {
-        Reach::Local(_) => preflight::judge(&preflight::gather(host_root)),
+        Reach::Local(_) => preflight::check_node(host_root),
         Reach::Remote(_) => {
             let body = agent.get("/preflight")?;
             serde_json::from_str(&body).with_context(|| {

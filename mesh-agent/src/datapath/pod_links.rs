@@ -9,7 +9,8 @@
 //! the host end. The host end must point back at that namespace, so a namespace cannot
 //! claim another node's or another pod's interface.
 //!
-//! The parsing is pure and unit-tested; `PodLinks::find` runs `ip` for the facts.
+//! The parsing is pure and unit-tested; `PodLinks::find` runs `ip` for the facts, and
+//! `survey` for the shape `meshctl check` reports.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -165,6 +166,67 @@ fn host_end(host: &[HostLink], netns_id: u32, address: &PodSideAddress) -> Optio
         ifindex: veth.ifindex,
         bridge,
     })
+}
+
+/// How this node's CNI wires its pods: the host ends of veth pairs whose peer is in
+/// another namespace, by how the mesh can find their pods.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CniShape {
+    /// With a `/32` route to their pod.
+    pub routed: Vec<String>,
+    /// Ports of a Linux bridge.
+    pub bridged: Vec<String>,
+    /// Ports of another kind of master (Open vSwitch, a bond, …) and no `/32` route: the
+    /// mesh cannot attach their pods. Each with its master.
+    pub unattachable: Vec<(String, String)>,
+}
+
+impl CniShape {
+    /// Every pod veth, routed, bridged or not.
+    pub fn veths(&self) -> impl Iterator<Item = &str> {
+        self.routed
+            .iter()
+            .chain(&self.bridged)
+            .map(String::as_str)
+            .chain(self.unattachable.iter().map(|(veth, _)| veth.as_str()))
+    }
+}
+
+/// Reads this namespace's links and routes (`ip -j -d link show`, `/proc/net/route`).
+pub fn survey() -> Result<CniShape, String> {
+    let links = parse_links(&ip_json(&["-d", "link", "show"])?);
+    let routes = fs::read_to_string("/proc/net/route")
+        .map_err(|err| format!("reading /proc/net/route: {err}"))?;
+    Ok(classify(&links, &host_routes(&routes)))
+}
+
+/// Sorts the veths with a peer elsewhere. One with neither a `/32` route nor a master
+/// (a namespace's own uplink, an address not yet given) is not a pod's and is left out.
+fn classify(links: &[HostLink], routes: &BTreeMap<Ipv4Addr, String>) -> CniShape {
+    let routed: std::collections::BTreeSet<&str> = routes.values().map(String::as_str).collect();
+    let kind_of = |name: &str| {
+        links
+            .iter()
+            .find(|link| link.name == name)
+            .and_then(|link| link.kind.as_deref())
+    };
+    let mut shape = CniShape::default();
+    for link in links {
+        if link.kind.as_deref() != Some("veth") || link.peer_netns.is_none() {
+            continue;
+        }
+        let name = link.name.clone();
+        match link.master.as_deref() {
+            _ if routed.contains(link.name.as_str()) => shape.routed.push(name),
+            Some(master) if kind_of(master) == Some("bridge") => shape.bridged.push(name),
+            Some(master) => shape.unattachable.push((
+                name,
+                format!("{master} ({})", kind_of(master).unwrap_or("unknown kind")),
+            )),
+            None => {}
+        }
+    }
+    shape
 }
 
 fn ip_json(args: &[&str]) -> Result<Value, String> {
@@ -374,6 +436,24 @@ mod tests {
         };
         let link = host_end(&host, 2, &address).expect("the veth");
         assert_eq!((link.veth.as_str(), link.bridge), ("veth3", None));
+    }
+
+    #[test]
+    fn the_cni_shape_sorts_pod_veths_by_how_their_pods_are_found() {
+        let links = parse_links(&node_links());
+        let routes = BTreeMap::from([(POD, "cali1".to_owned())]);
+        assert_eq!(
+            classify(&links, &routes),
+            CniShape {
+                routed: vec!["cali1".into()],
+                bridged: vec!["veth2".into()],
+                unattachable: vec![("veth3".into(), "bond0 (bond)".into())],
+            }
+        );
+        // Without its route, a veth without a master is not taken for a pod's.
+        let shape = classify(&links, &BTreeMap::new());
+        assert!(shape.routed.is_empty());
+        assert_eq!(shape.veths().collect::<Vec<_>>(), ["veth2", "veth3"]);
     }
 
     #[test]

@@ -7,10 +7,12 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
+
+use serde::Serialize;
 
 use crate::{
     identity::{
@@ -32,6 +34,31 @@ pub struct CertManager {
     /// Every local identity has a certificate.
     pub complete: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
+    pub contact: SharedCaContact,
+}
+
+/// The agent's last word with the CA, for `meshctl status` and `check`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CaContact {
+    pub address: String,
+    /// Unix time the CA last signed a certificate for this agent.
+    pub last_signed: Option<i64>,
+    /// Why the last request failed, until one succeeds again.
+    pub failing: Option<String>,
+}
+
+pub type SharedCaContact = Arc<Mutex<CaContact>>;
+
+impl CaContact {
+    fn record(&mut self, outcome: &anyhow::Result<()>, unix_now: i64) {
+        match outcome {
+            Ok(()) => {
+                self.last_signed = Some(unix_now);
+                self.failing = None;
+            }
+            Err(err) => self.failing = Some(format!("{err:#}")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -142,6 +169,10 @@ impl CertManager {
             for id in pass.request {
                 let issued = self.issue(&id).await;
                 self.metrics.certificate_requested(issued.is_ok());
+                self.contact
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .record(&issued, unix_now());
                 match issued {
                     Ok(()) => {
                         retries.remove(&id);
@@ -194,6 +225,20 @@ mod tests {
 
     fn id(service_account: &str) -> SpiffeId {
         SpiffeId::new("cluster.local", "shop", service_account)
+    }
+
+    #[test]
+    fn the_ca_contact_keeps_the_last_signature_and_the_failure_until_the_next_success() {
+        let mut contact = CaContact::default();
+        contact.record(&Ok(()), 100);
+        contact.record(&Err(anyhow::anyhow!("connecting to the CA: refused")), 160);
+        assert_eq!(contact.last_signed, Some(100));
+        assert_eq!(
+            contact.failing.as_deref(),
+            Some("connecting to the CA: refused")
+        );
+        contact.record(&Ok(()), 200);
+        assert_eq!((contact.last_signed, contact.failing), (Some(200), None));
     }
 
     /// A one-hour certificate installed at Unix time 1000: renewal due at 2800.
