@@ -405,8 +405,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 return Err(Exit::new(
                     EXIT_INVALID_INPUT,
                     "meshctl uninstall works on the node itself, once its agent is stopped: \
-                     run it there (the chart's cleanup Job does, on every node), not with \
-                     --node or --pod",
+                     run it in a shell on each node, not with --node or --pod",
                 )
                 .into());
             }
