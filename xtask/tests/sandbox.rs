@@ -1440,6 +1440,19 @@ fn every_meshctl_command_reaches_a_nodes_agent_through_the_api_server() {
     let version = json_off_the_nodes(&["--node", "node-b", "version"]);
     assert_eq!(version["agent"]["node"], "node-b", "{version:#}");
     assert_eq!(version["agent"]["version"], version["meshctl"]["version"]);
+    let versions = json_off_the_nodes(&["--all-nodes", "version"]);
+    let agents: Vec<(&str, &str)> = versions["agents"]
+        .as_array()
+        .expect("agents")
+        .iter()
+        .filter_map(|a| Some((a["node"].as_str()?, a["version"].as_str()?)))
+        .collect();
+    let release = version["meshctl"]["version"].as_str().expect("release");
+    assert_eq!(
+        agents,
+        [("node-a", release), ("node-b", release)],
+        "{versions:#}"
+    );
 
     // The node's maps, read by its agent.
     let kernel = json_off_the_nodes(&["--node", "node-b", "bpf", "workloads"]);
@@ -1472,10 +1485,32 @@ fn every_meshctl_command_reaches_a_nodes_agent_through_the_api_server() {
         certs["certificates"].to_string().contains("/sa/web"),
         "{certs:#}"
     );
-    // Each node's kernel, CNI and programs judged by its agent, and its CA contact.
-    for (node, wiring) in [("node-a", "2 routed"), ("node-b", "2 on a bridge")] {
-        let findings = json_off_the_nodes(&["--node", node, "check"]);
-        let findings = findings.as_array().expect("findings");
+    // Each node's kernel, CNI and programs judged by its agent, and its CA contact; one
+    // node, or every node at once.
+    let every = json_off_the_nodes(&["--all-nodes", "check"]);
+    let nodes: Vec<&str> = every
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["node"].as_str())
+        .collect();
+    assert_eq!(nodes, ["node-a", "node-b"], "{every:#}");
+    for (index, (node, wiring)) in [("node-a", "2 routed"), ("node-b", "2 on a bridge")]
+        .into_iter()
+        .enumerate()
+    {
+        let one = json_off_the_nodes(&["--node", node, "check"]);
+        let findings = one.as_array().expect("findings");
+        let names = |findings: &[serde_json::Value]| -> Vec<String> {
+            findings
+                .iter()
+                .filter_map(|f| f["check"].as_str().map(str::to_owned))
+                .collect()
+        };
+        assert_eq!(
+            names(findings),
+            names(every[index]["findings"].as_array().expect("findings"))
+        );
         assert!(findings.iter().all(|f| f["ok"] == true), "{findings:#?}");
         let detail = |check: &str| {
             findings
@@ -1516,8 +1551,10 @@ fn every_meshctl_command_reaches_a_nodes_agent_through_the_api_server() {
     assert_eq!(off_node, routes);
 
     // The graph from the metrics of the agents named, read the same way.
-    let graph = json_off_the_nodes(&["--node", "node-a,node-b", "graph", "--window", "1s"]);
-    assert!(graph["edges"].is_array(), "{graph:#}");
+    for nodes in [&["--node", "node-a,node-b"][..], &["--all-nodes"]] {
+        let graph = json_off_the_nodes(&[nodes, &["graph", "--window", "1s"]].concat());
+        assert!(graph["edges"].is_array(), "{graph:#}");
+    }
     let (code, _, stderr) = meshctl_off_the_nodes(&["--node", "node-a,node-b", "status"]);
     assert_eq!(code, Some(2), "{stderr}");
 

@@ -16,6 +16,7 @@ pub mod svg;
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
+    rc::Rc,
     sync::Arc,
 };
 
@@ -98,7 +99,11 @@ pub struct Cli {
     /// in-cluster, `$KUBECONFIG` or `~/.kube/config`.
     #[arg(long, global = true)]
     kubeconfig: Option<PathBuf>,
-    /// The namespace of the agent's DaemonSet, for `--node` and `--pod`.
+    /// Reach the agent of every node, as `--node` does: for `version`, `check`, `graph`,
+    /// `impact` and `dashboard`.
+    #[arg(long, global = true, conflicts_with_all = ["node", "pod"])]
+    all_nodes: bool,
+    /// The namespace of the agent's DaemonSet, for `--node`, `--pod` and `--all-nodes`.
     #[arg(long, global = true, default_value = "mesh-system")]
     agent_namespace: String,
     /// Output format.
@@ -401,7 +406,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Uninstall { force } => {
-            if !remoting.targets.is_empty() {
+            if remoting.remote() {
                 return Err(Exit::new(
                     EXIT_INVALID_INPUT,
                     "meshctl uninstall works on the node itself, once its agent is stopped: \
@@ -411,7 +416,13 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             }
             uninstall(&cli.bpffs, cli.admin, *force, format)
         }
+        Command::Check { pre, host_root } if remoting.several() => {
+            check_every(&AgentLink::every(&remoting)?, *pre, host_root, format)
+        }
         Command::Check { pre, host_root } => check(&link()?, *pre, host_root, format),
+        Command::Version if remoting.several() => {
+            version_every(&AgentLink::every(&remoting)?, format)
+        }
         Command::Version => version(&link()?, format),
         Command::Completion { shell } => {
             clap_complete::generate(
@@ -477,7 +488,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             policy_check(&link()?, &request, format)
         }
         Command::Bpf { what } => {
-            let maps = if !remoting.targets.is_empty() {
+            let maps = if remoting.remote() {
                 KernelView::Agent(link()?)
             } else {
                 KernelView::Pins(NodeMaps::open(&cli.bpffs)?)
@@ -657,7 +668,7 @@ const ADMIN_PORT: u16 = 15000;
 /// Kubernetes API (`--node`, `--pod`). One runtime serves every request, as the
 /// Kubernetes client lives on it.
 struct AgentLink {
-    runtime: tokio::runtime::Runtime,
+    runtime: Rc<tokio::runtime::Runtime>,
     reach: Reach,
 }
 
@@ -670,6 +681,7 @@ enum Reach {
 /// how.
 struct Remoting {
     targets: Vec<remote::Target>,
+    all_nodes: bool,
     kubeconfig: Option<PathBuf>,
     namespace: String,
 }
@@ -681,34 +693,49 @@ impl Remoting {
         targets.extend(cli.pod.clone());
         Remoting {
             targets,
+            all_nodes: cli.all_nodes,
             kubeconfig: cli.kubeconfig.clone(),
             namespace: cli.agent_namespace.clone(),
         }
     }
 
+    /// Whether agents are reached through the Kubernetes API.
+    fn remote(&self) -> bool {
+        self.all_nodes || !self.targets.is_empty()
+    }
+
+    /// Whether more than one agent is asked for.
+    fn several(&self) -> bool {
+        self.all_nodes || self.targets.len() > 1
+    }
+
     /// Every target's agent; a failure carries the exit code it deserves.
     async fn find(&self) -> anyhow::Result<Vec<Arc<remote::Remote>>> {
-        remote::Remote::find_all(self.kubeconfig.as_deref(), &self.namespace, &self.targets)
-            .await
-            .map_err(|err| {
-                let code = match &err {
-                    remote::RemoteError::Pod {
-                        source: kube::Error::Api(status),
-                        ..
-                    } if status.is_not_found() => EXIT_INVALID_INPUT,
-                    _ => EXIT_AGENT_UNREACHABLE,
-                };
-                anyhow::Error::new(err).context(Exit::new(
-                    code,
-                    "reaching the node's agent through the Kubernetes API",
-                ))
-            })
+        let found = if self.all_nodes {
+            remote::Remote::find_every(self.kubeconfig.as_deref(), &self.namespace).await
+        } else {
+            remote::Remote::find_all(self.kubeconfig.as_deref(), &self.namespace, &self.targets)
+                .await
+        };
+        found.map_err(|err| {
+            let code = match &err {
+                remote::RemoteError::Pod {
+                    source: kube::Error::Api(status),
+                    ..
+                } if status.is_not_found() => EXIT_INVALID_INPUT,
+                _ => EXIT_AGENT_UNREACHABLE,
+            };
+            anyhow::Error::new(err).context(Exit::new(
+                code,
+                "reaching the node's agent through the Kubernetes API",
+            ))
+        })
     }
 
     /// Where `graph`, `impact` and `dashboard` read metrics: the targets' agents, or else
     /// the `--metrics` URLs.
     async fn metrics_sources(&self, sampling: &Sampling) -> anyhow::Result<Vec<scrape::Source>> {
-        if self.targets.is_empty() {
+        if !self.remote() {
             return Ok(sampling
                 .urls
                 .iter()
@@ -727,24 +754,52 @@ impl Remoting {
 
 impl AgentLink {
     fn new(admin: SocketAddr, remoting: &Remoting) -> anyhow::Result<AgentLink> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let reach = match remoting.targets.as_slice() {
-            [] => Reach::Local(admin),
-            [_] => {
-                let mut found = runtime.block_on(remoting.find())?;
-                Reach::Remote(found.remove(0))
-            }
-            _ => {
-                return Err(Exit::new(
-                    EXIT_INVALID_INPUT,
-                    "--node names one node here (several are for graph, impact and dashboard)",
-                )
-                .into())
-            }
+        if remoting.several() {
+            return Err(Exit::new(
+                EXIT_INVALID_INPUT,
+                "--node names one node here (several, or --all-nodes, are for version, \
+                 check, graph, impact and dashboard)",
+            )
+            .into());
+        }
+        let runtime = Rc::new(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+        );
+        let reach = if remoting.remote() {
+            let mut found = runtime.block_on(remoting.find())?;
+            Reach::Remote(found.remove(0))
+        } else {
+            Reach::Local(admin)
         };
         Ok(AgentLink { runtime, reach })
+    }
+
+    /// A link to each agent `remoting` names (`--node a,b`, `--all-nodes`), on one
+    /// runtime, where the Kubernetes client lives.
+    fn every(remoting: &Remoting) -> anyhow::Result<Vec<AgentLink>> {
+        let runtime = Rc::new(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+        );
+        let found = runtime.block_on(remoting.find())?;
+        Ok(found
+            .into_iter()
+            .map(|remote| AgentLink {
+                runtime: runtime.clone(),
+                reach: Reach::Remote(remote),
+            })
+            .collect())
+    }
+
+    /// The node of a remote agent.
+    fn node(&self) -> &str {
+        match &self.reach {
+            Reach::Local(_) => "-",
+            Reach::Remote(remote) => &remote.node,
+        }
     }
 
     fn describe(&self) -> String {
@@ -1127,9 +1182,9 @@ fn own_version() -> serde_json::Value {
     })
 }
 
-fn version(link: &AgentLink, format: Output) -> anyhow::Result<()> {
-    let agent = link
-        .get("/status")
+/// An agent's node, release and map layout, from its status.
+fn agent_version(link: &AgentLink) -> Option<serde_json::Value> {
+    link.get("/status")
         .ok()
         .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
         .map(|status| {
@@ -1138,19 +1193,59 @@ fn version(link: &AgentLink, format: Output) -> anyhow::Result<()> {
                 "version": status["version"],
                 "maps_layout": status["maps_layout"],
             })
-        });
-    if format.structured() {
-        return emit(
-            format,
-            &serde_json::json!({"meshctl": own_version(), "agent": agent}),
-        );
-    }
+        })
+}
+
+fn print_own_version() {
     let own = own_version();
     println!(
         "meshctl {} (maps layout {})",
         own["version"].as_str().unwrap_or("?"),
         own["maps_layout"]
     );
+}
+
+/// meshctl's release and every agent's (`--all-nodes`, `--node a,b`), an unreachable one
+/// named as such.
+fn version_every(links: &[AgentLink], format: Output) -> anyhow::Result<()> {
+    let agents: Vec<serde_json::Value> = links
+        .iter()
+        .map(|link| {
+            agent_version(link).unwrap_or_else(
+                || serde_json::json!({"node": link.node(), "unreachable": link.describe()}),
+            )
+        })
+        .collect();
+    if format.structured() {
+        return emit(
+            format,
+            &serde_json::json!({"meshctl": own_version(), "agents": agents}),
+        );
+    }
+    print_own_version();
+    for agent in &agents {
+        match agent["unreachable"].as_str() {
+            Some(what) => println!("agent   not reachable: {what}"),
+            None => println!(
+                "agent   {} (maps layout {}) on {}",
+                agent["version"].as_str().unwrap_or("?"),
+                agent["maps_layout"],
+                agent["node"].as_str().unwrap_or("?")
+            ),
+        }
+    }
+    Ok(())
+}
+
+fn version(link: &AgentLink, format: Output) -> anyhow::Result<()> {
+    let agent = agent_version(link);
+    if format.structured() {
+        return emit(
+            format,
+            &serde_json::json!({"meshctl": own_version(), "agent": agent}),
+        );
+    }
+    print_own_version();
     match agent {
         Some(agent) => println!(
             "agent   {} (maps layout {}) on {}",
@@ -1245,24 +1340,85 @@ fn agent_findings(agent: &AgentLink) -> Vec<Finding> {
     ]
 }
 
-/// The node's own findings come from this machine, or, for a node reached with `--node`,
-/// from its agent, which judges the node it runs on (`/preflight`).
-fn check(agent: &AgentLink, pre: bool, host_root: &Path, format: Output) -> anyhow::Result<()> {
+/// One node's findings. The node's own come from this machine, or, for a node reached
+/// with `--node`, from its agent, which judges the node it runs on (`/preflight`); then,
+/// unless `pre`, the agent's.
+fn findings_of(agent: &AgentLink, pre: bool, host_root: &Path) -> Vec<Finding> {
     let mut findings = match agent.reach {
         Reach::Local(_) => preflight::check_node(host_root),
-        Reach::Remote(_) => {
-            let body = agent.get("/preflight")?;
-            serde_json::from_str(&body).with_context(|| {
+        Reach::Remote(_) => match agent.get("/preflight").and_then(|body| {
+            serde_json::from_str::<Vec<Finding>>(&body).with_context(|| {
                 format!(
                     "{}'s /preflight is not a list of findings",
                     agent.describe()
                 )
-            })?
-        }
+            })
+        }) {
+            Ok(found) => found,
+            Err(err) => vec![Finding {
+                check: "node".into(),
+                ok: false,
+                detail: format!("{err:#}"),
+            }],
+        },
     };
     if !pre {
         findings.extend(agent_findings(agent));
     }
+    findings
+}
+
+fn checks_failed(failed: usize, total: usize) -> anyhow::Result<()> {
+    if failed > 0 {
+        return Err(Exit::new(
+            EXIT_CHECK_FAILED,
+            format!("{failed} of {total} checks failed"),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Every node's checks (`--all-nodes`, `--node a,b`), by node.
+fn check_every(
+    links: &[AgentLink],
+    pre: bool,
+    host_root: &Path,
+    format: Output,
+) -> anyhow::Result<()> {
+    let nodes: Vec<(&str, Vec<Finding>)> = links
+        .iter()
+        .map(|link| (link.node(), findings_of(link, pre, host_root)))
+        .collect();
+    let all = || {
+        nodes
+            .iter()
+            .flat_map(|(node, findings)| findings.iter().map(move |f| (*node, f)))
+    };
+    if format.structured() {
+        let report: Vec<serde_json::Value> = nodes
+            .iter()
+            .map(|(node, findings)| serde_json::json!({"node": node, "findings": findings}))
+            .collect();
+        emit(format, &report)?;
+    } else {
+        table(
+            &["NODE", "CHECK", "RESULT", "DETAIL"],
+            all().map(|(node, f)| {
+                vec![
+                    node.to_owned(),
+                    f.check.clone(),
+                    if f.ok { "ok" } else { "FAIL" }.to_owned(),
+                    f.detail.clone(),
+                ]
+            }),
+        );
+    }
+    checks_failed(all().filter(|(_, f)| !f.ok).count(), all().count())
+}
+
+fn check(agent: &AgentLink, pre: bool, host_root: &Path, format: Output) -> anyhow::Result<()> {
+    let findings = findings_of(agent, pre, host_root);
     let failed = findings.iter().filter(|f| !f.ok).count();
     if format.structured() {
         emit(format, &findings)?;
@@ -1278,14 +1434,7 @@ fn check(agent: &AgentLink, pre: bool, host_root: &Path, format: Output) -> anyh
             }),
         );
     }
-    if failed > 0 {
-        return Err(Exit::new(
-            EXIT_CHECK_FAILED,
-            format!("{failed} of {} checks failed", findings.len()),
-        )
-        .into());
-    }
-    Ok(())
+    checks_failed(failed, findings.len())
 }
 
 fn uninstall(bpffs: &Path, admin: SocketAddr, force: bool, format: Output) -> anyhow::Result<()> {
@@ -1527,7 +1676,7 @@ fn watch(remoting: &Remoting, sampling: &Sampling) -> anyhow::Result<Vec<scrape:
 
 /// `--metrics` URLs are checked before anything is read (unless `--node` replaces them).
 fn check_metrics_urls(remoting: &Remoting, sampling: &Sampling) -> anyhow::Result<()> {
-    if remoting.targets.is_empty() {
+    if !remoting.remote() {
         for url in &sampling.urls {
             scrape::split_url(url)
                 .map_err(|err| Exit::new(EXIT_INVALID_INPUT, format!("--metrics {err}")))?;

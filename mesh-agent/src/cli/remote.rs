@@ -110,6 +110,38 @@ impl Remote {
         Ok(found)
     }
 
+    /// The agent of every node that has one, by node name.
+    pub async fn find_every(
+        kubeconfig: Option<&Path>,
+        namespace: &str,
+    ) -> Result<Vec<Arc<Remote>>, RemoteError> {
+        let api = kube_api::connect(kubeconfig).await?;
+        let pods = Api::<Pod>::namespaced(api.client.clone(), namespace);
+        let agents = list_agents(&pods, namespace, &api.server).await?;
+        let mut nodes: Vec<&str> = agents.iter().filter_map(node_of).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let mut found = Vec::new();
+        for node in nodes {
+            // A node whose only agent pod is not running yet is left out.
+            if let Ok(pod) = pick_agent(&agents, node, namespace) {
+                found.push(Arc::new(Remote {
+                    pods: pods.clone(),
+                    pod,
+                    node: node.to_owned(),
+                    server: api.server.clone(),
+                }));
+            }
+        }
+        if found.is_empty() {
+            return Err(RemoteError::NoAgent(format!(
+                "no mesh agent runs on any node: no running pod labelled {AGENT_SELECTOR} in \
+                 namespace {namespace}"
+            )));
+        }
+        Ok(found)
+    }
+
     async fn find(
         api: &kube_api::ApiClient,
         namespace: &str,
@@ -138,15 +170,8 @@ impl Remote {
             }
         };
         let pods = Api::<Pod>::namespaced(api.client.clone(), namespace);
-        let agents = pods
-            .list(&ListParams::default().labels(AGENT_SELECTOR))
-            .await
-            .map_err(|source| RemoteError::List {
-                namespace: namespace.to_owned(),
-                server: server.clone(),
-                source,
-            })?;
-        let pod = pick_agent(&agents.items, &node, namespace).map_err(RemoteError::NoAgent)?;
+        let agents = list_agents(&pods, namespace, &server).await?;
+        let pod = pick_agent(&agents, &node, namespace).map_err(RemoteError::NoAgent)?;
         Ok(Remote {
             pods,
             pod,
@@ -209,6 +234,22 @@ impl Remote {
             self.pod, self.node, self.server
         )
     }
+}
+
+async fn list_agents(
+    pods: &Api<Pod>,
+    namespace: &str,
+    server: &str,
+) -> Result<Vec<Pod>, RemoteError> {
+    Ok(pods
+        .list(&ListParams::default().labels(AGENT_SELECTOR))
+        .await
+        .map_err(|source| RemoteError::List {
+            namespace: namespace.to_owned(),
+            server: server.to_owned(),
+            source,
+        })?
+        .items)
 }
 
 fn node_of(pod: &Pod) -> Option<&str> {
