@@ -1342,6 +1342,31 @@ fn agents_on_the_kubernetes_api_follow_pods_created_and_deleted_through_it() {
             logged_lines(log).iter().any(|line| line["path"] == "/name")
         },
     );
+
+    // A namespace joins by Istio ambient's label set through the API: its running pod
+    // stays out until then.
+    kubectl(
+        "apply",
+        "legacy",
+        &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: legacy}}\n---\n{}",
+            probed_pod("old", "legacy", "app: old", "")
+        ),
+    );
+    assert!(!enrolled_pods("node-a").contains(&"legacy/old".to_owned()));
+    ok(
+        sandbox_kubectl(&[
+            "label",
+            "namespace",
+            "legacy",
+            "istio.io/dataplane-mode=ambient",
+        ]),
+        "kubectl label namespace",
+    );
+    eventually(
+        "the pod of the namespace labelled through the API is enrolled",
+        || enrolled_pods("node-a").contains(&"legacy/old".to_owned()),
+    );
 }
 
 /// Istio's MeshConfig (the ConfigMap `istio-system/istio`) applied with an access log
