@@ -1,6 +1,7 @@
 //! The agents' Prometheus metrics as `meshctl graph`, `impact` and `dashboard` read them:
 //! the text exposition format parsed into samples (agent output is outside input: a
-//! malformed line is an error naming its line, never a panic), each agent read twice,
+//! malformed line is an error naming its line, never a panic), each agent read twice
+//! (at a URL, or through the Kubernetes API: [`Source`]),
 //! and what moved between the two readings ([`Window`]) — the `increase()` Prometheus
 //! would compute, without a Prometheus server.
 
