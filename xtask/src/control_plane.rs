@@ -609,6 +609,23 @@ pub fn create_pod(state: &ControlPlaneState, object: &serde_norway::Value) -> Re
     Ok(uid.trim().to_owned())
 }
 
+/// Binds a pod to a node, as the scheduler does.
+pub fn bind_pod(state: &ControlPlaneState, namespace: &str, name: &str, node: &str) -> Result<()> {
+    let binding = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Binding",
+        "metadata": {"name": name, "namespace": namespace},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+    });
+    let path = format!("/api/v1/namespaces/{namespace}/pods/{name}/binding");
+    kubectl_with_input(
+        state,
+        &["create", "--raw", &path, "-f", "-"],
+        &binding.to_string(),
+    )
+    .map(drop)
+}
+
 /// Sets an object's status, as the kubelet (Pods, Nodes) does.
 pub fn patch_status(
     state: &ControlPlaneState,

@@ -16,6 +16,7 @@ mod jaeger;
 mod kube_tools;
 mod kubelet;
 mod ns;
+mod pod_sync;
 mod prometheus;
 mod resolver;
 mod sandbox;
@@ -175,6 +176,13 @@ enum SandboxCommand {
         #[arg(long)]
         node: String,
     },
+    /// Schedule, start and stop the pods made through the API server, as the scheduler
+    /// and the kubelets do (started by `sandbox up` on the API source).
+    #[command(hide = true)]
+    PodSync,
+    /// Wire and start the pod given as JSON on standard input (run by pod-sync).
+    #[command(hide = true)]
+    PodStart,
 }
 
 /// The workspace root.
@@ -331,6 +339,8 @@ fn dispatch(cli: Cli) -> Result<()> {
                     supervise::supervise(&pid_file, &agent)
                 }
                 SandboxCommand::Kubelet { node } => kubelet::serve(&node),
+                SandboxCommand::PodSync => pod_sync::serve(),
+                SandboxCommand::PodStart => pod_sync::start_from_stdin(),
             }
         }
     }

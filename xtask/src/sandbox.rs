@@ -34,7 +34,7 @@ use crate::{
     jaeger::{self, JaegerState},
     kubelet,
     ns::{self, Placement},
-    progress,
+    pod_sync, progress,
     prometheus::{self, PrometheusState},
     release_binaries, resolver, run, supervise,
 };
@@ -199,7 +199,7 @@ impl SandboxState {
     }
 
     /// The API server the sandbox keeps its objects in, when the agents read from it.
-    fn api(&self) -> Option<&ControlPlaneState> {
+    pub fn api(&self) -> Option<&ControlPlaneState> {
         self.control_plane
             .as_ref()
             .filter(|_| self.config_source == ConfigSource::Kube)
@@ -211,6 +211,36 @@ impl SandboxState {
             .find(|n| n.name == name)
             .with_context(|| format!("no node {name} in the sandbox"))
     }
+}
+
+/// Held while a command changes the sandbox's pods: `apply`, `delete` and the pod sync
+/// loop (`pod_sync`) each load, change and save the state under it.
+pub struct StateLock(fs::File);
+
+impl Drop for StateLock {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock(2) on a descriptor this lock owns.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// Waits for and takes the sandbox's state lock.
+pub fn lock_state() -> Result<StateLock> {
+    use std::os::fd::AsRawFd;
+    let path = Path::new(RUN_DIR).join("state.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock(2) on a descriptor owned by `file`.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("locking {}", path.display()));
+    }
+    Ok(StateLock(file))
 }
 
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
@@ -646,7 +676,7 @@ pub fn up(config: &Path, source: ConfigSource) -> Result<()> {
     rest.sort_by_key(|o| o.kind != "Namespace");
     for object in rest {
         if object.kind == "Pod" {
-            pods.push(add_pod(&mut state, object)?);
+            pods.push((add_pod(&mut state, object, None)?, object));
         } else {
             store(&mut state, object)?;
         }
@@ -682,10 +712,17 @@ pub fn up(config: &Path, source: ConfigSource) -> Result<()> {
         }
     }
     progress(&format!("starting {} pods", pods.len()));
-    for (pod, start) in pods {
+    for ((pod, start), object) in pods {
         start_pod(&mut state, &pod, &start)?;
+        if let Some(api) = state.api() {
+            report_ready(api, &pod, object)?;
+        }
     }
     state.save()?;
+    if state.api().is_some() {
+        // From now on pods made with kubectl run too.
+        pod_sync::start(cgroups.join("pod-sync"))?;
+    }
     progress("sandbox is up (`cargo xtask sandbox status`)");
     Ok(())
 }
@@ -855,8 +892,14 @@ fn enrolled(pod: &Object) -> bool {
 }
 
 /// Wires a pod (namespace, veth, address, cgroup) and writes it; returns the pod and how
-/// to start it once its node's agent enrolled it.
-fn add_pod(state: &mut SandboxState, object: &Object) -> Result<(PodState, PodStart)> {
+/// to start it once its node's agent enrolled it. A pod the API server already holds
+/// comes with its `uid` and is reported not Ready until it starts (`report_ready`); any
+/// other is created through the API first when the agents read it.
+fn add_pod(
+    state: &mut SandboxState,
+    object: &Object,
+    uid: Option<String>,
+) -> Result<(PodState, PodStart)> {
     let node_name = object.node_name().with_context(|| {
         format!(
             "{}: Pod {}/{} has no spec.nodeName",
@@ -889,9 +932,11 @@ fn add_pod(state: &mut SandboxState, object: &Object) -> Result<(PodState, PodSt
     let cgroup = node.cgroup.clone();
     state.next_veth += 1;
     // The kubelet names a pod's cgroup after the UID the API server gave the pod.
-    let uid = match state.api() {
-        Some(api) => control_plane::create_pod(api, &object.value)?,
-        None => new_uid()?,
+    let scheduled = uid.is_some();
+    let uid = match (uid, state.api()) {
+        (Some(uid), _) => uid,
+        (None, Some(api)) => control_plane::create_pod(api, &object.value)?,
+        (None, None) => new_uid()?,
     };
     let pod = PodState {
         name: object.name.clone(),
@@ -920,12 +965,7 @@ fn add_pod(state: &mut SandboxState, object: &Object) -> Result<(PodState, PodSt
             "Pod",
             Some(&pod.namespace),
             &pod.name,
-            &serde_json::json!({
-                "phase": "Running",
-                "podIP": pod_ip,
-                "podIPs": [{"ip": pod_ip}],
-                "hostIP": node_ip,
-            }),
+            &running_status(pod_ip, node_ip, scheduled),
         )?;
     }
     state.pods.push(pod.clone());
@@ -942,6 +982,89 @@ fn add_pod(state: &mut SandboxState, object: &Object) -> Result<(PodState, PodSt
         meshed: enrolled(object),
     };
     Ok((pod, start))
+}
+
+/// A wired pod's status: running at its address, and, for a pod the API server already
+/// held, not Ready until its containers start and its probe passes.
+fn running_status(pod_ip: Ipv4Addr, node_ip: Ipv4Addr, not_ready_yet: bool) -> serde_json::Value {
+    let mut status = serde_json::json!({
+        "phase": "Running",
+        "podIP": pod_ip,
+        "podIPs": [{"ip": pod_ip}],
+        "hostIP": node_ip,
+    });
+    if not_ready_yet {
+        status["conditions"] = serde_json::json!([{"type": "Ready", "status": "False"}]);
+    }
+    status
+}
+
+/// Reports a started pod Ready, with its first container running (what `kubectl get
+/// pods` counts in READY).
+fn report_ready(api: &ControlPlaneState, pod: &PodState, object: &Object) -> Result<()> {
+    let container = object
+        .value
+        .get("spec")
+        .and_then(|s| s.get("containers"))
+        .and_then(|c| c.get(0));
+    let text = |key: &str| {
+        container
+            .and_then(|c| c.get(key))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    control_plane::patch_status(
+        api,
+        "Pod",
+        Some(&pod.namespace),
+        &pod.name,
+        &serde_json::json!({
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "containerStatuses": [{
+                "name": text("name"),
+                "image": text("image"),
+                "imageID": "",
+                "ready": true,
+                "started": true,
+                "restartCount": 0,
+                "state": {"running": {}},
+            }],
+        }),
+    )
+}
+
+/// Wires and starts a pod the API server holds and bound to one of the sandbox's nodes
+/// (`pod_sync`), and reports it Ready once started.
+pub fn run_scheduled_pod(state: &mut SandboxState, object: &Object, uid: String) -> Result<()> {
+    let api = state
+        .api()
+        .cloned()
+        .context("the sandbox's agents do not read the Kubernetes API")?;
+    let (pod, start) = add_pod(state, object, Some(uid))?;
+    state.save()?;
+    start_pod(state, &pod, &start)?;
+    state.save()?;
+    report_ready(&api, &pod, object)
+}
+
+/// Stops a pod and removes everything of it (processes, cgroup, namespace, the copy in
+/// the configuration directory); saves the state. Nothing happens for a pod the sandbox
+/// does not run.
+pub fn remove_pod(state: &mut SandboxState, namespace: &str, name: &str) -> Result<()> {
+    let Some(index) = state
+        .pods
+        .iter()
+        .position(|p| p.name == name && p.namespace == namespace)
+    else {
+        return Ok(());
+    };
+    let pod = state.pods.remove(index);
+    remove_cgroup_tree(&pod.cgroup);
+    ip(&["netns", "del", &pod.netns])?;
+    let _ = fs::remove_dir_all(pod_dir(&pod));
+    let _ = fs::remove_file(config_dir().join(format!("pod-{namespace}-{name}.yaml")));
+    state.save()
 }
 
 fn pod_dir(pod: &PodState) -> PathBuf {
@@ -1510,6 +1633,7 @@ pub fn status(json: bool) -> Result<()> {
 }
 
 pub fn apply(path: &Path) -> Result<()> {
+    let _lock = lock_state()?;
     let mut state = SandboxState::load()?;
     let objects = read_objects(path)?;
     let mut started = Vec::new();
@@ -1537,7 +1661,7 @@ pub fn apply(path: &Path) -> Result<()> {
                             control_plane::apply_object(api, &object.value)?;
                         }
                     }
-                    None => started.push(add_pod(&mut state, object)?),
+                    None => started.push((add_pod(&mut state, object, None)?, object)),
                 }
             }
             _ => store(&mut state, object)?,
@@ -1550,13 +1674,17 @@ pub fn apply(path: &Path) -> Result<()> {
         );
     }
     state.save()?;
-    for (pod, start) in started {
+    for ((pod, start), object) in started {
         start_pod(&mut state, &pod, &start)?;
+        if let Some(api) = state.api() {
+            report_ready(api, &pod, object)?;
+        }
     }
     state.save()
 }
 
 pub fn delete(path: &Path) -> Result<()> {
+    let _lock = lock_state()?;
     let mut state = SandboxState::load()?;
     for object in read_objects(path)? {
         // The API first: the agents drop the pod before its namespace goes.
@@ -1578,16 +1706,7 @@ pub fn delete(path: &Path) -> Result<()> {
             Err(e) => return Err(e).with_context(|| format!("removing {}", file.display())),
         }
         if object.kind == "Pod" {
-            if let Some(index) = state
-                .pods
-                .iter()
-                .position(|p| p.name == object.name && p.namespace == object.namespace)
-            {
-                let pod = state.pods.remove(index);
-                remove_cgroup_tree(&pod.cgroup);
-                ip(&["netns", "del", &pod.netns])?;
-                let _ = fs::remove_dir_all(pod_dir(&pod));
-            }
+            remove_pod(&mut state, &object.namespace, &object.name)?;
         }
         if object.kind == "Service" {
             state
@@ -1678,6 +1797,7 @@ pub fn restart_agent(node: &str, graceful: bool) -> Result<Duration> {
 /// Kills the sandbox's kube-apiserver and starts it again (its etcd keeps the objects),
 /// waiting until it serves: agents watching it must ride it out.
 pub fn restart_api() -> Result<()> {
+    let _lock = lock_state()?;
     let mut state = SandboxState::load()?;
     let Some(control_plane) = state.control_plane.as_mut() else {
         bail!("the sandbox runs no API server");

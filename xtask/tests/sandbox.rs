@@ -1212,31 +1212,68 @@ fn agents_on_the_kubernetes_api_follow_pods_created_and_deleted_through_it() {
     eventually("web-c back in the rotation once labelled back", || {
         try_backends(url, 6).is_ok_and(|b| b.contains_key("web-c"))
     });
-    // A pod being deleted (terminating: with no kubelet to end it, it keeps running)
-    // leaves the rotation at once, as its EndpointSlice would say: it is no longer ready.
+    // A pod made with plain kubectl and no node: the sandbox's scheduler binds it to
+    // the node running the fewest pods, that node's kubelet starts it and reports it
+    // Ready once its probe passes, and it joins the rotation.
+    let web_d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sandbox-test-web-d.yaml");
+    std::fs::write(&web_d, WEB_D).expect("write");
     ok(
-        sandbox_kubectl(&["delete", "pod", "web-c", "-n", "demo", "--wait=false"]),
-        "kubectl delete --wait=false",
+        sandbox_kubectl(&["apply", "-f", web_d.to_str().expect("path")]),
+        "kubectl apply web-d",
     );
-    eventually("the terminating web-c out of the rotation", || {
-        try_backends(url, 6).is_ok_and(|b| !b.contains_key("web-c"))
+    let pod_line = |name: &str| {
+        sandbox_kubectl(&[
+            "get",
+            "pod",
+            name,
+            "-n",
+            "demo",
+            "-o",
+            "jsonpath={.spec.nodeName} {.status.phase} {.status.conditions[?(@.type==\"Ready\")].status}",
+        ])
+    };
+    eventually_eq(
+        "web-d scheduled, running and ready",
+        "node-a Running True".to_owned(),
+        || String::from_utf8_lossy(&pod_line("web-d").stdout).into_owned(),
+    );
+    eventually("web-d in the web Service's rotation", || {
+        try_backends(url, 8).is_ok_and(|b| b.contains_key("web-d"))
     });
-    let spread = backends(url, 12);
-    assert_eq!(spread.values().sum::<usize>(), 12, "{spread:?}");
-    assert!(!spread.contains_key("web-c"), "{spread:?}");
+    // Deleted with kubectl (gracefully: the API server waits for the kubelet), a pod is
+    // stopped and leaves the rotation; kubectl returns once the kubelet confirmed it.
     let deleted = Instant::now();
-    kubectl("delete", "web-c", WEB_C);
-    eventually("web-c gone from node-a's agent", || {
+    for pod in ["web-c", "web-d"] {
+        ok(
+            sandbox_kubectl(&["delete", "pod", pod, "-n", "demo", "--timeout=30s"]),
+            "kubectl delete pod",
+        );
+    }
+    eventually("web-c and web-d gone from node-a's agent", || {
         agent_status("node-a")["workloads"] == 4
     });
     // Reported, not asserted: timings on a shared machine are benchmarks.
     eprintln!(
-        "node-a's agent dropped web-c {:?} after `sandbox delete` began",
+        "node-a's agent dropped web-c and web-d {:?} after `kubectl delete` began",
         deleted.elapsed()
     );
-    let spread = backends(url, 6);
-    assert_eq!(spread.values().sum::<usize>(), 6, "{spread:?}");
-    assert!(!spread.contains_key("web-c"), "{spread:?}");
+    let status = status_json();
+    let pods: Vec<&str> = status["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert!(
+        !pods.contains(&"web-c") && !pods.contains(&"web-d"),
+        "the deleted pods still run: {pods:?}"
+    );
+    let spread = backends(url, 12);
+    assert_eq!(spread.values().sum::<usize>(), 12, "{spread:?}");
+    assert!(
+        !spread.contains_key("web-c") && !spread.contains_key("web-d"),
+        "{spread:?}"
+    );
 
     // The Kubernetes API's own Service (`default/kubernetes`, no selector: its endpoint
     // is in the EndpointSlice the API server keeps) is reached from a pod through the
@@ -1612,6 +1649,23 @@ spec:
   nodeName: node-b
   containers:
     - name: web
+      command: [sh, -c, 'echo $POD_NAME > name && exec python3 -m http.server 8080']
+      ports: [{name: http, containerPort: 8080}]
+      readinessProbe: {tcpSocket: {port: 8080}}
+";
+
+/// A pod as a user writes it for kubectl: no node, an image.
+const WEB_D: &str = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-d
+  namespace: demo
+  labels: {app: web}
+spec:
+  containers:
+    - name: web
+      image: python:3.13-slim
       command: [sh, -c, 'echo $POD_NAME > name && exec python3 -m http.server 8080']
       ports: [{name: http, containerPort: 8080}]
       readinessProbe: {tcpSocket: {port: 8080}}
