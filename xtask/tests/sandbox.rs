@@ -1240,21 +1240,50 @@ fn agents_on_the_kubernetes_api_follow_pods_created_and_deleted_through_it() {
     eventually("web-d in the web Service's rotation", || {
         try_backends(url, 8).is_ok_and(|b| b.contains_key("web-d"))
     });
+    // A headless Service's pod with a hostname and the Service as its subdomain (as a
+    // StatefulSet names its pods) answers to its own name, completed from the asking
+    // pod's namespace.
+    let db = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sandbox-test-db.yaml");
+    std::fs::write(&db, DB_0).expect("write");
+    ok(
+        sandbox_kubectl(&["apply", "-f", db.to_str().expect("path")]),
+        "kubectl apply db",
+    );
+    eventually("db-0.db resolves to db-0's address from client-a", || {
+        let address = sandbox_kubectl(&[
+            "get",
+            "pod",
+            "db-0",
+            "-n",
+            "demo",
+            "-o",
+            "jsonpath={.status.podIP}",
+        ])
+        .stdout;
+        let answer = xtask(&[
+            "sandbox", "exec", "client-a", "--", "getent", "hosts", "db-0.db",
+        ]);
+        !address.is_empty() && answer.stdout.starts_with(&address)
+    });
+    ok(
+        sandbox_kubectl(&["delete", "service", "db", "-n", "demo"]),
+        "kubectl delete service db",
+    );
     // Deleted with kubectl (gracefully: the API server waits for the kubelet), a pod is
     // stopped and leaves the rotation; kubectl returns once the kubelet confirmed it.
     let deleted = Instant::now();
-    for pod in ["web-c", "web-d"] {
+    for pod in ["web-c", "web-d", "db-0"] {
         ok(
             sandbox_kubectl(&["delete", "pod", pod, "-n", "demo", "--timeout=30s"]),
             "kubectl delete pod",
         );
     }
-    eventually("web-c and web-d gone from node-a's agent", || {
+    eventually("web-c, web-d and db-0 gone from node-a's agent", || {
         agent_status("node-a")["workloads"] == 4
     });
     // Reported, not asserted: timings on a shared machine are benchmarks.
     eprintln!(
-        "node-a's agent dropped web-c and web-d {:?} after `kubectl delete` began",
+        "node-a's agent dropped web-c, web-d and db-0 {:?} after `kubectl delete` began",
         deleted.elapsed()
     );
     let status = status_json();
@@ -1265,7 +1294,9 @@ fn agents_on_the_kubernetes_api_follow_pods_created_and_deleted_through_it() {
         .filter_map(|p| p["name"].as_str())
         .collect();
     assert!(
-        !pods.contains(&"web-c") && !pods.contains(&"web-d"),
+        ["web-c", "web-d", "db-0"]
+            .iter()
+            .all(|deleted| !pods.contains(deleted)),
         "the deleted pods still run: {pods:?}"
     );
     let spread = backends(url, 12);
@@ -1669,6 +1700,31 @@ spec:
       command: [sh, -c, 'echo $POD_NAME > name && exec python3 -m http.server 8080']
       ports: [{name: http, containerPort: 8080}]
       readinessProbe: {tcpSocket: {port: 8080}}
+";
+
+/// A headless Service and a pod named under it, as a StatefulSet's pod is.
+const DB_0: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: demo}
+spec:
+  clusterIP: None
+  selector: {app: db}
+  ports: [{name: tcp, port: 5432}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: db-0
+  namespace: demo
+  labels: {app: db}
+spec:
+  hostname: db-0
+  subdomain: db
+  containers:
+    - name: db
+      image: python:3.13-slim
+      command: [sleep, infinity]
 ";
 
 fn web_service(selector: &str) -> String {

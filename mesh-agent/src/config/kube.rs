@@ -101,6 +101,13 @@ pub struct PodSpec {
     /// A pod on the node's network has the node's address: never a workload's identity.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub host_network: bool,
+    /// With `subdomain` naming a headless Service of the pod's namespace, the pod's own
+    /// DNS name is `hostname.subdomain.namespace.svc.cluster.local` (a StatefulSet's
+    /// pods get both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subdomain: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -231,6 +238,9 @@ pub struct SliceEndpoint {
     pub conditions: SliceConditions,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
+    /// The endpoint's own name under a headless Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
 }
 
 impl SliceEndpoint {

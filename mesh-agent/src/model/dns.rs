@@ -1,9 +1,11 @@
 //! The cluster's names, as the node agent's DNS proxy answers them: each Service's
-//! `name.namespace.svc.cluster.local` (its cluster IP, or a headless Service's ready pods)
-//! and each ServiceEntry host (its addresses), and how a pod's question maps onto them:
-//! short names (`name`, `name.namespace`, `name.namespace.svc`) complete with the asking
-//! pod's namespace, as Kubernetes' search path would; an unknown name under the cluster
-//! domain does not exist; any other name is the node's resolvers' to answer.
+//! `name.namespace.svc.cluster.local` (its cluster IP, or a headless Service's ready pods),
+//! a headless Service's named pods (`hostname.service.namespace.svc.cluster.local`, a
+//! StatefulSet's `web-0.web…`) and each ServiceEntry host (its addresses), and how a
+//! pod's question maps onto them: short names (`name`, `name.namespace`,
+//! `name.namespace.svc`, `web-0.web`) complete through Kubernetes' search path from the
+//! asking pod's namespace; an unknown name under the cluster domain does not exist; any
+//! other name is the node's resolvers' to answer.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -72,7 +74,21 @@ impl DnsRecords {
                 continue;
             }
             match service.spec.cluster_ip.as_deref() {
-                Some("None") => record.addresses.extend(headless_addresses(index, service)),
+                Some("None") => {
+                    let members = headless_members(index, service);
+                    record
+                        .addresses
+                        .extend(members.iter().map(|(address, _)| *address));
+                    for (address, hostname) in members {
+                        let Some(hostname) = hostname else { continue };
+                        let own = format!(
+                            "{hostname}.{}.{namespace}.svc.{CLUSTER_DOMAIN}",
+                            service.metadata.name
+                        )
+                        .to_ascii_lowercase();
+                        names.entry(own).or_default().addresses.insert(address);
+                    }
+                }
                 Some(ip) => record.addresses.extend(ip.parse::<Ipv4Addr>().ok()),
                 None => {}
             }
@@ -142,14 +158,17 @@ impl DnsRecords {
         if let Some(record) = self.visible(&name, namespace) {
             return answer(record);
         }
-        let labels = name.split('.').count();
-        let completed = match (labels, namespace) {
-            (1, Some(namespace)) => Some(format!("{name}.{namespace}.svc.{CLUSTER_DOMAIN}")),
-            (2, _) => Some(format!("{name}.svc.{CLUSTER_DOMAIN}")),
-            (3, _) if name.ends_with(".svc") => Some(format!("{name}.{CLUSTER_DOMAIN}")),
-            _ => None,
-        };
-        if let Some(record) = completed.and_then(|c| self.visible(&c, namespace)) {
+        // The search path of a pod's resolv.conf, in its order.
+        let search = [
+            namespace.map(|namespace| format!("{namespace}.svc.{CLUSTER_DOMAIN}")),
+            Some(format!("svc.{CLUSTER_DOMAIN}")),
+            Some(CLUSTER_DOMAIN.to_owned()),
+        ];
+        if let Some(record) = search
+            .iter()
+            .flatten()
+            .find_map(|domain| self.visible(&format!("{name}.{domain}"), namespace))
+        {
             return answer(record);
         }
         if name == CLUSTER_DOMAIN || name.ends_with(&format!(".{CLUSTER_DOMAIN}")) {
@@ -160,12 +179,13 @@ impl DnsRecords {
     }
 }
 
-/// A headless Service's addresses: its ready pods (the selector's), or the ready
-/// endpoints of its EndpointSlices when it has no selector.
-fn headless_addresses(
+/// A headless Service's members: its ready pods (the selector's), or the ready endpoints
+/// of its EndpointSlices when it has no selector; each with its own name under the
+/// Service, if it has one (a pod's `hostname` when its `subdomain` is the Service).
+fn headless_members(
     index: &ConfigIndex,
     service: &crate::config::kube::Service,
-) -> Vec<Ipv4Addr> {
+) -> Vec<(Ipv4Addr, Option<String>)> {
     let namespace = service.metadata.namespace();
     let selector = &service.spec.selector;
     if !selector.is_empty() {
@@ -176,7 +196,11 @@ fn headless_addresses(
                 service.spec.publish_not_ready_addresses
                     || (pod.is_ready() && !pod.is_terminating())
             })
-            .filter_map(|pod| pod.running_address())
+            .filter_map(|pod| {
+                let named = pod.spec.subdomain.as_deref() == Some(&service.metadata.name);
+                let hostname = pod.spec.hostname.clone().filter(|_| named);
+                Some((pod.running_address()?, hostname))
+            })
             .collect();
     }
     index
@@ -184,8 +208,12 @@ fn headless_addresses(
         .iter()
         .flat_map(|slice| slice.endpoints.iter())
         .filter(|endpoint| endpoint.is_ready())
-        .flat_map(|endpoint| endpoint.addresses.iter())
-        .filter_map(|address| address.parse().ok())
+        .flat_map(|endpoint| {
+            endpoint
+                .addresses
+                .iter()
+                .filter_map(|address| Some((address.parse().ok()?, endpoint.hostname.clone())))
+        })
         .collect()
 }
 
@@ -213,7 +241,7 @@ spec:
 apiVersion: v1
 kind: Pod
 metadata: {name: db-0, namespace: shop, labels: {app: db}}
-spec: {nodeName: node-a, containers: [{name: db}]}
+spec: {nodeName: node-a, hostname: db-0, subdomain: db, containers: [{name: db}]}
 status: {phase: Running, podIP: 10.244.1.7}
 ---
 apiVersion: v1
@@ -297,6 +325,29 @@ spec:
         assert_eq!(
             records().resolve("db.shop.svc.cluster.local", None),
             addresses(&[[10, 244, 1, 7]])
+        );
+    }
+
+    #[test]
+    fn a_headless_services_named_pods_answer_to_their_own_names() {
+        let records = records();
+        let db_0 = addresses(&[[10, 244, 1, 7]]);
+        for name in [
+            "db-0.db.shop.svc.cluster.local",
+            "db-0.db.shop.svc",
+            "db-0.db.shop",
+        ] {
+            assert_eq!(records.resolve(name, Some("web")), db_0, "{name}");
+        }
+        assert_eq!(records.resolve("db-0.db", Some("shop")), db_0);
+        // Only a pod whose subdomain is the Service has a name under it.
+        assert_eq!(
+            records.resolve("db-0.reviews.shop.svc.cluster.local", None),
+            Resolution::NoSuchName
+        );
+        assert_eq!(
+            records.resolve("db-1.db.shop.svc.cluster.local", None),
+            Resolution::NoSuchName
         );
     }
 
