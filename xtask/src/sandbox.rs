@@ -696,18 +696,17 @@ pub fn up(config: &Path, source: ConfigSource) -> Result<()> {
         // pod reports ready as its readiness probe now passes.
         for node in &state.nodes {
             kubelet::start(node)?;
+            let mut status = ready_status(&agent_pod(&node.name)?);
+            status["phase"] = "Running".into();
+            status["hostIP"] = serde_json::json!(node.ip);
+            status["podIP"] = serde_json::json!(node.ip);
+            status["podIPs"] = serde_json::json!([{"ip": node.ip}]);
             control_plane::patch_status(
                 api,
                 "Pod",
                 Some(kubelet::AGENT_NAMESPACE),
                 &kubelet::agent_pod_name(&node.name),
-                &serde_json::json!({
-                    "phase": "Running",
-                    "hostIP": node.ip,
-                    "podIP": node.ip,
-                    "podIPs": [{"ip": node.ip}],
-                    "conditions": [{"type": "Ready", "status": "True"}],
-                }),
+                &status,
             )?;
         }
     }
@@ -999,11 +998,10 @@ fn running_status(pod_ip: Ipv4Addr, node_ip: Ipv4Addr, not_ready_yet: bool) -> s
     status
 }
 
-/// Reports a started pod Ready, with its first container running (what `kubectl get
+/// A started pod's status: Ready, with its first container running (what `kubectl get
 /// pods` counts in READY).
-fn report_ready(api: &ControlPlaneState, pod: &PodState, object: &Object) -> Result<()> {
-    let container = object
-        .value
+fn ready_status(pod: &Value) -> serde_json::Value {
+    let container = pod
         .get("spec")
         .and_then(|s| s.get("containers"))
         .and_then(|c| c.get(0));
@@ -1014,23 +1012,28 @@ fn report_ready(api: &ControlPlaneState, pod: &PodState, object: &Object) -> Res
             .unwrap_or_default()
             .to_owned()
     };
+    serde_json::json!({
+        "conditions": [{"type": "Ready", "status": "True"}],
+        "containerStatuses": [{
+            "name": text("name"),
+            "image": text("image"),
+            "imageID": "",
+            "ready": true,
+            "started": true,
+            "restartCount": 0,
+            "state": {"running": {}},
+        }],
+    })
+}
+
+/// Reports a started pod Ready.
+fn report_ready(api: &ControlPlaneState, pod: &PodState, object: &Object) -> Result<()> {
     control_plane::patch_status(
         api,
         "Pod",
         Some(&pod.namespace),
         &pod.name,
-        &serde_json::json!({
-            "conditions": [{"type": "Ready", "status": "True"}],
-            "containerStatuses": [{
-                "name": text("name"),
-                "image": text("image"),
-                "imageID": "",
-                "ready": true,
-                "started": true,
-                "restartCount": 0,
-                "state": {"running": {}},
-            }],
-        }),
+        &ready_status(&object.value),
     )
 }
 
