@@ -190,24 +190,22 @@ impl<Held: Unpin> AsyncWrite for TunnelStream<Held> {
             return Poll::Ready(Ok(0));
         }
         this.send.reserve_capacity(buf.len());
-        // Capacity granted earlier is not announced again by `poll_capacity`.
-        let granted = match this.send.capacity() {
-            0 => match std::task::ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(granted)) => granted,
+        // `poll_capacity` announces only capacity granted since it last answered: what
+        // the stream holds is read from `capacity`, and `poll_capacity` waits for more.
+        loop {
+            let granted = this.send.capacity().min(buf.len());
+            if granted > 0 {
+                this.send
+                    .send_data(Bytes::copy_from_slice(&buf[..granted]), false)
+                    .map_err(stream_error)?;
+                return Poll::Ready(Ok(granted));
+            }
+            match std::task::ready!(this.send.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
                 Some(Err(err)) => return Poll::Ready(Err(stream_error(err))),
                 None => return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
-            },
-            granted => granted,
-        };
-        let written = granted.min(buf.len());
-        if written == 0 {
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
+            }
         }
-        this.send
-            .send_data(Bytes::copy_from_slice(&buf[..written]), false)
-            .map_err(stream_error)?;
-        Poll::Ready(Ok(written))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
