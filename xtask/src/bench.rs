@@ -74,6 +74,7 @@ pub fn expected_figures() -> Vec<(&'static str, &'static str, &'static str)> {
         }
         figures.push(("requests-keep-alive", path, "requests-per-second"));
         figures.push(("agent-cpu", path, "cpu-per-request"));
+        figures.push(("agent-cpu", path, "cpu-per-request-busiest-agent"));
         for (metric, _) in CHURN_METRICS {
             figures.push(("connection-churn", path, metric));
         }
@@ -462,28 +463,32 @@ fn measure_all(settings: &Settings) -> Result<Vec<Measurement>> {
             "{path}: keep-alive requests at the maximum rate, and the agents' CPU"
         ));
         let mut cpu_per_request = Vec::new();
+        let mut busiest_cpu_per_request = Vec::new();
         let values = compare(
             settings,
             |ip| {
-                let before: f64 = agents
+                let before: Vec<f64> = agents
                     .iter()
                     .map(|p| cpu_seconds(*p))
-                    .sum::<Result<f64>>()?;
+                    .collect::<Result<_>>()?;
                 let report = load(
                     client_of(ip),
                     &format!("{ip}:8080"),
                     &["--connections", "4", "--seconds", &seconds],
                 )?;
-                let after: f64 = agents
+                let after: Vec<f64> = agents
                     .iter()
                     .map(|p| cpu_seconds(*p))
-                    .sum::<Result<f64>>()?;
+                    .collect::<Result<_>>()?;
                 let requests = figure(&report, "requests")?;
                 if requests < 1.0 {
                     bail!("no request completed");
                 }
                 if ip == mesh {
-                    cpu_per_request.push((after - before) / requests * 1e6);
+                    let used: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+                    cpu_per_request.push(used.iter().sum::<f64>() / requests * 1e6);
+                    busiest_cpu_per_request
+                        .push(used.iter().copied().fold(0.0, f64::max) / requests * 1e6);
                 }
                 Ok(BTreeMap::from([(
                     "requests-per-second",
@@ -514,6 +519,18 @@ fn measure_all(settings: &Settings) -> Result<Vec<Measurement>> {
             ratio: None,
             baseline_spread: None,
             mesh_spread: spread(&cpu_per_request),
+        });
+        let mut busiest = busiest_cpu_per_request.clone();
+        results.push(Measurement {
+            scenario: "agent-cpu",
+            path,
+            metric: "cpu-per-request-busiest-agent",
+            unit: "µs (the busiest agent)",
+            baseline: None,
+            mesh: median(&mut busiest),
+            ratio: None,
+            baseline_spread: None,
+            mesh_spread: spread(&busiest_cpu_per_request),
         });
 
         progress(&format!(
