@@ -331,13 +331,14 @@ mod tests {
     #[test]
     fn every_figure_the_benchmark_reports_is_required() {
         let figures = bench::expected_figures();
-        // 5 paths × (2 latency scenarios × 4 percentiles + keep-alive + CPU + 3 churn
-        // figures), 3 L4 paths × 2 throughput scenarios, request telemetry's cost, 2
-        // memory figures, 3 programs, 6 of the scale scenarios (idle connections,
-        // after they close, sustained churn: 2 each) and 4 of the API scale scenario.
+        // 5 paths × (2 latency scenarios × 4 percentiles + keep-alive + CPU of all
+        // agents and of the busiest + 3 churn figures), 3 L4 paths × 2 throughput
+        // scenarios, request telemetry's cost, 2 memory figures, 3 programs, 6 of the
+        // scale scenarios (idle connections, after they close, sustained churn: 2 each)
+        // and 4 of the API scale scenario.
         assert_eq!(
             figures.len(),
-            5 * (8 + 1 + 1 + 3) + 3 * 2 + 1 + 2 + 3 + 6 + 4
+            5 * (8 + 1 + 2 + 3) + 3 * 2 + 1 + 2 + 3 + 6 + 4
         );
         let mut report = complete();
         report["results"]
