@@ -38,7 +38,7 @@ use crate::{
     },
     policy::request::normalise,
     proxy::{
-        copy::{TunnelStream, COPY_BUFFER},
+        copy::{copy_to_tunnel, COPY_BUFFER},
         error::ProxyError,
         metered::{grpc_status, is_grpc, Metered, Reported},
         observe::{Addresses, Counting, Handled, Observed, TraceSite},
@@ -833,7 +833,14 @@ impl Router {
                         }
                         other => connect_failure(&crate::errors::describe(&other)),
                     })?;
-                Box::new(TunnelStream::holding(send, recv, lease))
+                let (mut ours, theirs) = tokio::io::duplex(COPY_BUFFER);
+                tokio::spawn(async move {
+                    if let Err(err) = copy_to_tunnel(&mut ours, send, recv).await {
+                        tracing::debug!("routed request tunnel: {err}");
+                    }
+                    drop(lease);
+                });
+                Box::new(theirs)
             }
             Route::Direct => Box::new(
                 socket::connect(key.endpoint)
