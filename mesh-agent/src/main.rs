@@ -26,9 +26,7 @@ enum Command {
     Ca(ca::CaOptions),
 }
 
-/// A runtime with one worker per core of the node.
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
@@ -45,8 +43,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     match cli.command {
-        Command::Ca(options) => runtime()?.block_on(ca::run(options)),
-        Command::Run(options) => runtime()?.block_on(app::run(options)),
+        Command::Ca(options) => runtime(cores)?.block_on(ca::run(options)),
+        Command::Run(options) => runtime(options.workers_for(cores))?.block_on(app::run(options)),
     }
 }

@@ -168,6 +168,7 @@ fn request(agent: &Agent, client: Ipv4Addr) -> TunnelRequest {
         target: agent.target,
         client: SocketAddrV4::new(client, 0),
         service: None,
+        http: false,
     }
 }
 

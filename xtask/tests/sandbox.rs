@@ -6628,9 +6628,12 @@ fn meshctl_graph_impact_and_the_dashboard_show_client_a_calling_reviews_across_n
     );
     // Routed by node-a's agent, and served request by request by node-b's once the
     // Telemetry reached it.
-    eventually("node-b's agent reports what reviews-v2 serves", || {
-        reviews("/", 5, "{}", "new").count("200 reviews-v2") == 5
-            && total(
+    eventually_eq(
+        "node-b's agent reports what reviews-v2 serves (answers, node-b's count)",
+        (5, true),
+        || {
+            let answers = reviews("/", 5, "{}", "new");
+            let served = total(
                 &metrics("node-b"),
                 "istio_requests_total",
                 &[
@@ -6638,8 +6641,10 @@ fn meshctl_graph_impact_and_the_dashboard_show_client_a_calling_reviews_across_n
                     ("source_workload", "client-a"),
                     ("destination_workload", "reviews-v2"),
                 ],
-            ) > 0.0
-    });
+            );
+            (answers.count("200 reviews-v2"), served > 0.0)
+        },
+    );
     let status = status_json();
 
     // The windows open before 30 requests answered 200 and 10 answered 500 (a status the

@@ -179,9 +179,27 @@ pub struct AgentOptions {
         value_parser = parse_positive_duration
     )]
     pub drain_timeout: Duration,
+    /// The runtime's worker threads (default: half the node's cores, from 1 to 4).
+    #[arg(long, env = "MESH_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub worker_threads: Option<u16>,
 }
 
 impl AgentOptions {
+    /// How many worker threads the agent's runtime gets on a node of `cores` cores.
+    ///
+    /// The agent shares the node with the pods it serves, and its work on a request is
+    /// short: with a worker per core, most requests hand over between workers (a futex
+    /// and an eventfd wake-up each) and compete with the pods for every core. Measured on
+    /// 2 cores, one worker instead of two served 27% more keep-alive requests across
+    /// nodes at 23% less CPU per request, with the same throughput (README,
+    /// Performance). ztunnel runs 2 by default.
+    pub fn workers_for(&self, cores: usize) -> usize {
+        match self.worker_threads {
+            Some(chosen) => usize::from(chosen),
+            None => (cores / 2).clamp(1, 4),
+        }
+    }
+
     /// The sizes of the maps the agent fills.
     pub fn capacities(&self) -> Capacities {
         Capacities {
@@ -715,6 +733,31 @@ async fn retire_stale_tunnels(proxy: Arc<Proxy>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agent_takes_half_the_cores_as_workers_unless_told() {
+        #[derive(clap::Parser)]
+        struct Agent {
+            #[command(flatten)]
+            options: AgentOptions,
+        }
+        let parse = |args: &[&str]| {
+            use clap::Parser;
+            Agent::try_parse_from(
+                [&["agent", "--node", "n", "--ca-address", "ca:15012"], args].concat(),
+            )
+            .map(|a| a.options)
+        };
+        let options = parse(&[]).expect("options");
+        let workers: Vec<usize> = [1, 2, 3, 4, 8, 64]
+            .iter()
+            .map(|cores| options.workers_for(*cores))
+            .collect();
+        assert_eq!(workers, [1, 1, 1, 2, 4, 4]);
+        let chosen = parse(&["--worker-threads", "6"]).expect("options");
+        assert_eq!(chosen.workers_for(2), 6);
+        assert!(parse(&["--worker-threads", "0"]).is_err());
+    }
 
     #[test]
     fn the_ca_address_is_a_host_name_or_address_with_a_port() {

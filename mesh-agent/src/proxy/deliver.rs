@@ -17,7 +17,7 @@ use crate::{
     policy::facts::Arrival,
     proxy::{
         client_hello::HELLO_LIMIT,
-        copy::{copy_streams, copy_to_tunnel, Counted, COPY_BUFFER},
+        copy::{copy_streams, copy_to_tunnel, Counted, TunnelStream},
         error::ProxyError,
         plan::{opening_of, opens_http, Carry, Opening},
         requests::Exchange,
@@ -213,24 +213,18 @@ pub async fn carry(
         }
         (Carry::Http, Downstream::Tunnel { send, recv, prefix }) => {
             result.set_carried(Carried::Http);
-            // The HTTP server reads the tunnel's bytes through an in-memory pipe.
-            let (mut tunnel_end, http_end) = tokio::io::duplex(COPY_BUFFER);
-            let serving = tokio::spawn(proxy.guard.clone().serve_http(
-                Counted::client(http_end, counts),
-                upstream,
-                arrival,
-                exchange,
-                proxy.intake.connection_drain(),
-            ));
-            let carried = match tunnel_end.write_all(&prefix).await {
-                Ok(()) => copy_to_tunnel(&mut tunnel_end, send, recv).await,
-                Err(err) => Err(err.into()),
-            };
-            drop(tunnel_end);
-            match serving.await {
-                Ok(Err(err)) => Err(err),
-                _ => carried,
-            }
+            let tunnel = TunnelStream::new(send, recv).read_ahead(prefix);
+            proxy
+                .guard
+                .clone()
+                .serve_http(
+                    Counted::client(tunnel, counts),
+                    upstream,
+                    arrival,
+                    exchange,
+                    proxy.intake.connection_drain(),
+                )
+                .await
         }
         (Carry::Splice, Downstream::Socket(mut client)) => {
             if let Some(splicer) = &proxy.splicer {

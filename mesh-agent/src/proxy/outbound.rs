@@ -224,6 +224,7 @@ async fn carry_out(
                 target: plan.target,
                 client: client_addr,
                 service: plan.service.clone(),
+                http: false,
             };
             let opening = async {
                 let opened = proxy

@@ -451,6 +451,9 @@ pub fn tunnelled(state: &MeshState, pod: &Workload, port: u16) -> bool {
     pod.node != state.node && !disabled
 }
 
+/// The `CONNECT` header by which the source agent says it speaks HTTP on the stream.
+pub const PROTOCOL_HEADER: &str = "x-mesh-protocol";
+
 /// What a source agent asks of a destination agent in an HBONE `CONNECT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TunnelRequest {
@@ -460,11 +463,18 @@ pub struct TunnelRequest {
     pub client: SocketAddrV4,
     /// The Service the client addressed, when it addressed one.
     pub service: Option<String>,
+    /// The source agent speaks HTTP on the stream: the upstream of requests it routed.
+    /// The destination then judges it request by request whatever it knows of the port
+    /// yet: a stream planned for bytes while the Service that declares the port HTTP has
+    /// not reached this node would carry every later request of the pooled upstream
+    /// connection unjudged and uncounted.
+    pub http: bool,
 }
 
 impl TunnelRequest {
     /// Reads a `CONNECT`: `:authority` is the target, `Forwarded: for="ip:port"` the
-    /// client, `X-Mesh-Service` the Service. `None` for anything else.
+    /// client, `X-Mesh-Service` the Service, `X-Mesh-Protocol: http` a routed request's
+    /// upstream. `None` for anything else.
     pub fn parse<B>(request: &Request<B>) -> Option<TunnelRequest> {
         if request.method() != Method::CONNECT {
             return None;
@@ -484,10 +494,15 @@ impl TunnelRequest {
             .get("x-mesh-service")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        let http = request
+            .headers()
+            .get(PROTOCOL_HEADER)
+            .is_some_and(|v| v == "http");
         Some(TunnelRequest {
             target,
             client,
             service,
+            http,
         })
     }
 }
@@ -535,7 +550,12 @@ pub fn plan_inbound(
     sni: Option<String>,
     request: &TunnelRequest,
 ) -> Result<InboundPlan, Refusal> {
-    let TunnelRequest { target, client, .. } = *request;
+    let TunnelRequest {
+        target,
+        client,
+        http,
+        ..
+    } = *request;
     let workload = state
         .workloads
         .get(target.ip())
@@ -581,7 +601,7 @@ pub fn plan_inbound(
         ));
     }
     let peer_id = peer.to_string();
-    let arrival = Arc::new(Arrival::new(
+    let arrival = Arrival::new(
         state,
         trust_domain,
         *client.ip(),
@@ -589,7 +609,8 @@ pub fn plan_inbound(
         workload,
         target,
         sni,
-    ));
+    );
+    let arrival = Arc::new(if http { arrival.as_http() } else { arrival });
     let (admission, decision) = admit(&arrival);
     let carry = match admission {
         Admission::Deny => {
@@ -1189,6 +1210,7 @@ spec: {clusterIP: 10.96.0.30, selector: {app: nothing}, ports: [{port: 80}]}
             target: target.parse().expect("target"),
             client: client.parse().expect("client"),
             service: None,
+            http: false,
         }
     }
 
@@ -1254,6 +1276,32 @@ spec: {clusterIP: 10.96.0.30, selector: {app: nothing}, ports: [{port: 80}]}
     }
 
     #[test]
+    fn a_routed_requests_stream_is_judged_per_request_on_a_port_not_yet_declared_http() {
+        let state = mesh(&policy_on_near(
+            "gets",
+            "  rules: [{to: [{operation: {methods: [GET]}}]}]\n",
+        ));
+        let plan = |http: bool| {
+            let request = TunnelRequest {
+                http,
+                ..connect("10.244.1.20:9090", "10.244.2.10:5000")
+            };
+            plan_inbound(
+                &state,
+                TD,
+                &id("near"),
+                &id("client"),
+                NODE_B,
+                None,
+                &request,
+            )
+        };
+        // Bytes to a port no Service declares HTTP: a rule on methods cannot match them.
+        assert_eq!(plan(false).expect_err("denied").reason, "policy_denied");
+        assert_eq!(plan(true).expect("accepted").carry, Carry::Http);
+    }
+
+    #[test]
     fn an_hbone_stream_denied_by_policy_is_refused_with_403() {
         let state = mesh(
             "---
@@ -1289,6 +1337,7 @@ spec: {selector: {matchLabels: {app: near}}}
             .body(())
             .expect("request");
         let parsed = TunnelRequest::parse(&request).expect("parsed");
+        assert!(!parsed.http);
         assert_eq!(parsed.target.to_string(), "10.244.1.20:8080");
         assert_eq!(parsed.client.to_string(), "10.244.2.10:5000");
         assert_eq!(
@@ -1307,5 +1356,13 @@ spec: {selector: {matchLabels: {app: near}}}
             .body(())
             .expect("request");
         assert_eq!(TunnelRequest::parse(&unnamed), None, "no Forwarded");
+        let routed = Request::builder()
+            .method(Method::CONNECT)
+            .uri("10.244.1.20:8080")
+            .header("forwarded", "for=\"10.244.2.10:5000\"")
+            .header(PROTOCOL_HEADER, "http")
+            .body(())
+            .expect("request");
+        assert!(TunnelRequest::parse(&routed).expect("parsed").http);
     }
 }

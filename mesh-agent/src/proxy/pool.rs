@@ -37,7 +37,10 @@ use crate::{
         tls::{sni_for, Identities, TlsError},
     },
     model::MeshState,
-    proxy::{plan::TunnelRequest, socket},
+    proxy::{
+        plan::{TunnelRequest, PROTOCOL_HEADER},
+        socket,
+    },
 };
 
 /// Flow-control windows sized for bulk transfers across a node boundary.
@@ -503,6 +506,9 @@ async fn send_connect(
         .header("forwarded", format!("for=\"{}\"", request.client));
     if let Some(service) = &request.service {
         builder = builder.header("x-mesh-service", service);
+    }
+    if request.http {
+        builder = builder.header(PROTOCOL_HEADER, "http");
     }
     let connect = builder.body(()).map_err(|source| PoolError::Request {
         target: request.target,

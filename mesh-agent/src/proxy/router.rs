@@ -38,7 +38,7 @@ use crate::{
     },
     policy::request::normalise,
     proxy::{
-        copy::{copy_to_tunnel, COPY_BUFFER},
+        copy::{TunnelStream, COPY_BUFFER},
         error::ProxyError,
         metered::{grpc_status, is_grpc, Metered, Reported},
         observe::{Addresses, Counting, Handled, Observed, TraceSite},
@@ -813,6 +813,7 @@ impl Router {
                     target: key.endpoint,
                     client: self.client,
                     service: Some(hostname.to_owned()),
+                    http: true,
                 };
                 let (send, recv, lease) = self
                     .proxy
@@ -833,14 +834,7 @@ impl Router {
                         }
                         other => connect_failure(&crate::errors::describe(&other)),
                     })?;
-                let (mut ours, theirs) = tokio::io::duplex(COPY_BUFFER);
-                tokio::spawn(async move {
-                    if let Err(err) = copy_to_tunnel(&mut ours, send, recv).await {
-                        tracing::debug!("routed request tunnel: {err}");
-                    }
-                    drop(lease);
-                });
-                Box::new(theirs)
+                Box::new(TunnelStream::holding(send, recv, lease))
             }
             Route::Direct => Box::new(
                 socket::connect(key.endpoint)
