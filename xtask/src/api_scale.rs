@@ -176,24 +176,12 @@ fn measure(scale: &ApiScale) -> Result<Vec<Measurement>> {
     }
     latencies.sort_by(|a, b| a.total_cmp(b));
     let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
-    let with_baseline = |index: usize, before: f64, after: f64| Measurement {
-        scenario: FIGURES[index].0,
-        path: PATH,
-        metric: FIGURES[index].1,
-        unit: FIGURES[index].2,
-        baseline: Some(before),
-        mesh: after,
-        ratio: (before != 0.0).then(|| after / before),
-        // One measurement each.
-        baseline_spread: Some(0.0),
-        mesh_spread: 0.0,
+    let figure = |index: usize| (FIGURES[index].0, PATH, FIGURES[index].1, FIGURES[index].2);
+    // One measurement each: no spread.
+    let with_baseline = |index: usize, before: f64, after: f64| {
+        Measurement::against_baseline(figure(index), (before, 0.0), (after, 0.0))
     };
-    let alone = |index: usize, value: f64| Measurement {
-        baseline: None,
-        ratio: None,
-        baseline_spread: None,
-        ..with_baseline(index, 0.0, value)
-    };
+    let alone = |index: usize, value: f64| Measurement::mesh_only(figure(index), (value, 0.0));
     Ok(vec![
         with_baseline(0, rss_before, rss_after),
         with_baseline(1, ready_before.as_secs_f64(), ready_after.as_secs_f64()),

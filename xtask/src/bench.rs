@@ -147,6 +147,46 @@ pub struct Measurement {
     pub mesh_spread: f64,
 }
 
+impl Measurement {
+    /// A figure against its baseline, each with the spread of its repetitions.
+    pub fn against_baseline(
+        (scenario, path, metric, unit): (&'static str, &'static str, &'static str, &'static str),
+        (baseline, baseline_spread): (f64, f64),
+        (mesh, mesh_spread): (f64, f64),
+    ) -> Measurement {
+        Measurement {
+            scenario,
+            path,
+            metric,
+            unit,
+            baseline: Some(baseline),
+            mesh,
+            ratio: (baseline != 0.0).then(|| mesh / baseline),
+            baseline_spread: Some(baseline_spread),
+            mesh_spread,
+        }
+    }
+
+    /// A figure of the mesh alone (no baseline has it), with the spread of its
+    /// repetitions.
+    pub fn mesh_only(
+        (scenario, path, metric, unit): (&'static str, &'static str, &'static str, &'static str),
+        (mesh, mesh_spread): (f64, f64),
+    ) -> Measurement {
+        Measurement {
+            scenario,
+            path,
+            metric,
+            unit,
+            baseline: None,
+            mesh,
+            ratio: None,
+            baseline_spread: None,
+            mesh_spread,
+        }
+    }
+}
+
 struct Settings {
     repetitions: usize,
     seconds: f64,
@@ -275,17 +315,11 @@ fn push_comparison(
         }
         let (mut b, mut m) = (baseline.clone(), mesh.clone());
         let (b_median, m_median) = (median(&mut b), median(&mut m));
-        results.push(Measurement {
-            scenario,
-            path,
-            metric,
-            unit,
-            baseline: Some(b_median),
-            mesh: m_median,
-            ratio: (b_median != 0.0).then(|| m_median / b_median),
-            baseline_spread: Some(spread(&baseline)),
-            mesh_spread: spread(&mesh),
-        });
+        results.push(Measurement::against_baseline(
+            (scenario, path, metric, unit),
+            (b_median, spread(&baseline)),
+            (m_median, spread(&mesh)),
+        ));
     }
     Ok(())
 }
@@ -509,29 +543,20 @@ fn measure_all(settings: &Settings) -> Result<Vec<Measurement>> {
         // Filled on each mesh run of the comparison above, which ran at least once or
         // failed.
         let mut cpu = cpu_per_request.clone();
-        results.push(Measurement {
-            scenario: "agent-cpu",
-            path,
-            metric: "cpu-per-request",
-            unit: "µs (all agents)",
-            baseline: None,
-            mesh: median(&mut cpu),
-            ratio: None,
-            baseline_spread: None,
-            mesh_spread: spread(&cpu_per_request),
-        });
+        results.push(Measurement::mesh_only(
+            ("agent-cpu", path, "cpu-per-request", "µs (all agents)"),
+            (median(&mut cpu), spread(&cpu_per_request)),
+        ));
         let mut busiest = busiest_cpu_per_request.clone();
-        results.push(Measurement {
-            scenario: "agent-cpu",
-            path,
-            metric: "cpu-per-request-busiest-agent",
-            unit: "µs (the busiest agent)",
-            baseline: None,
-            mesh: median(&mut busiest),
-            ratio: None,
-            baseline_spread: None,
-            mesh_spread: spread(&busiest_cpu_per_request),
-        });
+        results.push(Measurement::mesh_only(
+            (
+                "agent-cpu",
+                path,
+                "cpu-per-request-busiest-agent",
+                "µs (the busiest agent)",
+            ),
+            (median(&mut busiest), spread(&busiest_cpu_per_request)),
+        ));
 
         progress(&format!(
             "{path}: connection churn (a new connection per request)"
@@ -564,17 +589,10 @@ fn measure_all(settings: &Settings) -> Result<Vec<Measurement>> {
     }
     results.push(request_telemetry_cost(settings, &state, &agents)?);
     for (metric, value) in [("idle", idle_rss), ("under-load", loaded_rss)] {
-        results.push(Measurement {
-            scenario: "agent-rss",
-            path: "per-agent",
-            metric,
-            unit: "MB",
-            baseline: None,
-            mesh: value,
-            ratio: None,
-            baseline_spread: None,
-            mesh_spread: 0.0,
-        });
+        results.push(Measurement::mesh_only(
+            ("agent-rss", "per-agent", metric, "MB"),
+            (value, 0.0),
+        ));
     }
     results.extend(scale(settings, &state, &agents)?);
     results.extend(program_costs(&state)?);
@@ -684,27 +702,15 @@ fn scale(settings: &Settings, state: &SandboxState, agents: &[u32]) -> Result<Ve
         after = footprint(agents)?;
     }
     let per_connection = |value: f64| value / count as f64;
-    let own = |metric, unit, mesh| Measurement {
-        scenario: "idle-connections",
-        path: SCALE_PATH,
-        metric,
-        unit,
-        baseline: None,
-        mesh,
-        ratio: None,
-        baseline_spread: None,
-        mesh_spread: 0.0,
+    let own = |metric, unit, mesh| {
+        Measurement::mesh_only(("idle-connections", SCALE_PATH, metric, unit), (mesh, 0.0))
     };
-    let before_after = |metric, unit, before: f64, after: f64| Measurement {
-        scenario: "idle-connections-closed",
-        path: SCALE_PATH,
-        metric,
-        unit,
-        baseline: Some(before),
-        mesh: after,
-        ratio: (before != 0.0).then(|| after / before),
-        baseline_spread: Some(0.0),
-        mesh_spread: 0.0,
+    let before_after = |metric, unit, before: f64, after: f64| {
+        Measurement::against_baseline(
+            ("idle-connections-closed", SCALE_PATH, metric, unit),
+            (before, 0.0),
+            (after, 0.0),
+        )
     };
     let [(_, idle), (_, closed), (_, sustained)] = SCALE_FIGURES;
     let mut results = vec![
@@ -864,19 +870,15 @@ fn program_costs(state: &SandboxState) -> Result<Vec<Measurement>> {
     Ok(totals
         .into_iter()
         .filter(|(_, (_, runs))| *runs > 0.0)
-        .map(|(program, (ns, runs))| Measurement {
-            scenario: "bpf-program-cost",
-            path: PROGRAMS
+        .map(|(program, (ns, runs))| {
+            let path = PROGRAMS
                 .into_iter()
                 .find(|p| *p == program)
-                .unwrap_or("other"),
-            metric: "ns-per-run",
-            unit: "ns",
-            baseline: None,
-            mesh: ns / runs,
-            ratio: None,
-            baseline_spread: None,
-            mesh_spread: 0.0,
+                .unwrap_or("other");
+            Measurement::mesh_only(
+                ("bpf-program-cost", path, "ns-per-run", "ns"),
+                (ns / runs, 0.0),
+            )
         })
         .collect())
 }

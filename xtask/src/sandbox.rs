@@ -259,14 +259,14 @@ pub struct Object {
     pub source: PathBuf,
 }
 
+/// The file under the configuration directory that holds an object of `kind`.
+fn object_file_name(kind: &str, namespace: &str, name: &str) -> String {
+    format!("{}-{namespace}-{name}.yaml", kind.to_lowercase())
+}
+
 impl Object {
     fn file_name(&self) -> String {
-        format!(
-            "{}-{}-{}.yaml",
-            self.kind.to_lowercase(),
-            self.namespace,
-            self.name
-        )
+        object_file_name(&self.kind, &self.namespace, &self.name)
     }
 
     fn node_name(&self) -> Option<String> {
@@ -1066,7 +1066,7 @@ pub fn remove_pod(state: &mut SandboxState, namespace: &str, name: &str) -> Resu
     remove_cgroup_tree(&pod.cgroup);
     ip(&["netns", "del", &pod.netns])?;
     let _ = fs::remove_dir_all(pod_dir(&pod));
-    let _ = fs::remove_file(config_dir().join(format!("pod-{namespace}-{name}.yaml")));
+    let _ = fs::remove_file(config_dir().join(object_file_name("Pod", namespace, name)));
     state.save()
 }
 

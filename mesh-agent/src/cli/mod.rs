@@ -752,6 +752,13 @@ impl Remoting {
     }
 }
 
+/// The runtime of a CLI command: one thread, the command waits on it.
+fn cli_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
 impl AgentLink {
     fn new(admin: SocketAddr, remoting: &Remoting) -> anyhow::Result<AgentLink> {
         if remoting.several() {
@@ -762,11 +769,7 @@ impl AgentLink {
             )
             .into());
         }
-        let runtime = Rc::new(
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?,
-        );
+        let runtime = Rc::new(cli_runtime()?);
         let reach = if remoting.remote() {
             let mut found = runtime.block_on(remoting.find())?;
             Reach::Remote(found.remove(0))
@@ -779,11 +782,7 @@ impl AgentLink {
     /// A link to each agent `remoting` names (`--node a,b`, `--all-nodes`), on one
     /// runtime, where the Kubernetes client lives.
     fn every(remoting: &Remoting) -> anyhow::Result<Vec<AgentLink>> {
-        let runtime = Rc::new(
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?,
-        );
+        let runtime = Rc::new(cli_runtime()?);
         let found = runtime.block_on(remoting.find())?;
         Ok(found
             .into_iter()
@@ -869,9 +868,7 @@ fn api_config(
     kubeconfig: Option<&std::path::Path>,
 ) -> anyhow::Result<(config::ClusterConfig, String)> {
     use config::source::ConfigSource;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = cli_runtime()?;
     runtime.block_on(async {
         let mut source = config::kube_api::KubeSource::start(kubeconfig).await?;
         let config = source
@@ -955,18 +952,12 @@ fn certs(agent: &AgentLink, format: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn unix_seconds_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 /// A UNIX time as UTC and as time left.
 fn expiry(unix: Option<i64>) -> String {
     let Some(unix) = unix else {
         return "?".into();
     };
-    let now = unix_seconds_now();
+    let now = crate::identity::certs::unix_now();
     let when = time::OffsetDateTime::from_unix_timestamp(unix)
         .map(|t| {
             format!(
@@ -1319,7 +1310,7 @@ fn agent_findings(agent: &AgentLink) -> Vec<Finding> {
                 ),
                 (None, Some(signed)) => format!(
                     "{ca_address}: last certificate signed {}s ago",
-                    unix_seconds_now() - signed
+                    crate::identity::certs::unix_now() - signed
                 ),
                 (None, None) => {
                     format!("{ca_address}: not asked yet (no local workload needs a certificate)")
@@ -1650,9 +1641,7 @@ fn emit(format: Output, value: &impl Serialize) -> anyhow::Result<()> {
 /// naming it.
 fn watch(remoting: &Remoting, sampling: &Sampling) -> anyhow::Result<Vec<scrape::Window>> {
     check_metrics_urls(remoting, sampling)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = cli_runtime()?;
     let window = sampling.window;
     runtime.block_on(async {
         let sources = remoting.metrics_sources(sampling).await?;
@@ -1760,9 +1749,7 @@ fn serve_dashboard(
 ) -> anyhow::Result<()> {
     dashboard::check_listen(listen).map_err(|err| Exit::new(EXIT_INVALID_INPUT, err))?;
     check_metrics_urls(remoting, sampling)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = cli_runtime()?;
     runtime.block_on(async {
         let settings = dashboard::Settings {
             sources: remoting.metrics_sources(sampling).await?,

@@ -123,7 +123,8 @@ fn backoff_after(previous: Option<&Retry>) -> Duration {
     previous.map_or(MIN_BACKOFF, |r| (r.backoff * 2).min(MAX_BACKOFF))
 }
 
-fn unix_now() -> i64 {
+/// Seconds since the UNIX epoch, the unit of certificates' validity.
+pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)

@@ -33,6 +33,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{
     identity::{
+        certs::unix_now,
         spiffe::{facts, SpiffeId},
         tls::{sni_for, Identities, TlsError},
     },
@@ -135,12 +136,6 @@ pub fn identities_hold(
         .values()
         .any(|w| identity(w) == *destination && state.node_ip(w) == Some(*agent.ip()));
     source_here && destination_there
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// How long from now until the UNIX second `until` (zero if it is past).
