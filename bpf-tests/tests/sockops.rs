@@ -23,7 +23,7 @@ use bpf_tests::{load, Loaded};
 use mesh_agent::datapath::{cgroup2_mount, ip_key};
 use mesh_common::{
     pins, programs, FlowEvent, FlowKey, FlowStats, FLOW_EVENTS_WAKEUP_BYTES, FLOW_EVENT_CLOSE,
-    FLOW_EVENT_OPEN, FLOW_ROLE_CLIENT, FLOW_ROLE_SERVER,
+    FLOW_EVENT_OPEN, FLOW_FLAG_DIRECT, FLOW_ROLE_CLIENT, FLOW_ROLE_SERVER,
 };
 
 /// A cgroup of its own for the test's client or server process.
@@ -97,22 +97,31 @@ fn events(loaded: &mut Loaded) -> RingBuf<MapData> {
 
 /// Collects events for `key` until its close event arrives.
 fn wait_for_close(ring: &mut RingBuf<MapData>, key: FlowKey) -> Vec<FlowEvent> {
+    wait_for_closes(ring, &[key])
+}
+
+/// Collects events for `keys` until each one's close event arrived.
+fn wait_for_closes(ring: &mut RingBuf<MapData>, keys: &[FlowKey]) -> Vec<FlowEvent> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut seen = Vec::new();
     while Instant::now() < deadline {
         while let Some(item) = ring.next() {
             // SAFETY: the program writes whole FlowEvent records.
             let event = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FlowEvent) };
-            if event.key == key {
+            if keys.contains(&event.key) {
                 seen.push(event);
             }
         }
-        if seen.iter().any(|e| e.kind == FLOW_EVENT_CLOSE) {
+        let closed = |key: &FlowKey| {
+            seen.iter()
+                .any(|e: &FlowEvent| e.key == *key && e.kind == FLOW_EVENT_CLOSE)
+        };
+        if keys.iter().all(closed) {
             return seen;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("no close event for {key:?}; saw {seen:?}");
+    panic!("no close event for each of {keys:?}; saw {seen:?}");
 }
 
 const CLIENT: &str = r#"
@@ -177,6 +186,75 @@ fn client_connection_reports_open_close_and_exact_bytes() {
     let flows: HashMap<_, FlowKey, FlowStats> =
         HashMap::try_from(loaded.ebpf.map(pins::FLOWS).expect("flow map")).expect("hash map");
     assert!(flows.get(&key, 0).is_err(), "a closed flow leaves the map");
+}
+
+const BOUND_CLIENT: &str = r#"
+import socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", int(sys.argv[2])))
+s.connect(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"x" * 1000)
+s.close()
+"#;
+
+#[test]
+fn a_connection_the_kernel_carries_directly_is_flagged_so() {
+    let mut loaded = load();
+    let cgroup = TestCgroup::new("direct");
+    attach(&mut loaded, &cgroup);
+    let mut ring = events(&mut loaded);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let server_port = listener.local_addr().expect("addr").port();
+    let server = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let (mut conn, _) = listener.accept().expect("accept");
+            let mut received = Vec::new();
+            conn.read_to_end(&mut received).expect("read");
+        }
+    });
+    let localhost = ip_key("127.0.0.1".parse().expect("ip"));
+    let key = |client_port| FlowKey {
+        local_ip: localhost,
+        remote_ip: localhost,
+        local_port: client_port,
+        remote_port: server_port,
+    };
+    // Two ports free a moment ago; tc would have written the first one's entry from
+    // its SYN.
+    let free_port = || {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
+    };
+    let (direct, carried) = (free_port(), free_port());
+    let mut flows: HashMap<_, FlowKey, u32> = HashMap::try_from(
+        loaded
+            .ebpf
+            .map_mut(pins::DIRECT_FLOWS)
+            .expect("direct flows"),
+    )
+    .expect("hash map");
+    flows.insert(key(direct), 1, 0).expect("insert");
+    for client_port in [direct, carried] {
+        cgroup.run_python(
+            BOUND_CLIENT,
+            &[&server_port.to_string(), &client_port.to_string()],
+        );
+    }
+    server.join().expect("server");
+    let seen = wait_for_closes(&mut ring, &[key(direct), key(carried)]);
+    for (client_port, flagged) in [(direct, true), (carried, false)] {
+        let mine: Vec<_> = seen.iter().filter(|e| e.key == key(client_port)).collect();
+        assert_eq!(mine.len(), 2, "an open and a close event: {mine:?}");
+        for event in mine {
+            assert_eq!(
+                event.stats.flags & FLOW_FLAG_DIRECT != 0,
+                flagged,
+                "port {client_port}: {event:?}"
+            );
+        }
+    }
 }
 
 const SERVER: &str = r#"

@@ -15,14 +15,15 @@ use bpf_tests::{
     tcp_packet_shaped, udp_packet, veth_interface, workload, Ipv4Shape, Loaded, TCP_ACK, TCP_SYN,
 };
 use mesh_agent::{
-    datapath::{ip_key, service_key},
+    datapath::{ip_key, monotonic_ns, service_key},
     proxy::socket::transparent_listener,
 };
 use mesh_common::{
-    pins, programs, verdict, PolicyKey, PortKey, ServiceInfo, TrafficCounters, TrafficKey,
-    AGENT_MARK, CAPTURE_MARK, DIRECTION_FROM_POD, NAME_LEN, OUTBOUND_CAPTURE_PORT, POLICY_ALLOW,
-    POLICY_DENY, PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT, SETTINGS_KEY, SETTING_CAPTURE_UNKNOWN,
-    WORKLOAD_FLAG_LOCAL, WORKLOAD_FLAG_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT_PORTS,
+    pins, programs, verdict, FlowKey, PolicyKey, PortKey, ServiceInfo, TrafficCounters, TrafficKey,
+    AGENT_LEASE_KEY, AGENT_MARK, CAPTURE_MARK, DIRECTION_FROM_POD, NAME_LEN, OUTBOUND_CAPTURE_PORT,
+    POLICY_ALLOW, POLICY_DENY, POLICY_DIRECT, PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT, SETTINGS_KEY,
+    SETTING_CAPTURE_UNKNOWN, WORKLOAD_FLAG_LOCAL, WORKLOAD_FLAG_MTLS_STRICT,
+    WORKLOAD_FLAG_MTLS_STRICT_PORTS,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -41,13 +42,15 @@ const NEIGHBOUR_IFINDEX: u32 = 4000;
 /// must exist in the current network namespace).
 const SKB_MARK_OFFSET: usize = 8;
 const SKB_IFINDEX_OFFSET: usize = 40;
+/// `ingress_ifindex`: the interface a forwarded packet entered the node on.
+const SKB_INGRESS_IFINDEX_OFFSET: usize = 36;
 const IPPROTO_UDP: u8 = 17;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETERPROB: u8 = 12;
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Run {
     action: u32,
     mark: u32,
@@ -78,6 +81,17 @@ fn run(loaded: &Loaded, name: &str, packet: &[u8], context: Context) -> Run {
 
 /// `run`, with the frame as the program left it.
 fn run_for_frame(loaded: &Loaded, name: &str, packet: &[u8], context: Context) -> (Run, Vec<u8>) {
+    run_arrived(loaded, name, packet, context, 0)
+}
+
+/// `run_for_frame` for a packet the node forwards, which entered it on `ingress_ifindex`.
+fn run_arrived(
+    loaded: &Loaded,
+    name: &str,
+    packet: &[u8],
+    context: Context,
+    ingress_ifindex: u32,
+) -> (Run, Vec<u8>) {
     let prog: &SchedClassifier = loaded
         .ebpf
         .program(name)
@@ -88,6 +102,8 @@ fn run_for_frame(loaded: &Loaded, name: &str, packet: &[u8], context: Context) -
     ctx_in[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4].copy_from_slice(&context.mark.to_ne_bytes());
     ctx_in[SKB_IFINDEX_OFFSET..SKB_IFINDEX_OFFSET + 4]
         .copy_from_slice(&context.ifindex.to_ne_bytes());
+    ctx_in[SKB_INGRESS_IFINDEX_OFFSET..SKB_INGRESS_IFINDEX_OFFSET + 4]
+        .copy_from_slice(&ingress_ifindex.to_ne_bytes());
     let mut ctx_out = [0u8; 192];
     let mut frame = vec![0u8; packet.len()];
     let result = prog
@@ -1261,6 +1277,235 @@ fn under_strict_only_the_agents_exact_mark_lets_plaintext_tcp_in() {
             }
         );
         assert_eq!(counted(&loaded), [("drop_plaintext_strict", 8)]);
+    });
+}
+
+/// The agent's lease, renewed now.
+fn renew_lease(loaded: &mut Loaded) {
+    let mut lease: Array<_, u64> =
+        Array::try_from(loaded.ebpf.map_mut(pins::AGENT_LEASE).expect("lease map")).expect("array");
+    lease
+        .set(AGENT_LEASE_KEY, monotonic_ns(), 0)
+        .expect("renew the lease");
+}
+
+/// `MESH_DIRECT_FLOWS`: the veth a direct connection's end sends on, by what it sends.
+fn direct_entry(loaded: &Loaded, from: (Ipv4Addr, u16), to: (Ipv4Addr, u16)) -> Option<u32> {
+    let flows: HashMap<_, FlowKey, u32> =
+        HashMap::try_from(loaded.ebpf.map(pins::DIRECT_FLOWS).expect("direct flows"))
+            .expect("hash map");
+    flows
+        .get(
+            &FlowKey {
+                local_ip: ip_key(from.0),
+                remote_ip: ip_key(to.0),
+                local_port: from.1,
+                remote_port: to.1,
+            },
+            0,
+        )
+        .ok()
+}
+
+/// What moved in the verdict counters since `before`.
+fn moved(loaded: &Loaded, before: &[(&'static str, u64)]) -> Vec<&'static str> {
+    counted(loaded)
+        .into_iter()
+        .filter(|c| !before.contains(c))
+        .map(|(name, _)| name)
+        .collect()
+}
+
+#[test]
+fn a_connection_between_two_pods_of_the_node_goes_direct_while_the_agent_lives() {
+    in_new_netns(|| {
+        let mut loaded = load();
+        let pod = mesh(&mut loaded);
+        let neighbour_ifindex = veth_interface("pod1");
+        add_workload(
+            &mut loaded,
+            NEIGHBOUR,
+            workload(
+                neighbour_ifindex,
+                WORKLOAD_FLAG_LOCAL | WORKLOAD_FLAG_MTLS_STRICT,
+            ),
+        );
+        let neighbour = Context {
+            ifindex: neighbour_ifindex,
+            mark: 0,
+        };
+        // Direct to the neighbour except on 9090, which needs the agent (an L7 policy);
+        // the neighbour reaches the pod through the agent.
+        set_policy(
+            &mut loaded,
+            &[
+                (POD, NEIGHBOUR, 0, POLICY_DIRECT),
+                (POD, NEIGHBOUR, 9090, POLICY_ALLOW),
+            ],
+        );
+        let from_pod = program(&mut loaded, programs::TC_FROM_POD);
+        let to_pod = program(&mut loaded, programs::TC_TO_POD);
+        let passed = Run {
+            action: TC_ACT_OK,
+            mark: 0,
+        };
+        let dropped = Run {
+            action: TC_ACT_SHOT,
+            mark: 0,
+        };
+        let step = |loaded: &Loaded, prog, packet: &[u8], at: Context, ingress: u32| {
+            let before = counted(loaded);
+            let (outcome, _) = run_arrived(loaded, prog, packet, at, ingress);
+            (outcome, moved(loaded, &before))
+        };
+
+        // No agent lease: the verdict is not trusted, the SYN goes the agent's way (and,
+        // no agent listening here, is dropped).
+        let syn = tcp_packet(POD, NEIGHBOUR, 40000, 8080, TCP_SYN);
+        assert_eq!(
+            step(&loaded, from_pod, &syn, pod, 0),
+            (dropped, vec!["drop_no_proxy"])
+        );
+        assert_eq!(direct_entry(&loaded, (POD, 40000), (NEIGHBOUR, 8080)), None);
+
+        renew_lease(&mut loaded);
+        let syn = tcp_packet(POD, NEIGHBOUR, 40001, 8080, TCP_SYN);
+        assert_eq!(
+            step(&loaded, from_pod, &syn, pod, 0),
+            (passed, vec!["direct_new"]),
+            "forwarded as it is, unmarked"
+        );
+        assert_eq!(
+            direct_entry(&loaded, (POD, 40001), (NEIGHBOUR, 8080)),
+            Some(pod.ifindex)
+        );
+        assert_eq!(
+            direct_entry(&loaded, (NEIGHBOUR, 8080), (POD, 40001)),
+            Some(neighbour_ifindex)
+        );
+
+        // Into the STRICT neighbour: only what entered the node on the pod's own veth.
+        assert_eq!(
+            step(&loaded, to_pod, &syn, neighbour, pod.ifindex),
+            (passed, vec!["passed_direct_strict"])
+        );
+        for (what, ingress) in [
+            ("from the node itself", 0),
+            ("from another interface", neighbour_ifindex),
+        ] {
+            assert_eq!(
+                step(&loaded, to_pod, &syn, neighbour, ingress),
+                (dropped, vec!["drop_plaintext_strict"]),
+                "{what}"
+            );
+        }
+
+        // The answers and the rest of the connection, both ways, by their entries.
+        let syn_ack = tcp_packet(NEIGHBOUR, POD, 8080, 40001, TCP_SYN | TCP_ACK);
+        assert_eq!(
+            step(&loaded, from_pod, &syn_ack, neighbour, 0),
+            (passed, vec!["direct_established"])
+        );
+        let ack = tcp_packet(POD, NEIGHBOUR, 40001, 8080, TCP_ACK);
+        assert_eq!(
+            step(&loaded, from_pod, &ack, pod, 0),
+            (passed, vec!["direct_established"])
+        );
+        // Another pod's veth cannot use them.
+        assert_eq!(
+            step(&loaded, from_pod, &ack, neighbour, 0),
+            (dropped, vec!["drop_spoofed_source"])
+        );
+
+        // Evicted entries: the client's next packet writes both again from its verdict,
+        // the server's only while the client's entry is there.
+        let forget = |loaded: &mut Loaded, from: (Ipv4Addr, u16), to: (Ipv4Addr, u16)| {
+            let mut flows: HashMap<_, FlowKey, u32> = HashMap::try_from(
+                loaded
+                    .ebpf
+                    .map_mut(pins::DIRECT_FLOWS)
+                    .expect("direct flows"),
+            )
+            .expect("hash map");
+            let key = FlowKey {
+                local_ip: ip_key(from.0),
+                remote_ip: ip_key(to.0),
+                local_port: from.1,
+                remote_port: to.1,
+            };
+            flows.remove(&key).expect("an entry to evict");
+        };
+        forget(&mut loaded, (NEIGHBOUR, 8080), (POD, 40001));
+        assert_eq!(
+            step(&loaded, from_pod, &syn_ack, neighbour, 0),
+            (passed, vec!["direct_established"]),
+            "the server, vouched for by the client's entry"
+        );
+        forget(&mut loaded, (POD, 40001), (NEIGHBOUR, 8080));
+        forget(&mut loaded, (NEIGHBOUR, 8080), (POD, 40001));
+        assert_eq!(
+            step(&loaded, from_pod, &syn_ack, neighbour, 0),
+            (dropped, vec!["drop_no_flow"]),
+            "the server alone cannot say the connection is direct"
+        );
+        assert_eq!(
+            step(&loaded, from_pod, &ack, pod, 0),
+            (passed, vec!["direct_established"]),
+            "the client can"
+        );
+        assert_eq!(
+            direct_entry(&loaded, (NEIGHBOUR, 8080), (POD, 40001)),
+            Some(neighbour_ifindex)
+        );
+
+        // The port that needs the agent: its SYN is the agent's and takes away the
+        // entries an earlier direct connection of the same addresses left; its segments
+        // without an agent socket are dropped, from the client and from the server.
+        renew_lease(&mut loaded);
+        let stale = tcp_packet(POD, NEIGHBOUR, 40002, 9090, TCP_SYN);
+        set_policy(&mut loaded, &[(POD, NEIGHBOUR, 9090, POLICY_DIRECT)]);
+        assert_eq!(
+            step(&loaded, from_pod, &stale, pod, 0),
+            (passed, vec!["direct_new"])
+        );
+        set_policy(&mut loaded, &[(POD, NEIGHBOUR, 9090, POLICY_ALLOW)]);
+        assert_eq!(
+            step(&loaded, from_pod, &stale, pod, 0),
+            (dropped, vec!["drop_no_proxy"])
+        );
+        assert_eq!(direct_entry(&loaded, (POD, 40002), (NEIGHBOUR, 9090)), None);
+        assert_eq!(direct_entry(&loaded, (NEIGHBOUR, 9090), (POD, 40002)), None);
+        for (what, packet, at) in [
+            (
+                "client",
+                tcp_packet(POD, NEIGHBOUR, 40002, 9090, TCP_ACK),
+                pod,
+            ),
+            (
+                "server",
+                tcp_packet(NEIGHBOUR, POD, 9090, 40002, TCP_ACK),
+                neighbour,
+            ),
+        ] {
+            assert_eq!(
+                step(&loaded, from_pod, &packet, at, 0),
+                (dropped, vec!["drop_no_flow"]),
+                "{what}"
+            );
+        }
+        // Once the neighbour may reach the pod's ports directly, what it sends to them
+        // passes: nothing it could not send on a direct connection of its own.
+        set_policy(&mut loaded, &[(NEIGHBOUR, POD, 0, POLICY_DIRECT)]);
+        assert_eq!(
+            step(
+                &loaded,
+                from_pod,
+                &tcp_packet(NEIGHBOUR, POD, 9090, 40002, TCP_ACK),
+                neighbour,
+                0
+            ),
+            (passed, vec!["direct_established"])
+        );
     });
 }
 

@@ -10,7 +10,7 @@ pub mod enrollment;
 
 /// Bumped whenever a map's key or value layout changes; maps live under
 /// `<bpffs dir>/maps-v<N>` so an agent of another layout never misreads them.
-pub const MAPS_LAYOUT_VERSION: u32 = 8;
+pub const MAPS_LAYOUT_VERSION: u32 = 9;
 
 /// The agent's transparent listener for connections captured leaving a pod.
 pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
@@ -55,6 +55,8 @@ pub mod pins {
     pub const SPLICE_PEERS: &str = "MESH_SPLICE_PEERS";
     pub const CAPTURE_LISTENERS: &str = "MESH_CAPTURE_LISTENERS";
     pub const POD_OPENED: &str = "MESH_POD_OPENED";
+    pub const DIRECT_FLOWS: &str = "MESH_DIRECT_FLOWS";
+    pub const AGENT_LEASE: &str = "MESH_AGENT_LEASE";
 }
 
 /// Names of the programs in the eBPF object.
@@ -154,8 +156,21 @@ pub struct PolicyKey {
 }
 
 /// `POLICY` values: the destination's AuthorizationPolicies decide on L4 facts alone.
+/// Denied: the SYN is dropped.
 pub const POLICY_DENY: u32 = 1;
+/// Allowed, carried by the agent (as when there is no entry).
 pub const POLICY_ALLOW: u32 = 2;
+/// Allowed, and nothing on the path needs the agent (a same-node pod with no L7 work):
+/// the kernel forwards the connection to the pod itself (`DIRECT_FLOWS`).
+pub const POLICY_DIRECT: u32 = 3;
+
+/// `AGENT_LEASE` slot of the time (`CLOCK_MONOTONIC` ns) the agent last said it lives:
+/// connections go direct only while it is recent, so that an agent that is gone leaves
+/// no stale verdict in force for new connections.
+pub const AGENT_LEASE_KEY: u32 = 0;
+/// How old the lease may be; the agent renews it every `AGENT_LEASE_RENEW_NS`.
+pub const AGENT_LEASE_NS: u64 = 3_000_000_000;
+pub const AGENT_LEASE_RENEW_NS: u64 = 1_000_000_000;
 
 /// A Service port, keyed by its cluster IP and port.
 #[repr(C)]
@@ -244,7 +259,14 @@ pub mod verdict {
     /// Passed STRICT: TCP into a pod that answers a connection the pod itself opened to a
     /// destination outside the mesh (`POD_OPENED`).
     pub const PASSED_POD_OPENED: u32 = 17;
-    pub const COUNT: u32 = 18;
+    /// A SYN the kernel forwards to a same-node pod itself (`POLICY_DIRECT`).
+    pub const DIRECT_NEW: u32 = 18;
+    /// A later packet of such a connection, either way (`DIRECT_FLOWS`).
+    pub const DIRECT_ESTABLISHED: u32 = 19;
+    /// Passed STRICT: a packet of a connection the kernel forwards directly, which entered
+    /// the node on its sender's own veth (where `tc_from_pod` judged it).
+    pub const PASSED_DIRECT_STRICT: u32 = 20;
+    pub const COUNT: u32 = 21;
 
     /// Names as reported by meshctl and the metrics (`reason` label).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -266,6 +288,9 @@ pub mod verdict {
         "passed_node_probe",
         "steered_reopened",
         "passed_pod_opened",
+        "direct_new",
+        "direct_established",
+        "passed_direct_strict",
     ];
 }
 
@@ -306,6 +331,9 @@ pub struct FlowStats {
 
 /// The peer's FIN arrived: it is counted in `bytes_received` and taken off at close.
 pub const FLOW_FLAG_FIN_RECEIVED: u32 = 1;
+/// The kernel carries the connection directly between two pods of the node, without the
+/// agent (`DIRECT_FLOWS` holds this end).
+pub const FLOW_FLAG_DIRECT: u32 = 2;
 
 pub const FLOW_EVENT_OPEN: u32 = 1;
 pub const FLOW_EVENT_CLOSE: u32 = 2;

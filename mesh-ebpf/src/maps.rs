@@ -82,6 +82,18 @@ pub static MESH_FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::pinned(65536
 #[map]
 pub static MESH_POD_OPENED: LruHashMap<FlowKey, u32> = LruHashMap::pinned(65536, 0);
 
+/// Connections the kernel forwards between two pods of the node without the agent
+/// (`POLICY_DIRECT`), one entry per end, keyed by what that end sends (`local_*` its own
+/// address and port), valued with the index of the host veth its packets enter on. The
+/// client's SYN writes both; an entry the LRU evicted is written again by that end's next
+/// packet, from the policy map (the client) or the client's entry (the server).
+#[map]
+pub static MESH_DIRECT_FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::pinned(131072, 0);
+
+/// When the agent last said it lives (`mesh_common::AGENT_LEASE_KEY`).
+#[map]
+pub static MESH_AGENT_LEASE: Array<u64> = Array::pinned(1, 0);
+
 /// Open and close events of pod connections, for the agent's metrics.
 #[map]
 pub static MESH_FLOW_EVENTS: RingBuf = RingBuf::pinned(mesh_common::FLOW_EVENTS_RING_BYTES, 0);

@@ -1,6 +1,7 @@
 //! sockops on each meshed pod's cgroup: one `MESH_FLOWS` entry per TCP connection of the
 //! pod (bytes, RTT, retransmits) and an event in `MESH_FLOW_EVENTS` when it opens and when
-//! it closes. The entry is refreshed from incoming segments (data for a receiver, ACKs for
+//! it closes, flagged when the kernel carries the connection between two pods of the node
+//! without the agent. The entry is refreshed from incoming segments (data for a receiver, ACKs for
 //! a sender) at most every `REFRESH_NS`, so long transfers show live byte counts. Events
 //! do not wake the agent (see `emit`).
 
@@ -17,10 +18,10 @@ use aya_ebpf::{
 };
 use mesh_common::{
     FlowEvent, FlowKey, FlowStats, FLOW_EVENTS_WAKEUP_BYTES, FLOW_EVENT_CLOSE, FLOW_EVENT_OPEN,
-    FLOW_FLAG_FIN_RECEIVED, FLOW_ROLE_CLIENT, FLOW_ROLE_SERVER,
+    FLOW_FLAG_DIRECT, FLOW_FLAG_FIN_RECEIVED, FLOW_ROLE_CLIENT, FLOW_ROLE_SERVER,
 };
 
-use crate::maps::{MESH_FLOWS, MESH_FLOW_EVENTS};
+use crate::maps::{MESH_DIRECT_FLOWS, MESH_FLOWS, MESH_FLOW_EVENTS};
 
 const AF_INET: u32 = 2;
 /// How stale a live flow's counters may get.
@@ -89,6 +90,11 @@ fn open(ctx: &SockOpsContext, role: u32) {
     };
     fill(ctx, &mut stats, now);
     let key = flow_key(ctx);
+    // `tc_from_pod` wrote this end's entry from its first packet (the SYN or the SYN-ACK),
+    // before the handshake completed.
+    if MESH_DIRECT_FLOWS.get_ptr(key).is_some() {
+        stats.flags |= FLOW_FLAG_DIRECT;
+    }
     let _ = MESH_FLOWS.insert(key, stats, 0);
     let _ = ctx.set_cb_flags(
         (ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)

@@ -12,6 +12,12 @@
 //! connection with the same addresses is judged as a new connection and left to the
 //! kernel, whose listener lookup `capture_lookup` answers. Everything is counted.
 //!
+//! A new connection between two pods of the node that the agent's verdict lets the kernel
+//! carry (`POLICY_DIRECT`: allowed on L4 facts, no L7 work, while the agent lives) is not
+//! steered: its SYN is forwarded as it is, and each end's packets are recognised by
+//! `MESH_DIRECT_FLOWS` (both ends' entries written by the client's SYN here, after the
+//! source check) before any socket lookup.
+//!
 //! A pod whose veth is a port of a bridge (bridge-based CNIs) is handled alike, with two
 //! differences its entry in `MESH_WORKLOADS` tells: its frames must carry its own MAC (a
 //! pod could otherwise take another's place in the bridge's forwarding table, or answer
@@ -25,7 +31,8 @@
 //! sockets carry `AGENT_MARK`) is plaintext that bypassed the mesh, and is dropped —
 //! except the kubelet's probes (from the node's own address to a port the pod declares
 //! for its probes) and the answers of connections the pod itself opened to destinations
-//! outside the mesh (`MESH_POD_OPENED`, recorded by `tc_from_pod` from their SYN).
+//! outside the mesh (`MESH_POD_OPENED`, recorded by `tc_from_pod` from their SYN), and the
+//! packets of direct connections that entered the node on their sender's own veth.
 //!
 //! Kernel maps are bounded: when a pod did not fit in `MESH_WORKLOADS` nothing but the
 //! agent reaches it and it cannot send (its source is unknown), and when any workload or
@@ -42,21 +49,24 @@
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_tuple, BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{
+        bpf_ktime_get_ns, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
+    },
     macros::classifier,
     programs::TcContext,
 };
 use mesh_common::{
-    verdict, FlowKey, PolicyKey, PortKey, TrafficCounters, TrafficKey, AGENT_MARK, CAPTURE_MARK,
-    DIRECTION_FROM_POD, DIRECTION_TO_POD, DNS_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, POLICY_DENY,
-    PORT_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT_PORTS,
+    verdict, FlowKey, PolicyKey, PortKey, TrafficCounters, TrafficKey, AGENT_LEASE_KEY,
+    AGENT_LEASE_NS, AGENT_MARK, CAPTURE_MARK, DIRECTION_FROM_POD, DIRECTION_TO_POD,
+    DNS_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, POLICY_DENY, POLICY_DIRECT, PORT_MTLS_STRICT,
+    WORKLOAD_FLAG_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT_PORTS,
 };
 
 use crate::{
     maps::{
         capture_dns, capture_unknown, count_verdict, local_pod_on, meshed_destination, LocalPod,
-        MESH_POD_OPENED, MESH_POLICY, MESH_PORT_MTLS, MESH_PROBE_PORTS, MESH_SERVICE_IPS,
-        MESH_TRAFFIC, MESH_WORKLOADS,
+        MESH_AGENT_LEASE, MESH_DIRECT_FLOWS, MESH_POD_OPENED, MESH_POLICY, MESH_PORT_MTLS,
+        MESH_PROBE_PORTS, MESH_SERVICE_IPS, MESH_TRAFFIC, MESH_WORKLOADS,
     },
     packet::{
         arp_sender, ether_type, icmp_type, parse_ipv4, parse_tcp, source_mac, udp_ports,
@@ -150,6 +160,12 @@ fn to_pod(ctx: &TcContext) -> i32 {
         if node_probe(&ip, key.port) {
             return TC_ACT_OK;
         }
+        // SAFETY: reading a field of the context the kernel handed us.
+        let arrived_on = unsafe { (*ctx.skb.skb).ingress_ifindex };
+        if direct_from(&flow_key(ip.saddr, sport, ip.daddr, dport), arrived_on) {
+            count_verdict(verdict::PASSED_DIRECT_STRICT);
+            return TC_ACT_OK;
+        }
         // A bare SYN always opens a connection into the pod, whatever was recorded.
         let opening = tcp_flags & TCP_FLAG_SYN != 0 && tcp_flags & TCP_FLAG_ACK == 0;
         if !opening && pod_opened(ip.daddr, dport, ip.saddr, sport) {
@@ -237,6 +253,11 @@ fn from_pod(ctx: &TcContext) -> i32 {
     };
 
     let new_connection = flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0;
+    let sent = flow_key(ip.saddr, sport, ip.daddr, dport);
+    if !new_connection && direct_from(&sent, ifindex) {
+        count_verdict(verdict::DIRECT_ESTABLISHED);
+        return TC_ACT_OK;
+    }
     // A segment of a connection the agent already holds (its accepted socket, or its
     // upstream socket bound to the client's address) goes to that socket. A SYN meeting
     // the agent's TIME_WAIT socket of an earlier connection with the same addresses (the
@@ -280,12 +301,40 @@ fn from_pod(ctx: &TcContext) -> i32 {
         count_verdict(verdict::PASSED);
         return TC_ACT_OK;
     }
+    let answer = flow_key(ip.daddr, dport, ip.saddr, sport);
     if !new_connection {
+        // A direct connection whose entry for this end the LRU evicted. Its client may
+        // send again what its policy verdict still lets it open directly; its server, only
+        // while the client's entry says the connection is direct. (The server's port may
+        // reach the client directly while the client reaches the server's port through
+        // the agent: the same addresses, judged in the other direction.)
+        if policy_verdict(ip.saddr, ip.daddr, u16::from_be(dport)) == POLICY_DIRECT {
+            return open_direct(
+                &sent,
+                ifindex,
+                &answer,
+                ip.daddr,
+                verdict::DIRECT_ESTABLISHED,
+            );
+        }
+        if MESH_DIRECT_FLOWS.get_ptr(answer).is_some() {
+            let _ = MESH_DIRECT_FLOWS.insert(sent, ifindex, 0);
+            count_verdict(verdict::DIRECT_ESTABLISHED);
+            return TC_ACT_OK;
+        }
         return drop_counted(verdict::DROP_NO_FLOW);
     }
-    if policy_denies(ip.saddr, ip.daddr, u16::from_be(dport)) {
-        return drop_counted(verdict::DROP_POLICY_DENIED);
+    match policy_verdict(ip.saddr, ip.daddr, u16::from_be(dport)) {
+        POLICY_DENY => return drop_counted(verdict::DROP_POLICY_DENIED),
+        POLICY_DIRECT if agent_lives() => {
+            return open_direct(&sent, ifindex, &answer, ip.daddr, verdict::DIRECT_NEW);
+        }
+        _ => {}
     }
+    // An earlier direct connection with the same addresses must not keep this one, which
+    // the agent carries, from reaching it, either way.
+    let _ = MESH_DIRECT_FLOWS.remove(sent);
+    let _ = MESH_DIRECT_FLOWS.remove(answer);
     if reopening {
         return reopen(ctx, &pod);
     }
@@ -306,19 +355,7 @@ fn from_pod(ctx: &TcContext) -> i32 {
 /// the wire).
 #[inline(always)]
 fn record_opened(pod: u32, pod_port: u16, peer: u32, peer_port: u16) {
-    let _ = MESH_POD_OPENED.insert(opened_key(pod, pod_port, peer, peer_port), 1, 0);
-}
-
-/// The `MESH_POD_OPENED` key of a pod's connection, from the pod's side (ports as on the
-/// wire).
-#[inline(always)]
-fn opened_key(pod: u32, pod_port: u16, peer: u32, peer_port: u16) -> FlowKey {
-    FlowKey {
-        local_ip: pod,
-        remote_ip: peer,
-        local_port: u16::from_be(pod_port),
-        remote_port: u16::from_be(peer_port),
-    }
+    let _ = MESH_POD_OPENED.insert(flow_key(pod, pod_port, peer, peer_port), 1, 0);
 }
 
 /// Whether a segment from `peer` to `pod` belongs to a connection the pod opened itself
@@ -328,7 +365,7 @@ fn opened_key(pod: u32, pod_port: u16, peer: u32, peer_port: u16) -> FlowKey {
 #[inline(always)]
 fn pod_opened(pod: u32, pod_port: u16, peer: u32, peer_port: u16) -> bool {
     MESH_POD_OPENED
-        .get_ptr(opened_key(pod, pod_port, peer, peer_port))
+        .get_ptr(flow_key(pod, pod_port, peer, peer_port))
         .is_some()
 }
 
@@ -405,10 +442,58 @@ fn node_probe(ip: &Ipv4Packet, port: u16) -> bool {
     probe
 }
 
-/// Whether the destination's policies deny this source on L4 facts: the port's own entry
-/// if there is one, else the destination's entry for every other port.
+/// A pod connection's end as the packets it sends show it (`MESH_DIRECT_FLOWS` and
+/// sockops' key; ports as on the wire).
 #[inline(always)]
-fn policy_denies(src: u32, dst: u32, port: u16) -> bool {
+fn flow_key(saddr: u32, sport: u16, daddr: u32, dport: u16) -> FlowKey {
+    FlowKey {
+        local_ip: saddr,
+        remote_ip: daddr,
+        local_port: u16::from_be(sport),
+        remote_port: u16::from_be(dport),
+    }
+}
+
+/// Records a connection the kernel carries directly from the client's packet `sent`, on
+/// its veth `ifindex`, to the local pod `server`: both ends' entries, the answers' with
+/// the server's veth (an entry naming no veth is written again by the server's first
+/// packet, the client's entry vouching for it).
+#[inline(always)]
+fn open_direct(sent: &FlowKey, ifindex: u32, answer: &FlowKey, server: u32, outcome: u32) -> i32 {
+    // SAFETY: a map value pointer, valid while this program runs.
+    let server_ifindex = MESH_WORKLOADS
+        .get_ptr(server)
+        .map_or(0, |w| unsafe { (*w).ifindex });
+    let _ = MESH_DIRECT_FLOWS.insert(sent, ifindex, 0);
+    let _ = MESH_DIRECT_FLOWS.insert(answer, server_ifindex, 0);
+    count_verdict(outcome);
+    TC_ACT_OK
+}
+
+/// Whether `sent` belongs to a connection the kernel carries directly and entered the
+/// node on its sender's veth `ifindex`, where `tc_from_pod` checked its source.
+#[inline(always)]
+fn direct_from(sent: &FlowKey, ifindex: u32) -> bool {
+    // SAFETY: a map value pointer, valid while this program runs.
+    ifindex != 0 && unsafe { MESH_DIRECT_FLOWS.get(sent) }.is_some_and(|on| *on == ifindex)
+}
+
+/// Whether the agent renewed its lease lately: verdicts it wrote are only trusted for new
+/// direct connections while it lives to keep them current.
+#[inline(always)]
+fn agent_lives() -> bool {
+    // SAFETY: reading the clock has no precondition.
+    let now = unsafe { bpf_ktime_get_ns() };
+    MESH_AGENT_LEASE
+        .get(AGENT_LEASE_KEY)
+        .is_some_and(|renewed| now.wrapping_sub(*renewed) < AGENT_LEASE_NS)
+}
+
+/// What the destination's policies decide for this source on L4 facts (`POLICY_*`, 0
+/// when nothing): the port's own entry if there is one, else the destination's entry for
+/// every other port.
+#[inline(always)]
+fn policy_verdict(src: u32, dst: u32, port: u16) -> u32 {
     let exact = PolicyKey {
         src_ip: src,
         dst_ip: dst,
@@ -417,13 +502,13 @@ fn policy_denies(src: u32, dst: u32, port: u16) -> bool {
     };
     // SAFETY: map value pointers, valid while this program runs.
     if let Some(value) = unsafe { MESH_POLICY.get(exact) } {
-        return *value == POLICY_DENY;
+        return *value;
     }
     let other_ports = PolicyKey {
         dst_port: 0,
         ..exact
     };
-    unsafe { MESH_POLICY.get(other_ports) }.is_some_and(|value| *value == POLICY_DENY)
+    unsafe { MESH_POLICY.get(other_ports) }.map_or(0, |value| *value)
 }
 
 /// Looks a socket up in the node's network namespace by the packet's 4-tuple. With

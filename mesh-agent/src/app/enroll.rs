@@ -39,6 +39,8 @@ pub struct Enroller {
     datapath: Datapath,
     cgroup_root: PathBuf,
     trust_domain: String,
+    /// Whether connections that need nothing of the agent go from pod to pod in the kernel.
+    kernel_bypass: bool,
     attached: HashMap<String, PodAttachment>,
     links: PodLinks,
     /// Whether what agents of other map layouts left was removed (after the first pass).
@@ -46,11 +48,17 @@ pub struct Enroller {
 }
 
 impl Enroller {
-    pub fn new(datapath: Datapath, cgroup_root: PathBuf, trust_domain: String) -> Enroller {
+    pub fn new(
+        datapath: Datapath,
+        cgroup_root: PathBuf,
+        trust_domain: String,
+        kernel_bypass: bool,
+    ) -> Enroller {
         Enroller {
             datapath,
             cgroup_root,
             trust_domain,
+            kernel_bypass,
             attached: HashMap::new(),
             links: PodLinks::default(),
             took_over: false,
@@ -105,7 +113,13 @@ impl Enroller {
         // their own, the programs let nothing but the agent reach them (fail closed).
         let maps = self
             .datapath
-            .sync_maps(state, &pod_links, &probe_sources, &self.trust_domain)
+            .sync_maps(
+                state,
+                &pod_links,
+                &probe_sources,
+                &self.trust_domain,
+                self.kernel_bypass,
+            )
             .map_err(|err| {
                 let reason = describe(&err);
                 tracing::error!("updating the kernel maps: {reason}");

@@ -38,7 +38,7 @@ use crate::{
         reconcile::{lock, AgentStatus, Reconciler, Reload, SharedResolved, SharedStatus},
     },
     config::origin::{self, SourceKind},
-    datapath::{self, capacity::Capacities, capture_lookup::CaptureLookup, Datapath},
+    datapath::{self, capacity::Capacities, capture_lookup::CaptureLookup, AgentLease, Datapath},
     errors::describe,
     http::{server, Intake},
     identity::{
@@ -102,6 +102,11 @@ pub struct AgentOptions {
     /// them through the agent.
     #[arg(long, env = "MESH_KERNEL_SPLICE", default_value_t = true, action = clap::ArgAction::Set)]
     pub kernel_splice: bool,
+    /// Let the kernel carry same-node connections between pods by itself (no agent socket,
+    /// no splice) when they are allowed on L4 facts and need no L7 work, access log or
+    /// token check of the agent's; a pod labelled `mesh/bypass: "false"` opts out.
+    #[arg(long, env = "MESH_KERNEL_BYPASS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub kernel_bypass: bool,
     /// Answer the local pods' DNS (UDP and TCP port 53, captured in tc): the mesh's
     /// names here, the rest through the node's resolvers.
     #[arg(long, env = "MESH_DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
@@ -355,6 +360,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     };
     datapath::install_capture_route()?;
     let kernel_maps = take_kernel_maps(&options.bpffs)?;
+    let agent_lease = AgentLease::open(&options.bpffs).context("opening the agent's lease")?;
 
     // With an agent still serving the node, its listeners are taken once this one is
     // ready; until then it serves on.
@@ -401,11 +407,19 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             resolved_generation: 0,
             serving: None,
         },
-        enroller: Enroller::new(datapath, cgroup_root, options.trust_domain.clone()),
+        enroller: Enroller::new(
+            datapath,
+            cgroup_root,
+            options.trust_domain.clone(),
+            options.kernel_bypass,
+        ),
     };
     reconciler.poll();
 
     tokio::spawn(metrics.clone().run(kernel_maps));
+    if options.kernel_bypass {
+        tokio::spawn(renew_agent_lease(agent_lease));
+    }
     tokio::spawn(cert_manager.run());
     let jwks_cache = Arc::new(JwksCache::default());
     tokio::spawn(jwks::keep_fresh(
@@ -688,6 +702,23 @@ fn take_kernel_maps(bpffs: &Path) -> anyhow::Result<KernelMaps> {
         flows: BpfHashMap::try_from(Map::LruHashMap(open(pins::FLOWS)?))?,
         verdicts: PerCpuArray::try_from(Map::PerCpuArray(open(pins::TC_VERDICTS)?))?,
     })
+}
+
+/// Tells the kernel every second that the agent lives, so that it lets connections go
+/// direct by the agent's verdicts (`mesh_common::AGENT_LEASE_NS`).
+async fn renew_agent_lease(mut lease: AgentLease) {
+    let mut ticker = tokio::time::interval(std::time::Duration::from_nanos(
+        mesh_common::AGENT_LEASE_RENEW_NS,
+    ));
+    loop {
+        ticker.tick().await;
+        if let Err(err) = lease.renew() {
+            tracing::warn!(
+                "renewing the agent's lease in the kernel: {}",
+                describe(&err)
+            );
+        }
+    }
 }
 
 /// Lets routed requests' idle upstream connections go once they are past their idle

@@ -20,7 +20,7 @@ use mesh_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::{ip_from_key, links_dir, maps_dir};
+use crate::datapath::{ip_from_key, links_dir, maps_dir, monotonic_ns};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -414,15 +414,4 @@ impl NodeMaps {
         rows.sort_by(|a, b| a.attachment.cmp(&b.attachment));
         Ok(rows)
     }
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -33,15 +33,15 @@ use aya::{
 };
 use mesh_common::{
     fill_name, pins, programs, PolicyKey, PortKey, ServiceInfo, ServiceKey, WorkloadInfo,
-    CAPTURE_MARK, CAPTURE_ROUTE_TABLE, MAPS_LAYOUT_VERSION, POLICY_ALLOW, POLICY_DENY,
-    PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT, PROBE_PORTS_CAPACITY, SETTINGS_KEY,
-    SETTING_CAPTURE_DNS, SETTING_CAPTURE_UNKNOWN, WORKLOAD_FLAG_LOCAL, WORKLOAD_FLAG_MTLS_STRICT,
-    WORKLOAD_FLAG_MTLS_STRICT_PORTS,
+    AGENT_LEASE_KEY, CAPTURE_MARK, CAPTURE_ROUTE_TABLE, MAPS_LAYOUT_VERSION, POLICY_ALLOW,
+    POLICY_DENY, POLICY_DIRECT, PORT_MTLS_PERMISSIVE, PORT_MTLS_STRICT, PROBE_PORTS_CAPACITY,
+    SETTINGS_KEY, SETTING_CAPTURE_DNS, SETTING_CAPTURE_UNKNOWN, WORKLOAD_FLAG_LOCAL,
+    WORKLOAD_FLAG_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT_PORTS,
 };
 
 use crate::{
     model::{peerauth::Effective, MeshState},
-    policy::kernel,
+    policy::kernel::{self, KernelAction},
 };
 
 use self::{
@@ -84,6 +84,40 @@ pub enum DatapathError {
 }
 
 type Result<T> = std::result::Result<T, DatapathError>;
+
+/// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The pinned `MESH_AGENT_LEASE`: the agent renews it while it lives, and the kernel
+/// lets new connections go direct by the agent's verdicts only while it is recent.
+pub struct AgentLease(BpfArray<MapData, u64>);
+
+impl AgentLease {
+    pub fn open(bpffs: &Path) -> Result<AgentLease> {
+        let name = pins::AGENT_LEASE;
+        let map = MapData::from_pin(maps_dir(bpffs).join(name))
+            .and_then(|data| BpfArray::try_from(aya::maps::Map::Array(data)))
+            .map_err(|source| DatapathError::Map { name, source })?;
+        Ok(AgentLease(map))
+    }
+
+    pub fn renew(&mut self) -> Result<()> {
+        self.0
+            .set(AGENT_LEASE_KEY, monotonic_ns(), 0)
+            .map_err(|source| DatapathError::Map {
+                name: pins::AGENT_LEASE,
+                source,
+            })
+    }
+}
 
 /// Where one local pod's programs attach.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -347,6 +381,7 @@ impl Datapath {
         links: &HashMap<Ipv4Addr, PodLink>,
         probe_sources: &HashMap<Ipv4Addr, Ipv4Addr>,
         trust_domain: &str,
+        kernel_bypass: bool,
     ) -> Result<MapsReport> {
         let caps = self.capacities;
         let mut report = MapsReport::default();
@@ -572,11 +607,10 @@ impl Datapath {
 
         // The policy map only spares the agent work: a SYN without a verdict is captured and
         // judged by the agent, so a verdict left out fails safe.
-        let verdicts = kernel::kernel_verdicts(state, trust_domain);
+        let verdicts = kernel::kernel_verdicts(state, trust_domain, kernel_bypass);
         let room = usize::try_from(caps.policy).unwrap_or(usize::MAX);
-        let desired: HashMap<PolicyKey, u32> = verdicts
+        let desired: HashMap<PolicyKey, u32> = kernel::whole_pairs_within(&verdicts, room)
             .iter()
-            .take(room)
             .map(|v| {
                 let key = PolicyKey {
                     src_ip: ip_key(v.source),
@@ -584,7 +618,12 @@ impl Datapath {
                     dst_port: v.port,
                     _pad: 0,
                 };
-                (key, if v.deny { POLICY_DENY } else { POLICY_ALLOW })
+                let value = match v.action {
+                    KernelAction::Deny => POLICY_DENY,
+                    KernelAction::Agent => POLICY_ALLOW,
+                    KernelAction::Direct => POLICY_DIRECT,
+                };
+                (key, value)
             })
             .collect();
         let failed_policy = self.sync_map(pins::POLICY, &desired)?.len();
@@ -592,7 +631,7 @@ impl Datapath {
             map: pins::POLICY,
             capacity: caps.policy,
             entries: desired.len() - failed_policy,
-            refused: verdicts.len().saturating_sub(room) + failed_policy,
+            refused: verdicts.len() - desired.len() + failed_policy,
         });
 
         report.capture_unknown = capacity::must_capture_unknown(

@@ -84,9 +84,31 @@ pub struct Workload {
     pub probe_ports: Vec<u16>,
 }
 
+/// A destination pod labelled `mesh/splice: "false"` has its same-node flows copied
+/// through the agent instead of spliced in the kernel (nor carried by the kernel alone).
+pub const SPLICE_LABEL: &str = "mesh/splice";
+/// A destination pod labelled `mesh/bypass: "false"` has its same-node flows carried by
+/// the agent (spliced) even when the kernel could carry them alone.
+pub const BYPASS_LABEL: &str = "mesh/bypass";
+
 impl Workload {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.pod)
+    }
+
+    fn label_is_false(&self, label: &str) -> bool {
+        self.labels.get(label).map(String::as_str) == Some("false")
+    }
+
+    /// Whether its labels let the kernel splice the same-node flows it receives.
+    pub fn may_be_spliced(&self) -> bool {
+        !self.label_is_false(SPLICE_LABEL)
+    }
+
+    /// Whether its labels let the kernel carry the same-node flows it receives without
+    /// the agent, when nothing else needs the agent.
+    pub fn may_bypass_the_agent(&self) -> bool {
+        self.may_be_spliced() && !self.label_is_false(BYPASS_LABEL)
     }
 }
 

@@ -1,9 +1,10 @@
 //! The verdicts the kernel enforces: what each destination's AuthorizationPolicies decide
 //! for new connections from each local pod on L4 facts alone, so that tc drops denied
-//! SYNs before the agent sees them.
+//! SYNs before the agent sees them, and which connections between two pods of the node
+//! need nothing of the agent, so that tc lets the kernel carry them alone.
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::{BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
     sync::Arc,
 };
@@ -13,28 +14,42 @@ use crate::{
     policy::facts::{admit, Admission, Arrival, Peer},
 };
 
-/// What the destination's policies decide for new connections from a local pod, on L4
-/// facts alone: for the kernel, which drops denied SYNs before the agent sees them.
+/// What becomes of a new connection from a local pod, decided before the agent sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KernelAction {
+    /// The destination's policies deny it on L4 facts: the SYN is dropped.
+    Deny,
+    /// The agent carries it (the default, and what the kernel does without a verdict).
+    Agent,
+    /// The kernel carries it to the pod alone: same node, allowed on L4 facts, and no
+    /// request to read, no token, rate limit or access log of the agent's.
+    Direct,
+}
+
+/// One verdict for the kernel's policy map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelVerdict {
     pub source: Ipv4Addr,
     pub destination: Ipv4Addr,
     /// 0: every port without an entry of its own.
     pub port: u16,
-    pub deny: bool,
+    pub action: KernelAction,
 }
 
-/// The verdicts of every local pod towards every workload with policies (per port the
-/// policies name, and for all other ports), and towards Service ports all of whose
-/// endpoints deny it.
-pub fn kernel_verdicts(state: &MeshState, trust_domain: &str) -> Vec<KernelVerdict> {
+/// The verdicts of every local pod towards every workload with policies (per port that
+/// matters, and for all other ports), towards every pod of the node when `bypass` lets
+/// the kernel carry connections alone, and towards Service ports all of whose endpoints
+/// deny it. A source–destination pair's verdicts are adjacent, pairs with a `Direct`
+/// verdict last (see [`whole_pairs_within`]).
+pub fn kernel_verdicts(state: &MeshState, trust_domain: &str, bypass: bool) -> Vec<KernelVerdict> {
     let sources: Vec<&Arc<Workload>> = state.local_workloads().collect();
-    let mut denied: HashSet<(Ipv4Addr, Ipv4Addr, u16)> = HashSet::new();
-    let mut other_ports_denied: HashSet<(Ipv4Addr, Ipv4Addr)> = HashSet::new();
-    let mut verdicts = Vec::new();
+    let mut pairs: Vec<Vec<KernelVerdict>> = Vec::new();
+    let mut decided: HashMap<(Ipv4Addr, Ipv4Addr, u16), KernelAction> = HashMap::new();
     for destination in state.workloads.values() {
         let security = state.security_of(destination.ip);
-        if security.policies.is_empty() {
+        let may_bypass =
+            bypass && destination.node == state.node && destination.may_bypass_the_agent();
+        if security.policies.is_empty() && !may_bypass {
             continue;
         }
         let mut ports: BTreeSet<u16> = security
@@ -54,7 +69,9 @@ pub fn kernel_verdicts(state: &MeshState, trust_domain: &str) -> Vec<KernelVerdi
                 .flat_map(|m| m.ports.keys().copied()),
         );
         for source in sources.iter().filter(|s| s.ip != destination.ip) {
-            let denies = |port: u16| {
+            // The agent writes the source's client access log of each connection.
+            let direct = may_bypass && state.security_of(source.ip).telemetry.client_logs.is_none();
+            let action = |port: u16| {
                 let arrival = Arrival::new(
                     state,
                     trust_domain,
@@ -64,45 +81,44 @@ pub fn kernel_verdicts(state: &MeshState, trust_domain: &str) -> Vec<KernelVerdi
                     SocketAddrV4::new(destination.ip, port),
                     None,
                 );
-                admit(&arrival).0 == Admission::Deny
+                match admit(&arrival).0 {
+                    Admission::Deny => KernelAction::Deny,
+                    Admission::Tcp if direct => KernelAction::Direct,
+                    _ => KernelAction::Agent,
+                }
             };
-            let other = denies(0);
-            if other {
-                other_ports_denied.insert((source.ip, destination.ip));
-                verdicts.push(KernelVerdict {
-                    source: source.ip,
-                    destination: destination.ip,
-                    port: 0,
-                    deny: true,
-                });
+            let verdict = |port, action| KernelVerdict {
+                source: source.ip,
+                destination: destination.ip,
+                port,
+                action,
+            };
+            let other = action(0);
+            let mut pair = Vec::new();
+            if other != KernelAction::Agent {
+                pair.push(verdict(0, other));
             }
             for &port in &ports {
-                let deny = denies(port);
-                if deny {
-                    denied.insert((source.ip, destination.ip, port));
+                let own = action(port);
+                if own != other {
+                    pair.push(verdict(port, own));
                 }
-                if deny != other {
-                    verdicts.push(KernelVerdict {
-                        source: source.ip,
-                        destination: destination.ip,
-                        port,
-                        deny,
-                    });
-                }
+            }
+            for v in &pair {
+                decided.insert((v.source, v.destination, v.port), v.action);
+            }
+            if !pair.is_empty() {
+                pairs.push(pair);
             }
         }
     }
-    let denies = |source: Ipv4Addr, target: &SocketAddrV4| {
-        denied.contains(&(source, *target.ip(), target.port()))
-            || (other_ports_denied.contains(&(source, *target.ip()))
-                && !verdicts.iter().any(|v| {
-                    v.source == source
-                        && v.destination == *target.ip()
-                        && v.port == target.port()
-                        && !v.deny
-                }))
+    let action_at = |source: Ipv4Addr, target: &SocketAddrV4| {
+        decided
+            .get(&(source, *target.ip(), target.port()))
+            .or_else(|| decided.get(&(source, *target.ip(), 0)))
+            .copied()
+            .unwrap_or(KernelAction::Agent)
     };
-    let mut service_verdicts = Vec::new();
     for service in state.services.values() {
         let all_meshed =
             !service.endpoints.is_empty() && service.endpoints.iter().all(|e| e.workload.is_some());
@@ -110,18 +126,44 @@ pub fn kernel_verdicts(state: &MeshState, trust_domain: &str) -> Vec<KernelVerdi
             continue;
         }
         for source in &sources {
-            if service.endpoints.iter().all(|e| denies(source.ip, &e.addr)) {
-                service_verdicts.push(KernelVerdict {
+            let all_deny = service
+                .endpoints
+                .iter()
+                .all(|e| action_at(source.ip, &e.addr) == KernelAction::Deny);
+            if all_deny {
+                pairs.push(vec![KernelVerdict {
                     source: source.ip,
                     destination: service.cluster_ip,
                     port: service.port,
-                    deny: true,
-                });
+                    action: KernelAction::Deny,
+                }]);
             }
         }
     }
-    verdicts.extend(service_verdicts);
-    verdicts
+    // Stable: pairs keep the order they were found in within each kind.
+    pairs.sort_by_key(|pair| pair.iter().any(|v| v.action == KernelAction::Direct));
+    pairs.into_iter().flatten().collect()
+}
+
+/// The longest prefix of `verdicts` (as [`kernel_verdicts`] orders them) that fits in
+/// `room` entries without splitting a source–destination pair: a pair's port entries
+/// only mean what they should together (a `Direct` all-ports entry without the port that
+/// needs the agent would carry that port's connections past its L7 policy), while a pair
+/// left out altogether is carried by the agent, which judges it in full. Pairs that let
+/// the kernel carry connections come last, so they are the first left out.
+pub fn whole_pairs_within(verdicts: &[KernelVerdict], room: usize) -> &[KernelVerdict] {
+    if verdicts.len() <= room {
+        return verdicts;
+    }
+    let mut end = room;
+    while end > 0 {
+        let (last, next) = (&verdicts[end - 1], &verdicts[end]);
+        if (last.source, last.destination) != (next.source, next.destination) {
+            break;
+        }
+        end -= 1;
+    }
+    &verdicts[..end]
 }
 
 #[cfg(test)]
@@ -154,7 +196,7 @@ status: {{podIP: 10.244.1.11}}
         );
         assert!(config.errors().next().is_none(), "{:?}", config.diagnostics);
         let state = MeshState::build("node-1", &config);
-        let mut verdicts = kernel_verdicts(&state, "cluster.local");
+        let mut verdicts = kernel_verdicts(&state, "cluster.local", false);
         verdicts.sort_by_key(|v| (v.source, v.destination, v.port));
         verdicts
     }
@@ -164,8 +206,196 @@ status: {{podIP: 10.244.1.11}}
             source,
             destination: destination.into(),
             port,
-            deny,
+            action: if deny {
+                KernelAction::Deny
+            } else {
+                KernelAction::Agent
+            },
         }
+    }
+
+    /// The verdicts towards `destination` with the kernel allowed to carry connections.
+    fn bypass_verdicts(cluster: &str, destination: [u8; 4]) -> Vec<KernelVerdict> {
+        let config = load_str(
+            std::path::Path::new("kernel.yaml"),
+            &format!(
+                "apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: shop}}
+spec: {{nodeName: node-1, serviceAccountName: client}}
+status: {{podIP: 10.244.1.10}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: intruder, namespace: other}}
+spec: {{nodeName: node-1, serviceAccountName: intruder}}
+status: {{podIP: 10.244.1.11}}
+---
+{cluster}"
+            ),
+        );
+        assert!(config.errors().next().is_none(), "{:?}", config.diagnostics);
+        let state = MeshState::build("node-1", &config);
+        let destination = Ipv4Addr::from(destination);
+        let mut verdicts: Vec<_> = kernel_verdicts(&state, "cluster.local", true)
+            .into_iter()
+            .filter(|v| v.destination == destination)
+            .collect();
+        verdicts.sort_by_key(|v| (v.source, v.port));
+        verdicts
+    }
+
+    fn direct(
+        source: Ipv4Addr,
+        destination: [u8; 4],
+        port: u16,
+        action: KernelAction,
+    ) -> KernelVerdict {
+        KernelVerdict {
+            source,
+            destination: destination.into(),
+            port,
+            action,
+        }
+    }
+
+    const PLAIN: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: plain, namespace: shop, labels: {app: plain}}
+spec: {nodeName: node-1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.244.1.20}
+";
+
+    #[test]
+    fn the_kernel_carries_same_node_connections_that_need_nothing_of_the_agent() {
+        use KernelAction::*;
+        let plain = [10, 244, 1, 20];
+        assert_eq!(
+            bypass_verdicts(PLAIN, plain),
+            [
+                direct(CLIENT, plain, 0, Direct),
+                direct(INTRUDER, plain, 0, Direct)
+            ]
+        );
+        // Not a pod of another node, nor one labelled out.
+        let remote = PLAIN.replace("node-1", "node-2");
+        assert_eq!(bypass_verdicts(&remote, plain), []);
+        let opted_out = PLAIN.replace("{app: plain}", "{app: plain, mesh/bypass: \"false\"}");
+        assert_eq!(bypass_verdicts(&opted_out, plain), []);
+        let copied = PLAIN.replace("{app: plain}", "{app: plain, mesh/splice: \"false\"}");
+        assert_eq!(bypass_verdicts(&copied, plain), []);
+        // Without bypass the same pod has no verdict at all.
+        assert_eq!(verdicts(PLAIN), []);
+    }
+
+    #[test]
+    fn a_port_with_l7_work_stays_with_the_agent_and_denied_sources_are_dropped() {
+        use KernelAction::*;
+        let plain = [10, 244, 1, 20];
+        // shop may reach plain's 9000; GET on 8080 (HTTP by its Service) is judged per
+        // request.
+        let l7 = format!(
+            "{PLAIN}---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: plain, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: plain}}}}
+  rules:
+  - from: [{{source: {{namespaces: [shop]}}}}]
+    to: [{{operation: {{ports: [\"9000\"]}}}}]
+  - from: [{{source: {{namespaces: [shop]}}}}]
+    to: [{{operation: {{ports: [\"8080\"], methods: [GET]}}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: plain, namespace: shop}}
+spec: {{clusterIP: 10.96.0.20, selector: {{app: plain}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+"
+        );
+        assert_eq!(
+            bypass_verdicts(&l7, plain),
+            [
+                direct(CLIENT, plain, 0, Deny),
+                direct(CLIENT, plain, 8080, Agent),
+                direct(CLIENT, plain, 9000, Direct),
+                direct(INTRUDER, plain, 0, Deny),
+            ]
+        );
+        // A token rule on the HTTP port, a rate limit, or every request reported there:
+        // that port stays with the agent, the others go direct.
+        let jwt = format!(
+            "{PLAIN}---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: plain, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: plain}}}}
+  jwtRules: [{{issuer: issuer.example, jwksUri: \"https://issuer.example/jwks\"}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: plain, namespace: shop}}
+spec: {{clusterIP: 10.96.0.20, selector: {{app: plain}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+"
+        );
+        assert_eq!(
+            bypass_verdicts(&jwt, plain),
+            [
+                direct(CLIENT, plain, 0, Direct),
+                direct(CLIENT, plain, 8080, Agent),
+                direct(INTRUDER, plain, 0, Direct),
+                direct(INTRUDER, plain, 8080, Agent),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_source_with_client_access_logs_stays_with_the_agent() {
+        use KernelAction::*;
+        let plain = [10, 244, 1, 20];
+        // Logged everywhere but on shop's client side.
+        let logged = format!(
+            "{PLAIN}---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: istio, namespace: istio-system}}
+data:
+  mesh: |
+    accessLogFile: /dev/stdout
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: quiet, namespace: shop}}
+spec:
+  accessLogging:
+  - match: {{mode: CLIENT}}
+    disabled: true
+"
+        );
+        assert_eq!(
+            bypass_verdicts(&logged, plain),
+            [direct(CLIENT, plain, 0, Direct)]
+        );
+    }
+
+    #[test]
+    fn a_pair_is_written_whole_or_not_at_all() {
+        use KernelAction::*;
+        let web = [10, 244, 1, 20];
+        let db = [10, 244, 1, 30];
+        let verdicts = [
+            direct(CLIENT, web, 0, Deny),
+            direct(CLIENT, web, 8080, Agent),
+            direct(CLIENT, db, 0, Direct),
+            direct(CLIENT, db, 5432, Agent),
+            direct(INTRUDER, db, 0, Direct),
+        ];
+        assert_eq!(whole_pairs_within(&verdicts, 9), verdicts);
+        assert_eq!(whole_pairs_within(&verdicts, 5), verdicts);
+        assert_eq!(whole_pairs_within(&verdicts, 4), &verdicts[..4]);
+        assert_eq!(whole_pairs_within(&verdicts, 3), &verdicts[..2]);
+        assert_eq!(whole_pairs_within(&verdicts, 1), []);
     }
 
     #[test]
@@ -348,7 +578,7 @@ spec:
         );
         assert!(config.errors().next().is_none(), "{:?}", config.diagnostics);
         let state = MeshState::build("node-1", &config);
-        let mut verdicts = kernel_verdicts(&state, "cluster.local");
+        let mut verdicts = kernel_verdicts(&state, "cluster.local", false);
         verdicts.sort_by_key(|v| v.port);
         let client = Ipv4Addr::new(10, 244, 1, 10);
         let db = Ipv4Addr::new(10, 244, 1, 20);
@@ -359,13 +589,13 @@ spec:
                     source: client,
                     destination: db,
                     port: 0,
-                    deny: true
+                    action: KernelAction::Deny
                 },
                 KernelVerdict {
                     source: client,
                     destination: db,
                     port: 9000,
-                    deny: false
+                    action: KernelAction::Agent
                 },
             ]
         );

@@ -29,10 +29,6 @@ use crate::{
     proxy::client_hello::{read_hello, Hello},
 };
 
-/// A destination pod labelled `mesh/splice: "false"` has its same-node flows copied
-/// through the agent instead of spliced in the kernel.
-pub const SPLICE_LABEL: &str = "mesh/splice";
-
 /// Why a captured connection cannot be carried anywhere.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
@@ -410,9 +406,7 @@ pub fn plan_endpoint(
                 ));
                 let (admission, judged) = admit(&arrival);
                 decision = judged;
-                let splice = local
-                    && settings.kernel_splice
-                    && pod.labels.get(SPLICE_LABEL).map(String::as_str) != Some("false");
+                let splice = local && settings.kernel_splice && pod.may_be_spliced();
                 let carry = match admission {
                     Admission::Deny => Carry::Copy,
                     Admission::Http => Carry::Http,
