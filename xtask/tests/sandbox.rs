@@ -3119,8 +3119,9 @@ spec:
         )
     };
     format!(
-        "{}---\n{}",
-        pod("echo-spliced", "app: echo-local"),
+        "{}---\n{}---\n{}",
+        pod("echo-direct", "app: echo-local"),
+        pod("echo-spliced", "app: echo-local, mesh/bypass: \"false\""),
         pod("echo-copied", "app: echo-local, mesh/splice: \"false\"")
     )
 }
@@ -3293,6 +3294,30 @@ fn same_node_flows_are_spliced_in_the_kernel() {
         "node-a reports the spliced echoes' bytes",
         vec![3, bytes, bytes, 3, bytes, bytes],
         || echo_flows("echo-spliced"),
+    );
+
+    // With nothing for the agent to do (no policy, no L7 work, no access log), the kernel
+    // carries the flow from pod to pod: no agent socket, no splice, the same metrics from
+    // the pods' own sockets.
+    let (kernel, direct_new) = (carried("kernel"), tc_packets("node-a", "direct_new"));
+    let echo_direct = format!("{}:9000", pod_ip(&status, "echo-direct"));
+    for size in [1, 70_000, 3 << 20] {
+        assert_eq!(
+            echo_round_trip(&echo_direct, size),
+            "intact",
+            "{size} bytes, direct"
+        );
+    }
+    eventually_eq("node-a counts three flows the kernel carried", kernel + 3.0, || {
+        carried("kernel")
+    });
+    assert_eq!(tc_packets("node-a", "direct_new"), direct_new + 3);
+    assert_eq!(carried("spliced"), spliced + 4.0, "none spliced");
+    let bytes = (1 + 70_000 + (3 << 20)) as u64;
+    eventually_eq(
+        "node-a reports the direct echoes' bytes",
+        vec![3, bytes, bytes, 3, bytes, bytes],
+        || echo_flows("echo-direct"),
     );
 
     // A pod labelled mesh/splice: "false" has its flows copied by the agent instead.

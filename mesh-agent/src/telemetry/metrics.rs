@@ -12,7 +12,8 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use mesh_common::{
-    verdict, FlowEvent, FlowKey, FlowStats, FLOW_EVENT_CLOSE, FLOW_EVENT_OPEN, FLOW_ROLE_CLIENT,
+    verdict, FlowEvent, FlowKey, FlowStats, FLOW_EVENT_CLOSE, FLOW_EVENT_OPEN, FLOW_FLAG_DIRECT,
+    FLOW_ROLE_CLIENT,
 };
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -275,7 +276,7 @@ impl Metrics {
         );
         registry.register(
             "mesh_connections_carried",
-            "Pod connections this agent carried, by how: spliced (in the kernel), copied (through the agent), http (parsed per request), tunnel (HBONE to another node), direct (outside the mesh or DISABLE)",
+            "Pod connections this agent carried, by how: kernel (pod to pod in the kernel, no agent socket), spliced (in the kernel), copied (through the agent), http (parsed per request), tunnel (HBONE to another node), direct (outside the mesh or DISABLE)",
             carried.clone(),
         );
         registry.register(
@@ -569,6 +570,11 @@ impl Metrics {
         for event in events {
             match event.kind {
                 FLOW_EVENT_OPEN => {
+                    if event.stats.flags & FLOW_FLAG_DIRECT != 0
+                        && event.stats.role == FLOW_ROLE_CLIENT
+                    {
+                        self.carried("kernel");
+                    }
                     tracker.live.insert(
                         event.key,
                         LiveFlow {
@@ -612,7 +618,9 @@ impl Metrics {
         let flow = tracker.live.get_mut(key)?;
         if flow.labels.is_none() {
             let record = self.conns.get(key);
-            let patient = !closing && flow.seen.elapsed() < LABEL_WAIT;
+            // The agent keeps no record of a connection the kernel carries alone.
+            let direct = stats.flags & FLOW_FLAG_DIRECT != 0;
+            let patient = !closing && !direct && flow.seen.elapsed() < LABEL_WAIT;
             if record.is_none() && patient {
                 return None;
             }
