@@ -2238,6 +2238,17 @@ fn peer_authentication_strict_drops_plaintext_in_the_kernel() {
         .trim(),
         "web-b"
     );
+    // Same node under STRICT: web-b's connection to echo-b needs nothing of the agent, so
+    // the kernel carries it pod to pod, and lets it into echo-b because it entered the
+    // node on web-b's own veth.
+    let echo_b = format!("{}:9000", pod_ip(&status, "echo-b"));
+    let (direct_new, passed_strict) = (
+        tc_packets("node-b", "direct_new"),
+        tc_packets("node-b", "passed_direct_strict"),
+    );
+    assert_eq!(echo_round_trip_from("web-b", &echo_b, 70_000), "intact");
+    assert_eq!(tc_packets("node-b", "direct_new"), direct_new + 1);
+    assert!(tc_packets("node-b", "passed_direct_strict") > passed_strict);
     let through_service = in_pod("client-a", "curl -sf -m 5 http://10.96.0.100/name");
     assert!(
         ["web-a", "web-b"].contains(&through_service.trim()),
@@ -3131,9 +3142,14 @@ spec:
 /// agent has settled how the flow is carried (no byte passes before), so a same-node
 /// flow is spliced whatever its size.
 fn echo_round_trip(address: &str, size: usize) -> String {
+    echo_round_trip_from("client-a", address, size)
+}
+
+/// `echo_round_trip` from `pod`.
+fn echo_round_trip_from(pod: &str, address: &str, size: usize) -> String {
     let (host, port) = address.split_once(':').expect("host:port");
     in_pod(
-        "client-a",
+        pod,
         &format!(
             "python3 -c \"
 import socket, os, threading
