@@ -1289,22 +1289,22 @@ fn renew_lease(loaded: &mut Loaded) {
         .expect("renew the lease");
 }
 
+/// The key of a connection's end that sends from `from` to `to`.
+fn flow_key(from: (Ipv4Addr, u16), to: (Ipv4Addr, u16)) -> FlowKey {
+    FlowKey {
+        local_ip: ip_key(from.0),
+        remote_ip: ip_key(to.0),
+        local_port: from.1,
+        remote_port: to.1,
+    }
+}
+
 /// `MESH_DIRECT_FLOWS`: the veth a direct connection's end sends on, by what it sends.
 fn direct_entry(loaded: &Loaded, from: (Ipv4Addr, u16), to: (Ipv4Addr, u16)) -> Option<u32> {
     let flows: HashMap<_, FlowKey, u32> =
         HashMap::try_from(loaded.ebpf.map(pins::DIRECT_FLOWS).expect("direct flows"))
             .expect("hash map");
-    flows
-        .get(
-            &FlowKey {
-                local_ip: ip_key(from.0),
-                remote_ip: ip_key(to.0),
-                local_port: from.1,
-                remote_port: to.1,
-            },
-            0,
-        )
-        .ok()
+    flows.get(&flow_key(from, to), 0).ok()
 }
 
 /// What moved in the verdict counters since `before`.
@@ -1427,13 +1427,9 @@ fn a_connection_between_two_pods_of_the_node_goes_direct_while_the_agent_lives()
                     .expect("direct flows"),
             )
             .expect("hash map");
-            let key = FlowKey {
-                local_ip: ip_key(from.0),
-                remote_ip: ip_key(to.0),
-                local_port: from.1,
-                remote_port: to.1,
-            };
-            flows.remove(&key).expect("an entry to evict");
+            flows
+                .remove(&flow_key(from, to))
+                .expect("an entry to evict");
         };
         forget(&mut loaded, (NEIGHBOUR, 8080), (POD, 40001));
         assert_eq!(

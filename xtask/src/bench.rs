@@ -2,7 +2,8 @@
 //! baseline taken in the same run. The bench sandbox (`deploy/bench`) holds the same
 //! client and servers twice: in namespace `bench` (meshed) and `plain` (opted out, routed
 //! directly). Each scenario runs on both, for servers on the client's node
-//! (`same-node-l4`, spliced in the kernel; `same-node-l4-copied`, through the agent), on
+//! (`same-node-l4`, carried pod to pod by the kernel alone; `same-node-l4-spliced`, by the
+//! agent spliced in the kernel; `same-node-l4-copied`, copied through the agent), on
 //! the other node (`cross-node-mtls`), and on the other node behind
 //! an L7 AuthorizationPolicy (`l7-policy`, HTTP scenarios only), and on the other node
 //! through a Service whose VirtualService the client's agent applies to every request
@@ -33,12 +34,15 @@ use crate::{
 /// The paths each scenario runs on: (path, baseline server in `plain`, mesh server in
 /// `bench`). `l7-policy`: the server across nodes behind an AuthorizationPolicy that
 /// needs the request (method and path), so the destination agent parses and judges each
-/// one. `same-node-l4-copied`: the same-node server labelled `mesh/splice: "false"`, so
-/// its flows are copied through the agent: the spliced and copied paths side by side.
+/// one. `same-node-l4`: the kernel carries the flows pod to pod (nothing for the agent to
+/// do). `same-node-l4-spliced`: the same-node server labelled `mesh/bypass: "false"`, so
+/// the agent carries its flows, spliced in the kernel. `same-node-l4-copied`: labelled
+/// `mesh/splice: "false"`, so they are copied through the agent.
 /// `l7-routing`: the server across nodes through a Service whose VirtualService (a header
 /// match, a weighted split, retries) the client's agent applies to every request.
-const PATHS: [(&str, &str, &str); 5] = [
+const PATHS: [(&str, &str, &str); 6] = [
     ("same-node-l4", "server-near", "server-near"),
+    ("same-node-l4-spliced", "server-near", "server-near-spliced"),
     ("same-node-l4-copied", "server-near", "server-near-copied"),
     ("cross-node-mtls", "server-far", "server-far"),
     ("l7-policy", "server-far", "server-l7"),

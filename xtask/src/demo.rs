@@ -90,9 +90,13 @@ fn traffic() -> Result<()> {
         .copied()
         .context("Service demo/echo has no address")?;
 
-    progress("same node: client-a → web-a (4 MiB over HTTP)");
+    progress("same node, through node-a's agent, spliced in the kernel: client-a → web-a (4 MiB over HTTP)");
     check_download("client-a", &format!("http://{web_a}:8080/blob"), &["web-a"])?;
     println!("    4 MiB intact");
+    progress(&format!(
+        "same node, carried pod to pod by the kernel alone: web-b → echo-b ({echo_b}:9000)"
+    ));
+    check_echo("web-b", echo_b)?;
     progress("across nodes, HBONE over mutual TLS: client-a (node-a) → web-b (node-b)");
     check_download("client-a", &format!("http://{web_b}:8080/blob"), &["web-b"])?;
     println!("    4 MiB intact");
@@ -104,15 +108,7 @@ fn traffic() -> Result<()> {
     progress(&format!(
         "raw TCP across nodes: client-a → echo.demo ({echo_vip}:9000) → echo-b ({echo_b})"
     ));
-    let echoed = output(
-        &pod("client-a"),
-        "python3",
-        &["-c", ECHO_CHECK, &echo_vip.to_string(), "9000"],
-    )?;
-    if !echoed.starts_with("ok") {
-        bail!("echo through the mesh: {echoed}");
-    }
-    println!("    2 MiB echoed intact");
+    check_echo("client-a", echo_vip)?;
 
     progress("a slow download left running, to see open flows in the kernel maps");
     let mut slow = command_in(
@@ -159,6 +155,20 @@ fn traffic() -> Result<()> {
             println!("    {}", compact(line));
         }
     }
+    Ok(())
+}
+
+/// Pushes 2 MiB from `from` to the TCP echo at `to`:9000 and checks what comes back.
+fn check_echo(from: &str, to: Ipv4Addr) -> Result<()> {
+    let echoed = output(
+        &pod(from),
+        "python3",
+        &["-c", ECHO_CHECK, &to.to_string(), "9000"],
+    )?;
+    if !echoed.starts_with("ok") {
+        bail!("echo from {from} to {to}:9000: {echoed}");
+    }
+    println!("    2 MiB echoed intact");
     Ok(())
 }
 

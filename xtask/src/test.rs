@@ -321,7 +321,7 @@ mod tests {
     #[test]
     fn a_complete_plausible_report_passes() {
         check_report(&complete()).expect("complete report");
-        // The agents may spend no measurable CPU on spliced flows.
+        // The agents may spend no measurable CPU on flows the kernel carries.
         let idle_agents = with(("agent-cpu", "same-node-l4", "cpu-per-request"), |r| {
             r["mesh"] = json!(0.0)
         });
@@ -331,14 +331,14 @@ mod tests {
     #[test]
     fn every_figure_the_benchmark_reports_is_required() {
         let figures = bench::expected_figures();
-        // 5 paths × (2 latency scenarios × 4 percentiles + keep-alive + CPU of all
-        // agents and of the busiest + 3 churn figures), 3 L4 paths × 2 throughput
+        // 6 paths × (2 latency scenarios × 4 percentiles + keep-alive + CPU of all
+        // agents and of the busiest + 3 churn figures), 4 L4 paths × 2 throughput
         // scenarios, request telemetry's cost, 2 memory figures, 3 programs, 6 of the
         // scale scenarios (idle connections, after they close, sustained churn: 2 each)
         // and 4 of the API scale scenario.
         assert_eq!(
             figures.len(),
-            5 * (8 + 1 + 2 + 3) + 3 * 2 + 1 + 2 + 3 + 6 + 4
+            6 * (8 + 1 + 2 + 3) + 4 * 2 + 1 + 2 + 3 + 6 + 4
         );
         let mut report = complete();
         report["results"]

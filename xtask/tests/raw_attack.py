@@ -5,8 +5,11 @@ let through, each IPv4 packet with IP ID 0x4d45 so that the receiving side can t
                              the first 8 bytes of the TCP header (ports and sequence
                              number in the first, flags in the second)
   spoof SRC DST PORT N       N whole SYNs to DST:PORT with the source address SRC
+  segment SRC SPORT DST DPORT N
+                             N data segments (ACK, PSH, 16 bytes) from SRC:SPORT to
+                             DST:DPORT: another connection's addresses and ports
 
-Source ports are 1001..1000+N. Prints the number of IPv4 packets sent."""
+Source ports are 1001..1000+N unless given. Prints the number of IPv4 packets sent."""
 
 import socket
 import struct
@@ -49,10 +52,15 @@ def ip_header(src, dst, payload_len, frag_off):
     )
 
 
+def tcp_segment(src, dst, sport, dport, flags, payload):
+    header = struct.pack("!HHIIBBHHH", sport, dport, 0x1000 + sport, 1, 0x50, flags, 64240, 0, 0)
+    segment = header + payload
+    pseudo = struct.pack("!4s4sBBH", socket.inet_aton(src), socket.inet_aton(dst), 0, socket.IPPROTO_TCP, len(segment))
+    return header[:16] + struct.pack("!H", checksum(pseudo + segment)) + header[18:] + payload
+
+
 def tcp_syn(src, dst, sport, dport):
-    header = struct.pack("!HHIIBBHHH", sport, dport, 0x1000 + sport, 0, 0x50, 0x02, 64240, 0, 0)
-    pseudo = struct.pack("!4s4sBBH", socket.inet_aton(src), socket.inet_aton(dst), 0, socket.IPPROTO_TCP, len(header))
-    return header[:16] + struct.pack("!H", checksum(pseudo + header)) + header[18:]
+    return tcp_segment(src, dst, sport, dport, 0x02, b"")
 
 
 def main():
@@ -73,8 +81,14 @@ def main():
             syn = tcp_syn(src, dst, 1001 + i, port)
             raw.sendto(ip_header(src, dst, len(syn), 0x4000) + syn, (dst, 0))
             sent += 1
+    elif mode == "segment":
+        src, sport, dst, dport = sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+        for _ in range(int(sys.argv[6])):
+            segment = tcp_segment(src, dst, sport, dport, 0x18, b"forged segment!!")
+            raw.sendto(ip_header(src, dst, len(segment), 0x4000) + segment, (dst, 0))
+            sent += 1
     else:
-        sys.exit("usage: fragments DST PORT N | spoof SRC DST PORT N")
+        sys.exit("usage: fragments DST PORT N | spoof SRC DST PORT N | segment SRC SPORT DST DPORT N")
     print(sent)
 
 

@@ -2606,7 +2606,7 @@ fn meshctl_uninstall_leaves_the_node_as_it_was_once_the_agent_is_stopped() {
         "no agent, no bypass: the capture has no listener"
     );
 
-    // The maps pinned on node-a: the layout's twelve (mesh-ebpf's `pinned` maps; the
+    // The maps pinned on node-a: the layout's fourteen (mesh-ebpf's `pinned` maps; the
     // splice maps are the agent's own and go with it).
     let bpffs = Path::new("/sys/fs/bpf/mesh-sandbox/node-a");
     let pinned_maps: std::collections::BTreeSet<String> = std::fs::read_dir(bpffs)
@@ -2616,7 +2616,7 @@ fn meshctl_uninstall_leaves_the_node_as_it_was_once_the_agent_is_stopped() {
         .flat_map(|dir| std::fs::read_dir(dir.path()).expect("maps").flatten())
         .map(|map| map.path().display().to_string())
         .collect();
-    assert_eq!(pinned_maps.len(), 12, "{pinned_maps:?}");
+    assert_eq!(pinned_maps.len(), 14, "{pinned_maps:?}");
     let removed: serde_json::Value =
         serde_json::from_str(&on_node("node-a", &["meshctl", "uninstall", "-o", "json"]))
             .expect("JSON");
@@ -3324,9 +3324,11 @@ fn same_node_flows_are_spliced_in_the_kernel() {
             "{size} bytes, direct"
         );
     }
-    eventually_eq("node-a counts three flows the kernel carried", kernel + 3.0, || {
-        carried("kernel")
-    });
+    eventually_eq(
+        "node-a counts three flows the kernel carried",
+        kernel + 3.0,
+        || carried("kernel"),
+    );
     assert_eq!(tc_packets("node-a", "direct_new"), direct_new + 3);
     assert_eq!(carried("spliced"), spliced + 4.0, "none spliced");
     let bytes = (1 + 70_000 + (3 << 20)) as u64;
@@ -3483,6 +3485,68 @@ fn a_hostile_pod_cannot_slip_past_the_kernel_with_fragments_or_forged_addresses(
     });
     // What the attacker sent never got further than its own veth.
     assert_eq!(tc_packets("node-b", "drop_spoofed_source"), 0);
+
+    // (c) Data segments forged from the node with the addresses and ports of a live
+    // connection the kernel carries pod to pod (echo-b's to web-b, same node): they did
+    // not enter the node on echo-b's veth, so STRICT web-b takes none of them.
+    let echo_b = pod_ip(&status, "echo-b");
+    let direct = tc_packets("node-b", "passed_direct_strict");
+    let held = HeldConnection::open("echo-b", &web_b, 41000);
+    assert!(
+        tc_packets("node-b", "passed_direct_strict") > direct,
+        "echo-b's connection to web-b goes pod to pod"
+    );
+    let strict_drops = tc_packets("node-b", "drop_plaintext_strict");
+    let at_web_b = sniff("web-b", "sentinel-segments");
+    let forged = sent(
+        &["--node", "node-b"],
+        &["segment", &echo_b, "41000", &web_b, "8080", "3"],
+    );
+    assert_eq!(forged, 3);
+    sentinel_request(&web_b, "sentinel-segments", "web-b");
+    assert_eq!(at_web_b.seen(), Vec::<serde_json::Value>::new());
+    eventually("node-b drops the forged segments", || {
+        tc_packets("node-b", "drop_plaintext_strict") == strict_drops + forged
+    });
+    drop(held);
+}
+
+/// A connection `pod` holds open from its `port` to `ip`:8080 (for 30 s at most).
+struct HeldConnection(std::process::Child);
+
+impl HeldConnection {
+    fn open(pod: &str, ip: &str, port: u16) -> HeldConnection {
+        use std::io::BufRead;
+        let script = format!(
+            "import socket, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('', {port}))
+s.connect(('{ip}', 8080))
+print('ready', flush=True)
+time.sleep(30)"
+        );
+        let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["sandbox", "exec", pod, "--", "python3", "-c", &script])
+            .current_dir(workspace())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting the connection's holder");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("reading the holder");
+        assert_eq!(line.trim(), "ready", "{pod} did not connect to {ip}:8080");
+        HeldConnection(child)
+    }
+}
+
+impl Drop for HeldConnection {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A `reviews` pod of `version` on `node`, serving `l7_server.py` on 9080.
@@ -6254,7 +6318,9 @@ spec:
 }
 
 /// The flood test's pods on node-a: `flood-a` (the hostile pod, its own identity) and
-/// `sink-a`, which accepts connections and holds them.
+/// `sink-a`, which accepts connections and holds them. The sink keeps the agent on the
+/// path of its same-node connections (`mesh/bypass: "false"`), which the kernel would
+/// otherwise carry alone, out of the agent's reach.
 fn flood_pods() -> String {
     let sink = workspace().join("xtask/tests/sink.py");
     format!(
@@ -6274,7 +6340,7 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
-metadata: {{name: sink-a, namespace: demo, labels: {{app: sink}}}}
+metadata: {{name: sink-a, namespace: demo, labels: {{app: sink, mesh/bypass: \"false\"}}}}
 spec:
   nodeName: node-a
   serviceAccountName: web

@@ -355,7 +355,8 @@ enum BpfCommand {
     Programs,
     /// Workloads and Services the kernel programs know.
     Workloads,
-    /// Open TCP connections of local pods: bytes, RTT, retransmits.
+    /// Open TCP connections of local pods: bytes, RTT, retransmits, and whether the
+    /// kernel carries them pod to pod alone.
     Flows,
     /// Packets and bytes per address pair and direction, and tc verdicts.
     Metrics,
@@ -615,6 +616,7 @@ fn show_bpf(maps: &KernelView, what: &BpfCommand, format: Output) -> anyhow::Res
                     "SRTT US",
                     "RETRANS",
                     "AGE S",
+                    "DIRECT",
                 ],
                 |r| {
                     vec![
@@ -628,6 +630,7 @@ fn show_bpf(maps: &KernelView, what: &BpfCommand, format: Output) -> anyhow::Res
                         r.srtt_us.to_string(),
                         r.retransmits.to_string(),
                         format!("{:.1}", r.age_seconds),
+                        if r.direct { "yes" } else { "-" }.into(),
                     ]
                 },
             )

@@ -15,8 +15,8 @@ use aya::{
 };
 use mesh_common::{
     name_str, pins, verdict, FlowKey, FlowStats, PortKey, ServiceInfo, ServiceKey, TrafficCounters,
-    TrafficKey, WorkloadInfo, DIRECTION_FROM_POD, FLOW_ROLE_CLIENT, WORKLOAD_FLAG_LOCAL,
-    WORKLOAD_FLAG_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT_PORTS,
+    TrafficKey, WorkloadInfo, DIRECTION_FROM_POD, FLOW_FLAG_DIRECT, FLOW_ROLE_CLIENT,
+    WORKLOAD_FLAG_LOCAL, WORKLOAD_FLAG_MTLS_STRICT, WORKLOAD_FLAG_MTLS_STRICT_PORTS,
 };
 use serde::{Deserialize, Serialize};
 
@@ -166,6 +166,8 @@ pub struct FlowRow {
     pub srtt_us: u32,
     pub retransmits: u32,
     pub age_seconds: f64,
+    /// Carried pod to pod by the kernel alone (`FLOW_FLAG_DIRECT`).
+    pub direct: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -303,6 +305,7 @@ impl NodeMaps {
                     srtt_us: stats.srtt_us,
                     retransmits: stats.total_retrans,
                     age_seconds: now.saturating_sub(stats.opened_ns) as f64 / 1e9,
+                    direct: stats.flags & FLOW_FLAG_DIRECT != 0,
                 }
             })
             .collect();

@@ -174,8 +174,9 @@ mod tests {
     const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
     const INTRUDER: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
 
-    /// Two local sources, `shop/client` and `other/intruder`, beside `cluster`.
-    fn verdicts(cluster: &str) -> Vec<KernelVerdict> {
+    /// The verdicts of two local sources, `shop/client` and `other/intruder`, beside
+    /// `cluster`, sorted.
+    fn all_verdicts(cluster: &str, bypass: bool) -> Vec<KernelVerdict> {
         let config = load_str(
             std::path::Path::new("kernel.yaml"),
             &format!(
@@ -196,9 +197,14 @@ status: {{podIP: 10.244.1.11}}
         );
         assert!(config.errors().next().is_none(), "{:?}", config.diagnostics);
         let state = MeshState::build("node-1", &config);
-        let mut verdicts = kernel_verdicts(&state, "cluster.local", false);
+        let mut verdicts = kernel_verdicts(&state, "cluster.local", bypass);
         verdicts.sort_by_key(|v| (v.source, v.destination, v.port));
         verdicts
+    }
+
+    /// The verdicts with the kernel carrying nothing alone.
+    fn verdicts(cluster: &str) -> Vec<KernelVerdict> {
+        all_verdicts(cluster, false)
     }
 
     fn verdict(source: Ipv4Addr, destination: [u8; 4], port: u16, deny: bool) -> KernelVerdict {
@@ -216,33 +222,11 @@ status: {{podIP: 10.244.1.11}}
 
     /// The verdicts towards `destination` with the kernel allowed to carry connections.
     fn bypass_verdicts(cluster: &str, destination: [u8; 4]) -> Vec<KernelVerdict> {
-        let config = load_str(
-            std::path::Path::new("kernel.yaml"),
-            &format!(
-                "apiVersion: v1
-kind: Pod
-metadata: {{name: client, namespace: shop}}
-spec: {{nodeName: node-1, serviceAccountName: client}}
-status: {{podIP: 10.244.1.10}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: intruder, namespace: other}}
-spec: {{nodeName: node-1, serviceAccountName: intruder}}
-status: {{podIP: 10.244.1.11}}
----
-{cluster}"
-            ),
-        );
-        assert!(config.errors().next().is_none(), "{:?}", config.diagnostics);
-        let state = MeshState::build("node-1", &config);
         let destination = Ipv4Addr::from(destination);
-        let mut verdicts: Vec<_> = kernel_verdicts(&state, "cluster.local", true)
+        all_verdicts(cluster, true)
             .into_iter()
             .filter(|v| v.destination == destination)
-            .collect();
-        verdicts.sort_by_key(|v| (v.source, v.port));
-        verdicts
+            .collect()
     }
 
     fn direct(
