@@ -474,7 +474,8 @@ fn evaluate(case: &Case, jwks: &JwksCache, valid: &str) -> Result<(String, Strin
         headers,
         jwt: case.jwt.clone(),
     };
-    let report = check(&state, "cluster.local", jwks, &request).map_err(|e| e.to_string())?;
+    let report =
+        check(&state, "cluster.local", false, jwks, &request).map_err(|e| e.to_string())?;
     let endpoint = report.endpoints.first().ok_or("no endpoint")?;
     let outcome = match endpoint.outcome.as_str() {
         "400" | "401" | "403" => endpoint.outcome.clone(),
@@ -568,7 +569,7 @@ fn outcome(shared: &SharedState, cache: &JwksCache, token: &str) -> String {
         jwt: Some(token.into()),
         ..CheckRequest::default()
     };
-    let report = check(&shared.current(), "cluster.local", cache, &request).expect("check");
+    let report = check(&shared.current(), "cluster.local", false, cache, &request).expect("check");
     let endpoint = report.endpoints.first().expect("one endpoint");
     match endpoint.outcome.as_str() {
         "400" | "401" | "403" => endpoint.outcome.clone(),

@@ -434,8 +434,9 @@ fn sandbox_mesh_end_to_end() {
     promtool_check(&node_a);
 
     // node-b wires its pods on a bridge (as flannel does): web-b reaches echo-b at its
-    // pod address, on the same subnet with no router between them, and still through
-    // node-b's agent, which reports the connection with both workloads.
+    // pod address, on the same subnet with no router between them, carried by the
+    // kernel pod to pod (nothing for the agent to do), and node-b's agent reports the
+    // connection with both workloads.
     let echo_b = pod_ip(&status, "echo-b");
     let echoed = ok(
         xtask(&[
@@ -463,6 +464,14 @@ fn sandbox_mesh_end_to_end() {
             &on_the_bridge
         ),
         Some(2097152.0)
+    );
+    assert_eq!(
+        sample(
+            &metrics("node-b"),
+            "mesh_connections_carried_total",
+            &[("how", "kernel")]
+        ),
+        Some(1.0)
     );
     let enrolled = agent_status("node-b");
     assert!(
@@ -3248,7 +3257,7 @@ fn reopened_connections_are_answered_at_the_first_syn(status: &serde_json::Value
 }
 
 #[test]
-fn same_node_flows_are_spliced_in_the_kernel() {
+fn same_node_flows_go_pod_to_pod_in_the_kernel_or_are_spliced_by_the_agent() {
     let _sandbox = Sandbox::up();
     kubectl("apply", "echoes", &local_echoes());
     let status = status_json();
@@ -3337,6 +3346,30 @@ fn same_node_flows_are_spliced_in_the_kernel() {
         vec![3, bytes, bytes, 3, bytes, bytes],
         || echo_flows("echo-direct"),
     );
+
+    // meshctl policy check says who carries each.
+    let carried_by = |to: &str| {
+        let answer = on_node(
+            "node-a",
+            &[
+                "meshctl",
+                "policy",
+                "check",
+                "--from",
+                "demo/client-a",
+                "--to",
+                to,
+                "--port",
+                "9000",
+                "-o",
+                "json",
+            ],
+        );
+        let report: serde_json::Value = serde_json::from_str(&answer).expect("policy check JSON");
+        report["endpoints"][0]["carried_by"].clone()
+    };
+    assert_eq!(carried_by("demo/echo-direct"), "kernel");
+    assert_eq!(carried_by("demo/echo-spliced"), "agent");
 
     // A pod labelled mesh/splice: "false" has its flows copied by the agent instead.
     let echo_copied = format!("{}:9000", pod_ip(&status, "echo-copied"));

@@ -64,6 +64,8 @@ pub struct AdminView {
     /// Where the node's maps and links are pinned.
     pub bpffs: PathBuf,
     pub ca: SharedCaContact,
+    /// Whether the kernel carries same-node connections alone (`--kernel-bypass`).
+    pub kernel_bypass: bool,
 }
 
 pub fn admin(view: AdminView) -> Handler {
@@ -116,6 +118,7 @@ pub fn admin(view: AdminView) -> Handler {
                 Ok(request) => match check::check(
                     &view.state.current(),
                     &view.identities.trust_domain,
+                    view.kernel_bypass,
                     &view.jwks,
                     &request,
                 ) {

@@ -471,6 +471,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             budgets,
             bpffs: options.bpffs.clone(),
             ca: ca_contact,
+            kernel_bypass: options.kernel_bypass,
         }),
     };
     let handed_over = CancellationToken::new();

@@ -1585,12 +1585,13 @@ fn print_policy_report(report: &serde_json::Value) {
         .unwrap_or(&empty)
     {
         println!(
-            "  {} {}: {} ({}, decided per {}) — {}",
+            "  {} {}: {} ({}, decided per {}, carried by the {}) — {}",
             text(endpoint, "workload"),
             text(endpoint, "address"),
             text(endpoint, "decision"),
             text(endpoint, "outcome"),
             text(endpoint, "layer"),
+            text(endpoint, "carried_by"),
             text(endpoint, "reason")
         );
         if let Some(auth) = endpoint.get("authentication").and_then(|a| a.as_str()) {

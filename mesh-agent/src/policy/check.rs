@@ -12,6 +12,7 @@ use crate::{
         authz::{self, Decision, Match, Miss, Verdict},
         facts::{admit, judge_request, principal_of, Admission, Arrival, Peer, RequestVerdict},
         jwt::{self, Authenticated, JwksCache},
+        kernel::carried_by_the_kernel,
     },
 };
 
@@ -70,6 +71,9 @@ pub struct EndpointReport {
     /// The RequestAuthentication result, when one applies.
     pub authentication: Option<String>,
     pub request_principal: Option<String>,
+    /// `kernel` when the kernel carries the connection pod to pod alone (no agent on the
+    /// path), `agent` when the agent does.
+    pub carried_by: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -97,6 +101,8 @@ struct Target {
     workload: Arc<Workload>,
     address: SocketAddrV4,
     host: String,
+    /// Reached at the pod's own address (not balanced from a Service's by the agent).
+    by_pod_address: bool,
 }
 
 /// The workloads and ports `to` stands for at `port`, and how to name it.
@@ -111,6 +117,7 @@ fn destinations(
             workload: pod.clone(),
             address,
             host: address.to_string(),
+            by_pod_address: true,
         };
         return Ok((pod.key(), vec![target]));
     }
@@ -135,6 +142,7 @@ fn destinations(
                 workload: e.workload.clone()?,
                 address: e.addr,
                 host: service.hostname.clone(),
+                by_pod_address: false,
             })
         })
         .collect::<Vec<_>>();
@@ -150,9 +158,12 @@ fn destinations(
     ))
 }
 
+/// `kernel_bypass`: whether the agent lets the kernel carry connections alone
+/// (`--kernel-bypass`).
 pub fn check(
     state: &MeshState,
     trust_domain: &str,
+    kernel_bypass: bool,
     jwks: &JwksCache,
     request: &CheckRequest,
 ) -> Result<CheckReport, CheckError> {
@@ -163,8 +174,18 @@ pub fn check(
         workload,
         address: target,
         host,
+        by_pod_address,
     } in targets
     {
+        let by_kernel = by_pod_address
+            && carried_by_the_kernel(
+                state,
+                trust_domain,
+                kernel_bypass,
+                &source,
+                &workload,
+                target.port(),
+            );
         let arrival = Arrival::new(
             state,
             trust_domain,
@@ -174,7 +195,9 @@ pub fn check(
             target,
             None,
         );
-        endpoints.push(check_endpoint(&arrival, jwks, request, &host)?);
+        let mut endpoint = check_endpoint(&arrival, jwks, request, &host)?;
+        endpoint.carried_by = if by_kernel { "kernel" } else { "agent" }.into();
+        endpoints.push(endpoint);
     }
     let decision = if endpoints.iter().all(|e| e.decision == "allow") {
         "allow"
@@ -210,6 +233,7 @@ fn report(arrival: &Arrival, decision: &Decision, layer: &str, outcome: &str) ->
         not_matched: decision.not_matched.clone(),
         authentication: None,
         request_principal: None,
+        carried_by: "agent".into(),
     }
 }
 

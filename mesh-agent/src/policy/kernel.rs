@@ -47,8 +47,7 @@ pub fn kernel_verdicts(state: &MeshState, trust_domain: &str, bypass: bool) -> V
     let mut decided: HashMap<(Ipv4Addr, Ipv4Addr, u16), KernelAction> = HashMap::new();
     for destination in state.workloads.values() {
         let security = state.security_of(destination.ip);
-        let may_bypass =
-            bypass && destination.node == state.node && destination.may_bypass_the_agent();
+        let may_bypass = bypass && bypass_allowed_towards(state, destination);
         if security.policies.is_empty() && !may_bypass {
             continue;
         }
@@ -69,24 +68,9 @@ pub fn kernel_verdicts(state: &MeshState, trust_domain: &str, bypass: bool) -> V
                 .flat_map(|m| m.ports.keys().copied()),
         );
         for source in sources.iter().filter(|s| s.ip != destination.ip) {
-            // The agent writes the source's client access log of each connection.
-            let direct = may_bypass && state.security_of(source.ip).telemetry.client_logs.is_none();
-            let action = |port: u16| {
-                let arrival = Arrival::new(
-                    state,
-                    trust_domain,
-                    source.ip,
-                    Peer::Pod(source),
-                    destination.clone(),
-                    SocketAddrV4::new(destination.ip, port),
-                    None,
-                );
-                match admit(&arrival).0 {
-                    Admission::Deny => KernelAction::Deny,
-                    Admission::Tcp if direct => KernelAction::Direct,
-                    _ => KernelAction::Agent,
-                }
-            };
+            let direct = may_bypass && bypass_allowed_from(state, source);
+            let action =
+                |port| kernel_action(state, trust_domain, direct, source, destination, port);
             let verdict = |port, action| KernelVerdict {
                 source: source.ip,
                 destination: destination.ip,
@@ -145,6 +129,64 @@ pub fn kernel_verdicts(state: &MeshState, trust_domain: &str, bypass: bool) -> V
     pairs.into_iter().flatten().collect()
 }
 
+/// Whether the kernel may carry connections to `destination` alone: a pod of this node
+/// whose labels let it.
+fn bypass_allowed_towards(state: &MeshState, destination: &Workload) -> bool {
+    destination.node == state.node && destination.may_bypass_the_agent()
+}
+
+/// Whether the kernel may carry connections from `source` alone: a pod whose client
+/// access log the agent does not write.
+fn bypass_allowed_from(state: &MeshState, source: &Workload) -> bool {
+    source.node == state.node && state.security_of(source.ip).telemetry.client_logs.is_none()
+}
+
+/// What becomes of a new connection from `source` to `destination`'s `port` (0: a port
+/// with no verdict of its own) before the agent sees it; `Direct` only where `direct`.
+fn kernel_action(
+    state: &MeshState,
+    trust_domain: &str,
+    direct: bool,
+    source: &Arc<Workload>,
+    destination: &Arc<Workload>,
+    port: u16,
+) -> KernelAction {
+    let arrival = Arrival::new(
+        state,
+        trust_domain,
+        source.ip,
+        Peer::Pod(source),
+        destination.clone(),
+        SocketAddrV4::new(destination.ip, port),
+        None,
+    );
+    match admit(&arrival).0 {
+        Admission::Deny => KernelAction::Deny,
+        Admission::Tcp if direct => KernelAction::Direct,
+        _ => KernelAction::Agent,
+    }
+}
+
+/// Whether a new connection from `source` to the pod `destination`'s `port` (addressed
+/// to the pod) is carried by the kernel alone, with `bypass` on: what
+/// [`kernel_verdicts`] writes for it, for `meshctl policy check`.
+pub fn carried_by_the_kernel(
+    state: &MeshState,
+    trust_domain: &str,
+    bypass: bool,
+    source: &Arc<Workload>,
+    destination: &Arc<Workload>,
+    port: u16,
+) -> bool {
+    let direct = bypass
+        && source.ip != destination.ip
+        && bypass_allowed_towards(state, destination)
+        && bypass_allowed_from(state, source);
+    direct
+        && kernel_action(state, trust_domain, direct, source, destination, port)
+            == KernelAction::Direct
+}
+
 /// The longest prefix of `verdicts` (as [`kernel_verdicts`] orders them) that fits in
 /// `room` entries without splitting a source–destination pair: a pair's port entries
 /// only mean what they should together (a `Direct` all-ports entry without the port that
@@ -174,9 +216,8 @@ mod tests {
     const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
     const INTRUDER: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
 
-    /// The verdicts of two local sources, `shop/client` and `other/intruder`, beside
-    /// `cluster`, sorted.
-    fn all_verdicts(cluster: &str, bypass: bool) -> Vec<KernelVerdict> {
+    /// Two local sources, `shop/client` and `other/intruder`, beside `cluster`.
+    fn state_of(cluster: &str) -> MeshState {
         let config = load_str(
             std::path::Path::new("kernel.yaml"),
             &format!(
@@ -196,8 +237,12 @@ status: {{podIP: 10.244.1.11}}
             ),
         );
         assert!(config.errors().next().is_none(), "{:?}", config.diagnostics);
-        let state = MeshState::build("node-1", &config);
-        let mut verdicts = kernel_verdicts(&state, "cluster.local", bypass);
+        MeshState::build("node-1", &config)
+    }
+
+    /// The verdicts of the two sources, sorted.
+    fn all_verdicts(cluster: &str, bypass: bool) -> Vec<KernelVerdict> {
+        let mut verdicts = kernel_verdicts(&state_of(cluster), "cluster.local", bypass);
         verdicts.sort_by_key(|v| (v.source, v.destination, v.port));
         verdicts
     }
@@ -308,6 +353,26 @@ spec: {{clusterIP: 10.96.0.20, selector: {{app: plain}}, ports: [{{name: http, p
         );
         // A token rule on the HTTP port, a rate limit, or every request reported there:
         // that port stays with the agent, the others go direct.
+        // meshctl policy check says the same, port by port.
+        let state = state_of(&l7);
+        let pod = |ip: Ipv4Addr| state.workloads[&ip].clone();
+        let plain = Ipv4Addr::from(plain);
+        let carried = |source, port, bypass| {
+            carried_by_the_kernel(
+                &state,
+                "cluster.local",
+                bypass,
+                &pod(source),
+                &pod(plain),
+                port,
+            )
+        };
+        assert!(carried(CLIENT, 9000, true));
+        assert!(!carried(CLIENT, 8080, true), "judged per request");
+        assert!(!carried(CLIENT, 7000, true), "denied");
+        assert!(!carried(INTRUDER, 9000, true), "denied");
+        assert!(!carried(CLIENT, 9000, false), "--kernel-bypass false");
+        let plain = plain.octets();
         let jwt = format!(
             "{PLAIN}---
 apiVersion: security.istio.io/v1
