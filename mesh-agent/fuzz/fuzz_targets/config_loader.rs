@@ -21,5 +21,5 @@ fuzz_target!(|data: &[u8]| {
     // The agent builds the state from whatever loaded, errors or not (the first
     // configuration applies what is valid in it).
     let state = MeshState::build("node-a", &config);
-    let _ = kernel_verdicts(&state, "cluster.local");
+    let _ = kernel_verdicts(&state, "cluster.local", true);
 });
