@@ -605,8 +605,9 @@ impl Datapath {
             refused: refused_probes.len(),
         });
 
-        // The policy map only spares the agent work: a SYN without a verdict is captured and
-        // judged by the agent, so a verdict left out fails safe.
+        // A SYN without a verdict is captured and judged by the agent, so a pair of
+        // verdicts left out fails safe: it costs the early drop and the kernel's direct
+        // path only. Pairs are written whole (`whole_pairs_within`).
         let verdicts = kernel::kernel_verdicts(state, trust_domain, kernel_bypass);
         let room = usize::try_from(caps.policy).unwrap_or(usize::MAX);
         let desired: HashMap<PolicyKey, u32> = kernel::whole_pairs_within(&verdicts, room)
