@@ -3347,6 +3347,28 @@ fn same_node_flows_go_pod_to_pod_in_the_kernel_or_are_spliced_by_the_agent() {
         || echo_flows("echo-direct"),
     );
 
+    // With access logs on everywhere the kernel still carries the connection: node-a's
+    // agent writes client-a's line from the connection's close event.
+    let log = "/run/mesh-sandbox/access-direct.log";
+    json_access_log_to(log);
+    eventually("node-a logs to the MeshConfig's file", || {
+        on_node(
+            "node-a",
+            &["curl", "-sf", "http://127.0.0.1:15000/config_dump"],
+        )
+        .contains(log)
+    });
+    let kernel = carried("kernel");
+    assert_eq!(echo_round_trip(&echo_direct, 5000), "intact");
+    eventually("client-a's line for the direct connection", || {
+        logged_lines(log).iter().any(|line| {
+            line["upstream_host"] == echo_direct.as_str()
+                && line["bytes_received"] == 5000
+                && line["bytes_sent"] == 5000
+        })
+    });
+    assert_eq!(carried("kernel"), kernel + 1.0, "carried by the kernel");
+
     // meshctl policy check says who carries each.
     let carried_by = |to: &str| {
         let answer = on_node(

@@ -103,8 +103,8 @@ pub struct AgentOptions {
     #[arg(long, env = "MESH_KERNEL_SPLICE", default_value_t = true, action = clap::ArgAction::Set)]
     pub kernel_splice: bool,
     /// Let the kernel carry same-node connections between pods by itself (no agent socket,
-    /// no splice) when they are allowed on L4 facts and need no L7 work, access log or
-    /// token check of the agent's; a pod labelled `mesh/bypass: "false"` opts out.
+    /// no splice) when they are allowed on L4 facts and need no L7 work or token check of
+    /// the agent's; a pod labelled `mesh/bypass: "false"` opts out.
     #[arg(long, env = "MESH_KERNEL_BYPASS", default_value_t = true, action = clap::ArgAction::Set)]
     pub kernel_bypass: bool,
     /// Answer the local pods' DNS (UDP and TCP port 53, captured in tc): the mesh's

@@ -22,7 +22,7 @@ pub enum KernelAction {
     /// The agent carries it (the default, and what the kernel does without a verdict).
     Agent,
     /// The kernel carries it to the pod alone: same node, allowed on L4 facts, and no
-    /// request to read, no token, rate limit or access log of the agent's.
+    /// request to read, no token or rate limit of the agent's.
     Direct,
 }
 
@@ -135,10 +135,9 @@ fn bypass_allowed_towards(state: &MeshState, destination: &Workload) -> bool {
     destination.node == state.node && destination.may_bypass_the_agent()
 }
 
-/// Whether the kernel may carry connections from `source` alone: a pod whose client
-/// access log the agent does not write.
+/// Whether the kernel may carry connections from `source` alone: a pod of this node.
 fn bypass_allowed_from(state: &MeshState, source: &Workload) -> bool {
-    source.node == state.node && state.security_of(source.ip).telemetry.client_logs.is_none()
+    source.node == state.node
 }
 
 /// What becomes of a new connection from `source` to `destination`'s `port` (0: a port
@@ -400,10 +399,11 @@ spec: {{clusterIP: 10.96.0.20, selector: {{app: plain}}, ports: [{{name: http, p
     }
 
     #[test]
-    fn a_source_with_client_access_logs_stays_with_the_agent() {
+    fn access_logs_keep_the_agent_only_where_requests_are_logged() {
         use KernelAction::*;
         let plain = [10, 244, 1, 20];
-        // Logged everywhere but on shop's client side.
+        // Logged everywhere: a connection's line is written from its close event, but
+        // each request on the port its Service declares HTTP is logged by the agent.
         let logged = format!(
             "{PLAIN}---
 apiVersion: v1
@@ -413,18 +413,20 @@ data:
   mesh: |
     accessLogFile: /dev/stdout
 ---
-apiVersion: telemetry.istio.io/v1
-kind: Telemetry
-metadata: {{name: quiet, namespace: shop}}
-spec:
-  accessLogging:
-  - match: {{mode: CLIENT}}
-    disabled: true
+apiVersion: v1
+kind: Service
+metadata: {{name: plain, namespace: shop}}
+spec: {{clusterIP: 10.96.0.20, selector: {{app: plain}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
 "
         );
         assert_eq!(
             bypass_verdicts(&logged, plain),
-            [direct(CLIENT, plain, 0, Direct)]
+            [
+                direct(CLIENT, plain, 0, Direct),
+                direct(CLIENT, plain, 8080, Agent),
+                direct(INTRUDER, plain, 0, Direct),
+                direct(INTRUDER, plain, 8080, Agent),
+            ]
         );
     }
 

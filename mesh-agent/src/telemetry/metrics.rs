@@ -1,13 +1,15 @@
 //! Prometheus metrics of the node agent. TCP metrics carry Istio's standard names and
 //! labels (`telemetry::tcp_metrics`); their counts come from the kernel: the sockops
 //! program's flow events (ring buffer) and its per-connection map, joined with what the
-//! proxy decided for the connection (which endpoint and Service it reached).
+//! proxy decided for the connection (which endpoint and Service it reached). The same
+//! events give a connection the kernel carried alone its client's access log line.
 
 use std::{
     collections::{HashMap, HashSet},
+    net::SocketAddrV4,
     os::fd::AsRawFd,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
@@ -23,10 +25,10 @@ use prometheus_client::{
 use tokio::{io::unix::AsyncFd, time::MissedTickBehavior};
 
 use crate::{
-    datapath::ip_from_key,
+    datapath::{ip_from_key, monotonic_ns},
     model::{
-        metric_rules::connection_attributes, outlier::EjectionReason, MeshState, SharedState,
-        Workload,
+        access_log::LogEntry, metric_rules::connection_attributes, outlier::EjectionReason,
+        MeshState, SharedState, Workload,
     },
     telemetry::{
         access_log::LogWriters,
@@ -598,11 +600,29 @@ impl Metrics {
                     {
                         self.tcp.closed(&labels);
                     }
+                    if event.stats.flags & FLOW_FLAG_DIRECT != 0
+                        && event.stats.role == FLOW_ROLE_CLIENT
+                    {
+                        self.log_direct(&state, &event.key, &event.stats);
+                    }
                     tracker.live.remove(&event.key);
                     self.conns.remove(&event.key);
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// Writes the client's access log line of a connection the kernel carried alone, as
+    /// the agent writes one for a connection it carries (it saw none of it).
+    fn log_direct(&self, state: &MeshState, key: &FlowKey, stats: &FlowStats) {
+        let security = state.security_of(ip_from_key(key.local_ip));
+        let Some(logs) = security.telemetry.client_logs.as_ref() else {
+            return;
+        };
+        let entry = direct_log_entry(state, key, stats, monotonic_ns(), SystemTime::now());
+        for (path, line) in logs.lines(&entry, false, None) {
+            self.access_logs.write(path, line);
         }
     }
 
@@ -731,6 +751,42 @@ fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The access log entry of a connection the kernel carried alone, from its client's
+/// close event (`key` and `stats` from the client's socket) read at `now_ns`
+/// (`CLOCK_MONOTONIC`) and `now`: what `ConnResult` logs for a connection the agent
+/// carries, the client's bytes sent being the bytes received from downstream.
+fn direct_log_entry(
+    state: &MeshState,
+    key: &FlowKey,
+    stats: &FlowStats,
+    now_ns: u64,
+    now: SystemTime,
+) -> LogEntry {
+    let client = SocketAddrV4::new(ip_from_key(key.local_ip), key.local_port);
+    let server = SocketAddrV4::new(ip_from_key(key.remote_ip), key.remote_port);
+    let service = state.service_of(server).unwrap_or_default();
+    LogEntry {
+        start: now - Duration::from_nanos(now_ns.saturating_sub(stats.opened_ns)),
+        duration: Duration::from_nanos(stats.updated_ns.saturating_sub(stats.opened_ns)),
+        protocol: "-",
+        request_headers: http::HeaderMap::new(),
+        method: String::new(),
+        path: String::new(),
+        authority: String::new(),
+        response_headers: http::HeaderMap::new(),
+        response_code: 0,
+        response_flags: "-".into(),
+        response_code_details: None,
+        bytes_received: stats.bytes_sent,
+        bytes_sent: stats.bytes_received,
+        upstream_host: Some(server),
+        upstream_cluster: Some(format!("outbound|{}||{service}", server.port())),
+        downstream_local: Some(server),
+        downstream_remote: Some(client),
+        route_name: None,
+    }
 }
 
 /// Istio's labels for a pod connection, seen from the pod at the key's local end:
@@ -908,6 +964,51 @@ spec:
             bytes_received: received,
             ..FlowStats::default()
         }
+    }
+
+    #[test]
+    fn a_connection_the_kernel_carried_is_logged_as_the_agent_logs_one() {
+        let cluster = pod("client", "10.244.1.10", "app: client")
+            + &pod("db", "10.244.1.20", "app: db")
+            + "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\n\
+               spec: {clusterIP: 10.96.0.20, selector: {app: db}, ports: [{port: 5432}]}\n";
+        let state = MeshState::build(
+            "node-1",
+            &crate::config::load_str(std::path::Path::new("c.yaml"), &cluster),
+        );
+        let stats = FlowStats {
+            opened_ns: 1_000_000_000,
+            updated_ns: 1_250_000_000,
+            ..client_stats(100, 40)
+        };
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let entry = direct_log_entry(
+            &state,
+            &flow("10.244.1.10", "10.244.1.20"),
+            &stats,
+            3_000_000_000,
+            now,
+        );
+        // Opened two seconds before the event was read, closed 250 ms after it opened.
+        assert_eq!(entry.start, now - Duration::from_secs(2));
+        assert_eq!(entry.duration, Duration::from_millis(250));
+        // Downstream is the client: what it sent, the proxy would have received.
+        assert_eq!((entry.bytes_received, entry.bytes_sent), (100, 40));
+        let server: SocketAddrV4 = "10.244.1.20:5432".parse().expect("address");
+        assert_eq!(entry.upstream_host, Some(server));
+        assert_eq!(entry.downstream_local, Some(server));
+        assert_eq!(
+            entry.downstream_remote,
+            Some("10.244.1.10:40000".parse().expect("address"))
+        );
+        assert_eq!(
+            entry.upstream_cluster.as_deref(),
+            Some("outbound|5432||db.shop.svc.cluster.local")
+        );
+        assert_eq!(
+            (entry.response_code, entry.response_flags.as_str()),
+            (0, "-")
+        );
     }
 
     fn encoded(tcp: &TcpMetrics) -> String {
