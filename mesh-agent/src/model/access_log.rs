@@ -128,6 +128,38 @@ pub struct LogEntry {
 }
 
 impl LogEntry {
+    /// A TCP connection's line, as Envoy's TCP proxy fills it: no request, no response,
+    /// the bytes each way as seen from downstream (`bytes_received` from the client).
+    pub fn connection(
+        start: SystemTime,
+        duration: Duration,
+        (bytes_received, bytes_sent): (u64, u64),
+        downstream_remote: SocketAddrV4,
+        downstream_local: SocketAddrV4,
+        (upstream_host, upstream_cluster): (SocketAddrV4, String),
+    ) -> LogEntry {
+        LogEntry {
+            start,
+            duration,
+            protocol: "-",
+            request_headers: http::HeaderMap::new(),
+            method: String::new(),
+            path: String::new(),
+            authority: String::new(),
+            response_headers: http::HeaderMap::new(),
+            response_code: 0,
+            response_flags: "-".into(),
+            response_code_details: None,
+            bytes_received,
+            bytes_sent,
+            upstream_host: Some(upstream_host),
+            upstream_cluster: Some(upstream_cluster),
+            downstream_local: Some(downstream_local),
+            downstream_remote: Some(downstream_remote),
+            route_name: None,
+        }
+    }
+
     fn value(&self, op: &Operator) -> Value {
         let text = |s: Option<String>| {
             s.filter(|s| !s.is_empty())

@@ -294,6 +294,13 @@ spec: {nodeName: node-1, containers: [{name: c, ports: [{name: http, containerPo
 status: {podIP: 10.244.1.20}
 ";
 
+    /// A Service declaring plain's 8080 HTTP.
+    const PLAIN_SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: shop}
+spec: {clusterIP: 10.96.0.20, selector: {app: plain}, ports: [{name: http, port: 80, targetPort: 8080}]}
+";
+
     #[test]
     fn the_kernel_carries_same_node_connections_that_need_nothing_of_the_agent() {
         use KernelAction::*;
@@ -335,11 +342,7 @@ spec:
   - from: [{{source: {{namespaces: [shop]}}}}]
     to: [{{operation: {{ports: [\"8080\"], methods: [GET]}}}}]
 ---
-apiVersion: v1
-kind: Service
-metadata: {{name: plain, namespace: shop}}
-spec: {{clusterIP: 10.96.0.20, selector: {{app: plain}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
-"
+{PLAIN_SERVICE}"
         );
         assert_eq!(
             bypass_verdicts(&l7, plain),
@@ -381,11 +384,7 @@ spec:
   selector: {{matchLabels: {{app: plain}}}}
   jwtRules: [{{issuer: issuer.example, jwksUri: \"https://issuer.example/jwks\"}}]
 ---
-apiVersion: v1
-kind: Service
-metadata: {{name: plain, namespace: shop}}
-spec: {{clusterIP: 10.96.0.20, selector: {{app: plain}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
-"
+{PLAIN_SERVICE}"
         );
         assert_eq!(
             bypass_verdicts(&jwt, plain),
@@ -413,11 +412,7 @@ data:
   mesh: |
     accessLogFile: /dev/stdout
 ---
-apiVersion: v1
-kind: Service
-metadata: {{name: plain, namespace: shop}}
-spec: {{clusterIP: 10.96.0.20, selector: {{app: plain}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
-"
+{PLAIN_SERVICE}"
         );
         assert_eq!(
             bypass_verdicts(&logged, plain),

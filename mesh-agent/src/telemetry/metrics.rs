@@ -767,26 +767,14 @@ fn direct_log_entry(
     let client = SocketAddrV4::new(ip_from_key(key.local_ip), key.local_port);
     let server = SocketAddrV4::new(ip_from_key(key.remote_ip), key.remote_port);
     let service = state.service_of(server).unwrap_or_default();
-    LogEntry {
-        start: now - Duration::from_nanos(now_ns.saturating_sub(stats.opened_ns)),
-        duration: Duration::from_nanos(stats.updated_ns.saturating_sub(stats.opened_ns)),
-        protocol: "-",
-        request_headers: http::HeaderMap::new(),
-        method: String::new(),
-        path: String::new(),
-        authority: String::new(),
-        response_headers: http::HeaderMap::new(),
-        response_code: 0,
-        response_flags: "-".into(),
-        response_code_details: None,
-        bytes_received: stats.bytes_sent,
-        bytes_sent: stats.bytes_received,
-        upstream_host: Some(server),
-        upstream_cluster: Some(format!("outbound|{}||{service}", server.port())),
-        downstream_local: Some(server),
-        downstream_remote: Some(client),
-        route_name: None,
-    }
+    LogEntry::connection(
+        now - Duration::from_nanos(now_ns.saturating_sub(stats.opened_ns)),
+        Duration::from_nanos(stats.updated_ns.saturating_sub(stats.opened_ns)),
+        (stats.bytes_sent, stats.bytes_received),
+        client,
+        server,
+        (server, format!("outbound|{}||{service}", server.port())),
+    )
 }
 
 /// Istio's labels for a pod connection, seen from the pod at the key's local end:

@@ -174,25 +174,24 @@ impl ConnResult {
 
     /// The connection's access log line, as Envoy's TCP proxy fills it.
     fn log_entry(&self, cluster: &str) -> LogEntry {
-        LogEntry {
-            start: self.started_at,
-            duration: self.started.elapsed(),
-            protocol: "-",
-            request_headers: http::HeaderMap::new(),
-            method: String::new(),
-            path: String::new(),
-            authority: String::new(),
-            response_headers: http::HeaderMap::new(),
-            response_code: 0,
-            response_flags: if self.failure.is_some() { "UF" } else { "-" }.into(),
-            response_code_details: self.failure.clone(),
-            bytes_received: self.bytes.sent.load(Ordering::Relaxed),
-            bytes_sent: self.bytes.received.load(Ordering::Relaxed),
-            upstream_host: Some(self.target),
-            upstream_cluster: Some(cluster.to_owned()),
-            downstream_local: Some(self.original_dst),
-            downstream_remote: Some(self.client),
-            route_name: None,
+        let entry = LogEntry::connection(
+            self.started_at,
+            self.started.elapsed(),
+            (
+                self.bytes.sent.load(Ordering::Relaxed),
+                self.bytes.received.load(Ordering::Relaxed),
+            ),
+            self.client,
+            self.original_dst,
+            (self.target, cluster.to_owned()),
+        );
+        match &self.failure {
+            Some(failure) => LogEntry {
+                response_flags: "UF".into(),
+                response_code_details: Some(failure.clone()),
+                ..entry
+            },
+            None => entry,
         }
     }
 
