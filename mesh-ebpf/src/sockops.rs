@@ -1,9 +1,9 @@
 //! sockops on each meshed pod's cgroup: one `MESH_FLOWS` entry per TCP connection of the
 //! pod (bytes, RTT, retransmits) and an event in `MESH_FLOW_EVENTS` when it opens and when
 //! it closes, flagged when the kernel carries the connection between two pods of the node
-//! without the agent. The entry is refreshed from incoming segments (data for a receiver, ACKs for
-//! a sender) at most every `REFRESH_NS`, so long transfers show live byte counts. Events
-//! do not wake the agent (see `emit`).
+//! without the agent. The entry is refreshed from incoming segments (data for a receiver,
+//! ACKs for a sender) at most every `REFRESH_NS`, so long transfers show live byte counts.
+//! Events do not wake the agent (see `emit`).
 
 use aya_ebpf::{
     bindings::{
@@ -90,8 +90,8 @@ fn open(ctx: &SockOpsContext, role: u32) {
     };
     fill(ctx, &mut stats, now);
     let key = flow_key(ctx);
-    // `tc_from_pod` wrote this end's entry from its first packet (the SYN or the SYN-ACK),
-    // before the handshake completed.
+    // `tc_from_pod` wrote both ends' entries from the client's SYN, before the handshake
+    // completed.
     if MESH_DIRECT_FLOWS.get_ptr(key).is_some() {
         stats.flags |= FLOW_FLAG_DIRECT;
     }
