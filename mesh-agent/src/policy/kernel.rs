@@ -374,7 +374,6 @@ spec:
         assert!(!carried(CLIENT, 7000, true), "denied");
         assert!(!carried(INTRUDER, 9000, true), "denied");
         assert!(!carried(CLIENT, 9000, false), "--kernel-bypass false");
-        let plain = plain.octets();
         let jwt = format!(
             "{PLAIN}---
 apiVersion: security.istio.io/v1
@@ -386,8 +385,15 @@ spec:
 ---
 {PLAIN_SERVICE}"
         );
+        only_the_http_port_stays_with_the_agent(&jwt);
+    }
+
+    /// Both sources go direct to plain except on its HTTP port 8080.
+    fn only_the_http_port_stays_with_the_agent(cluster: &str) {
+        use KernelAction::*;
+        let plain = [10, 244, 1, 20];
         assert_eq!(
-            bypass_verdicts(&jwt, plain),
+            bypass_verdicts(cluster, plain),
             [
                 direct(CLIENT, plain, 0, Direct),
                 direct(CLIENT, plain, 8080, Agent),
@@ -399,8 +405,6 @@ spec:
 
     #[test]
     fn access_logs_keep_the_agent_only_where_requests_are_logged() {
-        use KernelAction::*;
-        let plain = [10, 244, 1, 20];
         // Logged everywhere: a connection's line is written from its close event, but
         // each request on the port its Service declares HTTP is logged by the agent.
         let logged = format!(
@@ -414,15 +418,7 @@ data:
 ---
 {PLAIN_SERVICE}"
         );
-        assert_eq!(
-            bypass_verdicts(&logged, plain),
-            [
-                direct(CLIENT, plain, 0, Direct),
-                direct(CLIENT, plain, 8080, Agent),
-                direct(INTRUDER, plain, 0, Direct),
-                direct(INTRUDER, plain, 8080, Agent),
-            ]
-        );
+        only_the_http_port_stays_with_the_agent(&logged);
     }
 
     #[test]
